@@ -1,0 +1,260 @@
+-- flash.cli: the `flashlua` command line (API.md "Command line"). main(argv) returns the
+-- exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
+local M = {}
+
+local USAGE = [[
+usage: flashlua [options] script.lua [args...]
+       flashlua [options] --table SCHEMA.TABLE [--ops insert,update] [--fields a,b] [--where COND]
+
+Runs a Lua script that listens to row changes in PostgreSQL (see `require "flash"`);
+when the script returns, runs every client it opened until SIGINT/SIGTERM or flash.stop().
+Without a script, --table prints each event of one table as a JSON line.
+
+options:
+  -d, --dsn DSN          default connection string for clients that give none
+                         (else FLASH_DSN, DATABASE_URL, then libpq's PG* variables)
+      --driver NAME      default driver: trigger (default), trigger_global,
+                         trigger_statement, wal_logical
+  -l, --log-level LEVEL  error, warn, info (default), debug, trace
+      --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
+                         run, point the default DSN at it, remove it at exit
+  -e CODE                run CODE before the script (may be repeated)
+      --stats            a progress line on stderr every second: events/s, totals
+      --table NAME       no script: print each event of table NAME as one JSON line
+      --ops LIST         with --table: operations (default all)
+      --fields LIST      with --table: columns to carry (default all)
+      --where COND       with --table: condition `col=value`, `col<>value`, `col>=value`,
+                         `col is null`, ... (may be repeated; all must hold)
+  -v, --version          print the version and exit
+  -h, --help             print this help and exit
+
+exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
+example:
+  flashlua --sandbox examples/demo.lua
+  flashlua -d postgres://localhost/app --table public.posts --ops insert,update
+]]
+
+local function usage_error(msg)
+  io.stderr:write("flashlua: ", msg, "\n", "Try 'flashlua --help' for more information.\n")
+  return 2
+end
+
+local function split_list(s)
+  local t = {}
+  for item in s:gmatch("[^,]+") do t[#t + 1] = item:match("^%s*(.-)%s*$") end
+  return t
+end
+
+-- "col=val", "col <> val", "col is null", "col in a|b" -> a where condition.
+local function parse_where(s)
+  local col, rest = s:match("^%s*([%w_\"%. ]-)%s*(i[sn]%s.*)$")
+  if col and col ~= "" then
+    local r = rest:lower():gsub("%s+", " "):gsub("%s$", "")
+    if r == "is null" or r == "is not null" then return { col, r } end
+    local list = rest:match("^in%s+(.*)$")
+    if list then
+      local vals = {}
+      for v in list:gmatch("[^|,]+") do vals[#vals + 1] = v end
+      return { col, "in", vals }
+    end
+  end
+  for _, op in ipairs({ "<>", "!=", "<=", ">=", "=", "<", ">" }) do
+    local i = s:find(op, 1, true)
+    if i then
+      local c = s:sub(1, i - 1):match("^%s*(.-)%s*$")
+      local v = s:sub(i + #op):match("^%s*(.-)%s*$")
+      if c ~= "" then return { c, op, v } end
+    end
+  end
+  return nil
+end
+
+local function parse_args(argv)
+  local o = { exprs = {}, where = {} }
+  local i = 1
+  local function value(name)
+    i = i + 1
+    local v = argv[i]
+    if v == nil then error({ usage = "option " .. name .. " needs a value" }) end
+    return v
+  end
+  while i <= #argv do
+    local a = argv[i]
+    local long, inline = a:match("^(%-%-[%w%-]+)=(.*)$")
+    if long then a = long end
+    local function val(name)
+      if inline then local v = inline; inline = nil; return v end
+      return value(name)
+    end
+    if a == "-h" or a == "--help" then o.help = true
+    elseif a == "-v" or a == "--version" then o.version = true
+    elseif a == "-d" or a == "--dsn" then o.dsn = val(a)
+    elseif a == "--driver" then o.driver = val(a)
+    elseif a == "-l" or a == "--log-level" then o.log_level = val(a)
+    elseif a == "--sandbox" then o.sandbox = true
+    elseif a == "-e" then o.exprs[#o.exprs + 1] = val(a)
+    elseif a == "--stats" then o.stats = true
+    elseif a == "--table" then o.table = val(a)
+    elseif a == "--ops" then o.ops = split_list(val(a))
+    elseif a == "--fields" then o.fields = split_list(val(a))
+    elseif a == "--where" then
+      local w = val(a)
+      local cond = parse_where(w)
+      if not cond then error({ usage = "cannot read --where '" .. w .. "' (expected col=value, col>=value, col is null, ...)" }) end
+      o.where[#o.where + 1] = cond
+    elseif a == "--" then
+      i = i + 1
+      break
+    elseif a:sub(1, 1) == "-" and a ~= "-" then
+      error({ usage = "unknown option '" .. a .. "'" })
+    else
+      break
+    end
+    i = i + 1
+  end
+  o.script = argv[i]
+  o.script_index = i
+  return o
+end
+
+-- JSON for an event: flash.null is null, flash.unchanged is the string "<unchanged>".
+local function event_json(cjson, flash, ev)
+  local function clean(v)
+    if v == flash.unchanged then return "<unchanged>" end
+    if type(v) == "table" then
+      local t = {}
+      for k, x in pairs(v) do t[k] = clean(x) end
+      return t
+    end
+    return v
+  end
+  return cjson.encode(clean(ev))
+end
+
+local function table_mode(flash, o)
+  local ok, cjson = pcall(require, "cjson")
+  if not ok then error("--table needs lua-cjson (apt-get install lua-cjson)", 0) end
+  if cjson.encode_invalid_numbers then cjson.encode_invalid_numbers(true) end
+  local client = assert(flash.client {})
+  local listener = assert(client:listen {
+    table = o.table, fields = o.fields, where = #o.where > 0 and o.where or nil,
+  })
+  listener:on(o.ops or "all", function(ev)
+    io.stdout:write(event_json(cjson, flash, ev), "\n")
+    io.stdout:flush()
+  end)
+end
+
+local function stats_timer(flash, core)
+  local last_events, last_t = 0, core.now()
+  flash.every(1, function()
+    local now = core.now()
+    local total, lag = 0, nil
+    -- Clients are internal to flash; the public stats of each open one are summed.
+    for _, c in ipairs(flash._clients()) do
+      local s = c:stats()
+      total = total + s.events
+      if s.lag_bytes then lag = (lag or 0) + s.lag_bytes end
+    end
+    local rate = (total - last_events) / math.max(now - last_t, 1e-6)
+    last_events, last_t = total, now
+    io.stderr:write(string.format("flashlua: %.0f events/s, %d events%s\n", rate, total,
+      lag and string.format(", lag %d bytes", lag) or ""))
+  end)
+end
+
+local function run(argv)
+  local ok, o = pcall(parse_args, argv)
+  if not ok then
+    if type(o) == "table" and o.usage then return usage_error(o.usage) end
+    error(o, 0)
+  end
+  local flash = require "flash"
+  local core = require "flash.core"
+  if o.help then io.stdout:write(USAGE) return 0 end
+  if o.version then io.stdout:write("flashlua ", flash.version, "\n") return 0 end
+  if o.log_level then
+    local lok, lerr = flash.log.set_level(o.log_level)
+    if not lok then return usage_error(lerr) end
+  end
+  if not o.script and not o.table and #o.exprs == 0 then
+    return usage_error("no script given")
+  end
+  if o.script and o.table then
+    return usage_error("give a script or --table, not both")
+  end
+  if o.driver then flash.defaults.driver = o.driver end
+  if o.dsn then flash.defaults.dsn = o.dsn end
+
+  local sandbox
+  local function finish(status)
+    if sandbox then sandbox:stop() end
+    return status
+  end
+  if o.sandbox then
+    local sb, err = require("flash.sandbox").start { log = function(m) flash.log.debug(m) end }
+    if not sb then io.stderr:write("flashlua: --sandbox: ", tostring(err), "\n") return 1 end
+    sandbox = sb
+    flash.defaults.dsn = sb.dsn
+    flash.log.info("sandbox PostgreSQL running: " .. sb.dsn)
+  end
+
+  -- The script's own `arg`, as luajit gives it.
+  local script_arg = { [-1] = argv[0] or "flashlua", [0] = o.script }
+  if o.script then
+    for j = o.script_index + 1, #argv do script_arg[#script_arg + 1] = argv[j] end
+  end
+  _G.arg = script_arg
+
+  local function protected(fn, ...)
+    local results = { xpcall(fn, function(e)
+      if flash.log.enabled("debug") then return debug.traceback(tostring(e), 2) end
+      return tostring(e)
+    end, ...) }
+    return unpack(results)
+  end
+
+  for _, code in ipairs(o.exprs) do
+    local chunk, err = loadstring(code, "=(command line)")
+    if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
+    local eok, eerr = protected(chunk)
+    if not eok then io.stderr:write("flashlua: ", eerr, "\n") return finish(1) end
+  end
+
+  if o.table then
+    local tok, terr = protected(table_mode, flash, o)
+    if not tok then io.stderr:write("flashlua: ", terr, "\n") return finish(1) end
+  elseif o.script then
+    local chunk, err = loadfile(o.script)
+    if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
+    local sok, serr = protected(chunk, unpack(script_arg, 1, #script_arg))
+    if not sok then
+      io.stderr:write("flashlua: ", tostring(serr), "\n")
+      flash.stop()
+      return finish(1)
+    end
+  end
+
+  if flash._pending() then
+    if o.stats then stats_timer(flash, core) end
+    local rok, rerr = flash.run()
+    if not rok then
+      io.stderr:write("flashlua: ", tostring(rerr), "\n")
+      return finish(1)
+    end
+  end
+  return finish(0)
+end
+
+function M.main(argv)
+  local ok, status = pcall(run, argv)
+  if not ok then
+    io.stderr:write("flashlua: ", tostring(status), "\n")
+    return 1
+  end
+  io.stdout:flush()
+  return status
+end
+
+M.parse_where = parse_where
+return M

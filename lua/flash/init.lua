@@ -1,0 +1,597 @@
+-- flash: the public Lua API (API.md): clients, listeners, callbacks, the loop and timers.
+-- The C core (flash.core) owns connections and value decoding; drivers own capture.
+local core = require "flash.core"
+local log = require "flash.log"
+
+local flash = {
+  null = core.null,
+  unchanged = core.unchanged,
+  version = "0.1.0",
+  log = log,
+}
+
+local OPS = { insert = true, update = true, delete = true, truncate = true }
+local OP_ORDER = { "insert", "update", "delete", "truncate" }
+local DRIVERS = {
+  trigger = "flash.trigger",
+  trigger_global = false,
+  trigger_statement = false,
+  wal_logical = false,
+}
+-- Every option any driver knows: one script can switch drivers by changing one word.
+local CLIENT_OPTS = {
+  dsn = "string", driver = "string", schema = "string", slot = "string",
+  publication = "string", persistent = "boolean", streaming = "boolean",
+  on_error = true, shutdown_timeout = "number", numeric = "string",
+  replica_identity = "string",
+}
+local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
+local WHERE_OPS = {
+  ["="] = "=", ["=="] = "=", ["<>"] = "<>", ["!="] = "<>", ["~="] = "<>",
+  ["<"] = "<", ["<="] = "<=", [">"] = ">", [">="] = ">=",
+  ["is null"] = "is null", ["is not null"] = "is not null", ["in"] = "in",
+}
+
+-- Defaults the host sets from its command line (-d, --driver, --sandbox).
+flash.defaults = {}
+
+local clients = {}        -- open clients, in creation order
+local timers = {}         -- { due=, every=, fn=, cancelled= }
+local state = { stop = false, running = false }
+
+local function argerror(n, fname, msg, level)
+  error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), (level or 2) + 1)
+end
+
+local function checktype(v, want, n, fname, what)
+  if type(v) ~= want then
+    argerror(n, fname, string.format("%s%s expected, got %s", what and (what .. ": ") or "", want, type(v)), 2)
+  end
+end
+
+local function default_dsn()
+  return flash.defaults.dsn or os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or ""
+end
+
+---------------------------------------------------------------------------------------
+-- Listener
+
+local Listener = {}
+Listener.__index = Listener
+
+local function normalize_ops(ops, fname)
+  local list = {}
+  if type(ops) == "string" then
+    ops = { ops }
+  elseif type(ops) ~= "table" then
+    argerror(1, fname, "operation name or list of names expected, got " .. type(ops), 3)
+  end
+  for _, op in ipairs(ops) do
+    if op == "all" then
+      for _, o in ipairs(OP_ORDER) do list[#list + 1] = o end
+    elseif OPS[op] then
+      list[#list + 1] = op
+    else
+      argerror(1, fname, string.format("unknown operation '%s' (expected insert, update, delete, truncate or all)", tostring(op)), 3)
+    end
+  end
+  if #list == 0 then argerror(1, fname, "no operation given", 3) end
+  return list
+end
+
+-- listener:on(ops, fn) -> off()
+function Listener:on(ops, fn)
+  local list = normalize_ops(ops, "on")
+  if type(fn) ~= "function" then
+    argerror(2, "on", "function expected, got " .. type(fn), 2)
+  end
+  local entries = {}
+  for _, op in ipairs(list) do
+    local e = { fn = fn }
+    local cbs = self.callbacks[op]
+    cbs[#cbs + 1] = e
+    entries[#entries + 1] = { op = op, e = e }
+  end
+  self.client:_changed(self)
+  local done = false
+  return function()
+    if done then return end
+    done = true
+    for _, it in ipairs(entries) do
+      local cbs = self.callbacks[it.op]
+      for i = #cbs, 1, -1 do
+        if cbs[i] == it.e then table.remove(cbs, i) end
+      end
+    end
+    self.client:_changed(self)
+  end
+end
+
+-- The operations at least one callback wants.
+function Listener:wanted()
+  local w = {}
+  for _, op in ipairs(OP_ORDER) do
+    if #self.callbacks[op] > 0 then w[op] = true end
+  end
+  return w
+end
+
+---------------------------------------------------------------------------------------
+-- Client
+
+local Client = {}
+Client.__index = Client
+
+function flash.client(opts)
+  if opts == nil then opts = {} end
+  checktype(opts, "table", 1, "client")
+  for k, v in pairs(opts) do
+    local want = CLIENT_OPTS[k]
+    if not want then
+      argerror(1, "client", string.format("unknown option '%s'", tostring(k)))
+    end
+    if want ~= true and type(v) ~= want then
+      argerror(1, "client", string.format("option '%s': %s expected, got %s", k, want, type(v)))
+    end
+  end
+  local on_error = opts.on_error or "stop"
+  if on_error ~= "stop" and on_error ~= "log" and type(on_error) ~= "function" then
+    argerror(1, "client", "option 'on_error': \"stop\", \"log\" or a function expected, got " .. tostring(on_error))
+  end
+  if opts.numeric ~= nil and opts.numeric ~= "string" and opts.numeric ~= "number" then
+    argerror(1, "client", "option 'numeric': \"string\" or \"number\" expected, got " .. tostring(opts.numeric))
+  end
+  local driver_name = opts.driver or flash.defaults.driver or "trigger"
+  if DRIVERS[driver_name] == nil then
+    argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
+  end
+  if not DRIVERS[driver_name] then
+    return nil, string.format("driver '%s' is not available in flashlua %s yet; use driver = \"trigger\"", driver_name, flash.version)
+  end
+  local conn, err = core.connect(opts.dsn or default_dsn())
+  if not conn then return nil, err end
+  local self = setmetatable({
+    opts = opts,
+    conn = conn,
+    driver_name = driver_name,
+    on_error = on_error,
+    flags = opts.numeric == "number" and core.NUMERIC_AS_NUMBER or 0,
+    listeners = {},
+    by_id = {},
+    next_id = 1,
+    started = false,
+    closed = false,
+    failure = nil,
+    counters = { events = 0, bytes = 0, handler_seconds = 0, dropped = 0, errors = 0, reconnects = 0 },
+  }, Client)
+  self.driver = require(DRIVERS[driver_name]).new(self)
+  clients[#clients + 1] = self
+  return self
+end
+
+-- client:query(sql, ...) -> rows | nil, err, sqlstate
+function Client:query(sql, ...)
+  if type(sql) ~= "string" then argerror(1, "query", "string expected, got " .. type(sql)) end
+  if self.closed then return nil, "client is stopped" end
+  return self.conn:exec(sql, self.flags, ...)
+end
+
+-- Resolves "schema.table" (quoting as in SQL; a bare name means public).
+function Client:_resolve_table(name)
+  local rows, err = self.conn:exec("SELECT parse_ident($1) AS parts", 0, name)
+  if not rows then return nil, string.format("invalid table name '%s': %s", name, err) end
+  local parts = rows[1].parts
+  if #parts == 1 then parts = { "public", parts[1] } end
+  if #parts ~= 2 then
+    return nil, string.format("invalid table name '%s': expected schema.table", name)
+  end
+  rows, err = self.conn:exec([[
+    SELECT c.oid::bigint AS oid, c.relkind::text AS relkind
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = $1 AND c.relname = $2]], 0, parts[1], parts[2])
+  if not rows then return nil, err end
+  if #rows == 0 then
+    return nil, string.format("table %s.%s does not exist", parts[1], parts[2])
+  end
+  local kind = rows[1].relkind
+  if kind ~= "r" and kind ~= "p" then
+    return nil, string.format("%s.%s is not a table (relkind %s)", parts[1], parts[2], kind)
+  end
+  local cols
+  cols, err = self.conn:exec([[
+    SELECT a.attname::text AS name, bt.oid::bigint AS oid,
+           CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE 0 END::bigint AS elem,
+           coalesce(et.typdelim::text, ',') AS delim
+    FROM pg_catalog.pg_attribute a
+    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+    JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+    LEFT JOIN pg_catalog.pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+    WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+    ORDER BY a.attnum]], 0, rows[1].oid)
+  if not cols then return nil, err end
+  return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
+           display = parts[1] .. "." .. parts[2] }
+end
+
+local function check_column(tbl, col, what)
+  for _, c in ipairs(tbl.columns) do
+    if c.name == col then return c end
+  end
+  return nil, string.format("column \"%s\" in %s does not exist in table %s", tostring(col), what, tbl.display)
+end
+
+-- Normalizes `where` into a list of { column, op, value } (see API.md), or a predicate.
+local function normalize_where(where)
+  if where == nil then return {}, nil end
+  if type(where) == "function" then return {}, where end
+  if type(where) ~= "table" then
+    argerror(1, "listen", "option 'where': table or function expected, got " .. type(where), 3)
+  end
+  local conds = {}
+  for k, v in pairs(where) do
+    if type(k) == "string" then
+      local vt = type(v)
+      if v == core.null then
+        conds[#conds + 1] = { column = k, op = "is null" }
+      elseif vt == "string" or vt == "number" or vt == "boolean" then
+        conds[#conds + 1] = { column = k, op = "=", value = v }
+      else
+        argerror(1, "listen", string.format("option 'where': value of '%s' must be a string, number, boolean or flash.null, got %s", k, vt), 3)
+      end
+    elseif type(k) ~= "number" then
+      argerror(1, "listen", "option 'where': keys must be column names or list positions", 3)
+    end
+  end
+  table.sort(conds, function(a, b) return a.column < b.column end)
+  for i, c in ipairs(where) do
+    if type(c) ~= "table" or type(c[1]) ~= "string" or type(c[2]) ~= "string" then
+      argerror(1, "listen", string.format("option 'where': condition #%d must be { column, operator [, value] }", i), 3)
+    end
+    local op = WHERE_OPS[c[2]:lower():gsub("%s+", " ")]
+    if not op then
+      argerror(1, "listen", string.format("option 'where': unknown operator '%s' in condition #%d (expected =, <>, <, <=, >, >=, is null, is not null, in)", c[2], i), 3)
+    end
+    local v = c[3]
+    if op == "in" then
+      if type(v) ~= "table" then
+        argerror(1, "listen", string.format("option 'where': condition #%d: 'in' needs a list of values", i), 3)
+      end
+    elseif op ~= "is null" and op ~= "is not null" then
+      local vt = type(v)
+      if v == core.null then
+        op = (op == "=" and "is null") or (op == "<>" and "is not null") or argerror(1, "listen",
+          string.format("option 'where': condition #%d compares with flash.null; use 'is null'", i), 3)
+      elseif vt ~= "string" and vt ~= "number" and vt ~= "boolean" then
+        argerror(1, "listen", string.format("option 'where': condition #%d: value must be a string, number, boolean or flash.null, got %s", i, vt), 3)
+      end
+    end
+    conds[#conds + 1] = { column = c[1], op = op, value = v }
+  end
+  return conds, nil
+end
+
+local function check_names(list, opt)
+  if list == nil then return end
+  if type(list) ~= "table" then
+    argerror(1, "listen", string.format("option '%s': list of column names expected, got %s", opt, type(list)), 3)
+  end
+  for i, f in ipairs(list) do
+    if type(f) ~= "string" then
+      argerror(1, "listen", string.format("option '%s': entry #%d must be a column name, got %s", opt, i, type(f)), 3)
+    end
+  end
+end
+
+-- client:listen(opts) -> listener | nil, err
+function Client:listen(opts)
+  checktype(opts, "table", 1, "listen")
+  for k, v in pairs(opts) do
+    local want = LISTEN_OPTS[k]
+    if not want then argerror(1, "listen", string.format("unknown option '%s'", tostring(k))) end
+    if want ~= true and type(v) ~= want then
+      argerror(1, "listen", string.format("option '%s': %s expected, got %s", k, want, type(v)))
+    end
+  end
+  if type(opts.table) ~= "string" then
+    argerror(1, "listen", "option 'table' is required (a \"schema.table\" name)")
+  end
+  check_names(opts.fields, "fields")
+  check_names(opts.primary_key, "primary_key")
+  local conds, predicate = normalize_where(opts.where)
+  if self.closed then return nil, "client is stopped" end
+
+  local tbl, err = self:_resolve_table(opts.table)
+  if not tbl then return nil, err end
+  local columns = tbl.columns
+  if opts.fields then
+    if #opts.fields == 0 then return nil, "option 'fields' is empty: list at least one column, or leave it out for every column" end
+    columns = {}
+    for _, f in ipairs(opts.fields) do
+      local c, cerr = check_column(tbl, f, "fields")
+      if not c then return nil, cerr end
+      columns[#columns + 1] = c
+    end
+  end
+  for _, c in ipairs(conds) do
+    local ok, cerr = check_column(tbl, c.column, "where")
+    if not ok then return nil, cerr end
+  end
+  for _, k in ipairs(opts.primary_key or {}) do
+    local ok, cerr = check_column(tbl, k, "primary_key")
+    if not ok then return nil, cerr end
+  end
+
+  local l = setmetatable({
+    client = self,
+    id = self.next_id,
+    table = tbl,
+    table_name = tbl.display,
+    fields = opts.fields,
+    columns = columns,
+    conds = conds,
+    predicate = predicate,
+    primary_key = opts.primary_key,
+    layout = core.layout(columns, self.flags),
+    callbacks = { insert = {}, update = {}, delete = {}, truncate = {} },
+  }, Listener)
+  local ok, verr = self.driver:check(l)
+  if not ok then return nil, verr end
+  self.next_id = self.next_id + 1
+  self.listeners[#self.listeners + 1] = l
+  self.by_id[l.id] = l
+  return l
+end
+
+-- Called when a listener's set of wanted operations may have changed.
+function Client:_changed(l)
+  if self.started and not self.closed then
+    local ok, err = self.driver:sync(l)
+    if not ok then error(err, 3) end
+  end
+end
+
+function Client:start()
+  if self.closed then return nil, "client is stopped" end
+  if self.started then return true end
+  local ok, err = self.driver:start()
+  if not ok then return nil, err end
+  self.started = true
+  self.started_at = core.now()
+  return true
+end
+
+function Client:fd()
+  if self.closed then return nil end
+  return self.driver:fds()
+end
+
+-- Runs one callback protected, applying the client's on_error policy. Returns false
+-- when the client must stop.
+local function traceback(err) return debug.traceback(tostring(err), 2) end
+
+function Client:_call(fn, ev)
+  local t0 = core.now()
+  local ok, err = xpcall(function() return fn(ev) end, traceback)
+  self.counters.handler_seconds = self.counters.handler_seconds + (core.now() - t0)
+  if ok then return true end
+  self.counters.errors = self.counters.errors + 1
+  local policy = self.on_error
+  if policy == "log" then
+    log.error(string.format("callback for %s on %s failed: %s", ev.op, ev.table, err))
+    return true
+  elseif type(policy) == "function" then
+    local ok2, err2 = xpcall(function() return policy(err, ev) end, traceback)
+    if ok2 then return true end
+    err = "on_error handler failed: " .. tostring(err2)
+  end
+  self.failure = string.format("callback for %s on %s failed: %s", ev.op, ev.table, err)
+  return false
+end
+
+-- Delivers one event of listener l to the callbacks that want it; applies a Lua
+-- predicate `where` with the soft-delete transitions. Returns false to stop.
+function Client:_deliver(l, ev)
+  if l.predicate then
+    local op = ev.op
+    if op == "insert" then
+      if not l.predicate(ev.new) then return true end
+    elseif op == "delete" then
+      if not l.predicate(ev.old) then return true end
+    elseif op == "update" then
+      local o, n = l.predicate(ev.old), l.predicate(ev.new)
+      if o and not n then
+        ev.op, ev.new = "delete", nil
+      elseif n and not o then
+        ev.op, ev.old = "insert", nil
+      elseif not o then
+        return true
+      end
+    end
+  end
+  local cbs = l.callbacks[ev.op]
+  if #cbs == 0 then
+    self.counters.dropped = self.counters.dropped + 1
+    return true
+  end
+  self.counters.events = self.counters.events + 1
+  self.last_event_time = core.time()
+  if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
+  -- Copy: a callback may call off() while we iterate.
+  local snapshot = { unpack(cbs) }
+  for _, e in ipairs(snapshot) do
+    if not self:_call(e.fn, ev) then return false end
+  end
+  return true
+end
+
+-- client:poll([timeout_s]) -> true | nil, err : one loop step.
+function Client:poll(timeout)
+  if self.failure then return nil, self.failure end
+  if self.closed then return nil, "client is stopped" end
+  if not self.started then
+    local ok, err = self:start()
+    if not ok then return nil, err end
+  end
+  local fds = self.driver:fds()
+  local wait = timeout or 0
+  local due = self.driver:next_deadline()
+  if due then wait = math.max(0, math.min(wait, due - core.now())) end
+  if #fds > 0 then core.poll(fds, wait) elseif wait > 0 then core.sleep(wait) end
+  local ok, err = self.driver:step()
+  if not ok then
+    self.failure = self.failure or err
+    return nil, self.failure
+  end
+  if self.failure then return nil, self.failure end
+  return true
+end
+
+function Client:stop()
+  if self.closed then return true end
+  local ok, err = true, nil
+  if self.started then ok, err = self.driver:stop() end
+  self.closed = true
+  self.conn:close()
+  for i, c in ipairs(clients) do
+    if c == self then table.remove(clients, i) break end
+  end
+  if not ok then return nil, err end
+  return true
+end
+
+function Client:stats()
+  local c = self.counters
+  local s = {
+    driver = self.driver_name,
+    events = c.events, bytes = c.bytes, dropped = c.dropped, errors = c.errors,
+    handler_seconds = c.handler_seconds, reconnects = c.reconnects,
+    listeners = #self.listeners,
+    last_event_time = self.last_event_time,
+    uptime = self.started_at and (core.now() - self.started_at) or 0,
+  }
+  if self.driver.stats then self.driver:stats(s) end
+  return s
+end
+
+function Client:run(opts)
+  return flash._loop({ self }, opts)
+end
+
+---------------------------------------------------------------------------------------
+-- Timers and the loop
+
+local function add_timer(seconds, fn, every, fname)
+  if type(seconds) ~= "number" or seconds < 0 then
+    argerror(1, fname, "non-negative number of seconds expected, got " .. tostring(seconds), 3)
+  end
+  if type(fn) ~= "function" then argerror(2, fname, "function expected, got " .. type(fn), 3) end
+  local t = { due = core.now() + seconds, every = every and seconds or nil, fn = fn }
+  timers[#timers + 1] = t
+  return function() t.cancelled = true end
+end
+
+function flash.every(seconds, fn) return add_timer(seconds, fn, true, "every") end
+function flash.after(seconds, fn) return add_timer(seconds, fn, false, "after") end
+
+local function run_timers(now)
+  local i = 1
+  while i <= #timers do
+    local t = timers[i]
+    if t.cancelled then
+      table.remove(timers, i)
+    elseif t.due <= now then
+      if t.every then t.due = now + t.every else t.cancelled = true end
+      local ok, err = xpcall(t.fn, traceback)
+      if not ok then return nil, "timer callback failed: " .. tostring(err) end
+      i = i + 1
+    else
+      i = i + 1
+    end
+  end
+  return true
+end
+
+local function next_timer()
+  local due
+  for _, t in ipairs(timers) do
+    if not t.cancelled and (not due or t.due < due) then due = t.due end
+  end
+  return due
+end
+
+-- The loop over some clients (flash.run: all of them). Returns true after a clean
+-- stop, or nil, err after a failure; every client of the loop is stopped either way.
+function flash._loop(list, opts)
+  opts = opts or {}
+  if state.running then error("flash.run / client:run is already running", 3) end
+  for _, c in ipairs(list) do
+    local ok, err = c:start()
+    if not ok then return nil, err end
+  end
+  state.running, state.stop, flash.ran = true, false, true
+  core.signals(true)
+  local failure
+  while not state.stop do
+    local live = {}
+    for _, c in ipairs(list) do if not c.closed then live[#live + 1] = c end end
+    if #live == 0 and not next_timer() then break end
+    local fds, due = {}, next_timer()
+    for _, c in ipairs(live) do
+      for _, fd in ipairs(c.driver:fds()) do fds[#fds + 1] = fd end
+      local d = c.driver:next_deadline()
+      if d and (not due or d < due) then due = d end
+    end
+    local wait = due and math.max(0, due - core.now()) or -1
+    core.poll(fds, wait)
+    local sig = core.signal_pending()
+    if sig then
+      log.info(string.format("received %s, stopping (send it again to exit at once)", sig))
+      break
+    end
+    for _, c in ipairs(live) do
+      if not c.closed then
+        local ok, err = c.driver:step()
+        if not ok or c.failure then
+          failure = c.failure or err
+          state.stop = true
+          break
+        end
+      end
+    end
+    if not failure then
+      local ok, err = run_timers(core.now())
+      if not ok then failure = err break end
+    end
+  end
+  for _, c in ipairs(list) do
+    local ok, err = c:stop()
+    if not ok then log.warn("stopping client: " .. tostring(err)) end
+  end
+  core.signals(false)
+  state.running, state.stop = false, false
+  if failure then return nil, failure end
+  return true
+end
+
+function flash.run(opts)
+  local list = {}
+  for _, c in ipairs(clients) do list[#list + 1] = c end
+  return flash._loop(list, opts)
+end
+
+function flash.stop()
+  if state.running then
+    state.stop = true
+  else
+    for i = #clients, 1, -1 do clients[i]:stop() end
+  end
+end
+
+function flash._clients() return clients end
+
+-- The host asks whether the script left anything to run.
+function flash._pending()
+  return (#clients > 0 or next_timer() ~= nil) and not flash.ran
+end
+
+return flash

@@ -1,0 +1,155 @@
+-- spec/helpers.lua: what the database specs share: the test DSN, a writer client, fresh
+-- tables, collecting events, and running the flashlua host as a child process.
+local flash = require "flash"
+local core = require "flash.core"
+
+local H = {}
+
+H.dsn = os.getenv("FLASH_TEST_DSN") or os.getenv("FLASH_DSN")
+assert(H.dsn, "FLASH_TEST_DSN is not set: run the specs with `make test` (it starts a throwaway PostgreSQL)")
+flash.defaults.dsn = H.dsn
+
+-- Every driver the event-content specs run over (the same expectations for each).
+H.drivers = { "trigger" }
+
+H.root = (debug.getinfo(1, "S").source:match("^@(.*)spec/helpers%.lua$") or "./")
+H.flashlua = H.root .. "build/flashlua"
+
+local writer
+-- A separate connection that plays the application writing rows.
+function H.writer()
+  if not writer or writer.closed then writer = assert(flash.client { dsn = H.dsn }) end
+  return writer
+end
+
+function H.sql(sql, ...)
+  local rows, err = H.writer():query(sql, ...)
+  assert(rows, err)
+  return rows
+end
+
+-- Count of one query's first column.
+function H.scalar(sql, ...)
+  local rows = H.sql(sql, ...)
+  local _, v = next(rows[1] or {})
+  return v
+end
+
+local counter = 0
+-- A fresh table name in public, created with `columns` (SQL column definitions).
+function H.table(columns, name)
+  counter = counter + 1
+  name = name or string.format("t_%d_%d", core.getpid(), counter)
+  H.sql(string.format("DROP TABLE IF EXISTS %s; CREATE TABLE %s (%s)", name, name, columns))
+  return name
+end
+
+-- Polls the client until `n` events arrived in `list` (or timeout); returns the list.
+function H.wait(client, list, n, timeout)
+  local deadline = core.now() + (timeout or 5)
+  while #list < n and core.now() < deadline do
+    local ok, err = client:poll(0.05)
+    if not ok then return list, err end
+  end
+  return list
+end
+
+-- Polls for a short while to show nothing more arrives.
+function H.settle(client, seconds)
+  local deadline = core.now() + (seconds or 0.3)
+  while core.now() < deadline do client:poll(0.05) end
+end
+
+-- A started client with one listener; every event lands in the returned list.
+function H.listen(listen_opts, ops, client_opts)
+  client_opts = client_opts or {}
+  client_opts.dsn = client_opts.dsn or H.dsn
+  local client = assert(flash.client(client_opts))
+  local l = assert(client:listen(listen_opts))
+  local events = {}
+  local off = l:on(ops or "all", function(ev) events[#events + 1] = ev end)
+  assert(client:start())
+  return client, events, l, off
+end
+
+-- Objects flashlua left in the database: schemas it marks, and triggers named like ours.
+function H.leftovers()
+  return tonumber(H.scalar([[SELECT
+    (SELECT count(*) FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') LIKE 'flashlua instance%')
+  + (SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+      JOIN pg_namespace n ON n.oid = p.pronamespace
+     WHERE obj_description(n.oid, 'pg_namespace') LIKE 'flashlua instance%') AS n]]))
+end
+
+function H.sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- Writes a Lua script to a temp file; returns its path.
+function H.script(code)
+  local path = os.tmpname() .. ".lua"
+  local f = assert(io.open(path, "w"))
+  f:write(code)
+  f:close()
+  return path
+end
+
+-- Starts `flashlua args...` in the background with output to files; returns a handle
+-- with pid, out(), err(), wait(timeout) -> exit status, kill(sig).
+function H.spawn(args, env)
+  local base = os.tmpname()
+  local envs = "FLASH_DSN=" .. H.sh_quote(H.dsn)
+  for k, v in pairs(env or {}) do envs = envs .. " " .. k .. "=" .. H.sh_quote(v) end
+  local quoted = {}
+  for i, a in ipairs(args) do quoted[i] = H.sh_quote(a) end
+  local cmd = string.format("cd %s && (env %s %s %s >%s.out 2>%s.err; echo $? >%s.rc) & echo $!",
+    H.sh_quote(H.root), envs, H.sh_quote(H.flashlua), table.concat(quoted, " "), base, base, base)
+  local p = io.popen("setsid sh -c " .. H.sh_quote(cmd))
+  local pid = tonumber(p:read("*l"))
+  p:close()
+  local h = { pid = pid, base = base }
+  local function slurp(ext)
+    local f = io.open(base .. ext)
+    if not f then return "" end
+    local s = f:read("*a")
+    f:close()
+    return s
+  end
+  function h.out() return slurp(".out") end
+  function h.err() return slurp(".err") end
+  -- The flashlua process itself is the subshell's child.
+  function h.child()
+    local f = io.popen("pgrep -P " .. pid .. " -f flashlua")
+    local c = f and tonumber(f:read("*l"))
+    if f then f:close() end
+    return c
+  end
+  function h.kill(sig) os.execute(string.format("kill -%s %d 2>/dev/null", sig or "TERM", h.child() or pid)) end
+  function h.wait(timeout)
+    local deadline = core.now() + (timeout or 10)
+    while core.now() < deadline do
+      local rc = slurp(".rc")
+      if rc ~= "" then return tonumber(rc) end
+      core.sleep(0.05)
+    end
+    return nil
+  end
+  -- Waits until stderr/stdout contains `pattern` (plain).
+  function h.await(pattern, timeout, stream)
+    local deadline = core.now() + (timeout or 10)
+    while core.now() < deadline do
+      if (stream == "err" and h.err() or h.out()):find(pattern, 1, true) then return true end
+      core.sleep(0.05)
+    end
+    return false
+  end
+  return h
+end
+
+-- Runs flashlua to completion; returns status, stdout, stderr.
+function H.run_flashlua(args, timeout, env)
+  local h = H.spawn(args, env)
+  local rc = h.wait(timeout or 20)
+  if not rc then h.kill("KILL") end
+  return rc, h.out(), h.err()
+end
+
+return H

@@ -1,0 +1,391 @@
+/* lconn: libpq connections for Lua ("flash.conn"), query results and trigger payloads
+ * decoded into Lua rows through the shared value decoder (lvalue.c). */
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <math.h>
+#include <libpq-fe.h>
+#include <lua.h>
+#include <lauxlib.h>
+#include "lconn.h"
+#include "lvalue.h"
+#include "fl_json.h"
+
+#define CONN_MT "flash.conn"
+#define LAYOUT_MT "flash.layout"
+
+typedef struct { PGconn *pg; } fl_conn;
+
+/* A table's column layout: names and types in payload order. */
+typedef struct {
+  int n;
+  int flags;
+  char **names;
+  size_t *namelen;
+  fl_coltype *types;
+} fl_layout;
+
+/* Canonical text forms whoever reads: the same settings the trigger functions pin. */
+static const char *const canonical_settings =
+  "SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';"
+  " SET extra_float_digits = 3; SET bytea_output = 'hex'; SET client_min_messages = warning";
+
+static fl_conn *check_conn(lua_State *L, int idx) {
+  fl_conn *c = luaL_checkudata(L, idx, CONN_MT);
+  if (c->pg == NULL) luaL_error(L, "attempt to use a closed connection");
+  return c;
+}
+
+static int push_fail(lua_State *L, const char *msg, const char *sqlstate) {
+  size_t n = strlen(msg);
+  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) n--;
+  lua_pushnil(L);
+  lua_pushlstring(L, msg, n);
+  if (sqlstate) { lua_pushstring(L, sqlstate); return 3; }
+  return 2;
+}
+
+/* core.connect(dsn) -> conn | nil, err */
+static int l_connect(lua_State *L) {
+  const char *dsn = luaL_optstring(L, 1, "");
+  const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
+  const char *vals[] = { dsn, "flashlua", "UTF8", NULL };
+  fl_conn *c = lua_newuserdata(L, sizeof *c);
+  c->pg = NULL;
+  luaL_getmetatable(L, CONN_MT);
+  lua_setmetatable(L, -2);
+  c->pg = PQconnectdbParams(keys, vals, 1);
+  if (c->pg == NULL) return push_fail(L, "out of memory", NULL);
+  if (PQstatus(c->pg) != CONNECTION_OK) {
+    lua_pushfstring(L, "cannot connect to PostgreSQL: %s", PQerrorMessage(c->pg));
+    PQfinish(c->pg);
+    c->pg = NULL;
+    return push_fail(L, lua_tostring(L, -1), NULL);
+  }
+  PGresult *r = PQexec(c->pg, canonical_settings);
+  int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+  PQclear(r);
+  if (!ok) {
+    lua_pushfstring(L, "cannot set session settings: %s", PQerrorMessage(c->pg));
+    PQfinish(c->pg);
+    c->pg = NULL;
+    return push_fail(L, lua_tostring(L, -1), NULL);
+  }
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  fl_conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->pg) { PQfinish(c->pg); c->pg = NULL; }
+  return 0;
+}
+
+/* Element types of the built-in array types, for query results (trigger layouts get the
+ * element type from the catalog instead). */
+static uint32_t builtin_elem(uint32_t oid) {
+  switch (oid) {
+    case 1000: return 16;   case 1001: return 17;   case 1016: return 20;
+    case 1005: return 21;   case 1007: return 23;   case 1028: return 26;
+    case 1021: return 700;  case 1022: return 701;  case 1231: return 1700;
+    case 199: return 114;   case 3807: return 3802; case 1009: return 25;
+    case 1015: return 1043; case 1014: return 1042; case 2951: return 2950;
+    case 1115: return 1114; case 1185: return 1184; case 1182: return 1082;
+    case 1183: return 1083; case 1187: return 1186; case 1041: return 869;
+    case 651: return 650;   case 1003: return 19;
+    default: return 0;
+  }
+}
+
+static void push_result_rows(lua_State *L, PGresult *r, int flags) {
+  int nrows = PQntuples(r), ncols = PQnfields(r);
+  fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (ncols ? ncols : 1));
+  for (int j = 0; j < ncols; j++) {
+    types[j].oid = PQftype(r, j);
+    types[j].elem = builtin_elem(types[j].oid);
+    types[j].delim = ',';
+  }
+  lua_createtable(L, nrows, 0);
+  for (int i = 0; i < nrows; i++) {
+    lua_createtable(L, 0, ncols);
+    for (int j = 0; j < ncols; j++) {
+      lua_pushstring(L, PQfname(r, j));
+      if (PQgetisnull(r, i, j))
+        lua_pushlightuserdata(L, FL_NULL);
+      else
+        fl_push_value(L, &types[j], PQgetvalue(r, i, j), PQgetlength(r, i, j), flags);
+      lua_rawset(L, -3);
+    }
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_remove(L, -2);
+}
+
+/* Converts Lua parameter values to text; NULL for nil/flash.null. */
+static const char *param_text(lua_State *L, int idx, char *numbuf, size_t numsz) {
+  switch (lua_type(L, idx)) {
+    case LUA_TNIL: return NULL;
+    case LUA_TLIGHTUSERDATA:
+      if (lua_touserdata(L, idx) == FL_NULL) return NULL;
+      break;
+    case LUA_TBOOLEAN: return lua_toboolean(L, idx) ? "t" : "f";
+    case LUA_TNUMBER: {
+      double d = lua_tonumber(L, idx);
+      if (isnan(d)) return "NaN";
+      if (isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
+      if (d == floor(d) && fabs(d) < 9.2e18) snprintf(numbuf, numsz, "%lld", (long long)d);
+      else snprintf(numbuf, numsz, "%.17g", d);
+      return numbuf;
+    }
+    case LUA_TSTRING: return lua_tostring(L, idx);
+    default: break;
+  }
+  luaL_argerror(L, idx, lua_pushfstring(L, "query parameter of type %s cannot be sent (use a string, number, boolean, nil or flash.null)", luaL_typename(L, idx)));
+  return NULL;
+}
+
+/* conn:exec(sql, [flags], ...) -> rows, ntuples | nil, err, sqlstate
+ * With no parameters the text may hold several statements (the last result is returned). */
+static int l_exec(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  int flags = (int)luaL_optinteger(L, 3, 0);
+  int nparams = lua_gettop(L) - 3;
+  PGresult *r;
+  if (nparams <= 0) {
+    r = PQexec(c->pg, sql);
+  } else {
+    const char **vals = lua_newuserdata(L, sizeof(char *) * nparams);
+    char (*nums)[32] = lua_newuserdata(L, 32 * nparams);
+    for (int i = 0; i < nparams; i++) vals[i] = param_text(L, 4 + i, nums[i], sizeof nums[i]);
+    r = PQexecParams(c->pg, sql, nparams, NULL, vals, NULL, NULL, 0);
+  }
+  if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  ExecStatusType st = PQresultStatus(r);
+  if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
+    push_result_rows(L, r, flags);
+    const char *ct = PQcmdTuples(r);
+    lua_pushinteger(L, ct && *ct ? atoi(ct) : PQntuples(r));
+    PQclear(r);
+    return 2;
+  }
+  const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+  const char *msg = PQresultErrorMessage(r);
+  if (!msg || !*msg) msg = PQerrorMessage(c->pg);
+  if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
+  int n = push_fail(L, msg, state);
+  PQclear(r);
+  return n;
+}
+
+static int l_escape_identifier(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  char *e = PQescapeIdentifier(c->pg, s, len);
+  if (!e) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  lua_pushstring(L, e);
+  PQfreemem(e);
+  return 1;
+}
+
+static int l_escape_literal(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  char *e = PQescapeLiteral(c->pg, s, len);
+  if (!e) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  lua_pushstring(L, e);
+  PQfreemem(e);
+  return 1;
+}
+
+static int l_fd(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  lua_pushinteger(L, PQsocket(c->pg));
+  return 1;
+}
+
+static int l_backend_pid(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  lua_pushinteger(L, PQbackendPID(c->pg));
+  return 1;
+}
+
+static int l_ok(lua_State *L) {
+  fl_conn *c = luaL_checkudata(L, 1, CONN_MT);
+  lua_pushboolean(L, c->pg && PQstatus(c->pg) == CONNECTION_OK);
+  return 1;
+}
+
+/* conn:consume() -> true | nil, err  (reads what the socket has, never blocks) */
+static int l_consume(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  if (!PQconsumeInput(c->pg) || PQstatus(c->pg) != CONNECTION_OK)
+    return push_fail(L, PQerrorMessage(c->pg), NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* conn:notify() -> channel, payload, pid | nil  (one queued notification) */
+static int l_notify(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  PGnotify *n = PQnotifies(c->pg);
+  if (!n) return 0;
+  lua_pushstring(L, n->relname);
+  lua_pushstring(L, n->extra);
+  lua_pushinteger(L, n->be_pid);
+  PQfreemem(n);
+  return 3;
+}
+
+/* core.layout({ {name=, oid=, elem=, delim=}, ... }, [flags]) -> layout */
+static int l_layout(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  int n = (int)lua_objlen(L, 1);
+  fl_layout *lo = lua_newuserdata(L, sizeof *lo);
+  memset(lo, 0, sizeof *lo);
+  luaL_getmetatable(L, LAYOUT_MT);
+  lua_setmetatable(L, -2);
+  lo->flags = (int)luaL_optinteger(L, 2, 0);
+  lo->names = calloc(n ? n : 1, sizeof(char *));
+  lo->namelen = calloc(n ? n : 1, sizeof(size_t));
+  lo->types = calloc(n ? n : 1, sizeof(fl_coltype));
+  if (!lo->names || !lo->namelen || !lo->types) return luaL_error(L, "out of memory");
+  lo->n = n;
+  for (int i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, i + 1);
+    luaL_checktype(L, -1, LUA_TTABLE);
+    lua_getfield(L, -1, "name");
+    size_t len;
+    const char *name = luaL_checklstring(L, -1, &len);
+    lo->names[i] = malloc(len + 1);
+    if (!lo->names[i]) return luaL_error(L, "out of memory");
+    memcpy(lo->names[i], name, len + 1);
+    lo->namelen[i] = len;
+    lua_getfield(L, -2, "oid");
+    lo->types[i].oid = (uint32_t)luaL_checknumber(L, -1);
+    lua_getfield(L, -3, "elem");
+    lo->types[i].elem = (uint32_t)luaL_optnumber(L, -1, 0);
+    lua_getfield(L, -4, "delim");
+    const char *d = luaL_optstring(L, -1, ",");
+    lo->types[i].delim = d[0] ? d[0] : ',';
+    lua_pop(L, 5);
+  }
+  return 1;
+}
+
+static int l_layout_gc(lua_State *L) {
+  fl_layout *lo = luaL_checkudata(L, 1, LAYOUT_MT);
+  if (lo->names) for (int i = 0; i < lo->n; i++) free(lo->names[i]);
+  free(lo->names); free(lo->namelen); free(lo->types);
+  lo->names = NULL; lo->namelen = NULL; lo->types = NULL; lo->n = 0;
+  return 0;
+}
+
+/* Reads one JSON array of text-or-null column values into a row table by layout. */
+static int read_row(lua_State *L, fl_json_reader *r, const fl_layout *lo, const char **err) {
+  const char *v; size_t len;
+  fl_json_tok t = fl_json_next(r, &v, &len);
+  if (t == FL_JSON_NULL) { lua_pushnil(L); return 0; }
+  if (t != FL_JSON_ARR_OPEN) { *err = "row is not an array"; return -1; }
+  lua_createtable(L, 0, lo->n);
+  for (int i = 0;; i++) {
+    t = fl_json_next(r, &v, &len);
+    if (t == FL_JSON_ARR_CLOSE) {
+      if (i != lo->n) { *err = "row has fewer values than the table layout"; return -1; }
+      return 0;
+    }
+    if (i >= lo->n) { *err = "row has more values than the table layout"; return -1; }
+    lua_pushlstring(L, lo->names[i], lo->namelen[i]);
+    if (t == FL_JSON_NULL) lua_pushlightuserdata(L, FL_NULL);
+    else if (t == FL_JSON_STRING) fl_push_value(L, &lo->types[i], v, len, lo->flags);
+    else { *err = "row value is not a string or null"; return -1; }
+    lua_rawset(L, -3);
+  }
+}
+
+/* core.decode_payload(payload, layouts) -> op, seq, lid, xid, new, old
+ * Payload: ["I"|"U"|"D"|"T", seq, listener_id, xid, new_values|null, old_values|null]
+ * or ["R", overflow_id] when the row was stored aside; layouts[listener_id] = layout.
+ * Returns nil, err on a malformed payload or an unknown listener. */
+static int l_decode_payload(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_settop(L, 2);
+  char *buf = lua_newuserdata(L, len + 1);   /* index 3: scratch for unescaped strings */
+  fl_json_reader *r = lua_newuserdata(L, sizeof *r);  /* index 4 */
+  fl_json_init(r, s, len, buf);
+  const char *v, *err = "malformed payload";
+  size_t vlen;
+  double nums[3];
+  char op;
+  if (fl_json_next(r, &v, &vlen) != FL_JSON_ARR_OPEN) goto bad;
+  if (fl_json_next(r, &v, &vlen) != FL_JSON_STRING || vlen != 1) goto bad;
+  op = v[0];
+  int nnum = op == 'R' ? 1 : 3;
+  for (int i = 0; i < nnum; i++) {
+    if (fl_json_next(r, &v, &vlen) != FL_JSON_NUMBER) goto bad;
+    char tmp[40];
+    if (vlen >= sizeof tmp) goto bad;
+    memcpy(tmp, v, vlen); tmp[vlen] = 0;
+    nums[i] = strtod(tmp, NULL);
+  }
+  lua_pushlstring(L, &op, 1);            /* 5: op */
+  lua_pushnumber(L, nums[0]);            /* 6: seq or overflow id */
+  if (op == 'R') {
+    if (fl_json_next(r, &v, &vlen) != FL_JSON_ARR_CLOSE) goto bad;
+    return 2;
+  }
+  lua_pushnumber(L, nums[1]);            /* 7: listener id */
+  lua_pushnumber(L, nums[2]);            /* 8: xid */
+  lua_pushvalue(L, 7);
+  lua_rawget(L, 2);
+  fl_layout *lo = lua_isuserdata(L, -1) ? luaL_checkudata(L, -1, LAYOUT_MT) : NULL;
+  if (!lo) { err = "payload for an unknown listener"; goto bad; }
+  lua_pop(L, 1);
+  if (read_row(L, r, lo, &err) < 0) goto bad;   /* 9: new */
+  if (read_row(L, r, lo, &err) < 0) goto bad;   /* 10: old */
+  if (fl_json_next(r, &v, &vlen) != FL_JSON_ARR_CLOSE) goto bad;
+  if (fl_json_next(r, &v, &vlen) != FL_JSON_END) goto bad;
+  return 6;
+bad:
+  lua_pushnil(L);
+  if (r->err) lua_pushfstring(L, "%s (%s at byte %d)", err, r->err, (int)r->pos);
+  else lua_pushstring(L, err);
+  return 2;
+}
+
+static const luaL_Reg conn_methods[] = {
+  { "exec", l_exec },
+  { "escape_identifier", l_escape_identifier },
+  { "escape_literal", l_escape_literal },
+  { "fd", l_fd },
+  { "backend_pid", l_backend_pid },
+  { "ok", l_ok },
+  { "consume", l_consume },
+  { "notify", l_notify },
+  { "close", l_close },
+  { NULL, NULL }
+};
+
+const luaL_Reg fl_conn_funcs[] = {
+  { "connect", l_connect },
+  { "layout", l_layout },
+  { "decode_payload", l_decode_payload },
+  { NULL, NULL }
+};
+
+void fl_conn_open(lua_State *L) {
+  luaL_newmetatable(L, CONN_MT);
+  lua_pushcfunction(L, l_close);
+  lua_setfield(L, -2, "__gc");
+  lua_newtable(L);
+  luaL_register(L, NULL, conn_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, LAYOUT_MT);
+  lua_pushcfunction(L, l_layout_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+}

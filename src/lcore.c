@@ -1,0 +1,179 @@
+/* lcore: the flash.core module entry point: the poll loop primitive, signals, clocks
+ * and the sentinels. Connections live in lconn.c, value decoding in lvalue.c. */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <lua.h>
+#include <lauxlib.h>
+#include "lconn.h"
+#include "lvalue.h"
+
+/* Signals reach the loop through a self-pipe, so a signal that lands just before poll()
+ * still wakes it. The state is process-wide by nature (one set of handlers per process). */
+static int sig_pipe[2] = { -1, -1 };
+static volatile sig_atomic_t sig_count = 0;
+static volatile sig_atomic_t sig_last = 0;
+static struct sigaction old_int, old_term;
+static int sig_installed = 0;
+
+static void on_signal(int sig) {
+  int saved = errno;
+  if (sig_count > 0) _exit(128 + sig);   /* the second signal exits at once */
+  sig_count++;
+  sig_last = sig;
+  if (sig_pipe[1] >= 0) {
+    ssize_t w = write(sig_pipe[1], "s", 1);
+    (void)w;
+  }
+  errno = saved;
+}
+
+/* core.signals(true|false): install or restore SIGINT/SIGTERM handlers. */
+static int l_signals(lua_State *L) {
+  int on = lua_toboolean(L, 1);
+  if (on && !sig_installed) {
+    if (sig_pipe[0] < 0) {
+      if (pipe(sig_pipe) != 0) return luaL_error(L, "pipe: %s", strerror(errno));
+      for (int i = 0; i < 2; i++) {
+        fcntl(sig_pipe[i], F_SETFL, fcntl(sig_pipe[i], F_GETFL) | O_NONBLOCK);
+        fcntl(sig_pipe[i], F_SETFD, FD_CLOEXEC);
+      }
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+    signal(SIGPIPE, SIG_IGN);
+    sig_installed = 1;
+  } else if (!on && sig_installed) {
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    sig_installed = 0;
+  }
+  return 0;
+}
+
+/* core.signal_pending() -> signal name | nil ; clears the pending mark but keeps the
+ * count, so a later signal still exits at once. */
+static int l_signal_pending(lua_State *L) {
+  char drain[64];
+  if (sig_pipe[0] >= 0) while (read(sig_pipe[0], drain, sizeof drain) > 0) {}
+  if (sig_last == 0) return 0;
+  lua_pushstring(L, sig_last == SIGINT ? "SIGINT" : sig_last == SIGTERM ? "SIGTERM" : "signal");
+  sig_last = 0;
+  return 1;
+}
+
+/* core.poll({fd, ...}, timeout_s) -> { [fd] = true, ... }  (empty on timeout or signal)
+ * timeout_s < 0 waits forever. */
+static int l_poll(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  double timeout = luaL_optnumber(L, 2, -1);
+  int n = (int)lua_objlen(L, 1);
+  struct pollfd *fds = lua_newuserdata(L, sizeof(struct pollfd) * (n + 1));
+  int nfds = 0;
+  for (int i = 1; i <= n; i++) {
+    lua_rawgeti(L, 1, i);
+    int fd = (int)lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    if (fd < 0) continue;
+    fds[nfds].fd = fd; fds[nfds].events = POLLIN; fds[nfds].revents = 0; nfds++;
+  }
+  if (sig_pipe[0] >= 0) {
+    fds[nfds].fd = sig_pipe[0]; fds[nfds].events = POLLIN; fds[nfds].revents = 0; nfds++;
+  }
+  int ms = timeout < 0 ? -1 : (int)(timeout * 1000.0 + 0.999);
+  int rc = poll(fds, nfds, ms);
+  lua_createtable(L, 0, rc > 0 ? rc : 0);
+  if (rc < 0 && errno != EINTR) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "poll: %s", strerror(errno));
+    return 2;
+  }
+  for (int i = 0; rc > 0 && i < nfds; i++) {
+    if (fds[i].revents && fds[i].fd != sig_pipe[0]) {
+      lua_pushboolean(L, 1);
+      lua_rawseti(L, -2, fds[i].fd);
+    }
+  }
+  return 1;
+}
+
+static int l_now(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec / 1e9);
+  return 1;
+}
+
+static int l_time(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec / 1e9);
+  return 1;
+}
+
+static int l_cpu(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  lua_pushnumber(L, (double)ts.tv_sec + ts.tv_nsec / 1e9);
+  return 1;
+}
+
+static int l_sleep(lua_State *L) {
+  double s = luaL_checknumber(L, 1);
+  struct timespec ts = { (time_t)s, (long)((s - (time_t)s) * 1e9) };
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+  return 0;
+}
+
+static int l_getpid(lua_State *L) {
+  lua_pushinteger(L, getpid());
+  return 1;
+}
+
+/* core.decode(oid, text, [elem], [flags]) -> the Lua value: the type mapping on its own,
+ * for tests and for users who read text values from elsewhere. */
+static int l_decode(lua_State *L) {
+  fl_coltype t;
+  size_t len;
+  t.oid = (uint32_t)luaL_checknumber(L, 1);
+  const char *s = lua_isnil(L, 2) ? NULL : luaL_checklstring(L, 2, &len);
+  t.elem = (uint32_t)luaL_optnumber(L, 3, 0);
+  t.delim = ',';
+  fl_push_value(L, &t, s, s ? len : 0, (int)luaL_optinteger(L, 4, 0));
+  return 1;
+}
+
+static const luaL_Reg core_funcs[] = {
+  { "signals", l_signals },
+  { "signal_pending", l_signal_pending },
+  { "poll", l_poll },
+  { "now", l_now },
+  { "time", l_time },
+  { "cpu", l_cpu },
+  { "sleep", l_sleep },
+  { "getpid", l_getpid },
+  { "decode", l_decode },
+  { NULL, NULL }
+};
+
+int luaopen_flash_core(lua_State *L) {
+  fl_conn_open(L);
+  lua_newtable(L);
+  luaL_register(L, NULL, core_funcs);
+  luaL_register(L, NULL, fl_conn_funcs);
+  lua_pushlightuserdata(L, FL_NULL);
+  lua_setfield(L, -2, "null");
+  lua_pushlightuserdata(L, FL_UNCHANGED);
+  lua_setfield(L, -2, "unchanged");
+  lua_pushinteger(L, FL_NUMERIC_AS_NUMBER);
+  lua_setfield(L, -2, "NUMERIC_AS_NUMBER");
+  return 1;
+}

@@ -1,0 +1,32 @@
+/* lvalue: PostgreSQL text value -> Lua value, by type OID (API.md type table).
+ * The one decoder every driver shares. */
+#ifndef LVALUE_H
+#define LVALUE_H
+#include <stddef.h>
+#include <stdint.h>
+#include <lua.h>
+
+/* Column type information needed to decode a value. */
+typedef struct {
+  uint32_t oid;       /* the column's type OID */
+  uint32_t elem;      /* element type OID when oid is an array type, else 0 */
+  char delim;         /* array delimiter (pg_type.typdelim of the element type), ',' default */
+} fl_coltype;
+
+#define FL_NUMERIC_AS_NUMBER 1
+
+/* Light userdata sentinels: NULL (same as cjson.null) and "unchanged TOAST". */
+#define FL_NULL ((void *)0)
+extern char fl_unchanged_sentinel;
+#define FL_UNCHANGED ((void *)&fl_unchanged_sentinel)
+
+/* Pushes exactly one value. s == NULL pushes flash.null. Malformed input for a typed
+ * column (e.g. bad JSON) falls back to pushing the text as a string: the user gets the
+ * value, never a crash. flags: FL_NUMERIC_AS_NUMBER. */
+void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags);
+
+/* Pushes the Lua value of JSON text s (objects/arrays as tables, null as flash.null).
+ * Returns 0, or -1 with nothing pushed when s is not valid JSON. */
+int fl_push_json(lua_State *L, const char *s, size_t len);
+
+#endif
