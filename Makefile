@@ -25,7 +25,7 @@ LUA_SRC  := $(wildcard lua/flash/*.lua)
 # Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c demo bench install clean check-mem deps
+.PHONY: all test test-c demo install clean check-mem fuzz deps
 
 all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c
 
@@ -53,14 +53,37 @@ $(B)/test_c: test/test_c.c $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))
 $(B) $(B)/bc $(B)/flash:
 	mkdir -p $@
 
-test: all
+# Both README commands install what is missing first (a fresh Debian machine), then
+# re-enter make so the pkg-config flags are read after the install.
+deps:
+	scripts/deps
+
+test:
+	scripts/deps
+	$(MAKE) all
 	scripts/run-tests
 
 test-c: $(B)/test_c
 	$(B)/test_c
 
-demo: all
+demo:
+	scripts/deps
+	$(MAKE) all
 	$(B)/flashlua --sandbox examples/demo.lua
+
+# The pure C parsers under ASan/UBSan and valgrind.
+SAN := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+check-mem: | $(B)
+	$(CC) -std=gnu99 -Wall -Wextra $(SAN) -Isrc -o $(B)/test_c_san test/test_c.c $(PURE_SRC) -lm
+	$(B)/test_c_san
+	$(MAKE) $(B)/test_c
+	valgrind -q --error-exitcode=1 --leak-check=full $(B)/test_c
+
+# libFuzzer on the JSON/array/bytea/int parsers (needs clang); FUZZ_SECONDS=60 by default.
+FUZZ_SECONDS ?= 60
+fuzz: | $(B)
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o $(B)/fuzz_json test/fuzz_json.c $(PURE_SRC)
+	$(B)/fuzz_json -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 
 install: $(B)/flashlua $(B)/flash/core.so
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash $(DESTDIR)$(CMODDIR)/flash

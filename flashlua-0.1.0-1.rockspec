@@ -1,0 +1,40 @@
+-- LuaRocks build of the `flash` module (the C core flash.core + the Lua half).
+-- Debian keeps libpq's header in /usr/include/postgresql:
+--   luarocks make --lua-version=5.1 LIBPQ_INCDIR=/usr/include/postgresql
+package = "flashlua"
+version = "0.1.0-1"
+source = {
+  url = "git+https://github.com/flashlua/flashlua.git",
+  tag = "v0.1.0",
+}
+description = {
+  summary = "PostgreSQL change events (triggers + LISTEN/NOTIFY, logical replication) for LuaJIT",
+  detailed = [[
+flash listens to row changes in PostgreSQL (insert, update, delete, truncate) and hands
+each change to a Lua function. Connections, wire protocols and value decoding are in C;
+filtering and reactions are in Lua.
+]],
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.1",
+}
+external_dependencies = {
+  LIBPQ = { header = "libpq-fe.h", library = "pq" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["flash.core"] = {
+      sources = { "src/fl_json.c", "src/fl_value.c", "src/lvalue.c", "src/lconn.c", "src/lcore.c" },
+      libraries = { "pq" },
+      incdirs = { "$(LIBPQ_INCDIR)", "src" },
+      libdirs = { "$(LIBPQ_LIBDIR)" },
+    },
+    ["flash"] = "lua/flash/init.lua",
+    ["flash.cli"] = "lua/flash/cli.lua",
+    ["flash.log"] = "lua/flash/log.lua",
+    ["flash.sandbox"] = "lua/flash/sandbox.lua",
+    ["flash.trigger"] = "lua/flash/trigger.lua",
+  },
+}
