@@ -1,0 +1,267 @@
+/* fl_json: validating pull reader for JSON text (RFC 8259). Every read is bounded by
+ * r->end, so payloads from the network can be decoded (and fuzzed) without trusting them. */
+#include <string.h>
+#include "fl_json.h"
+
+enum {
+  ST_TOP,        /* the one top-level value */
+  ST_VALUE,      /* a value after ':' or ',' in an array */
+  ST_ARR_FIRST,  /* after '[': a value or ']' */
+  ST_OBJ_FIRST,  /* after '{': a key or '}' */
+  ST_OBJ_KEY,    /* after ',' in an object: a key (so "{\"a\":1,}" is caught) */
+  ST_COLON,      /* after a key */
+  ST_AFTER,      /* after a value: ',' or a closer, or the end at depth 0 */
+  ST_DONE,
+  ST_ERR
+};
+
+void fl_json_init(fl_json_reader *r, const char *s, size_t len, char *buf) {
+  r->s = s;
+  r->p = s;
+  r->end = s + len;
+  r->buf = buf;
+  r->depth = 0;
+  r->state = ST_TOP;
+  r->err = NULL;
+  r->pos = 0;
+}
+
+static fl_json_tok fail(fl_json_reader *r, const char *at, const char *msg) {
+  r->state = ST_ERR;
+  r->err = msg;
+  r->pos = (size_t)(at - r->s);
+  return FL_JSON_ERROR;
+}
+
+static int is_ws(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+static int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+/* Reads the 4 hex digits of a \u escape starting at p; -1 when short or not hex. */
+static long hex4(const char *p, const char *end) {
+  long v = 0;
+  int i;
+  if (end - p < 4) return -1;
+  for (i = 0; i < 4; i++) {
+    int h = hexval(p[i]);
+    if (h < 0) return -1;
+    v = v * 16 + h;
+  }
+  return v;
+}
+
+static char *put_utf8(char *o, unsigned long cp) {
+  if (cp < 0x80) {
+    *o++ = (char)cp;
+  } else if (cp < 0x800) {
+    *o++ = (char)(0xC0 | (cp >> 6));
+    *o++ = (char)(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    *o++ = (char)(0xE0 | (cp >> 12));
+    *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+    *o++ = (char)(0x80 | (cp & 0x3F));
+  } else {
+    *o++ = (char)(0xF0 | (cp >> 18));
+    *o++ = (char)(0x80 | ((cp >> 12) & 0x3F));
+    *o++ = (char)(0x80 | ((cp >> 6) & 0x3F));
+    *o++ = (char)(0x80 | (cp & 0x3F));
+  }
+  return o;
+}
+
+/* r->p is at the opening quote. Unescapes into r->buf; the output never outgrows the
+ * input (the longest expansion, a surrogate pair, turns 12 bytes into 4), so a buf of
+ * the input's length is enough. Bytes >= 0x80 pass through unchecked: the server has
+ * already validated them against its encoding, which need not be UTF-8. */
+static fl_json_tok read_string(fl_json_reader *r, fl_json_tok kind, const char **val, size_t *len) {
+  const char *p = r->p + 1, *end = r->end;
+  char *o = r->buf;
+  for (;;) {
+    unsigned char c;
+    if (p >= end) return fail(r, p, "unterminated string");
+    c = (unsigned char)*p;
+    if (c == '"') break;
+    if (c < 0x20) return fail(r, p, "control character in string");
+    if (c != '\\') {
+      *o++ = (char)c;
+      p++;
+      continue;
+    }
+    if (end - p < 2) return fail(r, p, "unterminated string");
+    switch (p[1]) {
+    case '"': *o++ = '"'; break;
+    case '\\': *o++ = '\\'; break;
+    case '/': *o++ = '/'; break;
+    case 'b': *o++ = '\b'; break;
+    case 'f': *o++ = '\f'; break;
+    case 'n': *o++ = '\n'; break;
+    case 'r': *o++ = '\r'; break;
+    case 't': *o++ = '\t'; break;
+    case 'u': {
+      long cp = hex4(p + 2, end), lo;
+      if (cp < 0) return fail(r, p, "invalid \\u escape");
+      if (cp >= 0xDC00 && cp <= 0xDFFF) return fail(r, p, "lone surrogate");
+      if (cp >= 0xD800 && cp <= 0xDBFF) {
+        /* A high surrogate only means something together with the low one after it. */
+        if (end - p < 12 || p[6] != '\\' || p[7] != 'u') return fail(r, p, "lone surrogate");
+        lo = hex4(p + 8, end);
+        if (lo < 0) return fail(r, p + 6, "invalid \\u escape");
+        if (lo < 0xDC00 || lo > 0xDFFF) return fail(r, p, "lone surrogate");
+        cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+        p += 6;
+      }
+      o = put_utf8(o, (unsigned long)cp);
+      p += 4;
+      break;
+    }
+    default:
+      return fail(r, p, "invalid escape");
+    }
+    p += 2;
+  }
+  r->p = p + 1;
+  *val = r->buf;
+  *len = (size_t)(o - r->buf);
+  return kind;
+}
+
+static int is_digit(char c) { return c >= '0' && c <= '9'; }
+
+static fl_json_tok read_number(fl_json_reader *r, const char **val, size_t *len) {
+  const char *p = r->p, *end = r->end;
+  if (*p == '-') p++;
+  if (p >= end) return fail(r, p, "unexpected end of input");
+  if (*p == '0') {
+    p++;
+    /* "01" is not JSON; say so instead of a vaguer complaint about the '1'. */
+    if (p < end && is_digit(*p)) return fail(r, p, "leading zero in number");
+  } else if (is_digit(*p)) {
+    while (p < end && is_digit(*p)) p++;
+  } else {
+    return fail(r, p, "invalid number");
+  }
+  if (p < end && *p == '.') {
+    p++;
+    if (p >= end || !is_digit(*p)) return fail(r, p, "invalid number");
+    while (p < end && is_digit(*p)) p++;
+  }
+  if (p < end && (*p == 'e' || *p == 'E')) {
+    p++;
+    if (p < end && (*p == '+' || *p == '-')) p++;
+    if (p >= end || !is_digit(*p)) return fail(r, p, "invalid number");
+    while (p < end && is_digit(*p)) p++;
+  }
+  *val = r->p;
+  *len = (size_t)(p - r->p);
+  r->p = p;
+  return FL_JSON_NUMBER;
+}
+
+static fl_json_tok read_literal(fl_json_reader *r, const char *word, size_t n, fl_json_tok tok) {
+  size_t have = (size_t)(r->end - r->p);
+  if (have < n) {
+    if (memcmp(r->p, word, have) == 0) return fail(r, r->end, "unexpected end of input");
+    return fail(r, r->p, "invalid literal");
+  }
+  if (memcmp(r->p, word, n) != 0) return fail(r, r->p, "invalid literal");
+  r->p += n;
+  return tok;
+}
+
+static fl_json_tok read_value(fl_json_reader *r, const char **val, size_t *len) {
+  fl_json_tok t;
+  switch (*r->p) {
+  case '{':
+  case '[':
+    if (r->depth >= FL_JSON_MAX_DEPTH) return fail(r, r->p, "nesting too deep");
+    if (*r->p == '{') {
+      r->stack[r->depth++] = 'o';
+      r->state = ST_OBJ_FIRST;
+      t = FL_JSON_OBJ_OPEN;
+    } else {
+      r->stack[r->depth++] = 'a';
+      r->state = ST_ARR_FIRST;
+      t = FL_JSON_ARR_OPEN;
+    }
+    r->p++;
+    return t;
+  case '"': t = read_string(r, FL_JSON_STRING, val, len); break;
+  case 't': t = read_literal(r, "true", 4, FL_JSON_TRUE); break;
+  case 'f': t = read_literal(r, "false", 5, FL_JSON_FALSE); break;
+  case 'n': t = read_literal(r, "null", 4, FL_JSON_NULL); break;
+  default:
+    if (*r->p == '-' || is_digit(*r->p)) t = read_number(r, val, len);
+    else return fail(r, r->p, "unexpected character");
+  }
+  if (t != FL_JSON_ERROR) r->state = ST_AFTER;
+  return t;
+}
+
+static fl_json_tok close_container(fl_json_reader *r) {
+  fl_json_tok t = r->stack[--r->depth] == 'o' ? FL_JSON_OBJ_CLOSE : FL_JSON_ARR_CLOSE;
+  r->p++;
+  r->state = ST_AFTER;
+  return t;
+}
+
+fl_json_tok fl_json_next(fl_json_reader *r, const char **val, size_t *len) {
+  const char *dummy_v;
+  size_t dummy_l;
+  if (!val) val = &dummy_v;
+  if (!len) len = &dummy_l;
+  *val = NULL;
+  *len = 0;
+  for (;;) {
+    if (r->state == ST_DONE) return FL_JSON_END;
+    if (r->state == ST_ERR) return FL_JSON_ERROR;
+    while (r->p < r->end && is_ws(*r->p)) r->p++;
+    if (r->state == ST_AFTER && r->depth == 0) {
+      if (r->p != r->end) return fail(r, r->p, "trailing garbage after value");
+      r->state = ST_DONE;
+      return FL_JSON_END;
+    }
+    if (r->p >= r->end) return fail(r, r->p, "unexpected end of input");
+    switch (r->state) {
+    case ST_TOP:
+    case ST_VALUE:
+      return read_value(r, val, len);
+    case ST_ARR_FIRST:
+      if (*r->p == ']') return close_container(r);
+      return read_value(r, val, len);
+    case ST_OBJ_FIRST:
+      if (*r->p == '}') return close_container(r);
+      /* fall through */
+    case ST_OBJ_KEY:
+      if (*r->p != '"') return fail(r, r->p, "expected string key");
+      {
+        fl_json_tok t = read_string(r, FL_JSON_KEY, val, len);
+        if (t == FL_JSON_KEY) r->state = ST_COLON;
+        return t;
+      }
+    case ST_COLON:
+      if (*r->p != ':') return fail(r, r->p, "expected ':'");
+      r->p++;
+      r->state = ST_VALUE;
+      continue;
+    case ST_AFTER: {
+      char top = (char)r->stack[r->depth - 1];
+      if (*r->p == ',') {
+        r->p++;
+        r->state = top == 'o' ? ST_OBJ_KEY : ST_VALUE;
+        continue;
+      }
+      if ((top == 'o' && *r->p == '}') || (top == 'a' && *r->p == ']')) return close_container(r);
+      return fail(r, r->p, top == 'o' ? "expected ',' or '}'" : "expected ',' or ']'");
+    }
+    default:
+      return fail(r, r->p, "internal: bad reader state");
+    }
+  }
+}

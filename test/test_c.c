@@ -1,0 +1,529 @@
+/* test_c: unit tests of the pure C parsers (fl_json, fl_value) on byte fixtures.
+ * Every input is copied into a malloc'd buffer of its exact length with no NUL after it,
+ * so a sanitizer or valgrind run catches any read past the end. */
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "fl_json.h"
+#include "fl_value.h"
+
+static int n_pass, n_fail;
+
+static void report(const char *file, int line, int ok, const char *fmt, ...) {
+  va_list ap;
+  if (ok) {
+    n_pass++;
+    return;
+  }
+  n_fail++;
+  fprintf(stderr, "%s:%d: FAIL: ", file, line);
+  va_start(ap, fmt);
+  vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  fputc('\n', stderr);
+}
+
+static char *exact_copy(const char *s, size_t len) {
+  /* malloc(0) may return NULL, which the readers need not accept; an empty input gets a
+   * static byte that the reader is told not to touch. */
+  static char empty_dummy;
+  char *p;
+  if (len == 0) return &empty_dummy;
+  p = malloc(len);
+  if (!p) abort();
+  memcpy(p, s, len);
+  return p;
+}
+
+static void free_copy(char *p, size_t len) {
+  if (len) free(p);
+}
+
+/* Renders bytes so that expected token streams stay readable in the test source. */
+static void append(char *out, size_t cap, const char *s, size_t n) {
+  size_t o = strlen(out), i;
+  for (i = 0; i < n && o + 5 < cap; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out[o++] = (char)c;
+    } else {
+      snprintf(out + o, cap - o, "\\%02x", c);
+      o += 3;
+    }
+  }
+  out[o] = '\0';
+}
+
+static void appendz(char *out, size_t cap, const char *s) { append(out, cap, s, strlen(s)); }
+
+/* JSON tokens as text: { } [ ] k:key s:str n:num t f z, then "$" for END or "!msg@pos". */
+static void json_trace(const char *in, size_t len, char *out, size_t cap) {
+  char *copy = exact_copy(in, len);
+  char *buf = malloc(len ? len : 1);
+  fl_json_reader r;
+  int steps = 0;
+  out[0] = '\0';
+  fl_json_init(&r, copy, len, buf);
+  for (;;) {
+    const char *v;
+    size_t n;
+    char tmp[64];
+    fl_json_tok t = fl_json_next(&r, &v, &n);
+    if (out[0]) appendz(out, cap, " ");
+    switch (t) {
+    case FL_JSON_OBJ_OPEN: appendz(out, cap, "{"); break;
+    case FL_JSON_OBJ_CLOSE: appendz(out, cap, "}"); break;
+    case FL_JSON_ARR_OPEN: appendz(out, cap, "["); break;
+    case FL_JSON_ARR_CLOSE: appendz(out, cap, "]"); break;
+    case FL_JSON_KEY: appendz(out, cap, "k:"); append(out, cap, v, n); break;
+    case FL_JSON_STRING: appendz(out, cap, "s:"); append(out, cap, v, n); break;
+    case FL_JSON_NUMBER: appendz(out, cap, "n:"); append(out, cap, v, n); break;
+    case FL_JSON_TRUE: appendz(out, cap, "t"); break;
+    case FL_JSON_FALSE: appendz(out, cap, "f"); break;
+    case FL_JSON_NULL: appendz(out, cap, "z"); break;
+    case FL_JSON_END: appendz(out, cap, "$"); break;
+    case FL_JSON_ERROR:
+      snprintf(tmp, sizeof tmp, "!%s@%zu", r.err ? r.err : "(no message)", r.pos);
+      strncat(out, tmp, cap - strlen(out) - 1);
+      break;
+    }
+    if (t == FL_JSON_END || t == FL_JSON_ERROR || ++steps > 100000) {
+      /* The end and errors are sticky: a second call must say the same. */
+      fl_json_tok again = fl_json_next(&r, &v, &n);
+      if (again != t) appendz(out, cap, " (not sticky)");
+      break;
+    }
+  }
+  free(buf);
+  free_copy(copy, len);
+}
+
+#define JSON(in, want) check_json(__FILE__, __LINE__, in, sizeof(in) - 1, want)
+static void check_json(const char *file, int line, const char *in, size_t len, const char *want) {
+  char got[4096];
+  json_trace(in, len, got, sizeof got);
+  report(file, line, strcmp(got, want) == 0, "json %s\n  want: %s\n  got:  %s", in, want, got);
+}
+
+/* For errors only the message prefix matters to the reader of the test, plus the offset. */
+#define JSON_ERR(in, msg, pos) check_json_err(__FILE__, __LINE__, in, sizeof(in) - 1, msg, pos)
+static void check_json_err(const char *file, int line, const char *in, size_t len, const char *msg, long pos) {
+  char got[4096], want[128];
+  const char *bang;
+  json_trace(in, len, got, sizeof got);
+  snprintf(want, sizeof want, "!%s@%ld", msg, pos);
+  bang = strrchr(got, '!');
+  report(file, line, bang && strcmp(bang, want) == 0 && !strstr(got, "$"),
+         "json %s\n  want error: %s\n  got:        %s", in, want, got);
+}
+
+/* Nests objects and arrays alternately, {"":[{"":[...1...]}]}, to the given depth. */
+static void check_depth(const char *file, int line, int depth, int want_ok) {
+  size_t cap = (size_t)depth * 5 + 1, k = 0;
+  char *s = malloc(cap), *got = malloc(65536);
+  int i;
+  for (i = 0; i < depth; i++) {
+    if (i % 2 == 0) {
+      memcpy(s + k, "{\"\":", 4);
+      k += 4;
+    } else {
+      s[k++] = '[';
+    }
+  }
+  s[k++] = '1';
+  for (i = depth; i-- > 0;) s[k++] = i % 2 == 0 ? '}' : ']';
+  json_trace(s, k, got, 65536);
+  if (want_ok) report(file, line, strstr(got, "$") && !strchr(got, '!'), "depth %d should parse", depth);
+  else report(file, line, strstr(got, "!nesting too deep") != NULL, "depth %d should fail as too deep", depth);
+  free(s);
+  free(got);
+}
+
+/* ---- array literals ---- */
+
+/* ( ) e:elem N (NULL) $ !msg */
+static void arr_trace(const char *in, size_t len, char delim, char *out, size_t cap) {
+  char *copy = exact_copy(in, len);
+  char *buf = malloc(len ? len : 1);
+  fl_arr_reader r;
+  int steps = 0;
+  out[0] = '\0';
+  fl_arr_init(&r, copy, len, delim, buf);
+  for (;;) {
+    const char *v;
+    size_t n;
+    fl_arr_tok t = fl_arr_next(&r, &v, &n);
+    if (out[0]) appendz(out, cap, " ");
+    switch (t) {
+    case FL_ARR_OPEN: appendz(out, cap, "("); break;
+    case FL_ARR_CLOSE: appendz(out, cap, ")"); break;
+    case FL_ARR_ELEM: appendz(out, cap, "e:"); append(out, cap, v, n); break;
+    case FL_ARR_NULL: appendz(out, cap, "N"); break;
+    case FL_ARR_END: appendz(out, cap, "$"); break;
+    case FL_ARR_ERROR: appendz(out, cap, "!"); appendz(out, cap, r.err ? r.err : "(no message)"); break;
+    }
+    if (t == FL_ARR_END || t == FL_ARR_ERROR || ++steps > 100000) {
+      if (fl_arr_next(&r, &v, &n) != t) appendz(out, cap, " (not sticky)");
+      break;
+    }
+  }
+  free(buf);
+  free_copy(copy, len);
+}
+
+#define ARR(in, delim, want) check_arr(__FILE__, __LINE__, in, sizeof(in) - 1, delim, want)
+static void check_arr(const char *file, int line, const char *in, size_t len, char delim, const char *want) {
+  char got[4096];
+  arr_trace(in, len, delim, got, sizeof got);
+  report(file, line, strcmp(got, want) == 0, "array %s\n  want: %s\n  got:  %s", in, want, got);
+}
+
+#define ARR_ERR(in) check_arr_err(__FILE__, __LINE__, in, sizeof(in) - 1)
+static void check_arr_err(const char *file, int line, const char *in, size_t len) {
+  char got[4096];
+  arr_trace(in, len, ',', got, sizeof got);
+  report(file, line, strchr(got, '!') != NULL && !strstr(got, "$"), "array %s should be malformed, got: %s", in, got);
+}
+
+/* ---- scalars ---- */
+
+#define INT64_OK(in, want) check_int64(__FILE__, __LINE__, in, sizeof(in) - 1, 1, want)
+#define INT64_BAD(in) check_int64(__FILE__, __LINE__, in, sizeof(in) - 1, 0, 0)
+static void check_int64(const char *file, int line, const char *in, size_t len, int want_ok, int64_t want) {
+  char *copy = exact_copy(in, len);
+  int64_t v = 12345;
+  int rc = fl_parse_int64(copy, len, &v);
+  if (want_ok)
+    report(file, line, rc == 0 && v == want, "int64 \"%s\": rc %d value %lld, want %lld", in, rc, (long long)v,
+           (long long)want);
+  else
+    report(file, line, rc == -1, "int64 \"%s\" should be rejected (rc %d, value %lld)", in, rc, (long long)v);
+  free_copy(copy, len);
+}
+
+#define DBL_OK(in, want) check_double(__FILE__, __LINE__, in, sizeof(in) - 1, 1, want)
+#define DBL_BAD(in) check_double(__FILE__, __LINE__, in, sizeof(in) - 1, 0, 0)
+static void check_double(const char *file, int line, const char *in, size_t len, int want_ok, double want) {
+  char *copy = exact_copy(in, len);
+  double v = 12345;
+  int rc = fl_parse_double(copy, len, &v);
+  if (!want_ok) {
+    report(file, line, rc == -1, "double \"%s\" should be rejected (rc %d)", in, rc);
+  } else {
+    int same = isnan(want) ? isnan(v) : (v == want && signbit(v) == signbit(want));
+    report(file, line, rc == 0 && same, "double \"%s\": rc %d value %.17g, want %.17g", in, rc, v, want);
+  }
+  free_copy(copy, len);
+}
+
+#define BYTEA_OK(in, want) check_bytea(__FILE__, __LINE__, in, sizeof(in) - 1, want, (long)sizeof(want) - 1)
+#define BYTEA_BAD(in) check_bytea(__FILE__, __LINE__, in, sizeof(in) - 1, NULL, -1)
+static void check_bytea(const char *file, int line, const char *in, size_t len, const char *want, long wlen) {
+  char *copy = exact_copy(in, len);
+  char *out = malloc(len ? len : 1);
+  long n = fl_bytea_decode(copy, len, out);
+  char got[512] = "", exp[512] = "";
+  if (n > 0) append(got, sizeof got, out, (size_t)n);
+  if (wlen > 0) append(exp, sizeof exp, want, (size_t)wlen);
+  report(file, line, n == wlen && (wlen <= 0 || memcmp(out, want, (size_t)wlen) == 0),
+         "bytea \"%s\": got %ld \"%s\", want %ld \"%s\"", in, n, got, wlen, exp);
+  free(out);
+  free_copy(copy, len);
+}
+
+static void test_json(void) {
+  /* scalars at the top level */
+  JSON("true", "t $");
+  JSON("false", "f $");
+  JSON("null", "z $");
+  JSON("  \t\r\n 0 \n", "n:0 $");
+  JSON("-0", "n:-0 $");
+  JSON("1e10", "n:1e10 $");
+  JSON("1.5E-3", "n:1.5E-3 $");
+  JSON("-12.25e+07", "n:-12.25e+07 $");
+  JSON("123456789012345678901234567890", "n:123456789012345678901234567890 $");
+  JSON("\"\"", "s: $");
+  JSON("\"plain\"", "s:plain $");
+
+  /* containers */
+  JSON("{}", "{ } $");
+  JSON("[]", "[ ] $");
+  JSON(" [ ] ", "[ ] $");
+  JSON("[1,2,3]", "[ n:1 n:2 n:3 ] $");
+  JSON("{\"a\":1,\"b\":[true,false,null],\"c\":{\"d\":\"e\"}}",
+       "{ k:a n:1 k:b [ t f z ] k:c { k:d s:e } } $");
+  JSON("[[],[[]],{}]", "[ [ ] [ [ ] ] { } ] $");
+  JSON("{ \"k\" : [ 1 , { } ] }", "{ k:k [ n:1 { } ] } $");
+  JSON("{\"\":\"\"}", "{ k: s: } $");
+  JSON("{\"a\":1,\"a\":2}", "{ k:a n:1 k:a n:2 } $");
+
+  /* escapes */
+  JSON("\"\\\"\\\\\\/\\b\\f\\n\\r\\t\"", "s:\"\\5c/\\08\\0c\\0a\\0d\\09 $");
+  JSON("\"\\u0041\\u00e9\\u20AC\"", "s:A\\c3\\a9\\e2\\82\\ac $");
+  JSON("\"\\u0000x\"", "s:\\00x $");
+  JSON("\"\\ud83d\\ude00\"", "s:\\f0\\9f\\98\\80 $");    /* U+1F600 */
+  JSON("\"\\uDBFF\\uDFFF\"", "s:\\f4\\8f\\bf\\bf $");    /* U+10FFFF */
+  JSON("\"\\uD800\\uDC00\"", "s:\\f0\\90\\80\\80 $");    /* U+10000 */
+  JSON("\"\\u07FF\\u0800\\uFFFF\"", "s:\\df\\bf\\e0\\a0\\80\\ef\\bf\\bf $");
+  JSON("\"caf\xc3\xa9\"", "s:caf\\c3\\a9 $");            /* raw UTF-8 passes through */
+  JSON("{\"k\\u0041y\":\"v\"}", "{ k:kAy s:v } $");
+
+  /* invalid documents */
+  JSON_ERR("", "unexpected end of input", 0);
+  JSON_ERR("   ", "unexpected end of input", 3);
+  JSON_ERR("[1,2", "unexpected end of input", 4);
+  JSON_ERR("{\"a\":", "unexpected end of input", 5);
+  JSON_ERR("{\"a\"", "unexpected end of input", 4);
+  JSON_ERR("[1,]", "unexpected character", 3);
+  JSON_ERR("{\"a\":1,}", "expected string key", 7);
+  JSON_ERR("[,1]", "unexpected character", 1);
+  JSON_ERR("{,}", "expected string key", 1);
+  JSON_ERR("{a:1}", "expected string key", 1);
+  JSON_ERR("{\"a\" 1}", "expected ':'", 5);
+  JSON_ERR("[1 2]", "expected ',' or ']'", 3);
+  JSON_ERR("{\"a\":1]", "expected ',' or '}'", 6);
+  JSON_ERR("[1}", "expected ',' or ']'", 2);
+  JSON_ERR("\"\\x\"", "invalid escape", 1);
+  JSON_ERR("\"\\u12G4\"", "invalid \\u escape", 1);
+  JSON_ERR("\"\\u12\"", "invalid \\u escape", 1);
+  JSON_ERR("\"\\u12", "invalid \\u escape", 1);
+  JSON_ERR("\"\\ud83d\"", "lone surrogate", 1);
+  JSON_ERR("\"\\ud83dx\"", "lone surrogate", 1);
+  JSON_ERR("\"\\ud83d\\u0041\"", "lone surrogate", 1);
+  JSON_ERR("\"\\ude00\"", "lone surrogate", 1);
+  JSON_ERR("\"\\ude00\\ud83d\"", "lone surrogate", 1);
+  JSON_ERR("\"\\ud83d\\uzzzz\"", "invalid \\u escape", 7);
+  JSON_ERR("\"abc", "unterminated string", 4);
+  JSON_ERR("\"abc\\", "unterminated string", 4);
+  JSON_ERR("\"a\nb\"", "control character in string", 2);
+  JSON_ERR("\"a\tb\"", "control character in string", 2);
+  JSON_ERR("\"\x1f\"", "control character in string", 1);
+  JSON_ERR("01", "leading zero in number", 1);
+  JSON_ERR("-01", "leading zero in number", 2);
+  JSON_ERR("[00]", "leading zero in number", 2);
+  JSON_ERR("-", "unexpected end of input", 1);
+  JSON_ERR("-a", "invalid number", 1);
+  JSON_ERR("+1", "unexpected character", 0);
+  JSON_ERR(".5", "unexpected character", 0);
+  JSON_ERR("1.", "invalid number", 2);
+  JSON_ERR("1.e5", "invalid number", 2);
+  JSON_ERR("1e", "invalid number", 2);
+  JSON_ERR("1e+", "invalid number", 3);
+  JSON_ERR("0x10", "trailing garbage after value", 1);
+  JSON_ERR("tru", "unexpected end of input", 3);
+  JSON_ERR("trUe", "invalid literal", 0);
+  JSON_ERR("nul", "unexpected end of input", 3);
+  JSON_ERR("nulx", "invalid literal", 0);
+  JSON_ERR("truex", "trailing garbage after value", 4);
+  JSON_ERR("NaN", "unexpected character", 0);
+  JSON_ERR("{} x", "trailing garbage after value", 3);
+  JSON_ERR("[1] [2]", "trailing garbage after value", 4);
+  JSON_ERR("1 2", "trailing garbage after value", 2);
+  JSON_ERR("\"a\"\"b\"", "trailing garbage after value", 3);
+  JSON_ERR("]", "unexpected character", 0);
+  JSON_ERR("}", "unexpected character", 0);
+  JSON_ERR("'a'", "unexpected character", 0);
+  JSON_ERR("\xef\xbb\xbf{}", "unexpected character", 0);   /* no BOM in JSON text */
+  JSON_ERR("[1]\0", "trailing garbage after value", 3);  /* an embedded NUL is not white space */
+
+  check_depth(__FILE__, __LINE__, 1, 1);
+  check_depth(__FILE__, __LINE__, 999, 1);
+  check_depth(__FILE__, __LINE__, FL_JSON_MAX_DEPTH, 1);
+  check_depth(__FILE__, __LINE__, FL_JSON_MAX_DEPTH + 1, 0);
+  check_depth(__FILE__, __LINE__, 5000, 0);
+
+  /* Each prefix of a valid document is either an error or, for a scalar prefix that is
+   * itself a number, valid; none may read past its end (ASan checks the buffers). */
+  {
+    static const char doc[] =
+        "{\"a\":[1,-2.5e+3,\"x\\u00e9\\ud83d\\ude00\",true,false,null,{\"b\":{}}],\"c\":\"\\\"\"}";
+    size_t n, full = sizeof doc - 1;
+    int bad = 0;
+    for (n = 0; n < full; n++) {
+      char got[4096];
+      json_trace(doc, n, got, sizeof got);
+      if (!strchr(got, '!')) bad++;
+    }
+    report(__FILE__, __LINE__, bad == 0, "%d truncated prefixes of a document parsed as valid", bad);
+  }
+}
+
+static void test_arrays(void) {
+  ARR("{}", ',', "( ) $");
+  ARR("{1,2,3}", ',', "( e:1 e:2 e:3 ) $");
+  ARR("{{1,2},{3,4}}", ',', "( ( e:1 e:2 ) ( e:3 e:4 ) ) $");
+  ARR("{{{1},{2}},{{3},{4}}}", ',', "( ( ( e:1 ) ( e:2 ) ) ( ( e:3 ) ( e:4 ) ) ) $");
+  ARR("{NULL,\"NULL\",null}", ',', "( N e:NULL N ) $");
+  ARR("{NuLl,N\\ULL,NULLx}", ',', "( N e:NULL e:NULLx ) $");
+  ARR("{\"a b\",\"c\\\"d\",\"e\\\\f\"}", ',', "( e:a b e:c\"d e:e\\5cf ) $");
+  ARR("{\"\"}", ',', "( e: ) $");
+  ARR("{\"{x}\",\",\",\" \"}", ',', "( e:{x} e:, e:  ) $");
+  ARR("{  x  ,y}", ',', "( e:x e:y ) $");
+  ARR("{ a b , c }", ',', "( e:a b e:c ) $");
+  ARR("{a\\ ,\\ b}", ',', "( e:a  e: b ) $");      /* escaped blanks survive trimming */
+  ARR("{a\\,b,c\\}d}", ',', "( e:a,b e:c}d ) $");
+  ARR("{ \"q\" , \"r\" }", ',', "( e:q e:r ) $");
+  ARR("  {1}  ", ',', "( e:1 ) $");
+  ARR("[0:1]={7,8}", ',', "( e:7 e:8 ) $");
+  ARR("[-2:-1]={7,8}", ',', "( e:7 e:8 ) $");
+  ARR("[1:2][1:1]={{1},{2}}", ',', "( ( e:1 ) ( e:2 ) ) $");
+  ARR("[2] = {1,2}", ',', "( e:1 e:2 ) $");
+  ARR("{(1,1),(0,0);(2,2),(1,1)}", ';', "( e:(1,1),(0,0) e:(2,2),(1,1) ) $");
+  ARR("{2020-01-01 00:00:00+00,\"2020-01-02 00:00:00+00\"}", ',',
+      "( e:2020-01-01 00:00:00+00 e:2020-01-02 00:00:00+00 ) $");
+  ARR("{\"\\\\x0102\"}", ',', "( e:\\5cx0102 ) $");
+  ARR("{\"{\\\"a\\\": 1}\"}", ',', "( e:{\"a\": 1} ) $");   /* a jsonb[] element */
+  ARR("{{},{}}", ',', "( ( ) ( ) ) $");
+  ARR("{{{{{{1}}}}}}", ',', "( ( ( ( ( ( e:1 ) ) ) ) ) ) $");
+
+  ARR_ERR("");
+  ARR_ERR("   ");
+  ARR_ERR("{1,2");
+  ARR_ERR("{1,2}}");
+  ARR_ERR("{1,2} x");
+  ARR_ERR("1,2");
+  ARR_ERR("{\"abc}");
+  ARR_ERR("{\"abc\\");
+  ARR_ERR("{abc\\");
+  ARR_ERR("{1,}");
+  ARR_ERR("{,1}");
+  ARR_ERR("{1,,2}");
+  ARR_ERR("{\"a\"b}");
+  ARR_ERR("{a\"b\"}");
+  ARR_ERR("{a{b}");
+  ARR_ERR("{1,{2}}");
+  ARR_ERR("{{1},2}");
+  ARR_ERR("{{{{{{{1}}}}}}}");     /* seven dimensions: more than PostgreSQL's six */
+  ARR_ERR("[0:1]{1,2}");
+  ARR_ERR("[0:1={1,2}");
+  ARR_ERR("[a:1]={1,2}");
+  ARR_ERR("[0:]={1}");
+  ARR_ERR("{");
+  ARR_ERR("}");
+  {
+    /* ';' is data when ',' delimits, and ',' is data when ';' does. */
+    char got[256];
+    arr_trace("{1;2}", 5, ',', got, sizeof got);
+    report(__FILE__, __LINE__, strcmp(got, "( e:1;2 ) $") == 0, "{1;2} with ',' gave %s", got);
+  }
+}
+
+static void test_int64(void) {
+  INT64_OK("0", 0);
+  INT64_OK("-0", 0);
+  INT64_OK("42", 42);
+  INT64_OK("-42", -42);
+  INT64_OK("007", 7);
+  INT64_OK("9007199254740993", 9007199254740993LL);
+  INT64_OK("9223372036854775807", INT64_MAX);
+  INT64_OK("-9223372036854775808", INT64_MIN);
+  INT64_BAD("9223372036854775808");
+  INT64_BAD("-9223372036854775809");
+  INT64_BAD("18446744073709551616");
+  INT64_BAD("99999999999999999999999");
+  INT64_BAD("");
+  INT64_BAD("-");
+  INT64_BAD("12a");
+  INT64_BAD("+1");
+  INT64_BAD(" 1");
+  INT64_BAD("1 ");
+  INT64_BAD("1.0");
+  INT64_BAD("--1");
+  INT64_BAD("1\0");
+}
+
+static void test_double(void) {
+  DBL_OK("1.5", 1.5);
+  DBL_OK("-1.5", -1.5);
+  DBL_OK("0", 0.0);
+  DBL_OK("-0", -0.0);
+  DBL_OK("42", 42.0);
+  DBL_OK("1e10", 1e10);
+  DBL_OK("1.5E-3", 1.5e-3);
+  DBL_OK(".5", 0.5);
+  DBL_OK("5.", 5.0);
+  DBL_OK("+2", 2.0);
+  DBL_OK("3.4028235e+38", 3.4028235e+38);
+  DBL_OK("0.30000000000000004", 0.30000000000000004);
+  DBL_OK("1.7976931348623157e+308", 1.7976931348623157e+308);
+  DBL_OK("4.9406564584124654e-324", 4.9406564584124654e-324);
+  DBL_OK("NaN", NAN);
+  DBL_OK("nan", NAN);
+  DBL_OK("Infinity", INFINITY);
+  DBL_OK("-Infinity", -INFINITY);
+  DBL_OK("inf", INFINITY);
+  /* Out of double range: strtod's answer, ±inf (PostgreSQL never prints this for a float;
+   * for numeric converted to a number infinity is the closest double). */
+  DBL_OK("1e400", INFINITY);
+  DBL_OK("-1e400", -INFINITY);
+  DBL_BAD("");
+  DBL_BAD("-");
+  DBL_BAD(".");
+  DBL_BAD("e5");
+  DBL_BAD("1e");
+  DBL_BAD("1.5x");
+  DBL_BAD(" 1.5");
+  DBL_BAD("1.5 ");
+  DBL_BAD("0x10");
+  DBL_BAD("nan(1)");
+  DBL_BAD("Infinityx");
+  DBL_BAD("--1");
+  DBL_BAD("1,5");
+}
+
+/* 512 bytes is the cap of the NUL-terminated copy; longer text is refused, not cut. */
+static void test_double_long(void) {
+  char s[513];
+  double v;
+  char *c;
+  memset(s, '0', sizeof s);
+  s[0] = '1';
+  c = exact_copy(s, 512);
+  report(__FILE__, __LINE__, fl_parse_double(c, 512, &v) == 0 && isinf(v), "512 digits should parse as inf");
+  free_copy(c, 512);
+  c = exact_copy(s, 513);
+  report(__FILE__, __LINE__, fl_parse_double(c, 513, &v) == -1, "513 bytes should be refused");
+  free_copy(c, 513);
+}
+
+static void test_bytea(void) {
+  BYTEA_OK("", "");
+  BYTEA_OK("\\x", "");
+  BYTEA_OK("\\x0a0b", "\x0a\x0b");
+  BYTEA_OK("\\xDEADbeef", "\xde\xad\xbe\xef");
+  BYTEA_OK("\\x00ff", "\x00\xff");
+  BYTEA_OK("\\x 01 02\n", "\x01\x02");              /* byteain's blanks between pairs */
+  BYTEA_OK("abc", "abc");
+  BYTEA_OK("a\\\\b", "a\\b");
+  BYTEA_OK("\\001\\377\\000", "\x01\xff\x00");
+  BYTEA_OK("x\\134y", "x\\y");
+  BYTEA_OK("\\\\x01", "\\x01");                      /* escape form that starts like hex */
+  BYTEA_OK("\xff\x80", "\xff\x80");
+  BYTEA_BAD("\\x0");
+  BYTEA_BAD("\\x012");
+  BYTEA_BAD("\\x0g");
+  BYTEA_BAD("\\x0 1");                               /* never inside a pair */
+  BYTEA_BAD("\\");
+  BYTEA_BAD("a\\");
+  BYTEA_BAD("\\4");
+  BYTEA_BAD("\\400");
+  BYTEA_BAD("\\18");
+  BYTEA_BAD("\\08");
+  BYTEA_BAD("\\12");
+  BYTEA_BAD("\\n");
+  BYTEA_BAD("\\X01");
+}
+
+int main(void) {
+  test_json();
+  test_arrays();
+  test_int64();
+  test_double();
+  test_double_long();
+  test_bytea();
+  printf("%d passed, %d failed\n", n_pass, n_fail);
+  return n_fail ? 1 : 0;
+}
