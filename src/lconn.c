@@ -14,7 +14,27 @@
 #define CONN_MT "flash.conn"
 #define LAYOUT_MT "flash.layout"
 
-typedef struct { PGconn *pg; } fl_conn;
+#define NOTICE_MAX 16
+
+/* Server notices are kept here, not printed by libpq, so the Lua side can log them
+ * through flash.log with the right level. */
+typedef struct {
+  PGconn *pg;
+  int nnotices;
+  char *notices[NOTICE_MAX];
+} fl_conn;
+
+static void on_notice(void *arg, const char *message) {
+  fl_conn *c = arg;
+  if (c->nnotices >= NOTICE_MAX) return;   /* a flood of notices: keep the first ones */
+  c->notices[c->nnotices] = strdup(message);
+  if (c->notices[c->nnotices]) c->nnotices++;
+}
+
+static void free_notices(fl_conn *c) {
+  for (int i = 0; i < c->nnotices; i++) free(c->notices[i]);
+  c->nnotices = 0;
+}
 
 /* A table's column layout: names and types in payload order. */
 typedef struct {
@@ -51,11 +71,12 @@ static int l_connect(lua_State *L) {
   const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
   const char *vals[] = { dsn, "flashlua", "UTF8", NULL };
   fl_conn *c = lua_newuserdata(L, sizeof *c);
-  c->pg = NULL;
+  memset(c, 0, sizeof *c);
   luaL_getmetatable(L, CONN_MT);
   lua_setmetatable(L, -2);
   c->pg = PQconnectdbParams(keys, vals, 1);
   if (c->pg == NULL) return push_fail(L, "out of memory", NULL);
+  PQsetNoticeProcessor(c->pg, on_notice, c);
   if (PQstatus(c->pg) != CONNECTION_OK) {
     lua_pushfstring(L, "cannot connect to PostgreSQL: %s", PQerrorMessage(c->pg));
     PQfinish(c->pg);
@@ -77,7 +98,22 @@ static int l_connect(lua_State *L) {
 static int l_close(lua_State *L) {
   fl_conn *c = luaL_checkudata(L, 1, CONN_MT);
   if (c->pg) { PQfinish(c->pg); c->pg = NULL; }
+  free_notices(c);
   return 0;
+}
+
+/* conn:notices() -> { "WARNING:  ...", ... } (and forgets them) */
+static int l_notices(lua_State *L) {
+  fl_conn *c = luaL_checkudata(L, 1, CONN_MT);
+  lua_createtable(L, c->nnotices, 0);
+  for (int i = 0; i < c->nnotices; i++) {
+    size_t n = strlen(c->notices[i]);
+    while (n > 0 && c->notices[i][n - 1] == '\n') n--;
+    lua_pushlstring(L, c->notices[i], n);
+    lua_rawseti(L, -2, i + 1);
+  }
+  free_notices(c);
+  return 1;
 }
 
 /* Element types of the built-in array types, for query results (trigger layouts get the
@@ -366,6 +402,7 @@ static const luaL_Reg conn_methods[] = {
   { "consume", l_consume },
   { "notify", l_notify },
   { "close", l_close },
+  { "notices", l_notices },
   { NULL, NULL }
 };
 

@@ -214,6 +214,10 @@ local function run(argv)
     return unpack(results)
   end
 
+  -- From here on SIGINT/SIGTERM only mark a stop: a signal that lands while the script
+  -- is still setting up (triggers already created) is taken by the loop, which cleans up.
+  core.signals(true)
+
   for _, code in ipairs(o.exprs) do
     local chunk, err = loadstring(code, "=(command line)")
     if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
@@ -235,6 +239,9 @@ local function run(argv)
     end
   end
 
+  if not flash._pending() and core.signal_pending() then
+    flash.stop()   -- stopped before any loop ran: still remove what the script created
+  end
   if flash._pending() then
     if o.stats then stats_timer(flash, core) end
     local rok, rerr = flash.run()

@@ -169,11 +169,20 @@ function flash.client(opts)
   return self
 end
 
+-- Server notices go through flash.log: warnings as warnings, the rest at debug.
+function Client:_log_notices()
+  for _, msg in ipairs(self.conn:notices()) do
+    if msg:find("^WARNING") then log.warn("postgres: " .. msg) else log.debug("postgres: " .. msg) end
+  end
+end
+
 -- client:query(sql, ...) -> rows | nil, err, sqlstate
 function Client:query(sql, ...)
   if type(sql) ~= "string" then argerror(1, "query", "string expected, got " .. type(sql)) end
   if self.closed then return nil, "client is stopped" end
-  return self.conn:exec(sql, self.flags, ...)
+  local rows, n, state = self.conn:exec(sql, self.flags, ...)
+  self:_log_notices()
+  return rows, n, state
 end
 
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public).

@@ -55,7 +55,9 @@ local function fail(err, hint)
 end
 
 function Driver:exec(sql, ...)
-  return self:conn():exec(sql, 0, ...)
+  local rows, n, state = self:conn():exec(sql, 0, ...)
+  self.client:_log_notices()
+  return rows, n, state
 end
 
 -- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
@@ -359,6 +361,7 @@ function Driver:reconnect()
   local conn, err = core.connect(client.opts.dsn or require("flash").defaults.dsn or
     os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
   if conn then
+    client:_log_notices()
     client.conn:close()
     client.conn = conn
     local ok, ierr = self:install(false)
@@ -411,6 +414,7 @@ function Driver:step()
   end
   local conn = self:conn()
   local ok, err = conn:consume()
+  self.client:_log_notices()
   if not ok then
     lost(self, err)
     return true
