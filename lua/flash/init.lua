@@ -14,9 +14,9 @@ local OPS = { insert = true, update = true, delete = true, truncate = true }
 local OP_ORDER = { "insert", "update", "delete", "truncate" }
 local DRIVERS = {
   trigger = "flash.trigger",
-  trigger_global = false,
-  trigger_statement = false,
-  wal_logical = false,
+  trigger_global = "flash.trigger_global",
+  trigger_statement = "flash.trigger_statement",
+  wal_logical = "flash.wal",
 }
 -- Every option any driver knows: one script can switch drivers by changing one word.
 local CLIENT_OPTS = {
@@ -145,7 +145,10 @@ function flash.client(opts)
   if DRIVERS[driver_name] == nil then
     argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
   end
-  if not DRIVERS[driver_name] then
+  local found, driver_mod = pcall(require, DRIVERS[driver_name])
+  if not found and not tostring(driver_mod):find("module '" .. DRIVERS[driver_name] .. "' not found", 1, true) then
+    error(driver_mod, 0)
+  elseif not found then
     return nil, string.format("driver '%s' is not available in flashlua %s yet; use driver = \"trigger\"", driver_name, flash.version)
   end
   local conn, err = core.connect(opts.dsn or default_dsn())
@@ -164,7 +167,7 @@ function flash.client(opts)
     failure = nil,
     counters = { events = 0, bytes = 0, handler_seconds = 0, dropped = 0, errors = 0, reconnects = 0 },
   }, Client)
-  self.driver = require(DRIVERS[driver_name]).new(self)
+  self.driver = driver_mod.new(self)
   clients[#clients + 1] = self
   return self
 end
