@@ -17,15 +17,18 @@ LDFLAGS ?=
 
 B := build
 # Pure C: no Lua, no libpq.
-PURE_SRC := src/fl_json.c src/fl_value.c
+# Until the pgoutput decoder lands, the replication binding is left out (temporary).
+HAVE_REPL := $(wildcard src/fl_pgoutput.c)
+PURE_SRC := src/fl_json.c src/fl_value.c $(HAVE_REPL)
 # Lua binding: the only files that touch lua_State.
-BIND_SRC := src/lvalue.c src/lconn.c src/lcore.c
+BIND_SRC := src/lvalue.c src/lconn.c $(if $(HAVE_REPL),src/lrepl.c) src/lcore.c
+CFLAGS   += $(if $(HAVE_REPL),-DFL_HAVE_REPL)
 CORE_OBJ := $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC) $(BIND_SRC))
 LUA_SRC  := $(wildcard lua/flash/*.lua)
 # Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c demo install clean check-mem fuzz deps
+.PHONY: all test test-c demo bench install clean check-mem fuzz deps
 
 all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c
 
@@ -70,6 +73,12 @@ demo:
 	scripts/deps
 	$(MAKE) all
 	$(B)/flashlua --sandbox examples/demo.lua
+
+# Benchmarks on a throwaway cluster (not timed tests): see README "Performance".
+bench:
+	scripts/deps
+	$(MAKE) all
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/wal.lua
 
 # The pure C parsers under ASan/UBSan and valgrind.
 SAN := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all

@@ -231,3 +231,17 @@ void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len,
     return;
   }
 }
+
+uint32_t fl_builtin_elem(uint32_t oid) {
+  switch (oid) {
+    case 1000: return 16;   case 1001: return 17;   case 1016: return 20;
+    case 1005: return 21;   case 1007: return 23;   case 1028: return 26;
+    case 1021: return 700;  case 1022: return 701;  case 1231: return 1700;
+    case 199: return 114;   case 3807: return 3802; case 1009: return 25;
+    case 1015: return 1043; case 1014: return 1042; case 2951: return 2950;
+    case 1115: return 1114; case 1185: return 1184; case 1182: return 1082;
+    case 1183: return 1083; case 1187: return 1186; case 1041: return 869;
+    case 651: return 650;   case 1003: return 19;
+    default: return 0;
+  }
+}

@@ -20,6 +20,10 @@ typedef struct {
 extern char fl_unchanged_sentinel;
 #define FL_UNCHANGED ((void *)&fl_unchanged_sentinel)
 
+/* The element type of a built-in array type OID (int4[] -> int4, ...), or 0. Used where
+ * the catalog was not asked (query results, pgoutput columns of built-in types). */
+uint32_t fl_builtin_elem(uint32_t oid);
+
 /* Pushes exactly one value. s == NULL pushes flash.null. Malformed input for a typed
  * column (e.g. bad JSON) falls back to pushing the text as a string: the user gets the
  * value, never a crash. flags: FL_NUMERIC_AS_NUMBER. */

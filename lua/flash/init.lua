@@ -23,7 +23,7 @@ local CLIENT_OPTS = {
   dsn = "string", driver = "string", schema = "string", slot = "string",
   publication = "string", persistent = "boolean", streaming = "boolean",
   on_error = true, shutdown_timeout = "number", numeric = "string",
-  replica_identity = "string",
+  replica_identity = "string", stream_memory = "number",
 }
 local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
 local WHERE_OPS = {
@@ -211,7 +211,7 @@ function Client:_resolve_table(name)
   end
   local cols
   cols, err = self.conn:exec([[
-    SELECT a.attname::text AS name, bt.oid::bigint AS oid,
+    SELECT a.attname::text AS name, bt.oid::bigint AS oid, a.atttypid::bigint AS typ,
            CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE 0 END::bigint AS elem,
            coalesce(et.typdelim::text, ',') AS delim
     FROM pg_catalog.pg_attribute a
@@ -539,6 +539,13 @@ function flash._loop(list, opts)
   for _, c in ipairs(list) do
     local ok, err = c:start()
     if not ok then return nil, err end
+    if opts.until_lsn then
+      if not c.driver.set_until then
+        return nil, string.format("until_lsn needs the wal_logical driver (client uses %s)", c.driver_name)
+      end
+      ok, err = c.driver:set_until(opts.until_lsn)
+      if not ok then return nil, err end
+    end
   end
   state.running, state.stop, flash.ran = true, false, true
   core.signals(true)
@@ -573,6 +580,13 @@ function flash._loop(list, opts)
     if not failure then
       local ok, err = run_timers(core.now())
       if not ok then failure = err break end
+    end
+    if opts.until_lsn and not failure then
+      local all = true
+      for _, c in ipairs(list) do
+        if not c.closed and not c.driver:is_reached() then all = false break end
+      end
+      if all then break end
     end
   end
   for _, c in ipairs(list) do

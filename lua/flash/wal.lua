@@ -1,0 +1,445 @@
+-- flash.wal: the `wal_logical` driver. One publication and one replication slot per
+-- client; changes arrive over a replication connection as pgoutput, are decoded in C
+-- (lrepl.c) and filtered here (flash.filter). The server is told a transaction is handled
+-- only after every callback of it has returned: with `persistent = true` a crash at any
+-- point redelivers whatever was not yet handled.
+local core = require "flash.core"
+local log = require "flash.log"
+local filter = require "flash.filter"
+
+local M = {}
+local Driver = {}
+Driver.__index = Driver
+
+local LOCK_CLASS = "flashlua"
+local MARK = "flashlua instance"
+local RETRY_MAX = 5
+
+local function fail(err, hint)
+  if hint then return nil, err .. " (" .. hint .. ")" end
+  return nil, err
+end
+
+function M.new(client)
+  local opts = client.opts
+  local pid = client.conn:backend_pid()
+  local self = setmetatable({
+    client = client,
+    persistent = opts.persistent == true,
+    streaming = opts.streaming == true,
+    by_table = {},
+    published = {},     -- [display name] = true: tables in the publication
+    retry_at = nil,
+    backoff = 0.1,
+  }, Driver)
+  -- Default names are unique per instance unless the slot must outlive it.
+  self.slot = opts.slot or (self.persistent and "flash_replication" or ("flash_replication_" .. pid))
+  self.publication = opts.publication or (self.persistent and "flash_publication" or ("flash_publication_" .. pid))
+  self.proto = self.streaming and 2 or 1
+  return self
+end
+
+function Driver:conn() return self.client.conn end
+function Driver:ident(s) return assert(self:conn():escape_identifier(s)) end
+function Driver:literal(s) return assert(self:conn():escape_literal(s)) end
+
+function Driver:exec(sql, ...)
+  local rows, n, state = self:conn():exec(sql, 0, ...)
+  self.client:_log_notices()
+  return rows, n, state
+end
+
+function Driver:qualified(l)
+  return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
+end
+
+function Driver:lock_sql(name)
+  return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal("pub:" .. name) .. ")"
+end
+
+function Driver:check(l)
+  l.matcher = filter.matcher(l)
+  return true
+end
+
+-- Whether a listener needs old rows: update/delete events carry ev.old, and conditions,
+-- fields and keys are tested on it.
+local function needs_old(l)
+  local w = l:wanted()
+  return w.update or w.delete or ((w.insert or w.delete) and (l.matcher or l.primary_key))
+end
+
+function Driver:check_identity(l)
+  if not needs_old(l) then return true end
+  local rows, err = self:exec("SELECT relreplident::text AS r FROM pg_catalog.pg_class WHERE oid = $1", l.table.oid)
+  if not rows then return nil, err end
+  if rows[1] and rows[1].r == "f" then return true end
+  local alter = "ALTER TABLE " .. self:qualified(l) .. " REPLICA IDENTITY FULL"
+  if self.client.opts.replica_identity == "full" then
+    local ok, aerr = self:exec(alter)
+    if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. l.table_name .. ": " .. aerr) end
+    log.info("set REPLICA IDENTITY FULL on " .. l.table_name .. " (replica_identity = \"full\")")
+    return true
+  end
+  return fail(string.format("table %s does not have REPLICA IDENTITY FULL, so update and delete events " ..
+    "would lack the old row", l.table_name),
+    "run `" .. alter .. "`, or pass replica_identity = \"full\" to flash.client to let flashlua do it")
+end
+
+-- The tables some listener wants something from.
+function Driver:wanted_tables()
+  local set, list = {}, {}
+  for _, l in ipairs(self.client.listeners) do
+    if next(l:wanted()) and not set[l.table_name] then
+      set[l.table_name] = l
+      list[#list + 1] = l
+    end
+  end
+  return set, list
+end
+
+function Driver:rebuild_index()
+  local by = {}
+  for _, l in ipairs(self.client.listeners) do
+    local list = by[l.table_name]
+    if not list then list = {} by[l.table_name] = list end
+    list[#list + 1] = l
+  end
+  self.by_table = by
+  local types = {}
+  for _, l in ipairs(self.client.listeners) do
+    for _, c in ipairs(l.table.columns) do
+      if c.typ ~= c.oid or c.elem ~= 0 then
+        types[c.typ] = { oid = c.oid, elem = c.elem, delim = c.delim }
+      end
+    end
+  end
+  if self.repl then self.repl:types(types) end
+  self.types = types
+end
+
+function Driver:remove_leftovers()
+  local rows, err = self:exec([[SELECT pubname::text AS name FROM pg_catalog.pg_publication
+    WHERE pg_catalog.obj_description(oid, 'pg_publication') LIKE $1 || '%temporary%']], MARK)
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    if r.name ~= self.publication then
+      local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS ok")
+      if got and got[1].ok then
+        log.info("removing publication " .. r.name .. " left by a flashlua instance that is gone")
+        self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(r.name))
+        self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")")
+      end
+    end
+  end
+  return true
+end
+
+function Driver:setup_publication()
+  local got, err = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
+  if not got then return nil, err end
+  if not got[1].ok then
+    return fail("publication " .. self.publication .. " is in use by another running flashlua instance",
+      "give each instance its own `publication` and `slot`")
+  end
+  local P = self:ident(self.publication)
+  local exists = self:exec("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
+  local _, list = self:wanted_tables()
+  local names = {}
+  for i, l in ipairs(list) do names[i] = self:qualified(l) end
+  local sql = {}
+  if exists and #exists > 0 then
+    if not self.persistent then sql[#sql + 1] = "DROP PUBLICATION " .. P end
+  end
+  if not (exists and #exists > 0) or not self.persistent then
+    sql[#sql + 1] = "CREATE PUBLICATION " .. P .. (#names > 0 and (" FOR TABLE " .. table.concat(names, ", ")) or "") ..
+      " WITH (publish = 'insert, update, delete, truncate')"
+  elseif #names > 0 then
+    sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET TABLE " .. table.concat(names, ", ")
+  end
+  sql[#sql + 1] = "COMMENT ON PUBLICATION " .. P .. " IS " ..
+    self:literal(string.format("%s (%s, pid %d)", MARK, self.persistent and "persistent" or "temporary", core.getpid()))
+  local ok
+  ok, err = self:exec(table.concat(sql, ";\n"))
+  if not ok then
+    return fail("cannot create publication " .. self.publication .. ": " .. err,
+      "the role needs CREATE on the database and to own the listened tables")
+  end
+  self.published = {}
+  for _, l in ipairs(list) do self.published[l.table_name] = true end
+  return true
+end
+
+function Driver:check_server()
+  local rows, err = self:exec("SELECT current_setting('wal_level') AS wal_level, current_database()::text AS db")
+  if not rows then return nil, err end
+  if rows[1].wal_level ~= "logical" then
+    return fail(string.format("wal_level is '%s', but the wal_logical driver needs wal_level = logical", rows[1].wal_level),
+      "set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server")
+  end
+  self.database = rows[1].db
+  return true
+end
+
+-- Maps server errors of slot handling to what to do about them.
+local function slot_error(self, err, state)
+  if state == "53400" then
+    return fail("no free replication slot: " .. err,
+      "raise max_replication_slots in postgresql.conf (restart needed), or drop unused slots with pg_drop_replication_slot()")
+  elseif state == "42501" or tostring(err):find("permission denied", 1, true) or tostring(err):find("must be superuser or replication role", 1, true) then
+    local who = self:exec("SELECT current_user::text AS u")
+    local role = who and self:ident(who[1].u) or "<role>"
+    return fail("the role may not use replication: " .. err,
+      "run `ALTER ROLE " .. role .. " REPLICATION` as a superuser")
+  elseif tostring(err):find("pg_hba.conf", 1, true) then
+    return fail(err, "allow replication connections for this role in pg_hba.conf")
+  elseif state == "55006" then
+    return fail("replication slot " .. self.slot .. " is active in another process: " .. err)
+  end
+  return nil, err
+end
+
+function Driver:open_slot()
+  local repl, err = core.replication(self.client.opts.dsn or require("flash").defaults.dsn or
+    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  if not repl then return slot_error(self, err) end
+  local S = self:ident(self.slot)
+  local start_lsn = "0/0"
+  if self.persistent then
+    local rows, qerr = self:exec([[SELECT plugin::text AS plugin, database::text AS database, active_pid,
+      confirmed_flush_lsn::text AS confirmed FROM pg_catalog.pg_replication_slots WHERE slot_name = $1]], self.slot)
+    if not rows then repl:close() return nil, qerr end
+    local s = rows[1]
+    if s then
+      if s.active_pid ~= core.null then
+        repl:close()
+        return fail(string.format("replication slot %s is active in another process (pid %d)", self.slot, s.active_pid),
+          "stop that process, or give this client another `slot`")
+      end
+      if s.plugin ~= "pgoutput" or s.database ~= self.database then
+        repl:close()
+        return fail(string.format("replication slot %s exists but is not a pgoutput slot of database %s", self.slot, self.database),
+          "give this client another `slot`, or drop it with pg_drop_replication_slot()")
+      end
+      log.info(string.format("resuming from replication slot %s at %s", self.slot, s.confirmed))
+    else
+      local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+      if not ok then repl:close() return slot_error(self, cerr, state) end
+      log.info("created persistent replication slot " .. self.slot)
+    end
+  else
+    local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+    if not ok then repl:close() return slot_error(self, cerr, state) end
+  end
+  local options = { "proto_version '" .. self.proto .. "'",
+    "publication_names " .. self:literal(self:ident(self.publication)) }
+  if self.streaming then options[#options + 1] = "streaming 'on'" end
+  local cmd = "START_REPLICATION SLOT " .. S .. " LOGICAL " .. start_lsn .. " (" .. table.concat(options, ", ") .. ")"
+  local ok, serr, state = repl:start(cmd, self.proto)
+  if not ok then repl:close() return slot_error(self, serr, state) end
+  if self.client.opts.stream_memory then repl:set_stream_limit(self.client.opts.stream_memory) end
+  self.repl = repl
+  self:rebuild_index()
+  return true
+end
+
+function Driver:start()
+  local ok, err = self:check_server()
+  if not ok then return nil, err end
+  for _, l in ipairs(self.client.listeners) do
+    ok, err = self:check_identity(l)
+    if not ok then return nil, err end
+  end
+  ok, err = self:remove_leftovers()
+  if not ok then return nil, err end
+  ok, err = self:setup_publication()
+  if not ok then return nil, err end
+  ok, err = self:open_slot()
+  if not ok then
+    if not self.persistent then self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication)) end
+    return nil, err
+  end
+  self.dispatch = self:make_dispatch()
+  return true
+end
+
+-- A listener added or whose operations changed at run time: the publication follows.
+function Driver:sync(l)
+  self:rebuild_index()
+  if not self.repl then return true end
+  local ok, err = self:check_identity(l)
+  if not ok then return nil, err end
+  local set = self:wanted_tables()
+  local P = self:ident(self.publication)
+  for name, wl in pairs(set) do
+    if not self.published[name] then
+      ok, err = self:exec("ALTER PUBLICATION " .. P .. " ADD TABLE " .. self:qualified(wl))
+      if not ok then return fail("cannot add " .. name .. " to publication " .. self.publication .. ": " .. err) end
+      self.published[name] = true
+    end
+  end
+  for name in pairs(self.published) do
+    if not set[name] then
+      local any = self.by_table[name] and self.by_table[name][1]
+      if any then
+        ok, err = self:exec("ALTER PUBLICATION " .. P .. " DROP TABLE " .. self:qualified(any))
+        if not ok then return fail("cannot drop " .. name .. " from publication " .. self.publication .. ": " .. err) end
+      end
+      self.published[name] = nil
+    end
+  end
+  return true
+end
+
+function Driver:make_dispatch()
+  local client = self.client
+  local function emit(l, ev) return client:_deliver(l, ev) end
+  return function(ev)
+    local list = self.by_table[ev.table]
+    if not list then return true end
+    if #list == 1 then
+      local l = list[1]
+      if filter.passthrough(l) then return client:_deliver(l, ev) ~= false end
+      return filter.apply(l, ev, emit) ~= false
+    end
+    for _, l in ipairs(list) do
+      -- Each listener gets its own event: callbacks may keep or change it.
+      local e = { op = ev.op, table = ev.table, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
+                  commit_time = ev.commit_time }
+      if filter.apply(l, e, emit) == false then return false end
+    end
+    return true
+  end
+end
+
+function Driver:fds()
+  if not self.repl then return {} end
+  local fd = self.repl:fd()
+  if fd < 0 then return {} end
+  return { fd }
+end
+
+function Driver:next_deadline()
+  if self.retry_at then return self.retry_at end
+  if self.until_lsn and not self.reached then return core.now() + 0.1 end
+  return core.now() + 10
+end
+
+-- run{ until_lsn = "X/Y" | "current" }: return once everything committed up to it is handled.
+function Driver:set_until(spec)
+  if spec == "current" then
+    -- A logical message marks a position the walsender has to read past; the insert
+    -- position itself may sit just past a page header that no record ever ends at.
+    local rows, err = self:exec("SELECT pg_logical_emit_message(false, 'flashlua', '')::text AS lsn")
+    if not rows then return nil, err end
+    spec = rows[1].lsn
+  end
+  local n, err = core.lsn(spec)
+  if not n then return nil, "bad until_lsn '" .. tostring(spec) .. "': " .. err end
+  self.until_lsn, self.reached = n, false
+  return true
+end
+
+function Driver:is_reached()
+  return self.until_lsn == nil or self.reached
+end
+
+function Driver:step()
+  if not self.repl then
+    if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
+    return true
+  end
+  local more, err
+  repeat
+    more, err = self.repl:pump(self.dispatch, self.client.flags)
+    if more == nil then
+      if self.client.failure or err == "stopped by a callback" then return false end
+      return self:lost(err)
+    end
+  until not more
+  if self.until_lsn and not self.reached then
+    local st = self.repl:state()
+    if st.flushed >= self.until_lsn then
+      self.reached = true
+    else
+      local now = core.now()
+      if not self.asked or now - self.asked >= 0.05 then
+        self.asked = now
+        self.repl:status(true)   -- the keepalive it answers tells how far the server has read
+      end
+    end
+  end
+  return true
+end
+
+function Driver:lost(err)
+  log.warn(string.format("replication connection lost (%s); reconnecting", tostring(err):gsub("%s+$", "")))
+  if self.repl then self.repl:close() self.repl = nil end
+  self.lost_at = core.time()
+  self.retry_at = core.now()
+  self.backoff = 0.1
+  return true
+end
+
+function Driver:reconnect()
+  local ok, err
+  if not self:conn():ok() then
+    local conn, cerr = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
+      os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+    if conn then
+      self.client.conn:close()
+      self.client.conn = conn
+      ok, err = self:exec("SELECT pg_advisory_lock(" .. self:lock_sql(self.publication) .. ")")
+    else
+      err = cerr
+    end
+  else
+    ok = true
+  end
+  if ok then ok, err = self:open_slot() end
+  if ok then
+    self.retry_at = nil
+    self.client.counters.reconnects = self.client.counters.reconnects + 1
+    if self.persistent then
+      log.warn("replication resumed from slot " .. self.slot .. "; unconfirmed changes are delivered again")
+    else
+      log.warn(string.format("replication resumed with a new temporary slot; changes committed since %s " ..
+        "were not captured (use persistent = true to keep them)", os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at))))
+    end
+    return true
+  end
+  self.retry_at = core.now() + self.backoff
+  log.debug(string.format("reconnect failed (%s); next try in %.1fs", tostring(err), self.backoff))
+  self.backoff = math.min(self.backoff * 2, RETRY_MAX)
+  return true
+end
+
+function Driver:stats(s)
+  s.slot = self.slot
+  s.publication = self.publication
+  if self.repl then
+    local st = self.repl:state()
+    s.last_lsn = core.lsn(st.flushed)
+    s.received_lsn = core.lsn(st.received)
+    s.lag_bytes = math.max(0, st.server_end - st.flushed)
+    s.messages = st.messages
+    s.stream_buffered_peak = st.stream_buffered_peak
+    s.stream_spilled = st.stream_spilled
+  end
+end
+
+function Driver:stop()
+  if self.repl then
+    self.repl:finish()   -- a last status update confirms what the callbacks handled
+    self.repl = nil
+  end
+  local ok, err = true, nil
+  if not self.persistent then
+    local r, e = self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication))
+    if not r then ok, err = nil, "cannot drop publication " .. self.publication .. ": " .. e end
+  end
+  self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.publication) .. ")")
+  return ok, err
+end
+
+return M
