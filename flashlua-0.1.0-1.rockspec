@@ -26,15 +26,18 @@ build = {
   type = "builtin",
   modules = {
     ["flash.core"] = {
-      sources = { "src/fl_json.c", "src/fl_value.c", "src/lvalue.c", "src/lconn.c", "src/lcore.c" },
+      sources = { "src/fl_json.c", "src/fl_value.c", "src/fl_pgoutput.c", "src/lvalue.c", "src/lconn.c",
+                  "src/lrepl.c", "src/lcore.c" },
       libraries = { "pq" },
       incdirs = { "$(LIBPQ_INCDIR)", "src" },
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
     ["flash"] = "lua/flash/init.lua",
     ["flash.cli"] = "lua/flash/cli.lua",
+    ["flash.filter"] = "lua/flash/filter.lua",
     ["flash.log"] = "lua/flash/log.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.trigger"] = "lua/flash/trigger.lua",
+    ["flash.wal"] = "lua/flash/wal.lua",
   },
 }

@@ -14,8 +14,15 @@ local function lines(path)
   return t
 end
 
+-- Drops a persistent slot once its walsender has let go of it.
 local function drop_slot(name)
-  H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", name)
+  local deadline = core.now() + 10
+  repeat
+    H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", name)
+    local left = tonumber(H.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name))
+    if left == 0 then break end
+    core.sleep(0.05)
+  until core.now() > deadline
   H.sql("DROP PUBLICATION IF EXISTS " .. name)
 end
 

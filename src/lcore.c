@@ -167,15 +167,11 @@ static const luaL_Reg core_funcs[] = {
 
 int luaopen_flash_core(lua_State *L) {
   fl_conn_open(L);
-#ifdef FL_HAVE_REPL
   fl_repl_open(L);
-#endif
   lua_newtable(L);
   luaL_register(L, NULL, core_funcs);
   luaL_register(L, NULL, fl_conn_funcs);
-#ifdef FL_HAVE_REPL
   luaL_register(L, NULL, fl_repl_funcs);
-#endif
   lua_pushlightuserdata(L, FL_NULL);
   lua_setfield(L, -2, "null");
   lua_pushlightuserdata(L, FL_UNCHANGED);

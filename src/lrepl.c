@@ -420,7 +420,9 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
      * Type messages have already updated the decoder's cache. */
     stream *s = r->cur_stream;
     if (!s) { snprintf(r->err, sizeof r->err, "streamed change outside a known stream"); return -1; }
-    if (m.type == FL_PGO_RELATION || m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
+    /* Relation messages are kept too: replayed in order, they give rows streamed before an
+     * ALTER TABLE of the same transaction the columns they were written with. */
+    if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
     return stream_append(r, s, m.xid, buf, len);
   }
   switch (m.type) {
@@ -682,8 +684,10 @@ static int l_pump(lua_State *L) {
       uint64_t wal_end = get_u64(buf + 1);
       int reply = buf[17];
       if (wal_end > r->server_end) r->server_end = wal_end;
-      /* Idle tables on a busy server: once nothing is pending, the slot may move on. */
-      if (!r->in_txn && wal_end > r->flushed) r->flushed = wal_end;
+      /* Idle tables on a busy server: once nothing is pending, the slot may move on. Not
+       * while a streamed transaction is open: the server reports positions past its
+       * changes before its Stream Commit is sent. */
+      if (!r->in_txn && !r->streams && wal_end > r->flushed) r->flushed = wal_end;
       if (wal_end > r->received) r->received = wal_end;
       if (reply && send_status(r, 0) != 0) rc = -1;
     } else if (buf[0] == 'w' && n >= 25) {
