@@ -3,6 +3,27 @@
 local core = require "flash.core"
 local log = require "flash.log"
 
+-- A monotonic clock cheap enough to time every callback: through the FFI when LuaJIT has
+-- it (no Lua/C boundary), else the C core's.
+local clock = core.now
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok then
+    local defined = pcall(ffi.cdef, [[
+      typedef struct { long tv_sec; long tv_nsec; } flash_timespec;
+      int clock_gettime(int clk, flash_timespec *ts);
+    ]])
+    if defined then
+      local ts = ffi.new("flash_timespec")
+      local C = ffi.C
+      clock = function()
+        C.clock_gettime(1, ts)   -- CLOCK_MONOTONIC
+        return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+      end
+    end
+  end
+end
+
 local flash = {
   null = core.null,
   unchanged = core.unchanged,
@@ -381,18 +402,24 @@ end
 -- when the client must stop.
 local function traceback(err) return debug.traceback(tostring(err), 2) end
 
+-- The hot path: no closure in it (an upvalue to close would keep LuaJIT from compiling it).
 function Client:_call(fn, ev)
-  local t0 = core.now()
-  local ok, err = xpcall(function() return fn(ev) end, traceback)
-  self.counters.handler_seconds = self.counters.handler_seconds + (core.now() - t0)
+  local t0 = clock()
+  local ok, err = xpcall(fn, traceback, ev)
+  local counters = self.counters
+  counters.handler_seconds = counters.handler_seconds + (clock() - t0)
   if ok then return true end
+  return self:_failed(err, ev)
+end
+
+function Client:_failed(err, ev)
   self.counters.errors = self.counters.errors + 1
   local policy = self.on_error
   if policy == "log" then
     log.error(string.format("callback for %s on %s failed: %s", ev.op, ev.table, err))
     return true
   elseif type(policy) == "function" then
-    local ok2, err2 = xpcall(function() return policy(err, ev) end, traceback)
+    local ok2, err2 = xpcall(policy, traceback, err, ev)
     if ok2 then return true end
     err = "on_error handler failed: " .. tostring(err2)
   end
@@ -426,7 +453,6 @@ function Client:_deliver(l, ev)
     return true
   end
   self.counters.events = self.counters.events + 1
-  self.last_event_time = core.time()
   if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
   -- Copy: a callback may call off() while we iterate.
   local snapshot = { unpack(cbs) }
@@ -450,6 +476,7 @@ function Client:poll(timeout)
   if due then wait = math.max(0, math.min(wait, due - core.now())) end
   if #fds > 0 then core.poll(fds, wait) elseif wait > 0 then core.sleep(wait) end
   local ok, err = self.driver:step()
+  self:_note()
   if not ok then
     self.failure = self.failure or err
     return nil, self.failure
@@ -478,11 +505,26 @@ function Client:stats()
     events = c.events, bytes = c.bytes, dropped = c.dropped, errors = c.errors,
     handler_seconds = c.handler_seconds, reconnects = c.reconnects,
     listeners = #self.listeners,
-    last_event_time = self.last_event_time,
+    last_event_time = self:_last_event_time(),
     uptime = self.started_at and (core.now() - self.started_at) or 0,
   }
   if self.driver.stats then self.driver:stats(s) end
   return s
+end
+
+-- The wall-clock time of the last delivered event, noted once per loop step rather than
+-- once per event (a clock call per event costs more than the event).
+function Client:_last_event_time()
+  self:_note()
+  return self.last_event_time
+end
+
+function Client:_note()
+  local n = self.counters.events
+  if n ~= self.noted_events then
+    self.noted_events = n
+    self.last_event_time = core.time()
+  end
 end
 
 function Client:run(opts)
@@ -570,6 +612,7 @@ function flash._loop(list, opts)
     for _, c in ipairs(live) do
       if not c.closed then
         local ok, err = c.driver:step()
+        c:_note()
         if not ok or c.failure then
           failure = c.failure or err
           state.stop = true

@@ -59,6 +59,7 @@ end
 
 function Driver:check(l)
   l.matcher = filter.matcher(l)
+  l.passthrough = filter.passthrough(l)
   return true
 end
 
@@ -299,7 +300,7 @@ function Driver:make_dispatch()
     if not list then return true end
     if #list == 1 then
       local l = list[1]
-      if filter.passthrough(l) then return client:_deliver(l, ev) ~= false end
+      if l.passthrough then return client:_deliver(l, ev) ~= false end
       return filter.apply(l, ev, emit) ~= false
     end
     for _, l in ipairs(list) do
