@@ -38,6 +38,7 @@ build = {
     ["flash.log"] = "lua/flash/log.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.trigger"] = "lua/flash/trigger.lua",
+    ["flash.trigger_base"] = "lua/flash/trigger_base.lua",
     ["flash.wal"] = "lua/flash/wal.lua",
   },
 }

@@ -1,0 +1,431 @@
+-- flash.trigger_base: what the three trigger drivers share: the instance's own schema
+-- (advisory lock, leftovers of crashed instances, sequence, overflow table), condition SQL,
+-- LISTEN with reconnects, stored-aside payloads, and a clean stop. Each driver adds how it
+-- creates triggers (sync) and how it decodes a payload (dispatch).
+local core = require "flash.core"
+local log = require "flash.log"
+
+local M = {}
+
+local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('flashlua')
+local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
+local NOTIFY_LIMIT = 7999                -- NOTIFY payloads must be shorter than 8000 bytes
+local OVERFLOW_BATCH = 64                -- stored-aside payloads fetched per query
+local NAME_MAX = 63                      -- NAMEDATALEN - 1 bytes
+
+M.NOTIFY_LIMIT = NOTIFY_LIMIT
+M.OP_NAME = { I = "insert", U = "update", D = "delete", T = "truncate" }
+M.OP_KEYWORD = { insert = "INSERT", update = "UPDATE", delete = "DELETE", truncate = "TRUNCATE" }
+M.OPS = { "insert", "update", "delete", "truncate" }
+
+-- Function-level settings make the text forms canonical whatever the writer's session says.
+M.FUNC_SETTINGS = [[
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET "DateStyle" = 'ISO, MDY'
+SET "TimeZone" = 'UTC'
+SET "IntervalStyle" = 'postgres'
+SET extra_float_digits = 3
+SET bytea_output = 'hex'
+]]
+
+local Driver = {}
+Driver.__index = Driver
+M.Driver = Driver
+
+-- A driver class that inherits from `parent`.
+function M.class(parent)
+  local c = setmetatable({}, { __index = parent })
+  c.__index = c
+  return c
+end
+
+-- A driver of `class` for `client`, with `fields` merged in.
+function M.new(class, client, fields)
+  local self = setmetatable({
+    client = client,
+    listening = false,
+    retry_at = nil,
+    backoff = 0.1,
+    lost_at = nil,
+    notifications = 0,
+    overflow_fetches = 0,
+  }, class)
+  for k, v in pairs(fields or {}) do self[k] = v end
+  -- Unique per running instance with default options: two instances never share objects.
+  self.schema = client.opts.schema or string.format("flash_%d", client.conn:backend_pid())
+  return self
+end
+
+-- `head .. suffix` cut to an identifier's 63 bytes on a character boundary of `head`; a
+-- cut name gets `_tag` (e.g. the table's OID) before the suffix so that it stays unique.
+function M.fit_name(head, suffix, tag)
+  if #head + #suffix <= NAME_MAX then return head .. suffix end
+  local tail = (tag and ("_" .. tag) or "") .. suffix
+  local cut = head:sub(1, math.max(NAME_MAX - #tail, 0))
+  -- Drop a partial UTF-8 sequence at the end of the cut.
+  local lead = #cut
+  while lead > 0 and cut:byte(lead) >= 0x80 and cut:byte(lead) < 0xC0 do lead = lead - 1 end
+  if lead > 0 and cut:byte(lead) >= 0xC0 then
+    local b = cut:byte(lead)
+    local need = b >= 0xF0 and 4 or b >= 0xE0 and 3 or 2
+    if #cut - lead + 1 < need then cut = cut:sub(1, lead - 1) end
+  end
+  return cut .. tail
+end
+
+function Driver:conn() return self.client.conn end
+
+function Driver:ident(s) return assert(self:conn():escape_identifier(s)) end
+function Driver:literal(s) return assert(self:conn():escape_literal(s)) end
+
+local function fail(err, hint)
+  if hint then return nil, err .. " (" .. hint .. ")" end
+  return nil, err
+end
+M.fail = fail
+
+function Driver:exec(sql, ...)
+  local rows, n, state = self:conn():exec(sql, 0, ...)
+  self.client:_log_notices()
+  return rows, n, state
+end
+
+-- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
+-- column's type, so 10, "10" and 10.0 compare as the column's own values.
+function Driver:value_literal(v)
+  local t = type(v)
+  if t == "boolean" then return v and "'true'" or "'false'" end
+  if t == "number" then
+    if v == math.floor(v) and math.abs(v) < 2^63 then return self:literal(string.format("%d", v)) end
+    return self:literal(string.format("%.17g", v))
+  end
+  return self:literal(tostring(v))
+end
+
+-- SQL for the listener's conditions on row `rec` (NEW, OLD or an alias); nil without any.
+function Driver:cond_sql(l, rec)
+  if #l.conds == 0 then return nil end
+  local parts = {}
+  for _, c in ipairs(l.conds) do
+    local col = rec .. "." .. self:ident(c.column)
+    local op = c.op
+    if op == "is null" then
+      parts[#parts + 1] = col .. " IS NULL"
+    elseif op == "is not null" then
+      parts[#parts + 1] = col .. " IS NOT NULL"
+    elseif op == "in" then
+      if #c.value == 0 then
+        parts[#parts + 1] = "false"
+      else
+        local vals = {}
+        for i, v in ipairs(c.value) do vals[i] = self:value_literal(v) end
+        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
+      end
+    else
+      parts[#parts + 1] = col .. " " .. op .. " " .. self:value_literal(c.value)
+    end
+  end
+  return "(" .. table.concat(parts, " AND ") .. ")"
+end
+
+-- `expr` evaluated as the listener's condition is, NULL counting as false.
+function M.truth(cond)
+  return cond and ("coalesce(" .. cond .. ", false)") or nil
+end
+
+-- SQL that is true when row `new` has other primary_key values than row `old`.
+function Driver:key_changed_sql(l, old, new)
+  local ko, kn = {}, {}
+  for i, k in ipairs(l.primary_key) do
+    ko[i] = old .. "." .. self:ident(k) .. "::text"
+    kn[i] = new .. "." .. self:ident(k) .. "::text"
+  end
+  return string.format("ROW(%s) IS DISTINCT FROM ROW(%s)", table.concat(ko, ", "), table.concat(kn, ", "))
+end
+
+function Driver:trigger_error(what, table_name, err)
+  return fail(string.format("cannot create the %s trigger on %s: %s", what, table_name, err),
+    "the role needs to own the table or hold the TRIGGER privilege on it")
+end
+
+function Driver:qualified_table(l)
+  return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
+end
+
+-- Text of columns `cols` of row `rec` as one SQL text[] expression.
+function Driver:text_array(cols, rec)
+  local vals = {}
+  for i, c in ipairs(cols) do vals[i] = rec .. "." .. self:ident(c.name) .. "::text" end
+  return "ARRAY[" .. table.concat(vals, ", ") .. "]::text[]"
+end
+
+-- Conditions are checked when listening, under the trigger functions' own search_path:
+-- a condition that cannot be evaluated must fail here, never later inside a user's write.
+function Driver:check(l)
+  local cond = self:cond_sql(l, "t")
+  if not cond then return true end
+  local ok, err = self:exec("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);\n" ..
+    "SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
+  if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+  return true
+end
+
+-- Which operations a listener needs captured: an update can turn into an insert or a
+-- delete (conditions, primary key), so it is captured when either is wanted.
+function M.needed_ops(l)
+  local w = l:wanted()
+  local n = {}
+  if w.insert then n.insert = true end
+  if w.delete then n.delete = true end
+  if w.truncate then n.truncate = true end
+  local transforms = #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
+  if w.update or (transforms and (w.insert or w.delete)) then n.update = true end
+  return n
+end
+
+function Driver:lock_sql(schema_name)
+  return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal(schema_name) .. ")"
+end
+
+-- Removes schemas of flashlua instances that are gone (their session-level advisory lock
+-- is free), so nobody's writes keep paying for triggers no one listens to.
+function Driver:remove_leftovers()
+  local rows, err = self:exec([[
+    SELECT nspname::text AS name FROM pg_catalog.pg_namespace
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%']], SCHEMA_MARK)
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    if r.name ~= self.schema then
+      local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS ok")
+      if got and got[1].ok then
+        log.info(string.format("removing schema %s left by a flashlua instance that is gone", r.name))
+        local ok, derr = self:exec("DROP SCHEMA IF EXISTS " .. self:ident(r.name) .. " CASCADE")
+        if not ok then log.warn("could not remove " .. r.name .. ": " .. derr) end
+        self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")")
+      end
+    end
+  end
+  return true
+end
+
+-- PL/pgSQL that sends text variable `p`: as the notification itself when it fits, else
+-- stored aside in the overflow table with the notification carrying its id.
+function Driver:send_sql(p)
+  local S = self:ident(self.schema)
+  return "IF octet_length(" .. p .. ") > " .. NOTIFY_LIMIT .. " THEN\n" ..
+    "  INSERT INTO " .. S .. ".overflow (payload) VALUES (" .. p .. ") RETURNING id INTO rid;\n" ..
+    "  " .. p .. " := '[\"R\",' || rid || ']';\n" ..
+    "END IF;\n" ..
+    "PERFORM pg_notify(" .. self:literal(self.schema) .. ", " .. p .. ");"
+end
+
+-- The sequence that makes every payload unique (NOTIFY folds identical ones).
+function Driver:seq_sql()
+  return "nextval(" .. self:literal(self:ident(self.schema) .. ".seq") .. "::regclass)"
+end
+
+M.XID_SQL = "(txid_current() % 4294967296)"
+
+-- The driver's own functions in the schema (SQL statements); none by default.
+function Driver:schema_functions() return {} end
+
+function Driver:install_schema(fresh)
+  local got, err = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
+  if not got then return nil, err end
+  if not got[1].ok then
+    return fail(string.format("schema %s is in use by another running flashlua instance", self.schema),
+      "give each instance its own `schema` option, or leave it out for a unique default")
+  end
+  local S = self:ident(self.schema)
+  local sql = {}
+  if fresh then sql[#sql + 1] = "DROP SCHEMA IF EXISTS " .. S .. " CASCADE" end
+  sql[#sql + 1] = "CREATE SCHEMA IF NOT EXISTS " .. S
+  sql[#sql + 1] = "COMMENT ON SCHEMA " .. S .. " IS " ..
+    self:literal(string.format("%s (pid %d); removed when it stops", SCHEMA_MARK, core.getpid()))
+  sql[#sql + 1] = "CREATE SEQUENCE IF NOT EXISTS " .. S .. ".seq"
+  sql[#sql + 1] = "CREATE UNLOGGED TABLE IF NOT EXISTS " .. S ..
+    ".overflow (id bigserial PRIMARY KEY, payload text NOT NULL)"
+  for _, f in ipairs(self:schema_functions()) do sql[#sql + 1] = f end
+  local ok
+  ok, err = self:exec(table.concat(sql, ";\n"))
+  if not ok then
+    return fail("cannot create schema " .. self.schema .. ": " .. err,
+      "the role needs CREATE on the database; or pass `schema` naming one it may create")
+  end
+  ok, err = self:exec("LISTEN " .. S)
+  if not ok then return nil, err end
+  self.listening = true
+  return true
+end
+
+-- Forgets what the database holds (a fresh schema or a reconnect re-creates it all).
+function Driver:reset() end
+
+function Driver:install(fresh)
+  local ok, err = self:remove_leftovers()
+  if not ok then return nil, err end
+  ok, err = self:install_schema(fresh)
+  if not ok then return nil, err end
+  self:reset()
+  for _, l in ipairs(self.client.listeners) do
+    ok, err = self:sync(l)
+    if not ok then return nil, err end
+  end
+  return true
+end
+
+function Driver:start()
+  local ok, err = self:install(true)
+  if not ok then
+    self:exec("DROP SCHEMA IF EXISTS " .. self:ident(self.schema) .. " CASCADE")
+    return nil, err
+  end
+  log.debug(string.format("%s driver listening on channel %s", self.client.driver_name, self.schema))
+  return true
+end
+
+function Driver:fds()
+  if not self.listening then return {} end
+  local fd = self:conn():fd()
+  if fd < 0 then return {} end
+  return { fd }
+end
+
+function Driver:next_deadline()
+  return self.retry_at
+end
+
+function Driver:stats(s)
+  s.schema = self.schema
+  s.notifications = self.notifications
+  s.overflow_fetches = self.overflow_fetches
+end
+
+local function lost(self, err)
+  self.listening = false
+  self.lost_at = self.lost_at or core.time()
+  self.retry_at = core.now()
+  self.backoff = 0.1
+  log.warn(string.format("connection to PostgreSQL lost (%s); reconnecting", (tostring(err):gsub("%s+$", ""))))
+end
+
+function Driver:reconnect()
+  local client = self.client
+  local conn, err = core.connect(client.opts.dsn or require("flash").defaults.dsn or
+    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  if conn then
+    client:_log_notices()
+    client.conn:close()
+    client.conn = conn
+    local ok, ierr = self:install(false)
+    if ok then
+      local now = core.time()
+      client.counters.reconnects = client.counters.reconnects + 1
+      log.warn(string.format("reconnected and listening again; changes committed between %s and %s " ..
+        "were not captured (NOTIFY is not kept for absent listeners)",
+        os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(now))))
+      self.lost_at, self.retry_at = nil, nil
+      return true
+    end
+    err = ierr
+    self.listening = false
+  end
+  self.retry_at = core.now() + self.backoff
+  log.debug(string.format("reconnect failed (%s); next try in %.1fs", tostring(err), self.backoff))
+  self.backoff = math.min(self.backoff * 2, 5)
+  return true
+end
+
+-- The overflow id of a stored-aside notification, or nil.
+local function overflow_id(payload)
+  if payload:sub(1, 5) ~= '["R",' then return nil end
+  return tonumber(payload:match('^%["R",(%d+)%]$'))
+end
+
+-- Fetches (and deletes) stored-aside payloads and dispatches them in the order of `ids`.
+function Driver:fetch_aside(ids)
+  local rows, err = self:exec("DELETE FROM " .. self:ident(self.schema) ..
+    ".overflow WHERE id = ANY($1::bigint[]) RETURNING id, payload", "{" .. table.concat(ids, ",") .. "}")
+  if not rows then return nil, "cannot fetch a stored-aside row: " .. err end
+  local by_id = {}
+  for _, r in ipairs(rows) do by_id[r.id] = r.payload end
+  for _, id in ipairs(ids) do
+    local payload = by_id[id]
+    if payload then
+      self.overflow_fetches = self.overflow_fetches + 1
+      self.client.counters.bytes = self.client.counters.bytes + #payload
+      local cont, derr = self:dispatch(payload)
+      if not cont then return cont, derr end
+    else
+      log.warn(string.format("row stored aside (#%d) is gone; its events are lost", id))
+    end
+  end
+  return true
+end
+
+function Driver:step()
+  if not self.listening then
+    if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
+    return true
+  end
+  local conn = self:conn()
+  local ok, err = conn:consume()
+  self.client:_log_notices()
+  if not ok then
+    lost(self, err)
+    return true
+  end
+  self:prepare()
+  -- Consecutive stored-aside payloads are fetched with one query.
+  local aside = {}
+  local function flush()
+    if #aside == 0 then return true end
+    local ids = aside
+    aside = {}
+    return self:fetch_aside(ids)
+  end
+  while true do
+    local _, payload = conn:notify()
+    if not payload then break end
+    self.notifications = self.notifications + 1
+    self.client.counters.bytes = self.client.counters.bytes + #payload
+    local rid = overflow_id(payload)
+    local cont, herr = true, nil
+    if rid then
+      aside[#aside + 1] = rid
+      if #aside >= OVERFLOW_BATCH then cont, herr = flush() end
+    else
+      cont, herr = flush()
+      if cont then cont, herr = self:dispatch(payload) end
+    end
+    if cont == nil then return nil, herr end
+    if not cont then return false end
+  end
+  local cont, herr = flush()
+  if cont == nil then return nil, herr end
+  if not cont then return false end
+  if not conn:ok() then lost(self, "connection closed") end
+  return true
+end
+
+-- Called before the notifications of a step are dispatched.
+function Driver:prepare() end
+
+function Driver:stop()
+  local ok, err = true, nil
+  if self.listening then
+    -- Deliver what has already arrived before the triggers go (not after a failure:
+    -- on_error = "stop" means no further callbacks).
+    local sok = self.client.failure and true or self:step()
+    if sok == nil then log.warn("events received during stop could not be delivered") end
+    local S = self:ident(self.schema)
+    local r, e = self:exec("UNLISTEN *; DROP SCHEMA IF EXISTS " .. S .. " CASCADE; SELECT pg_advisory_unlock(" ..
+      self:lock_sql(self.schema) .. ")")
+    if not r then ok, err = nil, "cannot remove schema " .. self.schema .. ": " .. e end
+  end
+  self.listening = false
+  return ok, err
+end
+
+return M
