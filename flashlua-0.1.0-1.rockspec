@@ -39,6 +39,8 @@ build = {
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.trigger"] = "lua/flash/trigger.lua",
     ["flash.trigger_base"] = "lua/flash/trigger_base.lua",
+    ["flash.trigger_global"] = "lua/flash/trigger_global.lua",
+    ["flash.trigger_statement"] = "lua/flash/trigger_statement.lua",
     ["flash.wal"] = "lua/flash/wal.lua",
   },
 }

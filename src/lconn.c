@@ -36,13 +36,16 @@ static void free_notices(fl_conn *c) {
   c->nnotices = 0;
 }
 
-/* A table's column layout: names and types in payload order. */
+/* A listener's column layout: names and types in payload order, or, for batch payloads
+ * (whose rows carry the union of several listeners' columns), with each column's
+ * position in the row. */
 typedef struct {
   int n;
   int flags;
   char **names;
   size_t *namelen;
   fl_coltype *types;
+  int *pos;           /* 0-based position of column i in a batch row */
 } fl_layout;
 
 /* Canonical text forms whoever reads: the same settings the trigger functions pin. */
@@ -274,7 +277,8 @@ static int l_notify(lua_State *L) {
   return 3;
 }
 
-/* core.layout({ {name=, oid=, elem=, delim=}, ... }, [flags]) -> layout */
+/* core.layout({ {name=, oid=, elem=, delim=, [pos=]}, ... }, [flags]) -> layout
+ * pos: the column's 1-based position in a batch row (default: its index). */
 static int l_layout(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   int n = (int)lua_objlen(L, 1);
@@ -286,7 +290,8 @@ static int l_layout(lua_State *L) {
   lo->names = calloc(n ? n : 1, sizeof(char *));
   lo->namelen = calloc(n ? n : 1, sizeof(size_t));
   lo->types = calloc(n ? n : 1, sizeof(fl_coltype));
-  if (!lo->names || !lo->namelen || !lo->types) return luaL_error(L, "out of memory");
+  lo->pos = calloc(n ? n : 1, sizeof(int));
+  if (!lo->names || !lo->namelen || !lo->types || !lo->pos) return luaL_error(L, "out of memory");
   lo->n = n;
   for (int i = 0; i < n; i++) {
     lua_rawgeti(L, 1, i + 1);
@@ -305,7 +310,10 @@ static int l_layout(lua_State *L) {
     lua_getfield(L, -4, "delim");
     const char *d = luaL_optstring(L, -1, ",");
     lo->types[i].delim = d[0] ? d[0] : ',';
-    lua_pop(L, 5);
+    lua_getfield(L, -5, "pos");
+    lo->pos[i] = (int)luaL_optinteger(L, -1, i + 1) - 1;
+    if (lo->pos[i] < 0) return luaL_error(L, "column #%d: pos must be 1 or more", i + 1);
+    lua_pop(L, 6);
   }
   return 1;
 }
@@ -313,8 +321,8 @@ static int l_layout(lua_State *L) {
 static int l_layout_gc(lua_State *L) {
   fl_layout *lo = luaL_checkudata(L, 1, LAYOUT_MT);
   if (lo->names) for (int i = 0; i < lo->n; i++) free(lo->names[i]);
-  free(lo->names); free(lo->namelen); free(lo->types);
-  lo->names = NULL; lo->namelen = NULL; lo->types = NULL; lo->n = 0;
+  free(lo->names); free(lo->namelen); free(lo->types); free(lo->pos);
+  lo->names = NULL; lo->namelen = NULL; lo->types = NULL; lo->pos = NULL; lo->n = 0;
   return 0;
 }
 
@@ -392,6 +400,249 @@ bad:
   return 2;
 }
 
+/* Batch payloads (trigger_global, trigger_statement):
+ *   ["B", seq, xid, item, item, ...]    item: [actions, new_values|null, old_values|null]
+ * actions is "<listener id><ops>,..." ("3U,5DI,": listener 3 gets an update, listener 5 a
+ * delete then an insert), decided in the database by each listener's conditions. The
+ * rows carry the union of the listeners' columns; each listener's layout says where its
+ * own columns are. A batch is read one item at a time, so a notification of thousands of
+ * rows never becomes thousands of Lua tables at once. The reading below is plain C; only
+ * the l_batch_* functions touch lua_State. */
+
+typedef struct {
+  size_t off;           /* into the batch's store */
+  size_t len;           /* FL_VAL_NULL: SQL NULL */
+} fl_val;
+#define FL_VAL_NULL ((size_t)-1)
+
+typedef struct {
+  int present;          /* 0: the item's row is JSON null */
+  int n, cap;
+  fl_val *v;
+} fl_rowvals;
+
+typedef struct {
+  fl_json_reader r;
+  char *scratch;        /* the reader's unescape buffer */
+  char *store;          /* unescaped strings of the current item */
+  size_t used;
+  fl_rowvals row[2];    /* new, old */
+  size_t act, act_len, act_pos;   /* the current item's actions, in store */
+  long lid;             /* the current event's listener id */
+  char op;              /* and its operation letter */
+  int done;
+  const char *err;
+} fl_batch;
+
+static int batch_fail(fl_batch *b, const char *msg) {
+  b->err = b->r.err ? b->r.err : msg;
+  return -1;
+}
+
+/* Unescaped strings never outgrow their JSON text, so the store (the payload's length)
+ * holds every string of one item. */
+static void batch_keep(fl_batch *b, const char *v, size_t len, size_t *off) {
+  memcpy(b->store + b->used, v, len);
+  *off = b->used;
+  b->used += len;
+}
+
+/* Reads one row (a JSON array of strings and nulls, or null) into b->row[which]. */
+static int batch_read_row(fl_batch *b, int which) {
+  fl_rowvals *rv = &b->row[which];
+  const char *v;
+  size_t len;
+  fl_json_tok t = fl_json_next(&b->r, &v, &len);
+  rv->n = 0;
+  rv->present = 0;
+  if (t == FL_JSON_NULL) return 0;
+  if (t != FL_JSON_ARR_OPEN) return batch_fail(b, "row is not an array");
+  rv->present = 1;
+  for (;;) {
+    t = fl_json_next(&b->r, &v, &len);
+    if (t == FL_JSON_ARR_CLOSE) return 0;
+    if (t != FL_JSON_STRING && t != FL_JSON_NULL) return batch_fail(b, "row value is not a string or null");
+    if (rv->n == rv->cap) {
+      int cap = rv->cap ? rv->cap * 2 : 16;
+      fl_val *nv = realloc(rv->v, sizeof *nv * (size_t)cap);
+      if (!nv) return batch_fail(b, "out of memory");
+      rv->v = nv;
+      rv->cap = cap;
+    }
+    fl_val *out = &rv->v[rv->n++];
+    if (t == FL_JSON_NULL) out->len = FL_VAL_NULL;
+    else { batch_keep(b, v, len, &out->off); out->len = len; }
+  }
+}
+
+/* Reads the next item; 1 when there is one, 0 at the end of the batch, -1 on an error. */
+static int batch_read_item(fl_batch *b) {
+  const char *v;
+  size_t len;
+  fl_json_tok t = fl_json_next(&b->r, &v, &len);
+  if (t == FL_JSON_ARR_CLOSE) {
+    if (fl_json_next(&b->r, &v, &len) != FL_JSON_END) return batch_fail(b, "malformed batch");
+    return 0;
+  }
+  if (t != FL_JSON_ARR_OPEN) return batch_fail(b, "batch item is not an array");
+  b->used = 0;
+  if (fl_json_next(&b->r, &v, &len) != FL_JSON_STRING) return batch_fail(b, "batch item has no actions");
+  batch_keep(b, v, len, &b->act);
+  b->act_len = len;
+  b->act_pos = 0;
+  if (batch_read_row(b, 0) < 0 || batch_read_row(b, 1) < 0) return -1;
+  if (fl_json_next(&b->r, &v, &len) != FL_JSON_ARR_CLOSE) return batch_fail(b, "batch item has extra values");
+  return 1;
+}
+
+/* Moves to the next (listener id, operation) of the batch, in b->lid and b->op:
+ * 1, 0 at the end, -1 on an error. */
+static int batch_next(fl_batch *b) {
+  for (;;) {
+    const char *a = b->store + b->act;
+    while (b->act_pos < b->act_len && a[b->act_pos] == ',') b->act_pos++;
+    if (b->act_pos < b->act_len) {
+      /* A token is digits then operation letters: "12DI". */
+      if (a[b->act_pos] >= 'A' && a[b->act_pos] <= 'Z') {
+        /* The token's next letter: b->lid stays the id read before its first one. */
+        if (b->act_pos == 0 || a[b->act_pos - 1] == ',') return batch_fail(b, "action without a listener id");
+        b->op = a[b->act_pos++];
+        return 1;
+      }
+      long id = 0;
+      while (b->act_pos < b->act_len && a[b->act_pos] >= '0' && a[b->act_pos] <= '9' && id < 100000000)
+        id = id * 10 + (a[b->act_pos++] - '0');
+      if (b->act_pos >= b->act_len || a[b->act_pos] < 'A' || a[b->act_pos] > 'Z')
+        return batch_fail(b, "malformed actions");
+      b->lid = id;
+      b->op = a[b->act_pos++];
+      return 1;
+    }
+    if (b->done) return 0;
+    int got = batch_read_item(b);
+    if (got <= 0) {
+      if (got == 0) b->done = 1;
+      return got;
+    }
+  }
+}
+
+#define BATCH_MT "flash.batch"
+
+static int l_batch_gc(lua_State *L) {
+  fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
+  free(b->scratch); free(b->store); free(b->row[0].v); free(b->row[1].v);
+  b->scratch = b->store = NULL;
+  b->row[0].v = b->row[1].v = NULL;
+  b->row[0].cap = b->row[1].cap = 0;
+  b->done = 1;
+  return 0;
+}
+
+/* core.decode_batch(payload) -> "B", seq, xid, batch | "R", overflow_id | nil, err */
+static int l_decode_batch(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_settop(L, 1);
+  fl_batch *b = lua_newuserdata(L, sizeof *b);      /* 2 */
+  memset(b, 0, sizeof *b);
+  luaL_getmetatable(L, BATCH_MT);
+  lua_setmetatable(L, -2);
+  /* The batch reads the payload string as it goes: its environment keeps it alive. */
+  lua_createtable(L, 1, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  lua_setfenv(L, 2);
+  b->scratch = malloc(len + 1);
+  b->store = malloc(len + 1);
+  if (!b->scratch || !b->store) return luaL_error(L, "out of memory");
+  fl_json_init(&b->r, s, len, b->scratch);
+  const char *v;
+  size_t vlen;
+  double nums[2];
+  char kind;
+  if (fl_json_next(&b->r, &v, &vlen) != FL_JSON_ARR_OPEN) goto bad;
+  if (fl_json_next(&b->r, &v, &vlen) != FL_JSON_STRING || vlen != 1) goto bad;
+  kind = v[0];
+  if (kind != 'B' && kind != 'R') goto bad;
+  for (int i = 0; i < (kind == 'R' ? 1 : 2); i++) {
+    char tmp[40];
+    if (fl_json_next(&b->r, &v, &vlen) != FL_JSON_NUMBER || vlen >= sizeof tmp) goto bad;
+    memcpy(tmp, v, vlen);
+    tmp[vlen] = 0;
+    nums[i] = strtod(tmp, NULL);
+  }
+  lua_pushlstring(L, &kind, 1);
+  lua_pushnumber(L, nums[0]);
+  if (kind == 'R') {
+    if (fl_json_next(&b->r, &v, &vlen) != FL_JSON_ARR_CLOSE) goto bad;
+    return 2;
+  }
+  lua_pushnumber(L, nums[1]);
+  lua_pushvalue(L, 2);
+  return 4;
+bad:
+  lua_pushnil(L);
+  if (b->r.err) lua_pushfstring(L, "malformed payload (%s at byte %d)", b->r.err, (int)b->r.pos);
+  else lua_pushstring(L, "malformed payload");
+  return 2;
+}
+
+/* batch:next() -> listener_id, op_letter | nil (the end) | nil, err */
+static int l_batch_next(lua_State *L) {
+  fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
+  if (!b->store) return 0;
+  int got = batch_next(b);
+  if (got == 0) return 0;
+  if (got < 0) {
+    b->done = 1;
+    b->act_len = 0;
+    lua_pushnil(L);
+    lua_pushfstring(L, "malformed batch payload (%s at byte %d)", b->err, (int)b->r.pos);
+    return 2;
+  }
+  lua_pushnumber(L, (lua_Number)b->lid);
+  lua_pushlstring(L, &b->op, 1);
+  return 2;
+}
+
+static int push_batch_row(lua_State *L, const fl_batch *b, const fl_rowvals *rv, const fl_layout *lo) {
+  if (!rv->present) return -1;
+  lua_createtable(L, 0, lo->n);
+  for (int i = 0; i < lo->n; i++) {
+    if (lo->pos[i] >= rv->n) return -1;
+    const fl_val *v = &rv->v[lo->pos[i]];
+    lua_pushlstring(L, lo->names[i], lo->namelen[i]);
+    if (v->len == FL_VAL_NULL) lua_pushlightuserdata(L, FL_NULL);
+    else fl_push_value(L, &lo->types[i], b->store + v->off, v->len, lo->flags);
+    lua_rawset(L, -3);
+  }
+  return 0;
+}
+
+/* batch:rows(layout) -> new, old of the current event, by the listener's layout
+ * (insert: new; delete: old; update: both; truncate: neither) | nil, nil, err */
+static int l_batch_rows(lua_State *L) {
+  fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
+  fl_layout *lo = luaL_checkudata(L, 2, LAYOUT_MT);
+  if (!b->store) return luaL_error(L, "attempt to use a finished batch");
+  int want_new = b->op == 'I' || b->op == 'U', want_old = b->op == 'D' || b->op == 'U';
+  if (want_new) { if (push_batch_row(L, b, &b->row[0], lo) < 0) goto bad; } else lua_pushnil(L);
+  if (want_old) { if (push_batch_row(L, b, &b->row[1], lo) < 0) goto bad; } else lua_pushnil(L);
+  return 2;
+bad:
+  lua_pushnil(L);
+  lua_pushnil(L);
+  lua_pushstring(L, "malformed batch payload (a row does not match the listener's layout)");
+  return 3;
+}
+
+static const luaL_Reg batch_methods[] = {
+  { "next", l_batch_next },
+  { "rows", l_batch_rows },
+  { NULL, NULL }
+};
+
 static const luaL_Reg conn_methods[] = {
   { "exec", l_exec },
   { "escape_identifier", l_escape_identifier },
@@ -410,19 +661,25 @@ const luaL_Reg fl_conn_funcs[] = {
   { "connect", l_connect },
   { "layout", l_layout },
   { "decode_payload", l_decode_payload },
+  { "decode_batch", l_decode_batch },
   { NULL, NULL }
 };
 
+/* A userdata metatable: __gc, and methods (if any) as __index. */
+static void new_metatable(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods) {
+  luaL_newmetatable(L, name);
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+  if (methods) {
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+}
+
 void fl_conn_open(lua_State *L) {
-  luaL_newmetatable(L, CONN_MT);
-  lua_pushcfunction(L, l_close);
-  lua_setfield(L, -2, "__gc");
-  lua_newtable(L);
-  luaL_register(L, NULL, conn_methods);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-  luaL_newmetatable(L, LAYOUT_MT);
-  lua_pushcfunction(L, l_layout_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  new_metatable(L, CONN_MT, l_close, conn_methods);
+  new_metatable(L, LAYOUT_MT, l_layout_gc, NULL);
+  new_metatable(L, BATCH_MT, l_batch_gc, batch_methods);
 }

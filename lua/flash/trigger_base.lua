@@ -181,7 +181,7 @@ function M.needed_ops(l)
   if w.truncate then n.truncate = true end
   local transforms = #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
   if w.update or (transforms and (w.insert or w.delete)) then n.update = true end
-  return n
+  return n, w
 end
 
 function Driver:lock_sql(schema_name)
@@ -426,6 +426,259 @@ function Driver:stop()
   end
   self.listening = false
   return ok, err
+end
+
+---------------------------------------------------------------------------------------
+-- Shared triggers (trigger_global, trigger_statement): the triggers of one table serve
+-- every listener of the client on it. Their functions evaluate each listener's conditions,
+-- partial-field check and primary-key change in SQL (the `trigger` driver's semantics, by
+-- the same SQL) and send batches: ["B", seq, xid, [actions, new, old], ...], where actions
+-- such as "3U,5DI," say which listener gets which events of that row, and the rows carry
+-- the union of those listeners' columns. Functions are regenerated when the listeners'
+-- wanted operations change; the triggers themselves are created once per table and unit.
+
+local TableDriver = M.class(Driver)
+M.TableDriver = TableDriver
+
+-- A driver of `class` (which has UNITS, see below) for `client`.
+function M.new_table_driver(class, client)
+  return M.new(class, client, {
+    groups = {},        -- [table oid] = group (see TableDriver:group)
+    group_list = {},
+    layouts = {},       -- [listener id] = layout into its group's rows
+    fnames = {},        -- [function name] = table oid: names already taken in the schema
+  })
+end
+
+-- Sends one batch of items (text of a comma-separated list of JSON items). No SECURITY
+-- DEFINER and no SET clauses: only our trigger functions (which have both) call it, and
+-- PUBLIC has no USAGE on the schema.
+function TableDriver:schema_functions()
+  local S = self:ident(self.schema)
+  local body = "DECLARE p text; rid bigint;\nBEGIN\n" ..
+    "p := '[\"B\",' || " .. self:seq_sql() .. " || ',' || " .. M.XID_SQL .. " || ',' || items || ']';\n" ..
+    self:send_sql("p") .. "\nEND"
+  return { "CREATE OR REPLACE FUNCTION " .. S .. ".emit_batch(items text) RETURNS void LANGUAGE plpgsql AS " ..
+    self:literal(body) }
+end
+
+function TableDriver:reset()
+  for _, g in ipairs(self.group_list) do
+    g.bodies, g.installed, g.unknown = {}, {}, true
+  end
+end
+
+-- The group of the listener's table; the listener joins it (its layout points into the
+-- group's column list, which only grows, so rows sent before a join still decode).
+function TableDriver:group(l)
+  local oid = l.table.oid
+  local g = self.groups[oid]
+  if not g then
+    g = { oid = oid, display = l.table_name, qualified = self:qualified_table(l),
+          stem = self.schema .. "_" .. l.table.schema .. "_" .. l.table.name,
+          listeners = {}, members = {}, cols = {}, colpos = {}, names = {},
+          bodies = {}, installed = {}, unknown = false }
+    self.groups[oid] = g
+    self.group_list[#self.group_list + 1] = g
+  end
+  if not g.members[l.id] then
+    local entries = {}
+    for i, c in ipairs(l.columns) do
+      local pos = g.colpos[c.name]
+      if not pos then
+        g.cols[#g.cols + 1] = c
+        pos = #g.cols
+        g.colpos[c.name] = pos
+      end
+      entries[i] = { name = c.name, oid = c.oid, elem = c.elem, delim = c.delim, pos = pos }
+    end
+    self.layouts[l.id] = core.layout(entries, self.client.flags)
+    g.members[l.id] = true
+    g.listeners[#g.listeners + 1] = l
+  end
+  return g
+end
+
+-- The trigger's (and its function's) name for a unit of a group: "<schema>_<table
+-- schema>_<table>_<unit>", cut to 63 bytes; unique in our schema.
+function TableDriver:unit_name(g, unit)
+  local name = g.names[unit]
+  if name then return name end
+  name = M.fit_name(g.stem, "_" .. unit, g.oid)
+  local n = 0
+  while self.fnames[name] and self.fnames[name] ~= g.oid do
+    n = n + 1
+    name = M.fit_name(g.stem .. "_" .. g.oid .. (n > 1 and ("_" .. n) or ""), "_" .. unit)
+  end
+  self.fnames[name] = g.oid
+  g.names[unit] = name
+  return name
+end
+
+-- SQL (a text expression) for one listener's actions on a row of operation `op`, or nil
+-- when the listener needs no event of that operation. `r` names the rows: r.new and
+-- r.old (row references), r.has_new and r.has_old (SQL that is false where the row is
+-- missing; nil where it is always there). Only letters some callback wants are sent;
+-- an update stays an update for a Lua predicate, which decides on arrival.
+function TableDriver:listener_actions(l, op, r)
+  local need, want = M.needed_ops(l)
+  if not need[op] then return nil end
+  local keep = {
+    I = want.insert, D = want.delete, T = want.truncate,
+    U = want.update or (l.predicate ~= nil and (want.insert or want.delete)),
+  }
+  local function tok(letters)
+    local s = letters:gsub("%u", function(c) return keep[c] and c or "" end)
+    if s == "" then return "NULL" end
+    return "'" .. l.id .. s .. ",'"
+  end
+  if op == "truncate" then return tok("T") end
+  local function cond(rec, has)
+    local c = M.truth(self:cond_sql(l, rec))
+    if has and c then return "(" .. has .. " AND " .. c .. ")" end
+    return c or has
+  end
+  if op == "insert" or op == "delete" then
+    local c = cond(op == "insert" and r.new or r.old)
+    local t = tok(op == "insert" and "I" or "D")
+    if not c then return t end
+    return "CASE WHEN " .. c .. " THEN " .. t .. " END"
+  end
+  local both = tok("U")
+  if l.fields then
+    -- Partial fields: an update that changes none of them is not an event.
+    both = "CASE WHEN " .. self:text_array(l.columns, r.new) .. " IS DISTINCT FROM " ..
+      self:text_array(l.columns, r.old) .. " THEN " .. both .. " END"
+  end
+  if l.primary_key and #l.primary_key > 0 then
+    both = "CASE WHEN " .. self:key_changed_sql(l, r.old, r.new) .. " THEN " .. tok("DI") ..
+      " ELSE " .. both .. " END"
+  end
+  local o, n = cond(r.old, r.has_old), cond(r.new, r.has_new)
+  if not o and not n then return both end
+  return "CASE WHEN " .. (o or "true") .. " THEN CASE WHEN " .. (n or "true") .. " THEN " .. both ..
+    " ELSE " .. tok("D") .. " END WHEN " .. (n or "true") .. " THEN " .. tok("I") .. " END"
+end
+
+-- SQL for the actions of every listener of the group on one row, or nil when no listener
+-- needs events of `op`.
+function TableDriver:actions_sql(g, op, r)
+  local parts = {}
+  for _, l in ipairs(g.listeners) do
+    parts[#parts + 1] = self:listener_actions(l, op, r)
+  end
+  if #parts == 0 then return nil end
+  return "concat(" .. table.concat(parts, ", ") .. ")"
+end
+
+-- SQL: the JSON text of row `rec` over the group's columns; 'null' unless `has` holds.
+function TableDriver:row_json(g, rec, has)
+  local arr = #g.cols == 0 and "'[]'" or ("to_json(" .. self:text_array(g.cols, rec) .. ")::text")
+  if not has then return arr end
+  return "CASE WHEN " .. has .. " THEN " .. arr .. " ELSE 'null' END"
+end
+
+-- SQL: one batch item from actions `a` (text of digits, letters and commas) and rows.
+function TableDriver:item_sql(g, a, r, op)
+  local nv = (op == "insert" or op == "update") and self:row_json(g, r.new, r.has_new) or "'null'"
+  local ov = (op == "delete" or op == "update") and self:row_json(g, r.old, r.has_old) or "'null'"
+  return "'[\"' || " .. a .. " || '\",' || " .. nv .. " || ',' || " .. ov .. " || ']'"
+end
+
+-- The truncate unit: a BEFORE TRUNCATE statement trigger that tells each listener that
+-- wants truncates.
+local TRUNCATE_UNIT = {
+  name = "truncate", what = "truncate",
+  ddl = "BEFORE TRUNCATE", level = "FOR EACH STATEMENT",
+  body = function(self, g)
+    local a = self:actions_sql(g, "truncate", {})
+    if not a then return nil end
+    return "BEGIN\nPERFORM " .. self:ident(self.schema) .. ".emit_batch('[\"' || " .. a ..
+      " || '\",null,null]');\nRETURN NULL;\nEND"
+  end,
+}
+M.TRUNCATE_UNIT = TRUNCATE_UNIT
+
+-- Makes the triggers and functions of one table match what its listeners want, in one
+-- transaction. A unit (UNITS of the driver class: name, what, ddl, level, body, and
+-- optional settings of its function) whose
+-- body is nil is not needed: its trigger goes.
+function TableDriver:sync_group(g)
+  local S = self:ident(self.schema)
+  local sql, bodies, installed, whats = {}, {}, {}, {}
+  for _, unit in ipairs(self.UNITS) do
+    local body = unit.body(self, g)
+    local name = self:unit_name(g, unit.name)
+    local qfn = S .. "." .. self:ident(name)
+    local trig = self:ident(name)
+    if body then
+      if body ~= g.bodies[unit.name] then
+        sql[#sql + 1] = "CREATE OR REPLACE FUNCTION " .. qfn .. "() RETURNS trigger LANGUAGE plpgsql " ..
+          M.FUNC_SETTINGS .. (unit.settings or "") .. " AS " .. self:literal(body)
+      end
+      if not g.installed[unit.name] then
+        sql[#sql + 1] = "DROP TRIGGER IF EXISTS " .. trig .. " ON " .. g.qualified
+        sql[#sql + 1] = "CREATE TRIGGER " .. trig .. " " .. unit.ddl .. " ON " .. g.qualified .. " " ..
+          unit.level .. " EXECUTE FUNCTION " .. qfn .. "()"
+        whats[#whats + 1] = unit.what
+      end
+      bodies[unit.name], installed[unit.name] = body, true
+    elseif g.installed[unit.name] or g.unknown then
+      sql[#sql + 1] = "DROP TRIGGER IF EXISTS " .. trig .. " ON " .. g.qualified
+      sql[#sql + 1] = "DROP FUNCTION IF EXISTS " .. qfn .. "()"
+    end
+  end
+  if #sql > 0 then
+    local ok, err = self:exec(table.concat(sql, ";\n"))
+    if not ok then
+      return self:trigger_error(#whats > 0 and table.concat(whats, " and ") or "changed", g.display, err)
+    end
+    log.debug(string.format("triggers of %s synced: %s", g.display, table.concat(sql, "; "):sub(1, 200)))
+  end
+  g.bodies, g.installed, g.unknown = bodies, installed, false
+  return true
+end
+
+function TableDriver:sync(l)
+  if not self.listening then return true end   -- reconnecting: installed on reconnect
+  return self:sync_group(self:group(l))
+end
+
+-- Decodes one batch and delivers its events in order; returns false when the client
+-- must stop.
+function TableDriver:dispatch(payload)
+  local client = self.client
+  local kind, seq, xid, batch = core.decode_batch(payload)
+  if kind ~= "B" then
+    log.warn("ignoring a malformed notification: " .. tostring(seq))
+    return true
+  end
+  local by_id, layouts, counters = client.by_id, self.layouts, client.counters
+  while true do
+    local lid, letter = batch:next()
+    if not lid then
+      if letter then log.warn("ignoring the rest of a notification: " .. letter) end
+      return true
+    end
+    local l = by_id[lid]
+    local op = M.OP_NAME[letter]
+    if l and op then
+      -- Do no work nobody asked for: rows are decoded only for a callback (or a predicate
+      -- that may turn the event into one a callback wants).
+      if #l.callbacks[op] > 0 or l.predicate then
+        local new, old, err = batch:rows(layouts[lid])
+        if err then
+          log.warn("ignoring the rest of a notification: " .. err)
+          return true
+        end
+        if not client:_deliver(l, { op = op, table = l.table_name, new = new, old = old, xid = xid }) then
+          return false
+        end
+      else
+        counters.dropped = counters.dropped + 1
+      end
+    end
+  end
 end
 
 return M
