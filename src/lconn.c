@@ -357,8 +357,13 @@ static int l_decode_payload(lua_State *L) {
   const char *s = luaL_checklstring(L, 1, &len);
   luaL_checktype(L, 2, LUA_TTABLE);
   lua_settop(L, 2);
-  char *buf = lua_newuserdata(L, len + 1);   /* index 3: scratch for unescaped strings */
-  fl_json_reader *r = lua_newuserdata(L, sizeof *r);  /* index 4 */
+  /* A notification is under 8000 bytes: its scratch and the reader live on the C stack
+   * (a Lua error half-way leaks nothing); only a stored-aside payload needs a userdata. */
+  char stackbuf[8192];
+  fl_json_reader reader, *r = &reader;
+  char *buf = len < sizeof stackbuf ? stackbuf : lua_newuserdata(L, len + 1);
+  if (buf == stackbuf) lua_pushnil(L);      /* index 3: the scratch userdata, if any */
+  lua_pushnil(L);                           /* index 4 */
   fl_json_init(r, s, len, buf);
   const char *v, *err = "malformed payload";
   size_t vlen;
@@ -425,6 +430,7 @@ typedef struct {
   fl_json_reader r;
   char *scratch;        /* the reader's unescape buffer */
   char *store;          /* unescaped strings of the current item */
+  size_t cap;           /* of scratch and store */
   size_t used;
   fl_rowvals row[2];    /* new, old */
   size_t act, act_len, act_pos;   /* the current item's actions, in store */
@@ -529,33 +535,64 @@ static int batch_next(fl_batch *b) {
 
 #define BATCH_MT "flash.batch"
 
-static int l_batch_gc(lua_State *L) {
-  fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
+/* Buffers above this size are given back once a smaller payload comes. */
+#define BATCH_KEEP (1u << 20)
+
+static void batch_free(fl_batch *b) {
   free(b->scratch); free(b->store); free(b->row[0].v); free(b->row[1].v);
   b->scratch = b->store = NULL;
+  b->cap = 0;
   b->row[0].v = b->row[1].v = NULL;
   b->row[0].cap = b->row[1].cap = 0;
+}
+
+/* Makes the buffers hold a payload of len bytes; -1 when out of memory. */
+static int batch_reserve(fl_batch *b, size_t len) {
+  if (b->cap > BATCH_KEEP && len < b->cap / 4) batch_free(b);
+  if (len + 1 <= b->cap) return 0;
+  free(b->scratch);
+  free(b->store);
+  b->scratch = malloc(len + 1);
+  b->store = malloc(len + 1);
+  b->cap = b->scratch && b->store ? len + 1 : 0;
+  return b->cap ? 0 : -1;
+}
+
+static int l_batch_gc(lua_State *L) {
+  fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
+  batch_free(b);
   b->done = 1;
   return 0;
 }
 
-/* core.decode_batch(payload) -> "B", seq, xid, batch | "R", overflow_id | nil, err */
-static int l_decode_batch(lua_State *L) {
-  size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  lua_settop(L, 1);
-  fl_batch *b = lua_newuserdata(L, sizeof *b);      /* 2 */
+/* core.batch_decoder() -> decoder: reads one payload after the other, reusing its
+ * buffers (a driver keeps one; a notification costs no allocation then). */
+static int l_batch_decoder(lua_State *L) {
+  fl_batch *b = lua_newuserdata(L, sizeof *b);
   memset(b, 0, sizeof *b);
+  b->done = 1;
   luaL_getmetatable(L, BATCH_MT);
   lua_setmetatable(L, -2);
-  /* The batch reads the payload string as it goes: its environment keeps it alive. */
+  /* The decoder reads the payload string as it goes: its environment keeps it alive. */
   lua_createtable(L, 1, 0);
-  lua_pushvalue(L, 1);
+  lua_setfenv(L, -2);
+  return 1;
+}
+
+/* decoder:open(payload) -> "B", seq, xid | "R", overflow_id | nil, err
+ * After "B", decoder:next() and decoder:rows() read the batch's events. */
+static int l_batch_open(lua_State *L) {
+  fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  lua_getfenv(L, 1);
+  lua_pushvalue(L, 2);
   lua_rawseti(L, -2, 1);
-  lua_setfenv(L, 2);
-  b->scratch = malloc(len + 1);
-  b->store = malloc(len + 1);
-  if (!b->scratch || !b->store) return luaL_error(L, "out of memory");
+  lua_pop(L, 1);
+  b->done = 1;          /* until the header is read */
+  b->act_len = b->act_pos = b->used = 0;
+  b->op = 0;
+  if (batch_reserve(b, len) < 0) return luaL_error(L, "out of memory");
   fl_json_init(&b->r, s, len, b->scratch);
   const char *v;
   size_t vlen;
@@ -578,9 +615,9 @@ static int l_decode_batch(lua_State *L) {
     if (fl_json_next(&b->r, &v, &vlen) != FL_JSON_ARR_CLOSE) goto bad;
     return 2;
   }
+  b->done = 0;
   lua_pushnumber(L, nums[1]);
-  lua_pushvalue(L, 2);
-  return 4;
+  return 3;
 bad:
   lua_pushnil(L);
   if (b->r.err) lua_pushfstring(L, "malformed payload (%s at byte %d)", b->r.err, (int)b->r.pos);
@@ -588,7 +625,7 @@ bad:
   return 2;
 }
 
-/* batch:next() -> listener_id, op_letter | nil (the end) | nil, err */
+/* decoder:next() -> listener_id, op_letter | nil (the end) | nil, err */
 static int l_batch_next(lua_State *L) {
   fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
   if (!b->store) return 0;
@@ -620,12 +657,11 @@ static int push_batch_row(lua_State *L, const fl_batch *b, const fl_rowvals *rv,
   return 0;
 }
 
-/* batch:rows(layout) -> new, old of the current event, by the listener's layout
+/* decoder:rows(layout) -> new, old of the current event, by the listener's layout
  * (insert: new; delete: old; update: both; truncate: neither) | nil, nil, err */
 static int l_batch_rows(lua_State *L) {
   fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
   fl_layout *lo = luaL_checkudata(L, 2, LAYOUT_MT);
-  if (!b->store) return luaL_error(L, "attempt to use a finished batch");
   int want_new = b->op == 'I' || b->op == 'U', want_old = b->op == 'D' || b->op == 'U';
   if (want_new) { if (push_batch_row(L, b, &b->row[0], lo) < 0) goto bad; } else lua_pushnil(L);
   if (want_old) { if (push_batch_row(L, b, &b->row[1], lo) < 0) goto bad; } else lua_pushnil(L);
@@ -638,6 +674,7 @@ bad:
 }
 
 static const luaL_Reg batch_methods[] = {
+  { "open", l_batch_open },
   { "next", l_batch_next },
   { "rows", l_batch_rows },
   { NULL, NULL }
@@ -661,7 +698,7 @@ const luaL_Reg fl_conn_funcs[] = {
   { "connect", l_connect },
   { "layout", l_layout },
   { "decode_payload", l_decode_payload },
-  { "decode_batch", l_decode_batch },
+  { "batch_decoder", l_batch_decoder },
   { NULL, NULL }
 };
 

@@ -447,6 +447,7 @@ function M.new_table_driver(class, client)
     group_list = {},
     layouts = {},       -- [listener id] = layout into its group's rows
     fnames = {},        -- [function name] = table oid: names already taken in the schema
+    decoder = core.batch_decoder(),
   })
 end
 
@@ -648,7 +649,8 @@ end
 -- must stop.
 function TableDriver:dispatch(payload)
   local client = self.client
-  local kind, seq, xid, batch = core.decode_batch(payload)
+  local batch = self.decoder
+  local kind, seq, xid = batch:open(payload)
   if kind ~= "B" then
     log.warn("ignoring a malformed notification: " .. tostring(seq))
     return true
