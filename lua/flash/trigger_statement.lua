@@ -60,11 +60,11 @@ local function statement_body(self, g, op)
     (src.order and (", " .. src.order .. " AS k") or "") .. "\n" ..
     "      FROM " .. src.from .. "\n" ..
     "      CROSS JOIN LATERAL (SELECT " .. a .. " AS a) t WHERE t.a <> ''"
-  return "DECLARE p text; n int;\nBEGIN\n" ..
-    "SELECT string_agg(item, ','" .. (src.order and " ORDER BY k" or "") .. "), count(*) INTO p, n\n" ..
+  return "DECLARE p text; nitems int;\nBEGIN\n" ..
+    "SELECT string_agg(item, ','" .. (src.order and " ORDER BY k" or "") .. "), count(*) INTO p, nitems\n" ..
     "  FROM (" .. items .. "\n      LIMIT " .. SMALL .. ") i;\n" ..
-    "IF n = 0 THEN RETURN NULL; END IF;\n" ..
-    "IF n < " .. SMALL .. " AND octet_length(p) <= " .. CHUNK_BYTES .. " THEN\n" ..
+    "IF nitems = 0 THEN RETURN NULL; END IF;\n" ..
+    "IF nitems < " .. SMALL .. " AND octet_length(p) <= " .. CHUNK_BYTES .. " THEN\n" ..
     "  " .. emit .. "\n" ..
     "  RETURN NULL;\n" ..
     "END IF;\n" ..
