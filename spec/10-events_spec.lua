@@ -8,7 +8,13 @@ local null = flash.null
 
 for _, driver in ipairs(H.drivers) do
 describe("events (" .. driver .. " driver)", function()
-  local copts = { driver = driver }
+  -- replica_identity: the wal_logical driver may make the spec tables' old rows complete;
+  -- the other drivers accept and ignore it.
+  local function copts(extra)
+    local o = { driver = driver, replica_identity = "full" }
+    for k, v in pairs(extra or {}) do o[k] = v end
+    return o
+  end
   local client
 
   after_each(function()
@@ -16,7 +22,7 @@ describe("events (" .. driver .. " driver)", function()
   end)
 
   local function listen(lopts, ops)
-    local c, events, l, off = H.listen(lopts, ops, { driver = driver })
+    local c, events, l, off = H.listen(lopts, ops, copts())
     client = c
     return events, l, off
   end
@@ -48,14 +54,14 @@ describe("events (" .. driver .. " driver)", function()
     local t = H.table([[id int, b boolean, i2 smallint, i4 integer, f4 real, f8 double precision,
       o oid, i8 bigint, i8big bigint, i8neg bigint, num numeric, js json, jb jsonb, by bytea,
       ia int[], ta text[], ia2 int[][], ba boolean[], tx text, vc varchar(10), u uuid,
-      d date, ts timestamp, tz timestamptz, iv interval, ip inet, m mood, f8nan double precision,
+      d date, ts timestamp, tz timestamptz, iv interval, ip inet, ch char(4), m mood, f8nan double precision,
       f8inf double precision, f8ninf double precision, numnan numeric]])
     local events = listen({ table = t }, "insert")
     H.sql("INSERT INTO " .. t .. [[ VALUES (1, true, 7, -42, 1.5, 0.1, 123, 9007199254740992,
       9007199254740993, -9223372036854775808, 12.50, '{"a":[1,null,"x"],"b":{"c":true}}',
       '[1.5, "s", null]', '\x00ff41', '{1,2,NULL}', '{"a b",NULL,c,"q\"d"}', '{{1,2},{3,4}}',
       '{t,f}', 'plain ü', 'vc', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '2026-01-02',
-      '2026-01-02 03:04:05.5', '2026-01-02 03:04:05+00', '1 day 02:00:00', '10.0.0.1/32', 'happy',
+      '2026-01-02 03:04:05.5', '2026-01-02 03:04:05+00', '1 day 02:00:00', '10.0.0.1/32', 'ab', 'happy',
       'NaN', 'Infinity', '-Infinity', 'NaN')]])
     H.sql("INSERT INTO " .. t .. " (id) VALUES (2)")
     H.wait(client, events, 2)
@@ -86,7 +92,8 @@ describe("events (" .. driver .. " driver)", function()
     assert.equal("2026-01-02 03:04:05.5", r.ts)
     assert.equal("2026-01-02 03:04:05+00", r.tz)
     assert.equal("1 day 02:00:00", r.iv)
-    assert.equal("10.0.0.1/32", r.ip)
+    assert.equal("10.0.0.1", r.ip)       -- inet's output form, not inet::text
+    assert.equal("ab  ", r.ch)            -- char(n) keeps its padding
     assert.equal("happy", r.m)
     assert.is_true(r.f8nan ~= r.f8nan)
     assert.equal(math.huge, r.f8inf)
@@ -101,7 +108,7 @@ describe("events (" .. driver .. " driver)", function()
 
   it("converts numeric to numbers with numeric = \"number\"", function()
     local t = H.table("id int, num numeric")
-    local c, events = H.listen({ table = t }, "insert", { driver = driver, numeric = "number" })
+    local c, events = H.listen({ table = t }, "insert", copts { numeric = "number" })
     client = c
     H.sql("INSERT INTO " .. t .. " VALUES (1, 12.50)")
     H.wait(client, events, 1)
@@ -245,8 +252,7 @@ describe("events (" .. driver .. " driver)", function()
     client:stop()
     client = nil
     assert.equal(0, H.leftovers())
-    assert.equal(0, tonumber(H.scalar([[SELECT count(*) FROM pg_trigger
-      WHERE tgrelid = '"My Schema"."Odd ""Table"" x"'::regclass]])))
+    assert.equal(0, H.capture([["My Schema"."Odd ""Table"" x"]]))
     H.sql([[DROP SCHEMA "My Schema" CASCADE]])
   end)
 
@@ -263,7 +269,7 @@ describe("events (" .. driver .. " driver)", function()
 
   it("serves two listeners on one table with different fields and conditions", function()
     local t = H.table("id int, kind text, title text")
-    local c = assert(flash.client { driver = driver })
+    local c = assert(flash.client(copts()))
     client = c
     local a, b = {}, {}
     assert(c:listen { table = t, fields = { "id" }, where = { kind = "a" } }):on("all", function(ev) a[#a + 1] = ev end)
@@ -277,12 +283,10 @@ describe("events (" .. driver .. " driver)", function()
     assert.same({ { title = "x" }, { title = "y" } }, { b[1].new, b[2].new })
   end)
 
-  it("drops the trigger when off() leaves no callback, and no more events arrive", function()
+  it("stops capturing when off() leaves no callback, and no more events arrive", function()
     local t = H.table("id int")
     local events, l, off = listen({ table = t }, "insert")
-    local trig = function()
-      return tonumber(H.scalar("SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass", t))
-    end
+    local trig = function() return H.capture(t) end
     assert.equal(1, trig())
     H.sql("INSERT INTO " .. t .. " VALUES (1)")
     H.wait(client, events, 1)
@@ -306,7 +310,7 @@ describe("events (" .. driver .. " driver)", function()
   describe("on_error", function()
     local function failing(policy)
       local t = H.table("id int")
-      local c = assert(flash.client { driver = driver, on_error = policy })
+      local c = assert(flash.client(copts { on_error = policy }))
       client = c
       local seen = {}
       assert(c:listen { table = t }):on("insert", function(ev)

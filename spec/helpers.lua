@@ -10,7 +10,7 @@ assert(H.dsn, "FLASH_TEST_DSN is not set: run the specs with `make test` (it sta
 flash.defaults.dsn = H.dsn
 
 -- Every driver the event-content specs run over (the same expectations for each).
-H.drivers = { "trigger", "trigger_global", "trigger_statement" }
+H.drivers = { "trigger", "trigger_global", "trigger_statement", "wal_logical" }
 
 H.root = (debug.getinfo(1, "S").source:match("^@(.*)spec/helpers%.lua$") or "./")
 H.flashlua = H.root .. "build/flashlua"
@@ -72,10 +72,20 @@ function H.listen(listen_opts, ops, client_opts)
   return client, events, l, off
 end
 
--- Objects flashlua left in the database: schemas it marks, and triggers named like ours.
+-- What captures changes of `tbl` in the database: triggers on it plus the publications
+-- that hold it (a trigger driver's objects, or the wal_logical driver's).
+function H.capture(tbl)
+  return tonumber(H.scalar([[SELECT
+    (SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal)
+  + (SELECT count(*) FROM pg_publication_rel WHERE prrelid = $1::regclass) AS n]], tbl))
+end
+
+-- Objects flashlua left in the database: schemas and publications it marks, and triggers
+-- whose functions live in its schemas.
 function H.leftovers()
   return tonumber(H.scalar([[SELECT
     (SELECT count(*) FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') LIKE 'flashlua instance%')
+  + (SELECT count(*) FROM pg_publication WHERE obj_description(oid, 'pg_publication') LIKE 'flashlua instance (temporary%')
   + (SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
       JOIN pg_namespace n ON n.oid = p.pronamespace
      WHERE obj_description(n.oid, 'pg_namespace') LIKE 'flashlua instance%') AS n]]))

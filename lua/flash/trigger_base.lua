@@ -153,10 +153,22 @@ function Driver:qualified_table(l)
   return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
 end
 
+-- Types whose cast to text is not their output function: inet/cidr (::text adds the
+-- netmask), char(n) (::text drops the padding), boolean ('true' for 't'). format('%s')
+-- calls the output function, so these read as the walsender (and pg_dump) print them.
+local OWN_TEXT_CAST = { [16] = true, [650] = true, [869] = true, [1042] = true }
+
 -- Text of columns `cols` of row `rec` as one SQL text[] expression.
 function Driver:text_array(cols, rec)
   local vals = {}
-  for i, c in ipairs(cols) do vals[i] = rec .. "." .. self:ident(c.name) .. "::text" end
+  for i, c in ipairs(cols) do
+    local col = rec .. "." .. self:ident(c.name)
+    if OWN_TEXT_CAST[c.oid] then
+      vals[i] = "CASE WHEN " .. col .. " IS NULL THEN NULL ELSE format('%s', " .. col .. ") END"
+    else
+      vals[i] = col .. "::text"
+    end
+  end
   return "ARRAY[" .. table.concat(vals, ", ") .. "]::text[]"
 end
 
