@@ -94,6 +94,9 @@ check-mem: | $(B)
 	$(B)/test_pgoutput_san
 	$(MAKE) $(B)/test_pgoutput
 	valgrind -q --error-exitcode=1 --leak-check=full $(B)/test_pgoutput
+	$(MAKE) $(B)/flashlua
+	valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite \
+	  $(B)/flashlua -l warn --sandbox test/mem_script.lua
 
 # libFuzzer on the JSON/array/bytea/int parsers (needs clang); FUZZ_SECONDS=60 by default.
 FUZZ_SECONDS ?= 60

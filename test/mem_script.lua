@@ -1,0 +1,35 @@
+-- test/mem_script.lua: the host's C paths under valgrind (make check-mem): the trigger
+-- driver (NOTIFY payloads, overflow rows) and wal_logical (pgoutput, streaming, spill).
+local flash = require "flash"
+local admin = assert(flash.client {})
+assert(admin:query [[DROP TABLE IF EXISTS mem_t;
+  CREATE TABLE mem_t (id int PRIMARY KEY, t text, j jsonb, a int[], b bytea, n numeric);
+  ALTER TABLE mem_t REPLICA IDENTITY FULL]])
+assert(admin:query("ALTER SYSTEM SET logical_decoding_work_mem = '1MB'"))
+assert(admin:query("SELECT pg_reload_conf()"))
+
+local counts = {}
+for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement", "wal_logical" }) do
+  local c = assert(flash.client { driver = driver, streaming = true, stream_memory = 64 * 1024 })
+  local n = 0
+  assert(c:listen { table = "mem_t", fields = { "id", "t", "j", "a", "b" }, where = { { "id", ">", 0 } } })
+    :on("all", function(ev) n = n + 1 end)
+  assert(c:start())
+  assert(admin:query([[INSERT INTO mem_t SELECT g, repeat('x', 40), '{"k":[1,null]}', '{1,2}', '\x00ff', g / 3.0
+    FROM generate_series(1, 3000) g]]))
+  assert(admin:query("INSERT INTO mem_t VALUES (-1, repeat('big', 5000))"))   -- over NOTIFY's limit
+  assert(admin:query("BEGIN; INSERT INTO mem_t SELECT g FROM generate_series(100001, 110000) g; ROLLBACK"))
+  assert(admin:query("UPDATE mem_t SET t = 'y' WHERE id <= 100; DELETE FROM mem_t WHERE id <= 10; TRUNCATE mem_t"))
+  if driver == "wal_logical" then
+    assert(c:run { until_lsn = "current" })
+  else
+    local deadline = require("flash.core").now() + 30
+    while n < 3111 and require("flash.core").now() < deadline do assert(c:poll(0.1)) end
+    c:stop()
+  end
+  counts[#counts + 1] = driver .. "=" .. n
+end
+assert(admin:query("ALTER SYSTEM RESET logical_decoding_work_mem"))
+assert(admin:query("SELECT pg_reload_conf()"))
+assert(admin:query("DROP TABLE mem_t"))
+print(table.concat(counts, " "))
