@@ -119,28 +119,12 @@ static int l_notices(lua_State *L) {
   return 1;
 }
 
-/* Element types of the built-in array types, for query results (trigger layouts get the
- * element type from the catalog instead). */
-static uint32_t builtin_elem(uint32_t oid) {
-  switch (oid) {
-    case 1000: return 16;   case 1001: return 17;   case 1016: return 20;
-    case 1005: return 21;   case 1007: return 23;   case 1028: return 26;
-    case 1021: return 700;  case 1022: return 701;  case 1231: return 1700;
-    case 199: return 114;   case 3807: return 3802; case 1009: return 25;
-    case 1015: return 1043; case 1014: return 1042; case 2951: return 2950;
-    case 1115: return 1114; case 1185: return 1184; case 1182: return 1082;
-    case 1183: return 1083; case 1187: return 1186; case 1041: return 869;
-    case 651: return 650;   case 1003: return 19;
-    default: return 0;
-  }
-}
-
 static void push_result_rows(lua_State *L, PGresult *r, int flags) {
   int nrows = PQntuples(r), ncols = PQnfields(r);
   fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (ncols ? ncols : 1));
   for (int j = 0; j < ncols; j++) {
     types[j].oid = PQftype(r, j);
-    types[j].elem = builtin_elem(types[j].oid);
+    types[j].elem = fl_builtin_elem(types[j].oid);
     types[j].delim = ',';
   }
   lua_createtable(L, nrows, 0);
