@@ -383,3 +383,30 @@ describe("Drivers rules (" .. driver .. ")", function()
   end)
 end)
 end
+
+describe("a callback that stops its client", function()
+  for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement" }) do
+    it("ends the delivery there, in order, and poll reports the stop (" .. driver .. ")", function()
+      local t = H.table("id int")
+      local c = assert(flash.client { driver = driver })
+      local seen = {}
+      assert(c:listen { table = t }):on("insert", function(ev)
+        seen[#seen + 1] = ev.new.id
+        if ev.new.id == 2 then assert(c:stop()) end
+      end)
+      assert(c:start())
+      -- Rows 3..5 share row 2's notification under trigger_statement; row 6 comes after.
+      H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 5) g")
+      H.sql("INSERT INTO " .. t .. " VALUES (6)")
+      local ok, err
+      for _ = 1, 40 do
+        ok, err = c:poll(0.05)
+        if not ok then break end
+      end
+      assert.same({ 1, 2 }, seen)
+      assert.is_nil(ok)
+      assert.equal("client is stopped", err)
+      assert.equal(0, H.leftovers())
+    end)
+  end
+end)

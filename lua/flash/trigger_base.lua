@@ -369,6 +369,7 @@ function Driver:fetch_aside(ids)
       self.client.counters.bytes = self.client.counters.bytes + #payload
       local cont, derr = self:dispatch(payload)
       if not cont then return cont, derr end
+      if not self.listening then return true end   -- a callback stopped the client
     else
       log.warn(string.format("row stored aside (#%d) is gone; its events are lost", id))
     end
@@ -381,6 +382,16 @@ function Driver:step()
     if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
     return true
   end
+  -- While notifications are dispatched, a callback may stop the client: stop() must not
+  -- deliver from inside (out of order), and this loop must not read on.
+  self.stepping = true
+  local cont, err = self:receive()
+  self.stepping = false
+  return cont, err
+end
+
+-- Reads what the socket has and dispatches every notification, in order.
+function Driver:receive()
   local conn = self:conn()
   local ok, err = conn:consume()
   self.client:_log_notices()
@@ -409,15 +420,16 @@ function Driver:step()
       if #aside >= OVERFLOW_BATCH then cont, herr = flush() end
     else
       cont, herr = flush()
-      if cont then cont, herr = self:dispatch(payload) end
+      if cont and self.listening then cont, herr = self:dispatch(payload) end
     end
     if cont == nil then return nil, herr end
     if not cont then return false end
+    if not self.listening then return true end   -- a callback stopped the client
   end
   local cont, herr = flush()
   if cont == nil then return nil, herr end
   if not cont then return false end
-  if not conn:ok() then lost(self, "connection closed") end
+  if self.listening and not conn:ok() then lost(self, "connection closed") end
   return true
 end
 
@@ -428,8 +440,9 @@ function Driver:stop()
   local ok, err = true, nil
   if self.listening then
     -- Deliver what has already arrived before the triggers go (not after a failure:
-    -- on_error = "stop" means no further callbacks).
-    local sok = self.client.failure and true or self:step()
+    -- on_error = "stop" means no further callbacks; not when a callback stops the client:
+    -- that callback's event is the last one).
+    local sok = (self.client.failure or self.stepping) and true or self:step()
     if sok == nil then log.warn("events received during stop could not be delivered") end
     local S = self:ident(self.schema)
     local r, e = self:exec("UNLISTEN *; DROP SCHEMA IF EXISTS " .. S .. " CASCADE; SELECT pg_advisory_unlock(" ..
@@ -614,8 +627,7 @@ M.TRUNCATE_UNIT = TRUNCATE_UNIT
 
 -- Makes the triggers and functions of one table match what its listeners want, in one
 -- transaction. A unit (UNITS of the driver class: name, what, ddl, level, body, and
--- optional settings of its function) whose
--- body is nil is not needed: its trigger goes.
+-- optional settings of its function) whose body is nil is not needed: its trigger goes.
 function TableDriver:sync_group(g)
   local S = self:ident(self.schema)
   local sql, bodies, installed, whats = {}, {}, {}, {}
@@ -658,15 +670,25 @@ function TableDriver:sync(l)
 end
 
 -- Decodes one batch and delivers its events in order; returns false when the client
--- must stop.
+-- must stop. A callback may get here again (client:stop() delivers what has arrived):
+-- the driver's decoder is out while a batch is read, so an inner batch gets one of its
+-- own and the outer one reads on undisturbed.
 function TableDriver:dispatch(payload)
-  local client = self.client
-  local batch = self.decoder
+  local batch = self.decoder or core.batch_decoder()
+  self.decoder = nil
   local kind, seq, xid = batch:open(payload)
-  if kind ~= "B" then
+  local cont = true
+  if kind == "B" then
+    cont = self:deliver_batch(batch, xid)
+  else
     log.warn("ignoring a malformed notification: " .. tostring(seq))
-    return true
   end
+  self.decoder = batch
+  return cont
+end
+
+function TableDriver:deliver_batch(batch, xid)
+  local client = self.client
   local by_id, layouts, counters = client.by_id, self.layouts, client.counters
   while true do
     local lid, letter = batch:next()
@@ -688,6 +710,7 @@ function TableDriver:dispatch(payload)
         if not client:_deliver(l, { op = op, table = l.table_name, new = new, old = old, xid = xid }) then
           return false
         end
+        if not self.listening then return true end   -- a callback stopped the client
       else
         counters.dropped = counters.dropped + 1
       end
