@@ -410,3 +410,42 @@ describe("a callback that stops its client", function()
     end)
   end
 end)
+
+describe("on() and off() while the connection is gone", function()
+  for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement" }) do
+    it("raise nothing and take effect with the reconnect (" .. driver .. ")", function()
+      local t = H.table("id int")
+      local c = assert(flash.client { driver = driver })
+      local events = {}
+      local l = assert(c:listen { table = t })
+      local off = l:on("insert", function(ev) events[#events + 1] = ev.op end)
+      assert(c:start())
+      local bpid = backend_pid(c)
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = pcall(function()
+        assert.is_true(H.scalar("SELECT pg_terminate_backend($1) AS ok", bpid))
+        local deadline = core.now() + 5
+        while core.now() < deadline and
+          tonumber(H.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", bpid)) > 0 do core.sleep(0.05) end
+        -- The driver has not noticed yet: off() meets the dead connection.
+        off()
+        l:on("delete", function(ev) events[#events + 1] = ev.op end)
+        deadline = core.now() + 10
+        while core.now() < deadline and c:stats().reconnects == 0 do assert(c:poll(0.05)) end
+      end)
+      flash.log.set_sink(old)
+      assert(ok, err)
+      assert.equal(1, c:stats().reconnects)
+      -- What the instance had for inserts is gone; one trigger serves the deletes.
+      assert.equal(1, triggers(t))
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.sql("DELETE FROM " .. t)
+      H.wait(c, events, 1)
+      H.settle(c, 0.2)
+      assert.same({ "delete" }, events)
+      c:stop()
+      assert.equal(0, H.leftovers())
+    end)
+  end
+end)

@@ -27,7 +27,10 @@ function Driver:schema_functions()
     " RETURNS void LANGUAGE plpgsql AS " .. self:literal(body) }
 end
 
-function Driver:reset() self.installed = {} end
+function Driver:reset(fresh)
+  self.installed = {}
+  self.recheck = not fresh
+end
 
 function Driver:names(l, op)
   return base.fit_name(self.schema, string.format("_%d_%s", l.id, op)), string.format("l%d_%s", l.id, op)
@@ -110,17 +113,20 @@ end
 -- Makes the database's triggers match what the listener's callbacks want.
 function Driver:sync(l)
   if not self.listening then return true end   -- reconnecting: installed on reconnect
-  local have = self.installed[l.id] or {}
+  local have = self.installed[l.id]
+  -- After a reconnect, an off() while disconnected may have left a trigger behind.
+  local recheck = have == nil and self.recheck
+  have = have or {}
   self.installed[l.id] = have
   local want = base.needed_ops(l)
   for _, op in ipairs(base.OPS) do
     if want[op] and not have[op] then
       local ok, err = self:create_trigger(l, op)
-      if not ok then return nil, err end
+      if not ok then return self:sync_failed(err) end
       have[op] = true
-    elseif have[op] and not want[op] then
+    elseif (have[op] or recheck) and not want[op] then
       local ok, err = self:drop_trigger(l, op)
-      if not ok then return nil, err end
+      if not ok then return self:sync_failed(err) end
       have[op] = nil
     end
   end

@@ -271,19 +271,21 @@ function Driver:install_schema(fresh)
   return true
 end
 
--- Forgets what the database holds (a fresh schema or a reconnect re-creates it all).
-function Driver:reset() end
+-- Forgets what the database holds: a fresh schema, or a reconnect (`fresh` false), after
+-- which the database may still hold triggers that callbacks stopped wanting meanwhile.
+function Driver:reset(fresh) end
 
 function Driver:install(fresh)
   local ok, err = self:remove_leftovers()
   if not ok then return nil, err end
   ok, err = self:install_schema(fresh)
   if not ok then return nil, err end
-  self:reset()
+  self:reset(fresh)
   for _, l in ipairs(self.client.listeners) do
     ok, err = self:sync(l)
     if not ok then return nil, err end
   end
+  if not self.listening then return nil, "the connection was lost again" end
   return true
 end
 
@@ -320,6 +322,14 @@ local function lost(self, err)
   self.retry_at = core.now()
   self.backoff = 0.1
   log.warn(string.format("connection to PostgreSQL lost (%s); reconnecting", (tostring(err):gsub("%s+$", ""))))
+end
+
+-- A sync (on() or off() at run time) that failed because the connection is gone is not
+-- the caller's error: the reconnect installs what the listeners want by then.
+function Driver:sync_failed(err)
+  if self:conn():ok() then return nil, err end
+  lost(self, err)
+  return true
 end
 
 function Driver:reconnect()
@@ -656,7 +666,9 @@ function TableDriver:sync_group(g)
   if #sql > 0 then
     local ok, err = self:exec(table.concat(sql, ";\n"))
     if not ok then
-      return self:trigger_error(#whats > 0 and table.concat(whats, " and ") or "changed", g.display, err)
+      if not self:conn():ok() then return self:sync_failed(err) end
+      if #whats == 0 then return M.fail(string.format("cannot change the triggers of %s: %s", g.display, err)) end
+      return self:trigger_error(table.concat(whats, " and "), g.display, err)
     end
     log.debug(string.format("triggers of %s synced: %s", g.display, table.concat(sql, "; "):sub(1, 200)))
   end
