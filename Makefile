@@ -25,7 +25,7 @@ LUA_SRC  := $(wildcard lua/flash/*.lua)
 # Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c demo bench install clean check-mem fuzz fuzz-pgoutput deps
+.PHONY: all test test-c demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc
 
 all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput
 
@@ -77,11 +77,22 @@ demo:
 	$(MAKE) all
 	$(B)/flashlua --sandbox examples/demo.lua
 
+# docs/matrix.md from the conformance matrix (spec/70-matrix_spec.lua) over every driver,
+# on a throwaway cluster unless FLASH_TEST_DSN is set.
+matrix-doc: all
+	scripts/matrix-doc
+
 # Benchmarks on a throwaway cluster (not timed tests): see README "Performance".
 bench:
 	scripts/deps
 	$(MAKE) all
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/wal.lua
+
+# The write-side cost of listening, per driver (docs/drivers.md "What listening costs").
+bench-drivers:
+	scripts/deps
+	$(MAKE) all
+	$(B)/flashlua --sandbox bench/listen_cost.lua $(BENCH_ARGS)
 
 # The pure C parsers under ASan/UBSan and valgrind.
 SAN := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all

@@ -347,6 +347,39 @@ describe("events (" .. driver .. " driver)", function()
       assert.matches("stack traceback", text)
     end)
 
+    it("applies to a where function that raises: \"stop\" stops, \"log\" skips the row", function()
+      for _, policy in ipairs({ "stop", "log" }) do
+        local t = H.table("id int PRIMARY KEY")
+        local old = flash.log.set_sink(function() end)
+        local c = assert(flash.client(copts { on_error = policy }))
+        client = c
+        local seen = {}
+        assert(c:listen { table = t, where = function(row)
+          if row.id == 1 then error("bad row " .. row.id) end
+          return true
+        end }):on("insert", function(ev) seen[#seen + 1] = ev.new.id end)
+        assert(c:start())
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        H.sql("INSERT INTO " .. t .. " VALUES (2)")
+        local ok, err
+        for _ = 1, 40 do
+          ok, err = c:poll(0.05)
+          if not ok or #seen == 1 then break end
+        end
+        flash.log.set_sink(old)
+        if policy == "stop" then
+          assert.is_nil(ok)
+          assert.matches("bad row 1", err)
+          assert.same({}, seen)
+        else
+          assert.is_true(ok)
+          assert.same({ 2 }, seen)
+        end
+        c:stop()
+        client = nil
+      end
+    end)
+
     it("a function receives the error and the event", function()
       local got = {}
       local c, seen = failing(function(err, ev) got[#got + 1] = { err = err, id = ev.new.id } end)

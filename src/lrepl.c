@@ -290,7 +290,7 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
   lua_pop(L, 1);                        /* entry */
   r->events++;
   if (lua_pcall(L, 1, 1, 0) != 0) {
-    snprintf(r->err, sizeof r->err, "%s", lua_tostring(L, -1));
+    snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return -1;
   }
@@ -317,7 +317,7 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
     lua_setfield(L, -2, "commit_time");
     r->events++;
     if (lua_pcall(L, 1, 1, 0) != 0) {
-      snprintf(r->err, sizeof r->err, "%s", lua_tostring(L, -1));
+      snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
       lua_pop(L, 1);
       return -1;
     }

@@ -362,7 +362,7 @@ function Client:listen(opts)
     fields = opts.fields,
     columns = columns,
     conds = conds,
-    predicate = predicate,
+    predicate = predicate and self:_protect_where(predicate, tbl.display),
     primary_key = opts.primary_key,
     layout = core.layout(columns, self.flags),
     callbacks = { insert = {}, update = {}, delete = {}, truncate = {} },
@@ -402,6 +402,17 @@ end
 -- when the client must stop.
 local function traceback(err) return debug.traceback(tostring(err), 2) end
 
+-- A Lua `where` runs like a callback: protected, under the client's on_error policy. A
+-- row whose test raised does not match; with on_error = "stop" the client stops.
+function Client:_protect_where(fn, table_name)
+  return function(row)
+    local ok, res = xpcall(fn, traceback, row)
+    if ok then return res end
+    self:_failed(res, { op = "where", table = table_name, new = row })
+    return false
+  end
+end
+
 -- The hot path: no closure in it (an upvalue to close would keep LuaJIT from compiling it).
 function Client:_call(fn, ev)
   local t0 = clock()
@@ -430,6 +441,7 @@ end
 -- Delivers one event of listener l to the callbacks that want it; applies a Lua
 -- predicate `where` with the soft-delete transitions. Returns false to stop.
 function Client:_deliver(l, ev)
+  if self.failure then return false end   -- on_error = "stop": nothing after the failure
   if l.predicate then
     local op = ev.op
     if op == "insert" then

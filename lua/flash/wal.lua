@@ -6,6 +6,7 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local filter = require "flash.filter"
+local base = require "flash.trigger_base"
 
 local M = {}
 local Driver = {}
@@ -57,7 +58,18 @@ function Driver:lock_sql(name)
   return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal("pub:" .. name) .. ")"
 end
 
+-- Conditions are test-planned as the trigger drivers' are (the same SQL, so the same
+-- errors at listen), then prepared for evaluation on arrival.
+Driver.value_literal = base.Driver.value_literal
+
 function Driver:check(l)
+  local cond = base.Driver.cond_sql(self, l, "t")
+  if cond then
+    local ok, err = self:exec("SELECT 1 FROM " .. self:qualified(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
+    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+  end
+  local ok, err = filter.prepare(l, self)
+  if not ok then return nil, err end
   l.matcher = filter.matcher(l)
   l.passthrough = filter.passthrough(l)
   return true
@@ -301,13 +313,14 @@ function Driver:make_dispatch()
     if #list == 1 then
       local l = list[1]
       if l.passthrough then return client:_deliver(l, ev) ~= false end
-      return filter.apply(l, ev, emit) ~= false
+      -- A failed `where` (on_error = "stop") must keep the transaction unconfirmed.
+      return filter.apply(l, ev, emit) ~= false and not client.failure
     end
     for _, l in ipairs(list) do
       -- Each listener gets its own event: callbacks may keep or change it.
       local e = { op = ev.op, table = ev.table, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
                   commit_time = ev.commit_time }
-      if filter.apply(l, e, emit) == false then return false end
+      if filter.apply(l, e, emit) == false or client.failure then return false end
     end
     return true
   end
@@ -355,6 +368,8 @@ function Driver:step()
     more, err = self.repl:pump(self.dispatch, self.client.flags)
     if more == nil then
       if self.client.failure or err == "stopped by a callback" then return false end
+      -- An error raised by flashlua's own dispatch is not a lost connection.
+      if tostring(err):find("^dispatch: ") then return nil, err end
       return self:lost(err)
     end
   until not more
