@@ -258,6 +258,20 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
   lua_remove(L, -2);
 }
 
+/* Calls dispatch(ev) (function and event on the stack top) protected. Returns 0 to go on,
+ * 1 when dispatch asked to stop, -1 on an error (message in r->err). */
+static int call_dispatch(lua_State *L, fl_repl *r) {
+  r->events++;
+  if (lua_pcall(L, 1, 1, 0) != 0) {
+    snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
+  int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return stop;
+}
+
 /* Builds the event of one change and calls dispatch(ev) protected. Returns 0 to go on,
  * 1 when dispatch asked to stop, -1 on an error (message in r->err). */
 static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const fl_pgo_msg *m,
@@ -288,15 +302,7 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
     lua_setfield(L, ev, "old");
   }
   lua_pop(L, 1);                        /* entry */
-  r->events++;
-  if (lua_pcall(L, 1, 1, 0) != 0) {
-    snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return -1;
-  }
-  int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return stop;
+  return call_dispatch(L, r);
 }
 
 static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
@@ -315,15 +321,8 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
     lua_setfield(L, -2, "xid");
     lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
     lua_setfield(L, -2, "commit_time");
-    r->events++;
-    if (lua_pcall(L, 1, 1, 0) != 0) {
-      snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
-      lua_pop(L, 1);
-      return -1;
-    }
-    int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    if (stop) return 1;
+    int rc = call_dispatch(L, r);
+    if (rc != 0) return rc;
   }
   return 0;
 }

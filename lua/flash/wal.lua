@@ -6,6 +6,7 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local filter = require "flash.filter"
+-- The trigger drivers' connection helpers (quoting, exec with notices) serve here too.
 local base = require "flash.trigger_base"
 
 local M = {}
@@ -16,10 +17,7 @@ local LOCK_CLASS = "flashlua"
 local MARK = "flashlua instance"
 local RETRY_MAX = 5
 
-local function fail(err, hint)
-  if hint then return nil, err .. " (" .. hint .. ")" end
-  return nil, err
-end
+local fail = base.fail
 
 function M.new(client)
   local opts = client.opts
@@ -40,19 +38,11 @@ function M.new(client)
   return self
 end
 
-function Driver:conn() return self.client.conn end
-function Driver:ident(s) return assert(self:conn():escape_identifier(s)) end
-function Driver:literal(s) return assert(self:conn():escape_literal(s)) end
-
-function Driver:exec(sql, ...)
-  local rows, n, state = self:conn():exec(sql, 0, ...)
-  self.client:_log_notices()
-  return rows, n, state
-end
-
-function Driver:qualified(l)
-  return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
-end
+Driver.conn = base.Driver.conn
+Driver.ident = base.Driver.ident
+Driver.literal = base.Driver.literal
+Driver.exec = base.Driver.exec
+Driver.qualified = base.Driver.qualified_table
 
 function Driver:lock_sql(name)
   return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal("pub:" .. name) .. ")"
