@@ -4,6 +4,7 @@
 -- creates triggers (sync) and how it decodes a payload (dispatch).
 local core = require "flash.core"
 local log = require "flash.log"
+local filter = require "flash.filter"
 
 local M = {}
 
@@ -92,15 +93,10 @@ function Driver:exec(sql, ...)
 end
 
 -- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
--- column's type, so 10, "10" and 10.0 compare as the column's own values.
+-- column's type, so 10, "10" and 10.0 compare as the column's own values. The text is
+-- flash.filter's, which the wal_logical driver evaluates on arrival.
 function Driver:value_literal(v)
-  local t = type(v)
-  if t == "boolean" then return v and "'true'" or "'false'" end
-  if t == "number" then
-    if v == math.floor(v) and math.abs(v) < 2^63 then return self:literal(string.format("%d", v)) end
-    return self:literal(string.format("%.17g", v))
-  end
-  return self:literal(tostring(v))
+  return self:literal(filter.literal_text(v))
 end
 
 -- SQL for the listener's conditions on row `rec` (NEW, OLD or an alias); nil without any.
