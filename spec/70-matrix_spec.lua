@@ -296,6 +296,22 @@ describe("matrix (" .. driver .. ")", function()
     assert.same({ 1, 2, 3, 7 }, ids)
   end)
 
+  cell("[compare:collation]", "text ordering under a linguistic (ICU) collation", function()
+    local icu = H.sql("SELECT collname::text AS c FROM pg_collation WHERE collname = 'und-x-icu'")[1]
+    if not icu then return { note = "no ICU collation on this server: not exercised" } end
+    local t = H.table("id int, tx text COLLATE \"und-x-icu\"")
+    local c = assert(flash.client(copts()))
+    client = c
+    local l, err = c:listen { table = t, where = { { "tx", "<", "b" } } }
+    if not l then return { unsupported = err } end
+    local events = {}
+    l:on("insert", function(ev) events[#events + 1] = ev end)
+    assert(c:start())
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'a'), (2, 'B'), (3, 'ab'), (4, 'b'), (99, 'A')")
+    until_mark(events, 99)
+    assert.same({ "insert 1", "insert 3", "insert 99" }, trace(events))
+  end)
+
   cell("[compare:boolean]", "boolean = false and uuid = in upper case", function()
     local ids = matched("id int, b boolean, u uuid",
       { b = false, u = "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11" },
