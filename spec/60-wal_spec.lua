@@ -257,6 +257,27 @@ describe("wal_logical driver", function()
     H.sql("DROP TABLE " .. t)
   end)
 
+  it("confirms on a graceful stop what was delivered: a restart redelivers nothing", function()
+    local t = H.table("id int PRIMARY KEY")
+    local slot = "flash_spec_graceful"
+    drop_slot(slot)
+    local rounds = {}
+    for round = 1, 4 do
+      local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = slot, publication = slot })
+      local seen = {}
+      assert(c:listen { table = t }):on("insert", function(ev) seen[#seen + 1] = ev.new.id end)
+      assert(c:start())
+      H.sql("INSERT INTO " .. t .. " VALUES ($1)", round)
+      -- Stop right after the change, possibly before its Commit message was read.
+      local deadline = core.now() + 5
+      while #seen < 1 and core.now() < deadline do assert(c:poll(0.05)) end
+      assert(c:stop())
+      rounds[round] = table.concat(seen, ",")
+    end
+    drop_slot(slot)
+    assert.same({ "1", "2", "3", "4" }, rounds)
+  end)
+
   it("redelivers every committed change after kill -9 with a persistent slot, in commit order", function()
     local t = H.table("id int PRIMARY KEY")
     local slot = "flash_spec_kill"

@@ -3,6 +3,7 @@
  * that confirm only what the callbacks have handled, streamed transactions buffered with
  * a memory bound (spilled to a temporary file past it), and rows decoded into events. */
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -760,14 +761,31 @@ static int l_set_stream_limit(lua_State *L) {
   return 0;
 }
 
-/* repl:finish() : a last status update with what was handled, then the end of the copy. */
+/* repl:finish([timeout_s]) : a last status update with what was handled, then the end
+ * of the copy; waits (up to timeout_s, default 10) for the server to end it too, so the
+ * last confirmation has been applied before the connection goes. Changes still in flight
+ * are discarded: unconfirmed, they are sent again next time. */
 static int l_finish(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
+  double timeout = luaL_optnumber(L, 2, 10);
   if (r->pg && r->copying) {
-    PQsetnonblocking(r->pg, 0);
     send_status(r, 0);
     PQputCopyEnd(r->pg, NULL);
-    PQflush(r->pg);
+    int64_t deadline = now_us() + (int64_t)(timeout * 1e6);
+    for (;;) {
+      if (PQflush(r->pg) < 0) break;
+      char *buf = NULL;
+      int n = PQgetCopyData(r->pg, &buf, 1);
+      if (n > 0) { PQfreemem(buf); continue; }
+      if (n < 0) break;                 /* the server ended the copy */
+      int64_t left = deadline - now_us();
+      if (left <= 0) break;
+      struct pollfd pfd = { PQsocket(r->pg), POLLIN, 0 };
+      if (poll(&pfd, 1, (int)(left / 1000) + 1) < 0 && errno != EINTR) break;
+      if (!PQconsumeInput(r->pg)) break;
+    }
+    PGresult *res;
+    while (PQstatus(r->pg) == CONNECTION_OK && !PQisBusy(r->pg) && (res = PQgetResult(r->pg)) != NULL) PQclear(res);
     r->copying = 0;
   }
   repl_release(L, r);

@@ -355,7 +355,9 @@ function Driver:step()
   end
   local more, err
   repeat
+    self.pumping = true
     more, err = self.repl:pump(self.dispatch, self.client.flags)
+    self.pumping = false
     if more == nil then
       if self.client.failure or err == "stopped by a callback" then return false end
       -- An error raised by flashlua's own dispatch is not a lost connection.
@@ -434,9 +436,24 @@ function Driver:stats(s)
   end
 end
 
+-- A graceful stop between a transaction's changes and its Commit delivers the rest of
+-- it first (bounded by shutdown_timeout), so what was handled can be confirmed. Not from
+-- inside a callback (the pump is running) nor after a failure.
+function Driver:finish_open_transaction(timeout)
+  if self.pumping or self.client.failure then return end
+  local deadline = core.now() + timeout
+  while self.repl:state().in_txn and core.now() < deadline do
+    core.poll({ self.repl:fd() }, 0.05)
+    local more = self.repl:pump(self.dispatch, self.client.flags)
+    if more == nil or self.client.failure then return end
+  end
+end
+
 function Driver:stop()
   if self.repl then
-    self.repl:finish()   -- a last status update confirms what the callbacks handled
+    self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
+    -- A last status update confirms what the callbacks handled.
+    self.repl:finish(self.client.opts.shutdown_timeout or 10)
     self.repl = nil
   end
   local ok, err = true, nil
