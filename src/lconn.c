@@ -191,12 +191,16 @@ static int l_exec(lua_State *L) {
     PQclear(r);
     return 2;
   }
-  const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-  const char *msg = PQresultErrorMessage(r);
-  if (!msg || !*msg) msg = PQerrorMessage(c->pg);
+  return fl_push_pgerror(L, c->pg, r);
+}
+
+int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res) {
+  const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  const char *msg = res ? PQresultErrorMessage(res) : NULL;
+  if (!msg || !*msg) msg = PQerrorMessage(pg);
   if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
-  int n = push_fail(L, msg, state);
-  PQclear(r);
+  int n = push_fail(L, msg, state ? state : "");
+  PQclear(res);
   return n;
 }
 

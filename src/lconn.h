@@ -2,6 +2,11 @@
 #ifndef LCONN_H
 #define LCONN_H
 #include <lua.h>
+#include <libpq-fe.h>
+
+/* Pushes nil, message, sqlstate for a failed result (the "ERROR:  " prefix dropped) and
+ * clears it; returns 3. res may be NULL (the connection's message is used). */
+int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res);
 void fl_conn_open(lua_State *L);    /* registers metatables; leaves nothing on the stack */
 extern const luaL_Reg fl_conn_funcs[];  /* module-level functions: connect, layout, decode_payload */
 #endif

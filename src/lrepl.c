@@ -13,6 +13,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 #include "fl_pgoutput.h"
+#include "lconn.h"
 #include "lrepl.h"
 #include "lvalue.h"
 
@@ -537,14 +538,7 @@ static int l_exec(lua_State *L) {
   PGresult *res = PQexec(r->pg, sql);
   ExecStatusType st = PQresultStatus(res);
   if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
-    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    const char *msg = PQresultErrorMessage(res);
-    if (!msg || !*msg) msg = PQerrorMessage(r->pg);
-    if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
-    fail(L, msg);
-    lua_pushstring(L, state ? state : "");
-    PQclear(res);
-    return 3;
+    return fl_push_pgerror(L, r->pg, res);
   }
   int nrows = PQntuples(res), ncols = PQnfields(res);
   lua_createtable(L, nrows, 0);
@@ -592,14 +586,7 @@ static int l_start(lua_State *L) {
   r->proto = proto;
   PGresult *res = PQexec(r->pg, cmd);
   if (PQresultStatus(res) != PGRES_COPY_BOTH) {
-    const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-    const char *msg = PQresultErrorMessage(res);
-    if (!msg || !*msg) msg = PQerrorMessage(r->pg);
-    if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
-    fail(L, msg);
-    lua_pushstring(L, state ? state : "");
-    PQclear(res);
-    return 3;
+    return fl_push_pgerror(L, r->pg, res);
   }
   PQclear(res);
   PQsetnonblocking(r->pg, 1);
