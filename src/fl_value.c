@@ -70,9 +70,7 @@ static int decimal_grammar(const char *s, size_t len) {
  * PostgreSQL never prints such text for a float, and numeric beyond double range is
  * best approximated by infinity. */
 int fl_parse_double(const char *s, size_t len, double *out) {
-  char tmp[FL_DOUBLE_MAX_TEXT + 1], *endp;
-  const char *dp;
-  size_t i;
+  char tmp[FL_DOUBLE_MAX_TEXT + 1];
   if (len == 0 || len > FL_DOUBLE_MAX_TEXT) return -1;
   /* The spellings float8in accepts; PostgreSQL prints NaN, Infinity, -Infinity. */
   if (ieq(s, len, "nan")) { *out = NAN; return 0; }
@@ -84,14 +82,21 @@ int fl_parse_double(const char *s, size_t len, double *out) {
   if (!decimal_grammar(s, len)) return -1;
   memcpy(tmp, s, len);
   tmp[len] = '\0';
+  return fl_strtod_copy(tmp, len, out);
+}
+
+int fl_strtod_copy(char *buf, size_t len, double *out) {
+  const char *dp;
+  char *endp;
+  size_t i;
   /* strtod honours LC_NUMERIC, which a script may change with os.setlocale; the text
    * always uses '.', so translate it to whatever strtod expects right now. */
   dp = localeconv()->decimal_point;
   if (dp && dp[0] && dp[0] != '.' && !dp[1])
     for (i = 0; i < len; i++)
-      if (tmp[i] == '.') tmp[i] = dp[0];
-  *out = strtod(tmp, &endp);
-  return endp == tmp + len ? 0 : -1;
+      if (buf[i] == '.') buf[i] = dp[0];
+  *out = strtod(buf, &endp);
+  return endp == buf + len ? 0 : -1;
 }
 
 static int hexval(char c) {

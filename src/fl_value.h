@@ -17,6 +17,10 @@ int fl_parse_int64(const char *s, size_t len, int64_t *out);
 /* float4/float8/int2/int4/oid text incl. "NaN", "Infinity", "-Infinity". 0 ok, -1 malformed. */
 int fl_parse_double(const char *s, size_t len, double *out);
 
+/* strtod over buf[0..len), a NUL-terminated copy the caller owns: '.' is translated in
+ * place to the locale's decimal point first. 0 when all of it was consumed, else -1. */
+int fl_strtod_copy(char *buf, size_t len, double *out);
+
 /* bytea text in either output form: hex ("\x0a0b") or escape ("a\\b\001").
  * out must hold len bytes. Returns bytes written, or -1 when malformed. */
 long fl_bytea_decode(const char *s, size_t len, char *out);

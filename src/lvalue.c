@@ -1,6 +1,5 @@
 /* lvalue: turns a PostgreSQL text value into the Lua value API.md's type table promises.
  * The parsing lives in fl_json/fl_value (pure C); this file only builds Lua values. */
-#include <locale.h>
 #include <stdlib.h>
 #include <string.h>
 #include <lua.h>
@@ -34,8 +33,7 @@ static void drop_scratch(lua_State *L, const char *stackbuf, const char *buf) {
  * decimal characters get that far, so strtod cannot meet "nan(...)" or hex there, and
  * whatever it leaves unconsumed makes the text a string instead. */
 static int to_number(lua_State *L, const char *s, size_t len, lua_Number *out) {
-  char *tmp, *endp;
-  const char *dp;
+  char *tmp;
   size_t i;
   double d;
   if (len <= 512) {
@@ -51,13 +49,9 @@ static int to_number(lua_State *L, const char *s, size_t len, lua_Number *out) {
   tmp = (char *)lua_newuserdata(L, len + 1);
   memcpy(tmp, s, len);
   tmp[len] = '\0';
-  dp = localeconv()->decimal_point;
-  if (dp && dp[0] && dp[0] != '.' && !dp[1])
-    for (i = 0; i < len; i++)
-      if (tmp[i] == '.') tmp[i] = dp[0];
-  d = strtod(tmp, &endp);
+  int rc = fl_strtod_copy(tmp, len, &d);
   lua_pop(L, 1);
-  if (endp != tmp + len) return -1;
+  if (rc != 0) return -1;
   *out = (lua_Number)d;
   return 0;
 }
