@@ -4,18 +4,7 @@ local H = require "helpers"
 local core = require "flash.core"
 local cjson = require "cjson"
 
--- H.leftovers() sees the whole database; while another suite's instance is running there
--- it counts that one too. A graceful stop is over before the process exits, so waiting
--- briefly for the count cannot hide objects this spec's instances failed to remove.
-local function leftovers(expected)
-  local deadline = core.now() + 3
-  local n = H.leftovers()
-  while n ~= expected and core.now() < deadline do
-    core.sleep(0.1)
-    n = H.leftovers()
-  end
-  return n
-end
+local leftovers = H.await_leftovers
 
 describe("flashlua command line", function()
   local scripts, tables, procs = {}, {}, {}

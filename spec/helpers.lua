@@ -91,6 +91,19 @@ function H.leftovers()
      WHERE obj_description(n.oid, 'pg_namespace') LIKE 'flashlua instance%') AS n]]))
 end
 
+-- H.leftovers() sees the whole database; while another suite's instance is running there
+-- it counts that one too. A graceful stop is over before the process exits, so waiting
+-- briefly for the count cannot hide objects a spec's instances failed to remove.
+function H.await_leftovers(expected)
+  local deadline = core.now() + 3
+  local n = H.leftovers()
+  while n ~= expected and core.now() < deadline do
+    core.sleep(0.1)
+    n = H.leftovers()
+  end
+  return n
+end
+
 function H.sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
 -- Writes a Lua script to a temp file; returns its path.
