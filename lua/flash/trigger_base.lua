@@ -203,18 +203,26 @@ function Driver:remove_leftovers()
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
     WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%']], SCHEMA_MARK)
   if not rows then return nil, err end
+  self:sweep_orphans(rows, self.schema, "schema", function(name)
+    return "DROP SCHEMA IF EXISTS " .. self:ident(name) .. " CASCADE"
+  end)
+  return true
+end
+
+-- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
+-- lock (self:lock_sql) is free: the flashlua instance that made them is gone.
+function Driver:sweep_orphans(rows, keep, what, drop_sql)
   for _, r in ipairs(rows) do
-    if r.name ~= self.schema then
+    if r.name ~= keep then
       local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS ok")
       if got and got[1].ok then
-        log.info(string.format("removing schema %s left by a flashlua instance that is gone", r.name))
-        local ok, derr = self:exec("DROP SCHEMA IF EXISTS " .. self:ident(r.name) .. " CASCADE")
+        log.info(string.format("removing %s %s left by a flashlua instance that is gone", what, r.name))
+        local ok, derr = self:exec(drop_sql(r.name))
         if not ok then log.warn("could not remove " .. r.name .. ": " .. derr) end
         self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")")
       end
     end
   end
-  return true
 end
 
 -- PL/pgSQL that sends text variable `p`: as the notification itself when it fits, else

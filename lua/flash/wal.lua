@@ -43,6 +43,7 @@ Driver.ident = base.Driver.ident
 Driver.literal = base.Driver.literal
 Driver.exec = base.Driver.exec
 Driver.qualified = base.Driver.qualified_table
+Driver.sweep_orphans = base.Driver.sweep_orphans
 
 function Driver:lock_sql(name)
   return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal("pub:" .. name) .. ")"
@@ -125,16 +126,9 @@ function Driver:remove_leftovers()
   local rows, err = self:exec([[SELECT pubname::text AS name FROM pg_catalog.pg_publication
     WHERE pg_catalog.obj_description(oid, 'pg_publication') LIKE $1 || '%temporary%']], MARK)
   if not rows then return nil, err end
-  for _, r in ipairs(rows) do
-    if r.name ~= self.publication then
-      local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS ok")
-      if got and got[1].ok then
-        log.info("removing publication " .. r.name .. " left by a flashlua instance that is gone")
-        self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(r.name))
-        self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")")
-      end
-    end
-  end
+  self:sweep_orphans(rows, self.publication, "publication", function(name)
+    return "DROP PUBLICATION IF EXISTS " .. self:ident(name)
+  end)
   return true
 end
 
