@@ -17,7 +17,7 @@ LDFLAGS ?=
 
 B := build
 # Pure C: no Lua, no libpq.
-PURE_SRC := src/fl_json.c src/fl_value.c src/fl_pgoutput.c
+PURE_SRC := src/fl_json.c src/fl_value.c src/fl_pgoutput.c src/fl_record.c
 # Lua binding: the only files that touch lua_State.
 BIND_SRC := src/lvalue.c src/lconn.c src/lrepl.c src/lcore.c
 CORE_OBJ := $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC) $(BIND_SRC))

@@ -26,7 +26,7 @@ build = {
   type = "builtin",
   modules = {
     ["flash.core"] = {
-      sources = { "src/fl_json.c", "src/fl_value.c", "src/fl_pgoutput.c", "src/lvalue.c", "src/lconn.c",
+      sources = { "src/fl_json.c", "src/fl_value.c", "src/fl_pgoutput.c", "src/fl_record.c", "src/lvalue.c", "src/lconn.c",
                   "src/lrepl.c", "src/lcore.c" },
       libraries = { "pq" },
       incdirs = { "$(LIBPQ_INCDIR)", "src" },

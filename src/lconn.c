@@ -10,6 +10,7 @@
 #include "lconn.h"
 #include "lvalue.h"
 #include "fl_json.h"
+#include "fl_record.h"
 
 #define CONN_MT "flash.conn"
 #define LAYOUT_MT "flash.layout"
@@ -313,6 +314,51 @@ static int l_layout_gc(lua_State *L) {
   lo->names = NULL; lo->namelen = NULL; lo->types = NULL; lo->pos = NULL; lo->n = 0;
   return 0;
 }
+
+/* layout:record(text) -> row, nfields | nil, err
+ * A row in composite text form (record_out, as the trigger drivers capture it) decoded by
+ * the layout: field i is column i. nfields is how many fields the text had: fewer or more
+ * than the layout's columns means the table's shape changed between the write and now
+ * (the columns that both have are decoded; the caller decides what to say). */
+static int l_layout_record(lua_State *L) {
+  const fl_layout *lo = luaL_checkudata(L, 1, LAYOUT_MT);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  char small[1024];
+  /* The scratch buffer is a userdata past the stack buffer's size, so that a Lua error
+   * while the row is built cannot leak it. */
+  char *buf = len <= sizeof small ? small : lua_newuserdata(L, len);
+  fl_rec_reader r;
+  fl_rec_init(&r, s, len, buf);
+  lua_createtable(L, 0, lo->n);
+  int i = 0;
+  for (;;) {
+    const char *v; size_t vlen;
+    fl_rec_tok t = fl_rec_next(&r, &v, &vlen);
+    if (t == FL_REC_END) break;
+    if (t == FL_REC_ERROR) {
+      lua_pushnil(L);
+      lua_pushfstring(L, "malformed row text: %s", r.err);
+      return 2;
+    }
+    if (i < lo->n) {
+      lua_pushlstring(L, lo->names[i], lo->namelen[i]);
+      if (t == FL_REC_NULL) lua_pushlightuserdata(L, FL_NULL);
+      else fl_push_value(L, &lo->types[i], v, vlen, lo->flags);
+      lua_rawset(L, -3);
+    }
+    i++;
+  }
+  /* "()" is one NULL field: a row of no columns prints the same way. */
+  if (lo->n == 0 && i == 1) i = 0;
+  lua_pushinteger(L, i);
+  return 2;
+}
+
+static const luaL_Reg layout_methods[] = {
+  { "record", l_layout_record },
+  { NULL, NULL }
+};
 
 /* Reads one JSON array of text-or-null column values into a row table by layout. */
 static int read_row(lua_State *L, fl_json_reader *r, const fl_layout *lo, const char **err) {
@@ -705,6 +751,6 @@ static void new_metatable(lua_State *L, const char *name, lua_CFunction gc, cons
 
 void fl_conn_open(lua_State *L) {
   new_metatable(L, CONN_MT, l_close, conn_methods);
-  new_metatable(L, LAYOUT_MT, l_layout_gc, NULL);
+  new_metatable(L, LAYOUT_MT, l_layout_gc, layout_methods);
   new_metatable(L, BATCH_MT, l_batch_gc, batch_methods);
 }

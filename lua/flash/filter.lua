@@ -191,9 +191,9 @@ function M.prepare(l, d)
         why = "the column's collation is nondeterministic"
       end
       if why then
-        return nil, string.format("condition '%s %s' on %s cannot run under the wal_logical driver: it evaluates " ..
-          "conditions in Lua on arrival, and %s (use a trigger driver, or a where function that decides in Lua)",
-          c.column, c.op, l.table_name, why)
+        return nil, string.format("condition '%s %s' on %s cannot run under the %s driver: conditions are evaluated " ..
+          "in Lua on arrival, and %s (use a where function that decides in Lua)",
+          c.column, c.op, l.table_name, d.client.driver_name, why)
       end
       p.kind = kind
       local values = c.op == "in" and c.value or { c.value }

@@ -1,7 +1,21 @@
--- flash.trigger_base: what the three trigger drivers share: the instance's own schema
--- (advisory lock, leftovers of crashed instances, sequence, overflow table), condition SQL,
--- LISTEN with reconnects, stored-aside payloads, and a clean stop. Each driver adds how it
--- creates triggers (sync) and how it decodes a payload (dispatch).
+-- flash.trigger_base: what the three trigger drivers share.
+--
+-- How they capture (docs/drivers.md "How the trigger drivers capture"): every object lives
+-- in the instance's own schema, locked by a session advisory lock. A trigger appends the
+-- changed row to the schema's `events` table inside the writer's transaction, as the
+-- text of pg_catalog.format('%s', NEW) (record_out: each column's type output function,
+-- under the function's canonical settings); the client polls that table, decodes each
+-- row by the table's current columns (fl_record.c), applies the listeners' conditions in
+-- Lua (flash.filter, as wal_logical does) and deletes what it handled.
+--
+-- Why so: no NOTIFY is sent by writers (PREPARE TRANSACTION works, commits are not
+-- serialized on the notify queue, nothing travels where other roles can read or forge
+-- it); the trigger functions name no column (no DDL on a listened table can make them
+-- fail) and run no code another role controls (no casts, no operators, no conditions: the
+-- only calls are pg_catalog's, under a pinned search_path); rows of any size that
+-- PostgreSQL can print are a text value of a table; a lost connection loses nothing (the
+-- rows wait in the table), and a graceful stop drops the triggers first, then hands over
+-- everything they captured.
 local core = require "flash.core"
 local log = require "flash.log"
 local filter = require "flash.filter"
@@ -10,16 +24,18 @@ local M = {}
 
 local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('flashlua')
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
-local NOTIFY_LIMIT = 7999                -- NOTIFY payloads must be shorter than 8000 bytes
-local OVERFLOW_BATCH = 64                -- stored-aside payloads fetched per query
 local NAME_MAX = 63                      -- NAMEDATALEN - 1 bytes
+local BATCH = 1000                       -- captured rows fetched per query
+local POLL_INTERVAL = 0.005              -- seconds between polls of an empty events table
+local REFRESH_INTERVAL = 2               -- seconds between looks for new partitions/children
+local LOCK_TIMEOUT = "50ms"              -- our DDL never queues writers for longer than this
 
-M.NOTIFY_LIMIT = NOTIFY_LIMIT
 M.OP_NAME = { I = "insert", U = "update", D = "delete", T = "truncate" }
 M.OP_KEYWORD = { insert = "INSERT", update = "UPDATE", delete = "DELETE", truncate = "TRUNCATE" }
 M.OPS = { "insert", "update", "delete", "truncate" }
 
--- Function-level settings make the text forms canonical whatever the writer's session says.
+-- Function-level settings: the row's text is canonical whatever the writer's session
+-- says, and nothing the function calls is looked up where another role could put it.
 M.FUNC_SETTINGS = [[
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -41,20 +57,25 @@ function M.class(parent)
   return c
 end
 
--- A driver of `class` for `client`, with `fields` merged in.
-function M.new(class, client, fields)
+-- A driver of `class` for `client`.
+function M.new(class, client)
   local self = setmetatable({
     client = client,
     listening = false,
     retry_at = nil,
     backoff = 0.1,
     lost_at = nil,
-    notifications = 0,
-    overflow_fetches = 0,
+    captured = 0,
+    next_poll = nil,
+    next_refresh = nil,
+    installed = {},     -- [key] = { rel =, name =, qualified =, ddl = } triggers in the database
+    rels = {},          -- [relation oid] = { display =, listeners = {...} }: what captures go to
+    shapes = {},        -- [relation oid] = { fp =, layout = }: columns to decode its rows by
+    handled = {},       -- seqs of delivered rows, deleted with the next fetch
   }, class)
-  for k, v in pairs(fields or {}) do self[k] = v end
   -- Unique per running instance with default options: two instances never share objects.
   self.schema = client.opts.schema or string.format("flash_%d", client.conn:backend_pid())
+  self.poll_interval = client.opts.poll_interval or POLL_INTERVAL
   return self
 end
 
@@ -93,13 +114,14 @@ function Driver:exec(sql, ...)
 end
 
 -- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
--- column's type, so 10, "10" and 10.0 compare as the column's own values. The text is
--- flash.filter's, which the wal_logical driver evaluates on arrival.
+-- column's type, so 10, "10" and 10.0 compare as the column's own values.
 function Driver:value_literal(v)
   return self:literal(filter.literal_text(v))
 end
 
--- SQL for the listener's conditions on row `rec` (NEW, OLD or an alias); nil without any.
+-- SQL for the listener's conditions on row `rec`; nil without any. Used only to
+-- test-plan conditions at listen (so a bad value fails there, with PostgreSQL's words);
+-- conditions are evaluated on arrival, by flash.filter.
 function Driver:cond_sql(l, rec)
   if #l.conds == 0 then return nil end
   local parts = {}
@@ -125,57 +147,22 @@ function Driver:cond_sql(l, rec)
   return "(" .. table.concat(parts, " AND ") .. ")"
 end
 
--- `expr` evaluated as the listener's condition is, NULL counting as false.
-function M.truth(cond)
-  return cond and ("coalesce(" .. cond .. ", false)") or nil
-end
-
--- SQL that is true when row `new` has other primary_key values than row `old`.
-function Driver:key_changed_sql(l, old, new)
-  local ko, kn = {}, {}
-  for i, k in ipairs(l.primary_key) do
-    ko[i] = old .. "." .. self:ident(k) .. "::text"
-    kn[i] = new .. "." .. self:ident(k) .. "::text"
-  end
-  return string.format("ROW(%s) IS DISTINCT FROM ROW(%s)", table.concat(ko, ", "), table.concat(kn, ", "))
-end
-
-function Driver:trigger_error(what, table_name, err)
-  return fail(string.format("cannot create the %s trigger on %s: %s", what, table_name, err),
-    "the role needs to own the table or hold the TRIGGER privilege on it")
-end
-
 function Driver:qualified_table(l)
   return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
 end
 
--- Types whose cast to text is not their output function: inet/cidr (::text adds the
--- netmask), char(n) (::text drops the padding), boolean ('true' for 't'). format('%s')
--- calls the output function, so these read as the walsender (and pg_dump) print them.
-local OWN_TEXT_CAST = { [16] = true, [650] = true, [869] = true, [1042] = true }
-
--- Text of columns `cols` of row `rec` as one SQL text[] expression.
-function Driver:text_array(cols, rec)
-  local vals = {}
-  for i, c in ipairs(cols) do
-    local col = rec .. "." .. self:ident(c.name)
-    if OWN_TEXT_CAST[c.oid] then
-      vals[i] = "CASE WHEN " .. col .. " IS NULL THEN NULL ELSE format('%s', " .. col .. ") END"
-    else
-      vals[i] = col .. "::text"
-    end
-  end
-  return "ARRAY[" .. table.concat(vals, ", ") .. "]::text[]"
-end
-
--- Conditions are checked when listening, under the trigger functions' own search_path:
--- a condition that cannot be evaluated must fail here, never later inside a user's write.
+-- Conditions are test-planned at listen (the server's error for a bad value), then
+-- prepared for evaluation on arrival, exactly as under wal_logical.
 function Driver:check(l)
   local cond = self:cond_sql(l, "t")
-  if not cond then return true end
-  local ok, err = self:exec("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);\n" ..
-    "SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
-  if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+  if cond then
+    local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
+    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+  end
+  local ok, err = filter.prepare(l, self)
+  if not ok then return nil, err end
+  l.matcher = filter.matcher(l)
+  l.passthrough = filter.passthrough(l)
   return true
 end
 
@@ -196,6 +183,68 @@ function Driver:lock_sql(schema_name)
   return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal(schema_name) .. ")"
 end
 
+---------------------------------------------------------------------------------------
+-- Removing a schema without deadlocking writers: its triggers go first, one table per
+-- transaction, each waiting at most LOCK_TIMEOUT for the table (a writer holding it is
+-- never made to wait on us, and new writers queue behind us only that long), retried
+-- until `deadline`. Once every trigger is gone no transaction can be inside one of our
+-- functions, and the schema itself drops with no lock on anybody's table.
+
+local function sleep(s) core.sleep(s) end
+
+-- Drops the triggers whose functions live in schema `name`; true, or nil and why.
+function Driver:drop_schema_triggers(name, deadline)
+  while true do
+    local rows, err = self:exec([[
+      SELECT t.tgname::text AS tg, n.nspname::text AS s, c.relname::text AS r
+      FROM pg_catalog.pg_trigger t
+      JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+      JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE p.pronamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)
+        AND t.tgparentid = 0]], name)
+    if not rows then return nil, err end
+    if #rows == 0 then return true end
+    local busy
+    for _, t in ipairs(rows) do
+      local ok, derr, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " ..
+        self:literal(LOCK_TIMEOUT) .. ", true); DROP TRIGGER IF EXISTS " .. self:ident(t.tg) ..
+        " ON " .. self:ident(t.s) .. "." .. self:ident(t.r))
+      if not ok then
+        if state ~= "55P03" and state ~= "40P01" then
+          if not self:conn():ok() then return nil, derr end
+          log.warn(string.format("cannot drop trigger %s on %s.%s: %s", t.tg, t.s, t.r, derr))
+        end
+        busy = derr
+      end
+    end
+    if not busy then return true end
+    if core.now() >= deadline then return nil, "tables stayed busy: " .. tostring(busy) end
+    sleep(0.02)
+  end
+end
+
+-- Removes schema `name` and everything in it; true, or nil and why.
+function Driver:remove_schema(name, deadline)
+  local ok, err = self:drop_schema_triggers(name, deadline)
+  if not ok then return nil, err end
+  while true do
+    local state
+    ok, err, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
+      ", true); DROP SCHEMA IF EXISTS " .. self:ident(name) .. " CASCADE")
+    if ok then return true end
+    if (state ~= "55P03" and state ~= "40P01") or core.now() >= deadline then return nil, err end
+    sleep(0.02)
+  end
+end
+
+-- Captured rows still waiting in schema `name`'s events table (0 when it has none).
+function Driver:backlog(name)
+  local rows = self:exec("SELECT CASE WHEN pg_catalog.to_regclass($1) IS NULL THEN 0 ELSE " ..
+    "(SELECT count(*) FROM " .. self:ident(name) .. ".events) END AS n", self:ident(name) .. ".events")
+  return rows and rows[1] and tonumber(rows[1].n) or 0
+end
+
 -- Removes schemas of flashlua instances that are gone (their session-level advisory lock
 -- is free), so nobody's writes keep paying for triggers no one listens to.
 function Driver:remove_leftovers()
@@ -203,48 +252,80 @@ function Driver:remove_leftovers()
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
     WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%']], SCHEMA_MARK)
   if not rows then return nil, err end
+  local timeout = self.client.opts.shutdown_timeout or 10
   self:sweep_orphans(rows, self.schema, "schema", function(name)
-    return "DROP SCHEMA IF EXISTS " .. self:ident(name) .. " CASCADE"
+    local left = self:backlog(name)
+    if left > 0 then
+      log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
+        "discarded with it", name, left))
+    end
+    return self:remove_schema(name, core.now() + timeout)
   end)
   return true
 end
 
 -- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
--- lock (self:lock_sql) is free: the flashlua instance that made them is gone.
-function Driver:sweep_orphans(rows, keep, what, drop_sql)
+-- lock (self:lock_sql) is free: the flashlua instance that made them is gone. `drop`
+-- is SQL text, or a function of the name that removes it (true | nil, err).
+function Driver:sweep_orphans(rows, keep, what, drop)
   for _, r in ipairs(rows) do
     if r.name ~= keep then
       local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS ok")
       if got and got[1].ok then
         log.info(string.format("removing %s %s left by a flashlua instance that is gone", what, r.name))
-        local ok, derr = self:exec(drop_sql(r.name))
-        if not ok then log.warn("could not remove " .. r.name .. ": " .. derr) end
+        local ok, derr = drop(r.name)
+        if type(ok) == "string" then ok, derr = self:exec(ok) end
+        if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
         self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")")
       end
     end
   end
 end
 
--- PL/pgSQL that sends text variable `p`: as the notification itself when it fits, else
--- stored aside in the overflow table with the notification carrying its id.
-function Driver:send_sql(p)
+---------------------------------------------------------------------------------------
+-- The schema: events table and capture functions.
+
+-- The row trigger function (every trigger driver's row triggers, and the truncate
+-- triggers): one row per change, tagged with TG_ARGV[0] (the `trigger` driver's listener
+-- id; 0 for shared triggers).
+function Driver:capture_function()
+  local E = self:ident(self.schema) .. ".events"
+  local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old) VALUES (pg_catalog.txid_current(), "
+  local tag = "pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0]))"
+  return table.concat({
+    "BEGIN",
+    "IF TG_OP = 'INSERT' THEN",
+    "  " .. ins .. "'I', TG_RELID, " .. tag .. ", pg_catalog.format('%s', NEW), NULL);",
+    "ELSIF TG_OP = 'UPDATE' THEN",
+    "  " .. ins .. "'U', TG_RELID, " .. tag .. ", pg_catalog.format('%s', NEW), pg_catalog.format('%s', OLD));",
+    "ELSIF TG_OP = 'DELETE' THEN",
+    "  " .. ins .. "'D', TG_RELID, " .. tag .. ", NULL, pg_catalog.format('%s', OLD));",
+    "ELSE",
+    "  " .. ins .. "'T', TG_RELID, " .. tag .. ", NULL, NULL);",
+    "END IF;",
+    "RETURN NULL;",
+    "END",
+  }, "\n")
+end
+
+function Driver:schema_sql()
   local S = self:ident(self.schema)
-  return "IF octet_length(" .. p .. ") > " .. NOTIFY_LIMIT .. " THEN\n" ..
-    "  INSERT INTO " .. S .. ".overflow (payload) VALUES (" .. p .. ") RETURNING id INTO rid;\n" ..
-    "  " .. p .. " := '[\"R\",' || rid || ']';\n" ..
-    "END IF;\n" ..
-    "PERFORM pg_notify(" .. self:literal(self.schema) .. ", " .. p .. ");"
+  return {
+    "CREATE TABLE IF NOT EXISTS " .. S .. ".events (" ..
+      "seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, xid bigint NOT NULL, op \"char\" NOT NULL, " ..
+      "rel oid NOT NULL, tag integer NOT NULL, new text, old text) " ..
+      "WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)",
+    "CREATE OR REPLACE FUNCTION " .. S .. ".capture() RETURNS trigger LANGUAGE plpgsql " ..
+      M.FUNC_SETTINGS .. " AS " .. self:literal(self:capture_function()),
+    -- Nobody else may attach our functions to a table (firing a trigger checks nothing).
+    "REVOKE ALL ON FUNCTION " .. S .. ".capture() FROM PUBLIC",
+  }
 end
 
--- The sequence that makes every payload unique (NOTIFY folds identical ones).
-function Driver:seq_sql()
-  return "nextval(" .. self:literal(self:ident(self.schema) .. ".seq") .. "::regclass)"
+function Driver:schema_exists()
+  local rows = self:exec("SELECT pg_catalog.to_regnamespace($1) IS NOT NULL AS ok", self:ident(self.schema))
+  return rows and rows[1] and rows[1].ok
 end
-
-M.XID_SQL = "(txid_current() % 4294967296)"
-
--- The driver's own functions in the schema (SQL statements); none by default.
-function Driver:schema_functions() return {} end
 
 function Driver:install_schema(fresh)
   local got, err = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
@@ -254,70 +335,212 @@ function Driver:install_schema(fresh)
       "give each instance its own `schema` option, or leave it out for a unique default")
   end
   local S = self:ident(self.schema)
-  local sql = {}
-  if fresh then sql[#sql + 1] = "DROP SCHEMA IF EXISTS " .. S .. " CASCADE" end
-  sql[#sql + 1] = "CREATE SCHEMA IF NOT EXISTS " .. S
-  sql[#sql + 1] = "COMMENT ON SCHEMA " .. S .. " IS " ..
-    self:literal(string.format("%s (pid %d); removed when it stops", SCHEMA_MARK, core.getpid()))
-  sql[#sql + 1] = "CREATE SEQUENCE IF NOT EXISTS " .. S .. ".seq"
-  sql[#sql + 1] = "CREATE UNLOGGED TABLE IF NOT EXISTS " .. S ..
-    ".overflow (id bigserial PRIMARY KEY, payload text NOT NULL)"
-  for _, f in ipairs(self:schema_functions()) do sql[#sql + 1] = f end
+  local existed = self:schema_exists()
+  if fresh and existed then
+    -- A schema of this name whose lock was free: left by an instance that is gone.
+    local left = self:backlog(self.schema)
+    if left > 0 then
+      log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
+        "discarded with it", self.schema, left))
+    end
+    local ok, rerr = self:remove_schema(self.schema, core.now() + (self.client.opts.shutdown_timeout or 10))
+    if not ok then return fail("cannot remove the old schema " .. self.schema .. ": " .. tostring(rerr)) end
+    existed = false
+  end
+  local sql = {
+    "CREATE SCHEMA IF NOT EXISTS " .. S,
+    "COMMENT ON SCHEMA " .. S .. " IS " ..
+      self:literal(string.format("%s (pid %d); removed when it stops", SCHEMA_MARK, core.getpid())),
+    "REVOKE ALL ON SCHEMA " .. S .. " FROM PUBLIC",
+  }
+  for _, s in ipairs(self:schema_sql()) do sql[#sql + 1] = s end
   local ok
   ok, err = self:exec(table.concat(sql, ";\n"))
   if not ok then
     return fail("cannot create schema " .. self.schema .. ": " .. err,
       "the role needs CREATE on the database; or pass `schema` naming one it may create")
   end
-  ok, err = self:exec("LISTEN " .. S)
-  if not ok then return nil, err end
   self.listening = true
+  return true, existed
+end
+
+---------------------------------------------------------------------------------------
+-- Which tables capture for which listener: the listened table and its descendants
+-- (partitions at any depth, INHERITS children), found again every REFRESH_INTERVAL.
+
+function Driver:descendants(oid)
+  local rows, err = self:exec([[
+    WITH RECURSIVE d(oid) AS (
+      SELECT $1::oid
+      UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
+    SELECT c.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS name,
+           c.relkind::text AS relkind, c.relispartition AS part
+    FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p')
+    ORDER BY c.oid]], oid)
+  return rows, err
+end
+
+-- Recomputes self.rels (and each listener's descendant list); true when it changed.
+function Driver:map_relations()
+  local rels, sig = {}, {}
+  for _, l in ipairs(self.client.listeners) do
+    local rows = self:descendants(l.table.oid)
+    if rows then
+      l.relations = rows
+      for _, r in ipairs(rows) do
+        local e = rels[r.oid]
+        if not e then
+          e = { display = r.schema .. "." .. r.name, listeners = {} }
+          rels[r.oid] = e
+        end
+        e.listeners[#e.listeners + 1] = l
+        sig[#sig + 1] = l.id .. ":" .. r.oid .. ":" .. e.display
+      end
+      -- The listened table's current name (it may have been renamed).
+      for _, r in ipairs(rows) do
+        if r.oid == l.table.oid then
+          l.table_name = r.schema .. "." .. r.name
+          l.table.schema, l.table.name, l.table.display = r.schema, r.name, l.table_name
+        end
+      end
+    else
+      l.relations = l.relations or {}
+    end
+  end
+  self.rels = rels
+  local s = table.concat(sig, ",")
+  local changed = s ~= self.rel_sig
+  self.rel_sig = s
+  return changed
+end
+
+-- The tables of listener `l` that need row triggers: row triggers on a partitioned table
+-- are cloned to every partition (also those created later); INHERITS children need their
+-- own.
+function M.row_targets(l)
+  local out = {}
+  for _, r in ipairs(l.relations or {}) do
+    if r.oid == l.table.oid or not r.part then out[#out + 1] = r end
+  end
+  return out
+end
+
+-- The desired triggers: a list of { key =, rel =, name =, qualified =, ddl = }; each
+-- driver says (Driver:wanted_triggers).
+function Driver:qualified_rel(r)
+  return self:ident(r.schema) .. "." .. self:ident(r.name)
+end
+
+-- Makes the database's triggers match what the listeners want. Each change is its own
+-- transaction waiting at most LOCK_TIMEOUT for the table, retried on the next step.
+function Driver:sync_all()
+  if not self.listening then return true end   -- reconnecting: installed on reconnect
+  self:map_relations()
+  local want = {}
+  for _, t in ipairs(self:wanted_triggers()) do want[t.key] = t end
+  local pending
+  for key, have in pairs(self.installed) do
+    local w = want[key]
+    if not w or w.ddl ~= have.ddl then
+      local ok, err, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
+        ", true); DROP TRIGGER IF EXISTS " .. self:ident(have.name) .. " ON " .. have.qualified)
+      if ok or state == "42P01" then
+        self.installed[key] = nil
+        log.debug(string.format("trigger %s dropped from %s", have.name, have.qualified))
+      elseif not self:conn():ok() then
+        return self:sync_failed(err)
+      else
+        pending = pending or err
+      end
+    end
+  end
+  for key, w in pairs(want) do
+    if not self.installed[key] then
+      local ok, err, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
+        ", true); DROP TRIGGER IF EXISTS " .. self:ident(w.name) .. " ON " .. w.qualified .. ";\n" ..
+        "CREATE TRIGGER " .. self:ident(w.name) .. " " .. w.ddl)
+      if ok then
+        self.installed[key] = w
+        log.debug(string.format("trigger %s created on %s", w.name, w.qualified))
+      elseif not self:conn():ok() then
+        return self:sync_failed(err)
+      elseif state == "55P03" or state == "40P01" then
+        pending = pending or err
+      else
+        return fail(string.format("cannot create the %s trigger on %s: %s", w.what, w.display, err),
+          "the role needs to own the table or hold the TRIGGER privilege on it")
+      end
+    end
+  end
+  -- A table that stayed busy past the lock timeout: tried again soon.
+  self.resync = pending and true or nil
+  if pending then log.debug("trigger changes wait for a busy table: " .. tostring(pending)) end
   return true
 end
 
--- Forgets what the database holds: a fresh schema, or a reconnect (`fresh` false), after
--- which the database may still hold triggers that callbacks stopped wanting meanwhile.
-function Driver:reset(fresh) end
+function Driver:sync(l)
+  if not self.listening then return true end
+  if not l then return self:sync_all() end
+  -- The listener must be ready before its table captures (check() prepared it).
+  return self:sync_all()
+end
+
+-- Forgets what the database holds: triggers are found again from the catalog.
+function Driver:load_installed()
+  self.installed = {}
+  local rows = self:exec([[
+    SELECT t.tgname::text AS name, n.nspname::text AS schema, c.relname::text AS rel, t.tgrelid::bigint AS oid
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+    JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE p.pronamespace = pg_catalog.to_regnamespace($1) AND t.tgparentid = 0]], self:ident(self.schema))
+  for _, r in ipairs(rows or {}) do
+    -- Unknown DDL: dropped and created again by the next sync.
+    self.installed[r.oid .. "/" .. r.name] = { name = r.name, qualified = self:ident(r.schema) .. "." .. self:ident(r.rel),
+      ddl = "?" }
+  end
+end
 
 function Driver:install(fresh)
   local ok, err = self:remove_leftovers()
   if not ok then return nil, err end
-  ok, err = self:install_schema(fresh)
+  local existed
+  ok, existed = self:install_schema(fresh)
+  if not ok then return nil, existed end
+  if fresh then self.installed = {} else self:load_installed() end
+  ok, err = self:sync_all()
   if not ok then return nil, err end
-  self:reset(fresh)
-  for _, l in ipairs(self.client.listeners) do
-    ok, err = self:sync(l)
-    if not ok then return nil, err end
-  end
   if not self.listening then return nil, "the connection was lost again" end
-  return true
+  self.next_poll = core.now()
+  self.next_refresh = core.now() + REFRESH_INTERVAL
+  return true, existed
 end
 
 function Driver:start()
   local ok, err = self:install(true)
   if not ok then
-    self:exec("DROP SCHEMA IF EXISTS " .. self:ident(self.schema) .. " CASCADE")
+    self:remove_schema(self.schema, core.now() + 5)
     return nil, err
   end
-  log.debug(string.format("%s driver listening on channel %s", self.client.driver_name, self.schema))
+  log.debug(string.format("%s driver capturing into %s.events", self.client.driver_name, self.schema))
   return true
 end
 
-function Driver:fds()
-  if not self.listening then return {} end
-  local fd = self:conn():fd()
-  if fd < 0 then return {} end
-  return { fd }
-end
+function Driver:fds() return {} end
 
 function Driver:next_deadline()
-  return self.retry_at
+  if not self.listening then return self.retry_at end
+  local d = self.next_poll
+  if self.next_refresh and (not d or self.next_refresh < d) then d = self.next_refresh end
+  return d
 end
 
 function Driver:stats(s)
   s.schema = self.schema
-  s.notifications = self.notifications
-  s.overflow_fetches = self.overflow_fetches
+  s.captured = self.captured
 end
 
 local function lost(self, err)
@@ -344,17 +567,20 @@ function Driver:reconnect()
     client:_log_notices()
     client.conn:close()
     client.conn = conn
-    local ok, ierr = self:install(false)
+    local ok, existed = self:install(false)
     if ok then
-      local now = core.time()
       client.counters.reconnects = client.counters.reconnects + 1
-      log.warn(string.format("reconnected and listening again; changes committed between %s and %s " ..
-        "were not captured (NOTIFY is not kept for absent listeners)",
-        os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(now))))
+      if existed then
+        log.warn("reconnected; nothing was lost: the changes committed meanwhile wait in " .. self.schema .. ".events")
+      else
+        log.warn(string.format("reconnected, but schema %s was removed while the connection was down: changes " ..
+          "committed between %s and %s were not captured", self.schema,
+          os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time()))))
+      end
       self.lost_at, self.retry_at = nil, nil
       return true
     end
-    err = ierr
+    err = existed
     self.listening = false
   end
   self.retry_at = core.now() + self.backoff
@@ -363,32 +589,156 @@ function Driver:reconnect()
   return true
 end
 
--- The overflow id of a stored-aside notification, or nil.
-local function overflow_id(payload)
-  if payload:sub(1, 5) ~= '["R",' then return nil end
-  return tonumber(payload:match('^%["R",(%d+)%]$'))
-end
+---------------------------------------------------------------------------------------
+-- Reading what was captured.
 
--- Fetches (and deletes) stored-aside payloads and dispatches them in the order of `ids`.
-function Driver:fetch_aside(ids)
-  local rows, err = self:exec("DELETE FROM " .. self:ident(self.schema) ..
-    ".overflow WHERE id = ANY($1::bigint[]) RETURNING id, payload", "{" .. table.concat(ids, ",") .. "}")
-  if not rows then return nil, "cannot fetch a stored-aside row: " .. err end
-  local by_id = {}
-  for _, r in ipairs(rows) do by_id[r.id] = r.payload end
-  for _, id in ipairs(ids) do
-    local payload = by_id[id]
-    if payload then
-      self.overflow_fetches = self.overflow_fetches + 1
-      self.client.counters.bytes = self.client.counters.bytes + #payload
-      local cont, derr = self:dispatch(payload)
-      if not cont then return cont, derr end
-      if not self.listening then return true end   -- a callback stopped the client
-    else
-      log.warn(string.format("row stored aside (#%d) is gone; its events are lost", id))
+local COLUMNS_SQL = [[
+  SELECT a.attrelid::bigint AS rel, a.attname::text AS name, bt.oid::bigint AS oid,
+         CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE 0 END::bigint AS elem,
+         coalesce(et.typdelim::text, ',') AS delim
+  FROM pg_catalog.pg_attribute a
+  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+  JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+  LEFT JOIN pg_catalog.pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+  WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
+  ORDER BY a.attrelid, a.attnum]]
+
+-- The shape (columns and types) of each relation in `oids`, as the catalog says now;
+-- shapes whose fingerprint changed get a new layout.
+function Driver:load_shapes(oids)
+  local rows, err = self:exec(COLUMNS_SQL, "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return nil, err end
+  local by = {}
+  for _, r in ipairs(rows) do
+    local list = by[r.rel]
+    if not list then list = {} by[r.rel] = list end
+    list[#list + 1] = r
+  end
+  for _, oid in ipairs(oids) do
+    local cols = by[oid]
+    if cols then
+      local fp = {}
+      for i, c in ipairs(cols) do fp[i] = c.name .. ":" .. c.oid .. ":" .. c.elem end
+      fp = table.concat(fp, ",")
+      local s = self.shapes[oid]
+      if not s or s.fp ~= fp then
+        self.shapes[oid] = { fp = fp, n = #cols, layout = core.layout(cols, self.client.flags), names = cols }
+      end
     end
   end
   return true
+end
+
+-- Fetches the next batch (deleting the rows handled so far in the same round trip);
+-- returns the rows in delivery order, or nil and the error.
+function Driver:fetch()
+  local S = self:ident(self.schema)
+  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, new, old FROM " .. S ..
+    ".events ORDER BY seq LIMIT " .. BATCH
+  if #self.handled > 0 then
+    sql = "DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
+      "}'::bigint[]);\n" .. sql
+  end
+  local rows, err = self:exec(sql)
+  if not rows then return nil, err end
+  self.handled = {}
+  if #rows == 0 then return rows end
+  -- Transactions in the order of their last captured row (a transaction that waited for
+  -- another's row lock captured after that one committed, so per-row order holds); rows
+  -- of one transaction together, in capture order.
+  local last = {}
+  for _, r in ipairs(rows) do
+    local m = last[r.xid]
+    if not m or r.seq > m then last[r.xid] = r.seq end
+  end
+  table.sort(rows, function(a, b)
+    local la, lb = last[a.xid], last[b.xid]
+    if la ~= lb then return la < lb end
+    return a.seq < b.seq
+  end)
+  -- Columns as the catalog says now, for every relation of the batch.
+  local seen, oids = {}, {}
+  for _, r in ipairs(rows) do
+    if not seen[r.rel] then seen[r.rel] = true oids[#oids + 1] = r.rel end
+  end
+  local ok
+  ok, err = self:load_shapes(oids)
+  if not ok then return nil, err end
+  for _, oid in ipairs(oids) do
+    if not self.rels[oid] then self:sync_all() break end   -- a partition or child new to us
+  end
+  return rows
+end
+
+-- A captured row's values by its relation's shape; warns when the shape changed since
+-- the row was written (columns added or dropped meanwhile: matched by position).
+function Driver:decode(shape, text, display)
+  if type(text) ~= "string" then return nil end
+  local row, n = shape.layout:record(text)
+  if not row then
+    log.warn(string.format("a row of %s could not be decoded (%s); delivered as its text in field \"row\"", display, n))
+    return { row = text }
+  end
+  if n > shape.n and not shape.warned then
+    -- Columns were dropped after the row was written: which ones is not known any more.
+    shape.warned = true
+    log.warn(string.format("rows of %s written before columns were dropped are delivered with the columns " ..
+      "of now, matched by position (%d values for %d columns)", display, n, shape.n))
+  end
+  -- Fewer values than columns: columns added since (always last): the row had none of them.
+  return row
+end
+
+-- Delivers one captured row; returns false when the client must stop.
+function Driver:deliver_row(r)
+  local client = self.client
+  local info = self.rels[r.rel]
+  local shape = self.shapes[r.rel]
+  local op = M.OP_NAME[r.op]
+  if not info or not op then return true end   -- a table no listener follows any more
+  if not shape and r.op ~= "T" then
+    if not self.warned_gone then
+      self.warned_gone = true
+      log.warn(string.format("table %s was dropped; the changes it captured before cannot be decoded", info.display))
+    end
+    return true
+  end
+  local new = self:decode(shape, r.new, info.display)
+  local old = self:decode(shape, r.old, info.display)
+  local xid = r.xid % 4294967296
+  local function emit(l, ev) return client:_deliver(l, ev) end
+  local list = info.listeners
+  for i = 1, #list do
+    local l = list[i]
+    if (r.tag == 0 or r.tag == l.id) and client.by_id[l.id] then
+      local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid }
+      local cont
+      if l.passthrough then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, emit) end
+      if cont == false or client.failure then return false end
+      if not self.listening then return true end
+    end
+  end
+  return true
+end
+
+-- Fetches and delivers one batch; returns the number of rows, or nil, err.
+function Driver:drain_batch()
+  local rows, err = self:fetch()
+  if not rows then return nil, err end
+  local handled = self.handled
+  for i = 1, #rows do
+    local r = rows[i]
+    self.captured = self.captured + 1
+    local nv, ov = r.new, r.old
+    self.client.counters.bytes = self.client.counters.bytes + (type(nv) == "string" and #nv or 0) +
+      (type(ov) == "string" and #ov or 0)
+    if self.client.failure then return nil, self.client.failure end
+    local cont = self:deliver_row(r)
+    handled[#handled + 1] = r.seq
+    if cont == false then return nil, self.client.failure end
+    if not self.listening then return i end   -- a callback stopped the client
+  end
+  return #rows
 end
 
 function Driver:step()
@@ -396,342 +746,76 @@ function Driver:step()
     if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
     return true
   end
-  -- While notifications are dispatched, a callback may stop the client: stop() must not
-  -- deliver from inside (out of order), and this loop must not read on.
+  local now = core.now()
+  if (self.next_refresh and now >= self.next_refresh) or self.resync then
+    self.next_refresh = now + REFRESH_INTERVAL
+    local ok, err = self:sync_all()
+    if not ok then return nil, err end
+    if not self.listening then return true end
+  end
+  if self.next_poll and now < self.next_poll then return true end
+  -- While rows are delivered, a callback may stop the client: stop() must not deliver
+  -- from inside (out of order), and this loop must not read on.
   self.stepping = true
-  local cont, err = self:receive()
+  local n, err = self:drain_batch()
   self.stepping = false
-  return cont, err
+  if not n then
+    if self.client.failure then return nil, self.client.failure end
+    if not self:conn():ok() then lost(self, err) return true end
+    return nil, err
+  end
+  self.next_poll = n >= BATCH and now or (core.now() + self.poll_interval)
+  return true
 end
 
--- Reads what the socket has and dispatches every notification, in order.
-function Driver:receive()
-  local conn = self:conn()
-  local ok, err = conn:consume()
-  self.client:_log_notices()
-  if not ok then
-    lost(self, err)
+-- A graceful stop: the triggers go first (nothing more is captured), then everything
+-- they captured is delivered (within shutdown_timeout), then the schema goes. Not after a
+-- failure (on_error = "stop": no further callbacks), nor when a callback stops the client
+-- (that callback's event is the last one).
+function Driver:stop()
+  if not self.listening then
+    self.listening = false
+    if self.lost_at then
+      return nil, string.format("the connection is lost: schema %s and its triggers stay until the next flashlua " ..
+        "start removes them", self.schema)
+    end
     return true
   end
-  self:prepare()
-  -- Consecutive stored-aside payloads are fetched with one query.
-  local aside = {}
-  local function flush()
-    if #aside == 0 then return true end
-    local ids = aside
-    aside = {}
-    return self:fetch_aside(ids)
-  end
-  while true do
-    local _, payload = conn:notify()
-    if not payload then break end
-    self.notifications = self.notifications + 1
-    self.client.counters.bytes = self.client.counters.bytes + #payload
-    local rid = overflow_id(payload)
-    local cont, herr = true, nil
-    if rid then
-      aside[#aside + 1] = rid
-      if #aside >= OVERFLOW_BATCH then cont, herr = flush() end
-    else
-      cont, herr = flush()
-      if cont and self.listening then cont, herr = self:dispatch(payload) end
+  local timeout = self.client.opts.shutdown_timeout or 10
+  local deadline = core.now() + timeout
+  local ok, err = self:drop_schema_triggers(self.schema, deadline)
+  local problems = {}
+  if not ok then problems[#problems + 1] = "cannot remove its triggers: " .. tostring(err) end
+  local left = 0
+  if not (self.client.failure or self.stepping) then
+    while core.now() < deadline do
+      local n, derr = self:drain_batch()
+      if not n then
+        if not self.client.failure then problems[#problems + 1] = "cannot read what was captured: " .. tostring(derr) end
+        break
+      end
+      if n == 0 or not self.listening then break end
     end
-    if cont == nil then return nil, herr end
-    if not cont then return false end
-    if not self.listening then return true end   -- a callback stopped the client
-  end
-  local cont, herr = flush()
-  if cont == nil then return nil, herr end
-  if not cont then return false end
-  if self.listening and not conn:ok() then lost(self, "connection closed") end
-  return true
-end
-
--- Called before the notifications of a step are dispatched.
-function Driver:prepare() end
-
-function Driver:stop()
-  local ok, err = true, nil
-  if self.listening then
-    -- Deliver what has already arrived before the triggers go (not after a failure:
-    -- on_error = "stop" means no further callbacks; not when a callback stops the client:
-    -- that callback's event is the last one).
-    local sok = (self.client.failure or self.stepping) and true or self:step()
-    if sok == nil then log.warn("events received during stop could not be delivered") end
-    local S = self:ident(self.schema)
-    local r, e = self:exec("UNLISTEN *; DROP SCHEMA IF EXISTS " .. S .. " CASCADE; SELECT pg_advisory_unlock(" ..
-      self:lock_sql(self.schema) .. ")")
-    if not r then ok, err = nil, "cannot remove schema " .. self.schema .. ": " .. e end
+    if self:conn():ok() and #self.handled > 0 then
+      self:exec("DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq = ANY('{" ..
+        table.concat(self.handled, ",") .. "}'::bigint[])")
+      self.handled = {}
+    end
+    left = self:backlog(self.schema)
+    if left > 0 and not self.client.failure then
+      problems[#problems + 1] = string.format("%d captured changes were not delivered within shutdown_timeout " ..
+        "(%g s) and are discarded", left, timeout)
+    end
   end
   self.listening = false
-  return ok, err
-end
-
----------------------------------------------------------------------------------------
--- Shared triggers (trigger_global, trigger_statement): the triggers of one table serve
--- every listener of the client on it. Their functions evaluate each listener's conditions,
--- partial-field check and primary-key change in SQL (the `trigger` driver's semantics, by
--- the same SQL) and send batches: ["B", seq, xid, [actions, new, old], ...], where actions
--- such as "3U,5DI," say which listener gets which events of that row, and the rows carry
--- the union of those listeners' columns. Functions are regenerated when the listeners'
--- wanted operations change; the triggers themselves are created once per table and unit.
-
-local TableDriver = M.class(Driver)
-M.TableDriver = TableDriver
-
--- A driver of `class` (which has UNITS, see below) for `client`.
-function M.new_table_driver(class, client)
-  return M.new(class, client, {
-    groups = {},        -- [table oid] = group (see TableDriver:group)
-    group_list = {},
-    layouts = {},       -- [listener id] = layout into its group's rows
-    fnames = {},        -- [function name] = table oid: names already taken in the schema
-    decoder = core.batch_decoder(),
-  })
-end
-
--- Sends one batch of items (text of a comma-separated list of JSON items). No SECURITY
--- DEFINER and no SET clauses: only our trigger functions (which have both) call it, and
--- PUBLIC has no USAGE on the schema.
-function TableDriver:schema_functions()
-  local S = self:ident(self.schema)
-  local body = "DECLARE p text; rid bigint;\nBEGIN\n" ..
-    "p := '[\"B\",' || " .. self:seq_sql() .. " || ',' || " .. M.XID_SQL .. " || ',' || items || ']';\n" ..
-    self:send_sql("p") .. "\nEND"
-  return { "CREATE OR REPLACE FUNCTION " .. S .. ".emit_batch(items text) RETURNS void LANGUAGE plpgsql AS " ..
-    self:literal(body) }
-end
-
-function TableDriver:reset()
-  for _, g in ipairs(self.group_list) do
-    g.bodies, g.installed, g.unknown = {}, {}, true
+  local rok, rerr = self:remove_schema(self.schema, math.max(deadline, core.now() + 1))
+  if not rok then
+    problems[#problems + 1] = string.format("cannot remove schema %s (%s); the next flashlua start removes it",
+      self.schema, tostring(rerr))
   end
-end
-
--- The group of the listener's table; the listener joins it (its layout points into the
--- group's column list, which only grows, so rows sent before a join still decode).
-function TableDriver:group(l)
-  local oid = l.table.oid
-  local g = self.groups[oid]
-  if not g then
-    g = { oid = oid, display = l.table_name, qualified = self:qualified_table(l),
-          stem = self.schema .. "_" .. l.table.schema .. "_" .. l.table.name,
-          listeners = {}, members = {}, cols = {}, colpos = {}, names = {},
-          bodies = {}, installed = {}, unknown = false }
-    self.groups[oid] = g
-    self.group_list[#self.group_list + 1] = g
-  end
-  if not g.members[l.id] then
-    local entries = {}
-    for i, c in ipairs(l.columns) do
-      local pos = g.colpos[c.name]
-      if not pos then
-        g.cols[#g.cols + 1] = c
-        pos = #g.cols
-        g.colpos[c.name] = pos
-      end
-      entries[i] = { name = c.name, oid = c.oid, elem = c.elem, delim = c.delim, pos = pos }
-    end
-    self.layouts[l.id] = core.layout(entries, self.client.flags)
-    g.members[l.id] = true
-    g.listeners[#g.listeners + 1] = l
-  end
-  return g
-end
-
--- The trigger's (and its function's) name for a unit of a group: "<schema>_<table
--- schema>_<table>_<unit>", cut to 63 bytes; unique in our schema.
-function TableDriver:unit_name(g, unit)
-  local name = g.names[unit]
-  if name then return name end
-  name = M.fit_name(g.stem, "_" .. unit, g.oid)
-  local n = 0
-  while self.fnames[name] and self.fnames[name] ~= g.oid do
-    n = n + 1
-    name = M.fit_name(g.stem .. "_" .. g.oid .. (n > 1 and ("_" .. n) or ""), "_" .. unit)
-  end
-  self.fnames[name] = g.oid
-  g.names[unit] = name
-  return name
-end
-
--- SQL (a text expression) for one listener's actions on a row of operation `op`, or nil
--- when the listener needs no event of that operation. `r` names the rows: r.new and
--- r.old (row references), r.has_new and r.has_old (SQL that is false where the row is
--- missing; nil where it is always there). Only letters some callback wants are sent;
--- an update stays an update for a Lua predicate, which decides on arrival.
-function TableDriver:listener_actions(l, op, r)
-  local need, want = M.needed_ops(l)
-  if not need[op] then return nil end
-  local keep = {
-    I = want.insert, D = want.delete, T = want.truncate,
-    U = want.update or (l.predicate ~= nil and (want.insert or want.delete)),
-  }
-  local function tok(letters)
-    local s = letters:gsub("%u", function(c) return keep[c] and c or "" end)
-    if s == "" then return "NULL" end
-    return "'" .. l.id .. s .. ",'"
-  end
-  if op == "truncate" then return tok("T") end
-  local function cond(rec, has)
-    local c = M.truth(self:cond_sql(l, rec))
-    if has and c then return "(" .. has .. " AND " .. c .. ")" end
-    return c or has
-  end
-  if op == "insert" or op == "delete" then
-    local c = cond(op == "insert" and r.new or r.old)
-    local t = tok(op == "insert" and "I" or "D")
-    if not c then return t end
-    return "CASE WHEN " .. c .. " THEN " .. t .. " END"
-  end
-  local both = tok("U")
-  if l.fields then
-    -- Partial fields: an update that changes none of them is not an event.
-    both = "CASE WHEN " .. self:text_array(l.columns, r.new) .. " IS DISTINCT FROM " ..
-      self:text_array(l.columns, r.old) .. " THEN " .. both .. " END"
-  end
-  if l.primary_key and #l.primary_key > 0 then
-    both = "CASE WHEN " .. self:key_changed_sql(l, r.old, r.new) .. " THEN " .. tok("DI") ..
-      " ELSE " .. both .. " END"
-  end
-  local o, n = cond(r.old, r.has_old), cond(r.new, r.has_new)
-  if not o and not n then return both end
-  return "CASE WHEN " .. (o or "true") .. " THEN CASE WHEN " .. (n or "true") .. " THEN " .. both ..
-    " ELSE " .. tok("D") .. " END WHEN " .. (n or "true") .. " THEN " .. tok("I") .. " END"
-end
-
--- SQL for the actions of every listener of the group on one row, or nil when no listener
--- needs events of `op`.
-function TableDriver:actions_sql(g, op, r)
-  local parts = {}
-  for _, l in ipairs(g.listeners) do
-    parts[#parts + 1] = self:listener_actions(l, op, r)
-  end
-  if #parts == 0 then return nil end
-  return "concat(" .. table.concat(parts, ", ") .. ")"
-end
-
--- SQL: the JSON text of row `rec` over the group's columns; 'null' unless `has` holds.
-function TableDriver:row_json(g, rec, has)
-  local arr = #g.cols == 0 and "'[]'" or ("to_json(" .. self:text_array(g.cols, rec) .. ")::text")
-  if not has then return arr end
-  return "CASE WHEN " .. has .. " THEN " .. arr .. " ELSE 'null' END"
-end
-
--- SQL: one batch item from actions `a` (text of digits, letters and commas) and rows.
-function TableDriver:item_sql(g, a, r, op)
-  local nv = (op == "insert" or op == "update") and self:row_json(g, r.new, r.has_new) or "'null'"
-  local ov = (op == "delete" or op == "update") and self:row_json(g, r.old, r.has_old) or "'null'"
-  return "'[\"' || " .. a .. " || '\",' || " .. nv .. " || ',' || " .. ov .. " || ']'"
-end
-
--- The truncate unit: a BEFORE TRUNCATE statement trigger that tells each listener that
--- wants truncates.
-local TRUNCATE_UNIT = {
-  name = "truncate", what = "truncate",
-  ddl = "BEFORE TRUNCATE", level = "FOR EACH STATEMENT",
-  body = function(self, g)
-    local a = self:actions_sql(g, "truncate", {})
-    if not a then return nil end
-    return "BEGIN\nPERFORM " .. self:ident(self.schema) .. ".emit_batch('[\"' || " .. a ..
-      " || '\",null,null]');\nRETURN NULL;\nEND"
-  end,
-}
-M.TRUNCATE_UNIT = TRUNCATE_UNIT
-
--- Makes the triggers and functions of one table match what its listeners want, in one
--- transaction. A unit (UNITS of the driver class: name, what, ddl, level, body, and
--- optional settings of its function) whose body is nil is not needed: its trigger goes.
-function TableDriver:sync_group(g)
-  local S = self:ident(self.schema)
-  local sql, bodies, installed, whats = {}, {}, {}, {}
-  for _, unit in ipairs(self.UNITS) do
-    local body = unit.body(self, g)
-    local name = self:unit_name(g, unit.name)
-    local qfn = S .. "." .. self:ident(name)
-    local trig = self:ident(name)
-    if body then
-      if body ~= g.bodies[unit.name] then
-        sql[#sql + 1] = "CREATE OR REPLACE FUNCTION " .. qfn .. "() RETURNS trigger LANGUAGE plpgsql " ..
-          M.FUNC_SETTINGS .. (unit.settings or "") .. " AS " .. self:literal(body)
-      end
-      if not g.installed[unit.name] then
-        sql[#sql + 1] = "DROP TRIGGER IF EXISTS " .. trig .. " ON " .. g.qualified
-        sql[#sql + 1] = "CREATE TRIGGER " .. trig .. " " .. unit.ddl .. " ON " .. g.qualified .. " " ..
-          unit.level .. " EXECUTE FUNCTION " .. qfn .. "()"
-        whats[#whats + 1] = unit.what
-      end
-      bodies[unit.name], installed[unit.name] = body, true
-    elseif g.installed[unit.name] or g.unknown then
-      sql[#sql + 1] = "DROP TRIGGER IF EXISTS " .. trig .. " ON " .. g.qualified
-      sql[#sql + 1] = "DROP FUNCTION IF EXISTS " .. qfn .. "()"
-    end
-  end
-  if #sql > 0 then
-    local ok, err = self:exec(table.concat(sql, ";\n"))
-    if not ok then
-      if not self:conn():ok() then return self:sync_failed(err) end
-      if #whats == 0 then return M.fail(string.format("cannot change the triggers of %s: %s", g.display, err)) end
-      return self:trigger_error(table.concat(whats, " and "), g.display, err)
-    end
-    log.debug(string.format("triggers of %s synced: %s", g.display, table.concat(sql, "; "):sub(1, 200)))
-  end
-  g.bodies, g.installed, g.unknown = bodies, installed, false
+  self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+  if #problems > 0 then return nil, "stop: " .. table.concat(problems, "; ") end
   return true
-end
-
-function TableDriver:sync(l)
-  if not self.listening then return true end   -- reconnecting: installed on reconnect
-  return self:sync_group(self:group(l))
-end
-
--- Decodes one batch and delivers its events in order; returns false when the client
--- must stop. A callback may get here again (client:stop() delivers what has arrived):
--- the driver's decoder is out while a batch is read, so an inner batch gets one of its
--- own and the outer one reads on undisturbed.
-function TableDriver:dispatch(payload)
-  local batch = self.decoder or core.batch_decoder()
-  self.decoder = nil
-  local kind, seq, xid = batch:open(payload)
-  local cont = true
-  if kind == "B" then
-    cont = self:deliver_batch(batch, xid)
-  else
-    log.warn("ignoring a malformed notification: " .. tostring(seq))
-  end
-  self.decoder = batch
-  return cont
-end
-
-function TableDriver:deliver_batch(batch, xid)
-  local client = self.client
-  local by_id, layouts, counters = client.by_id, self.layouts, client.counters
-  while true do
-    local lid, letter = batch:next()
-    if not lid then
-      if letter then log.warn("ignoring the rest of a notification: " .. letter) end
-      return true
-    end
-    local l = by_id[lid]
-    local op = M.OP_NAME[letter]
-    if l and op then
-      -- Do no work nobody asked for: rows are decoded only for a callback (or a predicate
-      -- that may turn the event into one a callback wants).
-      if #l.callbacks[op] > 0 or l.predicate then
-        local new, old, err = batch:rows(layouts[lid])
-        if err then
-          log.warn("ignoring the rest of a notification: " .. err)
-          return true
-        end
-        if not client:_deliver(l, { op = op, table = l.table_name, new = new, old = old, xid = xid }) then
-          return false
-        end
-        if not self.listening then return true end   -- a callback stopped the client
-      else
-        counters.dropped = counters.dropped + 1
-      end
-    end
-  end
 end
 
 return M

@@ -1,45 +1,54 @@
--- flash.trigger_global: the `trigger_global` driver. One AFTER INSERT OR UPDATE OR DELETE
--- row trigger per table (and a BEFORE TRUNCATE statement trigger) serves every listener of
--- the client on that table; its function decides in SQL which listener gets which event
--- and sends the row once. The shared machinery is flash.trigger_base.
+-- flash.trigger_global: the `trigger_global` driver. One AFTER INSERT OR UPDATE OR
+-- DELETE row trigger per table (for the operations some listener needs) and one truncate
+-- trigger serve every listener of the client on that table: each change is captured once,
+-- and each listener's conditions and fields are applied on arrival. The machinery is
+-- flash.trigger_base.
 local base = require "flash.trigger_base"
 
 local M = {}
-local Driver = base.class(base.TableDriver)
-
-local ROW = { new = "NEW", old = "OLD" }
-
--- One branch of the row function: the actions of every listener on this row, then the
--- row sent as a one-item batch (inline, not through emit_batch: this runs for every row).
-local function branch(self, g, op)
-  local a = self:actions_sql(g, op, ROW)
-  if not a then return "NULL;" end
-  return "a := " .. a .. ";\n" ..
-    "  IF a = '' THEN RETURN NULL; END IF;\n" ..
-    "  p := '[\"B\",' || " .. self:seq_sql() .. " || ',' || " .. base.XID_SQL .. " || ',' || " ..
-    self:item_sql(g, "a", ROW, op) .. " || ']';"
-end
-
-Driver.UNITS = {
-  {
-    name = "other", what = "insert/update/delete",
-    ddl = "AFTER INSERT OR UPDATE OR DELETE", level = "FOR EACH ROW",
-    body = function(self, g)
-      local i, u, d = branch(self, g, "insert"), branch(self, g, "update"), branch(self, g, "delete")
-      if i == "NULL;" and u == "NULL;" and d == "NULL;" then return nil end
-      return "DECLARE a text; p text; rid bigint;\nBEGIN\n" ..
-        "IF TG_OP = 'INSERT' THEN\n  " .. i .. "\n" ..
-        "ELSIF TG_OP = 'UPDATE' THEN\n  " .. u .. "\n" ..
-        "ELSE\n  " .. d .. "\nEND IF;\n" ..
-        "IF p IS NULL THEN RETURN NULL; END IF;\n" ..
-        self:send_sql("p") .. "\nRETURN NULL;\nEND"
-    end,
-  },
-  base.TRUNCATE_UNIT,
-}
+local Driver = base.class(base.Driver)
 
 function M.new(client)
-  return base.new_table_driver(Driver, client)
+  return base.new(Driver, client)
+end
+
+function Driver:wanted_triggers()
+  local fn = self:ident(self.schema) .. ".capture('0')"
+  local rows, truncs, order = {}, {}, {}
+  for _, l in ipairs(self.client.listeners) do
+    local need = base.needed_ops(l)
+    for _, r in ipairs(base.row_targets(l)) do
+      local t = rows[r.oid]
+      if not t then t = { r = r, ops = {} } rows[r.oid] = t order[#order + 1] = r.oid end
+      for _, op in ipairs({ "insert", "update", "delete" }) do
+        if need[op] then t.ops[op] = true end
+      end
+    end
+    if need.truncate then truncs[l.table.oid] = l.table end
+  end
+  local out = {}
+  local row_name = base.fit_name(self.schema, "_row")
+  for _, oid in ipairs(order) do
+    local t = rows[oid]
+    local kws = {}
+    for _, op in ipairs({ "insert", "update", "delete" }) do
+      if t.ops[op] then kws[#kws + 1] = base.OP_KEYWORD[op] end
+    end
+    if #kws > 0 then
+      local q = self:qualified_rel(t.r)
+      out[#out + 1] = { key = oid .. "/" .. row_name, name = row_name, qualified = q,
+        what = "insert/update/delete", display = t.r.schema .. "." .. t.r.name,
+        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW EXECUTE FUNCTION " .. fn }
+    end
+  end
+  local trunc_name = base.fit_name(self.schema, "_truncate")
+  for oid, tbl in pairs(truncs) do
+    local q = self:qualified_rel(tbl)
+    out[#out + 1] = { key = oid .. "/" .. trunc_name, name = trunc_name, qualified = q, what = "truncate",
+      display = tbl.schema .. "." .. tbl.name,
+      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT EXECUTE FUNCTION " .. fn }
+  end
+  return out
 end
 
 return M

@@ -1,105 +1,99 @@
 -- flash.trigger_statement: the `trigger_statement` driver. Per table and operation, an
--- AFTER ... FOR EACH STATEMENT trigger with a transition table: one statement's rows go
--- out as a few notifications of many rows each (in statement order), whatever the number
--- of listeners. The shared machinery is flash.trigger_base.
+-- AFTER ... FOR EACH STATEMENT trigger with a transition table: one INSERT ... SELECT per
+-- statement appends all its rows to the events table, whatever the number of rows or
+-- listeners. Partitions and INHERITS children get triggers of their own (a statement
+-- fires the statement triggers of the table it names only). The machinery is
+-- flash.trigger_base.
 local base = require "flash.trigger_base"
 
 local M = {}
-local Driver = base.class(base.TableDriver)
-
--- Rows per notification: items are grouped so that a batch stays under NOTIFY's limit
--- (a group whose first item is large goes the stored-aside way, like any large payload).
-local CHUNK_BYTES = base.NOTIFY_LIMIT - 100
-
--- Where each operation's rows come from, and how the row functions name them.
-local function source(self, g, op)
-  if op == "insert" then return { from = "new_rows n", r = { new = "n" } } end
-  if op == "delete" then return { from = "old_rows o", r = { old = "o" } } end
-  -- Update pairs: PostgreSQL appends each updated row's old and new versions to the two
-  -- transition tables together, so the n-th old row is the n-th new row's previous
-  -- version. Pairing by position is right even when the update changes the primary key,
-  -- and needs none; a FULL JOIN keeps an unpaired row (which PostgreSQL does not
-  -- produce) as a delete or an insert rather than losing it. Each side selects the
-  -- columns the listeners use by name, next to a row number whose name is none of them.
-  local used, cols = {}, {}
-  local function use(name)
-    if not used[name] then used[name] = true cols[#cols + 1] = name end
-  end
-  for _, l in ipairs(g.listeners) do
-    for _, c in ipairs(l.columns) do use(c.name) end
-    for _, c in ipairs(l.conds) do use(c.column) end
-    for _, k in ipairs(l.primary_key or {}) do use(k) end
-  end
-  local rn = "rn"
-  while used[rn] do rn = rn .. "_" end
-  local function side(alias, tbl)
-    local list = { "row_number() OVER () AS " .. rn }
-    for _, c in ipairs(cols) do list[#list + 1] = alias .. "." .. self:ident(c) end
-    return "(SELECT " .. table.concat(list, ", ") .. " FROM " .. tbl .. " " .. alias .. ")"
-  end
-  return {
-    from = side("o", "old_rows") .. " oo FULL JOIN " .. side("n", "new_rows") .. " nn ON nn." .. rn .. " = oo." .. rn,
-    order = "coalesce(oo." .. rn .. ", nn." .. rn .. ")",
-    r = { old = "oo", new = "nn", has_old = "oo." .. rn .. " IS NOT NULL", has_new = "nn." .. rn .. " IS NOT NULL" },
-  }
-end
-
--- The statement function. A statement of fewer than SMALL rows whose batch fits one
--- notification is sent by one plain aggregate (most statements: half the cost of the
--- general query). Otherwise the rows' items, in statement order, are grouped by a running
--- sum of their sizes into batches that fit a notification, each sent by emit_batch; row
--- numbers and sums come from one window pass, so they agree on the order.
-local SMALL = 64
-
-local function statement_body(self, g, op)
-  local src = source(self, g, op)
-  local a = self:actions_sql(g, op, src.r)
-  if not a then return nil end
-  local emit = "PERFORM " .. self:ident(self.schema) .. ".emit_batch(p);"
-  local items = "SELECT " .. self:item_sql(g, "t.a", src.r, op) .. " AS item" ..
-    (src.order and (", " .. src.order .. " AS k") or "") .. "\n" ..
-    "      FROM " .. src.from .. "\n" ..
-    "      CROSS JOIN LATERAL (SELECT " .. a .. " AS a) t WHERE t.a <> ''"
-  return "DECLARE p text; nitems int;\nBEGIN\n" ..
-    "SELECT string_agg(item, ','" .. (src.order and " ORDER BY k" or "") .. "), count(*) INTO p, nitems\n" ..
-    "  FROM (" .. items .. "\n      LIMIT " .. SMALL .. ") i;\n" ..
-    "IF nitems = 0 THEN RETURN NULL; END IF;\n" ..
-    "IF nitems < " .. SMALL .. " AND octet_length(p) <= " .. CHUNK_BYTES .. " THEN\n" ..
-    "  " .. emit .. "\n" ..
-    "  RETURN NULL;\n" ..
-    "END IF;\n" ..
-    "FOR p IN\n" ..
-    "  SELECT string_agg(item, ',' ORDER BY rn) FROM (\n" ..
-    "    SELECT row_number() OVER w AS rn, item, sum(octet_length(item) + 1) OVER w / " .. CHUNK_BYTES .. " AS c\n" ..
-    "    FROM (" .. items .. ") i\n" ..
-    "    WINDOW w AS (" .. (src.order and "ORDER BY k " or "") .. "ROWS UNBOUNDED PRECEDING)) q\n" ..
-    "  GROUP BY c ORDER BY c\n" ..
-    "LOOP\n" ..
-    "  " .. emit .. "\n" ..
-    "END LOOP;\n" ..
-    "RETURN NULL;\nEND"
-end
-
-local function unit(op, referencing)
-  return {
-    name = op, what = op,
-    ddl = "AFTER " .. base.OP_KEYWORD[op], level = "REFERENCING " .. referencing .. " FOR EACH STATEMENT",
-    -- Transition tables have no statistics: the planner's guesses would switch JIT on,
-    -- which costs more than the whole query.
-    settings = "SET jit = off",
-    body = function(self, g) return statement_body(self, g, op) end,
-  }
-end
-
-Driver.UNITS = {
-  unit("insert", "NEW TABLE AS new_rows"),
-  unit("update", "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
-  unit("delete", "OLD TABLE AS old_rows"),
-  base.TRUNCATE_UNIT,
-}
+local Driver = base.class(base.Driver)
 
 function M.new(client)
-  return base.new_table_driver(Driver, client)
+  return base.new(Driver, client)
+end
+
+-- Update pairs: PostgreSQL appends each updated row's old and new versions to the two
+-- transition tables together, so the n-th old row is the n-th new row's previous version.
+-- Pairing by position is right even when the update changes the primary key, and needs
+-- none; a FULL JOIN keeps an unpaired row (which PostgreSQL does not produce) as a
+-- delete or an insert rather than losing it.
+function Driver:statement_function()
+  local E = self:ident(self.schema) .. ".events"
+  local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old)\n  "
+  return table.concat({
+    "DECLARE x bigint := pg_catalog.txid_current();",
+    "BEGIN",
+    "IF TG_OP = 'INSERT' THEN",
+    "  " .. ins .. "SELECT x, 'I', TG_RELID, 0, pg_catalog.format('%s', ROW(n.*)), NULL FROM new_rows n;",
+    "ELSIF TG_OP = 'DELETE' THEN",
+    "  " .. ins .. "SELECT x, 'D', TG_RELID, 0, NULL, pg_catalog.format('%s', ROW(o.*)) FROM old_rows o;",
+    "ELSIF TG_OP = 'UPDATE' THEN",
+    "  " .. ins .. "SELECT x, CASE WHEN o.r IS NULL THEN 'I' WHEN n.r IS NULL THEN 'D' ELSE 'U' END::\"char\",",
+    "         TG_RELID, 0, n.r, o.r",
+    "  FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.format('%s', ROW(t.*)) AS r FROM old_rows t) o",
+    "  FULL JOIN (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.format('%s', ROW(t.*)) AS r FROM new_rows t) n",
+    "  ON n.i OPERATOR(pg_catalog.=) o.i",
+    "  ORDER BY coalesce(o.i, n.i);",
+    "END IF;",
+    "RETURN NULL;",
+    "END",
+  }, "\n")
+end
+
+function Driver:schema_sql()
+  local list = base.Driver.schema_sql(self)
+  local S = self:ident(self.schema)
+  -- Transition tables have no statistics: the planner's guesses would switch JIT on,
+  -- which costs more than the whole query.
+  list[#list + 1] = "CREATE OR REPLACE FUNCTION " .. S .. ".capture_statement() RETURNS trigger LANGUAGE plpgsql " ..
+    base.FUNC_SETTINGS .. "SET jit = off AS " .. self:literal(self:statement_function())
+  list[#list + 1] = "REVOKE ALL ON FUNCTION " .. S .. ".capture_statement() FROM PUBLIC"
+  return list
+end
+
+local REFERENCING = {
+  insert = "REFERENCING NEW TABLE AS new_rows",
+  update = "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows",
+  delete = "REFERENCING OLD TABLE AS old_rows",
+}
+
+function Driver:wanted_triggers()
+  local S = self:ident(self.schema)
+  local tabs, truncs, order = {}, {}, {}
+  for _, l in ipairs(self.client.listeners) do
+    local need = base.needed_ops(l)
+    for _, r in ipairs(l.relations or {}) do
+      local t = tabs[r.oid]
+      if not t then t = { r = r, ops = {} } tabs[r.oid] = t order[#order + 1] = r.oid end
+      for _, op in ipairs({ "insert", "update", "delete" }) do
+        if need[op] then t.ops[op] = true end
+      end
+    end
+    if need.truncate then truncs[l.table.oid] = l.table end
+  end
+  local out = {}
+  for _, oid in ipairs(order) do
+    local t = tabs[oid]
+    local q = self:qualified_rel(t.r)
+    for _, op in ipairs({ "insert", "update", "delete" }) do
+      if t.ops[op] then
+        local name = base.fit_name(self.schema, "_" .. op)
+        out[#out + 1] = { key = oid .. "/" .. name, name = name, qualified = q, what = op,
+          display = t.r.schema .. "." .. t.r.name,
+          ddl = "AFTER " .. base.OP_KEYWORD[op] .. " ON " .. q .. " " .. REFERENCING[op] ..
+            " FOR EACH STATEMENT EXECUTE FUNCTION " .. S .. ".capture_statement()" }
+      end
+    end
+  end
+  local trunc_name = base.fit_name(self.schema, "_truncate")
+  for oid, tbl in pairs(truncs) do
+    local q = self:qualified_rel(tbl)
+    out[#out + 1] = { key = oid .. "/" .. trunc_name, name = trunc_name, qualified = q, what = "truncate",
+      display = tbl.schema .. "." .. tbl.name,
+      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT EXECUTE FUNCTION " .. S .. ".capture('0')" }
+  end
+  return out
 end
 
 return M
