@@ -102,6 +102,22 @@ function Driver:wanted_tables()
   return set, list
 end
 
+-- The operations the publication must publish: the union over the listeners of what
+-- their callbacks need (an update may turn into an insert or a delete under a condition
+-- or primary_key). Publishing an update or delete a table cannot replicate (no replica
+-- identity) would make the user's own UPDATE/DELETE fail, so nothing more is published.
+function Driver:publish_ops()
+  local need = {}
+  for _, l in ipairs(self.client.listeners) do
+    for op in pairs((base.needed_ops(l))) do need[op] = true end
+  end
+  local list = {}
+  for _, op in ipairs({ "insert", "update", "delete", "truncate" }) do
+    if need[op] then list[#list + 1] = op end
+  end
+  return table.concat(list, ", ")
+end
+
 function Driver:rebuild_index()
   local by = {}
   for _, l in ipairs(self.client.listeners) do
@@ -144,15 +160,17 @@ function Driver:setup_publication()
   local _, list = self:wanted_tables()
   local names = {}
   for i, l in ipairs(list) do names[i] = self:qualified(l) end
+  local ops = self:publish_ops()
   local sql = {}
   if exists and #exists > 0 then
     if not self.persistent then sql[#sql + 1] = "DROP PUBLICATION " .. P end
   end
   if not (exists and #exists > 0) or not self.persistent then
     sql[#sql + 1] = "CREATE PUBLICATION " .. P .. (#names > 0 and (" FOR TABLE " .. table.concat(names, ", ")) or "") ..
-      " WITH (publish = 'insert, update, delete, truncate')"
-  elseif #names > 0 then
-    sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET TABLE " .. table.concat(names, ", ")
+      " WITH (publish = " .. self:literal(ops) .. ")"
+  else
+    if #names > 0 then sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET TABLE " .. table.concat(names, ", ") end
+    sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET (publish = " .. self:literal(ops) .. ")"
   end
   sql[#sql + 1] = "COMMENT ON PUBLICATION " .. P .. " IS " ..
     self:literal(string.format("%s (%s, pid %d)", MARK, self.persistent and "persistent" or "temporary", core.getpid()))
@@ -164,6 +182,7 @@ function Driver:setup_publication()
   end
   self.published = {}
   for _, l in ipairs(list) do self.published[l.table_name] = true end
+  self.published_ops = ops
   return true
 end
 
@@ -268,6 +287,12 @@ function Driver:sync(l)
   if not ok then return nil, err end
   local set = self:wanted_tables()
   local P = self:ident(self.publication)
+  local ops = self:publish_ops()
+  if ops ~= self.published_ops then
+    ok, err = self:exec("ALTER PUBLICATION " .. P .. " SET (publish = " .. self:literal(ops) .. ")")
+    if not ok then return fail("cannot change what publication " .. self.publication .. " publishes: " .. err) end
+    self.published_ops = ops
+  end
   for name, wl in pairs(set) do
     if not self.published[name] then
       ok, err = self:exec("ALTER PUBLICATION " .. P .. " ADD TABLE " .. self:qualified(wl))
