@@ -135,4 +135,131 @@ describe("wal_logical faults", function()
       assert.equal(0, tonumber(H.scalar([[SELECT count(*) FROM pg_publication WHERE pubname = 'flash_publication']])))
     end)
   end)
+
+  describe("confirms handled transactions soon after", function()
+    it("moves the slot past what was handled within about a second; kill -9 then redelivers none of it", function()
+      local t = H.table("id int PRIMARY KEY")
+      local slot = "flash_spec_confirm"
+      drop_slot(slot)
+      local out = os.tmpname()
+      local code = script([[
+        local flash = require "flash"
+        local out = assert(io.open(arg[1], "a"))
+        out:setvbuf("line")
+        local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = arg[2], publication = arg[2] })
+        assert(c:listen { table = arg[3] }):on("insert", function(ev) out:write(ev.new.id, " ", ev.lsn, "\n") end)
+        assert(c:start())
+        io.stdout:setvbuf("no")
+        print("ready")
+        if arg[4] == "until" then assert(c:run { until_lsn = "current" }) end
+      ]])
+      local first = spawn({ code, out .. ".1", slot, t })
+      assert.is_true(first.await("ready", 20), first.err())
+      for i = 1, 20 do H.sql("INSERT INTO " .. t .. " VALUES ($1)", i) end
+      local got = {}
+      assert.is_true(wait_for(function()
+        got = {}
+        local f = io.open(out .. ".1")
+        if f then for l in f:lines() do got[#got + 1] = l end f:close() end
+        return #got == 20
+      end, 10))
+      local last_lsn = got[20]:match(" (%S+)$")
+      -- No timing is asserted: within 3 s the slot has moved past every handled commit
+      -- (it used to be confirmed every 10 s only).
+      local moved = wait_for(function()
+        return H.scalar("SELECT confirmed_flush_lsn > $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+          last_lsn, slot) == true
+      end, 3)
+      assert.is_true(moved, "confirmed_flush_lsn has not moved past " .. last_lsn)
+      first.kill("KILL")
+      assert.equal(137, first.wait(10))
+      H.sql("INSERT INTO " .. t .. " VALUES (21)")
+      local second = spawn({ code, out .. ".2", slot, t, "until" })
+      assert.equal(0, second.wait(30), second.err())
+      local f = assert(io.open(out .. ".2"))
+      local ids = {}
+      for l in f:lines() do ids[#ids + 1] = tonumber(l:match("^(%d+)")) end
+      f:close()
+      os.remove(out .. ".1") os.remove(out .. ".2")
+      drop_slot(slot)
+      assert.same({ 21 }, ids)
+    end)
+  end)
+
+  describe("gives the loop back while callbacks are slower than the writers", function()
+    it("fires a flash.every timer while a backlog drains", function()
+      local t = H.table("id int PRIMARY KEY")
+      local c = assert(flash.client { driver = "wal_logical" })
+      local n, seen_by_ticks = 0, {}
+      assert(c:listen { table = t }):on("insert", function() core.sleep(0.01) n = n + 1 end)
+      assert(c:start())
+      H.sql("INSERT INTO " .. t .. " SELECT generate_series(1, 100)")
+      local cancel = flash.every(0.1, function() seen_by_ticks[#seen_by_ticks + 1] = n end)
+      assert.is_true(c:run { until_lsn = "current" })
+      cancel()
+      assert.equal(100, n)
+      local midway = false
+      for _, k in ipairs(seen_by_ticks) do if k > 0 and k < 100 then midway = true end end
+      assert.is_true(midway, "no tick while the backlog drained: " .. table.concat(seen_by_ticks, ","))
+    end)
+
+    it("a flashlua busy with a backlog exits 0 on SIGINT and leaves no publication", function()
+      local t = H.table("id int PRIMARY KEY")
+      local code = script([[
+        local flash = require "flash"
+        local core = require "flash.core"
+        local c = assert(flash.client { driver = "wal_logical" })
+        local n = 0
+        assert(c:listen { table = arg[1] }):on("insert", function()
+          core.sleep(0.01)
+          n = n + 1
+          if n == 20 then print("busy") end
+        end)
+        assert(c:start())
+        io.stdout:setvbuf("no")
+        print("ready")
+      ]])
+      local h = spawn({ code, t })
+      assert.is_true(h.await("ready", 20), h.err())
+      -- 3000 transactions of one row: 30 s of callbacks.
+      H.sql("DO $$ BEGIN FOR i IN 1..3000 LOOP INSERT INTO " .. t .. " VALUES (i); COMMIT; END LOOP; END $$")
+      assert.is_true(h.await("busy", 20), h.err())
+      h.kill("INT")
+      assert.equal(0, h.wait(10), h.err())
+      assert.equal(0, H.await_leftovers(0))
+    end)
+  end)
+
+  describe("a stop that the server does not answer", function()
+    for _, timeout in ipairs({ 1, 0 }) do
+      it("ends within shutdown_timeout = " .. timeout .. " and still removes the publication", function()
+        local t = H.table("id int PRIMARY KEY")
+        local code = script([[
+          local flash = require "flash"
+          local c = assert(flash.client { driver = "wal_logical", shutdown_timeout = tonumber(arg[2]) })
+          assert(c:listen { table = arg[1] }):on("insert", function(ev) print("insert", ev.new.id) end)
+          assert(c:start())
+          io.stdout:setvbuf("no")
+          print("ready", c:stats().slot)
+        ]])
+        local h = spawn({ code, t, tostring(timeout) })
+        assert.is_true(h.await("ready", 20), h.err())
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        assert.is_true(h.await("insert\t1", 10), h.err())
+        local slot = h.out():match("ready\t(%S+)")
+        local wpid = H.scalar("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", slot)
+        assert.is_number(wpid)
+        -- The walsender freezes: it will neither answer nor end the copy.
+        os.execute("kill -STOP " .. wpid)
+        local ok, rc = pcall(function()
+          h.kill("INT")
+          return h.wait(10)
+        end)
+        os.execute("kill -CONT " .. wpid)
+        assert.is_true(ok, rc)
+        assert.equal(0, rc, h.err())
+        assert.equal(0, H.await_leftovers(0))
+      end)
+    end
+  end)
 end)

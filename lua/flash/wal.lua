@@ -16,6 +16,9 @@ Driver.__index = Driver
 local LOCK_CLASS = "flashlua"
 local MARK = "flashlua instance"
 local RETRY_MAX = 5
+-- One step handles messages for at most this long, then gives the loop back: timers,
+-- signals and other clients get a turn even when callbacks are slower than the writers.
+local SLICE = 0.05
 
 local fail = base.fail
 
@@ -344,8 +347,11 @@ end
 
 function Driver:next_deadline()
   if self.retry_at then return self.retry_at end
-  if self.until_lsn and not self.reached then return core.now() + 0.1 end
-  return core.now() + 10
+  -- Messages may be waiting in libpq's buffer, where poll() cannot see them.
+  if self.more then return core.now() end
+  local due = self.repl and self.repl:due() or core.now() + 10
+  if self.until_lsn and not self.reached then return math.min(due, core.now() + 0.1) end
+  return due
 end
 
 -- run{ until_lsn = "X/Y" | "current" }: return once everything committed up to it is handled.
@@ -372,18 +378,16 @@ function Driver:step()
     if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
     return true
   end
-  local more, err
-  repeat
-    self.pumping = true
-    more, err = self.repl:pump(self.dispatch, self.client.flags)
-    self.pumping = false
-    if more == nil then
-      if self.client.failure or err == "stopped by a callback" then return false end
-      -- An error raised by flashlua's own dispatch is not a lost connection.
-      if tostring(err):find("^dispatch: ") then return nil, err end
-      return self:lost(err)
-    end
-  until not more
+  self.pumping = true
+  local more, err = self.repl:pump(self.dispatch, self.client.flags, 100000, SLICE)
+  self.pumping = false
+  self.more = more
+  if more == nil then
+    if self.client.failure or err == "stopped by a callback" then return false end
+    -- An error raised by flashlua's own dispatch is not a lost connection.
+    if tostring(err):find("^dispatch: ") then return nil, err end
+    return self:lost(err)
+  end
   if self.until_lsn and not self.reached then
     local st = self.repl:state()
     if st.flushed >= self.until_lsn then
@@ -462,8 +466,9 @@ function Driver:finish_open_transaction(timeout)
   if self.pumping or self.client.failure then return end
   local deadline = core.now() + timeout
   while self.repl:state().in_txn and core.now() < deadline do
-    core.poll({ self.repl:fd() }, 0.05)
-    local more = self.repl:pump(self.dispatch, self.client.flags)
+    core.poll({ self.repl:fd() }, math.min(0.05, math.max(0, deadline - core.now())))
+    local more = self.repl:pump(self.dispatch, self.client.flags, 100000,
+      math.max(0.001, deadline - core.now()), true)
     if more == nil or self.client.failure then return end
   end
 end
