@@ -262,4 +262,223 @@ describe("wal_logical faults", function()
       end)
     end
   end)
+
+  describe("partitions and inheritance", function()
+    local function collect(c, list, n) return H.wait(c, list, n, 10) end
+    local function shape(events)
+      local out = {}
+      for i, ev in ipairs(events) do
+        local row = ev.new or ev.old
+        out[i] = string.format("%s %s %s %s", ev.op, ev.table, ev.source, row.id)
+      end
+      return out
+    end
+
+    it("a listener on a partitioned root sees rows of every partition, sub-partition and new partition", function()
+      H.sql([[DROP TABLE IF EXISTS wal_part, wal_part_4; CREATE TABLE wal_part (id int, k int) PARTITION BY RANGE (k);
+        CREATE TABLE wal_part_1 PARTITION OF wal_part FOR VALUES FROM (0) TO (10);
+        CREATE TABLE wal_part_2 PARTITION OF wal_part FOR VALUES FROM (10) TO (100) PARTITION BY RANGE (id);
+        CREATE TABLE wal_part_2a PARTITION OF wal_part_2 FOR VALUES FROM (0) TO (1000);
+        CREATE TABLE wal_part_4 (id int, k int)]])
+      local c, events = H.listen({ table = "wal_part" }, "insert", { driver = "wal_logical" })
+      client = c
+      H.sql("INSERT INTO wal_part VALUES (1, 5)")
+      H.sql("INSERT INTO wal_part_1 VALUES (2, 6)")
+      H.sql("INSERT INTO wal_part VALUES (3, 50)")
+      H.sql("INSERT INTO wal_part_2a VALUES (4, 60)")
+      collect(c, events, 4)
+      H.sql("CREATE TABLE wal_part_3 PARTITION OF wal_part FOR VALUES FROM (100) TO (200)")
+      H.sql("INSERT INTO wal_part VALUES (5, 150)")
+      H.sql("ALTER TABLE wal_part ATTACH PARTITION wal_part_4 FOR VALUES FROM (200) TO (300)")
+      H.sql("INSERT INTO wal_part_4 VALUES (6, 250)")
+      collect(c, events, 6)
+      H.settle(c, 0.2)
+      H.sql("DROP TABLE wal_part")
+      assert.same({
+        "insert public.wal_part public.wal_part_1 1",
+        "insert public.wal_part public.wal_part_1 2",
+        "insert public.wal_part public.wal_part_2a 3",
+        "insert public.wal_part public.wal_part_2a 4",
+        "insert public.wal_part public.wal_part_3 5",
+        "insert public.wal_part public.wal_part_4 6",
+      }, shape(events))
+    end)
+
+    it("a row moved to another partition arrives as a delete and an insert", function()
+      H.sql([[DROP TABLE IF EXISTS wal_move; CREATE TABLE wal_move (id int, k int) PARTITION BY LIST (k);
+        CREATE TABLE wal_move_a PARTITION OF wal_move FOR VALUES IN (1);
+        CREATE TABLE wal_move_b PARTITION OF wal_move FOR VALUES IN (2)]])
+      local c, events = H.listen({ table = "wal_move" }, "all", { driver = "wal_logical", replica_identity = "full" })
+      client = c
+      assert.equal("f", H.scalar("SELECT relreplident::text FROM pg_class WHERE oid = 'wal_move_a'::regclass"))
+      H.sql("INSERT INTO wal_move VALUES (1, 1)")
+      H.sql("UPDATE wal_move SET k = 2 WHERE id = 1")
+      collect(c, events, 3)
+      H.settle(c, 0.2)
+      H.sql("DROP TABLE wal_move")
+      assert.same({
+        "insert public.wal_move public.wal_move_a 1",
+        "delete public.wal_move public.wal_move_a 1",
+        "insert public.wal_move public.wal_move_b 1",
+      }, shape(events))
+    end)
+
+    it("a listener on an INHERITS parent sees rows of its children, including one created while listening", function()
+      H.sql([[DROP TABLE IF EXISTS wal_inh CASCADE; CREATE TABLE wal_inh (id int, v int);
+        CREATE TABLE wal_inh_c (extra text) INHERITS (wal_inh)]])
+      local c, events = H.listen({ table = "wal_inh" }, "insert", { driver = "wal_logical" })
+      client = c
+      H.sql("INSERT INTO wal_inh VALUES (1, 1)")
+      H.sql("INSERT INTO wal_inh_c VALUES (2, 2, 'x')")
+      collect(c, events, 2)
+      H.sql("CREATE TABLE wal_inh_d () INHERITS (wal_inh)")
+      -- It joins the publication at the driver's next look at the listened tables.
+      local joined = false
+      local deadline = core.now() + 5
+      while not joined and core.now() < deadline do
+        c:poll(0.05)
+        joined = tonumber(H.scalar([[SELECT count(*) FROM pg_publication_tables
+          WHERE pubname = $1 AND tablename = 'wal_inh_d']], c:stats().publication)) == 1
+      end
+      assert.is_true(joined)
+      H.sql("INSERT INTO wal_inh_d VALUES (3, 3)")
+      collect(c, events, 3)
+      H.settle(c, 0.2)
+      H.sql("DROP TABLE wal_inh CASCADE")
+      assert.same({
+        "insert public.wal_inh public.wal_inh 1",
+        "insert public.wal_inh public.wal_inh_c 2",
+        "insert public.wal_inh public.wal_inh_d 3",
+      }, shape(events))
+    end)
+  end)
+
+  describe("follows the listened table by OID", function()
+    it("keeps delivering after RENAME, with ev.table the new name", function()
+      local t = H.table("id int PRIMARY KEY")
+      local c, events = H.listen({ table = t }, "insert", { driver = "wal_logical" })
+      client = c
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.wait(c, events, 1)
+      H.sql("ALTER TABLE " .. t .. " RENAME TO " .. t .. "_renamed")
+      H.sql("INSERT INTO " .. t .. "_renamed VALUES (2)")
+      H.wait(c, events, 2)
+      H.sql("DROP TABLE " .. t .. "_renamed")
+      assert.same({ { 1, "public." .. t, "public." .. t }, { 2, "public." .. t .. "_renamed", "public." .. t .. "_renamed" } },
+        { { events[1].new.id, events[1].table, events[1].source }, { events[2] and events[2].new.id, events[2] and events[2].table,
+          events[2] and events[2].source } })
+    end)
+
+    it("keeps delivering after RENAME with a persistent slot, across a restart", function()
+      local t = H.table("id int PRIMARY KEY")
+      local slot = "flash_spec_rename"
+      drop_slot(slot)
+      local function open()
+        local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = slot, publication = slot })
+        local got = {}
+        return c, got
+      end
+      local c, got = open()
+      assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.table .. " " .. ev.new.id end)
+      assert(c:start())
+      H.sql("ALTER TABLE " .. t .. " RENAME TO " .. t .. "_r")
+      H.sql("INSERT INTO " .. t .. "_r VALUES (1)")
+      H.wait(c, got, 1)
+      c:stop()
+      H.sql("INSERT INTO " .. t .. "_r VALUES (2)")
+      local c2, got2 = open()
+      assert(c2:listen { table = t .. "_r" }):on("insert", function(ev) got2[#got2 + 1] = ev.table .. " " .. ev.new.id end)
+      assert(c2:start())
+      assert.is_true(c2:run { until_lsn = "current" })
+      drop_slot(slot)
+      H.sql("DROP TABLE " .. t .. "_r")
+      assert.same({ "public." .. t .. "_r 1" }, got)
+      assert.same({ "public." .. t .. "_r 2" }, got2)
+    end)
+
+    it("says once that a listened table was dropped, and keeps running", function()
+      local t = H.table("id int PRIMARY KEY")
+      local other = H.table("id int PRIMARY KEY")
+      local c = assert(flash.client { driver = "wal_logical" })
+      client = c
+      local got = {}
+      assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.table .. " " .. ev.new.id end)
+      assert(c:listen { table = other }):on("insert", function(ev) got[#got + 1] = ev.table .. " " .. ev.new.id end)
+      assert(c:start())
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = pcall(function()
+        H.sql("DROP TABLE " .. t .. "; CREATE TABLE " .. t .. " (id int PRIMARY KEY)")
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        H.sql("INSERT INTO " .. other .. " VALUES (2)")
+        H.wait(c, got, 1)
+        H.settle(c, 1.5)
+      end)
+      flash.log.set_sink(old)
+      assert(ok, err)
+      local warned = {}
+      for _, l in ipairs(lines) do
+        if l:find("was dropped", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+      end
+      assert.same({ "public." .. other .. " 2" }, got)
+      assert.same({ string.format("listened table public.%s was dropped; listener #1 captures nothing more for it " ..
+        "(a table created under the same name is another table: listen to it again)", t) }, warned)
+    end)
+  end)
+
+  describe("a lost query connection", function()
+    it("is reconnected, so another instance's start does not take its live publication", function()
+      local t = H.table("id int PRIMARY KEY")
+      local a = assert(flash.client { driver = "wal_logical" })
+      client = a
+      local got = {}
+      assert(a:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.id end)
+      assert(a:start())
+      local pub = a:stats().publication
+      local qpid = a:query("SELECT pg_backend_pid() AS p")[1].p
+      local old = flash.log.set_sink(function() end)
+      H.sql("SELECT pg_terminate_backend($1)", qpid)
+      local b = assert(flash.client { driver = "wal_logical" })
+      assert(b:listen { table = t }):on("insert", function() end)
+      local bok, berr = b:start()
+      b:stop()
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.wait(a, got, 1)
+      flash.log.set_sink(old)
+      assert(bok, berr)
+      assert.equal(1, tonumber(H.scalar("SELECT count(*) FROM pg_publication WHERE pubname = $1", pub)))
+      assert.same({ 1 }, got)
+      assert.is_true(a:query("SELECT 1 AS one")[1].one == 1)
+    end)
+
+    it("a stop that cannot remove the publication says so and the process exits non-zero", function()
+      H.sql([[DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'flash_gone') THEN
+        DROP OWNED BY flash_gone; DROP ROLE flash_gone; END IF; END $$; CREATE ROLE flash_gone LOGIN REPLICATION]])
+      local t = H.table("id int PRIMARY KEY")
+      H.sql("ALTER TABLE " .. t .. " OWNER TO flash_gone; GRANT CREATE ON DATABASE postgres TO flash_gone")
+      local dsn = H.dsn:gsub("user=%S+", "user=flash_gone")
+      local code = script([[
+        local flash = require "flash"
+        local c = assert(flash.client { driver = "wal_logical", dsn = arg[2], shutdown_timeout = 1 })
+        assert(c:listen { table = arg[1] }):on("insert", function() end)
+        assert(c:start())
+        io.stdout:setvbuf("no")
+        print("ready", c:stats().publication)
+      ]])
+      local h = spawn({ code, t, dsn })
+      assert.is_true(h.await("ready", 20), h.err())
+      local pub = h.out():match("ready\t(%S+)")
+      H.sql("ALTER ROLE flash_gone NOLOGIN")
+      H.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'flash_gone'")
+      assert.is_true(h.await("connection lost", 10, "err"), h.err())
+      h.kill("INT")
+      local rc = h.wait(20)
+      local err = h.err()
+      H.sql("DROP PUBLICATION IF EXISTS " .. pub)
+      H.sql("DROP TABLE " .. t .. "; REVOKE CREATE ON DATABASE postgres FROM flash_gone; DROP ROLE flash_gone")
+      assert.equal(1, rc, err)
+      assert.matches("cannot drop publication " .. pub .. ": ", err, 1, true)
+      assert.matches("it is left in the database", err, 1, true)
+    end)
+  end)
 end)

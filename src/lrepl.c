@@ -56,6 +56,7 @@ typedef struct {
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
   int rels_ref;             /* registry ref: relid -> { version, table, names, types } */
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
+  int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
   stream *streams, *cur_stream;
   size_t stream_mem;        /* bytes of streamed changes held in memory, all streams */
   size_t stream_limit;
@@ -267,11 +268,14 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
   lua_remove(L, -2);
 }
 
-/* Calls dispatch(ev) (function and event on the stack top) protected. Returns 0 to go on,
- * 1 when dispatch asked to stop, -1 on an error (message in r->err). */
-static int call_dispatch(lua_State *L, fl_repl *r) {
+/* Calls dispatch(ev, relid) (function and event on the stack top) protected: the relation's
+ * OID lets the caller follow a table through renames and map partitions to the listened
+ * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error (message in
+ * r->err). */
+static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   r->events++;
-  if (lua_pcall(L, 1, 1, 0) != 0) {
+  lua_pushnumber(L, relid);
+  if (lua_pcall(L, 2, 1, 0) != 0) {
     snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return -1;
@@ -311,7 +315,7 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
     lua_setfield(L, ev, "old");
   }
   lua_pop(L, 1);                        /* entry */
-  return call_dispatch(L, r);
+  return call_dispatch(L, r, rel->relid);
 }
 
 static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
@@ -330,7 +334,7 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
     lua_setfield(L, -2, "xid");
     lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
     lua_setfield(L, -2, "commit_time");
-    int rc = call_dispatch(L, r);
+    int rc = call_dispatch(L, r, rel->relid);
     if (rc != 0) return rc;
   }
   return 0;
@@ -428,6 +432,27 @@ static int handled(fl_repl *r, uint64_t end_lsn) {
   return 0;
 }
 
+/* A Relation message arrived (a new relation, or one changed by DDL: renamed, columns
+ * added or dropped): tells the on_relation hook, if any, protected. */
+static int relation_hook(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
+  if (r->relhook_ref == LUA_NOREF || r->relhook_ref == LUA_REFNIL) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->relhook_ref);
+  lua_pushnumber(L, rel->relid);
+  lua_pushstring(L, rel->nspname);
+  lua_pushstring(L, rel->relname);
+  lua_createtable(L, rel->ncols, 0);
+  for (int i = 0; i < rel->ncols; i++) {
+    lua_pushstring(L, rel->cols[i].name);
+    lua_rawseti(L, -2, i + 1);
+  }
+  if (lua_pcall(L, 4, 0, 0) != 0) {
+    snprintf(r->err, sizeof r->err, "dispatch: on_relation: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
 /* One XLogData payload. Returns 0, 1 (stop requested) or -1 (error in r->err). */
 static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, const char *buf, uint32_t len) {
   fl_pgo_msg m;
@@ -437,6 +462,7 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     return -1;
   }
   r->messages++;
+  if (m.type == FL_PGO_RELATION && m.rel && relation_hook(L, r, m.rel) != 0) return -1;
   if (in_stream && m.type != FL_PGO_STREAM_STOP && m.type != FL_PGO_STREAM_START) {
     /* A change of an in-progress transaction: keep it until Stream Commit. Relation and
      * Type messages have already updated the decoder's cache. */
@@ -513,7 +539,7 @@ static int l_replication(lua_State *L) {
     NULL };
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = LUA_NOREF;
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
   lua_setmetatable(L, -2);
   r->pg = PQconnectdbParams(keys, vals, 1);
@@ -541,7 +567,8 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->lsn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->rels_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->typemap_ref);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = LUA_NOREF;
 }
 
 static int l_close(lua_State *L) {
@@ -759,6 +786,19 @@ static int l_due(lua_State *L) {
   return 1;
 }
 
+/* repl:on_relation(fn | nil): fn(relid, schema, name, {column names}) on each Relation message. */
+static int l_on_relation(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
+  r->relhook_ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    r->relhook_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  return 0;
+}
+
 static int l_fd(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   lua_pushinteger(L, PQsocket(r->pg));
@@ -849,6 +889,7 @@ static const luaL_Reg repl_methods[] = {
   { "types", l_types },
   { "fd", l_fd },
   { "due", l_due },
+  { "on_relation", l_on_relation },
   { "state", l_state },
   { "set_stream_limit", l_set_stream_limit },
   { "finish", l_finish },

@@ -662,7 +662,8 @@ function flash._loop(list, opts)
   end
   for _, c in ipairs(list) do
     local ok, err = c:stop()
-    if not ok then log.warn("stopping client: " .. tostring(err)) end
+    -- A stop that could not remove its objects is a failure the caller must see.
+    if not ok then failure = failure or ("stopping client: " .. tostring(err)) end
   end
   core.signals(false)
   state.running, state.stop = false, false
