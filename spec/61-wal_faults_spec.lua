@@ -481,4 +481,64 @@ describe("wal_logical faults", function()
       assert.matches("it is left in the database", err, 1, true)
     end)
   end)
+
+  describe("conditions and columns", function()
+    it("accepts an `in` list of 5,000 values and matches as SQL does", function()
+      local t = H.table("id int PRIMARY KEY, name text")
+      local ids, names = {}, {}
+      for i = 1, 5000 do ids[i] = i * 2 end
+      for i = 1, 2000 do names[i] = "n" .. i end
+      names[#names + 1] = 'quo"te\\back'
+      local c, events = H.listen({ table = t, where = { { "id", "in", ids }, { "name", "in", names } } }, "insert",
+        { driver = "wal_logical", replica_identity = "full" })
+      client = c
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'n1'), (2, 'n1'), (4, 'zz'), (10000, 'n2000'), (10002, 'n1'), (6, $1)",
+        'quo"te\\back')
+      H.wait(c, events, 3)
+      H.settle(c, 0.2)
+      local got = {}
+      for k, ev in ipairs(events) do got[k] = ev.new.id end
+      assert.same({ 2, 10000, 6 }, got)
+    end)
+
+    it("says a bad value of a long `in` list is invalid at listen", function()
+      local t = H.table("id int PRIMARY KEY")
+      local ids = {}
+      for i = 1, 3000 do ids[i] = i end
+      ids[2500] = "abc"
+      local c = assert(flash.client { driver = "wal_logical" })
+      client = c
+      local l, err = c:listen { table = t, where = { { "id", "in", ids } } }
+      assert.is_nil(l)
+      assert.matches("^invalid 'where' for public%." .. t .. ": ", err)
+      assert.matches('invalid input syntax for type integer: "abc"', err, 1, true)
+    end)
+
+    for _, ddl in ipairs({ "DROP COLUMN note", "RENAME COLUMN note TO memo" }) do
+      it("warns, naming listener, table and column, when a listened column goes away (" .. ddl .. ")", function()
+        local t = H.table("id int PRIMARY KEY, note text, other int")
+        local c, events = H.listen({ table = t, fields = { "id", "note" } }, "insert", { driver = "wal_logical" })
+        client = c
+        H.sql("INSERT INTO " .. t .. " VALUES (1, 'a', 0)")
+        H.wait(c, events, 1)
+        local lines = {}
+        local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+        local ok, err = pcall(function()
+          H.sql("ALTER TABLE " .. t .. " " .. ddl)
+          H.sql("INSERT INTO " .. t .. " (id, other) VALUES (2, 0)")
+          H.sql("INSERT INTO " .. t .. " (id, other) VALUES (3, 0)")
+          H.wait(c, events, 3)
+        end)
+        flash.log.set_sink(old)
+        assert(ok, err)
+        local warned = {}
+        for _, l in ipairs(lines) do
+          if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+        end
+        assert.same({ { id = 1, note = "a" }, { id = 2 }, { id = 3 } }, { events[1].new, events[2].new, events[3].new })
+        assert.same({ string.format("listener #1 on public.%s: column note is no longer in the table (dropped or " ..
+          "renamed); its events no longer carry it", t) }, warned)
+      end)
+    end
+  end)
 end)
