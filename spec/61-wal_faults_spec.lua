@@ -127,6 +127,24 @@ describe("wal_logical faults", function()
       end)
     end
 
+    it("a persistent start that fails leaves no publication it created", function()
+      local t = H.table("id int PRIMARY KEY")
+      local a = assert(flash.client { driver = "wal_logical", persistent = true, slot = "flash_spec_held", publication = "flash_spec_held_a" })
+      client = a
+      assert(a:listen { table = t }):on("insert", function() end)
+      assert(a:start())
+      local b = assert(flash.client { driver = "wal_logical", persistent = true, slot = "flash_spec_held", publication = "flash_spec_held_b" })
+      assert(b:listen { table = t }):on("insert", function() end)
+      local ok, err = b:start()
+      b:stop()
+      a:stop()
+      client = nil
+      drop_slot("flash_spec_held", "flash_spec_held_a")
+      assert.is_nil(ok)
+      assert.matches("replication slot flash_spec_held is active in another process", err, 1, true)
+      assert.equal(0, tonumber(H.scalar("SELECT count(*) FROM pg_publication WHERE pubname = 'flash_spec_held_b'")))
+    end)
+
     it("says what a valid slot name is", function()
       local ok, err = pcall(flash.client, { driver = "wal_logical", persistent = true, slot = 'a"b' })
       assert.is_false(ok)

@@ -190,6 +190,7 @@ function Driver:setup_publication()
   end
   local P = self:ident(self.publication)
   local exists = self:exec("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
+  self.created_publication = not (exists and #exists > 0)
   local _, list = self:wanted_tables()
   local names = {}
   for i, l in ipairs(list) do names[i] = self:qualified(l) end
@@ -307,7 +308,10 @@ function Driver:start()
   if not ok then return nil, err end
   ok, err = self:open_slot()
   if not ok then
-    if not self.persistent then self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication)) end
+    -- A failed start leaves nothing it created, a persistent publication included.
+    if not self.persistent or self.created_publication then
+      self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication))
+    end
     return nil, err
   end
   self.dispatch = self:make_dispatch()
