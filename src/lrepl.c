@@ -20,6 +20,8 @@
 #define REPL_MT "flash.repl"
 #define PG_EPOCH_OFFSET_S 946684800.0       /* 2000-01-01 - 1970-01-01 in seconds */
 #define STATUS_INTERVAL_US 10000000LL      /* standby status at least every 10 s */
+#define CONFIRM_DELAY_US 1000000LL         /* handled transactions are confirmed within 1 s... */
+#define CONFIRM_TXNS 1000                  /* ...or once this many are handled, if sooner */
 #define STREAM_MEM_DEFAULT (8u << 20)      /* buffered bytes of streamed changes before spilling */
 
 /* A streamed (in-progress) transaction's changes, kept until its Stream Commit. Records are
@@ -44,6 +46,9 @@ typedef struct {
   uint64_t flushed;         /* everything before it has been handled: safe to confirm */
   uint64_t server_end;      /* last position the server reported (keepalive) */
   int64_t last_status;      /* monotonic µs of the last status update */
+  uint64_t confirmed;       /* the flushed position the last status update reported */
+  int64_t unconfirmed_since; /* monotonic µs when flushed first moved past confirmed (0: not) */
+  uint32_t unconfirmed_txns; /* transactions handled since the last status update */
   int in_txn;
   uint32_t txn_xid;
   uint64_t txn_lsn, txn_end;
@@ -51,6 +56,7 @@ typedef struct {
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
   int rels_ref;             /* registry ref: relid -> { version, table, names, types } */
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
+  int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
   stream *streams, *cur_stream;
   size_t stream_mem;        /* bytes of streamed changes held in memory, all streams */
   size_t stream_limit;
@@ -59,6 +65,8 @@ typedef struct {
   uint64_t events, messages, bytes;
   char err[512];
 } fl_repl;
+
+static int send_status(fl_repl *r, int reply_requested);
 
 static int64_t now_us(void) {
   struct timespec ts;
@@ -260,11 +268,14 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
   lua_remove(L, -2);
 }
 
-/* Calls dispatch(ev) (function and event on the stack top) protected. Returns 0 to go on,
- * 1 when dispatch asked to stop, -1 on an error (message in r->err). */
-static int call_dispatch(lua_State *L, fl_repl *r) {
+/* Calls dispatch(ev, relid) (function and event on the stack top) protected: the relation's
+ * OID lets the caller follow a table through renames and map partitions to the listened
+ * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error (message in
+ * r->err). */
+static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   r->events++;
-  if (lua_pcall(L, 1, 1, 0) != 0) {
+  lua_pushnumber(L, relid);
+  if (lua_pcall(L, 2, 1, 0) != 0) {
     snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return -1;
@@ -304,7 +315,7 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
     lua_setfield(L, ev, "old");
   }
   lua_pop(L, 1);                        /* entry */
-  return call_dispatch(L, r);
+  return call_dispatch(L, r, rel->relid);
 }
 
 static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
@@ -323,7 +334,7 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
     lua_setfield(L, -2, "xid");
     lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
     lua_setfield(L, -2, "commit_time");
-    int rc = call_dispatch(L, r);
+    int rc = call_dispatch(L, r, rel->relid);
     if (rc != 0) return rc;
   }
   return 0;
@@ -407,6 +418,41 @@ static int replay_stream(lua_State *L, fl_repl *r, int dispatch, int flags, stre
   return rc;
 }
 
+/* A transaction ending at end_lsn has been handled: it may be confirmed, and is, once
+ * CONFIRM_DELAY_US has passed since the first unconfirmed one or CONFIRM_TXNS of them are
+ * waiting, so a crash redelivers a bounded amount. Returns 0, or -1 (error in r->err). */
+static int handled(fl_repl *r, uint64_t end_lsn) {
+  if (end_lsn <= r->flushed) return 0;
+  r->flushed = end_lsn;
+  int64_t now = now_us();
+  if (!r->unconfirmed_since) r->unconfirmed_since = now;
+  r->unconfirmed_txns++;
+  if (r->unconfirmed_txns >= CONFIRM_TXNS || now - r->unconfirmed_since >= CONFIRM_DELAY_US)
+    return send_status(r, 0);
+  return 0;
+}
+
+/* A Relation message arrived (a new relation, or one changed by DDL: renamed, columns
+ * added or dropped): tells the on_relation hook, if any, protected. */
+static int relation_hook(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
+  if (r->relhook_ref == LUA_NOREF || r->relhook_ref == LUA_REFNIL) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->relhook_ref);
+  lua_pushnumber(L, rel->relid);
+  lua_pushstring(L, rel->nspname);
+  lua_pushstring(L, rel->relname);
+  lua_createtable(L, rel->ncols, 0);
+  for (int i = 0; i < rel->ncols; i++) {
+    lua_pushstring(L, rel->cols[i].name);
+    lua_rawseti(L, -2, i + 1);
+  }
+  if (lua_pcall(L, 4, 0, 0) != 0) {
+    snprintf(r->err, sizeof r->err, "dispatch: on_relation: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
 /* One XLogData payload. Returns 0, 1 (stop requested) or -1 (error in r->err). */
 static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, const char *buf, uint32_t len) {
   fl_pgo_msg m;
@@ -416,6 +462,7 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     return -1;
   }
   r->messages++;
+  if (m.type == FL_PGO_RELATION && m.rel && relation_hook(L, r, m.rel) != 0) return -1;
   if (in_stream && m.type != FL_PGO_STREAM_STOP && m.type != FL_PGO_STREAM_START) {
     /* A change of an in-progress transaction: keep it until Stream Commit. Relation and
      * Type messages have already updated the decoder's cache. */
@@ -435,8 +482,7 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
       r->in_txn = 0;
       r->txn_end = m.end_lsn;
       /* Every callback of the transaction has returned: it may be confirmed. */
-      if (m.end_lsn > r->flushed) r->flushed = m.end_lsn;
-      return 0;
+      return handled(r, m.end_lsn);
     case FL_PGO_STREAM_START: {
       stream *s = stream_find(r, m.xid, 1);
       if (!s) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
@@ -470,7 +516,7 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
         rc = replay_stream(L, r, dispatch, flags, s);
         stream_remove(r, s);
       }
-      if (rc == 0 && m.end_lsn > r->flushed) r->flushed = m.end_lsn;
+      if (rc == 0) rc = handled(r, m.end_lsn);
       return rc;
     }
     case FL_PGO_INSERT: case FL_PGO_UPDATE: case FL_PGO_DELETE: case FL_PGO_TRUNCATE:
@@ -493,7 +539,7 @@ static int l_replication(lua_State *L) {
     NULL };
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = LUA_NOREF;
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
   lua_setmetatable(L, -2);
   r->pg = PQconnectdbParams(keys, vals, 1);
@@ -521,7 +567,8 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->lsn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->rels_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->typemap_ref);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = LUA_NOREF;
 }
 
 static int l_close(lua_State *L) {
@@ -610,6 +657,9 @@ static int send_status(fl_repl *r, int reply_requested) {
     return -1;
   }
   r->last_status = now_us();
+  r->confirmed = r->flushed;
+  r->unconfirmed_since = 0;
+  r->unconfirmed_txns = 0;
   return 0;
 }
 
@@ -622,15 +672,21 @@ static int l_status(lua_State *L) {
   return 1;
 }
 
-/* repl:pump(dispatch, [flags], [budget]) -> more | nil, err
+/* repl:pump(dispatch, [flags], [budget], [seconds], [txn_end]) -> more | nil, err
  * Handles what has arrived, calling dispatch(ev) for each change; dispatch returning false
  * stops (the transaction is then not confirmed). Returns true when the budget of messages
- * ran out with data still waiting, false when the socket is drained. */
+ * or of time (seconds > 0: checked after each message) ran out, so more may be waiting,
+ * false when the socket is drained. The time budget lets a caller whose callbacks are
+ * slower than the writers give timers and signals a turn. txn_end: return once no
+ * transaction is open (a stop finishing the one it interrupted reads no further). */
 static int l_pump(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
   int flags = (int)luaL_optinteger(L, 3, 0);
   long budget = (long)luaL_optinteger(L, 4, 100000);
+  double seconds = luaL_optnumber(L, 5, 0);
+  int64_t until = seconds > 0 ? now_us() + (int64_t)(seconds * 1e6) : 0;
+  int txn_end = lua_toboolean(L, 6);
   lua_settop(L, 2);
   if (!r->copying) return fail(L, "replication has not started");
   if (!PQconsumeInput(r->pg)) {
@@ -691,8 +747,12 @@ static int l_pump(lua_State *L) {
     if (rc < 0) return fail(L, r->err);
     if (rc > 0) return fail(L, "stopped by a callback");
     if (budget == 0) more = 1;
+    if (until && now_us() >= until) { more = 1; break; }
+    if (txn_end && !r->in_txn) { more = 1; break; }
   }
-  if (r->last_status == 0 || now_us() - r->last_status >= STATUS_INTERVAL_US) {
+  int64_t now = now_us();
+  if (r->last_status == 0 || now - r->last_status >= STATUS_INTERVAL_US ||
+      (r->unconfirmed_since && now - r->unconfirmed_since >= CONFIRM_DELAY_US)) {
     if (send_status(r, 0) != 0) return fail(L, r->err);
   }
   lua_pushboolean(L, more);
@@ -716,6 +776,29 @@ static int l_types(lua_State *L) {
   return 0;
 }
 
+/* repl:due() -> monotonic seconds (core.now's clock) when the next status update is due:
+ * handled transactions waiting to be confirmed, or the periodic one. */
+static int l_due(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  int64_t due = r->last_status + STATUS_INTERVAL_US;
+  if (r->unconfirmed_since && r->unconfirmed_since + CONFIRM_DELAY_US < due) due = r->unconfirmed_since + CONFIRM_DELAY_US;
+  lua_pushnumber(L, (double)due / 1e6);
+  return 1;
+}
+
+/* repl:on_relation(fn | nil): fn(relid, schema, name, {column names}) on each Relation message. */
+static int l_on_relation(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
+  r->relhook_ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    r->relhook_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  return 0;
+}
+
 static int l_fd(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   lua_pushinteger(L, PQsocket(r->pg));
@@ -728,6 +811,7 @@ static int l_state(lua_State *L) {
   lua_createtable(L, 0, 12);
   lua_pushnumber(L, (double)r->received); lua_setfield(L, -2, "received");
   lua_pushnumber(L, (double)r->flushed); lua_setfield(L, -2, "flushed");
+  lua_pushnumber(L, (double)r->confirmed); lua_setfield(L, -2, "confirmed");
   lua_pushnumber(L, (double)r->server_end); lua_setfield(L, -2, "server_end");
   lua_pushboolean(L, r->in_txn); lua_setfield(L, -2, "in_txn");
   lua_pushnumber(L, (double)r->events); lua_setfield(L, -2, "events");
@@ -755,24 +839,42 @@ static int l_set_stream_limit(lua_State *L) {
 static int l_finish(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
   double timeout = luaL_optnumber(L, 2, 10);
+  if (!(timeout > 0)) timeout = 0;                /* 0, negative or NaN: do not wait */
+  if (timeout > 86400) timeout = 86400;
   if (r->pg && r->copying) {
     send_status(r, 0);
     PQputCopyEnd(r->pg, NULL);
     int64_t deadline = now_us() + (int64_t)(timeout * 1e6);
+    int ended = 0;
     for (;;) {
       if (PQflush(r->pg) < 0) break;
       char *buf = NULL;
       int n = PQgetCopyData(r->pg, &buf, 1);
-      if (n > 0) { PQfreemem(buf); continue; }
-      if (n < 0) break;                 /* the server ended the copy */
+      if (n > 0) {
+        PQfreemem(buf);
+        if (now_us() >= deadline) break;  /* a server still streaming does not hold us */
+        continue;
+      }
+      if (n == -1) { ended = 1; break; }  /* the server ended the copy */
+      if (n < 0) break;
       int64_t left = deadline - now_us();
       if (left <= 0) break;
       struct pollfd pfd = { PQsocket(r->pg), POLLIN, 0 };
       if (poll(&pfd, 1, (int)(left / 1000) + 1) < 0 && errno != EINTR) break;
       if (!PQconsumeInput(r->pg)) break;
     }
-    PGresult *res;
-    while (PQstatus(r->pg) == CONNECTION_OK && !PQisBusy(r->pg) && (res = PQgetResult(r->pg)) != NULL) PQclear(res);
+    /* Once the server has ended the copy, its last results are read (bounded: a result
+     * still in a COPY state would be returned forever). Otherwise the connection is just
+     * closed: the server notices and releases the slot. */
+    if (ended) {
+      PGresult *res;
+      for (int i = 0; i < 16 && PQstatus(r->pg) == CONNECTION_OK && !PQisBusy(r->pg) &&
+                      (res = PQgetResult(r->pg)) != NULL; i++) {
+        ExecStatusType st = PQresultStatus(res);
+        PQclear(res);
+        if (st == PGRES_COPY_OUT || st == PGRES_COPY_IN || st == PGRES_COPY_BOTH) break;
+      }
+    }
     r->copying = 0;
   }
   repl_release(L, r);
@@ -786,6 +888,8 @@ static const luaL_Reg repl_methods[] = {
   { "status", l_status },
   { "types", l_types },
   { "fd", l_fd },
+  { "due", l_due },
+  { "on_relation", l_on_relation },
   { "state", l_state },
   { "set_stream_limit", l_set_stream_limit },
   { "finish", l_finish },

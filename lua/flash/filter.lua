@@ -197,18 +197,21 @@ function M.prepare(l, d)
       end
       p.kind = kind
       local values = c.op == "in" and c.value or { c.value }
-      local exprs = {}
+      -- One text[] parameter, one row per value: an `in` list of any length (a column
+      -- per value would stop at PostgreSQL's 1,664 target-list entries).
+      local elems = {}
       for j, v in ipairs(values) do
-        exprs[j] = "pg_catalog.format('%s', CAST(" .. d:literal(literal_text(v)) .. " AS " .. info.tname .. ")) AS v" .. j
+        elems[j] = '"' .. literal_text(v):gsub('[\\"]', "\\%0") .. '"'
       end
       local list = {}
-      if #exprs > 0 then
-        rows, err = d:exec("SELECT " .. table.concat(exprs, ", "))
+      if #elems > 0 then
+        rows, err = d:exec("SELECT pg_catalog.format('%s', CAST(u.x AS " .. info.tname .. ")) AS v " ..
+          "FROM unnest($1::text[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, ",") .. "}")
         if not rows then
           return nil, string.format("invalid 'where' for %s: %s", l.table_name, (tostring(err):gsub("%s+$", "")))
         end
-        for j = 1, #exprs do
-          local text = rows[1]["v" .. j]
+        for j = 1, #elems do
+          local text = rows[j].v
           -- Numbers stay exact text; everything else is decoded as the column's values are.
           list[j] = kind == "num" and text or core.decode(col.oid, text, 0, 0)
         end

@@ -162,6 +162,22 @@ function flash.client(opts)
   if opts.numeric ~= nil and opts.numeric ~= "string" and opts.numeric ~= "number" then
     argerror(1, "client", "option 'numeric': \"string\" or \"number\" expected, got " .. tostring(opts.numeric))
   end
+  local st = opts.shutdown_timeout
+  if st ~= nil and not (st >= 0 and st < math.huge) then
+    argerror(1, "client", "option 'shutdown_timeout': a number of seconds >= 0 expected, got " .. tostring(st))
+  end
+  if opts.stream_memory ~= nil and not (opts.stream_memory > 0 and opts.stream_memory < math.huge) then
+    argerror(1, "client", "option 'stream_memory': a number of bytes > 0 expected, got " .. tostring(opts.stream_memory))
+  end
+  -- Replication slot names allow only these; the publication is held to the same rule so
+  -- that both can be named alike and written unquoted in any replication command.
+  for _, k in ipairs({ "slot", "publication" }) do
+    local v = opts[k]
+    if v ~= nil and (#v > 63 or not v:find("^[a-z0-9_]+$")) then
+      argerror(1, "client", string.format("option '%s': %s is not a valid name (use lower-case letters, digits " ..
+        "and underscores, at most 63 characters)", k, (string.format("%q", v):gsub("\\\n", "\\n"))))
+    end
+  end
   local driver_name = opts.driver or flash.defaults.driver or "trigger"
   if DRIVERS[driver_name] == nil then
     argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
@@ -646,7 +662,8 @@ function flash._loop(list, opts)
   end
   for _, c in ipairs(list) do
     local ok, err = c:stop()
-    if not ok then log.warn("stopping client: " .. tostring(err)) end
+    -- A stop that could not remove its objects is a failure the caller must see.
+    if not ok then failure = failure or ("stopping client: " .. tostring(err)) end
   end
   core.signals(false)
   state.running, state.stop = false, false

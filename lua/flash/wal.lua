@@ -16,6 +16,12 @@ Driver.__index = Driver
 local LOCK_CLASS = "flashlua"
 local MARK = "flashlua instance"
 local RETRY_MAX = 5
+-- One step handles messages for at most this long, then gives the loop back: timers,
+-- signals and other clients get a turn even when callbacks are slower than the writers.
+local SLICE = 0.05
+-- How often the listened tables are looked at (renamed, dropped, new INHERITS children)
+-- and the query connection is checked.
+local HOUSE_INTERVAL = 1
 
 local fail = base.fail
 
@@ -26,8 +32,10 @@ function M.new(client)
     client = client,
     persistent = opts.persistent == true,
     streaming = opts.streaming == true,
-    by_table = {},
-    published = {},     -- [display name] = true: tables in the publication
+    by_oid = {},        -- [listened table oid] = { listeners }
+    routes = {},        -- [relid of a row's relation] = { listeners } | false: see route()
+    published = {},     -- [table oid] = listener: tables in the publication
+    warned = {},        -- warnings given once: dropped tables, missing columns
     retry_at = nil,
     backoff = 0.1,
   }, Driver)
@@ -73,43 +81,80 @@ local function needs_old(l)
   return w.update or w.delete or ((w.insert or w.delete) and (l.matcher or l.primary_key))
 end
 
+-- Descendants (partitions at any depth, INHERITS children) of the tables `oids` ("{..}").
+local DESCENDANTS = [[WITH RECURSIVE d(oid) AS (
+    SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = ANY($1::oid[])
+    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)]]
+
+-- Rows of a listened table's descendants arrive as their own (leaf) relations: each one
+-- needs REPLICA IDENTITY FULL as the table itself does.
 function Driver:check_identity(l)
   if not needs_old(l) then return true end
-  local rows, err = self:exec("SELECT relreplident::text AS r FROM pg_catalog.pg_class WHERE oid = $1", l.table.oid)
+  local rows, err = self:exec(DESCENDANTS .. [[
+    SELECT n.nspname::text AS schema, c.relname::text AS name, c.oid = $2 AS self
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE (c.oid = $2 OR c.oid IN (SELECT oid FROM d)) AND c.relkind IN ('r', 'p') AND c.relreplident <> 'f'
+    ORDER BY c.oid <> $2, 1, 2]], "{" .. string.format("%d", l.table.oid) .. "}", l.table.oid)
   if not rows then return nil, err end
-  if rows[1] and rows[1].r == "f" then return true end
-  local alter = "ALTER TABLE " .. self:qualified(l) .. " REPLICA IDENTITY FULL"
+  if #rows == 0 then return true end
+  local alters, names = {}, {}
+  for i, r in ipairs(rows) do
+    alters[i] = "ALTER TABLE " .. self:ident(r.schema) .. "." .. self:ident(r.name) .. " REPLICA IDENTITY FULL"
+    names[i] = r.schema .. "." .. r.name
+  end
   if self.client.opts.replica_identity == "full" then
-    local ok, aerr = self:exec(alter)
-    if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. l.table_name .. ": " .. aerr) end
-    log.info("set REPLICA IDENTITY FULL on " .. l.table_name .. " (replica_identity = \"full\")")
+    for i, alter in ipairs(alters) do
+      local ok, aerr = self:exec(alter)
+      if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. names[i] .. ": " .. aerr) end
+      log.info("set REPLICA IDENTITY FULL on " .. names[i] .. " (replica_identity = \"full\")")
+    end
     return true
   end
-  return fail(string.format("table %s does not have REPLICA IDENTITY FULL, so update and delete events " ..
-    "would lack the old row", l.table_name),
-    "run `" .. alter .. "`, or pass replica_identity = \"full\" to flash.client to let flashlua do it")
+  local what = rows[1].self and ("table " .. l.table_name) or
+    ("partition or child table " .. names[1] .. " of " .. l.table_name)
+  return fail(string.format("%s does not have REPLICA IDENTITY FULL, so update and delete events " ..
+    "would lack the old row", what),
+    "run `" .. table.concat(alters, "; ") .. "`, or pass replica_identity = \"full\" to flash.client to let flashlua do it")
 end
 
--- The tables some listener wants something from.
+-- The tables some listener wants something from, by OID: a listener follows its table
+-- through renames. A table dropped while listening is left out.
 function Driver:wanted_tables()
   local set, list = {}, {}
   for _, l in ipairs(self.client.listeners) do
-    if next(l:wanted()) and not set[l.table_name] then
-      set[l.table_name] = l
+    if next(l:wanted()) and not set[l.table.oid] and not l.dropped then
+      set[l.table.oid] = l
       list[#list + 1] = l
     end
   end
   return set, list
 end
 
+-- The operations the publication must publish: the union over the listeners of what
+-- their callbacks need (an update may turn into an insert or a delete under a condition
+-- or primary_key). Publishing an update or delete a table cannot replicate (no replica
+-- identity) would make the user's own UPDATE/DELETE fail, so nothing more is published.
+function Driver:publish_ops()
+  local need = {}
+  for _, l in ipairs(self.client.listeners) do
+    for op in pairs((base.needed_ops(l))) do need[op] = true end
+  end
+  local list = {}
+  for _, op in ipairs({ "insert", "update", "delete", "truncate" }) do
+    if need[op] then list[#list + 1] = op end
+  end
+  return table.concat(list, ", ")
+end
+
 function Driver:rebuild_index()
   local by = {}
   for _, l in ipairs(self.client.listeners) do
-    local list = by[l.table_name]
-    if not list then list = {} by[l.table_name] = list end
+    local list = by[l.table.oid]
+    if not list then list = {} by[l.table.oid] = list end
     list[#list + 1] = l
   end
-  self.by_table = by
+  self.by_oid = by
+  self.routes = {}
   local types = {}
   for _, l in ipairs(self.client.listeners) do
     for _, c in ipairs(l.table.columns) do
@@ -123,8 +168,12 @@ function Driver:rebuild_index()
 end
 
 function Driver:remove_leftovers()
-  local rows, err = self:exec([[SELECT pubname::text AS name FROM pg_catalog.pg_publication
-    WHERE pg_catalog.obj_description(oid, 'pg_publication') LIKE $1 || '%temporary%']], MARK)
+  -- A publication whose slot is streaming belongs to a live instance, even when that
+  -- instance's query connection (which holds the lock) is down for a moment.
+  local rows, err = self:exec([[SELECT p.pubname::text AS name FROM pg_catalog.pg_publication p
+    WHERE pg_catalog.obj_description(p.oid, 'pg_publication') LIKE $1 || '%temporary%'
+      AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.active
+        AND pg_catalog.obj_description(p.oid, 'pg_publication') LIKE '%, slot ' || s.slot_name || ')')]], MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.publication, "publication", function(name)
     return "DROP PUBLICATION IF EXISTS " .. self:ident(name)
@@ -141,21 +190,25 @@ function Driver:setup_publication()
   end
   local P = self:ident(self.publication)
   local exists = self:exec("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
+  self.created_publication = not (exists and #exists > 0)
   local _, list = self:wanted_tables()
   local names = {}
   for i, l in ipairs(list) do names[i] = self:qualified(l) end
+  local ops = self:publish_ops()
   local sql = {}
   if exists and #exists > 0 then
     if not self.persistent then sql[#sql + 1] = "DROP PUBLICATION " .. P end
   end
   if not (exists and #exists > 0) or not self.persistent then
     sql[#sql + 1] = "CREATE PUBLICATION " .. P .. (#names > 0 and (" FOR TABLE " .. table.concat(names, ", ")) or "") ..
-      " WITH (publish = 'insert, update, delete, truncate')"
-  elseif #names > 0 then
-    sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET TABLE " .. table.concat(names, ", ")
+      " WITH (publish = " .. self:literal(ops) .. ")"
+  else
+    if #names > 0 then sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET TABLE " .. table.concat(names, ", ") end
+    sql[#sql + 1] = "ALTER PUBLICATION " .. P .. " SET (publish = " .. self:literal(ops) .. ")"
   end
   sql[#sql + 1] = "COMMENT ON PUBLICATION " .. P .. " IS " ..
-    self:literal(string.format("%s (%s, pid %d)", MARK, self.persistent and "persistent" or "temporary", core.getpid()))
+    self:literal(string.format("%s (%s, pid %d, slot %s)", MARK, self.persistent and "persistent" or "temporary",
+      core.getpid(), self.slot))
   local ok
   ok, err = self:exec(table.concat(sql, ";\n"))
   if not ok then
@@ -163,7 +216,8 @@ function Driver:setup_publication()
       "the role needs CREATE on the database and to own the listened tables")
   end
   self.published = {}
-  for _, l in ipairs(list) do self.published[l.table_name] = true end
+  for _, l in ipairs(list) do self.published[l.table.oid] = l end
+  self.published_ops = ops
   return true
 end
 
@@ -236,6 +290,7 @@ function Driver:open_slot()
   if not ok then repl:close() return slot_error(self, serr, state) end
   if self.client.opts.stream_memory then repl:set_stream_limit(self.client.opts.stream_memory) end
   self.repl = repl
+  repl:on_relation(function(...) return self:on_relation(...) end)
   self:rebuild_index()
   return true
 end
@@ -253,7 +308,10 @@ function Driver:start()
   if not ok then return nil, err end
   ok, err = self:open_slot()
   if not ok then
-    if not self.persistent then self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication)) end
+    -- A failed start leaves nothing it created, a persistent publication included.
+    if not self.persistent or self.created_publication then
+      self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication))
+    end
     return nil, err
   end
   self.dispatch = self:make_dispatch()
@@ -268,41 +326,83 @@ function Driver:sync(l)
   if not ok then return nil, err end
   local set = self:wanted_tables()
   local P = self:ident(self.publication)
-  for name, wl in pairs(set) do
-    if not self.published[name] then
+  local ops = self:publish_ops()
+  if ops ~= self.published_ops then
+    ok, err = self:exec("ALTER PUBLICATION " .. P .. " SET (publish = " .. self:literal(ops) .. ")")
+    if not ok then return fail("cannot change what publication " .. self.publication .. " publishes: " .. err) end
+    self.published_ops = ops
+  end
+  for oid, wl in pairs(set) do
+    if not self.published[oid] then
       ok, err = self:exec("ALTER PUBLICATION " .. P .. " ADD TABLE " .. self:qualified(wl))
-      if not ok then return fail("cannot add " .. name .. " to publication " .. self.publication .. ": " .. err) end
-      self.published[name] = true
+      if not ok then return fail("cannot add " .. wl.table_name .. " to publication " .. self.publication .. ": " .. err) end
+      self.published[oid] = wl
     end
   end
-  for name in pairs(self.published) do
-    if not set[name] then
-      local any = self.by_table[name] and self.by_table[name][1]
-      if any then
-        ok, err = self:exec("ALTER PUBLICATION " .. P .. " DROP TABLE " .. self:qualified(any))
-        if not ok then return fail("cannot drop " .. name .. " from publication " .. self.publication .. ": " .. err) end
+  for oid, pl in pairs(self.published) do
+    if not set[oid] then
+      if not pl.dropped then
+        ok, err = self:exec("ALTER PUBLICATION " .. P .. " DROP TABLE " .. self:qualified(pl))
+        if not ok then return fail("cannot drop " .. pl.table_name .. " from publication " .. self.publication .. ": " .. err) end
       end
-      self.published[name] = nil
+      self.published[oid] = nil
     end
   end
   return true
 end
 
+-- The listeners a row of relation `relid` goes to: those of the relation itself and of
+-- every ancestor (partitioned tables and sub-partitions, INHERITS parents), so a listener
+-- on a parent sees the rows of all its descendants however a statement addressed them.
+-- Cached per relid; forgotten when the relation changes (its Relation message) or the
+-- listeners do.
+function Driver:route(relid)
+  local rows = self:exec([[WITH RECURSIVE up(oid, depth) AS (
+      SELECT $1::oid, 0
+      UNION ALL SELECT i.inhparent, up.depth + 1 FROM pg_catalog.pg_inherits i JOIN up ON i.inhrelid = up.oid)
+    SELECT oid::bigint AS oid FROM up ORDER BY depth]], relid)
+  local list = {}
+  if not rows then
+    -- The query connection is gone: this relation's own listeners only, not cached.
+    for _, l in ipairs(self.by_oid[relid] or {}) do list[#list + 1] = l end
+    return #list > 0 and list or false
+  end
+  for _, r in ipairs(rows) do
+    for _, l in ipairs(self.by_oid[r.oid] or {}) do list[#list + 1] = l end
+  end
+  if #list == 0 then list = false end
+  self.routes[relid] = list
+  return list
+end
+
 function Driver:make_dispatch()
   local client = self.client
-  local function emit(l, ev) return client:_deliver(l, ev) end
-  return function(ev)
-    local list = self.by_table[ev.table]
+  local source
+  -- ev.table is the listened table's name; ev.source the relation the row lives in.
+  local function emit(l, ev)
+    ev.source = source
+    return client:_deliver(l, ev)
+  end
+  local routes = self.routes
+  return function(ev, relid)
+    if routes ~= self.routes then routes = self.routes end
+    local list = routes[relid]
+    if list == nil then list = self:route(relid) end
     if not list then return true end
+    source = ev.table
     if #list == 1 then
       local l = list[1]
-      if l.passthrough then return client:_deliver(l, ev) ~= false end
+      ev.table = l.table_name
+      if l.passthrough then
+        ev.source = source
+        return client:_deliver(l, ev) ~= false
+      end
       -- A failed `where` (on_error = "stop") must keep the transaction unconfirmed.
       return filter.apply(l, ev, emit) ~= false and not client.failure
     end
     for _, l in ipairs(list) do
       -- Each listener gets its own event: callbacks may keep or change it.
-      local e = { op = ev.op, table = ev.table, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
+      local e = { op = ev.op, table = l.table_name, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
                   commit_time = ev.commit_time }
       if filter.apply(l, e, emit) == false or client.failure then return false end
     end
@@ -310,17 +410,175 @@ function Driver:make_dispatch()
   end
 end
 
+-- A listened table now has this name (a rename while listening).
+function Driver:renamed(oid, schema, name)
+  for _, l in ipairs(self.by_oid[oid] or {}) do
+    if l.table.schema ~= schema or l.table.name ~= name then
+      local was = l.table_name
+      l.table.schema, l.table.name = schema, name
+      l.table.display = schema .. "." .. name
+      l.table_name = l.table.display
+      log.info(string.format("listened table %s was renamed to %s; listener #%d follows it", was, l.table_name, l.id))
+    end
+  end
+end
+
+-- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
+local function listened_columns(l)
+  local cols, seen = {}, {}
+  local function add(c) if not seen[c] then seen[c] = true cols[#cols + 1] = c end end
+  for _, c in ipairs(l.columns) do add(c.name) end
+  for _, c in ipairs(l.conds) do add(c.column) end
+  for _, c in ipairs(l.primary_key or {}) do add(c) end
+  return cols
+end
+
+-- A Relation message: the relation is new to this stream or was changed by DDL.
+function Driver:on_relation(relid, schema, name, columns)
+  self.routes[relid] = nil
+  local list = self.by_oid[relid]
+  if not list then return end
+  self:renamed(relid, schema, name)
+  local have = {}
+  for _, c in ipairs(columns) do have[c] = true end
+  for _, l in ipairs(list) do
+    for _, c in ipairs(listened_columns(l)) do
+      local key = l.id .. ":" .. c
+      if not have[c] and not self.warned[key] then
+        self.warned[key] = true
+        log.warn(string.format("listener #%d on %s: column %s is no longer in the table (dropped or renamed); " ..
+          "its events no longer carry it", l.id, l.table_name, c))
+      end
+    end
+  end
+end
+
 function Driver:fds()
   if not self.repl then return {} end
   local fd = self.repl:fd()
   if fd < 0 then return {} end
+  -- The query connection too: a terminated backend is noticed at once.
+  local qfd = not self.conn_retry_at and self:conn():fd() or -1
+  if qfd >= 0 then return { fd, qfd } end
   return { fd }
+end
+
+-- The query connection was lost (pg_terminate_backend, a restart): reconnect it and take
+-- the instance's advisory lock again, so no other instance takes this one's publication
+-- for a leftover. Returns true once it is back.
+function Driver:reconnect_query(err)
+  if not self.conn_retry_at then
+    log.warn(string.format("query connection lost (%s); reconnecting", (tostring(err or "closed"):gsub("%s+$", ""))))
+    self.conn_backoff = 0.1
+  end
+  local conn, cerr = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
+    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  local ok = false
+  if conn then
+    local old = self.client.conn
+    self.client.conn = conn
+    local got
+    got, cerr = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
+    if got and got[1].ok then
+      ok = true
+      old:close()
+    else
+      cerr = cerr or "its advisory lock is held by another session"
+      self.client.conn = old
+      conn:close()
+    end
+  end
+  if ok then
+    self.conn_retry_at = nil
+    self.client.counters.reconnects = self.client.counters.reconnects + 1
+    log.warn("query connection re-established; the instance holds its lock again")
+    return true
+  end
+  self.conn_retry_at = core.now() + self.conn_backoff
+  log.debug(string.format("query reconnect failed (%s); next try in %.1fs", tostring(cerr), self.conn_backoff))
+  self.conn_backoff = math.min(self.conn_backoff * 2, RETRY_MAX)
+  return false
+end
+
+-- Whether the query connection is usable; reconnects it when it is not.
+function Driver:check_query_conn()
+  if self.conn_retry_at then
+    if core.now() < self.conn_retry_at then return false end
+    return self:reconnect_query()
+  end
+  local ok, err = self:conn():consume()
+  if ok then return true end
+  return self:reconnect_query(err)
+end
+
+-- Follows the listened tables by OID: a rename changes ev.table, a drop is said once, and
+-- INHERITS children created while listening join the publication (partitions need not:
+-- a partitioned table's publication covers its partitions as they come).
+function Driver:housekeep()
+  self.house_at = core.now() + HOUSE_INTERVAL
+  local oids = {}
+  for oid in pairs(self.by_oid) do oids[#oids + 1] = string.format("%d", oid) end
+  if #oids == 0 then return end
+  local rows = self:exec([[SELECT x.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS name
+    FROM unnest($1::oid[]) x(oid) LEFT JOIN pg_catalog.pg_class c ON c.oid = x.oid
+    LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace]], "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return end
+  for _, r in ipairs(rows) do
+    if r.name == core.null then
+      for _, l in ipairs(self.by_oid[r.oid] or {}) do
+        if not l.dropped then
+          l.dropped = true
+          log.warn(string.format("listened table %s was dropped; listener #%d captures nothing more for it " ..
+            "(a table created under the same name is another table: listen to it again)", l.table_name, l.id))
+        end
+      end
+      self.published[r.oid] = nil
+    else
+      self:renamed(r.oid, r.schema, r.name)
+    end
+  end
+  local pub = {}
+  for oid in pairs(self.published) do pub[#pub + 1] = string.format("%d", oid) end
+  if #pub == 0 then return end
+  rows = self:exec(DESCENDANTS .. [[
+    SELECT n.nspname::text AS schema, c.relname::text AS name, c.relreplident::text AS ident
+    FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind = 'r' AND NOT c.relispartition AND NOT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+      WHERE p.pubname = $2 AND pr.prrelid = d.oid)]], "{" .. table.concat(pub, ",") .. "}", self.publication)
+  if not rows then return end
+  local needs_identity = self.published_ops:find("update", 1, true) or self.published_ops:find("delete", 1, true)
+  for _, r in ipairs(rows) do
+    local name = self:ident(r.schema) .. "." .. self:ident(r.name)
+    local display = r.schema .. "." .. r.name
+    local ok, err = true, nil
+    if needs_identity and r.ident ~= "f" then
+      local alter = "ALTER TABLE " .. name .. " REPLICA IDENTITY FULL"
+      if self.client.opts.replica_identity == "full" then
+        ok, err = self:exec(alter)
+      else
+        ok, err = nil, "it does not have REPLICA IDENTITY FULL (run `" .. alter .. "`)"
+      end
+    end
+    if ok then ok, err = self:exec("ALTER PUBLICATION " .. self:ident(self.publication) .. " ADD TABLE ONLY " .. name) end
+    if ok then
+      log.info(string.format("child table %s joined publication %s", display, self.publication))
+    elseif not self.warned["child:" .. display] then
+      self.warned["child:" .. display] = true
+      log.warn(string.format("child table %s of a listened table is not captured: %s", display, tostring(err):gsub("%s+$", "")))
+    end
+  end
 end
 
 function Driver:next_deadline()
   if self.retry_at then return self.retry_at end
-  if self.until_lsn and not self.reached then return core.now() + 0.1 end
-  return core.now() + 10
+  -- Messages may be waiting in libpq's buffer, where poll() cannot see them.
+  if self.more then return core.now() end
+  local due = self.repl and self.repl:due() or core.now() + 10
+  if self.house_at and self.house_at < due then due = self.house_at end
+  if self.conn_retry_at and self.conn_retry_at < due then due = self.conn_retry_at end
+  if self.until_lsn and not self.reached then return math.min(due, core.now() + 0.1) end
+  return due
 end
 
 -- run{ until_lsn = "X/Y" | "current" }: return once everything committed up to it is handled.
@@ -347,18 +605,17 @@ function Driver:step()
     if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
     return true
   end
-  local more, err
-  repeat
-    self.pumping = true
-    more, err = self.repl:pump(self.dispatch, self.client.flags)
-    self.pumping = false
-    if more == nil then
-      if self.client.failure or err == "stopped by a callback" then return false end
-      -- An error raised by flashlua's own dispatch is not a lost connection.
-      if tostring(err):find("^dispatch: ") then return nil, err end
-      return self:lost(err)
-    end
-  until not more
+  if self:check_query_conn() and core.now() >= (self.house_at or 0) then self:housekeep() end
+  self.pumping = true
+  local more, err = self.repl:pump(self.dispatch, self.client.flags, 100000, SLICE)
+  self.pumping = false
+  self.more = more
+  if more == nil then
+    if self.client.failure or err == "stopped by a callback" then return false end
+    -- An error raised by flashlua's own dispatch is not a lost connection.
+    if tostring(err):find("^dispatch: ") then return nil, err end
+    return self:lost(err)
+  end
   if self.until_lsn and not self.reached then
     local st = self.repl:state()
     if st.flushed >= self.until_lsn then
@@ -437,8 +694,9 @@ function Driver:finish_open_transaction(timeout)
   if self.pumping or self.client.failure then return end
   local deadline = core.now() + timeout
   while self.repl:state().in_txn and core.now() < deadline do
-    core.poll({ self.repl:fd() }, 0.05)
-    local more = self.repl:pump(self.dispatch, self.client.flags)
+    core.poll({ self.repl:fd() }, math.min(0.05, math.max(0, deadline - core.now())))
+    local more = self.repl:pump(self.dispatch, self.client.flags, 100000,
+      math.max(0.001, deadline - core.now()), true)
     if more == nil or self.client.failure then return end
   end
 end
@@ -451,9 +709,16 @@ function Driver:stop()
     self.repl = nil
   end
   local ok, err = true, nil
+  -- A query connection that was lost is opened again to remove what it must.
+  self.conn_retry_at = nil
+  self:check_query_conn()
   if not self.persistent then
     local r, e = self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(self.publication))
-    if not r then ok, err = nil, "cannot drop publication " .. self.publication .. ": " .. e end
+    if not r then
+      ok, err = nil, string.format("cannot drop publication %s: %s; it is left in the database (the next " ..
+        "flashlua start removes it, or run DROP PUBLICATION %s)", self.publication, (tostring(e):gsub("%s+$", "")),
+        self:ident(self.publication))
+    end
   end
   self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.publication) .. ")")
   return ok, err
