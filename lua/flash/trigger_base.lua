@@ -29,6 +29,10 @@ local BATCH = 1000                       -- captured rows fetched per query
 local POLL_INTERVAL = 0.005              -- seconds between polls of an empty events table
 local REFRESH_INTERVAL = 2               -- seconds between looks for new partitions/children
 local LOCK_TIMEOUT = "50ms"              -- our DDL never queues writers for longer than this
+-- A row larger than this (pg_column_size) is captured without its values: its text form
+-- could pass PostgreSQL's 1 GB limit for one value and fail the user's write.
+local ROW_LIMIT = 256 * 1024 * 1024
+M.ROW_LIMIT = ROW_LIMIT
 
 M.OP_NAME = { I = "insert", U = "update", D = "delete", T = "truncate" }
 M.OP_KEYWORD = { insert = "INSERT", update = "UPDATE", delete = "DELETE", truncate = "TRUNCATE" }
@@ -290,19 +294,22 @@ end
 -- id; 0 for shared triggers).
 function Driver:capture_function()
   local E = self:ident(self.schema) .. ".events"
-  local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old) VALUES (pg_catalog.txid_current(), "
-  local tag = "pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0]))"
   return table.concat({
+    "DECLARE n text; o text; big bigint;",
     "BEGIN",
-    "IF TG_OP = 'INSERT' THEN",
-    "  " .. ins .. "'I', TG_RELID, " .. tag .. ", pg_catalog.format('%s', NEW), NULL);",
-    "ELSIF TG_OP = 'UPDATE' THEN",
-    "  " .. ins .. "'U', TG_RELID, " .. tag .. ", pg_catalog.format('%s', NEW), pg_catalog.format('%s', OLD));",
-    "ELSIF TG_OP = 'DELETE' THEN",
-    "  " .. ins .. "'D', TG_RELID, " .. tag .. ", NULL, pg_catalog.format('%s', OLD));",
-    "ELSE",
-    "  " .. ins .. "'T', TG_RELID, " .. tag .. ", NULL, NULL);",
+    "IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN",
+    "  big := pg_catalog.pg_column_size(NEW);",
+    "  IF big > " .. ROW_LIMIT .. " THEN n := NULL; ELSE n := pg_catalog.format('%s', NEW); big := NULL; END IF;",
     "END IF;",
+    "IF TG_OP = 'UPDATE' OR TG_OP = 'DELETE' THEN",
+    "  IF pg_catalog.pg_column_size(OLD) > " .. ROW_LIMIT .. " THEN",
+    "    big := greatest(big, pg_catalog.pg_column_size(OLD));",
+    "  ELSE",
+    "    o := pg_catalog.format('%s', OLD);",
+    "  END IF;",
+    "END IF;",
+    "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big) VALUES (pg_catalog.txid_current(),",
+    "  pg_catalog.substr(TG_OP, 1, 1)::\"char\", TG_RELID, pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0])), n, o, big);",
     "RETURN NULL;",
     "END",
   }, "\n")
@@ -313,8 +320,10 @@ function Driver:schema_sql()
   return {
     "CREATE TABLE IF NOT EXISTS " .. S .. ".events (" ..
       "seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, xid bigint NOT NULL, op \"char\" NOT NULL, " ..
-      "rel oid NOT NULL, tag integer NOT NULL, new text, old text) " ..
+      "rel oid NOT NULL, tag integer NOT NULL, new text, old text, big bigint) " ..
       "WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)",
+    -- Rows are read once, soon: compressing large ones would only cost the writer time.
+    "ALTER TABLE " .. S .. ".events ALTER new SET STORAGE EXTERNAL, ALTER old SET STORAGE EXTERNAL",
     "CREATE OR REPLACE FUNCTION " .. S .. ".capture() RETURNS trigger LANGUAGE plpgsql " ..
       M.FUNC_SETTINGS .. " AS " .. self:literal(self:capture_function()),
     -- Nobody else may attach our functions to a table (firing a trigger checks nothing).
@@ -458,9 +467,21 @@ function Driver:sync_all()
   end
   for key, w in pairs(want) do
     if not self.installed[key] then
-      local ok, err, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
+      local create = "SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
         ", true); DROP TRIGGER IF EXISTS " .. self:ident(w.name) .. " ON " .. w.qualified .. ";\n" ..
-        "CREATE TRIGGER " .. self:ident(w.name) .. " " .. w.ddl)
+        "CREATE TRIGGER " .. self:ident(w.name) .. " " .. w.ddl
+      -- ENABLE ALWAYS: writes made with session_replication_role = replica (logical
+      -- replication apply, pg_restore, sync tools) are captured too, as wal_logical sees them.
+      local ok, err, state = self:exec(create .. ";\nALTER TABLE " .. w.qualified .. " ENABLE ALWAYS TRIGGER " ..
+        self:ident(w.name))
+      if not ok and state == "42501" then
+        ok, err, state = self:exec(create)
+        if ok and not self.warned_always then
+          self.warned_always = true
+          log.warn(string.format("writes made with session_replication_role = replica on %s are not captured: " ..
+            "only the table's owner can ENABLE ALWAYS a trigger (run flashlua as the owner to capture them)", w.display))
+        end
+      end
       if ok then
         self.installed[key] = w
         log.debug(string.format("trigger %s created on %s", w.name, w.qualified))
@@ -633,7 +654,7 @@ end
 -- returns the rows in delivery order, or nil and the error.
 function Driver:fetch()
   local S = self:ident(self.schema)
-  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, new, old FROM " .. S ..
+  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, new, old, big FROM " .. S ..
     ".events ORDER BY seq LIMIT " .. BATCH
   if #self.handled > 0 then
     sql = "DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
@@ -707,13 +728,19 @@ function Driver:deliver_row(r)
   local old = self:decode(shape, r.old, info.display)
   local xid = r.xid % 4294967296
   local function emit(l, ev) return client:_deliver(l, ev) end
+  local big = r.big ~= core.null and r.big or nil
+  if big then
+    log.warn(string.format("a row of %s (transaction %d) was too large to capture (%d bytes; the limit is %d): " ..
+      "its %s event carries no row values (ev.too_large = %d)", info.display, xid, big, ROW_LIMIT, op, big))
+  end
   local list = info.listeners
   for i = 1, #list do
     local l = list[i]
     if (r.tag == 0 or r.tag == l.id) and client.by_id[l.id] then
-      local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid }
+      local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid,
+                   too_large = big }
       local cont
-      if l.passthrough then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, emit) end
+      if l.passthrough or big then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, emit) end
       if cont == false or client.failure then return false end
       if not self.listening then return true end
     end

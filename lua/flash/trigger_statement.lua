@@ -20,19 +20,28 @@ end
 -- delete or an insert rather than losing it.
 function Driver:statement_function()
   local E = self:ident(self.schema) .. ".events"
-  local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old)\n  "
+  local L = tostring(base.ROW_LIMIT)
+  local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big)\n  "
+  -- The text of row r, or NULL past the size limit (then `big` says its size).
+  local function text(r) return "CASE WHEN pg_catalog.pg_column_size(" .. r .. ") > " .. L ..
+    " THEN NULL ELSE pg_catalog.format('%s', " .. r .. ") END" end
+  local function big(r) return "CASE WHEN pg_catalog.pg_column_size(" .. r .. ") > " .. L ..
+    " THEN pg_catalog.pg_column_size(" .. r .. ") END" end
   return table.concat({
     "DECLARE x bigint := pg_catalog.txid_current();",
     "BEGIN",
     "IF TG_OP = 'INSERT' THEN",
-    "  " .. ins .. "SELECT x, 'I', TG_RELID, 0, pg_catalog.format('%s', ROW(n.*)), NULL FROM new_rows n;",
+    "  " .. ins .. "SELECT x, 'I', TG_RELID, 0, " .. text("n.r") .. ", NULL, " .. big("n.r") ..
+      " FROM (SELECT ROW(t.*) AS r FROM new_rows t) n;",
     "ELSIF TG_OP = 'DELETE' THEN",
-    "  " .. ins .. "SELECT x, 'D', TG_RELID, 0, NULL, pg_catalog.format('%s', ROW(o.*)) FROM old_rows o;",
+    "  " .. ins .. "SELECT x, 'D', TG_RELID, 0, NULL, " .. text("o.r") .. ", " .. big("o.r") ..
+      " FROM (SELECT ROW(t.*) AS r FROM old_rows t) o;",
     "ELSIF TG_OP = 'UPDATE' THEN",
-    "  " .. ins .. "SELECT x, CASE WHEN o.r IS NULL THEN 'I' WHEN n.r IS NULL THEN 'D' ELSE 'U' END::\"char\",",
-    "         TG_RELID, 0, n.r, o.r",
-    "  FROM (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.format('%s', ROW(t.*)) AS r FROM old_rows t) o",
-    "  FULL JOIN (SELECT pg_catalog.row_number() OVER () AS i, pg_catalog.format('%s', ROW(t.*)) AS r FROM new_rows t) n",
+    "  " .. ins .. "SELECT x, CASE WHEN o.i IS NULL THEN 'I' WHEN n.i IS NULL THEN 'D' ELSE 'U' END::\"char\",",
+    "         TG_RELID, 0, " .. text("n.r") .. ", " .. text("o.r") .. ", greatest(" .. big("n.r") .. ", " ..
+      big("o.r") .. ")",
+    "  FROM (SELECT pg_catalog.row_number() OVER () AS i, ROW(t.*) AS r FROM old_rows t) o",
+    "  FULL JOIN (SELECT pg_catalog.row_number() OVER () AS i, ROW(t.*) AS r FROM new_rows t) n",
     "  ON n.i OPERATOR(pg_catalog.=) o.i",
     "  ORDER BY coalesce(o.i, n.i);",
     "END IF;",
