@@ -2,6 +2,7 @@
 -- The C core (flash.core) owns connections and value decoding; drivers own capture.
 local core = require "flash.core"
 local log = require "flash.log"
+local json = require "flash.json"
 
 -- A monotonic clock cheap enough to time every callback: through the FFI when LuaJIT has
 -- it (no Lua/C boundary), else the C core's.
@@ -29,6 +30,11 @@ local flash = {
   unchanged = core.unchanged,
   version = "0.1.0",
   log = log,
+  json = json,
+  -- Markers on decoded values (see flash.json): arrays, JSON objects, exact JSON numbers.
+  array_mt = core.array_mt,
+  object_mt = core.object_mt,
+  number_mt = core.number_mt,
 }
 
 local OPS = { insert = true, update = true, delete = true, truncate = true }
