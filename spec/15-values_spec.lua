@@ -1,6 +1,7 @@
 -- Values as scripts and the --table output see them: arrays stay arrays (flash.array_mt),
 -- JSON objects are marked (flash.object_mt), JSON round trips keep every digit and
--- character (flash.json). The database specs run over every driver in H.drivers.
+-- character (flash.json), arrays of domains decode as their base type. The database specs
+-- run over every driver in H.drivers.
 local flash = require "flash"
 local core = require "flash.core"
 local H = require "helpers"
@@ -105,6 +106,23 @@ describe("flash.json", function()
   end)
 end)
 
+-- Types the domain specs use, made once for the whole file.
+local types_made = false
+local function make_types()
+  if types_made then return end
+  H.sql([[
+    DROP DOMAIN IF EXISTS fl15_smalls, fl15_ints, fl15_small, fl15_posint, fl15_doc CASCADE;
+    DROP TYPE IF EXISTS fl15_mood, fl15_pair CASCADE;
+    CREATE DOMAIN fl15_posint AS int CHECK (VALUE > 0);
+    CREATE DOMAIN fl15_small AS fl15_posint CHECK (VALUE < 100);
+    CREATE DOMAIN fl15_ints AS int[];
+    CREATE DOMAIN fl15_smalls AS fl15_small[];
+    CREATE DOMAIN fl15_doc AS jsonb;
+    CREATE TYPE fl15_mood AS ENUM ('sad', 'happy');
+    CREATE TYPE fl15_pair AS (a int, b text)]])
+  types_made = true
+end
+
 for _, driver in ipairs(H.drivers) do
 describe("values (" .. driver .. " driver)", function()
   local client, tables = nil, {}
@@ -183,6 +201,43 @@ describe("values (" .. driver .. " driver)", function()
       "SELECT count(*) AS n FROM ((TABLE %s EXCEPT TABLE %s) UNION ALL (TABLE %s EXCEPT TABLE %s)) d",
       src, copy, copy, src))))
     assert.are.same({ "x", "y z", "ü" }, H.sql("SELECT tags FROM " .. copy .. " WHERE id = 2")[1].tags)
+  end)
+
+  it("decodes arrays of domains, domains over arrays and domains over domains as the base type", function()
+    make_types()
+    local t = new_table([=[id int, p fl15_posint, pa fl15_posint[], sa fl15_small[], di fl15_ints,
+      ds fl15_smalls, da fl15_doc[], empty fl15_posint[] ]=])
+    local events = listen(t, "insert")
+    H.sql("INSERT INTO " .. t .. [=[ VALUES (1, 5, '{1,2,NULL}', '{{7,8},{9,10}}', '{3,4}', '{99}',
+      ARRAY['{"a": []}', '[12345678901234567890]']::fl15_doc[], '{}')]=])
+    H.wait(client, events, 1)
+    assert.are.equal(1, #events)
+    local r = events[1].new
+    assert.are.equal(5, r.p)
+    assert.are.same({ 1, 2, null }, r.pa)
+    assert.are.same({ { 7, 8 }, { 9, 10 } }, r.sa)
+    assert.are.same({ 3, 4 }, r.di)
+    assert.are.same({ 99 }, r.ds)
+    assert.is_true(is_array(r.pa) and is_array(r.di) and is_array(r.ds) and is_array(r.empty))
+    assert.is_true(is_object(r.da[1]) and is_array(r.da[1].a))
+    assert.is_true(is_exact(r.da[2][1], "12345678901234567890"))
+    local text = json.encode({ pa = r.pa, sa = r.sa, di = r.di, ds = r.ds, da = r.da, empty = r.empty })
+    assert.are.same(json.decode('{"pa":[1,2,null],"sa":[[7,8],[9,10]],"di":[3,4],"ds":[99],' ..
+      '"da":[{"a":[]},[12345678901234567890]],"empty":[]}'), json.decode(text))
+    assert.truthy(text:find('"empty":[]', 1, true), text)
+  end)
+
+  it("keeps arrays of enums and of composite types as arrays of their text forms", function()
+    make_types()
+    local t = new_table("id int, moods fl15_mood[], pairs fl15_pair[]")
+    local events = listen(t, "insert")
+    H.sql("INSERT INTO " .. t .. [=[ VALUES (1, '{sad,happy}', ARRAY[(1,'x'), (2,'y z')]::fl15_pair[])]=])
+    H.wait(client, events, 1)
+    assert.are.equal(1, #events)
+    local r = events[1].new
+    assert.are.same({ "sad", "happy" }, r.moods)
+    assert.are.same({ "(1,x)", '(2,"y z")' }, r.pairs)
+    assert.is_true(is_array(r.moods) and is_array(r.pairs))
   end)
 
   it("prints --table lines that parse back to the same values: empty arrays, every digit, unicode", function()

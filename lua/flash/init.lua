@@ -215,6 +215,15 @@ function Client:query(sql, ...)
   return rows, n, state
 end
 
+-- The type a domain (over a domain ...) is based on; any other type itself.
+local BASE_TYPE_SQL = [[(
+      WITH RECURSIVE d(oid, typtype, base) AS (
+        SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t WHERE t.oid = %s
+        UNION ALL
+        SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t JOIN d ON t.oid = d.base
+        WHERE d.typtype = 'd')
+      SELECT oid FROM d WHERE typtype <> 'd')]]
+
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public).
 function Client:_resolve_table(name)
   local rows, err = self.conn:exec("SELECT parse_ident($1) AS parts", 0, name)
@@ -236,17 +245,17 @@ function Client:_resolve_table(name)
   if kind ~= "r" and kind ~= "p" then
     return nil, string.format("%s.%s is not a table (relkind %s)", parts[1], parts[2], kind)
   end
+  -- Values are decoded by the base type of a column's type and of its array elements:
+  -- through domains over domains, domains over arrays and arrays of domains alike.
   local cols
-  cols, err = self.conn:exec([[
+  cols, err = self.conn:exec(string.format([[
     SELECT a.attname::text AS name, bt.oid::bigint AS oid, a.atttypid::bigint AS typ,
-           CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE 0 END::bigint AS elem,
-           coalesce(et.typdelim::text, ',') AS delim
+           coalesce(et.oid, 0)::bigint AS elem, coalesce(et.typdelim::text, ',') AS delim
     FROM pg_catalog.pg_attribute a
-    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-    JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-    LEFT JOIN pg_catalog.pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+    JOIN pg_catalog.pg_type bt ON bt.oid = %s
+    LEFT JOIN pg_catalog.pg_type et ON bt.typcategory = 'A' AND et.oid = %s
     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-    ORDER BY a.attnum]], 0, rows[1].oid)
+    ORDER BY a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem")), 0, rows[1].oid)
   if not cols then return nil, err end
   return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
            display = parts[1] .. "." .. parts[2] }
