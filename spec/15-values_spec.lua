@@ -283,3 +283,96 @@ describe("values (" .. driver .. " driver)", function()
 end)
 end
 
+-- client:stop() delivers what already arrived (trigger drivers); a callback failing there
+-- is logged and makes the stop return nil, err under every on_error policy.
+describe("a callback failing during client:stop()", function()
+  for _, policy in ipairs({ "stop", "log" }) do
+    it("is logged and returned by stop (on_error = " .. policy .. ")", function()
+      local t = H.table("id int")
+      local client = assert(flash.client { on_error = policy })
+      assert(client:listen { table = t }):on("insert", function(ev) error("boom on row " .. ev.new.id) end)
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. " VALUES (3)")
+      core.sleep(0.2)   -- the notification is in the socket; no poll has read it
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = client:stop()
+      flash.log.set_sink(old)
+      H.sql("DROP TABLE " .. t)
+      assert.are.same({ nil, "callback for insert on public." .. t .. " failed while stopping (logged above)" }, { ok, err })
+      assert.are.equal(1, #lines, table.concat(lines, "\n"))
+      assert.matches("ERROR callback for insert on public%." .. t .. " failed while stopping: .*boom on row 3", lines[1])
+      assert.are.equal(1, client:stats().errors)
+    end)
+  end
+end)
+
+-- The host as a process: a callback failing during a stop.
+describe("flashlua host (values spec)", function()
+  local procs, files, tables = {}, {}, {}
+
+  after_each(function()
+    for _, h in ipairs(procs) do
+      if h.wait(0.1) == nil then h.kill("KILL") h.wait(2) end
+      os.remove(h.base .. ".out") os.remove(h.base .. ".err") os.remove(h.base .. ".rc")
+    end
+    procs = {}
+    for _, p in ipairs(files) do os.remove(p) end
+    files = {}
+    for _, t in ipairs(tables) do H.sql("DROP TABLE IF EXISTS " .. t) end
+    tables = {}
+  end)
+
+  local function script(code)
+    local path = H.script(code)
+    files[#files + 1] = path
+    return path
+  end
+
+  -- A stop delivers what already arrived before it removes the capture: the trigger
+  -- drivers' notifications. (wal_logical delivers at a stop only the rest of a transaction
+  -- it is inside of, which a spec cannot time; the same Client:_failed serves it.)
+  local POLICIES = {
+    { "stop", "nil" },
+    { "log", '"log"' },
+    { "a function", 'function(err, ev) io.stderr:write("handler got row ", ev.new.id, "\\n") end' },
+  }
+  -- Every policy with the trigger driver; the default one with the other trigger drivers.
+  for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement" }) do
+    for i, policy in ipairs(POLICIES) do
+      if driver ~= "trigger" and i > 1 then break end
+      it(string.format("exits 1 and logs a callback that fails during the stop's last delivery (%s driver, on_error = %s)",
+          driver, policy[1]), function()
+        local t = H.table("id int, v text")
+        tables[#tables + 1] = t
+        local path = script(string.format([[
+io.stdout:setvbuf("no")
+local flash = require "flash"
+local core = require "flash.core"
+local client = assert(flash.client { driver = %q, on_error = %s })
+assert(client:listen { table = %q }):on("insert", function(ev)
+  error("boom on row " .. ev.new.id)
+end)
+assert(client:start())
+print("ready")
+-- The spec writes a row and sends SIGINT now: the loop sees the signal first, and the
+-- row arrives in the stop's last delivery.
+core.sleep(3)
+]], driver, policy[2], t))
+        local h = H.spawn({ path })
+        procs[#procs + 1] = h
+        assert.is_true(h.await("ready", 10), "not ready; stderr: " .. h.err())
+        H.sql("INSERT INTO " .. t .. " VALUES (7, 'x')")
+        h.kill("INT")
+        assert.are.equal(1, h.wait(15), "stderr: " .. h.err())
+        local err = h.err()
+        assert.matches("ERROR callback for insert on public%." .. t .. " failed while stopping: " ..
+          path:gsub("%p", "%%%0") .. ":6: boom on row 7", err)
+        assert.truthy(err:find("flashlua: callback for insert on public." .. t .. " failed while stopping (logged above)\n",
+          1, true), err)
+        if policy[1] == "a function" then assert.truthy(err:find("handler got row 7\n", 1, true), err) end
+        assert.are.equal(0, H.await_leftovers(0))
+      end)
+    end
+  end
+end)

@@ -234,9 +234,17 @@ local function run(argv)
     if o.stats then stats_timer(flash, core) end
     local rok, rerr = flash.run()
     if not rok then
+      flash._take_stop_failure()
       io.stderr:write("flashlua: ", tostring(rerr), "\n")
       return finish(1)
     end
+  end
+  -- A callback that failed while a client stopped (in a loop the script ran itself, or in
+  -- the stop above) makes the run a failure even if the script ignored the result.
+  local sfail = flash._take_stop_failure()
+  if sfail then
+    io.stderr:write("flashlua: ", sfail, "\n")
+    return finish(1)
   end
   return finish(0)
 end

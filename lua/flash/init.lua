@@ -438,17 +438,27 @@ function Client:_call(fn, ev)
   return self:_failed(err, ev)
 end
 
+-- A callback that fails while the client is stopping (the events a stop still delivers)
+-- has no "go on" after it: whatever the policy, it is logged and the stop reports it
+-- (client:stop() returns nil, err; the host exits 1).
 function Client:_failed(err, ev)
   self.counters.errors = self.counters.errors + 1
   local policy = self.on_error
+  local go_on = false
   if policy == "log" then
-    log.error(string.format("callback for %s on %s failed: %s", ev.op, ev.table, err))
-    return true
+    log.error(string.format("callback for %s on %s failed%s: %s", ev.op, ev.table,
+      self.stopping and " while stopping" or "", err))
+    go_on = true
   elseif type(policy) == "function" then
     local ok2, err2 = xpcall(policy, traceback, err, ev)
-    if ok2 then return true end
-    err = "on_error handler failed: " .. tostring(err2)
+    if ok2 then go_on = true else err = "on_error handler failed: " .. tostring(err2) end
   end
+  if self.stopping then
+    local what = string.format("callback for %s on %s failed while stopping", ev.op, ev.table)
+    if policy ~= "log" or not go_on then log.error(what .. ": " .. tostring(err)) end
+    self.stop_failure = self.stop_failure or (what .. " (logged above)")
+  end
+  if go_on then return true end
   self.failure = string.format("callback for %s on %s failed: %s", ev.op, ev.table, err)
   return false
 end
@@ -515,11 +525,16 @@ end
 function Client:stop()
   if self.closed then return true end
   local ok, err = true, nil
+  self.stopping = true
   if self.started then ok, err = self.driver:stop() end
   self.closed = true
   self.conn:close()
   for i, c in ipairs(clients) do
     if c == self then table.remove(clients, i) break end
+  end
+  if self.stop_failure then
+    state.stop_failure = state.stop_failure or self.stop_failure
+    return nil, self.stop_failure
   end
   if not ok then return nil, err end
   return true
@@ -661,7 +676,11 @@ function flash._loop(list, opts)
   end
   for _, c in ipairs(list) do
     local ok, err = c:stop()
-    if not ok then log.warn("stopping client: " .. tostring(err)) end
+    if not ok and c.stop_failure then
+      failure = failure or err
+    elseif not ok then
+      log.warn("stopping client: " .. tostring(err))
+    end
   end
   core.signals(false)
   state.running, state.stop = false, false
@@ -675,12 +694,29 @@ function flash.run(opts)
   return flash._loop(list, opts)
 end
 
+-- Outside the loop, stops every client at once: nil, err when a callback failed while
+-- they stopped.
 function flash.stop()
   if state.running then
     state.stop = true
-  else
-    for i = #clients, 1, -1 do clients[i]:stop() end
+    return true
   end
+  local failure
+  for i = #clients, 1, -1 do
+    local c = clients[i]
+    local ok, err = c:stop()
+    if not ok and c.stop_failure then failure = failure or err end
+  end
+  if failure then return nil, failure end
+  return true
+end
+
+-- The host asks, once, whether a callback failed during some client's stop (a script may
+-- have ignored what its own client:run() or client:stop() returned).
+function flash._take_stop_failure()
+  local f = state.stop_failure
+  state.stop_failure = nil
+  return f
 end
 
 function flash._clients() return clients end
