@@ -307,7 +307,7 @@ describe("a callback failing during client:stop()", function()
   end
 end)
 
--- The host as a process: a callback failing during a stop.
+-- The host as a process: a callback failing during a stop, a script's output into a pipe.
 describe("flashlua host (values spec)", function()
   local procs, files, tables = {}, {}, {}
 
@@ -375,4 +375,27 @@ core.sleep(3)
       end)
     end
   end
+
+  it("line-buffers stdout into a pipe: a script's print and io.write arrive before it exits", function()
+    local path = script([[
+local flash = require "flash"
+print("pid " .. require("flash.core").getpid())
+io.write("written\n")
+flash.after(3, function() print("done") flash.stop() end)
+]])
+    local t0 = core.now()
+    local p = io.popen(string.format("%s %s 2>/dev/null | cat", H.sh_quote(H.flashlua), H.sh_quote(path)))
+    local first = p:read("*l")
+    local second = p:read("*l")
+    local elapsed = core.now() - t0
+    local pid = tonumber((first or ""):match("^pid (%d+)$"))
+    local alive = pid and os.execute("kill -0 " .. pid .. " 2>/dev/null")
+    local rest = p:read("*a")
+    p:close()
+    assert.is_number(pid, tostring(first))
+    assert.are.equal("written", second)
+    assert.is_true(elapsed < 2.5, string.format("the lines took %.1f s (the process runs 3 s)", elapsed))
+    assert.truthy(alive == 0 or alive == true, "the process had already exited")
+    assert.are.equal("done\n", rest)
+  end)
 end)
