@@ -92,6 +92,13 @@ describe("flash.json", function()
     assert.are.same(v, json.decode(json.encode(v)))
   end)
 
+  it("round-trips arrays nested 1000 deep, the decoder's limit", function()
+    local deep = string.rep("[", 1000) .. string.rep("]", 1000)
+    assert.are.equal(deep, json.encode(assert(json.decode(deep))))
+    assert.are.same({ nil, "invalid JSON at byte 1001: nesting too deep" },
+      { json.decode(string.rep("[", 1001) .. string.rep("]", 1001)) })
+  end)
+
   it("returns nil and the position for invalid JSON, and raises for values JSON cannot hold", function()
     assert.are.same({ nil, "invalid JSON at byte 8: expected string key" }, { json.decode('{"a":1,}') })
     assert.are.same({ nil, "invalid JSON at byte 4: trailing garbage after value" }, { json.decode("[] x") })

@@ -52,8 +52,8 @@ static void drop_scratch(lua_State *L, const char *stackbuf, const char *buf) {
   if (buf != stackbuf) lua_remove(L, -2);
 }
 
-/* fl_parse_double refuses text longer than its stack copy; numeric (and jsonb numbers,
- * which are numeric) can be far longer, so long text is copied into a userdata. Only
+/* fl_parse_double refuses text longer than its stack copy; numeric (with numeric =
+ * "number") can be far longer, so long text is copied into a userdata. Only
  * decimal characters get that far, so strtod cannot meet "nan(...)" or hex there, and
  * whatever it leaves unconsumed makes the text a string instead. */
 static int to_number(lua_State *L, const char *s, size_t len, lua_Number *out) {
@@ -114,7 +114,7 @@ int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, 
   int idx[FL_JSON_MAX_DEPTH];
   char stackbuf[SCRATCH_STACK], *buf;
   int base = lua_gettop(L);
-  if (!lua_checkstack(L, 4)) return -1;
+  if (!lua_checkstack(L, 8)) return -1;
   buf = scratch(L, stackbuf, len);
   fl_json_init(&r, s, len, buf);
   for (;;) {
@@ -124,7 +124,7 @@ int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, 
     switch (t) {
     case FL_JSON_OBJ_OPEN:
     case FL_JSON_ARR_OPEN:
-      if (!lua_checkstack(L, 4)) {
+      if (!lua_checkstack(L, 8)) {
         r.err = "nesting too deep for the Lua stack";
         r.pos = (size_t)(r.p - r.s);
         goto bad;
@@ -184,7 +184,7 @@ static void push_array(lua_State *L, const fl_coltype *t, const char *s, size_t 
     size_t n;
     switch (fl_arr_next(&r, &v, &n)) {
     case FL_ARR_OPEN:
-      if (!lua_checkstack(L, 4) || r.depth > (int)(sizeof idx / sizeof idx[0])) goto bad;
+      if (!lua_checkstack(L, 6) || r.depth > (int)(sizeof idx / sizeof idx[0])) goto bad;
       lua_createtable(L, 4, 0);
       mark(L, &array_mt_key);
       idx[r.depth - 1] = 0;
