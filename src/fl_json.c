@@ -1,6 +1,7 @@
 /* fl_json: validating pull reader for JSON text (RFC 8259). Every read is bounded by
  * r->end, so payloads from the network can be decoded (and fuzzed) without trusting them. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -361,6 +362,21 @@ int fl_json_number(const char *s, size_t len, double *out) {
   if (d.exp10 < -400) {
     *out = d.neg ? -0.0 : 0.0;
     return 0;
+  }
+  if (d.nsig <= 15) {
+    /* Clinger's fast path: a mantissa below 2^53 times or divided by an exact power of
+     * ten (<= 1e22) rounds once, correctly, so the common numbers need no strtod. */
+    static const double pow10[] = { 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
+      1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22 };
+    long long p10 = d.exp10 - (d.nsig - 1), i;
+    if (p10 >= -22 && p10 <= 22) {
+      int64_t m = 0;
+      for (i = 0; i < d.nsig; i++) m = m * 10 + (d.dig[i] - '0');
+      v = p10 >= 0 ? (double)m * pow10[p10] : (double)m / pow10[-p10];
+      *out = d.neg ? -v : v;
+      /* <= 15 digits read back as themselves (DBL_DIG) while in the normal range. */
+      return 1;
+    }
   }
   v = decimal_to_double(&d);
   *out = v;

@@ -88,7 +88,7 @@ static void store(lua_State *L, fl_json_reader *r, int *idx) {
 
 /* A JSON number: a Lua number when the double prints back as the same value, else
  * { text = "<the number as written>" } with flash.number_mt, so no digit is lost. */
-static int push_json_number(lua_State *L, const char *v, size_t n) {
+static int push_json_number(lua_State *L, const char *v, size_t n, int number_mt) {
   double d;
   int rc = fl_json_number(v, n, &d);
   if (rc < 0) return -1;
@@ -99,7 +99,8 @@ static int push_json_number(lua_State *L, const char *v, size_t n) {
   lua_createtable(L, 0, 1);
   lua_pushlstring(L, v, n);
   lua_setfield(L, -2, "text");
-  mark(L, &number_mt_key);
+  lua_pushvalue(L, number_mt);
+  lua_setmetatable(L, -2);
   return 0;
 }
 
@@ -114,7 +115,13 @@ int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, 
   int idx[FL_JSON_MAX_DEPTH];
   char stackbuf[SCRATCH_STACK], *buf;
   int base = lua_gettop(L);
-  if (!lua_checkstack(L, 8)) return -1;
+  /* The three markers sit just above base for the whole walk (a registry lookup per
+   * container would cost more), then the scratch userdata if one is needed. */
+  int array_mt = base + 1, object_mt = base + 2, number_mt = base + 3;
+  if (!lua_checkstack(L, 12)) return -1;
+  push_mt(L, &array_mt_key);
+  push_mt(L, &object_mt_key);
+  push_mt(L, &number_mt_key);
   buf = scratch(L, stackbuf, len);
   fl_json_init(&r, s, len, buf);
   for (;;) {
@@ -131,12 +138,13 @@ int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, 
       }
       if (t == FL_JSON_ARR_OPEN) {
         lua_createtable(L, 4, 0);
-        mark(L, &array_mt_key);
+        lua_pushvalue(L, array_mt);
         idx[r.depth - 1] = 0;
       } else {
         lua_createtable(L, 0, 4);
-        mark(L, &object_mt_key);
+        lua_pushvalue(L, object_mt);
       }
+      lua_setmetatable(L, -2);
       continue;
     case FL_JSON_OBJ_CLOSE:
     case FL_JSON_ARR_CLOSE:
@@ -147,13 +155,15 @@ int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, 
       continue;
     case FL_JSON_STRING: lua_pushlstring(L, v, n); break;
     case FL_JSON_NUMBER:
-      if (push_json_number(L, v, n) != 0) goto bad;
+      if (push_json_number(L, v, n, number_mt) != 0) goto bad;
       break;
     case FL_JSON_TRUE: lua_pushboolean(L, 1); break;
     case FL_JSON_FALSE: lua_pushboolean(L, 0); break;
     case FL_JSON_NULL: lua_pushlightuserdata(L, FL_NULL); break;
     case FL_JSON_END:
-      drop_scratch(L, stackbuf, buf);
+      /* The value replaces the markers and the scratch. */
+      lua_replace(L, base + 1);
+      lua_settop(L, base + 1);
       return 0;
     default:
       goto bad;

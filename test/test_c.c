@@ -548,6 +548,14 @@ static void test_json_number(void) {
   NUM("5e-324", 1, 5e-324);                              /* the smallest subnormal */
   NUM("1e-320", 1, 1e-320);
   NUM("100000000000000000000000", 1, 1e23);              /* one significant digit */
+  /* The edges of the fast path (<= 15 digits times or over 10^0..10^22) and just past. */
+  NUM("1e22", 1, 1e22);
+  NUM("123456789012345e22", 1, 123456789012345e22);
+  NUM("123456789012345e-22", 1, 123456789012345e-22);
+  NUM("123456789012345e-23", 1, 123456789012345e-23);
+  NUM("-999999999999999.5e-7", 0, NAN);                  /* 16 digits no double prints back */
+  NUM("999999999999999e-7", 1, 999999999999999e-7);
+  NUM("0.000000000000000000000000000001", 1, 1e-30);
   /* Digits a double cannot keep: the text is the value, *out the nearest double. */
   NUM("9007199254740993", 0, 9007199254740992.0);
   NUM("12345678901234567890", 0, 12345678901234567890.0);
