@@ -533,6 +533,7 @@ function Client:stop()
     if c == self then table.remove(clients, i) break end
   end
   if self.stop_failure then
+    if not ok then log.warn("stopping client: " .. tostring(err)) end
     state.stop_failure = state.stop_failure or self.stop_failure
     return nil, self.stop_failure
   end
