@@ -1,5 +1,6 @@
-/* lvalue: turns a PostgreSQL text value into the Lua value API.md's type table promises.
- * The parsing lives in fl_json/fl_value (pure C); this file only builds Lua values. */
+/* lvalue: turns a PostgreSQL text value into the Lua value API.md's type table promises,
+ * and Lua values into JSON (flash.json). The parsing and formatting live in
+ * fl_json/fl_value (pure C); this file only walks and builds Lua values. */
 #include <stdlib.h>
 #include <string.h>
 #include <lua.h>
