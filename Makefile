@@ -112,7 +112,7 @@ check-mem: | $(B)
 # libFuzzer on the JSON/array/bytea/int parsers (needs clang); FUZZ_SECONDS=60 by default.
 FUZZ_SECONDS ?= 60
 fuzz: | $(B)
-	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o $(B)/fuzz_json test/fuzz_json.c $(PURE_SRC)
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc -o $(B)/fuzz_json test/fuzz_json.c $(PURE_SRC) -lm
 	$(B)/fuzz_json -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 
 # libFuzzer on the pgoutput decoder: sessions of length-prefixed messages through one

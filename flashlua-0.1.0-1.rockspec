@@ -35,6 +35,7 @@ build = {
     ["flash"] = "lua/flash/init.lua",
     ["flash.cli"] = "lua/flash/cli.lua",
     ["flash.filter"] = "lua/flash/filter.lua",
+    ["flash.json"] = "lua/flash/json.lua",
     ["flash.log"] = "lua/flash/log.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.trigger"] = "lua/flash/trigger.lua",

@@ -1,5 +1,9 @@
 /* fl_json: validating pull reader for JSON text (RFC 8259). Every read is bounded by
  * r->end, so payloads from the network can be decoded (and fuzzed) without trusting them. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include "fl_json.h"
 
@@ -264,4 +268,189 @@ fl_json_tok fl_json_next(fl_json_reader *r, const char **val, size_t *len) {
       return fail(r, r->p, "internal: bad reader state");
     }
   }
+}
+
+/* ---- numbers ---- */
+
+/* A decimal as its significant digits: value = sign * 0.d1 d2 ... dn * 10^(exp10 + 1),
+ * i.e. exp10 is the power of ten of the leading digit. Only the first NUM_KEEP digits are
+ * kept; nsig counts them all. Exponents are clamped far outside any double's range, so
+ * text such as "1e99999999999999999999" cannot overflow the arithmetic. */
+#define NUM_KEEP 20
+#define EXP_CLAMP 1000000000LL
+typedef struct {
+  int neg;
+  long long nsig;
+  long long exp10;
+  char dig[NUM_KEEP];
+} fl_decimal;
+
+/* Parses JSON number text into d. 0 ok, -1 when s[0..len) is not exactly a JSON number. */
+static int decimal_parse(const char *s, size_t len, fl_decimal *d) {
+  const char *p = s, *end = s + len, *int0, *int1, *frac0 = NULL, *frac1 = NULL;
+  long long e = 0, pos = 0, first = -1, last = -1, ndig;
+  int eneg = 0;
+  d->neg = 0;
+  if (p < end && *p == '-') { d->neg = 1; p++; }
+  int0 = p;
+  if (p >= end || !is_digit(*p)) return -1;
+  if (*p == '0') p++;
+  else while (p < end && is_digit(*p)) p++;
+  int1 = p;
+  if (p < end && *p == '.') {
+    frac0 = ++p;
+    while (p < end && is_digit(*p)) p++;
+    frac1 = p;
+    if (frac1 == frac0) return -1;
+  }
+  if (p < end && (*p == 'e' || *p == 'E')) {
+    p++;
+    if (p < end && (*p == '+' || *p == '-')) eneg = *p++ == '-';
+    if (p >= end || !is_digit(*p)) return -1;
+    while (p < end && is_digit(*p)) {
+      if (e < EXP_CLAMP) e = e * 10 + (*p - '0');
+      p++;
+    }
+    if (eneg) e = -e;
+  }
+  if (p != end) return -1;
+  /* The digits of both parts as one sequence, positions 0..ndig-1. */
+  ndig = (long long)(int1 - int0) + (frac0 ? (long long)(frac1 - frac0) : 0);
+  for (pos = 0; pos < ndig; pos++) {
+    char c = pos < int1 - int0 ? int0[pos] : frac0[pos - (int1 - int0)];
+    if (c != '0') {
+      if (first < 0) first = pos;
+      last = pos;
+    }
+  }
+  if (first < 0) {
+    d->nsig = 0;
+    d->exp10 = 0;
+    return 0;
+  }
+  d->nsig = last - first + 1;
+  for (pos = first; pos <= last && pos - first < NUM_KEEP; pos++)
+    d->dig[pos - first] = pos < int1 - int0 ? int0[pos] : frac0[pos - (int1 - int0)];
+  /* The leading digit sits (int length - 1 - first) places left of the decimal point. */
+  d->exp10 = e + ((long long)(int1 - int0) - 1 - first);
+  return 0;
+}
+
+/* strtod of the kept digits as "[-]D.DDDe+X": '.' never appears, so no locale matters. */
+static double decimal_to_double(const fl_decimal *d) {
+  char buf[NUM_KEEP + 32];
+  int n = d->nsig < 17 ? (int)d->nsig : 17;
+  long long e = d->exp10 - (n - 1);
+  snprintf(buf, sizeof buf, "%s%.*se%lld", d->neg ? "-" : "", n, d->dig, e);
+  return strtod(buf, NULL);
+}
+
+int fl_json_number(const char *s, size_t len, double *out) {
+  fl_decimal d, back;
+  char txt[FL_JSON_NUM_MAX];
+  size_t n;
+  double v;
+  if (decimal_parse(s, len, &d) != 0) return -1;
+  if (d.nsig == 0) {
+    *out = d.neg ? -0.0 : 0.0;
+    return 1;
+  }
+  if (d.exp10 > 400) {
+    *out = d.neg ? -HUGE_VAL : HUGE_VAL;
+    return 0;
+  }
+  if (d.exp10 < -400) {
+    *out = d.neg ? -0.0 : 0.0;
+    return 0;
+  }
+  if (d.nsig <= 15) {
+    /* Clinger's fast path: a mantissa below 2^53 times or divided by an exact power of
+     * ten (<= 1e22) rounds once, correctly, so the common numbers need no strtod. */
+    static const double pow10[] = { 1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
+      1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22 };
+    long long p10 = d.exp10 - (d.nsig - 1), i;
+    if (p10 >= -22 && p10 <= 22) {
+      int64_t m = 0;
+      for (i = 0; i < d.nsig; i++) m = m * 10 + (d.dig[i] - '0');
+      v = p10 >= 0 ? (double)m * pow10[p10] : (double)m / pow10[-p10];
+      *out = d.neg ? -v : v;
+      /* <= 15 digits read back as themselves (DBL_DIG) while in the normal range. */
+      return 1;
+    }
+  }
+  v = decimal_to_double(&d);
+  *out = v;
+  /* A double's shortest form has at most 17 digits. */
+  if (d.nsig > 17) return 0;
+  /* DBL_DIG: up to 15 digits survive text -> double -> text, in the normal range. */
+  if (d.nsig <= 15 && d.exp10 >= -290 && d.exp10 <= 290) return 1;
+  n = fl_json_format_double(v, txt);
+  if (n == 0 || v == 0) return 0;
+  if (decimal_parse(txt, n, &back) != 0) return 0;
+  return back.neg == d.neg && back.nsig == d.nsig && back.exp10 == d.exp10 &&
+         memcmp(back.dig, d.dig, (size_t)d.nsig) == 0;
+}
+
+size_t fl_json_format_double(double d, char *out) {
+  char tmp[FL_JSON_NUM_MAX];
+  size_t i, o = 0;
+  int p;
+  if (!isfinite(d)) {
+    out[0] = '\0';
+    return 0;
+  }
+  if (d == floor(d) && fabs(d) < 9007199254740992.0) {
+    snprintf(tmp, sizeof tmp, "%.0f", d);
+  } else {
+    /* The first precision that reads back: 15 digits always do for a double that came
+     * from text of 15 digits or fewer, so 0.1 stays "0.1" (subnormals, with fewer bits,
+     * start from 1 digit). strtod here runs in the same locale as snprintf, so their
+     * decimal points agree. */
+    for (p = fabs(d) < 2.2250738585072014e-308 ? 1 : 15; p <= 17; p++) {
+      snprintf(tmp, sizeof tmp, "%.*g", p, d);
+      if (strtod(tmp, NULL) == d) break;
+    }
+  }
+  /* The locale's decimal point (one or more bytes that are neither digit, sign nor
+   * exponent) becomes '.'. */
+  for (i = 0; tmp[i] != '\0'; i++) {
+    char c = tmp[i];
+    if (is_digit(c) || c == '-' || c == '+' || c == 'e' || c == 'E') {
+      out[o++] = c;
+    } else if (o == 0 || out[o - 1] != '.') {
+      out[o++] = '.';
+    }
+  }
+  out[o] = '\0';
+  return o;
+}
+
+size_t fl_json_escape(const char *s, size_t len, char *out) {
+  static const char hex[] = "0123456789abcdef";
+  char *o = out;
+  size_t i;
+  for (i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c >= 0x20 && c != '"' && c != '\\') {
+      *o++ = (char)c;
+      continue;
+    }
+    *o++ = '\\';
+    switch (c) {
+    case '"': *o++ = '"'; break;
+    case '\\': *o++ = '\\'; break;
+    case '\b': *o++ = 'b'; break;
+    case '\f': *o++ = 'f'; break;
+    case '\n': *o++ = 'n'; break;
+    case '\r': *o++ = 'r'; break;
+    case '\t': *o++ = 't'; break;
+    default:
+      *o++ = 'u';
+      *o++ = '0';
+      *o++ = '0';
+      *o++ = hex[c >> 4];
+      *o++ = hex[c & 15];
+    }
+  }
+  return (size_t)(o - out);
 }

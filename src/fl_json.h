@@ -32,4 +32,21 @@ typedef struct {
 void fl_json_init(fl_json_reader *r, const char *s, size_t len, char *buf);
 fl_json_tok fl_json_next(fl_json_reader *r, const char **val, size_t *len);
 
+/* Numbers without losing digits. A JSON number becomes a double only when printing that
+ * double back (fl_json_format_double) gives the same decimal value; otherwise its text is
+ * the value. Returns 1 (*out is that double), 0 (no double prints back as this number:
+ * more than 17 significant digits, or out of range; *out is the nearest double, +-HUGE_VAL
+ * or +-0), or -1 when s is not a JSON number. Never reads past s + len. */
+int fl_json_number(const char *s, size_t len, double *out);
+
+/* The shortest text that reads back as d: "0.1", "12345", "-0", "1e+300", whatever the
+ * locale's decimal point. out holds FL_JSON_NUM_MAX bytes (NUL-terminated); returns the
+ * length, or 0 for NaN and +-Infinity, which JSON has no number for. */
+#define FL_JSON_NUM_MAX 32
+size_t fl_json_format_double(double d, char *out);
+
+/* s as the inside of a JSON string: '"', '\\' and control characters escaped, every other
+ * byte as it is (UTF-8 passes through). out holds 6 * len bytes; returns bytes written. */
+size_t fl_json_escape(const char *s, size_t len, char *out);
+
 #endif

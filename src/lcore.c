@@ -172,6 +172,7 @@ int luaopen_flash_core(lua_State *L) {
   luaL_register(L, NULL, core_funcs);
   luaL_register(L, NULL, fl_conn_funcs);
   luaL_register(L, NULL, fl_repl_funcs);
+  fl_value_open(L);
   lua_pushlightuserdata(L, FL_NULL);
   lua_setfield(L, -2, "null");
   lua_pushlightuserdata(L, FL_UNCHANGED);

@@ -1,5 +1,6 @@
-/* lvalue: turns a PostgreSQL text value into the Lua value API.md's type table promises.
- * The parsing lives in fl_json/fl_value (pure C); this file only builds Lua values. */
+/* lvalue: turns a PostgreSQL text value into the Lua value API.md's type table promises,
+ * and Lua values into JSON (flash.json). The parsing and formatting live in
+ * fl_json/fl_value (pure C); this file only walks and builds Lua values. */
 #include <stdlib.h>
 #include <string.h>
 #include <lua.h>
@@ -9,6 +10,30 @@
 #include "lvalue.h"
 
 char fl_unchanged_sentinel;
+
+/* Registry keys of the metatables that mark what a Lua table cannot say by itself: a SQL
+ * or JSON array (flash.array_mt, so an empty one stays an array), a JSON object
+ * (flash.object_mt) and a JSON number no double holds (flash.number_mt, { text = "..." }).
+ * The tables are made here; lua/flash/json.lua gives number_mt its metamethods. */
+static char array_mt_key, object_mt_key, number_mt_key;
+
+static void push_mt(lua_State *L, void *key) {
+  lua_pushlightuserdata(L, key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushlightuserdata(L, key);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+}
+
+/* Sets the metatable `key` on the table on top of the stack. */
+static void mark(lua_State *L, void *key) {
+  push_mt(L, key);
+  lua_setmetatable(L, -2);
+}
 
 /* Inputs up to this size are unescaped on the C stack; longer ones into a Lua userdata,
  * so that a Lua error (out of memory) thrown half-way leaks nothing: the collector owns
@@ -28,8 +53,8 @@ static void drop_scratch(lua_State *L, const char *stackbuf, const char *buf) {
   if (buf != stackbuf) lua_remove(L, -2);
 }
 
-/* fl_parse_double refuses text longer than its stack copy; numeric (and jsonb numbers,
- * which are numeric) can be far longer, so long text is copied into a userdata. Only
+/* fl_parse_double refuses text longer than its stack copy; numeric (with numeric =
+ * "number") can be far longer, so long text is copied into a userdata. Only
  * decimal characters get that far, so strtod cannot meet "nan(...)" or hex there, and
  * whatever it leaves unconsumed makes the text a string instead. */
 static int to_number(lua_State *L, const char *s, size_t len, lua_Number *out) {
@@ -62,31 +87,65 @@ static void store(lua_State *L, fl_json_reader *r, int *idx) {
   else lua_rawset(L, -3);
 }
 
+/* A JSON number: a Lua number when the double prints back as the same value, else
+ * { text = "<the number as written>" } with flash.number_mt, so no digit is lost. */
+static int push_json_number(lua_State *L, const char *v, size_t n, int number_mt) {
+  double d;
+  int rc = fl_json_number(v, n, &d);
+  if (rc < 0) return -1;
+  if (rc == 1) {
+    lua_pushnumber(L, (lua_Number)d);
+    return 0;
+  }
+  lua_createtable(L, 0, 1);
+  lua_pushlstring(L, v, n);
+  lua_setfield(L, -2, "text");
+  lua_pushvalue(L, number_mt);
+  lua_setmetatable(L, -2);
+  return 0;
+}
+
 int fl_push_json(lua_State *L, const char *s, size_t len) {
+  return fl_push_json_err(L, s, len, NULL, NULL);
+}
+
+int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, size_t *pos) {
   /* Iterative, not recursive: each open container keeps its table (and, for objects, the
    * pending key) on the Lua stack, so depth 1000 needs ~2000 slots, checked per level. */
   fl_json_reader r;
   int idx[FL_JSON_MAX_DEPTH];
   char stackbuf[SCRATCH_STACK], *buf;
   int base = lua_gettop(L);
-  if (!lua_checkstack(L, 4)) return -1;
+  /* The three markers sit just above base for the whole walk (a registry lookup per
+   * container would cost more), then the scratch userdata if one is needed. */
+  int array_mt = base + 1, object_mt = base + 2, number_mt = base + 3;
+  if (!lua_checkstack(L, 12)) return -1;
+  push_mt(L, &array_mt_key);
+  push_mt(L, &object_mt_key);
+  push_mt(L, &number_mt_key);
   buf = scratch(L, stackbuf, len);
   fl_json_init(&r, s, len, buf);
   for (;;) {
     const char *v;
     size_t n;
-    lua_Number num;
     fl_json_tok t = fl_json_next(&r, &v, &n);
     switch (t) {
     case FL_JSON_OBJ_OPEN:
     case FL_JSON_ARR_OPEN:
-      if (!lua_checkstack(L, 4)) goto bad;
+      if (!lua_checkstack(L, 8)) {
+        r.err = "nesting too deep for the Lua stack";
+        r.pos = (size_t)(r.p - r.s);
+        goto bad;
+      }
       if (t == FL_JSON_ARR_OPEN) {
         lua_createtable(L, 4, 0);
+        lua_pushvalue(L, array_mt);
         idx[r.depth - 1] = 0;
       } else {
         lua_createtable(L, 0, 4);
+        lua_pushvalue(L, object_mt);
       }
+      lua_setmetatable(L, -2);
       continue;
     case FL_JSON_OBJ_CLOSE:
     case FL_JSON_ARR_CLOSE:
@@ -97,14 +156,15 @@ int fl_push_json(lua_State *L, const char *s, size_t len) {
       continue;
     case FL_JSON_STRING: lua_pushlstring(L, v, n); break;
     case FL_JSON_NUMBER:
-      if (to_number(L, v, n, &num) != 0) goto bad;
-      lua_pushnumber(L, num);
+      if (push_json_number(L, v, n, number_mt) != 0) goto bad;
       break;
     case FL_JSON_TRUE: lua_pushboolean(L, 1); break;
     case FL_JSON_FALSE: lua_pushboolean(L, 0); break;
     case FL_JSON_NULL: lua_pushlightuserdata(L, FL_NULL); break;
     case FL_JSON_END:
-      drop_scratch(L, stackbuf, buf);
+      /* The value replaces the markers and the scratch. */
+      lua_replace(L, base + 1);
+      lua_settop(L, base + 1);
       return 0;
     default:
       goto bad;
@@ -112,6 +172,8 @@ int fl_push_json(lua_State *L, const char *s, size_t len) {
     if (r.depth > 0) store(L, &r, idx);
   }
 bad:
+  if (err) *err = r.err ? r.err : "invalid JSON";
+  if (pos) *pos = r.pos;
   lua_settop(L, base);
   return -1;
 }
@@ -133,8 +195,9 @@ static void push_array(lua_State *L, const fl_coltype *t, const char *s, size_t 
     size_t n;
     switch (fl_arr_next(&r, &v, &n)) {
     case FL_ARR_OPEN:
-      if (!lua_checkstack(L, 4) || r.depth > (int)(sizeof idx / sizeof idx[0])) goto bad;
+      if (!lua_checkstack(L, 6) || r.depth > (int)(sizeof idx / sizeof idx[0])) goto bad;
       lua_createtable(L, 4, 0);
+      mark(L, &array_mt_key);
       idx[r.depth - 1] = 0;
       continue;
     case FL_ARR_CLOSE:
@@ -224,6 +287,271 @@ void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len,
     lua_pushlstring(L, s, len);
     return;
   }
+}
+
+/* ---- JSON encoding ----
+ * The inverse of fl_push_json, for scripts (flash.json.encode) and the --table output: the
+ * markers decide array or object, exact numbers are written as their text, doubles in
+ * their shortest round-trip form. The output grows in a userdata at a fixed stack slot
+ * (replaced when it grows), never in malloc'd memory: an error raised half-way (a
+ * function in a table, out of memory) leaves the collector to free it. luaL_Buffer cannot
+ * be used: it needs the stack top to itself, and the walk keeps tables and keys there. */
+
+typedef struct {
+  lua_State *L;
+  int slot;             /* stack index of the output userdata */
+  char *p;
+  size_t len, cap;
+  int array_mt, object_mt, number_mt;  /* stack indexes of the marker metatables */
+  const char *unchanged;  /* what flash.unchanged becomes (a JSON string), or NULL: an error */
+  size_t unchanged_len;
+} fl_enc;
+
+static char *enc_room(fl_enc *e, size_t n) {
+  if (e->cap - e->len < n) {
+    size_t cap = e->cap * 2;
+    char *np;
+    if (cap - e->len < n) cap = e->len + n;
+    np = (char *)lua_newuserdata(e->L, cap);
+    memcpy(np, e->p, e->len);
+    lua_replace(e->L, e->slot);
+    e->p = np;
+    e->cap = cap;
+  }
+  return e->p + e->len;
+}
+
+static void enc_add(fl_enc *e, const char *s, size_t n) {
+  memcpy(enc_room(e, n), s, n);
+  e->len += n;
+}
+
+static void enc_string(fl_enc *e, const char *s, size_t n) {
+  /* Escaped in chunks so that the room asked for stays small on long strings. */
+  enc_add(e, "\"", 1);
+  while (n > 0) {
+    size_t chunk = n < 4096 ? n : 4096;
+    e->len += fl_json_escape(s, chunk, enc_room(e, 6 * chunk));
+    s += chunk;
+    n -= chunk;
+  }
+  enc_add(e, "\"", 1);
+}
+
+static void enc_number(fl_enc *e, lua_Number d) {
+  char buf[FL_JSON_NUM_MAX];
+  size_t n = fl_json_format_double((double)d, buf);
+  if (n > 0) {
+    enc_add(e, buf, n);
+    return;
+  }
+  /* JSON has no NaN or infinity; PostgreSQL's to_json writes them as these strings. */
+  if (d != d) enc_add(e, "\"NaN\"", 5);
+  else if (d > 0) enc_add(e, "\"Infinity\"", 10);
+  else enc_add(e, "\"-Infinity\"", 11);
+}
+
+static int enc_fail(fl_enc *e, const char *what, const char *hint) {
+  return luaL_error(e->L, "cannot encode %s as JSON%s", what, hint);
+}
+
+static void enc_value(fl_enc *e, int idx, int depth);
+
+/* An object key: strings as they are; numbers as their JSON text (as lua-cjson does). */
+static void enc_key(fl_enc *e, int idx) {
+  size_t n;
+  const char *k;
+  if (lua_type(e->L, idx) == LUA_TNUMBER) {
+    char buf[FL_JSON_NUM_MAX];
+    n = fl_json_format_double((double)lua_tonumber(e->L, idx), buf);
+    if (n == 0) enc_fail(e, "a NaN or infinite table key", "");
+    enc_string(e, buf, n);
+  } else if (lua_type(e->L, idx) == LUA_TSTRING) {
+    k = lua_tolstring(e->L, idx, &n);
+    enc_string(e, k, n);
+  } else {
+    enc_fail(e, lua_pushfstring(e->L, "a table key of type %s", luaL_typename(e->L, idx)), "");
+  }
+}
+
+static void enc_array(fl_enc *e, int t, size_t n, int depth) {
+  size_t i;
+  enc_add(e, "[", 1);
+  for (i = 1; i <= n; i++) {
+    if (i > 1) enc_add(e, ",", 1);
+    lua_rawgeti(e->L, t, (int)i);
+    enc_value(e, lua_gettop(e->L), depth);
+    lua_pop(e->L, 1);
+  }
+  enc_add(e, "]", 1);
+}
+
+static void enc_object(fl_enc *e, int t, int depth) {
+  int first = 1;
+  enc_add(e, "{", 1);
+  lua_pushnil(e->L);
+  while (lua_next(e->L, t) != 0) {
+    if (!first) enc_add(e, ",", 1);
+    first = 0;
+    enc_key(e, lua_gettop(e->L) - 1);
+    enc_add(e, ":", 1);
+    enc_value(e, lua_gettop(e->L), depth);
+    lua_pop(e->L, 1);
+  }
+  enc_add(e, "}", 1);
+}
+
+/* An unmarked table is an array when its keys are exactly 1..n (n > 0), else an object:
+ * {} is {} as with lua-cjson; a script says [] with setmetatable({}, flash.array_mt). */
+static size_t plain_array_len(lua_State *L, int t) {
+  size_t count = 0, max = 0;
+  lua_pushnil(L);
+  while (lua_next(L, t) != 0) {
+    lua_Number k;
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TNUMBER) {
+      lua_pop(L, 1);
+      return 0;
+    }
+    k = lua_tonumber(L, -1);
+    if (!(k >= 1 && k <= 9007199254740992.0) || k != (lua_Number)(long long)k) {
+      lua_pop(L, 1);
+      return 0;
+    }
+    if ((size_t)k > max) max = (size_t)k;
+    count++;
+  }
+  return max == count ? count : 0;
+}
+
+static void enc_table(fl_enc *e, int t, int depth) {
+  lua_State *L = e->L;
+  size_t n;
+  if (depth >= FL_JSON_MAX_DEPTH) enc_fail(e, "tables nested deeper than 1000", " (a table that contains itself?)");
+  if (!lua_checkstack(L, 6)) enc_fail(e, "tables nested this deep", " (no room on the Lua stack)");
+  if (lua_getmetatable(L, t)) {
+    int which = lua_rawequal(L, -1, e->array_mt) ? 'a' : lua_rawequal(L, -1, e->object_mt) ? 'o'
+              : lua_rawequal(L, -1, e->number_mt) ? 'n' : 0;
+    lua_pop(L, 1);
+    if (which == 'a') {
+      enc_array(e, t, lua_objlen(L, t), depth + 1);
+      return;
+    }
+    if (which == 'o') {
+      enc_object(e, t, depth + 1);
+      return;
+    }
+    if (which == 'n') {
+      const char *txt;
+      double d;
+      lua_getfield(L, t, "text");
+      txt = lua_tolstring(L, -1, &n);
+      if (lua_type(L, -1) != LUA_TSTRING || fl_json_number(txt, n, &d) < 0)
+        enc_fail(e, "a flash.number_mt value", " (its field 'text' is not a JSON number)");
+      enc_add(e, txt, n);
+      lua_pop(L, 1);
+      return;
+    }
+  }
+  n = plain_array_len(L, t);
+  if (n > 0) enc_array(e, t, n, depth + 1);
+  else enc_object(e, t, depth + 1);
+}
+
+static void enc_value(fl_enc *e, int idx, int depth) {
+  lua_State *L = e->L;
+  size_t n;
+  const char *s;
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL: enc_add(e, "null", 4); return;
+  case LUA_TBOOLEAN:
+    if (lua_toboolean(L, idx)) enc_add(e, "true", 4);
+    else enc_add(e, "false", 5);
+    return;
+  case LUA_TNUMBER: enc_number(e, lua_tonumber(L, idx)); return;
+  case LUA_TSTRING:
+    s = lua_tolstring(L, idx, &n);
+    enc_string(e, s, n);
+    return;
+  case LUA_TTABLE: enc_table(e, idx, depth); return;
+  case LUA_TLIGHTUSERDATA:
+    if (lua_touserdata(L, idx) == FL_NULL) {
+      enc_add(e, "null", 4);
+      return;
+    }
+    if (lua_touserdata(L, idx) == FL_UNCHANGED) {
+      if (!e->unchanged)
+        enc_fail(e, "flash.unchanged", " (an unchanged TOASTed column: leave it out, or give encode's option 'unchanged')");
+      enc_string(e, e->unchanged, e->unchanged_len);
+      return;
+    }
+    /* fall through */
+  default:
+    enc_fail(e, lua_pushfstring(L, "a value of type %s", luaL_typename(L, idx)), "");
+  }
+}
+
+/* core.json_encode(value, [opts]) -> JSON text. opts.unchanged: the string flash.unchanged
+ * becomes. Raises on what JSON cannot hold (functions, userdata, cycles). */
+static int l_json_encode(lua_State *L) {
+  fl_enc e;
+  luaL_checkany(L, 1);
+  lua_settop(L, 2);
+  e.L = L;
+  e.unchanged = NULL;
+  e.unchanged_len = 0;
+  if (!lua_isnil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_getfield(L, 2, "unchanged");
+    if (!lua_isnil(L, -1)) {
+      if (lua_type(L, -1) != LUA_TSTRING) luaL_argerror(L, 2, "option 'unchanged': string expected");
+      e.unchanged = lua_tolstring(L, -1, &e.unchanged_len);
+    }
+    /* Stays on the stack (slot 3), so the string stays alive. */
+  } else {
+    lua_pushnil(L);
+  }
+  push_mt(L, &array_mt_key);
+  e.array_mt = lua_gettop(L);
+  push_mt(L, &object_mt_key);
+  e.object_mt = lua_gettop(L);
+  push_mt(L, &number_mt_key);
+  e.number_mt = lua_gettop(L);
+  e.cap = 256;
+  e.len = 0;
+  e.p = (char *)lua_newuserdata(L, e.cap);
+  e.slot = lua_gettop(L);
+  enc_value(&e, 1, 0);
+  lua_pushlstring(L, e.p, e.len);
+  return 1;
+}
+
+/* core.json_decode(text) -> value | nil, err : objects and arrays as marked tables, null
+ * as flash.null, numbers no double holds as flash.number_mt values. */
+static int l_json_decode(lua_State *L) {
+  size_t len, pos = 0;
+  const char *err = NULL;
+  const char *s = luaL_checklstring(L, 1, &len);
+  if (fl_push_json_err(L, s, len, &err, &pos) == 0) return 1;
+  lua_pushnil(L);
+  lua_pushfstring(L, "invalid JSON at byte %d: %s", (int)pos + 1, err);
+  return 2;
+}
+
+static const luaL_Reg value_funcs[] = {
+  { "json_encode", l_json_encode },
+  { "json_decode", l_json_decode },
+  { NULL, NULL }
+};
+
+void fl_value_open(lua_State *L) {
+  luaL_register(L, NULL, value_funcs);
+  push_mt(L, &array_mt_key);
+  lua_setfield(L, -2, "array_mt");
+  push_mt(L, &object_mt_key);
+  lua_setfield(L, -2, "object_mt");
+  push_mt(L, &number_mt_key);
+  lua_setfield(L, -2, "number_mt");
 }
 
 uint32_t fl_builtin_elem(uint32_t oid) {

@@ -29,8 +29,16 @@ uint32_t fl_builtin_elem(uint32_t oid);
  * value, never a crash. flags: FL_NUMERIC_AS_NUMBER. */
 void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags);
 
-/* Pushes the Lua value of JSON text s (objects/arrays as tables, null as flash.null).
+/* Pushes the Lua value of JSON text s (objects/arrays as tables marked with flash.object_mt
+ * and flash.array_mt, null as flash.null, numbers no double holds exactly as
+ * { text = "..." } marked with flash.number_mt).
  * Returns 0, or -1 with nothing pushed when s is not valid JSON. */
 int fl_push_json(lua_State *L, const char *s, size_t len);
+/* The same, saying why on failure: *err (static) and *pos (byte offset); either may be NULL. */
+int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, size_t *pos);
+
+/* Adds json_encode, json_decode and the marker metatables (array_mt, object_mt,
+ * number_mt) to the module table on top of the stack. */
+void fl_value_open(lua_State *L);
 
 #endif

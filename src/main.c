@@ -2,6 +2,8 @@
  * (flash.cli, compiled into this binary as bytecode). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <lua.h>
 #include <lauxlib.h>
 #include <lualib.h>
@@ -42,6 +44,10 @@ static int run(lua_State *L) {
 }
 
 int main(int argc, char **argv) {
+  struct stat st;
+  /* C's stdio buffers a pipe fully, so `flashlua s.lua | cat` would show a script's print
+   * and io.write only at exit: anything but a regular file gets one write per line. */
+  if (fstat(STDOUT_FILENO, &st) != 0 || !S_ISREG(st.st_mode)) setvbuf(stdout, NULL, _IOLBF, BUFSIZ);
   lua_State *L = luaL_newstate();
   if (L == NULL) {
     fprintf(stderr, "flashlua: cannot create the Lua state (out of memory)\n");

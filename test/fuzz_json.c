@@ -1,7 +1,8 @@
 /* fuzz_json: libFuzzer target for the pure parsers (JSON reader, array reader, bytea,
- * int64, double) on arbitrary bytes. Build:
+ * int64, double) and the JSON writer's parts (number text, escaping) on arbitrary bytes. Build:
  *   clang -fsanitize=fuzzer,address,undefined -Isrc test/fuzz_json.c src/fl_json.c src/fl_value.c */
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,26 @@
 
 static int inside(const char *v, size_t n, const char *base, size_t cap) {
   return v >= base && n <= cap && (size_t)(v - base) <= cap - n;
+}
+
+/* Escaped, then read back by the reader as one JSON string: the same bytes. */
+static void fuzz_escape(const char *v, size_t n) {
+  char *esc = malloc(6 * n + 2), *back = malloc(6 * n + 2);
+  size_t en;
+  fl_json_reader r;
+  const char *bv;
+  size_t bn;
+  if (!esc || !back) abort();
+  esc[0] = '"';
+  en = fl_json_escape(v, n, esc + 1);
+  REQUIRE(en <= 6 * n);
+  esc[en + 1] = '"';
+  fl_json_init(&r, esc, en + 2, back);
+  REQUIRE(fl_json_next(&r, &bv, &bn) == FL_JSON_STRING);
+  REQUIRE(bn == n && memcmp(bv, v, n) == 0);
+  REQUIRE(fl_json_next(&r, &bv, &bn) == FL_JSON_END);
+  free(back);
+  free(esc);
 }
 
 static void fuzz_json(const char *s, size_t len, char *buf) {
@@ -38,12 +59,25 @@ static void fuzz_json(const char *s, size_t len, char *buf) {
     case FL_JSON_KEY:
     case FL_JSON_STRING:
       REQUIRE(inside(v, n, buf, len));
+      fuzz_escape(v, n);
       break;
     case FL_JSON_NUMBER: {
-      double d;
+      double d, back;
+      char txt[FL_JSON_NUM_MAX];
+      int exact;
+      size_t tn;
       REQUIRE(inside(v, n, s, len));
       /* Every JSON number is also valid double text (when it fits the copy). */
       if (n <= 512) REQUIRE(fl_parse_double(v, n, &d) == 0);
+      /* ... and a number to fl_json_number; one it calls a double prints back as JSON that
+       * reads as that same double (and again as exact). */
+      exact = fl_json_number(v, n, &d);
+      REQUIRE(exact == 0 || exact == 1);
+      if (exact == 1) {
+        tn = fl_json_format_double(d, txt);
+        REQUIRE(tn > 0 && tn < FL_JSON_NUM_MAX && txt[tn] == '\0');
+        REQUIRE(fl_json_number(txt, tn, &back) == 1 && back == d);
+      }
       break;
     }
     case FL_JSON_END:
@@ -111,6 +145,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     REQUIRE(strtoll(tmp, &end, 10) == i && errno == 0 && end == tmp + size);
   }
   (void)fl_parse_double(s, size, &d);
+  /* Any bytes: -1 unless they are exactly a JSON number. */
+  (void)fl_json_number(s, size, &d);
+  if (size == sizeof(double)) {
+    /* Any double: JSON that reads back as it, or nothing for NaN and infinities. */
+    char txt[FL_JSON_NUM_MAX];
+    double back;
+    size_t tn;
+    memcpy(&d, s, sizeof d);
+    tn = fl_json_format_double(d, txt);
+    REQUIRE(isfinite(d) ? tn > 0 : tn == 0);
+    if (tn > 0) REQUIRE(fl_json_number(txt, tn, &back) == 1 && back == d);
+  }
   free(buf);
   free(s);
   return 0;

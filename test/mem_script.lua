@@ -1,5 +1,6 @@
 -- test/mem_script.lua: the host's C paths under valgrind (make check-mem): the trigger
--- driver (NOTIFY payloads, overflow rows) and wal_logical (pgoutput, streaming, spill).
+-- driver (NOTIFY payloads, overflow rows) and wal_logical (pgoutput, streaming, spill),
+-- and flash.json (the encoder's growing buffer, errors half-way, exact numbers).
 local flash = require "flash"
 local admin = assert(flash.client {})
 assert(admin:query [[DROP TABLE IF EXISTS mem_t;
@@ -32,4 +33,16 @@ end
 assert(admin:query("ALTER SYSTEM RESET logical_decoding_work_mem"))
 assert(admin:query("SELECT pg_reload_conf()"))
 assert(admin:query("DROP TABLE mem_t"))
+
+local json = flash.json
+local doc = '{"a":[],"b":{},"n":12345678901234567890,"d":0.1,"s":"\\u00e9\\ud83d\\ude00\\n","l":"' ..
+  string.rep("q\\\"", 3000) .. '","x":[[[{"y":[1e400,-0,5e-324]}]]]}'
+for _ = 1, 50 do
+  local v = assert(json.decode(doc))
+  local text = json.encode(v)
+  assert(#json.encode(assert(json.decode(text))) == #text)   -- key order may differ
+  assert(not pcall(json.encode, { v, { f = print } }))   -- raised with the buffer grown
+  assert(not json.decode(doc:sub(1, -2)))
+end
+counts[#counts + 1] = "json=ok"
 print(table.concat(counts, " "))

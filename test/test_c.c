@@ -517,6 +517,129 @@ static void test_bytea(void) {
   BYTEA_BAD("\\X01");
 }
 
+
+/* fl_json_number: 1 = the double prints back as the same decimal value, 0 = keep the text. */
+#define NUM(in, want_rc, want_d) check_num(__FILE__, __LINE__, in, sizeof(in) - 1, want_rc, want_d)
+static void check_num(const char *file, int line, const char *in, size_t len, int want_rc, double want_d) {
+  char *c = exact_copy(in, len);
+  double d = 12345.0;
+  int rc = fl_json_number(c, len, &d);
+  int same = want_rc == -1 || (isnan(want_d) ? 1 : d == want_d && signbit(d) == signbit(want_d));
+  report(file, line, rc == want_rc && same, "number \"%s\": want %d %.17g, got %d %.17g", in, want_rc, want_d, rc, d);
+  free_copy(c, len);
+}
+
+static void test_json_number(void) {
+  NUM("0", 1, 0.0);
+  NUM("-0", 1, -0.0);
+  NUM("-0.000e5", 1, -0.0);
+  NUM("1", 1, 1.0);
+  NUM("-42", 1, -42.0);
+  NUM("0.1", 1, 0.1);
+  NUM("1.5e-7", 1, 1.5e-7);
+  NUM("19.99", 1, 19.99);
+  NUM("100.000", 1, 100.0);
+  NUM("1E+2", 1, 100.0);
+  NUM("0.30000000000000004", 1, 0.30000000000000004);   /* 17 digits, the double's own */
+  NUM("9007199254740992", 1, 9007199254740992.0);
+  NUM("9007199254740994", 1, 9007199254740994.0);        /* past 2^53 but a double */
+  NUM("1e300", 1, 1e300);
+  NUM("1.7976931348623157e308", 1, 1.7976931348623157e308);
+  NUM("5e-324", 1, 5e-324);                              /* the smallest subnormal */
+  NUM("1e-320", 1, 1e-320);
+  NUM("100000000000000000000000", 1, 1e23);              /* one significant digit */
+  /* The edges of the fast path (<= 15 digits times or over 10^0..10^22) and just past. */
+  NUM("1e22", 1, 1e22);
+  NUM("123456789012345e22", 1, 123456789012345e22);
+  NUM("123456789012345e-22", 1, 123456789012345e-22);
+  NUM("123456789012345e-23", 1, 123456789012345e-23);
+  NUM("-999999999999999.5e-7", 0, NAN);                  /* 16 digits no double prints back */
+  NUM("999999999999999e-7", 1, 999999999999999e-7);
+  NUM("0.000000000000000000000000000001", 1, 1e-30);
+  /* Digits a double cannot keep: the text is the value, *out the nearest double. */
+  NUM("9007199254740993", 0, 9007199254740992.0);
+  NUM("12345678901234567890", 0, 12345678901234567890.0);
+  NUM("-98765432109876543210987", 0, NAN);
+  NUM("0.10000000000000001", 0, 0.1);
+  NUM("3.14159265358979323846264338327950288", 0, NAN);
+  NUM("1.00000000000000000000000000001", 0, NAN);
+  NUM("9223372036854775808", 0, 9223372036854775808.0);  /* 2^63: exact, but 19 digits */
+  NUM("1e400", 0, INFINITY);
+  NUM("-1e400", 0, -INFINITY);
+  NUM("1e-400", 0, 0.0);
+  NUM("2e-324", 0, 0.0);                                 /* rounds to zero */
+  NUM("1e99999999999999999999", 0, INFINITY);
+  NUM("0.0000000000000000000000000000000000000000000000000000001e56", 1, 10.0);
+  NUM("", -1, 0);
+  NUM("-", -1, 0);
+  NUM("01", -1, 0);
+  NUM("1.", -1, 0);
+  NUM(".5", -1, 0);
+  NUM("1e", -1, 0);
+  NUM("1e+", -1, 0);
+  NUM("+1", -1, 0);
+  NUM("1 ", -1, 0);
+  NUM("NaN", -1, 0);
+  NUM("0x10", -1, 0);
+}
+
+#define FMT(d, want) check_fmt(__FILE__, __LINE__, d, want)
+static void check_fmt(const char *file, int line, double d, const char *want) {
+  char out[FL_JSON_NUM_MAX];
+  size_t n = fl_json_format_double(d, out);
+  report(file, line, n == strlen(want) && strcmp(out, want) == 0, "format %.17g: want \"%s\", got \"%s\"", d, want, out);
+  if (n > 0) {
+    /* What it writes is JSON that reads back as the same double. */
+    double back;
+    report(file, line, fl_json_number(out, n, &back) == 1 && back == d, "format %.17g: \"%s\" does not read back", d, out);
+  }
+}
+
+static void test_json_format(void) {
+  FMT(0.0, "0");
+  FMT(-0.0, "-0");
+  FMT(1.0, "1");
+  FMT(-42.0, "-42");
+  FMT(0.1, "0.1");
+  FMT(1.5, "1.5");
+  FMT(19.99, "19.99");
+  FMT(0.30000000000000004, "0.30000000000000004");
+  FMT(1.2345678901234567, "1.2345678901234567");
+  FMT(12345678901234.5, "12345678901234.5");
+  FMT(9007199254740991.0, "9007199254740991");
+  FMT(9007199254740992.0, "9007199254740992");
+  FMT(12345678901234567890.0, "1.2345678901234567e+19");
+  FMT(1e300, "1e+300");
+  FMT(1.5e-7, "1.5e-07");
+  FMT(1.7976931348623157e308, "1.7976931348623157e+308");
+  FMT(5e-324, "5e-324");
+  FMT(2.2250738585072014e-308, "2.2250738585072014e-308");
+  FMT(NAN, "");
+  FMT(INFINITY, "");
+  FMT(-INFINITY, "");
+}
+
+#define ESC(in, want) check_esc(__FILE__, __LINE__, in, sizeof(in) - 1, want, sizeof(want) - 1)
+static void check_esc(const char *file, int line, const char *in, size_t len, const char *want, size_t wlen) {
+  char *c = exact_copy(in, len);
+  char *out = malloc(6 * len + 1);
+  size_t n = fl_json_escape(c, len, out);
+  report(file, line, n == wlen && memcmp(out, want, n) == 0, "escape: want \"%s\", got \"%.*s\"", want, (int)n, out);
+  free(out);
+  free_copy(c, len);
+}
+
+static void test_json_escape(void) {
+  ESC("", "");
+  ESC("plain", "plain");
+  ESC("q\"b\\s/", "q\\\"b\\\\s/");
+  ESC("\b\f\n\r\t", "\\b\\f\\n\\r\\t");
+  ESC("\x01\x1f\x7f", "\\u0001\\u001f\x7f");
+  ESC("nul\0in", "nul\\u0000in");
+  ESC("\xc3\xbc\xe2\x82\xac\xf0\x9f\x98\x80", "\xc3\xbc\xe2\x82\xac\xf0\x9f\x98\x80");  /* ü€😀 as is */
+  ESC("\xff\xfe", "\xff\xfe");                                                       /* bytes as is */
+}
+
 int main(void) {
   test_json();
   test_arrays();
@@ -524,6 +647,9 @@ int main(void) {
   test_double();
   test_double_long();
   test_bytea();
+  test_json_number();
+  test_json_format();
+  test_json_escape();
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }

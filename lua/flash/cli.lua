@@ -117,30 +117,18 @@ local function parse_args(argv)
   return o
 end
 
--- JSON for an event: flash.null is null, flash.unchanged is the string "<unchanged>".
-local function event_json(cjson, flash, ev)
-  local function clean(v)
-    if v == flash.unchanged then return "<unchanged>" end
-    if type(v) == "table" then
-      local t = {}
-      for k, x in pairs(v) do t[k] = clean(x) end
-      return t
-    end
-    return v
-  end
-  return cjson.encode(clean(ev))
-end
+-- One JSON line per event, by flash.json: arrays stay arrays (empty ones too), numbers keep
+-- every digit; flash.null is null, flash.unchanged the string "<unchanged>".
+local ENCODE_OPTS = { unchanged = "<unchanged>" }
 
 local function table_mode(flash, o)
-  local ok, cjson = pcall(require, "cjson")
-  if not ok then error("--table needs lua-cjson (apt-get install lua-cjson)", 0) end
-  if cjson.encode_invalid_numbers then cjson.encode_invalid_numbers(true) end
+  local encode = flash.json.encode
   local client = assert(flash.client {})
   local listener = assert(client:listen {
     table = o.table, fields = o.fields, where = #o.where > 0 and o.where or nil,
   })
   listener:on(o.ops or "all", function(ev)
-    io.stdout:write(event_json(cjson, flash, ev), "\n")
+    io.stdout:write(encode(ev, ENCODE_OPTS), "\n")
     io.stdout:flush()
   end)
 end
@@ -246,9 +234,17 @@ local function run(argv)
     if o.stats then stats_timer(flash, core) end
     local rok, rerr = flash.run()
     if not rok then
+      flash._take_stop_failure()
       io.stderr:write("flashlua: ", tostring(rerr), "\n")
       return finish(1)
     end
+  end
+  -- A callback that failed while a client stopped (in a loop the script ran itself, or in
+  -- the stop above) makes the run a failure even if the script ignored the result.
+  local sfail = flash._take_stop_failure()
+  if sfail then
+    io.stderr:write("flashlua: ", sfail, "\n")
+    return finish(1)
   end
   return finish(0)
 end

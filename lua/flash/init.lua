@@ -2,6 +2,7 @@
 -- The C core (flash.core) owns connections and value decoding; drivers own capture.
 local core = require "flash.core"
 local log = require "flash.log"
+local json = require "flash.json"
 
 -- A monotonic clock cheap enough to time every callback: through the FFI when LuaJIT has
 -- it (no Lua/C boundary), else the C core's.
@@ -29,6 +30,11 @@ local flash = {
   unchanged = core.unchanged,
   version = "0.1.0",
   log = log,
+  json = json,
+  -- Markers on decoded values (see flash.json): arrays, JSON objects, exact JSON numbers.
+  array_mt = core.array_mt,
+  object_mt = core.object_mt,
+  number_mt = core.number_mt,
 }
 
 local OPS = { insert = true, update = true, delete = true, truncate = true }
@@ -225,6 +231,15 @@ function Client:query(sql, ...)
   return rows, n, state
 end
 
+-- The type a domain (over a domain ...) is based on; any other type itself.
+local BASE_TYPE_SQL = [[(
+      WITH RECURSIVE d(oid, typtype, base) AS (
+        SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t WHERE t.oid = %s
+        UNION ALL
+        SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t JOIN d ON t.oid = d.base
+        WHERE d.typtype = 'd')
+      SELECT oid FROM d WHERE typtype <> 'd')]]
+
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public).
 function Client:_resolve_table(name)
   local rows, err = self.conn:exec("SELECT parse_ident($1) AS parts", 0, name)
@@ -246,17 +261,17 @@ function Client:_resolve_table(name)
   if kind ~= "r" and kind ~= "p" then
     return nil, string.format("%s.%s is not a table (relkind %s)", parts[1], parts[2], kind)
   end
+  -- Values are decoded by the base type of a column's type and of its array elements:
+  -- through domains over domains, domains over arrays and arrays of domains alike.
   local cols
-  cols, err = self.conn:exec([[
+  cols, err = self.conn:exec(string.format([[
     SELECT a.attname::text AS name, bt.oid::bigint AS oid, a.atttypid::bigint AS typ,
-           CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE 0 END::bigint AS elem,
-           coalesce(et.typdelim::text, ',') AS delim
+           coalesce(et.oid, 0)::bigint AS elem, coalesce(et.typdelim::text, ',') AS delim
     FROM pg_catalog.pg_attribute a
-    JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-    JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-    LEFT JOIN pg_catalog.pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+    JOIN pg_catalog.pg_type bt ON bt.oid = %s
+    LEFT JOIN pg_catalog.pg_type et ON bt.typcategory = 'A' AND et.oid = %s
     WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-    ORDER BY a.attnum]], 0, rows[1].oid)
+    ORDER BY a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem")), 0, rows[1].oid)
   if not cols then return nil, err end
   return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
            display = parts[1] .. "." .. parts[2] }
@@ -439,17 +454,27 @@ function Client:_call(fn, ev)
   return self:_failed(err, ev)
 end
 
+-- A callback that fails while the client is stopping (the events a stop still delivers)
+-- has no "go on" after it: whatever the policy, it is logged and the stop reports it
+-- (client:stop() returns nil, err; the host exits 1).
 function Client:_failed(err, ev)
   self.counters.errors = self.counters.errors + 1
   local policy = self.on_error
+  local go_on = false
   if policy == "log" then
-    log.error(string.format("callback for %s on %s failed: %s", ev.op, ev.table, err))
-    return true
+    log.error(string.format("callback for %s on %s failed%s: %s", ev.op, ev.table,
+      self.stopping and " while stopping" or "", err))
+    go_on = true
   elseif type(policy) == "function" then
     local ok2, err2 = xpcall(policy, traceback, err, ev)
-    if ok2 then return true end
-    err = "on_error handler failed: " .. tostring(err2)
+    if ok2 then go_on = true else err = "on_error handler failed: " .. tostring(err2) end
   end
+  if self.stopping then
+    local what = string.format("callback for %s on %s failed while stopping", ev.op, ev.table)
+    if policy ~= "log" or not go_on then log.error(what .. ": " .. tostring(err)) end
+    self.stop_failure = self.stop_failure or (what .. " (logged above)")
+  end
+  if go_on then return true end
   self.failure = string.format("callback for %s on %s failed: %s", ev.op, ev.table, err)
   return false
 end
@@ -516,11 +541,17 @@ end
 function Client:stop()
   if self.closed then return true end
   local ok, err = true, nil
+  self.stopping = true
   if self.started then ok, err = self.driver:stop() end
   self.closed = true
   self.conn:close()
   for i, c in ipairs(clients) do
     if c == self then table.remove(clients, i) break end
+  end
+  if self.stop_failure then
+    if not ok then log.warn("stopping client: " .. tostring(err)) end
+    state.stop_failure = state.stop_failure or self.stop_failure
+    return nil, self.stop_failure
   end
   if not ok then return nil, err end
   return true
@@ -662,8 +693,13 @@ function flash._loop(list, opts)
   end
   for _, c in ipairs(list) do
     local ok, err = c:stop()
-    -- A stop that could not remove its objects is a failure the caller must see.
-    if not ok then failure = failure or ("stopping client: " .. tostring(err)) end
+    -- A stop that could not remove its objects, or whose last callbacks failed, is a
+    -- failure the caller must see.
+    if not ok and c.stop_failure then
+      failure = failure or err
+    elseif not ok then
+      failure = failure or ("stopping client: " .. tostring(err))
+    end
   end
   core.signals(false)
   state.running, state.stop = false, false
@@ -677,12 +713,29 @@ function flash.run(opts)
   return flash._loop(list, opts)
 end
 
+-- Outside the loop, stops every client at once: nil, err when a callback failed while
+-- they stopped.
 function flash.stop()
   if state.running then
     state.stop = true
-  else
-    for i = #clients, 1, -1 do clients[i]:stop() end
+    return true
   end
+  local failure
+  for i = #clients, 1, -1 do
+    local c = clients[i]
+    local ok, err = c:stop()
+    if not ok and c.stop_failure then failure = failure or err end
+  end
+  if failure then return nil, failure end
+  return true
+end
+
+-- The host asks, once, whether a callback failed during some client's stop (a script may
+-- have ignored what its own client:run() or client:stop() returned).
+function flash._take_stop_failure()
+  local f = state.stop_failure
+  state.stop_failure = nil
+  return f
 end
 
 function flash._clients() return clients end
