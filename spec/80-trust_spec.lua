@@ -102,6 +102,13 @@ for _, driver in ipairs(H.drivers) do
       local got = until_mark(client, events, 99)
       assert.same({ "insert:1", "insert:150", "insert:2", "delete:150", "insert:1500" }, ids(got))
       for _, ev in ipairs(got) do assert.equal("public." .. t, ev.table) end
+      if driver == "trigger_statement" then
+        -- A statement trigger's transition table holds the rows of the table the statement
+        -- named (its partitions' rows converted): ev.source is that table.
+        assert.same({ "public." .. t, "public." .. t, "public." .. t .. "_a", "public." .. t .. "_b",
+          "public." .. t }, { got[1].source, got[2].source, got[3].source, got[4].source, got[5].source })
+        return
+      end
       assert.same({ "public." .. t .. "_a", "public." .. t .. "_b", "public." .. t .. "_a", "public." .. t .. "_b",
         "public." .. t .. "_c" }, { got[1].source, got[2].source, got[3].source, got[4].source, got[5].source })
     end)

@@ -50,7 +50,7 @@ local CLIENT_OPTS = {
   dsn = "string", driver = "string", schema = "string", slot = "string",
   publication = "string", persistent = "boolean", streaming = "boolean",
   on_error = true, shutdown_timeout = "number", numeric = "string",
-  replica_identity = "string", stream_memory = "number",
+  replica_identity = "string", stream_memory = "number", durable = "boolean", poll_interval = "number",
 }
 local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
 local WHERE_OPS = {
@@ -172,6 +172,10 @@ function flash.client(opts)
   if st ~= nil and not (st >= 0 and st < math.huge) then
     argerror(1, "client", "option 'shutdown_timeout': a number of seconds >= 0 expected, got " .. tostring(st))
   end
+  if opts.poll_interval ~= nil and not (opts.poll_interval > 0 and opts.poll_interval <= 60) then
+    argerror(1, "client", "option 'poll_interval': seconds between polls of the capture table, 0 < s <= 60 " ..
+      "expected, got " .. tostring(opts.poll_interval))
+  end
   if opts.stream_memory ~= nil and not (opts.stream_memory > 0 and opts.stream_memory < math.huge) then
     argerror(1, "client", "option 'stream_memory': a number of bytes > 0 expected, got " .. tostring(opts.stream_memory))
   end
@@ -240,6 +244,22 @@ local BASE_TYPE_SQL = [[(
         WHERE d.typtype = 'd')
       SELECT oid FROM d WHERE typtype <> 'd')]]
 
+-- SQL for the live columns of the relations that `cond` (on pg_attribute a) selects, in
+-- attnum order: rel, name, oid (the base type), typ (the declared type), elem (the base type
+-- of array elements, or 0) and delim. Values are decoded by the base type of a column's
+-- type and of its array elements: through domains over domains, domains over arrays and
+-- arrays of domains alike. The trigger drivers' DDL function runs the same query.
+function flash._columns_sql(cond)
+  return string.format([[
+    SELECT a.attrelid::bigint AS rel, a.attname::text AS name, bt.oid::bigint AS oid, a.atttypid::bigint AS typ,
+           coalesce(et.oid, 0)::bigint AS elem, coalesce(et.typdelim::text, ',') AS delim
+    FROM pg_catalog.pg_attribute a
+    JOIN pg_catalog.pg_type bt ON bt.oid = %s
+    LEFT JOIN pg_catalog.pg_type et ON bt.typcategory = 'A' AND et.oid = %s
+    WHERE %s AND a.attnum > 0 AND NOT a.attisdropped
+    ORDER BY a.attrelid, a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem"), cond)
+end
+
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public).
 function Client:_resolve_table(name)
   local rows, err = self.conn:exec("SELECT parse_ident($1) AS parts", 0, name)
@@ -264,14 +284,7 @@ function Client:_resolve_table(name)
   -- Values are decoded by the base type of a column's type and of its array elements:
   -- through domains over domains, domains over arrays and arrays of domains alike.
   local cols
-  cols, err = self.conn:exec(string.format([[
-    SELECT a.attname::text AS name, bt.oid::bigint AS oid, a.atttypid::bigint AS typ,
-           coalesce(et.oid, 0)::bigint AS elem, coalesce(et.typdelim::text, ',') AS delim
-    FROM pg_catalog.pg_attribute a
-    JOIN pg_catalog.pg_type bt ON bt.oid = %s
-    LEFT JOIN pg_catalog.pg_type et ON bt.typcategory = 'A' AND et.oid = %s
-    WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-    ORDER BY a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem")), 0, rows[1].oid)
+  cols, err = self.conn:exec(flash._columns_sql("a.attrelid = $1"), 0, rows[1].oid)
   if not cols then return nil, err end
   return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
            display = parts[1] .. "." .. parts[2] }

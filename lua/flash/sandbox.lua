@@ -270,7 +270,7 @@ local function config_text(sb, settings)
     { "fsync", "off" }, { "full_page_writes", "off" }, { "synchronous_commit", "off" },
     { "unix_socket_directories", sb.socket_dir }, { "listen_addresses", "127.0.0.1" },
     { "port", sb.port }, { "max_connections", 100 }, { "shared_buffers", "128MB" },
-    { "max_prepared_transactions", 20 },
+    { "max_prepared_transactions", 20 }, { "track_commit_timestamp", "on" },
   }
   for _, kv in ipairs(base) do
     if settings[kv[1]] == nil then set(kv[1], kv[2]) end

@@ -318,7 +318,9 @@ end
 function Driver:schema_sql()
   local S = self:ident(self.schema)
   return {
-    "CREATE TABLE IF NOT EXISTS " .. S .. ".events (" ..
+    -- Unlogged by default: capturing costs the writer no WAL; a crash of the server (not a
+    -- clean restart) empties it, which the reconnect reports. durable = true logs it.
+    "CREATE " .. (self.client.opts.durable and "" or "UNLOGGED ") .. "TABLE IF NOT EXISTS " .. S .. ".events (" ..
       "seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, xid bigint NOT NULL, op \"char\" NOT NULL, " ..
       "rel oid NOT NULL, tag integer NOT NULL, new text, old text, big bigint) " ..
       "WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)",
@@ -329,6 +331,58 @@ function Driver:schema_sql()
     -- Nobody else may attach our functions to a table (firing a trigger checks nothing).
     "REVOKE ALL ON FUNCTION " .. S .. ".capture() FROM PUBLIC",
   }
+end
+
+-- Exact shapes: an event trigger (superusers only may create one) appends a shape marker
+-- to the events table at the end of every ALTER TABLE of a table we capture from (and its
+-- descendants), inside the DDL's transaction. Without it, rows are decoded by the columns
+-- the catalog has when they are read (a row written before a concurrent ALTER TABLE and
+-- read after it is matched by position; README "Known limitations").
+function Driver:ddl_function()
+  local S = self:ident(self.schema)
+  local cols = require("flash")._columns_sql("a.attrelid = t.rel")
+  return table.concat({
+    "BEGIN",
+    "  INSERT INTO " .. S .. ".events (xid, op, rel, tag, new)",
+    "  SELECT pg_catalog.txid_current(), 'S', t.rel, 0, pg_catalog.json_build_object(",
+    "      'schema', n.nspname, 'relname', c.relname, 'name', n.nspname || '.' || c.relname,",
+    "      'cols', (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(x.name, x.oid, x.elem, x.delim)",
+    "               ORDER BY x.ord) FROM (SELECT row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x))::text",
+    "  FROM (SELECT DISTINCT d.rel FROM pg_catalog.pg_event_trigger_ddl_commands() e,",
+    "        LATERAL (WITH RECURSIVE k(rel) AS (SELECT e.objid UNION",
+    "                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN k ON i.inhparent = k.rel)",
+    "                 SELECT rel FROM k) d",
+    "        WHERE e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass",
+    "          AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid",
+    "                      WHERE g.tgrelid = d.rel AND p.pronamespace = " .. self:literal(self.schema) ..
+      "::pg_catalog.regnamespace)) t",
+    "  JOIN pg_catalog.pg_class c ON c.oid = t.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;",
+    "EXCEPTION WHEN OTHERS THEN",
+    "  -- Never the DDL's failure: the consumer falls back to the catalog's columns.",
+    "  RAISE WARNING 'flashlua (%): cannot record the new columns: %', " .. self:literal(self.schema) .. ", SQLERRM;",
+    "END",
+  }, "\n")
+end
+
+function Driver:install_ddl_markers()
+  local rows = self:exec("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+  self.markers = rows and rows[1] and rows[1].rolsuper or false
+  if not self.markers then
+    log.debug("not a superuser: no DDL event trigger; rows are decoded by the columns the catalog has when read")
+    return true
+  end
+  local S = self:ident(self.schema)
+  local name = self:ident(M.fit_name(self.schema, "_ddl"))
+  local ok, err = self:exec(table.concat({
+    "CREATE OR REPLACE FUNCTION " .. S .. ".on_ddl() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER " ..
+      "SET search_path = pg_catalog, pg_temp AS " .. self:literal(self:ddl_function()),
+    "REVOKE ALL ON FUNCTION " .. S .. ".on_ddl() FROM PUBLIC",
+    "DROP EVENT TRIGGER IF EXISTS " .. name,
+    "CREATE EVENT TRIGGER " .. name .. " ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION " ..
+      S .. ".on_ddl()",
+  }, ";\n"))
+  if not ok then return fail("cannot create the DDL event trigger: " .. tostring(err)) end
+  return true
 end
 
 function Driver:schema_exists()
@@ -369,6 +423,8 @@ function Driver:install_schema(fresh)
     return fail("cannot create schema " .. self.schema .. ": " .. err,
       "the role needs CREATE on the database; or pass `schema` naming one it may create")
   end
+  ok, err = self:install_ddl_markers()
+  if not ok then return nil, err end
   self.listening = true
   return true, existed
 end
@@ -447,6 +503,14 @@ end
 function Driver:sync_all()
   if not self.listening then return true end   -- reconnecting: installed on reconnect
   self:map_relations()
+  -- Shapes of relations new to us, read before their triggers exist: rows captured later
+  -- are decoded by these until a marker says otherwise.
+  local fresh = {}
+  for oid in pairs(self.rels) do
+    if not self.shapes[oid] then fresh[#fresh + 1] = oid end
+  end
+  local sok, serr = self:load_shapes(fresh)
+  if not sok then return self:sync_failed(serr) end
   local want = {}
   for _, t in ipairs(self:wanted_triggers()) do want[t.key] = t end
   local pending
@@ -546,6 +610,10 @@ function Driver:start()
     self:remove_schema(self.schema, core.now() + 5)
     return nil, err
   end
+  local started = self:exec("SELECT pg_catalog.pg_postmaster_start_time()::text AS t, " ..
+    "pg_catalog.current_setting('track_commit_timestamp') OPERATOR(pg_catalog.=) 'on' AS cts")
+  self.server_started = started and started[1] and started[1].t
+  self.commit_ts = started and started[1] and started[1].cts or false
   log.debug(string.format("%s driver capturing into %s.events", self.client.driver_name, self.schema))
   return true
 end
@@ -591,6 +659,15 @@ function Driver:reconnect()
     local ok, existed = self:install(false)
     if ok then
       client.counters.reconnects = client.counters.reconnects + 1
+      local started = self:exec("SELECT pg_catalog.pg_postmaster_start_time()::text AS t")
+      started = started and started[1] and started[1].t
+      if existed and started and self.server_started and started ~= self.server_started and
+        not client.opts.durable then
+        log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
+          "captured into %s.events but not yet delivered are lost (the table is unlogged; durable = true keeps them)",
+          self.schema))
+      end
+      self.server_started = started or self.server_started
       if existed then
         log.warn("reconnected; nothing was lost: the changes committed meanwhile wait in " .. self.schema .. ".events")
       else
@@ -613,21 +690,12 @@ end
 ---------------------------------------------------------------------------------------
 -- Reading what was captured.
 
-local COLUMNS_SQL = [[
-  SELECT a.attrelid::bigint AS rel, a.attname::text AS name, bt.oid::bigint AS oid,
-         CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE 0 END::bigint AS elem,
-         coalesce(et.typdelim::text, ',') AS delim
-  FROM pg_catalog.pg_attribute a
-  JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-  JOIN pg_catalog.pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-  LEFT JOIN pg_catalog.pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
-  WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped
-  ORDER BY a.attrelid, a.attnum]]
-
 -- The shape (columns and types) of each relation in `oids`, as the catalog says now;
 -- shapes whose fingerprint changed get a new layout.
 function Driver:load_shapes(oids)
-  local rows, err = self:exec(COLUMNS_SQL, "{" .. table.concat(oids, ",") .. "}")
+  if #oids == 0 then return true end
+  local rows, err = self:exec(require("flash")._columns_sql("a.attrelid = ANY($1::oid[])"),
+    "{" .. table.concat(oids, ",") .. "}")
   if not rows then return nil, err end
   local by = {}
   for _, r in ipairs(rows) do
@@ -636,26 +704,53 @@ function Driver:load_shapes(oids)
     list[#list + 1] = r
   end
   for _, oid in ipairs(oids) do
-    local cols = by[oid]
-    if cols then
-      local fp = {}
-      for i, c in ipairs(cols) do fp[i] = c.name .. ":" .. c.oid .. ":" .. c.elem end
-      fp = table.concat(fp, ",")
-      local s = self.shapes[oid]
-      if not s or s.fp ~= fp then
-        self.shapes[oid] = { fp = fp, n = #cols, layout = core.layout(cols, self.client.flags), names = cols }
+    if by[oid] then self:set_shape(oid, by[oid]) end
+  end
+  return true
+end
+
+-- The columns rows of relation `oid` are decoded by from now on.
+function Driver:set_shape(oid, cols)
+  local fp = {}
+  for i, c in ipairs(cols) do fp[i] = c.name .. ":" .. c.oid .. ":" .. c.elem end
+  fp = table.concat(fp, ",")
+  local s = self.shapes[oid]
+  if not s or s.fp ~= fp then
+    self.shapes[oid] = { fp = fp, n = #cols, layout = core.layout(cols, self.client.flags) }
+  end
+end
+
+-- A shape marker (op 'S'), written by the DDL event trigger in the DDL's own transaction:
+-- rows captured before it were written with the old columns, rows after it with these.
+function Driver:apply_marker(r)
+  local m = type(r.new) == "string" and require("flash.json").decode(r.new)
+  if type(m) ~= "table" or type(m.cols) ~= "table" then
+    log.warn("ignoring a malformed shape marker of relation " .. tostring(r.rel))
+    return
+  end
+  local cols = {}
+  for i, c in ipairs(m.cols) do cols[i] = { name = c[1], oid = c[2], elem = c[3], delim = c[4] } end
+  self:set_shape(r.rel, cols)
+  local info = self.rels[r.rel]
+  if info and m.name and info.display ~= m.name then
+    info.display = m.name
+    for _, l in ipairs(info.listeners) do
+      if l.table.oid == r.rel then
+        l.table_name = m.name
+        l.table.schema, l.table.name, l.table.display = m.schema, m.relname, m.name
       end
     end
   end
-  return true
 end
 
 -- Fetches the next batch (deleting the rows handled so far in the same round trip);
 -- returns the rows in delivery order, or nil and the error.
 function Driver:fetch()
   local S = self:ident(self.schema)
-  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, new, old, big FROM " .. S ..
-    ".events ORDER BY seq LIMIT " .. BATCH
+  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, new, old, big" ..
+    (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
+      "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
+    " FROM " .. S .. ".events ORDER BY seq LIMIT " .. BATCH
   if #self.handled > 0 then
     sql = "DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
       "}'::bigint[]);\n" .. sql
@@ -664,23 +759,33 @@ function Driver:fetch()
   if not rows then return nil, err end
   self.handled = {}
   if #rows == 0 then return rows end
-  -- Transactions in the order of their last captured row (a transaction that waited for
-  -- another's row lock captured after that one committed, so per-row order holds); rows
-  -- of one transaction together, in capture order.
+  -- Transactions in commit order when the server records commit timestamps; else in the
+  -- order of their last captured row (a transaction that waited for another's row lock
+  -- captured after that one committed, so per-row order holds either way). Rows of one
+  -- transaction together, in capture order.
   local last = {}
   for _, r in ipairs(rows) do
     local m = last[r.xid]
     if not m or r.seq > m then last[r.xid] = r.seq end
+  end
+  if self.commit_ts then
+    for _, r in ipairs(rows) do
+      if type(r.cts) == "number" then last[r.xid] = r.cts end
+    end
   end
   table.sort(rows, function(a, b)
     local la, lb = last[a.xid], last[b.xid]
     if la ~= lb then return la < lb end
     return a.seq < b.seq
   end)
-  -- Columns as the catalog says now, for every relation of the batch.
+  -- Columns as the catalog says now: for every relation of the batch when there are no
+  -- shape markers (no event trigger), else only for relations not seen yet.
   local seen, oids = {}, {}
   for _, r in ipairs(rows) do
-    if not seen[r.rel] then seen[r.rel] = true oids[#oids + 1] = r.rel end
+    if not seen[r.rel] and (not self.markers or not self.shapes[r.rel]) then
+      seen[r.rel] = true
+      oids[#oids + 1] = r.rel
+    end
   end
   local ok
   ok, err = self:load_shapes(oids)
@@ -713,6 +818,7 @@ end
 -- Delivers one captured row; returns false when the client must stop.
 function Driver:deliver_row(r)
   local client = self.client
+  if r.op == "S" then self:apply_marker(r) return true end
   local info = self.rels[r.rel]
   local shape = self.shapes[r.rel]
   local op = M.OP_NAME[r.op]
@@ -755,7 +861,7 @@ function Driver:drain_batch()
   local handled = self.handled
   for i = 1, #rows do
     local r = rows[i]
-    self.captured = self.captured + 1
+    if r.op ~= "S" then self.captured = self.captured + 1 end
     local nv, ov = r.new, r.old
     self.client.counters.bytes = self.client.counters.bytes + (type(nv) == "string" and #nv or 0) +
       (type(ov) == "string" and #ov or 0)

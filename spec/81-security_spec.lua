@@ -1,0 +1,120 @@
+-- spec/81-security_spec.lua: attacks by a second, unprivileged role against a flashlua
+-- that runs as a superuser (issue 9): no code that role controls runs with flashlua's
+-- privileges, and it can neither read, forge nor suppress events.
+local flash = require "flash"
+local core = require "flash.core"
+local H = require "spec.helpers"
+
+local ROLE = "flash_lowpriv"
+local low_dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. ROLE
+
+local function setup_role()
+  H.sql(string.format([[DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN NOSUPERUSER; END IF;
+  END $$; ALTER ROLE %s NOSUPERUSER; GRANT CREATE ON DATABASE postgres TO %s]], ROLE, ROLE, ROLE, ROLE))
+end
+
+local function low()
+  return assert(core.connect(low_dsn))
+end
+
+local function is_super()
+  return H.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1", ROLE)
+end
+
+-- Polls until `n` events arrived, then a little more to show nothing else comes.
+local function collect(client, events, n)
+  H.wait(client, events, n, 10)
+  H.settle(client, 0.3)
+  return events
+end
+
+local n = 0
+for _, driver in ipairs(H.drivers) do
+  describe("security (" .. driver .. ")", function()
+    local client
+    setup(setup_role)
+    after_each(function()
+      if client then client:stop() client = nil end
+    end)
+
+    it("runs no cast, output function or conversion a table owner defines with flashlua's privileges", function()
+      n = n + 1
+      local s = string.format("lp_%d_%d", core.getpid(), n)
+      local c = low()
+      -- The owner's table, a type of theirs, and casts of it that would make them superuser
+      -- if a superuser ran them.
+      assert(c:exec(string.format([[
+        CREATE SCHEMA %s;
+        CREATE TABLE %s.t (id int PRIMARY KEY, v int);
+        CREATE TYPE %s.ty AS (x int);
+        CREATE FUNCTION %s.evil(%s.ty) RETURNS text LANGUAGE plpgsql AS $f$
+        BEGIN EXECUTE 'ALTER ROLE %s SUPERUSER'; RETURN 'owned'; END $f$;
+        CREATE FUNCTION %s.evil_json(%s.ty) RETURNS json LANGUAGE plpgsql AS $f$
+        BEGIN EXECUTE 'ALTER ROLE %s SUPERUSER'; RETURN '1'; END $f$;
+        CREATE CAST (%s.ty AS text) WITH FUNCTION %s.evil(%s.ty) AS IMPLICIT;
+        CREATE CAST (%s.ty AS json) WITH FUNCTION %s.evil_json(%s.ty);
+        ALTER TABLE %s.t REPLICA IDENTITY FULL]], s, s, s, s, s, ROLE, s, s, ROLE, s, s, s, s, s, s, s), 0))
+      local events
+      client, events = H.listen({ table = s .. ".t", where = { { "id", ">", 0 } } }, "all", { driver = driver })
+      assert(c:exec(string.format([[
+        ALTER TABLE %s.t ALTER COLUMN v TYPE %s.ty USING ROW(v)::%s.ty;
+        INSERT INTO %s.t VALUES (1, ROW(5));
+        UPDATE %s.t SET v = ROW(6)]], s, s, s, s, s), 0))
+      collect(client, events, 2)
+      assert.is_false(is_super())
+      assert.same({ "insert", "update" }, { events[1] and events[1].op, events[2] and events[2].op })
+      -- The value is its type's output, not the owner's cast.
+      assert.equal("(5)", events[1].new.v)
+      assert.equal("(6)", events[2].new.v)
+      client:stop() client = nil
+      c:close()
+      H.sql("DROP SCHEMA " .. s .. " CASCADE")
+    end)
+
+    if driver ~= "wal_logical" then
+      it("lets no other role read, forge or suppress events", function()
+        local t = H.table("id int PRIMARY KEY, card text")
+        H.sql("REVOKE ALL ON " .. t .. " FROM PUBLIC")
+        local events
+        client, events = H.listen({ table = t }, "all", { driver = driver })
+        local schema = client:stats().schema
+        local c = low()
+        -- Whatever channel it may guess, it hears nothing of the rows.
+        assert(c:exec(string.format('LISTEN "%s"; LISTEN "%s_events"; LISTEN flash', schema, schema), 0))
+        H.sql("INSERT INTO " .. t .. " VALUES (1, '4111 1111 1111 1111')")
+        collect(client, events, 1)
+        assert(c:exec("SELECT 1", 0))
+        assert(c:consume())
+        assert.is_nil((c:notify()))
+        -- It cannot read, write or empty the capture table, nor attach our functions.
+        for _, sql in ipairs({
+          "SELECT * FROM " .. schema .. ".events",
+          "INSERT INTO " .. schema .. ".events (xid, op, rel, tag, new) VALUES (1, 'I', '" .. t .. "'::regclass, 0, '(9,x)')",
+          "DELETE FROM " .. schema .. ".events",
+          "SELECT " .. schema .. ".capture()",
+        }) do
+          local ok, err = c:exec(sql, 0)
+          assert.is_nil(ok, sql)
+          assert.matches("permission denied", err, 1, true)
+        end
+        local own = string.format("lpo_%d.t", core.getpid())
+        assert(c:exec(string.format("CREATE SCHEMA IF NOT EXISTS lpo_%d; DROP TABLE IF EXISTS %s; CREATE TABLE %s (id int)",
+          core.getpid(), own, own), 0))
+        local ok, err = c:exec(string.format("CREATE TRIGGER x AFTER INSERT ON %s FOR EACH ROW EXECUTE FUNCTION %s.capture('1')",
+          own, schema), 0)
+        assert.is_nil(ok)
+        assert.matches("permission denied", err, 1, true)
+        -- What it sends is nobody's event.
+        assert(c:exec(string.format([[SELECT pg_notify('%s', '["I",999999,1,0,["666","forged"],null]'),
+          pg_notify('%s', '["R",1]')]], schema, schema), 0))
+        H.sql("INSERT INTO " .. t .. " VALUES (2, 'real')")
+        collect(client, events, 2)
+        assert.equal(2, #events)
+        assert.same({ 1, 2 }, { events[1].new.id, events[2].new.id })
+        c:exec(string.format("DROP SCHEMA lpo_%d CASCADE", core.getpid()), 0)
+        c:close()
+      end)
+    end
+  end)
+end
