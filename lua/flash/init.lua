@@ -51,6 +51,7 @@ local CLIENT_OPTS = {
   publication = "string", persistent = "boolean", streaming = "boolean",
   on_error = true, shutdown_timeout = "number", numeric = "string",
   replica_identity = "string", stream_memory = "number", durable = "boolean", poll_interval = "number",
+  max_row_bytes = "number",
 }
 local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
 local WHERE_OPS = {
@@ -171,6 +172,10 @@ function flash.client(opts)
   local st = opts.shutdown_timeout
   if st ~= nil and not (st >= 0 and st < math.huge) then
     argerror(1, "client", "option 'shutdown_timeout': a number of seconds >= 0 expected, got " .. tostring(st))
+  end
+  if opts.max_row_bytes ~= nil and not (opts.max_row_bytes >= 1024 and opts.max_row_bytes <= 512 * 1024 * 1024) then
+    argerror(1, "client", "option 'max_row_bytes': a row size in bytes from 1024 to 536870912 (512 MB) expected, got " ..
+      tostring(opts.max_row_bytes))
   end
   if opts.poll_interval ~= nil and not (opts.poll_interval > 0 and opts.poll_interval <= 60) then
     argerror(1, "client", "option 'poll_interval': seconds between polls of the capture table, 0 < s <= 60 " ..

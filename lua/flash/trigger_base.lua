@@ -31,7 +31,7 @@ local REFRESH_INTERVAL = 2               -- seconds between looks for new partit
 local LOCK_TIMEOUT = "50ms"              -- our DDL never queues writers for longer than this
 -- A row larger than this (pg_column_size) is captured without its values: its text form
 -- could pass PostgreSQL's 1 GB limit for one value and fail the user's write.
-local ROW_LIMIT = 256 * 1024 * 1024
+local ROW_LIMIT = 256 * 1024 * 1024   -- default of the max_row_bytes option
 M.ROW_LIMIT = ROW_LIMIT
 
 M.OP_NAME = { I = "insert", U = "update", D = "delete", T = "truncate" }
@@ -80,6 +80,7 @@ function M.new(class, client)
   -- Unique per running instance with default options: two instances never share objects.
   self.schema = client.opts.schema or string.format("flash_%d", client.conn:backend_pid())
   self.poll_interval = client.opts.poll_interval or POLL_INTERVAL
+  self.max_row = string.format("%d", client.opts.max_row_bytes or ROW_LIMIT)
   return self
 end
 
@@ -299,10 +300,10 @@ function Driver:capture_function()
     "BEGIN",
     "IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN",
     "  big := pg_catalog.pg_column_size(NEW);",
-    "  IF big > " .. ROW_LIMIT .. " THEN n := NULL; ELSE n := pg_catalog.format('%s', NEW); big := NULL; END IF;",
+    "  IF big > " .. self.max_row .. " THEN n := NULL; ELSE n := pg_catalog.format('%s', NEW); big := NULL; END IF;",
     "END IF;",
     "IF TG_OP = 'UPDATE' OR TG_OP = 'DELETE' THEN",
-    "  IF pg_catalog.pg_column_size(OLD) > " .. ROW_LIMIT .. " THEN",
+    "  IF pg_catalog.pg_column_size(OLD) > " .. self.max_row .. " THEN",
     "    big := greatest(big, pg_catalog.pg_column_size(OLD));",
     "  ELSE",
     "    o := pg_catalog.format('%s', OLD);",
@@ -837,7 +838,7 @@ function Driver:deliver_row(r)
   local big = r.big ~= core.null and r.big or nil
   if big then
     log.warn(string.format("a row of %s (transaction %d) was too large to capture (%d bytes; the limit is %d): " ..
-      "its %s event carries no row values (ev.too_large = %d)", info.display, xid, big, ROW_LIMIT, op, big))
+      "its %s event carries no row values (ev.too_large = %d)", info.display, xid, big, self.max_row, op, big))
   end
   local list = info.listeners
   for i = 1, #list do
@@ -854,25 +855,44 @@ function Driver:deliver_row(r)
   return true
 end
 
--- Fetches and delivers one batch; returns the number of rows, or nil, err.
-function Driver:drain_batch()
-  local rows, err = self:fetch()
-  if not rows then return nil, err end
-  local handled = self.handled
-  for i = 1, #rows do
+-- Delivers fetched rows (fetching a batch when none wait) until they are all delivered
+-- or `budget` (a core.now() time) passes: timers, signals and other clients get their
+-- turn at least that often, whatever the backlog. Returns true, or nil, err; afterwards
+-- self.pending holds what is left of the batch, and self.empty says the last fetch found
+-- nothing.
+local CHECK_EVERY = 32   -- rows between looks at the clock
+
+function Driver:drain(budget)
+  if not self.pending then
+    local rows, err = self:fetch()
+    if not rows then return nil, err end
+    self.empty = #rows == 0
+    self.full = #rows >= BATCH
+    if self.empty then return true end
+    self.pending, self.pending_i = rows, 1
+  end
+  local rows, handled, client = self.pending, self.handled, self.client
+  local counters = client.counters
+  local i = self.pending_i
+  while i <= #rows do
     local r = rows[i]
+    i = i + 1
+    self.pending_i = i
     if r.op ~= "S" then self.captured = self.captured + 1 end
     local nv, ov = r.new, r.old
-    self.client.counters.bytes = self.client.counters.bytes + (type(nv) == "string" and #nv or 0) +
-      (type(ov) == "string" and #ov or 0)
-    if self.client.failure then return nil, self.client.failure end
+    counters.bytes = counters.bytes + (type(nv) == "string" and #nv or 0) + (type(ov) == "string" and #ov or 0)
+    if client.failure then return nil, client.failure end
     local cont = self:deliver_row(r)
     handled[#handled + 1] = r.seq
-    if cont == false then return nil, self.client.failure end
-    if not self.listening then return i end   -- a callback stopped the client
+    if cont == false then return nil, client.failure end
+    if not self.listening then return true end   -- a callback stopped the client
+    if budget and i % CHECK_EVERY == 0 and core.now() >= budget then return true end
   end
-  return #rows
+  self.pending = nil
+  return true
 end
+
+local STEP_BUDGET = 0.05   -- seconds of delivery per step at most
 
 function Driver:step()
   if not self.listening then
@@ -886,18 +906,18 @@ function Driver:step()
     if not ok then return nil, err end
     if not self.listening then return true end
   end
-  if self.next_poll and now < self.next_poll then return true end
+  if not self.pending and self.next_poll and now < self.next_poll then return true end
   -- While rows are delivered, a callback may stop the client: stop() must not deliver
   -- from inside (out of order), and this loop must not read on.
   self.stepping = true
-  local n, err = self:drain_batch()
+  local ok, err = self:drain(now + STEP_BUDGET)
   self.stepping = false
-  if not n then
+  if not ok then
     if self.client.failure then return nil, self.client.failure end
     if not self:conn():ok() then lost(self, err) return true end
     return nil, err
   end
-  self.next_poll = n >= BATCH and now or (core.now() + self.poll_interval)
+  self.next_poll = (self.pending or self.full) and now or (core.now() + self.poll_interval)
   return true
 end
 
@@ -922,13 +942,14 @@ function Driver:stop()
   local left = 0
   if not (self.client.failure or self.stepping) then
     while core.now() < deadline do
-      local n, derr = self:drain_batch()
-      if not n then
+      local dok, derr = self:drain(deadline)
+      if not dok then
         if not self.client.failure then problems[#problems + 1] = "cannot read what was captured: " .. tostring(derr) end
         break
       end
-      if n == 0 or not self.listening then break end
+      if (self.empty and not self.pending) or not self.listening then break end
     end
+    self.pending = nil
     if self:conn():ok() and #self.handled > 0 then
       self:exec("DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq = ANY('{" ..
         table.concat(self.handled, ",") .. "}'::bigint[])")

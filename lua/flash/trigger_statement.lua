@@ -20,7 +20,7 @@ end
 -- delete or an insert rather than losing it.
 function Driver:statement_function()
   local E = self:ident(self.schema) .. ".events"
-  local L = tostring(base.ROW_LIMIT)
+  local L = self.max_row
   local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big)\n  "
   -- The text of row r, or NULL past the size limit (then `big` says its size).
   local function text(r) return "CASE WHEN pg_catalog.pg_column_size(" .. r .. ") > " .. L ..

@@ -1,0 +1,143 @@
+-- spec/82-trigger_faults_spec.lua: the trigger drivers under faults (issue 9): rows too big
+-- to capture, a graceful stop with a backlog (everything handed over, or exactly how much
+-- was not), and stops while other sessions write.
+local flash = require "flash"
+local core = require "flash.core"
+local H = require "spec.helpers"
+
+local TRIGGER_DRIVERS = { "trigger", "trigger_global", "trigger_statement" }
+
+for _, driver in ipairs(TRIGGER_DRIVERS) do
+  describe("faults (" .. driver .. ")", function()
+    local client
+    after_each(function()
+      if client then client:stop() client = nil end
+    end)
+
+    it("captures a row over max_row_bytes without its values: the write succeeds and the event says so", function()
+      local t = H.table("id int PRIMARY KEY, body text")
+      local events
+      client, events = H.listen({ table = t }, "all", { driver = driver, max_row_bytes = 4096 })
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = pcall(function()
+        -- Random text does not compress: the row really is ~100 kB.
+        H.sql("INSERT INTO " .. t .. " SELECT 1, string_agg(md5(g::text), '') FROM generate_series(1, 3000) g")
+        H.sql("INSERT INTO " .. t .. " VALUES (2, 'small')")
+        H.wait(client, events, 2)
+      end)
+      flash.log.set_sink(old)
+      assert(ok, err)
+      assert.equal(2, #events)
+      assert.equal("insert", events[1].op)
+      assert.is_nil(events[1].new)
+      assert.is_true(events[1].too_large > 4096)
+      assert.same({ id = 2, body = "small" }, events[2].new)
+      assert.is_nil(events[2].too_large)
+      assert.matches("was too large to capture %(%d+ bytes; the limit is 4096%)", table.concat(lines, "\n"))
+    end)
+
+    it("hands over everything captured before a graceful stop", function()
+      local t = H.table("id int PRIMARY KEY")
+      local path = H.script(string.format([[
+local flash = require "flash"
+local core = require "flash.core"
+local client = assert(flash.client { driver = %q, shutdown_timeout = 60 })
+local n = 0
+assert(client:listen { table = %q }):on("insert", function(ev)
+  n = n + 1
+  core.sleep(0.0005)
+  if n == 1 then io.write("busy\n") io.stdout:flush() end
+end)
+assert(client:start())
+io.write("ready\n") io.stdout:flush()
+local ok, err = flash.run()
+io.write("delivered ", n, "\n")
+assert(ok, err)
+]], driver, t))
+      local h = H.spawn({ path })
+      assert.is_true(h.await("ready", 15), h.err())
+      H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 3000) g")
+      assert.is_true(h.await("busy", 15), h.err())
+      h.kill("TERM")
+      assert.equal(0, h.wait(60), h.err())
+      assert.matches("delivered 3000\n", h.out())
+      assert.equal(0, H.await_leftovers(0))
+      os.remove(path)
+    end)
+
+    it("says exactly how many captured changes a stop past shutdown_timeout leaves, and exits non-zero", function()
+      local t = H.table("id int PRIMARY KEY")
+      local path = H.script(string.format([[
+local flash = require "flash"
+local core = require "flash.core"
+local client = assert(flash.client { driver = %q, shutdown_timeout = 0.5 })
+local n = 0
+assert(client:listen { table = %q }):on("insert", function(ev)
+  n = n + 1
+  core.sleep(0.002)
+  if n == 1 then io.write("busy\n") io.stdout:flush() end
+end)
+assert(client:start())
+io.write("ready\n") io.stdout:flush()
+local ok, err = flash.run()
+io.write("delivered ", n, "\n")
+io.stdout:flush()
+assert(ok, err)
+]], driver, t))
+      local h = H.spawn({ path })
+      assert.is_true(h.await("ready", 15), h.err())
+      H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 5000) g")
+      assert.is_true(h.await("busy", 15), h.err())
+      h.kill("TERM")
+      assert.equal(1, h.wait(30), h.err())
+      local delivered = tonumber(h.out():match("delivered (%d+)"))
+      local left = tonumber(h.err():match("(%d+) captured changes were not delivered within shutdown_timeout"))
+      assert.truthy(delivered, h.out())
+      assert.truthy(left, h.err())
+      assert.is_true(left > 0)
+      assert.equal(5000, delivered + left)
+      assert.equal(0, H.await_leftovers(0))
+      os.remove(path)
+    end)
+
+    it("stops cleanly, without deadlocks, while other sessions write to the table", function()
+      local t = H.table("id bigserial PRIMARY KEY, v text")
+      local sql = os.tmpname()
+      local f = assert(io.open(sql, "w"))
+      f:write("INSERT INTO " .. t .. " (v) VALUES ('w');\n")
+      f:close()
+      local out = os.tmpname()
+      assert(os.execute(string.format("(pgbench -n -f %s -T 6 -c 4 -j 2 %s >%s 2>&1; echo $? >%s.rc) &",
+        H.sh_quote(sql), H.sh_quote(H.dsn), H.sh_quote(out), H.sh_quote(out))) == 0)
+      for round = 1, 5 do
+        local c = assert(flash.client { driver = driver })
+        local got = 0
+        assert(c:listen { table = t }):on("insert", function() got = got + 1 end)
+        assert(c:start())
+        local deadline = core.now() + 0.4
+        while core.now() < deadline do assert(c:poll(0.02)) end
+        local ok, err = c:stop()
+        assert(ok, "round " .. round .. ": " .. tostring(err))
+        assert.is_true(got > 0, "round " .. round .. " saw no insert")
+        assert.equal(0, H.capture(t))
+      end
+      local deadline = core.now() + 20
+      local rc
+      while core.now() < deadline do
+        local r = io.open(out .. ".rc")
+        rc = r and r:read("*n")
+        if r then r:close() end
+        if rc then break end
+        core.sleep(0.1)
+      end
+      local r = io.open(out)
+      local text = r and r:read("*a") or ""
+      if r then r:close() end
+      assert.equal(0, rc, text)
+      assert.matches("number of failed transactions: 0", text, 1, true)
+      assert.equal(0, H.leftovers())
+      os.remove(sql) os.remove(out) os.remove(out .. ".rc")
+    end)
+  end)
+end
