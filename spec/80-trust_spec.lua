@@ -206,3 +206,24 @@ flash.run()
     end)
   end)
 end
+
+describe("conditions evaluated on arrival", function()
+  it("order intervals exactly as PostgreSQL does (interval_cmp_value), on 400 pairs", function()
+    local filter = require "flash.filter"
+    local samples = { "0", "1 day", "24 hours", "-1 day", "1 mon", "30 days", "1 year", "360 days", "12 mons",
+      "-1 mon +31 days", "1 year -1 day", "25:00:00", "-00:00:01", "00:00:00.000001", "-23:59:59.999999",
+      "2562047788 hours", "-2562047788 hours", "178000000 years", "-178000000 years", "1 day -24 hours",
+      "3 days 04:05:06.789", "-3 days -04:05:06.789", "29 days 23:59:59.999999", "1 mon -00:00:00.000001" }
+    local list = {}
+    for i, s in ipairs(samples) do list[i] = "('" .. s .. "'::interval)" end
+    local rows = H.sql("SELECT a.v::text AS a, b.v::text AS b, CASE WHEN a.v < b.v THEN -1 WHEN a.v > b.v THEN 1 ELSE 0 END AS r " ..
+      "FROM (VALUES " .. table.concat(list, ",") .. ") a(v), (VALUES " .. table.concat(list, ",") .. ") b(v)")
+    assert.is_true(#rows >= 400)
+    local bad = {}
+    for _, r in ipairs(rows) do
+      local got = filter.intervalcmp(r.a, r.b)
+      if got ~= r.r then bad[#bad + 1] = string.format("%s vs %s: SQL %d, Lua %s", r.a, r.b, r.r, tostring(got)) end
+    end
+    assert.same({}, bad)
+  end)
+end)

@@ -40,7 +40,7 @@ local counter = 0
 function H.table(columns, name)
   counter = counter + 1
   name = name or string.format("t_%d_%d", core.getpid(), counter)
-  H.sql(string.format("DROP TABLE IF EXISTS %s; CREATE TABLE %s (%s)", name, name, columns))
+  H.sql(string.format("DROP TABLE IF EXISTS %s CASCADE; CREATE TABLE %s (%s)", name, name, columns))
   return name
 end
 

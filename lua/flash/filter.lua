@@ -12,7 +12,7 @@ local M = {}
 local KIND = {
   [20] = "num", [21] = "num", [23] = "num", [26] = "num", [700] = "num", [701] = "num", [1700] = "num",
   [16] = "bool",
-  [1082] = "time", [1114] = "time", [1184] = "time",
+  [1082] = "time", [1114] = "time", [1184] = "time", [1186] = "interval",
   -- canonical text (or raw bytes) in byte order is value order
   [2950] = "bytes", [1083] = "bytes", [17] = "bytes", [18] = "bytes", [19] = "bytes",
   -- text: byte order only under a C-like collation; equality under any deterministic one
@@ -99,6 +99,41 @@ local function timecmp(a, b)
   return ra < rb and -1 or 1
 end
 
+-- An interval's canonical text (IntervalStyle postgres: "1 year 2 mons -3 days +04:05:06.7")
+-- as PostgreSQL compares it: months count 30 days, days 24 hours (interval_cmp_value). The
+-- key is (whole days, microseconds into the day), both exact in doubles.
+local DAY_US = 86400000000
+local function intervalkey(s)
+  local d = 0
+  for n, unit in s:gmatch("([+-]?%d+) (%a+)") do
+    n = tonumber(n)
+    if unit:find("^year") then d = d + 360 * n
+    elseif unit:find("^mon") then d = d + 30 * n
+    elseif unit:find("^day") then d = d + n end
+  end
+  local us = 0
+  local sign, h, m, sec, frac = s:match("([+-]?)(%d+):(%d%d):(%d%d)%.?(%d*)$")
+  if h then
+    h = tonumber(h)
+    local hd = math.floor(h / 24)
+    us = ((h - 24 * hd) * 3600 + tonumber(m) * 60 + tonumber(sec)) * 1e6 +
+      (frac ~= "" and tonumber((frac .. "000000"):sub(1, 6)) or 0)
+    if sign == "-" then hd, us = -hd, -us end
+    d = d + hd
+  end
+  if us < 0 then d, us = d - 1, us + DAY_US end
+  return d, us
+end
+
+local function intervalcmp(a, b)
+  local da, ua = intervalkey(a)
+  local db, ub = intervalkey(b)
+  if da ~= db then return da < db and -1 or 1 end
+  if ua == ub then return 0 end
+  return ua < ub and -1 or 1
+end
+M.intervalcmp = intervalcmp
+
 local function bpchar(s) return (s:gsub(" +$", "")) end
 
 -- Compares a decoded column value with a prepared condition value as SQL would: -1, 0,
@@ -111,6 +146,7 @@ local function compare(v, c, kind, oid)
     return v and 1 or -1
   end
   if kind == "time" then return timecmp(v, c) end
+  if kind == "interval" then return intervalcmp(v, c) end
   if oid == 1042 then v, c = bpchar(v), bpchar(c) end
   if v == c then return 0 end
   return v < c and -1 or 1
