@@ -2,7 +2,6 @@
 -- through the client's own connection (client:query with $n parameters).
 --   flashlua -d postgres://localhost/app examples/audit_log.lua
 local flash = require "flash"
-local cjson = require "cjson"
 
 local client = assert(flash.client {})
 assert(client:query [[
@@ -10,9 +9,10 @@ assert(client:query [[
     id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(),
     tbl text NOT NULL, op text NOT NULL, xid bigint, old jsonb, new jsonb)]])
 
+-- flash.json keeps empty arrays as [] and every digit; flash.null is JSON null.
 local function json(row)
   if row == nil then return nil end
-  return cjson.encode(row)   -- flash.null is cjson.null: NULL columns stay null
+  return flash.json.encode(row)
 end
 
 local accounts = assert(client:listen { table = arg[1] or "public.accounts" })

@@ -2,7 +2,7 @@
 -- line on stdout (like `flashlua --table`, for several tables).
 --   flashlua -d postgres://localhost/app examples/json_lines.lua public.posts public.users
 local flash = require "flash"
-local cjson = require "cjson"
+local json = flash.json   -- keeps empty arrays as [] and every digit
 
 if #arg == 0 then
   io.stderr:write("usage: flashlua examples/json_lines.lua SCHEMA.TABLE...\n")
@@ -12,6 +12,6 @@ io.stdout:setvbuf("line")
 local client = assert(flash.client {})
 for _, name in ipairs(arg) do
   assert(client:listen { table = name }):on("all", function(ev)
-    print(cjson.encode { op = ev.op, table = ev.table, xid = ev.xid, new = ev.new, old = ev.old })
+    print(json.encode { op = ev.op, table = ev.table, xid = ev.xid, new = ev.new, old = ev.old })
   end)
 end
