@@ -285,11 +285,14 @@ describe("Drivers rules (" .. driver .. ")", function()
     assert(dead:listen { table = t }):on("all", function() end)
     assert(dead:start())
     local schema, bpid = dead:stats().schema, backend_pid(dead)
-    -- The session ends without any cleanup: what the server sees of a kill -9.
-    assert.is_true(H.scalar("SELECT pg_terminate_backend($1) AS ok", bpid))
+    local kpid = dead.driver.keeper:backend_pid()
+    -- Both of its sessions end without any cleanup: what the server sees of a kill -9.
+    assert.is_true(H.scalar("SELECT pg_terminate_backend($1) AND pg_terminate_backend($2) AS ok", bpid, kpid))
     local deadline = core.now() + 5
     while core.now() < deadline and
-      tonumber(H.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", bpid)) > 0 do core.sleep(0.05) end
+      tonumber(H.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid IN ($1, $2)", bpid, kpid)) > 0 do
+      core.sleep(0.05)
+    end
     assert.is_true(schema_exists(schema))
     -- "all": one row and one truncate trigger, or a statement trigger per operation.
     assert.equal(driver == "trigger_global" and 2 or 4, triggers(t))

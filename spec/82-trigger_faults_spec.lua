@@ -101,6 +101,60 @@ assert(ok, err)
       os.remove(path)
     end)
 
+    it("is not swept by another instance's start while its connection is down, and loses nothing", function()
+      local t = H.table("id int PRIMARY KEY")
+      local events
+      client, events = H.listen({ table = t }, "insert", { driver = driver })
+      local schema = client:stats().schema
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.wait(client, events, 1)
+      local bpid = client:query("SELECT pg_backend_pid() AS p")[1].p
+      assert.is_true(H.scalar("SELECT pg_terminate_backend($1) AS ok", bpid))
+      local deadline = core.now() + 5
+      while core.now() < deadline and
+        tonumber(H.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", bpid)) > 0 do core.sleep(0.05) end
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      -- Another instance starts while the first one's query connection is gone.
+      local other = assert(flash.client { driver = driver })
+      assert(other:listen { table = H.table("id int") }):on("insert", function() end)
+      assert(other:start())
+      assert.is_true(tonumber(H.scalar("SELECT count(*) FROM pg_namespace WHERE nspname = $1", schema)) == 1)
+      other:stop()
+      H.sql("INSERT INTO " .. t .. " VALUES (3)")
+      H.wait(client, events, 3, 15)
+      assert.same({ 1, 2, 3 }, { events[1].new.id, events[2] and events[2].new.id, events[3] and events[3].new.id })
+      assert.equal(1, client:stats().reconnects)
+    end)
+
+    it("warns when a listened table is dropped, delivers what it captured before, and keeps running", function()
+      local t = H.table("id int PRIMARY KEY")
+      local keep = H.table("id int PRIMARY KEY")
+      local c = assert(flash.client { driver = driver })
+      client = c
+      local events = {}
+      assert(c:listen { table = t }):on("insert", function(ev) events[#events + 1] = "t" .. ev.new.id end)
+      assert(c:listen { table = keep }):on("insert", function(ev) events[#events + 1] = "k" .. ev.new.id end)
+      assert(c:start())
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = pcall(function()
+        H.sql("INSERT INTO " .. t .. " VALUES (1); DROP TABLE " .. t)
+        H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY); INSERT INTO " .. t .. " VALUES (2)")
+        local deadline = core.now() + 10
+        while core.now() < deadline and not table.concat(lines, "\n"):find("was dropped", 1, true) do
+          assert(c:poll(0.05))
+        end
+        H.sql("INSERT INTO " .. keep .. " VALUES (9)")
+        H.wait(c, events, 2)
+        H.settle(c, 0.2)
+      end)
+      flash.log.set_sink(old)
+      assert(ok, err)
+      assert.same({ "t1", "k9" }, events)
+      assert.matches("table public%." .. t .. " was dropped: listener %d+ captures nothing more from it",
+        table.concat(lines, "\n"))
+    end)
+
     it("stops cleanly, without deadlocks, while other sessions write to the table", function()
       local t = H.table("id bigserial PRIMARY KEY, v text")
       local sql = os.tmpname()

@@ -21,7 +21,7 @@ function Driver:wanted_triggers()
       if need[op] then
         local name = base.fit_name(self.schema, string.format("_%d_%s", l.id, op))
         local level = op == "truncate" and "FOR EACH STATEMENT" or "FOR EACH ROW"
-        local targets = op == "truncate" and { l.table } or base.row_targets(l)
+        local targets = op == "truncate" and (l.gone and {} or { l.table }) or base.row_targets(l)
         for _, r in ipairs(targets) do
           local q = self:qualified_rel(r)
           out[#out + 1] = {

@@ -258,15 +258,54 @@ function Driver:remove_leftovers()
     WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%']], SCHEMA_MARK)
   if not rows then return nil, err end
   local timeout = self.client.opts.shutdown_timeout or 10
-  self:sweep_orphans(rows, self.schema, "schema", function(name)
-    local left = self:backlog(name)
-    if left > 0 then
-      log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
-        "discarded with it", name, left))
+  for _, r in ipairs(rows) do
+    if r.name ~= self.schema then
+      -- Gone only when both of its locks are free: an instance whose query connection was
+      -- terminated still holds its keeper's while it reconnects.
+      local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS a, " ..
+        "pg_try_advisory_lock(" .. self:lock_sql(r.name .. ":keeper") .. ") AS b")
+      got = got and got[1]
+      if got and got.a and got.b then
+        local left = self:backlog(r.name)
+        log.info(string.format("removing schema %s left by a flashlua instance that is gone", r.name))
+        if left > 0 then
+          log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
+            "discarded with it", r.name, left))
+        end
+        local ok, derr = self:remove_schema(r.name, core.now() + timeout)
+        if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
+      end
+      if got then
+        if got.a then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")") end
+        if got.b then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name .. ":keeper") .. ")") end
+      end
     end
-    return self:remove_schema(name, core.now() + timeout)
-  end)
+  end
   return true
+end
+
+-- The keeper: a second session that holds the instance's second lock, so that losing one
+-- connection (pg_terminate_backend, a proxy's idle timeout) never makes the instance look
+-- gone to another instance's start. Checked again at every refresh.
+function Driver:keep_alive()
+  local k = self.keeper
+  if k and k:ok() then return true end
+  if k then k:close() end
+  self.keeper = nil
+  local conn = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
+    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  if not conn then return nil end
+  local got = conn:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
+  if not (got and got[1] and got[1].ok) then conn:close() return nil end
+  self.keeper = conn
+  return true
+end
+
+function Driver:drop_keeper()
+  if self.keeper then
+    self.keeper:close()
+    self.keeper = nil
+  end
 end
 
 -- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
@@ -398,6 +437,7 @@ function Driver:install_schema(fresh)
     return fail(string.format("schema %s is in use by another running flashlua instance", self.schema),
       "give each instance its own `schema` option, or leave it out for a unique default")
   end
+  self:keep_alive()
   local S = self:ident(self.schema)
   local existed = self:schema_exists()
   if fresh and existed then
@@ -453,7 +493,25 @@ function Driver:map_relations()
   local rels, sig = {}, {}
   for _, l in ipairs(self.client.listeners) do
     local rows = self:descendants(l.table.oid)
-    if rows then
+    if rows and #rows == 0 then
+      -- Dropped (DROP TABLE takes our triggers with it). Rows it captured before still
+      -- arrive; a new table of the same name is another relation.
+      if not l.gone then
+        l.gone = true
+        log.warn(string.format("table %s was dropped: listener %d captures nothing more from it (a table " ..
+          "created again under that name is not followed: listen to it again)", l.table_name, l.id))
+      end
+      l.relations = {}
+      for oid, e in pairs(self.rels) do
+        for _, x in ipairs(e.listeners) do
+          if x == l then
+            local ne = rels[oid]
+            if not ne then ne = { display = e.display, listeners = {} } rels[oid] = ne end
+            ne.listeners[#ne.listeners + 1] = l
+          end
+        end
+      end
+    elseif rows and #rows > 0 then
       l.relations = rows
       for _, r in ipairs(rows) do
         local e = rels[r.oid]
@@ -609,6 +667,7 @@ function Driver:start()
   local ok, err = self:install(true)
   if not ok then
     self:remove_schema(self.schema, core.now() + 5)
+    self:drop_keeper()
     return nil, err
   end
   local started = self:exec("SELECT pg_catalog.pg_postmaster_start_time()::text AS t, " ..
@@ -902,6 +961,7 @@ function Driver:step()
   local now = core.now()
   if (self.next_refresh and now >= self.next_refresh) or self.resync then
     self.next_refresh = now + REFRESH_INTERVAL
+    self:keep_alive()
     local ok, err = self:sync_all()
     if not ok then return nil, err end
     if not self.listening then return true end
@@ -928,6 +988,7 @@ end
 function Driver:stop()
   if not self.listening then
     self.listening = false
+    self:drop_keeper()
     if self.lost_at then
       return nil, string.format("the connection is lost: schema %s and its triggers stay until the next flashlua " ..
         "start removes them", self.schema)
@@ -968,6 +1029,7 @@ function Driver:stop()
       self.schema, tostring(rerr))
   end
   self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+  self:drop_keeper()
   if #problems > 0 then return nil, "stop: " .. table.concat(problems, "; ") end
   return true
 end

@@ -79,7 +79,7 @@ function Driver:wanted_triggers()
         if need[op] then t.ops[op] = true end
       end
     end
-    if need.truncate then truncs[l.table.oid] = l.table end
+    if need.truncate and not l.gone then truncs[l.table.oid] = l.table end
   end
   local out = {}
   for _, oid in ipairs(order) do
