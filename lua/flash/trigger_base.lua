@@ -21,6 +21,7 @@ local log = require "flash.log"
 local filter = require "flash.filter"
 
 local M = {}
+local null = core.null
 
 local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('flashlua')
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
@@ -803,11 +804,31 @@ function Driver:apply_marker(r)
   end
 end
 
+-- A captured row of more than LARGE_ROW bytes of text is read alone, on a connection
+-- opened for it and closed after: libpq keeps its input buffer as large as the largest
+-- message it received, so the client's own connection would hold that much for good.
+local LARGE_ROW = 8 * 1024 * 1024
+
+function Driver:fetch_large(r)
+  local conn, err = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
+    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  if not conn then return nil, err end
+  local rows, qerr = conn:exec("SELECT new, old FROM " .. self:ident(self.schema) .. ".events WHERE seq = $1", 0, r.seq)
+  conn:close()
+  if not rows then return nil, qerr end
+  if rows[1] then r.new, r.old = rows[1].new, rows[1].old end
+  return true
+end
+
 -- Fetches the next batch (deleting the rows handled so far in the same round trip);
 -- returns the rows in delivery order, or nil and the error.
 function Driver:fetch()
   local S = self:ident(self.schema)
-  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, new, old, big" ..
+  -- Rows past LARGE_ROW bytes of text come on a connection of their own (fetch_large).
+  local cut = function(c) return "CASE WHEN pg_catalog.octet_length(" .. c .. ") OPERATOR(pg_catalog.>) " ..
+    LARGE_ROW .. " THEN NULL ELSE " .. c .. " END AS " .. c .. ", pg_catalog.octet_length(" .. c .. ") AS " ..
+    c .. "_len" end
+  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " .. cut("old") .. ", big" ..
     (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
       "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
     " FROM " .. S .. ".events ORDER BY seq LIMIT " .. BATCH
@@ -941,6 +962,10 @@ function Driver:drain(budget)
     local nv, ov = r.new, r.old
     counters.bytes = counters.bytes + (type(nv) == "string" and #nv or 0) + (type(ov) == "string" and #ov or 0)
     if client.failure then return nil, client.failure end
+    if (r.new_len ~= null and r.new_len > LARGE_ROW) or (r.old_len ~= null and r.old_len > LARGE_ROW) then
+      local ok, err = self:fetch_large(r)
+      if not ok then return nil, err end
+    end
     local cont = self:deliver_row(r)
     handled[#handled + 1] = r.seq
     if cont == false then return nil, client.failure end
