@@ -34,7 +34,8 @@ for _, driver in ipairs(TRIGGER_DRIVERS) do
       assert.is_true(events[1].too_large > 4096)
       assert.same({ id = 2, body = "small" }, events[2].new)
       assert.is_nil(events[2].too_large)
-      assert.matches("was too large to capture %(%d+ bytes; the limit is 4096%)", table.concat(lines, "\n"))
+      assert.matches("was too large to capture %(%d+ bytes of text; the limit is max_row_bytes = 4096%)",
+        table.concat(lines, "\n"))
     end)
 
     it("hands over everything captured before a graceful stop", function()

@@ -333,27 +333,44 @@ end
 -- The row trigger function (every trigger driver's row triggers, and the truncate
 -- triggers): one row per change, tagged with TG_ARGV[0] (the `trigger` driver's listener
 -- id; 0 for shared triggers).
+-- Rows stored in more than this many bytes are turned into text under an exception
+-- handler (row_text): decompressed, their text could pass PostgreSQL's 1 GB limit for one
+-- value, which must never fail the user's write. Below it no row can (a value compresses
+-- at most ~250:1 and prints at most ~4 times its size).
+local GUARDED = 262144
+M.GUARDED = GUARDED
+
+-- SQL (a text expression) for row expression `r` as captured: its text, or NULL when it is
+-- too large (then big_sql says its size).
+function Driver:row_text_sql(r)
+  return "CASE WHEN pg_catalog.pg_column_size(" .. r .. ") OPERATOR(pg_catalog.<=) " .. GUARDED ..
+    " THEN pg_catalog.format('%s', " .. r .. ") ELSE " .. self:ident(self.schema) .. ".row_text(" .. r .. ") END"
+end
+
 function Driver:capture_function()
   local E = self:ident(self.schema) .. ".events"
-  return table.concat({
-    "DECLARE n text; o text; big bigint;",
-    "BEGIN",
-    "IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN",
-    "  big := pg_catalog.pg_column_size(NEW);",
-    "  IF big > " .. self.max_row .. " THEN n := NULL; ELSE n := pg_catalog.format('%s', NEW); big := NULL; END IF;",
-    "END IF;",
-    "IF TG_OP = 'UPDATE' OR TG_OP = 'DELETE' THEN",
-    "  IF pg_catalog.pg_column_size(OLD) > " .. self.max_row .. " THEN",
-    "    big := greatest(big, pg_catalog.pg_column_size(OLD));",
-    "  ELSE",
-    "    o := pg_catalog.format('%s', OLD);",
-    "  END IF;",
-    "END IF;",
-    "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big) VALUES (pg_catalog.txid_current(),",
-    "  pg_catalog.substr(TG_OP, 1, 1)::\"char\", TG_RELID, pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0])), n, o, big);",
-    "RETURN NULL;",
-    "END",
-  }, "\n")
+  local L = self.max_row
+  local function side(var, rec)
+    return {
+      "  " .. var .. " := " .. self:row_text_sql(rec) .. ";",
+      -- No text at all: PostgreSQL could not make it; its stored size, negative.
+      "  IF " .. var .. " IS NULL THEN big := least(big, -pg_catalog.pg_column_size(" .. rec .. "));",
+      "  ELSIF pg_catalog.octet_length(" .. var .. ") > " .. L .. " THEN",
+      "    big := greatest(big, pg_catalog.octet_length(" .. var .. ")); " .. var .. " := NULL;",
+      "  END IF;",
+    }
+  end
+  local lines = { "DECLARE n text; o text; big bigint;", "BEGIN", "IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN" }
+  for _, l in ipairs(side("n", "NEW")) do lines[#lines + 1] = l end
+  lines[#lines + 1] = "END IF;"
+  lines[#lines + 1] = "IF TG_OP = 'UPDATE' OR TG_OP = 'DELETE' THEN"
+  for _, l in ipairs(side("o", "OLD")) do lines[#lines + 1] = l end
+  lines[#lines + 1] = "END IF;"
+  lines[#lines + 1] = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big) VALUES (pg_catalog.txid_current(),"
+  lines[#lines + 1] = "  pg_catalog.substr(TG_OP, 1, 1)::\"char\", TG_RELID, pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0])), n, o, big);"
+  lines[#lines + 1] = "RETURN NULL;"
+  lines[#lines + 1] = "END"
+  return table.concat(lines, "\n")
 end
 
 function Driver:schema_sql()
@@ -371,6 +388,11 @@ function Driver:schema_sql()
       M.FUNC_SETTINGS .. " AS " .. self:literal(self:capture_function()),
     -- Nobody else may attach our functions to a table (firing a trigger checks nothing).
     "REVOKE ALL ON FUNCTION " .. S .. ".capture() FROM PUBLIC",
+    -- A large row's text, or NULL when PostgreSQL cannot make it (past 1 GB, out of memory).
+    "CREATE OR REPLACE FUNCTION " .. S .. ".row_text(r anyelement) RETURNS text LANGUAGE plpgsql " ..
+      M.FUNC_SETTINGS .. " AS " .. self:literal("BEGIN RETURN pg_catalog.format('%s', r); " ..
+      "EXCEPTION WHEN OTHERS THEN RETURN NULL; END"),
+    "REVOKE ALL ON FUNCTION " .. S .. ".row_text(anyelement) FROM PUBLIC",
   }
 end
 
@@ -916,9 +938,15 @@ function Driver:deliver_row(r)
   local xid = r.xid % 4294967296
   local function emit(l, ev) return client:_deliver(l, ev) end
   local big = r.big ~= core.null and r.big or nil
-  if big then
-    log.warn(string.format("a row of %s (transaction %d) was too large to capture (%d bytes; the limit is %d): " ..
-      "its %s event carries no row values (ev.too_large = %d)", info.display, xid, big, self.max_row, op, big))
+  if big and big < 0 then
+    big = -big
+    log.warn(string.format("a row of %s (transaction %d) was too large to capture: PostgreSQL could not make its " ..
+      "text (over 1 GB; stored in %d bytes): its %s event carries no row values (ev.too_large = %d)",
+      info.display, xid, big, op, big))
+  elseif big then
+    log.warn(string.format("a row of %s (transaction %d) was too large to capture (%d bytes of text; the limit is " ..
+      "max_row_bytes = %d): its %s event carries no row values (ev.too_large = %d)", info.display, xid, big,
+      self.max_row, op, big))
   end
   local list = info.listeners
   for i = 1, #list do

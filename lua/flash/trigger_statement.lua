@@ -22,26 +22,30 @@ function Driver:statement_function()
   local E = self:ident(self.schema) .. ".events"
   local L = self.max_row
   local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big)\n  "
-  -- The text of row r, or NULL past the size limit (then `big` says its size).
-  local function text(r) return "CASE WHEN pg_catalog.pg_column_size(" .. r .. ") > " .. L ..
-    " THEN NULL ELSE pg_catalog.format('%s', " .. r .. ") END" end
-  local function big(r) return "CASE WHEN pg_catalog.pg_column_size(" .. r .. ") > " .. L ..
-    " THEN pg_catalog.pg_column_size(" .. r .. ") END" end
+  -- Each side's row and its text (NULL past the limits of flash.trigger_base).
+  local function rows(alias, tbl)
+    return "(SELECT pg_catalog.row_number() OVER () AS i, t.r, t.txt, pg_catalog.octet_length(t.txt) AS len FROM " ..
+      "(SELECT ROW(s.*) AS r, " .. self:row_text_sql("ROW(s.*)") .. " AS txt FROM " .. tbl .. " s) t) " .. alias
+  end
+  local function text(a) return "CASE WHEN " .. a .. ".len OPERATOR(pg_catalog.>) " .. L .. " THEN NULL ELSE " ..
+    a .. ".txt END" end
+  local function big(a) return "CASE WHEN " .. a .. ".i IS NOT NULL AND " .. a .. ".txt IS NULL THEN " ..
+    "-pg_catalog.pg_column_size(" .. a .. ".r) WHEN " .. a .. ".len OPERATOR(pg_catalog.>) " .. L .. " THEN " ..
+    a .. ".len END" end
   return table.concat({
-    "DECLARE x bigint := pg_catalog.txid_current();",
+    "DECLARE capture_xid bigint := pg_catalog.txid_current();",
     "BEGIN",
     "IF TG_OP = 'INSERT' THEN",
-    "  " .. ins .. "SELECT x, 'I', TG_RELID, 0, " .. text("n.r") .. ", NULL, " .. big("n.r") ..
-      " FROM (SELECT ROW(t.*) AS r FROM new_rows t) n;",
+    "  " .. ins .. "SELECT capture_xid, 'I', TG_RELID, 0, " .. text("n") .. ", NULL, " .. big("n") ..
+      " FROM " .. rows("n", "new_rows") .. " ORDER BY n.i;",
     "ELSIF TG_OP = 'DELETE' THEN",
-    "  " .. ins .. "SELECT x, 'D', TG_RELID, 0, NULL, " .. text("o.r") .. ", " .. big("o.r") ..
-      " FROM (SELECT ROW(t.*) AS r FROM old_rows t) o;",
+    "  " .. ins .. "SELECT capture_xid, 'D', TG_RELID, 0, NULL, " .. text("o") .. ", " .. big("o") ..
+      " FROM " .. rows("o", "old_rows") .. " ORDER BY o.i;",
     "ELSIF TG_OP = 'UPDATE' THEN",
-    "  " .. ins .. "SELECT x, CASE WHEN o.i IS NULL THEN 'I' WHEN n.i IS NULL THEN 'D' ELSE 'U' END::\"char\",",
-    "         TG_RELID, 0, " .. text("n.r") .. ", " .. text("o.r") .. ", greatest(" .. big("n.r") .. ", " ..
-      big("o.r") .. ")",
-    "  FROM (SELECT pg_catalog.row_number() OVER () AS i, ROW(t.*) AS r FROM old_rows t) o",
-    "  FULL JOIN (SELECT pg_catalog.row_number() OVER () AS i, ROW(t.*) AS r FROM new_rows t) n",
+    "  " .. ins .. "SELECT capture_xid, CASE WHEN o.i IS NULL THEN 'I' WHEN n.i IS NULL THEN 'D' ELSE 'U' END::\"char\",",
+    "         TG_RELID, 0, " .. text("n") .. ", " .. text("o") .. ", CASE WHEN least(" .. big("n") .. ", " .. big("o") ..
+      ") < 0 THEN least(" .. big("n") .. ", " .. big("o") .. ") ELSE greatest(" .. big("n") .. ", " .. big("o") .. ") END",
+    "  FROM " .. rows("o", "old_rows") .. " FULL JOIN " .. rows("n", "new_rows"),
     "  ON n.i OPERATOR(pg_catalog.=) o.i",
     "  ORDER BY coalesce(o.i, n.i);",
     "END IF;",

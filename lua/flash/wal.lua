@@ -631,8 +631,31 @@ function Driver:step()
   return true
 end
 
+-- The same server error at the same confirmed position this many times in a row: the
+-- stream cannot get past something (e.g. a row whose text form passes PostgreSQL's 1 GB
+-- limit for one value: the walsender fails on it every time). Stop with the reason
+-- rather than redeliver the same transactions forever.
+local STUCK_REPEATS = 5
+
 function Driver:lost(err)
-  log.warn(string.format("replication connection lost (%s); reconnecting", tostring(err):gsub("%s+$", "")))
+  local msg = tostring(err):gsub("%s+$", "")
+  local at = self.repl and self.repl:state().flushed or -1
+  local key = msg:gsub("%d+", "#")
+  if key == self.stuck_key and at == self.stuck_at then
+    self.stuck_count = self.stuck_count + 1
+  else
+    self.stuck_key, self.stuck_at, self.stuck_count = key, at, 1
+  end
+  if self.stuck_count >= STUCK_REPEATS then
+    if self.repl then self.repl:close() self.repl = nil end
+    local hint = msg:find("memory alloc request size", 1, true) and
+      ("a change there is too large for PostgreSQL's text output (over 1 GB as text); nothing after it can be " ..
+       "delivered until the slot is moved past it with pg_replication_slot_advance(" .. self:literal(self.slot) ..
+       ", <the next LSN>)") or "see the server log"
+    return nil, string.format("replication fails at the same position %s every time (%d times): %s (%s)",
+      core.lsn(at >= 0 and at or 0), self.stuck_count, msg, hint)
+  end
+  log.warn(string.format("replication connection lost (%s); reconnecting", msg))
   if self.repl then self.repl:close() self.repl = nil end
   self.lost_at = core.time()
   self.retry_at = core.now()
