@@ -1,4 +1,4 @@
-/* test_c: unit tests of the pure C parsers (fl_json, fl_value) on byte fixtures.
+/* test_c: unit tests of the pure C parsers (fl_json, fl_value, fl_record) on byte fixtures.
  * Every input is copied into a malloc'd buffer of its exact length with no NUL after it,
  * so a sanitizer or valgrind run catches any read past the end. */
 #include <math.h>
@@ -9,6 +9,7 @@
 #include <string.h>
 #include "fl_json.h"
 #include "fl_value.h"
+#include "fl_record.h"
 
 static int n_pass, n_fail;
 
@@ -640,6 +641,70 @@ static void test_json_escape(void) {
   ESC("\xff\xfe", "\xff\xfe");                                                       /* bytes as is */
 }
 
+/* fl_record: a row's text as record_out writes it -> its fields, rendered as "[v]" for a
+ * value and "N" for NULL, then "." at the end or "!" on an error. */
+static void record_tokens(const char *in, size_t len, char *out, size_t cap) {
+  char *s = exact_copy(in, len), *buf = malloc(len ? len : 1);
+  fl_rec_reader r;
+  if (!buf) abort();
+  out[0] = '\0';
+  fl_rec_init(&r, s, len, buf);
+  for (;;) {
+    const char *v;
+    size_t n;
+    fl_rec_tok t = fl_rec_next(&r, &v, &n);
+    if (t == FL_REC_FIELD) {
+      appendz(out, cap, "[");
+      append(out, cap, v, n);
+      appendz(out, cap, "]");
+    } else if (t == FL_REC_NULL) {
+      appendz(out, cap, "N");
+    } else {
+      appendz(out, cap, t == FL_REC_END ? "." : "!");
+      break;
+    }
+  }
+  /* The end and error states are sticky. */
+  {
+    const char *v;
+    size_t n;
+    fl_rec_tok t = fl_rec_next(&r, &v, &n);
+    report(__FILE__, __LINE__, t == FL_REC_END || t == FL_REC_ERROR, "state not sticky for %s", out);
+  }
+  free(buf);
+  free_copy(s, len);
+}
+
+#define REC(in, want) do { \
+    char got_[512]; \
+    record_tokens(in, sizeof(in) - 1, got_, sizeof got_); \
+    report(__FILE__, __LINE__, strcmp(got_, want) == 0, "record %s: got %s, want %s", #in, got_, want); \
+  } while (0)
+
+static void test_record(void) {
+  /* What PostgreSQL's record_out prints (checked against the server). */
+  REC("(1,,\"a b\",\"\",\"x\"\"y\\\\z\",\"{1,2}\")", "[1]N[a b][][x\"y\\5cz][{1,2}].");
+  REC("()", "N.");                                  /* one NULL column, or no column */
+  REC("(,)", "NN.");
+  REC("(\"\")", "[].");                             /* an empty string is not NULL */
+  REC("(\"(1,2)\",\"\\\\x00ff\")", "[(1,2)][\\5cx00ff].");  /* a nested row; bytea */
+  REC("(\"{\"\"a\"\": [1, 2]}\")", "[{\"a\": [1, 2]}].");   /* json */
+  REC("(\"2026-01-02 03:04:05+00\",t,-1.5e+300)", "[2026-01-02 03:04:05+00][t][-1.5e+300].");
+  REC("(\"line\nbreak\",\"tab\there\")", "[line\\0abreak][tab\\09here].");
+  REC("(\xc3\xa9t\xc3\xa9,\xf0\x9f\x98\x80)", "[\\c3\\a9t\\c3\\a9][\\f0\\9f\\98\\80].");
+  /* record_in's grammar beyond record_out: mixed quoting, backslashes outside quotes. */
+  REC("(ab\"c d\"e,x\\,y)", "[abc de][x,y].");
+  REC("  (1)  ", "[1].");
+  /* Malformed: never a crash, never a read past the end. */
+  REC("", "!");
+  REC("1,2)", "!");
+  REC("(1,2", "[1]!");
+  REC("(\"open", "!");
+  REC("(1)x", "[1]!");
+  REC("(\\", "!");
+  REC("(\"a\\", "!");
+}
+
 int main(void) {
   test_json();
   test_arrays();
@@ -650,6 +715,7 @@ int main(void) {
   test_json_number();
   test_json_format();
   test_json_escape();
+  test_record();
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }
