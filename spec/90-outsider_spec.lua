@@ -112,6 +112,7 @@ local function td_tuple(s)
     if i > n then break end
     local lb = assert(s:find("[", i, true), s)
     local name = s:sub(i, lb - 1)
+    if name:sub(1, 1) == '"' then name = name:sub(2, -2):gsub('""', '"') end
     local close = assert(s:find("]:", lb, true), s)
     local typ = s:sub(lb + 1, close - 1)
     i = close + 2
@@ -867,6 +868,99 @@ describe("outsider workloads (" .. driver .. ")", function()
       "delete 2 from origin" }, ops)
     replay_check(got, { t })
     H.sql("SELECT pg_replication_origin_drop($1)", origin)
+  end)
+
+  -- concurrent_ddl_dml (isolation specs): ALTER TABLE in one session's open transaction
+  -- while another writes; a rolled-back ALTER leaves no trace in the row shapes.
+  it("DDL in a concurrent open transaction, a rolled-back ADD COLUMN, a retype", function()
+    local t1 = H.table("id int, data text")
+    local t2 = H.table("id int, data text")
+    local events = session({ t1, t2 })
+    td_begin()
+    local w1, w2 = H.writer(), assert(flash.client { dsn = H.dsn })
+    local function q(c, sql) assert(c:query(fill(sql, { T1 = t1, T2 = t2 }))) end
+    q(w1, "BEGIN; INSERT INTO @T1 VALUES (1, 'a')")
+    q(w2, "BEGIN; ALTER TABLE @T2 ADD COLUMN c text; INSERT INTO @T2 VALUES (1, 'x', 'c1')")
+    q(w1, "INSERT INTO @T1 VALUES (2, 'b'); COMMIT")
+    q(w2, "ALTER TABLE @T2 DROP COLUMN data; INSERT INTO @T2 (id, c) VALUES (2, 'c2'); COMMIT")
+    q(w1, "INSERT INTO @T2 (id, c) VALUES (3, 'c3')")
+    q(w2, "BEGIN; ALTER TABLE @T1 ADD COLUMN z int; INSERT INTO @T1 VALUES (3, 'c', 33); ROLLBACK")
+    q(w1, "INSERT INTO @T1 VALUES (4, 'd')")
+    q(w2, "BEGIN; ALTER TABLE @T1 ALTER COLUMN data TYPE varchar(10); INSERT INTO @T1 VALUES (5, 'e'); COMMIT")
+    q(w1, "UPDATE @T1 SET data = data || '!' WHERE id = 1")
+    w2:stop()
+    local got = until_mark(events)
+    compare_td(got, td_changes({ pub(t1), pub(t2) }))
+    assert.equal(8, #got)
+    assert_row({ id = 1, data = "a" }, got[1].new, "t1 row 1")
+    assert_row({ id = 1, data = "x", c = "c1" }, got[3].new, "t2 after ADD COLUMN")
+    assert_row({ id = 2, c = "c2" }, got[4].new, "t2 after DROP COLUMN")
+    assert_row({ id = 3, c = "c3" }, got[5].new, "t2 from the other session")
+    assert_row({ id = 4, data = "d" }, got[6].new, "t1 after a rolled-back ADD COLUMN")
+    assert_row({ id = 5, data = "e" }, got[7].new, "t1 after the retype")
+    assert_row({ id = 1, data = "a!" }, got[8].new, "update after the retype")
+    assert_row({ id = 1, data = "a" }, got[8].old, "update after the retype: old")
+  end)
+
+  -- Identifiers that need quoting: test_decoding prints them quoted.
+  it("columns named with spaces, quotes, capitals, non-ASCII and keywords", function()
+    local t = H.table([["Odd Col" int, "x""q" text, "UPPER" text, "ünï" text, "select" int, id int PRIMARY KEY]])
+    local events = session({ t })
+    td_begin()
+    H.sql(fill([[
+      INSERT INTO @T VALUES (1, 'a', 'B', 'ü', 2, 1);
+      UPDATE @T SET "x""q" = 'a2', "select" = NULL WHERE id = 1;
+      DELETE FROM @T;
+    ]], { T = t }))
+    local got = until_mark(events)
+    compare_td(got, td_changes({ pub(t) }))
+    assert_row({ ["Odd Col"] = 1, ['x"q'] = "a", UPPER = "B", ["ünï"] = "ü", select = 2, id = 1 }, got[1].new, "insert")
+    assert_row({ ["Odd Col"] = 1, ['x"q'] = "a2", UPPER = "B", ["ünï"] = "ü", select = null, id = 1 }, got[3].old, "delete")
+    replay_check(got, { t })
+  end)
+
+  -- primary_key (API.md): an update that changes a key column is a delete then an insert;
+  -- derived here from test_decoding's updates (old key vs new).
+  it("primary_key = { id }: key-changing updates become delete + insert, as derived from test_decoding", function()
+    local t = H.table("id int PRIMARY KEY, data int")
+    local c = assert(flash.client { driver = driver, replica_identity = "full" })
+    client = c
+    local events = {}
+    assert(c:listen { table = t, primary_key = { "id" } }):on("all", function(ev)
+      events[#events + 1] = { op = ev.op, table = ev.table, new = ev.new, old = ev.old }
+    end)
+    if not mark_table then mark_table = H.table("id int") end
+    assert(c:listen { table = mark_table }):on("insert", function(ev)
+      events[#events + 1] = { op = ev.op, table = ev.table, new = ev.new }
+    end)
+    assert(c:start())
+    td_begin()
+    H.sql(fill([[
+      INSERT INTO @T VALUES (1, 10), (2, 20);
+      UPDATE @T SET data = 11 WHERE id = 1;
+      UPDATE @T SET id = -id;
+      UPDATE @T SET id = 5, data = 50 WHERE id = -2;
+      UPDATE @T SET id = id WHERE id = 5;
+      DELETE FROM @T WHERE id = -1;
+    ]], { T = t }))
+    local got = until_mark(events)
+    local want = {}
+    for _, e in ipairs(td_changes({ pub(t) })) do
+      if e.op == "update" and e.old and e.old.id ~= e.new.id then
+        want[#want + 1] = { op = "delete", table = e.table, old = e.old }
+        want[#want + 1] = { op = "insert", table = e.table, new = e.new }
+      else
+        want[#want + 1] = e
+      end
+    end
+    compare_td(got, want)
+    local tr = {}
+    for i, ev in ipairs(got) do tr[i] = ev.op .. " " .. (ev.new or ev.old).id end
+    -- (UPDATE SET id = -id meets row 2 first: row 1's newer version lies after it in the heap)
+    assert.same({ "insert 1", "insert 2", "update 1", "delete 2", "insert -2", "delete 1", "insert -1",
+      "delete -2", "insert 5", "update 5", "delete -1" }, tr)
+    assert_row({ id = -2, data = 20 }, got[8].old, "delete half: old")
+    assert_row({ id = 5, data = 50 }, got[9].new, "insert half: new")
   end)
 
   -- spill.sql / stream.sql: one transaction big enough to spill to disk in the server.
