@@ -247,10 +247,13 @@ end
 
 -- Replays events into the rows they describe (per table, by `key`): each old row must be
 -- the row the earlier events built, and the result must be what SELECT says now.
-local function replay_check(events, tables, key)
+local function replay_check(events, tables, key, seed)
   key = key or "id"
   local model = {}
-  for _, t in ipairs(tables) do model["public." .. t] = {} end
+  for _, t in ipairs(tables) do
+    model["public." .. t] = {}
+    for _, r in ipairs(seed and seed[t] or {}) do model["public." .. t][r[key]] = r end
+  end
   for i, ev in ipairs(events) do
     local m = model[ev.table]
     if not m then
@@ -961,6 +964,62 @@ describe("outsider workloads (" .. driver .. ")", function()
       "delete -2", "insert 5", "update 5", "delete -1" }, tr)
     assert_row({ id = -2, data = 20 }, got[8].old, "delete half: old")
     assert_row({ id = 5, data = 50 }, got[9].new, "insert half: new")
+  end)
+
+  -- Writable CTEs: one statement that deletes from one table and inserts into another, row
+  -- by row; and TRUNCATE inside transactions, one of them rolled back to a savepoint.
+  it("a writable CTE moving rows between tables, TRUNCATE in a transaction and under a savepoint"
+      .. (driver == "trigger_statement" and " [bug]" or ""), function()
+    local a = H.table("id int PRIMARY KEY, v text")
+    local b = H.table("id int PRIMARY KEY, v text")
+    H.sql(fill("INSERT INTO @A SELECT g, 'v' || g FROM generate_series(1, 3) g", { A = a }))
+    local seed = { [a] = H.sql("SELECT * FROM " .. a) }
+    local events = session({ a, b })
+    td_begin()
+    H.sql(fill([[
+      WITH moved AS (DELETE FROM @A WHERE id <= 2 RETURNING *) INSERT INTO @B SELECT id, v || '-moved' FROM moved;
+      BEGIN;
+      TRUNCATE @B;
+      INSERT INTO @B VALUES (10, 'after truncate');
+      SAVEPOINT s;
+      TRUNCATE @A;
+      INSERT INTO @A VALUES (20, 'rolled back');
+      ROLLBACK TO SAVEPOINT s;
+      UPDATE @A SET v = 'kept' WHERE id = 3;
+      COMMIT;
+    ]], { A = a, B = b }))
+    local got = until_mark(events)
+    compare_td(got, td_changes({ pub(a), pub(b) }))
+    local tr = {}
+    for i, ev in ipairs(got) do
+      local row = ev.new or ev.old
+      tr[i] = ev.op .. " " .. (ev.table == pub(a) and "a" or "b") .. (row and (" " .. row.id) or "")
+    end
+    assert.same({ "delete a 1", "insert b 1", "delete a 2", "insert b 2", "truncate b", "insert b 10", "update a 3" }, tr)
+    replay_check(got, { a, b }, "id", seed)
+  end)
+
+  -- One row updated 1,000 times in a transaction, and values of 8 MB (text and bytea).
+  it("1,000 updates of one row in one transaction, then 8 MB text and bytea values", function()
+    local t = H.table("id int PRIMARY KEY, n int, tx text, by bytea")
+    local events = session({ t })
+    H.sql(fill([[
+      INSERT INTO @T VALUES (1, 0, NULL, NULL);
+      DO $$ BEGIN FOR i IN 1..1000 LOOP UPDATE @T SET n = n + 1 WHERE id = 1; END LOOP; END $$;
+      INSERT INTO @T SELECT 2, 0, repeat('abcdefgh', 1048576), decode(repeat('00ff10', 2796202), 'hex');
+      UPDATE @T SET n = 1 WHERE id = 2;
+    ]], { T = t }))
+    local got = until_mark(events, 30)
+    assert.equal(1003, #got)
+    for i = 2, 1001 do
+      if got[i].op ~= "update" or got[i].new.n ~= i - 1 or got[i].old.n ~= i - 2 then
+        error(string.format("event %d: %s n=%s old n=%s", i, got[i].op, show(got[i].new.n), show(got[i].old and got[i].old.n)))
+      end
+    end
+    local big_tx, big_by = string.rep("abcdefgh", 1048576), string.rep("\0\255\16", 2796202)
+    assert_row({ id = 2, n = 0, tx = big_tx, by = big_by }, got[1002].new, "8 MB insert")
+    assert_row({ id = 2, n = 1, tx = big_tx, by = big_by }, got[1003].new, "8 MB update: new")
+    assert_row({ id = 2, n = 0, tx = big_tx, by = big_by }, got[1003].old, "8 MB update: old")
   end)
 
   -- spill.sql / stream.sql: one transaction big enough to spill to disk in the server.
