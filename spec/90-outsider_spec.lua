@@ -1022,6 +1022,82 @@ describe("outsider workloads (" .. driver .. ")", function()
     assert_row({ id = 2, n = 0, tx = big_tx, by = big_by }, got[1003].old, "8 MB update: old")
   end)
 
+  -- fields + where (API.md's soft-delete rules) applied to test_decoding's changes gives
+  -- what a filtered listener must deliver.
+  it("fields + where on a mixed workload: what API.md's rules make of test_decoding's changes", function()
+    local t = H.table("id int PRIMARY KEY, score int, deleted timestamptz, note text")
+    local fields = { "id", "score", "deleted" }
+    local c = assert(flash.client { driver = driver, replica_identity = "full" })
+    client = c
+    local events = {}
+    assert(c:listen { table = t, fields = fields, where = { { "score", ">=", 10 }, { "deleted", "is null" } } })
+      :on("all", function(ev) events[#events + 1] = { op = ev.op, table = ev.table, new = ev.new, old = ev.old } end)
+    if not mark_table then mark_table = H.table("id int") end
+    assert(c:listen { table = mark_table }):on("insert", function(ev)
+      events[#events + 1] = { op = ev.op, table = ev.table, new = ev.new }
+    end)
+    assert(c:start())
+    td_begin()
+    H.sql(fill([[
+      INSERT INTO @T VALUES (1, 5, NULL, 'a'), (2, 10, NULL, 'b'), (3, 20, '2020-01-01 00:00:00+00', 'c'), (4, NULL, NULL, 'd');
+      UPDATE @T SET note = 'changed only a field nobody listens to' WHERE id = 2;
+      UPDATE @T SET score = score + 10;
+      BEGIN;
+      UPDATE @T SET deleted = '2021-06-01 12:00:00+02' WHERE id = 1;
+      SAVEPOINT s;
+      UPDATE @T SET deleted = NULL WHERE id = 3;
+      ROLLBACK TO s;
+      UPDATE @T SET deleted = NULL, score = 9 WHERE id = 3;
+      COMMIT;
+      UPDATE @T SET id = 22 WHERE id = 2;
+      UPDATE @T SET score = 10 WHERE id = 3;
+      UPDATE @T SET deleted = NULL WHERE id = 1;
+      DELETE FROM @T WHERE score < 25;
+      INSERT INTO @T VALUES (5, 50, NULL, 'e');
+      TRUNCATE @T;
+    ]], { T = t }))
+    local got = until_mark(events)
+    -- the truth: test_decoding's rows (old rows from the rows it gave before), then the rules
+    local rows, want = {}, {}
+    local function pass(r) return r.score ~= null and r.score >= 10 and r.deleted == null end
+    local function proj(r) return { id = r.id, score = r.score, deleted = r.deleted } end
+    for _, e in ipairs(td_changes({ pub(t) })) do
+      if e.op == "truncate" then
+        rows = {}
+        want[#want + 1] = e
+      elseif e.op == "insert" then
+        rows[e.new.id] = e.new
+        if pass(e.new) then want[#want + 1] = { op = "insert", table = e.table, new = proj(e.new) } end
+      else
+        local old = rows[(e.old or e.new).id]
+        rows[old.id] = nil
+        if e.op == "delete" then
+          if pass(old) then want[#want + 1] = { op = "delete", table = e.table, old = proj(old) } end
+        else
+          rows[e.new.id] = e.new
+          local o, n = pass(old), pass(e.new)
+          if o and n then
+            if not eqv(proj(old), proj(e.new)) then
+              want[#want + 1] = { op = "update", table = e.table, old = proj(old), new = proj(e.new) }
+            end
+          elseif o then want[#want + 1] = { op = "delete", table = e.table, old = proj(old) }
+          elseif n then want[#want + 1] = { op = "insert", table = e.table, new = proj(e.new) } end
+        end
+      end
+    end
+    compare_td(got, want)
+    for _, ev in ipairs(got) do
+      if ev.old then assert_row(ev.old, proj(ev.old), "old carries only the listened fields") end
+    end
+    local tr = {}
+    for i, ev in ipairs(got) do
+      local r = ev.new or ev.old
+      tr[i] = ev.op .. (r and " " .. r.id or "")
+    end
+    assert.same({ "insert 2", "insert 1", "update 2", "delete 1", "update 22", "insert 3", "insert 1", "delete 22",
+      "delete 3", "delete 1", "insert 5", "truncate" }, tr)
+  end)
+
   -- spill.sql / stream.sql: one transaction big enough to spill to disk in the server.
   it("a 50,000-row transaction with updates and deletes of its own rows", function()
     local t = H.table("id int PRIMARY KEY, data text, n bigint")
