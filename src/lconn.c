@@ -19,10 +19,18 @@
 
 /* Server notices are kept here, not printed by libpq, so the Lua side can log them
  * through flash.log with the right level. */
+/* Types of query result columns that are not built in: resolved once per connection from
+ * the catalog (domains to their base type, arrays to their element's base type), so
+ * client:query decodes values as events do. */
+#define TYPE_CACHE_MAX 256
+
 typedef struct {
   PGconn *pg;
   int nnotices;
   char *notices[NOTICE_MAX];
+  int ntypes;
+  fl_coltype types[TYPE_CACHE_MAX];   /* oid: the result column's type; the rest resolved */
+  uint32_t type_oid[TYPE_CACHE_MAX];
 } fl_conn;
 
 static void on_notice(void *arg, const char *message) {
@@ -120,14 +128,61 @@ static int l_notices(lua_State *L) {
   return 1;
 }
 
-static void push_result_rows(lua_State *L, PGresult *r, int flags) {
+/* Built-in types the decoder needs no catalog for: its own scalars and text forms. */
+static int known_scalar(uint32_t oid) {
+  switch (oid) {
+    case 16: case 17: case 18: case 19: case 20: case 21: case 23: case 25: case 26: case 114:
+    case 650: case 700: case 701: case 774: case 829: case 869: case 1042: case 1043: case 1082:
+    case 1083: case 1114: case 1184: case 1186: case 1266: case 1700: case 2950: case 3802:
+      return 1;
+    default:
+      return 0;
+  }
+}
+
+static const char *const resolve_sql =
+  "WITH RECURSIVE b(oid, typtype, base) AS ("
+  "  SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t WHERE t.oid = $1::pg_catalog.oid"
+  "  UNION ALL SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t JOIN b ON t.oid = b.base"
+  "  WHERE b.typtype = 'd'),"
+  " bt AS (SELECT t.* FROM pg_catalog.pg_type t JOIN b ON t.oid = b.oid WHERE b.typtype <> 'd'),"
+  " e(oid, typtype, base) AS ("
+  "  SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t JOIN bt ON t.oid = bt.typelem"
+  "  WHERE bt.typcategory = 'A'"
+  "  UNION ALL SELECT t.oid, t.typtype, t.typbasetype FROM pg_catalog.pg_type t JOIN e ON t.oid = e.base"
+  "  WHERE e.typtype = 'd')"
+  " SELECT bt.oid, coalesce((SELECT oid FROM e WHERE typtype <> 'd'), 0),"
+  "  coalesce((SELECT t.typdelim FROM pg_catalog.pg_type t WHERE t.oid = bt.typelem AND bt.typcategory = 'A'), ',')"
+  " FROM bt";
+
+/* The decoding of result column type `oid` on connection `c` (cached); falls back to the
+ * built-in table when the catalog cannot be asked. */
+static fl_coltype resolve_type(fl_conn *c, uint32_t oid) {
+  fl_coltype t = { oid, fl_builtin_elem(oid), ',' };
+  if (t.elem || known_scalar(oid) || !c || !c->pg) return t;
+  for (int i = 0; i < c->ntypes; i++)
+    if (c->type_oid[i] == oid) return c->types[i];
+  char buf[16];
+  snprintf(buf, sizeof buf, "%u", oid);
+  const char *vals[1] = { buf };
+  PGresult *r = PQexecParams(c->pg, resolve_sql, 1, NULL, vals, NULL, NULL, 0);
+  if (r && PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
+    t.oid = (uint32_t)strtoul(PQgetvalue(r, 0, 0), NULL, 10);
+    t.elem = (uint32_t)strtoul(PQgetvalue(r, 0, 1), NULL, 10);
+    t.delim = PQgetvalue(r, 0, 2)[0] ? PQgetvalue(r, 0, 2)[0] : ',';
+    if (c->ntypes < TYPE_CACHE_MAX) {
+      c->type_oid[c->ntypes] = oid;
+      c->types[c->ntypes++] = t;
+    }
+  }
+  PQclear(r);
+  return t;
+}
+
+static void push_result_rows(lua_State *L, fl_conn *c, PGresult *r, int flags) {
   int nrows = PQntuples(r), ncols = PQnfields(r);
   fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (ncols ? ncols : 1));
-  for (int j = 0; j < ncols; j++) {
-    types[j].oid = PQftype(r, j);
-    types[j].elem = fl_builtin_elem(types[j].oid);
-    types[j].delim = ',';
-  }
+  for (int j = 0; j < ncols; j++) types[j] = resolve_type(c, PQftype(r, j));
   lua_createtable(L, nrows, 0);
   for (int i = 0; i < nrows; i++) {
     lua_createtable(L, 0, ncols);
@@ -186,7 +241,7 @@ static int l_exec(lua_State *L) {
   if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
   ExecStatusType st = PQresultStatus(r);
   if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
-    push_result_rows(L, r, flags);
+    push_result_rows(L, c, r, flags);
     const char *ct = PQcmdTuples(r);
     lua_pushinteger(L, ct && *ct ? atoi(ct) : PQntuples(r));
     PQclear(r);
