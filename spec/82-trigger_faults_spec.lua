@@ -156,6 +156,29 @@ assert(ok, err)
         table.concat(lines, "\n"))
     end)
 
+    it("gives timers their turn while a slow callback works through a backlog", function()
+      local t = H.table("id int PRIMARY KEY")
+      local c = assert(flash.client { driver = driver })
+      client = c
+      local n, ticks, ticks_at_half = 0, 0, nil
+      assert(c:listen { table = t }):on("insert", function()
+        n = n + 1
+        core.sleep(0.001)
+        if n == 1000 then ticks_at_half = ticks end
+        if n == 2000 then flash.stop() end
+      end)
+      assert(c:start())
+      H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 2000) g")
+      local cancel = flash.every(0.05, function() ticks = ticks + 1 end)
+      assert(c:run())
+      cancel()
+      client = nil
+      -- A thousand callbacks of 1 ms each take a second: the 50 ms timer ran meanwhile.
+      assert.equal(2000, n)
+      assert.is_true(ticks_at_half >= 5, "timer ticks while the first 1,000 events were delivered: " ..
+        tostring(ticks_at_half))
+    end)
+
     it("stops cleanly, without deadlocks, while other sessions write to the table", function()
       local t = H.table("id bigserial PRIMARY KEY, v text")
       local sql = os.tmpname()

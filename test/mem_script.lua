@@ -1,5 +1,6 @@
 -- test/mem_script.lua: the host's C paths under valgrind (make check-mem): the trigger
--- driver (NOTIFY payloads, overflow rows) and wal_logical (pgoutput, streaming, spill),
+-- drivers (captured row text, a row read on its own connection, a row over max_row_bytes)
+-- and wal_logical (pgoutput, streaming, spill),
 -- and flash.json (the encoder's growing buffer, errors half-way, exact numbers).
 local flash = require "flash"
 local admin = assert(flash.client {})
@@ -11,21 +12,25 @@ assert(admin:query("SELECT pg_reload_conf()"))
 
 local counts = {}
 for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement", "wal_logical" }) do
-  local c = assert(flash.client { driver = driver, streaming = true, stream_memory = 64 * 1024 })
+  local c = assert(flash.client { driver = driver, streaming = true, stream_memory = 64 * 1024,
+    max_row_bytes = 12 * 1024 * 1024 })
   local n = 0
   assert(c:listen { table = "mem_t", fields = { "id", "t", "j", "a", "b" }, where = { { "id", ">", 0 } } })
     :on("all", function(ev) n = n + 1 end)
   assert(c:start())
   assert(admin:query([[INSERT INTO mem_t SELECT g, repeat('x', 40), '{"k":[1,null]}', '{1,2}', '\x00ff', g / 3.0
     FROM generate_series(1, 3000) g]]))
-  assert(admin:query("INSERT INTO mem_t VALUES (-1, repeat('big', 5000))"))   -- over NOTIFY's limit
+  assert(admin:query("INSERT INTO mem_t VALUES (-1, repeat('big', 5000))"))
+  -- Past 8 MB of text (read on a connection of its own), and past max_row_bytes.
+  assert(admin:query("INSERT INTO mem_t VALUES (-2, repeat('m', 9 * 1024 * 1024))"))
+  assert(admin:query("INSERT INTO mem_t (id, b) VALUES (-3, decode(repeat('ab', 7 * 1024 * 1024), 'hex'))"))
   assert(admin:query("BEGIN; INSERT INTO mem_t SELECT g FROM generate_series(100001, 110000) g; ROLLBACK"))
   assert(admin:query("UPDATE mem_t SET t = 'y' WHERE id <= 100; DELETE FROM mem_t WHERE id <= 10; TRUNCATE mem_t"))
   if driver == "wal_logical" then
     assert(c:run { until_lsn = "current" })
   else
     local deadline = require("flash.core").now() + 30
-    while n < 3111 and require("flash.core").now() < deadline do assert(c:poll(0.1)) end
+    while n < 3112 and require("flash.core").now() < deadline do assert(c:poll(0.1)) end
     c:stop()
   end
   counts[#counts + 1] = driver .. "=" .. n
