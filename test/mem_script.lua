@@ -21,9 +21,11 @@ for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement", "wal
   assert(admin:query([[INSERT INTO mem_t SELECT g, repeat('x', 40), '{"k":[1,null]}', '{1,2}', '\x00ff', g / 3.0
     FROM generate_series(1, 3000) g]]))
   assert(admin:query("INSERT INTO mem_t VALUES (-1, repeat('big', 5000))"))
-  -- Past 8 MB of text (read on a connection of its own), and past max_row_bytes.
-  assert(admin:query("INSERT INTO mem_t VALUES (-2, repeat('m', 9 * 1024 * 1024))"))
-  assert(admin:query("INSERT INTO mem_t (id, b) VALUES (-3, decode(repeat('ab', 7 * 1024 * 1024), 'hex'))"))
+  if driver ~= "wal_logical" then
+    -- Past 8 MB of text (read on a connection of its own), and past max_row_bytes.
+    assert(admin:query("INSERT INTO mem_t VALUES (-2, repeat('m', 9 * 1024 * 1024))"))
+    assert(admin:query("INSERT INTO mem_t (id, b) VALUES (-3, decode(repeat('ab', 7 * 1024 * 1024), 'hex'))"))
+  end
   assert(admin:query("BEGIN; INSERT INTO mem_t SELECT g FROM generate_series(100001, 110000) g; ROLLBACK"))
   assert(admin:query("UPDATE mem_t SET t = 'y' WHERE id <= 100; DELETE FROM mem_t WHERE id <= 10; TRUNCATE mem_t"))
   if driver == "wal_logical" then
