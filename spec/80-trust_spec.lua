@@ -48,6 +48,26 @@ for _, driver in ipairs(H.drivers) do
     -- Two-phase commit, DDL, partitions, INHERITS children, replica-role writes, generated
     -- columns and empty containers are cells of the conformance matrix
     -- (spec/70-matrix_spec.lua), so docs/matrix.md shows them per driver.
+    it("keeps ev.source, and hands a where function the listened fields only, with fields and where", function()
+      local t = H.table("id int, v text, hidden text) PARTITION BY RANGE (id")
+      H.sql("CREATE TABLE " .. t .. "_a PARTITION OF " .. t .. " FOR VALUES FROM (0) TO (100)")
+      local seen = {}
+      local events
+      client, events = H.listen({ table = t, fields = { "id", "v" },
+        where = function(row) seen[#seen + 1] = row.hidden == nil and row.v ~= nil return row.id ~= 2 end },
+        "all", copts())
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'a', 'h'), (2, 'b', 'h')")
+      H.sql("UPDATE " .. t .. " SET v = 'c' WHERE id = 1")
+      H.sql("INSERT INTO " .. t .. " VALUES (99, 'mark', 'h')")
+      local got = until_mark(client, events, 99)
+      assert.same({ "insert:1", "update:1" }, ids(got))
+      -- trigger_statement: the table the statement named (docs/drivers.md).
+      local where = driver == "trigger_statement" and "public." .. t or "public." .. t .. "_a"
+      for _, ev in ipairs(got) do assert.equal(where, ev.source) end
+      assert.same({ id = 1, v = "c" }, got[2].new)
+      for i, ok in ipairs(seen) do assert.is_true(ok, "call " .. i .. " saw other columns") end
+    end)
+
     it("delivers each of 200 rows written by 4 concurrent sessions, once", function()
       local t = H.table("id int PRIMARY KEY, v text")
       local events

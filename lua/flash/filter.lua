@@ -258,10 +258,17 @@ function M.prepare(l, d)
   return true
 end
 
+local function project(row, fields)
+  if not row or not fields then return row end
+  local out = {}
+  for _, f in ipairs(fields) do out[f] = row[f] end
+  return out
+end
+
 -- A predicate over a full row for the listener's conditions, or nil when it has none.
 -- M.prepare must have run for conditions other than null tests.
 function M.matcher(l)
-  local conds, pred = l.prepared or l.conds, l.predicate
+  local conds, pred, fields = l.prepared or l.conds, l.predicate, l.fields
   if #conds == 0 and not pred then return nil end
   return function(row)
     for _, c in ipairs(conds) do
@@ -282,7 +289,8 @@ function M.matcher(l)
         if r == nil or not TESTS[op](r) then return false end
       end
     end
-    if pred and not pred(row) then return false end
+    -- A Lua `where` sees the listened fields only (README), the row it will be handed.
+    if pred and not pred(fields and project(row, fields) or row) then return false end
     return true
   end
 end
@@ -297,15 +305,8 @@ local function same(a, b)
 end
 M.same = same
 
-local function project(row, fields)
-  if not row or not fields then return row end
-  local out = {}
-  for _, f in ipairs(fields) do out[f] = row[f] end
-  return out
-end
-
 local function derive(ev, op, new, old)
-  return { op = op, table = ev.table, new = new, old = old, lsn = ev.lsn, xid = ev.xid,
+  return { op = op, table = ev.table, source = ev.source, new = new, old = old, lsn = ev.lsn, xid = ev.xid,
            commit_time = ev.commit_time }
 end
 

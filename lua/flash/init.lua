@@ -497,27 +497,11 @@ function Client:_failed(err, ev)
   return false
 end
 
--- Delivers one event of listener l to the callbacks that want it; applies a Lua
--- predicate `where` with the soft-delete transitions. Returns false to stop.
+-- Delivers one event of listener l to the callbacks that want it (conditions, a Lua
+-- `where` and their soft-delete transitions were applied by flash.filter). Returns false
+-- to stop.
 function Client:_deliver(l, ev)
   if self.failure then return false end   -- on_error = "stop": nothing after the failure
-  if l.predicate then
-    local op = ev.op
-    if op == "insert" then
-      if not l.predicate(ev.new) then return true end
-    elseif op == "delete" then
-      if not l.predicate(ev.old) then return true end
-    elseif op == "update" then
-      local o, n = l.predicate(ev.old), l.predicate(ev.new)
-      if o and not n then
-        ev.op, ev.new = "delete", nil
-      elseif n and not o then
-        ev.op, ev.old = "insert", nil
-      elseif not o then
-        return true
-      end
-    end
-  end
   local cbs = l.callbacks[ev.op]
   if #cbs == 0 then
     self.counters.dropped = self.counters.dropped + 1
