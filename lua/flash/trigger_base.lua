@@ -293,8 +293,7 @@ function Driver:keep_alive()
   if k and k:ok() then return true end
   if k then k:close() end
   self.keeper = nil
-  local conn = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
-    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  local conn = core.connect(self.client:dsn())
   if not conn then return nil end
   local got = conn:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
   if not (got and got[1] and got[1].ok) then conn:close() return nil end
@@ -574,6 +573,42 @@ function M.row_targets(l)
   return out
 end
 
+-- For the shared drivers: per table, the union of the row operations its listeners need,
+-- over the tables `targets(l)` gives; and the listened tables that need a truncate
+-- trigger. Returns a list of { r = relation, ops = { insert = true, ... } } in first-seen
+-- order, and a map oid -> table for truncates.
+function M.table_ops(listeners, targets)
+  local by, list, truncs = {}, {}, {}
+  for _, l in ipairs(listeners) do
+    local need = M.needed_ops(l)
+    for _, r in ipairs(targets(l)) do
+      local t = by[r.oid]
+      if not t then
+        t = { r = r, ops = {} }
+        by[r.oid] = t
+        list[#list + 1] = t
+      end
+      for _, op in ipairs({ "insert", "update", "delete" }) do
+        if need[op] then t.ops[op] = true end
+      end
+    end
+    if need.truncate and not l.gone then truncs[l.table.oid] = l.table end
+  end
+  return list, truncs
+end
+
+-- The truncate triggers of `truncs` (M.table_ops), each calling `fn`.
+function Driver:truncate_triggers(truncs, fn, out)
+  local name = M.fit_name(self.schema, "_truncate")
+  for oid, tbl in pairs(truncs) do
+    local q = self:qualified_rel(tbl)
+    out[#out + 1] = { key = oid .. "/" .. name, name = name, qualified = q, what = "truncate",
+      display = tbl.schema .. "." .. tbl.name,
+      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT EXECUTE FUNCTION " .. fn }
+  end
+  return out
+end
+
 -- The desired triggers: a list of { key =, rel =, name =, qualified =, ddl = }; each
 -- driver says (Driver:wanted_triggers).
 function Driver:qualified_rel(r)
@@ -733,8 +768,7 @@ end
 
 function Driver:reconnect()
   local client = self.client
-  local conn, err = core.connect(client.opts.dsn or require("flash").defaults.dsn or
-    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  local conn, err = core.connect(client:dsn())
   if conn then
     client:_log_notices()
     client.conn:close()
@@ -832,8 +866,7 @@ end
 local LARGE_ROW = 8 * 1024 * 1024
 
 function Driver:fetch_large(r)
-  local conn, err = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
-    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  local conn, err = core.connect(self.client:dsn())
   if not conn then return nil, err end
   local rows, qerr = conn:exec("SELECT new, old FROM " .. self:ident(self.schema) .. ".events WHERE seq = $1", 0, r.seq)
   conn:close()

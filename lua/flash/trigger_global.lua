@@ -14,41 +14,22 @@ end
 
 function Driver:wanted_triggers()
   local fn = self:ident(self.schema) .. ".capture('0')"
-  local rows, truncs, order = {}, {}, {}
-  for _, l in ipairs(self.client.listeners) do
-    local need = base.needed_ops(l)
-    for _, r in ipairs(base.row_targets(l)) do
-      local t = rows[r.oid]
-      if not t then t = { r = r, ops = {} } rows[r.oid] = t order[#order + 1] = r.oid end
-      for _, op in ipairs({ "insert", "update", "delete" }) do
-        if need[op] then t.ops[op] = true end
-      end
-    end
-    if need.truncate and not l.gone then truncs[l.table.oid] = l.table end
-  end
+  local tables, truncs = base.table_ops(self.client.listeners, base.row_targets)
   local out = {}
   local row_name = base.fit_name(self.schema, "_row")
-  for _, oid in ipairs(order) do
-    local t = rows[oid]
+  for _, t in ipairs(tables) do
     local kws = {}
     for _, op in ipairs({ "insert", "update", "delete" }) do
       if t.ops[op] then kws[#kws + 1] = base.OP_KEYWORD[op] end
     end
     if #kws > 0 then
       local q = self:qualified_rel(t.r)
-      out[#out + 1] = { key = oid .. "/" .. row_name, name = row_name, qualified = q,
+      out[#out + 1] = { key = t.r.oid .. "/" .. row_name, name = row_name, qualified = q,
         what = "insert/update/delete", display = t.r.schema .. "." .. t.r.name,
         ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW EXECUTE FUNCTION " .. fn }
     end
   end
-  local trunc_name = base.fit_name(self.schema, "_truncate")
-  for oid, tbl in pairs(truncs) do
-    local q = self:qualified_rel(tbl)
-    out[#out + 1] = { key = oid .. "/" .. trunc_name, name = trunc_name, qualified = q, what = "truncate",
-      display = tbl.schema .. "." .. tbl.name,
-      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT EXECUTE FUNCTION " .. fn }
-  end
-  return out
+  return self:truncate_triggers(truncs, fn, out)
 end
 
 return M

@@ -73,40 +73,21 @@ local REFERENCING = {
 
 function Driver:wanted_triggers()
   local S = self:ident(self.schema)
-  local tabs, truncs, order = {}, {}, {}
-  for _, l in ipairs(self.client.listeners) do
-    local need = base.needed_ops(l)
-    for _, r in ipairs(l.relations or {}) do
-      local t = tabs[r.oid]
-      if not t then t = { r = r, ops = {} } tabs[r.oid] = t order[#order + 1] = r.oid end
-      for _, op in ipairs({ "insert", "update", "delete" }) do
-        if need[op] then t.ops[op] = true end
-      end
-    end
-    if need.truncate and not l.gone then truncs[l.table.oid] = l.table end
-  end
+  local tables, truncs = base.table_ops(self.client.listeners, function(l) return l.relations or {} end)
   local out = {}
-  for _, oid in ipairs(order) do
-    local t = tabs[oid]
+  for _, t in ipairs(tables) do
     local q = self:qualified_rel(t.r)
     for _, op in ipairs({ "insert", "update", "delete" }) do
       if t.ops[op] then
         local name = base.fit_name(self.schema, "_" .. op)
-        out[#out + 1] = { key = oid .. "/" .. name, name = name, qualified = q, what = op,
+        out[#out + 1] = { key = t.r.oid .. "/" .. name, name = name, qualified = q, what = op,
           display = t.r.schema .. "." .. t.r.name,
           ddl = "AFTER " .. base.OP_KEYWORD[op] .. " ON " .. q .. " " .. REFERENCING[op] ..
             " FOR EACH STATEMENT EXECUTE FUNCTION " .. S .. ".capture_statement()" }
       end
     end
   end
-  local trunc_name = base.fit_name(self.schema, "_truncate")
-  for oid, tbl in pairs(truncs) do
-    local q = self:qualified_rel(tbl)
-    out[#out + 1] = { key = oid .. "/" .. trunc_name, name = trunc_name, qualified = q, what = "truncate",
-      display = tbl.schema .. "." .. tbl.name,
-      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT EXECUTE FUNCTION " .. S .. ".capture('0')" }
-  end
-  return out
+  return self:truncate_triggers(truncs, S .. ".capture('0')", out)
 end
 
 return M

@@ -61,18 +61,10 @@ end
 -- errors at listen), then prepared for evaluation on arrival.
 Driver.value_literal = base.Driver.value_literal
 
-function Driver:check(l)
-  local cond = base.Driver.cond_sql(self, l, "t")
-  if cond then
-    local ok, err = self:exec("SELECT 1 FROM " .. self:qualified(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
-    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
-  end
-  local ok, err = filter.prepare(l, self)
-  if not ok then return nil, err end
-  l.matcher = filter.matcher(l)
-  l.passthrough = filter.passthrough(l)
-  return true
-end
+-- The same check as the trigger drivers' (flash.trigger_base): one home for conditions.
+Driver.cond_sql = base.Driver.cond_sql
+Driver.qualified_table = base.Driver.qualified_table
+Driver.check = base.Driver.check
 
 -- Whether a listener needs old rows: update/delete events carry ev.old, and conditions,
 -- fields and keys are tested on it.
@@ -251,8 +243,7 @@ local function slot_error(self, err, state)
 end
 
 function Driver:open_slot()
-  local repl, err = core.replication(self.client.opts.dsn or require("flash").defaults.dsn or
-    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  local repl, err = core.replication(self.client:dsn())
   if not repl then return slot_error(self, err) end
   local S = self:ident(self.slot)
   local start_lsn = "0/0"
@@ -471,8 +462,7 @@ function Driver:reconnect_query(err)
     log.warn(string.format("query connection lost (%s); reconnecting", (tostring(err or "closed"):gsub("%s+$", ""))))
     self.conn_backoff = 0.1
   end
-  local conn, cerr = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
-    os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+  local conn, cerr = core.connect(self.client:dsn())
   local ok = false
   if conn then
     local old = self.client.conn
@@ -666,8 +656,7 @@ end
 function Driver:reconnect()
   local ok, err
   if not self:conn():ok() then
-    local conn, cerr = core.connect(self.client.opts.dsn or require("flash").defaults.dsn or
-      os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or "")
+    local conn, cerr = core.connect(self.client:dsn())
     if conn then
       self.client.conn:close()
       self.client.conn = conn
