@@ -27,7 +27,11 @@ local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('f
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
 local NAME_MAX = 63                      -- NAMEDATALEN - 1 bytes
 local BATCH = 1000                       -- captured rows fetched per query
-local POLL_INTERVAL = 0.005              -- seconds between polls of an empty events table
+-- Polls of the events table: at once while batches come full, 1 ms after a partial one,
+-- then twice as long after each empty poll, up to poll_interval (an idle client costs
+-- ~20 small queries a second; a change made after a quiet spell arrives within it).
+local POLL_INTERVAL = 0.05
+local POLL_MIN = 0.001
 local REFRESH_INTERVAL = 2               -- seconds between looks for new partitions/children
 local LOCK_TIMEOUT = "50ms"              -- our DDL never queues writers for longer than this
 -- A row larger than this (pg_column_size) is captured without its values: its text form
@@ -1063,7 +1067,13 @@ function Driver:step()
     if not self:conn():ok() then lost(self, err) return true end
     return nil, err
   end
-  self.next_poll = (self.pending or self.full) and now or (core.now() + self.poll_interval)
+  if self.pending or self.full then
+    self.next_poll, self.wait = now, nil
+  else
+    -- Empty: wait twice as long as last time (up to poll_interval); rows: look again soon.
+    self.wait = self.empty and math.min((self.wait or POLL_MIN) * 2, self.poll_interval) or POLL_MIN
+    self.next_poll = core.now() + self.wait
+  end
   return true
 end
 
