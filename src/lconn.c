@@ -222,6 +222,20 @@ static const char *param_text(lua_State *L, int idx, char *numbuf, size_t numsz)
   return NULL;
 }
 
+/* Pushes a query result (rows, ntuples) or its error (nil, err, sqlstate); clears it. */
+static int push_result(lua_State *L, fl_conn *c, PGresult *r, int flags) {
+  if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  ExecStatusType st = PQresultStatus(r);
+  if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
+    push_result_rows(L, c, r, flags);
+    const char *ct = PQcmdTuples(r);
+    lua_pushinteger(L, ct && *ct ? atoi(ct) : PQntuples(r));
+    PQclear(r);
+    return 2;
+  }
+  return fl_push_pgerror(L, c->pg, r);
+}
+
 /* conn:exec(sql, [flags], ...) -> rows, ntuples | nil, err, sqlstate
  * With no parameters the text may hold several statements (the last result is returned). */
 static int l_exec(lua_State *L) {
@@ -238,16 +252,36 @@ static int l_exec(lua_State *L) {
     for (int i = 0; i < nparams; i++) vals[i] = param_text(L, 4 + i, nums[i], sizeof nums[i]);
     r = PQexecParams(c->pg, sql, nparams, NULL, vals, NULL, NULL, 0);
   }
+  return push_result(L, c, r, flags);
+}
+
+/* conn:prepare(name, sql) -> true | nil, err, sqlstate : a named statement of this
+ * session, for statements run often (one parse and plan, not one per run). */
+static int l_prepare(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  const char *sql = luaL_checkstring(L, 3);
+  PGresult *r = PQprepare(c->pg, name, sql, 0, NULL);
   if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
-  ExecStatusType st = PQresultStatus(r);
-  if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
-    push_result_rows(L, c, r, flags);
-    const char *ct = PQcmdTuples(r);
-    lua_pushinteger(L, ct && *ct ? atoi(ct) : PQntuples(r));
+  if (PQresultStatus(r) == PGRES_COMMAND_OK) {
     PQclear(r);
-    return 2;
+    lua_pushboolean(L, 1);
+    return 1;
   }
   return fl_push_pgerror(L, c->pg, r);
+}
+
+/* conn:exec_prepared(name, [flags], ...) -> as conn:exec */
+static int l_exec_prepared(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  int flags = (int)luaL_optinteger(L, 3, 0);
+  int nparams = lua_gettop(L) - 3;
+  if (nparams < 0) nparams = 0;
+  const char **vals = lua_newuserdata(L, sizeof(char *) * (nparams ? nparams : 1));
+  char (*nums)[32] = lua_newuserdata(L, 32 * (nparams ? nparams : 1));
+  for (int i = 0; i < nparams; i++) vals[i] = param_text(L, 4 + i, nums[i], sizeof nums[i]);
+  return push_result(L, c, PQexecPrepared(c->pg, name, nparams, vals, NULL, NULL, 0), flags);
 }
 
 int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res) {
@@ -771,6 +805,8 @@ static const luaL_Reg batch_methods[] = {
 
 static const luaL_Reg conn_methods[] = {
   { "exec", l_exec },
+  { "prepare", l_prepare },
+  { "exec_prepared", l_exec_prepared },
   { "escape_identifier", l_escape_identifier },
   { "escape_literal", l_escape_literal },
   { "fd", l_fd },

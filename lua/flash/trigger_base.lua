@@ -891,11 +891,27 @@ function Driver:fetch()
     (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
       "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
     " FROM " .. S .. ".events ORDER BY seq LIMIT " .. BATCH
+  local conn, rows, err = self:conn()
   if #self.handled > 0 then
-    sql = "DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
-      "}'::bigint[]);\n" .. sql
+    -- The rows handled so far are deleted in the same round trip.
+    rows, err = self:exec("DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
+      "}'::bigint[]);\n" .. sql)
+  else
+    -- The poll of an idle client: prepared once per connection (no parse and plan each time).
+    if self.prepared_on ~= conn then
+      local ok, perr = conn:prepare("flash_poll", sql)
+      if not ok then return nil, perr end
+      self.prepared_on = conn
+    end
+    local state
+    rows, err, state = conn:exec_prepared("flash_poll", 0)
+    if not rows and state == "26000" then
+      -- A script's DEALLOCATE or DISCARD ALL on the shared connection: prepare it again.
+      self.prepared_on = nil
+      return self:fetch()
+    end
+    self.client:_log_notices()
   end
-  local rows, err = self:exec(sql)
   if not rows then return nil, err end
   self.handled = {}
   if #rows == 0 then return rows end
