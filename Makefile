@@ -25,7 +25,7 @@ LUA_SRC  := $(wildcard lua/flash/*.lua)
 # Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc
+.PHONY: all test test-c lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc
 
 all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput
 
@@ -67,6 +67,10 @@ test:
 	scripts/deps
 	$(MAKE) all
 	scripts/run-tests
+
+# luacheck over the project's Lua (.luacheckrc); make test runs it too.
+lint:
+	luacheck --no-color lua spec bench examples test/mem_script.lua
 
 test-c: $(B)/test_c $(B)/test_pgoutput
 	$(B)/test_c

@@ -6,12 +6,6 @@ local flash = require "flash"
 local core = require "flash.core"
 local H = require "helpers"
 
-local function lines_of(s)
-  local t = {}
-  for l in s:gmatch("[^\n]+") do if l ~= "ready" then t[#t + 1] = l end end
-  return t
-end
-
 local function wait_for(pred, timeout)
   local deadline = core.now() + (timeout or 5)
   while core.now() < deadline do

@@ -557,12 +557,12 @@ describe("matrix (" .. driver .. ")", function()
   -- What outsiders' workloads exercise (issue 8) -----------------------------------------------------
 
   -- The events before the marker row `mark` (events come in commit order).
-  local function before_mark(events, mark)
-    until_mark(events, mark)
+  local function before_mark(events, marker)
+    until_mark(events, marker)
     local out = {}
     for _, ev in ipairs(events) do
       local row = ev.new or ev.old
-      if row and row.id == mark then break end
+      if row and row.id == marker then break end
       out[#out + 1] = ev
     end
     return out

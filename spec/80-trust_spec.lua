@@ -3,7 +3,6 @@
 -- listened table), every committed row arrives with the table's current shape (DDL,
 -- partitions, INHERITS children, replica-role writes, generated columns), and events arrive
 -- while a script is busy with its own queries.
-local flash = require "flash"
 local core = require "flash.core"
 local H = require "spec.helpers"
 

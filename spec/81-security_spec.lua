@@ -1,7 +1,6 @@
 -- spec/81-security_spec.lua: attacks by a second, unprivileged role against a flashlua
 -- that runs as a superuser (issue 9): no code that role controls runs with flashlua's
 -- privileges, and it can neither read, forge nor suppress events.
-local flash = require "flash"
 local core = require "flash.core"
 local H = require "spec.helpers"
 

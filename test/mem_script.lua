@@ -16,7 +16,7 @@ for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement", "wal
     max_row_bytes = 12 * 1024 * 1024 })
   local n = 0
   assert(c:listen { table = "mem_t", fields = { "id", "t", "j", "a", "b" }, where = { { "id", ">", 0 } } })
-    :on("all", function(ev) n = n + 1 end)
+    :on("all", function() n = n + 1 end)
   assert(c:start())
   assert(admin:query([[INSERT INTO mem_t SELECT g, repeat('x', 40), '{"k":[1,null]}', '{1,2}', '\x00ff', g / 3.0
     FROM generate_series(1, 3000) g]]))

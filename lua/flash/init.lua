@@ -241,9 +241,9 @@ end
 function Client:query(sql, ...)
   if type(sql) ~= "string" then argerror(1, "query", "string expected, got " .. type(sql)) end
   if self.closed then return nil, "client is stopped" end
-  local rows, n, state = self.conn:exec(sql, self.flags, ...)
+  local rows, n, sqlstate = self.conn:exec(sql, self.flags, ...)
   self:_log_notices()
-  return rows, n, state
+  return rows, n, sqlstate
 end
 
 -- The type a domain (over a domain ...) is based on; any other type itself.
@@ -337,7 +337,8 @@ local function normalize_where(where)
     end
     local op = WHERE_OPS[c[2]:lower():gsub("%s+", " ")]
     if not op then
-      argerror(1, "listen", string.format("option 'where': unknown operator '%s' in condition #%d (expected =, <>, <, <=, >, >=, is null, is not null, in)", c[2], i), 3)
+      argerror(1, "listen", string.format("option 'where': unknown operator '%s' in condition #%d " ..
+        "(expected =, <>, <, <=, >, >=, is null, is not null, in)", c[2], i), 3)
     end
     local v = c[3]
     if op == "in" then

@@ -740,7 +740,7 @@ function Driver:start()
   return true
 end
 
-function Driver:fds() return {} end
+function Driver.fds() return {} end
 
 function Driver:next_deadline()
   if not self.listening then return self.retry_at end
@@ -891,7 +891,8 @@ function Driver:fetch()
     (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
       "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
     " FROM " .. S .. ".events ORDER BY seq LIMIT " .. BATCH
-  local conn, rows, err = self:conn()
+  local conn = self:conn()
+  local rows, err
   if #self.handled > 0 then
     -- The rows handled so far are deleted in the same round trip.
     rows, err = self:exec("DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
@@ -954,7 +955,7 @@ end
 
 -- A captured row's values by its relation's shape; warns when the shape changed since
 -- the row was written (columns added or dropped meanwhile: matched by position).
-function Driver:decode(shape, text, display)
+function Driver.decode(_, shape, text, display)
   if type(text) ~= "string" then return nil end
   local row, n = shape.layout:record(text)
   if not row then
@@ -1112,7 +1113,6 @@ function Driver:stop()
   local ok, err = self:drop_schema_triggers(self.schema, deadline)
   local problems = {}
   if not ok then problems[#problems + 1] = "cannot remove its triggers: " .. tostring(err) end
-  local left = 0
   if not (self.client.failure or self.stepping) then
     while core.now() < deadline do
       local dok, derr = self:drain(deadline)
@@ -1128,7 +1128,7 @@ function Driver:stop()
         table.concat(self.handled, ",") .. "}'::bigint[])")
       self.handled = {}
     end
-    left = self:backlog(self.schema)
+    local left = self:backlog(self.schema)
     if left > 0 and not self.client.failure then
       problems[#problems + 1] = string.format("%d captured changes were not delivered within shutdown_timeout " ..
         "(%g s) and are discarded", left, timeout)
