@@ -406,8 +406,14 @@ end
 -- read after it is matched by position; README "Known limitations").
 function Driver:ddl_function()
   local S = self:ident(self.schema)
+  local schema = self:literal(self.schema) .. "::pg_catalog.regnamespace"
   local cols = require("flash")._columns_sql("a.attrelid = t.rel")
+  local qname = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c " ..
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = "
   return table.concat({
+    "DECLARE kid record; trg record; pname text; cname text;",
+    "BEGIN",
+    -- Shape markers: every relation the command touched that we capture from.
     "BEGIN",
     "  INSERT INTO " .. S .. ".events (xid, op, rel, tag, new)",
     "  SELECT pg_catalog.txid_current(), 'S', t.rel, 0, pg_catalog.json_build_object(",
@@ -420,12 +426,38 @@ function Driver:ddl_function()
     "                 SELECT rel FROM k) d",
     "        WHERE e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass",
     "          AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid",
-    "                      WHERE g.tgrelid = d.rel AND p.pronamespace = " .. self:literal(self.schema) ..
-      "::pg_catalog.regnamespace)) t",
+    "                      WHERE g.tgrelid = d.rel AND p.pronamespace = " .. schema .. ")) t",
     "  JOIN pg_catalog.pg_class c ON c.oid = t.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;",
     "EXCEPTION WHEN OTHERS THEN",
     "  -- Never the DDL's failure: the consumer falls back to the catalog's columns.",
     "  RAISE WARNING 'flashlua (%): cannot record the new columns: %', " .. self:literal(self.schema) .. ", SQLERRM;",
+    "END;",
+    -- A table created as a child (INHERITS, or a partition) of one we capture from gets our
+    -- triggers its parent has and PostgreSQL does not clone (statement triggers; any
+    -- trigger for INHERITS), in the same transaction: none of its rows escapes.
+    "BEGIN",
+    "  FOR kid IN SELECT e.objid AS child, i.inhparent AS parent",
+    "           FROM pg_catalog.pg_event_trigger_ddl_commands() e",
+    "           JOIN pg_catalog.pg_inherits i ON i.inhrelid = e.objid",
+    "           WHERE e.command_tag = 'CREATE TABLE' AND e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass",
+    "  LOOP",
+    "    " .. qname .. "kid.parent INTO pname;",
+    "    " .. qname .. "kid.child INTO cname;",
+    "    FOR trg IN SELECT g.oid, g.tgname::text AS name FROM pg_catalog.pg_trigger g",
+    "             JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid",
+    "             WHERE g.tgrelid = kid.parent AND g.tgparentid = 0 AND p.pronamespace = " .. schema,
+    "               AND (g.tgtype::pg_catalog.int4 & 32) = 0",
+    "               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger x WHERE x.tgrelid = kid.child",
+    "                               AND x.tgname = g.tgname)",
+    "    LOOP",
+    "      EXECUTE pg_catalog.replace(pg_catalog.pg_get_triggerdef(trg.oid), ' ON ' || pname || ' ', ' ON ' || cname || ' ');",
+    "      EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', cname, trg.name);",
+    "    END LOOP;",
+    "  END LOOP;",
+    "EXCEPTION WHEN OTHERS THEN",
+    "  RAISE WARNING 'flashlua (%): cannot add triggers to a new child table: %', " ..
+      self:literal(self.schema) .. ", SQLERRM;",
+    "END;",
     "END",
   }, "\n")
 end
@@ -444,7 +476,7 @@ function Driver:install_ddl_markers()
       "SET search_path = pg_catalog, pg_temp AS " .. self:literal(self:ddl_function()),
     "REVOKE ALL ON FUNCTION " .. S .. ".on_ddl() FROM PUBLIC",
     "DROP EVENT TRIGGER IF EXISTS " .. name,
-    "CREATE EVENT TRIGGER " .. name .. " ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION " ..
+    "CREATE EVENT TRIGGER " .. name .. " ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE') EXECUTE FUNCTION " ..
       S .. ".on_ddl()",
   }, ";\n"))
   if not ok then return fail("cannot create the DDL event trigger: " .. tostring(err)) end
