@@ -179,6 +179,19 @@ assert(ok, err)
         tostring(ticks_at_half))
     end)
 
+    it("keeps captured rows in an unlogged table, or a logged one with durable = true", function()
+      local t = H.table("id int")
+      for _, durable in ipairs({ false, true }) do
+        local c = assert(flash.client { driver = driver, durable = durable })
+        assert(c:listen { table = t }):on("insert", function() end)
+        assert(c:start())
+        local kind = H.scalar("SELECT relpersistence::text AS p FROM pg_class WHERE oid = $1::regclass",
+          c:stats().schema .. ".events")
+        c:stop()
+        assert.equal(durable and "p" or "u", kind)
+      end
+    end)
+
     it("stops cleanly, without deadlocks, while other sessions write to the table", function()
       local t = H.table("id bigserial PRIMARY KEY, v text")
       local sql = os.tmpname()
@@ -219,3 +232,19 @@ assert(ok, err)
     end)
   end)
 end
+
+describe("trigger driver options", function()
+  it("refuses poll_interval and max_row_bytes values it cannot use, naming the option", function()
+    for _, bad in ipairs({
+      { { poll_interval = 0 }, "option 'poll_interval'" },
+      { { poll_interval = -1 }, "option 'poll_interval'" },
+      { { max_row_bytes = 10 }, "option 'max_row_bytes'" },
+      { { max_row_bytes = 2 ^ 40 }, "option 'max_row_bytes'" },
+      { { durable = "yes" }, "option 'durable'" },
+    }) do
+      local ok, err = pcall(flash.client, bad[1])
+      assert.is_false(ok)
+      assert.matches(bad[2], err, 1, true)
+    end
+  end)
+end)
