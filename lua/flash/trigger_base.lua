@@ -79,13 +79,15 @@ function M.new(class, client)
     next_refresh = nil,
     installed = {},     -- [key] = { rel =, name =, qualified =, ddl = } triggers in the database
     rels = {},          -- [relation oid] = { display =, listeners = {...} }: what captures go to
-    shapes = {},        -- [relation oid] = { fp =, layout = }: columns to decode its rows by
+    shapes = {},        -- [relation oid] = { fp =, n =, layout = }: columns to decode its rows by
     handled = {},       -- seqs of delivered rows, deleted with the next fetch
   }, class)
   -- Unique per running instance with default options: two instances never share objects.
   self.schema = client.opts.schema or string.format("flash_%d", client.conn:backend_pid())
   self.poll_interval = client.opts.poll_interval or POLL_INTERVAL
   self.max_row = string.format("%d", client.opts.max_row_bytes or ROW_LIMIT)
+  -- flash.filter's emit, made once (a closure per row would be garbage per event).
+  self.emit = function(l, ev) return client:_deliver(l, ev) end
   return self
 end
 
@@ -176,6 +178,16 @@ function Driver:check(l)
   return true
 end
 
+-- Listener `l`'s table is now called schema.name (a rename while listening): ev.table
+-- follows. Returns true when the name changed.
+function M.rename(l, schema, name)
+  if l.table.schema == schema and l.table.name == name then return false end
+  l.table.schema, l.table.name = schema, name
+  l.table.display = schema .. "." .. name
+  l.table_name = l.table.display
+  return true
+end
+
 -- Which operations a listener needs captured: an update can turn into an insert or a
 -- delete (conditions, primary key), so it is captured when either is wanted.
 function M.needed_ops(l)
@@ -200,37 +212,48 @@ end
 -- until `deadline`. Once every trigger is gone no transaction can be inside one of our
 -- functions, and the schema itself drops with no lock on anybody's table.
 
-local function sleep(s) core.sleep(s) end
+-- SQLSTATEs of a statement that waited past LOCK_TIMEOUT (or lost a deadlock): the table
+-- is busy, try again later.
+local BUSY = { ["55P03"] = true, ["40P01"] = true }
+
+-- Runs `sql` (our DDL on a user's table) waiting at most LOCK_TIMEOUT for locks.
+function Driver:exec_briefly(sql)
+  return self:exec("SELECT pg_catalog.set_config('lock_timeout', '" .. LOCK_TIMEOUT .. "', true);\n" .. sql)
+end
+
+-- The triggers on users' tables whose functions live in schema `name` (cloned partition
+-- triggers go with their parent's): name, table schema, table, table oid.
+function Driver:schema_triggers(name)
+  return self:exec([[
+    SELECT t.tgname::text AS name, n.nspname::text AS schema, c.relname::text AS rel, t.tgrelid::bigint AS oid
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+    JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE p.pronamespace = pg_catalog.to_regnamespace($1) AND t.tgparentid = 0]], self:ident(name))
+end
 
 -- Drops the triggers whose functions live in schema `name`; true, or nil and why.
 function Driver:drop_schema_triggers(name, deadline)
   while true do
-    local rows, err = self:exec([[
-      SELECT t.tgname::text AS tg, n.nspname::text AS s, c.relname::text AS r
-      FROM pg_catalog.pg_trigger t
-      JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-      JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE p.pronamespace = (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = $1)
-        AND t.tgparentid = 0]], name)
+    local rows, err = self:schema_triggers(name)
     if not rows then return nil, err end
     if #rows == 0 then return true end
     local busy
     for _, t in ipairs(rows) do
-      local ok, derr, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " ..
-        self:literal(LOCK_TIMEOUT) .. ", true); DROP TRIGGER IF EXISTS " .. self:ident(t.tg) ..
-        " ON " .. self:ident(t.s) .. "." .. self:ident(t.r))
+      local ok, derr, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(t.name) ..
+        " ON " .. self:ident(t.schema) .. "." .. self:ident(t.rel))
       if not ok then
-        if state ~= "55P03" and state ~= "40P01" then
+        if not BUSY[state] then
           if not self:conn():ok() then return nil, derr end
-          log.warn(string.format("cannot drop trigger %s on %s.%s: %s", t.tg, t.s, t.r, derr))
+          log.warn(string.format("cannot drop trigger %s on %s.%s: %s", t.name, t.schema, t.rel, derr))
         end
         busy = derr
       end
     end
     if not busy then return true end
     if core.now() >= deadline then return nil, "tables stayed busy: " .. tostring(busy) end
-    sleep(0.02)
+    core.sleep(0.02)
   end
 end
 
@@ -240,12 +263,22 @@ function Driver:remove_schema(name, deadline)
   if not ok then return nil, err end
   while true do
     local state
-    ok, err, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
-      ", true); DROP SCHEMA IF EXISTS " .. self:ident(name) .. " CASCADE")
+    ok, err, state = self:exec_briefly("DROP SCHEMA IF EXISTS " .. self:ident(name) .. " CASCADE")
     if ok then return true end
-    if (state ~= "55P03" and state ~= "40P01") or core.now() >= deadline then return nil, err end
-    sleep(0.02)
+    if not BUSY[state] or core.now() >= deadline then return nil, err end
+    core.sleep(0.02)
   end
+end
+
+-- Removes the schema `name` of an instance that is gone, saying how many captured changes
+-- it never delivered; true, or nil and why.
+function Driver:discard_schema(name)
+  local left = self:backlog(name)
+  if left > 0 then
+    log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
+      "discarded with it", name, left))
+  end
+  return self:remove_schema(name, core.now() + (self.client.opts.shutdown_timeout or 10))
 end
 
 -- Captured rows still waiting in schema `name`'s events table (0 when it has none).
@@ -255,37 +288,17 @@ function Driver:backlog(name)
   return rows and rows[1] and tonumber(rows[1].n) or 0
 end
 
--- Removes schemas of flashlua instances that are gone (their session-level advisory lock
--- is free), so nobody's writes keep paying for triggers no one listens to.
+-- Removes schemas of flashlua instances that are gone (their session-level advisory locks
+-- are free), so nobody's writes keep paying for triggers no one listens to. Gone only when
+-- both of its locks are free: an instance whose query connection was terminated still
+-- holds its keeper's while it reconnects.
 function Driver:remove_leftovers()
   local rows, err = self:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
     WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%']], SCHEMA_MARK)
   if not rows then return nil, err end
-  local timeout = self.client.opts.shutdown_timeout or 10
-  for _, r in ipairs(rows) do
-    if r.name ~= self.schema then
-      -- Gone only when both of its locks are free: an instance whose query connection was
-      -- terminated still holds its keeper's while it reconnects.
-      local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS a, " ..
-        "pg_try_advisory_lock(" .. self:lock_sql(r.name .. ":keeper") .. ") AS b")
-      got = got and got[1]
-      if got and got.a and got.b then
-        local left = self:backlog(r.name)
-        log.info(string.format("removing schema %s left by a flashlua instance that is gone", r.name))
-        if left > 0 then
-          log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
-            "discarded with it", r.name, left))
-        end
-        local ok, derr = self:remove_schema(r.name, core.now() + timeout)
-        if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
-      end
-      if got then
-        if got.a then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")") end
-        if got.b then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name .. ":keeper") .. ")") end
-      end
-    end
-  end
+  self:sweep_orphans(rows, self.schema, "schema", function(name) return self:discard_schema(name) end,
+    function(name) return name .. ":keeper" end)
   return true
 end
 
@@ -313,19 +326,23 @@ function Driver:drop_keeper()
 end
 
 -- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
--- lock (self:lock_sql) is free: the flashlua instance that made them is gone. `drop`
--- is SQL text, or a function of the name that removes it (true | nil, err).
-function Driver:sweep_orphans(rows, keep, what, drop)
+-- lock (self:lock_sql) is free, and the lock named `also(name)` too when given: the
+-- flashlua instance that made them is gone. `drop(name)` removes one: true | nil, err.
+function Driver:sweep_orphans(rows, keep, what, drop, also)
   for _, r in ipairs(rows) do
     if r.name ~= keep then
-      local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(r.name) .. ") AS ok")
-      if got and got[1].ok then
+      local locks = { r.name, also and also(r.name) or nil }
+      local held = {}
+      for _, lock in ipairs(locks) do
+        local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(lock) .. ") AS ok")
+        if got and got[1].ok then held[#held + 1] = lock end
+      end
+      if #held == #locks then
         log.info(string.format("removing %s %s left by a flashlua instance that is gone", what, r.name))
         local ok, derr = drop(r.name)
-        if type(ok) == "string" then ok, derr = self:exec(ok) end
         if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
-        self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(r.name) .. ")")
       end
+      for _, lock in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(lock) .. ")") end
     end
   end
 end
@@ -333,9 +350,6 @@ end
 ---------------------------------------------------------------------------------------
 -- The schema: events table and capture functions.
 
--- The row trigger function (every trigger driver's row triggers, and the truncate
--- triggers): one row per change, tagged with TG_ARGV[0] (the `trigger` driver's listener
--- id; 0 for shared triggers).
 -- Rows stored in more than this many bytes are turned into text under an exception
 -- handler (row_text): decompressed, their text could pass PostgreSQL's 1 GB limit for one
 -- value, which must never fail the user's write. Below it no row can (a value compresses
@@ -350,6 +364,9 @@ function Driver:row_text_sql(r)
     " THEN pg_catalog.format('%s', " .. r .. ") ELSE " .. self:ident(self.schema) .. ".row_text(" .. r .. ") END"
 end
 
+-- The row trigger function (every trigger driver's row triggers, and the truncate
+-- triggers): one row per change, tagged with TG_ARGV[0] (the `trigger` driver's listener
+-- id; 0 for shared triggers).
 function Driver:capture_function()
   local E = self:ident(self.schema) .. ".events"
   local L = self.max_row
@@ -500,12 +517,7 @@ function Driver:install_schema(fresh)
   local existed = self:schema_exists()
   if fresh and existed then
     -- A schema of this name whose lock was free: left by an instance that is gone.
-    local left = self:backlog(self.schema)
-    if left > 0 then
-      log.warn(string.format("schema %s held %d captured changes its instance never delivered; they are " ..
-        "discarded with it", self.schema, left))
-    end
-    local ok, rerr = self:remove_schema(self.schema, core.now() + (self.client.opts.shutdown_timeout or 10))
+    local ok, rerr = self:discard_schema(self.schema)
     if not ok then return fail("cannot remove the old schema " .. self.schema .. ": " .. tostring(rerr)) end
     existed = false
   end
@@ -546,9 +558,9 @@ function Driver:descendants(oid)
   return rows, err
 end
 
--- Recomputes self.rels (and each listener's descendant list); true when it changed.
+-- Recomputes self.rels (and each listener's descendant list).
 function Driver:map_relations()
-  local rels, sig = {}, {}
+  local rels = {}
   for _, l in ipairs(self.client.listeners) do
     local rows = self:descendants(l.table.oid)
     if rows and #rows == 0 then
@@ -578,24 +590,16 @@ function Driver:map_relations()
           rels[r.oid] = e
         end
         e.listeners[#e.listeners + 1] = l
-        sig[#sig + 1] = l.id .. ":" .. r.oid .. ":" .. e.display
       end
       -- The listened table's current name (it may have been renamed).
       for _, r in ipairs(rows) do
-        if r.oid == l.table.oid then
-          l.table_name = r.schema .. "." .. r.name
-          l.table.schema, l.table.name, l.table.display = r.schema, r.name, l.table_name
-        end
+        if r.oid == l.table.oid then M.rename(l, r.schema, r.name) end
       end
     else
       l.relations = l.relations or {}
     end
   end
   self.rels = rels
-  local s = table.concat(sig, ",")
-  local changed = s ~= self.rel_sig
-  self.rel_sig = s
-  return changed
 end
 
 -- The tables of listener `l` that need row triggers: row triggers on a partitioned table
@@ -670,8 +674,8 @@ function Driver:sync_all()
   for key, have in pairs(self.installed) do
     local w = want[key]
     if not w or w.ddl ~= have.ddl then
-      local ok, err, state = self:exec("SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
-        ", true); DROP TRIGGER IF EXISTS " .. self:ident(have.name) .. " ON " .. have.qualified)
+      local ok, err, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(have.name) .. " ON " ..
+        have.qualified)
       if ok or state == "42P01" then
         self.installed[key] = nil
         log.debug(string.format("trigger %s dropped from %s", have.name, have.qualified))
@@ -684,15 +688,14 @@ function Driver:sync_all()
   end
   for key, w in pairs(want) do
     if not self.installed[key] then
-      local create = "SELECT pg_catalog.set_config('lock_timeout', " .. self:literal(LOCK_TIMEOUT) ..
-        ", true); DROP TRIGGER IF EXISTS " .. self:ident(w.name) .. " ON " .. w.qualified .. ";\n" ..
+      local create = "DROP TRIGGER IF EXISTS " .. self:ident(w.name) .. " ON " .. w.qualified .. ";\n" ..
         "CREATE TRIGGER " .. self:ident(w.name) .. " " .. w.ddl
       -- ENABLE ALWAYS: writes made with session_replication_role = replica (logical
       -- replication apply, pg_restore, sync tools) are captured too, as wal_logical sees them.
-      local ok, err, state = self:exec(create .. ";\nALTER TABLE " .. w.qualified .. " ENABLE ALWAYS TRIGGER " ..
+      local ok, err, state = self:exec_briefly(create .. ";\nALTER TABLE " .. w.qualified .. " ENABLE ALWAYS TRIGGER " ..
         self:ident(w.name))
       if not ok and state == "42501" then
-        ok, err, state = self:exec(create)
+        ok, err, state = self:exec_briefly(create)
         if ok and not self.warned_always then
           self.warned_always = true
           log.warn(string.format("writes made with session_replication_role = replica on %s are not captured: " ..
@@ -704,7 +707,7 @@ function Driver:sync_all()
         log.debug(string.format("trigger %s created on %s", w.name, w.qualified))
       elseif not self:conn():ok() then
         return self:sync_failed(err)
-      elseif state == "55P03" or state == "40P01" then
+      elseif BUSY[state] then
         pending = pending or err
       else
         return fail(string.format("cannot create the %s trigger on %s: %s", w.what, w.display, err),
@@ -718,24 +721,13 @@ function Driver:sync_all()
   return true
 end
 
-function Driver:sync(l)
-  if not self.listening then return true end
-  if not l then return self:sync_all() end
-  -- The listener must be ready before its table captures (check() prepared it).
-  return self:sync_all()
-end
+-- on()/off() of a listener: every trigger of the instance is made to match again.
+function Driver:sync() return self:sync_all() end
 
 -- Forgets what the database holds: triggers are found again from the catalog.
 function Driver:load_installed()
   self.installed = {}
-  local rows = self:exec([[
-    SELECT t.tgname::text AS name, n.nspname::text AS schema, c.relname::text AS rel, t.tgrelid::bigint AS oid
-    FROM pg_catalog.pg_trigger t
-    JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-    JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
-    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE p.pronamespace = pg_catalog.to_regnamespace($1) AND t.tgparentid = 0]], self:ident(self.schema))
-  for _, r in ipairs(rows or {}) do
+  for _, r in ipairs(self:schema_triggers(self.schema) or {}) do
     -- Unknown DDL: dropped and created again by the next sync.
     self.installed[r.oid .. "/" .. r.name] = { name = r.name, qualified = self:ident(r.schema) .. "." .. self:ident(r.rel),
       ddl = "?" }
@@ -764,12 +756,18 @@ function Driver:start()
     self:drop_keeper()
     return nil, err
   end
-  local started = self:exec("SELECT pg_catalog.pg_postmaster_start_time()::text AS t, " ..
-    "pg_catalog.current_setting('track_commit_timestamp') OPERATOR(pg_catalog.=) 'on' AS cts")
-  self.server_started = started and started[1] and started[1].t
-  self.commit_ts = started and started[1] and started[1].cts or false
+  self.server_started, self.commit_ts = self:server_facts()
   log.debug(string.format("%s driver capturing into %s.events", self.client.driver_name, self.schema))
   return true
+end
+
+-- When the server started (a change means it restarted) and whether it records commit
+-- timestamps.
+function Driver:server_facts()
+  local rows = self:exec("SELECT pg_catalog.pg_postmaster_start_time()::text AS t, " ..
+    "pg_catalog.current_setting('track_commit_timestamp') OPERATOR(pg_catalog.=) 'on' AS cts")
+  local r = rows and rows[1]
+  return r and r.t, r and r.cts or false
 end
 
 function Driver.fds() return {} end
@@ -812,8 +810,7 @@ function Driver:reconnect()
     local ok, existed = self:install(false)
     if ok then
       client.counters.reconnects = client.counters.reconnects + 1
-      local started = self:exec("SELECT pg_catalog.pg_postmaster_start_time()::text AS t")
-      started = started and started[1] and started[1].t
+      local started = self:server_facts()
       if existed and started and self.server_started and started ~= self.server_started and
         not client.opts.durable then
         log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
@@ -888,10 +885,7 @@ function Driver:apply_marker(r)
   if info and m.name and info.display ~= m.name then
     info.display = m.name
     for _, l in ipairs(info.listeners) do
-      if l.table.oid == r.rel then
-        l.table_name = m.name
-        l.table.schema, l.table.name, l.table.display = m.schema, m.relname, m.name
-      end
+      if l.table.oid == r.rel then M.rename(l, m.schema, m.relname) end
     end
   end
 end
@@ -911,24 +905,37 @@ function Driver:fetch_large(r)
   return true
 end
 
--- Fetches the next batch (deleting the rows handled so far in the same round trip);
--- returns the rows in delivery order, or nil and the error.
-function Driver:fetch()
-  local S = self:ident(self.schema)
+-- SQL that deletes the rows delivered so far (self.handled).
+function Driver:delete_handled_sql()
+  return "DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq = ANY('{" ..
+    table.concat(self.handled, ",") .. "}'::bigint[])"
+end
+
+-- The query that reads the next batch; built once (it depends on the schema and on
+-- whether the server records commit timestamps, both fixed once started).
+function Driver:fetch_sql()
+  if self.fetch_text then return self.fetch_text end
   -- Rows past LARGE_ROW bytes of text come on a connection of their own (fetch_large).
   local cut = function(c) return "CASE WHEN pg_catalog.octet_length(" .. c .. ") OPERATOR(pg_catalog.>) " ..
     LARGE_ROW .. " THEN NULL ELSE " .. c .. " END AS " .. c .. ", pg_catalog.octet_length(" .. c .. ") AS " ..
     c .. "_len" end
-  local sql = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " .. cut("old") .. ", big" ..
+  self.fetch_text = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " ..
+    cut("old") .. ", big" ..
     (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
       "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
-    " FROM " .. S .. ".events ORDER BY seq LIMIT " .. BATCH
+    " FROM " .. self:ident(self.schema) .. ".events ORDER BY seq LIMIT " .. BATCH
+  return self.fetch_text
+end
+
+-- Fetches the next batch (deleting the rows handled so far in the same round trip);
+-- returns the rows in delivery order, or nil and the error.
+function Driver:fetch()
+  local sql = self:fetch_sql()
   local conn = self:conn()
   local rows, err
   if #self.handled > 0 then
     -- The rows handled so far are deleted in the same round trip.
-    rows, err = self:exec("DELETE FROM " .. S .. ".events WHERE seq = ANY('{" .. table.concat(self.handled, ",") ..
-      "}'::bigint[]);\n" .. sql)
+    rows, err = self:exec(self:delete_handled_sql() .. ";\n" .. sql)
   else
     -- The poll of an idle client: prepared once per connection (no parse and plan each time).
     if self.prepared_on ~= conn then
@@ -1022,7 +1029,6 @@ function Driver:deliver_row(r)
   local new = self:decode(shape, r.new, info.display)
   local old = self:decode(shape, r.old, info.display)
   local xid = r.xid % 4294967296
-  local function emit(l, ev) return client:_deliver(l, ev) end
   local big = r.big ~= core.null and r.big or nil
   if big and big < 0 then
     big = -big
@@ -1041,7 +1047,7 @@ function Driver:deliver_row(r)
       local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid,
                    too_large = big }
       local cont
-      if l.passthrough or big then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, emit) end
+      if l.passthrough or big then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, self.emit) end
       if cont == false or client.failure then return false end
       if not self.listening then return true end
     end
@@ -1132,7 +1138,6 @@ end
 -- (that callback's event is the last one).
 function Driver:stop()
   if not self.listening then
-    self.listening = false
     self:drop_keeper()
     if self.lost_at then
       return nil, string.format("the connection is lost: schema %s and its triggers stay until the next flashlua " ..
@@ -1156,8 +1161,7 @@ function Driver:stop()
     end
     self.pending = nil
     if self:conn():ok() and #self.handled > 0 then
-      self:exec("DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq = ANY('{" ..
-        table.concat(self.handled, ",") .. "}'::bigint[])")
+      self:exec(self:delete_handled_sql())
       self.handled = {}
     end
     local left = self:backlog(self.schema)

@@ -168,7 +168,7 @@ function Driver:remove_leftovers()
         AND pg_catalog.obj_description(p.oid, 'pg_publication') LIKE '%, slot ' || s.slot_name || ')')]], MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.publication, "publication", function(name)
-    return "DROP PUBLICATION IF EXISTS " .. self:ident(name)
+    return self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(name))
   end)
   return true
 end
@@ -404,11 +404,8 @@ end
 -- A listened table now has this name (a rename while listening).
 function Driver:renamed(oid, schema, name)
   for _, l in ipairs(self.by_oid[oid] or {}) do
-    if l.table.schema ~= schema or l.table.name ~= name then
-      local was = l.table_name
-      l.table.schema, l.table.name = schema, name
-      l.table.display = schema .. "." .. name
-      l.table_name = l.table.display
+    local was = l.table_name
+    if base.rename(l, schema, name) then
       log.info(string.format("listened table %s was renamed to %s; listener #%d follows it", was, l.table_name, l.id))
     end
   end
