@@ -7,6 +7,36 @@ local H = require "spec.helpers"
 
 local TRIGGER_DRIVERS = { "trigger", "trigger_global", "trigger_statement" }
 
+-- A flashlua process whose callback of inserts on `t` takes `sleep` seconds; it prints
+-- "ready", "busy" at the first event, and "delivered N" once flash.run returns. Started,
+-- made busy with `rows` inserted rows, then sent SIGTERM; returns the handle.
+local function busy_process(driver, t, shutdown_timeout, sleep, rows)
+  local path = H.script(string.format([[
+local flash = require "flash"
+local core = require "flash.core"
+local client = assert(flash.client { driver = %q, shutdown_timeout = %s })
+local n = 0
+assert(client:listen { table = %q }):on("insert", function()
+  n = n + 1
+  core.sleep(%s)
+  if n == 1 then io.write("busy\n") io.stdout:flush() end
+end)
+assert(client:start())
+io.write("ready\n") io.stdout:flush()
+local ok, err = flash.run()
+io.write("delivered ", n, "\n")
+io.stdout:flush()
+assert(ok, err)
+]], driver, tostring(shutdown_timeout), t, tostring(sleep)))
+  local h = H.spawn({ path })
+  assert.is_true(h.await("ready", 15), h.err())
+  H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, " .. rows .. ") g")
+  assert.is_true(h.await("busy", 15), h.err())
+  h.kill("TERM")
+  h.path = path
+  return h
+end
+
 for _, driver in ipairs(TRIGGER_DRIVERS) do
   describe("faults (" .. driver .. ")", function()
     local client
@@ -40,57 +70,16 @@ for _, driver in ipairs(TRIGGER_DRIVERS) do
 
     it("hands over everything captured before a graceful stop", function()
       local t = H.table("id int PRIMARY KEY")
-      local path = H.script(string.format([[
-local flash = require "flash"
-local core = require "flash.core"
-local client = assert(flash.client { driver = %q, shutdown_timeout = 60 })
-local n = 0
-assert(client:listen { table = %q }):on("insert", function(ev)
-  n = n + 1
-  core.sleep(0.0005)
-  if n == 1 then io.write("busy\n") io.stdout:flush() end
-end)
-assert(client:start())
-io.write("ready\n") io.stdout:flush()
-local ok, err = flash.run()
-io.write("delivered ", n, "\n")
-assert(ok, err)
-]], driver, t))
-      local h = H.spawn({ path })
-      assert.is_true(h.await("ready", 15), h.err())
-      H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 3000) g")
-      assert.is_true(h.await("busy", 15), h.err())
-      h.kill("TERM")
+      local h = busy_process(driver, t, 60, 0.0005, 3000)
       assert.equal(0, h.wait(60), h.err())
       assert.matches("delivered 3000\n", h.out())
       assert.equal(0, H.await_leftovers(0))
-      os.remove(path)
+      os.remove(h.path)
     end)
 
     it("says exactly how many captured changes a stop past shutdown_timeout leaves, and exits non-zero", function()
       local t = H.table("id int PRIMARY KEY")
-      local path = H.script(string.format([[
-local flash = require "flash"
-local core = require "flash.core"
-local client = assert(flash.client { driver = %q, shutdown_timeout = 0.5 })
-local n = 0
-assert(client:listen { table = %q }):on("insert", function(ev)
-  n = n + 1
-  core.sleep(0.002)
-  if n == 1 then io.write("busy\n") io.stdout:flush() end
-end)
-assert(client:start())
-io.write("ready\n") io.stdout:flush()
-local ok, err = flash.run()
-io.write("delivered ", n, "\n")
-io.stdout:flush()
-assert(ok, err)
-]], driver, t))
-      local h = H.spawn({ path })
-      assert.is_true(h.await("ready", 15), h.err())
-      H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 5000) g")
-      assert.is_true(h.await("busy", 15), h.err())
-      h.kill("TERM")
+      local h = busy_process(driver, t, 0.5, 0.002, 5000)
       assert.equal(1, h.wait(30), h.err())
       local delivered = tonumber(h.out():match("delivered (%d+)"))
       local left = tonumber(h.err():match("(%d+) captured changes were not delivered within shutdown_timeout"))
@@ -99,7 +88,7 @@ assert(ok, err)
       assert.is_true(left > 0)
       assert.equal(5000, delivered + left)
       assert.equal(0, H.await_leftovers(0))
-      os.remove(path)
+      os.remove(h.path)
     end)
 
     it("is not swept by another instance's start while its connection is down, and loses nothing", function()
