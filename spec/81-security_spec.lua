@@ -71,6 +71,45 @@ for _, driver in ipairs(H.drivers) do
       H.sql("DROP SCHEMA " .. s .. " CASCADE")
     end)
 
+    it("runs no operator or type a writer puts on its search_path with flashlua's privileges", function()
+      n = n + 1
+      local s = string.format("lq_%d_%d", core.getpid(), n)
+      local c = low()
+      -- Operators the capture code might use, each trying to make its owner superuser when
+      -- run as one (and doing the real comparison otherwise), and a temporary type shadowing
+      -- `text`; the writer then puts its schema before pg_catalog.
+      local ops = {}
+      for _, o in ipairs({ { "=", "texteq", "text" }, { "<>", "textne", "text" }, { "~~", "textlike", "text" },
+                           { ">", "text_gt", "text" }, { "<=", "text_le", "text" }, { "=", "int4eq", "int" },
+                           { "<>", "int4ne", "int" }, { ">", "int4gt", "int" }, { "<=", "int4le", "int" } }) do
+        ops[#ops + 1] = string.format([[
+          CREATE FUNCTION %s.%s(%s, %s) RETURNS bool LANGUAGE plpgsql AS $f$
+          BEGIN BEGIN EXECUTE 'ALTER ROLE %s SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+          RETURN pg_catalog.%s($1, $2); END $f$;
+          CREATE OPERATOR %s.%s (LEFTARG = %s, RIGHTARG = %s, FUNCTION = %s.%s);]],
+          s, o[2], o[3], o[3], ROLE, o[2], s, o[1], o[3], o[3], s, o[2])
+      end
+      assert(c:exec(string.format("CREATE SCHEMA %s; CREATE TABLE %s.t (id int PRIMARY KEY, v text); " ..
+        "ALTER TABLE %s.t REPLICA IDENTITY FULL; ", s, s, s) .. table.concat(ops, "\n"), 0))
+      local events
+      client, events = H.listen({ table = s .. ".t" }, "all", { driver = driver })
+      assert(c:exec(string.format([[
+        SET search_path = %s, pg_catalog;
+        CREATE DOMAIN pg_temp.text AS int;
+        INSERT INTO %s.t VALUES (1, 'a');
+        UPDATE %s.t SET v = 'b';
+        DELETE FROM %s.t]], s, s, s, s), 0))
+      collect(client, events, 3)
+      assert.is_false(is_super())
+      assert.same({ { "insert", nil, { id = 1, v = "a" } }, { "update", { id = 1, v = "a" }, { id = 1, v = "b" } },
+                    { "delete", { id = 1, v = "b" }, nil } },
+        { { events[1].op, events[1].old, events[1].new }, { events[2].op, events[2].old, events[2].new },
+          { events[3].op, events[3].old, events[3].new } })
+      client:stop() client = nil
+      c:close()
+      H.sql("DROP SCHEMA " .. s .. " CASCADE")
+    end)
+
     if driver ~= "wal_logical" then
       it("lets no other role read, forge or suppress events", function()
         local t = H.table("id int PRIMARY KEY, card text")

@@ -364,30 +364,56 @@ function Driver:row_text_sql(r)
     " THEN pg_catalog.format('%s', " .. r .. ") ELSE " .. self:ident(self.schema) .. ".row_text(" .. r .. ") END"
 end
 
+-- The writer's session already has the canonical output settings (FUNC_SETTINGS) when this
+-- holds: any UTC zone name, DateStyle ISO (its MDY/DMY half changes input only), any
+-- extra_float_digits above 0 (all print the shortest exact form). Then the row trigger
+-- formats the row itself; otherwise row_text() does it under FUNC_SETTINGS. Only
+-- pg_catalog is named, so the writer's search_path cannot reach into it.
+M.CANONICAL_SQL = table.concat({
+  "pg_catalog.current_setting('TimeZone') OPERATOR(pg_catalog.=) ANY " ..
+    "('{UTC,Etc/UTC,GMT,Etc/GMT,UCT,Etc/UCT,Universal,Etc/Universal,Zulu,Etc/Zulu}'::pg_catalog.text[])",
+  "pg_catalog.current_setting('DateStyle') OPERATOR(pg_catalog.~~) 'ISO,%'",
+  "pg_catalog.current_setting('IntervalStyle') OPERATOR(pg_catalog.=) 'postgres'",
+  "pg_catalog.current_setting('bytea_output') OPERATOR(pg_catalog.=) 'hex'",
+  "pg_catalog.current_setting('extra_float_digits') OPERATOR(pg_catalog.=) ANY ('{1,2,3}'::pg_catalog.text[])",
+}, "\n  AND ")
+
 -- The row trigger function (every trigger driver's row triggers, and the truncate
 -- triggers): one row per change, tagged with TG_ARGV[0] (the `trigger` driver's listener
--- id; 0 for shared triggers).
+-- id; 0 for shared triggers). It runs once per written row, so it is kept lean (docs/drivers.md
+-- "What capturing costs a writer"): no SET clause (each costs the writer a GUC save and
+-- restore per row), so every name in it is qualified; the common path is three statements.
 function Driver:capture_function()
   local E = self:ident(self.schema) .. ".events"
   local L = self.max_row
+  local rt = self:ident(self.schema) .. ".row_text("
   local function side(var, rec)
     return {
-      "  " .. var .. " := " .. self:row_text_sql(rec) .. ";",
+      "  " .. var .. " := CASE WHEN canon AND pg_catalog.pg_column_size(" .. rec .. ") OPERATOR(pg_catalog.<=) " ..
+        GUARDED .. " THEN pg_catalog.format('%s', " .. rec .. ") ELSE " .. rt .. rec .. ") END;",
+      "  IF " .. var .. " IS NULL OR pg_catalog.octet_length(" .. var .. ") OPERATOR(pg_catalog.>) " .. L .. " THEN",
       -- No text at all: PostgreSQL could not make it; its stored size, negative.
-      "  IF " .. var .. " IS NULL THEN big := least(big, -pg_catalog.pg_column_size(" .. rec .. "));",
-      "  ELSIF pg_catalog.octet_length(" .. var .. ") > " .. L .. " THEN",
-      "    big := greatest(big, pg_catalog.octet_length(" .. var .. ")); " .. var .. " := NULL;",
+      "    big := CASE WHEN " .. var .. " IS NULL THEN LEAST(big, " ..
+        "pg_catalog.int8um(pg_catalog.pg_column_size(" .. rec .. "))) " ..
+        "ELSE GREATEST(big, pg_catalog.octet_length(" .. var .. ")) END;",
+      "    " .. var .. " := NULL;",
       "  END IF;",
     }
   end
-  local lines = { "DECLARE n text; o text; big bigint;", "BEGIN", "IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN" }
+  local lines = {
+    "DECLARE n pg_catalog.text; o pg_catalog.text; big pg_catalog.int8; canon pg_catalog.bool;",
+    "BEGIN",
+    "canon := " .. M.CANONICAL_SQL .. ";",
+    "IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' OR TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN",
+  }
   for _, l in ipairs(side("n", "NEW")) do lines[#lines + 1] = l end
   lines[#lines + 1] = "END IF;"
-  lines[#lines + 1] = "IF TG_OP = 'UPDATE' OR TG_OP = 'DELETE' THEN"
+  lines[#lines + 1] = "IF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' OR TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN"
   for _, l in ipairs(side("o", "OLD")) do lines[#lines + 1] = l end
   lines[#lines + 1] = "END IF;"
   lines[#lines + 1] = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big) VALUES (pg_catalog.txid_current(),"
-  lines[#lines + 1] = "  pg_catalog.substr(TG_OP, 1, 1)::\"char\", TG_RELID, pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0])), n, o, big);"
+  lines[#lines + 1] = "  pg_catalog.substr(TG_OP, 1, 1)::pg_catalog.\"char\", TG_RELID, " ..
+    "pg_catalog.int4in(pg_catalog.textout(TG_ARGV[0])), n, o, big);"
   lines[#lines + 1] = "RETURN NULL;"
   lines[#lines + 1] = "END"
   return table.concat(lines, "\n")
@@ -405,7 +431,7 @@ function Driver:schema_sql()
     -- Rows are read once, soon: compressing large ones would only cost the writer time.
     "ALTER TABLE " .. S .. ".events ALTER new SET STORAGE EXTERNAL, ALTER old SET STORAGE EXTERNAL",
     "CREATE OR REPLACE FUNCTION " .. S .. ".capture() RETURNS trigger LANGUAGE plpgsql " ..
-      M.FUNC_SETTINGS .. " AS " .. self:literal(self:capture_function()),
+      "SECURITY DEFINER AS " .. self:literal(self:capture_function()),
     -- Nobody else may attach our functions to a table (firing a trigger checks nothing).
     "REVOKE ALL ON FUNCTION " .. S .. ".capture() FROM PUBLIC",
     -- A large row's text, or NULL when PostgreSQL cannot make it (past 1 GB, out of memory).
