@@ -65,6 +65,7 @@ flash.defaults = {}
 
 local clients = {}        -- open clients, in creation order
 local timers = {}         -- { due=, every=, fn=, cancelled= }
+local stop_hooks = {}     -- flash.on_stop: { fn=, cancelled= }
 local state = { stop = false, running = false }
 
 local function argerror(n, fname, msg, level)
@@ -218,6 +219,7 @@ function flash.client(opts)
     closed = false,
     failure = nil,
     counters = { events = 0, bytes = 0, handler_seconds = 0, dropped = 0, errors = 0, reconnects = 0 },
+    stop_hooks = {},
   }, Client)
   self.driver = driver_mod.new(self)
   clients[#clients + 1] = self
@@ -547,11 +549,58 @@ function Client:poll(timeout)
   return true
 end
 
+-- Stop hooks: flash.on_stop(fn) runs fn() once per graceful stop of a loop (flash.run,
+-- client:run, flash.stop()); client:on_stop(fn) runs fn(client) on that client's graceful
+-- stop. Both run after the stop delivered what it still delivers and before the final
+-- confirmation; an error in one is logged, fails the stop and confirms nothing more.
+local function add_hook(list, fn, fname)
+  if type(fn) ~= "function" then argerror(1, fname, "function expected, got " .. type(fn), 3) end
+  local h = { fn = fn }
+  list[#list + 1] = h
+  return function()
+    for i, x in ipairs(list) do
+      if x == h then table.remove(list, i) break end
+    end
+  end
+end
+
+function flash.on_stop(fn) return add_hook(stop_hooks, fn, "on_stop") end
+function Client:on_stop(fn) return add_hook(self.stop_hooks, fn, "on_stop") end
+
+local function run_hooks(list, what, ...)
+  for _, h in ipairs({ unpack(list) }) do
+    local ok, err = xpcall(h.fn, traceback, ...)
+    if not ok then
+      local msg = what .. " failed: " .. tostring(err)
+      log.error(msg .. "; nothing more is confirmed")
+      return nil, msg
+    end
+  end
+  return true
+end
+
+-- The first half of a graceful stop: deliver what the stop still delivers (the rest of an
+-- open transaction; what the triggers captured), so stop hooks see every event.
+function Client:_quiesce()
+  if self.quiesced or self.closed then return end
+  self.quiesced = true
+  self.stopping = true
+  if self.started and self.driver.quiesce then self.driver:quiesce() end
+end
+
 function Client:stop()
   if self.closed then return true end
   local ok, err = true, nil
-  self.stopping = true
-  if self.started then ok, err = self.driver:stop() end
+  self:_quiesce()
+  local confirm = not self.no_confirm
+  if self.started and not self.failure and #self.stop_hooks > 0 then
+    local hok, herr = run_hooks(self.stop_hooks, "on_stop hook", self)
+    if not hok then
+      confirm = false
+      self.stop_failure = self.stop_failure or herr
+    end
+  end
+  if self.started then ok, err = self.driver:stop(confirm) end
   self.closed = true
   self.conn:close()
   for i, c in ipairs(clients) do
@@ -700,6 +749,10 @@ function flash._loop(list, opts)
       if all then break end
     end
   end
+  if not failure then
+    local ok, err = flash._stop_hooks(list)
+    if not ok then failure = err end
+  end
   for _, c in ipairs(list) do
     local ok, err = c:stop()
     -- A stop that could not remove its objects, or whose last callbacks failed, is a
@@ -722,6 +775,19 @@ function flash.run(opts)
   return flash._loop(list, opts)
 end
 
+-- A graceful stop of some clients: each delivers what its stop still delivers, then the
+-- flash.on_stop hooks run; after an error in one, no client confirms anything more.
+function flash._stop_hooks(list)
+  for _, c in ipairs(list) do c:_quiesce() end
+  if #stop_hooks == 0 then return true end
+  local ok, err = run_hooks(stop_hooks, "flash.on_stop hook")
+  if not ok then
+    for _, c in ipairs(list) do c.no_confirm = true end
+    state.stop_failure = state.stop_failure or err
+  end
+  return ok, err
+end
+
 -- Outside the loop, stops every client at once: nil, err when a callback failed while
 -- they stopped.
 function flash.stop()
@@ -729,7 +795,13 @@ function flash.stop()
     state.stop = true
     return true
   end
-  local failure
+  local failure = nil
+  local live = {}
+  for _, c in ipairs(clients) do if c.started and not c.failure then live[#live + 1] = c end end
+  if #live > 0 then
+    local ok, err = flash._stop_hooks(live)
+    if not ok then failure = err end
+  end
   for i = #clients, 1, -1 do
     local c = clients[i]
     local ok, err = c:stop()

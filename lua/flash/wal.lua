@@ -700,7 +700,7 @@ end
 -- it first (bounded by shutdown_timeout), so what was handled can be confirmed. Not from
 -- inside a callback (the pump is running) nor after a failure.
 function Driver:finish_open_transaction(timeout)
-  if self.pumping or self.client.failure then return end
+  if self.pumping or self.client.failure or not self.repl then return end
   local deadline = core.now() + timeout
   while self.repl:state().in_txn and core.now() < deadline do
     core.poll({ self.repl:fd() }, math.min(0.05, math.max(0, deadline - core.now())))
@@ -710,11 +710,20 @@ function Driver:finish_open_transaction(timeout)
   end
 end
 
-function Driver:stop()
+function Driver:quiesce()
+  self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
+end
+
+-- confirm = false (a stop hook failed): the connection closes without a last status update.
+function Driver:stop(confirm)
   if self.repl then
     self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
-    -- A last status update confirms what the callbacks handled.
-    self.repl:finish(self.client.opts.shutdown_timeout or 10)
+    if confirm == false then
+      self.repl:close()
+    else
+      -- A last status update confirms what the callbacks handled.
+      self.repl:finish(self.client.opts.shutdown_timeout or 10)
+    end
     self.repl = nil
   end
   local ok, err = true, nil

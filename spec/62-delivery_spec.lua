@@ -1,0 +1,117 @@
+-- spec/62-delivery_spec.lua: delivery under the script's control (issue 11): stop hooks
+-- that run before the final confirmation.
+local flash = require "flash"
+local H = require "helpers"
+
+local lines = H.lines
+
+describe("delivery under the script's control", function()
+  local session = H.session()
+  local spawn, script, tmp = session.spawn, session.script, session.tmp
+  after_each(session.cleanup)
+
+  describe("stop hooks", function()
+    -- A batching script: events are buffered, and written out only by the stop hooks.
+    -- arg: out file, table, driver, how to stop ("signal", "flash.stop", "until", "error").
+    local BATCHER = [[
+      local flash = require "flash"
+      local out = assert(io.open(arg[1], "a"))
+      out:setvbuf("line")
+      local c = assert(flash.client { driver = arg[3], persistent = arg[3] == "wal_logical" and nil })
+      local buf = {}
+      assert(c:listen { table = arg[2] }):on("insert", function(ev)
+        buf[#buf + 1] = ev.new.id
+        print("got " .. #buf)
+        if arg[4] == "flash.stop" and #buf == 3 then flash.stop() end
+      end)
+      c:on_stop(function(client)
+        assert(client == c)
+        out:write("client hook: ", table.concat(buf, ","), "\n")
+      end)
+      flash.on_stop(function()
+        out:write("flash hook: ", table.concat(buf, ","), "\n")
+        if arg[4] == "error" then error("the sink is down") end
+      end)
+      assert(c:start())
+      io.stdout:setvbuf("no")
+      print("ready")
+      if arg[4] == "until" then
+        -- Once the rows are written: "current" is then past them.
+        while not io.open(arg[5]) do require("flash.core").sleep(0.02) end
+        local ok, err = c:run { until_lsn = "current" }
+        out:write("run: ", tostring(ok), " ", tostring(err), "\n")
+      end
+    ]]
+
+    local function batch_run(driver, how, sig)
+      local t = H.table("id int PRIMARY KEY")
+      local out = tmp()
+      local s = script(BATCHER)
+      local go = tmp()
+      os.remove(go)
+      local h = spawn({ s, out, t, driver, how, go })
+      assert.is_true(h.await("ready", 20), h.err())
+      for i = 1, 3 do H.sql("INSERT INTO " .. t .. " VALUES ($1)", i) end
+      io.open(go, "w"):close()
+      if sig then
+        -- Once the events reached the callback (buffered, not yet written out).
+        assert.is_true(h.await("got 3", 20), h.err())
+        h.kill(sig)
+      end
+      local rc = h.wait(30)
+      return rc, lines(out), h.err()
+    end
+
+    for _, sig in ipairs({ "TERM", "INT" }) do
+      for _, driver in ipairs({ "wal_logical", "trigger" }) do
+        it(string.format("run on SIG%s with every delivered event (%s)", sig, driver), function()
+          local rc, out, err = batch_run(driver, "signal", sig)
+          assert.equal(0, rc, err)
+          assert.same({ "flash hook: 1,2,3", "client hook: 1,2,3" }, out)
+        end)
+      end
+    end
+
+    it("run on flash.stop()", function()
+      local rc, out, err = batch_run("wal_logical", "flash.stop")
+      assert.equal(0, rc, err)
+      assert.same({ "flash hook: 1,2,3", "client hook: 1,2,3" }, out)
+    end)
+
+    it("run when until_lsn is reached, before run returns", function()
+      local rc, out, err = batch_run("wal_logical", "until")
+      assert.equal(0, rc, err)
+      assert.same({ "flash hook: 1,2,3", "client hook: 1,2,3", "run: true nil" }, out)
+    end)
+
+    it("an error in one is logged and fails the stop: exit status 1, and the client's own hook still runs", function()
+      local rc, out, err = batch_run("wal_logical", "error", "TERM")
+      assert.equal(1, rc)
+      assert.matches("flash.on_stop hook failed: [^\n]*the sink is down", err)
+      assert.matches("nothing more is confirmed", err, 1, true)
+      assert.same({ "flash hook: 1,2,3", "client hook: 1,2,3" }, out)
+    end)
+
+    it("client:stop() runs the client's hooks; an error makes it return nil, err", function()
+      local t = H.table("id int")
+      local c = assert(flash.client { driver = "wal_logical" })
+      assert(c:listen { table = t }):on("insert", function() end)
+      local calls = {}
+      c:on_stop(function() calls[#calls + 1] = "a" end)
+      local cancel = c:on_stop(function() calls[#calls + 1] = "cancelled" end)
+      c:on_stop(function() calls[#calls + 1] = "b" error("boom") end)
+      cancel()
+      assert(c:start())
+      local ok, err = c:stop()
+      assert.same({ "a", "b" }, calls)
+      assert.is_nil(ok)
+      assert.matches("on_stop hook failed: [^\n]*boom", err)
+      assert.matches("boom", flash._take_stop_failure(), 1, true)
+    end)
+
+    it("refuses a hook that is not a function", function()
+      assert.has_error(function() flash.on_stop("x") end, "bad argument #1 to 'on_stop' (function expected, got string)")
+    end)
+  end)
+
+end)
