@@ -1,9 +1,10 @@
 -- spec/62-delivery_spec.lua: delivery under the script's control (issue 11): stop hooks
--- that run before the final confirmation.
+-- that run before the final confirmation, and stable event ids.
 local flash = require "flash"
+local core = require "flash.core"
 local H = require "helpers"
 
-local lines = H.lines
+local drop_slot, lines = H.drop_slot, H.lines
 
 describe("delivery under the script's control", function()
   local session = H.session()
@@ -111,6 +112,87 @@ describe("delivery under the script's control", function()
 
     it("refuses a hook that is not a function", function()
       assert.has_error(function() flash.on_stop("x") end, "bad argument #1 to 'on_stop' (function expected, got string)")
+    end)
+  end)
+
+  describe("event ids", function()
+    it("are the commit LSN and the position in the transaction, fixed-width hex that sorts in delivery order", function()
+      local t = H.table("id int PRIMARY KEY, v int")
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      local c, events = H.listen({ table = t }, "all", { driver = "wal_logical" })
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 1), (2, 2); UPDATE " .. t .. " SET v = 3 WHERE id = 1")
+      H.sql("DELETE FROM " .. t .. " WHERE id = 2; TRUNCATE " .. t)
+      H.wait(c, events, 5)
+      c:stop()
+      local got = {}
+      for i, ev in ipairs(events) do
+        got[i] = { ev.op, ev.id }
+      end
+      local function id(lsn, pos) return string.format("%016X/%08X", core.lsn(lsn), pos) end
+      -- Each statement is its own transaction here (simple query protocol, one per H.sql).
+      assert.same({
+        { "insert", id(events[1].lsn, 1) }, { "insert", id(events[1].lsn, 2) }, { "update", id(events[1].lsn, 3) },
+        { "delete", id(events[4].lsn, 1) }, { "truncate", id(events[4].lsn, 2) },
+      }, got)
+      for i = 2, #events do assert.is_true(events[i].id > events[i - 1].id) end
+    end)
+
+    it("a key change split into a delete and an insert (primary_key) gives the insert the id with .1", function()
+      local t = H.table("id int PRIMARY KEY, v int")
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 1)")
+      local c, events = H.listen({ table = t, primary_key = { "id" } }, "all", { driver = "wal_logical" })
+      H.sql("UPDATE " .. t .. " SET id = 2")
+      H.wait(c, events, 2)
+      c:stop()
+      local base = string.format("%016X/%08X", core.lsn(events[1].lsn), 1)
+      assert.same({ { "delete", base }, { "insert", base .. ".1" } },
+        { { events[1].op, events[1].id }, { events[2].op, events[2].id } })
+      assert.is_true(events[2].id > events[1].id)
+    end)
+
+    it("are the same when a transaction is delivered again", function()
+      local t = H.table("id int")
+      local slot = "flash_spec_ids"
+      drop_slot(slot)
+      local function run(fail_at)
+        local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = slot, publication = slot })
+        local ids = {}
+        assert(c:listen { table = t }):on("insert", function(ev)
+          if ev.new.id == fail_at then error("not now") end
+          ids[#ids + 1] = ev.new.id .. " " .. ev.id
+        end)
+        assert(c:start())
+        return c, ids
+      end
+      local c1, first = run(3)
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.sql("INSERT INTO " .. t .. " VALUES (2); INSERT INTO " .. t .. " VALUES (3)")
+      local deadline = core.now() + 10
+      local ok
+      repeat ok = c1:poll(0.05) until not ok or core.now() > deadline
+      assert.is_nil(ok)     -- the callback failed on row 3: its transaction stays unconfirmed
+      c1:stop()
+      local c2, second = run(nil)
+      H.wait(c2, second, 2)
+      c2:stop()
+      drop_slot(slot)
+      -- Run one saw row 1 (its own transaction) and row 2; the transaction of rows 2 and 3
+      -- comes again, row 2 under the id it had.
+      assert.equal(2, #first)
+      assert.equal(2, #second)
+      assert.equal(first[2], second[1])
+      assert.equal("3 " .. first[2]:match("^2 (%x+)/00000001$") .. "/00000002", second[2])
+    end)
+
+    it("are absent under the trigger drivers (no redelivery to make them stable for)", function()
+      local t = H.table("id int")
+      local c, events = H.listen({ table = t }, "insert", { driver = "trigger" })
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.wait(c, events, 1)
+      c:stop()
+      assert.equal(1, #events)
+      assert.is_nil(events[1].id)
     end)
   end)
 

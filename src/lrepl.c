@@ -50,6 +50,7 @@ typedef struct {
   int64_t unconfirmed_since; /* monotonic µs when flushed first moved past confirmed (0: not) */
   uint32_t unconfirmed_txns; /* transactions handled since the last status update */
   int in_txn;
+  uint32_t txn_pos;         /* changes of the current transaction so far: the event id's second part */
   uint32_t txn_xid;
   uint64_t txn_lsn, txn_end;
   int64_t txn_time;
@@ -93,6 +94,15 @@ static void put_u64(char *p, uint64_t v) {
 static void push_lsn(lua_State *L, uint64_t lsn) {
   char buf[32];
   snprintf(buf, sizeof buf, "%X/%X", (unsigned)(lsn >> 32), (unsigned)lsn);
+  lua_pushstring(L, buf);
+}
+
+/* The event id: commit LSN and position in the transaction, fixed-width hex, so that ids
+ * compare as strings in delivery order (byte order, or COLLATE "C" in SQL). */
+static void push_event_id(lua_State *L, fl_repl *r) {
+  char buf[32];
+  r->txn_pos++;
+  snprintf(buf, sizeof buf, "%016llX/%08X", (unsigned long long)r->txn_lsn, (unsigned)r->txn_pos);
   lua_pushstring(L, buf);
 }
 
@@ -291,12 +301,14 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
                        uint32_t xid, const char *op) {
   const fl_pgo_relation *rel = m->rel;
   lua_pushvalue(L, dispatch);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   int ev = lua_gettop(L);
   fl_coltype *types = rel_entry(L, r, rel);
   int entry = lua_gettop(L);
   lua_pushstring(L, op);
   lua_setfield(L, ev, "op");
+  push_event_id(L, r);
+  lua_setfield(L, ev, "id");
   lua_getfield(L, entry, "table");
   lua_setfield(L, ev, "table");
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
@@ -321,11 +333,13 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
 static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
   for (int i = 0; i < m->nrelids; i++) {
     const fl_pgo_relation *rel = fl_pgo_relation_get(r->dec, m->relids[i]);
-    if (!rel) continue;
+    if (!rel) { r->txn_pos++; continue; }
     lua_pushvalue(L, dispatch);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushstring(L, "truncate");
     lua_setfield(L, -2, "op");
+    push_event_id(L, r);
+    lua_setfield(L, -2, "id");
     lua_pushfstring(L, "%s.%s", rel->nspname, rel->relname);
     lua_setfield(L, -2, "table");
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
@@ -343,6 +357,7 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
 static void set_txn(lua_State *L, fl_repl *r, uint32_t xid, uint64_t lsn, int64_t ts) {
   r->txn_xid = xid;
   r->txn_lsn = lsn;
+  r->txn_pos = 0;
   r->txn_time = ts;
   push_lsn(L, lsn);
   lua_rawseti(L, LUA_REGISTRYINDEX, r->lsn_ref);

@@ -393,8 +393,8 @@ function Driver:make_dispatch()
     end
     for _, l in ipairs(list) do
       -- Each listener gets its own event: callbacks may keep or change it.
-      local e = { op = ev.op, table = l.table_name, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
-                  commit_time = ev.commit_time }
+      local e = { op = ev.op, id = ev.id, table = l.table_name, new = ev.new, old = ev.old, lsn = ev.lsn,
+                  xid = ev.xid, commit_time = ev.commit_time }
       if filter.apply(l, e, emit) == false or client.failure then return false end
     end
     return true
