@@ -1,10 +1,17 @@
 -- spec/62-delivery_spec.lua: delivery under the script's control (issue 11): stop hooks
--- that run before the final confirmation, and stable event ids.
+-- that run before the final confirmation, stable event ids, and manual acknowledgements
+-- whose confirmed position never passes an unacknowledged event.
 local flash = require "flash"
 local core = require "flash.core"
 local H = require "helpers"
 
-local drop_slot, lines = H.drop_slot, H.lines
+local wait_for, drop_slot, lines = H.wait_for, H.drop_slot, H.lines
+
+-- The slot's confirmed position, as a number.
+local function confirmed(slot)
+  local v = H.scalar("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", slot)
+  return v and core.lsn(v) or 0
+end
 
 describe("delivery under the script's control", function()
   local session = H.session()
@@ -196,4 +203,189 @@ describe("delivery under the script's control", function()
     end)
   end)
 
+  describe("manual acknowledgements", function()
+    local function manual(slot, extra)
+      local o = { driver = "wal_logical", persistent = true, slot = slot, publication = slot, ack = "manual" }
+      for k, v in pairs(extra or {}) do o[k] = v end
+      return assert(flash.client(o))
+    end
+
+    -- The rows of a run that follows everything committed so far: what was not confirmed.
+    local function redelivered(slot, t)
+      local c = manual(slot)
+      local ids = {}
+      assert(c:listen { table = t }):on("insert", function(ev) ids[#ids + 1] = ev.new.id ev:ack() end)
+      assert(c:run { until_lsn = "current" })
+      return ids
+    end
+
+    -- A fresh slot and a started manual client whose events land in the list it returns.
+    local function collecting(slot, extra)
+      local t = H.table("id int")
+      drop_slot(slot)
+      local c = manual(slot, extra)
+      local evs = {}
+      assert(c:listen { table = t }):on("insert", function(ev) evs[#evs + 1] = ev end)
+      assert(c:start())
+      return c, evs, t
+    end
+
+    it("are refused where an unacknowledged event could not be delivered again, and checked", function()
+      for _, case in ipairs({
+        { { driver = "trigger", ack = "manual" }, 'needs driver = "wal_logical" with persistent = true' },
+        { { driver = "wal_logical", ack = "manual" }, "persistent = false" },
+        { { driver = "wal_logical", ack = "later" }, [[option 'ack': "auto" or "manual" expected, got "later"]] },
+        { { driver = "wal_logical", persistent = true, ack = "manual", max_unacked = 0 }, "option 'max_unacked'" },
+      }) do
+        local ok, err = pcall(flash.client, case[1])
+        assert.is_false(ok)
+        assert.matches(case[2], err, 1, true)
+      end
+      local c = assert(flash.client { driver = "wal_logical" })
+      assert.has_error(function() c:ack({}) end,
+        "'ack' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)")
+      c:stop()
+    end)
+
+    it("confirm only past events that are all acknowledged, in commit order, whatever order the acks come in", function()
+      local slot = "flash_spec_ack_order"
+      local c, evs, t = collecting(slot)
+      for i = 1, 4 do H.sql("INSERT INTO " .. t .. " VALUES ($1)", i) end
+      H.wait(c, evs, 4)
+      assert.equal(4, c:stats().unacked)
+      local before = confirmed(slot)
+      -- 4 and 2 first: nothing may be confirmed while 1 is outstanding.
+      assert.is_true(evs[4]:ack())
+      assert.is_true(c:ack(evs[2]))
+      assert.is_false(evs[2]:ack())       -- once only
+      H.settle(c, 1.2)                      -- longer than the confirmation delay
+      assert.equal(before, confirmed(slot))
+      -- 1: transactions 1 and 2 are wholly acknowledged; 3 is not.
+      assert.is_true(evs[1]:ack())
+      assert.equal(1, c:stats().unacked)
+      assert(c:stop())                     -- a graceful stop confirms what was acknowledged
+      assert.same({ 3, 4 }, redelivered(slot, t))
+      drop_slot(slot)
+    end)
+
+    it("client:ack_through(ev) acknowledges ev and every event delivered before it", function()
+      local slot = "flash_spec_ack_through"
+      local c, evs, t = collecting(slot)
+      H.sql("INSERT INTO " .. t .. " VALUES (1), (2)")
+      H.sql("INSERT INTO " .. t .. " VALUES (3)")
+      H.sql("INSERT INTO " .. t .. " VALUES (4)")
+      H.wait(c, evs, 4)
+      assert.is_true(c:ack_through(evs[3]))
+      assert.equal(1, c:stats().unacked)
+      assert.is_false(evs[2]:ack())
+      assert(c:stop())
+      assert.same({ 4 }, redelivered(slot, t))
+      drop_slot(slot)
+    end)
+
+    it("pause reading at max_unacked outstanding events and resume as they are acknowledged", function()
+      local slot = "flash_spec_ack_pause"
+      local c, evs, t = collecting(slot, { max_unacked = 5 })
+      for i = 1, 12 do H.sql("INSERT INTO " .. t .. " VALUES ($1)", i) end
+      H.wait(c, evs, 5)
+      H.settle(c, 0.5)
+      assert.equal(5, #evs)
+      assert.is_true(c:stats().paused)
+      c:ack_through(evs[5])
+      H.wait(c, evs, 10)
+      H.settle(c, 0.3)
+      assert.equal(10, #evs)
+      c:ack_through(evs[10])
+      H.wait(c, evs, 12)
+      assert.is_false(c:stats().paused)
+      local ids = {}
+      for i, ev in ipairs(evs) do ids[i] = ev.new.id end
+      assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 }, ids)
+      assert(c:stop())
+      assert.same({ 11, 12 }, redelivered(slot, t))
+      drop_slot(slot)
+    end)
+
+    -- A script that acknowledges the events of the rows arg[4] lists, as they come.
+    local ACKER = [[
+      local flash = require "flash"
+      local out = assert(io.open(arg[1], "a"))
+      out:setvbuf("line")
+      local want = {}
+      for id in arg[4]:gmatch("%d+") do want[tonumber(id)] = true end
+      local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = arg[2], publication = arg[2],
+                                      ack = "manual" })
+      local held = {}
+      assert(c:listen { table = arg[3] }):on("insert", function(ev)
+        out:write(ev.new.id, "\n")
+        held[#held + 1] = ev
+        -- Out of order: the wanted ones among what arrived, latest first.
+        for i = #held, 1, -1 do
+          if want[held[i].new.id] then held[i]:ack() table.remove(held, i) end
+        end
+      end)
+      assert(c:start())
+      io.stdout:setvbuf("no")
+      print("ready")
+    ]]
+
+    -- Runs it on a fresh slot and table; writes rows 1..5, one transaction each, and waits
+    -- until all five reached the callback.
+    local function acker_run(slot, acks)
+      local t = H.table("id int")
+      drop_slot(slot)
+      local out = tmp()
+      local h = spawn({ script(ACKER), out, slot, t, acks })
+      assert.is_true(h.await("ready", 20), h.err())
+      local before = confirmed(slot)
+      for r = 1, 5 do H.sql("INSERT INTO " .. t .. " VALUES ($1)", r) end
+      assert.is_true(wait_for(function() return #lines(out) >= 5 end, 20), h.err())
+      return h, before, t
+    end
+
+    it("after kill -9 deliver again from the first unacknowledged event", function()
+      local slot = "flash_spec_ack_kill"
+      -- Five transactions: 1, 2, 4 and 5 acknowledged as they come, 3 never (so 4 and 5 after
+      -- an older event still outstanding).
+      local h, before, t = acker_run(slot, "1 2 4 5")
+      -- Wait for the confirmation of 1 and 2 to reach the server, then kill without a stop.
+      assert.is_true(wait_for(function() return confirmed(slot) > before end, 20))
+      h.kill("KILL")
+      assert.equal(137, h.wait(10))
+      assert.same({ 3, 4, 5 }, redelivered(slot, t))
+      drop_slot(slot)
+    end)
+
+    it("a SIGTERM confirms no unacknowledged event: they come again on restart", function()
+      local slot = "flash_spec_ack_term"
+      local h, _, t = acker_run(slot, "1 3 5")
+      h.kill("TERM")
+      assert.equal(0, h.wait(20), h.err())
+      assert.same({ 2, 3, 4, 5 }, redelivered(slot, t))
+      drop_slot(slot)
+    end)
+
+    it("an event whose callback failed under on_error = \"log\" is acknowledged, as in auto mode", function()
+      local t = H.table("id int")
+      local slot = "flash_spec_ack_log"
+      drop_slot(slot)
+      local c = manual(slot, { on_error = "log" })
+      local n = 0
+      assert(c:listen { table = t }):on("insert", function(ev)
+        n = n + 1
+        if ev.new.id == 1 then error("logged") end
+        ev:ack()
+      end)
+      assert(c:start())
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      local deadline = core.now() + 10
+      while n < 2 and core.now() < deadline do assert(c:poll(0.05)) end
+      assert.equal(2, n)
+      assert.equal(0, c:stats().unacked)
+      assert(c:stop())
+      assert.same({}, redelivered(slot, t))
+      drop_slot(slot)
+    end)
+  end)
 end)

@@ -3,6 +3,7 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
+local ack = require "flash.ack"
 
 -- A monotonic clock cheap enough to time every callback: through the FFI when LuaJIT has
 -- it (no Lua/C boundary), else the C core's.
@@ -51,7 +52,7 @@ local CLIENT_OPTS = {
   publication = "string", persistent = "boolean", streaming = "boolean",
   on_error = true, shutdown_timeout = "number", numeric = "string",
   replica_identity = "string", stream_memory = "number", durable = "boolean", poll_interval = "number",
-  max_row_bytes = "number",
+  max_row_bytes = "number", ack = "string", max_unacked = "number",
 }
 local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
 local WHERE_OPS = {
@@ -198,6 +199,21 @@ function flash.client(opts)
   if DRIVERS[driver_name] == nil then
     argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
   end
+  if opts.ack ~= nil and opts.ack ~= "auto" and opts.ack ~= "manual" then
+    argerror(1, "client", "option 'ack': \"auto\" or \"manual\" expected, got " .. string.format("%q", opts.ack))
+  end
+  -- Acknowledging later only means something where an unacknowledged event is delivered
+  -- again: a persistent slot. The trigger drivers delete what they deliver, and drop
+  -- their capture table at every stop (docs/api.md, "Acknowledgements").
+  if opts.ack == "manual" and (driver_name ~= "wal_logical" or opts.persistent ~= true) then
+    argerror(1, "client", "option 'ack': \"manual\" needs driver = \"wal_logical\" with persistent = true " ..
+      "(only a persistent slot delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\"" ..
+      (driver_name == "wal_logical" and ", persistent = " .. tostring(opts.persistent == true) or "") .. ")")
+  end
+  local mu = opts.max_unacked
+  if mu ~= nil and not (mu >= 1 and mu < math.huge and mu == math.floor(mu)) then
+    argerror(1, "client", "option 'max_unacked': a whole number of events >= 1 expected, got " .. tostring(mu))
+  end
   local found, driver_mod = pcall(require, DRIVERS[driver_name])
   if not found and not tostring(driver_mod):find("module '" .. DRIVERS[driver_name] .. "' not found", 1, true) then
     error(driver_mod, 0)
@@ -221,6 +237,9 @@ function flash.client(opts)
     counters = { events = 0, bytes = 0, handler_seconds = 0, dropped = 0, errors = 0, reconnects = 0 },
     stop_hooks = {},
   }, Client)
+  if opts.ack == "manual" then
+    self.acks = ack.new(mu or 10000, function(pos, all) return self.driver:confirm(pos, all) end)
+  end
   self.driver = driver_mod.new(self)
   clients[#clients + 1] = self
   return self
@@ -501,7 +520,11 @@ function Client:_failed(err, ev)
     if policy ~= "log" or not go_on then log.error(what .. ": " .. tostring(err)) end
     self.stop_failure = self.stop_failure or (what .. " (logged above)")
   end
-  if go_on then return true end
+  if go_on then
+    -- The policy said the event is dealt with: under manual acks too.
+    if self.acks then self.acks:ack(ev) end
+    return true
+  end
   self.failure = string.format("callback for %s on %s failed: %s", ev.op, ev.table, err)
   return false
 end
@@ -517,6 +540,7 @@ function Client:_deliver(l, ev)
     return true
   end
   self.counters.events = self.counters.events + 1
+  if self.acks then self.acks:track(ev) end
   if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
   -- Copy: a callback may call off() while we iterate.
   local snapshot = { unpack(cbs) }
@@ -547,6 +571,27 @@ function Client:poll(timeout)
   end
   if self.failure then return nil, self.failure end
   return true
+end
+
+-- Manual acknowledgements (ack = "manual"): client:ack(ev) acknowledges one event,
+-- client:ack_through(ev) that one and every event delivered before it. They return true,
+-- or false for an event that is not outstanding (acknowledged already, or delivered before
+-- a reconnect that delivers it again).
+local function check_ack(self, ev, fname)
+  if not self.acks then
+    error(string.format("'%s' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)", fname), 3)
+  end
+  if type(ev) ~= "table" then argerror(1, fname, "event expected, got " .. type(ev), 3) end
+end
+
+function Client:ack(ev)
+  check_ack(self, ev, "ack")
+  return self.acks:ack(ev)
+end
+
+function Client:ack_through(ev)
+  check_ack(self, ev, "ack_through")
+  return self.acks:ack_through(ev)
 end
 
 -- Stop hooks: flash.on_stop(fn) runs fn() once per graceful stop of a loop (flash.run,
@@ -624,7 +669,9 @@ function Client:stats()
     listeners = #self.listeners,
     last_event_time = self:_last_event_time(),
     uptime = self.started_at and (core.now() - self.started_at) or 0,
+    ack = self.acks and "manual" or "auto",
   }
+  if self.acks then s.unacked = self.acks.outstanding end
   if self.driver.stats then self.driver:stats(s) end
   return s
 end
