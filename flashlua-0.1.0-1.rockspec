@@ -33,6 +33,7 @@ build = {
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
     ["flash"] = "lua/flash/init.lua",
+    ["flash.ack"] = "lua/flash/ack.lua",
     ["flash.cli"] = "lua/flash/cli.lua",
     ["flash.filter"] = "lua/flash/filter.lua",
     ["flash.json"] = "lua/flash/json.lua",

@@ -1,7 +1,6 @@
 -- spec/30-process_spec.lua: the flashlua host as a process: signals, two instances side by
 -- side, a crash (kill -9), a lost connection and a failing callback, seen from outside.
 local H = require "helpers"
-local core = require "flash.core"
 
 local leftovers = H.await_leftovers
 
@@ -53,14 +52,7 @@ local function backend_alive(bpid)
   return tonumber(H.scalar("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = $1", bpid)) > 0
 end
 
-local function wait_for(pred, timeout)
-  local deadline = core.now() + (timeout or 5)
-  while core.now() < deadline do
-    if pred() then return true end
-    core.sleep(0.05)
-  end
-  return pred()
-end
+local wait_for = H.wait_for
 
 describe("flashlua process", function()
   local tables, procs = {}, {}

@@ -5,26 +5,7 @@ local flash = require "flash"
 local core = require "flash.core"
 local H = require "helpers"
 
-local function lines(path)
-  local t = {}
-  local f = io.open(path)
-  if not f then return t end
-  for l in f:lines() do t[#t + 1] = l end
-  f:close()
-  return t
-end
-
--- Drops a persistent slot once its walsender has let go of it.
-local function drop_slot(name)
-  local deadline = core.now() + 10
-  repeat
-    H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", name)
-    local left = tonumber(H.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name))
-    if left == 0 then break end
-    core.sleep(0.05)
-  until core.now() > deadline
-  H.sql("DROP PUBLICATION IF EXISTS " .. name)
-end
+local lines, drop_slot = H.lines, H.drop_slot
 
 describe("wal_logical driver", function()
   local client

@@ -6,23 +6,7 @@ local flash = require "flash"
 local core = require "flash.core"
 local H = require "helpers"
 
-local function wait_for(pred, timeout)
-  local deadline = core.now() + (timeout or 5)
-  while core.now() < deadline do
-    if pred() then return true end
-    core.sleep(0.05)
-  end
-  return pred()
-end
-
--- Drops a persistent slot once its walsender has let go of it, and its publication.
-local function drop_slot(name, publication)
-  wait_for(function()
-    H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", name)
-    return tonumber(H.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name)) == 0
-  end, 10)
-  H.sql("DROP PUBLICATION IF EXISTS " .. (publication or name))
-end
+local wait_for, drop_slot = H.wait_for, H.drop_slot
 
 describe("wal_logical faults", function()
   local client, procs, scripts = nil, {}, {}

@@ -167,6 +167,66 @@ function H.spawn(args, env)
   return h
 end
 
+-- Waits until pred() is true (or timeout); returns its last answer.
+function H.wait_for(pred, timeout)
+  local deadline = core.now() + (timeout or 5)
+  while core.now() < deadline do
+    if pred() then return true end
+    core.sleep(0.05)
+  end
+  return pred()
+end
+
+-- Drops a persistent slot once its walsender has let go of it, and its publication.
+function H.drop_slot(name, publication)
+  H.wait_for(function()
+    H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active", name)
+    return tonumber(H.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", name)) == 0
+  end, 10)
+  H.sql("DROP PUBLICATION IF EXISTS " .. (publication or name))
+end
+
+-- The lines of a file ({} when it does not exist).
+function H.lines(path)
+  local t = {}
+  local f = io.open(path)
+  if not f then return t end
+  for l in f:lines() do t[#t + 1] = l end
+  f:close()
+  return t
+end
+
+-- Processes, scripts and temp files a spec makes, and one cleanup for all of them (for
+-- after_each): s.spawn(args, env), s.script(code), s.tmp(), s.cleanup().
+function H.session()
+  local procs, files = {}, {}
+  local s = {}
+  function s.spawn(args, env)
+    local h = H.spawn(args, env)
+    procs[#procs + 1] = h
+    return h
+  end
+  function s.script(code)
+    local p = H.script(code)
+    files[#files + 1] = p
+    return p
+  end
+  function s.tmp()
+    local p = os.tmpname()
+    files[#files + 1] = p
+    return p
+  end
+  function s.cleanup()
+    for _, h in ipairs(procs) do
+      if h.wait(0.1) == nil then h.kill("KILL") h.wait(2) end
+      os.remove(h.base .. ".out") os.remove(h.base .. ".err") os.remove(h.base .. ".rc")
+    end
+    for _, p in ipairs(files) do os.remove(p) end
+    procs, files = {}, {}
+  end
+  return s
+end
+
 -- Runs flashlua to completion; returns status, stdout, stderr.
 function H.run_flashlua(args, timeout, env)
   local h = H.spawn(args, env)

@@ -44,12 +44,16 @@ typedef struct {
   int copying;
   uint64_t received;        /* highest WAL position received */
   uint64_t flushed;         /* everything before it has been handled: safe to confirm */
+  uint64_t delivered;       /* everything before it has been delivered (handled or not) */
   uint64_t server_end;      /* last position the server reported (keepalive) */
   int64_t last_status;      /* monotonic µs of the last status update */
   uint64_t confirmed;       /* the flushed position the last status update reported */
   int64_t unconfirmed_since; /* monotonic µs when flushed first moved past confirmed (0: not) */
   uint32_t unconfirmed_txns; /* transactions handled since the last status update */
   int in_txn;
+  int manual;               /* acks decide: commits go to the commit hook, not to flushed */
+  int all_acked;            /* manual: every delivered event is acknowledged */
+  uint32_t txn_pos;         /* changes of the current transaction so far: the event id's second part */
   uint32_t txn_xid;
   uint64_t txn_lsn, txn_end;
   int64_t txn_time;
@@ -57,6 +61,7 @@ typedef struct {
   int rels_ref;             /* registry ref: relid -> { version, table, names, types } */
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
   int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
+  int commit_ref;           /* registry ref, manual mode: on_commit(end_lsn) */
   stream *streams, *cur_stream;
   size_t stream_mem;        /* bytes of streamed changes held in memory, all streams */
   size_t stream_limit;
@@ -93,6 +98,15 @@ static void put_u64(char *p, uint64_t v) {
 static void push_lsn(lua_State *L, uint64_t lsn) {
   char buf[32];
   snprintf(buf, sizeof buf, "%X/%X", (unsigned)(lsn >> 32), (unsigned)lsn);
+  lua_pushstring(L, buf);
+}
+
+/* The event id: commit LSN and position in the transaction, fixed-width hex, so that ids
+ * compare as strings in delivery order (byte order, or COLLATE "C" in SQL). */
+static void push_event_id(lua_State *L, fl_repl *r) {
+  char buf[32];
+  r->txn_pos++;
+  snprintf(buf, sizeof buf, "%016llX/%08X", (unsigned long long)r->txn_lsn, (unsigned)r->txn_pos);
   lua_pushstring(L, buf);
 }
 
@@ -291,12 +305,14 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
                        uint32_t xid, const char *op) {
   const fl_pgo_relation *rel = m->rel;
   lua_pushvalue(L, dispatch);
-  lua_createtable(L, 0, 8);
+  lua_createtable(L, 0, 9);
   int ev = lua_gettop(L);
   fl_coltype *types = rel_entry(L, r, rel);
   int entry = lua_gettop(L);
   lua_pushstring(L, op);
   lua_setfield(L, ev, "op");
+  push_event_id(L, r);
+  lua_setfield(L, ev, "id");
   lua_getfield(L, entry, "table");
   lua_setfield(L, ev, "table");
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
@@ -321,11 +337,13 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
 static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
   for (int i = 0; i < m->nrelids; i++) {
     const fl_pgo_relation *rel = fl_pgo_relation_get(r->dec, m->relids[i]);
-    if (!rel) continue;
+    if (!rel) { r->txn_pos++; continue; }
     lua_pushvalue(L, dispatch);
-    lua_createtable(L, 0, 6);
+    lua_createtable(L, 0, 7);
     lua_pushstring(L, "truncate");
     lua_setfield(L, -2, "op");
+    push_event_id(L, r);
+    lua_setfield(L, -2, "id");
     lua_pushfstring(L, "%s.%s", rel->nspname, rel->relname);
     lua_setfield(L, -2, "table");
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
@@ -343,6 +361,7 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
 static void set_txn(lua_State *L, fl_repl *r, uint32_t xid, uint64_t lsn, int64_t ts) {
   r->txn_xid = xid;
   r->txn_lsn = lsn;
+  r->txn_pos = 0;
   r->txn_time = ts;
   push_lsn(L, lsn);
   lua_rawseti(L, LUA_REGISTRYINDEX, r->lsn_ref);
@@ -418,10 +437,10 @@ static int replay_stream(lua_State *L, fl_repl *r, int dispatch, int flags, stre
   return rc;
 }
 
-/* A transaction ending at end_lsn has been handled: it may be confirmed, and is, once
+/* Everything before end_lsn has been handled: it may be confirmed, and is, once
  * CONFIRM_DELAY_US has passed since the first unconfirmed one or CONFIRM_TXNS of them are
  * waiting, so a crash redelivers a bounded amount. Returns 0, or -1 (error in r->err). */
-static int handled(fl_repl *r, uint64_t end_lsn) {
+static int advance(fl_repl *r, uint64_t end_lsn) {
   if (end_lsn <= r->flushed) return 0;
   r->flushed = end_lsn;
   int64_t now = now_us();
@@ -429,6 +448,23 @@ static int handled(fl_repl *r, uint64_t end_lsn) {
   r->unconfirmed_txns++;
   if (r->unconfirmed_txns >= CONFIRM_TXNS || now - r->unconfirmed_since >= CONFIRM_DELAY_US)
     return send_status(r, 0);
+  return 0;
+}
+
+/* A transaction ending at end_lsn has been delivered. In auto mode every callback of it
+ * has returned: it is handled. In manual mode the commit hook is told, and the script's
+ * acknowledgements move the position (repl:confirm). */
+static int handled(lua_State *L, fl_repl *r, uint64_t end_lsn) {
+  if (end_lsn > r->delivered) r->delivered = end_lsn;
+  if (!r->manual) return advance(r, end_lsn);
+  r->all_acked = 0;                     /* until the hook says otherwise (repl:confirm) */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->commit_ref);
+  lua_pushnumber(L, (double)end_lsn);
+  if (lua_pcall(L, 1, 0, 0) != 0) {
+    snprintf(r->err, sizeof r->err, "dispatch: on_commit: %s", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
   return 0;
 }
 
@@ -482,7 +518,7 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
       r->in_txn = 0;
       r->txn_end = m.end_lsn;
       /* Every callback of the transaction has returned: it may be confirmed. */
-      return handled(r, m.end_lsn);
+      return handled(L, r, m.end_lsn);
     case FL_PGO_STREAM_START: {
       stream *s = stream_find(r, m.xid, 1);
       if (!s) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
@@ -516,7 +552,7 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
         rc = replay_stream(L, r, dispatch, flags, s);
         stream_remove(r, s);
       }
-      if (rc == 0) rc = handled(r, m.end_lsn);
+      if (rc == 0) rc = handled(L, r, m.end_lsn);
       return rc;
     }
     case FL_PGO_INSERT: case FL_PGO_UPDATE: case FL_PGO_DELETE: case FL_PGO_TRUNCATE:
@@ -539,7 +575,7 @@ static int l_replication(lua_State *L) {
     NULL };
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = LUA_NOREF;
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
   lua_setmetatable(L, -2);
   r->pg = PQconnectdbParams(keys, vals, 1);
@@ -568,7 +604,8 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->rels_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->typemap_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = LUA_NOREF;
 }
 
 static int l_close(lua_State *L) {
@@ -730,7 +767,10 @@ static int l_pump(lua_State *L) {
       /* Idle tables on a busy server: once nothing is pending, the slot may move on. Not
        * while a streamed transaction is open: the server reports positions past its
        * changes before its Stream Commit is sent. */
-      if (!r->in_txn && !r->streams && wal_end > r->flushed) r->flushed = wal_end;
+      if (!r->in_txn && !r->streams) {
+        if (wal_end > r->delivered) r->delivered = wal_end;
+        if (wal_end > r->flushed && (!r->manual || r->all_acked)) r->flushed = wal_end;
+      }
       if (wal_end > r->received) r->received = wal_end;
       if (reply && send_status(r, 0) != 0) rc = -1;
     } else if (buf[0] == 'w' && n >= 25) {
@@ -799,6 +839,31 @@ static int l_on_relation(lua_State *L) {
   return 0;
 }
 
+/* repl:manual(on_commit): manual acknowledgements. on_commit(end_lsn) is called at each
+ * transaction's end instead of confirming it; repl:confirm moves the position. */
+static int l_manual(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
+  lua_pushvalue(L, 2);
+  r->commit_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  r->manual = 1;
+  r->all_acked = 1;
+  return 0;
+}
+
+/* repl:confirm(lsn, all_acked) -> true | nil, err : manual mode: everything before lsn is
+ * acknowledged (confirmed in the next status update); all_acked: nothing delivered is
+ * waiting, so an idle stream's keepalives may move the position on. */
+static int l_confirm(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  lua_Number lsn = luaL_checknumber(L, 2);
+  r->all_acked = lua_toboolean(L, 3);
+  if (lsn > 0 && advance(r, (uint64_t)lsn) != 0) return fail(L, r->err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static int l_fd(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   lua_pushinteger(L, PQsocket(r->pg));
@@ -811,6 +876,7 @@ static int l_state(lua_State *L) {
   lua_createtable(L, 0, 12);
   lua_pushnumber(L, (double)r->received); lua_setfield(L, -2, "received");
   lua_pushnumber(L, (double)r->flushed); lua_setfield(L, -2, "flushed");
+  lua_pushnumber(L, (double)r->delivered); lua_setfield(L, -2, "delivered");
   lua_pushnumber(L, (double)r->confirmed); lua_setfield(L, -2, "confirmed");
   lua_pushnumber(L, (double)r->server_end); lua_setfield(L, -2, "server_end");
   lua_pushboolean(L, r->in_txn); lua_setfield(L, -2, "in_txn");
@@ -890,6 +956,8 @@ static const luaL_Reg repl_methods[] = {
   { "fd", l_fd },
   { "due", l_due },
   { "on_relation", l_on_relation },
+  { "manual", l_manual },
+  { "confirm", l_confirm },
   { "state", l_state },
   { "set_stream_limit", l_set_stream_limit },
   { "finish", l_finish },

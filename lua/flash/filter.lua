@@ -306,8 +306,8 @@ end
 M.same = same
 
 local function derive(ev, op, new, old)
-  return { op = op, table = ev.table, source = ev.source, new = new, old = old, lsn = ev.lsn, xid = ev.xid,
-           commit_time = ev.commit_time }
+  return { op = op, id = ev.id, table = ev.table, source = ev.source, new = new, old = old, lsn = ev.lsn,
+           xid = ev.xid, commit_time = ev.commit_time }
 end
 
 -- Applies listener l to a whole-row event. Calls emit(l, ev) for zero, one or two events
@@ -338,7 +338,10 @@ function M.apply(l, ev, emit)
       for _, k in ipairs(pk) do
         if not same(ev.old[k], ev.new[k]) then
           if emit(l, derive(ev, "delete", nil, project(ev.old, fields))) == false then return false end
-          return emit(l, derive(ev, "insert", project(ev.new, fields), nil))
+          local ins = derive(ev, "insert", project(ev.new, fields), nil)
+          -- Two events of one change: the insert's id sorts right after the delete's.
+          if ins.id then ins.id = ins.id .. ".1" end
+          return emit(l, ins)
         end
       end
     end

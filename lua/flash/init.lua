@@ -3,6 +3,7 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
+local ack = require "flash.ack"
 
 -- A monotonic clock cheap enough to time every callback: through the FFI when LuaJIT has
 -- it (no Lua/C boundary), else the C core's.
@@ -51,7 +52,7 @@ local CLIENT_OPTS = {
   publication = "string", persistent = "boolean", streaming = "boolean",
   on_error = true, shutdown_timeout = "number", numeric = "string",
   replica_identity = "string", stream_memory = "number", durable = "boolean", poll_interval = "number",
-  max_row_bytes = "number",
+  max_row_bytes = "number", ack = "string", max_unacked = "number",
 }
 local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
 local WHERE_OPS = {
@@ -65,6 +66,7 @@ flash.defaults = {}
 
 local clients = {}        -- open clients, in creation order
 local timers = {}         -- { due=, every=, fn=, cancelled= }
+local stop_hooks = {}     -- flash.on_stop: { fn=, cancelled= }
 local state = { stop = false, running = false }
 
 local function argerror(n, fname, msg, level)
@@ -197,6 +199,21 @@ function flash.client(opts)
   if DRIVERS[driver_name] == nil then
     argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
   end
+  if opts.ack ~= nil and opts.ack ~= "auto" and opts.ack ~= "manual" then
+    argerror(1, "client", "option 'ack': \"auto\" or \"manual\" expected, got " .. string.format("%q", opts.ack))
+  end
+  -- Acknowledging later only means something where an unacknowledged event is delivered
+  -- again: a persistent slot. The trigger drivers delete what they deliver, and drop
+  -- their capture table at every stop (docs/api.md, "Acknowledgements").
+  if opts.ack == "manual" and (driver_name ~= "wal_logical" or opts.persistent ~= true) then
+    argerror(1, "client", "option 'ack': \"manual\" needs driver = \"wal_logical\" with persistent = true " ..
+      "(only a persistent slot delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\"" ..
+      (driver_name == "wal_logical" and ", persistent = " .. tostring(opts.persistent == true) or "") .. ")")
+  end
+  local mu = opts.max_unacked
+  if mu ~= nil and not (mu >= 1 and mu < math.huge and mu == math.floor(mu)) then
+    argerror(1, "client", "option 'max_unacked': a whole number of events >= 1 expected, got " .. tostring(mu))
+  end
   local found, driver_mod = pcall(require, DRIVERS[driver_name])
   if not found and not tostring(driver_mod):find("module '" .. DRIVERS[driver_name] .. "' not found", 1, true) then
     error(driver_mod, 0)
@@ -218,7 +235,11 @@ function flash.client(opts)
     closed = false,
     failure = nil,
     counters = { events = 0, bytes = 0, handler_seconds = 0, dropped = 0, errors = 0, reconnects = 0 },
+    stop_hooks = {},
   }, Client)
+  if opts.ack == "manual" then
+    self.acks = ack.new(mu or 10000, function(pos, all) return self.driver:confirm(pos, all) end)
+  end
   self.driver = driver_mod.new(self)
   clients[#clients + 1] = self
   return self
@@ -499,7 +520,11 @@ function Client:_failed(err, ev)
     if policy ~= "log" or not go_on then log.error(what .. ": " .. tostring(err)) end
     self.stop_failure = self.stop_failure or (what .. " (logged above)")
   end
-  if go_on then return true end
+  if go_on then
+    -- The policy said the event is dealt with: under manual acks too.
+    if self.acks then self.acks:ack(ev) end
+    return true
+  end
   self.failure = string.format("callback for %s on %s failed: %s", ev.op, ev.table, err)
   return false
 end
@@ -515,6 +540,7 @@ function Client:_deliver(l, ev)
     return true
   end
   self.counters.events = self.counters.events + 1
+  if self.acks then self.acks:track(ev) end
   if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
   -- Copy: a callback may call off() while we iterate.
   local snapshot = { unpack(cbs) }
@@ -547,11 +573,79 @@ function Client:poll(timeout)
   return true
 end
 
+-- Manual acknowledgements (ack = "manual"): client:ack(ev) acknowledges one event,
+-- client:ack_through(ev) that one and every event delivered before it. They return true,
+-- or false for an event that is not outstanding (acknowledged already, or delivered before
+-- a reconnect that delivers it again).
+local function check_ack(self, ev, fname)
+  if not self.acks then
+    error(string.format("'%s' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)", fname), 3)
+  end
+  if type(ev) ~= "table" then argerror(1, fname, "event expected, got " .. type(ev), 3) end
+end
+
+function Client:ack(ev)
+  check_ack(self, ev, "ack")
+  return self.acks:ack(ev)
+end
+
+function Client:ack_through(ev)
+  check_ack(self, ev, "ack_through")
+  return self.acks:ack_through(ev)
+end
+
+-- Stop hooks: flash.on_stop(fn) runs fn() once per graceful stop of a loop (flash.run,
+-- client:run, flash.stop()); client:on_stop(fn) runs fn(client) on that client's graceful
+-- stop. Both run after the stop delivered what it still delivers and before the final
+-- confirmation; an error in one is logged, fails the stop and confirms nothing more.
+local function add_hook(list, fn, fname)
+  if type(fn) ~= "function" then argerror(1, fname, "function expected, got " .. type(fn), 3) end
+  local h = { fn = fn }
+  list[#list + 1] = h
+  return function()
+    for i, x in ipairs(list) do
+      if x == h then table.remove(list, i) break end
+    end
+  end
+end
+
+function flash.on_stop(fn) return add_hook(stop_hooks, fn, "on_stop") end
+function Client:on_stop(fn) return add_hook(self.stop_hooks, fn, "on_stop") end
+
+local function run_hooks(list, what, ...)
+  for _, h in ipairs({ unpack(list) }) do
+    local ok, err = xpcall(h.fn, traceback, ...)
+    if not ok then
+      local msg = what .. " failed: " .. tostring(err)
+      log.error(msg .. "; nothing more is confirmed")
+      return nil, msg
+    end
+  end
+  return true
+end
+
+-- The first half of a graceful stop: deliver what the stop still delivers (the rest of an
+-- open transaction; what the triggers captured), so stop hooks see every event.
+function Client:_quiesce()
+  if self.quiesced or self.closed then return end
+  self.quiesced = true
+  self.stopping = true
+  if self.started and self.driver.quiesce then self.driver:quiesce() end
+end
+
 function Client:stop()
   if self.closed then return true end
   local ok, err = true, nil
-  self.stopping = true
-  if self.started then ok, err = self.driver:stop() end
+  self:_quiesce()
+  local confirm = not self.no_confirm
+  if self.started and not self.failure and #self.stop_hooks > 0 then
+    local hok, herr = run_hooks(self.stop_hooks, "on_stop hook", self)
+    if not hok then
+      confirm = false
+      self.stop_failure = self.stop_failure or herr
+    end
+  end
+  if self.started then ok, err = self.driver:stop(confirm) end
   self.closed = true
   self.conn:close()
   for i, c in ipairs(clients) do
@@ -575,7 +669,9 @@ function Client:stats()
     listeners = #self.listeners,
     last_event_time = self:_last_event_time(),
     uptime = self.started_at and (core.now() - self.started_at) or 0,
+    ack = self.acks and "manual" or "auto",
   }
+  if self.acks then s.unacked = self.acks.outstanding end
   if self.driver.stats then self.driver:stats(s) end
   return s
 end
@@ -700,6 +796,10 @@ function flash._loop(list, opts)
       if all then break end
     end
   end
+  if not failure then
+    local ok, err = flash._stop_hooks(list)
+    if not ok then failure = err end
+  end
   for _, c in ipairs(list) do
     local ok, err = c:stop()
     -- A stop that could not remove its objects, or whose last callbacks failed, is a
@@ -722,6 +822,19 @@ function flash.run(opts)
   return flash._loop(list, opts)
 end
 
+-- A graceful stop of some clients: each delivers what its stop still delivers, then the
+-- flash.on_stop hooks run; after an error in one, no client confirms anything more.
+function flash._stop_hooks(list)
+  for _, c in ipairs(list) do c:_quiesce() end
+  if #stop_hooks == 0 then return true end
+  local ok, err = run_hooks(stop_hooks, "flash.on_stop hook")
+  if not ok then
+    for _, c in ipairs(list) do c.no_confirm = true end
+    state.stop_failure = state.stop_failure or err
+  end
+  return ok, err
+end
+
 -- Outside the loop, stops every client at once: nil, err when a callback failed while
 -- they stopped.
 function flash.stop()
@@ -729,7 +842,13 @@ function flash.stop()
     state.stop = true
     return true
   end
-  local failure
+  local failure = nil
+  local live = {}
+  for _, c in ipairs(clients) do if c.started and not c.failure then live[#live + 1] = c end end
+  if #live > 0 then
+    local ok, err = flash._stop_hooks(live)
+    if not ok then failure = err end
+  end
   for i = #clients, 1, -1 do
     local c = clients[i]
     local ok, err = c:stop()

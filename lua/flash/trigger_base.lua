@@ -1159,22 +1159,17 @@ function Driver:step()
 end
 
 -- A graceful stop: the triggers go first (nothing more is captured), then everything
--- they captured is delivered (within shutdown_timeout), then the schema goes. Not after a
--- failure (on_error = "stop": no further callbacks), nor when a callback stops the client
--- (that callback's event is the last one).
-function Driver:stop()
-  if not self.listening then
-    self:drop_keeper()
-    if self.lost_at then
-      return nil, string.format("the connection is lost: schema %s and its triggers stay until the next flashlua " ..
-        "start removes them", self.schema)
-    end
-    return true
-  end
+-- they captured is delivered (within shutdown_timeout) -- that much is quiesce(), after
+-- which stop hooks run -- then the schema goes. Not after a failure (on_error = "stop": no
+-- further callbacks), nor when a callback stops the client (that callback's event is the
+-- last one).
+function Driver:quiesce()
+  if not self.listening or self.quiesced then return end
   local timeout = self.client.opts.shutdown_timeout or 10
   local deadline = core.now() + timeout
+  self.quiesced = { deadline = deadline, problems = {} }
+  local problems = self.quiesced.problems
   local ok, err = self:drop_schema_triggers(self.schema, deadline)
-  local problems = {}
   if not ok then problems[#problems + 1] = "cannot remove its triggers: " .. tostring(err) end
   if not (self.client.failure or self.stepping) then
     while core.now() < deadline do
@@ -1196,6 +1191,19 @@ function Driver:stop()
         "(%g s) and are discarded", left, timeout)
     end
   end
+end
+
+function Driver:stop()
+  if not self.listening then
+    self:drop_keeper()
+    if self.lost_at then
+      return nil, string.format("the connection is lost: schema %s and its triggers stay until the next flashlua " ..
+        "start removes them", self.schema)
+    end
+    return true
+  end
+  self:quiesce()
+  local deadline, problems = self.quiesced.deadline, self.quiesced.problems
   self.listening = false
   local rok, rerr = self:remove_schema(self.schema, math.max(deadline, core.now() + 1))
   if not rok then

@@ -280,6 +280,16 @@ function Driver:open_slot()
   local ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return slot_error(self, serr, state) end
   if self.client.opts.stream_memory then repl:set_stream_limit(self.client.opts.stream_memory) end
+  local acks = self.client.acks
+  if acks then
+    -- A new stream starts at the confirmed position: what was outstanding comes again.
+    if acks.outstanding > 0 then
+      log.warn(string.format("%d unacknowledged events are delivered again (new event tables: acknowledge those)",
+        acks.outstanding))
+    end
+    acks:reset()
+    repl:manual(function(end_lsn) acks:commit(end_lsn) end)
+  end
   self.repl = repl
   repl:on_relation(function(...) return self:on_relation(...) end)
   self:rebuild_index()
@@ -393,8 +403,8 @@ function Driver:make_dispatch()
     end
     for _, l in ipairs(list) do
       -- Each listener gets its own event: callbacks may keep or change it.
-      local e = { op = ev.op, table = l.table_name, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
-                  commit_time = ev.commit_time }
+      local e = { op = ev.op, id = ev.id, table = l.table_name, new = ev.new, old = ev.old, lsn = ev.lsn,
+                  xid = ev.xid, commit_time = ev.commit_time }
       if filter.apply(l, e, emit) == false or client.failure then return false end
     end
     return true
@@ -441,12 +451,25 @@ function Driver:on_relation(relid, schema, name, columns)
   end
 end
 
+-- Manual acks: everything before pos is acknowledged (flash.ack).
+function Driver:confirm(pos, all_acked)
+  if self.repl then self.repl:confirm(pos, all_acked) end
+end
+
+-- Manual acks: max_unacked events are outstanding, so nothing more is read until the
+-- script acknowledges some (the server keeps the rest; status updates keep the connection).
+function Driver:paused()
+  local acks = self.client.acks
+  return acks ~= nil and acks:full()
+end
+
 function Driver:fds()
   if not self.repl then return {} end
   local fd = self.repl:fd()
   if fd < 0 then return {} end
   -- The query connection too: a terminated backend is noticed at once.
   local qfd = not self.conn_retry_at and self:conn():fd() or -1
+  if self:paused() then return qfd >= 0 and { qfd } or {} end
   if qfd >= 0 then return { fd, qfd } end
   return { fd }
 end
@@ -560,7 +583,7 @@ end
 function Driver:next_deadline()
   if self.retry_at then return self.retry_at end
   -- Messages may be waiting in libpq's buffer, where poll() cannot see them.
-  if self.more then return core.now() end
+  if self.more and not self:paused() then return core.now() end
   local due = self.repl and self.repl:due() or core.now() + 10
   if self.house_at and self.house_at < due then due = self.house_at end
   if self.conn_retry_at and self.conn_retry_at < due then due = self.conn_retry_at end
@@ -593,8 +616,23 @@ function Driver:step()
     return true
   end
   if self:check_query_conn() and core.now() >= (self.house_at or 0) then self:housekeep() end
+  local budget, acks = 100000, self.client.acks
+  if acks then
+    if acks:full() then
+      if not self.was_paused then
+        self.was_paused = true
+        log.warn(string.format("%d events are unacknowledged (max_unacked): reading pauses until the script " ..
+          "acknowledges some", acks.outstanding))
+      end
+      if self.repl:due() <= core.now() then self.repl:status() end
+      return true
+    end
+    self.was_paused = false
+    -- Each message is at most one change: the limit holds to within one change's events.
+    budget = math.max(1, acks.limit - acks.outstanding)
+  end
   self.pumping = true
-  local more, err = self.repl:pump(self.dispatch, self.client.flags, 100000, SLICE)
+  local more, err = self.repl:pump(self.dispatch, self.client.flags, budget, SLICE)
   self.pumping = false
   self.more = more
   if more == nil then
@@ -604,8 +642,9 @@ function Driver:step()
     return self:lost(err)
   end
   if self.until_lsn and not self.reached then
+    -- Delivered, acknowledged or not: under manual acks a stop hook may acknowledge last.
     local st = self.repl:state()
-    if st.flushed >= self.until_lsn then
+    if st.delivered >= self.until_lsn then
       self.reached = true
     else
       local now = core.now()
@@ -688,6 +727,7 @@ function Driver:stats(s)
   if self.repl then
     local st = self.repl:state()
     s.last_lsn = core.lsn(st.flushed)
+    s.paused = self:paused()
     s.received_lsn = core.lsn(st.received)
     s.lag_bytes = math.max(0, st.server_end - st.flushed)
     s.messages = st.messages
@@ -700,7 +740,7 @@ end
 -- it first (bounded by shutdown_timeout), so what was handled can be confirmed. Not from
 -- inside a callback (the pump is running) nor after a failure.
 function Driver:finish_open_transaction(timeout)
-  if self.pumping or self.client.failure then return end
+  if self.pumping or self.client.failure or not self.repl then return end
   local deadline = core.now() + timeout
   while self.repl:state().in_txn and core.now() < deadline do
     core.poll({ self.repl:fd() }, math.min(0.05, math.max(0, deadline - core.now())))
@@ -710,11 +750,20 @@ function Driver:finish_open_transaction(timeout)
   end
 end
 
-function Driver:stop()
+function Driver:quiesce()
+  self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
+end
+
+-- confirm = false (a stop hook failed): the connection closes without a last status update.
+function Driver:stop(confirm)
   if self.repl then
     self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
-    -- A last status update confirms what the callbacks handled.
-    self.repl:finish(self.client.opts.shutdown_timeout or 10)
+    if confirm == false then
+      self.repl:close()
+    else
+      -- A last status update confirms what the callbacks handled (manual: acknowledged).
+      self.repl:finish(self.client.opts.shutdown_timeout or 10)
+    end
     self.repl = nil
   end
   local ok, err = true, nil

@@ -1,0 +1,120 @@
+-- flash.ack: manual acknowledgements (flash.client{ ack = "manual" }). A tracker keeps the
+-- delivered events a script has not acknowledged yet, grouped by transaction in commit
+-- order, and tells its driver how far the position may be confirmed: past a transaction
+-- only once it and every transaction before it are wholly acknowledged.
+local M = {}
+
+-- Every outstanding event of every tracker: [event] = { t = tracker, b = batch, seq = n }.
+-- Events are plain tables; ev:ack() finds its tracker here.
+local pending = {}
+
+local methods = {}
+-- ev:ack() -> true, or false when the event is not outstanding (acknowledged already, or
+-- from before a reconnect that will deliver it again).
+function methods.ack(ev)
+  local e = pending[ev]
+  if not e then return false end
+  return e.t:ack(ev)
+end
+M.event_mt = { __index = methods }
+
+local Tracker = {}
+Tracker.__index = Tracker
+
+-- confirm(pos, all_acked): everything before pos (a driver position) is acknowledged;
+-- all_acked: no delivered event is outstanding.
+--
+-- The transactions with outstanding events form a list in commit order; the last one may
+-- still be open (being delivered). A closed transaction whose events are all acknowledged
+-- is folded into the one before it (which then ends at its position), or confirmed when it
+-- is the first: so the list never holds more than one entry per outstanding event, and
+-- memory stays bounded by `limit` whatever order the acks come in.
+function M.new(limit, confirm)
+  return setmetatable({ limit = limit, confirm = confirm, head = nil, tail = nil, open = nil,
+                        outstanding = 0, seq = 0 }, Tracker)
+end
+
+-- An event is handed to callbacks: it is outstanding until acknowledged.
+function Tracker:track(ev)
+  if pending[ev] then return end
+  local b = self.open
+  if not b then
+    b = { n = 0, prev = self.tail }
+    if self.tail then self.tail.next = b else self.head = b end
+    self.tail, self.open = b, b
+  end
+  self.seq = self.seq + 1
+  pending[ev] = { t = self, b = b, seq = self.seq }
+  b.n = b.n + 1
+  self.outstanding = self.outstanding + 1
+  if getmetatable(ev) == nil then setmetatable(ev, M.event_mt) end
+end
+
+local function unlink(self, b)
+  if b.prev then b.prev.next = b.next else self.head = b.next end
+  if b.next then b.next.prev = b.prev else self.tail = b.prev end
+end
+
+-- A closed transaction with nothing outstanding: folded into the one before, or confirmed.
+function Tracker:settle(b)
+  if b.n > 0 or not b.pos then return end
+  unlink(self, b)
+  if b.prev then
+    b.prev.pos = b.pos
+  else
+    self.confirm(b.pos, self.head == nil)
+  end
+end
+
+-- The transaction being delivered ended at pos.
+function Tracker:commit(pos)
+  local b = self.open
+  self.open = nil
+  if b then
+    b.pos = pos
+    self:settle(b)
+  elseif self.tail then
+    -- None of its events was delivered: confirmable with the transaction before it.
+    self.tail.pos = pos
+  else
+    self.confirm(pos, true)
+  end
+end
+
+function Tracker:ack(ev)
+  local e = pending[ev]
+  if not e or e.t ~= self then return false end
+  pending[ev] = nil
+  e.b.n = e.b.n - 1
+  self.outstanding = self.outstanding - 1
+  self:settle(e.b)
+  return true
+end
+
+-- Acknowledges ev and every outstanding event delivered before it.
+function Tracker:ack_through(ev)
+  local e = pending[ev]
+  if not e or e.t ~= self then return false end
+  local list = {}
+  for x, px in pairs(pending) do
+    if px.t == self and px.seq <= e.seq then list[#list + 1] = { px.seq, x } end
+  end
+  table.sort(list, function(a, b) return a[1] < b[1] end)
+  for _, it in ipairs(list) do self:ack(it[2]) end
+  return true
+end
+
+-- Whether the driver must stop reading until the script acknowledges some events.
+function Tracker:full()
+  return self.outstanding >= self.limit
+end
+
+-- Forgets every outstanding event (a reconnect delivers them again, as new events).
+function Tracker:reset()
+  for x, px in pairs(pending) do
+    if px.t == self then pending[x] = nil end
+  end
+  self.head, self.tail, self.open, self.outstanding = nil, nil, nil, 0
+end
+
+return M
