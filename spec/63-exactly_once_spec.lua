@@ -40,7 +40,7 @@ describe("examples/exactly_once.lua", function()
     local rc, _, err = H.run_flashlua(args, 60)
     assert.equal(0, rc, err)
     args[6] = nil
-    local rounds, killed_after = 10, {}
+    local rounds, killed_after = 20, {}
     for round = 1, rounds do
       local before = position()
       local h = H.spawn(args)
