@@ -232,7 +232,9 @@ describe("delivery under the script's control", function()
 
     it("are refused where an unacknowledged event could not be delivered again, and checked", function()
       for _, case in ipairs({
-        { { driver = "trigger", ack = "manual" }, 'needs driver = "wal_logical" with persistent = true' },
+        { { driver = "trigger", ack = "manual" },
+          'option \'ack\': "manual" needs persistent = true (only a persistent slot or capture schema delivers ' ..
+          'an unacknowledged event again; got driver = "trigger", persistent = false)' },
         { { driver = "wal_logical", ack = "manual" }, "persistent = false" },
         { { driver = "wal_logical", ack = "later" }, [[option 'ack': "auto" or "manual" expected, got "later"]] },
         { { driver = "wal_logical", persistent = true, ack = "manual", max_unacked = 0 }, "option 'max_unacked'" },

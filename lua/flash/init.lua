@@ -203,12 +203,13 @@ function flash.client(opts)
     argerror(1, "client", "option 'ack': \"auto\" or \"manual\" expected, got " .. string.format("%q", opts.ack))
   end
   -- Acknowledging later only means something where an unacknowledged event is delivered
-  -- again: a persistent slot. The trigger drivers delete what they deliver, and drop
-  -- their capture table at every stop (docs/api.md, "Acknowledgements").
-  if opts.ack == "manual" and (driver_name ~= "wal_logical" or opts.persistent ~= true) then
-    argerror(1, "client", "option 'ack': \"manual\" needs driver = \"wal_logical\" with persistent = true " ..
-      "(only a persistent slot delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\"" ..
-      (driver_name == "wal_logical" and ", persistent = " .. tostring(opts.persistent == true) or "") .. ")")
+  -- again: a persistent slot, or a trigger driver's persistent schema (its rows are
+  -- deleted once acknowledged). Otherwise a stop drops what was not handled
+  -- (docs/delivery.md, "Acknowledgements").
+  if opts.ack == "manual" and opts.persistent ~= true then
+    argerror(1, "client", "option 'ack': \"manual\" needs persistent = true (only a persistent slot or " ..
+      "capture schema delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\", persistent = " ..
+      tostring(opts.persistent == true) .. ")")
   end
   local mu = opts.max_unacked
   if mu ~= nil and not (mu >= 1 and mu < math.huge and mu == math.floor(mu)) then

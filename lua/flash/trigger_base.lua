@@ -25,6 +25,8 @@ local null = core.null
 
 local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('flashlua')
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
+local PERSISTENT_MARK = "persistent"     -- ... and, after it, those kept across runs
+M.PERSISTENT_SCHEMA = "flash_persistent" -- the schema of persistent = true by default
 local NAME_MAX = 63                      -- NAMEDATALEN - 1 bytes
 local BATCH = 1000                       -- captured rows fetched per query
 -- Polls of the events table: at once while batches come full, 1 ms after a partial one,
@@ -81,9 +83,14 @@ function M.new(class, client)
     rels = {},          -- [relation oid] = { display =, listeners = {...} }: what captures go to
     shapes = {},        -- [relation oid] = { fp =, n =, layout = }: columns to decode its rows by
     handled = {},       -- seqs of delivered rows, deleted with the next fetch
+    delivered = {},     -- manual acks: seqs of delivered rows not yet acknowledged, in order
   }, class)
   -- Unique per running instance with default options: two instances never share objects.
-  self.schema = client.opts.schema or string.format("flash_%d", client.conn:backend_pid())
+  -- persistent = true: one fixed name, kept across runs and crashes (docs/delivery.md).
+  self.persistent = client.opts.persistent == true
+  self.durable = client.opts.durable == true or self.persistent
+  self.schema = client.opts.schema or
+    (self.persistent and M.PERSISTENT_SCHEMA or string.format("flash_%d", client.conn:backend_pid()))
   self.poll_interval = client.opts.poll_interval or POLL_INTERVAL
   self.max_row = string.format("%d", client.opts.max_row_bytes or ROW_LIMIT)
   -- flash.filter's emit, made once (a closure per row would be garbage per event).
@@ -293,9 +300,12 @@ end
 -- both of its locks are free: an instance whose query connection was terminated still
 -- holds its keeper's while it reconnects.
 function Driver:remove_leftovers()
+  -- A persistent schema is never an orphan: it waits for its next run (or a DROP SCHEMA).
   local rows, err = self:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
-    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%']], SCHEMA_MARK)
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%'
+      AND pg_catalog.obj_description(oid, 'pg_namespace') NOT LIKE $1 || ' ' || $2 || '%']], SCHEMA_MARK,
+    PERSISTENT_MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.schema, "schema", function(name) return self:discard_schema(name) end,
     function(name) return name .. ":keeper" end)
@@ -304,7 +314,9 @@ end
 
 -- The keeper: a second session that holds the instance's second lock, so that losing one
 -- connection (pg_terminate_backend, a proxy's idle timeout) never makes the instance look
--- gone to another instance's start. Checked again at every refresh.
+-- gone to another instance's start. Checked again at every refresh. true; false when
+-- another session holds that lock (another instance of this schema is alive); nil when
+-- it cannot tell (no connection).
 function Driver:keep_alive()
   local k = self.keeper
   if k and k:ok() then return true end
@@ -313,7 +325,11 @@ function Driver:keep_alive()
   local conn = core.connect(self.client:dsn())
   if not conn then return nil end
   local got = conn:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
-  if not (got and got[1] and got[1].ok) then conn:close() return nil end
+  if not (got and got[1] and got[1].ok) then
+    conn:close()
+    if got and got[1] then return false end
+    return nil
+  end
   self.keeper = conn
   return true
 end
@@ -424,7 +440,7 @@ function Driver:schema_sql()
   return {
     -- Unlogged by default: capturing costs the writer no WAL; a crash of the server (not a
     -- clean restart) empties it, which the reconnect reports. durable = true logs it.
-    "CREATE " .. (self.client.opts.durable and "" or "UNLOGGED ") .. "TABLE IF NOT EXISTS " .. S .. ".events (" ..
+    "CREATE " .. (self.durable and "" or "UNLOGGED ") .. "TABLE IF NOT EXISTS " .. S .. ".events (" ..
       "seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, xid bigint NOT NULL, op \"char\" NOT NULL, " ..
       "rel oid NOT NULL, tag integer NOT NULL, new text, old text, big bigint) " ..
       "WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000)",
@@ -526,9 +542,16 @@ function Driver:install_ddl_markers()
   return true
 end
 
+-- Whether the schema exists, and then whether it is a persistent schema of ours (true), a
+-- schema of ours of one run (nil), or someone else's (false).
 function Driver:schema_exists()
-  local rows = self:exec("SELECT pg_catalog.to_regnamespace($1) IS NOT NULL AS ok", self:ident(self.schema))
-  return rows and rows[1] and rows[1].ok
+  local rows = self:exec("SELECT pg_catalog.to_regnamespace($1) IS NOT NULL AS ok, " ..
+    "pg_catalog.obj_description(pg_catalog.to_regnamespace($1), 'pg_namespace') AS mark", self:ident(self.schema))
+  local r = rows and rows[1]
+  if not (r and r.ok) then return false end
+  local mark = r.mark ~= core.null and r.mark or ""
+  if mark:sub(1, #SCHEMA_MARK) ~= SCHEMA_MARK then return true, false end
+  return true, mark:sub(#SCHEMA_MARK + 1, #SCHEMA_MARK + 1 + #PERSISTENT_MARK) == " " .. PERSISTENT_MARK or nil
 end
 
 function Driver:install_schema(fresh)
@@ -538,19 +561,34 @@ function Driver:install_schema(fresh)
     return fail(string.format("schema %s is in use by another running flashlua instance", self.schema),
       "give each instance its own `schema` option, or leave it out for a unique default")
   end
+  if fresh and self:keep_alive() == false then
+    -- Its query connection is reconnecting, but its keeper still holds the schema.
+    self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+    return fail(string.format("schema %s is in use by another running flashlua instance (reconnecting)", self.schema),
+      "give each instance its own `schema` option, or leave it out for a unique default")
+  end
+  self.owns_lock = true
   self:keep_alive()
   local S = self:ident(self.schema)
-  local existed = self:schema_exists()
-  if fresh and existed then
+  local existed, kept = self:schema_exists()
+  if fresh and existed and not (self.persistent and kept) then
     -- A schema of this name whose lock was free: left by an instance that is gone.
     local ok, rerr = self:discard_schema(self.schema)
     if not ok then return fail("cannot remove the old schema " .. self.schema .. ": " .. tostring(rerr)) end
     existed = false
+  elseif fresh and existed then
+    local left = self:backlog(self.schema)
+    log.info(string.format("resuming persistent schema %s: %d captured changes wait to be delivered", self.schema, left))
+  elseif fresh and kept == false and self.persistent then
+    return fail(string.format("schema %s exists and is not flashlua's", self.schema),
+      "pass `schema` naming a schema of its own, or drop that one")
   end
   local sql = {
     "CREATE SCHEMA IF NOT EXISTS " .. S,
-    "COMMENT ON SCHEMA " .. S .. " IS " ..
-      self:literal(string.format("%s (pid %d); removed when it stops", SCHEMA_MARK, core.getpid())),
+    "COMMENT ON SCHEMA " .. S .. " IS " .. self:literal(self.persistent and
+      string.format("%s %s: kept across runs; DROP SCHEMA %s CASCADE removes it and its triggers", SCHEMA_MARK,
+        PERSISTENT_MARK, S) or
+      string.format("%s (pid %d); removed when it stops", SCHEMA_MARK, core.getpid())),
     "REVOKE ALL ON SCHEMA " .. S .. " FROM PUBLIC",
   }
   for _, s in ipairs(self:schema_sql()) do sql[#sql + 1] = s end
@@ -699,7 +737,10 @@ function Driver:sync_all()
   local pending
   for key, have in pairs(self.installed) do
     local w = want[key]
-    if not w or w.ddl ~= have.ddl then
+    if w and w.ddl ~= have.ddl then
+      -- Re-created below by one statement that drops and creates it: no moment without it.
+      self.installed[key] = nil
+    elseif not w then
       local ok, err, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(have.name) .. " ON " ..
         have.qualified)
       if ok or state == "42P01" then
@@ -766,7 +807,9 @@ function Driver:install(fresh)
   local existed
   ok, existed = self:install_schema(fresh)
   if not ok then return nil, existed end
-  if fresh then self.installed = {} else self:load_installed() end
+  -- A persistent schema's triggers stayed while no run was there: found again, kept, and
+  -- only those no listener wants any more are dropped.
+  if fresh and not (self.persistent and existed) then self.installed = {} else self:load_installed() end
   ok, err = self:sync_all()
   if not ok then return nil, err end
   if not self.listening then return nil, "the connection was lost again" end
@@ -778,7 +821,9 @@ end
 function Driver:start()
   local ok, err = self:install(true)
   if not ok then
-    self:remove_schema(self.schema, core.now() + 5)
+    -- Only what this run made: never a schema another instance holds, nor a persistent one.
+    if self.owns_lock and not self.persistent then self:remove_schema(self.schema, core.now() + 5) end
+    if self.owns_lock then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")") end
     self:drop_keeper()
     return nil, err
   end
@@ -808,6 +853,7 @@ end
 function Driver:stats(s)
   s.schema = self.schema
   s.captured = self.captured
+  s.paused = self:paused()
 end
 
 local function lost(self, err)
@@ -838,7 +884,7 @@ function Driver:reconnect()
       client.counters.reconnects = client.counters.reconnects + 1
       local started = self:server_facts()
       if existed and started and self.server_started and started ~= self.server_started and
-        not client.opts.durable then
+        not self.durable then
         log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
           "captured into %s.events but not yet delivered are lost (the table is unlogged; durable = true keeps them)",
           self.schema))
@@ -852,6 +898,14 @@ function Driver:reconnect()
           os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time()))))
       end
       self.lost_at, self.retry_at = nil, nil
+      if client.acks then
+        -- Rows delivered but not acknowledged are read again and delivered as new events.
+        if client.acks.outstanding > 0 then
+          log.warn(string.format("%d unacknowledged events are delivered again", client.acks.outstanding))
+        end
+        client.acks:reset()
+        self.delivered = {}
+      end
       return true
     end
     err = existed
@@ -931,6 +985,26 @@ function Driver:fetch_large(r)
   return true
 end
 
+-- Manual acks (flash.ack): every row delivered up to the one of seq `pos` is acknowledged.
+function Driver:confirm(pos)
+  local d = self.delivered
+  local n = 0
+  for i = 1, #d do
+    if d[i] == pos then n = i break end
+  end
+  local m = #d
+  for i = 1, n do self.handled[#self.handled + 1] = d[i] end
+  for i = n + 1, m do d[i - n] = d[i] end
+  for i = m - n + 1, m do d[i] = nil end
+  -- The next poll deletes them (soon: an acknowledgement is not a reason to wait).
+  if n > 0 and self.next_poll then self.next_poll = math.min(self.next_poll, core.now() + POLL_MIN) end
+end
+
+function Driver:paused()
+  local acks = self.client.acks
+  return acks ~= nil and acks:full()
+end
+
 -- SQL that deletes the rows delivered so far (self.handled).
 function Driver:delete_handled_sql()
   return "DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq = ANY('{" ..
@@ -959,9 +1033,15 @@ function Driver:fetch()
   local sql = self:fetch_sql()
   local conn = self:conn()
   local rows, err
-  if #self.handled > 0 then
+  if #self.delivered > 0 then
+    -- Manual acks: rows delivered but not yet acknowledged stay, and are not read again.
+    sql = sql:gsub(" ORDER BY seq ", " WHERE seq OPERATOR(pg_catalog.<>) ALL ('{" ..
+      table.concat(self.delivered, ",") .. "}'::pg_catalog.int8[]) ORDER BY seq ", 1)
+  end
+  if #self.handled > 0 or #self.delivered > 0 then
+    if #self.handled > 0 then sql = self:delete_handled_sql() .. ";\n" .. sql end
     -- The rows handled so far are deleted in the same round trip.
-    rows, err = self:exec(self:delete_handled_sql() .. ";\n" .. sql)
+    rows, err = self:exec(sql)
   else
     -- The poll of an idle client: prepared once per connection (no parse and plan each time).
     if self.prepared_on ~= conn then
@@ -1089,6 +1169,12 @@ end
 local CHECK_EVERY = 32   -- rows between looks at the clock
 
 function Driver:drain(budget)
+  local acks = self.client.acks
+  if not self.pending and acks and acks:full() then
+    -- max_unacked events wait for the script's acknowledgements: read nothing more.
+    self.empty = true
+    return true
+  end
   if not self.pending then
     local rows, err = self:fetch()
     if not rows then return nil, err end
@@ -1113,9 +1199,16 @@ function Driver:drain(budget)
       if not ok then return nil, err end
     end
     local cont = self:deliver_row(r)
-    handled[#handled + 1] = r.seq
+    if acks then
+      -- Deleted once every event made of it (and of each row delivered before) is acknowledged.
+      self.delivered[#self.delivered + 1] = r.seq
+      acks:commit(r.seq)
+    else
+      handled[#handled + 1] = r.seq
+    end
     if cont == false then return nil, client.failure end
     if not self.listening then return true end   -- a callback stopped the client
+    if acks and acks:full() then return true end  -- the rest waits for acknowledgements
     if budget and i % CHECK_EVERY == 0 and core.now() >= budget then return true end
   end
   self.pending = nil
@@ -1123,6 +1216,7 @@ function Driver:drain(budget)
 end
 
 local STEP_BUDGET = 0.05   -- seconds of delivery per step at most
+local PAUSED_POLL = 0.01   -- while paused for acknowledgements, a look this often
 
 function Driver:step()
   if not self.listening then
@@ -1138,6 +1232,11 @@ function Driver:step()
     if not self.listening then return true end
   end
   if not self.pending and self.next_poll and now < self.next_poll then return true end
+  if self:paused() then
+    -- max_unacked events wait for the script's acknowledgements.
+    self.next_poll = now + PAUSED_POLL
+    return true
+  end
   -- While rows are delivered, a callback may stop the client: stop() must not deliver
   -- from inside (out of order), and this loop must not read on.
   self.stepping = true
@@ -1169,6 +1268,15 @@ function Driver:quiesce()
   local deadline = core.now() + timeout
   self.quiesced = { deadline = deadline, problems = {} }
   local problems = self.quiesced.problems
+  if self.persistent then
+    -- Triggers and backlog stay for the next run: only what was handled is deleted.
+    self.pending = nil
+    if self:conn():ok() and #self.handled > 0 then
+      local ok, err = self:exec(self:delete_handled_sql())
+      if ok then self.handled = {} else problems[#problems + 1] = "cannot delete what it delivered: " .. tostring(err) end
+    end
+    return
+  end
   local ok, err = self:drop_schema_triggers(self.schema, deadline)
   if not ok then problems[#problems + 1] = "cannot remove its triggers: " .. tostring(err) end
   if not (self.client.failure or self.stepping) then
@@ -1205,10 +1313,16 @@ function Driver:stop()
   self:quiesce()
   local deadline, problems = self.quiesced.deadline, self.quiesced.problems
   self.listening = false
-  local rok, rerr = self:remove_schema(self.schema, math.max(deadline, core.now() + 1))
-  if not rok then
-    problems[#problems + 1] = string.format("cannot remove schema %s (%s); the next flashlua start removes it",
-      self.schema, tostring(rerr))
+  if self.persistent then
+    local left = self:backlog(self.schema)
+    log.info(string.format("schema %s and its triggers stay (persistent = true): %d captured changes wait for the " ..
+      "next run", self.schema, left))
+  else
+    local rok, rerr = self:remove_schema(self.schema, math.max(deadline, core.now() + 1))
+    if not rok then
+      problems[#problems + 1] = string.format("cannot remove schema %s (%s); the next flashlua start removes it",
+        self.schema, tostring(rerr))
+    end
   end
   self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
   self:drop_keeper()
