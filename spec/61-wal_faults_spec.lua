@@ -537,4 +537,68 @@ describe("wal_logical faults", function()
       end)
     end
   end)
+
+  describe("a row of 100 MB", function()
+    it("arrives intact with a persistent slot, and the client's memory comes back after it", function()
+      local slot = "flash_spec_big"
+      drop_slot(slot)
+      local event, base, peak, after = H.big_row("wal_logical", slot)
+      drop_slot(slot)
+      assert.equal("event 104857600 true", event)
+      -- The value's text is 200 MB (hex); the client peaks at under 3 times that, and
+      -- afterwards holds less than 64 MB more than before (libpq's input buffer, 256 MB,
+      -- used to stay).
+      assert.is_true(peak - base < 600, "peak " .. peak .. " MB, baseline " .. base)
+      assert.is_true(after - base < 64, "after " .. after .. " MB, baseline " .. base)
+    end)
+  end)
+
+  describe("a change the server fails on every time", function()
+    it("stops after five failures at the same position, naming it, the failing change and the fix; exit status 1", function()
+      local t, slot = H.table("id int"), "flash_spec_stuck"
+      drop_slot(slot)
+      -- on_error = "log" does not apply: it is a callback's policy, and no callback failed.
+      local code = script([[
+        local flash = require "flash"
+        local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = arg[1], publication = arg[1],
+          on_error = "log" })
+        assert(c:listen { table = arg[2] }):on("insert", function(ev) print("insert", ev.new.id, ev.lsn) end)
+        assert(c:start())
+        io.stdout:setvbuf("no")
+        print("ready")
+      ]])
+      local h = spawn({ code, slot, t })
+      assert.is_true(h.await("ready", 20), h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      assert.is_true(h.await("insert\t1", 10), h.err())
+      local lsn1 = h.out():match("insert\t1\t(%S+)")
+      assert.is_true(wait_for(function()
+        return H.scalar("SELECT confirmed_flush_lsn > $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+          lsn1, slot) == true
+      end, 5))
+      -- pgoutput reads the publication as of each change: a change written while it did not
+      -- exist fails to decode, however often the walsender is asked again.
+      H.sql("DROP PUBLICATION " .. slot)
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      assert.equal(1, h.wait(30), h.err())
+      local err = h.err()
+      -- The position is the stream's when it failed (the walsender reads from the slot's
+      -- restart point, before what it has confirmed).
+      assert.truthy(err:find("replication fails at the same position %x+/%x+ every time %(5 times%): " ..
+        "replication stream ended by the server: ERROR:  publication \"" .. slot .. "\" does not exist"), err)
+      local change = err:match("associated LSN (%x+/%x+)")
+      assert.truthy(change, err)
+      -- Nothing was skipped: the slot has not moved past the failing change.
+      assert.is_true(H.scalar("SELECT confirmed_flush_lsn <= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+        change, slot))
+      assert.truthy(err:find("the publication did not exist when that change was written (it was dropped while " ..
+        "listening); the slot cannot decode past it, even once the publication exists again; nothing after it can " ..
+        "be delivered until the slot is moved past the failing transaction (its change at " .. change .. "), " ..
+        "skipping it, with SELECT pg_replication_slot_advance('" .. slot .. "', '<an LSN past its commit>'))", 1, true), err)
+      local lines = {}
+      for l in h.out():gmatch("[^\n]+") do lines[#lines + 1] = l end
+      assert.same({ "ready", "insert\t1\t" .. lsn1 }, lines)
+      drop_slot(slot)
+    end)
+  end)
 end)

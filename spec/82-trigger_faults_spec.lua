@@ -237,3 +237,14 @@ describe("trigger driver options", function()
     end
   end)
 end)
+
+describe("a row of 100 MB (trigger)", function()
+  it("arrives intact, and the client's memory comes back after it", function()
+    local event, base, peak, after = H.big_row("trigger")
+    assert.equal("event 104857600 true", event)
+    -- The row's text is 200 MB (hex): under 3 times that at the peak, and less than 64 MB
+    -- more than before afterwards.
+    assert.is_true(peak - base < 600, "peak " .. peak .. " MB, baseline " .. base)
+    assert.is_true(after - base < 64, "after " .. after .. " MB, baseline " .. base)
+  end)
+end)

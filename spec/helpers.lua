@@ -227,6 +227,24 @@ function H.session()
   return s
 end
 
+-- Inserts a row whose bytea `v` is 100 MB into a new table while spec/big_row_child.lua
+-- listens to it under `driver` (a persistent `slot` if given); returns the child's
+-- "event <length> <intact>" line and its baseline, peak and final resident memory in MB.
+function H.big_row(driver, slot)
+  local t = H.table("id int, v bytea")
+  local h = H.spawn({ H.root .. "spec/big_row_child.lua", driver, t, slot })
+  assert(h.await("ready", 20), h.err())
+  H.sql("INSERT INTO " .. t .. " SELECT 1, convert_to(repeat('flashlua', 13107200), 'SQL_ASCII')")
+  local done = h.await("rss ", 120)
+  local rc = h.wait(10)
+  if not done or rc ~= 0 then h.kill("KILL") end
+  local out, err = h.out(), h.err()
+  for _, ext in ipairs({ ".out", ".err", ".rc" }) do os.remove(h.base .. ext) end
+  assert(done and rc == 0, "big_row_child: " .. tostring(rc) .. " " .. err)
+  local event, base, peak, after = out:match("\n(event [^\n]*)\nrss (%d+) (%d+) (%d+)")
+  return event, tonumber(base), tonumber(peak), tonumber(after)
+end
+
 -- Runs flashlua to completion; returns status, stdout, stderr.
 function H.run_flashlua(args, timeout, env)
   local h = H.spawn(args, env)

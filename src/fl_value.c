@@ -106,9 +106,10 @@ static int hexval(char c) {
   return -1;
 }
 
-long fl_bytea_decode(const char *s, size_t len, char *out) {
+/* out == NULL only checks the text and counts the bytes. */
+static long bytea_run(const char *s, size_t len, char *out) {
   const char *p = s, *end = s + len;
-  char *o = out;
+  size_t n = 0;
   if (len >= 2 && s[0] == '\\' && s[1] == 'x') {
     /* byteain also takes blanks between byte pairs (never inside one); accept what the
      * server accepts so hand-written hex in a JSON payload decodes too. */
@@ -123,26 +124,42 @@ long fl_bytea_decode(const char *s, size_t len, char *out) {
       hi = hexval(p[0]);
       lo = hexval(p[1]);
       if (hi < 0 || lo < 0) return -1;
-      *o++ = (char)(hi << 4 | lo);
+      if (out) out[n] = (char)(hi << 4 | lo);
+      n++;
       p += 2;
     }
-    return (long)(o - out);
+    return (long)n;
   }
   while (p < end) {
+    char c;
     if (*p != '\\') {
-      *o++ = *p++;
+      c = *p++;
     } else if (end - p >= 2 && p[1] == '\\') {
-      *o++ = '\\';
+      c = '\\';
       p += 2;
     } else if (end - p >= 4 && p[1] >= '0' && p[1] <= '3' && p[2] >= '0' && p[2] <= '7' &&
                p[3] >= '0' && p[3] <= '7') {
-      *o++ = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
+      c = (char)((p[1] - '0') << 6 | (p[2] - '0') << 3 | (p[3] - '0'));
       p += 4;
     } else {
       return -1;
     }
+    if (out) out[n] = c;
+    n++;
   }
-  return (long)(o - out);
+  return (long)n;
+}
+
+long fl_bytea_decode(const char *s, size_t len, char *out) {
+  return bytea_run(s, len, out);
+}
+
+/* Every byte written lies at or before the text still to be read (one byte from two hex
+ * digits, from one to four escape characters), so out may be s. Checked first, so that
+ * malformed text is left as it was. */
+long fl_bytea_decode_inplace(char *s, size_t len) {
+  if (bytea_run(s, len, NULL) < 0) return -1;
+  return bytea_run(s, len, s);
 }
 
 /* ---- array literals ---- */

@@ -24,6 +24,9 @@ int fl_strtod_copy(char *buf, size_t len, double *out);
 /* bytea text in either output form: hex ("\x0a0b") or escape ("a\\b\001").
  * out must hold len bytes. Returns bytes written, or -1 when malformed. */
 long fl_bytea_decode(const char *s, size_t len, char *out);
+/* The same, decoded over the text itself (a large value needs no second buffer); s is
+ * left unchanged when malformed. */
+long fl_bytea_decode_inplace(char *s, size_t len);
 
 /* A pull reader for array literals: "{1,2,NULL}", "{{a,b},{c,d}}", "{\"x y\",\"q\\\"\"}",
  * with an optional dimension prefix "[0:1]={...}". delim is pg_type.typdelim (',' mostly,

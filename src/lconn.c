@@ -179,10 +179,15 @@ static fl_coltype resolve_type(fl_conn *c, uint32_t oid) {
   return t;
 }
 
-static void push_result_rows(lua_State *L, fl_conn *c, PGresult *r, int flags) {
+/* close_first: the connection is closed once the types are known, before any value is
+ * copied into Lua, so its input buffer (as large as the largest row it received) is freed
+ * before the row's strings are made. Each value is read once: a bytea is decoded over
+ * its text in the result. */
+static void push_result_rows(lua_State *L, fl_conn *c, PGresult *r, int flags, int close_first) {
   int nrows = PQntuples(r), ncols = PQnfields(r);
   fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (ncols ? ncols : 1));
   for (int j = 0; j < ncols; j++) types[j] = resolve_type(c, PQftype(r, j));
+  if (close_first && c->pg) { PQfinish(c->pg); c->pg = NULL; }
   lua_createtable(L, nrows, 0);
   for (int i = 0; i < nrows; i++) {
     lua_createtable(L, 0, ncols);
@@ -191,7 +196,7 @@ static void push_result_rows(lua_State *L, fl_conn *c, PGresult *r, int flags) {
       if (PQgetisnull(r, i, j))
         lua_pushlightuserdata(L, FL_NULL);
       else
-        fl_push_value(L, &types[j], PQgetvalue(r, i, j), PQgetlength(r, i, j), flags);
+        fl_push_value_owned(L, &types[j], PQgetvalue(r, i, j), PQgetlength(r, i, j), flags);
       lua_rawset(L, -3);
     }
     lua_rawseti(L, -2, i + 1);
@@ -223,11 +228,11 @@ static const char *param_text(lua_State *L, int idx, char *numbuf, size_t numsz)
 }
 
 /* Pushes a query result (rows, ntuples) or its error (nil, err, sqlstate); clears it. */
-static int push_result(lua_State *L, fl_conn *c, PGresult *r, int flags) {
+static int push_result(lua_State *L, fl_conn *c, PGresult *r, int flags, int close_first) {
   if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
   ExecStatusType st = PQresultStatus(r);
   if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
-    push_result_rows(L, c, r, flags);
+    push_result_rows(L, c, r, flags, close_first);
     const char *ct = PQcmdTuples(r);
     lua_pushinteger(L, ct && *ct ? atoi(ct) : PQntuples(r));
     PQclear(r);
@@ -238,7 +243,7 @@ static int push_result(lua_State *L, fl_conn *c, PGresult *r, int flags) {
 
 /* conn:exec(sql, [flags], ...) -> rows, ntuples | nil, err, sqlstate
  * With no parameters the text may hold several statements (the last result is returned). */
-static int l_exec(lua_State *L) {
+static int exec_sql(lua_State *L, int close_first) {
   fl_conn *c = check_conn(L, 1);
   const char *sql = luaL_checkstring(L, 2);
   int flags = (int)luaL_optinteger(L, 3, 0);
@@ -252,8 +257,15 @@ static int l_exec(lua_State *L) {
     for (int i = 0; i < nparams; i++) vals[i] = param_text(L, 4 + i, nums[i], sizeof nums[i]);
     r = PQexecParams(c->pg, sql, nparams, NULL, vals, NULL, NULL, 0);
   }
-  return push_result(L, c, r, flags);
+  return push_result(L, c, r, flags, close_first);
 }
+
+static int l_exec(lua_State *L) { return exec_sql(L, 0); }
+
+/* conn:exec_last(sql, [flags], ...) -> as conn:exec, and the connection is closed once the
+ * result has arrived, before its values are copied: for a connection opened to read one
+ * large row, whose memory then returns after the row, not after its copy. */
+static int l_exec_last(lua_State *L) { return exec_sql(L, 1); }
 
 /* conn:prepare(name, sql) -> true | nil, err, sqlstate : a named statement of this
  * session, for statements run often (one parse and plan, not one per run). */
@@ -281,7 +293,7 @@ static int l_exec_prepared(lua_State *L) {
   const char **vals = lua_newuserdata(L, sizeof(char *) * (nparams ? nparams : 1));
   char (*nums)[32] = lua_newuserdata(L, 32 * (nparams ? nparams : 1));
   for (int i = 0; i < nparams; i++) vals[i] = param_text(L, 4 + i, nums[i], sizeof nums[i]);
-  return push_result(L, c, PQexecPrepared(c->pg, name, nparams, vals, NULL, NULL, 0), flags);
+  return push_result(L, c, PQexecPrepared(c->pg, name, nparams, vals, NULL, NULL, 0), flags, 0);
 }
 
 int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res) {
@@ -433,7 +445,8 @@ static int l_layout_record(lua_State *L) {
     if (i < lo->n) {
       lua_pushlstring(L, lo->names[i], lo->namelen[i]);
       if (t == FL_REC_NULL) lua_pushlightuserdata(L, FL_NULL);
-      else fl_push_value(L, &lo->types[i], v, vlen, lo->flags);
+      /* v lies in buf, ours, and each field is read once: a bytea decodes in place. */
+      else fl_push_value_owned(L, &lo->types[i], (char *)v, vlen, lo->flags);
       lua_rawset(L, -3);
     }
     i++;
@@ -805,6 +818,7 @@ static const luaL_Reg batch_methods[] = {
 
 static const luaL_Reg conn_methods[] = {
   { "exec", l_exec },
+  { "exec_last", l_exec_last },
   { "prepare", l_prepare },
   { "exec_prepared", l_exec_prepared },
   { "escape_identifier", l_escape_identifier },

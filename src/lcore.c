@@ -152,6 +152,12 @@ static int l_decode(lua_State *L) {
   return 1;
 }
 
+/* core.release_memory() : after a large row, give its memory back (see fl_release_memory). */
+static int l_release_memory(lua_State *L) {
+  fl_release_memory(L);
+  return 0;
+}
+
 static const luaL_Reg core_funcs[] = {
   { "signals", l_signals },
   { "signal_pending", l_signal_pending },
@@ -162,6 +168,7 @@ static const luaL_Reg core_funcs[] = {
   { "sleep", l_sleep },
   { "getpid", l_getpid },
   { "decode", l_decode },
+  { "release_memory", l_release_memory },
   { NULL, NULL }
 };
 

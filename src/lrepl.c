@@ -23,6 +23,7 @@
 #define CONFIRM_DELAY_US 1000000LL         /* handled transactions are confirmed within 1 s... */
 #define CONFIRM_TXNS 1000                  /* ...or once this many are handled, if sooner */
 #define STREAM_MEM_DEFAULT (8u << 20)      /* buffered bytes of streamed changes before spilling */
+#define LARGE_MESSAGE (8u << 20)           /* past this, memory is given back after the message */
 
 /* A streamed (in-progress) transaction's changes, kept until its Stream Commit. Records are
  * [u32 len][u32 xid][message bytes]. */
@@ -68,6 +69,7 @@ typedef struct {
   size_t stream_peak;       /* the most held in memory at once, for stats */
   uint64_t spilled_total;
   uint64_t events, messages, bytes;
+  uint64_t largest;         /* the largest message received: libpq's input buffer is as large */
   char err[512];
 } fl_repl;
 
@@ -260,7 +262,11 @@ static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *re
 
 /* Pushes a row table. key_only: just the replica identity key columns (an old tuple of
  * kind 'K' sends the others as nulls that are not the row's values). An unchanged TOAST
- * column takes the old tuple's value when there is one, else flash.unchanged. */
+ * column takes the old tuple's value when there is one, else flash.unchanged.
+ * The tuple's own values are decoded over their text (fl_push_value_owned): the message
+ * buffer is ours (PQgetCopyData's copy, or a streamed transaction's record) and each value
+ * is read once — the new row borrows old values without overwriting them, since the old
+ * row is built from them next. */
 static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_pgo_relation *rel,
                      const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int key_only, int flags) {
   lua_getfield(L, entry, "names");
@@ -272,7 +278,10 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
     if (v->kind == 'u' && old && i < old->ncols && (old->vals[i].kind == 't' || old->vals[i].kind == 'n'))
       v = &old->vals[i];
     switch (v->kind) {
-      case 't': fl_push_value(L, &types[i], v->data, v->len, flags); break;
+      case 't':
+        if (v == &tup->vals[i]) fl_push_value_owned(L, &types[i], (char *)v->data, v->len, flags);
+        else fl_push_value(L, &types[i], v->data, v->len, flags);
+        break;
       case 'b': lua_pushlstring(L, v->data, v->len); break;
       case 'u': lua_pushlightuserdata(L, FL_UNCHANGED); break;
       default: lua_pushlightuserdata(L, FL_NULL); break;
@@ -759,6 +768,7 @@ static int l_pump(lua_State *L) {
       return fail(L, r->err);
     }
     r->bytes += (uint64_t)n;
+    if ((uint64_t)n > r->largest) r->largest = (uint64_t)n;
     int rc = 0;
     if (buf[0] == 'k' && n >= 18) {
       uint64_t wal_end = get_u64(buf + 1);
@@ -784,6 +794,7 @@ static int l_pump(lua_State *L) {
       rc = -1;
     }
     PQfreemem(buf);
+    if (n > (int)LARGE_MESSAGE) fl_release_memory(L);
     if (rc < 0) return fail(L, r->err);
     if (rc > 0) return fail(L, "stopped by a callback");
     if (budget == 0) more = 1;
@@ -873,7 +884,7 @@ static int l_fd(lua_State *L) {
 /* repl:state() -> { received=, flushed=, server_end=, in_txn=, events=, ... } (LSNs as numbers) */
 static int l_state(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
-  lua_createtable(L, 0, 12);
+  lua_createtable(L, 0, 14);
   lua_pushnumber(L, (double)r->received); lua_setfield(L, -2, "received");
   lua_pushnumber(L, (double)r->flushed); lua_setfield(L, -2, "flushed");
   lua_pushnumber(L, (double)r->delivered); lua_setfield(L, -2, "delivered");
@@ -883,6 +894,8 @@ static int l_state(lua_State *L) {
   lua_pushnumber(L, (double)r->events); lua_setfield(L, -2, "events");
   lua_pushnumber(L, (double)r->messages); lua_setfield(L, -2, "messages");
   lua_pushnumber(L, (double)r->bytes); lua_setfield(L, -2, "bytes");
+  lua_pushnumber(L, (double)r->largest); lua_setfield(L, -2, "largest_message");
+  lua_pushboolean(L, r->streams != NULL); lua_setfield(L, -2, "streams_open");
   lua_pushnumber(L, (double)r->stream_mem); lua_setfield(L, -2, "stream_buffered");
   lua_pushnumber(L, (double)r->stream_peak); lua_setfield(L, -2, "stream_buffered_peak");
   lua_pushnumber(L, (double)r->spilled_total); lua_setfield(L, -2, "stream_spilled");

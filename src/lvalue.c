@@ -3,6 +3,9 @@
  * fl_json/fl_value (pure C); this file only walks and builds Lua values. */
 #include <stdlib.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <lua.h>
 #include <lauxlib.h>
 #include "fl_json.h"
@@ -228,6 +231,29 @@ static void push_bytea(lua_State *L, const char *s, size_t len) {
   if (n < 0) lua_pushlstring(L, s, len);
   else lua_pushlstring(L, buf, (size_t)n);
   drop_scratch(L, stackbuf, buf);
+}
+
+/* A value whose text the caller owns and never reads again: a bytea is decoded over its
+ * own text, so a large one costs one copy (the Lua string), not two. */
+void fl_push_value_owned(lua_State *L, const fl_coltype *t, char *s, size_t len, int flags) {
+  if (s != NULL && t->elem == 0 && t->oid == FL_BYTEAOID) {
+    long n = fl_bytea_decode_inplace(s, len);
+    if (n >= 0) {
+      lua_pushlstring(L, s, (size_t)n);
+      return;
+    }
+  }
+  fl_push_value(L, t, s, len, flags);
+}
+
+/* After a large value: a full collection frees the strings of events nobody keeps, and
+ * glibc is asked to give back the free heap it holds (blocks of 128 kB to 32 MB can come
+ * from the heap, which glibc keeps unless trimmed). */
+void fl_release_memory(lua_State *L) {
+  lua_gc(L, LUA_GCCOLLECT, 0);
+#ifdef __GLIBC__
+  malloc_trim(0);
+#endif
 }
 
 static void push_number_or_text(lua_State *L, const char *s, size_t len) {

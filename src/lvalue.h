@@ -28,6 +28,12 @@ uint32_t fl_builtin_elem(uint32_t oid);
  * column (e.g. bad JSON) falls back to pushing the text as a string: the user gets the
  * value, never a crash. flags: FL_NUMERIC_AS_NUMBER. */
 void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags);
+/* The same for text the caller owns and does not read again: it may be overwritten
+ * (a bytea is decoded in place). */
+void fl_push_value_owned(lua_State *L, const fl_coltype *t, char *s, size_t len, int flags);
+
+/* Gives back memory after a large value: a full Lua collection, then malloc_trim. */
+void fl_release_memory(lua_State *L);
 
 /* Pushes the Lua value of JSON text s (objects/arrays as tables marked with flash.object_mt
  * and flash.array_mt, null as flash.null, numbers no double holds exactly as

@@ -231,6 +231,13 @@ static void check_bytea(const char *file, int line, const char *in, size_t len, 
   if (wlen > 0) append(exp, sizeof exp, want, (size_t)wlen);
   report(file, line, n == wlen && (wlen <= 0 || memcmp(out, want, (size_t)wlen) == 0),
          "bytea \"%s\": got %ld \"%s\", want %ld \"%s\"", in, n, got, wlen, exp);
+  /* Decoded over its own text: the same bytes, and malformed text left as it was. */
+  char *inplace = exact_copy(in, len);
+  long m = fl_bytea_decode_inplace(inplace, len);
+  report(file, line, m == wlen && (wlen > 0 ? memcmp(inplace, want, (size_t)wlen) == 0 :
+                                   wlen < 0 ? len == 0 || memcmp(inplace, in, len) == 0 : 1),
+         "bytea in place \"%s\": got %ld, want %ld", in, m, wlen);
+  free_copy(inplace, len);
   free(out);
   free_copy(copy, len);
 }

@@ -971,14 +971,15 @@ function Driver:apply_marker(r)
 end
 
 -- A captured row of more than LARGE_ROW bytes of text is read alone, on a connection
--- opened for it and closed after: libpq keeps its input buffer as large as the largest
--- message it received, so the client's own connection would hold that much for good.
+-- opened for it and closed as soon as the row has arrived (exec_last), before the row is
+-- copied into Lua: libpq keeps its input buffer as large as the largest message it
+-- received, so the client's own connection would hold that much for good.
 local LARGE_ROW = 8 * 1024 * 1024
 
 function Driver:fetch_large(r)
   local conn, err = core.connect(self.client:dsn())
   if not conn then return nil, err end
-  local rows, qerr = conn:exec("SELECT new, old FROM " .. self:ident(self.schema) .. ".events WHERE seq = $1", 0, r.seq)
+  local rows, qerr = conn:exec_last("SELECT new, old FROM " .. self:ident(self.schema) .. ".events WHERE seq = $1", 0, r.seq)
   conn:close()
   if not rows then return nil, qerr end
   if rows[1] then r.new, r.old = rows[1].new, rows[1].old end
@@ -1194,11 +1195,17 @@ function Driver:drain(budget)
     local nv, ov = r.new, r.old
     counters.bytes = counters.bytes + (type(nv) == "string" and #nv or 0) + (type(ov) == "string" and #ov or 0)
     if client.failure then return nil, client.failure end
-    if (r.new_len ~= null and r.new_len > LARGE_ROW) or (r.old_len ~= null and r.old_len > LARGE_ROW) then
+    local large = (r.new_len ~= null and r.new_len > LARGE_ROW) or (r.old_len ~= null and r.old_len > LARGE_ROW)
+    if large then
       local ok, err = self:fetch_large(r)
       if not ok then return nil, err end
     end
     local cont = self:deliver_row(r)
+    if large then
+      -- The row's text and whatever of its event no callback kept go now, not with the batch.
+      r.new, r.old = nil, nil
+      core.release_memory()
+    end
     if acks then
       -- Deleted once every event made of it (and of each row delivered before) is acknowledged.
       self.delivered[#self.delivered + 1] = r.seq

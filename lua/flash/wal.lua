@@ -22,6 +22,14 @@ local SLICE = 0.05
 -- How often the listened tables are looked at (renamed, dropped, new INHERITS children)
 -- and the query connection is checked.
 local HOUSE_INTERVAL = 1
+-- libpq keeps a connection's input buffer as large as the largest message it received
+-- (fe-misc.c doubles it as needed and nothing shrinks it), so one row of 100 MB would keep
+-- 128 MB or more for the client's lifetime. Once such a row's transaction is handled, a
+-- persistent slot's connection is ended (the last status update confirms everything
+-- handled, and the server has applied it when it ends the copy) and opened again at the
+-- confirmed position: nothing is lost or delivered twice. A temporary slot is dropped with
+-- its connection, so under persistent = false the buffer stays.
+local LARGE_MESSAGE = 8 * 1024 * 1024
 
 local fail = base.fail
 
@@ -641,6 +649,12 @@ function Driver:step()
     if tostring(err):find("^dispatch: ") then return nil, err end
     return self:lost(err)
   end
+  if self.persistent and more == false then
+    local st = self.repl:state()
+    if st.largest_message > LARGE_MESSAGE and not st.in_txn and not st.streams_open then
+      return self:renew()
+    end
+  end
   if self.until_lsn and not self.reached then
     -- Delivered, acknowledged or not: under manual acks a stop hook may acknowledge last.
     local st = self.repl:state()
@@ -654,6 +668,17 @@ function Driver:step()
       end
     end
   end
+  return true
+end
+
+function Driver:renew()
+  local largest = self.repl:state().largest_message
+  self.repl:finish(self.client.opts.shutdown_timeout or 10)
+  self.repl = nil
+  local ok, err = self:open_slot()
+  if not ok then return self:lost(err) end
+  log.info(string.format("replication connection to slot %s opened again after a message of %d bytes, to free " ..
+    "its buffer", self.slot, largest))
   return true
 end
 
@@ -674,12 +699,24 @@ function Driver:lost(err)
   end
   if self.stuck_count >= STUCK_REPEATS then
     if self.repl then self.repl:close() self.repl = nil end
-    local hint = msg:find("memory alloc request size", 1, true) and
-      ("a change there is too large for PostgreSQL's text output (over 1 GB as text); nothing after it can be " ..
-       "delivered until the slot is moved past it with pg_replication_slot_advance(" .. self:literal(self.slot) ..
-       ", <the next LSN>)") or "see the server log"
-    return nil, string.format("replication fails at the same position %s every time (%d times): %s (%s)",
-      core.lsn(at >= 0 and at or 0), self.stuck_count, msg, hint)
+    local cause = "see the server log"
+    if msg:find("memory alloc request size", 1, true) then
+      cause = "a change there is too large for PostgreSQL's text output (over 1 GB as text)"
+    elseif msg:find("publication", 1, true) and msg:find("does not exist", 1, true) then
+      cause = "the publication did not exist when that change was written (it was dropped while listening); " ..
+        "the slot cannot decode past it, even once the publication exists again"
+    end
+    local fix
+    if self.persistent then
+      local change = msg:match("associated LSN (%x+/%x+)")
+      fix = "nothing after it can be delivered until the slot is moved past the failing transaction" ..
+        (change and (" (its change at " .. change .. ")") or "") .. ", skipping it, with SELECT " ..
+        "pg_replication_slot_advance(" .. self:literal(self.slot) .. ", '<an LSN past its commit>')"
+    else
+      fix = "the temporary slot goes with this client; a new start begins at the current position"
+    end
+    return nil, string.format("replication fails at the same position %s every time (%d times): %s (%s; %s)",
+      core.lsn(at >= 0 and at or 0), self.stuck_count, msg, cause, fix)
   end
   log.warn(string.format("replication connection lost (%s); reconnecting", msg))
   if self.repl then self.repl:close() self.repl = nil end
