@@ -615,13 +615,16 @@ describe("matrix (" .. driver .. ")", function()
     H.sql("INSERT INTO " .. t .. " VALUES (1, 'root'), (150, 'root')")
     H.sql("INSERT INTO " .. t .. "_a VALUES (2, 'direct')")
     H.sql("DELETE FROM " .. t .. "_b WHERE id = 150")
+    -- Moved to another partition by an UPDATE: a delete and an insert ([partition-move]).
+    H.sql("UPDATE " .. t .. " SET id = 500 WHERE id = 2")
     -- A partition created while listening, written at once, through the root and directly.
     H.sql("CREATE TABLE " .. t .. "_c PARTITION OF " .. t .. " FOR VALUES FROM (1000) TO (2000); " ..
       "INSERT INTO " .. t .. "_c VALUES (1600, 'new partition, directly')")
     H.sql("INSERT INTO " .. t .. " VALUES (1500, 'new partition')")
     H.sql("INSERT INTO " .. t .. " VALUES (99, 'mark')")
     local got = before_mark(events, 99)
-    assert.same({ "insert 1", "insert 150", "insert 2", "delete 150", "insert 1600", "insert 1500" }, trace(got))
+    assert.same({ "insert 1", "insert 150", "insert 2", "delete 150", "delete 2", "insert 500", "insert 1600",
+      "insert 1500" }, trace(got))
     local sources = {}
     for i, ev in ipairs(got) do
       assert.equal("public." .. t, ev.table)
@@ -629,10 +632,63 @@ describe("matrix (" .. driver .. ")", function()
     end
     if driver == "trigger_statement" then
       -- Its transition tables hold the rows of the table the statement named.
-      assert.same({ "", "", "_a", "_b", "_c", "" }, sources)
-      return { note = "ev.source: the table the statement named" }
+      assert.same({ "", "", "_a", "_b", "_a", "_b", "_c", "" }, sources)
+      return { note = "ev.source: the table the statement named (a moved row's: its partitions)" }
     end
-    assert.same({ "_a", "_b", "_a", "_b", "_c", "_c" }, sources)
+    assert.same({ "_a", "_b", "_a", "_b", "_a", "_b", "_c", "_c" }, sources)
+  end)
+
+  cell("[partition-move]", "an UPDATE that moves a row to another partition is a delete from the partition it " ..
+    "left, then an insert into the one it entered", function()
+    -- Two levels (_b is partitioned again) and a partition whose columns are in another
+    -- order (_c, attached).
+    local t = H.table("id int, k int, v text) PARTITION BY LIST (k")
+    H.sql("CREATE TABLE " .. t .. "_a PARTITION OF " .. t .. " FOR VALUES IN (1)")
+    H.sql("CREATE TABLE " .. t .. "_b PARTITION OF " .. t .. " FOR VALUES IN (2) PARTITION BY RANGE (id)")
+    H.sql("CREATE TABLE " .. t .. "_b1 PARTITION OF " .. t .. "_b FOR VALUES FROM (0) TO (100)")
+    H.sql("CREATE TABLE " .. t .. "_b2 PARTITION OF " .. t .. "_b FOR VALUES FROM (100) TO (1000)")
+    H.sql("CREATE TABLE " .. t .. "_c (v text, k int, id int)")
+    H.sql("ALTER TABLE " .. t .. " ATTACH PARTITION " .. t .. "_c FOR VALUES IN (3)")
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 1, 'one'), (2, 1, 'two'), (3, 1, 'three'), (50, 2, 'fifty'), " ..
+      "(150, 2, 'x'), (7, 2, 'seven')")
+    local events = listen({ table = t })
+    -- Through the root, one statement: rows 1 and 3 move to _c, row 2 stays in _a.
+    H.sql("UPDATE " .. t .. " SET k = CASE WHEN id = 2 THEN 1 ELSE 3 END, v = v || '+' WHERE k = 1")
+    -- Through the intermediate partitioned table, between its partitions.
+    H.sql("UPDATE " .. t .. "_b SET id = id + 60 WHERE id = 50")
+    -- Out of the partition with the other column order, two levels down.
+    H.sql("UPDATE " .. t .. " SET k = 2 WHERE id = 1")
+    -- With a DELETE of the same tree in the same statement (a writable CTE, run first).
+    H.sql("WITH gone AS (DELETE FROM " .. t .. "_b1 WHERE id = 7 RETURNING id) UPDATE " .. t ..
+      " SET k = 1 WHERE id IN (SELECT 150 FROM gone)")
+    H.sql("INSERT INTO " .. t .. " VALUES (99, 1, 'mark')")
+    local got = before_mark(events, 99)
+    local want = {
+      { "delete", "_a", nil, { id = 1, k = 1, v = "one" } },
+      { "insert", "_c", { id = 1, k = 3, v = "one+" } },
+      { "update", "_a", { id = 2, k = 1, v = "two+" }, { id = 2, k = 1, v = "two" } },
+      { "delete", "_a", nil, { id = 3, k = 1, v = "three" } },
+      { "insert", "_c", { id = 3, k = 3, v = "three+" } },
+      { "delete", "_b1", nil, { id = 50, k = 2, v = "fifty" } },
+      { "insert", "_b2", { id = 110, k = 2, v = "fifty" } },
+      { "delete", "_c", nil, { id = 1, k = 3, v = "one+" } },
+      { "insert", "_b1", { id = 1, k = 2, v = "one+" } },
+      { "delete", "_b1", nil, { id = 7, k = 2, v = "seven" } },
+      { "delete", "_b2", nil, { id = 150, k = 2, v = "x" } },
+      { "insert", "_a", { id = 150, k = 1, v = "x" } },
+    }
+    if driver == "trigger_statement" then
+      -- An update that stays in its partition: ev.source is the table the statement named;
+      -- a writable CTE's statements come table by table, the UPDATE's rows first.
+      want[3][2] = ""
+      table.insert(want, table.remove(want, 10))
+    end
+    local seen = {}
+    for i, ev in ipairs(got) do
+      assert.equal("public." .. t, ev.table)
+      seen[i] = { ev.op, ev.source:sub(#("public." .. t) + 1), ev.new, ev.old }
+    end
+    assert.same(want, seen)
   end)
 
   cell("[inheritance]", "rows of INHERITS children, including a child created while listening", function()

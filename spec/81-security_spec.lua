@@ -1,6 +1,7 @@
 -- spec/81-security_spec.lua: attacks by a second, unprivileged role against a flashlua
 -- that runs as a superuser (issue 9): no code that role controls runs with flashlua's
 -- privileges, and it can neither read, forge nor suppress events.
+local flash = require "flash"
 local core = require "flash.core"
 local H = require "spec.helpers"
 
@@ -19,6 +20,15 @@ end
 
 local function is_super()
   return H.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1", ROLE)
+end
+
+-- Each statement of `list`, run on connection `c`, fails for want of a privilege.
+local function denied(c, list)
+  for _, sql in ipairs(list) do
+    local ok, err = c:exec(sql, 0)
+    assert.is_nil(ok, sql)
+    assert.matches("permission denied", err, 1, true)
+  end
 end
 
 -- Polls until `n` events arrived, then a little more to show nothing else comes.
@@ -126,16 +136,12 @@ for _, driver in ipairs(H.drivers) do
         assert(c:consume())
         assert.is_nil((c:notify()))
         -- It cannot read, write or empty the capture table, nor attach our functions.
-        for _, sql in ipairs({
+        denied(c, {
           "SELECT * FROM " .. schema .. ".events",
           "INSERT INTO " .. schema .. ".events (xid, op, rel, tag, new) VALUES (1, 'I', '" .. t .. "'::regclass, 0, '(9,x)')",
           "DELETE FROM " .. schema .. ".events",
           "SELECT " .. schema .. ".capture()",
-        }) do
-          local ok, err = c:exec(sql, 0)
-          assert.is_nil(ok, sql)
-          assert.matches("permission denied", err, 1, true)
-        end
+        })
         local own = string.format("lpo_%d.t", core.getpid())
         assert(c:exec(string.format("CREATE SCHEMA IF NOT EXISTS lpo_%d; DROP TABLE IF EXISTS %s; CREATE TABLE %s (id int)",
           core.getpid(), own, own), 0))
@@ -152,6 +158,88 @@ for _, driver in ipairs(H.drivers) do
         assert.same({ 1, 2 }, { events[1].new.id, events[2].new.id })
         c:exec(string.format("DROP SCHEMA lpo_%d CASCADE", core.getpid()), 0)
         c:close()
+      end)
+    end
+
+    if driver == "trigger_statement" then
+      it("a forged move marker neither forges nor hides events, and the notes are out of reach", function()
+        n = n + 1
+        local s = string.format("lpm_%d_%d", core.getpid(), n)
+        local c = low()
+        assert(c:exec(string.format([[CREATE SCHEMA %s;
+          CREATE TABLE %s.p (id int, k int, v text) PARTITION BY LIST (k);
+          CREATE TABLE %s.p1 PARTITION OF %s.p FOR VALUES IN (1);
+          CREATE TABLE %s.p2 PARTITION OF %s.p FOR VALUES IN (2);
+          INSERT INTO %s.p VALUES (1, 1, 'a'), (2, 1, 'b')]], s, s, s, s, s, s, s), 0))
+        local events
+        client, events = H.listen({ table = s .. ".p" }, "all", { driver = driver })
+        local schema, marker = client:stats().schema, client.driver:marker_name()
+        -- The marker set by hand around a delete, an insert and an update that moves nothing.
+        assert(c:exec(string.format([[BEGIN; SELECT pg_catalog.set_config('%s', 'uuum', true);
+          DELETE FROM %s.p WHERE id = 1; INSERT INTO %s.p VALUES (1, 2, 'a');
+          UPDATE %s.p SET v = 'bb' WHERE id = 2; COMMIT]], marker, s, s, s), 0))
+        collect(client, events, 3)
+        local got = {}
+        for i, ev in ipairs(events) do got[i] = ev.op .. " " .. (ev.new or ev.old).id .. " " .. ev.source end
+        assert.same({ "delete 1 " .. s .. ".p", "insert 1 " .. s .. ".p", "update 2 " .. s .. ".p" }, got)
+        denied(c, {
+          "SELECT * FROM " .. schema .. ".moves",
+          "INSERT INTO " .. schema .. ".moves VALUES (txid_current(), 'D', '" .. s .. ".p1'::regclass, '(2,1,bb)')",
+          "SELECT " .. schema .. ".note_move()",
+        })
+        client:stop() client = nil
+        c:close()
+        H.sql("DROP SCHEMA " .. s .. " CASCADE")
+      end)
+    end
+
+    if driver ~= "wal_logical" then
+      -- flashlua itself runs as the unprivileged role (no DDL event trigger): rows written
+      -- before an ALTER TABLE and read after it.
+      it("without superuser, decodes a row written before an ALTER TABLE by its columns, or says it cannot", function()
+        n = n + 1
+        local s = string.format("lpd_%d_%d", core.getpid(), n)
+        local c = low()
+        assert(c:exec(string.format("CREATE SCHEMA %s; CREATE TABLE %s.t (id int PRIMARY KEY, a int, b text)", s, s), 0))
+        local lc = assert(flash.client { dsn = low_dsn, driver = driver })
+        client = lc
+        local l = assert(lc:listen { table = s .. ".t" })
+        local events = {}
+        l:on("all", function(ev) events[#events + 1] = ev end)
+        assert(lc:start())
+        local function write(sql) assert(c:exec(string.format(sql, s), 0)) end
+        write("INSERT INTO %s.t VALUES (1, 10, 'x')")
+        collect(lc, events, 1)
+        -- A column dropped while a row written before it waits: its number of values tells.
+        write("INSERT INTO %s.t VALUES (2, 20, 'y')")
+        write("ALTER TABLE %s.t DROP COLUMN b")
+        write("INSERT INTO %s.t VALUES (3, 30)")
+        write("UPDATE %s.t SET a = 31 WHERE id = 3")
+        collect(lc, events, 4)
+        -- A column retyped: the rows on either side have as many values; which columns
+        -- they were written with is not known, and the events say so.
+        write("INSERT INTO %s.t VALUES (4, 40)")
+        write("ALTER TABLE %s.t ALTER COLUMN a TYPE text USING 'n' || a")
+        write("INSERT INTO %s.t VALUES (5, 'n50')")
+        collect(lc, events, 6)
+        -- Once every row of before is read, the old columns are forgotten.
+        write("INSERT INTO %s.t VALUES (6, 'n60')")
+        collect(lc, events, 7)
+        assert.is_false(is_super())
+        local got = {}
+        for i, ev in ipairs(events) do got[i] = { ev.op, ev.new, ev.old, ev.columns_uncertain } end
+        assert.same({
+          { "insert", { id = 1, a = 10, b = "x" } },
+          { "insert", { id = 2, a = 20, b = "y" } },
+          { "insert", { id = 3, a = 30 } },
+          { "update", { id = 3, a = 31 }, { id = 3, a = 30 } },
+          { "insert", { id = 4, a = "40" }, nil, true },
+          { "insert", { id = 5, a = "n50" }, nil, true },
+          { "insert", { id = 6, a = "n60" } },
+        }, got)
+        lc:stop() client = nil
+        c:close()
+        H.sql("DROP SCHEMA " .. s .. " CASCADE")
       end)
     end
   end)

@@ -307,7 +307,7 @@ M.same = same
 
 local function derive(ev, op, new, old)
   return { op = op, id = ev.id, table = ev.table, source = ev.source, new = new, old = old, lsn = ev.lsn,
-           xid = ev.xid, commit_time = ev.commit_time }
+           xid = ev.xid, commit_time = ev.commit_time, columns_uncertain = ev.columns_uncertain }
 end
 
 -- Applies listener l to a whole-row event. Calls emit(l, ev) for zero, one or two events

@@ -81,7 +81,9 @@ function M.new(class, client)
     next_refresh = nil,
     installed = {},     -- [key] = { rel =, name =, qualified =, ddl = } triggers in the database
     rels = {},          -- [relation oid] = { display =, listeners = {...} }: what captures go to
-    shapes = {},        -- [relation oid] = { fp =, n =, layout = }: columns to decode its rows by
+    shapes = {},        -- [relation oid] = { fp =, n =, layout =, seen = }: columns to decode its rows by
+    history = {},       -- [relation oid] = { older shapes..., shapes[oid] }: see Driver:pick_shape
+    fetches = 0,        -- fetches so far; partial_at: the last one that came back less than full
     handled = {},       -- seqs of delivered rows, deleted with the next fetch
     delivered = {},     -- manual acks: seqs of delivered rows not yet acknowledged, in order
   }, class)
@@ -939,14 +941,60 @@ function Driver:load_shapes(oids)
   return true
 end
 
--- The columns rows of relation `oid` are decoded by from now on.
+-- The columns rows of relation `oid` are decoded by from now on. Without shape markers a
+-- change found in the catalog keeps the shapes seen before it (self.history): rows
+-- written before the ALTER TABLE may still be waiting to be read.
 function Driver:set_shape(oid, cols)
   local fp = {}
   for i, c in ipairs(cols) do fp[i] = c.name .. ":" .. c.oid .. ":" .. c.elem end
   fp = table.concat(fp, ",")
   local s = self.shapes[oid]
   if not s or s.fp ~= fp then
-    self.shapes[oid] = { fp = fp, n = #cols, layout = core.layout(cols, self.client.flags) }
+    local shape = { fp = fp, n = #cols, layout = core.layout(cols, self.client.flags), seen = self.fetches }
+    self.shapes[oid] = shape
+    if s and not self.markers then
+      local hist = self.history[oid] or { s }
+      for i = #hist, 1, -1 do
+        if hist[i].fp == fp then table.remove(hist, i) end
+      end
+      hist[#hist + 1] = shape
+      self.history[oid] = hist
+    end
+  end
+end
+
+-- Which shape a captured row of relation r.rel was written with, and whether that is
+-- uncertain. Without shape markers the client knows the shapes it saw in the catalog, not
+-- when each ALTER TABLE committed; a row's text tells how many values it has. Once a
+-- fetch that began after a shape was seen comes back less than full, every row written
+-- with an older one has been read, and the older ones are forgotten (Driver:fetch). Until
+-- then a row is decoded by the one shape with its number of values; when several have it
+-- (a column retyped or renamed, or dropped and another added) or none does (more than one
+-- ALTER TABLE between two looks), the newest such shape is used and the event says so.
+function Driver:pick_shape(r, shape)
+  local hist = self.history[r.rel]
+  if not hist then return shape, false end
+  local text = type(r.new) == "string" and r.new or r.old
+  if type(text) ~= "string" then return shape, false end
+  local _, n = shape.layout:record(text)
+  local found, count = nil, 0
+  for i = #hist, 1, -1 do
+    if hist[i].n == n then
+      count = count + 1
+      found = found or hist[i]
+    end
+  end
+  if count == 1 then return found, false end
+  return found or shape, true
+end
+
+-- Forgets older shapes once every row written with them has been read: a fetch that began
+-- after the newest shape was seen came back less than full.
+function Driver:forget_shapes()
+  local partial = self.partial_at
+  if not partial then return end
+  for oid, hist in pairs(self.history) do
+    if hist[#hist].seen < partial then self.history[oid] = nil end
   end
 end
 
@@ -1031,6 +1079,8 @@ end
 -- Fetches the next batch (deleting the rows handled so far in the same round trip);
 -- returns the rows in delivery order, or nil and the error.
 function Driver:fetch()
+  self:forget_shapes()
+  self.fetches = self.fetches + 1
   local sql = self:fetch_sql()
   local conn = self:conn()
   local rows, err
@@ -1061,6 +1111,7 @@ function Driver:fetch()
   end
   if not rows then return nil, err end
   self.handled = {}
+  if #rows < BATCH then self.partial_at = self.fetches end
   if #rows == 0 then return rows end
   -- Transactions in commit order when the server records commit timestamps; else in the
   -- order of their last captured row (a transaction that waited for another's row lock
@@ -1099,8 +1150,7 @@ function Driver:fetch()
   return rows
 end
 
--- A captured row's values by its relation's shape; warns when the shape changed since
--- the row was written (columns added or dropped meanwhile: matched by position).
+-- A captured row's values by a shape (Driver:pick_shape).
 function Driver.decode(_, shape, text, display)
   if type(text) ~= "string" then return nil end
   local row, n = shape.layout:record(text)
@@ -1108,14 +1158,18 @@ function Driver.decode(_, shape, text, display)
     log.warn(string.format("a row of %s could not be decoded (%s); delivered as its text in field \"row\"", display, n))
     return { row = text }
   end
-  if n > shape.n and not shape.warned then
-    -- Columns were dropped after the row was written: which ones is not known any more.
-    shape.warned = true
-    log.warn(string.format("rows of %s written before columns were dropped are delivered with the columns " ..
-      "of now, matched by position (%d values for %d columns)", display, n, shape.n))
-  end
-  -- Fewer values than columns: columns added since (always last): the row had none of them.
   return row
+end
+
+-- Says once per shape that rows of `display` are decoded by columns they may not have been
+-- written with (Driver:pick_shape); their events carry ev.columns_uncertain = true.
+function Driver.warn_uncertain(_, shape, display, xid)
+  if shape.warned then return end
+  shape.warned = true
+  log.warn(string.format("table %s changed shape (ALTER TABLE) while rows written before it were waiting to be " ..
+    "read, and which columns a row of transaction %d was written with cannot be known without the DDL event " ..
+    "trigger (a superuser's flashlua): it is decoded with the newest columns that fit its values, and its events " ..
+    "carry ev.columns_uncertain = true", display, xid))
 end
 
 -- Delivers one captured row; returns false when the client must stop.
@@ -1133,9 +1187,12 @@ function Driver:deliver_row(r)
     end
     return true
   end
+  local uncertain
+  if shape then shape, uncertain = self:pick_shape(r, shape) end
   local new = self:decode(shape, r.new, info.display)
   local old = self:decode(shape, r.old, info.display)
   local xid = r.xid % 4294967296
+  if uncertain then self:warn_uncertain(shape, info.display, xid) else uncertain = nil end
   local big = r.big ~= core.null and r.big or nil
   if big and big < 0 then
     big = -big
@@ -1152,7 +1209,7 @@ function Driver:deliver_row(r)
     local l = list[i]
     if (r.tag == 0 or r.tag == l.id) and client.by_id[l.id] then
       local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid,
-                   too_large = big }
+                   too_large = big, columns_uncertain = uncertain }
       local cont
       if l.passthrough or big then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, self.emit) end
       if cont == false or client.failure then return false end
