@@ -16,25 +16,8 @@ end
 local root = debug.getinfo(1, "S").source:match("^@(.*)bench/backfill%.lua$") or "./"
 local flashlua = root .. "build/flashlua"
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("*a")
-  p:close()
-  return out
-end
-
--- Runs a command under GNU time: wall s, user+sys s, max RSS kB, output.
-local function measure(cmd)
-  local tf = os.tmpname()
-  local out = sh(string.format("/usr/bin/time -f '%%e %%U %%S %%M' -o %s %s", tf, cmd))
-  local f = io.open(tf)
-  local line = f and f:read("*l") or ""
-  if f then f:close() end
-  os.remove(tf)
-  local wall, user, sys, rss = line:match("([%d.]+) ([%d.]+) ([%d.]+) (%d+)")
-  if not wall then error("command failed: " .. cmd .. "\n" .. out) end
-  return { wall = tonumber(wall), cpu = tonumber(user) + tonumber(sys), rss_kb = tonumber(rss), out = out }
-end
+local util = dofile(root .. "bench/util.lua")
+local sh, measure = util.sh, util.measure
 
 local function q_sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
@@ -132,7 +115,7 @@ local ok, err = pcall(function()
       "spec/64-backfill_spec.lua --filter rebuilds", q_sh(sb.dsn), opts.rows, root))
     local line = out.out:match("backfill of %d+ rows under a writer:[^\n]*") or out.out
     print("  consistency (spec/64 at " .. opts.rows .. " rows): " .. line)
-    print("  " .. (out.out:match("%d+ successes? / %d+ failures?[^\n]*") or "?") ..
+    print("  " .. (out.out:match("%d+ success[es]* / %d+ failures?") or "?") ..
       string.format("; peak RSS of the spec process (events checked against a Lua map of every key): %.1f MB",
         out.rss_kb / 1024))
   end
