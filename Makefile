@@ -91,6 +91,7 @@ bench:
 	scripts/deps
 	$(MAKE) all
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/wal.lua
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/backfill.lua
 
 # The write-side cost of listening, per driver (docs/drivers.md "What listening costs").
 bench-drivers:

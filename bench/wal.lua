@@ -14,25 +14,8 @@ end
 local root = debug.getinfo(1, "S").source:match("^@(.*)bench/wal%.lua$") or "./"
 local flashlua = root .. "build/flashlua"
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("*a")
-  local ok, _, code = p:close()
-  return out, (ok == true or ok == 0) and 0 or code
-end
-
--- Runs a command under GNU time: wall s, user+sys s, max RSS kB.
-local function measure(cmd)
-  local tf = os.tmpname()
-  local out, code = sh(string.format("/usr/bin/time -f '%%e %%U %%S %%M' -o %s %s", tf, cmd))
-  local f = io.open(tf)
-  local line = f and f:read("*l") or ""
-  if f then f:close() end
-  os.remove(tf)
-  local wall, user, sys, rss = line:match("([%d.]+) ([%d.]+) ([%d.]+) (%d+)")
-  if not wall then error("command failed (" .. tostring(code) .. "): " .. cmd .. "\n" .. out) end
-  return { wall = tonumber(wall), cpu = tonumber(user) + tonumber(sys), rss_kb = tonumber(rss), out = out }
-end
+local util = dofile(root .. "bench/util.lua")
+local measure = util.measure
 
 io.stderr:write("starting a throwaway PostgreSQL...\n")
 local sb = assert(sandbox.start { quiet = true, settings = { max_wal_size = "4GB", checkpoint_timeout = "30min" } })

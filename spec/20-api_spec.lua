@@ -27,7 +27,7 @@ describe("flash API", function()
     it("rejects an unknown operation name and a non-function callback", function()
       local l = assert(client:listen { table = H.table("id int") })
       assert.has_error(function() l:on("upsert", function() end) end,
-        "bad argument #1 to 'on' (unknown operation 'upsert' (expected insert, update, delete, truncate or all))")
+        "bad argument #1 to 'on' (unknown operation 'upsert' (expected insert, update, delete, truncate, read or all))")
       assert.has_error(function() l:on("insert", "print") end,
         "bad argument #2 to 'on' (function expected, got string)")
     end)

@@ -63,6 +63,8 @@ typedef struct {
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
   int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
   int commit_ref;           /* registry ref, manual mode: on_commit(end_lsn) */
+  int msghook_ref;          /* registry ref: on_message(lsn, content, transactional) or none */
+  char msg_prefix[64];      /* ...for logical messages with this prefix only */
   stream *streams, *cur_stream;
   size_t stream_mem;        /* bytes of streamed changes held in memory, all streams */
   size_t stream_limit;
@@ -291,6 +293,19 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
   lua_remove(L, -2);
 }
 
+/* Calls the function below its nargs arguments protected: 0 to go on, 1 when it returned
+ * false (stop), -1 on an error (message in r->err, after `what`). */
+static int call_hook(lua_State *L, fl_repl *r, int nargs, const char *what) {
+  if (lua_pcall(L, nargs, 1, 0) != 0) {
+    snprintf(r->err, sizeof r->err, "%s%s", what, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return -1;
+  }
+  int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return stop;
+}
+
 /* Calls dispatch(ev, relid) (function and event on the stack top) protected: the relation's
  * OID lets the caller follow a table through renames and map partitions to the listened
  * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error (message in
@@ -298,14 +313,7 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
 static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   r->events++;
   lua_pushnumber(L, relid);
-  if (lua_pcall(L, 2, 1, 0) != 0) {
-    snprintf(r->err, sizeof r->err, "dispatch: %s", lua_tostring(L, -1));
-    lua_pop(L, 1);
-    return -1;
-  }
-  int stop = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return stop;
+  return call_hook(L, r, 2, "dispatch: ");
 }
 
 /* Builds the event of one change and calls dispatch(ev) protected. Returns 0 to go on,
@@ -498,6 +506,19 @@ static int relation_hook(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   return 0;
 }
 
+/* A logical message (pg_logical_emit_message) with the hook's prefix: tells the hook, which
+ * runs callbacks (a backfill chunk delivered at this position in the stream) and returns
+ * false to stop. Returns 0, 1 (stop requested) or -1 (error in r->err). */
+static int message_hook(lua_State *L, fl_repl *r, const fl_pgo_msg *m) {
+  if (r->msghook_ref == LUA_NOREF || r->msghook_ref == LUA_REFNIL) return 0;
+  if (!m->prefix || strcmp(m->prefix, r->msg_prefix) != 0) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->msghook_ref);
+  lua_pushnumber(L, (double)m->lsn);
+  lua_pushlstring(L, m->content, m->content_len);
+  lua_pushboolean(L, m->flags & 1);
+  return call_hook(L, r, 3, "dispatch: on_message: ");
+}
+
 /* One XLogData payload. Returns 0, 1 (stop requested) or -1 (error in r->err). */
 static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, const char *buf, uint32_t len) {
   fl_pgo_msg m;
@@ -566,6 +587,8 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     }
     case FL_PGO_INSERT: case FL_PGO_UPDATE: case FL_PGO_DELETE: case FL_PGO_TRUNCATE:
       return dispatch_dml(L, r, dispatch, flags, &m);
+    case FL_PGO_MESSAGE:
+      return message_hook(L, r, &m);
     default:
       return 0;   /* Relation, Type, Origin, Message: nothing to deliver */
   }
@@ -584,7 +607,7 @@ static int l_replication(lua_State *L) {
     NULL };
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = LUA_NOREF;
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
   lua_setmetatable(L, -2);
   r->pg = PQconnectdbParams(keys, vals, 1);
@@ -614,7 +637,8 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->typemap_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
 }
 
 static int l_close(lua_State *L) {
@@ -850,6 +874,25 @@ static int l_on_relation(lua_State *L) {
   return 0;
 }
 
+/* repl:on_message(prefix, fn | nil): fn(lsn, content, transactional) for each logical
+ * message with that prefix (START_REPLICATION needs `messages 'true'`); fn returning false
+ * stops the pump as a callback's failure does. */
+static int l_on_message(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  size_t plen;
+  const char *prefix = luaL_checklstring(L, 2, &plen);
+  luaL_argcheck(L, plen < sizeof r->msg_prefix, 2, "prefix too long");
+  luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
+  r->msghook_ref = LUA_NOREF;
+  memcpy(r->msg_prefix, prefix, plen + 1);
+  if (!lua_isnoneornil(L, 3)) {
+    luaL_checktype(L, 3, LUA_TFUNCTION);
+    lua_pushvalue(L, 3);
+    r->msghook_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  return 0;
+}
+
 /* repl:manual(on_commit): manual acknowledgements. on_commit(end_lsn) is called at each
  * transaction's end instead of confirming it; repl:confirm moves the position. */
 static int l_manual(lua_State *L) {
@@ -971,6 +1014,7 @@ static const luaL_Reg repl_methods[] = {
   { "on_relation", l_on_relation },
   { "manual", l_manual },
   { "confirm", l_confirm },
+  { "on_message", l_on_message },
   { "state", l_state },
   { "set_stream_limit", l_set_stream_limit },
   { "finish", l_finish },

@@ -4,7 +4,7 @@ local M = {}
 
 local USAGE = [[
 usage: flashlua [options] script.lua [args...]
-       flashlua [options] --table SCHEMA.TABLE [--ops insert,update] [--fields a,b] [--where COND]
+       flashlua [options] --table SCHEMA.TABLE [--ops insert,update] [--fields a,b] [--where COND] [--backfill]
 
 Runs a Lua script that listens to row changes in PostgreSQL (see `require "flash"`);
 when the script returns, runs every client it opened until SIGINT/SIGTERM or flash.stop().
@@ -25,6 +25,8 @@ options:
       --fields LIST      with --table: columns to carry (default all)
       --where COND       with --table: condition `col=value`, `col<>value`, `col>=value`,
                          `col is null`, ... (may be repeated; all must hold)
+      --backfill         with --table: first every existing row (op "read"), then the
+                         changes; needs wal_logical (the default with --backfill)
   -v, --version          print the version and exit
   -h, --help             print this help and exit
 
@@ -97,6 +99,7 @@ local function parse_args(argv)
     elseif a == "--table" then o.table = val(a)
     elseif a == "--ops" then o.ops = split_list(val(a))
     elseif a == "--fields" then o.fields = split_list(val(a))
+    elseif a == "--backfill" then o.backfill = true
     elseif a == "--where" then
       local w = val(a)
       local cond = parse_where(w)
@@ -123,11 +126,18 @@ local ENCODE_OPTS = { unchanged = "<unchanged>" }
 
 local function table_mode(flash, o)
   local encode = flash.json.encode
-  local client = assert(flash.client {})
+  -- A backfill needs wal_logical: it is the default driver then.
+  local client = assert(flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil })
   local listener = assert(client:listen {
     table = o.table, fields = o.fields, where = #o.where > 0 and o.where or nil,
   })
-  listener:on(o.ops or "all", function(ev)
+  local ops = o.ops
+  if ops and o.backfill then
+    ops = { unpack(ops) }
+    ops[#ops + 1] = "read"
+  end
+  if o.backfill then listener:backfill() end
+  listener:on(ops or "all", function(ev)
     io.stdout:write(encode(ev, ENCODE_OPTS), "\n")
     io.stdout:flush()
   end)
@@ -146,8 +156,13 @@ local function stats_timer(flash, core)
     end
     local rate = (total - last_events) / math.max(now - last_t, 1e-6)
     last_events, last_t = total, now
-    io.stderr:write(string.format("flashlua: %.0f events/s, %d events%s\n", rate, total,
-      lag and string.format(", lag %d bytes", lag) or ""))
+    local bf = {}
+    for _, c in ipairs(flash._clients()) do
+      local b = c:stats().backfill
+      if b then for _, s in ipairs(b.tables) do bf[#bf + 1] = "; " .. require("flash.backfill").describe(s) end end
+    end
+    io.stderr:write(string.format("flashlua: %.0f events/s, %d events%s%s\n", rate, total,
+      lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)))
   end)
 end
 
@@ -171,6 +186,7 @@ local function run(argv)
   if o.script and o.table then
     return usage_error("give a script or --table, not both")
   end
+  if o.backfill and not o.table then return usage_error("--backfill goes with --table") end
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end
 

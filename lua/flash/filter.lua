@@ -317,9 +317,9 @@ function M.apply(l, ev, emit)
   local fields = l.fields
   local op = ev.op
   if op == "truncate" then return emit(l, ev) end
-  if op == "insert" then
+  if op == "insert" or op == "read" then
     if match and not match(ev.new) then return true end
-    if fields then ev = derive(ev, "insert", project(ev.new, fields), nil) end
+    if fields then ev = derive(ev, op, project(ev.new, fields), nil) end
     return emit(l, ev)
   elseif op == "delete" then
     if match and ev.old and not match(ev.old) then return true end

@@ -38,7 +38,8 @@ local flash = {
   number_mt = core.number_mt,
 }
 
-local OPS = { insert = true, update = true, delete = true, truncate = true }
+-- "read": a row delivered by listener:backfill (flash.backfill), not a change.
+local OPS = { insert = true, update = true, delete = true, truncate = true, read = true }
 local OP_ORDER = { "insert", "update", "delete", "truncate" }
 local DRIVERS = {
   trigger = "flash.trigger",
@@ -99,10 +100,11 @@ local function normalize_ops(ops, fname)
   for _, op in ipairs(ops) do
     if op == "all" then
       for _, o in ipairs(OP_ORDER) do list[#list + 1] = o end
+      list[#list + 1] = "read"
     elseif OPS[op] then
       list[#list + 1] = op
     else
-      argerror(1, fname, string.format("unknown operation '%s' (expected insert, update, delete, truncate or all)", tostring(op)), 3)
+      argerror(1, fname, string.format("unknown operation '%s' (expected insert, update, delete, truncate, read or all)", tostring(op)), 3)
     end
   end
   if #list == 0 then argerror(1, fname, "no operation given", 3) end
@@ -137,7 +139,12 @@ function Listener:on(ops, fn)
   end
 end
 
--- The operations at least one callback wants.
+-- listener:backfill([opts]): every existing row as an op = "read" event (flash.backfill).
+function Listener:backfill(opts)
+  return require("flash.backfill").start(self, opts)
+end
+
+-- The changes at least one callback wants ("read" is not a change: no driver captures it).
 function Listener:wanted()
   local w = {}
   for _, op in ipairs(OP_ORDER) do
@@ -443,7 +450,7 @@ function Client:listen(opts)
     predicate = predicate and self:_protect_where(predicate, tbl.display),
     primary_key = opts.primary_key,
     layout = core.layout(columns, self.flags),
-    callbacks = { insert = {}, update = {}, delete = {}, truncate = {} },
+    callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} },
   }, Listener)
   local ok, verr = self.driver:check(l)
   if not ok then return nil, verr end

@@ -8,6 +8,7 @@ local log = require "flash.log"
 local filter = require "flash.filter"
 -- The trigger drivers' connection helpers (quoting, exec with notices) serve here too.
 local base = require "flash.trigger_base"
+local backfill = require "flash.backfill"
 
 local M = {}
 local Driver = {}
@@ -222,13 +223,15 @@ function Driver:setup_publication()
 end
 
 function Driver:check_server()
-  local rows, err = self:exec("SELECT current_setting('wal_level') AS wal_level, current_database()::text AS db")
+  local rows, err = self:exec("SELECT current_setting('wal_level') AS wal_level, current_database()::text AS db, " ..
+    "current_setting('server_version_num')::int AS version")
   if not rows then return nil, err end
   if rows[1].wal_level ~= "logical" then
     return fail(string.format("wal_level is '%s', but the wal_logical driver needs wal_level = logical", rows[1].wal_level),
       "set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server")
   end
   self.database = rows[1].db
+  self.server_version = rows[1].version
   return true
 end
 
@@ -275,6 +278,7 @@ function Driver:open_slot()
     else
       local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL pgoutput NOEXPORT_SNAPSHOT")
       if not ok then repl:close() return slot_error(self, cerr, state) end
+      self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
     end
   else
@@ -284,6 +288,8 @@ function Driver:open_slot()
   local options = { "proto_version '" .. self.proto .. "'",
     "publication_names " .. self:literal(self:ident(self.publication)) }
   if self.streaming then options[#options + 1] = "streaming 'on'" end
+  -- Logical messages mark where a backfill chunk's rows belong in the stream (PG 14+).
+  if self.server_version >= 140000 then options[#options + 1] = "messages 'true'" end
   local cmd = "START_REPLICATION SLOT " .. S .. " LOGICAL " .. start_lsn .. " (" .. table.concat(options, ", ") .. ")"
   local ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return slot_error(self, serr, state) end
@@ -300,6 +306,8 @@ function Driver:open_slot()
   end
   self.repl = repl
   repl:on_relation(function(...) return self:on_relation(...) end)
+  backfill.reset(self.client)
+  repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(lsn, content) end)
   self:rebuild_index()
   return true
 end
@@ -386,10 +394,13 @@ end
 
 function Driver:make_dispatch()
   local client = self.client
-  local source
-  -- ev.table is the listened table's name; ev.source the relation the row lives in.
+  local source, raw
+  -- ev.table is the listened table's name; ev.source the relation the row lives in. A
+  -- listener with a backfill notes what reaches its callbacks (flash.backfill).
   local function emit(l, ev)
     ev.source = source
+    local bf = l.bf
+    if bf and #l.callbacks[ev.op] > 0 then bf:touch(raw) end
     return client:_deliver(l, ev)
   end
   local routes = self.routes
@@ -398,12 +409,13 @@ function Driver:make_dispatch()
     local list = routes[relid]
     if list == nil then list = self:route(relid) end
     if not list then return true end
-    source = ev.table
+    source, raw = ev.table, ev
     if #list == 1 then
       local l = list[1]
       ev.table = l.table_name
       if l.passthrough then
         ev.source = source
+        if l.bf and #l.callbacks[ev.op] > 0 then l.bf:touch(ev) end
         return client:_deliver(l, ev) ~= false
       end
       -- A failed `where` (on_error = "stop") must keep the transaction unconfirmed.
@@ -462,6 +474,12 @@ end
 -- Manual acks: everything before pos is acknowledged (flash.ack).
 function Driver:confirm(pos, all_acked)
   if self.repl then self.repl:confirm(pos, all_acked) end
+  if self.client.backfills then backfill.confirmed(self.client, pos) end
+end
+
+-- listener:backfill is supported (flash.backfill): logical messages place chunks in the stream.
+function Driver:backfill()
+  return self.server_version == nil or self.server_version >= 140000
 end
 
 -- Manual acks: max_unacked events are outstanding, so nothing more is read until the
@@ -592,6 +610,7 @@ function Driver:next_deadline()
   if self.retry_at then return self.retry_at end
   -- Messages may be waiting in libpq's buffer, where poll() cannot see them.
   if self.more and not self:paused() then return core.now() end
+  if self.client.backfills and not self:paused() and backfill.wants(self.client) then return core.now() end
   local due = self.repl and self.repl:due() or core.now() + 10
   if self.house_at and self.house_at < due then due = self.house_at end
   if self.conn_retry_at and self.conn_retry_at < due then due = self.conn_retry_at end
@@ -638,6 +657,10 @@ function Driver:step()
     self.was_paused = false
     -- Each message is at most one change: the limit holds to within one change's events.
     budget = math.max(1, acks.limit - acks.outstanding)
+  end
+  if self.client.backfills then
+    local ok, berr = backfill.step(self.client)
+    if not ok then return nil, berr end
   end
   self.pumping = true
   local more, err = self.repl:pump(self.dispatch, self.client.flags, budget, SLICE)
@@ -771,6 +794,7 @@ function Driver:stats(s)
     s.stream_buffered_peak = st.stream_buffered_peak
     s.stream_spilled = st.stream_spilled
   end
+  if self.client.backfills then s.backfill = backfill.stats(self.client) end
 end
 
 -- A graceful stop between a transaction's changes and its Commit delivers the rest of

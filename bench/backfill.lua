@@ -1,0 +1,124 @@
+-- bench/backfill.lua: listener:backfill throughput against `COPY (SELECT ...) TO STDOUT` of
+-- the same table in the same run, its effect on a concurrent writer's TPS (pgbench), peak
+-- RSS, and the 1,000,000-row consistency run of spec/64 (a writer updating, deleting and
+-- re-inserting random keys at full speed). Part of `make bench`; not a timed test.
+--   luajit bench/backfill.lua [--rows 1000000] [--seconds 5] [--no-spec]
+local sandbox = require "flash.sandbox"
+local flash = require "flash"
+
+local opts = { rows = 1000000, seconds = 5, spec = true }
+local i = 1
+while i <= #arg do
+  local k = arg[i]:gsub("^%-%-", "")
+  if k == "no-spec" then opts.spec = false i = i + 1
+  else opts[k] = tonumber(arg[i + 1]) i = i + 2 end
+end
+local root = debug.getinfo(1, "S").source:match("^@(.*)bench/backfill%.lua$") or "./"
+local flashlua = root .. "build/flashlua"
+
+local util = dofile(root .. "bench/util.lua")
+local sh, measure = util.sh, util.measure
+
+local function q_sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+-- The consumer: a backfill of `bench` whose callback reads every column; prints the rows it
+-- got and the backfill's own rate (from its first chunk to its last), then stops.
+local CONSUMER = [[
+local flash = require "flash"
+local c = assert(flash.client { driver = "wal_logical" })
+local l = assert(c:listen { table = "bench" })
+local n, sum = 0, 0
+l:on("read", function(ev)
+  local r = ev.new
+  n = n + 1
+  sum = sum + r.a + #r.b + #r.c + #r.d + (r.e and 1 or 0) + r.id
+end)
+l:on({ "insert", "update", "delete" }, function() end)
+l:backfill { chunk = tonumber(arg[1]) or 10000, progress = false, on_done = function()
+  local s = c:stats().backfill
+  io.stdout:write(string.format("rows %d rate %.0f sum %d\n", n, s.rate, sum))
+  flash.stop()
+end }
+]]
+
+io.stderr:write("starting a throwaway PostgreSQL...\n")
+local sb = assert(sandbox.start { quiet = true, settings = { max_wal_size = "4GB", checkpoint_timeout = "30min" } })
+local ok, err = pcall(function()
+  local db = assert(flash.client { dsn = sb.dsn })
+  local function q(sql, ...) return assert(db:query(sql, ...)) end
+  q([[CREATE TABLE bench (id bigint PRIMARY KEY, a int, b text, c timestamptz, d numeric, e boolean);
+      ALTER TABLE bench REPLICA IDENTITY FULL]])
+  io.stderr:write(string.format("writing %d rows...\n", opts.rows))
+  q([[INSERT INTO bench SELECT g, g % 1000, 'row ' || g, '2026-01-01'::timestamptz + g * interval '1 s', g / 7.0, g % 2 = 0
+      FROM generate_series(1, $1::bigint) g]], opts.rows)
+  q("VACUUM ANALYZE bench")
+  local script = os.tmpname() .. ".lua"
+  local f = assert(io.open(script, "w"))
+  f:write(CONSUMER)
+  f:close()
+  local env = "FLASH_DSN=" .. q_sh(sb.dsn)
+  local psql = "psql -qX " .. q_sh(sb.dsn)
+
+  -- 1. COPY against the backfill, each twice (the better run of each counts).
+  local copy, bf, bf_rate = nil, nil, 0
+  for _ = 1, 2 do
+    local c = measure(psql .. " -c " .. q_sh("COPY (SELECT * FROM bench) TO STDOUT") .. " >/dev/null")
+    if not copy or c.wall < copy.wall then copy = c end
+    local b = measure(string.format("env %s %s -l warn %s", env, flashlua, script))
+    local rate = tonumber(b.out:match("rate (%d+)"))
+    assert(tonumber(b.out:match("rows (%d+)")) == opts.rows, b.out)
+    if rate > bf_rate then bf, bf_rate = b, rate end
+  end
+  local copy_rate = opts.rows / copy.wall
+
+  -- 2. A writer (pgbench, 1 client, 1-row UPDATEs of random keys) alone, then while a
+  -- backfill runs; the backfill is started again as soon as it ends, for the whole run.
+  local pgb = os.tmpname()
+  f = assert(io.open(pgb, "w"))
+  f:write(string.format("\\set k random(1, %d)\nUPDATE bench SET a = a + 1 WHERE id = :k;\n", opts.rows))
+  f:close()
+  local function pgbench()
+    local out = sh(string.format("pgbench -n -c 1 -T %d -f %s %s", opts.seconds, pgb, q_sh(sb.dsn)))
+    return tonumber(out:match("tps = ([%d.]+)")) or error(out)
+  end
+  local alone = pgbench()
+  local loop = string.format("while [ ! -e %s.stop ]; do env %s %s -l warn %s >>%s.out; done", pgb, env, flashlua, script, pgb)
+  local bg = io.popen("setsid sh -c " .. q_sh(loop .. " & echo $!"))
+  bg:read("*l")
+  bg:close()
+  os.execute("sleep 0.5")
+  local during = pgbench()
+  os.execute("touch " .. pgb .. ".stop")
+  os.execute("sleep 5")
+  local rates = {}
+  for r in io.open(pgb .. ".out"):read("*a"):gmatch("rate (%d+)") do rates[#rates + 1] = tonumber(r) end
+  os.remove(pgb) os.remove(pgb .. ".stop") os.remove(pgb .. ".out") os.remove(script)
+
+  print(string.format("backfill of %d rows (6 columns, bigint primary key), PostgreSQL %s, chunks of 10,000 rows:",
+    opts.rows, q("SHOW server_version")[1].server_version))
+  print(string.format("  COPY (SELECT * FROM bench) TO STDOUT (psql, to /dev/null): %6.2f s  %9.0f rows/s  peak RSS %5.1f MB",
+    copy.wall, copy_rate, copy.rss_kb / 1024))
+  print(string.format("  flashlua backfill, callback reading every column:         %6.2f s  %9.0f rows/s  peak RSS %5.1f MB" ..
+    "  (process wall, start to stop: %.0f rows/s)", opts.rows / bf_rate, bf_rate, bf.rss_kb / 1024, opts.rows / bf.wall))
+  print(string.format("  ratio backfill / COPY: %.2f", bf_rate / copy_rate))
+  print(string.format("  writer (pgbench, 1-row UPDATEs of random keys): %.0f TPS alone, %.0f TPS during backfills (%.0f%%)",
+    alone, during, 100 * during / alone))
+  table.sort(rates)
+  if #rates > 0 then
+    print(string.format("  backfill under that writer: %d runs, median %.0f rows/s", #rates, rates[math.ceil(#rates / 2)]))
+  end
+
+  -- 3. spec/64's consistency run at this size: backfill while a writer updates, deletes and
+  -- re-inserts random keys at full speed; the rebuilt state must equal the table.
+  if opts.spec then
+    local out = measure(string.format("env FLASH_TEST_DSN=%s FLASH_BACKFILL_ROWS=%d %sscripts/run-tests " ..
+      "spec/64-backfill_spec.lua --filter rebuilds", q_sh(sb.dsn), opts.rows, root))
+    local line = out.out:match("backfill of %d+ rows under a writer:[^\n]*") or out.out
+    print("  consistency (spec/64 at " .. opts.rows .. " rows): " .. line)
+    print("  " .. (out.out:match("%d+ success[es]* / %d+ failures?") or "?") ..
+      string.format("; peak RSS of the spec process (events checked against a Lua map of every key): %.1f MB",
+        out.rss_kb / 1024))
+  end
+end)
+sb:stop()
+if not ok then io.stderr:write(tostring(err), "\n") os.exit(1) end

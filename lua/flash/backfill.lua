@@ -1,0 +1,655 @@
+-- flash.backfill: `listener:backfill{...}` delivers every existing row of a listened table
+-- as an `op = "read"` event, chunk by chunk, interleaved with the live stream and
+-- consistent with it (docs/backfill.md has the design and the argument). wal_logical only.
+local core = require "flash.core"
+local log = require "flash.log"
+local json = require "flash.json"
+local filter = require "flash.filter"
+
+local M = {}
+local Backfill = {}
+Backfill.__index = Backfill
+
+local PREFIX = "flashlua.backfill"
+M.PREFIX = PREFIX
+local DEFAULT_CHUNK = 10000
+local TWO32 = 4294967296
+local TWO31 = 2147483648
+-- A chunk whose snapshot still sees as running a transaction already delivered is read
+-- again (see snapshot_safe); this many tries in a row are said once in a warning.
+local RETRY_WARN = 50
+
+local isatty
+do
+  local ok, ffi = pcall(require, "ffi")
+  if ok then
+    pcall(ffi.cdef, "int isatty(int fd);")
+    isatty = function(fd)
+      local ok2, r = pcall(function() return ffi.C.isatty(fd) end)
+      return ok2 and r == 1
+    end
+  else
+    isatty = function() return false end
+  end
+end
+
+---------------------------------------------------------------------------------------
+-- Keys: the same Lua values (the same decoding) come from a chunk's rows and from the
+-- stream's rows, so a key built from them matches on both sides.
+
+local function part(v)
+  local t = type(v)
+  if t == "table" then return "j" .. json.encode(v) end
+  if t == "number" then return "n" .. string.format("%.17g", v) end
+  if t == "boolean" then return v and "t" or "f" end
+  if v == core.null then return "0" end
+  return "s" .. tostring(v)
+end
+
+local function keyof(row, cols)
+  if #cols == 1 then
+    local v = row[cols[1]]
+    local t = type(v)
+    if t == "string" or t == "number" then return v end
+    return part(v)
+  end
+  local parts = {}
+  for i, c in ipairs(cols) do parts[i] = part(row[c]) end
+  return table.concat(parts, "\0")
+end
+
+---------------------------------------------------------------------------------------
+-- Snapshots: pg_current_snapshot() as text, "xmin:xmax:xip,xip,...", 64-bit xids. Events
+-- carry the 32-bit xid of their transaction; it is widened against the snapshot's xmax
+-- (transactions in flight span far less than 2^31 xids).
+
+local function parse_snapshot(text)
+  local xmin, xmax, rest = text:match("^(%d+):(%d+):(.*)$")
+  local s = { xmin = tonumber(xmin), xmax = tonumber(xmax), xip = {} }
+  for x in rest:gmatch("%d+") do s.xip[tonumber(x)] = true end
+  return s
+end
+
+local function widen(xid32, s)
+  local d = (xid32 - s.xmax % TWO32) % TWO32
+  if d >= TWO31 then d = d - TWO32 end
+  return s.xmax + d
+end
+
+-- Whether the transaction with this 32-bit xid had committed for snapshot s.
+local function visible(xid32, s)
+  local x = widen(xid32, s)
+  return x < s.xmax and not s.xip[x]
+end
+
+---------------------------------------------------------------------------------------
+
+local function checkopts(opts)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then
+    error("bad argument #1 to 'backfill' (table of options expected, got " .. type(opts) .. ")", 3)
+  end
+  local known = { chunk = "number", restart = "boolean", progress = "boolean", on_done = "function" }
+  for k, v in pairs(opts) do
+    if not known[k] then error(string.format("bad argument #1 to 'backfill' (unknown option '%s')", tostring(k)), 3) end
+    if type(v) ~= known[k] then
+      error(string.format("bad argument #1 to 'backfill' (option '%s': %s expected, got %s)", k, known[k], type(v)), 3)
+    end
+  end
+  if opts.chunk and not (opts.chunk >= 1 and opts.chunk <= 1e6 and opts.chunk == math.floor(opts.chunk)) then
+    error("bad argument #1 to 'backfill' (option 'chunk': a whole number of rows from 1 to 1000000 expected, got " ..
+      tostring(opts.chunk) .. ")", 3)
+  end
+  return opts
+end
+
+-- listener:backfill(opts): registers the backfill; it runs in the client's loop.
+function M.start(l, opts)
+  opts = checkopts(opts)
+  local client = l.client
+  if not client.driver.backfill then
+    error(string.format("backfill needs the wal_logical driver (this client uses %s; docs/backfill.md says why " ..
+      "the trigger drivers do not have it yet)", client.driver_name), 3)
+  end
+  if l.bf then error("backfill: listener #" .. l.id .. " on " .. l.table_name .. " already has a backfill", 3) end
+  local self = setmetatable({
+    l = l, client = client, opts = opts,
+    chunk = opts.chunk or DEFAULT_CHUNK,
+    rows_done = 0, run_rows = 0, delivered = 0, seq = 0, retries = 0,
+    seen = {}, nseen = 0,
+    done = false, ready = false,
+    started_at = nil,
+  }, Backfill)
+  l.bf = self
+  client.backfills = client.backfills or {}
+  client.backfills[#client.backfills + 1] = self
+  return true
+end
+
+---------------------------------------------------------------------------------------
+-- Setup, once the client has started: how to chunk, how many rows, where to resume.
+
+local DESCENDANTS = [[WITH RECURSIVE d(oid) AS (SELECT $1::oid
+    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)]]
+
+function Backfill:exec(sql, ...)
+  local d = self.client.driver
+  local rows, err, state = d:conn():exec(sql, 0, ...)
+  self.client:_log_notices()
+  return rows, err, state
+end
+
+function Backfill:key_columns()
+  local tbl = self.l.table
+  local rows, err = self:exec([[
+    SELECT a.attname::text AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS typ
+    FROM pg_catalog.pg_index i
+    JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n]], tbl.oid)
+  if not rows then return nil, err end
+  if #rows == 0 and self.l.primary_key then
+    -- No primary key in the table: the listener's own (unique, the user says so).
+    for _, name in ipairs(self.l.primary_key) do
+      local r, e = self:exec([[SELECT a.attname::text AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS typ
+        FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2]], tbl.oid, name)
+      if not r then return nil, e end
+      rows[#rows + 1] = r[1]
+    end
+  end
+  return rows
+end
+
+function Backfill:setup()
+  local d = self.client.driver
+  local tbl = self.l.table
+  local keys, err = self:key_columns()
+  if not keys then return nil, err end
+  self.qualified = d:ident(tbl.schema) .. "." .. d:ident(tbl.name)
+  if #keys > 0 then
+    self.mode = "key"
+    self.keycols, self.keytypes = {}, {}
+    local sel, cols = {}, {}
+    for i, k in ipairs(keys) do
+      self.keycols[i], self.keytypes[i] = k.name, k.typ
+      cols[i] = "t." .. d:ident(k.name)
+      sel[i] = "pg_catalog.format('%s', t." .. d:ident(k.name) .. ") AS \"@k" .. i .. "\""
+    end
+    self.keylist = table.concat(cols, ", ")
+    self.keysel = table.concat(sel, ", ")
+  else
+    -- No key: each table that holds rows (the table, its partitions or children), by
+    -- ranges of heap blocks (a TID range scan reads just those blocks).
+    self.mode = "ctid"
+    local rows
+    rows, err = self:exec(DESCENDANTS .. [[
+      SELECT c.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS name,
+        (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::int)::bigint AS blocks,
+        greatest(c.reltuples, 0)::float8 AS tuples, greatest(c.relpages, 0)::bigint AS pages
+      FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relkind = 'r' ORDER BY c.oid = $1 DESC, c.oid]], tbl.oid)
+    if not rows then return nil, err end
+    self.segs = {}
+    for i, r in ipairs(rows) do
+      local per_block = (r.pages > 0 and r.tuples > 0) and (r.tuples / r.pages) or 60
+      self.segs[i] = { oid = r.oid, qualified = d:ident(r.schema) .. "." .. d:ident(r.name), blocks = r.blocks,
+                       step = math.max(1, math.floor(self.chunk / per_block)) }
+    end
+    -- A key for matching rows with changes: the whole row (see docs/backfill.md).
+    self.keycols = {}
+    for i, c in ipairs(tbl.columns) do self.keycols[i] = c.name end
+  end
+  self.cursor = { seg = 1, block = 0, after = nil }
+  local ok
+  ok, err = self:estimate()
+  if not ok then return nil, err end
+  if d.persistent then
+    ok, err = self:load()
+    if not ok then return nil, err end
+  end
+  self.ready = true
+  self.started_at = core.now()
+  if not self.done then
+    log.info(string.format("backfill of %s: %s%s, chunks of %d rows by %s", self.l.table_name,
+      self.estimated and string.format("about %d rows", self.estimated) or "row count unknown",
+      self.rows_done > 0 and string.format(", resuming after %d rows", self.rows_done) or "",
+      self.chunk, self.mode == "key" and ("primary key (" .. table.concat(self.keycols, ", ") .. ")") or "ctid"))
+  end
+  return true
+end
+
+-- Rows to read: the planner's count (reltuples) over every table that holds rows; an exact
+-- count of small tables never analyzed.
+function Backfill:estimate()
+  local rows, err = self:exec(DESCENDANTS .. [[
+    SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 AS est, bool_or(c.reltuples < 0) AS unknown,
+      coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0)::float8 AS bytes
+    FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid WHERE c.relkind = 'r']], self.l.table.oid)
+  if not rows then return nil, err end
+  local r = rows[1]
+  if r.unknown and r.bytes < 256 * 1024 * 1024 then
+    local n = self:exec("SELECT count(*)::float8 AS n FROM " .. self.qualified)
+    if n then self.estimated = n[1].n end
+  elseif r.est > 0 or not r.unknown then
+    self.estimated = r.est
+  end
+  return true
+end
+
+---------------------------------------------------------------------------------------
+-- Progress across runs (persistent slot): table flashlua.backfill, one row per slot and
+-- listened table. A slot created by this start has no past: its rows are removed.
+
+local STATE_DDL = [[
+  CREATE SCHEMA IF NOT EXISTS flashlua;
+  CREATE TABLE IF NOT EXISTS flashlua.backfill (
+    slot text NOT NULL, rel oid NOT NULL, tbl text NOT NULL,
+    seg int NOT NULL DEFAULT 1, block bigint NOT NULL DEFAULT 0, after text[],
+    rows_done bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
+    started timestamptz NOT NULL DEFAULT now(), updated timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot, rel));
+  COMMENT ON TABLE flashlua.backfill IS 'flashlua: progress of backfills (listener:backfill) per replication slot']]
+
+function Backfill:load()
+  local d = self.client.driver
+  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine
+    FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('flashlua.backfill')]])
+  if not own then return nil, err end
+  if own[1] and not own[1].mine then
+    return nil, "flashlua.backfill exists but is owned by another role: backfill progress cannot be kept there " ..
+      "(drop it, or run flashlua as its owner)"
+  end
+  if not own[1] then
+    local ok, derr = self:exec(STATE_DDL)
+    if not ok then
+      return nil, "cannot create flashlua.backfill to keep backfill progress: " .. tostring(derr) ..
+        " (the role needs CREATE on the database)"
+    end
+  end
+  if d.created_slot and not d.backfill_cleared then
+    d.backfill_cleared = true
+    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1", d.slot)
+  end
+  if self.opts.restart then
+    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2", d.slot, self.l.table.oid)
+  end
+  local rows
+  rows, err = self:exec([[SELECT seg, block, after, rows_done, done FROM flashlua.backfill
+    WHERE slot = $1 AND rel = $2]], d.slot, self.l.table.oid)
+  if not rows then return nil, err end
+  local r = rows[1]
+  if not r then
+    local ok, ierr = self:exec("INSERT INTO flashlua.backfill (slot, rel, tbl) VALUES ($1, $2, $3)",
+      d.slot, self.l.table.oid, self.l.table_name)
+    if not ok then return nil, ierr end
+    return true
+  end
+  self.rows_done = r.rows_done
+  self.cursor = { seg = r.seg, block = r.block, after = r.after ~= core.null and r.after or nil }
+  if r.done then
+    self.done = true
+    log.info(string.format("backfill of %s finished in an earlier run (%d rows; slot %s): nothing to do " ..
+      "(backfill{ restart = true } reads the table again)", self.l.table_name, r.rows_done, d.slot))
+  end
+  return true
+end
+
+function Backfill:save(cursor, rows_done, done)
+  local d = self.client.driver
+  if not d.persistent then return true end
+  local after = "{}"
+  if cursor.after then
+    local q = {}
+    for i, v in ipairs(cursor.after) do q[i] = '"' .. tostring(v):gsub('[\\"]', "\\%0") .. '"' end
+    after = "{" .. table.concat(q, ",") .. "}"
+  end
+  local ok, err = self:exec([[UPDATE flashlua.backfill SET seg = $3, block = $4, after = $5::text[],
+    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2]],
+    d.slot, self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done)
+  if not ok then log.warn("backfill of " .. self.l.table_name .. ": cannot save progress: " .. tostring(err)) end
+  return ok
+end
+
+---------------------------------------------------------------------------------------
+-- One chunk: read under a snapshot, then a logical message marks the position in the
+-- stream where its rows are delivered.
+
+-- The relation names of tableoids (ev.source of a read event).
+function Backfill:source_name(oid)
+  self.names = self.names or {}
+  local n = self.names[oid]
+  if n then return n end
+  local rows = self:exec([[SELECT n.nspname::text || '.' || c.relname::text AS name FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1]], oid)
+  n = rows and rows[1] and rows[1].name or self.l.table_name
+  self.names[oid] = n
+  return n
+end
+
+-- The snapshot is safe when no transaction it sees as running was already delivered: a
+-- transaction is visible in the stream from its commit record, in snapshots once it has
+-- left the server's list of running transactions, a moment later (longer with a
+-- synchronous standby). Such a chunk could hold a row older than a delivered change.
+function Backfill:snapshot_safe(s)
+  for x in pairs(s.xip) do
+    if self.seen[x % TWO32] then return false end
+  end
+  -- Delivered transactions older than xmin are visible in every later snapshot.
+  local xmin32 = s.xmin % TWO32
+  for x in pairs(self.seen) do
+    local d = (x - xmin32) % TWO32
+    if d >= TWO31 then self.seen[x] = nil self.nseen = self.nseen - 1 end
+  end
+  return true
+end
+
+function Backfill:read_chunk()
+  local d = self.client.driver
+  local conn = d:conn()
+  local cur = self.cursor
+  local sql, params
+  params = {}
+  local last_seg = false
+  if self.mode == "key" then
+    local where = ""
+    if cur.after then
+      local ph = {}
+      for i, typ in ipairs(self.keytypes) do ph[i] = "$" .. i .. "::" .. typ params[i] = cur.after[i] end
+      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(ph, ", ") .. ")"
+    end
+    sql = "SELECT t.tableoid::bigint AS \"@src\", " .. self.keysel .. ", t.* FROM " .. self.qualified .. " t" .. where ..
+      " ORDER BY " .. self.keylist .. " LIMIT " .. self.chunk
+  else
+    local seg = self.segs[cur.seg]
+    if not seg then return "done" end
+    local b2 = cur.block + seg.step
+    sql = string.format("SELECT t.tableoid::bigint AS \"@src\", t.* FROM ONLY %s t WHERE t.ctid >= '(%d,0)'::tid" ..
+      " AND t.ctid < '(%d,0)'::tid", seg.qualified, cur.block, b2)
+    last_seg = b2 >= seg.blocks
+  end
+  local snap, err = conn:exec("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text AS s", 0)
+  if not snap then return nil, err end
+  local rows
+  rows, err = conn:exec(sql, self.client.flags, unpack(params))
+  if not rows then conn:exec("ROLLBACK", 0) return nil, err end
+  local s = parse_snapshot(snap[1].s)
+  if not self:snapshot_safe(s) then
+    conn:exec("COMMIT", 0)
+    self.retries = self.retries + 1
+    if self.retries == RETRY_WARN then
+      log.warn(string.format("backfill of %s: %d chunk reads in a row saw a delivered transaction as still " ..
+        "running (a synchronous standby that does not answer?); retrying", self.l.table_name, self.retries))
+    end
+    return "retry"
+  end
+  self.retries = 0
+  -- The next cursor.
+  local nxt
+  if self.mode == "key" then
+    nxt = { seg = 1, block = 0, after = cur.after }
+    local lastrow = rows[#rows]
+    if lastrow then
+      nxt.after = {}
+      for i = 1, #self.keycols do nxt.after[i] = lastrow["@k" .. i] end
+    end
+  else
+    nxt = { seg = cur.seg, block = cur.block + self.segs[cur.seg].step }
+    if last_seg then nxt = { seg = cur.seg + 1, block = 0 } end
+  end
+  local last = (self.mode == "key" and #rows < self.chunk) or (self.mode == "ctid" and not self.segs[nxt.seg])
+  if #rows == 0 then
+    conn:exec("COMMIT", 0)
+    if last then return "done", nxt end
+    self.cursor = nxt
+    return "empty"
+  end
+  self.seq = self.seq + 1
+  local token = string.format("%s:%s:%d:%d", d.slot, M.nonce(), self.l.id, self.seq)
+  local ok
+  -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
+  -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
+  ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
+    d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; COMMIT", 0)
+  if not ok then conn:exec("ROLLBACK", 0) return nil, err end
+  self.inflight = { token = token, rows = rows, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
+  M.tokens[token] = self
+  return "read"
+end
+
+-- A change delivered to this listener's callbacks (the raw event, whole rows).
+function Backfill:touch(ev)
+  local xid = ev.xid
+  if xid then
+    if not self.seen[xid] then self.seen[xid] = true self.nseen = self.nseen + 1 end
+  end
+  local c = self.inflight
+  if not c or (xid and visible(xid, c.snap)) then return end
+  -- A transaction the chunk's snapshot did not see changed these rows: the chunk's
+  -- versions of them are older than what was just delivered.
+  if ev.op == "truncate" then c.all = true return end
+  local cols = self.keycols
+  if self.mode == "key" then
+    for _, row in ipairs({ ev.old or false, ev.new or false }) do
+      if row then
+        local k = keyof(row, cols)
+        if not c.drop[k] then c.drop[k] = true c.ndrop = c.ndrop + 1 end
+      end
+    end
+  elseif ev.old then
+    local k = keyof(ev.old, cols)
+    c.drop[k] = (c.drop[k] or 0) + 1
+    c.ndrop = c.ndrop + 1
+  end
+end
+
+local function hexid(lsn, i)
+  return string.format("%08X%08X/%08X", math.floor(lsn / TWO32), lsn % TWO32, i)
+end
+
+-- The chunk's mark arrived in the stream at `lsn`: every change committed before it has
+-- been delivered, none after it. Its rows are delivered here. Returns false to stop.
+function Backfill:deliver(c, lsn)
+  self.inflight = nil
+  M.tokens[c.token] = nil
+  local client, l = self.client, self.l
+  local lsn_text = core.lsn(lsn)
+  local function emit(_, ev) return client:_deliver(l, ev) end
+  local n = 0
+  if not c.all then
+    local cols, drop, ndrop, keyed = self.keycols, c.drop, c.ndrop, self.mode == "key"
+    local nk = keyed and #cols or 0
+    for i, row in ipairs(c.rows) do
+      local src = row["@src"]
+      row["@src"] = nil
+      for j = 1, nk do row["@k" .. j] = nil end
+      local skip = false
+      if ndrop > 0 then
+        local k = keyof(row, cols)
+        local hit = drop[k]
+        if hit then
+          skip = true
+          if not keyed then
+            if hit == 1 then drop[k] = nil else drop[k] = hit - 1 end
+          end
+        end
+      end
+      if not skip then
+        local ev = { op = "read", table = l.table_name, source = self:source_name(src), new = row,
+                     id = hexid(lsn, i), lsn = lsn_text }
+        n = n + 1
+        local go
+        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit) end
+        if go == false or client.failure then return false end
+      end
+    end
+  end
+  self.delivered = self.delivered + n
+  local read = #c.rows
+  self.rows_done = self.rows_done + read
+  self.run_rows = self.run_rows + read
+  self.cursor = c.next
+  if c.last then self:finish() end
+  if client.acks then
+    -- Manual acknowledgements: the chunk is a transaction of its own at lsn; its
+    -- progress is saved once everything up to it is acknowledged (M.confirmed).
+    self.waiting = self.waiting or {}
+    self.waiting[#self.waiting + 1] = { lsn = lsn, cursor = c.next, rows = self.rows_done, done = c.last }
+    client.acks:commit(lsn)
+  else
+    self:save(c.next, self.rows_done, c.last)
+  end
+  return true
+end
+
+function Backfill:finish()
+  self.done = true
+  self.finished_at = core.now()
+  local secs = core.now() - (self.started_at or core.now())
+  log.info(string.format("backfill of %s done: %d rows read this run (%d in all) in %.1f s", self.l.table_name,
+    self.run_rows, self.rows_done, secs))
+  self:progress_line(true)
+  if self.opts.on_done then
+    local ok, err = xpcall(self.opts.on_done, debug.traceback, self.l)
+    if not ok then log.error("backfill on_done failed: " .. tostring(err)) end
+  end
+end
+
+---------------------------------------------------------------------------------------
+-- Progress
+
+function Backfill:stats()
+  local secs = self.started_at and ((self.finished_at or core.now()) - self.started_at) or 0
+  local rate = secs > 0 and self.run_rows / secs or 0
+  local est = self.estimated and math.max(self.estimated, self.rows_done) or nil
+  local s = { table = self.l.table_name, rows = self.rows_done, delivered = self.delivered, estimated = est,
+              rate = rate, done = self.done, mode = self.mode, chunk = self.chunk }
+  if est and est > 0 then s.percent = math.min(100, 100 * self.rows_done / est) end
+  if self.done then s.eta = 0 elseif est and rate > 0 then s.eta = math.max(0, est - self.rows_done) / rate end
+  return s
+end
+
+local function fmt_eta(eta)
+  if not eta then return "?" end
+  if eta >= 3600 then return string.format("%dh%02dm", eta / 3600, (eta % 3600) / 60) end
+  if eta >= 60 then return string.format("%dm%02ds", eta / 60, eta % 60) end
+  return string.format("%ds", math.ceil(eta))
+end
+
+function M.describe(s)
+  return string.format("backfill %s %s%d%s rows, %.0f rows/s, ETA %s", s.table,
+    s.percent and string.format("%.0f%% ", s.percent) or "", s.rows,
+    s.estimated and string.format("/%d", s.estimated) or "", s.rate, s.done and "done" or fmt_eta(s.eta))
+end
+
+-- A line on stderr, rewritten in place, when stderr is a terminal.
+function Backfill:progress_line(final)
+  if self.opts.progress == false or not M.tty() then return end
+  local now = core.now()
+  if not final and self.shown_at and now - self.shown_at < 1 then return end
+  self.shown_at = now
+  io.stderr:write("\r\27[K", "flashlua: ", M.describe(self:stats()), final and "\n" or "")
+  io.stderr:flush()
+end
+
+function M.tty()
+  if M.is_tty == nil then M.is_tty = isatty(2) end
+  return M.is_tty
+end
+
+---------------------------------------------------------------------------------------
+-- The driver's side (flash.wal)
+
+M.tokens = {}
+local nonce
+function M.nonce()
+  if not nonce then nonce = string.format("%d-%x", core.getpid(), math.floor(core.time() * 1000) % TWO32) end
+  return nonce
+end
+
+-- Whether some backfill of the client wants a chunk read now.
+function M.wants(client)
+  for _, bf in ipairs(client.backfills or {}) do
+    if not bf.done and not bf.inflight and not bf.failed then return true end
+  end
+  return false
+end
+
+-- One loop step: a chunk read for each backfill that has none in flight.
+function M.step(client)
+  for _, bf in ipairs(client.backfills) do
+    if not bf.done and not bf.failed and not bf.inflight then
+      local ok, err = true, nil
+      if not bf.ready then ok, err = bf:setup() end
+      if ok and not bf.done then
+        local what, nxt = bf:read_chunk()
+        if what == "done" then
+          bf.cursor = nxt or bf.cursor
+          bf:finish()
+          bf:save(bf.cursor, bf.rows_done, true)
+        elseif what == nil then
+          ok, err = false, nxt
+        end
+      end
+      if not ok then
+        -- A lost query connection is retried by the next step; anything else stops.
+        if not bf.client.driver:conn():ok() then
+          log.debug("backfill of " .. bf.l.table_name .. ": " .. tostring(err) .. "; retrying")
+        else
+          bf.failed = true
+          return nil, "backfill of " .. bf.l.table_name .. " failed: " .. tostring(err)
+        end
+      end
+      bf:progress_line(false)
+    end
+  end
+  return true
+end
+
+-- The stream's message hook: a chunk's mark.
+function M.on_message(lsn, token)
+  local bf = M.tokens[token]
+  if not bf or not bf.inflight or bf.inflight.token ~= token then return true end
+  return bf:deliver(bf.inflight, lsn)
+end
+
+-- A new replication stream (start, reconnect): chunks in flight are read again.
+function M.reset(client)
+  for _, bf in ipairs(client.backfills or {}) do
+    if bf.inflight then M.tokens[bf.inflight.token] = nil bf.inflight = nil end
+    bf.waiting = nil
+  end
+end
+
+-- Manual acknowledgements: everything before pos is acknowledged; chunks up to it are done.
+function M.confirmed(client, pos)
+  for _, bf in ipairs(client.backfills or {}) do
+    local w = bf.waiting
+    if w and w[1] and w[1].lsn <= pos then
+      local last
+      while w[1] and w[1].lsn <= pos do last = table.remove(w, 1) end
+      bf:save(last.cursor, last.rows, last.done)
+    end
+  end
+end
+
+function M.stats(client)
+  local list = {}
+  local total = { rows = 0, delivered = 0, rate = 0, done = true, tables = list }
+  local est, eta = 0, 0
+  for i, bf in ipairs(client.backfills or {}) do
+    local s = bf:stats()
+    list[i] = s
+    total.rows = total.rows + s.rows
+    total.delivered = total.delivered + s.delivered
+    total.rate = total.rate + s.rate
+    total.done = total.done and s.done
+    if est and s.estimated then est = est + s.estimated else est = nil end
+    if eta and s.eta then eta = math.max(eta, s.eta) else eta = nil end
+  end
+  total.estimated = est
+  total.eta = eta
+  if est and est > 0 then total.percent = math.min(100, 100 * total.rows / est) end
+  return total
+end
+
+return M

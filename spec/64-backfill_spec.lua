@@ -1,0 +1,270 @@
+-- spec/64-backfill_spec.lua: listener:backfill (issue 11, item 4): every existing row as an
+-- op = "read" event, chunked, interleaved with live changes and consistent with them;
+-- resumable after kill -9 under a persistent slot; fields/where; keyless and partitioned
+-- tables; the CLI's --backfill (item 5).
+local flash = require "flash"
+local core = require "flash.core"
+local H = require "helpers"
+
+-- Rows of the concurrent-writer spec (FLASH_BACKFILL_ROWS; bench/backfill.lua runs 1,000,000).
+local ROWS = tonumber(os.getenv("FLASH_BACKFILL_ROWS") or "") or 200000
+
+-- A writer at full speed in a server-side procedure (one transaction per write), until
+-- the control row says stop: updates, deletes and re-inserts of random keys, each write
+-- stamping the row with the next version of one sequence, so versions only grow per key.
+local function start_writer(tbl, nkeys)
+  local ctl = tbl .. "_ctl"
+  H.sql(string.format([[
+    CREATE SEQUENCE %s_ver;
+    CREATE TABLE %s (stop boolean, writes bigint DEFAULT 0); INSERT INTO %s VALUES (false);
+    CREATE PROCEDURE %s_write() LANGUAGE plpgsql AS $$
+    DECLARE k int; r float8; n bigint := 0;
+    BEGIN
+      LOOP
+        r := random(); k := 1 + floor(random() * %d)::int;
+        IF r < 0.7 THEN
+          UPDATE %s SET ver = nextval('%s_ver'), note = md5(random()::text) WHERE id = k;
+        ELSIF r < 0.85 THEN
+          DELETE FROM %s WHERE id = k;
+        ELSE
+          INSERT INTO %s VALUES (k, nextval('%s_ver'), 'again') ON CONFLICT (id) DO UPDATE SET ver = excluded.ver;
+        END IF;
+        n := n + 1;
+        IF n %% 200 = 0 THEN
+          UPDATE %s SET writes = n;
+          EXIT WHEN (SELECT stop FROM %s);
+        END IF;
+        COMMIT;
+      END LOOP;
+      COMMIT;
+    END $$]], tbl, ctl, ctl, tbl, nkeys, tbl, tbl, tbl, tbl, tbl, ctl, ctl))
+  local f = io.popen("setsid sh -c " .. H.sh_quote(string.format("psql -qX %s -c %s >/dev/null 2>&1 & echo $!",
+    H.sh_quote(H.dsn), H.sh_quote("CALL " .. tbl .. "_write()"))))
+  local pid = tonumber(f:read("*l"))
+  f:close()
+  return {
+    writes = function() return tonumber(H.scalar("SELECT writes FROM " .. ctl)) end,
+    stop = function()
+      H.sql("UPDATE " .. ctl .. " SET stop = true")
+      assert(H.wait_for(function()
+        local r = os.execute("kill -0 " .. pid .. " 2>/dev/null")
+        return r ~= 0 and r ~= true
+      end, 20))
+    end,
+  }
+end
+
+-- Starts client c, runs it until listener l's backfill is done; returns what "all" got.
+local function backfill_all(c, l, chunk)
+  local got, done = {}, false
+  l:on("all", function(ev) got[#got + 1] = ev end)
+  l:backfill { chunk = chunk, on_done = function() done = true end }
+  assert(c:start())
+  local deadline = core.now() + 30
+  while not done and core.now() < deadline do assert(c:poll(0.05)) end
+  assert.is_true(done)
+  return got
+end
+
+describe("backfill", function()
+  local session = H.session()
+  local spawn, script, tmp = session.spawn, session.script, session.tmp
+  after_each(session.cleanup)
+
+  it("rebuilds the table exactly while a writer updates and deletes random keys, never going back a version", function()
+    local t = H.table("id int PRIMARY KEY, ver bigint NOT NULL, note text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 0, md5(g::text) FROM generate_series(1, $1) g", ROWS)
+    H.sql("ANALYZE " .. t)
+    local c = assert(flash.client { driver = "wal_logical" })
+    local l = assert(c:listen { table = t })
+    -- state[id] = the row the events say; last[id] = the last version seen, and whether
+    -- that was a delete (a read or update of that version after it would be a resurrection).
+    local state, last, back, counts = {}, {}, {}, {}
+    local function see(id, ver, deleted)
+      local p = last[id]
+      if p and (ver < p.ver or (ver == p.ver and p.deleted and not deleted)) then
+        back[#back + 1] = string.format("key %d: version %d after %s%d", id, ver, p.deleted and "delete of " or "", p.ver)
+      end
+      last[id] = { ver = ver, deleted = deleted }
+    end
+    l:on("all", function(ev)
+      counts[ev.op] = (counts[ev.op] or 0) + 1
+      if ev.op == "delete" then
+        see(ev.old.id, ev.old.ver, true)
+        state[ev.old.id] = nil
+      else
+        see(ev.new.id, ev.new.ver, false)
+        state[ev.new.id] = ev.new.ver
+      end
+    end)
+    local done = false
+    assert.is_true(l:backfill { chunk = 5000, on_done = function() done = true end })
+    assert(c:start())
+    local w = start_writer(t, ROWS)
+    local deadline = core.now() + 120
+    while not done and core.now() < deadline do assert(c:poll(0.05)) end
+    assert.is_true(done, "backfill did not finish")
+    local s = c:stats().backfill
+    w.stop()
+    assert(c:run { until_lsn = "current" })
+    local writes = H.scalar("SELECT writes FROM " .. t .. "_ctl")
+    local want, n = {}, 0
+    for _, r in ipairs(H.sql("SELECT id, ver FROM " .. t)) do want[r.id] = r.ver n = n + 1 end
+    local wrong = {}
+    for id, ver in pairs(want) do
+      if state[id] ~= ver then wrong[#wrong + 1] = string.format("%d: table %d, events %s", id, ver, tostring(state[id])) end
+    end
+    for id, ver in pairs(state) do
+      if want[id] == nil then wrong[#wrong + 1] = string.format("%d: not in table, events %d", id, ver) end
+    end
+    print(string.format("\n  backfill of %d rows under a writer: %d writes meanwhile; events: %d read, %d update, " ..
+      "%d delete, %d insert; %.0f rows/s", ROWS, writes, counts.read or 0, counts.update or 0, counts.delete or 0,
+      counts.insert or 0, s.rate))
+    assert.same({}, { unpack(wrong, 1, 5) })
+    assert.same({}, { unpack(back, 1, 5) })
+    assert.is_true(writes > 0)
+    assert.is_true(s.done and s.rows >= ROWS * 0.8 and s.estimated == ROWS, require("flash.json").encode(s))
+    -- Rows read are at most the rows that existed (deleted ones are not read).
+    assert.is_true(counts.read <= ROWS * 1.2)
+  end)
+
+  -- A script that backfills under a persistent slot, writing each read's id to a file.
+  local KILLED = [[
+    local flash = require "flash"
+    local out = assert(io.open(arg[1], "a"))
+    out:setvbuf("no")
+    local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = arg[3], publication = arg[3] })
+    local l = assert(c:listen { table = arg[2] })
+    -- arg[4]: kill -9 itself at that many reads (in the middle of a chunk).
+    local n, kill_at = 0, tonumber(arg[4])
+    l:on("read", function(ev)
+      out:write(ev.new.id, "\n")
+      n = n + 1
+      if n == kill_at then os.execute("kill -9 " .. require("flash.core").getpid()) end
+    end)
+    l:on({ "insert", "update", "delete" }, function() end)
+    l:backfill { chunk = 1000, on_done = function() out:write("done\n") flash.stop() end }
+  ]]
+
+  it("continues after kill -9 from the last finished chunk, without reading finished chunks again", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    local slot = "bf_kill_" .. core.getpid()
+    local out = tmp()
+    local s = script(KILLED)
+    -- Killed at 42.5%, half way through the 9th chunk.
+    local h = spawn({ "-l", "info", s, out, t, slot, "8500" })
+    assert.equal(137, h.wait(30), h.err())
+    local first = H.lines(out)
+    assert.equal(8500, #first)
+    os.remove(out)
+    local h2 = spawn({ "-l", "info", s, out, t, slot })
+    assert.equal(0, h2.wait(60), h2.err())
+    assert.truthy(h2.err():find("resuming after %d+ rows"), h2.err())
+    local second = H.lines(out)
+    assert.equal("done", table.remove(second))
+    local seen, again = {}, 0
+    for _, id in ipairs(first) do seen[tonumber(id)] = true end
+    for _, id in ipairs(second) do
+      id = tonumber(id)
+      if seen[id] then again = again + 1 end
+      seen[id] = true
+    end
+    local all = 0
+    for i = 1, 20000 do if seen[i] then all = all + 1 end end
+    print(string.format("\n  kill -9 after %d reads; the restart read %d rows, %d of them read before the kill",
+      #first, #second, again))
+    assert.equal(20000, all)
+    -- Only the chunk in progress at the kill is read again: its 500 rows read before it.
+    assert.equal(500, again)
+    assert.equal(20000 - 8000, #second)
+    -- A run after the end finds the backfill finished: nothing is read again.
+    os.remove(out)
+    local h3 = spawn({ "-l", "info", s, out, t, slot, "" })
+    assert.is_true(h3.await("finished in an earlier run", 20, "err"), h3.err())
+    h3.kill("TERM")
+    assert.equal(0, h3.wait(10))
+    assert.same({}, H.lines(out))
+    H.drop_slot(slot)
+    H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", slot)
+  end)
+
+  it("reads a table without a primary key by ctid, with where and fields", function()
+    local t = H.table("a int, b text, c int")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 'b' || g, g % 10 FROM generate_series(1, 3000) g")
+    local c = assert(flash.client { driver = "wal_logical", replica_identity = "full" })
+    local l = assert(c:listen { table = t, fields = { "a", "b" }, where = { { "c", ">=", 7 } } })
+    local got = backfill_all(c, l, 100)
+    assert.equal(900, #got)
+    local ids = {}
+    for _, ev in ipairs(got) do
+      assert.equal("read", ev.op)
+      assert.equal("public." .. t, ev.table)
+      assert.same({ a = ev.new.a, b = "b" .. ev.new.a }, ev.new)
+      assert.is_true(ev.new.a % 10 >= 7)
+      assert.is_nil(ids[ev.new.a])
+      ids[ev.new.a] = true
+    end
+    assert.equal("ctid", c:stats().backfill.tables[1].mode)
+    -- Ids sort as strings in delivery order.
+    for i = 2, #got do assert.is_true(got[i - 1].id < got[i].id) end
+    c:stop()
+  end)
+
+  it("reads every partition of a partitioned table, keyed or not, with ev.source the partition", function()
+    for _, keyed in ipairs({ true, false }) do
+      local t = H.table("id int NOT NULL, region text NOT NULL, v int" .. (keyed and ", PRIMARY KEY (id, region)" or ""),
+        nil)
+      H.sql("DROP TABLE " .. t)
+      H.sql(string.format("CREATE TABLE %s (id int NOT NULL, region text NOT NULL, v int%s) PARTITION BY LIST (region)",
+        t, keyed and ", PRIMARY KEY (id, region)" or ""))
+      for _, r in ipairs({ "eu", "us", "asia" }) do
+        H.sql(string.format("CREATE TABLE %s_%s PARTITION OF %s FOR VALUES IN ('%s')", t, r, t, r))
+      end
+      H.sql("INSERT INTO " .. t .. " SELECT g, (ARRAY['eu','us','asia'])[1 + g % 3], g FROM generate_series(1, 1500) g")
+      local c = assert(flash.client { driver = "wal_logical", replica_identity = "full" })
+      local got = backfill_all(c, assert(c:listen { table = t }), 200)
+      assert.equal(1500, #got)
+      local by = {}
+      for _, ev in ipairs(got) do
+        assert.equal("read", ev.op)
+        assert.equal("public." .. t, ev.table)
+        assert.equal("public." .. t .. "_" .. ev.new.region, ev.source)
+        by[ev.new.id] = true
+      end
+      for i = 1, 1500 do assert.is_true(by[i]) end
+      assert.equal(keyed and "key" or "ctid", c:stats().backfill.tables[1].mode)
+      c:stop()
+    end
+  end)
+
+  it("is refused under a trigger driver, with the reason", function()
+    local t = H.table("id int PRIMARY KEY")
+    local c = assert(flash.client { driver = "trigger" })
+    local l = assert(c:listen { table = t })
+    local ok, err = pcall(l.backfill, l, {})
+    assert.is_false(ok)
+    assert.truthy(tostring(err):find("backfill needs the wal_logical driver", 1, true), err)
+    assert.has_error(function() l:backfill { chunk = 0 } end)
+    c:stop()
+  end)
+
+  it("flashlua --table T --backfill writes the existing rows, then follows changes, as JSON lines", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'one'), (2, 'two')")
+    local h = spawn({ "--table", t, "--backfill" })
+    assert.is_true(h.await('"v":"two"', 20), h.err())
+    H.sql("INSERT INTO " .. t .. " VALUES (3, 'three')")
+    assert.is_true(h.await('"v":"three"', 20), h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(10))
+    local evs = {}
+    for line in h.out():gmatch("[^\n]+") do evs[#evs + 1] = flash.json.decode(line) end
+    assert.equal(3, #evs)
+    assert.same({ "read", "read", "insert" }, { evs[1].op, evs[2].op, evs[3].op })
+    assert.same({ 1, 2, 3 }, { evs[1].new.id, evs[2].new.id, evs[3].new.id })
+  end)
+end)
