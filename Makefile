@@ -21,8 +21,9 @@ PURE_SRC := src/fl_json.c src/fl_value.c src/fl_pgoutput.c src/fl_record.c
 # Lua binding: the only files that touch lua_State.
 BIND_SRC := src/lvalue.c src/lconn.c src/lrepl.c src/lcore.c
 CORE_OBJ := $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC) $(BIND_SRC))
-LUA_SRC  := $(wildcard lua/flash/*.lua)
-# Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x".
+LUA_SRC  := $(wildcard lua/flash/*.lua lua/flash/*/*.lua)
+# Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x",
+# driver/init.lua -> "flash.driver", driver/x.lua -> "flash.driver.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
 .PHONY: all test test-c lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc
@@ -34,8 +35,12 @@ $(B)/%.o: src/%.c src/*.h | $(B)
 
 $(B)/bc/init.o: lua/flash/init.lua | $(B)/bc
 	$(LUAJIT) -b -n flash $< $@
+$(B)/bc/driver/init.o: lua/flash/driver/init.lua | $(B)/bc
+	@mkdir -p $(@D)
+	$(LUAJIT) -b -n flash.driver $< $@
 $(B)/bc/%.o: lua/flash/%.lua | $(B)/bc
-	$(LUAJIT) -b -n flash.$* $< $@
+	@mkdir -p $(@D)
+	$(LUAJIT) -b -n flash.$(subst /,.,$*) $< $@
 
 # The module: never links libluajit (symbols come from the host process).
 $(B)/flash/core.so: $(CORE_OBJ) | $(B)/flash
@@ -130,10 +135,11 @@ fuzz-pgoutput: | $(B)
 	$(B)/fuzz_pgoutput -max_total_time=$(FUZZ_SECONDS) -max_len=65536 $(B)/fuzz-pgoutput-corpus
 
 install: $(B)/flashlua $(B)/flash/core.so
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash $(DESTDIR)$(CMODDIR)/flash
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(CMODDIR)/flash
 	install -m 755 $(B)/flashlua $(DESTDIR)$(BINDIR)/flashlua
 	install -m 644 $(B)/flash/core.so $(DESTDIR)$(CMODDIR)/flash/core.so
-	install -m 644 $(LUA_SRC) $(DESTDIR)$(LUADIR)/flash/
+	install -m 644 $(wildcard lua/flash/*.lua) $(DESTDIR)$(LUADIR)/flash/
+	install -m 644 $(wildcard lua/flash/driver/*.lua) $(DESTDIR)$(LUADIR)/flash/driver/
 
 clean:
 	rm -rf $(B)

@@ -5,7 +5,7 @@
 --                                                                   creates and drops flash_bench)
 -- options:
 --   --drivers none,trigger,...   what to measure ("none": nobody listens); default: none and
---                                every driver this build has (wal_logical when flash.wal exists)
+--                                every driver this build has (flash.driver.NAMES)
 --   --seconds N                  length of each pgbench run (default 10)
 --   --clients N                  pgbench clients (default 1)
 --   --events N                   events for the delivery measurement (default 100000)
@@ -49,8 +49,8 @@ local drivers = {}
 if opts.drivers then
   for d in opts.drivers:gmatch("[^,%s]+") do drivers[#drivers + 1] = d end
 else
-  drivers = { "none", "trigger", "trigger_global", "trigger_statement" }
-  if pcall(require, "flash.wal") then drivers[#drivers + 1] = "wal_logical" end
+  drivers = { "none" }
+  for _, n in ipairs(require("flash.driver").NAMES) do drivers[#drivers + 1] = n end
 end
 
 local dsn = flash.defaults.dsn or os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL")

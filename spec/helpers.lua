@@ -10,7 +10,7 @@ assert(H.dsn, "FLASH_TEST_DSN is not set: run the specs with `make test` (it sta
 flash.defaults.dsn = H.dsn
 
 -- Every driver the event-content specs run over (the same expectations for each).
-H.drivers = { "trigger", "trigger_global", "trigger_statement", "wal_logical" }
+H.drivers = { unpack(require("flash.driver").NAMES) }
 
 H.root = (debug.getinfo(1, "S").source:match("^@(.*)spec/helpers%.lua$") or "./")
 H.flashlua = H.root .. "build/flashlua"

@@ -557,7 +557,7 @@ function M.tty()
 end
 
 ---------------------------------------------------------------------------------------
--- The driver's side (flash.wal)
+-- The driver's side (flash.driver.wal_logical)
 
 M.tokens = {}
 local nonce

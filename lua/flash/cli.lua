@@ -14,7 +14,7 @@ options:
   -d, --dsn DSN          default connection string for clients that give none
                          (else FLASH_DSN, DATABASE_URL, then libpq's PG* variables)
       --driver NAME      default driver: trigger (default), trigger_global,
-                         trigger_statement, wal_logical
+                         trigger_statement, wal_logical (lua/flash/driver/)
   -l, --log-level LEVEL  error, warn, info (default), debug, trace
       --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
                          run, point the default DSN at it, remove it at exit
@@ -91,7 +91,12 @@ local function parse_args(argv)
     if a == "-h" or a == "--help" then o.help = true
     elseif a == "-v" or a == "--version" then o.version = true
     elseif a == "-d" or a == "--dsn" then o.dsn = val(a)
-    elseif a == "--driver" then o.driver = val(a)
+    elseif a == "--driver" then
+      o.driver = val(a)
+      local registry = require "flash.driver"
+      if not registry.exists(o.driver) then
+        error({ usage = string.format("unknown driver '%s' for --driver (expected %s)", o.driver, registry.list()) })
+      end
     elseif a == "-l" or a == "--log-level" then o.log_level = val(a)
     elseif a == "--sandbox" then o.sandbox = true
     elseif a == "-e" then o.exprs[#o.exprs + 1] = val(a)

@@ -162,7 +162,7 @@ local TESTS = {
 }
 
 -- The text a condition value is written as in SQL, here and in the trigger drivers'
--- literals (flash.trigger_base), so both read the same value. A number is its shortest
+-- literals (flash.driver.base), so both read the same value. A number is its shortest
 -- text that reads back as the same double: 0.1 is "0.1", which a numeric column holding
 -- 0.1 equals (0.10000000000000001 would not).
 local function literal_text(v)

@@ -41,20 +41,7 @@ local flash = {
 -- "read": a row delivered by listener:backfill (flash.backfill), not a change.
 local OPS = { insert = true, update = true, delete = true, truncate = true, read = true }
 local OP_ORDER = { "insert", "update", "delete", "truncate" }
-local DRIVERS = {
-  trigger = "flash.trigger",
-  trigger_global = "flash.trigger_global",
-  trigger_statement = "flash.trigger_statement",
-  wal_logical = "flash.wal",
-}
--- Every option any driver knows: one script can switch drivers by changing one word.
-local CLIENT_OPTS = {
-  dsn = "string", driver = "string", schema = "string", slot = "string",
-  publication = "string", persistent = "boolean", streaming = "boolean",
-  on_error = true, shutdown_timeout = "number", numeric = "string",
-  replica_identity = "string", stream_memory = "number", durable = "boolean", poll_interval = "number",
-  max_row_bytes = "number", ack = "string", max_unacked = "number",
-}
+local drivers = require "flash.driver"
 local LISTEN_OPTS = { table = "string", fields = "table", where = true, primary_key = "table" }
 local WHERE_OPS = {
   ["="] = "=", ["=="] = "=", ["<>"] = "<>", ["!="] = "<>", ["~="] = "<>",
@@ -162,52 +149,31 @@ Client.__index = Client
 function flash.client(opts)
   if opts == nil then opts = {} end
   checktype(opts, "table", 1, "client")
+  -- Every option any driver declares (flash.driver): one script can switch drivers by
+  -- changing one word; each value is checked by the spec its driver gives.
+  local known = drivers.options()
   for k, v in pairs(opts) do
-    local want = CLIENT_OPTS[k]
-    if not want then
+    local o = known[k]
+    if not o then
       argerror(1, "client", string.format("unknown option '%s'", tostring(k)))
     end
+    local want = type(o.spec) == "table" and o.spec.type or o.spec
     if want ~= true and type(v) ~= want then
       argerror(1, "client", string.format("option '%s': %s expected, got %s", k, want, type(v)))
     end
+  end
+  for k, v in pairs(opts) do
+    local spec = known[k].spec
+    local bad = type(spec) == "table" and spec.check and spec.check(v, opts)
+    if bad then argerror(1, "client", string.format("option '%s': %s", k, bad)) end
   end
   local on_error = opts.on_error or "stop"
   if on_error ~= "stop" and on_error ~= "log" and type(on_error) ~= "function" then
     argerror(1, "client", "option 'on_error': \"stop\", \"log\" or a function expected, got " .. tostring(on_error))
   end
-  if opts.numeric ~= nil and opts.numeric ~= "string" and opts.numeric ~= "number" then
-    argerror(1, "client", "option 'numeric': \"string\" or \"number\" expected, got " .. tostring(opts.numeric))
-  end
-  local st = opts.shutdown_timeout
-  if st ~= nil and not (st >= 0 and st < math.huge) then
-    argerror(1, "client", "option 'shutdown_timeout': a number of seconds >= 0 expected, got " .. tostring(st))
-  end
-  if opts.max_row_bytes ~= nil and not (opts.max_row_bytes >= 1024 and opts.max_row_bytes <= 512 * 1024 * 1024) then
-    argerror(1, "client", "option 'max_row_bytes': a row size in bytes from 1024 to 536870912 (512 MB) expected, got " ..
-      tostring(opts.max_row_bytes))
-  end
-  if opts.poll_interval ~= nil and not (opts.poll_interval > 0 and opts.poll_interval <= 60) then
-    argerror(1, "client", "option 'poll_interval': seconds between polls of the capture table, 0 < s <= 60 " ..
-      "expected, got " .. tostring(opts.poll_interval))
-  end
-  if opts.stream_memory ~= nil and not (opts.stream_memory > 0 and opts.stream_memory < math.huge) then
-    argerror(1, "client", "option 'stream_memory': a number of bytes > 0 expected, got " .. tostring(opts.stream_memory))
-  end
-  -- Replication slot names allow only these; the publication is held to the same rule so
-  -- that both can be named alike and written unquoted in any replication command.
-  for _, k in ipairs({ "slot", "publication" }) do
-    local v = opts[k]
-    if v ~= nil and (#v > 63 or not v:find("^[a-z0-9_]+$")) then
-      argerror(1, "client", string.format("option '%s': %s is not a valid name (use lower-case letters, digits " ..
-        "and underscores, at most 63 characters)", k, (string.format("%q", v):gsub("\\\n", "\\n"))))
-    end
-  end
-  local driver_name = opts.driver or flash.defaults.driver or "trigger"
-  if DRIVERS[driver_name] == nil then
-    argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
-  end
-  if opts.ack ~= nil and opts.ack ~= "auto" and opts.ack ~= "manual" then
-    argerror(1, "client", "option 'ack': \"auto\" or \"manual\" expected, got " .. string.format("%q", opts.ack))
+  local driver_name = opts.driver or flash.defaults.driver or drivers.DEFAULT
+  if not drivers.exists(driver_name) then
+    argerror(1, "client", string.format("unknown driver '%s' (expected %s)", driver_name, drivers.list()))
   end
   -- Acknowledging later only means something where an unacknowledged event is delivered
   -- again: a persistent slot, or a trigger driver's persistent schema (its rows are
@@ -219,15 +185,8 @@ function flash.client(opts)
       tostring(opts.persistent == true) .. ")")
   end
   local mu = opts.max_unacked
-  if mu ~= nil and not (mu >= 1 and mu < math.huge and mu == math.floor(mu)) then
-    argerror(1, "client", "option 'max_unacked': a whole number of events >= 1 expected, got " .. tostring(mu))
-  end
-  local found, driver_mod = pcall(require, DRIVERS[driver_name])
-  if not found and not tostring(driver_mod):find("module '" .. DRIVERS[driver_name] .. "' not found", 1, true) then
-    error(driver_mod, 0)
-  elseif not found then
-    return nil, string.format("driver '%s' is not available in flashlua %s yet; use driver = \"trigger\"", driver_name, flash.version)
-  end
+  local driver_mod, derr = drivers.load(driver_name)
+  if not driver_mod then error(derr, 0) end
   local conn, err = core.connect(opts.dsn or default_dsn())
   if not conn then return nil, err end
   local self = setmetatable({

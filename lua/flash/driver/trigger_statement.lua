@@ -3,7 +3,7 @@
 -- statement appends all its rows to the events table, whatever the number of rows or
 -- listeners. Partitions and INHERITS children get triggers of their own (a statement
 -- fires the statement triggers of the table it names only). The machinery is
--- flash.trigger_base.
+-- flash.driver.capture.
 --
 -- Rows an UPDATE moves to another partition are a delete (from the partition the row
 -- left) and an insert (into the one it entered), as under every other driver
@@ -26,14 +26,10 @@
 --     notes and the marker.
 -- Forging the marker (it is a setting any session may set) only makes that session's own
 -- inserts and deletes write notes that nobody matches, which the next look removes.
-local base = require "flash.trigger_base"
+local base = require "flash.driver.capture"
 
-local M = {}
 local Driver = base.class(base.Driver)
-
-function M.new(client)
-  return base.new(Driver, client)
-end
+local M = base.module(Driver)
 
 -- The marker's setting name: one per instance (a custom setting's name must be a plain
 -- identifier, so the schema's name is hashed).
@@ -69,7 +65,7 @@ function Driver:statement_function()
   local L = self.max_row
   local G = self:literal(self:marker_name())
   local ins = "INSERT INTO " .. E .. " (xid, op, rel, tag, new, old, big)\n  "
-  -- Each side's row and its text (NULL past the limits of flash.trigger_base).
+  -- Each side's row and its text (NULL past the limits of flash.driver.capture).
   local function rows(alias, tbl)
     return "(SELECT pg_catalog.row_number() OVER () AS i, t.r, t.txt, pg_catalog.octet_length(t.txt) AS len FROM " ..
       "(SELECT ROW(s.*) AS r, " .. self:row_text_sql("ROW(s.*)") .. " AS txt FROM " .. tbl .. " s) t) " .. alias

@@ -2,15 +2,11 @@
 -- statement trigger for truncate) on the listened table and each of its INHERITS
 -- children (partitions get the partitioned table's row triggers cloned). Each appends the
 -- row to the instance's events table tagged with its listener's id, so every listener
--- receives only its own captures. The machinery is flash.trigger_base.
-local base = require "flash.trigger_base"
+-- receives only its own captures. The machinery is flash.driver.capture.
+local base = require "flash.driver.capture"
 
-local M = {}
 local Driver = base.class(base.Driver)
-
-function M.new(client)
-  return base.new(Driver, client)
-end
+local M = base.module(Driver)
 
 function Driver:wanted_triggers()
   local out = {}

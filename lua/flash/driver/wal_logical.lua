@@ -1,4 +1,4 @@
--- flash.wal: the `wal_logical` driver. One publication and one replication slot per
+-- flash.driver.wal_logical: the `wal_logical` driver. One publication and one replication slot per
 -- client; changes arrive over a replication connection as pgoutput, are decoded in C
 -- (lrepl.c) and filtered here (flash.filter). The server is told a transaction is handled
 -- only after every callback of it has returned: with `persistent = true` a crash at any
@@ -7,16 +7,34 @@ local core = require "flash.core"
 local log = require "flash.log"
 local filter = require "flash.filter"
 -- The trigger drivers' connection helpers (quoting, exec with notices) serve here too.
-local base = require "flash.trigger_base"
+local base = require "flash.driver.base"
 local backfill = require "flash.backfill"
 
 local M = {}
-local Driver = {}
-Driver.__index = Driver
+local Driver = base.class(base.Driver)
+M.Driver = Driver
 
-local LOCK_CLASS = "flashlua"
+-- Replication slot names allow only these; the publication is held to the same rule so
+-- that both can be named alike and written unquoted in any replication command.
+local function object_name(v)
+  if #v > 63 or not v:find("^[a-z0-9_]+$") then
+    return string.format("%s is not a valid name (use lower-case letters, digits and underscores, at most 63 " ..
+      "characters)", (string.format("%q", v):gsub("\\\n", "\\n")))
+  end
+end
+
+-- The options of wal_logical (flash.driver: besides those every client takes).
+M.OPTIONS = {
+  slot = { type = "string", check = object_name },
+  publication = { type = "string", check = object_name },
+  streaming = "boolean",
+  stream_memory = { type = "number", check = function(v)
+    if not (v > 0 and v < math.huge) then return "a number of bytes > 0 expected, got " .. tostring(v) end
+  end },
+  replica_identity = "string",
+}
+
 local MARK = "flashlua instance"
-local RETRY_MAX = 5
 -- One step handles messages for at most this long, then gives the loop back: timers,
 -- signals and other clients get a turn even when callbacks are slower than the writers.
 local SLICE = 0.05
@@ -46,7 +64,8 @@ function M.new(client)
     published = {},     -- [table oid] = listener: tables in the publication
     warned = {},        -- warnings given once: dropped tables, missing columns
     retry_at = nil,
-    backoff = 0.1,
+    retry = base.backoff(),        -- the replication connection's reconnect schedule
+    conn_retry = base.backoff(),   -- the query connection's
   }, Driver)
   -- Default names are unique per instance unless the slot must outlive it.
   self.slot = opts.slot or (self.persistent and "flash_replication" or ("flash_replication_" .. pid))
@@ -55,25 +74,15 @@ function M.new(client)
   return self
 end
 
-Driver.conn = base.Driver.conn
-Driver.ident = base.Driver.ident
-Driver.literal = base.Driver.literal
-Driver.exec = base.Driver.exec
 Driver.qualified = base.Driver.qualified_table
-Driver.sweep_orphans = base.Driver.sweep_orphans
 
+-- A publication's lock: "pub:" keeps it apart from a schema of the same name.
 function Driver:lock_sql(name)
-  return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal("pub:" .. name) .. ")"
+  return base.Driver.lock_sql(self, "pub:" .. name)
 end
 
--- Conditions are test-planned as the trigger drivers' are (the same SQL, so the same
--- errors at listen), then prepared for evaluation on arrival.
-Driver.value_literal = base.Driver.value_literal
-
--- The same check as the trigger drivers' (flash.trigger_base): one home for conditions.
-Driver.cond_sql = base.Driver.cond_sql
-Driver.qualified_table = base.Driver.qualified_table
-Driver.check = base.Driver.check
+-- Conditions are test-planned and checked as the trigger drivers' are (flash.driver.base:
+-- the same SQL, so the same errors at listen), then evaluated on arrival by flash.filter.
 
 -- Whether a listener needs old rows: update/delete events carry ev.old, and conditions,
 -- fields and keys are tested on it.
@@ -482,13 +491,6 @@ function Driver:backfill()
   return self.server_version == nil or self.server_version >= 140000
 end
 
--- Manual acks: max_unacked events are outstanding, so nothing more is read until the
--- script acknowledges some (the server keeps the rest; status updates keep the connection).
-function Driver:paused()
-  local acks = self.client.acks
-  return acks ~= nil and acks:full()
-end
-
 function Driver:fds()
   if not self.repl then return {} end
   local fd = self.repl:fd()
@@ -506,7 +508,7 @@ end
 function Driver:reconnect_query(err)
   if not self.conn_retry_at then
     log.warn(string.format("query connection lost (%s); reconnecting", (tostring(err or "closed"):gsub("%s+$", ""))))
-    self.conn_backoff = 0.1
+    self.conn_retry:reset()
   end
   local conn, cerr = core.connect(self.client:dsn())
   local ok = false
@@ -530,9 +532,7 @@ function Driver:reconnect_query(err)
     log.warn("query connection re-established; the instance holds its lock again")
     return true
   end
-  self.conn_retry_at = core.now() + self.conn_backoff
-  log.debug(string.format("query reconnect failed (%s); next try in %.1fs", tostring(cerr), self.conn_backoff))
-  self.conn_backoff = math.min(self.conn_backoff * 2, RETRY_MAX)
+  self.conn_retry_at = self.conn_retry:schedule(cerr, "query reconnect")
   return false
 end
 
@@ -745,7 +745,7 @@ function Driver:lost(err)
   if self.repl then self.repl:close() self.repl = nil end
   self.lost_at = core.time()
   self.retry_at = core.now()
-  self.backoff = 0.1
+  self.retry:reset()
   return true
 end
 
@@ -775,9 +775,7 @@ function Driver:reconnect()
     end
     return true
   end
-  self.retry_at = core.now() + self.backoff
-  log.debug(string.format("reconnect failed (%s); next try in %.1fs", tostring(err), self.backoff))
-  self.backoff = math.min(self.backoff * 2, RETRY_MAX)
+  self.retry_at = self.retry:schedule(err, "reconnect")
   return true
 end
 

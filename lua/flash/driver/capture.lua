@@ -1,4 +1,4 @@
--- flash.trigger_base: what the three trigger drivers share.
+-- flash.driver.capture: what the three trigger drivers share (on top of flash.driver.base).
 --
 -- How they capture (docs/drivers.md "How the trigger drivers capture"): every object lives
 -- in the instance's own schema, locked by a session advisory lock. A trigger appends the
@@ -19,15 +19,17 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local filter = require "flash.filter"
+local base = require "flash.driver.base"
 
 local M = {}
+-- The generic parts, for the trigger drivers that reach them through this module.
+M.class, M.fit_name, M.needed_ops, M.rename, M.fail = base.class, base.fit_name, base.needed_ops, base.rename, base.fail
+local fail = base.fail
 local null = core.null
 
-local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('flashlua')
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
 local PERSISTENT_MARK = "persistent"     -- ... and, after it, those kept across runs
 M.PERSISTENT_SCHEMA = "flash_persistent" -- the schema of persistent = true by default
-local NAME_MAX = 63                      -- NAMEDATALEN - 1 bytes
 local BATCH = 1000                       -- captured rows fetched per query
 -- Polls of the events table: at once while batches come full, 1 ms after a partial one,
 -- then twice as long after each empty poll, up to poll_interval (an idle client costs
@@ -57,16 +59,30 @@ SET extra_float_digits = 3
 SET bytea_output = 'hex'
 ]]
 
-local Driver = {}
-Driver.__index = Driver
+local Driver = base.class(base.Driver)
 M.Driver = Driver
 
--- A driver class that inherits from `parent`.
-function M.class(parent)
-  local c = setmetatable({}, { __index = parent })
-  c.__index = c
-  return c
+-- The module of a trigger driver whose class is `class` (flash.driver's contract).
+function M.module(class)
+  return { OPTIONS = M.OPTIONS, Driver = class, new = function(client) return M.new(class, client) end }
 end
+
+-- The options of every trigger driver (flash.driver: besides those every client takes).
+M.OPTIONS = {
+  schema = "string",
+  durable = "boolean",
+  poll_interval = { type = "number", check = function(v)
+    if not (v > 0 and v <= 60) then
+      return "seconds between polls of the capture table, 0 < s <= 60 expected, got " .. tostring(v)
+    end
+  end },
+  max_row_bytes = { type = "number", check = function(v)
+    if not (v >= 1024 and v <= 512 * 1024 * 1024) then
+      return "a row size in bytes from 1024 to 536870912 (512 MB) expected, got " .. tostring(v)
+    end
+  end },
+}
+
 
 -- A driver of `class` for `client`.
 function M.new(class, client)
@@ -74,7 +90,7 @@ function M.new(class, client)
     client = client,
     listening = false,
     retry_at = nil,
-    backoff = 0.1,
+    retry = base.backoff(),   -- the reconnect schedule
     lost_at = nil,
     captured = 0,
     next_poll = nil,
@@ -100,119 +116,17 @@ function M.new(class, client)
   return self
 end
 
--- `head .. suffix` cut to an identifier's 63 bytes on a character boundary of `head`; a
--- cut name gets `_tag` (e.g. the table's OID) before the suffix so that it stays unique.
-function M.fit_name(head, suffix, tag)
-  if #head + #suffix <= NAME_MAX then return head .. suffix end
-  local tail = (tag and ("_" .. tag) or "") .. suffix
-  local cut = head:sub(1, math.max(NAME_MAX - #tail, 0))
-  -- Drop a partial UTF-8 sequence at the end of the cut.
-  local lead = #cut
-  while lead > 0 and cut:byte(lead) >= 0x80 and cut:byte(lead) < 0xC0 do lead = lead - 1 end
-  if lead > 0 and cut:byte(lead) >= 0xC0 then
-    local b = cut:byte(lead)
-    local need = b >= 0xF0 and 4 or b >= 0xE0 and 3 or 2
-    if #cut - lead + 1 < need then cut = cut:sub(1, lead - 1) end
-  end
-  return cut .. tail
-end
 
-function Driver:conn() return self.client.conn end
 
-function Driver:ident(s) return assert(self:conn():escape_identifier(s)) end
-function Driver:literal(s) return assert(self:conn():escape_literal(s)) end
 
-local function fail(err, hint)
-  if hint then return nil, err .. " (" .. hint .. ")" end
-  return nil, err
-end
-M.fail = fail
 
-function Driver:exec(sql, ...)
-  local rows, n, state = self:conn():exec(sql, 0, ...)
-  self.client:_log_notices()
-  return rows, n, state
-end
 
--- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
--- column's type, so 10, "10" and 10.0 compare as the column's own values.
-function Driver:value_literal(v)
-  return self:literal(filter.literal_text(v))
-end
 
--- SQL for the listener's conditions on row `rec`; nil without any. Used only to
--- test-plan conditions at listen (so a bad value fails there, with PostgreSQL's words);
--- conditions are evaluated on arrival, by flash.filter.
-function Driver:cond_sql(l, rec)
-  if #l.conds == 0 then return nil end
-  local parts = {}
-  for _, c in ipairs(l.conds) do
-    local col = rec .. "." .. self:ident(c.column)
-    local op = c.op
-    if op == "is null" then
-      parts[#parts + 1] = col .. " IS NULL"
-    elseif op == "is not null" then
-      parts[#parts + 1] = col .. " IS NOT NULL"
-    elseif op == "in" then
-      if #c.value == 0 then
-        parts[#parts + 1] = "false"
-      else
-        local vals = {}
-        for i, v in ipairs(c.value) do vals[i] = self:value_literal(v) end
-        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
-      end
-    else
-      parts[#parts + 1] = col .. " " .. op .. " " .. self:value_literal(c.value)
-    end
-  end
-  return "(" .. table.concat(parts, " AND ") .. ")"
-end
 
-function Driver:qualified_table(l)
-  return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
-end
 
--- Conditions are test-planned at listen (the server's error for a bad value), then
--- prepared for evaluation on arrival, exactly as under wal_logical.
-function Driver:check(l)
-  local cond = self:cond_sql(l, "t")
-  if cond then
-    local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
-    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
-  end
-  local ok, err = filter.prepare(l, self)
-  if not ok then return nil, err end
-  l.matcher = filter.matcher(l)
-  l.passthrough = filter.passthrough(l)
-  return true
-end
 
--- Listener `l`'s table is now called schema.name (a rename while listening): ev.table
--- follows. Returns true when the name changed.
-function M.rename(l, schema, name)
-  if l.table.schema == schema and l.table.name == name then return false end
-  l.table.schema, l.table.name = schema, name
-  l.table.display = schema .. "." .. name
-  l.table_name = l.table.display
-  return true
-end
 
--- Which operations a listener needs captured: an update can turn into an insert or a
--- delete (conditions, primary key), so it is captured when either is wanted.
-function M.needed_ops(l)
-  local w = l:wanted()
-  local n = {}
-  if w.insert then n.insert = true end
-  if w.delete then n.delete = true end
-  if w.truncate then n.truncate = true end
-  local transforms = #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
-  if w.update or (transforms and (w.insert or w.delete)) then n.update = true end
-  return n, w
-end
 
-function Driver:lock_sql(schema_name)
-  return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal(schema_name) .. ")"
-end
 
 ---------------------------------------------------------------------------------------
 -- Removing a schema without deadlocking writers: its triggers go first, one table per
@@ -343,27 +257,6 @@ function Driver:drop_keeper()
   end
 end
 
--- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
--- lock (self:lock_sql) is free, and the lock named `also(name)` too when given: the
--- flashlua instance that made them is gone. `drop(name)` removes one: true | nil, err.
-function Driver:sweep_orphans(rows, keep, what, drop, also)
-  for _, r in ipairs(rows) do
-    if r.name ~= keep then
-      local locks = { r.name, also and also(r.name) or nil }
-      local held = {}
-      for _, lock in ipairs(locks) do
-        local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(lock) .. ") AS ok")
-        if got and got[1].ok then held[#held + 1] = lock end
-      end
-      if #held == #locks then
-        log.info(string.format("removing %s %s left by a flashlua instance that is gone", what, r.name))
-        local ok, derr = drop(r.name)
-        if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
-      end
-      for _, lock in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(lock) .. ")") end
-    end
-  end
-end
 
 ---------------------------------------------------------------------------------------
 -- The schema: events table and capture functions.
@@ -862,7 +755,7 @@ local function lost(self, err)
   self.listening = false
   self.lost_at = self.lost_at or core.time()
   self.retry_at = core.now()
-  self.backoff = 0.1
+  self.retry:reset()
   log.warn(string.format("connection to PostgreSQL lost (%s); reconnecting", (tostring(err):gsub("%s+$", ""))))
 end
 
@@ -913,9 +806,7 @@ function Driver:reconnect()
     err = existed
     self.listening = false
   end
-  self.retry_at = core.now() + self.backoff
-  log.debug(string.format("reconnect failed (%s); next try in %.1fs", tostring(err), self.backoff))
-  self.backoff = math.min(self.backoff * 2, 5)
+  self.retry_at = self.retry:schedule(err, "reconnect")
   return true
 end
 
@@ -1047,11 +938,6 @@ function Driver:confirm(pos)
   for i = m - n + 1, m do d[i] = nil end
   -- The next poll deletes them (soon: an acknowledgement is not a reason to wait).
   if n > 0 and self.next_poll then self.next_poll = math.min(self.next_poll, core.now() + POLL_MIN) end
-end
-
-function Driver:paused()
-  local acks = self.client.acks
-  return acks ~= nil and acks:full()
 end
 
 -- SQL that deletes the rows delivered so far (self.handled).

@@ -2,15 +2,11 @@
 -- DELETE row trigger per table (for the operations some listener needs) and one truncate
 -- trigger serve every listener of the client on that table: each change is captured once,
 -- and each listener's conditions and fields are applied on arrival. The machinery is
--- flash.trigger_base.
-local base = require "flash.trigger_base"
+-- flash.driver.capture.
+local base = require "flash.driver.capture"
 
-local M = {}
 local Driver = base.class(base.Driver)
-
-function M.new(client)
-  return base.new(Driver, client)
-end
+local M = base.module(Driver)
 
 function Driver:wanted_triggers()
   local fn = self:ident(self.schema) .. ".capture('0')"

@@ -1,0 +1,196 @@
+-- flash.driver.base: what every driver shares (docs/architecture.md, "The driver contract").
+--
+-- A driver is a class made with base.class(base.Driver): it inherits the connection
+-- helpers (ident, literal, exec on the client's query connection), the listen-time check
+-- of conditions (test-planned in SQL for PostgreSQL's own error, then prepared for
+-- evaluation on arrival by flash.filter: one home for conditions), the advisory-lock
+-- naming that marks what a running instance holds, the sweep of what gone instances left,
+-- and the retry schedule of reconnects (base.backoff).
+local core = require "flash.core"
+local log = require "flash.log"
+local filter = require "flash.filter"
+
+local M = {}
+
+local LOCK_CLASS = "flashlua"            -- advisory lock namespace: hashtext('flashlua')
+local NAME_MAX = 63                      -- NAMEDATALEN - 1 bytes
+M.RETRY_FIRST, M.RETRY_MAX = 0.1, 5      -- seconds: a reconnect's first and longest wait
+
+local Driver = {}
+Driver.__index = Driver
+M.Driver = Driver
+
+-- A driver class that inherits from `parent`.
+function M.class(parent)
+  local c = setmetatable({}, { __index = parent })
+  c.__index = c
+  return c
+end
+
+-- `head .. suffix` cut to an identifier's 63 bytes on a character boundary of `head`; a
+-- cut name gets `_tag` (e.g. the table's OID) before the suffix so that it stays unique.
+function M.fit_name(head, suffix, tag)
+  if #head + #suffix <= NAME_MAX then return head .. suffix end
+  local tail = (tag and ("_" .. tag) or "") .. suffix
+  local cut = head:sub(1, math.max(NAME_MAX - #tail, 0))
+  -- Drop a partial UTF-8 sequence at the end of the cut.
+  local lead = #cut
+  while lead > 0 and cut:byte(lead) >= 0x80 and cut:byte(lead) < 0xC0 do lead = lead - 1 end
+  if lead > 0 and cut:byte(lead) >= 0xC0 then
+    local b = cut:byte(lead)
+    local need = b >= 0xF0 and 4 or b >= 0xE0 and 3 or 2
+    if #cut - lead + 1 < need then cut = cut:sub(1, lead - 1) end
+  end
+  return cut .. tail
+end
+
+function Driver:conn() return self.client.conn end
+
+function Driver:ident(s) return assert(self:conn():escape_identifier(s)) end
+
+function Driver:literal(s) return assert(self:conn():escape_literal(s)) end
+
+local function fail(err, hint)
+  if hint then return nil, err .. " (" .. hint .. ")" end
+  return nil, err
+end
+M.fail = fail
+
+function Driver:exec(sql, ...)
+  local rows, n, state = self:conn():exec(sql, 0, ...)
+  self.client:_log_notices()
+  return rows, n, state
+end
+
+-- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
+-- column's type, so 10, "10" and 10.0 compare as the column's own values.
+function Driver:value_literal(v)
+  return self:literal(filter.literal_text(v))
+end
+
+-- SQL for the listener's conditions on row `rec`; nil without any. Used only to
+-- test-plan conditions at listen (so a bad value fails there, with PostgreSQL's words);
+-- conditions are evaluated on arrival, by flash.filter.
+function Driver:cond_sql(l, rec)
+  if #l.conds == 0 then return nil end
+  local parts = {}
+  for _, c in ipairs(l.conds) do
+    local col = rec .. "." .. self:ident(c.column)
+    local op = c.op
+    if op == "is null" then
+      parts[#parts + 1] = col .. " IS NULL"
+    elseif op == "is not null" then
+      parts[#parts + 1] = col .. " IS NOT NULL"
+    elseif op == "in" then
+      if #c.value == 0 then
+        parts[#parts + 1] = "false"
+      else
+        local vals = {}
+        for i, v in ipairs(c.value) do vals[i] = self:value_literal(v) end
+        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
+      end
+    else
+      parts[#parts + 1] = col .. " " .. op .. " " .. self:value_literal(c.value)
+    end
+  end
+  return "(" .. table.concat(parts, " AND ") .. ")"
+end
+
+function Driver:qualified_table(l)
+  return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
+end
+
+-- Conditions are test-planned at listen (the server's error for a bad value), then
+-- prepared for evaluation on arrival, exactly as under wal_logical.
+function Driver:check(l)
+  local cond = self:cond_sql(l, "t")
+  if cond then
+    local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
+    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+  end
+  local ok, err = filter.prepare(l, self)
+  if not ok then return nil, err end
+  l.matcher = filter.matcher(l)
+  l.passthrough = filter.passthrough(l)
+  return true
+end
+
+-- Listener `l`'s table is now called schema.name (a rename while listening): ev.table
+-- follows. Returns true when the name changed.
+function M.rename(l, schema, name)
+  if l.table.schema == schema and l.table.name == name then return false end
+  l.table.schema, l.table.name = schema, name
+  l.table.display = schema .. "." .. name
+  l.table_name = l.table.display
+  return true
+end
+
+-- Which operations a listener needs captured: an update can turn into an insert or a
+-- delete (conditions, primary key), so it is captured when either is wanted.
+function M.needed_ops(l)
+  local w = l:wanted()
+  local n = {}
+  if w.insert then n.insert = true end
+  if w.delete then n.delete = true end
+  if w.truncate then n.truncate = true end
+  local transforms = #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
+  if w.update or (transforms and (w.insert or w.delete)) then n.update = true end
+  return n, w
+end
+
+-- The session advisory lock that marks `key` (a schema, a publication) as held by a running
+-- instance: two int4 keys, our class and the name, so no other application's locks collide.
+function Driver:lock_sql(key)
+  return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal(key) .. ")"
+end
+
+-- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
+-- lock (self:lock_sql) is free, and the lock named `also(name)` too when given: the
+-- flashlua instance that made them is gone. `drop(name)` removes one: true | nil, err.
+function Driver:sweep_orphans(rows, keep, what, drop, also)
+  for _, r in ipairs(rows) do
+    if r.name ~= keep then
+      local locks = { r.name, also and also(r.name) or nil }
+      local held = {}
+      for _, lock in ipairs(locks) do
+        local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(lock) .. ") AS ok")
+        if got and got[1].ok then held[#held + 1] = lock end
+      end
+      if #held == #locks then
+        log.info(string.format("removing %s %s left by a flashlua instance that is gone", what, r.name))
+        local ok, derr = drop(r.name)
+        if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
+      end
+      for _, lock in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(lock) .. ")") end
+    end
+  end
+end
+
+-- Manual acks: max_unacked events are outstanding, so nothing more is read until the
+-- script acknowledges some (the server keeps the rest: the slot, the capture table).
+function Driver:paused()
+  local acks = self.client.acks
+  return acks ~= nil and acks:full()
+end
+
+-- The retry schedule of one connection: 0.1 s, doubling, at most 5 s.
+-- b = base.backoff(); b:schedule(err, what) -> the core.now() time of the next try (and a
+-- debug line saying why and when); b:reset() after a success.
+local Backoff = {}
+Backoff.__index = Backoff
+function M.backoff()
+  return setmetatable({ wait = M.RETRY_FIRST }, Backoff)
+end
+function Backoff:next()
+  local w = self.wait
+  self.wait = math.min(w * 2, M.RETRY_MAX)
+  return w
+end
+function Backoff:reset() self.wait = M.RETRY_FIRST end
+function Backoff:schedule(err, what)
+  local w = self:next()
+  log.debug(string.format("%s failed (%s); next try in %.1fs", what, tostring(err), w))
+  return core.now() + w
+end
+
+return M
