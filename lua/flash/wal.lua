@@ -404,12 +404,7 @@ function Driver:make_dispatch()
     return client:_deliver(l, ev)
   end
   local routes = self.routes
-  return function(ev, relid)
-    if routes ~= self.routes then routes = self.routes end
-    local list = routes[relid]
-    if list == nil then list = self:route(relid) end
-    if not list then return true end
-    source, raw = ev.table, ev
+  local function deliver(ev, list)
     if #list == 1 then
       local l = list[1]
       ev.table = l.table_name
@@ -428,6 +423,17 @@ function Driver:make_dispatch()
       if filter.apply(l, e, emit) == false or client.failure then return false end
     end
     return true
+  end
+  return function(ev, relid)
+    if routes ~= self.routes then routes = self.routes end
+    local list = routes[relid]
+    if list == nil then list = self:route(relid) end
+    if not list then return true end
+    source, raw = ev.table, ev
+    local ok = deliver(ev, list)
+    -- Not kept past its delivery: a row of hundreds of MB is freed at once.
+    source, raw = nil, nil
+    return ok
   end
 end
 
