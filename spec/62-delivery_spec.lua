@@ -232,7 +232,7 @@ describe("delivery under the script's control", function()
 
     it("are refused where an unacknowledged event could not be delivered again, and checked", function()
       for _, case in ipairs({
-        { { driver = "trigger", ack = "manual" }, 'needs driver = "wal_logical" with persistent = true' },
+        { { driver = "trigger", ack = "manual" }, 'needs driver = "wal_logical" or "pg_extension" with persistent = true' },
         { { driver = "wal_logical", ack = "manual" }, "persistent = false" },
         { { driver = "wal_logical", ack = "later" }, [[option 'ack': "auto" or "manual" expected, got "later"]] },
         { { driver = "wal_logical", persistent = true, ack = "manual", max_unacked = 0 }, "option 'max_unacked'" },

@@ -45,6 +45,7 @@ local DRIVERS = {
   trigger_global = "flash.trigger_global",
   trigger_statement = "flash.trigger_statement",
   wal_logical = "flash.wal",
+  pg_extension = "flash.pg_extension",
 }
 -- Every option any driver knows: one script can switch drivers by changing one word.
 local CLIENT_OPTS = {
@@ -197,7 +198,7 @@ function flash.client(opts)
   end
   local driver_name = opts.driver or flash.defaults.driver or "trigger"
   if DRIVERS[driver_name] == nil then
-    argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
+    argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement, wal_logical or pg_extension)", driver_name))
   end
   if opts.ack ~= nil and opts.ack ~= "auto" and opts.ack ~= "manual" then
     argerror(1, "client", "option 'ack': \"auto\" or \"manual\" expected, got " .. string.format("%q", opts.ack))
@@ -205,10 +206,11 @@ function flash.client(opts)
   -- Acknowledging later only means something where an unacknowledged event is delivered
   -- again: a persistent slot. The trigger drivers delete what they deliver, and drop
   -- their capture table at every stop (docs/api.md, "Acknowledgements").
-  if opts.ack == "manual" and (driver_name ~= "wal_logical" or opts.persistent ~= true) then
-    argerror(1, "client", "option 'ack': \"manual\" needs driver = \"wal_logical\" with persistent = true " ..
+  local wal_like = driver_name == "wal_logical" or driver_name == "pg_extension"
+  if opts.ack == "manual" and (not wal_like or opts.persistent ~= true) then
+    argerror(1, "client", "option 'ack': \"manual\" needs driver = \"wal_logical\" or \"pg_extension\" with persistent = true " ..
       "(only a persistent slot delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\"" ..
-      (driver_name == "wal_logical" and ", persistent = " .. tostring(opts.persistent == true) or "") .. ")")
+      (wal_like and ", persistent = " .. tostring(opts.persistent == true) or "") .. ")")
   end
   local mu = opts.max_unacked
   if mu ~= nil and not (mu >= 1 and mu < math.huge and mu == math.floor(mu)) then
