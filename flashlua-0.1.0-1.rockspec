@@ -44,5 +44,6 @@ build = {
     ["flash.trigger_global"] = "lua/flash/trigger_global.lua",
     ["flash.trigger_statement"] = "lua/flash/trigger_statement.lua",
     ["flash.wal"] = "lua/flash/wal.lua",
+    ["flash.pg_extension"] = "lua/flash/pg_extension.lua",
   },
 }

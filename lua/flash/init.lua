@@ -46,6 +46,7 @@ local DRIVERS = {
   trigger_global = "flash.trigger_global",
   trigger_statement = "flash.trigger_statement",
   wal_logical = "flash.wal",
+  pg_extension = "flash.pg_extension",
 }
 -- Every option any driver knows: one script can switch drivers by changing one word.
 local CLIENT_OPTS = {
@@ -204,7 +205,7 @@ function flash.client(opts)
   end
   local driver_name = opts.driver or flash.defaults.driver or "trigger"
   if DRIVERS[driver_name] == nil then
-    argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement or wal_logical)", driver_name))
+    argerror(1, "client", string.format("unknown driver '%s' (expected trigger, trigger_global, trigger_statement, wal_logical or pg_extension)", driver_name))
   end
   if opts.ack ~= nil and opts.ack ~= "auto" and opts.ack ~= "manual" then
     argerror(1, "client", "option 'ack': \"auto\" or \"manual\" expected, got " .. string.format("%q", opts.ack))
