@@ -26,7 +26,8 @@ LUA_SRC  := $(wildcard lua/flash/*.lua lua/flash/*/*.lua)
 # driver/init.lua -> "flash.driver", driver/x.lua -> "flash.driver.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc
+.PHONY: all test test-c lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc \
+        pgext install-pgext
 
 all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput
 
@@ -71,7 +72,20 @@ deps:
 test:
 	scripts/deps
 	$(MAKE) all
+	$(MAKE) install-pgext
 	scripts/run-tests
+
+# The PostgreSQL extension of the pg_extension driver (pgext/, PGXS; needs Debian's
+# postgresql-server-dev-15). PostgreSQL 15 reads extension control files from its own
+# share directory only (no extension_control_path), so tests and real servers alike load
+# it from where `make install-pgext` puts it: pg_config's directories, as root (make test
+# runs it, and CI runs as root). PG_CONFIG=/path/to/pg_config picks another server.
+PG_CONFIG ?= pg_config
+pgext:
+	$(MAKE) -C pgext PG_CONFIG=$(PG_CONFIG)
+
+install-pgext: pgext
+	$(MAKE) -C pgext install PG_CONFIG=$(PG_CONFIG)
 
 # luacheck over the project's Lua (.luacheckrc); make test runs it too.
 lint:
@@ -143,3 +157,4 @@ install: $(B)/flashlua $(B)/flash/core.so
 
 clean:
 	rm -rf $(B)
+	$(MAKE) -C pgext clean PG_CONFIG=$(PG_CONFIG) 2>/dev/null || true

@@ -50,7 +50,10 @@ if opts.drivers then
   for d in opts.drivers:gmatch("[^,%s]+") do drivers[#drivers + 1] = d end
 else
   drivers = { "none" }
-  for _, n in ipairs(require("flash.driver").NAMES) do drivers[#drivers + 1] = n end
+  local registry = require "flash.driver"
+  for _, n in ipairs(registry.NAMES) do
+    if not registry.PARTIAL[n] then drivers[#drivers + 1] = n end
+  end
 end
 
 local dsn = flash.defaults.dsn or os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL")

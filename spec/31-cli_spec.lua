@@ -72,7 +72,7 @@ describe("flashlua command line", function()
       assert.are.equal(2, rc)
       assert.are.equal("", out)
       assert.truthy(err:find("flashlua: unknown driver 'wal' for --driver (expected trigger, trigger_global, " ..
-        "trigger_statement or wal_logical)", 1, true), err)
+        "trigger_statement, wal_logical or pg_extension)", 1, true), err)
     end)
 
     it("no script exits 2", function()

@@ -72,6 +72,8 @@ typedef struct {
   uint64_t spilled_total;
   uint64_t events, messages, bytes;
   uint64_t largest;         /* the largest message received: libpq's input buffer is as large */
+  char *tag;                /* pg_extension: the listener tag of the next change (flashlua plugin) */
+  uint32_t tag_len, tag_cap;
   char err[512];
 } fl_repl;
 
@@ -311,9 +313,15 @@ static int call_hook(lua_State *L, fl_repl *r, int nargs, const char *what) {
  * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error (message in
  * r->err). */
 static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
+  int nargs = 2;
   r->events++;
   lua_pushnumber(L, relid);
-  return call_hook(L, r, 2, "dispatch: ");
+  if (r->tag_len) {               /* dispatch(ev, relid, tag): the listeners it is for */
+    lua_pushlstring(L, r->tag, r->tag_len);
+    r->tag_len = 0;
+    nargs = 3;
+  }
+  return call_hook(L, r, nargs, "dispatch: ");
 }
 
 /* Builds the event of one change and calls dispatch(ev) protected. Returns 0 to go on,
@@ -539,6 +547,18 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
     return stream_append(r, s, m.xid, buf, len);
   }
+  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0) {
+    /* The flashlua plugin's listener tag: kept for the change message that follows. */
+    if (m.content_len > r->tag_cap) {
+      char *t = realloc(r->tag, m.content_len);
+      if (!t) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
+      r->tag = t;
+      r->tag_cap = m.content_len;
+    }
+    memcpy(r->tag, m.content, m.content_len);
+    r->tag_len = m.content_len;
+    return 0;
+  }
   switch (m.type) {
     case FL_PGO_BEGIN:
       r->in_txn = 1;
@@ -631,6 +651,9 @@ static int l_replication(lua_State *L) {
 static void repl_release(lua_State *L, fl_repl *r) {
   if (r->pg) { PQfinish(r->pg); r->pg = NULL; }
   if (r->dec) { fl_pgo_free(r->dec); r->dec = NULL; }
+  free(r->tag);
+  r->tag = NULL;
+  r->tag_len = r->tag_cap = 0;
   while (r->streams) stream_remove(r, r->streams);
   luaL_unref(L, LUA_REGISTRYINDEX, r->lsn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->rels_ref);

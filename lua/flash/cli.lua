@@ -14,7 +14,7 @@ options:
   -d, --dsn DSN          default connection string for clients that give none
                          (else FLASH_DSN, DATABASE_URL, then libpq's PG* variables)
       --driver NAME      default driver: trigger (default), trigger_global,
-                         trigger_statement, wal_logical (lua/flash/driver/)
+                         trigger_statement, wal_logical, pg_extension (lua/flash/driver/)
   -l, --log-level LEVEL  error, warn, info (default), debug, trace
       --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
                          run, point the default DSN at it, remove it at exit

@@ -272,6 +272,9 @@ local function config_text(sb, settings)
     { "port", sb.port }, { "max_connections", 100 }, { "shared_buffers", "128MB" },
     { "max_prepared_transactions", 20 }, { "track_commit_timestamp", "on" },
   }
+  -- Servers that gate output plugins (a postgresql.conf that names the setting) also let
+  -- the pg_extension driver's plugin in.
+  if sb.plugins_gated then base[#base + 1] = { "output_plugin_libraries", "pgoutput, test_decoding, flashlua" } end
   for _, kv in ipairs(base) do
     if settings[kv[1]] == nil then set(kv[1], kv[2]) end
   end
@@ -362,6 +365,7 @@ function M.start(opts)
   ok, err = write_file(sb.datadir .. "/pg_hba.conf", HBA)
   if not ok then return fail("cannot write pg_hba.conf: " .. tostring(err)) end
   local conf = read_file(sb.datadir .. "/postgresql.conf") or ""
+  sb.plugins_gated = conf:find("output_plugin_libraries", 1, true) ~= nil
   ok, err = write_file(sb.datadir .. "/postgresql.conf", conf .. "\ninclude 'flash-sandbox.conf'\n")
   if not ok then return fail("cannot write postgresql.conf: " .. tostring(err)) end
 

@@ -262,11 +262,10 @@ local function slot_error(self, err, state)
   return nil, err
 end
 
-function Driver:open_slot()
-  local repl, err = core.replication(self.client:dsn())
-  if not repl then return slot_error(self, err) end
+-- The client's slot (output plugin `plugin`): a persistent one is resumed when it exists,
+-- else created; a temporary one is created. Closes repl on failure.
+function Driver:make_slot(repl, plugin)
   local S = self:ident(self.slot)
-  local start_lsn = "0/0"
   if self.persistent then
     local rows, qerr = self:exec([[SELECT plugin::text AS plugin, database::text AS database, active_pid,
       confirmed_flush_lsn::text AS confirmed FROM pg_catalog.pg_replication_slots WHERE slot_name = $1]], self.slot)
@@ -278,22 +277,32 @@ function Driver:open_slot()
         return fail(string.format("replication slot %s is active in another process (pid %d)", self.slot, s.active_pid),
           "stop that process, or give this client another `slot`")
       end
-      if s.plugin ~= "pgoutput" or s.database ~= self.database then
+      if s.plugin ~= plugin or s.database ~= self.database then
         repl:close()
-        return fail(string.format("replication slot %s exists but is not a pgoutput slot of database %s", self.slot, self.database),
+        return fail(string.format("replication slot %s exists but is not a %s slot of database %s", self.slot, plugin, self.database),
           "give this client another `slot`, or drop it with pg_drop_replication_slot()")
       end
       log.info(string.format("resuming from replication slot %s at %s", self.slot, s.confirmed))
     else
-      local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL pgoutput NOEXPORT_SNAPSHOT")
-      if not ok then repl:close() return slot_error(self, cerr, state) end
+      local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
+      if not ok then repl:close() return self:slot_error(cerr, state) end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
     end
   else
-    local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL pgoutput NOEXPORT_SNAPSHOT")
-    if not ok then repl:close() return slot_error(self, cerr, state) end
+    local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
+    if not ok then repl:close() return self:slot_error(cerr, state) end
   end
+  return true
+end
+
+function Driver:open_slot()
+  local repl, err = core.replication(self.client:dsn())
+  if not repl then return slot_error(self, err) end
+  local S = self:ident(self.slot)
+  local start_lsn = "0/0"
+  local made, merr = self:make_slot(repl, "pgoutput")
+  if not made then return nil, merr end
   local options = { "proto_version '" .. self.proto .. "'",
     "publication_names " .. self:literal(self:ident(self.publication)) }
   if self.streaming then options[#options + 1] = "streaming 'on'" end
@@ -302,6 +311,11 @@ function Driver:open_slot()
   local cmd = "START_REPLICATION SLOT " .. S .. " LOGICAL " .. start_lsn .. " (" .. table.concat(options, ", ") .. ")"
   local ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return slot_error(self, serr, state) end
+  return self:attach(repl)
+end
+
+-- A started stream becomes the driver's (the pg_extension driver's too).
+function Driver:attach(repl)
   if self.client.opts.stream_memory then repl:set_stream_limit(self.client.opts.stream_memory) end
   local acks = self.client.acks
   if acks then
@@ -350,6 +364,12 @@ function Driver:sync(l)
   if not self.repl then return true end
   local ok, err = self:check_identity(l)
   if not ok then return nil, err end
+  return self:sync_publication()
+end
+
+-- The publication publishes what the listeners now want (pg_extension: the registry).
+function Driver:sync_publication()
+  local ok, err
   local set = self:wanted_tables()
   local P = self:ident(self.publication)
   local ops = self:publish_ops()
@@ -413,12 +433,7 @@ function Driver:make_dispatch()
     return client:_deliver(l, ev)
   end
   local routes = self.routes
-  return function(ev, relid)
-    if routes ~= self.routes then routes = self.routes end
-    local list = routes[relid]
-    if list == nil then list = self:route(relid) end
-    if not list then return true end
-    source, raw = ev.table, ev
+  local function deliver(ev, list)
     if #list == 1 then
       local l = list[1]
       ev.table = l.table_name
@@ -437,6 +452,17 @@ function Driver:make_dispatch()
       if filter.apply(l, e, emit) == false or client.failure then return false end
     end
     return true
+  end
+  return function(ev, relid)
+    if routes ~= self.routes then routes = self.routes end
+    local list = routes[relid]
+    if list == nil then list = self:route(relid) end
+    if not list then return true end
+    source, raw = ev.table, ev
+    local ok = deliver(ev, list)
+    -- Not kept past its delivery: a row of hundreds of MB is freed at once.
+    source, raw = nil, nil
+    return ok
   end
 end
 
@@ -840,5 +866,8 @@ function Driver:stop(confirm)
   self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.publication) .. ")")
   return ok, err
 end
+
+-- The pg_extension driver (flash.driver.pg_extension) shares the stream handling.
+Driver.slot_error = slot_error
 
 return M

@@ -1,0 +1,296 @@
+-- flash.driver.pg_extension: the `pg_extension` driver. Each listener is a flash.listen() row of
+-- the flashlua extension (pgext/); its output plugin filters in the walsender and tags
+-- every change with the listeners it is for, so events arrive decided: operation
+-- (soft-delete transitions, key split), conditions and columns. The stream, slot, acks and
+-- reconnects are the wal_logical driver's (flash.driver.wal_logical), whose methods this one
+-- inherits.
+local core = require "flash.core"
+local filter = require "flash.filter"
+local base = require "flash.driver.base"
+local wal = require "flash.driver.wal_logical"
+
+local VERSION = "0.1"           -- the extension version this client speaks
+local OP_ORDER = { "insert", "update", "delete", "truncate" }
+
+local M = {}
+local Driver = base.class(wal.Driver)
+-- wal_logical's options (slot, persistent, ...); `publication` and `streaming` are ignored.
+M.OPTIONS = wal.OPTIONS
+
+local fail = base.fail
+
+function M.new(client)
+  local self = setmetatable(wal.new(client), Driver)
+  local opts = client.opts
+  -- The slot's name is also the consumer name the plugin selects listeners by.
+  self.slot = opts.slot or (self.persistent and "flash_extension" or ("flash_extension_" .. client.conn:backend_pid()))
+  self.consumer = self.slot
+  self.publication = self.slot   -- none is created; wal_logical's stop drops only its own name
+  self.proto = 1
+  self.streaming = false
+  self.by_reg = {}              -- [registry id] = listener
+  return self
+end
+
+function Driver:lock_sql()
+  return base.Driver.lock_sql(self, "ext:" .. self.consumer)
+end
+
+-- The server: wal_level, and the extension created in this database at this version.
+function Driver:check_server()
+  local ok, err = wal.Driver.check_server(self)
+  if not ok then return nil, err end
+  local rows
+  rows, err = self:exec([[SELECT (SELECT extversion::text FROM pg_catalog.pg_extension WHERE extname = 'flashlua') AS created,
+    (SELECT default_version::text FROM pg_catalog.pg_available_extensions WHERE name = 'flashlua') AS available]])
+  if not rows then return nil, err end
+  local r = rows[1]
+  if r.created == core.null then
+    if r.available == core.null then
+      return fail("the pg_extension driver needs the flashlua extension, which is not installed on the server",
+        "on the database server, from flashlua's source tree: `make install-pgext` (as root; it needs " ..
+        "postgresql-server-dev-15), then `CREATE EXTENSION flashlua` in database " .. self.database .. " as a superuser")
+    end
+    return fail("the flashlua extension is installed on the server but not created in database " .. self.database,
+      "run `CREATE EXTENSION flashlua` there as a superuser")
+  end
+  local lib = self:exec("SELECT flash.version() AS v")
+  lib = lib and lib[1].v or "unknown"
+  if r.created ~= VERSION or lib ~= VERSION then
+    return fail(string.format("this client needs flashlua extension %s; database %s has the SQL of %s and the library of %s",
+      VERSION, self.database, r.created, lib),
+      "install flashlua " .. VERSION .. " on the server (`make install-pgext`) and run `ALTER EXTENSION flashlua UPDATE`")
+  end
+  return true
+end
+
+-- Conditions are checked by the server's flash.listen() at listen time: one that would
+-- fail is called in a transaction that is rolled back. A Lua `where` runs here.
+function Driver:check(l)
+  if l.predicate then
+    local pred, fields = l.predicate, l.fields
+    l.matcher = function(row)
+      if fields then
+        local p = {}
+        for _, f in ipairs(fields) do p[f] = row[f] end
+        row = p
+      end
+      return pred(row)
+    end
+  end
+  local ok = self:exec("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'flashlua'")
+  if not ok or #ok == 0 then return true end          -- start() says what is missing
+  local began = self:exec("BEGIN")
+  if not began then return true end
+  local id, err = self:listen_sql(l, self:definition(l, true))
+  self:exec("ROLLBACK")
+  if not id then return nil, "cannot listen to " .. l.table_name .. ": " .. err end
+  return true
+end
+
+local function jstr(s)
+  return '"' .. tostring(s):gsub('[%c"\\]', function(c)
+    if c == '"' or c == "\\" then return "\\" .. c end
+    return string.format("\\u%04x", c:byte())
+  end) .. '"'
+end
+
+local function pgarray(list)
+  if not list then return core.null end
+  local out = {}
+  for i, v in ipairs(list) do out[i] = '"' .. tostring(v):gsub('[\\"]', "\\%0") .. '"' end
+  return "{" .. table.concat(out, ",") .. "}"
+end
+
+-- What the server is asked for a listener: the operations it wants (a Lua `where` decides
+-- here, so it gets the raw operations it needs), its columns, conditions and key.
+function Driver.definition(_, l, any_ops)
+  local w = l.predicate and base.needed_ops(l) or l:wanted()
+  local ops = {}
+  for _, op in ipairs(OP_ORDER) do if w[op] or any_ops then ops[#ops + 1] = op end end
+  if #ops == 0 then return nil end
+  local conds = {}
+  for i, c in ipairs(l.conds) do
+    local v = c.value
+    if c.op == "is null" or c.op == "is not null" then
+      conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "]"
+    elseif c.op == "in" then
+      local vs = {}
+      for j, x in ipairs(v) do vs[j] = jstr(filter.literal_text(x)) end
+      conds[i] = "[" .. jstr(c.column) .. ",\"in\",[" .. table.concat(vs, ",") .. "]]"
+    else
+      conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "," .. jstr(filter.literal_text(v)) .. "]"
+    end
+  end
+  local cols, pk = l.fields, l.primary_key
+  if l.predicate then
+    -- The Lua side applies the key split and transitions: it needs the key columns too.
+    if cols and pk then
+      cols = { unpack(cols) }
+      for _, k in ipairs(pk) do cols[#cols + 1] = k end
+    end
+    pk = nil
+  end
+  local d = { ops = pgarray(ops), cols = pgarray(cols), pk = pgarray(pk),
+              conds = #conds > 0 and ("[" .. table.concat(conds, ",") .. "]") or core.null }
+  d.note = table.concat({ "flashlua #" .. l.id, string.format("%d", l.table.oid), d.ops, tostring(d.cols),
+    tostring(d.conds), tostring(d.pk) }, " ")
+  return d
+end
+
+function Driver:listen_sql(l, d)
+  local rows, err = self:exec("SELECT flash.listen($1::oid::regclass, $2, $3, $4, $5, $6, $7) AS id",
+    string.format("%d", l.table.oid), d.ops, d.cols, d.conds, d.pk, self.consumer, d.note)
+  if not rows then return nil, (tostring(err):gsub("%s+$", ""):gsub("\nCONTEXT:.*", "")) end
+  return rows[1].id
+end
+
+-- Makes the registry hold exactly the listeners that want something, in one transaction:
+-- an unchanged listener keeps its row (a restart with a persistent slot resumes with the
+-- same ids, so nothing committed while it was down is missed), the others are replaced.
+function Driver:register_all()
+  local rows, err = self:exec("SELECT id, note FROM flash.my_listeners WHERE consumer = $1", self.consumer)
+  if not rows then return nil, err end
+  local have = {}
+  for _, r in ipairs(rows) do have[r.note == core.null and "" or r.note] = r.id end
+  local ok
+  ok, err = self:exec("BEGIN")
+  if not ok then return nil, err end
+  local by_reg, keep = {}, {}
+  for _, l in ipairs(self.client.listeners) do
+    local d = not l.dropped and self:definition(l)
+    if d then
+      local id = have[d.note]
+      if not id then
+        id, err = self:listen_sql(l, d)
+        if not id then
+          self:exec("ROLLBACK")
+          return fail("cannot listen to " .. l.table_name .. ": " .. err)
+        end
+      end
+      keep[id] = true
+      by_reg[id] = l
+    end
+  end
+  for _, r in ipairs(rows) do
+    if not keep[r.id] then
+      ok, err = self:exec("SELECT flash.unlisten($1)", r.id)
+      if not ok then self:exec("ROLLBACK") return nil, err end
+    end
+  end
+  ok, err = self:exec("COMMIT")
+  if not ok then return nil, err end
+  self.by_reg = by_reg
+  return true
+end
+
+-- Listeners of non-persistent consumers whose instance is gone (no slot of that name).
+function Driver:remove_leftovers()
+  return self:exec([[SELECT flash.unlisten(id) FROM flash.my_listeners
+    WHERE consumer LIKE 'flash\_extension\_%' AND consumer <> $1
+      AND consumer NOT IN (SELECT slot_name::text FROM pg_catalog.pg_replication_slots)]], self.consumer)
+end
+
+function Driver:slot_error(err, state)
+  if tostring(err):find("may not be used as an output plugin", 1, true) then
+    return fail("the server does not allow the flashlua output plugin: " .. tostring(err):gsub("%s+$", ""),
+      "add flashlua to output_plugin_libraries in postgresql.conf (e.g. output_plugin_libraries = " ..
+      "'pgoutput, test_decoding, flashlua') and reload the server")
+  end
+  return wal.Driver.slot_error(self, err, state)
+end
+
+-- The slot first (a temporary one marks this instance as alive for remove_leftovers), then
+-- the listeners, then the stream from the slot's position.
+function Driver:open_slot()
+  local repl, err = core.replication(self.client:dsn())
+  if not repl then return self:slot_error(err) end
+  local made, merr = self:make_slot(repl, "flashlua")
+  if not made then return nil, merr end
+  local ok
+  ok, err = self:register_all()
+  if not ok then repl:close() return nil, err end
+  local cmd = "START_REPLICATION SLOT " .. self:ident(self.slot) .. " LOGICAL 0/0 (consumer " .. self:literal(self.consumer) ..
+    ", version " .. self:literal(VERSION) .. ")"
+  local serr, state
+  ok, serr, state = repl:start(cmd, self.proto)
+  if not ok then repl:close() return self:slot_error(serr, state) end
+  return self:attach(repl)
+end
+
+-- A listener added, or whose operations changed, at run time (wal_logical's sync): the
+-- registry follows, in WAL order (its events start at that commit).
+Driver.sync_publication = Driver.register_all
+
+-- wal_logical's start() (server check, replica identity, leftovers, then this, then
+-- open_slot) with no publication: the instance's lock on its consumer name only.
+function Driver:setup_publication()
+  local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
+  if not got or not got[1].ok then
+    return fail("consumer " .. self.consumer .. " is in use by another running flashlua instance",
+      "give each instance its own `slot`")
+  end
+  return true
+end
+
+-- A Relation message lists the columns the listeners want, not the table's: only a rename
+-- is news here.
+function Driver:on_relation(relid, schema, name)
+  if self.by_oid[relid] then self:renamed(relid, schema, name) end
+end
+
+local function project(row, fields)
+  if not row then return nil end
+  local out = {}
+  for _, f in ipairs(fields) do out[f] = row[f] end
+  return out
+end
+
+function Driver:make_dispatch()
+  local client = self.client
+  local function emit(l, ev) return client:_deliver(l, ev) end
+  return function(ev, _, tag)
+    if not tag or tag:byte(1) ~= 76 then return true end      -- 'L': listener ids follow
+    local n = (#tag - 1) / 8
+    local source = ev.table
+    for i = 0, n - 1 do
+      local id, at = 0, 2 + i * 8
+      for k = at, at + 7 do id = id * 256 + tag:byte(k) end
+      local l = self.by_reg[id]
+      if l and not l.dropped then
+        local e = n == 1 and ev or { op = ev.op, id = ev.id, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
+                                     commit_time = ev.commit_time }
+        e.table, e.source = l.table_name, source
+        local r
+        if l.predicate then
+          r = filter.apply(l, e, emit)
+        else
+          if l.fields then e.new, e.old = project(e.new, l.fields), project(e.old, l.fields) end
+          r = client:_deliver(l, e)
+        end
+        if r == false or client.failure then return false end
+      end
+    end
+    return true
+  end
+end
+
+function Driver:stats(s)
+  wal.Driver.stats(self, s)
+  s.publication = nil
+  s.consumer = self.consumer
+end
+
+function Driver:stop(confirm)
+  local ok, err = wal.Driver.stop(self, confirm)
+  if not self.persistent then
+    local r, e = self:exec("SELECT flash.unlisten(id) FROM flash.my_listeners WHERE consumer = $1", self.consumer)
+    if not r and ok then
+      ok, err = nil, "cannot remove the listeners of consumer " .. self.consumer .. ": " .. tostring(e):gsub("%s+$", "") ..
+        " (the next flashlua start removes them)"
+    end
+  end
+  return ok, err
+end
+
+return M

@@ -1,0 +1,974 @@
+/* flashlua: the PostgreSQL side of the pg_extension driver. The SQL functions that write
+ * the listener registry (flash.listen / flash.unlisten) and the logical-decoding output
+ * plugin "flashlua", which reads that registry under each change's historic snapshot and
+ * sends only what some listener of its consumer wants (frame format: pgext/README.md). */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/sysattr.h"
+#include "access/table.h"
+#include "access/transam.h"
+#include "catalog/catalog.h"
+#include "catalog/indexing.h"
+#include "catalog/namespace.h"
+#include "catalog/partition.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "commands/sequence.h"
+#include "fmgr.h"
+#include "libpq/pqformat.h"
+#include "miscadmin.h"
+#include "nodes/bitmapset.h"
+#include "replication/logical.h"
+#include "replication/output_plugin.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/fmgroids.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+#include "utils/typcache.h"
+
+PG_MODULE_MAGIC;
+
+#define FLASH_VERSION "0.1"
+#define FLASH_SCHEMA "flash"
+#define FLASH_REGISTRY "listeners"
+#define FLASH_SEQUENCE "listeners_id_seq"
+#define FLASH_TAG_PREFIX "flashlua"
+
+/* Operation bits (the registry's ops). */
+#define OP_INSERT 1
+#define OP_UPDATE 2
+#define OP_DELETE 4
+#define OP_TRUNCATE 8
+
+/* Condition operators (the registry's cond_op). */
+enum { C_EQ = 1, C_NE, C_LT, C_LE, C_GT, C_GE, C_ISNULL, C_NOTNULL, C_IN };
+static const char *const cond_names[] = { "", "=", "<>", "<", "<=", ">", ">=", "is null", "is not null", "in" };
+
+/* The registry's columns, in the order of flashlua--0.1.sql. */
+enum {
+  R_ID, R_CONSUMER, R_RELID, R_OPS, R_COLS, R_PK, R_COND_ATT, R_COND_OP, R_COND_N, R_COND_TYP,
+  R_COND_VAL, R_OWNER, R_NOTE, R_CREATED, R_NATTS
+};
+
+void _PG_output_plugin_init(OutputPluginCallbacks *cb);
+PG_FUNCTION_INFO_V1(flash_version);
+PG_FUNCTION_INFO_V1(flash_listen);
+PG_FUNCTION_INFO_V1(flash_unlisten);
+
+static Oid registry_relid(bool missing_ok) {
+  Oid nsp = get_namespace_oid(FLASH_SCHEMA, missing_ok);
+  Oid rel = OidIsValid(nsp) ? get_relname_relid(FLASH_REGISTRY, nsp) : InvalidOid;
+  if (!OidIsValid(rel) && !missing_ok)
+    ereport(ERROR, (errcode(ERRCODE_UNDEFINED_TABLE),
+                    errmsg("the flashlua registry %s.%s is missing", FLASH_SCHEMA, FLASH_REGISTRY),
+                    errhint("DROP EXTENSION flashlua; CREATE EXTENSION flashlua;")));
+  return rel;
+}
+
+Datum flash_version(PG_FUNCTION_ARGS) {
+  PG_RETURN_TEXT_P(cstring_to_text(FLASH_VERSION));
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* flash.listen / flash.unlisten */
+
+static void text_array(ArrayType *a, Datum **elems, bool **nulls, int *n) {
+  deconstruct_array(a, TEXTOID, -1, false, TYPALIGN_INT, elems, nulls, n);
+}
+
+/* The attnum of column `name` in rel (live columns only), or an ERROR naming `what`. */
+static AttrNumber column_attnum(Relation rel, const char *name, const char *what) {
+  TupleDesc desc = RelationGetDescr(rel);
+  for (int i = 0; i < desc->natts; i++) {
+    Form_pg_attribute a = TupleDescAttr(desc, i);
+    if (!a->attisdropped && strcmp(NameStr(a->attname), name) == 0) return a->attnum;
+  }
+  ereport(ERROR, (errcode(ERRCODE_UNDEFINED_COLUMN),
+                  errmsg("flash.listen: column \"%s\" in %s does not exist in table %s", name, what,
+                         RelationGetRelationName(rel))));
+  return InvalidAttrNumber;
+}
+
+/* Attnums of a text[] of column names (NULL array: NULL). */
+static int16 *column_list(Relation rel, ArrayType *a, const char *what, int *count) {
+  Datum *elems;
+  bool *nulls;
+  int n;
+  int16 *out;
+  text_array(a, &elems, &nulls, &n);
+  if (n == 0)
+    ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                    errmsg("flash.listen: %s is an empty list (pass NULL for every column)", what)));
+  out = palloc(sizeof(int16) * n);
+  for (int i = 0; i < n; i++) {
+    if (nulls[i])
+      ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("flash.listen: %s contains NULL", what)));
+    out[i] = column_attnum(rel, TextDatumGetCString(elems[i]), what);
+  }
+  *count = n;
+  return out;
+}
+
+static Datum int2_array(const int16 *v, int n) {
+  Datum *d = palloc(sizeof(Datum) * (n ? n : 1));
+  for (int i = 0; i < n; i++) d[i] = Int16GetDatum(v[i]);
+  return PointerGetDatum(construct_array(d, n, INT2OID, 2, true, TYPALIGN_SHORT));
+}
+
+static int op_code(const char *s) {
+  for (int i = 1; i <= C_IN; i++)
+    if (pg_strcasecmp(s, cond_names[i]) == 0) return i;
+  if (strcmp(s, "==") == 0) return C_EQ;
+  if (strcmp(s, "!=") == 0) return C_NE;
+  return 0;
+}
+
+/* Whether values of base type `base` may be compared in the walsender: a btree comparison
+ * and a receive function, both built in (nothing another role defined runs there). */
+static void check_condition_type(Relation rel, Form_pg_attribute att, Oid base) {
+  TypeCacheEntry *tc;
+  Oid recv, ioparam;
+  const char *col = NameStr(att->attname);
+  if (OidIsValid(get_element_type(base)))
+    ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                    errmsg("flash.listen: condition on column \"%s\": array columns cannot have conditions", col),
+                    errhint("use a where function that decides in the client")));
+  tc = lookup_type_cache(base, TYPECACHE_CMP_PROC);
+  if (!OidIsValid(tc->cmp_proc))
+    ereport(ERROR, (errcode(ERRCODE_UNDEFINED_FUNCTION),
+                    errmsg("flash.listen: condition on column \"%s\": type %s has no btree comparison", col,
+                           format_type_be(base)),
+                    errhint("use a where function that decides in the client")));
+  getTypeBinaryInputInfo(base, &recv, &ioparam);
+  if (tc->cmp_proc >= FirstNormalObjectId || recv >= FirstNormalObjectId)
+    ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                    errmsg("flash.listen: condition on column \"%s\": type %s compares with a user-defined function, "
+                           "which the walsender does not run", col, format_type_be(base)),
+                    errhint("use a where function that decides in the client")));
+}
+
+/* The caller may listen to these columns: SELECT on the table, or on each of them. */
+static void check_select(Relation rel, Oid role, Bitmapset *atts, bool all) {
+  Oid relid = RelationGetRelid(rel);
+  int a = -1;
+  if (pg_class_aclcheck(relid, role, ACL_SELECT) == ACLCHECK_OK) return;
+  if (all && pg_attribute_aclcheck_all(relid, role, ACL_SELECT, ACLMASK_ALL) != ACLCHECK_OK)
+    ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+                    errmsg("flash.listen: permission denied for table %s", RelationGetRelationName(rel)),
+                    errhint("listening needs SELECT on the table, or on every column it delivers")));
+  while ((a = bms_next_member(atts, a)) >= 0) {
+    if (pg_attribute_aclcheck(relid, (AttrNumber)a, role, ACL_SELECT) != ACLCHECK_OK)
+      ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+                      errmsg("flash.listen: permission denied for column \"%s\" of table %s",
+                             get_attname(relid, (AttrNumber)a, false), RelationGetRelationName(rel)),
+                      errhint("listening needs SELECT on the table, or on every column it names")));
+  }
+}
+
+/* flash._listen(tab, ops, columns, cond_col, cond_op, cond_n, cond_val, primary_key, consumer, note) */
+Datum flash_listen(PG_FUNCTION_ARGS) {
+  Oid relid, role = GetUserId(), regid, seqid;
+  Relation rel, reg;
+  int ops = 0, ncols = 0, npk = 0, ncond = 0, nval = 0, vi = 0;
+  int16 *cols = NULL, *pk = NULL, *catt = NULL, *cop = NULL, *cn = NULL;
+  Datum *ctyp = NULL, *cval = NULL;
+  Bitmapset *named = NULL;
+  char *consumer;
+  Datum values[R_NATTS];
+  bool nulls[R_NATTS];
+  HeapTuple tup;
+  int64 id;
+
+  if (PG_ARGISNULL(0))
+    ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("flash.listen: the table is NULL")));
+  if (PG_ARGISNULL(8) || VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(8)) == 0)
+    ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                    errmsg("flash.listen: consumer must be a non-empty name")));
+  relid = PG_GETARG_OID(0);
+  consumer = text_to_cstring(PG_GETARG_TEXT_PP(8));
+  rel = relation_open(relid, AccessShareLock);
+  if (rel->rd_rel->relkind != RELKIND_RELATION && rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
+    ereport(ERROR, (errcode(ERRCODE_WRONG_OBJECT_TYPE),
+                    errmsg("flash.listen: %s is not a table", RelationGetRelationName(rel))));
+  if (rel->rd_rel->relpersistence != RELPERSISTENCE_PERMANENT || IsCatalogRelation(rel) ||
+      RelationIsUsedAsCatalogTable(rel))
+    ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                    errmsg("flash.listen: changes of %s are not decoded from the WAL "
+                           "(temporary, unlogged and catalog tables are not)", RelationGetRelationName(rel))));
+
+  if (PG_ARGISNULL(1)) {
+    ops = OP_INSERT | OP_UPDATE | OP_DELETE | OP_TRUNCATE;
+  } else {
+    Datum *e;
+    bool *n;
+    int k;
+    text_array(PG_GETARG_ARRAYTYPE_P(1), &e, &n, &k);
+    for (int i = 0; i < k; i++) {
+      const char *s = n[i] ? "NULL" : TextDatumGetCString(e[i]);
+      if (!n[i] && pg_strcasecmp(s, "insert") == 0) ops |= OP_INSERT;
+      else if (!n[i] && pg_strcasecmp(s, "update") == 0) ops |= OP_UPDATE;
+      else if (!n[i] && pg_strcasecmp(s, "delete") == 0) ops |= OP_DELETE;
+      else if (!n[i] && pg_strcasecmp(s, "truncate") == 0) ops |= OP_TRUNCATE;
+      else
+        ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                        errmsg("flash.listen: unknown operation '%s' (expected insert, update, delete or truncate)", s)));
+    }
+    if (ops == 0)
+      ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("flash.listen: no operation given")));
+  }
+  if (!PG_ARGISNULL(2)) {
+    cols = column_list(rel, PG_GETARG_ARRAYTYPE_P(2), "columns", &ncols);
+    for (int i = 0; i < ncols; i++) named = bms_add_member(named, cols[i]);
+  }
+  if (!PG_ARGISNULL(7)) {
+    pk = column_list(rel, PG_GETARG_ARRAYTYPE_P(7), "primary_key", &npk);
+    for (int i = 0; i < npk; i++) named = bms_add_member(named, pk[i]);
+  }
+
+  if (!PG_ARGISNULL(3)) {
+    Datum *ccol, *copd, *cnd, *cvd = NULL;
+    bool *ccn, *copn, *cnn, *cvn = NULL;
+    int k2, k3, k4 = 0;
+    text_array(PG_GETARG_ARRAYTYPE_P(3), &ccol, &ccn, &ncond);
+    if (PG_ARGISNULL(4) || PG_ARGISNULL(5))
+      ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("flash.listen: incomplete conditions")));
+    text_array(PG_GETARG_ARRAYTYPE_P(4), &copd, &copn, &k2);
+    deconstruct_array(PG_GETARG_ARRAYTYPE_P(5), INT4OID, 4, true, TYPALIGN_INT, &cnd, &cnn, &k3);
+    if (!PG_ARGISNULL(6)) text_array(PG_GETARG_ARRAYTYPE_P(6), &cvd, &cvn, &k4);
+    if (k2 != ncond || k3 != ncond)
+      ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                      errmsg("flash.listen: condition arrays differ in length")));
+    catt = palloc(sizeof(int16) * (ncond + 1));
+    cop = palloc(sizeof(int16) * (ncond + 1));
+    cn = palloc(sizeof(int16) * (ncond + 1));
+    ctyp = palloc(sizeof(Datum) * (ncond + 1));
+    cval = palloc(sizeof(Datum) * (k4 + 1));
+    for (int i = 0; i < ncond; i++) {
+      const char *colname, *opname;
+      Form_pg_attribute att;
+      Oid base, input, ioparam, send;
+      bool varlena;
+      int n, op;
+      if (ccn[i] || copn[i] || cnn[i])
+        ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("flash.listen: condition %d has a NULL part", i + 1)));
+      colname = TextDatumGetCString(ccol[i]);
+      opname = TextDatumGetCString(copd[i]);
+      n = DatumGetInt32(cnd[i]);
+      catt[i] = column_attnum(rel, colname, "conditions");
+      named = bms_add_member(named, catt[i]);
+      op = op_code(opname);
+      if (op == 0)
+        ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                        errmsg("flash.listen: condition on column \"%s\": unknown operator '%s' "
+                               "(expected =, <>, <, <=, >, >=, in, is null, is not null)", colname, opname)));
+      cop[i] = (int16)op;
+      if ((op == C_ISNULL || op == C_NOTNULL) ? n != 0 : op == C_IN ? n < 1 : n != 1)
+        ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                        errmsg("flash.listen: condition \"%s %s\" takes %s, got %d value(s)", colname, opname,
+                               (op == C_ISNULL || op == C_NOTNULL) ? "no value" : op == C_IN ? "a non-empty list" : "one value", n)));
+      if (vi + n > k4 || n > PG_INT16_MAX)
+        ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("flash.listen: too few condition values")));
+      cn[i] = (int16)n;
+      att = TupleDescAttr(RelationGetDescr(rel), catt[i] - 1);
+      base = getBaseType(att->atttypid);
+      ctyp[i] = ObjectIdGetDatum(base);
+      if (n == 0) continue;
+      check_condition_type(rel, att, base);
+      /* Cast as CAST(value AS column type) does, with the caller's rights and settings;
+       * stored in the base type's binary form, which reads back the same in any session. */
+      getTypeInputInfo(att->atttypid, &input, &ioparam);
+      getTypeBinaryOutputInfo(base, &send, &varlena);
+      for (int j = 0; j < n; j++, vi++) {
+        Datum d;
+        if (cvn[vi])
+          ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+                          errmsg("flash.listen: condition \"%s %s\" has a NULL value (use is null)", colname, opname)));
+        d = OidInputFunctionCall(input, TextDatumGetCString(cvd[vi]), ioparam, att->atttypmod);
+        cval[vi] = PointerGetDatum(OidSendFunctionCall(send, d));
+      }
+    }
+    nval = vi;
+    if (nval != k4)
+      ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("flash.listen: too many condition values")));
+  }
+  check_select(rel, role, named, cols == NULL);
+
+  regid = registry_relid(false);
+  seqid = get_relname_relid(FLASH_SEQUENCE, get_namespace_oid(FLASH_SCHEMA, false));
+  reg = table_open(regid, RowExclusiveLock);
+  if (RelationGetDescr(reg)->natts != R_NATTS)
+    ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                    errmsg("the flashlua registry does not have the shape of version %s", FLASH_VERSION),
+                    errhint("ALTER EXTENSION flashlua UPDATE")));
+  id = nextval_internal(seqid, false);
+  memset(nulls, 0, sizeof nulls);
+  values[R_ID] = Int64GetDatum(id);
+  values[R_CONSUMER] = CStringGetTextDatum(consumer);
+  values[R_RELID] = ObjectIdGetDatum(relid);
+  values[R_OPS] = Int16GetDatum((int16)ops);
+  if (cols) values[R_COLS] = int2_array(cols, ncols); else nulls[R_COLS] = true;
+  if (pk) values[R_PK] = int2_array(pk, npk); else nulls[R_PK] = true;
+  if (ncond > 0) {
+    values[R_COND_ATT] = int2_array(catt, ncond);
+    values[R_COND_OP] = int2_array(cop, ncond);
+    values[R_COND_N] = int2_array(cn, ncond);
+    values[R_COND_TYP] = PointerGetDatum(construct_array(ctyp, ncond, OIDOID, 4, true, TYPALIGN_INT));
+    values[R_COND_VAL] = PointerGetDatum(construct_array(cval, nval, BYTEAOID, -1, false, TYPALIGN_INT));
+  } else {
+    nulls[R_COND_ATT] = nulls[R_COND_OP] = nulls[R_COND_N] = nulls[R_COND_TYP] = nulls[R_COND_VAL] = true;
+  }
+  values[R_OWNER] = ObjectIdGetDatum(role);
+  if (PG_ARGISNULL(9)) nulls[R_NOTE] = true; else values[R_NOTE] = PointerGetDatum(PG_GETARG_TEXT_PP(9));
+  values[R_CREATED] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+  tup = heap_form_tuple(RelationGetDescr(reg), values, nulls);
+  CatalogTupleInsert(reg, tup);
+  table_close(reg, NoLock);
+  relation_close(rel, NoLock);
+  PG_RETURN_INT64(id);
+}
+
+/* flash.unlisten(id) -> whether the listener existed */
+Datum flash_unlisten(PG_FUNCTION_ARGS) {
+  int64 id = PG_GETARG_INT64(0);
+  Relation reg = table_open(registry_relid(false), RowExclusiveLock);
+  ScanKeyData key;
+  SysScanDesc scan;
+  HeapTuple tup;
+  bool found = false;
+  ScanKeyInit(&key, R_ID + 1, BTEqualStrategyNumber, F_INT8EQ, Int64GetDatum(id));
+  scan = systable_beginscan(reg, InvalidOid, false, NULL, 1, &key);
+  if (HeapTupleIsValid(tup = systable_getnext(scan))) {
+    bool isnull;
+    Oid owner = DatumGetObjectId(heap_getattr(tup, R_OWNER + 1, RelationGetDescr(reg), &isnull));
+    if (!has_privs_of_role(GetUserId(), owner))
+      ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+                      errmsg("flash.unlisten: listener " INT64_FORMAT " belongs to role %s", id,
+                             GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "(dropped)")));
+    CatalogTupleDelete(reg, &tup->t_self);
+    found = true;
+  }
+  systable_endscan(scan);
+  table_close(reg, NoLock);
+  PG_RETURN_BOOL(found);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The output plugin */
+
+/* One registry row of this consumer. Attnums are the listened table's. */
+typedef struct {
+  int64 id;
+  Oid relid;
+  int ops;
+  int ncols, npk, ncond;
+  int16 *cols, *pk;            /* cols NULL: every column */
+  int16 *catt, *cop, *cn;
+  Oid *ctyp;
+  bytea **cval;                /* flattened, ncond entries' cn[i] each */
+} Listener;
+
+typedef struct {
+  AttrNumber att;              /* the leaf relation's */
+  int op, nvals;
+  Datum *vals;
+  int16 typlen;
+  Oid coll;
+  FmgrInfo cmp;
+} Cond;
+
+/* A listener compiled for one (leaf) relation. */
+typedef struct {
+  Listener *l;
+  bool broken;                 /* a column it names is gone or retyped: it matches nothing */
+  int ncols, npk, ncond;
+  AttrNumber *cols, *pk;       /* cols NULL: every column */
+  Cond *conds;
+} RelListener;
+
+typedef struct {
+  Oid relid;                   /* hash key */
+  bool valid;
+  bool rel_sent;               /* the Relation message went out since the entry was built */
+  MemoryContext cxt;
+  int n;
+  RelListener *ls;
+  int nsend;
+  AttrNumber *send;            /* the columns frames carry: the union of the listeners' */
+} RelEntry;
+
+typedef struct {
+  MemoryContext cachecxt, changecxt;
+  char *consumer;
+  bool loaded;                 /* listeners read under the current snapshot */
+  bool stale;                  /* the registry itself was invalidated: read it again */
+  Oid registry;
+  List *listeners;
+  HTAB *rels;
+  bool begun;                  /* Begin sent for the current transaction */
+  uint64 nomatch;              /* values a condition could not be tested on, counted as no match */
+  uint32 skipped;
+} FlashData;
+
+static FlashData *active_data;  /* for the relcache callback (one decoding context per process) */
+
+static void rel_inval(Datum arg, Oid relid) {
+  FlashData *d = active_data;
+  RelEntry *e;
+  if (!d || !d->rels) return;
+  if (!OidIsValid(relid) || relid == d->registry) d->stale = true;
+  if (!OidIsValid(relid)) {
+    HASH_SEQ_STATUS st;
+    hash_seq_init(&st, d->rels);
+    while ((e = hash_seq_search(&st)) != NULL) e->valid = false;
+    return;
+  }
+  e = hash_search(d->rels, &relid, HASH_FIND, NULL);
+  if (e) e->valid = false;
+}
+
+static void reset_cache(FlashData *d) {
+  HASHCTL ctl;
+  MemoryContextReset(d->cachecxt);
+  d->listeners = NIL;
+  d->loaded = false;
+  d->stale = false;
+  memset(&ctl, 0, sizeof ctl);
+  ctl.keysize = sizeof(Oid);
+  ctl.entrysize = sizeof(RelEntry);
+  ctl.hcxt = d->cachecxt;
+  d->rels = hash_create("flashlua relations", 64, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+static int16 *int2_elems(Datum a, int *n) {
+  Datum *e;
+  int16 *out;
+  deconstruct_array(DatumGetArrayTypeP(a), INT2OID, 2, true, TYPALIGN_SHORT, &e, NULL, n);
+  out = palloc(sizeof(int16) * (*n + 1));
+  for (int i = 0; i < *n; i++) out[i] = DatumGetInt16(e[i]);
+  return out;
+}
+
+/* Reads this consumer's listeners from the registry under the historic snapshot. */
+static void load_listeners(FlashData *d) {
+  MemoryContext old = MemoryContextSwitchTo(d->cachecxt);
+  Relation reg;
+  SysScanDesc scan;
+  HeapTuple tup;
+  d->loaded = true;
+  d->registry = registry_relid(true);
+  if (!OidIsValid(d->registry)) { MemoryContextSwitchTo(old); return; }
+  reg = table_open(d->registry, AccessShareLock);
+  if (RelationGetDescr(reg)->natts != R_NATTS) {
+    table_close(reg, AccessShareLock);
+    MemoryContextSwitchTo(old);
+    return;
+  }
+  scan = systable_beginscan(reg, InvalidOid, false, NULL, 0, NULL);
+  while (HeapTupleIsValid(tup = systable_getnext(scan))) {
+    Datum v[R_NATTS];
+    bool n[R_NATTS];
+    Listener *l;
+    char *consumer;
+    heap_deform_tuple(tup, RelationGetDescr(reg), v, n);
+    consumer = TextDatumGetCString(v[R_CONSUMER]);
+    if (strcmp(consumer, d->consumer) != 0) continue;
+    l = palloc0(sizeof *l);
+    l->id = DatumGetInt64(v[R_ID]);
+    l->relid = DatumGetObjectId(v[R_RELID]);
+    l->ops = DatumGetInt16(v[R_OPS]);
+    if (!n[R_COLS]) l->cols = int2_elems(v[R_COLS], &l->ncols);
+    if (!n[R_PK]) l->pk = int2_elems(v[R_PK], &l->npk);
+    if (!n[R_COND_ATT] && !n[R_COND_OP] && !n[R_COND_N] && !n[R_COND_TYP] && !n[R_COND_VAL]) {
+      Datum *e;
+      int k, nv;
+      l->catt = int2_elems(v[R_COND_ATT], &l->ncond);
+      l->cop = int2_elems(v[R_COND_OP], &k);
+      l->cn = int2_elems(v[R_COND_N], &k);
+      deconstruct_array(DatumGetArrayTypeP(v[R_COND_TYP]), OIDOID, 4, true, TYPALIGN_INT, &e, NULL, &k);
+      l->ctyp = palloc(sizeof(Oid) * (k + 1));
+      for (int i = 0; i < k; i++) l->ctyp[i] = DatumGetObjectId(e[i]);
+      deconstruct_array(DatumGetArrayTypeP(v[R_COND_VAL]), BYTEAOID, -1, false, TYPALIGN_INT, &e, NULL, &nv);
+      l->cval = palloc(sizeof(bytea *) * (nv + 1));
+      for (int i = 0; i < nv; i++) l->cval[i] = DatumGetByteaPCopy(e[i]);
+    }
+    d->listeners = lappend(d->listeners, l);
+  }
+  systable_endscan(scan);
+  table_close(reg, AccessShareLock);
+  MemoryContextSwitchTo(old);
+}
+
+/* The leaf relation's attnum of listened table `relid`'s column `att` (they differ between
+ * a partitioned table and its partitions), or InvalidAttrNumber. */
+static AttrNumber leaf_att(Oid relid, Oid leaf, AttrNumber att) {
+  char *name;
+  if (relid == leaf) return att;
+  name = get_attname(relid, att, true);
+  return name ? get_attnum(leaf, name) : InvalidAttrNumber;
+}
+
+static void compile(RelListener *rl, Listener *l, Relation rel) {
+  Oid leaf = RelationGetRelid(rel);
+  TupleDesc desc = RelationGetDescr(rel);
+  int vi = 0;
+  rl->l = l;
+  if (l->cols) {
+    rl->ncols = l->ncols;
+    rl->cols = palloc(sizeof(AttrNumber) * l->ncols);
+    for (int i = 0; i < l->ncols; i++)
+      if ((rl->cols[i] = leaf_att(l->relid, leaf, l->cols[i])) == InvalidAttrNumber) rl->broken = true;
+  }
+  rl->npk = l->npk;
+  rl->pk = palloc(sizeof(AttrNumber) * (l->npk + 1));
+  for (int i = 0; i < l->npk; i++)
+    if ((rl->pk[i] = leaf_att(l->relid, leaf, l->pk[i])) == InvalidAttrNumber) rl->broken = true;
+  rl->ncond = l->ncond;
+  rl->conds = palloc0(sizeof(Cond) * (l->ncond + 1));
+  for (int i = 0; i < l->ncond; i++) {
+    Cond *c = &rl->conds[i];
+    Form_pg_attribute att;
+    c->op = l->cop[i];
+    c->nvals = l->cn[i];
+    c->att = leaf_att(l->relid, leaf, l->catt[i]);
+    if (c->att == InvalidAttrNumber || c->att > desc->natts) { rl->broken = true; vi += c->nvals; continue; }
+    att = TupleDescAttr(desc, c->att - 1);
+    /* A column retyped since the listen: its constants mean nothing now. */
+    if (getBaseType(att->atttypid) != l->ctyp[i]) { rl->broken = true; vi += c->nvals; continue; }
+    c->typlen = att->attlen;
+    c->coll = att->attcollation;
+    if (c->nvals == 0) continue;
+    {
+      TypeCacheEntry *tc = lookup_type_cache(l->ctyp[i], TYPECACHE_CMP_PROC);
+      Oid recv, ioparam;
+      if (!OidIsValid(tc->cmp_proc) || tc->cmp_proc >= FirstNormalObjectId) { rl->broken = true; vi += c->nvals; continue; }
+      fmgr_info_cxt(tc->cmp_proc, &c->cmp, CurrentMemoryContext);
+      getTypeBinaryInputInfo(l->ctyp[i], &recv, &ioparam);
+      c->vals = palloc(sizeof(Datum) * c->nvals);
+      for (int j = 0; j < c->nvals; j++, vi++) {
+        StringInfoData buf;
+        initStringInfo(&buf);
+        appendBinaryStringInfo(&buf, VARDATA_ANY(l->cval[vi]), VARSIZE_ANY_EXHDR(l->cval[vi]));
+        c->vals[j] = OidReceiveFunctionCall(recv, &buf, ioparam, -1);
+      }
+    }
+  }
+}
+
+/* The listeners of a relation's rows: its own and its partition ancestors', compiled. */
+static RelEntry *get_entry(FlashData *d, Relation rel) {
+  Oid relid = RelationGetRelid(rel);
+  bool found;
+  RelEntry *e;
+  List *targets;
+  ListCell *lc;
+  MemoryContext old;
+  Bitmapset *send = NULL;
+  bool all = false;
+  TupleDesc desc = RelationGetDescr(rel);
+
+  if (d->stale) reset_cache(d);
+  if (!d->loaded) load_listeners(d);
+  e = hash_search(d->rels, &relid, HASH_ENTER, &found);
+  if (found && e->valid) return e;
+  if (found && e->cxt) MemoryContextDelete(e->cxt);
+  e->valid = true;
+  e->rel_sent = false;
+  e->n = 0;
+  e->ls = NULL;
+  e->nsend = 0;
+  e->send = NULL;
+  e->cxt = AllocSetContextCreate(d->cachecxt, "flashlua relation", ALLOCSET_SMALL_SIZES);
+  old = MemoryContextSwitchTo(e->cxt);
+  targets = list_make1_oid(relid);
+  if (rel->rd_rel->relispartition) targets = list_concat(targets, get_partition_ancestors(relid));
+  foreach (lc, d->listeners) {
+    Listener *l = lfirst(lc);
+    if (list_member_oid(targets, l->relid)) e->n++;
+  }
+  e->ls = palloc0(sizeof(RelListener) * (e->n + 1));
+  e->n = 0;
+  foreach (lc, d->listeners) {
+    Listener *l = lfirst(lc);
+    RelListener *rl;
+    if (!list_member_oid(targets, l->relid)) continue;
+    rl = &e->ls[e->n++];
+    compile(rl, l, rel);
+    if (!rl->cols) all = true;
+    else
+      for (int i = 0; i < rl->ncols; i++)
+        if (rl->cols[i] != InvalidAttrNumber) send = bms_add_member(send, rl->cols[i]);
+  }
+  e->send = palloc(sizeof(AttrNumber) * (desc->natts + 1));
+  for (int i = 0; i < desc->natts; i++) {
+    Form_pg_attribute a = TupleDescAttr(desc, i);
+    if (a->attisdropped || a->attgenerated) continue;
+    if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
+  }
+  MemoryContextSwitchTo(old);
+  return e;
+}
+
+/* --- writing frames ------------------------------------------------------------------- */
+
+static void send_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
+  FlashData *d = ctx->output_plugin_private;
+  if (d->begun) return;
+  d->begun = true;
+  OutputPluginPrepareWrite(ctx, false);
+  pq_sendbyte(ctx->out, 'B');
+  pq_sendint64(ctx->out, txn->final_lsn);
+  pq_sendint64(ctx->out, txn->xact_time.commit_time);
+  pq_sendint32(ctx->out, txn->xid);
+  OutputPluginWrite(ctx, false);
+}
+
+static void send_relation(LogicalDecodingContext *ctx, Relation rel, RelEntry *e) {
+  TupleDesc desc = RelationGetDescr(rel);
+  Bitmapset *key = RelationGetIdentityKeyBitmap(rel);
+  char *nsp = get_namespace_name(RelationGetNamespace(rel));
+  OutputPluginPrepareWrite(ctx, false);
+  pq_sendbyte(ctx->out, 'R');
+  pq_sendint32(ctx->out, RelationGetRelid(rel));
+  pq_sendstring(ctx->out, nsp ? nsp : "");
+  pq_sendstring(ctx->out, RelationGetRelationName(rel));
+  pq_sendbyte(ctx->out, rel->rd_rel->relreplident);
+  pq_sendint16(ctx->out, e->nsend);
+  for (int i = 0; i < e->nsend; i++) {
+    Form_pg_attribute a = TupleDescAttr(desc, e->send[i] - 1);
+    pq_sendbyte(ctx->out, bms_is_member(a->attnum - FirstLowInvalidHeapAttributeNumber, key) ? 1 : 0);
+    pq_sendstring(ctx->out, NameStr(a->attname));
+    pq_sendint32(ctx->out, a->atttypid);
+    pq_sendint32(ctx->out, a->atttypmod);
+  }
+  OutputPluginWrite(ctx, false);
+  e->rel_sent = true;
+}
+
+/* The frame that says which listeners the next change message is for: a pgoutput Message
+ * with prefix "flashlua", content 'L' followed by the listener ids (int64 each). */
+static void send_tag(LogicalDecodingContext *ctx, XLogRecPtr lsn, int64 *ids, int n) {
+  OutputPluginPrepareWrite(ctx, false);
+  pq_sendbyte(ctx->out, 'M');
+  pq_sendbyte(ctx->out, 1);
+  pq_sendint64(ctx->out, lsn);
+  pq_sendstring(ctx->out, FLASH_TAG_PREFIX);
+  pq_sendint32(ctx->out, 1 + 8 * n);
+  pq_sendbyte(ctx->out, 'L');
+  for (int i = 0; i < n; i++) pq_sendint64(ctx->out, ids[i]);
+  OutputPluginWrite(ctx, false);
+}
+
+static bool is_ondisk(int16 typlen, Datum v) {
+  return typlen == -1 && VARATT_IS_EXTERNAL_ONDISK(DatumGetPointer(v));
+}
+
+static void send_tuple(StringInfo out, TupleDesc desc, RelEntry *e, Datum *v, bool *isnull) {
+  pq_sendint16(out, e->nsend);
+  for (int i = 0; i < e->nsend; i++) {
+    int k = e->send[i] - 1;
+    Form_pg_attribute a = TupleDescAttr(desc, k);
+    Oid outf;
+    bool varlena;
+    char *s;
+    if (isnull[k]) { pq_sendbyte(out, 'n'); continue; }
+    /* An unchanged TOASTed value the WAL does not carry. */
+    if (is_ondisk(a->attlen, v[k])) { pq_sendbyte(out, 'u'); continue; }
+    getTypeOutputInfo(a->atttypid, &outf, &varlena);
+    s = OidOutputFunctionCall(outf, v[k]);
+    pq_sendbyte(out, 't');
+    pq_sendint32(out, strlen(s));
+    pq_sendbytes(out, s, strlen(s));
+  }
+}
+
+/* --- conditions ----------------------------------------------------------------------- */
+
+/* Whether the row (v, isnull) meets every condition. A value that cannot be tested here
+ * (an unchanged TOASTed value absent from the WAL) is no match, and counted. */
+static bool row_matches(FlashData *d, RelListener *rl, Datum *v, bool *isnull) {
+  for (int i = 0; i < rl->ncond; i++) {
+    Cond *c = &rl->conds[i];
+    int k = c->att - 1;
+    bool hit = false;
+    if (c->op == C_ISNULL) { if (!isnull[k]) return false; continue; }
+    if (c->op == C_NOTNULL) { if (isnull[k]) return false; continue; }
+    if (isnull[k]) return false;
+    if (is_ondisk(c->typlen, v[k])) { d->nomatch++; return false; }
+    for (int j = 0; j < c->nvals && !hit; j++) {
+      int32 r = DatumGetInt32(FunctionCall2Coll(&c->cmp, c->coll, v[k], c->vals[j]));
+      switch (c->op) {
+        case C_EQ: case C_IN: hit = r == 0; break;
+        case C_NE: hit = r != 0; break;
+        case C_LT: hit = r < 0; break;
+        case C_LE: hit = r <= 0; break;
+        case C_GT: hit = r > 0; break;
+        case C_GE: hit = r >= 0; break;
+      }
+    }
+    if (!hit) return false;
+  }
+  return true;
+}
+
+static bool same_value(Form_pg_attribute a, Datum x, bool xn, Datum y, bool yn) {
+  if (xn || yn) return xn == yn;
+  if (is_ondisk(a->attlen, x) || is_ondisk(a->attlen, y)) return true;   /* unchanged TOAST */
+  return datumIsEqual(x, y, a->attbyval, a->attlen);
+}
+
+/* Whether rel is the registry (found by name while the cache has not read it yet, or the
+ * extension did not exist when it did). */
+static bool is_registry(FlashData *d, Relation rel) {
+  char *nsp;
+  if (d->loaded && OidIsValid(d->registry)) return RelationGetRelid(rel) == d->registry;
+  if (strcmp(RelationGetRelationName(rel), FLASH_REGISTRY) != 0) return false;
+  nsp = get_namespace_name(RelationGetNamespace(rel));
+  return nsp && strcmp(nsp, FLASH_SCHEMA) == 0;
+}
+
+/* Outcomes of one change for a listener, in the order their frames go out. */
+enum { G_UPDATE, G_INSERT, G_DELETE, G_SPLIT, G_N };
+
+static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relation rel, ReorderBufferChange *change) {
+  FlashData *d = ctx->output_plugin_private;
+  RelEntry *e;
+  TupleDesc desc = RelationGetDescr(rel);
+  HeapTuple newt = NULL, oldt = NULL;
+  Datum *nv = NULL, *ov = NULL;
+  bool *nn = NULL, *on = NULL;
+  bool full;
+  int64 *ids[G_N];
+  int nids[G_N] = { 0 };
+  MemoryContext old;
+
+  if (is_registry(d, rel)) {
+    /* A listen or unlisten: the following changes see the registry as it now is. */
+    reset_cache(d);
+    return;
+  }
+  e = get_entry(d, rel);
+  if (e->n == 0) {
+    if (++d->skipped % 1000 == 0) OutputPluginUpdateProgress(ctx, false);
+    return;
+  }
+  old = MemoryContextSwitchTo(d->changecxt);
+  if (change->data.tp.newtuple) {
+    newt = &change->data.tp.newtuple->tuple;
+    nv = palloc(sizeof(Datum) * desc->natts);
+    nn = palloc(sizeof(bool) * desc->natts);
+    heap_deform_tuple(newt, desc, nv, nn);
+  }
+  if (change->data.tp.oldtuple) {
+    oldt = &change->data.tp.oldtuple->tuple;
+    ov = palloc(sizeof(Datum) * desc->natts);
+    on = palloc(sizeof(bool) * desc->natts);
+    heap_deform_tuple(oldt, desc, ov, on);
+  }
+  full = oldt && rel->rd_rel->relreplident == REPLICA_IDENTITY_FULL;
+  for (int g = 0; g < G_N; g++) ids[g] = palloc(sizeof(int64) * e->n);
+
+  for (int i = 0; i < e->n; i++) {
+    RelListener *rl = &e->ls[i];
+    int ops = rl->l->ops;
+    if (rl->broken) continue;
+    switch (change->action) {
+      case REORDER_BUFFER_CHANGE_INSERT:
+        if ((ops & OP_INSERT) && nv && row_matches(d, rl, nv, nn)) ids[G_INSERT][nids[G_INSERT]++] = rl->l->id;
+        break;
+      case REORDER_BUFFER_CHANGE_DELETE:
+        /* Without the whole old row (REPLICA IDENTITY FULL) conditions cannot be tested. */
+        if ((ops & OP_DELETE) && (!full || row_matches(d, rl, ov, on))) ids[G_DELETE][nids[G_DELETE]++] = rl->l->id;
+        break;
+      case REORDER_BUFFER_CHANGE_UPDATE: {
+        bool n, o, moved = false;
+        if (!nv) break;
+        n = row_matches(d, rl, nv, nn);
+        o = full ? row_matches(d, rl, ov, on) : n;
+        if (o && n) {
+          if (full)
+            for (int k = 0; k < rl->npk && !moved; k++) {
+              int a = rl->pk[k] - 1;
+              moved = !same_value(TupleDescAttr(desc, a), ov[a], on[a], nv[a], nn[a]);
+            }
+          if (moved) {
+            if (ops & (OP_INSERT | OP_DELETE)) ids[G_SPLIT][nids[G_SPLIT]++] = rl->l->id;
+          } else if (ops & OP_UPDATE) {
+            bool changed = !(full && rl->cols);
+            for (int k = 0; !changed && k < rl->ncols; k++) {
+              int a = rl->cols[k] - 1;
+              changed = !same_value(TupleDescAttr(desc, a), ov[a], on[a], nv[a], nn[a]);
+            }
+            if (changed) ids[G_UPDATE][nids[G_UPDATE]++] = rl->l->id;
+          }
+        } else if (o && (ops & OP_DELETE)) {
+          ids[G_DELETE][nids[G_DELETE]++] = rl->l->id;
+        } else if (n && !o && (ops & OP_INSERT)) {
+          ids[G_INSERT][nids[G_INSERT]++] = rl->l->id;
+        }
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  if (nids[G_UPDATE] + nids[G_INSERT] + nids[G_DELETE] + nids[G_SPLIT] > 0) {
+    send_begin(ctx, txn);
+    if (!e->rel_sent) send_relation(ctx, rel, e);
+    for (int g = 0; g < G_N; g++) {
+      int action = change->action;
+      if (nids[g] == 0) continue;
+      /* A split is a delete then an insert, to listeners that want each. */
+      for (int part = 0; part < (g == G_SPLIT ? 2 : 1); part++) {
+        char kind = g == G_UPDATE ? 'U' : g == G_INSERT ? 'I' : g == G_DELETE ? 'D' : part == 0 ? 'D' : 'I';
+        int want = kind == 'I' ? OP_INSERT : kind == 'D' ? OP_DELETE : OP_UPDATE;
+        int64 *list = ids[g];
+        int n = nids[g];
+        if (g == G_SPLIT) {
+          int m = 0;
+          list = palloc(sizeof(int64) * n);
+          for (int i = 0; i < e->n; i++)
+            for (int j = 0; j < nids[g]; j++)
+              if (e->ls[i].l->id == ids[g][j] && (e->ls[i].l->ops & want)) list[m++] = ids[g][j];
+          n = m;
+          if (n == 0) continue;
+        }
+        send_tag(ctx, change->lsn, list, n);
+        OutputPluginPrepareWrite(ctx, false);
+        pq_sendbyte(ctx->out, kind);
+        pq_sendint32(ctx->out, RelationGetRelid(rel));
+        if (kind == 'U' || kind == 'D') {
+          /* An insert made of an update carries the new row, a delete made of one the old. */
+          if (oldt && (kind == 'D' || full)) {
+            pq_sendbyte(ctx->out, full ? 'O' : 'K');
+            send_tuple(ctx->out, desc, e, ov, on);
+          } else if (kind == 'D') {
+            /* A delete whose old row the WAL lacks (REPLICA IDENTITY NOTHING): the key
+             * columns of the new row cannot stand in, so every value is NULL. */
+            pq_sendbyte(ctx->out, 'K');
+            pq_sendint16(ctx->out, e->nsend);
+            for (int k = 0; k < e->nsend; k++) pq_sendbyte(ctx->out, 'n');
+          }
+        }
+        if (kind == 'U' || kind == 'I') {
+          pq_sendbyte(ctx->out, 'N');
+          send_tuple(ctx->out, desc, e, nv ? nv : ov, nv ? nn : on);
+        }
+        OutputPluginWrite(ctx, false);
+        (void)action;
+      }
+    }
+  } else if (++d->skipped % 1000 == 0) {
+    OutputPluginUpdateProgress(ctx, false);
+  }
+  MemoryContextSwitchTo(old);
+  MemoryContextReset(d->changecxt);
+}
+
+static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int nrelations, Relation relations[],
+                        ReorderBufferChange *change) {
+  FlashData *d = ctx->output_plugin_private;
+  MemoryContext old = MemoryContextSwitchTo(d->changecxt);
+  for (int r = 0; r < nrelations; r++) {
+    RelEntry *e = get_entry(d, relations[r]);
+    int64 *ids = palloc(sizeof(int64) * (e->n + 1));
+    int n = 0;
+    for (int i = 0; i < e->n; i++)
+      if (!e->ls[i].broken && (e->ls[i].l->ops & OP_TRUNCATE)) ids[n++] = e->ls[i].l->id;
+    if (n == 0) continue;
+    send_begin(ctx, txn);
+    if (!e->rel_sent) send_relation(ctx, relations[r], e);
+    send_tag(ctx, change->lsn, ids, n);
+    OutputPluginPrepareWrite(ctx, false);
+    pq_sendbyte(ctx->out, 'T');
+    pq_sendint32(ctx->out, 1);
+    pq_sendbyte(ctx->out, (change->data.truncate.cascade ? 1 : 0) | (change->data.truncate.restart_seqs ? 2 : 0));
+    pq_sendint32(ctx->out, RelationGetRelid(relations[r]));
+    OutputPluginWrite(ctx, false);
+  }
+  MemoryContextSwitchTo(old);
+  MemoryContextReset(d->changecxt);
+}
+
+static void begin_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
+  FlashData *d = ctx->output_plugin_private;
+  d->begun = false;
+}
+
+static void commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn) {
+  FlashData *d = ctx->output_plugin_private;
+  if (!d->begun) {
+    /* Nothing of it was for us: let the walsender confirm past it. */
+    OutputPluginUpdateProgress(ctx, true);
+    return;
+  }
+  OutputPluginPrepareWrite(ctx, true);
+  pq_sendbyte(ctx->out, 'C');
+  pq_sendbyte(ctx->out, 0);
+  pq_sendint64(ctx->out, commit_lsn);
+  pq_sendint64(ctx->out, txn->end_lsn);
+  pq_sendint64(ctx->out, txn->xact_time.commit_time);
+  OutputPluginWrite(ctx, true);
+  d->begun = false;
+}
+
+static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init) {
+  FlashData *d = palloc0(sizeof *d);
+  ListCell *lc;
+  static bool registered = false;
+  d->cachecxt = AllocSetContextCreate(ctx->context, "flashlua cache", ALLOCSET_DEFAULT_SIZES);
+  d->changecxt = AllocSetContextCreate(ctx->context, "flashlua change", ALLOCSET_DEFAULT_SIZES);
+  ctx->output_plugin_private = d;
+  opt->output_type = OUTPUT_PLUGIN_BINARY_OUTPUT;
+  opt->receive_rewrites = false;
+  foreach (lc, ctx->output_plugin_options) {
+    DefElem *el = lfirst(lc);
+    char *val = el->arg ? strVal(el->arg) : NULL;
+    if (strcmp(el->defname, "consumer") == 0 && val && *val) {
+      d->consumer = pstrdup(val);
+    } else if (strcmp(el->defname, "version") == 0 && val) {
+      if (strcmp(val, FLASH_VERSION) != 0)
+        ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+                        errmsg("the client expects flashlua %s, the server's output plugin is %s", val, FLASH_VERSION),
+                        errhint("install the matching version on the server (make install-pgext) and run "
+                                "ALTER EXTENSION flashlua UPDATE")));
+    } else {
+      ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name' and version '%s')",
+                             el->defname, FLASH_VERSION)));
+    }
+  }
+  if (!is_init && !d->consumer)
+    ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+                    errmsg("flashlua output plugin: the option consumer 'name' is required")));
+  if (!d->consumer) d->consumer = pstrdup("");
+  reset_cache(d);
+  active_data = d;
+  if (!registered) {
+    CacheRegisterRelcacheCallback(rel_inval, (Datum)0);
+    registered = true;
+  }
+}
+
+static void shutdown_cb(LogicalDecodingContext *ctx) {
+  if (active_data == ctx->output_plugin_private) active_data = NULL;
+}
+
+void _PG_output_plugin_init(OutputPluginCallbacks *cb) {
+  cb->startup_cb = startup_cb;
+  cb->begin_cb = begin_cb;
+  cb->change_cb = change_cb;
+  cb->truncate_cb = truncate_cb;
+  cb->commit_cb = commit_cb;
+  cb->shutdown_cb = shutdown_cb;
+}
