@@ -520,6 +520,18 @@ end
 -- Recomputes self.rels (and each listener's descendant list).
 function Driver:map_relations()
   local rels = {}
+  -- Keeps listener l's relations as they were (rows it captured before still arrive).
+  local function keep(l)
+    for oid, e in pairs(self.rels) do
+      for _, x in ipairs(e.listeners) do
+        if x == l then
+          local ne = rels[oid]
+          if not ne then ne = { display = e.display, listeners = {} } rels[oid] = ne end
+          ne.listeners[#ne.listeners + 1] = l
+        end
+      end
+    end
+  end
   for _, l in ipairs(self.client.listeners) do
     local rows = self:descendants(l.table.oid)
     if rows and #rows == 0 then
@@ -531,15 +543,7 @@ function Driver:map_relations()
           "created again under that name is not followed: listen to it again)", l.table_name, l.id))
       end
       l.relations = {}
-      for oid, e in pairs(self.rels) do
-        for _, x in ipairs(e.listeners) do
-          if x == l then
-            local ne = rels[oid]
-            if not ne then ne = { display = e.display, listeners = {} } rels[oid] = ne end
-            ne.listeners[#ne.listeners + 1] = l
-          end
-        end
-      end
+      keep(l)
     elseif rows and #rows > 0 then
       l.relations = rows
       for _, r in ipairs(rows) do
@@ -555,7 +559,10 @@ function Driver:map_relations()
         if r.oid == l.table.oid then M.rename(l, r.schema, r.name) end
       end
     else
+      -- The catalog could not be read (the connection is failing): nothing changes, and
+      -- what its tables captured is still delivered.
       l.relations = l.relations or {}
+      keep(l)
     end
   end
   self.rels = rels
