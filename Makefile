@@ -9,17 +9,20 @@ LUAJIT_CFLAGS := $(shell pkg-config --cflags luajit)
 LUAJIT_LIBS   := $(shell pkg-config --libs luajit)
 PQ_CFLAGS     := $(shell pkg-config --cflags libpq 2>/dev/null || echo -I/usr/include/postgresql)
 PQ_LIBS       := $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
+# hiredis (Debian libhiredis-dev): the Redis Streams sink's client (src/lredis.c).
+REDIS_CFLAGS  := $(shell pkg-config --cflags hiredis 2>/dev/null)
+REDIS_LIBS    := $(shell pkg-config --libs hiredis 2>/dev/null || echo -lhiredis)
 LUAJIT        ?= luajit
 
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=gnu99 -Wall -Wextra -fPIC $(LUAJIT_CFLAGS) $(PQ_CFLAGS)
+CFLAGS  += -std=gnu99 -Wall -Wextra -fPIC $(LUAJIT_CFLAGS) $(PQ_CFLAGS) $(REDIS_CFLAGS)
 LDFLAGS ?=
 
 B := build
 # Pure C: no Lua, no libpq.
 PURE_SRC := src/fl_json.c src/fl_value.c src/fl_pgoutput.c src/fl_record.c
 # Lua binding: the only files that touch lua_State.
-BIND_SRC := src/lvalue.c src/lconn.c src/lrepl.c src/lcore.c
+BIND_SRC := src/lvalue.c src/lconn.c src/lrepl.c src/lredis.c src/lcore.c
 CORE_OBJ := $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC) $(BIND_SRC))
 LUA_SRC  := $(wildcard lua/flash/*.lua lua/flash/*/*.lua)
 # Embedded bytecode for the host: lua/flash/init.lua -> module "flash", x.lua -> "flash.x",
@@ -45,12 +48,12 @@ $(B)/bc/%.o: lua/flash/%.lua | $(B)/bc
 
 # The module: never links libluajit (symbols come from the host process).
 $(B)/flash/core.so: $(CORE_OBJ) | $(B)/flash
-	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS)
+	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS)
 
 # The host: LuaJIT embedded, -Wl,-E so C rocks a script loads resolve lua_* from us
 # and LuaJIT's loader finds the embedded luaJIT_BC_* modules.
 $(B)/flashlua: $(B)/main.o $(CORE_OBJ) $(LUA_BC)
-	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) -lm -ldl
+	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) -lm -ldl
 
 # C unit tests of the pure parts, on byte fixtures, no server.
 $(B)/test_c: test/test_c.c $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))
@@ -149,11 +152,12 @@ fuzz-pgoutput: | $(B)
 	$(B)/fuzz_pgoutput -max_total_time=$(FUZZ_SECONDS) -max_len=65536 $(B)/fuzz-pgoutput-corpus
 
 install: $(B)/flashlua $(B)/flash/core.so
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(CMODDIR)/flash
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(LUADIR)/flash/sink $(DESTDIR)$(CMODDIR)/flash
 	install -m 755 $(B)/flashlua $(DESTDIR)$(BINDIR)/flashlua
 	install -m 644 $(B)/flash/core.so $(DESTDIR)$(CMODDIR)/flash/core.so
 	install -m 644 $(wildcard lua/flash/*.lua) $(DESTDIR)$(LUADIR)/flash/
 	install -m 644 $(wildcard lua/flash/driver/*.lua) $(DESTDIR)$(LUADIR)/flash/driver/
+	install -m 644 $(wildcard lua/flash/sink/*.lua) $(DESTDIR)$(LUADIR)/flash/sink/
 
 clean:
 	rm -rf $(B)

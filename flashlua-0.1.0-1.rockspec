@@ -21,14 +21,15 @@ dependencies = {
 }
 external_dependencies = {
   LIBPQ = { header = "libpq-fe.h", library = "pq" },
+  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
 }
 build = {
   type = "builtin",
   modules = {
     ["flash.core"] = {
       sources = { "src/fl_json.c", "src/fl_value.c", "src/fl_pgoutput.c", "src/fl_record.c", "src/lvalue.c", "src/lconn.c",
-                  "src/lrepl.c", "src/lcore.c" },
-      libraries = { "pq" },
+                  "src/lrepl.c", "src/lredis.c", "src/lcore.c" },
+      libraries = { "pq", "hiredis" },
       incdirs = { "$(LIBPQ_INCDIR)", "src" },
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
@@ -37,6 +38,7 @@ build = {
     ["flash.cli"] = "lua/flash/cli.lua",
     ["flash.filter"] = "lua/flash/filter.lua",
     ["flash.json"] = "lua/flash/json.lua",
+    ["flash.sink.redis"] = "lua/flash/sink/redis.lua",
     ["flash.log"] = "lua/flash/log.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.driver"] = "lua/flash/driver/init.lua",

@@ -842,7 +842,7 @@ const luaL_Reg fl_conn_funcs[] = {
 };
 
 /* A userdata metatable: __gc, and methods (if any) as __index. */
-static void new_metatable(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods) {
+void fl_new_metatable(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods) {
   luaL_newmetatable(L, name);
   lua_pushcfunction(L, gc);
   lua_setfield(L, -2, "__gc");
@@ -855,7 +855,7 @@ static void new_metatable(lua_State *L, const char *name, lua_CFunction gc, cons
 }
 
 void fl_conn_open(lua_State *L) {
-  new_metatable(L, CONN_MT, l_close, conn_methods);
-  new_metatable(L, LAYOUT_MT, l_layout_gc, layout_methods);
-  new_metatable(L, BATCH_MT, l_batch_gc, batch_methods);
+  fl_new_metatable(L, CONN_MT, l_close, conn_methods);
+  fl_new_metatable(L, LAYOUT_MT, l_layout_gc, layout_methods);
+  fl_new_metatable(L, BATCH_MT, l_batch_gc, batch_methods);
 }

@@ -101,6 +101,12 @@ end
 -- listener:on(ops, fn) -> off()
 function Listener:on(ops, fn)
   local list = normalize_ops(ops, "on")
+  -- A callable object (a sink: flash.sink.redis) is a callback too.
+  local mt = type(fn) == "table" and getmetatable(fn)
+  if mt and type(mt.__call) == "function" then
+    local obj = fn
+    fn = function(ev) return obj(ev) end
+  end
   if type(fn) ~= "function" then
     argerror(2, "on", "function expected, got " .. type(fn), 2)
   end
