@@ -51,6 +51,14 @@ describe("flash API", function()
       assert.equal("table public.no_such_table does not exist", err)
     end)
 
+    it("suggests the schema where a table of that name exists", function()
+      local schema, orders = H.table_elsewhere()
+      finally(function() H.sql("DROP SCHEMA " .. schema .. " CASCADE") end)
+      local l, err = client:listen { table = orders }
+      assert.is_nil(l)
+      assert.equal("table public." .. orders .. " does not exist (did you mean " .. schema .. "." .. orders .. "?)", err)
+    end)
+
     it("names an unknown column in fields", function()
       local t = H.table("id int")
       local l, err = client:listen { table = t, fields = { "id", "nope" } }

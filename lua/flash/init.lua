@@ -67,8 +67,20 @@ local function checktype(v, want, n, fname, what)
   end
 end
 
+local function env(name)
+  local v = os.getenv(name)
+  if v ~= "" then return v end
+end
+
 local function default_dsn()
-  return flash.defaults.dsn or os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or ""
+  return flash.defaults.dsn or env("FLASH_DSN") or env("DATABASE_URL") or ""
+end
+
+-- A failure returned as nil, err, kept so that the host can name it when the script goes
+-- on with the nil (flash._last_failure: "flash.client: cannot connect ...").
+local function failed(what, err)
+  flash._last_failure = what .. ": " .. tostring(err)
+  return nil, err
 end
 
 ---------------------------------------------------------------------------------------
@@ -187,8 +199,15 @@ function flash.client(opts)
   local mu = opts.max_unacked
   local driver_mod, derr = drivers.load(driver_name)
   if not driver_mod then error(derr, 0) end
-  local conn, err = core.connect(opts.dsn or default_dsn())
-  if not conn then return nil, err end
+  local dsn = opts.dsn or default_dsn()
+  local conn, err = core.connect(dsn)
+  if not conn then
+    if dsn == "" then
+      err = tostring(err):gsub("%s+$", "") .. "\n(no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, " ..
+        "or pass flash.client{ dsn = ... }; libpq's defaults and PG* variables were tried)"
+    end
+    return failed("flash.client", err)
+  end
   local self = setmetatable({
     opts = opts,
     conn = conn,
@@ -274,7 +293,17 @@ function Client:_resolve_table(name)
     WHERE n.nspname = $1 AND c.relname = $2]], 0, parts[1], parts[2])
   if not rows then return nil, err end
   if #rows == 0 then
-    return nil, string.format("table %s.%s does not exist", parts[1], parts[2])
+    local msg = string.format("table %s.%s does not exist", parts[1], parts[2])
+    local near = self.conn:exec([[
+      SELECT n.nspname::text AS schema FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1]], 0, parts[2])
+    if near and #near > 0 then
+      local names = {}
+      for i, r in ipairs(near) do names[i] = r.schema .. "." .. parts[2] end
+      msg = msg .. " (did you mean " .. table.concat(names, " or ") .. "?)"
+    end
+    return nil, msg
   end
   local kind = rows[1].relkind
   if kind ~= "r" and kind ~= "p" then
@@ -378,24 +407,24 @@ function Client:listen(opts)
   if self.closed then return nil, "client is stopped" end
 
   local tbl, err = self:_resolve_table(opts.table)
-  if not tbl then return nil, err end
+  if not tbl then return failed("client:listen", err) end
   local columns = tbl.columns
   if opts.fields then
-    if #opts.fields == 0 then return nil, "option 'fields' is empty: list at least one column, or leave it out for every column" end
+    if #opts.fields == 0 then return failed("client:listen", "option 'fields' is empty: list at least one column, or leave it out for every column") end
     columns = {}
     for _, f in ipairs(opts.fields) do
       local c, cerr = check_column(tbl, f, "fields")
-      if not c then return nil, cerr end
+      if not c then return failed("client:listen", cerr) end
       columns[#columns + 1] = c
     end
   end
   for _, c in ipairs(conds) do
     local ok, cerr = check_column(tbl, c.column, "where")
-    if not ok then return nil, cerr end
+    if not ok then return failed("client:listen", cerr) end
   end
   for _, k in ipairs(opts.primary_key or {}) do
     local ok, cerr = check_column(tbl, k, "primary_key")
-    if not ok then return nil, cerr end
+    if not ok then return failed("client:listen", cerr) end
   end
 
   local l = setmetatable({
@@ -412,7 +441,7 @@ function Client:listen(opts)
     callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} },
   }, Listener)
   local ok, verr = self.driver:check(l)
-  if not ok then return nil, verr end
+  if not ok then return failed("client:listen", verr) end
   self.next_id = self.next_id + 1
   self.listeners[#self.listeners + 1] = l
   self.by_id[l.id] = l
