@@ -222,6 +222,49 @@ end)
     end)
   end)
 
+  describe("logs", function()
+    -- Timestamps and durations vary; the rest is exact.
+    local function shape(text)
+      return (text:gsub("%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ", "TS"):gsub("%d+%.%d+ s", "N s"))
+    end
+
+    it("one line per client at start and a summary at stop, naming the client and the database", function()
+      local t = H.table("id int PRIMARY KEY")
+      tables[#tables + 1] = t
+      local db = H.scalar("SELECT current_database()::text AS db")
+      local role = H.scalar("SELECT current_user::text AS r")
+      local path = script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { name = "orders-feed" })
+assert(c:listen { table = %q }):on("insert", function() flash.stop() end)
+flash.after(0, function() assert(c:query("INSERT INTO %s VALUES (1)")) end)
+]], t, t))
+      local rc, out, err = run({ path })
+      assert.are.equal(0, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal(string.format(
+        "TS INFO  [orders-feed db=%s] connected to %s as %s, driver trigger, listening on public.%s\n" ..
+        "TS INFO  [orders-feed db=%s] stopped after N s: 1 events, 0 errors, N s in callbacks\n",
+        db, db, role, t, db), shape(err))
+    end)
+
+    it("--stats lines carry the time, errors and the time spent in callbacks", function()
+      local path = script([[
+local flash = require "flash"
+assert(flash.client { name = "idle" })
+flash.after(1.5, flash.stop)
+]])
+      local rc, _, err = run({ "--stats", path })
+      assert.are.equal(0, rc, err)
+      local stats = {}
+      for line in shape(err):gmatch("[^\n]+") do
+        if line:find("flashlua:", 1, true) then stats[#stats + 1] = line end
+      end
+      assert.is_true(#stats >= 1, err)
+      assert.are.equal("TS flashlua: 0 events/s, 0 events, 0 errors, N s in callbacks", stats[1])
+    end)
+  end)
+
   describe("--table", function()
     it("an unknown table exits 1 with the message alone, suggesting the schema that has it", function()
       local schema, orders = H.table_elsewhere()

@@ -44,6 +44,11 @@ describe("wal_logical driver", function()
     assert.equal(500, #ids)
     assert.equal(500, ids[500])
     client = nil   -- run() stopped it
+    -- After the run, stats() still says where it stopped: a batch job can log it.
+    local s = c:stats()
+    assert.matches("^%x+/%x+$", s.last_lsn)
+    assert.equal(0, s.lag_bytes)
+    assert.equal(500, s.events)
   end)
 
   it("delivers new columns after ALTER TABLE ADD COLUMN while listening", function()

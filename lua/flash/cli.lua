@@ -19,7 +19,8 @@ options:
       --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
                          run, point the default DSN at it, remove it at exit
   -e CODE                run CODE before the script (may be repeated)
-      --stats            a progress line on stderr every second: events/s, totals
+      --stats            a progress line on stderr every second: time, events/s,
+                         events, errors, seconds in callbacks, lag
       --table NAME       no script: print each event of table NAME as one JSON line
       --ops LIST         with --table: operations, of insert, update, delete,
                          truncate, all (default all)
@@ -232,25 +233,26 @@ local function table_mode(flash, o)
   end)
 end
 
+-- Every second on stderr: the time, events/s and totals summed over the open clients,
+-- errors, time spent in callbacks, lag and backfill progress.
 local function stats_timer(flash, core)
   local last_events, last_t = 0, core.now()
   flash.every(1, function()
     local now = core.now()
-    local total, lag = 0, nil
+    local total, errors, handler, lag, bf = 0, 0, 0, nil, {}
     -- Clients are internal to flash; the public stats of each open one are summed.
     for _, c in ipairs(flash._clients()) do
       local s = c:stats()
-      total = total + s.events
+      total, errors, handler = total + s.events, errors + s.errors, handler + s.handler_seconds
       if s.lag_bytes then lag = (lag or 0) + s.lag_bytes end
+      if s.backfill then
+        for _, b in ipairs(s.backfill.tables) do bf[#bf + 1] = "; " .. require("flash.backfill").describe(b) end
+      end
     end
     local rate = (total - last_events) / math.max(now - last_t, 1e-6)
     last_events, last_t = total, now
-    local bf = {}
-    for _, c in ipairs(flash._clients()) do
-      local b = c:stats().backfill
-      if b then for _, s in ipairs(b.tables) do bf[#bf + 1] = "; " .. require("flash.backfill").describe(s) end end
-    end
-    io.stderr:write(string.format("flashlua: %.0f events/s, %d events%s%s\n", rate, total,
+    io.stderr:write(string.format("%s flashlua: %.0f events/s, %d events, %d errors, %.3f s in callbacks%s%s\n",
+      os.date("!%Y-%m-%dT%H:%M:%SZ"), rate, total, errors, handler,
       lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)))
   end)
 end

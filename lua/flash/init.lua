@@ -53,6 +53,7 @@ local WHERE_OPS = {
 flash.defaults = {}
 
 local clients = {}        -- open clients, in creation order
+local client_seq = 0      -- numbers clients in log lines
 local timers = {}         -- { due=, every=, fn=, cancelled= }
 local stop_hooks = {}     -- flash.on_stop: { fn=, cancelled= }
 local state = { stop = false, running = false }
@@ -208,9 +209,15 @@ function flash.client(opts)
     end
     return failed("flash.client", err)
   end
+  client_seq = client_seq + 1
+  local who = conn:exec("SELECT current_database()::text AS db, current_user::text AS role", 0)
+  local db = who and who[1].db or "?"
   local self = setmetatable({
     opts = opts,
     conn = conn,
+    database = db,
+    role = who and who[1].role or "?",
+    label = (opts.name or string.format("client %d %s", client_seq, driver_name)) .. " db=" .. db,
     driver_name = driver_name,
     on_error = on_error,
     flags = opts.numeric == "number" and core.NUMERIC_AS_NUMBER or 0,
@@ -459,11 +466,27 @@ end
 function Client:start()
   if self.closed then return nil, "client is stopped" end
   if self.started then return true end
+  local outer = log.within(self.label)
   local ok, err = self.driver:start()
+  if ok then
+    local names = {}
+    for i, l in ipairs(self.listeners) do names[i] = l.table_name end
+    log.info(string.format("connected to %s as %s, driver %s, %s", self.database, self.role, self.driver_name,
+      #names > 0 and ("listening on " .. table.concat(names, ", ")) or "no listener yet"))
+  end
+  log.within(outer)
   if not ok then return nil, err end
   self.started = true
   self.started_at = core.now()
   return true
+end
+
+-- The line a stop ends with: what the run did and where it stopped.
+function Client:_summary()
+  local s = self:stats()
+  local pos = s.last_lsn and (", last position " .. s.last_lsn) or ""
+  log.info(string.format("stopped after %.1f s: %d events, %d errors, %.3f s in callbacks%s", s.uptime,
+    s.events, s.errors, s.handler_seconds, pos))
 end
 
 function Client:fd()
@@ -559,7 +582,9 @@ function Client:poll(timeout)
   local due = self.driver:next_deadline()
   if due then wait = math.max(0, math.min(wait, due - core.now())) end
   if #fds > 0 then core.poll(fds, wait) elseif wait > 0 then core.sleep(wait) end
+  local outer = log.within(self.label)
   local ok, err = self.driver:step()
+  log.within(outer)
   self:_note()
   if not ok then
     self.failure = self.failure or err
@@ -626,7 +651,11 @@ function Client:_quiesce()
   if self.quiesced or self.closed then return end
   self.quiesced = true
   self.stopping = true
-  if self.started and self.driver.quiesce then self.driver:quiesce() end
+  if self.started and self.driver.quiesce then
+    local outer = log.within(self.label)
+    self.driver:quiesce()
+    log.within(outer)
+  end
 end
 
 function Client:stop()
@@ -641,7 +670,12 @@ function Client:stop()
       self.stop_failure = self.stop_failure or herr
     end
   end
-  if self.started then ok, err = self.driver:stop(confirm) end
+  local outer = log.within(self.label)
+  if self.started then
+    ok, err = self.driver:stop(confirm)
+    self:_summary()
+  end
+  log.within(outer)
   self.closed = true
   self.conn:close()
   for i, c in ipairs(clients) do
@@ -771,7 +805,9 @@ function flash._loop(list, opts)
     end
     for _, c in ipairs(live) do
       if not c.closed then
+        log.within(c.label)
         local ok, err = c.driver:step()
+        log.within(nil)
         c:_note()
         if not ok or c.failure then
           failure = c.failure or err
