@@ -265,6 +265,50 @@ flash.after(1.5, flash.stop)
     end)
   end)
 
+  describe("replication slots", function()
+    it("warns at start about an inactive flashlua slot holding WAL; --list-slots shows it, --drop-slot drops it", function()
+      local slot = "flash_idle_" .. core.getpid()
+      H.sql("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+      finally(function()
+        H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
+      end)
+      local t = H.table("v text")
+      tables[#tables + 1] = t
+      H.sql("INSERT INTO " .. t .. " SELECT repeat('x', 1000) FROM generate_series(1, 2000)")   -- > 1 MB of WAL
+      local path = script('local flash = require "flash"\nassert(flash.client {})\nflash.after(0, flash.stop)\n')
+      local rc, _, err = run_env({ path }, { FLASH_SLOT_WARN_MB = "1" })
+      assert.are.equal(0, rc, err)
+      local warning = err:match("WARN  (%[[^\n]*" .. slot .. "[^\n]*)")
+      assert.truthy(warning, err)
+      assert.are.equal(string.format("[client 1 trigger db=%s] replication slot %s is inactive and holds N MB of WAL; " ..
+        "if no flashlua run will resume it, drop it: flashlua --drop-slot %s", H.scalar("SELECT current_database()::text AS d"),
+        slot, slot), (warning:gsub("%d+%.%d MB", "N MB")))
+
+      local out
+      rc, out, err = run({ "--list-slots" })
+      assert.are.equal(0, rc, err)
+      assert.are.equal("", err)
+      assert.matches("^slot +plugin +active +WAL held +confirmed\n", out)
+      assert.matches("\n" .. slot .. " +pgoutput +no +%d+%.%d MB  %x+/%x+\n", out)
+
+      rc, out, err = run({ "--drop-slot", slot })
+      assert.are.equal(0, rc, err)
+      assert.are.equal("dropped replication slot " .. slot .. "\n", out)
+      assert.are.equal("0", tostring(H.scalar("SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = $1", slot)))
+
+      rc, out, err = run({ "--drop-slot", slot })
+      assert.are.equal(1, rc)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: no flashlua replication slot named " .. slot ..
+        " in this database (flashlua --list-slots shows them)\n", err)
+
+      rc, _, err = run({ "--drop-slot", slot, path })
+      assert.are.equal(2, rc)
+      assert.are.equal("flashlua: --list-slots and --drop-slot take no script or --table\n" ..
+        "Try 'flashlua --help' for more information.\n", err)
+    end)
+  end)
+
   describe("--table", function()
     it("an unknown table exits 1 with the message alone, suggesting the schema that has it", function()
       local schema, orders = H.table_elsewhere()

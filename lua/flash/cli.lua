@@ -33,6 +33,10 @@ options:
                          'single quoted' ('' for a quote); compared as the column's type
       --backfill         with --table: first every existing row (op "read"), then the
                          changes; needs wal_logical (the default with --backfill)
+      --list-slots       list flashlua's replication slots in the database (-d): name,
+                         plugin, active pid, WAL retained, confirmed position; exit
+      --drop-slot NAME   drop flashlua's inactive replication slot NAME and exit
+                         (exit 1 when it is in use or is not one of flashlua's)
   -v, --version          print the version and exit
   -h, --help             print this help and exit
 
@@ -183,6 +187,8 @@ local function parse_args(argv)
       end
     elseif a == "--fields" then o.fields = split_list(val(a))
     elseif a == "--backfill" then o.backfill = true
+    elseif a == "--list-slots" then o.list_slots = true
+    elseif a == "--drop-slot" then o.drop_slot = val(a)
     elseif a == "--where" then
       local w = val(a)
       local cond, why = parse_where(w)
@@ -257,6 +263,37 @@ local function stats_timer(flash, core)
   end)
 end
 
+-- --list-slots / --drop-slot NAME: what flashlua left in the database's slots.
+local function slots_mode(flash, o)
+  local slots = require "flash.slots"
+  if o.script or o.table then return usage_error("--list-slots and --drop-slot take no script or --table") end
+  if o.dsn then flash.defaults.dsn = o.dsn end
+  local _, err = pcall(function()   -- err: an error raised, or the failure returned
+    local c, cerr = flash.client {}
+    if not c then return cerr end
+    local fail
+    if o.drop_slot then
+      local dok, derr = slots.drop(c.conn, o.drop_slot)
+      if dok then io.stdout:write("dropped replication slot ", o.drop_slot, "\n") else fail = derr end
+    else
+      local rows, lerr = slots.list(c.conn)
+      if not rows then
+        fail = lerr
+      else
+        io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", "slot", "plugin", "active", "WAL held", "confirmed"))
+        for _, r in ipairs(rows) do
+          io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
+            r.active_pid and tostring(r.active_pid) or "no", slots.mb(r.retained), r.confirmed or "-"))
+        end
+      end
+    end
+    c:stop()
+    return fail
+  end)
+  if err then io.stderr:write("flashlua: ", tostring(err), "\n") return 1 end
+  return 0
+end
+
 local function run(argv)
   local ok, o = pcall(parse_args, argv)
   if not ok then
@@ -271,6 +308,7 @@ local function run(argv)
     local lok, lerr = flash.log.set_level(o.log_level)
     if not lok then return usage_error(lerr) end
   end
+  if o.list_slots or o.drop_slot then return slots_mode(flash, o) end
   local only = not o.table and table_only(o)
   if only then
     return usage_error(only .. " goes with --table; a script chooses this itself (client:listen, listener:on)")

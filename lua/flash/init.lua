@@ -473,6 +473,7 @@ function Client:start()
     for i, l in ipairs(self.listeners) do names[i] = l.table_name end
     log.info(string.format("connected to %s as %s, driver %s, %s", self.database, self.role, self.driver_name,
       #names > 0 and ("listening on " .. table.concat(names, ", ")) or "no listener yet"))
+    for _, w in ipairs(require("flash.slots").idle_warnings(self.conn)) do log.warn(w) end
   end
   log.within(outer)
   if not ok then return nil, err end
