@@ -274,7 +274,7 @@ flash.after(1.5, flash.stop)
       end)
       local t = H.table("v text")
       tables[#tables + 1] = t
-      H.sql("INSERT INTO " .. t .. " SELECT repeat('x', 1000) FROM generate_series(1, 2000)")   -- > 1 MB of WAL
+      H.sql("INSERT INTO " .. t .. " SELECT repeat(md5(g::text), 30) FROM generate_series(1, 6000) g")   -- > 1 MB of WAL
       local path = script('local flash = require "flash"\nassert(flash.client {})\nflash.after(0, flash.stop)\n')
       local rc, _, err = run_env({ path }, { FLASH_SLOT_WARN_MB = "1" })
       assert.are.equal(0, rc, err)

@@ -452,12 +452,21 @@ function Client:listen(opts)
   self.next_id = self.next_id + 1
   self.listeners[#self.listeners + 1] = l
   self.by_id[l.id] = l
+  if self.started and not self.capturing then
+    -- The first listener of a client that ran only queries so far: capture starts now.
+    local sok, serr = self:_capture()
+    if not sok then
+      table.remove(self.listeners)
+      self.by_id[l.id] = nil
+      return failed("client:listen", serr)
+    end
+  end
   return l
 end
 
 -- Called when a listener's set of wanted operations may have changed.
 function Client:_changed(l)
-  if self.started and not self.closed then
+  if self.capturing and not self.closed then
     local ok, err = self.driver:sync(l)
     if not ok then error(err, 3) end
   end
@@ -466,20 +475,37 @@ end
 function Client:start()
   if self.closed then return nil, "client is stopped" end
   if self.started then return true end
-  local outer = log.within(self.label)
-  local ok, err = self.driver:start()
-  if ok then
-    local names = {}
-    for i, l in ipairs(self.listeners) do names[i] = l.table_name end
-    log.info(string.format("connected to %s as %s, driver %s, %s", self.database, self.role, self.driver_name,
-      #names > 0 and ("listening on " .. table.concat(names, ", ")) or "no listener yet"))
-    for _, w in ipairs(require("flash.slots").idle_warnings(self.conn)) do log.warn(w) end
-  end
-  log.within(outer)
+  -- A client without listeners only runs queries: it creates nothing in the database
+  -- (no schema, slot or publication) until its first listen.
+  local ok, err = true, nil
+  if #self.listeners > 0 then ok, err = self:_capture() end
   if not ok then return nil, err end
+  local outer = log.within(self.label)
+  if #self.listeners == 0 then
+    log.info(string.format("connected to %s as %s, driver %s, no listener: queries only, nothing created",
+      self.database, self.role, self.driver_name))
+  end
+  for _, w in ipairs(require("flash.slots").idle_warnings(self.conn)) do log.warn(w) end
+  log.within(outer)
   self.started = true
   self.started_at = core.now()
   return true
+end
+
+-- Starts the driver's capture (triggers, slot, publication): at start, or at the first
+-- listen of a client started without listeners.
+function Client:_capture()
+  local outer = log.within(self.label)
+  local ok, err = self.driver:start()
+  if ok then
+    self.capturing = true
+    local names = {}
+    for i, l in ipairs(self.listeners) do names[i] = l.table_name end
+    log.info(string.format("connected to %s as %s, driver %s, listening on %s", self.database, self.role,
+      self.driver_name, table.concat(names, ", ")))
+  end
+  log.within(outer)
+  return ok, err
 end
 
 -- The line a stop ends with: what the run did and where it stopped.
@@ -492,6 +518,7 @@ end
 
 function Client:fd()
   if self.closed then return nil end
+  if not self.capturing then return {} end
   return self.driver:fds()
 end
 
@@ -578,6 +605,10 @@ function Client:poll(timeout)
     local ok, err = self:start()
     if not ok then return nil, err end
   end
+  if not self.capturing then
+    if timeout and timeout > 0 then core.sleep(timeout) end
+    return true
+  end
   local fds = self.driver:fds()
   local wait = timeout or 0
   local due = self.driver:next_deadline()
@@ -652,7 +683,7 @@ function Client:_quiesce()
   if self.quiesced or self.closed then return end
   self.quiesced = true
   self.stopping = true
-  if self.started and self.driver.quiesce then
+  if self.capturing and self.driver.quiesce then
     local outer = log.within(self.label)
     self.driver:quiesce()
     log.within(outer)
@@ -672,10 +703,8 @@ function Client:stop()
     end
   end
   local outer = log.within(self.label)
-  if self.started then
-    ok, err = self.driver:stop(confirm)
-    self:_summary()
-  end
+  if self.capturing then ok, err = self.driver:stop(confirm) end
+  if self.started then self:_summary() end
   log.within(outer)
   self.closed = true
   self.conn:close()
@@ -776,7 +805,7 @@ function flash._loop(list, opts)
   for _, c in ipairs(list) do
     local ok, err = c:start()
     if not ok then return nil, err end
-    if opts.until_lsn then
+    if opts.until_lsn and c.capturing then
       if not c.driver.set_until then
         return nil, string.format("until_lsn needs the wal_logical driver (client uses %s)", c.driver_name)
       end
@@ -788,16 +817,23 @@ function flash._loop(list, opts)
   core.signals(true)
   local failure
   while not state.stop do
-    local live = {}
-    for _, c in ipairs(list) do if not c.closed then live[#live + 1] = c end end
-    if #live == 0 and not next_timer() then break end
+    -- Clients without listeners (queries only) keep the loop running but have no driver
+    -- to step.
+    local open, live = 0, {}
+    for _, c in ipairs(list) do
+      if not c.closed then
+        open = open + 1
+        if c.capturing then live[#live + 1] = c end
+      end
+    end
+    if open == 0 and not next_timer() then break end
     local fds, due = {}, next_timer()
     for _, c in ipairs(live) do
       for _, fd in ipairs(c.driver:fds()) do fds[#fds + 1] = fd end
       local d = c.driver:next_deadline()
       if d and (not due or d < due) then due = d end
     end
-    local wait = due and math.max(0, due - core.now()) or -1
+    local wait = due and math.max(0, due - core.now()) or (#live < open and 1 or -1)
     core.poll(fds, wait)
     local sig = core.signal_pending()
     if sig then
@@ -824,7 +860,7 @@ function flash._loop(list, opts)
     if opts.until_lsn and not failure then
       local all = true
       for _, c in ipairs(list) do
-        if not c.closed and not c.driver:is_reached() then all = false break end
+        if not c.closed and c.capturing and not c.driver:is_reached() then all = false break end
       end
       if all then break end
     end
