@@ -41,6 +41,7 @@ build = {
     ["flash.sink.redis"] = "lua/flash/sink/redis.lua",
     ["flash.log"] = "lua/flash/log.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
+    ["flash.slots"] = "lua/flash/slots.lua",
     ["flash.driver"] = "lua/flash/driver/init.lua",
     ["flash.driver.base"] = "lua/flash/driver/base.lua",
     ["flash.driver.capture"] = "lua/flash/driver/capture.lua",

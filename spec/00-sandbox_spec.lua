@@ -173,18 +173,18 @@ describe("flash.sandbox", function()
   describe("scripts/sandbox", function()
     local script = "scripts/sandbox"
 
-    it("start prints shell lines for the DSN and the directory; stop DIR removes the cluster", function()
+    it("start prints shell lines for the DSN (the specs' and flashlua's) and the directory; stop DIR removes the cluster", function()
       local ok, out = sh(script .. " start -q")
       assert(ok, out)
       local dsn = out:match("FLASH_TEST_DSN='([^']*)'")
       local dir = out:match("FLASH_SANDBOX_DIR='([^']*)'")
       -- The shell must see exactly these assignments (eval "$(scripts/sandbox start)").
-      local ok2, echoed = sh("eval " .. q(out) .. "; printf '%s|%s' \"$FLASH_TEST_DSN\" \"$FLASH_SANDBOX_DIR\"")
+      local ok2, echoed = sh("eval " .. q(out) .. "; printf '%s|%s|%s' \"$FLASH_TEST_DSN\" \"$FLASH_DSN\" \"$FLASH_SANDBOX_DIR\"")
       local reopened = dir and sandbox.open(dir, { quiet = true })
       finally(function() if reopened then reopened:stop() end end)
       assert.truthy(dsn and dir, out)
       assert.is_true(ok2)
-      assert.equal(dsn .. "|" .. dir, echoed)
+      assert.equal(dsn .. "|" .. dsn .. "|" .. dir, echoed)
       assert.equal("logical", psql(nil, dsn, "SHOW wal_level"))
 
       assert(sh(script .. " stop -q " .. q(dir)))

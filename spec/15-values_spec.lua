@@ -307,8 +307,12 @@ describe("a callback failing during client:stop()", function()
       flash.log.set_sink(old)
       H.sql("DROP TABLE " .. t)
       assert.are.same({ nil, "callback for insert on public." .. t .. " failed while stopping (logged above)" }, { ok, err })
-      assert.are.equal(1, #lines, table.concat(lines, "\n"))
-      assert.matches("ERROR callback for insert on public%." .. t .. " failed while stopping: .*boom on row 3", lines[1])
+      -- The failure, then the stop's summary, each naming the client.
+      assert.are.equal(2, #lines, table.concat(lines, "\n"))
+      assert.matches("ERROR %[client %d+ trigger db=[^%]]+%] callback for insert on public%." .. t ..
+        " failed while stopping: .*boom on row 3", lines[1])
+      assert.matches("INFO  %[client %d+ trigger db=[^%]]+%] stopped after %d+%.%d s: 1 events, 1 errors, " ..
+        "%d+%.%d%d%d s in callbacks$", lines[2])
       assert.are.equal(1, client:stats().errors)
     end)
   end
@@ -373,7 +377,7 @@ core.sleep(3)
         h.kill("INT")
         assert.are.equal(1, h.wait(15), "stderr: " .. h.err())
         local err = h.err()
-        assert.matches("ERROR callback for insert on public%." .. t .. " failed while stopping: " ..
+        assert.matches("ERROR %[client 1 [%w_]+ db=[^%]]+%] callback for insert on public%." .. t .. " failed while stopping: " ..
           path:gsub("%p", "%%%0") .. ":6: boom on row 7", err)
         assert.truthy(err:find("flashlua: callback for insert on public." .. t .. " failed while stopping (logged above)\n",
           1, true), err)

@@ -44,11 +44,46 @@ describe("flash API", function()
     end)
   end)
 
+  describe("a client that only runs queries", function()
+    local function objects()
+      return H.leftovers() + tonumber(H.scalar("SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name LIKE 'flash%'"))
+        + tonumber(H.scalar("SELECT count(*) AS n FROM pg_publication WHERE pubname LIKE 'flash%'"))
+    end
+
+    for _, driver in ipairs(H.drivers) do
+      it("creates nothing in the database until it listens (" .. driver .. ")", function()
+        local before = objects()
+        local c = assert(flash.client { driver = driver })
+        assert(c:start())
+        assert.same({ { n = 1 } }, assert(c:query("SELECT 1 AS n")))
+        assert.equal(before, objects())
+        -- Its first listener starts capture.
+        local t = H.table("id int PRIMARY KEY")
+        H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+        local events = {}
+        assert(c:listen { table = t }):on("insert", function(ev) events[#events + 1] = ev.new.id end)
+        H.sql("INSERT INTO " .. t .. " VALUES (7)")
+        H.wait(c, events, 1)
+        assert.same({ 7 }, events)
+        assert(c:stop())
+        assert.equal(before, objects())
+      end)
+    end
+  end)
+
   describe("problems found in the database return nil, err", function()
     it("names an unknown table", function()
       local l, err = client:listen { table = "public.no_such_table" }
       assert.is_nil(l)
       assert.equal("table public.no_such_table does not exist", err)
+    end)
+
+    it("suggests the schema where a table of that name exists", function()
+      local schema, orders = H.table_elsewhere()
+      finally(function() H.sql("DROP SCHEMA " .. schema .. " CASCADE") end)
+      local l, err = client:listen { table = orders }
+      assert.is_nil(l)
+      assert.equal("table public." .. orders .. " does not exist (did you mean " .. schema .. "." .. orders .. "?)", err)
     end)
 
     it("names an unknown column in fields", function()

@@ -21,6 +21,13 @@ describe("flashlua command line", function()
     return h
   end
 
+  local function run_env(args, env, timeout)
+    local h = spawn(args, env)
+    local rc = h.wait(timeout or 20)
+    if not rc then h.kill("KILL") end
+    return rc, h.out(), h.err()
+  end
+
   local function run(args, timeout)
     local h = spawn(args)
     local rc = h.wait(timeout or 20)
@@ -75,6 +82,45 @@ describe("flashlua command line", function()
         "trigger_statement, wal_logical or pg_extension)", 1, true), err)
     end)
 
+    it("--help shows the grammar of --where", function()
+      local rc, out = run({ "--help" })
+      assert.are.equal(0, rc)
+      assert.truthy(out:find([[
+      --where COND       with --table: a condition (may be repeated; all must hold):
+                           COL = VALUE   (also <>, !=, <, <=, >, >=)
+                           COL is null,  COL is not null
+                           COL in (VALUE, VALUE, ...)
+]], 1, true), out)
+    end)
+
+    it("usage errors exit 2 with a message naming the option", function()
+      local path = script("print('never')")
+      local cases = {
+        { { "--table", "t", "--ops", "insert,insrt" },
+          "flashlua: unknown operation 'insrt' for --ops (expected insert, update, delete, truncate or all)\n" },
+        { { "--ops", "insert", path },
+          "flashlua: --ops goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
+        { { "--where", "id = 1", path },
+          "flashlua: --where goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
+        { { "--fields", "id", path },
+          "flashlua: --fields goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
+        { { "--backfill", path },
+          "flashlua: --backfill goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
+        { { "--table", "t", "--where", "customer_id in (1, 2" },
+          "flashlua: cannot read --where 'customer_id in (1, 2': expected ',' or ')' in the 'in' list (expected " ..
+          "col = value, col <> value, col >= value, col is null, col is not null, col in (a, b); see --help)\n" },
+        { { "--table", "t", "--where", "customer_id" },
+          "flashlua: cannot read --where 'customer_id': no operator (expected col = value, col <> value, " ..
+          "col >= value, col is null, col is not null, col in (a, b); see --help)\n" },
+      }
+      for _, c in ipairs(cases) do
+        local rc, out, err = run(c[1])
+        assert.are.equal(2, rc, err)
+        assert.are.equal("", out)
+        assert.are.equal(c[2] .. "Try 'flashlua --help' for more information.\n", err)
+      end
+    end)
+
     it("no script exits 2", function()
       local rc, out, err = run({})
       assert.are.equal(2, rc)
@@ -126,6 +172,35 @@ print(arg[0], arg[1], arg[2], #arg, select("#", ...), (...))
       assert.is_true(core.now() - t0 < 10)
     end)
 
+    -- libpq's words for a socket directory without a server.
+    local NO_SERVER = "cannot connect to PostgreSQL: connection to server on socket " ..
+      "\"/nonexistent/.s.PGSQL.5432\" failed: No such file or directory\n" ..
+      "\tIs the server running locally and accepting connections on that socket?\n"
+
+    it("without any DSN, the connection error says how to give one", function()
+      local path = script('local flash = require "flash"\nassert(flash.client {})\n')
+      local rc, out, err = run_env({ path }, { FLASH_DSN = "", DATABASE_URL = "", PGHOST = "/nonexistent" })
+      assert.are.equal(1, rc)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: " .. path .. ":2: " .. NO_SERVER ..
+        "(no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, or pass flash.client{ dsn = ... }; " ..
+        "libpq's defaults and PG* variables were tried)\n", err)
+    end)
+
+    it("a client used without assert(): the error names the failure it ignored", function()
+      local path = script([[
+local flash = require "flash"
+local client = flash.client { dsn = "host=/nonexistent" }
+client:listen { table = "t" }
+]])
+      local rc, out, err = run({ path })
+      assert.are.equal(1, rc)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: " .. path .. ":3: attempt to index local 'client' (a nil value)\n" ..
+        "flashlua: that nil may come from flash.client: " .. NO_SERVER ..
+        "(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n", err)
+    end)
+
     it("flash.stop() from a timer ends the loop: exit 0 and nothing left", function()
       local t = H.table("id int PRIMARY KEY")
       tables[#tables + 1] = t
@@ -147,7 +222,121 @@ end)
     end)
   end)
 
+  describe("logs", function()
+    -- Timestamps and durations vary; the rest is exact.
+    local function shape(text)
+      return (text:gsub("%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ", "TS"):gsub("%d+%.%d+ s", "N s"))
+    end
+
+    it("one line per client at start and a summary at stop, naming the client and the database", function()
+      local t = H.table("id int PRIMARY KEY")
+      tables[#tables + 1] = t
+      local db = H.scalar("SELECT current_database()::text AS db")
+      local role = H.scalar("SELECT current_user::text AS r")
+      local path = script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { name = "orders-feed" })
+assert(c:listen { table = %q }):on("insert", function() flash.stop() end)
+flash.after(0, function() assert(c:query("INSERT INTO %s VALUES (1)")) end)
+]], t, t))
+      local rc, out, err = run({ path })
+      assert.are.equal(0, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal(string.format(
+        "TS INFO  [orders-feed db=%s] connected to %s as %s, driver trigger, listening on public.%s\n" ..
+        "TS INFO  [orders-feed db=%s] stopped after N s: 1 events, 0 errors, N s in callbacks\n",
+        db, db, role, t, db), shape(err))
+    end)
+
+    it("--stats lines carry the time, errors and the time spent in callbacks", function()
+      local path = script([[
+local flash = require "flash"
+assert(flash.client { name = "idle" })
+flash.after(1.5, flash.stop)
+]])
+      local rc, _, err = run({ "--stats", path })
+      assert.are.equal(0, rc, err)
+      local stats = {}
+      for line in shape(err):gmatch("[^\n]+") do
+        if line:find("flashlua:", 1, true) then stats[#stats + 1] = line end
+      end
+      assert.is_true(#stats >= 1, err)
+      assert.are.equal("TS flashlua: 0 events/s, 0 events, 0 errors, N s in callbacks", stats[1])
+    end)
+  end)
+
+  describe("replication slots", function()
+    it("warns at start about an inactive flashlua slot holding WAL; --list-slots shows it, --drop-slot drops it", function()
+      local slot = "flash_idle_" .. core.getpid()
+      H.sql("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+      finally(function()
+        H.sql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", slot)
+      end)
+      local t = H.table("v text")
+      tables[#tables + 1] = t
+      H.sql("INSERT INTO " .. t .. " SELECT repeat(md5(g::text), 30) FROM generate_series(1, 6000) g")   -- > 1 MB of WAL
+      local path = script('local flash = require "flash"\nassert(flash.client {})\nflash.after(0, flash.stop)\n')
+      local rc, _, err = run_env({ path }, { FLASH_SLOT_WARN_MB = "1" })
+      assert.are.equal(0, rc, err)
+      local warning = err:match("WARN  (%[[^\n]*" .. slot .. "[^\n]*)")
+      assert.truthy(warning, err)
+      assert.are.equal(string.format("[client 1 trigger db=%s] replication slot %s is inactive and holds N MB of WAL; " ..
+        "if no flashlua run will resume it, drop it: flashlua --drop-slot %s", H.scalar("SELECT current_database()::text AS d"),
+        slot, slot), (warning:gsub("%d+%.%d MB", "N MB")))
+
+      local out
+      rc, out, err = run({ "--list-slots" })
+      assert.are.equal(0, rc, err)
+      assert.are.equal("", err)
+      assert.matches("^slot +plugin +active +WAL held +confirmed\n", out)
+      assert.matches("\n" .. slot .. " +pgoutput +no +%d+%.%d MB  %x+/%x+\n", out)
+
+      rc, out, err = run({ "--drop-slot", slot })
+      assert.are.equal(0, rc, err)
+      assert.are.equal("dropped replication slot " .. slot .. "\n", out)
+      assert.are.equal("0", tostring(H.scalar("SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = $1", slot)))
+
+      rc, out, err = run({ "--drop-slot", slot })
+      assert.are.equal(1, rc)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: no flashlua replication slot named " .. slot ..
+        " in this database (flashlua --list-slots shows them)\n", err)
+
+      rc, _, err = run({ "--drop-slot", slot, path })
+      assert.are.equal(2, rc)
+      assert.are.equal("flashlua: --list-slots and --drop-slot take no script or --table\n" ..
+        "Try 'flashlua --help' for more information.\n", err)
+    end)
+  end)
+
   describe("--table", function()
+    it("an unknown table exits 1 with the message alone, suggesting the schema that has it", function()
+      local schema, orders = H.table_elsewhere()
+      finally(function() H.sql("DROP SCHEMA " .. schema .. " CASCADE") end)
+      local rc, out, err = run({ "--table", orders })
+      assert.are.equal(1, rc)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: table public." .. orders .. " does not exist (did you mean " .. schema .. "." .. orders .. "?)\n", err)
+      rc, out, err = run({ "--table", "public.no_such_table" })
+      assert.are.equal(1, rc)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: table public.no_such_table does not exist\n", err)
+    end)
+
+    it("--where 'col in (a, b)' and a quoted value select the rows", function()
+      local t = H.table("id int PRIMARY KEY, customer_id int, note text")
+      tables[#tables + 1] = t
+      local h = spawn({ "--table", t, "--where", "customer_id in (1, 2)", "--where", "note <> 'it''s'" })
+      assert.is_true(H.wait_for(function() return H.capture(t) > 0 end, 10), h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 1, 'a'), (2, 3, 'b'), (3, 2, 'c'), (4, 2, 'it''s'), (5, 2, 'last')")
+      assert.is_true(h.await('"id":5', 5), "no last line; stderr: " .. h.err())
+      h.kill("TERM")
+      assert.are.equal(0, h.wait(10), h.err())
+      local ids = {}
+      for line in h.out():gmatch("[^\n]+") do ids[#ids + 1] = cjson.decode(line).new.id end
+      assert.are.same({ 1, 3, 5 }, ids)
+    end)
+
     it("prints one JSON line per event of the chosen operations until SIGTERM", function()
       local t = H.table("id int PRIMARY KEY, title text, note text")
       tables[#tables + 1] = t

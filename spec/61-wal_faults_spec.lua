@@ -414,7 +414,7 @@ describe("wal_logical faults", function()
       assert(ok, err)
       local warned = {}
       for _, l in ipairs(lines) do
-        if l:find("was dropped", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+        if l:find("was dropped", 1, true) then warned[#warned + 1] = l:match("WARN%s+%[[^%]]*%] (.*)$") end
       end
       assert.same({ "public." .. other .. " 2" }, got)
       assert.same({ string.format("listened table public.%s was dropped; listener #1 captures nothing more for it " ..
@@ -529,7 +529,7 @@ describe("wal_logical faults", function()
         assert(ok, err)
         local warned = {}
         for _, l in ipairs(lines) do
-          if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+          if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+%[[^%]]*%] (.*)$") end
         end
         assert.same({ { id = 1, note = "a" }, { id = 2 }, { id = 3 } }, { events[1].new, events[2].new, events[3].new })
         assert.same({ string.format("listener #1 on public.%s: column note is no longer in the table (dropped or " ..

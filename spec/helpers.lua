@@ -48,6 +48,14 @@ function H.table(columns, name)
   return name
 end
 
+-- A table that exists only outside public: a fresh schema shop_<pid> holding orders_<pid>.
+-- Returns both names (the caller drops the schema).
+function H.table_elsewhere()
+  local schema, name = "shop_" .. core.getpid(), "orders_" .. core.getpid()
+  H.sql(string.format("CREATE SCHEMA %s; CREATE TABLE %s.%s (id int)", schema, schema, name))
+  return schema, name
+end
+
 -- Polls the client until `n` events arrived in `list` (or timeout); returns the list.
 function H.wait(client, list, n, timeout)
   local deadline = core.now() + (timeout or 5)

@@ -19,21 +19,34 @@ options:
       --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
                          run, point the default DSN at it, remove it at exit
   -e CODE                run CODE before the script (may be repeated)
-      --stats            a progress line on stderr every second: events/s, totals
+      --stats            a progress line on stderr every second: time, events/s,
+                         events, errors, seconds in callbacks, lag
       --table NAME       no script: print each event of table NAME as one JSON line
-      --ops LIST         with --table: operations (default all)
+      --ops LIST         with --table: operations, of insert, update, delete,
+                         truncate, all (default all)
       --fields LIST      with --table: columns to carry (default all)
-      --where COND       with --table: condition `col=value`, `col<>value`, `col>=value`,
-                         `col is null`, ... (may be repeated; all must hold)
+      --where COND       with --table: a condition (may be repeated; all must hold):
+                           COL = VALUE   (also <>, !=, <, <=, >, >=)
+                           COL is null,  COL is not null
+                           COL in (VALUE, VALUE, ...)
+                         COL as it is or "double quoted"; VALUE a bare word or
+                         'single quoted' ('' for a quote); compared as the column's type
       --backfill         with --table: first every existing row (op "read"), then the
                          changes; needs wal_logical (the default with --backfill)
+      --list-slots       list flashlua's replication slots in the database (-d): name,
+                         plugin, active pid, WAL retained, confirmed position; exit
+      --drop-slot NAME   drop flashlua's inactive replication slot NAME and exit
+                         (exit 1 when it is in use or is not one of flashlua's)
   -v, --version          print the version and exit
   -h, --help             print this help and exit
 
+--ops, --fields, --where and --backfill go with --table only (a usage error with a script).
+
 exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
-example:
+examples:
   flashlua --sandbox examples/demo.lua
   flashlua -d postgres://localhost/app --table public.posts --ops insert,update
+  flashlua --table shop.orders --where "customer_id in (1, 2)" --where "note is not null"
 ]]
 
 local function usage_error(msg)
@@ -47,28 +60,91 @@ local function split_list(s)
   return t
 end
 
--- "col=val", "col <> val", "col is null", "col in a|b" -> a where condition.
+-- --where's grammar (also in USAGE):
+--   COLUMN OP VALUE          OP: = <> != < <= > >=
+--   COLUMN is [not] null
+--   COLUMN in (VALUE, ...)
+-- COLUMN is a name as it is, or "double quoted"; VALUE is 'single quoted' ('' for a quote)
+-- or a bare word (everything up to the end, a comma or a parenthesis). Values stay strings:
+-- the listener compares them as the column's own type.
+-- Returns { column, op [, value] } or nil and what could not be read.
 local function parse_where(s)
-  local col, rest = s:match("^%s*([%w_\"%. ]-)%s*(i[sn]%s.*)$")
-  if col and col ~= "" then
-    local r = rest:lower():gsub("%s+", " "):gsub("%s$", "")
-    if r == "is null" or r == "is not null" then return { col, r } end
-    local list = rest:match("^in%s+(.*)$")
-    if list then
-      local vals = {}
-      for v in list:gmatch("[^|,]+") do vals[#vals + 1] = v end
-      return { col, "in", vals }
+  local p = 1
+  local function skip() p = s:find("%S", p) or #s + 1 end
+  local function quoted(q, what)
+    local buf, j = {}, p + 1
+    while true do
+      local k = s:find(q, j, true)
+      if not k then return nil, "unterminated " .. what end
+      buf[#buf + 1] = s:sub(j, k - 1)
+      if s:sub(k + 1, k + 1) ~= q then p = k + 1 return table.concat(buf) end
+      buf[#buf + 1] = q
+      j = k + 2
     end
+  end
+  local function value(stop)
+    skip()
+    if s:sub(p, p) == "'" then return quoted("'", "quoted value") end
+    local v = stop and s:match("^[^" .. stop .. "]*", p) or s:sub(p)
+    p = p + #v
+    v = v:match("^(.-)%s*$")
+    if v == "" then return nil, "a value is missing" end
+    return v
+  end
+  skip()
+  local col, err
+  if s:sub(p, p) == '"' then
+    col, err = quoted('"', "quoted column name")
+    if not col then return nil, err end
+  else
+    col = s:match("^[^%s=<>!]+", p)
+    if not col then return nil, "a column name is missing" end
+    p = p + #col
+  end
+  skip()
+  local rest = s:sub(p):lower():gsub("%s+", " "):gsub(" $", "")
+  if rest == "is null" or rest == "is not null" then return { col, rest } end
+  if s:find("^[iI][nN]%f[^%w_]", p) then
+    p = p + 2
+    skip()
+    local vals = {}
+    if s:sub(p, p) ~= "(" then return nil, "'in' needs a list in parentheses: in (a, b)" end
+    p = p + 1
+    repeat
+      local v, verr = value(",)")
+      if not v then return nil, verr end
+      vals[#vals + 1] = v
+      skip()
+      local c = s:sub(p, p)
+      p = p + 1
+      if c ~= "," and c ~= ")" then return nil, "expected ',' or ')' in the 'in' list" end
+    until c == ")"
+    skip()
+    if p <= #s then return nil, "unexpected text after the 'in' list" end
+    return { col, "in", vals }
   end
   for _, op in ipairs({ "<>", "!=", "<=", ">=", "=", "<", ">" }) do
-    local i = s:find(op, 1, true)
-    if i then
-      local c = s:sub(1, i - 1):match("^%s*(.-)%s*$")
-      local v = s:sub(i + #op):match("^%s*(.-)%s*$")
-      if c ~= "" then return { c, op, v } end
+    if s:sub(p, p + #op - 1) == op then
+      p = p + #op
+      local v, verr = value(nil)
+      if not v then return nil, verr end
+      skip()
+      if p <= #s then return nil, "unexpected text after the value" end
+      return { col, op, v }
     end
   end
-  return nil
+  return nil, "no operator"
+end
+
+-- Operations --ops takes (with --backfill "read" is added by itself).
+local CLI_OPS = { insert = true, update = true, delete = true, truncate = true, all = true }
+-- Options that shape --table's listener (a script sets up its own listeners): the first
+-- one given, or nil.
+local function table_only(o)
+  if o.ops then return "--ops" end
+  if o.fields then return "--fields" end
+  if #o.where > 0 then return "--where" end
+  if o.backfill then return "--backfill" end
 end
 
 local function parse_args(argv)
@@ -102,13 +178,24 @@ local function parse_args(argv)
     elseif a == "-e" then o.exprs[#o.exprs + 1] = val(a)
     elseif a == "--stats" then o.stats = true
     elseif a == "--table" then o.table = val(a)
-    elseif a == "--ops" then o.ops = split_list(val(a))
+    elseif a == "--ops" then
+      o.ops = split_list(val(a))
+      for _, op in ipairs(o.ops) do
+        if not CLI_OPS[op] then
+          error({ usage = string.format("unknown operation '%s' for --ops (expected insert, update, delete, truncate or all)", op) })
+        end
+      end
     elseif a == "--fields" then o.fields = split_list(val(a))
     elseif a == "--backfill" then o.backfill = true
+    elseif a == "--list-slots" then o.list_slots = true
+    elseif a == "--drop-slot" then o.drop_slot = val(a)
     elseif a == "--where" then
       local w = val(a)
-      local cond = parse_where(w)
-      if not cond then error({ usage = "cannot read --where '" .. w .. "' (expected col=value, col>=value, col is null, ...)" }) end
+      local cond, why = parse_where(w)
+      if not cond then
+        error({ usage = string.format("cannot read --where '%s': %s (expected col = value, col <> value, " ..
+          "col >= value, col is null, col is not null, col in (a, b); see --help)", w, why) })
+      end
       o.where[#o.where + 1] = cond
     elseif a == "--" then
       i = i + 1
@@ -132,10 +219,14 @@ local ENCODE_OPTS = { unchanged = "<unchanged>" }
 local function table_mode(flash, o)
   local encode = flash.json.encode
   -- A backfill needs wal_logical: it is the default driver then.
-  local client = assert(flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil })
-  local listener = assert(client:listen {
+  -- Failures are the user's: their message alone, without a position in this file.
+  local client, err = flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil }
+  if not client then error(err, 0) end
+  local listener
+  listener, err = client:listen {
     table = o.table, fields = o.fields, where = #o.where > 0 and o.where or nil,
-  })
+  }
+  if not listener then error(err, 0) end
   local ops = o.ops
   if ops and o.backfill then
     ops = { unpack(ops) }
@@ -148,27 +239,59 @@ local function table_mode(flash, o)
   end)
 end
 
+-- Every second on stderr: the time, events/s and totals summed over the open clients,
+-- errors, time spent in callbacks, lag and backfill progress.
 local function stats_timer(flash, core)
   local last_events, last_t = 0, core.now()
   flash.every(1, function()
     local now = core.now()
-    local total, lag = 0, nil
+    local total, errors, handler, lag, bf = 0, 0, 0, nil, {}
     -- Clients are internal to flash; the public stats of each open one are summed.
     for _, c in ipairs(flash._clients()) do
       local s = c:stats()
-      total = total + s.events
+      total, errors, handler = total + s.events, errors + s.errors, handler + s.handler_seconds
       if s.lag_bytes then lag = (lag or 0) + s.lag_bytes end
+      if s.backfill then
+        for _, b in ipairs(s.backfill.tables) do bf[#bf + 1] = "; " .. require("flash.backfill").describe(b) end
+      end
     end
     local rate = (total - last_events) / math.max(now - last_t, 1e-6)
     last_events, last_t = total, now
-    local bf = {}
-    for _, c in ipairs(flash._clients()) do
-      local b = c:stats().backfill
-      if b then for _, s in ipairs(b.tables) do bf[#bf + 1] = "; " .. require("flash.backfill").describe(s) end end
-    end
-    io.stderr:write(string.format("flashlua: %.0f events/s, %d events%s%s\n", rate, total,
+    io.stderr:write(string.format("%s flashlua: %.0f events/s, %d events, %d errors, %.3f s in callbacks%s%s\n",
+      os.date("!%Y-%m-%dT%H:%M:%SZ"), rate, total, errors, handler,
       lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)))
   end)
+end
+
+-- --list-slots / --drop-slot NAME: what flashlua left in the database's slots.
+local function slots_mode(flash, o)
+  local slots = require "flash.slots"
+  if o.script or o.table then return usage_error("--list-slots and --drop-slot take no script or --table") end
+  if o.dsn then flash.defaults.dsn = o.dsn end
+  local _, err = pcall(function()   -- err: an error raised, or the failure returned
+    local c, cerr = flash.client {}
+    if not c then return cerr end
+    local fail
+    if o.drop_slot then
+      local dok, derr = slots.drop(c.conn, o.drop_slot)
+      if dok then io.stdout:write("dropped replication slot ", o.drop_slot, "\n") else fail = derr end
+    else
+      local rows, lerr = slots.list(c.conn)
+      if not rows then
+        fail = lerr
+      else
+        io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", "slot", "plugin", "active", "WAL held", "confirmed"))
+        for _, r in ipairs(rows) do
+          io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
+            r.active_pid and tostring(r.active_pid) or "no", slots.mb(r.retained), r.confirmed or "-"))
+        end
+      end
+    end
+    c:stop()
+    return fail
+  end)
+  if err then io.stderr:write("flashlua: ", tostring(err), "\n") return 1 end
+  return 0
 end
 
 local function run(argv)
@@ -185,13 +308,17 @@ local function run(argv)
     local lok, lerr = flash.log.set_level(o.log_level)
     if not lok then return usage_error(lerr) end
   end
+  if o.list_slots or o.drop_slot then return slots_mode(flash, o) end
+  local only = not o.table and table_only(o)
+  if only then
+    return usage_error(only .. " goes with --table; a script chooses this itself (client:listen, listener:on)")
+  end
   if not o.script and not o.table and #o.exprs == 0 then
     return usage_error("no script given")
   end
   if o.script and o.table then
     return usage_error("give a script or --table, not both")
   end
-  if o.backfill and not o.table then return usage_error("--backfill goes with --table") end
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end
 
@@ -243,6 +370,12 @@ local function run(argv)
     local sok, serr = protected(chunk, unpack(script_arg, 1, #script_arg))
     if not sok then
       io.stderr:write("flashlua: ", tostring(serr), "\n")
+      -- `local c = flash.client{...}` without assert(): the script fails later on the nil;
+      -- the failure it ignored is the cause.
+      if flash._last_failure and tostring(serr):find("a nil value", 1, true) then
+        io.stderr:write("flashlua: that nil may come from ", flash._last_failure,
+          "\n(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n")
+      end
       flash.stop()
       return finish(1)
     end

@@ -53,6 +53,7 @@ local WHERE_OPS = {
 flash.defaults = {}
 
 local clients = {}        -- open clients, in creation order
+local client_seq = 0      -- numbers clients in log lines
 local timers = {}         -- { due=, every=, fn=, cancelled= }
 local stop_hooks = {}     -- flash.on_stop: { fn=, cancelled= }
 local state = { stop = false, running = false }
@@ -67,8 +68,20 @@ local function checktype(v, want, n, fname, what)
   end
 end
 
+local function env(name)
+  local v = os.getenv(name)
+  if v ~= "" then return v end
+end
+
 local function default_dsn()
-  return flash.defaults.dsn or os.getenv("FLASH_DSN") or os.getenv("DATABASE_URL") or ""
+  return flash.defaults.dsn or env("FLASH_DSN") or env("DATABASE_URL") or ""
+end
+
+-- A failure returned as nil, err, kept so that the host can name it when the script goes
+-- on with the nil (flash._last_failure: "flash.client: cannot connect ...").
+local function failed(what, err)
+  flash._last_failure = what .. ": " .. tostring(err)
+  return nil, err
 end
 
 ---------------------------------------------------------------------------------------
@@ -193,11 +206,24 @@ function flash.client(opts)
   local mu = opts.max_unacked
   local driver_mod, derr = drivers.load(driver_name)
   if not driver_mod then error(derr, 0) end
-  local conn, err = core.connect(opts.dsn or default_dsn())
-  if not conn then return nil, err end
+  local dsn = opts.dsn or default_dsn()
+  local conn, err = core.connect(dsn)
+  if not conn then
+    if dsn == "" then
+      err = tostring(err):gsub("%s+$", "") .. "\n(no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, " ..
+        "or pass flash.client{ dsn = ... }; libpq's defaults and PG* variables were tried)"
+    end
+    return failed("flash.client", err)
+  end
+  client_seq = client_seq + 1
+  local who = conn:exec("SELECT current_database()::text AS db, current_user::text AS role", 0)
+  local db = who and who[1].db or "?"
   local self = setmetatable({
     opts = opts,
     conn = conn,
+    database = db,
+    role = who and who[1].role or "?",
+    label = (opts.name or string.format("client %d %s", client_seq, driver_name)) .. " db=" .. db,
     driver_name = driver_name,
     on_error = on_error,
     flags = opts.numeric == "number" and core.NUMERIC_AS_NUMBER or 0,
@@ -280,7 +306,17 @@ function Client:_resolve_table(name)
     WHERE n.nspname = $1 AND c.relname = $2]], 0, parts[1], parts[2])
   if not rows then return nil, err end
   if #rows == 0 then
-    return nil, string.format("table %s.%s does not exist", parts[1], parts[2])
+    local msg = string.format("table %s.%s does not exist", parts[1], parts[2])
+    local near = self.conn:exec([[
+      SELECT n.nspname::text AS schema FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE c.relname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1]], 0, parts[2])
+    if near and #near > 0 then
+      local names = {}
+      for i, r in ipairs(near) do names[i] = r.schema .. "." .. parts[2] end
+      msg = msg .. " (did you mean " .. table.concat(names, " or ") .. "?)"
+    end
+    return nil, msg
   end
   local kind = rows[1].relkind
   if kind ~= "r" and kind ~= "p" then
@@ -384,24 +420,24 @@ function Client:listen(opts)
   if self.closed then return nil, "client is stopped" end
 
   local tbl, err = self:_resolve_table(opts.table)
-  if not tbl then return nil, err end
+  if not tbl then return failed("client:listen", err) end
   local columns = tbl.columns
   if opts.fields then
-    if #opts.fields == 0 then return nil, "option 'fields' is empty: list at least one column, or leave it out for every column" end
+    if #opts.fields == 0 then return failed("client:listen", "option 'fields' is empty: list at least one column, or leave it out for every column") end
     columns = {}
     for _, f in ipairs(opts.fields) do
       local c, cerr = check_column(tbl, f, "fields")
-      if not c then return nil, cerr end
+      if not c then return failed("client:listen", cerr) end
       columns[#columns + 1] = c
     end
   end
   for _, c in ipairs(conds) do
     local ok, cerr = check_column(tbl, c.column, "where")
-    if not ok then return nil, cerr end
+    if not ok then return failed("client:listen", cerr) end
   end
   for _, k in ipairs(opts.primary_key or {}) do
     local ok, cerr = check_column(tbl, k, "primary_key")
-    if not ok then return nil, cerr end
+    if not ok then return failed("client:listen", cerr) end
   end
 
   local l = setmetatable({
@@ -418,16 +454,25 @@ function Client:listen(opts)
     callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} },
   }, Listener)
   local ok, verr = self.driver:check(l)
-  if not ok then return nil, verr end
+  if not ok then return failed("client:listen", verr) end
   self.next_id = self.next_id + 1
   self.listeners[#self.listeners + 1] = l
   self.by_id[l.id] = l
+  if self.started and not self.capturing then
+    -- The first listener of a client that ran only queries so far: capture starts now.
+    local sok, serr = self:_capture()
+    if not sok then
+      table.remove(self.listeners)
+      self.by_id[l.id] = nil
+      return failed("client:listen", serr)
+    end
+  end
   return l
 end
 
 -- Called when a listener's set of wanted operations may have changed.
 function Client:_changed(l)
-  if self.started and not self.closed then
+  if self.capturing and not self.closed then
     local ok, err = self.driver:sync(l)
     if not ok then error(err, 3) end
   end
@@ -436,15 +481,50 @@ end
 function Client:start()
   if self.closed then return nil, "client is stopped" end
   if self.started then return true end
-  local ok, err = self.driver:start()
+  -- A client without listeners only runs queries: it creates nothing in the database
+  -- (no schema, slot or publication) until its first listen.
+  local ok, err = true, nil
+  if #self.listeners > 0 then ok, err = self:_capture() end
   if not ok then return nil, err end
+  local outer = log.within(self.label)
+  if #self.listeners == 0 then
+    log.info(string.format("connected to %s as %s, driver %s, no listener: queries only, nothing created",
+      self.database, self.role, self.driver_name))
+  end
+  for _, w in ipairs(require("flash.slots").idle_warnings(self.conn)) do log.warn(w) end
+  log.within(outer)
   self.started = true
   self.started_at = core.now()
   return true
 end
 
+-- Starts the driver's capture (triggers, slot, publication): at start, or at the first
+-- listen of a client started without listeners.
+function Client:_capture()
+  local outer = log.within(self.label)
+  local ok, err = self.driver:start()
+  if ok then
+    self.capturing = true
+    local names = {}
+    for i, l in ipairs(self.listeners) do names[i] = l.table_name end
+    log.info(string.format("connected to %s as %s, driver %s, listening on %s", self.database, self.role,
+      self.driver_name, table.concat(names, ", ")))
+  end
+  log.within(outer)
+  return ok, err
+end
+
+-- The line a stop ends with: what the run did and where it stopped.
+function Client:_summary()
+  local s = self:stats()
+  local pos = s.last_lsn and (", last position " .. s.last_lsn) or ""
+  log.info(string.format("stopped after %.1f s: %d events, %d errors, %.3f s in callbacks%s", s.uptime,
+    s.events, s.errors, s.handler_seconds, pos))
+end
+
 function Client:fd()
   if self.closed then return nil end
+  if not self.capturing then return {} end
   return self.driver:fds()
 end
 
@@ -531,12 +611,18 @@ function Client:poll(timeout)
     local ok, err = self:start()
     if not ok then return nil, err end
   end
+  if not self.capturing then
+    if timeout and timeout > 0 then core.sleep(timeout) end
+    return true
+  end
   local fds = self.driver:fds()
   local wait = timeout or 0
   local due = self.driver:next_deadline()
   if due then wait = math.max(0, math.min(wait, due - core.now())) end
   if #fds > 0 then core.poll(fds, wait) elseif wait > 0 then core.sleep(wait) end
+  local outer = log.within(self.label)
   local ok, err = self.driver:step()
+  log.within(outer)
   self:_note()
   if not ok then
     self.failure = self.failure or err
@@ -603,7 +689,11 @@ function Client:_quiesce()
   if self.quiesced or self.closed then return end
   self.quiesced = true
   self.stopping = true
-  if self.started and self.driver.quiesce then self.driver:quiesce() end
+  if self.capturing and self.driver.quiesce then
+    local outer = log.within(self.label)
+    self.driver:quiesce()
+    log.within(outer)
+  end
 end
 
 function Client:stop()
@@ -618,7 +708,10 @@ function Client:stop()
       self.stop_failure = self.stop_failure or herr
     end
   end
-  if self.started then ok, err = self.driver:stop(confirm) end
+  local outer = log.within(self.label)
+  if self.capturing then ok, err = self.driver:stop(confirm) end
+  if self.started then self:_summary() end
+  log.within(outer)
   self.closed = true
   self.conn:close()
   for i, c in ipairs(clients) do
@@ -718,7 +811,7 @@ function flash._loop(list, opts)
   for _, c in ipairs(list) do
     local ok, err = c:start()
     if not ok then return nil, err end
-    if opts.until_lsn then
+    if opts.until_lsn and c.capturing then
       if not c.driver.set_until then
         return nil, string.format("until_lsn needs the wal_logical driver (client uses %s)", c.driver_name)
       end
@@ -730,16 +823,23 @@ function flash._loop(list, opts)
   core.signals(true)
   local failure
   while not state.stop do
-    local live = {}
-    for _, c in ipairs(list) do if not c.closed then live[#live + 1] = c end end
-    if #live == 0 and not next_timer() then break end
+    -- Clients without listeners (queries only) keep the loop running but have no driver
+    -- to step.
+    local open, live = 0, {}
+    for _, c in ipairs(list) do
+      if not c.closed then
+        open = open + 1
+        if c.capturing then live[#live + 1] = c end
+      end
+    end
+    if open == 0 and not next_timer() then break end
     local fds, due = {}, next_timer()
     for _, c in ipairs(live) do
       for _, fd in ipairs(c.driver:fds()) do fds[#fds + 1] = fd end
       local d = c.driver:next_deadline()
       if d and (not due or d < due) then due = d end
     end
-    local wait = due and math.max(0, due - core.now()) or -1
+    local wait = due and math.max(0, due - core.now()) or (#live < open and 1 or -1)
     core.poll(fds, wait)
     local sig = core.signal_pending()
     if sig then
@@ -748,7 +848,9 @@ function flash._loop(list, opts)
     end
     for _, c in ipairs(live) do
       if not c.closed then
+        log.within(c.label)
         local ok, err = c.driver:step()
+        log.within(nil)
         c:_note()
         if not ok or c.failure then
           failure = c.failure or err
@@ -764,7 +866,7 @@ function flash._loop(list, opts)
     if opts.until_lsn and not failure then
       local all = true
       for _, c in ipairs(list) do
-        if not c.closed and not c.driver:is_reached() then all = false break end
+        if not c.closed and c.capturing and not c.driver:is_reached() then all = false break end
       end
       if all then break end
     end

@@ -14,9 +14,21 @@ local function stringify(...)
   return table.concat(parts, " ")
 end
 
+-- The client a line concerns ("[client 1 trigger db=app] "), set by the loop around each
+-- client's work (log.within).
+local context = ""
+
 local function emit(name, ...)
   if LEVELS[name] > current then return end
-  sink(string.format("%s %-5s %s", os.date("!%Y-%m-%dT%H:%M:%SZ"), name:upper(), stringify(...)))
+  sink(string.format("%s %-5s %s%s", os.date("!%Y-%m-%dT%H:%M:%SZ"), name:upper(), context, stringify(...)))
+end
+
+-- Lines logged until the next call are about `label` (nil: no client); returns the
+-- previous label, to put back.
+function log.within(label)
+  local old = context
+  context = label and ("[" .. label .. "] ") or ""
+  return old ~= "" and old:sub(2, -3) or nil
 end
 
 for name in pairs(LEVELS) do

@@ -17,6 +17,7 @@ M.PARTIAL = { pg_extension = "its first slices: events and values are specified 
 M.COMMON_OPTIONS = {
   dsn = "string",
   driver = "string",
+  name = "string",   -- how log lines name the client (default "client N DRIVER db=DATABASE")
   on_error = true,
   numeric = { type = "string", check = function(v)
     if v ~= "string" and v ~= "number" then return "\"string\" or \"number\" expected, got " .. tostring(v) end

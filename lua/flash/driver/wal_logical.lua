@@ -808,8 +808,9 @@ end
 function Driver:stats(s)
   s.slot = self.slot
   s.publication = self.publication
-  if self.repl then
-    local st = self.repl:state()
+  -- After a stop (a batch run's end), the stream's last state: where it stopped.
+  local st = self.repl and self.repl:state() or self.final_state
+  if st then
     s.last_lsn = core.lsn(st.flushed)
     s.paused = self:paused()
     s.received_lsn = core.lsn(st.received)
@@ -849,6 +850,7 @@ function Driver:stop(confirm)
       -- A last status update confirms what the callbacks handled (manual: acknowledged).
       self.repl:finish(self.client.opts.shutdown_timeout or 10)
     end
+    self.final_state = self.repl:state()
     self.repl = nil
   end
   local ok, err = true, nil

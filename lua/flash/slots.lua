@@ -1,0 +1,68 @@
+-- flash.slots: the replication slots flashlua leaves in a database (persistent ones, or
+-- any whose run ended badly) and the WAL they hold: listed, dropped, and warned about when
+-- an inactive one holds more than a threshold (issue 14: forgotten slots fill disks).
+local core = require "flash.core"
+
+local M = {}
+
+-- flashlua's slots: the names its drivers give (flash_replication[_pid], flash_extension[_pid])
+-- and any other under the flash_ prefix a `slot` option chose.
+local OURS = "slot_name LIKE 'flash%' AND slot_type = 'logical'"
+
+-- Inactive slots holding more than this many bytes of WAL get a warning at each client start;
+-- FLASH_SLOT_WARN_MB overrides the 64 MB default.
+function M.threshold()
+  return (tonumber(os.getenv("FLASH_SLOT_WARN_MB")) or 64) * 1024 * 1024
+end
+
+-- Every flashlua slot of the connection's database: name, plugin, active_pid (or nil),
+-- retained (bytes of WAL kept for it), confirmed (LSN text or nil).
+function M.list(conn)
+  local rows, err = conn:exec([[
+    SELECT slot_name::text AS name, plugin::text AS plugin, active_pid,
+           coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn), 0)::bigint AS retained,
+           confirmed_flush_lsn::text AS confirmed
+    FROM pg_catalog.pg_replication_slots
+    WHERE database = pg_catalog.current_database() AND ]] .. OURS .. " ORDER BY 1", 0)
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    for k, v in pairs(r) do if v == core.null then r[k] = nil end end
+  end
+  return rows
+end
+
+function M.mb(bytes) return string.format("%.1f MB", bytes / (1024 * 1024)) end
+
+-- The warnings for inactive slots over the threshold (each slot once per process).
+local warned = {}
+function M.idle_warnings(conn)
+  local rows = M.list(conn)
+  local out = {}
+  for _, r in ipairs(rows or {}) do
+    if not r.active_pid and r.retained > M.threshold() and not warned[r.name] then
+      warned[r.name] = true
+      out[#out + 1] = string.format("replication slot %s is inactive and holds %s of WAL; if no flashlua run " ..
+        "will resume it, drop it: flashlua --drop-slot %s", r.name, M.mb(r.retained), r.name)
+    end
+  end
+  return out
+end
+
+-- Drops a flashlua slot that no one streams from: true | nil, err.
+function M.drop(conn, name)
+  local rows, err = M.list(conn)
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    if r.name == name then
+      if r.active_pid then
+        return nil, string.format("replication slot %s is in use by process %d; stop that flashlua first", name, r.active_pid)
+      end
+      local ok, derr = conn:exec("SELECT pg_catalog.pg_drop_replication_slot($1)", 0, name)
+      if not ok then return nil, derr end
+      return true
+    end
+  end
+  return nil, string.format("no flashlua replication slot named %s in this database (flashlua --list-slots shows them)", name)
+end
+
+return M
