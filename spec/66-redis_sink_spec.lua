@@ -10,25 +10,6 @@ local sinkmod = require "flash.sink.redis"
 
 local PARTS = 3
 
-local function redis_server(dir, port)
-  local cmd = string.format("redis-server --port %d --bind 127.0.0.1 --dir %s --appendonly yes " ..
-    "--appendfsync always --save '' --daemonize yes --pidfile %s/redis.pid --logfile %s/redis.log", port, dir, dir, dir)
-  assert(os.execute(cmd) == 0, cmd)
-  local conn
-  H.wait_for(function()
-    conn = core.redis_connect("127.0.0.1", port, 1)
-    return conn ~= nil
-  end, 10)
-  assert(conn, "redis-server did not start on port " .. port)
-  return conn
-end
-
-local function redis_stop(conn)
-  -- SHUTDOWN closes the connection without a reply: the pipeline reports that.
-  conn:pipeline({ { "SHUTDOWN" } })
-  conn:close()
-end
-
 -- Every entry of the partition streams: { [p] = { {id=, table=, op=, event=}, ... } }.
 local function entries(port)
   local conn = assert(core.redis_connect("127.0.0.1", port, 2))
@@ -50,27 +31,16 @@ end
 
 describe("flash.sink.redis", function()
   local s = H.session()
-  local dir, port, slot
-  before_each(function()
-    dir = os.tmpname()
-    os.remove(dir)
-    assert(os.execute("mkdir -p " .. dir) == 0)
-    port = 21000 + core.getpid() % 20000
-    slot = "flash_spec_redis"
-    H.drop_slot(slot)
-  end)
-  after_each(function()
-    s.cleanup()
-    local c = core.redis_connect("127.0.0.1", port, 1)
-    if c then redis_stop(c) end
-    H.drop_slot(slot)
-    os.execute("rm -rf " .. dir)
-  end)
+  local slot = "flash_spec_redis"
+  local f = H.redis_fixture(s, slot, 0)
+  before_each(f.setup)
+  after_each(f.teardown)
 
   it("refuses options it does not know and a client that acknowledges automatically", function()
     assert.has_error(function() sinkmod.new { partitons = 2 } end, "bad argument #1 to 'redis' (unknown option 'partitons')")
     assert.has_error(function() sinkmod.new { url = "http://x" } end,
       "bad argument #1 to 'redis' (option 'url': redis://HOST[:PORT] expected, got http://x)")
+    assert.equal(sinkmod.new, require("flash").sink.redis)   -- flash.sink.redis{...} is the same
     local sink = sinkmod.new {}
     assert.has_error(function() sink({ op = "insert", table = "t", new = {} }) end,
       "flash.sink.redis needs flash.client{ ack = \"manual\", persistent = true }: an event is acknowledged " ..
@@ -80,7 +50,7 @@ describe("flash.sink.redis", function()
   it("writes every event, each row's in one partition in commit order, across a Redis restart", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
-    local conn = redis_server(dir, port)
+    local conn = H.redis_start(f.dir, f.port)
     local path = s.script(string.format([[
 local flash = require "flash"
 local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = %d, batch = 50 }
@@ -95,7 +65,7 @@ flash.every(0.05, function()
   io.stdout:flush()
 end)
 assert(flash.run())
-]], port, PARTS, slot, slot, t))
+]], f.port, PARTS, slot, slot, t))
     local h = s.spawn({ path })
     assert.is_true(h.await("ready", 15, "err"), h.err())
     H.sql("INSERT INTO " .. t .. " SELECT g, 0 FROM generate_series(1, 200) g")
@@ -103,13 +73,13 @@ assert(flash.run())
     assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 250 ", 1, true) ~= nil end, 20),
       h.out() .. h.err())
     -- Redis goes away; writes go on; nothing is acknowledged meanwhile.
-    redis_stop(conn)
+    H.redis_stop(conn)
     H.sql("DELETE FROM " .. t .. " WHERE id > 150")
     H.sql("UPDATE " .. t .. " SET v = 2 WHERE id <= 10")
     assert.is_true(H.wait_for(function() return h.out():find("unacked 60 sent 250 errors [1-9]") ~= nil end, 20),
       h.out() .. h.err())
     -- Back with its append-only file: the waiting events are written, then acknowledged.
-    redis_server(dir, port)
+    H.redis_start(f.dir, f.port)
     assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 310 ", 1, true) ~= nil end, 20),
       h.out() .. h.err())
     h.kill("TERM")
@@ -121,21 +91,21 @@ assert(flash.run())
     for i = 151, 200 do want[#want + 1] = "delete " .. i .. " 0" end
     for i = 1, 10 do want[#want + 1] = "update " .. i .. " 2" end
     local seen, where, count = {}, {}, 0
-    for p, list in pairs(entries(port)) do
+    for p, list in pairs(entries(f.port)) do
       local last = {}
-      for _, f in ipairs(list) do
-        local ev = json.decode(f.event)
+      for _, e in ipairs(list) do
+        local ev = json.decode(e.event)
         local row = ev.op == "delete" and ev.old or ev.new
         local k = string.format("%s %d %d", ev.op, row.id, row.v)
         -- A row's events all go to one partition, and come in the order they were made.
         where[row.id] = where[row.id] or p
         assert.equal(where[row.id], p, "row " .. row.id .. " in two partitions")
-        assert.equal(f.id, ev.id)
-        assert.equal("public." .. t, f.table)
+        assert.equal(e.id, ev.id)
+        assert.equal("public." .. t, e.table)
         if not seen[k] then
           -- (An entry Redis wrote but whose reply was lost comes twice, with the same id.)
-          assert.is_true((last[row.id] or "") < f.id, "row " .. row.id .. " out of order")
-          last[row.id] = f.id
+          assert.is_true((last[row.id] or "") < e.id, "row " .. row.id .. " out of order")
+          last[row.id] = e.id
           count = count + 1
         end
         seen[k] = true

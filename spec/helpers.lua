@@ -257,6 +257,49 @@ function H.big_row(driver, slot)
   return event, tonumber(base), tonumber(peak), tonumber(after)
 end
 
+-- A throwaway redis-server (Debian's) on `port`, its append-only file in `dir`; returns a
+-- connection to it (core.redis_connect) once it answers.
+function H.redis_start(dir, port)
+  local cmd = string.format("redis-server --port %d --bind 127.0.0.1 --dir %s --appendonly yes " ..
+    "--appendfsync always --save '' --daemonize yes --pidfile %s/redis.pid --logfile %s/redis.log", port, dir, dir, dir)
+  assert(os.execute(cmd) == 0, cmd)
+  local conn
+  H.wait_for(function()
+    conn = core.redis_connect("127.0.0.1", port, 1)
+    return conn ~= nil
+  end, 10)
+  assert(conn, "redis-server did not start on port " .. port)
+  return conn
+end
+
+-- Shuts the redis-server of `conn` down (SHUTDOWN closes the connection without a reply).
+function H.redis_stop(conn)
+  conn:pipeline({ { "SHUTDOWN" } })
+  conn:close()
+end
+
+-- Per-spec Redis set-up for before_each/after_each: f.setup() picks a directory, a port
+-- (21000 + pid + `offset`) and drops replication slot `slot`; f.teardown() ends the
+-- session's processes, the redis-server and the slot. Fields: f.dir, f.port.
+function H.redis_fixture(s, slot, offset)
+  local f = {}
+  function f.setup()
+    f.dir = os.tmpname()
+    os.remove(f.dir)
+    assert(os.execute("mkdir -p " .. f.dir) == 0)
+    f.port = 21000 + (core.getpid() + offset) % 20000
+    H.drop_slot(slot)
+  end
+  function f.teardown()
+    s.cleanup()
+    local c = core.redis_connect("127.0.0.1", f.port, 1)
+    if c then H.redis_stop(c) end
+    H.drop_slot(slot)
+    os.execute("rm -rf " .. f.dir)
+  end
+  return f
+end
+
 -- Runs flashlua to completion; returns status, stdout, stderr.
 function H.run_flashlua(args, timeout, env)
   local h = H.spawn(args, env)

@@ -49,6 +49,11 @@ local WHERE_OPS = {
   ["is null"] = "is null", ["is not null"] = "is not null", ["in"] = "in",
 }
 
+-- flash.sink.<name>{...}: a sink (lua/flash/sink/), e.g. flash.sink.redis{ url = ... }.
+flash.sink = setmetatable({}, { __index = function(_, name)
+  return require("flash.sink." .. name).new
+end })
+
 -- Defaults the host sets from its command line (-d, --driver, --sandbox).
 flash.defaults = {}
 
@@ -194,18 +199,18 @@ function flash.client(opts)
   if not drivers.exists(driver_name) then
     argerror(1, "client", string.format("unknown driver '%s' (expected %s)", driver_name, drivers.list()))
   end
+  local mu = opts.max_unacked
+  local driver_mod, derr = drivers.load(driver_name)
+  if not driver_mod then error(derr, 0) end
   -- Acknowledging later only means something where an unacknowledged event is delivered
-  -- again: a persistent slot, or a trigger driver's persistent schema (its rows are
-  -- deleted once acknowledged). Otherwise a stop drops what was not handled
-  -- (docs/delivery.md, "Acknowledgements").
-  if opts.ack == "manual" and opts.persistent ~= true then
+  -- again: a persistent slot, a trigger driver's persistent schema (its rows are deleted
+  -- once acknowledged), a Redis consumer group (KEEPS_UNACKED). Otherwise a stop drops
+  -- what was not handled (docs/delivery.md, "Acknowledgements").
+  if opts.ack == "manual" and opts.persistent ~= true and not driver_mod.KEEPS_UNACKED then
     argerror(1, "client", "option 'ack': \"manual\" needs persistent = true (only a persistent slot or " ..
       "capture schema delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\", persistent = " ..
       tostring(opts.persistent == true) .. ")")
   end
-  local mu = opts.max_unacked
-  local driver_mod, derr = drivers.load(driver_name)
-  if not driver_mod then error(derr, 0) end
   local dsn = opts.dsn or default_dsn()
   local conn, err = core.connect(dsn)
   if not conn then
