@@ -5,6 +5,7 @@ local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
 local filter = require "flash.filter"
+local bit = require "bit"
 
 local M = {}
 local Backfill = {}
@@ -168,15 +169,17 @@ function Backfill:setup()
   self.qualified = d:ident(tbl.schema) .. "." .. d:ident(tbl.name)
   if #keys > 0 then
     self.mode = "key"
-    self.keycols, self.keytypes = {}, {}
-    local sel, cols = {}, {}
+    self.keycols, self.keytypes, self.keypos = {}, {}, {}
+    local cols = {}
     for i, k in ipairs(keys) do
       self.keycols[i], self.keytypes[i] = k.name, k.typ
       cols[i] = "t." .. d:ident(k.name)
-      sel[i] = "pg_catalog.format('%s', t." .. d:ident(k.name) .. ") AS \"@k" .. i .. "\""
+      for j, c in ipairs(tbl.columns) do
+        if c.name == k.name then self.keypos[i] = j end
+      end
+      if not self.keypos[i] then return nil, "key column " .. k.name .. " is not among the table's columns" end
     end
     self.keylist = table.concat(cols, ", ")
-    self.keysel = table.concat(sel, ", ")
   else
     -- No key: each table that holds rows (the table, its partitions or children), by
     -- ranges of heap blocks (a TID range scan reads just those blocks).
@@ -199,6 +202,12 @@ function Backfill:setup()
     self.keycols = {}
     for i, c in ipairs(tbl.columns) do self.keycols[i] = c.name end
   end
+  -- Chunks are read with COPY (text) and decoded in C by the table's column layout; each
+  -- line starts with the tableoid of the row (ev.source).
+  local sel = { "t.tableoid" }
+  for i, c in ipairs(tbl.columns) do sel[i + 1] = "t." .. d:ident(c.name) end
+  self.select = table.concat(sel, ", ")
+  self.layout = core.layout(tbl.columns, self.client.flags)
   self.cursor = { seg = 1, block = 0, after = nil }
   local ok
   ok, err = self:estimate()
@@ -343,36 +352,49 @@ function Backfill:snapshot_safe(s)
   return true
 end
 
-function Backfill:read_chunk()
+-- The chunk's query: its snapshot, then its rows (COPY, one round trip for both).
+function Backfill:chunk_sql()
   local d = self.client.driver
-  local conn = d:conn()
   local cur = self.cursor
-  local sql, params
-  params = {}
+  local sql
   local last_seg = false
   if self.mode == "key" then
     local where = ""
     if cur.after then
-      local ph = {}
-      for i, typ in ipairs(self.keytypes) do ph[i] = "$" .. i .. "::" .. typ params[i] = cur.after[i] end
-      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(ph, ", ") .. ")"
+      local lits = {}
+      for i, typ in ipairs(self.keytypes) do
+        local v = cur.after[i]
+        lits[i] = (v == nil or v == core.null) and "NULL" or (d:literal(v) .. "::" .. typ)
+      end
+      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
     end
-    sql = "SELECT t.tableoid::bigint AS \"@src\", " .. self.keysel .. ", t.* FROM " .. self.qualified .. " t" .. where ..
+    sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. where ..
       " ORDER BY " .. self.keylist .. " LIMIT " .. self.chunk
   else
     local seg = self.segs[cur.seg]
-    if not seg then return "done" end
+    if not seg then return nil end
     local b2 = cur.block + seg.step
-    sql = string.format("SELECT t.tableoid::bigint AS \"@src\", t.* FROM ONLY %s t WHERE t.ctid >= '(%d,0)'::tid" ..
-      " AND t.ctid < '(%d,0)'::tid", seg.qualified, cur.block, b2)
+    sql = string.format("SELECT %s FROM ONLY %s t WHERE t.ctid >= '(%d,0)'::tid AND t.ctid < '(%d,0)'::tid",
+      self.select, seg.qualified, cur.block, b2)
     last_seg = b2 >= seg.blocks
   end
-  local snap, err = conn:exec("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text AS s", 0)
-  if not snap then return nil, err end
-  local rows
-  rows, err = conn:exec(sql, self.client.flags, unpack(params))
-  if not rows then conn:exec("ROLLBACK", 0) return nil, err end
-  local s = parse_snapshot(snap[1].s)
+  return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; COPY (" .. sql ..
+    ") TO STDOUT", last_seg
+end
+
+function Backfill:read_chunk()
+  local d = self.client.driver
+  local conn = d:conn()
+  local cur = self.cursor
+  local sql, last_seg = self:chunk_sql()
+  if not sql then return "done" end
+  -- rows, info | nil, err
+  local rows, info = conn:copy(sql, self.layout, { src = true, keys = self.keypos })
+  if not rows then
+    conn:exec("ROLLBACK", 0)
+    return nil, info
+  end
+  local s = parse_snapshot(info.values[1])
   if not self:snapshot_safe(s) then
     conn:exec("COMMIT", 0)
     self.retries = self.retries + 1
@@ -387,11 +409,7 @@ function Backfill:read_chunk()
   local nxt
   if self.mode == "key" then
     nxt = { seg = 1, block = 0, after = cur.after }
-    local lastrow = rows[#rows]
-    if lastrow then
-      nxt.after = {}
-      for i = 1, #self.keycols do nxt.after[i] = lastrow["@k" .. i] end
-    end
+    if info.last then nxt.after = info.last end
   else
     nxt = { seg = cur.seg, block = cur.block + self.segs[cur.seg].step }
     if last_seg then nxt = { seg = cur.seg + 1, block = 0 } end
@@ -405,13 +423,14 @@ function Backfill:read_chunk()
   end
   self.seq = self.seq + 1
   local token = string.format("%s:%s:%d:%d", d.slot, M.nonce(), self.l.id, self.seq)
-  local ok
+  local ok, err
   -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
   -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
   ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
     d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; COMMIT", 0)
   if not ok then conn:exec("ROLLBACK", 0) return nil, err end
-  self.inflight = { token = token, rows = rows, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
+  self.inflight = { token = token, rows = rows, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt,
+                    last = last }
   M.tokens[token] = self
   return "read"
 end
@@ -442,9 +461,8 @@ function Backfill:touch(ev)
   end
 end
 
-local function hexid(lsn, i)
-  return string.format("%08X%08X/%08X", math.floor(lsn / TWO32), lsn % TWO32, i)
-end
+
+local function emit_read(l, ev) return l.client:_deliver(l, ev) end
 
 -- The chunk's mark arrived in the stream at `lsn`: every change committed before it has
 -- been delivered, none after it. Its rows are delivered here. Returns false to stop.
@@ -453,15 +471,17 @@ function Backfill:deliver(c, lsn)
   M.tokens[c.token] = nil
   local client, l = self.client, self.l
   local lsn_text = core.lsn(lsn)
-  local function emit(_, ev) return client:_deliver(l, ev) end
+  -- ids: the mark's position, then the row's place in the chunk (as for changes).
+  local prefix = string.format("%08X%08X/", math.floor(lsn / TWO32), lsn % TWO32)
   local n = 0
   if not c.all then
     local cols, drop, ndrop, keyed = self.keycols, c.drop, c.ndrop, self.mode == "key"
-    local nk = keyed and #cols or 0
+    -- No closure here and no variable changing type: this loop runs compiled.
+    local srcs, name, last_src = c.src, l.table_name, -1
+    local tohex = bit.tohex
     for i, row in ipairs(c.rows) do
-      local src = row["@src"]
-      row["@src"] = nil
-      for j = 1, nk do row["@k" .. j] = nil end
+      local src = srcs[i]
+      if src ~= last_src then name, last_src = self:source_name(src), src end
       local skip = false
       if ndrop > 0 then
         local k = keyof(row, cols)
@@ -474,11 +494,11 @@ function Backfill:deliver(c, lsn)
         end
       end
       if not skip then
-        local ev = { op = "read", table = l.table_name, source = self:source_name(src), new = row,
-                     id = hexid(lsn, i), lsn = lsn_text }
+        local ev = { op = "read", table = l.table_name, source = name, new = row, id = prefix .. tohex(i, -8),
+                     lsn = lsn_text }
         n = n + 1
         local go
-        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit) end
+        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit_read) end
         if go == false or client.failure then return false end
       end
     end
