@@ -463,7 +463,9 @@ static int l_layout_record(lua_State *L) {
  * they arrive: no result set of strings in between, no column names per cell. opts.src:
  * each line starts with a relation oid that is not a column (info.src[i], a number);
  * opts.keys: layout positions whose text in the last line is returned (info.last: the
- * text, exact whatever the type, before any in-place bytea decoding). info.values: the
+ * text, exact whatever the type, before any in-place bytea decoding); opts.sent: sql was
+ * already sent with conn:send (the server has been producing the rows meanwhile: sql is
+ * then not used). info.values: the
  * first value (text, or false) of each statement that returned rows, in order. An error
  * in any statement returns nil, err, sqlstate once the connection is idle again (the
  * caller ends its transaction). */
@@ -500,9 +502,12 @@ static int l_copy(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   const char *sql = luaL_checkstring(L, 2);
   const fl_layout *lo = luaL_checkudata(L, 3, LAYOUT_MT);
-  int with_src = 0, nkeys = 0, keys[32];
+  int with_src = 0, nkeys = 0, keys[32], sent = 0;
   if (!lua_isnoneornil(L, 4)) {
     luaL_checktype(L, 4, LUA_TTABLE);
+    lua_getfield(L, 4, "sent");
+    sent = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     lua_getfield(L, 4, "src");
     with_src = lua_toboolean(L, -1);
     lua_getfield(L, 4, "keys");
@@ -539,7 +544,7 @@ static int l_copy(lua_State *L) {
   int knull[32];
   int nvalues = 0, nrows = 0;
   copy_err err = { .set = 0 };
-  if (!PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (!sent && !PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
   PGresult *r;
   while ((r = PQgetResult(c->pg)) != NULL) {
     ExecStatusType st = PQresultStatus(r);
@@ -633,6 +638,16 @@ static int l_copy(lua_State *L) {
   lua_pushvalue(L, rows);
   lua_pushvalue(L, info);
   return 2;
+}
+
+/* conn:send(sql) -> true | nil, err : sends a query without waiting for its results;
+ * conn:copy(sql, layout, { sent = true }) reads them. */
+static int l_send(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  if (!PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static const luaL_Reg layout_methods[] = {
@@ -1000,6 +1015,7 @@ static const luaL_Reg conn_methods[] = {
   { "prepare", l_prepare },
   { "exec_prepared", l_exec_prepared },
   { "copy", l_copy },
+  { "send", l_send },
   { "escape_identifier", l_escape_identifier },
   { "escape_literal", l_escape_literal },
   { "fd", l_fd },

@@ -352,10 +352,9 @@ function Backfill:snapshot_safe(s)
   return true
 end
 
--- The chunk's query: its snapshot, then its rows (COPY, one round trip for both).
-function Backfill:chunk_sql()
+-- The chunk's query at cursor cur: its snapshot, then its rows (COPY, one round trip).
+function Backfill:chunk_sql(cur)
   local d = self.client.driver
-  local cur = self.cursor
   local sql
   local last_seg = false
   if self.mode == "key" then
@@ -382,14 +381,51 @@ function Backfill:chunk_sql()
     ") TO STDOUT", last_seg
 end
 
+-- Chunks are read on a connection of the backfill's own, so that the next chunk's query
+-- can run in the server while the stream delivers the one before (the client's query
+-- connection serves the stream's own queries meanwhile).
+function Backfill:rconn()
+  if self.reader and self.reader:ok() then return self.reader end
+  self:drop_reader()
+  local conn, err = core.connect(self.client:dsn())
+  if not conn then return nil, err end
+  self.reader = conn
+  return conn
+end
+
+function Backfill:drop_reader()
+  if self.reader then self.reader:close() end
+  self.reader, self.pending = nil, nil
+end
+
+-- Sends the query of the chunk at cursor cur; its rows are taken by read_chunk. Every
+-- change delivered from now until then is logged: the snapshot, unknown until the result
+-- comes, decides which of them the chunk did not see.
+function Backfill:send_chunk(cur)
+  local sql, last_seg = self:chunk_sql(cur)
+  if not sql then self.pending = { cursor = cur, none = true } return true end
+  local conn, err = self:rconn()
+  if not conn then return nil, err end
+  local ok
+  ok, err = conn:send(sql)
+  if not ok then return nil, err end
+  self.pending = { cursor = cur, last_seg = last_seg, log = {} }
+  return true
+end
+
 function Backfill:read_chunk()
   local d = self.client.driver
-  local conn = d:conn()
-  local cur = self.cursor
-  local sql, last_seg = self:chunk_sql()
-  if not sql then return "done" end
+  if not self.pending then
+    local ok, err = self:send_chunk(self.cursor)
+    if not ok then return nil, err end
+  end
+  local p = self.pending
+  local cur, last_seg = p.cursor, p.last_seg
+  if p.none then self.pending = nil return "done" end
+  local conn = self.reader
   -- rows, info | nil, err
-  local rows, info = conn:copy(sql, self.layout, { src = true, keys = self.keypos })
+  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos })
+  self.pending = nil
   if not rows then
     conn:exec("ROLLBACK", 0)
     return nil, info
@@ -429,9 +465,19 @@ function Backfill:read_chunk()
   ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
     d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; COMMIT", 0)
   if not ok then conn:exec("ROLLBACK", 0) return nil, err end
-  self.inflight = { token = token, rows = rows, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt,
-                    last = last }
+  local c = { token = token, rows = rows, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt,
+              last = last }
+  -- Changes delivered while the query ran, by transactions its snapshot did not see.
+  for _, ev in ipairs(p.log) do
+    if not (ev.xid and visible(ev.xid, s)) then self:drop_keys(c, ev) end
+  end
+  self.inflight = c
   M.tokens[token] = self
+  -- The next chunk is read in the server while this one waits for its mark.
+  if not last then
+    ok, err = self:send_chunk(nxt)
+    if not ok then log.debug("backfill of " .. self.l.table_name .. ": prefetch not sent: " .. tostring(err)) end
+  end
   return "read"
 end
 
@@ -441,10 +487,16 @@ function Backfill:touch(ev)
   if xid then
     if not self.seen[xid] then self.seen[xid] = true self.nseen = self.nseen + 1 end
   end
+  local p = self.pending
+  if p and p.log then p.log[#p.log + 1] = ev end
   local c = self.inflight
   if not c or (xid and visible(xid, c.snap)) then return end
-  -- A transaction the chunk's snapshot did not see changed these rows: the chunk's
-  -- versions of them are older than what was just delivered.
+  self:drop_keys(c, ev)
+end
+
+-- A transaction the chunk's snapshot did not see changed these rows: the chunk's
+-- versions of them are older than what was delivered.
+function Backfill:drop_keys(c, ev)
   if ev.op == "truncate" then c.all = true return end
   local cols = self.keycols
   if self.mode == "key" then
@@ -522,6 +574,7 @@ function Backfill:deliver(c, lsn)
 end
 
 function Backfill:finish()
+  self:drop_reader()
   self.done = true
   self.finished_at = core.now()
   local secs = core.now() - (self.started_at or core.now())
@@ -597,6 +650,10 @@ end
 -- One loop step: a chunk read for each backfill that has none in flight.
 function M.step(client)
   for _, bf in ipairs(client.backfills) do
+    if bf.pending and bf.inflight and bf.reader then
+      -- The prefetched chunk's rows move into libpq's buffer, so the server never waits.
+      bf.reader:consume()
+    end
     if not bf.done and not bf.failed and not bf.inflight then
       local ok, err = true, nil
       if not bf.ready then ok, err = bf:setup() end
@@ -611,8 +668,10 @@ function M.step(client)
         end
       end
       if not ok then
-        -- A lost query connection is retried by the next step; anything else stops.
-        if not bf.client.driver:conn():ok() then
+        -- A lost connection is retried by the next step; anything else stops.
+        local lost = bf.reader and not bf.reader:ok()
+        bf:drop_reader()
+        if lost or not bf.client.driver:conn():ok() then
           log.debug("backfill of " .. bf.l.table_name .. ": " .. tostring(err) .. "; retrying")
         else
           bf.failed = true
@@ -623,6 +682,11 @@ function M.step(client)
     end
   end
   return true
+end
+
+-- The client stops: the reading connection goes (a chunk being read is abandoned).
+function M.close(client)
+  for _, bf in ipairs(client.backfills or {}) do bf:drop_reader() end
 end
 
 -- The stream's message hook: a chunk's mark.
@@ -636,6 +700,7 @@ end
 function M.reset(client)
   for _, bf in ipairs(client.backfills or {}) do
     if bf.inflight then M.tokens[bf.inflight.token] = nil bf.inflight = nil end
+    if bf.pending then bf:drop_reader() end
     bf.waiting = nil
   end
 end
