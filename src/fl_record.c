@@ -77,3 +77,68 @@ fl_rec_tok fl_rec_next(fl_rec_reader *r, const char **val, size_t *len) {
   *len = n;
   return FL_REC_FIELD;
 }
+
+void fl_copy_init(fl_copy_reader *r, const char *line, size_t len, char *buf) {
+  if (len > 0 && line[len - 1] == '\n') len--;
+  r->p = line;
+  r->end = line + len;
+  r->buf = buf;
+  r->used = 0;
+  r->state = 0;
+  r->err = NULL;
+}
+
+static int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+fl_rec_tok fl_copy_next(fl_copy_reader *r, const char **val, size_t *len) {
+  if (r->state == 1) return FL_REC_END;
+  if (r->state == 3) return FL_REC_ERROR;
+  const char *start = r->p;
+  /* The output never runs ahead of the input: in place is safe. */
+  char *out = r->buf + r->used;
+  size_t n = 0;
+  while (r->p < r->end && *r->p != '\t') {
+    char c = *r->p++;
+    if (c != '\\') { out[n++] = c; continue; }
+    if (r->p >= r->end) { r->err = "backslash at the end of the line"; r->state = 3; return FL_REC_ERROR; }
+    c = *r->p++;
+    switch (c) {
+    case 'b': out[n++] = '\b'; break;
+    case 'f': out[n++] = '\f'; break;
+    case 'n': out[n++] = '\n'; break;
+    case 'r': out[n++] = '\r'; break;
+    case 't': out[n++] = '\t'; break;
+    case 'v': out[n++] = '\v'; break;
+    case 'x': {
+      int h = r->p < r->end ? hexval(*r->p) : -1;
+      if (h < 0) { out[n++] = 'x'; break; }
+      r->p++;
+      int h2 = r->p < r->end ? hexval(*r->p) : -1;
+      if (h2 >= 0) { h = h * 16 + h2; r->p++; }
+      out[n++] = (char)h;
+      break;
+    }
+    default:
+      if (c >= '0' && c <= '7') {
+        int v = c - '0';
+        for (int k = 0; k < 2 && r->p < r->end && *r->p >= '0' && *r->p <= '7'; k++) v = v * 8 + (*r->p++ - '0');
+        out[n++] = (char)v;
+      } else {
+        out[n++] = c;
+      }
+    }
+  }
+  size_t raw = (size_t)(r->p - start);
+  if (r->p < r->end) r->p++;            /* the tab */
+  else r->state = 1;
+  if (raw == 2 && start[0] == '\\' && start[1] == 'N') return FL_REC_NULL;
+  r->used += n;
+  *val = out;
+  *len = n;
+  return FL_REC_FIELD;
+}

@@ -27,4 +27,20 @@ void fl_rec_init(fl_rec_reader *r, const char *s, size_t len, char *buf);
  * knows the column count, tells them apart). */
 fl_rec_tok fl_rec_next(fl_rec_reader *r, const char **val, size_t *len);
 
+/* A pull reader for one line of COPY ... TO STDOUT in text format (what PQgetCopyData
+ * returns per row): fields separated by tabs, "\N" for NULL, backslash escapes (\b \f
+ * \n \r \t \v, \ooo octal, \xhh hex, any other character taken literally), an optional
+ * trailing newline. buf may be the line itself (unescaping never lengthens a field, so it
+ * decodes in place). Tokens as fl_rec_next's; a line of no characters is one empty field. */
+typedef struct {
+  const char *p, *end;
+  char *buf;
+  size_t used;
+  int state;          /* 0 at a field, 1 after the last field, 3 after an error */
+  const char *err;
+} fl_copy_reader;
+
+void fl_copy_init(fl_copy_reader *r, const char *line, size_t len, char *buf);
+fl_rec_tok fl_copy_next(fl_copy_reader *r, const char **val, size_t *len);
+
 #endif

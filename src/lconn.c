@@ -457,6 +457,199 @@ static int l_layout_record(lua_State *L) {
   return 2;
 }
 
+/* conn:copy(sql, layout, [opts]) -> rows, info | nil, err, sqlstate
+ * Runs sql (one simple query string: statements, of which one is a COPY ... TO STDOUT in
+ * text format) in one round trip and decodes the COPY's lines by the layout, in C, as
+ * they arrive: no result set of strings in between, no column names per cell. opts.src:
+ * each line starts with a relation oid that is not a column (info.src[i], a number);
+ * opts.keys: layout positions whose text in the last line is returned (info.last: the
+ * text, exact whatever the type, before any in-place bytea decoding); opts.sent: sql was
+ * already sent with conn:send (the server has been producing the rows meanwhile: sql is
+ * then not used). info.values: the
+ * first value (text, or false) of each statement that returned rows, in order. An error
+ * in any statement returns nil, err, sqlstate once the connection is idle again (the
+ * caller ends its transaction). */
+#define COPY_ERR_MAX 1024
+
+typedef struct {
+  char msg[COPY_ERR_MAX];
+  char state[6];
+  int set;
+} copy_err;
+
+static void copy_fail(copy_err *e, const char *msg, const char *state) {
+  if (e->set) return;
+  e->set = 1;
+  if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
+  snprintf(e->msg, sizeof e->msg, "%s", msg);
+  snprintf(e->state, sizeof e->state, "%s", state ? state : "");
+}
+
+/* A userdata buffer at stack slot `slot`, grown (replaced, its first `keep` bytes kept)
+ * to hold `need` bytes. */
+static char *copy_room(lua_State *L, int slot, size_t *cap, size_t need, size_t keep) {
+  if (need <= *cap) return lua_touserdata(L, slot);
+  size_t n = *cap ? *cap : 256;
+  while (n < need) n *= 2;
+  char *p = lua_newuserdata(L, n);
+  if (keep) memcpy(p, lua_touserdata(L, slot), keep);
+  lua_replace(L, slot);
+  *cap = n;
+  return p;
+}
+
+static int l_copy(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  const fl_layout *lo = luaL_checkudata(L, 3, LAYOUT_MT);
+  int with_src = 0, nkeys = 0, keys[32], sent = 0;
+  if (!lua_isnoneornil(L, 4)) {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    lua_getfield(L, 4, "sent");
+    sent = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    lua_getfield(L, 4, "src");
+    with_src = lua_toboolean(L, -1);
+    lua_getfield(L, 4, "keys");
+    if (lua_istable(L, -1)) {
+      nkeys = (int)lua_objlen(L, -1);
+      if (nkeys > 32) return luaL_argerror(L, 4, "at most 32 keys");
+      for (int i = 0; i < nkeys; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        keys[i] = (int)luaL_checkinteger(L, -1) - 1;
+        if (keys[i] < 0 || keys[i] >= lo->n) return luaL_argerror(L, 4, "key position outside the layout");
+        lua_pop(L, 1);
+      }
+    }
+    lua_pop(L, 2);
+  }
+  lua_settop(L, 3);
+  luaL_checkstack(L, lo->n + 16, "decoding COPY rows");
+  int names = lua_gettop(L) + 1;
+  for (int i = 0; i < lo->n; i++) lua_pushlstring(L, lo->names[i], lo->namelen[i]);
+  lua_newtable(L);                                  /* rows */
+  int rows = lua_gettop(L);
+  lua_newtable(L);                                  /* info */
+  int info = rows + 1;
+  lua_newtable(L);                                  /* info.values */
+  int values = rows + 2;
+  if (with_src) lua_newtable(L); else lua_pushnil(L);
+  int src = rows + 3;
+  lua_pushnil(L);                                   /* the line scratch */
+  int scratch = rows + 4;
+  lua_pushnil(L);                                   /* the last line's key texts */
+  int keybuf = rows + 5;
+  size_t scap = 0, kcap = 0;
+  size_t koff[32], klen[32];
+  int knull[32];
+  int nvalues = 0, nrows = 0;
+  copy_err err = { .set = 0 };
+  if (!sent && !PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  PGresult *r;
+  while ((r = PQgetResult(c->pg)) != NULL) {
+    ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_TUPLES_OK) {
+      int has = PQntuples(r) > 0 && PQnfields(r) > 0 && !PQgetisnull(r, 0, 0);
+      if (has) lua_pushlstring(L, PQgetvalue(r, 0, 0), (size_t)PQgetlength(r, 0, 0));
+      else lua_pushboolean(L, 0);
+      lua_rawseti(L, values, ++nvalues);
+    } else if (st == PGRES_COPY_OUT) {
+      PQclear(r);
+      r = NULL;
+      for (;;) {
+        char *line = NULL;
+        int len = PQgetCopyData(c->pg, &line, 0);
+        if (len < 0) {
+          if (len == -2) copy_fail(&err, PQerrorMessage(c->pg), NULL);
+          break;
+        }
+        if (err.set) { PQfreemem(line); continue; }
+        /* Ours (a Lua error while the row is built frees it), decoded in place. */
+        char *buf = copy_room(L, scratch, &scap, (size_t)len + 1, 0);
+        memcpy(buf, line, (size_t)len);
+        PQfreemem(line);
+        fl_copy_reader rd;
+        fl_copy_init(&rd, buf, (size_t)len, buf);
+        const char *v;
+        size_t vlen;
+        fl_rec_tok t;
+        if (with_src) {
+          t = fl_copy_next(&rd, &v, &vlen);
+          if (t != FL_REC_FIELD) { copy_fail(&err, "COPY line without its relation", ""); continue; }
+          char num[24];
+          size_t m = vlen < sizeof num - 1 ? vlen : sizeof num - 1;
+          memcpy(num, v, m);
+          num[m] = 0;
+          lua_pushnumber(L, strtod(num, NULL));
+          lua_rawseti(L, src, nrows + 1);
+        }
+        lua_createtable(L, 0, lo->n);
+        int f = 0;
+        size_t kused = 0;
+        for (;; f++) {
+          t = fl_copy_next(&rd, &v, &vlen);
+          if (t == FL_REC_END || t == FL_REC_ERROR) break;
+          if (f >= lo->n) continue;
+          for (int k = 0; k < nkeys; k++) {
+            if (keys[k] != f) continue;
+            knull[k] = t == FL_REC_NULL;
+            klen[k] = knull[k] ? 0 : vlen;
+            koff[k] = kused;
+            if (!knull[k]) {
+              char *kb = copy_room(L, keybuf, &kcap, kused + vlen + 1, kused);
+              memcpy(kb + kused, v, vlen);
+              kused += vlen;
+            }
+          }
+          lua_pushvalue(L, names + f);
+          if (t == FL_REC_NULL) lua_pushlightuserdata(L, FL_NULL);
+          else fl_push_value_owned(L, &lo->types[f], (char *)v, vlen, lo->flags);
+          lua_rawset(L, -3);
+        }
+        if (t == FL_REC_ERROR || f != lo->n) {
+          lua_pop(L, 1);
+          copy_fail(&err, t == FL_REC_ERROR ? "malformed COPY line" :
+                    "COPY line does not have the layout's columns (the table changed?)", "");
+          continue;
+        }
+        lua_rawseti(L, rows, ++nrows);
+      }
+    } else if (st != PGRES_COMMAND_OK) {
+      copy_fail(&err, PQresultErrorMessage(r), PQresultErrorField(r, PG_DIAG_SQLSTATE));
+    }
+    if (r) PQclear(r);
+  }
+  if (err.set) return push_fail(L, err.msg, err.state);
+  lua_pushvalue(L, values);
+  lua_setfield(L, info, "values");
+  lua_pushinteger(L, nrows);
+  lua_setfield(L, info, "n");
+  if (with_src) { lua_pushvalue(L, src); lua_setfield(L, info, "src"); }
+  if (nkeys && nrows) {
+    const char *kb = lua_touserdata(L, keybuf);
+    lua_createtable(L, nkeys, 0);
+    for (int k = 0; k < nkeys; k++) {
+      if (knull[k]) lua_pushlightuserdata(L, FL_NULL);
+      else lua_pushlstring(L, kb ? kb + koff[k] : "", klen[k]);
+      lua_rawseti(L, -2, k + 1);
+    }
+    lua_setfield(L, info, "last");
+  }
+  lua_pushvalue(L, rows);
+  lua_pushvalue(L, info);
+  return 2;
+}
+
+/* conn:send(sql) -> true | nil, err : sends a query without waiting for its results;
+ * conn:copy(sql, layout, { sent = true }) reads them. */
+static int l_send(lua_State *L) {
+  fl_conn *c = check_conn(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  if (!PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 static const luaL_Reg layout_methods[] = {
   { "record", l_layout_record },
   { NULL, NULL }
@@ -821,6 +1014,8 @@ static const luaL_Reg conn_methods[] = {
   { "exec_last", l_exec_last },
   { "prepare", l_prepare },
   { "exec_prepared", l_exec_prepared },
+  { "copy", l_copy },
+  { "send", l_send },
   { "escape_identifier", l_escape_identifier },
   { "escape_literal", l_escape_literal },
   { "fd", l_fd },

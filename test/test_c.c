@@ -648,18 +648,16 @@ static void test_json_escape(void) {
   ESC("\xff\xfe", "\xff\xfe");                                                       /* bytes as is */
 }
 
-/* fl_record: a row's text as record_out writes it -> its fields, rendered as "[v]" for a
- * value and "N" for NULL, then "." at the end or "!" on an error. */
-static void record_tokens(const char *in, size_t len, char *out, size_t cap) {
-  char *s = exact_copy(in, len), *buf = malloc(len ? len : 1);
-  fl_rec_reader r;
-  if (!buf) abort();
+/* A reader's tokens rendered as "[v]" for a value and "N" for NULL, then "." at the end
+ * or "!" on an error; returns the token after the last (the state must be sticky). */
+typedef fl_rec_tok (*next_fn)(void *r, const char **v, size_t *n);
+
+static fl_rec_tok render_tokens(next_fn next, void *r, char *out, size_t cap) {
+  const char *v;
+  size_t n;
   out[0] = '\0';
-  fl_rec_init(&r, s, len, buf);
   for (;;) {
-    const char *v;
-    size_t n;
-    fl_rec_tok t = fl_rec_next(&r, &v, &n);
+    fl_rec_tok t = next(r, &v, &n);
     if (t == FL_REC_FIELD) {
       appendz(out, cap, "[");
       append(out, cap, v, n);
@@ -671,13 +669,20 @@ static void record_tokens(const char *in, size_t len, char *out, size_t cap) {
       break;
     }
   }
-  /* The end and error states are sticky. */
-  {
-    const char *v;
-    size_t n;
-    fl_rec_tok t = fl_rec_next(&r, &v, &n);
-    report(__FILE__, __LINE__, t == FL_REC_END || t == FL_REC_ERROR, "state not sticky for %s", out);
-  }
+  return next(r, &v, &n);
+}
+
+static fl_rec_tok rec_next(void *r, const char **v, size_t *n) { return fl_rec_next(r, v, n); }
+static fl_rec_tok copy_next(void *r, const char **v, size_t *n) { return fl_copy_next(r, v, n); }
+
+/* fl_record: a row's text as record_out writes it -> its fields. */
+static void record_tokens(const char *in, size_t len, char *out, size_t cap) {
+  char *s = exact_copy(in, len), *buf = malloc(len ? len : 1);
+  fl_rec_reader r;
+  if (!buf) abort();
+  fl_rec_init(&r, s, len, buf);
+  fl_rec_tok t = render_tokens(rec_next, &r, out, cap);
+  report(__FILE__, __LINE__, t == FL_REC_END || t == FL_REC_ERROR, "state not sticky for %s", out);
   free(buf);
   free_copy(s, len);
 }
@@ -712,6 +717,37 @@ static void test_record(void) {
   REC("(\"a\\", "!");
 }
 
+/* fl_copy: a line of COPY TO STDOUT (text) -> its fields, decoded in place as lconn does. */
+static void copy_tokens(const char *in, size_t len, char *out, size_t cap) {
+  char *s = exact_copy(in, len);
+  fl_copy_reader r;
+  fl_copy_init(&r, s, len, s);
+  fl_rec_tok t = render_tokens(copy_next, &r, out, cap);
+  report(__FILE__, __LINE__, t == FL_REC_END || t == FL_REC_ERROR, "state not sticky for %s", out);
+  free_copy(s, len);
+}
+
+#define COPYLINE(in, want) do { \
+    char got_[512]; \
+    copy_tokens(in, sizeof(in) - 1, got_, sizeof got_); \
+    report(__FILE__, __LINE__, strcmp(got_, want) == 0, "copy line %s: got %s, want %s", #in, got_, want); \
+  } while (0)
+
+static void test_copy_line(void) {
+  /* What PostgreSQL's COPY TO prints (checked against the server). */
+  COPYLINE("1\t\\N\tabc\n", "[1]N[abc].");
+  COPYLINE("1\t\\N\t\\\\x00ff\n", "[1]N[\\5cx00ff].");
+  COPYLINE("a\\tb\\nc\\\\d\\re\n", "[a\\09b\\0ac\\5cd\\0de].");
+  COPYLINE("\t\n", "[][].");                       /* two empty strings */
+  COPYLINE("", "[].");
+  COPYLINE("\\101\\x41\\x4\\q\\b\\f\\v", "[AA\\04q\\08\\0c\\0b].");
+  COPYLINE("\xc3\xa9\t{\"a\": 1}", "[\\c3\\a9][{\"a\": 1}].");
+  COPYLINE("\\NN\t\\N", "[NN]N.");                /* only a whole field is NULL */
+  /* Malformed: never a crash, never a read past the end. */
+  COPYLINE("a\\", "!");
+  COPYLINE("\\x", "[x].");
+}
+
 int main(void) {
   test_json();
   test_arrays();
@@ -723,6 +759,7 @@ int main(void) {
   test_json_format();
   test_json_escape();
   test_record();
+  test_copy_line();
   printf("%d passed, %d failed\n", n_pass, n_fail);
   return n_fail ? 1 : 0;
 }

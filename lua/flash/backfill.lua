@@ -5,6 +5,7 @@ local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
 local filter = require "flash.filter"
+local bit = require "bit"
 
 local M = {}
 local Backfill = {}
@@ -168,15 +169,17 @@ function Backfill:setup()
   self.qualified = d:ident(tbl.schema) .. "." .. d:ident(tbl.name)
   if #keys > 0 then
     self.mode = "key"
-    self.keycols, self.keytypes = {}, {}
-    local sel, cols = {}, {}
+    self.keycols, self.keytypes, self.keypos = {}, {}, {}
+    local cols = {}
     for i, k in ipairs(keys) do
       self.keycols[i], self.keytypes[i] = k.name, k.typ
       cols[i] = "t." .. d:ident(k.name)
-      sel[i] = "pg_catalog.format('%s', t." .. d:ident(k.name) .. ") AS \"@k" .. i .. "\""
+      for j, c in ipairs(tbl.columns) do
+        if c.name == k.name then self.keypos[i] = j end
+      end
+      if not self.keypos[i] then return nil, "key column " .. k.name .. " is not among the table's columns" end
     end
     self.keylist = table.concat(cols, ", ")
-    self.keysel = table.concat(sel, ", ")
   else
     -- No key: each table that holds rows (the table, its partitions or children), by
     -- ranges of heap blocks (a TID range scan reads just those blocks).
@@ -199,6 +202,12 @@ function Backfill:setup()
     self.keycols = {}
     for i, c in ipairs(tbl.columns) do self.keycols[i] = c.name end
   end
+  -- Chunks are read with COPY (text) and decoded in C by the table's column layout; each
+  -- line starts with the tableoid of the row (ev.source).
+  local sel = { "t.tableoid" }
+  for i, c in ipairs(tbl.columns) do sel[i + 1] = "t." .. d:ident(c.name) end
+  self.select = table.concat(sel, ", ")
+  self.layout = core.layout(tbl.columns, self.client.flags)
   self.cursor = { seg = 1, block = 0, after = nil }
   local ok
   ok, err = self:estimate()
@@ -343,36 +352,85 @@ function Backfill:snapshot_safe(s)
   return true
 end
 
-function Backfill:read_chunk()
+-- The chunk's query at cursor cur: its snapshot, then its rows (COPY, one round trip).
+function Backfill:chunk_sql(cur)
   local d = self.client.driver
-  local conn = d:conn()
-  local cur = self.cursor
-  local sql, params
-  params = {}
+  local sql
   local last_seg = false
   if self.mode == "key" then
     local where = ""
     if cur.after then
-      local ph = {}
-      for i, typ in ipairs(self.keytypes) do ph[i] = "$" .. i .. "::" .. typ params[i] = cur.after[i] end
-      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(ph, ", ") .. ")"
+      local lits = {}
+      for i, typ in ipairs(self.keytypes) do
+        local v = cur.after[i]
+        lits[i] = (v == nil or v == core.null) and "NULL" or (d:literal(v) .. "::" .. typ)
+      end
+      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
     end
-    sql = "SELECT t.tableoid::bigint AS \"@src\", " .. self.keysel .. ", t.* FROM " .. self.qualified .. " t" .. where ..
+    sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. where ..
       " ORDER BY " .. self.keylist .. " LIMIT " .. self.chunk
   else
     local seg = self.segs[cur.seg]
-    if not seg then return "done" end
+    if not seg then return nil end
     local b2 = cur.block + seg.step
-    sql = string.format("SELECT t.tableoid::bigint AS \"@src\", t.* FROM ONLY %s t WHERE t.ctid >= '(%d,0)'::tid" ..
-      " AND t.ctid < '(%d,0)'::tid", seg.qualified, cur.block, b2)
+    sql = string.format("SELECT %s FROM ONLY %s t WHERE t.ctid >= '(%d,0)'::tid AND t.ctid < '(%d,0)'::tid",
+      self.select, seg.qualified, cur.block, b2)
     last_seg = b2 >= seg.blocks
   end
-  local snap, err = conn:exec("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text AS s", 0)
-  if not snap then return nil, err end
-  local rows
-  rows, err = conn:exec(sql, self.client.flags, unpack(params))
-  if not rows then conn:exec("ROLLBACK", 0) return nil, err end
-  local s = parse_snapshot(snap[1].s)
+  return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; COPY (" .. sql ..
+    ") TO STDOUT", last_seg
+end
+
+-- Chunks are read on a connection of the backfill's own, so that the next chunk's query
+-- can run in the server while the stream delivers the one before (the client's query
+-- connection serves the stream's own queries meanwhile).
+function Backfill:rconn()
+  if self.reader and self.reader:ok() then return self.reader end
+  self:drop_reader()
+  local conn, err = core.connect(self.client:dsn())
+  if not conn then return nil, err end
+  self.reader = conn
+  return conn
+end
+
+function Backfill:drop_reader()
+  if self.reader then self.reader:close() end
+  self.reader, self.pending = nil, nil
+end
+
+-- Sends the query of the chunk at cursor cur; its rows are taken by read_chunk. Every
+-- change delivered from now until then is logged: the snapshot, unknown until the result
+-- comes, decides which of them the chunk did not see.
+function Backfill:send_chunk(cur)
+  local sql, last_seg = self:chunk_sql(cur)
+  if not sql then self.pending = { cursor = cur, none = true } return true end
+  local conn, err = self:rconn()
+  if not conn then return nil, err end
+  local ok
+  ok, err = conn:send(sql)
+  if not ok then return nil, err end
+  self.pending = { cursor = cur, last_seg = last_seg, log = {} }
+  return true
+end
+
+function Backfill:read_chunk()
+  local d = self.client.driver
+  if not self.pending then
+    local ok, err = self:send_chunk(self.cursor)
+    if not ok then return nil, err end
+  end
+  local p = self.pending
+  local cur, last_seg = p.cursor, p.last_seg
+  if p.none then self.pending = nil return "done" end
+  local conn = self.reader
+  -- rows, info | nil, err
+  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos })
+  self.pending = nil
+  if not rows then
+    conn:exec("ROLLBACK", 0)
+    return nil, info
+  end
+  local s = parse_snapshot(info.values[1])
   if not self:snapshot_safe(s) then
     conn:exec("COMMIT", 0)
     self.retries = self.retries + 1
@@ -387,11 +445,7 @@ function Backfill:read_chunk()
   local nxt
   if self.mode == "key" then
     nxt = { seg = 1, block = 0, after = cur.after }
-    local lastrow = rows[#rows]
-    if lastrow then
-      nxt.after = {}
-      for i = 1, #self.keycols do nxt.after[i] = lastrow["@k" .. i] end
-    end
+    if info.last then nxt.after = info.last end
   else
     nxt = { seg = cur.seg, block = cur.block + self.segs[cur.seg].step }
     if last_seg then nxt = { seg = cur.seg + 1, block = 0 } end
@@ -405,14 +459,25 @@ function Backfill:read_chunk()
   end
   self.seq = self.seq + 1
   local token = string.format("%s:%s:%d:%d", d.slot, M.nonce(), self.l.id, self.seq)
-  local ok
+  local ok, err
   -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
   -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
   ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
     d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; COMMIT", 0)
   if not ok then conn:exec("ROLLBACK", 0) return nil, err end
-  self.inflight = { token = token, rows = rows, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
+  local c = { token = token, rows = rows, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt,
+              last = last }
+  -- Changes delivered while the query ran, by transactions its snapshot did not see.
+  for _, ev in ipairs(p.log) do
+    if not (ev.xid and visible(ev.xid, s)) then self:drop_keys(c, ev) end
+  end
+  self.inflight = c
   M.tokens[token] = self
+  -- The next chunk is read in the server while this one waits for its mark.
+  if not last then
+    ok, err = self:send_chunk(nxt)
+    if not ok then log.debug("backfill of " .. self.l.table_name .. ": prefetch not sent: " .. tostring(err)) end
+  end
   return "read"
 end
 
@@ -422,10 +487,16 @@ function Backfill:touch(ev)
   if xid then
     if not self.seen[xid] then self.seen[xid] = true self.nseen = self.nseen + 1 end
   end
+  local p = self.pending
+  if p and p.log then p.log[#p.log + 1] = ev end
   local c = self.inflight
   if not c or (xid and visible(xid, c.snap)) then return end
-  -- A transaction the chunk's snapshot did not see changed these rows: the chunk's
-  -- versions of them are older than what was just delivered.
+  self:drop_keys(c, ev)
+end
+
+-- A transaction the chunk's snapshot did not see changed these rows: the chunk's
+-- versions of them are older than what was delivered.
+function Backfill:drop_keys(c, ev)
   if ev.op == "truncate" then c.all = true return end
   local cols = self.keycols
   if self.mode == "key" then
@@ -442,9 +513,8 @@ function Backfill:touch(ev)
   end
 end
 
-local function hexid(lsn, i)
-  return string.format("%08X%08X/%08X", math.floor(lsn / TWO32), lsn % TWO32, i)
-end
+
+local function emit_read(l, ev) return l.client:_deliver(l, ev) end
 
 -- The chunk's mark arrived in the stream at `lsn`: every change committed before it has
 -- been delivered, none after it. Its rows are delivered here. Returns false to stop.
@@ -453,15 +523,17 @@ function Backfill:deliver(c, lsn)
   M.tokens[c.token] = nil
   local client, l = self.client, self.l
   local lsn_text = core.lsn(lsn)
-  local function emit(_, ev) return client:_deliver(l, ev) end
+  -- ids: the mark's position, then the row's place in the chunk (as for changes).
+  local prefix = string.format("%08X%08X/", math.floor(lsn / TWO32), lsn % TWO32)
   local n = 0
   if not c.all then
     local cols, drop, ndrop, keyed = self.keycols, c.drop, c.ndrop, self.mode == "key"
-    local nk = keyed and #cols or 0
+    -- No closure here and no variable changing type: this loop runs compiled.
+    local srcs, name, last_src = c.src, l.table_name, -1
+    local tohex = bit.tohex
     for i, row in ipairs(c.rows) do
-      local src = row["@src"]
-      row["@src"] = nil
-      for j = 1, nk do row["@k" .. j] = nil end
+      local src = srcs[i]
+      if src ~= last_src then name, last_src = self:source_name(src), src end
       local skip = false
       if ndrop > 0 then
         local k = keyof(row, cols)
@@ -474,11 +546,11 @@ function Backfill:deliver(c, lsn)
         end
       end
       if not skip then
-        local ev = { op = "read", table = l.table_name, source = self:source_name(src), new = row,
-                     id = hexid(lsn, i), lsn = lsn_text }
+        local ev = { op = "read", table = l.table_name, source = name, new = row, id = prefix .. tohex(i, -8),
+                     lsn = lsn_text }
         n = n + 1
         local go
-        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit) end
+        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit_read) end
         if go == false or client.failure then return false end
       end
     end
@@ -502,6 +574,7 @@ function Backfill:deliver(c, lsn)
 end
 
 function Backfill:finish()
+  self:drop_reader()
   self.done = true
   self.finished_at = core.now()
   local secs = core.now() - (self.started_at or core.now())
@@ -577,6 +650,10 @@ end
 -- One loop step: a chunk read for each backfill that has none in flight.
 function M.step(client)
   for _, bf in ipairs(client.backfills) do
+    if bf.pending and bf.inflight and bf.reader then
+      -- The prefetched chunk's rows move into libpq's buffer, so the server never waits.
+      bf.reader:consume()
+    end
     if not bf.done and not bf.failed and not bf.inflight then
       local ok, err = true, nil
       if not bf.ready then ok, err = bf:setup() end
@@ -591,8 +668,10 @@ function M.step(client)
         end
       end
       if not ok then
-        -- A lost query connection is retried by the next step; anything else stops.
-        if not bf.client.driver:conn():ok() then
+        -- A lost connection is retried by the next step; anything else stops.
+        local lost = bf.reader and not bf.reader:ok()
+        bf:drop_reader()
+        if lost or not bf.client.driver:conn():ok() then
           log.debug("backfill of " .. bf.l.table_name .. ": " .. tostring(err) .. "; retrying")
         else
           bf.failed = true
@@ -603,6 +682,11 @@ function M.step(client)
     end
   end
   return true
+end
+
+-- The client stops: the reading connection goes (a chunk being read is abandoned).
+function M.close(client)
+  for _, bf in ipairs(client.backfills or {}) do bf:drop_reader() end
 end
 
 -- The stream's message hook: a chunk's mark.
@@ -616,6 +700,7 @@ end
 function M.reset(client)
   for _, bf in ipairs(client.backfills or {}) do
     if bf.inflight then M.tokens[bf.inflight.token] = nil bf.inflight = nil end
+    if bf.pending then bf:drop_reader() end
     bf.waiting = nil
   end
 end
