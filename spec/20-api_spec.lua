@@ -21,7 +21,7 @@ describe("flash API", function()
 
     it("rejects an unknown driver, naming it", function()
       assert.has_error(function() flash.client { driver = "nope" } end,
-        "bad argument #1 to 'client' (unknown driver 'nope' (expected trigger, trigger_global, trigger_statement, wal_logical or pg_extension))")
+        "bad argument #1 to 'client' (unknown driver 'nope' (expected trigger, trigger_global, trigger_statement, wal_logical, pg_extension or redis_streams))")
     end)
 
     it("rejects an unknown operation name and a non-function callback", function()

@@ -79,7 +79,7 @@ describe("flashlua command line", function()
       assert.are.equal(2, rc)
       assert.are.equal("", out)
       assert.truthy(err:find("flashlua: unknown driver 'wal' for --driver (expected trigger, trigger_global, " ..
-        "trigger_statement, wal_logical or pg_extension)", 1, true), err)
+        "trigger_statement, wal_logical, pg_extension or redis_streams)", 1, true), err)
     end)
 
     it("--help shows the grammar of --where", function()

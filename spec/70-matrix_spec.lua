@@ -688,6 +688,16 @@ describe("matrix (" .. driver .. ")", function()
       assert.equal("public." .. t, ev.table)
       seen[i] = { ev.op, ev.source:sub(#("public." .. t) + 1), ev.new, ev.old }
     end
+    if #seen ~= #want then
+      -- Say everything that arrived, mark included and after it, with transactions.
+      H.settle(client, 0.5)
+      local all = {}
+      for _, ev in ipairs(events) do
+        local row = ev.new or ev.old
+        all[#all + 1] = string.format("%s %s %s xid %s", ev.op, ev.source, tostring(row and row.id), tostring(ev.xid))
+      end
+      error("events: " .. table.concat(all, " | "))
+    end
     assert.same(want, seen)
   end)
 
