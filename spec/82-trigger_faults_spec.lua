@@ -44,6 +44,35 @@ for _, driver in ipairs(TRIGGER_DRIVERS) do
       if client then client:stop() client = nil end
     end)
 
+    it("returns from start() only once every trigger exists, even while a table is briefly locked", function()
+      local t = H.table("id int PRIMARY KEY")
+      -- SHARE UPDATE EXCLUSIVE (what autovacuum and ANALYZE take): inserts go on, but no
+      -- trigger can be created until it is released.
+      local locker = assert(core.connect(H.dsn))
+      assert(locker:exec("BEGIN; LOCK TABLE " .. t .. " IN SHARE UPDATE EXCLUSIVE MODE", 0))
+      local path = H.script(string.format([[
+local flash = require "flash"
+local client = assert(flash.client { driver = %q })
+assert(client:listen { table = %q }):on("insert", function(ev) io.write("got ", ev.new.id, "\n") io.stdout:flush() end)
+assert(client:start())
+io.write("started\n") io.stdout:flush()
+flash.after(20, flash.stop)
+assert(flash.run())
+]], driver, t))
+      local h = H.spawn({ path })
+      core.sleep(1)
+      local early = h.out()
+      assert(locker:exec("COMMIT", 0))
+      locker:close()
+      assert.equal("", early)
+      assert.is_true(h.await("started", 15), h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      assert.is_true(h.await("got 1", 15), h.out() .. h.err())
+      h.kill("TERM")
+      assert.equal(0, h.wait(20), h.err())
+      os.remove(path)
+    end)
+
     it("captures a row over max_row_bytes without its values: the write succeeds and the event says so", function()
       local t = H.table("id int PRIMARY KEY, body text")
       local events

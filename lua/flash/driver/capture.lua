@@ -638,7 +638,7 @@ function Driver:sync_all()
   if not sok then return self:sync_failed(serr) end
   local want = {}
   for _, t in ipairs(self:wanted_triggers()) do want[t.key] = t end
-  local pending
+  local pending, missing   -- missing: a wanted trigger not there yet (its table and why)
   for key, have in pairs(self.installed) do
     local w = want[key]
     if w and w.ddl ~= have.ddl then
@@ -680,6 +680,7 @@ function Driver:sync_all()
         return self:sync_failed(err)
       elseif BUSY[state] then
         pending = pending or err
+        missing = missing or string.format("%s (%s)", w.display, tostring(err):gsub("%s+$", ""))
       else
         return fail(string.format("cannot create the %s trigger on %s: %s", w.what, w.display, err),
           "the role needs to own the table or hold the TRIGGER privilege on it")
@@ -688,12 +689,33 @@ function Driver:sync_all()
   end
   -- A table that stayed busy past the lock timeout: tried again soon.
   self.resync = pending and true or nil
+  self.missing = missing
   if pending then log.debug("trigger changes wait for a busy table: " .. tostring(pending)) end
   return true
 end
 
 -- on()/off() of a listener: every trigger of the instance is made to match again.
-function Driver:sync() return self:sync_all() end
+function Driver:sync() return self:sync_complete() end
+
+-- A table that was busy past LOCK_TIMEOUT leaves its triggers for later (self.missing):
+-- writes to it meanwhile would not be captured. Where the caller is told "capturing now"
+-- (start, a reconnect, on() at run time) the triggers are retried until every one exists,
+-- for at most BUSY_WAIT seconds; then the error names the table and the fix.
+local BUSY_WAIT = 10
+function Driver:sync_complete()
+  local ok, err = self:sync_all()
+  local deadline = core.now() + BUSY_WAIT
+  while ok and self.missing and self.listening do
+    if core.now() >= deadline then
+      return fail("cannot add a trigger to " .. self.missing .. ": the table stays locked",
+        "find the session holding it in pg_locks / pg_stat_activity; flashlua waits at most " .. BUSY_WAIT ..
+        " s for it")
+    end
+    core.sleep(0.02)
+    ok, err = self:sync_all()
+  end
+  return ok, err
+end
 
 -- Forgets what the database holds: triggers are found again from the catalog.
 function Driver:load_installed()
@@ -714,7 +736,7 @@ function Driver:install(fresh)
   -- A persistent schema's triggers stayed while no run was there: found again, kept, and
   -- only those no listener wants any more are dropped.
   if fresh and not (self.persistent and existed) then self.installed = {} else self:load_installed() end
-  ok, err = self:sync_all()
+  ok, err = self:sync_complete()
   if not ok then return nil, err end
   if not self.listening then return nil, "the connection was lost again" end
   self.next_poll = core.now()
