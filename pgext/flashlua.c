@@ -15,6 +15,7 @@
 #include "catalog/namespace.h"
 #include "catalog/partition.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "fmgr.h"
@@ -389,16 +390,20 @@ typedef struct {
 /* A listener compiled for one (leaf) relation. */
 typedef struct {
   Listener *l;
-  bool broken;                 /* a column it names is gone or retyped: it matches nothing */
+  bool broken;                 /* a condition's column is gone or retyped: it matches nothing */
   int ncols, npk, ncond;
-  AttrNumber *cols, *pk;       /* cols NULL: every column */
+  AttrNumber *cols, *pk;       /* cols NULL: every column; a gone column is InvalidAttrNumber */
   Cond *conds;
+  int nwarn;                   /* what the client is told about gone columns ('W' messages) */
+  char *warn_kind;             /*   'f' a column of `columns`, 'k' of primary_key, 'c' of a condition, */
+  int16 *warn_at;              /*   't' a condition's column retyped; at: 0-based position in that list */
 } RelListener;
 
 typedef struct {
   Oid relid;                   /* hash key */
   bool valid;
   bool rel_sent;               /* the Relation message went out since the entry was built */
+  bool warned;                 /* its listeners' 'W' messages went out since then */
   MemoryContext cxt;
   int n;
   RelListener *ls;
@@ -509,29 +514,42 @@ static void load_listeners(FlashData *d) {
 }
 
 /* The leaf relation's attnum of listened table `relid`'s column `att` (they differ between
- * a partitioned table and its partitions), or InvalidAttrNumber. */
-static AttrNumber leaf_att(Oid relid, Oid leaf, AttrNumber att) {
+ * a parent and its partitions or children), or InvalidAttrNumber when it is gone. */
+static AttrNumber leaf_att(Oid relid, TupleDesc desc, Oid leaf, AttrNumber att) {
   char *name;
-  if (relid == leaf) return att;
-  name = get_attname(relid, att, true);
+  if (relid == leaf) {
+    if (att < 1 || att > desc->natts || TupleDescAttr(desc, att - 1)->attisdropped) return InvalidAttrNumber;
+    return att;
+  }
+  name = get_attname(relid, att, true);      /* a dropped column's name matches nothing live */
   return name ? get_attnum(leaf, name) : InvalidAttrNumber;
 }
 
+static void warn_later(RelListener *rl, char kind, int at) {
+  rl->warn_kind[rl->nwarn] = kind;
+  rl->warn_at[rl->nwarn++] = (int16)at;
+}
+
+/* A column of `columns` or primary_key that is gone is left out (events no longer carry
+ * it, as under wal_logical); a condition whose column is gone or retyped cannot be tested:
+ * the listener matches nothing. Either way the client is told (send_warnings). */
 static void compile(RelListener *rl, Listener *l, Relation rel) {
   Oid leaf = RelationGetRelid(rel);
   TupleDesc desc = RelationGetDescr(rel);
   int vi = 0;
   rl->l = l;
+  rl->warn_kind = palloc(l->ncols + l->npk + l->ncond + 1);
+  rl->warn_at = palloc(sizeof(int16) * (l->ncols + l->npk + l->ncond + 1));
   if (l->cols) {
     rl->ncols = l->ncols;
     rl->cols = palloc(sizeof(AttrNumber) * l->ncols);
     for (int i = 0; i < l->ncols; i++)
-      if ((rl->cols[i] = leaf_att(l->relid, leaf, l->cols[i])) == InvalidAttrNumber) rl->broken = true;
+      if ((rl->cols[i] = leaf_att(l->relid, desc, leaf, l->cols[i])) == InvalidAttrNumber) warn_later(rl, 'f', i);
   }
   rl->npk = l->npk;
   rl->pk = palloc(sizeof(AttrNumber) * (l->npk + 1));
   for (int i = 0; i < l->npk; i++)
-    if ((rl->pk[i] = leaf_att(l->relid, leaf, l->pk[i])) == InvalidAttrNumber) rl->broken = true;
+    if ((rl->pk[i] = leaf_att(l->relid, desc, leaf, l->pk[i])) == InvalidAttrNumber) warn_later(rl, 'k', i);
   rl->ncond = l->ncond;
   rl->conds = palloc0(sizeof(Cond) * (l->ncond + 1));
   for (int i = 0; i < l->ncond; i++) {
@@ -539,18 +557,20 @@ static void compile(RelListener *rl, Listener *l, Relation rel) {
     Form_pg_attribute att;
     c->op = l->cop[i];
     c->nvals = l->cn[i];
-    c->att = leaf_att(l->relid, leaf, l->catt[i]);
-    if (c->att == InvalidAttrNumber || c->att > desc->natts) { rl->broken = true; vi += c->nvals; continue; }
+    c->att = leaf_att(l->relid, desc, leaf, l->catt[i]);
+    if (c->att == InvalidAttrNumber) { rl->broken = true; warn_later(rl, 'c', i); vi += c->nvals; continue; }
     att = TupleDescAttr(desc, c->att - 1);
     /* A column retyped since the listen: its constants mean nothing now. */
-    if (getBaseType(att->atttypid) != l->ctyp[i]) { rl->broken = true; vi += c->nvals; continue; }
+    if (getBaseType(att->atttypid) != l->ctyp[i]) { rl->broken = true; warn_later(rl, 't', i); vi += c->nvals; continue; }
     c->typlen = att->attlen;
     c->coll = att->attcollation;
     if (c->nvals == 0) continue;
     {
       TypeCacheEntry *tc = lookup_type_cache(l->ctyp[i], TYPECACHE_CMP_PROC);
       Oid recv, ioparam;
-      if (!OidIsValid(tc->cmp_proc) || tc->cmp_proc >= FirstNormalObjectId) { rl->broken = true; vi += c->nvals; continue; }
+      if (!OidIsValid(tc->cmp_proc) || tc->cmp_proc >= FirstNormalObjectId) {
+        rl->broken = true; warn_later(rl, 't', i); vi += c->nvals; continue;
+      }
       fmgr_info_cxt(tc->cmp_proc, &c->cmp, CurrentMemoryContext);
       getTypeBinaryInputInfo(l->ctyp[i], &recv, &ioparam);
       c->vals = palloc(sizeof(Datum) * c->nvals);
@@ -564,7 +584,32 @@ static void compile(RelListener *rl, Listener *l, Relation rel) {
   }
 }
 
-/* The listeners of a relation's rows: its own and its partition ancestors', compiled. */
+/* Every ancestor of relid through pg_inherits: partitioned tables' and INHERITS parents'
+ * (multiple inheritance included), read under the decoding's historic snapshot. */
+static List *ancestors(Oid relid) {
+  List *out = NIL, *todo = list_make1_oid(relid);
+  Relation inh = table_open(InheritsRelationId, AccessShareLock);
+  while (todo != NIL) {
+    Oid cur = linitial_oid(todo);
+    ScanKeyData key;
+    SysScanDesc scan;
+    HeapTuple tup;
+    todo = list_delete_first(todo);
+    ScanKeyInit(&key, Anum_pg_inherits_inhrelid, BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(cur));
+    scan = systable_beginscan(inh, InheritsRelidSeqnoIndexId, true, NULL, 1, &key);
+    while (HeapTupleIsValid(tup = systable_getnext(scan))) {
+      Oid parent = ((Form_pg_inherits)GETSTRUCT(tup))->inhparent;
+      if (!list_member_oid(out, parent)) {
+        out = lappend_oid(out, parent);
+        todo = lappend_oid(todo, parent);
+      }
+    }
+    systable_endscan(scan);
+  }
+  table_close(inh, AccessShareLock);
+  return out;
+}
+
 static RelEntry *get_entry(FlashData *d, Relation rel) {
   Oid relid = RelationGetRelid(rel);
   bool found;
@@ -583,6 +628,7 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
   if (found && e->cxt) MemoryContextDelete(e->cxt);
   e->valid = true;
   e->rel_sent = false;
+  e->warned = false;
   e->n = 0;
   e->ls = NULL;
   e->nsend = 0;
@@ -590,7 +636,7 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
   e->cxt = AllocSetContextCreate(d->cachecxt, "flashlua relation", ALLOCSET_SMALL_SIZES);
   old = MemoryContextSwitchTo(e->cxt);
   targets = list_make1_oid(relid);
-  if (rel->rd_rel->relispartition) targets = list_concat(targets, get_partition_ancestors(relid));
+  targets = list_concat(targets, ancestors(relid));
   foreach (lc, d->listeners) {
     Listener *l = lfirst(lc);
     if (list_member_oid(targets, l->relid)) e->n++;
@@ -611,7 +657,7 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
   e->send = palloc(sizeof(AttrNumber) * (desc->natts + 1));
   for (int i = 0; i < desc->natts; i++) {
     Form_pg_attribute a = TupleDescAttr(desc, i);
-    if (a->attisdropped || a->attgenerated) continue;
+    if (a->attisdropped) continue;        /* stored generated columns are sent too */
     if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
   }
   MemoryContextSwitchTo(old);
@@ -654,16 +700,43 @@ static void send_relation(LogicalDecodingContext *ctx, Relation rel, RelEntry *e
   e->rel_sent = true;
 }
 
-/* The frame that says which listeners the next change message is for: a pgoutput Message
- * with prefix "flashlua", content 'L' followed by the listener ids (int64 each). */
-static void send_tag(LogicalDecodingContext *ctx, XLogRecPtr lsn, int64 *ids, int n) {
+/* A flashlua logical message (pgoutput 'M', transactional, prefix "flashlua"): its first
+ * byte says what it is ('L' tag, 'W' gone columns, 'A' active, 'N' no-match count). */
+static void message_begin(LogicalDecodingContext *ctx, XLogRecPtr lsn, char kind, int len) {
   OutputPluginPrepareWrite(ctx, false);
   pq_sendbyte(ctx->out, 'M');
   pq_sendbyte(ctx->out, 1);
   pq_sendint64(ctx->out, lsn);
   pq_sendstring(ctx->out, FLASH_TAG_PREFIX);
-  pq_sendint32(ctx->out, 1 + 8 * n);
-  pq_sendbyte(ctx->out, 'L');
+  pq_sendint32(ctx->out, 1 + len);
+  pq_sendbyte(ctx->out, kind);
+}
+
+/* Once per relation entry: the listeners whose named columns are gone or retyped, as 'W',
+ * listener id (int64), count (int16), then per column its list ('f' columns, 'k'
+ * primary_key, 'c' condition column gone, 't' condition column retyped) and 0-based
+ * position in it (int16). The client names the columns in a warning. */
+static void send_warnings(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr lsn, RelEntry *e) {
+  e->warned = true;
+  for (int i = 0; i < e->n; i++) {
+    RelListener *rl = &e->ls[i];
+    if (rl->nwarn == 0) continue;
+    send_begin(ctx, txn);
+    message_begin(ctx, lsn, 'W', 8 + 2 + 3 * rl->nwarn);
+    pq_sendint64(ctx->out, rl->l->id);
+    pq_sendint16(ctx->out, rl->nwarn);
+    for (int k = 0; k < rl->nwarn; k++) {
+      pq_sendbyte(ctx->out, rl->warn_kind[k]);
+      pq_sendint16(ctx->out, rl->warn_at[k]);
+    }
+    OutputPluginWrite(ctx, false);
+  }
+}
+
+/* The frame that says which listeners the next change message is for: a pgoutput Message
+ * with prefix "flashlua", content 'L' followed by the listener ids (int64 each). */
+static void send_tag(LogicalDecodingContext *ctx, XLogRecPtr lsn, int64 *ids, int n) {
+  message_begin(ctx, lsn, 'L', 8 * n);
   for (int i = 0; i < n; i++) pq_sendint64(ctx->out, ids[i]);
   OutputPluginWrite(ctx, false);
 }
@@ -757,6 +830,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
     return;
   }
   e = get_entry(d, rel);
+  if (!e->warned) send_warnings(ctx, txn, change->lsn, e);
   if (e->n == 0) {
     if (++d->skipped % 1000 == 0) OutputPluginUpdateProgress(ctx, false);
     return;
@@ -798,6 +872,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
           if (full)
             for (int k = 0; k < rl->npk && !moved; k++) {
               int a = rl->pk[k] - 1;
+              if (a < 0) continue;
               moved = !same_value(TupleDescAttr(desc, a), ov[a], on[a], nv[a], nn[a]);
             }
           if (moved) {
@@ -806,6 +881,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
             bool changed = !(full && rl->cols);
             for (int k = 0; !changed && k < rl->ncols; k++) {
               int a = rl->cols[k] - 1;
+              if (a < 0) continue;
               changed = !same_value(TupleDescAttr(desc, a), ov[a], on[a], nv[a], nn[a]);
             }
             if (changed) ids[G_UPDATE][nids[G_UPDATE]++] = rl->l->id;
@@ -883,6 +959,7 @@ static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int 
     RelEntry *e = get_entry(d, relations[r]);
     int64 *ids = palloc(sizeof(int64) * (e->n + 1));
     int n = 0;
+    if (!e->warned) send_warnings(ctx, txn, change->lsn, e);
     for (int i = 0; i < e->n; i++)
       if (!e->ls[i].broken && (e->ls[i].l->ops & OP_TRUNCATE)) ids[n++] = e->ls[i].l->id;
     if (n == 0) continue;

@@ -174,6 +174,73 @@ describe("pg_extension", function()
     end)
   end)
 
+  describe("DDL while listening", function()
+    it("drops a dropped field from events, stops a listener whose condition column is gone or retyped, and warns once", function()
+      local t = H.table("id int PRIMARY KEY, note text, score int, kind text, other int")
+      client = assert(flash.client { driver = "pg_extension" })
+      local got = { fields = {}, score = {}, kind = {}, all = {} }
+      local function on(name, opts)
+        opts.table = t
+        assert(client:listen(opts)):on("insert", function(ev) table.insert(got[name], ev.new) end)
+      end
+      on("fields", { fields = { "id", "note" } })
+      on("score", { fields = { "id" }, where = { { "score", ">=", 10 } } })
+      on("kind", { fields = { "id" }, where = { kind = "a" } })
+      on("all", {})
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'n', 10, 'a', 0)")
+      H.wait(client, got.all, 1)
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = pcall(function()
+        H.sql("ALTER TABLE " .. t .. " DROP COLUMN note")
+        H.sql("ALTER TABLE " .. t .. " ALTER COLUMN score TYPE bigint")
+        H.sql("ALTER TABLE " .. t .. " DROP COLUMN kind")
+        H.sql("ALTER TABLE " .. t .. " ADD COLUMN added text DEFAULT 'new'")
+        H.sql("INSERT INTO " .. t .. " (id, score, other) VALUES (2, 20, 0), (3, 30, 0)")
+        assert(client:run { until_lsn = "current" })
+      end)
+      flash.log.set_sink(old)
+      client = nil
+      assert(ok, err)
+      local warned = {}
+      for _, l in ipairs(lines) do
+        if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+      end
+      table.sort(warned)
+      assert.same({
+        string.format("listener #1 on public.%s: column note is no longer in the table (dropped or renamed); " ..
+          "its events no longer carry it", t),
+        string.format("listener #2 on public.%s: column score of its conditions changed type; it matches nothing " ..
+          "until it listens again", t),
+        string.format("listener #3 on public.%s: column kind of its conditions is no longer in the table (dropped); " ..
+          "it matches nothing until it listens again", t),
+      }, warned)
+      assert.same({ { id = 1, note = "n" }, { id = 2 }, { id = 3 } }, got.fields)
+      assert.same({ { id = 1 } }, got.score)
+      assert.same({ { id = 1 } }, got.kind)
+      assert.same({ { id = 1, note = "n", score = 10, kind = "a", other = 0 },
+        { id = 2, score = 20, other = 0, added = "new" }, { id = 3, score = 30, other = 0, added = "new" } }, got.all)
+    end)
+
+    it("follows INHERITS children, with their own columns, a child created while listening included", function()
+      local t = H.table("id int PRIMARY KEY, v text")
+      H.sql("CREATE TABLE " .. t .. "_kid (extra int) INHERITS (" .. t .. ")")
+      client = assert(flash.client { driver = "pg_extension" })
+      local got = {}
+      assert(client:listen { table = t, fields = { "id", "v" }, where = { { "id", "<", 50 } } }):on("insert", function(ev)
+        got[#got + 1] = { ev.new.id, ev.new.v, ev.source }
+      end)
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. "_kid VALUES (1, 'kid', 7), (51, 'kid, filtered out', 7)")
+      H.sql("CREATE TABLE " .. t .. "_late (z int, v text, id int NOT NULL); ALTER TABLE " .. t .. "_late INHERIT " .. t ..
+        "; INSERT INTO " .. t .. "_late VALUES (0, 'late', 2)")
+      assert(client:run { until_lsn = "current" })
+      client = nil
+      assert.same({ { 1, "kid", "public." .. t .. "_kid" }, { 2, "late", "public." .. t .. "_late" } }, got)
+    end)
+  end)
+
   describe("errors", function()
     it("refuses a condition the server cannot test, at listen", function()
       local t = H.table("id int PRIMARY KEY, doc json")

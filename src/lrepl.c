@@ -547,8 +547,10 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
     return stream_append(r, s, m.xid, buf, len);
   }
-  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0) {
-    /* The flashlua plugin's listener tag: kept for the change message that follows. */
+  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0 &&
+      m.content_len > 0 && m.content[0] == 'L') {
+    /* The flashlua plugin's listener tag: kept for the change message that follows (its
+     * other messages go to the on_message hook). */
     if (m.content_len > r->tag_cap) {
       char *t = realloc(r->tag, m.content_len);
       if (!t) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }

@@ -11,7 +11,7 @@ local M = {}
 M.NAMES = { "trigger", "trigger_global", "trigger_statement", "wal_logical", "pg_extension" }
 M.DEFAULT = "trigger"
 -- Drivers the conformance specs (spec/10, 15, 70, 81: H.drivers) do not run over yet, and why.
-M.PARTIAL = { pg_extension = "its first slices: events and values are specified by spec/65 only (issue 12)" }
+M.PARTIAL = {}
 
 -- Options every client takes, whatever its driver.
 M.COMMON_OPTIONS = {

@@ -5,6 +5,7 @@
 -- reconnects are the wal_logical driver's (flash.driver.wal_logical), whose methods this one
 -- inherits.
 local core = require "flash.core"
+local log = require "flash.log"
 local filter = require "flash.filter"
 local base = require "flash.driver.base"
 local wal = require "flash.driver.wal_logical"
@@ -29,6 +30,7 @@ function M.new(client)
   self.proto = 1
   self.streaming = false
   self.by_reg = {}              -- [registry id] = listener
+  self.defs = {}                -- [registry id] = what it was registered with (column lists, for warnings)
   return self
 end
 
@@ -131,7 +133,10 @@ function Driver.definition(_, l, any_ops)
     end
     pk = nil
   end
+  local cond_cols = {}
+  for i, c in ipairs(l.conds) do cond_cols[i] = c.column end
   local d = { ops = pgarray(ops), cols = pgarray(cols), pk = pgarray(pk),
+              lists = { f = cols or {}, k = pk or {}, c = cond_cols, t = cond_cols },
               conds = #conds > 0 and ("[" .. table.concat(conds, ",") .. "]") or core.null }
   d.note = table.concat({ "flashlua #" .. l.id, string.format("%d", l.table.oid), d.ops, tostring(d.cols),
     tostring(d.conds), tostring(d.pk) }, " ")
@@ -156,7 +161,7 @@ function Driver:register_all()
   local ok
   ok, err = self:exec("BEGIN")
   if not ok then return nil, err end
-  local by_reg, keep = {}, {}
+  local by_reg, keep, defs = {}, {}, {}
   for _, l in ipairs(self.client.listeners) do
     local d = not l.dropped and self:definition(l)
     if d then
@@ -170,6 +175,7 @@ function Driver:register_all()
       end
       keep[id] = true
       by_reg[id] = l
+      defs[id] = d.lists
     end
   end
   for _, r in ipairs(rows) do
@@ -180,7 +186,7 @@ function Driver:register_all()
   end
   ok, err = self:exec("COMMIT")
   if not ok then return nil, err end
-  self.by_reg = by_reg
+  self.by_reg, self.defs = by_reg, defs
   return true
 end
 
@@ -233,10 +239,70 @@ function Driver:setup_publication()
   return true
 end
 
--- A Relation message lists the columns the listeners want, not the table's: only a rename
--- is news here.
-function Driver:on_relation(relid, schema, name)
-  if self.by_oid[relid] then self:renamed(relid, schema, name) end
+-- A started stream: wal_logical's, with the plugin's own messages (prefix "flashlua",
+-- other than the listener tags lrepl keeps) going to on_plugin_message.
+function Driver:attach(repl)
+  local ok, err = wal.Driver.attach(self, repl)
+  if not ok then return nil, err end
+  repl:on_message("flashlua", function(_, content) return self:on_plugin_message(content) end)
+  return true
+end
+
+-- Backfill places its chunks with logical messages the plugin does not forward (yet):
+-- flash.backfill refuses a driver without this method.
+Driver.backfill = false
+
+local WARN = {
+  f = "column %s is no longer in the table (dropped or renamed); its events no longer carry it",
+  k = "primary_key column %s is no longer in the table (dropped); a change of it no longer splits an update",
+  c = "column %s of its conditions is no longer in the table (dropped); it matches nothing until it listens again",
+  t = "column %s of its conditions changed type; it matches nothing until it listens again",
+}
+
+local function int_be(s, at, n)
+  local v = 0
+  for k = at, at + n - 1 do v = v * 256 + s:byte(k) end
+  return v
+end
+
+function Driver:warn_column(l, kind, column)
+  local key = l.id .. ":" .. kind .. ":" .. column
+  if self.warned[key] then return end
+  self.warned[key] = true
+  log.warn(string.format("listener #%d on %s: " .. WARN[kind], l.id, l.table_name, column))
+end
+
+-- 'W': listener id, then the columns it names that are gone from a relation it covers.
+function Driver:on_plugin_message(m)
+  if m:sub(1, 1) ~= "W" or #m < 11 then return true end
+  local id, n = int_be(m, 2, 8), int_be(m, 10, 2)
+  local l, lists = self.by_reg[id], self.defs[id]
+  if not l or not lists then return true end
+  for i = 0, n - 1 do
+    local at = 12 + i * 3
+    if at + 2 > #m then break end
+    local kind = m:sub(at, at)
+    local col = lists[kind] and lists[kind][int_be(m, at + 1, 2) + 1]
+    if col and WARN[kind] then self:warn_column(l, kind, col) end
+  end
+  return true
+end
+
+-- A Relation message lists the columns the listeners want, not the table's: a rename is
+-- news, and a listened field missing from it (renamed: the registry names columns by
+-- number, so the plugin keeps sending it under its new name, which the listener does not
+-- ask for).
+function Driver:on_relation(relid, schema, name, columns)
+  local list = self.by_oid[relid]
+  if not list then return end
+  self:renamed(relid, schema, name)
+  local have = {}
+  for _, c in ipairs(columns or {}) do have[c] = true end
+  for _, l in ipairs(list) do
+    for _, f in ipairs(l.fields or {}) do
+      if not have[f] then self:warn_column(l, "f", f) end
+    end
+  end
 end
 
 local function project(row, fields)
