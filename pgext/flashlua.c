@@ -409,7 +409,26 @@ typedef struct {
   RelListener *ls;
   int nsend;
   AttrNumber *send;            /* the columns frames carry: the union of the listeners' */
+  /* Listeners indexed by value: those with an = or in condition on column ix_att are found
+   * by hashing the row's value (the type's hash function and the column's collation), so a
+   * change is tested against the listeners its value names, plus the `rest`. */
+  AttrNumber ix_att;           /* InvalidAttrNumber: no index, every listener is tested */
+  int16 ix_typlen;
+  Oid ix_coll;
+  FmgrInfo ix_hash, ix_cmp;
+  uint32 ix_mask;              /* buckets - 1 (a power of 2) */
+  int *ix_head;                /* per bucket: the first slot, or -1 */
+  struct IndexSlot *ix_slots;
+  int nrest;
+  int *rest;                   /* listeners (positions in ls) not in the index, in order */
 } RelEntry;
+
+typedef struct IndexSlot {
+  uint32 hash;
+  int listener;                /* position in ls */
+  Datum val;
+  int next;                    /* next slot of the bucket, or -1 */
+} IndexSlot;
 
 typedef struct {
   MemoryContext cachecxt, changecxt;
@@ -610,6 +629,10 @@ static List *ancestors(Oid relid) {
   return out;
 }
 
+static void build_index(RelEntry *e, TupleDesc desc);
+static bool is_ondisk(int16 typlen, Datum v);
+
+/* The listeners of a relation's rows (its own and its ancestors'), compiled and indexed. */
 static RelEntry *get_entry(FlashData *d, Relation rel) {
   Oid relid = RelationGetRelid(rel);
   bool found;
@@ -660,8 +683,122 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
     if (a->attisdropped) continue;        /* stored generated columns are sent too */
     if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
   }
+  build_index(e, desc);
   MemoryContextSwitchTo(old);
   return e;
+}
+
+/* --- listeners indexed by value -------------------------------------------------------- */
+
+/* The = or in condition of rl on column att that the index can hold, or NULL. */
+static Cond *index_cond(RelListener *rl, AttrNumber att) {
+  if (rl->broken) return NULL;
+  for (int i = 0; i < rl->ncond; i++) {
+    Cond *c = &rl->conds[i];
+    if (c->att == att && (c->op == C_EQ || c->op == C_IN) && c->nvals > 0) return c;
+  }
+  return NULL;
+}
+
+/* Picks the column that most listeners test with = or in, when at least two do and its
+ * type has a built-in hash function (which agrees with its btree equality), and hashes
+ * their values. In the entry's memory context. */
+static void build_index(RelEntry *e, TupleDesc desc) {
+  int best = 0, bestn = 0, nslots = 0, nb = 1, s = 0;
+  TypeCacheEntry *tc;
+  Form_pg_attribute a;
+  e->ix_att = InvalidAttrNumber;
+  e->ix_mask = 0;
+  e->nrest = 0;
+  for (int k = 1; k <= desc->natts; k++) {
+    int n = 0;
+    for (int i = 0; i < e->n; i++)
+      if (index_cond(&e->ls[i], k)) n++;
+    if (n > bestn) { best = k; bestn = n; }
+  }
+  if (bestn < 2) return;
+  a = TupleDescAttr(desc, best - 1);
+  tc = lookup_type_cache(getBaseType(a->atttypid), TYPECACHE_HASH_PROC | TYPECACHE_CMP_PROC);
+  if (!OidIsValid(tc->hash_proc) || tc->hash_proc >= FirstNormalObjectId || !OidIsValid(tc->cmp_proc) ||
+      tc->cmp_proc >= FirstNormalObjectId)
+    return;
+  e->ix_att = best;
+  e->ix_typlen = a->attlen;
+  e->ix_coll = a->attcollation;
+  fmgr_info_cxt(tc->hash_proc, &e->ix_hash, CurrentMemoryContext);
+  fmgr_info_cxt(tc->cmp_proc, &e->ix_cmp, CurrentMemoryContext);
+  e->rest = palloc(sizeof(int) * (e->n + 1));
+  for (int i = 0; i < e->n; i++) {
+    Cond *c = index_cond(&e->ls[i], best);
+    if (c) nslots += c->nvals;
+    else e->rest[e->nrest++] = i;
+  }
+  while (nb < 2 * nslots) nb <<= 1;
+  e->ix_mask = (uint32)(nb - 1);
+  e->ix_head = palloc(sizeof(int) * nb);
+  for (int b = 0; b < nb; b++) e->ix_head[b] = -1;
+  e->ix_slots = palloc(sizeof(IndexSlot) * nslots);
+  for (int i = 0; i < e->n; i++) {
+    Cond *c = index_cond(&e->ls[i], best);
+    if (!c) continue;
+    for (int j = 0; j < c->nvals; j++, s++) {
+      IndexSlot *sl = &e->ix_slots[s];
+      uint32 b;
+      sl->hash = DatumGetUInt32(FunctionCall1Coll(&e->ix_hash, e->ix_coll, c->vals[j]));
+      sl->listener = i;
+      sl->val = c->vals[j];
+      b = sl->hash & e->ix_mask;
+      sl->next = e->ix_head[b];
+      e->ix_head[b] = s;
+    }
+  }
+}
+
+/* Adds to out the listeners whose indexed values equal the row's value; false when the
+ * value cannot be hashed here (an unchanged TOASTed value absent from the WAL). */
+static bool index_lookup(RelEntry *e, Datum *v, bool *isnull, int *out, int *n) {
+  int k = e->ix_att - 1;
+  uint32 h;
+  if (isnull[k]) return true;                 /* = and in never match NULL */
+  if (is_ondisk(e->ix_typlen, v[k])) return false;
+  h = DatumGetUInt32(FunctionCall1Coll(&e->ix_hash, e->ix_coll, v[k]));
+  for (int s = e->ix_head[h & e->ix_mask]; s >= 0; s = e->ix_slots[s].next) {
+    IndexSlot *sl = &e->ix_slots[s];
+    if (sl->hash == h && DatumGetInt32(FunctionCall2Coll(&e->ix_cmp, e->ix_coll, v[k], sl->val)) == 0)
+      out[(*n)++] = sl->listener;
+  }
+  return true;
+}
+
+static int cmp_int(const void *x, const void *y) {
+  int a = *(const int *)x, b = *(const int *)y;
+  return a < b ? -1 : a > b;
+}
+
+/* The listeners (positions in e->ls, ascending) a change has to be tested against: with
+ * an index, the rest and those whose values the new or old row names; else all. */
+static int *candidates(RelEntry *e, int action, bool full, Datum *nv, bool *nn, Datum *ov, bool *on, int *count) {
+  /* the rest and two lookups' hits: at most n + 2 * slots, and slots <= buckets / 2 */
+  int *out = palloc(sizeof(int) * (e->n + (e->ix_att != InvalidAttrNumber ? 2 * ((int)e->ix_mask + 1) : 0) + 1));
+  int n = 0, u = 0;
+  bool ok = e->ix_att != InvalidAttrNumber;
+  if (ok) {
+    memcpy(out, e->rest, sizeof(int) * e->nrest);
+    n = e->nrest;
+    if (action == REORDER_BUFFER_CHANGE_DELETE && !full) ok = false;   /* conditions are not tested */
+    if (ok && nv) ok = index_lookup(e, nv, nn, out, &n);
+    if (ok && full && ov) ok = index_lookup(e, ov, on, out, &n);
+  }
+  if (!ok) {
+    for (int i = 0; i < e->n; i++) out[i] = i;
+    *count = e->n;
+    return out;
+  }
+  qsort(out, n, sizeof(int), cmp_int);
+  for (int i = 0; i < n; i++)
+    if (u == 0 || out[u - 1] != out[i]) out[u++] = out[i];
+  *count = u;
+  return out;
 }
 
 /* --- writing frames ------------------------------------------------------------------- */
@@ -822,6 +959,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
   bool full;
   int64 *ids[G_N];
   int nids[G_N] = { 0 };
+  int *cand, ncand;
   MemoryContext old;
 
   if (is_registry(d, rel)) {
@@ -851,8 +989,9 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
   full = oldt && rel->rd_rel->relreplident == REPLICA_IDENTITY_FULL;
   for (int g = 0; g < G_N; g++) ids[g] = palloc(sizeof(int64) * e->n);
 
-  for (int i = 0; i < e->n; i++) {
-    RelListener *rl = &e->ls[i];
+  cand = candidates(e, change->action, full, nv, nn, ov, on, &ncand);
+  for (int ci = 0; ci < ncand; ci++) {
+    RelListener *rl = &e->ls[cand[ci]];
     int ops = rl->l->ops;
     if (rl->broken) continue;
     switch (change->action) {

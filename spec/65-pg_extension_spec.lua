@@ -174,6 +174,56 @@ describe("pg_extension", function()
     end)
   end)
 
+  describe("many listeners", function()
+    it("1,000 listeners with equality conditions on one table: each row reaches exactly its listeners", function()
+      local t = H.table("id int PRIMARY KEY, k int, tag text")
+      client = assert(flash.client { driver = "pg_extension", replica_identity = "full" })
+      local got, want = {}, {}
+      -- Listener i: k = i; every tenth k in {i, i + 1000}; i = 1, 11, 21, ... also tag = 'x';
+      -- number 1001 (not indexed: no equality) k >= 1999.
+      for i = 1, 1001 do
+        local where
+        if i == 1001 then where = { { "k", ">=", 1999 } }
+        elseif i % 10 == 0 then where = { { "k", "in", { i, i + 1000 } } }
+        elseif i % 10 == 1 then where = { k = i, tag = "x" }
+        else where = { k = i } end
+        got[i], want[i] = {}, {}
+        assert(client:listen { table = t, fields = { "id" }, where = where }):on("all", function(ev)
+          table.insert(got[i], ev.op .. " " .. (ev.new or ev.old).id)
+        end)
+      end
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. " SELECT g, g, CASE WHEN g % 4 = 1 THEN 'x' ELSE 'y' END FROM generate_series(1, 2000) g")
+      H.sql("UPDATE " .. t .. " SET k = k + 1 WHERE id IN (5, 1010)")
+      H.sql("DELETE FROM " .. t .. " WHERE id = 7")
+      assert(client:run { until_lsn = "current" })
+      client = nil
+      for g = 1, 2000 do
+        local tag = g % 4 == 1 and "x" or "y"
+        for i = 1, 1001 do
+          local hit
+          if i == 1001 then hit = g >= 1999
+          elseif i % 10 == 0 then hit = g == i or g == i + 1000
+          elseif i % 10 == 1 then hit = g == i and tag == "x"
+          else hit = g == i end
+          if hit then table.insert(want[i], "insert " .. g) end
+        end
+      end
+      table.insert(want[5], "delete 5")
+      table.insert(want[6], "insert 5")
+      table.insert(want[10], "delete 1010")
+      table.insert(want[7], "delete 7")
+      local wrong = {}
+      for i = 1, 1001 do
+        if table.concat(got[i], ",") ~= table.concat(want[i], ",") then
+          wrong[#wrong + 1] = string.format("#%d got {%s} want {%s}", i, table.concat(got[i], ","), table.concat(want[i], ","))
+        end
+      end
+      assert.same({}, wrong)
+      assert.same({ "insert 1999", "insert 2000" }, got[1001])
+    end)
+  end)
+
   describe("DDL while listening", function()
     it("drops a dropped field from events, stops a listener whose condition column is gone or retyped, and warns once", function()
       local t = H.table("id int PRIMARY KEY, note text, score int, kind text, other int")
