@@ -5,6 +5,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/sysattr.h"
@@ -355,8 +356,15 @@ Datum flash_unlisten(PG_FUNCTION_ARGS) {
       ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
                       errmsg("flash.unlisten: listener " INT64_FORMAT " belongs to role %s", id,
                              GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "(dropped)")));
-    CatalogTupleDelete(reg, &tup->t_self);
-    found = true;
+    {
+      /* Not CatalogTupleDelete: a concurrent unlisten of the same listener that committed
+       * first makes this one find nothing (false), rather than fail. */
+      TM_FailureData tmfd;
+      TM_Result r = heap_delete(reg, &tup->t_self, GetCurrentCommandId(true), InvalidSnapshot, true, &tmfd, false);
+      if (r == TM_Ok) found = true;
+      else if (r != TM_Deleted && r != TM_Updated && r != TM_SelfModified)
+        elog(ERROR, "flash.unlisten: unexpected result %d deleting listener " INT64_FORMAT, (int)r, id);
+    }
   }
   systable_endscan(scan);
   table_close(reg, NoLock);
@@ -440,6 +448,7 @@ typedef struct {
   HTAB *rels;
   bool begun;                  /* Begin sent for the current transaction */
   uint64 nomatch;              /* values a condition could not be tested on, counted as no match */
+  uint64 nomatch_sent;         /* ...of which the client was told ('N' messages) */
   uint32 skipped;
 } FlashData;
 
@@ -963,7 +972,21 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
   MemoryContext old;
 
   if (is_registry(d, rel)) {
-    /* A listen or unlisten: the following changes see the registry as it now is. */
+    /* A listen or unlisten: the following changes see the registry as it now is. A listen
+     * of this consumer is marked in the stream where it happened ('A', listener id): its
+     * listener gets every change after this one in the transaction, and every later one. */
+    if (change->action == REORDER_BUFFER_CHANGE_INSERT && change->data.tp.newtuple &&
+        RelationGetDescr(rel)->natts == R_NATTS) {
+      Datum v[R_NATTS];
+      bool n[R_NATTS];
+      heap_deform_tuple(&change->data.tp.newtuple->tuple, RelationGetDescr(rel), v, n);
+      if (!n[R_ID] && !n[R_CONSUMER] && strcmp(TextDatumGetCString(v[R_CONSUMER]), d->consumer) == 0) {
+        send_begin(ctx, txn);
+        message_begin(ctx, change->lsn, 'A', 8);
+        pq_sendint64(ctx->out, DatumGetInt64(v[R_ID]));
+        OutputPluginWrite(ctx, false);
+      }
+    }
     reset_cache(d);
     return;
   }
@@ -987,6 +1010,14 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
     heap_deform_tuple(oldt, desc, ov, on);
   }
   full = oldt && rel->rd_rel->relreplident == REPLICA_IDENTITY_FULL;
+  if (full && nv)
+    /* An unchanged TOASTed value is absent from the new row but whole in the old one
+     * (REPLICA IDENTITY FULL): it is the same value, so conditions test it and the new row
+     * carries it. */
+    for (int k = 0; k < desc->natts; k++) {
+      int16 len = TupleDescAttr(desc, k)->attlen;
+      if (!nn[k] && !on[k] && is_ondisk(len, nv[k]) && !is_ondisk(len, ov[k])) nv[k] = ov[k];
+    }
   for (int g = 0; g < G_N; g++) ids[g] = palloc(sizeof(int64) * e->n);
 
   cand = candidates(e, change->action, full, nv, nn, ov, on, &ncand);
@@ -1123,6 +1154,14 @@ static void begin_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
 
 static void commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn) {
   FlashData *d = ctx->output_plugin_private;
+  if (d->nomatch != d->nomatch_sent) {
+    /* 'N', int64: how many tests of this transaction could not be made (counted as no match). */
+    send_begin(ctx, txn);
+    message_begin(ctx, commit_lsn, 'N', 8);
+    pq_sendint64(ctx->out, (int64)(d->nomatch - d->nomatch_sent));
+    OutputPluginWrite(ctx, false);
+    d->nomatch_sent = d->nomatch;
+  }
   if (!d->begun) {
     /* Nothing of it was for us: let the walsender confirm past it. */
     OutputPluginUpdateProgress(ctx, true);

@@ -31,6 +31,7 @@ function M.new(client)
   self.streaming = false
   self.by_reg = {}              -- [registry id] = listener
   self.defs = {}                -- [registry id] = what it was registered with (column lists, for warnings)
+  self.nomatch = 0              -- condition tests the server could not make (counted as no match)
   return self
 end
 
@@ -244,7 +245,7 @@ end
 function Driver:attach(repl)
   local ok, err = wal.Driver.attach(self, repl)
   if not ok then return nil, err end
-  repl:on_message("flashlua", function(_, content) return self:on_plugin_message(content) end)
+  repl:on_message("flashlua", function(lsn, content) return self:on_plugin_message(content, lsn) end)
   return true
 end
 
@@ -272,18 +273,33 @@ function Driver:warn_column(l, kind, column)
   log.warn(string.format("listener #%d on %s: " .. WARN[kind], l.id, l.table_name, column))
 end
 
--- 'W': listener id, then the columns it names that are gone from a relation it covers.
-function Driver:on_plugin_message(m)
-  if m:sub(1, 1) ~= "W" or #m < 11 then return true end
+-- The plugin's messages (pgext/README.md): 'A' a listen of this consumer took effect here,
+-- 'N' tests of a transaction that could not be made (no match), 'W' columns gone.
+function Driver:on_plugin_message(m, lsn)
+  local kind = m:sub(1, 1)
+  if kind == "A" and #m >= 9 then
+    local l = self.by_reg[int_be(m, 2, 8)]
+    if l then
+      -- Where in the WAL the listener started: it gets every change after this position.
+      l.active_lsn = core.lsn(lsn)
+      log.debug(string.format("listener #%d on %s active from %s", l.id, l.table_name, l.active_lsn))
+    end
+    return true
+  end
+  if kind == "N" and #m >= 9 then
+    self.nomatch = self.nomatch + int_be(m, 2, 8)
+    return true
+  end
+  if kind ~= "W" or #m < 11 then return true end
   local id, n = int_be(m, 2, 8), int_be(m, 10, 2)
   local l, lists = self.by_reg[id], self.defs[id]
   if not l or not lists then return true end
   for i = 0, n - 1 do
     local at = 12 + i * 3
     if at + 2 > #m then break end
-    local kind = m:sub(at, at)
-    local col = lists[kind] and lists[kind][int_be(m, at + 1, 2) + 1]
-    if col and WARN[kind] then self:warn_column(l, kind, col) end
+    local list = m:sub(at, at)
+    local col = lists[list] and lists[list][int_be(m, at + 1, 2) + 1]
+    if col and WARN[list] then self:warn_column(l, list, col) end
   end
   return true
 end
@@ -345,6 +361,7 @@ function Driver:stats(s)
   wal.Driver.stats(self, s)
   s.publication = nil
   s.consumer = self.consumer
+  s.nomatch = self.nomatch
 end
 
 function Driver:stop(confirm)
