@@ -417,6 +417,7 @@ typedef struct {
   RelListener *ls;
   int nsend;
   AttrNumber *send;            /* the columns frames carry: the union of the listeners' */
+  FmgrInfo *out;               /* their types' output functions */
   /* Listeners indexed by value: those with an = or in condition on column ix_att are found
    * by hashing the row's value (the type's hash function and the column's collation), so a
    * change is tested against the listeners its value names, plus the `rest`. */
@@ -447,6 +448,9 @@ typedef struct {
   List *listeners;
   HTAB *rels;
   bool begun;                  /* Begin sent for the current transaction */
+  bool sticky;                 /* option sticky_tags: a tag holds until the next one or the Commit */
+  int64 *last_tag;             /* ...and the last one sent in this transaction (last_n < 0: none) */
+  int last_n, last_cap;
   uint64 nomatch;              /* values a condition could not be tested on, counted as no match */
   uint64 nomatch_sent;         /* ...of which the client was told ('N' messages) */
   uint32 skipped;
@@ -692,6 +696,13 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
     if (a->attisdropped) continue;        /* stored generated columns are sent too */
     if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
   }
+  e->out = palloc(sizeof(FmgrInfo) * (e->nsend + 1));
+  for (int i = 0; i < e->nsend; i++) {
+    Oid outf;
+    bool varlena;
+    getTypeOutputInfo(TupleDescAttr(desc, e->send[i] - 1)->atttypid, &outf, &varlena);
+    fmgr_info_cxt(outf, &e->out[i], CurrentMemoryContext);
+  }
   build_index(e, desc);
   MemoryContextSwitchTo(old);
   return e;
@@ -882,6 +893,18 @@ static void send_warnings(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XL
 /* The frame that says which listeners the next change message is for: a pgoutput Message
  * with prefix "flashlua", content 'L' followed by the listener ids (int64 each). */
 static void send_tag(LogicalDecodingContext *ctx, XLogRecPtr lsn, int64 *ids, int n) {
+  FlashData *d = ctx->output_plugin_private;
+  if (d->sticky) {
+    /* The client keeps a tag for the following changes of the transaction: one that
+     * repeats the last is not sent (a transaction of rows for the same listeners has one). */
+    if (d->last_n == n && memcmp(d->last_tag, ids, sizeof(int64) * n) == 0) return;
+    if (n > d->last_cap) {
+      d->last_tag = MemoryContextAlloc(ctx->context, sizeof(int64) * n * 2);
+      d->last_cap = n * 2;
+    }
+    memcpy(d->last_tag, ids, sizeof(int64) * n);
+    d->last_n = n;
+  }
   message_begin(ctx, lsn, 'L', 8 * n);
   for (int i = 0; i < n; i++) pq_sendint64(ctx->out, ids[i]);
   OutputPluginWrite(ctx, false);
@@ -896,17 +919,16 @@ static void send_tuple(StringInfo out, TupleDesc desc, RelEntry *e, Datum *v, bo
   for (int i = 0; i < e->nsend; i++) {
     int k = e->send[i] - 1;
     Form_pg_attribute a = TupleDescAttr(desc, k);
-    Oid outf;
-    bool varlena;
     char *s;
+    int len;
     if (isnull[k]) { pq_sendbyte(out, 'n'); continue; }
     /* An unchanged TOASTed value the WAL does not carry. */
     if (is_ondisk(a->attlen, v[k])) { pq_sendbyte(out, 'u'); continue; }
-    getTypeOutputInfo(a->atttypid, &outf, &varlena);
-    s = OidOutputFunctionCall(outf, v[k]);
+    s = OutputFunctionCall(&e->out[i], v[k]);
+    len = strlen(s);
     pq_sendbyte(out, 't');
-    pq_sendint32(out, strlen(s));
-    pq_sendbytes(out, s, strlen(s));
+    pq_sendint32(out, len);
+    pq_sendbytes(out, s, len);
   }
 }
 
@@ -1150,6 +1172,7 @@ static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int 
 static void begin_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
   FlashData *d = ctx->output_plugin_private;
   d->begun = false;
+  d->last_n = -1;
 }
 
 static void commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn) {
@@ -1191,6 +1214,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
     char *val = el->arg ? strVal(el->arg) : NULL;
     if (strcmp(el->defname, "consumer") == 0 && val && *val) {
       d->consumer = pstrdup(val);
+    } else if (strcmp(el->defname, "sticky_tags") == 0 && val) {
+      d->sticky = strcmp(val, "on") == 0 || strcmp(val, "1") == 0 || strcmp(val, "true") == 0;
     } else if (strcmp(el->defname, "version") == 0 && val) {
       if (strcmp(val, FLASH_VERSION) != 0)
         ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -1199,7 +1224,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
                                 "ALTER EXTENSION flashlua UPDATE")));
     } else {
       ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name' and version '%s')",
+                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name', version '%s' "
+                             "and sticky_tags 'on')",
                              el->defname, FLASH_VERSION)));
     }
   }

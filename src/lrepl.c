@@ -317,8 +317,7 @@ static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   r->events++;
   lua_pushnumber(L, relid);
   if (r->tag_len) {               /* dispatch(ev, relid, tag): the listeners it is for */
-    lua_pushlstring(L, r->tag, r->tag_len);
-    r->tag_len = 0;
+    lua_pushlstring(L, r->tag, r->tag_len);   /* it holds until the next tag or the Commit */
     nargs = 3;
   }
   return call_hook(L, r, nargs, "dispatch: ");
@@ -564,10 +563,12 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
   switch (m.type) {
     case FL_PGO_BEGIN:
       r->in_txn = 1;
+      r->tag_len = 0;
       set_txn(L, r, m.xid, m.lsn, m.timestamp);
       return 0;
     case FL_PGO_COMMIT:
       r->in_txn = 0;
+      r->tag_len = 0;
       r->txn_end = m.end_lsn;
       /* Every callback of the transaction has returned: it may be confirmed. */
       return handled(L, r, m.end_lsn);

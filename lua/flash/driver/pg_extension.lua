@@ -218,7 +218,7 @@ function Driver:open_slot()
   ok, err = self:register_all()
   if not ok then repl:close() return nil, err end
   local cmd = "START_REPLICATION SLOT " .. self:ident(self.slot) .. " LOGICAL 0/0 (consumer " .. self:literal(self.consumer) ..
-    ", version " .. self:literal(VERSION) .. ")"
+    ", version " .. self:literal(VERSION) .. ", sticky_tags 'on')"
   local serr, state
   ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return self:slot_error(serr, state) end
@@ -331,14 +331,23 @@ end
 function Driver:make_dispatch()
   local client = self.client
   local function emit(l, ev) return client:_deliver(l, ev) end
+  local last_tag, last_ids = nil, nil     -- a tag holds for many changes: parsed once
   return function(ev, _, tag)
     if not tag or tag:byte(1) ~= 76 then return true end      -- 'L': listener ids follow
-    local n = (#tag - 1) / 8
+    local ids = last_ids
+    if tag ~= last_tag then
+      ids = {}
+      for i = 0, (#tag - 1) / 8 - 1 do
+        local id, at = 0, 2 + i * 8
+        for k = at, at + 7 do id = id * 256 + tag:byte(k) end
+        ids[#ids + 1] = id
+      end
+      last_tag, last_ids = tag, ids
+    end
+    local n = #ids
     local source = ev.table
-    for i = 0, n - 1 do
-      local id, at = 0, 2 + i * 8
-      for k = at, at + 7 do id = id * 256 + tag:byte(k) end
-      local l = self.by_reg[id]
+    for i = 1, n do
+      local l = self.by_reg[ids[i]]
       if l and not l.dropped then
         local e = n == 1 and ev or { op = ev.op, id = ev.id, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
                                      commit_time = ev.commit_time }
