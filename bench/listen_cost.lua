@@ -74,13 +74,8 @@ local function write_file(path, text)
   f:close()
 end
 
-local function read_file(path)
-  local f = io.open(path)
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local root = debug.getinfo(1, "S").source:match("^@(.*)bench/listen_cost%.lua$") or "./"
+local read_file = dofile(root .. "bench/util.lua").read_file
 
 local tmp = os.tmpname()
 local scripts = {

@@ -22,4 +22,28 @@ function U.measure(cmd)
   return { wall = tonumber(wall), cpu = tonumber(user) + tonumber(sys), rss_kb = tonumber(rss), out = out }
 end
 
+-- A file's whole content, or nil.
+function U.read_file(path)
+  local f = io.open(path)
+  if not f then return nil end
+  local s = f:read("*a")
+  f:close()
+  return s
+end
+
+-- The WAL benchmarks' table (6 columns, REPLICA IDENTITY FULL) and fill(txs, per), which
+-- writes txs transactions of per rows.
+U.BENCH_TABLE = [[
+  CREATE TABLE bench (id bigint PRIMARY KEY, a int, b text, c timestamptz, d numeric, e boolean);
+  ALTER TABLE bench REPLICA IDENTITY FULL;
+  CREATE PROCEDURE fill(txs int, per int) LANGUAGE plpgsql AS $$
+  BEGIN
+    FOR t IN 0 .. txs - 1 LOOP
+      INSERT INTO bench SELECT g, g % 1000, 'row ' || g, '2026-01-01'::timestamptz + g * interval '1 s',
+             g / 7.0, g % 2 = 0
+      FROM generate_series(t::bigint * per + 1, (t + 1)::bigint * per) g;
+      COMMIT;
+    END LOOP;
+  END $$;]]
+
 return U

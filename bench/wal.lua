@@ -22,18 +22,8 @@ local sb = assert(sandbox.start { quiet = true, settings = { max_wal_size = "4GB
 local ok, err = pcall(function()
   local db = assert(flash.client { dsn = sb.dsn })
   local function q(sql, ...) return assert(db:query(sql, ...)) end
-  q([[CREATE TABLE bench (id bigint PRIMARY KEY, a int, b text, c timestamptz, d numeric, e boolean);
-      ALTER TABLE bench REPLICA IDENTITY FULL;
-      CREATE PUBLICATION bench_pub FOR TABLE bench;
-      CREATE PROCEDURE fill(txs int, per int) LANGUAGE plpgsql AS $$
-      BEGIN
-        FOR t IN 0 .. txs - 1 LOOP
-          INSERT INTO bench SELECT g, g % 1000, 'row ' || g, '2026-01-01'::timestamptz + g * interval '1 s',
-                 g / 7.0, g % 2 = 0
-          FROM generate_series(t::bigint * per + 1, (t + 1)::bigint * per) g;
-          COMMIT;
-        END LOOP;
-      END $$;]])
+  q(util.BENCH_TABLE)
+  q("CREATE PUBLICATION bench_pub FOR TABLE bench")
   q("SELECT pg_create_logical_replication_slot('bench_flash', 'pgoutput')")
   q("SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')")
   local total = opts.rows * opts.txs

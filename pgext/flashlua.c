@@ -5,6 +5,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/sysattr.h"
@@ -15,6 +16,7 @@
 #include "catalog/namespace.h"
 #include "catalog/partition.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "fmgr.h"
@@ -354,8 +356,15 @@ Datum flash_unlisten(PG_FUNCTION_ARGS) {
       ereport(ERROR, (errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
                       errmsg("flash.unlisten: listener " INT64_FORMAT " belongs to role %s", id,
                              GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "(dropped)")));
-    CatalogTupleDelete(reg, &tup->t_self);
-    found = true;
+    {
+      /* Not CatalogTupleDelete: a concurrent unlisten of the same listener that committed
+       * first makes this one find nothing (false), rather than fail. */
+      TM_FailureData tmfd;
+      TM_Result r = heap_delete(reg, &tup->t_self, GetCurrentCommandId(true), InvalidSnapshot, true, &tmfd, false);
+      if (r == TM_Ok) found = true;
+      else if (r != TM_Deleted && r != TM_Updated && r != TM_SelfModified)
+        elog(ERROR, "flash.unlisten: unexpected result %d deleting listener " INT64_FORMAT, (int)r, id);
+    }
   }
   systable_endscan(scan);
   table_close(reg, NoLock);
@@ -389,22 +398,46 @@ typedef struct {
 /* A listener compiled for one (leaf) relation. */
 typedef struct {
   Listener *l;
-  bool broken;                 /* a column it names is gone or retyped: it matches nothing */
+  bool broken;                 /* a condition's column is gone or retyped: it matches nothing */
   int ncols, npk, ncond;
-  AttrNumber *cols, *pk;       /* cols NULL: every column */
+  AttrNumber *cols, *pk;       /* cols NULL: every column; a gone column is InvalidAttrNumber */
   Cond *conds;
+  int nwarn;                   /* what the client is told about gone columns ('W' messages) */
+  char *warn_kind;             /*   'f' a column of `columns`, 'k' of primary_key, 'c' of a condition, */
+  int16 *warn_at;              /*   't' a condition's column retyped; at: 0-based position in that list */
 } RelListener;
 
 typedef struct {
   Oid relid;                   /* hash key */
   bool valid;
   bool rel_sent;               /* the Relation message went out since the entry was built */
+  bool warned;                 /* its listeners' 'W' messages went out since then */
   MemoryContext cxt;
   int n;
   RelListener *ls;
   int nsend;
   AttrNumber *send;            /* the columns frames carry: the union of the listeners' */
+  FmgrInfo *out;               /* their types' output functions */
+  /* Listeners indexed by value: those with an = or in condition on column ix_att are found
+   * by hashing the row's value (the type's hash function and the column's collation), so a
+   * change is tested against the listeners its value names, plus the `rest`. */
+  AttrNumber ix_att;           /* InvalidAttrNumber: no index, every listener is tested */
+  int16 ix_typlen;
+  Oid ix_coll;
+  FmgrInfo ix_hash, ix_cmp;
+  uint32 ix_mask;              /* buckets - 1 (a power of 2) */
+  int *ix_head;                /* per bucket: the first slot, or -1 */
+  struct IndexSlot *ix_slots;
+  int nrest;
+  int *rest;                   /* listeners (positions in ls) not in the index, in order */
 } RelEntry;
+
+typedef struct IndexSlot {
+  uint32 hash;
+  int listener;                /* position in ls */
+  Datum val;
+  int next;                    /* next slot of the bucket, or -1 */
+} IndexSlot;
 
 typedef struct {
   MemoryContext cachecxt, changecxt;
@@ -415,7 +448,11 @@ typedef struct {
   List *listeners;
   HTAB *rels;
   bool begun;                  /* Begin sent for the current transaction */
+  bool sticky;                 /* option sticky_tags: a tag holds until the next one or the Commit */
+  int64 *last_tag;             /* ...and the last one sent in this transaction (last_n < 0: none) */
+  int last_n, last_cap;
   uint64 nomatch;              /* values a condition could not be tested on, counted as no match */
+  uint64 nomatch_sent;         /* ...of which the client was told ('N' messages) */
   uint32 skipped;
 } FlashData;
 
@@ -509,29 +546,42 @@ static void load_listeners(FlashData *d) {
 }
 
 /* The leaf relation's attnum of listened table `relid`'s column `att` (they differ between
- * a partitioned table and its partitions), or InvalidAttrNumber. */
-static AttrNumber leaf_att(Oid relid, Oid leaf, AttrNumber att) {
+ * a parent and its partitions or children), or InvalidAttrNumber when it is gone. */
+static AttrNumber leaf_att(Oid relid, TupleDesc desc, Oid leaf, AttrNumber att) {
   char *name;
-  if (relid == leaf) return att;
-  name = get_attname(relid, att, true);
+  if (relid == leaf) {
+    if (att < 1 || att > desc->natts || TupleDescAttr(desc, att - 1)->attisdropped) return InvalidAttrNumber;
+    return att;
+  }
+  name = get_attname(relid, att, true);      /* a dropped column's name matches nothing live */
   return name ? get_attnum(leaf, name) : InvalidAttrNumber;
 }
 
+static void warn_later(RelListener *rl, char kind, int at) {
+  rl->warn_kind[rl->nwarn] = kind;
+  rl->warn_at[rl->nwarn++] = (int16)at;
+}
+
+/* A column of `columns` or primary_key that is gone is left out (events no longer carry
+ * it, as under wal_logical); a condition whose column is gone or retyped cannot be tested:
+ * the listener matches nothing. Either way the client is told (send_warnings). */
 static void compile(RelListener *rl, Listener *l, Relation rel) {
   Oid leaf = RelationGetRelid(rel);
   TupleDesc desc = RelationGetDescr(rel);
   int vi = 0;
   rl->l = l;
+  rl->warn_kind = palloc(l->ncols + l->npk + l->ncond + 1);
+  rl->warn_at = palloc(sizeof(int16) * (l->ncols + l->npk + l->ncond + 1));
   if (l->cols) {
     rl->ncols = l->ncols;
     rl->cols = palloc(sizeof(AttrNumber) * l->ncols);
     for (int i = 0; i < l->ncols; i++)
-      if ((rl->cols[i] = leaf_att(l->relid, leaf, l->cols[i])) == InvalidAttrNumber) rl->broken = true;
+      if ((rl->cols[i] = leaf_att(l->relid, desc, leaf, l->cols[i])) == InvalidAttrNumber) warn_later(rl, 'f', i);
   }
   rl->npk = l->npk;
   rl->pk = palloc(sizeof(AttrNumber) * (l->npk + 1));
   for (int i = 0; i < l->npk; i++)
-    if ((rl->pk[i] = leaf_att(l->relid, leaf, l->pk[i])) == InvalidAttrNumber) rl->broken = true;
+    if ((rl->pk[i] = leaf_att(l->relid, desc, leaf, l->pk[i])) == InvalidAttrNumber) warn_later(rl, 'k', i);
   rl->ncond = l->ncond;
   rl->conds = palloc0(sizeof(Cond) * (l->ncond + 1));
   for (int i = 0; i < l->ncond; i++) {
@@ -539,18 +589,20 @@ static void compile(RelListener *rl, Listener *l, Relation rel) {
     Form_pg_attribute att;
     c->op = l->cop[i];
     c->nvals = l->cn[i];
-    c->att = leaf_att(l->relid, leaf, l->catt[i]);
-    if (c->att == InvalidAttrNumber || c->att > desc->natts) { rl->broken = true; vi += c->nvals; continue; }
+    c->att = leaf_att(l->relid, desc, leaf, l->catt[i]);
+    if (c->att == InvalidAttrNumber) { rl->broken = true; warn_later(rl, 'c', i); vi += c->nvals; continue; }
     att = TupleDescAttr(desc, c->att - 1);
     /* A column retyped since the listen: its constants mean nothing now. */
-    if (getBaseType(att->atttypid) != l->ctyp[i]) { rl->broken = true; vi += c->nvals; continue; }
+    if (getBaseType(att->atttypid) != l->ctyp[i]) { rl->broken = true; warn_later(rl, 't', i); vi += c->nvals; continue; }
     c->typlen = att->attlen;
     c->coll = att->attcollation;
     if (c->nvals == 0) continue;
     {
       TypeCacheEntry *tc = lookup_type_cache(l->ctyp[i], TYPECACHE_CMP_PROC);
       Oid recv, ioparam;
-      if (!OidIsValid(tc->cmp_proc) || tc->cmp_proc >= FirstNormalObjectId) { rl->broken = true; vi += c->nvals; continue; }
+      if (!OidIsValid(tc->cmp_proc) || tc->cmp_proc >= FirstNormalObjectId) {
+        rl->broken = true; warn_later(rl, 't', i); vi += c->nvals; continue;
+      }
       fmgr_info_cxt(tc->cmp_proc, &c->cmp, CurrentMemoryContext);
       getTypeBinaryInputInfo(l->ctyp[i], &recv, &ioparam);
       c->vals = palloc(sizeof(Datum) * c->nvals);
@@ -564,7 +616,36 @@ static void compile(RelListener *rl, Listener *l, Relation rel) {
   }
 }
 
-/* The listeners of a relation's rows: its own and its partition ancestors', compiled. */
+/* Every ancestor of relid through pg_inherits: partitioned tables' and INHERITS parents'
+ * (multiple inheritance included), read under the decoding's historic snapshot. */
+static List *ancestors(Oid relid) {
+  List *out = NIL, *todo = list_make1_oid(relid);
+  Relation inh = table_open(InheritsRelationId, AccessShareLock);
+  while (todo != NIL) {
+    Oid cur = linitial_oid(todo);
+    ScanKeyData key;
+    SysScanDesc scan;
+    HeapTuple tup;
+    todo = list_delete_first(todo);
+    ScanKeyInit(&key, Anum_pg_inherits_inhrelid, BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(cur));
+    scan = systable_beginscan(inh, InheritsRelidSeqnoIndexId, true, NULL, 1, &key);
+    while (HeapTupleIsValid(tup = systable_getnext(scan))) {
+      Oid parent = ((Form_pg_inherits)GETSTRUCT(tup))->inhparent;
+      if (!list_member_oid(out, parent)) {
+        out = lappend_oid(out, parent);
+        todo = lappend_oid(todo, parent);
+      }
+    }
+    systable_endscan(scan);
+  }
+  table_close(inh, AccessShareLock);
+  return out;
+}
+
+static void build_index(RelEntry *e, TupleDesc desc);
+static bool is_ondisk(int16 typlen, Datum v);
+
+/* The listeners of a relation's rows (its own and its ancestors'), compiled and indexed. */
 static RelEntry *get_entry(FlashData *d, Relation rel) {
   Oid relid = RelationGetRelid(rel);
   bool found;
@@ -583,6 +664,7 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
   if (found && e->cxt) MemoryContextDelete(e->cxt);
   e->valid = true;
   e->rel_sent = false;
+  e->warned = false;
   e->n = 0;
   e->ls = NULL;
   e->nsend = 0;
@@ -590,7 +672,7 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
   e->cxt = AllocSetContextCreate(d->cachecxt, "flashlua relation", ALLOCSET_SMALL_SIZES);
   old = MemoryContextSwitchTo(e->cxt);
   targets = list_make1_oid(relid);
-  if (rel->rd_rel->relispartition) targets = list_concat(targets, get_partition_ancestors(relid));
+  targets = list_concat(targets, ancestors(relid));
   foreach (lc, d->listeners) {
     Listener *l = lfirst(lc);
     if (list_member_oid(targets, l->relid)) e->n++;
@@ -611,11 +693,132 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
   e->send = palloc(sizeof(AttrNumber) * (desc->natts + 1));
   for (int i = 0; i < desc->natts; i++) {
     Form_pg_attribute a = TupleDescAttr(desc, i);
-    if (a->attisdropped || a->attgenerated) continue;
+    if (a->attisdropped) continue;        /* stored generated columns are sent too */
     if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
   }
+  e->out = palloc(sizeof(FmgrInfo) * (e->nsend + 1));
+  for (int i = 0; i < e->nsend; i++) {
+    Oid outf;
+    bool varlena;
+    getTypeOutputInfo(TupleDescAttr(desc, e->send[i] - 1)->atttypid, &outf, &varlena);
+    fmgr_info_cxt(outf, &e->out[i], CurrentMemoryContext);
+  }
+  build_index(e, desc);
   MemoryContextSwitchTo(old);
   return e;
+}
+
+/* --- listeners indexed by value -------------------------------------------------------- */
+
+/* The = or in condition of rl on column att that the index can hold, or NULL. */
+static Cond *index_cond(RelListener *rl, AttrNumber att) {
+  if (rl->broken) return NULL;
+  for (int i = 0; i < rl->ncond; i++) {
+    Cond *c = &rl->conds[i];
+    if (c->att == att && (c->op == C_EQ || c->op == C_IN) && c->nvals > 0) return c;
+  }
+  return NULL;
+}
+
+/* Picks the column that most listeners test with = or in, when at least two do and its
+ * type has a built-in hash function (which agrees with its btree equality), and hashes
+ * their values. In the entry's memory context. */
+static void build_index(RelEntry *e, TupleDesc desc) {
+  int best = 0, bestn = 0, nslots = 0, nb = 1, s = 0;
+  TypeCacheEntry *tc;
+  Form_pg_attribute a;
+  e->ix_att = InvalidAttrNumber;
+  e->ix_mask = 0;
+  e->nrest = 0;
+  for (int k = 1; k <= desc->natts; k++) {
+    int n = 0;
+    for (int i = 0; i < e->n; i++)
+      if (index_cond(&e->ls[i], k)) n++;
+    if (n > bestn) { best = k; bestn = n; }
+  }
+  if (bestn < 2) return;
+  a = TupleDescAttr(desc, best - 1);
+  tc = lookup_type_cache(getBaseType(a->atttypid), TYPECACHE_HASH_PROC | TYPECACHE_CMP_PROC);
+  if (!OidIsValid(tc->hash_proc) || tc->hash_proc >= FirstNormalObjectId || !OidIsValid(tc->cmp_proc) ||
+      tc->cmp_proc >= FirstNormalObjectId)
+    return;
+  e->ix_att = best;
+  e->ix_typlen = a->attlen;
+  e->ix_coll = a->attcollation;
+  fmgr_info_cxt(tc->hash_proc, &e->ix_hash, CurrentMemoryContext);
+  fmgr_info_cxt(tc->cmp_proc, &e->ix_cmp, CurrentMemoryContext);
+  e->rest = palloc(sizeof(int) * (e->n + 1));
+  for (int i = 0; i < e->n; i++) {
+    Cond *c = index_cond(&e->ls[i], best);
+    if (c) nslots += c->nvals;
+    else e->rest[e->nrest++] = i;
+  }
+  while (nb < 2 * nslots) nb <<= 1;
+  e->ix_mask = (uint32)(nb - 1);
+  e->ix_head = palloc(sizeof(int) * nb);
+  for (int b = 0; b < nb; b++) e->ix_head[b] = -1;
+  e->ix_slots = palloc(sizeof(IndexSlot) * nslots);
+  for (int i = 0; i < e->n; i++) {
+    Cond *c = index_cond(&e->ls[i], best);
+    if (!c) continue;
+    for (int j = 0; j < c->nvals; j++, s++) {
+      IndexSlot *sl = &e->ix_slots[s];
+      uint32 b;
+      sl->hash = DatumGetUInt32(FunctionCall1Coll(&e->ix_hash, e->ix_coll, c->vals[j]));
+      sl->listener = i;
+      sl->val = c->vals[j];
+      b = sl->hash & e->ix_mask;
+      sl->next = e->ix_head[b];
+      e->ix_head[b] = s;
+    }
+  }
+}
+
+/* Adds to out the listeners whose indexed values equal the row's value; false when the
+ * value cannot be hashed here (an unchanged TOASTed value absent from the WAL). */
+static bool index_lookup(RelEntry *e, Datum *v, bool *isnull, int *out, int *n) {
+  int k = e->ix_att - 1;
+  uint32 h;
+  if (isnull[k]) return true;                 /* = and in never match NULL */
+  if (is_ondisk(e->ix_typlen, v[k])) return false;
+  h = DatumGetUInt32(FunctionCall1Coll(&e->ix_hash, e->ix_coll, v[k]));
+  for (int s = e->ix_head[h & e->ix_mask]; s >= 0; s = e->ix_slots[s].next) {
+    IndexSlot *sl = &e->ix_slots[s];
+    if (sl->hash == h && DatumGetInt32(FunctionCall2Coll(&e->ix_cmp, e->ix_coll, v[k], sl->val)) == 0)
+      out[(*n)++] = sl->listener;
+  }
+  return true;
+}
+
+static int cmp_int(const void *x, const void *y) {
+  int a = *(const int *)x, b = *(const int *)y;
+  return a < b ? -1 : a > b;
+}
+
+/* The listeners (positions in e->ls, ascending) a change has to be tested against: with
+ * an index, the rest and those whose values the new or old row names; else all. */
+static int *candidates(RelEntry *e, int action, bool full, Datum *nv, bool *nn, Datum *ov, bool *on, int *count) {
+  /* the rest and two lookups' hits: at most n + 2 * slots, and slots <= buckets / 2 */
+  int *out = palloc(sizeof(int) * (e->n + (e->ix_att != InvalidAttrNumber ? 2 * ((int)e->ix_mask + 1) : 0) + 1));
+  int n = 0, u = 0;
+  bool ok = e->ix_att != InvalidAttrNumber;
+  if (ok) {
+    memcpy(out, e->rest, sizeof(int) * e->nrest);
+    n = e->nrest;
+    if (action == REORDER_BUFFER_CHANGE_DELETE && !full) ok = false;   /* conditions are not tested */
+    if (ok && nv) ok = index_lookup(e, nv, nn, out, &n);
+    if (ok && full && ov) ok = index_lookup(e, ov, on, out, &n);
+  }
+  if (!ok) {
+    for (int i = 0; i < e->n; i++) out[i] = i;
+    *count = e->n;
+    return out;
+  }
+  qsort(out, n, sizeof(int), cmp_int);
+  for (int i = 0; i < n; i++)
+    if (u == 0 || out[u - 1] != out[i]) out[u++] = out[i];
+  *count = u;
+  return out;
 }
 
 /* --- writing frames ------------------------------------------------------------------- */
@@ -654,16 +857,55 @@ static void send_relation(LogicalDecodingContext *ctx, Relation rel, RelEntry *e
   e->rel_sent = true;
 }
 
-/* The frame that says which listeners the next change message is for: a pgoutput Message
- * with prefix "flashlua", content 'L' followed by the listener ids (int64 each). */
-static void send_tag(LogicalDecodingContext *ctx, XLogRecPtr lsn, int64 *ids, int n) {
+/* A flashlua logical message (pgoutput 'M', transactional, prefix "flashlua"): its first
+ * byte says what it is ('L' tag, 'W' gone columns, 'A' active, 'N' no-match count). */
+static void message_begin(LogicalDecodingContext *ctx, XLogRecPtr lsn, char kind, int len) {
   OutputPluginPrepareWrite(ctx, false);
   pq_sendbyte(ctx->out, 'M');
   pq_sendbyte(ctx->out, 1);
   pq_sendint64(ctx->out, lsn);
   pq_sendstring(ctx->out, FLASH_TAG_PREFIX);
-  pq_sendint32(ctx->out, 1 + 8 * n);
-  pq_sendbyte(ctx->out, 'L');
+  pq_sendint32(ctx->out, 1 + len);
+  pq_sendbyte(ctx->out, kind);
+}
+
+/* Once per relation entry: the listeners whose named columns are gone or retyped, as 'W',
+ * listener id (int64), count (int16), then per column its list ('f' columns, 'k'
+ * primary_key, 'c' condition column gone, 't' condition column retyped) and 0-based
+ * position in it (int16). The client names the columns in a warning. */
+static void send_warnings(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr lsn, RelEntry *e) {
+  e->warned = true;
+  for (int i = 0; i < e->n; i++) {
+    RelListener *rl = &e->ls[i];
+    if (rl->nwarn == 0) continue;
+    send_begin(ctx, txn);
+    message_begin(ctx, lsn, 'W', 8 + 2 + 3 * rl->nwarn);
+    pq_sendint64(ctx->out, rl->l->id);
+    pq_sendint16(ctx->out, rl->nwarn);
+    for (int k = 0; k < rl->nwarn; k++) {
+      pq_sendbyte(ctx->out, rl->warn_kind[k]);
+      pq_sendint16(ctx->out, rl->warn_at[k]);
+    }
+    OutputPluginWrite(ctx, false);
+  }
+}
+
+/* The frame that says which listeners the next change message is for: a pgoutput Message
+ * with prefix "flashlua", content 'L' followed by the listener ids (int64 each). */
+static void send_tag(LogicalDecodingContext *ctx, XLogRecPtr lsn, int64 *ids, int n) {
+  FlashData *d = ctx->output_plugin_private;
+  if (d->sticky) {
+    /* The client keeps a tag for the following changes of the transaction: one that
+     * repeats the last is not sent (a transaction of rows for the same listeners has one). */
+    if (d->last_n == n && memcmp(d->last_tag, ids, sizeof(int64) * n) == 0) return;
+    if (n > d->last_cap) {
+      d->last_tag = MemoryContextAlloc(ctx->context, sizeof(int64) * n * 2);
+      d->last_cap = n * 2;
+    }
+    memcpy(d->last_tag, ids, sizeof(int64) * n);
+    d->last_n = n;
+  }
+  message_begin(ctx, lsn, 'L', 8 * n);
   for (int i = 0; i < n; i++) pq_sendint64(ctx->out, ids[i]);
   OutputPluginWrite(ctx, false);
 }
@@ -677,17 +919,16 @@ static void send_tuple(StringInfo out, TupleDesc desc, RelEntry *e, Datum *v, bo
   for (int i = 0; i < e->nsend; i++) {
     int k = e->send[i] - 1;
     Form_pg_attribute a = TupleDescAttr(desc, k);
-    Oid outf;
-    bool varlena;
     char *s;
+    int len;
     if (isnull[k]) { pq_sendbyte(out, 'n'); continue; }
     /* An unchanged TOASTed value the WAL does not carry. */
     if (is_ondisk(a->attlen, v[k])) { pq_sendbyte(out, 'u'); continue; }
-    getTypeOutputInfo(a->atttypid, &outf, &varlena);
-    s = OidOutputFunctionCall(outf, v[k]);
+    s = OutputFunctionCall(&e->out[i], v[k]);
+    len = strlen(s);
     pq_sendbyte(out, 't');
-    pq_sendint32(out, strlen(s));
-    pq_sendbytes(out, s, strlen(s));
+    pq_sendint32(out, len);
+    pq_sendbytes(out, s, len);
   }
 }
 
@@ -749,14 +990,30 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
   bool full;
   int64 *ids[G_N];
   int nids[G_N] = { 0 };
+  int *cand, ncand;
   MemoryContext old;
 
   if (is_registry(d, rel)) {
-    /* A listen or unlisten: the following changes see the registry as it now is. */
+    /* A listen or unlisten: the following changes see the registry as it now is. A listen
+     * of this consumer is marked in the stream where it happened ('A', listener id): its
+     * listener gets every change after this one in the transaction, and every later one. */
+    if (change->action == REORDER_BUFFER_CHANGE_INSERT && change->data.tp.newtuple &&
+        RelationGetDescr(rel)->natts == R_NATTS) {
+      Datum v[R_NATTS];
+      bool n[R_NATTS];
+      heap_deform_tuple(&change->data.tp.newtuple->tuple, RelationGetDescr(rel), v, n);
+      if (!n[R_ID] && !n[R_CONSUMER] && strcmp(TextDatumGetCString(v[R_CONSUMER]), d->consumer) == 0) {
+        send_begin(ctx, txn);
+        message_begin(ctx, change->lsn, 'A', 8);
+        pq_sendint64(ctx->out, DatumGetInt64(v[R_ID]));
+        OutputPluginWrite(ctx, false);
+      }
+    }
     reset_cache(d);
     return;
   }
   e = get_entry(d, rel);
+  if (!e->warned) send_warnings(ctx, txn, change->lsn, e);
   if (e->n == 0) {
     if (++d->skipped % 1000 == 0) OutputPluginUpdateProgress(ctx, false);
     return;
@@ -775,10 +1032,19 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
     heap_deform_tuple(oldt, desc, ov, on);
   }
   full = oldt && rel->rd_rel->relreplident == REPLICA_IDENTITY_FULL;
+  if (full && nv)
+    /* An unchanged TOASTed value is absent from the new row but whole in the old one
+     * (REPLICA IDENTITY FULL): it is the same value, so conditions test it and the new row
+     * carries it. */
+    for (int k = 0; k < desc->natts; k++) {
+      int16 len = TupleDescAttr(desc, k)->attlen;
+      if (!nn[k] && !on[k] && is_ondisk(len, nv[k]) && !is_ondisk(len, ov[k])) nv[k] = ov[k];
+    }
   for (int g = 0; g < G_N; g++) ids[g] = palloc(sizeof(int64) * e->n);
 
-  for (int i = 0; i < e->n; i++) {
-    RelListener *rl = &e->ls[i];
+  cand = candidates(e, change->action, full, nv, nn, ov, on, &ncand);
+  for (int ci = 0; ci < ncand; ci++) {
+    RelListener *rl = &e->ls[cand[ci]];
     int ops = rl->l->ops;
     if (rl->broken) continue;
     switch (change->action) {
@@ -798,6 +1064,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
           if (full)
             for (int k = 0; k < rl->npk && !moved; k++) {
               int a = rl->pk[k] - 1;
+              if (a < 0) continue;
               moved = !same_value(TupleDescAttr(desc, a), ov[a], on[a], nv[a], nn[a]);
             }
           if (moved) {
@@ -806,6 +1073,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
             bool changed = !(full && rl->cols);
             for (int k = 0; !changed && k < rl->ncols; k++) {
               int a = rl->cols[k] - 1;
+              if (a < 0) continue;
               changed = !same_value(TupleDescAttr(desc, a), ov[a], on[a], nv[a], nn[a]);
             }
             if (changed) ids[G_UPDATE][nids[G_UPDATE]++] = rl->l->id;
@@ -883,6 +1151,7 @@ static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int 
     RelEntry *e = get_entry(d, relations[r]);
     int64 *ids = palloc(sizeof(int64) * (e->n + 1));
     int n = 0;
+    if (!e->warned) send_warnings(ctx, txn, change->lsn, e);
     for (int i = 0; i < e->n; i++)
       if (!e->ls[i].broken && (e->ls[i].l->ops & OP_TRUNCATE)) ids[n++] = e->ls[i].l->id;
     if (n == 0) continue;
@@ -903,10 +1172,19 @@ static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int 
 static void begin_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
   FlashData *d = ctx->output_plugin_private;
   d->begun = false;
+  d->last_n = -1;
 }
 
 static void commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn) {
   FlashData *d = ctx->output_plugin_private;
+  if (d->nomatch != d->nomatch_sent) {
+    /* 'N', int64: how many tests of this transaction could not be made (counted as no match). */
+    send_begin(ctx, txn);
+    message_begin(ctx, commit_lsn, 'N', 8);
+    pq_sendint64(ctx->out, (int64)(d->nomatch - d->nomatch_sent));
+    OutputPluginWrite(ctx, false);
+    d->nomatch_sent = d->nomatch;
+  }
   if (!d->begun) {
     /* Nothing of it was for us: let the walsender confirm past it. */
     OutputPluginUpdateProgress(ctx, true);
@@ -936,6 +1214,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
     char *val = el->arg ? strVal(el->arg) : NULL;
     if (strcmp(el->defname, "consumer") == 0 && val && *val) {
       d->consumer = pstrdup(val);
+    } else if (strcmp(el->defname, "sticky_tags") == 0 && val) {
+      d->sticky = strcmp(val, "on") == 0 || strcmp(val, "1") == 0 || strcmp(val, "true") == 0;
     } else if (strcmp(el->defname, "version") == 0 && val) {
       if (strcmp(val, FLASH_VERSION) != 0)
         ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -944,7 +1224,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
                                 "ALTER EXTENSION flashlua UPDATE")));
     } else {
       ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name' and version '%s')",
+                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name', version '%s' "
+                             "and sticky_tags 'on')",
                              el->defname, FLASH_VERSION)));
     }
   }

@@ -174,6 +174,170 @@ describe("pg_extension", function()
     end)
   end)
 
+  describe("the stream's own messages", function()
+    it("marks where each listen took effect: its listener gets every change after it", function()
+      local t = H.table("id int PRIMARY KEY")
+      client = assert(flash.client { driver = "pg_extension" })
+      local first, later = {}, {}
+      local a = assert(client:listen { table = t })
+      a:on("insert", function(ev) first[#first + 1] = ev end)
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      H.wait(client, first, 1)
+      assert.is_string(a.active_lsn)
+      local b = assert(client:listen { table = t })
+      b:on("insert", function(ev) later[#later + 1] = ev end)
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      H.wait(client, later, 1)
+      H.wait(client, first, 2)
+      assert.is_string(b.active_lsn)
+      assert.is_true(core.lsn(a.active_lsn) < core.lsn(first[1].lsn))
+      assert.is_true(core.lsn(first[1].lsn) < core.lsn(b.active_lsn))
+      assert.is_true(core.lsn(b.active_lsn) < core.lsn(later[1].lsn))
+      assert.same({ 1, 2, 2 }, { first[1].new.id, first[2].new.id, later[1].new.id })
+    end)
+
+    it("counts a condition it cannot test (an unchanged TOASTed value the WAL lacks) in client:stats().nomatch", function()
+      local t = H.table("id int PRIMARY KEY, big text, n int")
+      client = assert(flash.client { driver = "pg_extension", replica_identity = "full" })
+      local got = {}
+      assert(client:listen { table = t, fields = { "id", "n" }, where = { { "big", "<>", "a" } } }):on("all", function(ev)
+        got[#got + 1] = ev.op .. " " .. ev.new.id .. " " .. tostring(ev.new.n)
+      end)
+      assert(client:start())
+      local big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 1000) g)"
+      H.sql("INSERT INTO " .. t .. " VALUES (1, " .. big .. ", 0), (2, " .. big .. ", 0)")
+      -- REPLICA IDENTITY FULL: the old row has the value, so the unchanged one is tested.
+      H.sql("UPDATE " .. t .. " SET n = 1 WHERE id = 1")
+      H.wait(client, got, 3)
+      assert.equal(0, client:stats().nomatch)
+      -- Without it, the new row of an update that leaves the value alone lacks it.
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY DEFAULT")
+      H.sql("UPDATE " .. t .. " SET n = 2 WHERE id = 1")
+      H.sql("UPDATE " .. t .. " SET n = 3, big = 'b' WHERE id = 2")
+      H.wait(client, got, 4)
+      assert.same({ "insert 1 0", "insert 2 0", "update 1 1", "update 2 3" }, got)
+      assert.equal(1, client:stats().nomatch)
+    end)
+  end)
+
+  describe("many listeners", function()
+    it("1,000 listeners with equality conditions on one table: each row reaches exactly its listeners", function()
+      local t = H.table("id int PRIMARY KEY, k int, tag text")
+      client = assert(flash.client { driver = "pg_extension", replica_identity = "full" })
+      local got, want = {}, {}
+      -- Listener i: k = i; every tenth k in {i, i + 1000}; i = 1, 11, 21, ... also tag = 'x';
+      -- number 1001 (not indexed: no equality) k >= 1999.
+      for i = 1, 1001 do
+        local where
+        if i == 1001 then where = { { "k", ">=", 1999 } }
+        elseif i % 10 == 0 then where = { { "k", "in", { i, i + 1000 } } }
+        elseif i % 10 == 1 then where = { k = i, tag = "x" }
+        else where = { k = i } end
+        got[i], want[i] = {}, {}
+        assert(client:listen { table = t, fields = { "id" }, where = where }):on("all", function(ev)
+          table.insert(got[i], ev.op .. " " .. (ev.new or ev.old).id)
+        end)
+      end
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. " SELECT g, g, CASE WHEN g % 4 = 1 THEN 'x' ELSE 'y' END FROM generate_series(1, 2000) g")
+      H.sql("UPDATE " .. t .. " SET k = k + 1 WHERE id IN (5, 1010)")
+      H.sql("DELETE FROM " .. t .. " WHERE id = 7")
+      assert(client:run { until_lsn = "current" })
+      client = nil
+      for g = 1, 2000 do
+        local tag = g % 4 == 1 and "x" or "y"
+        for i = 1, 1001 do
+          local hit
+          if i == 1001 then hit = g >= 1999
+          elseif i % 10 == 0 then hit = g == i or g == i + 1000
+          elseif i % 10 == 1 then hit = g == i and tag == "x"
+          else hit = g == i end
+          if hit then table.insert(want[i], "insert " .. g) end
+        end
+      end
+      table.insert(want[5], "delete 5")
+      table.insert(want[6], "insert 5")
+      table.insert(want[10], "delete 1010")
+      table.insert(want[7], "delete 7")
+      local wrong = {}
+      for i = 1, 1001 do
+        if table.concat(got[i], ",") ~= table.concat(want[i], ",") then
+          wrong[#wrong + 1] = string.format("#%d got {%s} want {%s}", i, table.concat(got[i], ","), table.concat(want[i], ","))
+        end
+      end
+      assert.same({}, wrong)
+      assert.same({ "insert 1999", "insert 2000" }, got[1001])
+    end)
+  end)
+
+  describe("DDL while listening", function()
+    it("drops a dropped field from events, stops a listener whose condition column is gone or retyped, and warns once", function()
+      local t = H.table("id int PRIMARY KEY, note text, score int, kind text, other int")
+      client = assert(flash.client { driver = "pg_extension" })
+      local got = { fields = {}, score = {}, kind = {}, all = {} }
+      local function on(name, opts)
+        opts.table = t
+        assert(client:listen(opts)):on("insert", function(ev) table.insert(got[name], ev.new) end)
+      end
+      on("fields", { fields = { "id", "note" } })
+      on("score", { fields = { "id" }, where = { { "score", ">=", 10 } } })
+      on("kind", { fields = { "id" }, where = { kind = "a" } })
+      on("all", {})
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'n', 10, 'a', 0)")
+      H.wait(client, got.all, 1)
+      local lines = {}
+      local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+      local ok, err = pcall(function()
+        H.sql("ALTER TABLE " .. t .. " DROP COLUMN note")
+        H.sql("ALTER TABLE " .. t .. " ALTER COLUMN score TYPE bigint")
+        H.sql("ALTER TABLE " .. t .. " DROP COLUMN kind")
+        H.sql("ALTER TABLE " .. t .. " ADD COLUMN added text DEFAULT 'new'")
+        H.sql("INSERT INTO " .. t .. " (id, score, other) VALUES (2, 20, 0), (3, 30, 0)")
+        assert(client:run { until_lsn = "current" })
+      end)
+      flash.log.set_sink(old)
+      client = nil
+      assert(ok, err)
+      local warned = {}
+      for _, l in ipairs(lines) do
+        if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+      end
+      table.sort(warned)
+      assert.same({
+        string.format("listener #1 on public.%s: column note is no longer in the table (dropped or renamed); " ..
+          "its events no longer carry it", t),
+        string.format("listener #2 on public.%s: column score of its conditions changed type; it matches nothing " ..
+          "until it listens again", t),
+        string.format("listener #3 on public.%s: column kind of its conditions is no longer in the table (dropped); " ..
+          "it matches nothing until it listens again", t),
+      }, warned)
+      assert.same({ { id = 1, note = "n" }, { id = 2 }, { id = 3 } }, got.fields)
+      assert.same({ { id = 1 } }, got.score)
+      assert.same({ { id = 1 } }, got.kind)
+      assert.same({ { id = 1, note = "n", score = 10, kind = "a", other = 0 },
+        { id = 2, score = 20, other = 0, added = "new" }, { id = 3, score = 30, other = 0, added = "new" } }, got.all)
+    end)
+
+    it("follows INHERITS children, with their own columns, a child created while listening included", function()
+      local t = H.table("id int PRIMARY KEY, v text")
+      H.sql("CREATE TABLE " .. t .. "_kid (extra int) INHERITS (" .. t .. ")")
+      client = assert(flash.client { driver = "pg_extension" })
+      local got = {}
+      assert(client:listen { table = t, fields = { "id", "v" }, where = { { "id", "<", 50 } } }):on("insert", function(ev)
+        got[#got + 1] = { ev.new.id, ev.new.v, ev.source }
+      end)
+      assert(client:start())
+      H.sql("INSERT INTO " .. t .. "_kid VALUES (1, 'kid', 7), (51, 'kid, filtered out', 7)")
+      H.sql("CREATE TABLE " .. t .. "_late (z int, v text, id int NOT NULL); ALTER TABLE " .. t .. "_late INHERIT " .. t ..
+        "; INSERT INTO " .. t .. "_late VALUES (0, 'late', 2)")
+      assert(client:run { until_lsn = "current" })
+      client = nil
+      assert.same({ { 1, "kid", "public." .. t .. "_kid" }, { 2, "late", "public." .. t .. "_late" } }, got)
+    end)
+  end)
+
   describe("errors", function()
     it("refuses a condition the server cannot test, at listen", function()
       local t = H.table("id int PRIMARY KEY, doc json")

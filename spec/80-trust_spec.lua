@@ -35,7 +35,7 @@ local function until_mark(client, events, mark)
 end
 
 for _, driver in ipairs(H.drivers) do
-  local wal = driver == "wal_logical"
+  local wal = driver == "wal_logical" or driver == "pg_extension"   -- WAL drivers: old rows need REPLICA IDENTITY FULL
   local copts = function() return { driver = driver, replica_identity = wal and "full" or nil } end
 
   describe("trust (" .. driver .. ")", function()
@@ -103,7 +103,7 @@ for _, driver in ipairs(H.drivers) do
   describe("trust, as a process (" .. driver .. ")", function()
     it("delivers a change while the script runs queries from a timer, without a later write", function()
       local t = H.table("id int PRIMARY KEY, v text")
-      if driver == "wal_logical" then H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL") end
+      if driver == "wal_logical" or driver == "pg_extension" then H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL") end
       local path = H.script(string.format([[
 local flash = require "flash"
 local client = assert(flash.client { driver = %q })

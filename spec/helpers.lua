@@ -16,6 +16,19 @@ for _, name in ipairs(require("flash.driver").NAMES) do
   if not require("flash.driver").PARTIAL[name] then H.drivers[#H.drivers + 1] = name end
 end
 
+-- The pg_extension driver needs the flashlua extension in the test database (make test
+-- installs it on the server first).
+if not require("flash.driver").PARTIAL.pg_extension then
+  local c = assert(flash.client { dsn = H.dsn })
+  c:query([[DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_available_extensions WHERE name = 'flashlua') THEN
+      CREATE EXTENSION IF NOT EXISTS flashlua;
+    END IF;
+  EXCEPTION WHEN unique_violation OR duplicate_object THEN NULL;   -- another suite made it meanwhile
+  END $$]])
+  c:stop()
+end
+
 H.root = (debug.getinfo(1, "S").source:match("^@(.*)spec/helpers%.lua$") or "./")
 H.flashlua = H.root .. "build/flashlua"
 
@@ -85,11 +98,17 @@ function H.listen(listen_opts, ops, client_opts)
 end
 
 -- What captures changes of `tbl` in the database: triggers on it plus the publications
--- that hold it (a trigger driver's objects, or the wal_logical driver's).
+-- that hold it (a trigger driver's objects, or the wal_logical driver's) plus its rows in
+-- the flashlua extension's registry (pg_extension).
+local function registry()
+  return H.scalar("SELECT to_regclass('flash.listeners') IS NOT NULL AS b")
+end
+
 function H.capture(tbl)
   return tonumber(H.scalar([[SELECT
     (SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal)
   + (SELECT count(*) FROM pg_publication_rel WHERE prrelid = $1::regclass) AS n]], tbl))
+    + (registry() and tonumber(H.scalar("SELECT count(*) AS n FROM flash.listeners WHERE relid = $1::regclass", tbl)) or 0)
 end
 
 -- Objects flashlua left in the database: schemas and publications it marks, and triggers
@@ -101,6 +120,8 @@ function H.leftovers()
   + (SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
       JOIN pg_namespace n ON n.oid = p.pronamespace
      WHERE obj_description(n.oid, 'pg_namespace') LIKE 'flashlua instance%') AS n]]))
+    + (registry() and tonumber(H.scalar([[SELECT count(*) AS n FROM flash.listeners
+         WHERE consumer LIKE 'flash\_extension\_%']])) or 0)
 end
 
 -- H.leftovers() sees the whole database; while another suite's instance is running there

@@ -317,8 +317,7 @@ static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   r->events++;
   lua_pushnumber(L, relid);
   if (r->tag_len) {               /* dispatch(ev, relid, tag): the listeners it is for */
-    lua_pushlstring(L, r->tag, r->tag_len);
-    r->tag_len = 0;
+    lua_pushlstring(L, r->tag, r->tag_len);   /* it holds until the next tag or the Commit */
     nargs = 3;
   }
   return call_hook(L, r, nargs, "dispatch: ");
@@ -547,8 +546,10 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
     return stream_append(r, s, m.xid, buf, len);
   }
-  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0) {
-    /* The flashlua plugin's listener tag: kept for the change message that follows. */
+  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0 &&
+      m.content_len > 0 && m.content[0] == 'L') {
+    /* The flashlua plugin's listener tag: kept for the change message that follows (its
+     * other messages go to the on_message hook). */
     if (m.content_len > r->tag_cap) {
       char *t = realloc(r->tag, m.content_len);
       if (!t) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
@@ -562,10 +563,12 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
   switch (m.type) {
     case FL_PGO_BEGIN:
       r->in_txn = 1;
+      r->tag_len = 0;
       set_txn(L, r, m.xid, m.lsn, m.timestamp);
       return 0;
     case FL_PGO_COMMIT:
       r->in_txn = 0;
+      r->tag_len = 0;
       r->txn_end = m.end_lsn;
       /* Every callback of the transaction has returned: it may be confirmed. */
       return handled(L, r, m.end_lsn);

@@ -275,6 +275,10 @@ local function config_text(sb, settings)
   -- Servers that gate output plugins (a postgresql.conf that names the setting) also let
   -- the pg_extension driver's plugin in.
   if sb.plugins_gated then base[#base + 1] = { "output_plugin_libraries", "pgoutput, test_decoding, flashlua" } end
+  -- FLASH_PGEXT_DIR (scripts/run-tests: the source tree's pgext/): flashlua.so is loaded
+  -- from there, not from the server's lib directory (which another tree may install to).
+  local ext = os.getenv("FLASH_PGEXT_DIR")
+  if ext and ext ~= "" then base[#base + 1] = { "dynamic_library_path", ext .. ":$libdir" } end
   for _, kv in ipairs(base) do
     if settings[kv[1]] == nil then set(kv[1], kv[2]) end
   end

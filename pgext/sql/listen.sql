@@ -42,10 +42,11 @@ RESET ROLE;
 SELECT flash.unlisten(max(id)) FROM flash.listeners WHERE consumer = 'p';
 SELECT flash.unlisten(12345);
 
--- what the plugin sends: B/C transaction frames, R relation, then for each event an 'M'
--- tag with its listener ids followed by the change (I/U/D)
+-- what the plugin sends: B/C transaction frames, R relation, then for each event an 'M:L'
+-- tag with its listener ids followed by the change (I/U/D); 'M:A' marks where a listen of
+-- the consumer took effect (its listener id)
 CREATE FUNCTION frames(consumer text) RETURNS TABLE (kind text, detail text) LANGUAGE sql AS $$
-  SELECT chr(get_byte(data, 0)),
+  SELECT chr(get_byte(data, 0)) || CASE WHEN get_byte(data, 0) = 77 THEN ':' || chr(get_byte(data, 23)) ELSE '' END,
          CASE WHEN get_byte(data, 0) = 77 THEN
                 (SELECT string_agg(('x' || encode(substr(data, p, 8), 'hex'))::bit(64)::bigint::text, ',' ORDER BY p)
                  FROM generate_series(25, length(data), 8) p)

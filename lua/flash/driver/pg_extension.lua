@@ -5,6 +5,7 @@
 -- reconnects are the wal_logical driver's (flash.driver.wal_logical), whose methods this one
 -- inherits.
 local core = require "flash.core"
+local log = require "flash.log"
 local filter = require "flash.filter"
 local base = require "flash.driver.base"
 local wal = require "flash.driver.wal_logical"
@@ -29,6 +30,8 @@ function M.new(client)
   self.proto = 1
   self.streaming = false
   self.by_reg = {}              -- [registry id] = listener
+  self.defs = {}                -- [registry id] = what it was registered with (column lists, for warnings)
+  self.nomatch = 0              -- condition tests the server could not make (counted as no match)
   return self
 end
 
@@ -131,7 +134,10 @@ function Driver.definition(_, l, any_ops)
     end
     pk = nil
   end
+  local cond_cols = {}
+  for i, c in ipairs(l.conds) do cond_cols[i] = c.column end
   local d = { ops = pgarray(ops), cols = pgarray(cols), pk = pgarray(pk),
+              lists = { f = cols or {}, k = pk or {}, c = cond_cols, t = cond_cols },
               conds = #conds > 0 and ("[" .. table.concat(conds, ",") .. "]") or core.null }
   d.note = table.concat({ "flashlua #" .. l.id, string.format("%d", l.table.oid), d.ops, tostring(d.cols),
     tostring(d.conds), tostring(d.pk) }, " ")
@@ -156,7 +162,7 @@ function Driver:register_all()
   local ok
   ok, err = self:exec("BEGIN")
   if not ok then return nil, err end
-  local by_reg, keep = {}, {}
+  local by_reg, keep, defs = {}, {}, {}
   for _, l in ipairs(self.client.listeners) do
     local d = not l.dropped and self:definition(l)
     if d then
@@ -170,6 +176,7 @@ function Driver:register_all()
       end
       keep[id] = true
       by_reg[id] = l
+      defs[id] = d.lists
     end
   end
   for _, r in ipairs(rows) do
@@ -180,7 +187,7 @@ function Driver:register_all()
   end
   ok, err = self:exec("COMMIT")
   if not ok then return nil, err end
-  self.by_reg = by_reg
+  self.by_reg, self.defs = by_reg, defs
   return true
 end
 
@@ -211,7 +218,7 @@ function Driver:open_slot()
   ok, err = self:register_all()
   if not ok then repl:close() return nil, err end
   local cmd = "START_REPLICATION SLOT " .. self:ident(self.slot) .. " LOGICAL 0/0 (consumer " .. self:literal(self.consumer) ..
-    ", version " .. self:literal(VERSION) .. ")"
+    ", version " .. self:literal(VERSION) .. ", sticky_tags 'on')"
   local serr, state
   ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return self:slot_error(serr, state) end
@@ -233,10 +240,85 @@ function Driver:setup_publication()
   return true
 end
 
--- A Relation message lists the columns the listeners want, not the table's: only a rename
--- is news here.
-function Driver:on_relation(relid, schema, name)
-  if self.by_oid[relid] then self:renamed(relid, schema, name) end
+-- A started stream: wal_logical's, with the plugin's own messages (prefix "flashlua",
+-- other than the listener tags lrepl keeps) going to on_plugin_message.
+function Driver:attach(repl)
+  local ok, err = wal.Driver.attach(self, repl)
+  if not ok then return nil, err end
+  repl:on_message("flashlua", function(lsn, content) return self:on_plugin_message(content, lsn) end)
+  return true
+end
+
+-- Backfill places its chunks with logical messages the plugin does not forward (yet):
+-- flash.backfill refuses a driver without this method.
+Driver.backfill = false
+
+local WARN = {
+  f = "column %s is no longer in the table (dropped or renamed); its events no longer carry it",
+  k = "primary_key column %s is no longer in the table (dropped); a change of it no longer splits an update",
+  c = "column %s of its conditions is no longer in the table (dropped); it matches nothing until it listens again",
+  t = "column %s of its conditions changed type; it matches nothing until it listens again",
+}
+
+local function int_be(s, at, n)
+  local v = 0
+  for k = at, at + n - 1 do v = v * 256 + s:byte(k) end
+  return v
+end
+
+function Driver:warn_column(l, kind, column)
+  local key = l.id .. ":" .. kind .. ":" .. column
+  if self.warned[key] then return end
+  self.warned[key] = true
+  log.warn(string.format("listener #%d on %s: " .. WARN[kind], l.id, l.table_name, column))
+end
+
+-- The plugin's messages (pgext/README.md): 'A' a listen of this consumer took effect here,
+-- 'N' tests of a transaction that could not be made (no match), 'W' columns gone.
+function Driver:on_plugin_message(m, lsn)
+  local kind = m:sub(1, 1)
+  if kind == "A" and #m >= 9 then
+    local l = self.by_reg[int_be(m, 2, 8)]
+    if l then
+      -- Where in the WAL the listener started: it gets every change after this position.
+      l.active_lsn = core.lsn(lsn)
+      log.debug(string.format("listener #%d on %s active from %s", l.id, l.table_name, l.active_lsn))
+    end
+    return true
+  end
+  if kind == "N" and #m >= 9 then
+    self.nomatch = self.nomatch + int_be(m, 2, 8)
+    return true
+  end
+  if kind ~= "W" or #m < 11 then return true end
+  local id, n = int_be(m, 2, 8), int_be(m, 10, 2)
+  local l, lists = self.by_reg[id], self.defs[id]
+  if not l or not lists then return true end
+  for i = 0, n - 1 do
+    local at = 12 + i * 3
+    if at + 2 > #m then break end
+    local list = m:sub(at, at)
+    local col = lists[list] and lists[list][int_be(m, at + 1, 2) + 1]
+    if col and WARN[list] then self:warn_column(l, list, col) end
+  end
+  return true
+end
+
+-- A Relation message lists the columns the listeners want, not the table's: a rename is
+-- news, and a listened field missing from it (renamed: the registry names columns by
+-- number, so the plugin keeps sending it under its new name, which the listener does not
+-- ask for).
+function Driver:on_relation(relid, schema, name, columns)
+  local list = self.by_oid[relid]
+  if not list then return end
+  self:renamed(relid, schema, name)
+  local have = {}
+  for _, c in ipairs(columns or {}) do have[c] = true end
+  for _, l in ipairs(list) do
+    for _, f in ipairs(l.fields or {}) do
+      if not have[f] then self:warn_column(l, "f", f) end
+    end
+  end
 end
 
 local function project(row, fields)
@@ -249,14 +331,23 @@ end
 function Driver:make_dispatch()
   local client = self.client
   local function emit(l, ev) return client:_deliver(l, ev) end
+  local last_tag, last_ids = nil, nil     -- a tag holds for many changes: parsed once
   return function(ev, _, tag)
     if not tag or tag:byte(1) ~= 76 then return true end      -- 'L': listener ids follow
-    local n = (#tag - 1) / 8
+    local ids = last_ids
+    if tag ~= last_tag then
+      ids = {}
+      for i = 0, (#tag - 1) / 8 - 1 do
+        local id, at = 0, 2 + i * 8
+        for k = at, at + 7 do id = id * 256 + tag:byte(k) end
+        ids[#ids + 1] = id
+      end
+      last_tag, last_ids = tag, ids
+    end
+    local n = #ids
     local source = ev.table
-    for i = 0, n - 1 do
-      local id, at = 0, 2 + i * 8
-      for k = at, at + 7 do id = id * 256 + tag:byte(k) end
-      local l = self.by_reg[id]
+    for i = 1, n do
+      local l = self.by_reg[ids[i]]
       if l and not l.dropped then
         local e = n == 1 and ev or { op = ev.op, id = ev.id, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
                                      commit_time = ev.commit_time }
@@ -279,6 +370,7 @@ function Driver:stats(s)
   wal.Driver.stats(self, s)
   s.publication = nil
   s.consumer = self.consumer
+  s.nomatch = self.nomatch
 end
 
 function Driver:stop(confirm)
