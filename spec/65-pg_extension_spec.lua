@@ -302,7 +302,7 @@ describe("pg_extension", function()
       assert(ok, err)
       local warned = {}
       for _, l in ipairs(lines) do
-        if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+(.*)$") end
+        if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+%[[^%]]*%] (.*)$") end
       end
       table.sort(warned)
       assert.same({
