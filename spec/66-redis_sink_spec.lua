@@ -11,14 +11,15 @@ local sinkmod = require "flash.sink.redis"
 local PARTS = 3
 
 -- Every entry of the partition streams: { [p] = { {id=, table=, op=, event=}, ... } }.
-local function entries(port)
+local function entries(port, parts)
+  parts = parts or PARTS
   local conn = assert(core.redis_connect("127.0.0.1", port, 2))
   local cmds = {}
-  for p = 0, PARTS - 1 do cmds[#cmds + 1] = { "XRANGE", "flash:" .. p, "-", "+" } end
+  for p = 0, parts - 1 do cmds[#cmds + 1] = { "XRANGE", "flash:" .. p, "-", "+" } end
   local replies = assert(conn:pipeline(cmds))
   conn:close()
   local out = {}
-  for p = 0, PARTS - 1 do
+  for p = 0, parts - 1 do
     out[p] = {}
     for _, e in ipairs(replies[p + 1]) do
       local f = {}
@@ -119,5 +120,40 @@ assert(flash.run())
     for id, p in pairs(where) do
       assert.equal(sinkmod.hash("public." .. t .. "\0" .. id) % PARTS, p)
     end
+  end)
+
+  it("is what flashlua --table T --to redis://... --partitions N runs", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.redis_start(f.dir, f.port)
+    H.drop_slot("flash_replication", "flash_publication")
+    local h = s.spawn({ "--table", t, "--to", "redis://127.0.0.1:" .. f.port, "--partitions", "2" })
+    assert.is_true(H.wait_for(function()
+      return tonumber(H.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'flash_replication' " ..
+        "AND active")) == 1
+    end, 15), h.err())
+    H.sql("INSERT INTO " .. t .. " SELECT g, g FROM generate_series(1, 20) g")
+    local function total()
+      local n = 0
+      for p = 0, 1 do
+        local list = entries(f.port, 2)[p]
+        n = n + #list
+      end
+      return n
+    end
+    assert.is_true(H.wait_for(function() return total() == 20 end, 15), h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    local ids = {}
+    for p = 0, 1 do
+      for _, e in ipairs(entries(f.port, 2)[p]) do
+        local ev = json.decode(e.event)
+        assert.equal(sinkmod.hash("public." .. t .. "\0" .. ev.new.id) % 2, p)
+        ids[#ids + 1] = ev.new.id
+      end
+    end
+    table.sort(ids)
+    assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 }, ids)
+    H.drop_slot("flash_replication", "flash_publication")
   end)
 end)

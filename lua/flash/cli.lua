@@ -33,6 +33,11 @@ options:
                          'single quoted' ('' for a quote); compared as the column's type
       --backfill         with --table: first every existing row (op "read"), then the
                          changes; needs wal_logical (the default with --backfill)
+      --to redis://HOST[:PORT]
+                         with --table: append each event to Redis Streams instead
+                         (flash:0 .. flash:N-1, by table + key; docs/scale-out.md),
+                         confirming to a persistent slot only what Redis holds
+      --partitions N     with --to: the number of streams (default 1)
       --list-slots       list flashlua's replication slots in the database (-d): name,
                          plugin, active pid, WAL retained, confirmed position; exit
       --drop-slot NAME   drop flashlua's inactive replication slot NAME and exit
@@ -40,13 +45,15 @@ options:
   -v, --version          print the version and exit
   -h, --help             print this help and exit
 
---ops, --fields, --where and --backfill go with --table only (a usage error with a script).
+--ops, --fields, --where, --backfill and --to go with --table only (a usage error with a
+script).
 
 exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
 examples:
   flashlua --sandbox examples/demo.lua
   flashlua -d postgres://localhost/app --table public.posts --ops insert,update
   flashlua --table shop.orders --where "customer_id in (1, 2)" --where "note is not null"
+  flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4
 ]]
 
 local function usage_error(msg)
@@ -145,6 +152,7 @@ local function table_only(o)
   if o.fields then return "--fields" end
   if #o.where > 0 then return "--where" end
   if o.backfill then return "--backfill" end
+  if o.to then return "--to" end
 end
 
 local function parse_args(argv)
@@ -187,6 +195,17 @@ local function parse_args(argv)
       end
     elseif a == "--fields" then o.fields = split_list(val(a))
     elseif a == "--backfill" then o.backfill = true
+    elseif a == "--to" then
+      o.to = val(a)
+      if not o.to:find("^redis://[^:/]+:?%d*/?%d*$") then
+        error({ usage = string.format("--to takes redis://HOST[:PORT], got '%s'", o.to) })
+      end
+    elseif a == "--partitions" then
+      local v = val(a)
+      o.partitions = tonumber(v)
+      if not (o.partitions and o.partitions >= 1 and o.partitions <= 1024 and o.partitions == math.floor(o.partitions)) then
+        error({ usage = string.format("--partitions takes a whole number from 1 to 1024, got '%s'", v) })
+      end
     elseif a == "--list-slots" then o.list_slots = true
     elseif a == "--drop-slot" then o.drop_slot = val(a)
     elseif a == "--where" then
@@ -220,7 +239,14 @@ local function table_mode(flash, o)
   local encode = flash.json.encode
   -- A backfill needs wal_logical: it is the default driver then.
   -- Failures are the user's: their message alone, without a position in this file.
-  local client, err = flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil }
+  local client, err
+  if o.to then
+    -- Redis confirms what the slot may forget: wal_logical (unless --driver says otherwise)
+    -- with a persistent slot and manual acks, acknowledged by the sink.
+    client, err = flash.client { driver = flash.defaults.driver or "wal_logical", persistent = true, ack = "manual" }
+  else
+    client, err = flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil }
+  end
   if not client then error(err, 0) end
   local listener
   listener, err = client:listen {
@@ -233,6 +259,10 @@ local function table_mode(flash, o)
     ops[#ops + 1] = "read"
   end
   if o.backfill then listener:backfill() end
+  if o.to then
+    listener:on(ops or "all", flash.sink.redis { url = o.to, partitions = o.partitions })
+    return
+  end
   listener:on(ops or "all", function(ev)
     io.stdout:write(encode(ev, ENCODE_OPTS), "\n")
     io.stdout:flush()
@@ -313,6 +343,7 @@ local function run(argv)
   if only then
     return usage_error(only .. " goes with --table; a script chooses this itself (client:listen, listener:on)")
   end
+  if o.partitions and not o.to then return usage_error("--partitions goes with --to") end
   if not o.script and not o.table and #o.exprs == 0 then
     return usage_error("no script given")
   end
