@@ -806,7 +806,8 @@ describe("matrix (" .. driver .. ")", function()
   cell("[resume]", "changes made while stopped are delivered on restart", function()
     local t = H.table("id int")
     local names = { slot = "flash_mx_" .. core.getpid(), publication = "flash_mx_pub_" .. core.getpid(), persistent = true }
-    if driver == "wal_logical" then
+    local slotted = driver == "wal_logical" or driver == "pg_extension"
+    if slotted then
       extra_cleanup = function()
         -- The stopped client's walsender may hold the slot for a moment after it left.
         local deadline = core.now() + 5
@@ -834,7 +835,7 @@ describe("matrix (" .. driver .. ")", function()
     -- At-least-once: a change handled just before the stop may come again.
     if got[1] == "insert 1" then table.remove(got, 1) end
     assert.same({ "insert 2", "insert 99" }, got, table.concat(trace(events2), ", "))
-    if driver == "wal_logical" then return { note = "persistent = true: resumes from the slot" } end
+    if slotted then return { note = "persistent = true: resumes from the slot" } end
     return { note = "persistent = true: the schema, its triggers and the backlog stay between runs" }
   end)
 end)
