@@ -887,16 +887,20 @@ static int l_due(lua_State *L) {
   return 1;
 }
 
+/* Replaces the hook in *ref by the function at stack index idx (none or nil: no hook). */
+static void set_hook(lua_State *L, int *ref, int idx) {
+  if (!lua_isnoneornil(L, idx)) luaL_checktype(L, idx, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, *ref);
+  *ref = LUA_NOREF;
+  if (!lua_isnoneornil(L, idx)) {
+    lua_pushvalue(L, idx);
+    *ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+}
+
 /* repl:on_relation(fn | nil): fn(relid, schema, name, {column names}) on each Relation message. */
 static int l_on_relation(lua_State *L) {
-  fl_repl *r = check_repl(L, 1);
-  luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
-  r->relhook_ref = LUA_NOREF;
-  if (!lua_isnoneornil(L, 2)) {
-    luaL_checktype(L, 2, LUA_TFUNCTION);
-    lua_pushvalue(L, 2);
-    r->relhook_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
+  set_hook(L, &check_repl(L, 1)->relhook_ref, 2);
   return 0;
 }
 
@@ -908,14 +912,8 @@ static int l_on_message(lua_State *L) {
   size_t plen;
   const char *prefix = luaL_checklstring(L, 2, &plen);
   luaL_argcheck(L, plen < sizeof r->msg_prefix, 2, "prefix too long");
-  luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
-  r->msghook_ref = LUA_NOREF;
+  set_hook(L, &r->msghook_ref, 3);
   memcpy(r->msg_prefix, prefix, plen + 1);
-  if (!lua_isnoneornil(L, 3)) {
-    luaL_checktype(L, 3, LUA_TFUNCTION);
-    lua_pushvalue(L, 3);
-    r->msghook_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  }
   return 0;
 }
 
@@ -924,9 +922,7 @@ static int l_on_message(lua_State *L) {
 static int l_manual(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
-  lua_pushvalue(L, 2);
-  r->commit_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  set_hook(L, &r->commit_ref, 2);
   r->manual = 1;
   r->all_acked = 1;
   return 0;

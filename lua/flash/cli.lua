@@ -197,7 +197,7 @@ local function parse_args(argv)
     elseif a == "--backfill" then o.backfill = true
     elseif a == "--to" then
       o.to = val(a)
-      if not o.to:find("^redis://[^:/]+:?%d*/?%d*$") then
+      if not require("flash.sink.redis").parse_url(o.to) then
         error({ usage = string.format("--to takes redis://HOST[:PORT], got '%s'", o.to) })
       end
     elseif a == "--partitions" then

@@ -15,6 +15,7 @@ local log = require "flash.log"
 local filter = require "flash.filter"
 local json = require "flash.json"
 local base = require "flash.driver.base"
+local sink = require "flash.sink.redis"
 
 local M = {}
 local Driver = base.class(base.Driver)
@@ -24,7 +25,7 @@ M.KEEPS_UNACKED = true
 
 M.OPTIONS = {
   url = { type = "string", check = function(v)
-    if not v:find("^redis://[^:/]+:?%d*/?%d*$") then return "redis://HOST[:PORT] expected, got " .. v end
+    if not sink.parse_url(v) then return "redis://HOST[:PORT] expected, got " .. v end
   end },
   group = "string",
   stream = "string",
@@ -56,10 +57,10 @@ end
 
 function M.new(client)
   local o = client.opts
-  local host, port = (o.url or "redis://127.0.0.1:6379"):match("^redis://([^:/]+):?(%d*)")
+  local host, port = sink.parse_url(o.url or sink.DEFAULT_URL)
   local self = setmetatable({
     client = client,
-    host = host, port = tonumber(port) or 6379,
+    host = host, port = port,
     group = o.group or "flash",
     stream = o.stream or "flash",
     partitions = o.partitions or 1,

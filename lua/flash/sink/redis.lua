@@ -18,6 +18,7 @@ local flash = require "flash"
 local core = require "flash.core"
 local bit = require "bit"
 local log = require "flash.log"
+local base = require "flash.driver.base"
 
 local M = {}
 
@@ -37,11 +38,15 @@ local function fnv1a(s)
 end
 M.hash = fnv1a
 
+-- redis://HOST[:PORT] -> host, port; nil when url is not that. The one reader of a Redis
+-- URL: the sink, the redis_streams driver and the command line's --to.
 local function parse_url(url)
   local host, port = url:match("^redis://([^:/]+):?(%d*)/?%d*$")
   if not host then return nil end
   return host, tonumber(port) or 6379
 end
+M.parse_url = parse_url
+M.DEFAULT_URL = "redis://127.0.0.1:6379"
 
 local function check(opts)
   local function bad(msg) error("bad argument #1 to 'redis' (" .. msg .. ")", 3) end
@@ -68,7 +73,7 @@ end
 function M.new(opts)
   opts = opts or {}
   check(opts)
-  local host, port = parse_url(opts.url or "redis://127.0.0.1:6379")
+  local host, port = parse_url(opts.url or M.DEFAULT_URL)
   local self = setmetatable({
     host = host, port = port,
     stream = opts.stream or "flash",
@@ -80,7 +85,7 @@ function M.new(opts)
     timeout = opts.timeout or 5,
     pending = {},          -- { ev =, cmd = } waiting for Redis, in delivery order
     retry_at = nil,
-    wait = 0.1,
+    retry = base.backoff(),
     stats = { sent = 0, batches = 0, errors = 0, reconnects = 0 },
   }, Sink)
   return self
@@ -148,7 +153,8 @@ function Sink:connect()
     self.stats.reconnects = self.stats.reconnects + 1
     log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port))
   end
-  self.conn, self.had_conn, self.wait = conn, true, 0.1
+  self.conn, self.had_conn = conn, true
+  self.retry:reset()
   return conn
 end
 
@@ -199,13 +205,13 @@ end
 
 function Sink:failed(err)
   self.stats.errors = self.stats.errors + 1
+  local wait = self.retry:next()
   if err ~= self.last_err then
     log.warn(string.format("redis sink: %s; %d events wait and are sent again (retrying in %.1fs)", tostring(err),
-      #self.pending, self.wait))
+      #self.pending, wait))
   end
   self.last_err = err
-  self.retry_at = core.now() + self.wait
-  self.wait = math.min(self.wait * 2, 5)
+  self.retry_at = core.now() + wait
   return nil, err
 end
 
