@@ -27,10 +27,10 @@ build = {
   type = "builtin",
   modules = {
     ["flash.core"] = {
-      sources = { "src/fl_json.c", "src/fl_value.c", "src/fl_pgoutput.c", "src/fl_record.c", "src/lvalue.c", "src/lconn.c",
-                  "src/lrepl.c", "src/lredis.c", "src/lcore.c" },
+      sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c", "src/lua/lvalue.c", "src/lua/lconn.c",
+                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lcore.c" },
       libraries = { "pq", "hiredis" },
-      incdirs = { "$(LIBPQ_INCDIR)", "src" },
+      incdirs = { "$(LIBPQ_INCDIR)", "src/core", "src/pq", "src/lua" },
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
     ["flash"] = "lua/flash/init.lua",

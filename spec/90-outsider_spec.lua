@@ -1149,7 +1149,7 @@ end
 
 -- API.md: client:query returns "rows with the same type mapping as events". Events decode
 -- arrays of any element type (the element type comes from the catalog); a query result
--- decodes only the builtin array types it knows by OID (src/lconn.c push_result_rows ->
+-- decodes only the builtin array types it knows by OID (src/lua/lconn.c push_result_rows ->
 -- fl_builtin_elem), so arrays of enums, composites and ranges come back as array literals.
 describe("outsider: client:query and events", function()
   it("map arrays of enums, composites and ranges the same way", function()

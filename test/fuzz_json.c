@@ -1,6 +1,6 @@
 /* fuzz_json: libFuzzer target for the pure parsers (JSON reader, array reader, bytea,
  * int64, double, the row reader fl_record) and the JSON writer's parts (number text, escaping) on arbitrary bytes. Build:
- *   clang -fsanitize=fuzzer,address,undefined -Isrc test/fuzz_json.c src/fl_json.c src/fl_value.c */
+ *   clang -fsanitize=fuzzer,address,undefined -Isrc/core test/fuzz_json.c src/core/fl_json.c src/core/fl_value.c */
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>

@@ -1,7 +1,7 @@
 /* fuzz_pgoutput: libFuzzer target for the pgoutput decoder. One input is a session: a
  * version byte, then messages each prefixed by a 2-byte big-endian length, all fed to one
  * decoder so that the relation cache and the stream state carry from message to message.
- *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc test/fuzz_pgoutput.c src/fl_pgoutput.c
+ *   clang -g -O1 -fsanitize=fuzzer,address,undefined -Isrc/core test/fuzz_pgoutput.c src/core/fl_pgoutput.c
  * Built with -DFUZZ_PGOUTPUT_SEEDS instead (any compiler, no libFuzzer), it is a program
  * that writes the captured fixtures into a seed corpus: fuzz_pgoutput_seeds DIR. */
 #include <stdint.h>
