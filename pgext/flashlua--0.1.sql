@@ -103,3 +103,12 @@ CREATE VIEW flash.my_listeners WITH (security_barrier) AS
 
 GRANT USAGE ON SCHEMA flash TO PUBLIC;
 GRANT SELECT ON flash.my_listeners TO PUBLIC;
+
+-- The trigger drivers' row capture in C (pgext/capture.c, docs/drivers.md "The C capture
+-- function"): used instead of their PL/pgSQL function when the extension is created in the
+-- database and flashlua's role may EXECUTE it. Not SECURITY DEFINER: nothing it runs runs
+-- with anyone's rights but the writer's. Creating a trigger needs EXECUTE; firing one does
+-- not, so PUBLIC has none (GRANT EXECUTE ON FUNCTION flash.capture() TO a flashlua role).
+CREATE FUNCTION flash.capture() RETURNS trigger
+  LANGUAGE c AS 'MODULE_PATHNAME', 'flash_capture';
+REVOKE ALL ON FUNCTION flash.capture() FROM PUBLIC;

@@ -8,6 +8,9 @@ local H = {}
 H.dsn = os.getenv("FLASH_TEST_DSN") or os.getenv("FLASH_DSN")
 assert(H.dsn, "FLASH_TEST_DSN is not set: run the specs with `make test` (it starts a throwaway PostgreSQL)")
 flash.defaults.dsn = H.dsn
+-- The trigger drivers' capture function for this run (scripts/run-tests runs the event
+-- specs again with FLASH_TEST_CAPTURE=plpgsql; unset: "auto", the C one when installed).
+flash.defaults.capture = os.getenv("FLASH_TEST_CAPTURE")
 
 -- Every driver the event-content specs run over (the same expectations for each).
 -- Every driver of the registry that the conformance specs run over (flash.driver.PARTIAL).
@@ -112,14 +115,15 @@ function H.capture(tbl)
 end
 
 -- Objects flashlua left in the database: schemas and publications it marks, and triggers
--- whose functions live in its schemas.
+-- whose functions live in its schemas or that call the extension's C capture function.
 function H.leftovers()
   return tonumber(H.scalar([[SELECT
     (SELECT count(*) FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') LIKE 'flashlua instance%')
   + (SELECT count(*) FROM pg_publication WHERE obj_description(oid, 'pg_publication') LIKE 'flashlua instance (temporary%')
   + (SELECT count(*) FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
       JOIN pg_namespace n ON n.oid = p.pronamespace
-     WHERE obj_description(n.oid, 'pg_namespace') LIKE 'flashlua instance%') AS n]]))
+     WHERE obj_description(n.oid, 'pg_namespace') LIKE 'flashlua instance%'
+        OR (p.proname = 'capture' AND p.probin LIKE '%flashlua%')) AS n]]))
     + (registry() and tonumber(H.scalar([[SELECT count(*) AS n FROM flash.listeners
          WHERE consumer LIKE 'flash\_extension\_%']])) or 0)
 end

@@ -61,8 +61,76 @@ SET extra_float_digits = 3
 SET bytea_output = 'hex'
 ]]
 
+-- The flashlua extension's C capture function (pgext/capture.c), when the extension is
+-- created in the database: its oid, or NULL. Identified by the extension's membership, so
+-- no schema another role could make named `flash` can stand in for it.
+M.C_CAPTURE_SQL = [[(SELECT p.oid FROM pg_catalog.pg_depend d
+  JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+  JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) d.objid
+  WHERE e.extname OPERATOR(pg_catalog.=) 'flashlua' AND d.deptype OPERATOR(pg_catalog.=) 'e'
+    AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+    AND p.proname OPERATOR(pg_catalog.=) 'capture' AND p.pronargs OPERATOR(pg_catalog.=) 0)]]
+
+-- SQL: trigger `t` (a pg_trigger alias) calls the C capture function into the events table
+-- `events` (an SQL regclass/oid expression). Its arguments are (tag, events oid, max row).
+function M.C_TRIGGER_SQL(t, events)
+  return t .. ".tgfoid OPERATOR(pg_catalog.=) " .. M.C_CAPTURE_SQL .. " AND " .. t .. ".tgnargs OPERATOR(pg_catalog.=) 3" ..
+    " AND pg_catalog.split_part(pg_catalog.encode(" .. t .. ".tgargs, 'escape'), '\\000', 2) OPERATOR(pg_catalog.=) " ..
+    "(" .. events .. ")::pg_catalog.oid::pg_catalog.text"
+end
+
 local Driver = base.class(base.Driver)
 M.Driver = Driver
+
+-- SQL: trigger `g` (a pg_trigger alias) whose function is `p` (a pg_proc alias) is one of
+-- this instance's: its function lives in the schema, or it is the C capture function
+-- writing into the schema's events table.
+function Driver:ours_sql(g, p)
+  return "(" .. p .. ".pronamespace OPERATOR(pg_catalog.=) " .. self:literal(self:ident(self.schema)) ..
+    "::pg_catalog.regnamespace OR (" ..
+    M.C_TRIGGER_SQL(g, self:literal(self:ident(self.schema) .. ".events") .. "::pg_catalog.regclass") .. "))"
+end
+
+-- The end of a row trigger's definition for listener `tag` (0: shared triggers): what it
+-- executes. The C function writes into this instance's events table; its WHEN clause is
+-- always true (folded away before any row) but names the events table's row type, so the
+-- trigger depends on that table: DROP SCHEMA ... CASCADE (or dropping the table) drops it,
+-- as it drops triggers calling the schema's own functions.
+function Driver:row_capture(tag)
+  local c = self.c_capture
+  local S = self:ident(self.schema)
+  if c then
+    return string.format("WHEN (true OR NULL::%s.events IS NULL) EXECUTE FUNCTION %s('%s', '%s', '%s')",
+      S, c.fn, tag, c.events, self.max_row)
+  end
+  return "EXECUTE FUNCTION " .. S .. ".capture('" .. tag .. "')"
+end
+
+-- Picks the capture function (the `capture` option) once the events table exists.
+function Driver:choose_capture()
+  self.c_capture = nil
+  if self.capture_mode == "plpgsql" then return true end
+  local rows, err = self:exec([[
+    SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname) AS fn,
+           pg_catalog.has_function_privilege(p.oid, 'EXECUTE') AS can,
+           pg_catalog.to_regclass($1 || '.events')::pg_catalog.oid::pg_catalog.int8 AS events
+    FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.oid = ]] .. M.C_CAPTURE_SQL, self:ident(self.schema))
+  if not rows then return nil, err end
+  local r = rows[1]
+  if r and r.can and r.events then
+    self.c_capture = { fn = r.fn, events = string.format("%d", r.events) }
+    log.debug("row triggers call " .. r.fn .. " (the flashlua extension's C capture function)")
+    return true
+  end
+  if self.capture_mode == "c" then
+    return fail(r and "the role may not execute " .. r.fn or
+      "the flashlua extension (with flash.capture()) is not created in this database",
+      r and "GRANT EXECUTE ON FUNCTION " .. r.fn .. "() TO the role flashlua runs as" or
+      "install it (`make install-pgext`) and run `CREATE EXTENSION flashlua` as a superuser, or use capture = \"auto\"")
+  end
+  return true
+end
 
 -- The module of a trigger driver whose class is `class` (flash.driver's contract).
 function M.module(class)
@@ -76,6 +144,14 @@ M.OPTIONS = {
   poll_interval = { type = "number", check = function(v)
     if not (v > 0 and v <= 60) then
       return "seconds between polls of the capture table, 0 < s <= 60 expected, got " .. tostring(v)
+    end
+  end },
+  -- Which function the row triggers call: "c" the flashlua extension's flash.capture()
+  -- (docs/drivers.md "The C capture function"), "plpgsql" the instance's own capture(),
+  -- "auto" (the default) the C one when the extension is there and the role may use it.
+  capture = { type = "string", check = function(v)
+    if v ~= "auto" and v ~= "c" and v ~= "plpgsql" then
+      return "\"auto\", \"c\" or \"plpgsql\" expected, got " .. string.format("%q", v)
     end
   end },
   max_row_bytes = { type = "number", check = function(v)
@@ -113,6 +189,7 @@ function M.new(class, client)
     (self.persistent and M.PERSISTENT_SCHEMA or string.format("flash_%d", client.conn:backend_pid()))
   self.poll_interval = client.opts.poll_interval or POLL_INTERVAL
   self.max_row = string.format("%d", client.opts.max_row_bytes or ROW_LIMIT)
+  self.capture_mode = client.opts.capture or (package.loaded.flash and package.loaded.flash.defaults.capture) or "auto"
   -- flash.filter's emit, made once (a closure per row would be garbage per event).
   self.emit = function(l, ev) return client:_deliver(l, ev) end
   return self
@@ -155,7 +232,9 @@ function Driver:schema_triggers(name)
     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE p.pronamespace = pg_catalog.to_regnamespace($1) AND t.tgparentid = 0]], self:ident(name))
+    WHERE t.tgparentid = 0 AND (p.pronamespace = pg_catalog.to_regnamespace($1)
+      OR (]] .. M.C_TRIGGER_SQL("t", "pg_catalog.to_regclass($1 OPERATOR(pg_catalog.||) '.events')") .. "))",
+    self:ident(name))
 end
 
 -- Drops the triggers whose functions live in schema `name`; true, or nil and why.
@@ -229,6 +308,7 @@ function Driver:remove_leftovers()
     function(name) return name .. ":keeper" end)
   return true
 end
+
 
 -- The keeper: a second session that holds the instance's second lock, so that losing one
 -- connection (pg_terminate_backend, a proxy's idle timeout) never makes the instance look
@@ -362,7 +442,6 @@ end
 -- read after it is matched by position; README "Known limitations").
 function Driver:ddl_function()
   local S = self:ident(self.schema)
-  local schema = self:literal(self.schema) .. "::pg_catalog.regnamespace"
   local cols = require("flash")._columns_sql("a.attrelid = t.rel")
   local qname = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c " ..
     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = "
@@ -382,7 +461,7 @@ function Driver:ddl_function()
     "                 SELECT rel FROM k) d",
     "        WHERE e.classid = 'pg_catalog.pg_class'::pg_catalog.regclass",
     "          AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid",
-    "                      WHERE g.tgrelid = d.rel AND p.pronamespace = " .. schema .. ")) t",
+    "                      WHERE g.tgrelid = d.rel AND " .. self:ours_sql("g", "p") .. ")) t",
     "  JOIN pg_catalog.pg_class c ON c.oid = t.rel JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;",
     "EXCEPTION WHEN OTHERS THEN",
     "  -- Never the DDL's failure: the consumer falls back to the catalog's columns.",
@@ -401,7 +480,7 @@ function Driver:ddl_function()
     "    " .. qname .. "kid.child INTO cname;",
     "    FOR trg IN SELECT g.oid, g.tgname::text AS name FROM pg_catalog.pg_trigger g",
     "             JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid",
-    "             WHERE g.tgrelid = kid.parent AND g.tgparentid = 0 AND p.pronamespace = " .. schema,
+    "             WHERE g.tgrelid = kid.parent AND g.tgparentid = 0 AND " .. self:ours_sql("g", "p"),
     "               AND (g.tgtype::pg_catalog.int4 & 32) = 0",
     "               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger x WHERE x.tgrelid = kid.child",
     "                               AND x.tgname = g.tgname)",
@@ -495,6 +574,8 @@ function Driver:install_schema(fresh)
     return fail("cannot create schema " .. self.schema .. ": " .. err,
       "the role needs CREATE on the database; or pass `schema` naming one it may create")
   end
+  ok, err = self:choose_capture()
+  if not ok then return nil, err end
   ok, err = self:install_ddl_markers()
   if not ok then return nil, err end
   self.listening = true
@@ -605,8 +686,10 @@ function M.table_ops(listeners, targets)
   return list, truncs
 end
 
--- The truncate triggers of `truncs` (M.table_ops), each calling `fn`.
-function Driver:truncate_triggers(truncs, fn, out)
+-- The truncate triggers of `truncs` (M.table_ops): statement triggers (no WHEN clause, so
+-- always the instance's own function, which DROP SCHEMA ... CASCADE removes).
+function Driver:truncate_triggers(truncs, out)
+  local fn = self:ident(self.schema) .. ".capture('0')"
   local name = M.fit_name(self.schema, "_truncate")
   for oid, tbl in pairs(truncs) do
     local q = self:qualified_rel(tbl)
@@ -1006,19 +1089,31 @@ function Driver:fetch()
     sql = sql:gsub(" ORDER BY seq ", " WHERE seq OPERATOR(pg_catalog.<>) ALL ('{" ..
       table.concat(self.delivered, ",") .. "}'::pg_catalog.int8[]) ORDER BY seq ", 1)
   end
-  if #self.handled > 0 or #self.delivered > 0 then
+  if #self.delivered > 0 then
     if #self.handled > 0 then sql = self:delete_handled_sql() .. ";\n" .. sql end
     -- The rows handled so far are deleted in the same round trip.
     rows, err = self:exec(sql)
   else
-    -- The poll of an idle client: prepared once per connection (no parse and plan each time).
+    -- Prepared once per connection (no parse and plan per poll): the delete of what was
+    -- handled, then the poll.
     if self.prepared_on ~= conn then
       local ok, perr = conn:prepare("flash_poll", sql)
+      if ok then
+        ok, perr = conn:prepare("flash_done", "DELETE FROM " .. self:ident(self.schema) ..
+          ".events WHERE seq OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int8[])")
+      end
       if not ok then return nil, perr end
       self.prepared_on = conn
     end
     local state
-    rows, err, state = conn:exec_prepared("flash_poll", 0)
+    if #self.handled > 0 then
+      rows, err, state = conn:exec_prepared("flash_done", 0, "{" .. table.concat(self.handled, ",") .. "}")
+      if rows then
+        self.deleted = (self.deleted or 0) + #self.handled
+        self.handled = {}
+      end
+    end
+    if rows or #self.handled == 0 then rows, err, state = conn:exec_prepared("flash_poll", 0) end
     if not rows and state == "26000" then
       -- A script's DEALLOCATE or DISCARD ALL on the shared connection: prepare it again.
       self.prepared_on = nil
@@ -1199,6 +1294,20 @@ end
 local STEP_BUDGET = 0.05   -- seconds of delivery per step at most
 local PAUSED_POLL = 0.01   -- while paused for acknowledgements, a look this often
 
+-- The events table's dead rows, vacuumed by the client itself: every poll reads the
+-- primary key from its start, through the entries of rows deleted since the last vacuum,
+-- and autovacuum visits a table at most once a minute (autovacuum_naptime). At 10,000
+-- rows/s that walk cost the consumer's backend more than the rows it read.
+local VACUUM_ROWS, VACUUM_INTERVAL = 5000, 1
+function Driver:vacuum(now)
+  if (self.deleted or 0) < VACUUM_ROWS or now < (self.next_vacuum or 0) then return end
+  self.deleted, self.next_vacuum = 0, now + VACUUM_INTERVAL
+  -- TRUNCATE false: truncating the file waits (up to 5 s, in this loop) for a moment when no
+  -- writer holds the table.
+  local ok, err = self:exec("VACUUM (SKIP_LOCKED, TRUNCATE false) " .. self:ident(self.schema) .. ".events")
+  if not ok then log.debug("cannot vacuum the events table: " .. tostring(err)) end
+end
+
 function Driver:step()
   if not self.listening then
     if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
@@ -1228,6 +1337,7 @@ function Driver:step()
     if not self:conn():ok() then lost(self, err) return true end
     return nil, err
   end
+  self:vacuum(now)
   if self.pending or self.full then
     self.next_poll, self.wait = now, nil
   else

@@ -10,7 +10,6 @@ local M = base.module(Driver)
 
 function Driver:wanted_triggers()
   local out = {}
-  local fn = self:ident(self.schema) .. ".capture"
   for _, l in ipairs(self.client.listeners) do
     local need = base.needed_ops(l)
     for _, op in ipairs(base.OPS) do
@@ -23,7 +22,8 @@ function Driver:wanted_triggers()
           out[#out + 1] = {
             key = r.oid .. "/" .. name, name = name, qualified = q, what = op, display = r.schema .. "." .. r.name,
             ddl = "AFTER " .. base.OP_KEYWORD[op] .. " ON " .. q .. " " .. level ..
-              " EXECUTE FUNCTION " .. fn .. "('" .. l.id .. "')",
+              " " .. (op == "truncate" and "EXECUTE FUNCTION " .. self:ident(self.schema) .. ".capture('" .. l.id .. "')"
+              or self:row_capture(l.id)),
           }
         end
       end

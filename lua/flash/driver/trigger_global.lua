@@ -9,7 +9,6 @@ local Driver = base.class(base.Driver)
 local M = base.module(Driver)
 
 function Driver:wanted_triggers()
-  local fn = self:ident(self.schema) .. ".capture('0')"
   local tables, truncs = base.table_ops(self.client.listeners, base.row_targets)
   local out = {}
   local row_name = base.fit_name(self.schema, "_row")
@@ -22,10 +21,10 @@ function Driver:wanted_triggers()
       local q = self:qualified_rel(t.r)
       out[#out + 1] = { key = t.r.oid .. "/" .. row_name, name = row_name, qualified = q,
         what = "insert/update/delete", display = t.r.schema .. "." .. t.r.name,
-        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW EXECUTE FUNCTION " .. fn }
+        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW " .. self:row_capture(0) }
     end
   end
-  return self:truncate_triggers(truncs, fn, out)
+  return self:truncate_triggers(truncs, out)
 end
 
 return M

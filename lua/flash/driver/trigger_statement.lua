@@ -275,7 +275,7 @@ function Driver:wanted_triggers()
       end
     end
   end
-  return self:truncate_triggers(truncs, S .. ".capture('0')", out)
+  return self:truncate_triggers(truncs, out)
 end
 
 return M
