@@ -4,7 +4,7 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
-local filter = require "flash.filter"
+local where = require "flash.where"
 local bit = require "bit"
 
 local M = {}
@@ -358,16 +358,16 @@ function Backfill:chunk_sql(cur)
   local sql
   local last_seg = false
   if self.mode == "key" then
-    local where = ""
+    local after = ""
     if cur.after then
       local lits = {}
       for i, typ in ipairs(self.keytypes) do
         local v = cur.after[i]
         lits[i] = (v == nil or v == core.null) and "NULL" or (d:literal(v) .. "::" .. typ)
       end
-      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
+      after = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
     end
-    sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. where ..
+    sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. after ..
       " ORDER BY " .. self.keylist .. " LIMIT " .. self.chunk
   else
     local seg = self.segs[cur.seg]
@@ -550,7 +550,7 @@ function Backfill:deliver(c, lsn)
                      lsn = lsn_text }
         n = n + 1
         local go
-        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit_read) end
+        if l.passthrough then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
         if go == false or client.failure then return false end
       end
     end

@@ -3,12 +3,12 @@
 -- A driver is a class made with base.class(base.Driver): it inherits the connection
 -- helpers (ident, literal, exec on the client's query connection), the listen-time check
 -- of conditions (test-planned in SQL for PostgreSQL's own error, then prepared for
--- evaluation on arrival by flash.filter: one home for conditions), the advisory-lock
+-- evaluation on arrival by flash.where: one home for conditions), the advisory-lock
 -- naming that marks what a running instance holds, the sweep of what gone instances left,
 -- and the retry schedule of reconnects (base.backoff).
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 
 local M = {}
 
@@ -65,12 +65,12 @@ end
 -- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
 -- column's type, so 10, "10" and 10.0 compare as the column's own values.
 function Driver:value_literal(v)
-  return self:literal(filter.literal_text(v))
+  return self:literal(where.literal_text(v))
 end
 
 -- SQL for the listener's conditions on row `rec`; nil without any. Used only to
 -- test-plan conditions at listen (so a bad value fails there, with PostgreSQL's words);
--- conditions are evaluated on arrival, by flash.filter.
+-- conditions are evaluated on arrival, by flash.where.
 function Driver:cond_sql(l, rec)
   if #l.conds == 0 then return nil end
   local parts = {}
@@ -108,10 +108,10 @@ function Driver:check(l)
     local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
     if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
   end
-  local ok, err = filter.prepare(l, self)
+  local ok, err = where.prepare(l, self)
   if not ok then return nil, err end
-  l.matcher = filter.matcher(l)
-  l.passthrough = filter.passthrough(l)
+  l.matcher = where.matcher(l)
+  l.passthrough = where.passthrough(l)
   return true
 end
 

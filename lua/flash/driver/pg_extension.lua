@@ -6,7 +6,7 @@
 -- inherits.
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 local base = require "flash.driver.base"
 local wal = require "flash.driver.wal_logical"
 
@@ -119,10 +119,10 @@ function Driver.definition(_, l, any_ops)
       conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "]"
     elseif c.op == "in" then
       local vs = {}
-      for j, x in ipairs(v) do vs[j] = jstr(filter.literal_text(x)) end
+      for j, x in ipairs(v) do vs[j] = jstr(where.literal_text(x)) end
       conds[i] = "[" .. jstr(c.column) .. ",\"in\",[" .. table.concat(vs, ",") .. "]]"
     else
-      conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "," .. jstr(filter.literal_text(v)) .. "]"
+      conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "," .. jstr(where.literal_text(v)) .. "]"
     end
   end
   local cols, pk = l.fields, l.primary_key
@@ -354,7 +354,7 @@ function Driver:make_dispatch()
         e.table, e.source = l.table_name, source
         local r
         if l.predicate then
-          r = filter.apply(l, e, emit)
+          r = where.apply(l, e, emit)
         else
           if l.fields then e.new, e.old = project(e.new, l.fields), project(e.old, l.fields) end
           r = client:_deliver(l, e)
