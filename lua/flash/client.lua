@@ -41,21 +41,16 @@ local function env(name)
   if v ~= "" then return v end
 end
 
-local function default_dsn()
-  return loop.defaults.dsn or env("FLASH_DSN") or env("DATABASE_URL") or ""
-end
-
--- A failure returned as nil, err, kept so that the host can name it when the script goes
--- on with the nil (flash._last_failure: "flash.client: cannot connect ...").
-local function failed(what, err)
-  require("flash")._last_failure = what .. ": " .. tostring(err)
-  return nil, err
+local function default_dsn(lp)
+  return lp.defaults.dsn or env("FLASH_DSN") or env("DATABASE_URL") or ""
 end
 
 local Client = {}
 Client.__index = Client
 
-function M.new(opts)
+-- client.new(lp, opts): a client of loop `lp` (flash.client calls it in a tail call, so
+-- that a bad argument is reported at the script's line).
+function M.new(lp, opts)
   if opts == nil then opts = {} end
   checktype(opts, "table", 1, "client")
   -- Every option any driver declares (flash.driver): one script can switch drivers by
@@ -80,7 +75,7 @@ function M.new(opts)
   if on_error ~= "stop" and on_error ~= "log" and type(on_error) ~= "function" then
     argerror(1, "client", "option 'on_error': \"stop\", \"log\" or a function expected, got " .. tostring(on_error))
   end
-  local driver_name = opts.driver or loop.defaults.driver or drivers.DEFAULT
+  local driver_name = opts.driver or lp.defaults.driver or drivers.DEFAULT
   if not drivers.exists(driver_name) then
     argerror(1, "client", string.format("unknown driver '%s' (expected %s)", driver_name, drivers.list()))
   end
@@ -96,24 +91,25 @@ function M.new(opts)
       "capture schema delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\", persistent = " ..
       tostring(opts.persistent == true) .. ")")
   end
-  local dsn = opts.dsn or default_dsn()
+  local dsn = opts.dsn or default_dsn(lp)
   local conn, err = core.connect(dsn)
   if not conn then
     if dsn == "" then
       err = tostring(err):gsub("%s+$", "") .. "\n(no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, " ..
         "or pass flash.client{ dsn = ... }; libpq's defaults and PG* variables were tried)"
     end
-    return failed("flash.client", err)
+    return lp:failed("flash.client", err)
   end
-  loop.state.client_seq = loop.state.client_seq + 1
+  local number = lp:number()
   local who = conn:exec("SELECT current_database()::text AS db, current_user::text AS role", 0)
   local db = who and who[1].db or "?"
   local self = setmetatable({
+    loop = lp,
     opts = opts,
     conn = conn,
     database = db,
     role = who and who[1].role or "?",
-    label = (opts.name or string.format("client %d %s", loop.state.client_seq, driver_name)) .. " db=" .. db,
+    label = (opts.name or string.format("client %d %s", number, driver_name)) .. " db=" .. db,
     driver_name = driver_name,
     on_error = on_error,
     flags = opts.numeric == "number" and core.NUMERIC_AS_NUMBER or 0,
@@ -130,7 +126,7 @@ function M.new(opts)
     self.acks = ack.new(mu or 10000, function(pos, all) return self.driver:confirm(pos, all) end)
   end
   self.driver = driver_mod.new(self)
-  loop.clients[#loop.clients + 1] = self
+  lp:add(self)
   return self
 end
 
@@ -138,7 +134,7 @@ end
 -- The DSN this client connects with (its option, else the defaults of default_dsn):
 -- drivers open their further connections with it.
 function Client:dsn()
-  return self.opts.dsn or default_dsn()
+  return self.opts.dsn or default_dsn(self.loop)
 end
 
 function Client:_log_notices()
@@ -175,24 +171,26 @@ function Client:listen(opts)
   if self.closed then return nil, "client is stopped" end
 
   local tbl, err = catalog.resolve_table(self.conn, opts.table)
-  if not tbl then return failed("client:listen", err) end
+  if not tbl then return self.loop:failed("client:listen", err) end
   local columns = tbl.columns
   if opts.fields then
-    if #opts.fields == 0 then return failed("client:listen", "option 'fields' is empty: list at least one column, or leave it out for every column") end
+    if #opts.fields == 0 then
+      return self.loop:failed("client:listen", "option 'fields' is empty: list at least one column, or leave it out for every column")
+    end
     columns = {}
     for _, f in ipairs(opts.fields) do
       local c, cerr = catalog.column(tbl, f, "fields")
-      if not c then return failed("client:listen", cerr) end
+      if not c then return self.loop:failed("client:listen", cerr) end
       columns[#columns + 1] = c
     end
   end
   for _, c in ipairs(conds) do
     local ok, cerr = catalog.column(tbl, c.column, "where")
-    if not ok then return failed("client:listen", cerr) end
+    if not ok then return self.loop:failed("client:listen", cerr) end
   end
   for _, k in ipairs(opts.primary_key or {}) do
     local ok, cerr = catalog.column(tbl, k, "primary_key")
-    if not ok then return failed("client:listen", cerr) end
+    if not ok then return self.loop:failed("client:listen", cerr) end
   end
 
   local l = listener.new({
@@ -208,7 +206,7 @@ function Client:listen(opts)
     layout = core.layout(columns, self.flags),
   })
   local ok, verr = self.driver:check(l)
-  if not ok then return failed("client:listen", verr) end
+  if not ok then return self.loop:failed("client:listen", verr) end
   self.next_id = self.next_id + 1
   self.listeners[#self.listeners + 1] = l
   self.by_id[l.id] = l
@@ -218,7 +216,7 @@ function Client:listen(opts)
     if not sok then
       table.remove(self.listeners)
       self.by_id[l.id] = nil
-      return failed("client:listen", serr)
+      return self.loop:failed("client:listen", serr)
     end
   end
   return l
@@ -245,7 +243,7 @@ function Client:start()
     log.info(string.format("connected to %s as %s, driver %s, no listener: queries only, nothing created",
       self.database, self.role, self.driver_name))
   end
-  for _, w in ipairs(require("flash.slots").idle_warnings(self.conn)) do log.warn(w) end
+  for _, w in ipairs(require("flash.slots").idle_warnings(self.conn, self.loop.warned_slots)) do log.warn(w) end
   log.within(outer)
   self.started = true
   self.started_at = core.now()
@@ -438,12 +436,10 @@ function Client:stop()
   log.within(outer)
   self.closed = true
   self.conn:close()
-  for i, c in ipairs(loop.clients) do
-    if c == self then table.remove(loop.clients, i) break end
-  end
+  self.loop:remove(self)
   if self.stop_failure then
     if not ok then log.warn("stopping client: " .. tostring(err)) end
-    loop.state.stop_failure = loop.state.stop_failure or self.stop_failure
+    self.loop.stop_failure = self.loop.stop_failure or self.stop_failure
     return nil, self.stop_failure
   end
   if not ok then return nil, err end
@@ -482,7 +478,7 @@ function Client:_note()
 end
 
 function Client:run(opts)
-  return loop.run({ self }, opts)
+  return self.loop:run({ self }, opts)
 end
 
 return M

@@ -25,27 +25,34 @@ flash.sink = setmetatable({}, { __index = function(_, name)
   return require("flash.sink." .. name).new
 end })
 
+-- The loop of this Lua state: every client flash.client makes, the timers, the stop hooks
+-- and the host's defaults belong to it (flash.loop); this module keeps no state of its own.
+-- Each call below is a tail call, so that a bad argument is reported at the script's line.
+local default = loop.new()
+
 -- Defaults the host sets from its command line (-d, --driver, --sandbox).
-flash.defaults = loop.defaults
+flash.defaults = default.defaults
 
 -- flash.client(opts) -> client | nil, err
-flash.client = client.new
+function flash.client(opts) return client.new(default, opts) end
 
-flash.on_stop = loop.on_stop
-flash.every = loop.every
-flash.after = loop.after
+function flash.on_stop(fn) return default:on_stop(fn) end
+function flash.every(seconds, fn) return default:every(seconds, fn) end
+function flash.after(seconds, fn) return default:after(seconds, fn) end
 
+-- flash.run([opts]): runs every open client (and the timers) until flash.stop() or a signal.
 function flash.run(opts)
   local list = {}
-  for _, c in ipairs(loop.clients) do list[#list + 1] = c end
-  return loop.run(list, opts)
+  for _, c in ipairs(default.clients) do list[#list + 1] = c end
+  return default:run(list, opts)
 end
 
-flash.stop = loop.stop
+function flash.stop() return default:stop() end
 
 -- For the host (flash.cli).
-flash._take_stop_failure = loop.take_stop_failure
-flash._pending = loop.pending
-function flash._clients() return loop.clients end
+function flash._take_stop_failure() return default:take_stop_failure() end
+function flash._pending() return default:pending() end
+function flash._clients() return default.clients end
+function flash._last_failure() return default.last_failure end
 
 return flash

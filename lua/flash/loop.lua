@@ -7,15 +7,51 @@ local argerror = require("flash.args").argerror
 
 local M = {}
 
--- Defaults the host sets from its command line (-d, --driver, --sandbox).
-M.defaults = {}
+-- A loop holds what a script's clients share: its state is all here, in the object (the
+-- flash module makes one per Lua state), never in this module.
+local Loop = {}
+Loop.__index = Loop
 
-local clients = {}        -- open clients, in creation order
-local timers = {}         -- { due=, every=, fn=, cancelled= }
-local stop_hooks = {}     -- flash.on_stop: { fn=, cancelled= }
--- client_seq numbers clients in log lines; ran: a loop has run; last_failure: see flash.client.
-local state = { stop = false, running = false, client_seq = 0 }
-M.clients, M.state = clients, state
+function M.new()
+  return setmetatable({
+    defaults = {},        -- what the host sets from its command line (-d, --driver, --sandbox)
+    clients = {},         -- open clients, in creation order
+    client_seq = 0,       -- numbers clients in log lines
+    timers = {},          -- { due=, every=, fn=, cancelled= }
+    stop_hooks = {},      -- flash.on_stop: { fn=, cancelled= }
+    running = false,      -- inside run()
+    stop_asked = false,   -- flash.stop() asked run() to return
+    ran = false,          -- a run() has begun: the host does not run the clients again
+    stop_failure = nil,   -- a failure during some client's stop, for the host (take_stop_failure)
+    last_failure = nil,   -- the last nil, err of flash.client or client:listen (failed)
+    warned_slots = {},    -- [slot name] = true: each idle slot warned about once (flash.slots)
+  }, Loop)
+end
+
+-- The number of the next client, for log lines.
+function Loop:number()
+  self.client_seq = self.client_seq + 1
+  return self.client_seq
+end
+
+-- A client joins the loop.
+function Loop:add(c)
+  self.clients[#self.clients + 1] = c
+end
+
+-- A client stopped: it leaves the loop.
+function Loop:remove(c)
+  for i, x in ipairs(self.clients) do
+    if x == c then table.remove(self.clients, i) break end
+  end
+end
+
+-- A failure returned as nil, err, kept so that the host can name it when the script goes
+-- on with the nil ("flash.client: cannot connect ...").
+function Loop:failed(what, err)
+  self.last_failure = what .. ": " .. tostring(err)
+  return nil, err
+end
 
 local function traceback(err) return debug.traceback(tostring(err), 2) end
 M.traceback = traceback
@@ -35,7 +71,7 @@ function M.add_hook(list, fn, fname)
   end
 end
 
-function M.on_stop(fn) return M.add_hook(stop_hooks, fn, "on_stop") end
+function Loop:on_stop(fn) return M.add_hook(self.stop_hooks, fn, "on_stop") end
 
 function M.run_hooks(list, what, ...)
   for _, h in ipairs({ unpack(list) }) do
@@ -52,20 +88,21 @@ end
 ---------------------------------------------------------------------------------------
 -- Timers and the loop
 
-local function add_timer(seconds, fn, every, fname)
+local function add_timer(self, seconds, fn, every, fname)
   if type(seconds) ~= "number" or seconds < 0 then
     argerror(1, fname, "non-negative number of seconds expected, got " .. tostring(seconds), 3)
   end
   if type(fn) ~= "function" then argerror(2, fname, "function expected, got " .. type(fn), 3) end
   local t = { due = core.now() + seconds, every = every and seconds or nil, fn = fn }
-  timers[#timers + 1] = t
+  self.timers[#self.timers + 1] = t
   return function() t.cancelled = true end
 end
 
-function M.every(seconds, fn) return add_timer(seconds, fn, true, "every") end
-function M.after(seconds, fn) return add_timer(seconds, fn, false, "after") end
+function Loop:every(seconds, fn) return add_timer(self, seconds, fn, true, "every") end
+function Loop:after(seconds, fn) return add_timer(self, seconds, fn, false, "after") end
 
-local function run_timers(now)
+function Loop:run_timers(now)
+  local timers = self.timers
   local i = 1
   while i <= #timers do
     local t = timers[i]
@@ -83,9 +120,9 @@ local function run_timers(now)
   return true
 end
 
-local function next_timer()
+function Loop:next_timer()
   local due
-  for _, t in ipairs(timers) do
+  for _, t in ipairs(self.timers) do
     if not t.cancelled and (not due or t.due < due) then due = t.due end
   end
   return due
@@ -93,9 +130,9 @@ end
 
 -- The loop over some clients (flash.run: all of them). Returns true after a clean
 -- stop, or nil, err after a failure; every client of the loop is stopped either way.
-function M.run(list, opts)
+function Loop:run(list, opts)
   opts = opts or {}
-  if state.running then error("flash.run / client:run is already running", 3) end
+  if self.running then error("flash.run / client:run is already running", 3) end
   for _, c in ipairs(list) do
     local ok, err = c:start()
     if not ok then return nil, err end
@@ -107,10 +144,10 @@ function M.run(list, opts)
       if not ok then return nil, err end
     end
   end
-  state.running, state.stop, state.ran = true, false, true
+  self.running, self.stop_asked, self.ran = true, false, true
   core.signals(true)
   local failure
-  while not state.stop do
+  while not self.stop_asked do
     -- Clients without listeners (queries only) keep the loop running but have no driver
     -- to step.
     local open, live = 0, {}
@@ -120,8 +157,8 @@ function M.run(list, opts)
         if c.capturing then live[#live + 1] = c end
       end
     end
-    if open == 0 and not next_timer() then break end
-    local fds, due = {}, next_timer()
+    if open == 0 and not self:next_timer() then break end
+    local fds, due = {}, self:next_timer()
     for _, c in ipairs(live) do
       for _, fd in ipairs(c.driver:fds()) do fds[#fds + 1] = fd end
       local d = c.driver:next_deadline()
@@ -142,13 +179,13 @@ function M.run(list, opts)
         c:_note()
         if not ok or c.failure then
           failure = c.failure or err
-          state.stop = true
+          self.stop_asked = true
           break
         end
       end
     end
     if not failure then
-      local ok, err = run_timers(core.now())
+      local ok, err = self:run_timers(core.now())
       if not ok then failure = err break end
     end
     if opts.until_lsn and not failure then
@@ -160,7 +197,7 @@ function M.run(list, opts)
     end
   end
   if not failure then
-    local ok, err = M.run_stop_hooks(list)
+    local ok, err = self:run_stop_hooks(list)
     if not ok then failure = err end
   end
   for _, c in ipairs(list) do
@@ -174,36 +211,37 @@ function M.run(list, opts)
     end
   end
   core.signals(false)
-  state.running, state.stop = false, false
+  self.running, self.stop_asked = false, false
   if failure then return nil, failure end
   return true
 end
 
 -- A graceful stop of some clients: each delivers what its stop still delivers, then the
 -- flash.on_stop hooks run; after an error in one, no client confirms anything more.
-function M.run_stop_hooks(list)
+function Loop:run_stop_hooks(list)
   for _, c in ipairs(list) do c:_quiesce() end
-  if #stop_hooks == 0 then return true end
-  local ok, err = M.run_hooks(stop_hooks, "flash.on_stop hook")
+  if #self.stop_hooks == 0 then return true end
+  local ok, err = M.run_hooks(self.stop_hooks, "flash.on_stop hook")
   if not ok then
     for _, c in ipairs(list) do c.no_confirm = true end
-    state.stop_failure = state.stop_failure or err
+    self.stop_failure = self.stop_failure or err
   end
   return ok, err
 end
 
 -- Outside the loop, stops every client at once: nil, err when a callback failed while
 -- they stopped.
-function M.stop()
-  if state.running then
-    state.stop = true
+function Loop:stop()
+  if self.running then
+    self.stop_asked = true
     return true
   end
   local failure = nil
   local live = {}
+  local clients = self.clients
   for _, c in ipairs(clients) do if c.started and not c.failure then live[#live + 1] = c end end
   if #live > 0 then
-    local ok, err = M.run_stop_hooks(live)
+    local ok, err = self:run_stop_hooks(live)
     if not ok then failure = err end
   end
   for i = #clients, 1, -1 do
@@ -217,15 +255,15 @@ end
 
 -- The host asks, once, whether a callback failed during some client's stop (a script may
 -- have ignored what its own client:run() or client:stop() returned).
-function M.take_stop_failure()
-  local f = state.stop_failure
-  state.stop_failure = nil
+function Loop:take_stop_failure()
+  local f = self.stop_failure
+  self.stop_failure = nil
   return f
 end
 
 -- The host asks whether the script left anything to run.
-function M.pending()
-  return (#clients > 0 or next_timer() ~= nil) and not state.ran
+function Loop:pending()
+  return (#self.clients > 0 or self:next_timer() ~= nil) and not self.ran
 end
 
 return M

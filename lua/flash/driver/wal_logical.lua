@@ -330,7 +330,7 @@ function Driver:attach(repl)
   self.repl = repl
   repl:on_relation(function(...) return self:on_relation(...) end)
   backfill.reset(self.client)
-  repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(lsn, content) end)
+  repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(self.client, lsn, content) end)
   self:rebuild_index()
   return true
 end
