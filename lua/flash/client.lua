@@ -7,8 +7,6 @@ local ack = require "flash.ack"
 local args = require "flash.args"
 local drivers = require "flash.driver"
 local listener = require "flash.listener"
-local where = require "flash.where"
-local catalog = require "flash.catalog"
 local loop = require "flash.loop"
 
 local argerror, checktype = args.argerror, args.checktype
@@ -152,66 +150,19 @@ function Client:query(sql, ...)
   return rows, n, sqlstate
 end
 
--- client:listen(opts) -> listener | nil, err
+-- client:listen(opts) -> listener | nil, err (flash.listener; a tail call, so that a bad
+-- argument is reported at the script's line).
 function Client:listen(opts)
-  checktype(opts, "table", 1, "listen")
-  for k, v in pairs(opts) do
-    local want = listener.OPTIONS[k]
-    if not want then argerror(1, "listen", string.format("unknown option '%s'", tostring(k))) end
-    if want ~= true and type(v) ~= want then
-      argerror(1, "listen", string.format("option '%s': %s expected, got %s", k, want, type(v)))
-    end
-  end
-  if type(opts.table) ~= "string" then
-    argerror(1, "listen", "option 'table' is required (a \"schema.table\" name)")
-  end
-  listener.check_names(opts.fields, "fields")
-  listener.check_names(opts.primary_key, "primary_key")
-  local conds, predicate = where.normalize(opts.where)
-  if self.closed then return nil, "client is stopped" end
+  return listener.new(self, opts)
+end
 
-  local tbl, err = catalog.resolve_table(self.conn, opts.table)
-  if not tbl then return self.loop:failed("client:listen", err) end
-  local columns = tbl.columns
-  if opts.fields then
-    if #opts.fields == 0 then
-      return self.loop:failed("client:listen", "option 'fields' is empty: list at least one column, or leave it out for every column")
-    end
-    columns = {}
-    for _, f in ipairs(opts.fields) do
-      local c, cerr = catalog.column(tbl, f, "fields")
-      if not c then return self.loop:failed("client:listen", cerr) end
-      columns[#columns + 1] = c
-    end
-  end
-  for _, c in ipairs(conds) do
-    local ok, cerr = catalog.column(tbl, c.column, "where")
-    if not ok then return self.loop:failed("client:listen", cerr) end
-  end
-  for _, k in ipairs(opts.primary_key or {}) do
-    local ok, cerr = catalog.column(tbl, k, "primary_key")
-    if not ok then return self.loop:failed("client:listen", cerr) end
-  end
-
-  local l = listener.new({
-    client = self,
-    id = self.next_id,
-    table = tbl,
-    table_name = tbl.display,
-    fields = opts.fields,
-    columns = columns,
-    conds = conds,
-    predicate = predicate and self:_protect_where(predicate, tbl.display),
-    primary_key = opts.primary_key,
-    layout = core.layout(columns, self.flags),
-  })
-  local ok, verr = self.driver:check(l)
-  if not ok then return self.loop:failed("client:listen", verr) end
+-- A listener that passed the driver's check joins the client: l | nil, err. The first
+-- listener of a client that ran only queries so far starts capture.
+function Client:_add(l)
   self.next_id = self.next_id + 1
   self.listeners[#self.listeners + 1] = l
   self.by_id[l.id] = l
   if self.started and not self.capturing then
-    -- The first listener of a client that ran only queries so far: capture starts now.
     local sok, serr = self:_capture()
     if not sok then
       table.remove(self.listeners)

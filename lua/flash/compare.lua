@@ -20,7 +20,6 @@ local KIND = {
   -- one canonical text per value, but no byte order
   [869] = "eq", [650] = "eq", [829] = "eq", [774] = "eq", [1266] = "eq",
 }
-M.KIND = KIND
 local BYTE_ORDER_COLLATIONS = { C = true, POSIX = true, ["C.UTF-8"] = true, ["C.utf8"] = true, ucs_basic = true }
 
 -- A number, "NaN", "Infinity" or a decimal string as (class, value): NaN sorts above
@@ -168,6 +167,23 @@ local function is_byte_order(coll)
   local provider, name = coll:match("^(%a*):(.*)$")
   return provider == "c" and BYTE_ORDER_COLLATIONS[name] or name == "ucs_basic"
 end
-M.is_byte_order = is_byte_order
+
+-- How column `col`'s values compare here under operator `op`: a kind for compare(), or nil
+-- and why Lua cannot give SQL's answer. info: the column's type name (tname), typtype, and
+-- collation ("provider:name", "" for none; det: deterministic).
+function M.kind(col, op, info)
+  local kind = KIND[col.oid] or (info.typtype == "e" and "eq") or nil
+  local ordering = op ~= "=" and op ~= "<>" and op ~= "in"
+  if not kind or col.elem ~= 0 then
+    return nil, "values of type " .. info.tname .. " cannot be compared on arrival"
+  elseif ordering and kind == "eq" then
+    return nil, "values of type " .. info.tname .. " have no order that Lua can reproduce"
+  elseif kind == "text" and ordering and not is_byte_order(info.coll) then
+    return nil, "the column's collation (" .. info.coll .. ") does not order text bytewise"
+  elseif kind == "text" and not info.det then
+    return nil, "the column's collation is nondeterministic"
+  end
+  return kind
+end
 
 return M

@@ -1,23 +1,21 @@
--- flash.listener: a listener (client:listen): its callbacks per operation, added by on()
--- and removed by the function on() returns, and the operations they want.
+-- flash.listener: a listener (client:listen): listen's options checked and resolved
+-- against the catalog, its callbacks per operation (on() and the off() it returns), and
+-- the operations they want.
+local core = require "flash.core"
 local args = require "flash.args"
+local catalog = require "flash.catalog"
+local where = require "flash.where"
 
-local argerror = args.argerror
+local argerror, checktype = args.argerror, args.checktype
 local M = {}
 
 -- "read": a row delivered by listener:backfill (flash.backfill), not a change.
 local OPS = { insert = true, update = true, delete = true, truncate = true, read = true }
 local OP_ORDER = { "insert", "update", "delete", "truncate" }
-M.OPTIONS = { table = "string", fields = "table", where = true, primary_key = "table" }
+local OPTIONS = { table = "string", fields = "table", where = true, primary_key = "table" }
 
 local Listener = {}
 Listener.__index = Listener
-
--- A listener of `client`; `t` holds its table, columns and conditions.
-function M.new(t)
-  t.callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} }
-  return setmetatable(t, Listener)
-end
 
 local function normalize_ops(ops, fname)
   local list = {}
@@ -89,7 +87,7 @@ function Listener:wanted()
 end
 
 -- listen's options 'fields' and 'primary_key': lists of column names.
-function M.check_names(list, opt)
+local function check_names(list, opt)
   if list == nil then return end
   if type(list) ~= "table" then
     argerror(1, "listen", string.format("option '%s': list of column names expected, got %s", opt, type(list)), 3)
@@ -101,5 +99,67 @@ function M.check_names(list, opt)
   end
 end
 
+
+-- listener.new(client, opts) -> listener | nil, err: client:listen. Misuse raises at the
+-- script's line; what the server says is wrong (no such table or column, a condition the
+-- driver refuses) is nil, err.
+function M.new(client, opts)
+  checktype(opts, "table", 1, "listen")
+  for k, v in pairs(opts) do
+    local want = OPTIONS[k]
+    if not want then argerror(1, "listen", string.format("unknown option '%s'", tostring(k))) end
+    if want ~= true and type(v) ~= want then
+      argerror(1, "listen", string.format("option '%s': %s expected, got %s", k, want, type(v)))
+    end
+  end
+  if type(opts.table) ~= "string" then
+    argerror(1, "listen", "option 'table' is required (a \"schema.table\" name)")
+  end
+  check_names(opts.fields, "fields")
+  check_names(opts.primary_key, "primary_key")
+  local conds, predicate = where.normalize(opts.where)
+  if client.closed then return nil, "client is stopped" end
+
+  local lp = client.loop
+  local tbl, err = catalog.resolve_table(client.conn, opts.table)
+  if not tbl then return lp:failed("client:listen", err) end
+  local columns = tbl.columns
+  if opts.fields then
+    if #opts.fields == 0 then
+      return lp:failed("client:listen", "option 'fields' is empty: list at least one column, or leave it out for every column")
+    end
+    columns = {}
+    for _, f in ipairs(opts.fields) do
+      local c, cerr = catalog.column(tbl, f, "fields")
+      if not c then return lp:failed("client:listen", cerr) end
+      columns[#columns + 1] = c
+    end
+  end
+  for _, c in ipairs(conds) do
+    local ok, cerr = catalog.column(tbl, c.column, "where")
+    if not ok then return lp:failed("client:listen", cerr) end
+  end
+  for _, k in ipairs(opts.primary_key or {}) do
+    local ok, cerr = catalog.column(tbl, k, "primary_key")
+    if not ok then return lp:failed("client:listen", cerr) end
+  end
+
+  local l = setmetatable({
+    client = client,
+    id = client.next_id,
+    table = tbl,
+    table_name = tbl.display,
+    fields = opts.fields,
+    columns = columns,
+    conds = conds,
+    predicate = predicate and client:_protect_where(predicate, tbl.display),
+    primary_key = opts.primary_key,
+    layout = core.layout(columns, client.flags),
+    callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} },
+  }, Listener)
+  local ok, verr = client.driver:check(l)
+  if not ok then return lp:failed("client:listen", verr) end
+  return client:_add(l)
+end
 
 return M

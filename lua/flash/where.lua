@@ -90,6 +90,34 @@ local function literal_text(v)
 end
 M.literal_text = literal_text
 
+-- The SQL of conditions `conds` on row `rec` ("t", "NEW"), or nil without any; `d` quotes
+-- (d:ident, d:value_literal: flash.driver.base). Drivers test-plan it at listen, so that a
+-- bad value fails there with PostgreSQL's words; conditions are evaluated on arrival.
+function M.sql(conds, rec, d)
+  if #conds == 0 then return nil end
+  local parts = {}
+  for _, c in ipairs(conds) do
+    local col = rec .. "." .. d:ident(c.column)
+    local op = c.op
+    if op == "is null" then
+      parts[#parts + 1] = col .. " IS NULL"
+    elseif op == "is not null" then
+      parts[#parts + 1] = col .. " IS NOT NULL"
+    elseif op == "in" then
+      if #c.value == 0 then
+        parts[#parts + 1] = "false"
+      else
+        local vals = {}
+        for i, v in ipairs(c.value) do vals[i] = d:value_literal(v) end
+        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
+      end
+    else
+      parts[#parts + 1] = col .. " " .. op .. " " .. d:value_literal(c.value)
+    end
+  end
+  return "(" .. table.concat(parts, " AND ") .. ")"
+end
+
 
 -- Makes listener l's conditions ready for evaluation on arrival: each value is cast by the
 -- server to its column's type and read back in canonical text, then decoded as column
@@ -117,19 +145,8 @@ function M.prepare(l, d)
         WHERE a.attrelid = $1 AND a.attname = $3]], l.table.oid, col.oid, c.column)
       if not rows then return nil, err end
       local info = rows[1]
-      local kind = compare.KIND[col.oid] or (info.typtype == "e" and "eq") or nil
-      local ordering = c.op ~= "=" and c.op ~= "<>" and c.op ~= "in"
-      local why
-      if not kind or col.elem ~= 0 then
-        why = "values of type " .. info.tname .. " cannot be compared on arrival"
-      elseif ordering and kind == "eq" then
-        why = "values of type " .. info.tname .. " have no order that Lua can reproduce"
-      elseif kind == "text" and ordering and not compare.is_byte_order(info.coll) then
-        why = "the column's collation (" .. info.coll .. ") does not order text bytewise"
-      elseif kind == "text" and not info.det then
-        why = "the column's collation is nondeterministic"
-      end
-      if why then
+      local kind, why = compare.kind(col, c.op, info)
+      if not kind then
         return nil, string.format("condition '%s %s' on %s cannot run under the %s driver: conditions are evaluated " ..
           "in Lua on arrival, and %s (use a where function that decides in Lua)",
           c.column, c.op, l.table_name, d.client.driver_name, why)
@@ -161,17 +178,21 @@ function M.prepare(l, d)
   return true
 end
 
+-- The listened fields of a row (the row itself without `fields`).
 local function project(row, fields)
   if not row or not fields then return row end
   local out = {}
   for _, f in ipairs(fields) do out[f] = row[f] end
   return out
 end
+M.project = project
 
--- A predicate over a full row for the listener's conditions, or nil when it has none.
--- M.prepare must have run for conditions other than null tests.
-function M.matcher(l)
-  local conds, pred, fields = l.prepared or l.conds, l.predicate, l.fields
+-- A predicate over a full row for the listener's conditions and its Lua `where`, or nil
+-- when it has neither. M.prepare must have run for conditions other than null tests;
+-- `conds` = {} leaves the conditions out (a driver whose server tests them: pg_extension).
+function M.matcher(l, conds)
+  local pred, fields = l.predicate, l.fields
+  conds = conds or l.prepared or l.conds
   if #conds == 0 and not pred then return nil end
   return function(row)
     for _, c in ipairs(conds) do
@@ -260,6 +281,24 @@ function M.apply(l, ev, emit)
     return emit(l, derive(ev, "insert", project(ev.new, fields), nil))
   end
   return true
+end
+
+-- Whether conditions, a Lua `where` or a primary key can turn an update into an insert or
+-- a delete (the transitions of M.apply).
+function M.transforms(l)
+  return #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
+end
+
+-- Which operations a listener needs captured: an update can turn into an insert or a
+-- delete (M.apply), so it is captured when either is wanted.
+function M.needed_ops(l)
+  local w = l:wanted()
+  local n = {}
+  if w.insert then n.insert = true end
+  if w.delete then n.delete = true end
+  if w.truncate then n.truncate = true end
+  if w.update or (M.transforms(l) and (w.insert or w.delete)) then n.update = true end
+  return n, w
 end
 
 -- Whether a listener can take events as they come, with no copy or filtering.

@@ -70,17 +70,7 @@ end
 -- Conditions are checked by the server's flash.listen() at listen time: one that would
 -- fail is called in a transaction that is rolled back. A Lua `where` runs here.
 function Driver:check(l)
-  if l.predicate then
-    local pred, fields = l.predicate, l.fields
-    l.matcher = function(row)
-      if fields then
-        local p = {}
-        for _, f in ipairs(fields) do p[f] = row[f] end
-        row = p
-      end
-      return pred(row)
-    end
-  end
+  l.matcher = where.matcher(l, {})
   local ok = self:exec("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'flashlua'")
   if not ok or #ok == 0 then return true end          -- start() says what is missing
   local began = self:exec("BEGIN")
@@ -321,13 +311,6 @@ function Driver:on_relation(relid, schema, name, columns)
   end
 end
 
-local function project(row, fields)
-  if not row then return nil end
-  local out = {}
-  for _, f in ipairs(fields) do out[f] = row[f] end
-  return out
-end
-
 function Driver:make_dispatch()
   local client = self.client
   local function emit(l, ev) return client:_deliver(l, ev) end
@@ -356,7 +339,7 @@ function Driver:make_dispatch()
         if l.predicate then
           r = where.apply(l, e, emit)
         else
-          if l.fields then e.new, e.old = project(e.new, l.fields), project(e.old, l.fields) end
+          if l.fields then e.new, e.old = where.project(e.new, l.fields), where.project(e.old, l.fields) end
           r = client:_deliver(l, e)
         end
         if r == false or client.failure then return false end
