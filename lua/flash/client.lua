@@ -128,13 +128,13 @@ function M.new(lp, opts)
   return self
 end
 
--- Server notices go through flash.log: warnings as warnings, the rest at debug.
 -- The DSN this client connects with (its option, else the defaults of default_dsn):
 -- drivers open their further connections with it.
 function Client:dsn()
   return self.opts.dsn or default_dsn(self.loop)
 end
 
+-- Server notices go through flash.log: warnings as warnings, the rest at debug.
 function Client:_log_notices()
   for _, msg in ipairs(self.conn:notices()) do
     if msg:find("^WARNING") then log.warn("postgres: " .. msg) else log.debug("postgres: " .. msg) end

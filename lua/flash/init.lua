@@ -26,7 +26,7 @@ flash.sink = setmetatable({}, { __index = function(_, name)
 end })
 
 -- The loop of this Lua state: every client flash.client makes, the timers, the stop hooks
--- and the host's defaults belong to it (flash.loop); this module keeps no state of its own.
+-- and the host's defaults belong to it (flash.loop), not to this module.
 -- Each call below is a tail call, so that a bad argument is reported at the script's line.
 local default = loop.new()
 
