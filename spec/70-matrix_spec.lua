@@ -265,7 +265,7 @@ describe("matrix (" .. driver .. ")", function()
     if in_sql > 0 then return { note = "SQL, in the trigger function" } end
     if in_plugin > 0 then return { note = "the walsender (the flashlua output plugin), with the column type's own comparison and collation" } end
     if filtered > 0 then return { note = "SQL, as a publication row filter" } end
-    return { note = "Lua, on arrival (flash.filter)" }
+    return { note = "Lua, on arrival (flash.where)" }
   end)
 
   -- Typed comparisons -----------------------------------------------------------------------

@@ -4,20 +4,6 @@
 -- only once it and every transaction before it are wholly acknowledged.
 local M = {}
 
--- Every outstanding event of every tracker: [event] = { t = tracker, b = batch, seq = n }.
--- Events are plain tables; ev:ack() finds its tracker here.
-local pending = {}
-
-local methods = {}
--- ev:ack() -> true, or false when the event is not outstanding (acknowledged already, or
--- from before a reconnect that will deliver it again).
-function methods.ack(ev)
-  local e = pending[ev]
-  if not e then return false end
-  return e.t:ack(ev)
-end
-M.event_mt = { __index = methods }
-
 local Tracker = {}
 Tracker.__index = Tracker
 
@@ -29,13 +15,21 @@ Tracker.__index = Tracker
 -- is folded into the one before it (which then ends at its position), or confirmed when it
 -- is the first: so the list never holds more than one entry per outstanding event, and
 -- memory stays bounded by `limit` whatever order the acks come in.
+--
+-- self.pending holds the tracker's outstanding events: [event] = { b = batch, seq = n }.
+-- Events are plain tables; the tracker gives each the metatable of its own ev:ack().
 function M.new(limit, confirm)
-  return setmetatable({ limit = limit, confirm = confirm, head = nil, tail = nil, open = nil,
-                        outstanding = 0, seq = 0 }, Tracker)
+  local self = setmetatable({ limit = limit, confirm = confirm, head = nil, tail = nil, open = nil,
+                              outstanding = 0, seq = 0, pending = {} }, Tracker)
+  -- ev:ack() -> true, or false when the event is not outstanding (acknowledged already, or
+  -- from before a reconnect that will deliver it again).
+  self.event_mt = { __index = { ack = function(ev) return self:ack(ev) end } }
+  return self
 end
 
 -- An event is handed to callbacks: it is outstanding until acknowledged.
 function Tracker:track(ev)
+  local pending = self.pending
   if pending[ev] then return end
   local b = self.open
   if not b then
@@ -44,10 +38,10 @@ function Tracker:track(ev)
     self.tail, self.open = b, b
   end
   self.seq = self.seq + 1
-  pending[ev] = { t = self, b = b, seq = self.seq }
+  pending[ev] = { b = b, seq = self.seq }
   b.n = b.n + 1
   self.outstanding = self.outstanding + 1
-  if getmetatable(ev) == nil then setmetatable(ev, M.event_mt) end
+  if getmetatable(ev) == nil then setmetatable(ev, self.event_mt) end
 end
 
 local function unlink(self, b)
@@ -82,9 +76,9 @@ function Tracker:commit(pos)
 end
 
 function Tracker:ack(ev)
-  local e = pending[ev]
-  if not e or e.t ~= self then return false end
-  pending[ev] = nil
+  local e = self.pending[ev]
+  if not e then return false end
+  self.pending[ev] = nil
   e.b.n = e.b.n - 1
   self.outstanding = self.outstanding - 1
   self:settle(e.b)
@@ -93,11 +87,11 @@ end
 
 -- Acknowledges ev and every outstanding event delivered before it.
 function Tracker:ack_through(ev)
-  local e = pending[ev]
-  if not e or e.t ~= self then return false end
+  local e = self.pending[ev]
+  if not e then return false end
   local list = {}
-  for x, px in pairs(pending) do
-    if px.t == self and px.seq <= e.seq then list[#list + 1] = { px.seq, x } end
+  for x, px in pairs(self.pending) do
+    if px.seq <= e.seq then list[#list + 1] = { px.seq, x } end
   end
   table.sort(list, function(a, b) return a[1] < b[1] end)
   for _, it in ipairs(list) do self:ack(it[2]) end
@@ -111,9 +105,7 @@ end
 
 -- Forgets every outstanding event (a reconnect delivers them again, as new events).
 function Tracker:reset()
-  for x, px in pairs(pending) do
-    if px.t == self then pending[x] = nil end
-  end
+  self.pending = {}
   self.head, self.tail, self.open, self.outstanding = nil, nil, nil, 0
 end
 

@@ -4,7 +4,7 @@
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
-local filter = require "flash.filter"
+local where = require "flash.where"
 local bit = require "bit"
 
 local M = {}
@@ -124,6 +124,9 @@ function M.start(l, opts)
   l.bf = self
   client.backfills = client.backfills or {}
   client.backfills[#client.backfills + 1] = self
+  -- The marks of this client's chunks in flight: [token] = backfill (on_message). Another
+  -- client's stream sees them too, and must not take them for its own.
+  client.backfill_tokens = client.backfill_tokens or {}
   return true
 end
 
@@ -358,16 +361,16 @@ function Backfill:chunk_sql(cur)
   local sql
   local last_seg = false
   if self.mode == "key" then
-    local where = ""
+    local after = ""
     if cur.after then
       local lits = {}
       for i, typ in ipairs(self.keytypes) do
         local v = cur.after[i]
         lits[i] = (v == nil or v == core.null) and "NULL" or (d:literal(v) .. "::" .. typ)
       end
-      where = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
+      after = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
     end
-    sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. where ..
+    sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. after ..
       " ORDER BY " .. self.keylist .. " LIMIT " .. self.chunk
   else
     local seg = self.segs[cur.seg]
@@ -411,6 +414,14 @@ function Backfill:send_chunk(cur)
   if not ok then return nil, err end
   self.pending = { cursor = cur, last_seg = last_seg, log = {} }
   return true
+end
+
+-- What tells this client's marks from those an earlier run left in a persistent slot.
+local function nonce(client)
+  if not client.backfill_nonce then
+    client.backfill_nonce = string.format("%d-%x", core.getpid(), math.floor(core.time() * 1000) % TWO32)
+  end
+  return client.backfill_nonce
 end
 
 function Backfill:read_chunk()
@@ -458,7 +469,7 @@ function Backfill:read_chunk()
     return "empty"
   end
   self.seq = self.seq + 1
-  local token = string.format("%s:%s:%d:%d", d.slot, M.nonce(), self.l.id, self.seq)
+  local token = string.format("%s:%s:%d:%d", d.slot, nonce(self.client), self.l.id, self.seq)
   local ok, err
   -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
   -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
@@ -472,7 +483,7 @@ function Backfill:read_chunk()
     if not (ev.xid and visible(ev.xid, s)) then self:drop_keys(c, ev) end
   end
   self.inflight = c
-  M.tokens[token] = self
+  self.client.backfill_tokens[token] = self
   -- The next chunk is read in the server while this one waits for its mark.
   if not last then
     ok, err = self:send_chunk(nxt)
@@ -520,8 +531,8 @@ local function emit_read(l, ev) return l.client:_deliver(l, ev) end
 -- been delivered, none after it. Its rows are delivered here. Returns false to stop.
 function Backfill:deliver(c, lsn)
   self.inflight = nil
-  M.tokens[c.token] = nil
   local client, l = self.client, self.l
+  client.backfill_tokens[c.token] = nil
   local lsn_text = core.lsn(lsn)
   -- ids: the mark's position, then the row's place in the chunk (as for changes).
   local prefix = string.format("%08X%08X/", math.floor(lsn / TWO32), lsn % TWO32)
@@ -550,7 +561,7 @@ function Backfill:deliver(c, lsn)
                      lsn = lsn_text }
         n = n + 1
         local go
-        if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit_read) end
+        if l.passthrough then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
         if go == false or client.failure then return false end
       end
     end
@@ -624,20 +635,10 @@ function Backfill:progress_line(final)
   io.stderr:flush()
 end
 
-function M.tty()
-  if M.is_tty == nil then M.is_tty = isatty(2) end
-  return M.is_tty
-end
+function M.tty() return isatty(2) end
 
 ---------------------------------------------------------------------------------------
 -- The driver's side (flash.driver.wal_logical)
-
-M.tokens = {}
-local nonce
-function M.nonce()
-  if not nonce then nonce = string.format("%d-%x", core.getpid(), math.floor(core.time() * 1000) % TWO32) end
-  return nonce
-end
 
 -- Whether some backfill of the client wants a chunk read now.
 function M.wants(client)
@@ -690,8 +691,8 @@ function M.close(client)
 end
 
 -- The stream's message hook: a chunk's mark.
-function M.on_message(lsn, token)
-  local bf = M.tokens[token]
+function M.on_message(client, lsn, token)
+  local bf = client.backfill_tokens and client.backfill_tokens[token]
   if not bf or not bf.inflight or bf.inflight.token ~= token then return true end
   return bf:deliver(bf.inflight, lsn)
 end
@@ -699,7 +700,7 @@ end
 -- A new replication stream (start, reconnect): chunks in flight are read again.
 function M.reset(client)
   for _, bf in ipairs(client.backfills or {}) do
-    if bf.inflight then M.tokens[bf.inflight.token] = nil bf.inflight = nil end
+    if bf.inflight then client.backfill_tokens[bf.inflight.token] = nil bf.inflight = nil end
     if bf.pending then bf:drop_reader() end
     bf.waiting = nil
   end

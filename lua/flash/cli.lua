@@ -403,8 +403,8 @@ local function run(argv)
       io.stderr:write("flashlua: ", tostring(serr), "\n")
       -- `local c = flash.client{...}` without assert(): the script fails later on the nil;
       -- the failure it ignored is the cause.
-      if flash._last_failure and tostring(serr):find("a nil value", 1, true) then
-        io.stderr:write("flashlua: that nil may come from ", flash._last_failure,
+      if flash._last_failure() and tostring(serr):find("a nil value", 1, true) then
+        io.stderr:write("flashlua: that nil may come from ", flash._last_failure(),
           "\n(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n")
       end
       flash.stop()

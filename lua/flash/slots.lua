@@ -33,9 +33,9 @@ end
 
 function M.mb(bytes) return string.format("%.1f MB", bytes / (1024 * 1024)) end
 
--- The warnings for inactive slots over the threshold (each slot once per process).
-local warned = {}
-function M.idle_warnings(conn)
+-- The warnings for inactive slots over the threshold, each slot once: `warned` holds the
+-- slots warned about already (the loop's: once per process for a script's clients).
+function M.idle_warnings(conn, warned)
   local rows = M.list(conn)
   local out = {}
   for _, r in ipairs(rows or {}) do

@@ -3,12 +3,12 @@
 -- A driver is a class made with base.class(base.Driver): it inherits the connection
 -- helpers (ident, literal, exec on the client's query connection), the listen-time check
 -- of conditions (test-planned in SQL for PostgreSQL's own error, then prepared for
--- evaluation on arrival by flash.filter: one home for conditions), the advisory-lock
+-- evaluation on arrival by flash.where: one home for conditions), the advisory-lock
 -- naming that marks what a running instance holds, the sweep of what gone instances left,
 -- and the retry schedule of reconnects (base.backoff).
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 
 local M = {}
 
@@ -65,35 +65,12 @@ end
 -- A Lua condition value as an untyped SQL literal: PostgreSQL resolves it to the
 -- column's type, so 10, "10" and 10.0 compare as the column's own values.
 function Driver:value_literal(v)
-  return self:literal(filter.literal_text(v))
+  return self:literal(where.literal_text(v))
 end
 
--- SQL for the listener's conditions on row `rec`; nil without any. Used only to
--- test-plan conditions at listen (so a bad value fails there, with PostgreSQL's words);
--- conditions are evaluated on arrival, by flash.filter.
+-- SQL for the listener's conditions on row `rec` (flash.where.sql); nil without any.
 function Driver:cond_sql(l, rec)
-  if #l.conds == 0 then return nil end
-  local parts = {}
-  for _, c in ipairs(l.conds) do
-    local col = rec .. "." .. self:ident(c.column)
-    local op = c.op
-    if op == "is null" then
-      parts[#parts + 1] = col .. " IS NULL"
-    elseif op == "is not null" then
-      parts[#parts + 1] = col .. " IS NOT NULL"
-    elseif op == "in" then
-      if #c.value == 0 then
-        parts[#parts + 1] = "false"
-      else
-        local vals = {}
-        for i, v in ipairs(c.value) do vals[i] = self:value_literal(v) end
-        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
-      end
-    else
-      parts[#parts + 1] = col .. " " .. op .. " " .. self:value_literal(c.value)
-    end
-  end
-  return "(" .. table.concat(parts, " AND ") .. ")"
+  return where.sql(l.conds, rec, self)
 end
 
 function Driver:qualified_table(l)
@@ -108,10 +85,10 @@ function Driver:check(l)
     local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
     if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
   end
-  local ok, err = filter.prepare(l, self)
+  local ok, err = where.prepare(l, self)
   if not ok then return nil, err end
-  l.matcher = filter.matcher(l)
-  l.passthrough = filter.passthrough(l)
+  l.matcher = where.matcher(l)
+  l.passthrough = where.passthrough(l)
   return true
 end
 
@@ -125,18 +102,8 @@ function M.rename(l, schema, name)
   return true
 end
 
--- Which operations a listener needs captured: an update can turn into an insert or a
--- delete (conditions, primary key), so it is captured when either is wanted.
-function M.needed_ops(l)
-  local w = l:wanted()
-  local n = {}
-  if w.insert then n.insert = true end
-  if w.delete then n.delete = true end
-  if w.truncate then n.truncate = true end
-  local transforms = #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
-  if w.update or (transforms and (w.insert or w.delete)) then n.update = true end
-  return n, w
-end
+-- Which operations a listener needs captured (flash.where.needed_ops).
+M.needed_ops = where.needed_ops
 
 -- The session advisory lock that marks `key` (a schema, a publication) as held by a running
 -- instance: two int4 keys, our class and the name, so no other application's locks collide.

@@ -6,7 +6,7 @@
 -- text of pg_catalog.format('%s', NEW) (record_out: each column's type output function,
 -- under the function's canonical settings); the client polls that table, decodes each
 -- row by the table's current columns (fl_record.c), applies the listeners' conditions in
--- Lua (flash.filter, as wal_logical does) and deletes what it handled.
+-- Lua (flash.where, as wal_logical does) and deletes what it handled.
 --
 -- Why so: no NOTIFY is sent by writers (PREPARE TRANSACTION works, commits are not
 -- serialized on the notify queue, nothing travels where other roles can read or forge
@@ -18,7 +18,7 @@
 -- everything they captured.
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 local base = require "flash.driver.base"
 
 local M = {}
@@ -189,8 +189,8 @@ function M.new(class, client)
     (self.persistent and M.PERSISTENT_SCHEMA or string.format("flash_%d", client.conn:backend_pid()))
   self.poll_interval = client.opts.poll_interval or POLL_INTERVAL
   self.max_row = string.format("%d", client.opts.max_row_bytes or ROW_LIMIT)
-  self.capture_mode = client.opts.capture or (package.loaded.flash and package.loaded.flash.defaults.capture) or "auto"
-  -- flash.filter's emit, made once (a closure per row would be garbage per event).
+  self.capture_mode = client.opts.capture or client.loop.defaults.capture or "auto"
+  -- flash.where's emit, made once (a closure per row would be garbage per event).
   self.emit = function(l, ev) return client:_deliver(l, ev) end
   return self
 end
@@ -442,7 +442,7 @@ end
 -- read after it is matched by position; README "Known limitations").
 function Driver:ddl_function()
   local S = self:ident(self.schema)
-  local cols = require("flash")._columns_sql("a.attrelid = t.rel")
+  local cols = require("flash.catalog").columns_sql("a.attrelid = t.rel")
   local qname = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c " ..
     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = "
   return table.concat({
@@ -931,7 +931,7 @@ end
 -- shapes whose fingerprint changed get a new layout.
 function Driver:load_shapes(oids)
   if #oids == 0 then return true end
-  local rows, err = self:exec(require("flash")._columns_sql("a.attrelid = ANY($1::oid[])"),
+  local rows, err = self:exec(require("flash.catalog").columns_sql("a.attrelid = ANY($1::oid[])"),
     "{" .. table.concat(oids, ",") .. "}")
   if not rows then return nil, err end
   local by = {}
@@ -1223,7 +1223,7 @@ function Driver:deliver_row(r)
       local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid,
                    too_large = big, columns_uncertain = uncertain }
       local cont
-      if l.passthrough or big then cont = client:_deliver(l, ev) else cont = filter.apply(l, ev, self.emit) end
+      if l.passthrough or big then cont = client:_deliver(l, ev) else cont = where.apply(l, ev, self.emit) end
       if cont == false or client.failure then return false end
       if not self.listening then return true end
     end

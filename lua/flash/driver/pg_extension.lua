@@ -6,7 +6,7 @@
 -- inherits.
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 local base = require "flash.driver.base"
 local wal = require "flash.driver.wal_logical"
 
@@ -70,17 +70,7 @@ end
 -- Conditions are checked by the server's flash.listen() at listen time: one that would
 -- fail is called in a transaction that is rolled back. A Lua `where` runs here.
 function Driver:check(l)
-  if l.predicate then
-    local pred, fields = l.predicate, l.fields
-    l.matcher = function(row)
-      if fields then
-        local p = {}
-        for _, f in ipairs(fields) do p[f] = row[f] end
-        row = p
-      end
-      return pred(row)
-    end
-  end
+  l.matcher = where.matcher(l, {})
   local ok = self:exec("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'flashlua'")
   if not ok or #ok == 0 then return true end          -- start() says what is missing
   local began = self:exec("BEGIN")
@@ -119,10 +109,10 @@ function Driver.definition(_, l, any_ops)
       conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "]"
     elseif c.op == "in" then
       local vs = {}
-      for j, x in ipairs(v) do vs[j] = jstr(filter.literal_text(x)) end
+      for j, x in ipairs(v) do vs[j] = jstr(where.literal_text(x)) end
       conds[i] = "[" .. jstr(c.column) .. ",\"in\",[" .. table.concat(vs, ",") .. "]]"
     else
-      conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "," .. jstr(filter.literal_text(v)) .. "]"
+      conds[i] = "[" .. jstr(c.column) .. "," .. jstr(c.op) .. "," .. jstr(where.literal_text(v)) .. "]"
     end
   end
   local cols, pk = l.fields, l.primary_key
@@ -321,13 +311,6 @@ function Driver:on_relation(relid, schema, name, columns)
   end
 end
 
-local function project(row, fields)
-  if not row then return nil end
-  local out = {}
-  for _, f in ipairs(fields) do out[f] = row[f] end
-  return out
-end
-
 function Driver:make_dispatch()
   local client = self.client
   local function emit(l, ev) return client:_deliver(l, ev) end
@@ -354,9 +337,9 @@ function Driver:make_dispatch()
         e.table, e.source = l.table_name, source
         local r
         if l.predicate then
-          r = filter.apply(l, e, emit)
+          r = where.apply(l, e, emit)
         else
-          if l.fields then e.new, e.old = project(e.new, l.fields), project(e.old, l.fields) end
+          if l.fields then e.new, e.old = where.project(e.new, l.fields), where.project(e.old, l.fields) end
           r = client:_deliver(l, e)
         end
         if r == false or client.failure then return false end

@@ -12,7 +12,7 @@
 -- handled at least once, and by one worker at a time.
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 local json = require "flash.json"
 local base = require "flash.driver.base"
 local sink = require "flash.sink.redis"
@@ -98,7 +98,7 @@ function Driver:redis(cmds)
 end
 
 -- The listener's table is checked against PostgreSQL as under every driver (its name is
--- what the events carry); conditions are evaluated on arrival by flash.filter.
+-- what the events carry); conditions are evaluated on arrival by flash.where.
 function Driver:check(l)
   return base.Driver.check(self, l)
 end
@@ -205,7 +205,7 @@ function Driver:deliver(skey, eid, list)
                     lsn = ev.lsn, commit_time = ev.commit_time, xid = ev.xid, stream_id = eid }
         local cont
         if l.passthrough then cont = client:_deliver(l, e) else
-          cont = filter.apply(l, e, function(x, y) return client:_deliver(x, y) end)
+          cont = where.apply(l, e, function(x, y) return client:_deliver(x, y) end)
         end
         if cont == false or client.failure then return false end
       end

@@ -1,11 +1,11 @@
 -- flash.driver.wal_logical: the `wal_logical` driver. One publication and one replication slot per
 -- client; changes arrive over a replication connection as pgoutput, are decoded in C
--- (lrepl.c) and filtered here (flash.filter). The server is told a transaction is handled
+-- (lrepl.c) and filtered here (flash.where). The server is told a transaction is handled
 -- only after every callback of it has returned: with `persistent = true` a crash at any
 -- point redelivers whatever was not yet handled.
 local core = require "flash.core"
 local log = require "flash.log"
-local filter = require "flash.filter"
+local where = require "flash.where"
 -- The trigger drivers' connection helpers (quoting, exec with notices) serve here too.
 local base = require "flash.driver.base"
 local backfill = require "flash.backfill"
@@ -82,7 +82,7 @@ function Driver:lock_sql(name)
 end
 
 -- Conditions are test-planned and checked as the trigger drivers' are (flash.driver.base:
--- the same SQL, so the same errors at listen), then evaluated on arrival by flash.filter.
+-- the same SQL, so the same errors at listen), then evaluated on arrival by flash.where.
 
 -- Whether a listener needs old rows: update/delete events carry ev.old, and conditions,
 -- fields and keys are tested on it.
@@ -330,7 +330,7 @@ function Driver:attach(repl)
   self.repl = repl
   repl:on_relation(function(...) return self:on_relation(...) end)
   backfill.reset(self.client)
-  repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(lsn, content) end)
+  repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(self.client, lsn, content) end)
   self:rebuild_index()
   return true
 end
@@ -443,13 +443,13 @@ function Driver:make_dispatch()
         return client:_deliver(l, ev) ~= false
       end
       -- A failed `where` (on_error = "stop") must keep the transaction unconfirmed.
-      return filter.apply(l, ev, emit) ~= false and not client.failure
+      return where.apply(l, ev, emit) ~= false and not client.failure
     end
     for _, l in ipairs(list) do
       -- Each listener gets its own event: callbacks may keep or change it.
       local e = { op = ev.op, id = ev.id, table = l.table_name, new = ev.new, old = ev.old, lsn = ev.lsn,
                   xid = ev.xid, commit_time = ev.commit_time }
-      if filter.apply(l, e, emit) == false or client.failure then return false end
+      if where.apply(l, e, emit) == false or client.failure then return false end
     end
     return true
   end

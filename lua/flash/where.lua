@@ -1,165 +1,72 @@
--- flash.filter: a listener's conditions, partial fields and primary key applied on arrival,
--- for drivers that receive whole rows (wal_logical). Gives the events the trigger driver's
--- SQL gives: the soft-delete transitions, "no listened field changed" and key changes.
+-- flash.where: a listener's conditions (the `where` option) from the API to the event: the
+-- forms a script may write them in, normalised once; their values as SQL text; the test of
+-- a decoded row on arrival; and how conditions, partial fields and a primary key turn a
+-- change into the events a listener sees (the soft-delete transitions, "no listened field
+-- changed", a key change as a delete then an insert) -- for every driver.
 local core = require "flash.core"
+local compare = require "flash.compare"
+local argerror = require("flash.args").argerror
 
 local null = core.null
+local cmp, TESTS = compare.compare, compare.TESTS
 local M = {}
 
--- How a column's values compare in Lua, by base type OID. Only types whose decoded values
--- order (and are equal) exactly as PostgreSQL orders them are listed; a condition on any
--- other type is refused at listen, since its result here could differ from SQL's.
-local KIND = {
-  [20] = "num", [21] = "num", [23] = "num", [26] = "num", [700] = "num", [701] = "num", [1700] = "num",
-  [16] = "bool",
-  [1082] = "time", [1114] = "time", [1184] = "time", [1186] = "interval",
-  -- canonical text (or raw bytes) in byte order is value order
-  [2950] = "bytes", [1083] = "bytes", [17] = "bytes", [18] = "bytes", [19] = "bytes",
-  -- text: byte order only under a C-like collation; equality under any deterministic one
-  [25] = "text", [1043] = "text", [1042] = "text",
-  -- one canonical text per value, but no byte order
-  [869] = "eq", [650] = "eq", [829] = "eq", [774] = "eq", [1266] = "eq",
+local WHERE_OPS = {
+  ["="] = "=", ["=="] = "=", ["<>"] = "<>", ["!="] = "<>", ["~="] = "<>",
+  ["<"] = "<", ["<="] = "<=", [">"] = ">", [">="] = ">=",
+  ["is null"] = "is null", ["is not null"] = "is not null", ["in"] = "in",
 }
-local BYTE_ORDER_COLLATIONS = { C = true, POSIX = true, ["C.UTF-8"] = true, ["C.utf8"] = true, ucs_basic = true }
 
--- A number, "NaN", "Infinity" or a decimal string as (class, value): NaN sorts above
--- +Infinity and equals itself, as in PostgreSQL.
-local function numclass(x)
-  if type(x) == "number" then
-    if x ~= x then return 3 end
-    if x == math.huge then return 2 end
-    if x == -math.huge then return 0 end
-    return 1, x
+-- Normalizes `where` into a list of { column, op, value } (see API.md), or a predicate.
+function M.normalize(where)
+  if where == nil then return {}, nil end
+  if type(where) == "function" then return {}, where end
+  if type(where) ~= "table" then
+    argerror(1, "listen", "option 'where': table or function expected, got " .. type(where), 3)
   end
-  if x == "NaN" then return 3 end
-  if x == "Infinity" then return 2 end
-  if x == "-Infinity" then return 0 end
-  return 1, x
-end
-
--- Sign, integer digits and fraction digits of a plain decimal, normalized; nil if not one.
-local function decimal(s)
-  if type(s) == "number" then
-    if s ~= math.floor(s) or math.abs(s) >= 2^63 then return nil end
-    s = string.format("%d", s)
+  local conds = {}
+  for k, v in pairs(where) do
+    if type(k) == "string" then
+      local vt = type(v)
+      if v == core.null then
+        conds[#conds + 1] = { column = k, op = "is null" }
+      elseif vt == "string" or vt == "number" or vt == "boolean" then
+        conds[#conds + 1] = { column = k, op = "=", value = v }
+      else
+        argerror(1, "listen", string.format("option 'where': value of '%s' must be a string, number, boolean or flash.null, got %s", k, vt), 3)
+      end
+    elseif type(k) ~= "number" then
+      argerror(1, "listen", "option 'where': keys must be column names or list positions", 3)
+    end
   end
-  local sign, int, frac = s:match("^([-+]?)(%d*)%.?(%d*)$")
-  if not sign or (int == "" and frac == "") then return nil end
-  int, frac = int:gsub("^0+", ""), frac:gsub("0+$", "")
-  if int == "" and frac == "" then sign = "" end
-  return sign == "-" and -1 or 1, int, frac
-end
-
--- Exact comparison of two numbers or numeric/bigint texts: doubles first (rounding keeps
--- order, so different doubles decide), then digit by digit when the doubles are equal
--- (bigints past 2^53, long numerics).
-local function numcmp(a, b)
-  local ca, va = numclass(a)
-  local cb, vb = numclass(b)
-  if ca ~= cb then return ca < cb and -1 or 1 end
-  if ca ~= 1 then return 0 end
-  local da, db = tonumber(va), tonumber(vb)
-  if da ~= db then return da < db and -1 or 1 end
-  local sa, ia, fa = decimal(va)
-  local sb, ib, fb = decimal(vb)
-  if not sa or not sb then return 0 end
-  if sa ~= sb then return sa < sb and -1 or 1 end
-  local r
-  if #ia ~= #ib then r = #ia < #ib and -1 or 1
-  elseif ia ~= ib then r = ia < ib and -1 or 1
-  elseif fa ~= fb then r = fa < fb and -1 or 1   -- trailing zeros are stripped: prefix sorts first
-  else return 0 end
-  return r * sa
-end
-M.numcmp = numcmp
-
--- A date/timestamp/timestamptz canonical text (ISO, UTC) as (class, astronomical year,
--- rest): years past 9999 and BC, and ±infinity, order as PostgreSQL orders them; the rest
--- ("-MM-DD HH:MM:SS[.ffffff]") is fixed-width up to the fraction, so text order is time
--- order once the constant "+00" offset is gone.
-local function timekey(s)
-  if s == "infinity" then return 2 end
-  if s == "-infinity" then return 0 end
-  local bc = s:sub(-3) == " BC"
-  if bc then s = s:sub(1, -4) end
-  local y, rest = s:match("^(%d+)(%-.*)$")
-  if not y then return 1, 0, s end
-  rest = rest:gsub("(:%d%d[%.%d]*)[+-][%d:]+$", "%1")
-  y = tonumber(y)
-  return 1, bc and (1 - y) or y, rest
-end
-
-local function timecmp(a, b)
-  local ca, ya, ra = timekey(a)
-  local cb, yb, rb = timekey(b)
-  if ca ~= cb then return ca < cb and -1 or 1 end
-  if ca ~= 1 then return 0 end
-  if ya ~= yb then return ya < yb and -1 or 1 end
-  if ra == rb then return 0 end
-  return ra < rb and -1 or 1
-end
-
--- An interval's canonical text (IntervalStyle postgres: "1 year 2 mons -3 days +04:05:06.7")
--- as PostgreSQL compares it: months count 30 days, days 24 hours (interval_cmp_value). The
--- key is (whole days, microseconds into the day), both exact in doubles.
-local DAY_US = 86400000000
-local function intervalkey(s)
-  local d = 0
-  for n, unit in s:gmatch("([+-]?%d+) (%a+)") do
-    n = tonumber(n)
-    if unit:find("^year") then d = d + 360 * n
-    elseif unit:find("^mon") then d = d + 30 * n
-    elseif unit:find("^day") then d = d + n end
+  table.sort(conds, function(a, b) return a.column < b.column end)
+  for i, c in ipairs(where) do
+    if type(c) ~= "table" or type(c[1]) ~= "string" or type(c[2]) ~= "string" then
+      argerror(1, "listen", string.format("option 'where': condition #%d must be { column, operator [, value] }", i), 3)
+    end
+    local op = WHERE_OPS[c[2]:lower():gsub("%s+", " ")]
+    if not op then
+      argerror(1, "listen", string.format("option 'where': unknown operator '%s' in condition #%d " ..
+        "(expected =, <>, <, <=, >, >=, is null, is not null, in)", c[2], i), 3)
+    end
+    local v = c[3]
+    if op == "in" then
+      if type(v) ~= "table" then
+        argerror(1, "listen", string.format("option 'where': condition #%d: 'in' needs a list of values", i), 3)
+      end
+    elseif op ~= "is null" and op ~= "is not null" then
+      local vt = type(v)
+      if v == core.null then
+        op = (op == "=" and "is null") or (op == "<>" and "is not null") or argerror(1, "listen",
+          string.format("option 'where': condition #%d compares with flash.null; use 'is null'", i), 3)
+      elseif vt ~= "string" and vt ~= "number" and vt ~= "boolean" then
+        argerror(1, "listen", string.format("option 'where': condition #%d: value must be a string, number, boolean or flash.null, got %s", i, vt), 3)
+      end
+    end
+    conds[#conds + 1] = { column = c[1], op = op, value = v }
   end
-  local us = 0
-  local sign, h, m, sec, frac = s:match("([+-]?)(%d+):(%d%d):(%d%d)%.?(%d*)$")
-  if h then
-    h = tonumber(h)
-    local hd = math.floor(h / 24)
-    us = ((h - 24 * hd) * 3600 + tonumber(m) * 60 + tonumber(sec)) * 1e6 +
-      (frac ~= "" and tonumber((frac .. "000000"):sub(1, 6)) or 0)
-    if sign == "-" then hd, us = -hd, -us end
-    d = d + hd
-  end
-  if us < 0 then d, us = d - 1, us + DAY_US end
-  return d, us
+  return conds, nil
 end
-
-local function intervalcmp(a, b)
-  local da, ua = intervalkey(a)
-  local db, ub = intervalkey(b)
-  if da ~= db then return da < db and -1 or 1 end
-  if ua == ub then return 0 end
-  return ua < ub and -1 or 1
-end
-M.intervalcmp = intervalcmp
-
-local function bpchar(s) return (s:gsub(" +$", "")) end
-
--- Compares a decoded column value with a prepared condition value as SQL would: -1, 0,
--- 1, or nil when the column is NULL.
-local function compare(v, c, kind, oid)
-  if v == null or v == nil then return nil end
-  if kind == "num" then return numcmp(v, c) end
-  if kind == "bool" then
-    if v == c then return 0 end
-    return v and 1 or -1
-  end
-  if kind == "time" then return timecmp(v, c) end
-  if kind == "interval" then return intervalcmp(v, c) end
-  if oid == 1042 then v, c = bpchar(v), bpchar(c) end
-  if v == c then return 0 end
-  return v < c and -1 or 1
-end
-
-local TESTS = {
-  ["="] = function(r) return r == 0 end,
-  ["<>"] = function(r) return r ~= 0 end,
-  ["<"] = function(r) return r < 0 end,
-  ["<="] = function(r) return r <= 0 end,
-  [">"] = function(r) return r > 0 end,
-  [">="] = function(r) return r >= 0 end,
-}
 
 -- The text a condition value is written as in SQL, here and in the trigger drivers'
 -- literals (flash.driver.base), so both read the same value. A number is its shortest
@@ -183,10 +90,34 @@ local function literal_text(v)
 end
 M.literal_text = literal_text
 
-local function is_byte_order(coll)
-  local provider, name = coll:match("^(%a*):(.*)$")
-  return provider == "c" and BYTE_ORDER_COLLATIONS[name] or name == "ucs_basic"
+-- The SQL of conditions `conds` on row `rec` ("t", "NEW"), or nil without any; `d` quotes
+-- (d:ident, d:value_literal: flash.driver.base). Drivers test-plan it at listen, so that a
+-- bad value fails there with PostgreSQL's words; conditions are evaluated on arrival.
+function M.sql(conds, rec, d)
+  if #conds == 0 then return nil end
+  local parts = {}
+  for _, c in ipairs(conds) do
+    local col = rec .. "." .. d:ident(c.column)
+    local op = c.op
+    if op == "is null" then
+      parts[#parts + 1] = col .. " IS NULL"
+    elseif op == "is not null" then
+      parts[#parts + 1] = col .. " IS NOT NULL"
+    elseif op == "in" then
+      if #c.value == 0 then
+        parts[#parts + 1] = "false"
+      else
+        local vals = {}
+        for i, v in ipairs(c.value) do vals[i] = d:value_literal(v) end
+        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
+      end
+    else
+      parts[#parts + 1] = col .. " " .. op .. " " .. d:value_literal(c.value)
+    end
+  end
+  return "(" .. table.concat(parts, " AND ") .. ")"
 end
+
 
 -- Makes listener l's conditions ready for evaluation on arrival: each value is cast by the
 -- server to its column's type and read back in canonical text, then decoded as column
@@ -214,19 +145,8 @@ function M.prepare(l, d)
         WHERE a.attrelid = $1 AND a.attname = $3]], l.table.oid, col.oid, c.column)
       if not rows then return nil, err end
       local info = rows[1]
-      local kind = KIND[col.oid] or (info.typtype == "e" and "eq") or nil
-      local ordering = c.op ~= "=" and c.op ~= "<>" and c.op ~= "in"
-      local why
-      if not kind or col.elem ~= 0 then
-        why = "values of type " .. info.tname .. " cannot be compared on arrival"
-      elseif ordering and kind == "eq" then
-        why = "values of type " .. info.tname .. " have no order that Lua can reproduce"
-      elseif kind == "text" and ordering and not is_byte_order(info.coll) then
-        why = "the column's collation (" .. info.coll .. ") does not order text bytewise"
-      elseif kind == "text" and not info.det then
-        why = "the column's collation is nondeterministic"
-      end
-      if why then
+      local kind, why = compare.kind(col, c.op, info)
+      if not kind then
         return nil, string.format("condition '%s %s' on %s cannot run under the %s driver: conditions are evaluated " ..
           "in Lua on arrival, and %s (use a where function that decides in Lua)",
           c.column, c.op, l.table_name, d.client.driver_name, why)
@@ -258,17 +178,21 @@ function M.prepare(l, d)
   return true
 end
 
+-- The listened fields of a row (the row itself without `fields`).
 local function project(row, fields)
   if not row or not fields then return row end
   local out = {}
   for _, f in ipairs(fields) do out[f] = row[f] end
   return out
 end
+M.project = project
 
--- A predicate over a full row for the listener's conditions, or nil when it has none.
--- M.prepare must have run for conditions other than null tests.
-function M.matcher(l)
-  local conds, pred, fields = l.prepared or l.conds, l.predicate, l.fields
+-- A predicate over a full row for the listener's conditions and its Lua `where`, or nil
+-- when it has neither. M.prepare must have run for conditions other than null tests;
+-- `conds` = {} leaves the conditions out (a driver whose server tests them: pg_extension).
+function M.matcher(l, conds)
+  local pred, fields = l.predicate, l.fields
+  conds = conds or l.prepared or l.conds
   if #conds == 0 and not pred then return nil end
   return function(row)
     for _, c in ipairs(conds) do
@@ -281,11 +205,11 @@ function M.matcher(l)
       elseif op == "in" then
         local hit = false
         for _, x in ipairs(c.values) do
-          if compare(v, x, c.kind, c.oid) == 0 then hit = true break end
+          if cmp(v, x, c.kind, c.oid) == 0 then hit = true break end
         end
         if not hit then return false end
       else
-        local r = compare(v, c.values[1], c.kind, c.oid)
+        local r = cmp(v, c.values[1], c.kind, c.oid)
         if r == nil or not TESTS[op](r) then return false end
       end
     end
@@ -357,6 +281,24 @@ function M.apply(l, ev, emit)
     return emit(l, derive(ev, "insert", project(ev.new, fields), nil))
   end
   return true
+end
+
+-- Whether conditions, a Lua `where` or a primary key can turn an update into an insert or
+-- a delete (the transitions of M.apply).
+function M.transforms(l)
+  return #l.conds > 0 or l.predicate ~= nil or l.primary_key ~= nil
+end
+
+-- Which operations a listener needs captured: an update can turn into an insert or a
+-- delete (M.apply), so it is captured when either is wanted.
+function M.needed_ops(l)
+  local w = l:wanted()
+  local n = {}
+  if w.insert then n.insert = true end
+  if w.delete then n.delete = true end
+  if w.truncate then n.truncate = true end
+  if w.update or (M.transforms(l) and (w.insert or w.delete)) then n.update = true end
+  return n, w
 end
 
 -- Whether a listener can take events as they come, with no copy or filtering.
