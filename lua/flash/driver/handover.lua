@@ -45,11 +45,13 @@ local function other_name(d)
   return d.slot == d.slot_names[1] and d.slot_names[2] or d.slot_names[1]
 end
 
-local function give_up(d, err)
+-- keep_cut: the old stream stops (a graceful stop) and keeps skipping from T on, so the
+-- rest of a transaction it has begun to skip is not delivered without its start.
+local function give_up(d, err, keep_cut)
   local h = d.handover
   d.handover = nil
   if h then
-    if h.dispatch then d.dispatch = h.dispatch end
+    if h.dispatch and not (keep_cut and h.t) then d.dispatch = h.dispatch end
     if h.repl then h.repl:close() end
   end
   if err then
@@ -104,6 +106,8 @@ local function cut(d, h, x)
   h.x = x
   local last = h.last and core.lsn(h.last) or 0
   h.t = math.max(x, last + 1)
+  log.debug(string.format("slot %s is consistent at %s; the old stream delivers what commits before %s", h.slot,
+    core.lsn(x), core.lsn(h.t)))
   d.repl:on_message(backfill.PREFIX, function(lsn, content)
     if lsn > h.t then return true end
     return backfill.on_message(lsn, content)
@@ -181,9 +185,10 @@ function M.step(d)
   return true
 end
 
--- The old stream ends another way (lost, stopped): the new slot goes too.
-function M.abandon(d)
-  if d.handover then give_up(d) end
+-- The old stream ends another way (lost, or stopping: then it ends at the cut): the new
+-- slot goes too.
+function M.abandon(d, stopping)
+  if d.handover then give_up(d, nil, stopping) end
 end
 
 -- The descriptor to wait on while the new slot is being created.

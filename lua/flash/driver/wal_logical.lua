@@ -867,7 +867,7 @@ end
 
 -- confirm = false (a stop hook failed): the connection closes without a last status update.
 function Driver:stop(confirm)
-  handover.abandon(self)
+  handover.abandon(self, true)
   if self.client.backfills then backfill.close(self.client) end
   if self.repl then
     self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
