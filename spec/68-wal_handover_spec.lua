@@ -78,6 +78,10 @@ describe("wal_logical with a temporary slot, after a row of 100 MB", function()
     assert.same(count_to(n), ids(h))
     assert.truthy(h.out():find("\nrow 1 104857600\n", 1, true))
     assert.same({}, warnings(h))
+    -- stats() names the slot now streamed, and its position is past the last row's commit.
+    local slot, last_lsn, end_lsn = h.out():match("stats (%S+) (%S+) (%S+)")
+    assert.matches("^flash_replication_%d+_b$", slot)
+    assert.is_true(core.lsn(last_lsn) > core.lsn(end_lsn), last_lsn .. " " .. end_lsn)
     -- The old connection's input buffer (256 MB for the 200 MB of hex text) stayed for
     -- the client's lifetime; now the client is back within a few MB of where it started.
     assert.is_true(after < 2 * base + 8, string.format("after %d MB, baseline %d MB (peak %d MB)", after, base, peak))
