@@ -56,6 +56,7 @@ build = {
     ["flash.driver.trigger_global"] = "lua/flash/driver/trigger_global.lua",
     ["flash.driver.trigger_statement"] = "lua/flash/driver/trigger_statement.lua",
     ["flash.driver.wal_logical"] = "lua/flash/driver/wal_logical.lua",
+    ["flash.driver.handover"] = "lua/flash/driver/handover.lua",
     ["flash.driver.pg_extension"] = "lua/flash/driver/pg_extension.lua",
     ["flash.driver.redis_streams"] = "lua/flash/driver/redis_streams.lua",
   },

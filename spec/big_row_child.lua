@@ -6,12 +6,7 @@
 local flash = require "flash"
 local driver, tbl, slot = arg[1], arg[2], arg[3]
 
-local function mem()
-  local f = assert(io.open("/proc/self/status"))
-  local s = f:read("*a")
-  f:close()
-  return tonumber(s:match("VmHWM:%s*(%d+)")) / 1024, tonumber(s:match("VmRSS:%s*(%d+)")) / 1024
-end
+local mem = dofile((arg[0]:match("^(.*/)") or "") .. "child_mem.lua")
 
 local c = assert(flash.client { driver = driver, persistent = slot and true or nil, slot = slot, publication = slot })
 local got

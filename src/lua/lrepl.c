@@ -673,12 +673,9 @@ static int l_close(lua_State *L) {
   return 0;
 }
 
-/* repl:exec(command) -> rows (text values) | nil, err, sqlstate : replication commands
- * (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT, ...) before streaming starts. */
-static int l_exec(lua_State *L) {
-  fl_repl *r = check_repl(L, 1);
-  const char *sql = luaL_checkstring(L, 2);
-  PGresult *res = PQexec(r->pg, sql);
+/* A command's result as rows of text values (NULL: the null sentinel), or nil, err,
+ * sqlstate; clears res. */
+static int push_rows(lua_State *L, fl_repl *r, PGresult *res) {
   ExecStatusType st = PQresultStatus(res);
   if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
     return fl_push_pgerror(L, r->pg, res);
@@ -696,6 +693,38 @@ static int l_exec(lua_State *L) {
   }
   PQclear(res);
   return 1;
+}
+
+/* repl:exec(command) -> rows (text values) | nil, err, sqlstate : replication commands
+ * (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT, ...) before streaming starts. */
+static int l_exec(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  return push_rows(L, r, PQexec(r->pg, luaL_checkstring(L, 2)));
+}
+
+/* repl:send(command) -> true | nil, err : a replication command sent without waiting for
+ * its result (CREATE_REPLICATION_SLOT may wait for running transactions); repl:result()
+ * reads it once it has come. */
+static int l_send(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  const char *sql = luaL_checkstring(L, 2);
+  if (r->copying) return luaL_error(L, "replication already started");
+  if (!PQsendQuery(r->pg, sql)) return fail(L, PQerrorMessage(r->pg));
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* repl:result() -> rows | false (not there yet) | nil, err, sqlstate : the result of
+ * repl:send's command, without blocking while it runs. */
+static int l_result(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  if (!PQconsumeInput(r->pg)) return fail(L, PQerrorMessage(r->pg));
+  if (PQisBusy(r->pg)) { lua_pushboolean(L, 0); return 1; }
+  PGresult *res = PQgetResult(r->pg), *more;
+  if (!res) return fail(L, "no command was sent");
+  /* The end of the command (ReadyForQuery) comes in the same packet as its result. */
+  while ((more = PQgetResult(r->pg)) != NULL) PQclear(more);
+  return push_rows(L, r, res);
 }
 
 static int parse_lsn(const char *s, uint64_t *out) {
@@ -1027,6 +1056,8 @@ static int l_finish(lua_State *L) {
 
 static const luaL_Reg repl_methods[] = {
   { "exec", l_exec },
+  { "send", l_send },
+  { "result", l_result },
   { "start", l_start },
   { "pump", l_pump },
   { "status", l_status },

@@ -242,6 +242,8 @@ end
 -- Backfill places its chunks with logical messages the plugin does not forward (yet):
 -- flash.backfill refuses a driver without this method.
 Driver.backfill = false
+-- The slot's name is the consumer's: no move to a second temporary slot after a large row.
+Driver.hand_over = false
 
 local WARN = {
   f = "column %s is no longer in the table (dropped or renamed); its events no longer carry it",

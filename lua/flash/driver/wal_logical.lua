@@ -9,6 +9,7 @@ local where = require "flash.where"
 -- The trigger drivers' connection helpers (quoting, exec with notices) serve here too.
 local base = require "flash.driver.base"
 local backfill = require "flash.backfill"
+local handover = require "flash.driver.handover"
 
 local M = {}
 local Driver = base.class(base.Driver)
@@ -47,8 +48,8 @@ local HOUSE_INTERVAL = 1
 -- persistent slot's connection is ended (the last status update confirms everything
 -- handled, and the server has applied it when it ends the copy) and opened again at the
 -- confirmed position: nothing is lost or delivered twice. A temporary slot is dropped with
--- its connection, so under persistent = false the buffer stays.
-local LARGE_MESSAGE = 8 * 1024 * 1024
+-- its connection: the stream moves to a new temporary slot instead (flash.driver.handover).
+local LARGE_MESSAGE = handover.LARGE_MESSAGE
 
 local fail = base.fail
 
@@ -75,6 +76,8 @@ function M.new(client)
 end
 
 Driver.qualified = base.Driver.qualified_table
+-- Under a temporary slot, memory held after a large row is freed by moving to a new slot.
+Driver.hand_over = true
 
 -- A publication's lock: "pub:" keeps it apart from a schema of the same name.
 function Driver:lock_sql(name)
@@ -299,10 +302,17 @@ end
 function Driver:open_slot()
   local repl, err = core.replication(self.client:dsn())
   if not repl then return slot_error(self, err) end
-  local S = self:ident(self.slot)
-  local start_lsn = "0/0"
   local made, merr = self:make_slot(repl, "pgoutput")
   if not made then return nil, merr end
+  return self:start_stream(repl)
+end
+
+-- Streams self.slot (made on repl) from its position; closes repl on failure. continued:
+-- the stream goes on from another slot's (flash.driver.handover), not from a confirmed
+-- position.
+function Driver:start_stream(repl, continued)
+  local S = self:ident(self.slot)
+  local start_lsn = "0/0"
   local options = { "proto_version '" .. self.proto .. "'",
     "publication_names " .. self:literal(self:ident(self.publication)) }
   if self.streaming then options[#options + 1] = "streaming 'on'" end
@@ -311,11 +321,13 @@ function Driver:open_slot()
   local cmd = "START_REPLICATION SLOT " .. S .. " LOGICAL " .. start_lsn .. " (" .. table.concat(options, ", ") .. ")"
   local ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return slot_error(self, serr, state) end
-  return self:attach(repl)
+  return self:attach(repl, continued)
 end
 
--- A started stream becomes the driver's (the pg_extension driver's too).
-function Driver:attach(repl)
+-- A started stream becomes the driver's (the pg_extension driver's too). continued: it
+-- takes over from another stream without a gap or a repeat, so backfill chunks in flight
+-- stay so (manual acks need a persistent slot: never continued).
+function Driver:attach(repl, continued)
   if self.client.opts.stream_memory then repl:set_stream_limit(self.client.opts.stream_memory) end
   local acks = self.client.acks
   if acks then
@@ -329,7 +341,7 @@ function Driver:attach(repl)
   end
   self.repl = repl
   repl:on_relation(function(...) return self:on_relation(...) end)
-  backfill.reset(self.client)
+  if not continued then backfill.reset(self.client) end
   repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(self.client, lsn, content) end)
   self:rebuild_index()
   return true
@@ -521,11 +533,15 @@ function Driver:fds()
   if not self.repl then return {} end
   local fd = self.repl:fd()
   if fd < 0 then return {} end
-  -- The query connection too: a terminated backend is noticed at once.
+  -- The query connection too: a terminated backend is noticed at once; and a new slot's
+  -- connection while its slot is being made (flash.driver.handover).
   local qfd = not self.conn_retry_at and self:conn():fd() or -1
-  if self:paused() then return qfd >= 0 and { qfd } or {} end
-  if qfd >= 0 then return { fd, qfd } end
-  return { fd }
+  local hfd = handover.fd(self)
+  local list = {}
+  if not self:paused() then list[1] = fd end
+  if qfd >= 0 then list[#list + 1] = qfd end
+  if hfd >= 0 then list[#list + 1] = hfd end
+  return list
 end
 
 -- The query connection was lost (pg_terminate_backend, a restart): reconnect it and take
@@ -640,8 +656,8 @@ function Driver:next_deadline()
   local due = self.repl and self.repl:due() or core.now() + 10
   if self.house_at and self.house_at < due then due = self.house_at end
   if self.conn_retry_at and self.conn_retry_at < due then due = self.conn_retry_at end
-  if self.until_lsn and not self.reached then return math.min(due, core.now() + 0.1) end
-  return due
+  if self.until_lsn and not self.reached then due = math.min(due, core.now() + 0.1) end
+  return handover.deadline(self, due)
 end
 
 -- run{ until_lsn = "X/Y" | "current" }: return once everything committed up to it is handled.
@@ -688,6 +704,9 @@ function Driver:step()
     local ok, berr = backfill.step(self.client)
     if not ok then return nil, berr end
   end
+  local ok, herr = handover.step(self)
+  if not ok then return nil, herr end
+  if not self.repl then return true end
   self.pumping = true
   local more, err = self.repl:pump(self.dispatch, self.client.flags, budget, SLICE)
   self.pumping = false
@@ -698,16 +717,19 @@ function Driver:step()
     if tostring(err):find("^dispatch: ") then return nil, err end
     return self:lost(err)
   end
+  if not self.repl then return true end
   if self.persistent and more == false then
     local st = self.repl:state()
     if st.largest_message > LARGE_MESSAGE and not st.in_txn and not st.streams_open then
       return self:renew()
     end
+  elseif more == false and handover.wanted(self, self.repl:state()) then
+    handover.begin(self)
   end
   if self.until_lsn and not self.reached then
     -- Delivered, acknowledged or not: under manual acks a stop hook may acknowledge last.
     local st = self.repl:state()
-    if st.delivered >= self.until_lsn then
+    if handover.position(self, st, "delivered") >= self.until_lsn then
       self.reached = true
     else
       local now = core.now()
@@ -738,6 +760,7 @@ end
 local STUCK_REPEATS = 5
 
 function Driver:lost(err)
+  handover.abandon(self)
   local msg = tostring(err):gsub("%s+$", "")
   local at = self.repl and self.repl:state().flushed or -1
   local key = msg:gsub("%d+", "#")
@@ -811,11 +834,13 @@ function Driver:stats(s)
   -- After a stop (a batch run's end), the stream's last state: where it stopped.
   local st = self.repl and self.repl:state() or self.final_state
   if st then
-    s.last_lsn = core.lsn(st.flushed)
+    -- Across a move to a new temporary slot (flash.driver.handover) they go on from the old one's.
+    local flushed = handover.position(self, st, "flushed")
+    s.last_lsn = core.lsn(flushed)
     s.paused = self:paused()
-    s.received_lsn = core.lsn(st.received)
-    s.lag_bytes = math.max(0, st.server_end - st.flushed)
-    s.messages = st.messages
+    s.received_lsn = core.lsn(handover.position(self, st, "received"))
+    s.lag_bytes = math.max(0, handover.position(self, st, "server_end") - flushed)
+    s.messages = handover.messages(self, st)
     s.stream_buffered_peak = st.stream_buffered_peak
     s.stream_spilled = st.stream_spilled
   end
@@ -842,6 +867,7 @@ end
 
 -- confirm = false (a stop hook failed): the connection closes without a last status update.
 function Driver:stop(confirm)
+  handover.abandon(self, true)
   if self.client.backfills then backfill.close(self.client) end
   if self.repl then
     self:finish_open_transaction(self.client.opts.shutdown_timeout or 10)
