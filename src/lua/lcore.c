@@ -10,6 +10,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 #include "lconn.h"
+#include "lerr.h"
 #include "lrepl.h"
 #include "lredis.h"
 #include "lvalue.h"
@@ -93,11 +94,7 @@ static int l_poll(lua_State *L) {
   int ms = timeout < 0 ? -1 : (int)(timeout * 1000.0 + 0.999);
   int rc = poll(fds, nfds, ms);
   lua_createtable(L, 0, rc > 0 ? rc : 0);
-  if (rc < 0 && errno != EINTR) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "poll: %s", strerror(errno));
-    return 2;
-  }
+  if (rc < 0 && errno != EINTR) return fl_failf(L, "system", "poll: %s", strerror(errno));
   for (int i = 0; rc > 0 && i < nfds; i++) {
     if (fds[i].revents && fds[i].fd != sig_pipe[0]) {
       lua_pushboolean(L, 1);
