@@ -11,6 +11,7 @@ typedef struct txn {
   char *mem;
   size_t len, cap;
   FILE *spill;          /* past the memory bound everything goes here */
+  size_t flen;          /* bytes written to it */
   uint32_t *aborted;    /* aborted subtransactions: their records are skipped at replay */
   int naborted, capaborted;
   struct txn *next;
@@ -125,6 +126,7 @@ int fl_spill_append(fl_spill *sp, uint32_t xid, uint32_t sub, const char *buf, u
     if (!t->spill)
       return fail(sp, "io", "cannot create a spill file for streamed transaction %u: %s", xid, strerror(errno));
     if (t->len && fwrite(t->mem, 1, t->len, t->spill) != t->len) goto werr;
+    t->flen = t->len;
     sp->spilled += t->len;
     sp->mem -= t->len;
     free(t->mem);
@@ -133,6 +135,7 @@ int fl_spill_append(fl_spill *sp, uint32_t xid, uint32_t sub, const char *buf, u
   if (t->spill) {
     if (fwrite(hdr, 1, FL_SPILL_HEADER, t->spill) != FL_SPILL_HEADER || fwrite(buf, 1, len, t->spill) != len)
       goto werr;
+    t->flen += need;
     sp->spilled += need;
     return 0;
   }
@@ -201,6 +204,11 @@ static int read_record(fl_spill *sp, txn *t, char **body, uint32_t *len, uint32_
   if (got != FL_SPILL_HEADER) return fail(sp, "io", "spill file of transaction %u is truncated", t->xid);
   *len = get_u32(hdr);
   *sub = get_u32(hdr + 4);
+  sp->pos += FL_SPILL_HEADER;
+  /* A length past what was written is a damaged file: no allocation of its size. */
+  if (sp->pos > t->flen || *len > t->flen - sp->pos)
+    return fail(sp, "io", "spill file of transaction %u is damaged (a record of %u bytes)", t->xid, *len);
+  sp->pos += *len;
   if (*len > sp->reccap || !sp->rec) {
     char *n = realloc(sp->rec, *len ? *len : 1);
     if (!n) return fail(sp, "memory", "out of memory replaying transaction %u", t->xid);

@@ -16,7 +16,13 @@
 #include "lvalue.h"
 
 /* Signals reach the loop through a self-pipe, so a signal that lands just before poll()
- * still wakes it. The state is process-wide by nature (one set of handlers per process). */
+ * still wakes it. These are the only module-level mutable variables of the C side, and they
+ * stay process-wide by nature: a process has one disposition per signal, and a handler
+ * gets no argument through which it could find a Lua state. They are written by the
+ * handler (sig_atomic_t) and by core.signals, which only the state that runs the loop
+ * (the host's main state) calls; another Lua state of the process (a worker) leaves them
+ * alone and is told to stop by that loop. Everything else lives in a userdata or a
+ * state's registry: two states in one process share nothing mutable. */
 static int sig_pipe[2] = { -1, -1 };
 static volatile sig_atomic_t sig_count = 0;
 static volatile sig_atomic_t sig_last = 0;

@@ -29,6 +29,7 @@ struct fl_stream {
   fl_spill *spill;
   int cur_open;               /* between Stream Start and Stream Stop of cur_xid */
   uint32_t cur_xid;
+  int replaying;              /* the decoder is in a replay's synthetic stream */
   uint64_t messages, bytes, largest;
   char *copybuf;              /* PQgetCopyData's buffer, ours until PQfreemem: a consumer
                                  error raised past the pump leaves it here, freed next time */
@@ -205,6 +206,16 @@ static int spill_fail(fl_stream *s) {
   return fl_stream_fail(s, fl_spill_error_kind(s->spill), "%s", fl_spill_error(s->spill));
 }
 
+/* Takes the decoder out of a replay's synthetic stream (also when an error raised in the
+ * consumer left the replay midway). */
+static void end_replay(fl_stream *s) {
+  fl_pgo_msg m;
+  char stop = 'E';
+  if (!s->replaying) return;
+  s->replaying = 0;
+  fl_pgo_decode(s->dec, &stop, 1, &m);
+}
+
 /* A committed streamed transaction's changes, in order, to the consumer. */
 static int replay(fl_stream *s, uint32_t xid, fl_stream_fn fn, void *ud) {
   char synth[6] = { 'S', (char)(xid >> 24), (char)(xid >> 16), (char)(xid >> 8), (char)xid, 0 };
@@ -212,6 +223,7 @@ static int replay(fl_stream *s, uint32_t xid, fl_stream_fn fn, void *ud) {
   if (fl_pgo_decode(s->dec, synth, sizeof synth, &m) != 0)
     return fl_stream_fail(s, "protocol", "replaying streamed transaction %u: %s", xid, fl_pgo_error(s->dec));
   int rc = 0;
+  s->replaying = 1;
   fl_spill_replay(s->spill, xid);
   for (;;) {
     char *body;
@@ -228,8 +240,7 @@ static int replay(fl_stream *s, uint32_t xid, fl_stream_fn fn, void *ud) {
       if (rc != 0) break;
     }
   }
-  char stop = 'E';
-  fl_pgo_decode(s->dec, &stop, 1, &m);
+  end_replay(s);
   return rc;
 }
 
@@ -302,6 +313,7 @@ static int lost(fl_stream *s) {
 int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
                    fl_stream_fn fn, fl_stream_large_fn large, void *ud) {
   release_copybuf(s);
+  end_replay(s);
   if (!s->copying) return fl_stream_fail(s, "usage", "replication has not started");
   if (!PQconsumeInput(s->pg)) return lost(s);
   int more = 0;
