@@ -10,38 +10,7 @@
 #include "fl_json.h"
 #include "fl_value.h"
 #include "fl_record.h"
-
-static int n_pass, n_fail;
-
-static void report(const char *file, int line, int ok, const char *fmt, ...) {
-  va_list ap;
-  if (ok) {
-    n_pass++;
-    return;
-  }
-  n_fail++;
-  fprintf(stderr, "%s:%d: FAIL: ", file, line);
-  va_start(ap, fmt);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fputc('\n', stderr);
-}
-
-static char *exact_copy(const char *s, size_t len) {
-  /* malloc(0) may return NULL, which the readers need not accept; an empty input gets a
-   * static byte that the reader is told not to touch. */
-  static char empty_dummy;
-  char *p;
-  if (len == 0) return &empty_dummy;
-  p = malloc(len);
-  if (!p) abort();
-  memcpy(p, s, len);
-  return p;
-}
-
-static void free_copy(char *p, size_t len) {
-  if (len) free(p);
-}
+#include "harness.h"
 
 /* Renders bytes so that expected token streams stay readable in the test source. */
 static void append(char *out, size_t cap, const char *s, size_t n) {
@@ -760,6 +729,5 @@ int main(void) {
   test_json_escape();
   test_record();
   test_copy_line();
-  printf("%d passed, %d failed\n", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return summary();
 }

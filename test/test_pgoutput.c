@@ -8,29 +8,7 @@
 #include <string.h>
 #include "fl_pgoutput.h"
 #include "fixtures_pgoutput.h"
-
-#define COUNT(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-static int n_pass, n_fail;
-
-#if defined(__GNUC__)
-__attribute__((format(printf, 4, 5)))
-#endif
-static void report(const char *file, int line, int ok, const char *fmt, ...) {
-  va_list ap;
-  if (ok) {
-    n_pass++;
-    return;
-  }
-  n_fail++;
-  fprintf(stderr, "%s:%d: FAIL: ", file, line);
-  va_start(ap, fmt);
-  vfprintf(stderr, fmt, ap);
-  va_end(ap);
-  fputc('\n', stderr);
-}
-
-#define CHECK(ok, ...) report(__FILE__, __LINE__, (ok), __VA_ARGS__)
+#include "harness.h"
 
 /* The bytes of the last decoded message: decoded values point into them, so they stay
  * until the next decode. A zero-length input gets a static byte the decoder must not read. */
@@ -1159,6 +1137,5 @@ int main(void) {
   test_crafted_stream();
   test_many_relations();
   test_wide_relation();
-  printf("%d passed, %d failed\n", n_pass, n_fail);
-  return n_fail ? 1 : 0;
+  return summary();
 }

@@ -21,8 +21,13 @@ local M = {
 -- which string it becomes.
 M.encode = core.json_encode
 
--- json.decode(text) -> value | nil, err
-M.decode = core.json_decode
+-- json.decode(text) -> value | nil, err  (lua-cjson's shape: the binding's third value,
+-- its kind "parse", is not part of this API)
+function M.decode(text)
+  local v, err = core.json_decode(text)
+  if v == nil then return nil, err end
+  return v
+end
 
 function M.array(t)
   if t ~= nil and type(t) ~= "table" then

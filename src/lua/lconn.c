@@ -8,6 +8,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 #include "lconn.h"
+#include "lerr.h"
 #include "lvalue.h"
 #include "fl_json.h"
 #include "fl_record.h"
@@ -68,16 +69,13 @@ static fl_conn *check_conn(lua_State *L, int idx) {
   return c;
 }
 
-static int push_fail(lua_State *L, const char *msg, const char *sqlstate) {
-  size_t n = strlen(msg);
-  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) n--;
-  lua_pushnil(L);
-  lua_pushlstring(L, msg, n);
-  if (sqlstate) { lua_pushstring(L, sqlstate); return 3; }
-  return 2;
+/* A failure of c's connection: its message, kind "connection" once the connection is
+ * bad, else "protocol" (a result libpq or the server gave in an unexpected shape). */
+static int conn_fail(lua_State *L, fl_conn *c, const char *msg) {
+  return fl_fail(L, msg, c->pg && PQstatus(c->pg) == CONNECTION_OK ? "protocol" : "connection");
 }
 
-/* core.connect(dsn) -> conn | nil, err */
+/* core.connect(dsn) -> conn | nil, err, kind */
 static int l_connect(lua_State *L) {
   const char *dsn = luaL_optstring(L, 1, "");
   const char *keys[] = { "dbname", "fallback_application_name", "client_encoding", NULL };
@@ -87,13 +85,13 @@ static int l_connect(lua_State *L) {
   luaL_getmetatable(L, CONN_MT);
   lua_setmetatable(L, -2);
   c->pg = PQconnectdbParams(keys, vals, 1);
-  if (c->pg == NULL) return push_fail(L, "out of memory", NULL);
+  if (c->pg == NULL) return fl_fail(L, "out of memory", "memory");
   PQsetNoticeProcessor(c->pg, on_notice, c);
   if (PQstatus(c->pg) != CONNECTION_OK) {
     lua_pushfstring(L, "cannot connect to PostgreSQL: %s", PQerrorMessage(c->pg));
     PQfinish(c->pg);
     c->pg = NULL;
-    return push_fail(L, lua_tostring(L, -1), NULL);
+    return fl_fail(L, lua_tostring(L, -1), "connection");
   }
   PGresult *r = PQexec(c->pg, canonical_settings);
   int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
@@ -102,7 +100,7 @@ static int l_connect(lua_State *L) {
     lua_pushfstring(L, "cannot set session settings: %s", PQerrorMessage(c->pg));
     PQfinish(c->pg);
     c->pg = NULL;
-    return push_fail(L, lua_tostring(L, -1), NULL);
+    return fl_fail(L, lua_tostring(L, -1), "connection");
   }
   return 1;
 }
@@ -227,9 +225,9 @@ static const char *param_text(lua_State *L, int idx, char *numbuf, size_t numsz)
   return NULL;
 }
 
-/* Pushes a query result (rows, ntuples) or its error (nil, err, sqlstate); clears it. */
+/* Pushes a query result (rows, ntuples) or its error (nil, err, kind); clears it. */
 static int push_result(lua_State *L, fl_conn *c, PGresult *r, int flags, int close_first) {
-  if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (r == NULL) return conn_fail(L, c, PQerrorMessage(c->pg));
   ExecStatusType st = PQresultStatus(r);
   if (st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK) {
     push_result_rows(L, c, r, flags, close_first);
@@ -241,7 +239,7 @@ static int push_result(lua_State *L, fl_conn *c, PGresult *r, int flags, int clo
   return fl_push_pgerror(L, c->pg, r);
 }
 
-/* conn:exec(sql, [flags], ...) -> rows, ntuples | nil, err, sqlstate
+/* conn:exec(sql, [flags], ...) -> rows, ntuples | nil, err, kind
  * With no parameters the text may hold several statements (the last result is returned). */
 static int exec_sql(lua_State *L, int close_first) {
   fl_conn *c = check_conn(L, 1);
@@ -267,14 +265,14 @@ static int l_exec(lua_State *L) { return exec_sql(L, 0); }
  * large row, whose memory then returns after the row, not after its copy. */
 static int l_exec_last(lua_State *L) { return exec_sql(L, 1); }
 
-/* conn:prepare(name, sql) -> true | nil, err, sqlstate : a named statement of this
+/* conn:prepare(name, sql) -> true | nil, err, kind : a named statement of this
  * session, for statements run often (one parse and plan, not one per run). */
 static int l_prepare(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   const char *name = luaL_checkstring(L, 2);
   const char *sql = luaL_checkstring(L, 3);
   PGresult *r = PQprepare(c->pg, name, sql, 0, NULL);
-  if (r == NULL) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (r == NULL) return conn_fail(L, c, PQerrorMessage(c->pg));
   if (PQresultStatus(r) == PGRES_COMMAND_OK) {
     PQclear(r);
     lua_pushboolean(L, 1);
@@ -301,7 +299,7 @@ int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res) {
   const char *msg = res ? PQresultErrorMessage(res) : NULL;
   if (!msg || !*msg) msg = PQerrorMessage(pg);
   if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
-  int n = push_fail(L, msg, state ? state : "");
+  int n = fl_fail(L, msg, state && *state ? state : PQstatus(pg) == CONNECTION_OK ? "protocol" : "connection");
   PQclear(res);
   return n;
 }
@@ -311,7 +309,7 @@ static int l_escape_identifier(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   char *e = PQescapeIdentifier(c->pg, s, len);
-  if (!e) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (!e) return conn_fail(L, c, PQerrorMessage(c->pg));
   lua_pushstring(L, e);
   PQfreemem(e);
   return 1;
@@ -322,7 +320,7 @@ static int l_escape_literal(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   char *e = PQescapeLiteral(c->pg, s, len);
-  if (!e) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (!e) return conn_fail(L, c, PQerrorMessage(c->pg));
   lua_pushstring(L, e);
   PQfreemem(e);
   return 1;
@@ -346,11 +344,11 @@ static int l_ok(lua_State *L) {
   return 1;
 }
 
-/* conn:consume() -> true | nil, err  (reads what the socket has, never blocks) */
+/* conn:consume() -> true | nil, err, kind  (reads what the socket has, never blocks) */
 static int l_consume(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   if (!PQconsumeInput(c->pg) || PQstatus(c->pg) != CONNECTION_OK)
-    return push_fail(L, PQerrorMessage(c->pg), NULL);
+    return conn_fail(L, c, PQerrorMessage(c->pg));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -416,7 +414,7 @@ static int l_layout_gc(lua_State *L) {
   return 0;
 }
 
-/* layout:record(text) -> row, nfields | nil, err
+/* layout:record(text) -> row, nfields | nil, err, kind
  * A row in composite text form (record_out, as the trigger drivers capture it) decoded by
  * the layout: field i is column i. nfields is how many fields the text had: fewer or more
  * than the layout's columns means the table's shape changed between the write and now
@@ -437,11 +435,7 @@ static int l_layout_record(lua_State *L) {
     const char *v; size_t vlen;
     fl_rec_tok t = fl_rec_next(&r, &v, &vlen);
     if (t == FL_REC_END) break;
-    if (t == FL_REC_ERROR) {
-      lua_pushnil(L);
-      lua_pushfstring(L, "malformed row text: %s", r.err);
-      return 2;
-    }
+    if (t == FL_REC_ERROR) return fl_failf(L, "protocol", "malformed row text: %s", r.err);
     if (i < lo->n) {
       lua_pushlstring(L, lo->names[i], lo->namelen[i]);
       if (t == FL_REC_NULL) lua_pushlightuserdata(L, FL_NULL);
@@ -457,7 +451,7 @@ static int l_layout_record(lua_State *L) {
   return 2;
 }
 
-/* conn:copy(sql, layout, [opts]) -> rows, info | nil, err, sqlstate
+/* conn:copy(sql, layout, [opts]) -> rows, info | nil, err, kind
  * Runs sql (one simple query string: statements, of which one is a COPY ... TO STDOUT in
  * text format) in one round trip and decodes the COPY's lines by the layout, in C, as
  * they arrive: no result set of strings in between, no column names per cell. opts.src:
@@ -467,13 +461,13 @@ static int l_layout_record(lua_State *L) {
  * already sent with conn:send (the server has been producing the rows meanwhile: sql is
  * then not used). info.values: the
  * first value (text, or false) of each statement that returned rows, in order. An error
- * in any statement returns nil, err, sqlstate once the connection is idle again (the
+ * in any statement returns nil, err, kind once the connection is idle again (the
  * caller ends its transaction). */
 #define COPY_ERR_MAX 1024
 
 typedef struct {
   char msg[COPY_ERR_MAX];
-  char state[6];
+  char kind[16];       /* the SQLSTATE, or "connection" / "protocol" */
   int set;
 } copy_err;
 
@@ -482,7 +476,7 @@ static void copy_fail(copy_err *e, const char *msg, const char *state) {
   e->set = 1;
   if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
   snprintf(e->msg, sizeof e->msg, "%s", msg);
-  snprintf(e->state, sizeof e->state, "%s", state ? state : "");
+  snprintf(e->kind, sizeof e->kind, "%s", state && *state ? state : state ? "protocol" : "connection");
 }
 
 /* A userdata buffer at stack slot `slot`, grown (replaced, its first `keep` bytes kept)
@@ -544,7 +538,7 @@ static int l_copy(lua_State *L) {
   int knull[32];
   int nvalues = 0, nrows = 0;
   copy_err err = { .set = 0 };
-  if (!sent && !PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (!sent && !PQsendQuery(c->pg, sql)) return conn_fail(L, c, PQerrorMessage(c->pg));
   PGresult *r;
   while ((r = PQgetResult(c->pg)) != NULL) {
     ExecStatusType st = PQresultStatus(r);
@@ -619,7 +613,7 @@ static int l_copy(lua_State *L) {
     }
     if (r) PQclear(r);
   }
-  if (err.set) return push_fail(L, err.msg, err.state);
+  if (err.set) return fl_fail(L, err.msg, err.kind);
   lua_pushvalue(L, values);
   lua_setfield(L, info, "values");
   lua_pushinteger(L, nrows);
@@ -640,12 +634,12 @@ static int l_copy(lua_State *L) {
   return 2;
 }
 
-/* conn:send(sql) -> true | nil, err : sends a query without waiting for its results;
+/* conn:send(sql) -> true | nil, err, kind : sends a query without waiting for its results;
  * conn:copy(sql, layout, { sent = true }) reads them. */
 static int l_send(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   const char *sql = luaL_checkstring(L, 2);
-  if (!PQsendQuery(c->pg, sql)) return push_fail(L, PQerrorMessage(c->pg), NULL);
+  if (!PQsendQuery(c->pg, sql)) return conn_fail(L, c, PQerrorMessage(c->pg));
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -680,7 +674,7 @@ static int read_row(lua_State *L, fl_json_reader *r, const fl_layout *lo, const 
 /* core.decode_payload(payload, layouts) -> op, seq, lid, xid, new, old
  * Payload: ["I"|"U"|"D"|"T", seq, listener_id, xid, new_values|null, old_values|null]
  * or ["R", overflow_id] when the row was stored aside; layouts[listener_id] = layout.
- * Returns nil, err on a malformed payload or an unknown listener. */
+ * Returns nil, err, "protocol" on a malformed payload or an unknown listener. */
 static int l_decode_payload(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
@@ -728,10 +722,8 @@ static int l_decode_payload(lua_State *L) {
   if (fl_json_next(r, &v, &vlen) != FL_JSON_END) goto bad;
   return 6;
 bad:
-  lua_pushnil(L);
-  if (r->err) lua_pushfstring(L, "%s (%s at byte %d)", err, r->err, (int)r->pos);
-  else lua_pushstring(L, err);
-  return 2;
+  if (r->err) return fl_failf(L, "protocol", "%s (%s at byte %d)", err, r->err, (int)r->pos);
+  return fl_fail(L, err, "protocol");
 }
 
 /* Batch payloads (trigger_global, trigger_statement):
@@ -908,7 +900,7 @@ static int l_batch_decoder(lua_State *L) {
   return 1;
 }
 
-/* decoder:open(payload) -> "B", seq, xid | "R", overflow_id | nil, err
+/* decoder:open(payload) -> "B", seq, xid | "R", overflow_id | nil, err, kind
  * After "B", decoder:next() and decoder:rows() read the batch's events. */
 static int l_batch_open(lua_State *L) {
   fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
@@ -948,13 +940,11 @@ static int l_batch_open(lua_State *L) {
   lua_pushnumber(L, nums[1]);
   return 3;
 bad:
-  lua_pushnil(L);
-  if (b->r.err) lua_pushfstring(L, "malformed payload (%s at byte %d)", b->r.err, (int)b->r.pos);
-  else lua_pushstring(L, "malformed payload");
-  return 2;
+  if (b->r.err) return fl_failf(L, "protocol", "malformed payload (%s at byte %d)", b->r.err, (int)b->r.pos);
+  return fl_fail(L, "malformed payload", "protocol");
 }
 
-/* decoder:next() -> listener_id, op_letter | nil (the end) | nil, err */
+/* decoder:next() -> listener_id, op_letter | nil (the end) | nil, err, kind */
 static int l_batch_next(lua_State *L) {
   fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
   if (!b->store) return 0;
@@ -963,9 +953,7 @@ static int l_batch_next(lua_State *L) {
   if (got < 0) {
     b->done = 1;
     b->act_len = 0;
-    lua_pushnil(L);
-    lua_pushfstring(L, "malformed batch payload (%s at byte %d)", b->err, (int)b->r.pos);
-    return 2;
+    return fl_failf(L, "protocol", "malformed batch payload (%s at byte %d)", b->err, (int)b->r.pos);
   }
   lua_pushnumber(L, (lua_Number)b->lid);
   lua_pushlstring(L, &b->op, 1);
@@ -987,7 +975,7 @@ static int push_batch_row(lua_State *L, const fl_batch *b, const fl_rowvals *rv,
 }
 
 /* decoder:rows(layout) -> new, old of the current event, by the listener's layout
- * (insert: new; delete: old; update: both; truncate: neither) | nil, nil, err */
+ * (insert: new; delete: old; update: both; truncate: neither) | nil, nil, err, kind */
 static int l_batch_rows(lua_State *L) {
   fl_batch *b = luaL_checkudata(L, 1, BATCH_MT);
   fl_layout *lo = luaL_checkudata(L, 2, LAYOUT_MT);
@@ -996,10 +984,8 @@ static int l_batch_rows(lua_State *L) {
   if (want_old) { if (push_batch_row(L, b, &b->row[1], lo) < 0) goto bad; } else lua_pushnil(L);
   return 2;
 bad:
-  lua_pushnil(L);
-  lua_pushnil(L);
-  lua_pushstring(L, "malformed batch payload (a row does not match the listener's layout)");
-  return 3;
+  lua_pushnil(L);          /* nil, nil, err, kind: the shape of new, old */
+  return 1 + fl_fail(L, "malformed batch payload (a row does not match the listener's layout)", "protocol");
 }
 
 static const luaL_Reg batch_methods[] = {

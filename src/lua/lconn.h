@@ -4,7 +4,8 @@
 #include <lua.h>
 #include <libpq-fe.h>
 
-/* Pushes nil, message, sqlstate for a failed result (the "ERROR:  " prefix dropped) and
+/* Pushes nil, message, kind for a failed result (the "ERROR:  " prefix dropped; kind the
+ * SQLSTATE, or "connection" / "protocol" when there is none, lerr.h) and
  * clears it; returns 3. res may be NULL (the connection's message is used). */
 int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res);
 void fl_conn_open(lua_State *L);    /* registers metatables; leaves nothing on the stack */

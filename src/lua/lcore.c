@@ -10,12 +10,19 @@
 #include <lua.h>
 #include <lauxlib.h>
 #include "lconn.h"
+#include "lerr.h"
 #include "lrepl.h"
 #include "lredis.h"
 #include "lvalue.h"
 
 /* Signals reach the loop through a self-pipe, so a signal that lands just before poll()
- * still wakes it. The state is process-wide by nature (one set of handlers per process). */
+ * still wakes it. These are the only module-level mutable variables of the C side, and they
+ * stay process-wide by nature: a process has one disposition per signal, and a handler
+ * gets no argument through which it could find a Lua state. They are written by the
+ * handler (sig_atomic_t) and by core.signals, which only the state that runs the loop
+ * (the host's main state) calls; another Lua state of the process (a worker) leaves them
+ * alone and is told to stop by that loop. Everything else lives in a userdata or a
+ * state's registry: two states in one process share nothing mutable. */
 static int sig_pipe[2] = { -1, -1 };
 static volatile sig_atomic_t sig_count = 0;
 static volatile sig_atomic_t sig_last = 0;
@@ -93,11 +100,7 @@ static int l_poll(lua_State *L) {
   int ms = timeout < 0 ? -1 : (int)(timeout * 1000.0 + 0.999);
   int rc = poll(fds, nfds, ms);
   lua_createtable(L, 0, rc > 0 ? rc : 0);
-  if (rc < 0 && errno != EINTR) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "poll: %s", strerror(errno));
-    return 2;
-  }
+  if (rc < 0 && errno != EINTR) return fl_failf(L, "system", "poll: %s", strerror(errno));
   for (int i = 0; rc > 0 && i < nfds; i++) {
     if (fds[i].revents && fds[i].fd != sig_pipe[0]) {
       lua_pushboolean(L, 1);

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/time.h>
 #include <hiredis/hiredis.h>
+#include "lerr.h"
 #include "lredis.h"
 #include "lconn.h"
 
@@ -22,22 +23,17 @@ static struct timeval to_timeval(double s) {
   return tv;
 }
 
-/* core.redis_connect(host, port, timeout_seconds) -> conn | nil, err */
+/* core.redis_connect(host, port, timeout_seconds) -> conn | nil, err, kind */
 static int l_connect(lua_State *L) {
   const char *host = luaL_checkstring(L, 1);
   int port = (int)luaL_checkinteger(L, 2);
   struct timeval tv = to_timeval(luaL_optnumber(L, 3, 5.0));
   redisContext *c = redisConnectWithTimeout(host, port, tv);
-  if (!c) {
-    lua_pushnil(L);
-    lua_pushstring(L, "cannot allocate a Redis connection");
-    return 2;
-  }
+  if (!c) return fl_fail(L, "cannot allocate a Redis connection", "memory");
   if (c->err) {
-    lua_pushnil(L);
     lua_pushfstring(L, "cannot connect to Redis at %s:%d: %s", host, port, c->errstr);
     redisFree(c);
-    return 2;
+    return fl_fail(L, lua_tostring(L, -1), "connection");
   }
   redisSetTimeout(c, tv);
   fl_redis *r = lua_newuserdata(L, sizeof *r);
@@ -80,18 +76,14 @@ static void push_reply(lua_State *L, const redisReply *rep) {
   }
 }
 
-/* conn:pipeline({ {"XADD", key, ...}, ... }) -> { reply, ... } | nil, err
+/* conn:pipeline({ {"XADD", key, ...}, ... }) -> { reply, ... } | nil, err, kind
  * Every command is written, then every reply read. A connection error (the server went
  * away, the timeout passed) fails the whole batch: which of its commands took effect is
  * unknown, so the caller sends them again on a new connection (at-least-once). */
 static int l_pipeline(lua_State *L) {
   fl_redis *r = check(L);
   luaL_checktype(L, 2, LUA_TTABLE);
-  if (!r->c || r->c->err) {
-    lua_pushnil(L);
-    lua_pushstring(L, r->c ? r->c->errstr : "the Redis connection is closed");
-    return 2;
-  }
+  if (!r->c || r->c->err) return fl_fail(L, r->c ? r->c->errstr : "the Redis connection is closed", "connection");
   int n = (int)lua_objlen(L, 2);
   for (int i = 1; i <= n; i++) {
     lua_rawgeti(L, 2, i);
@@ -119,20 +111,13 @@ static int l_pipeline(lua_State *L) {
     free(argv);
     free(lens);
     lua_pop(L, 1);
-    if (rc != REDIS_OK) {
-      lua_pushnil(L);
-      lua_pushstring(L, r->c->errstr[0] ? r->c->errstr : "cannot queue a Redis command");
-      return 2;
-    }
+    if (rc != REDIS_OK) return fl_fail(L, r->c->errstr[0] ? r->c->errstr : "cannot queue a Redis command", "connection");
   }
   lua_createtable(L, n, 0);
   for (int i = 1; i <= n; i++) {
     void *reply = NULL;
-    if (redisGetReply(r->c, &reply) != REDIS_OK || !reply) {
-      lua_pushnil(L);
-      lua_pushstring(L, r->c->errstr[0] ? r->c->errstr : "the Redis connection failed");
-      return 2;
-    }
+    if (redisGetReply(r->c, &reply) != REDIS_OK || !reply)
+      return fl_fail(L, r->c->errstr[0] ? r->c->errstr : "the Redis connection failed", "connection");
     push_reply(L, reply);
     freeReplyObject(reply);
     lua_rawseti(L, -2, i);

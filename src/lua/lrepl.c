@@ -1,62 +1,30 @@
-/* lrepl: the logical replication connection for Lua ("flash.repl"): START_REPLICATION with
- * pgoutput, the CopyBoth loop in the manner of pg_recvlogical.c, standby status updates
- * that confirm only what the callbacks have handled, streamed transactions buffered with
- * a memory bound (spilled to a temporary file past it), and rows decoded into events. */
-#include <errno.h>
-#include <poll.h>
+/* lrepl: the logical replication connection for Lua ("flash.repl"), the binding of the
+ * stream in src/pq/fl_stream.c: it turns the decoded pgoutput messages the stream hands
+ * it into Lua events (values through lvalue), calls the driver's dispatch and hooks
+ * protected, and tells the stream what to confirm: a transaction once every callback of
+ * it returned, or (manual acknowledgements) what the script acknowledged. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <libpq-fe.h>
 #include <lua.h>
 #include <lauxlib.h>
 #include "fl_pgoutput.h"
-#include "lconn.h"
+#include "fl_stream.h"
+#include "lerr.h"
 #include "lrepl.h"
 #include "lvalue.h"
 
 #define REPL_MT "flash.repl"
 #define PG_EPOCH_OFFSET_S 946684800.0       /* 2000-01-01 - 1970-01-01 in seconds */
-#define STATUS_INTERVAL_US 10000000LL      /* standby status at least every 10 s */
-#define CONFIRM_DELAY_US 1000000LL         /* handled transactions are confirmed within 1 s... */
-#define CONFIRM_TXNS 1000                  /* ...or once this many are handled, if sooner */
-#define STREAM_MEM_DEFAULT (8u << 20)      /* buffered bytes of streamed changes before spilling */
-#define LARGE_MESSAGE (8u << 20)           /* past this, memory is given back after the message */
-
-/* A streamed (in-progress) transaction's changes, kept until its Stream Commit. Records are
- * [u32 len][u32 xid][message bytes]. */
-typedef struct stream {
-  uint32_t xid;
-  char *mem;
-  size_t len, cap;
-  FILE *spill;          /* past the memory bound everything goes here */
-  size_t spilled;
-  uint32_t *aborted;    /* aborted subtransactions: their records are skipped at replay */
-  int naborted, capaborted;
-  struct stream *next;
-} stream;
 
 typedef struct {
-  PGconn *pg;
-  fl_pgo *dec;
-  int proto;
-  int copying;
-  uint64_t received;        /* highest WAL position received */
-  uint64_t flushed;         /* everything before it has been handled: safe to confirm */
-  uint64_t delivered;       /* everything before it has been delivered (handled or not) */
-  uint64_t server_end;      /* last position the server reported (keepalive) */
-  int64_t last_status;      /* monotonic µs of the last status update */
-  uint64_t confirmed;       /* the flushed position the last status update reported */
-  int64_t unconfirmed_since; /* monotonic µs when flushed first moved past confirmed (0: not) */
-  uint32_t unconfirmed_txns; /* transactions handled since the last status update */
-  int in_txn;
-  int manual;               /* acks decide: commits go to the commit hook, not to flushed */
-  int all_acked;            /* manual: every delivered event is acknowledged */
+  fl_stream *s;             /* NULL once collected; its connection closed by close/finish */
+  int manual;               /* acks decide: commits go to the commit hook, not to confirm */
   uint32_t txn_pos;         /* changes of the current transaction so far: the event id's second part */
   uint32_t txn_xid;
-  uint64_t txn_lsn, txn_end;
+  uint64_t txn_lsn;
   int64_t txn_time;
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
   int rels_ref;             /* registry ref: relid -> { version, table, names, types } */
@@ -65,41 +33,18 @@ typedef struct {
   int commit_ref;           /* registry ref, manual mode: on_commit(end_lsn) */
   int msghook_ref;          /* registry ref: on_message(lsn, content, transactional) or none */
   char msg_prefix[64];      /* ...for logical messages with this prefix only */
-  stream *streams, *cur_stream;
-  size_t stream_mem;        /* bytes of streamed changes held in memory, all streams */
-  size_t stream_limit;
-  size_t stream_peak;       /* the most held in memory at once, for stats */
-  uint64_t spilled_total;
-  uint64_t events, messages, bytes;
-  uint64_t largest;         /* the largest message received: libpq's input buffer is as large */
+  uint64_t events;
   char *tag;                /* pg_extension: the listener tag of the next change (flashlua plugin) */
   uint32_t tag_len, tag_cap;
-  char err[512];
 } fl_repl;
 
-static int send_status(fl_repl *r, int reply_requested);
-
-static int64_t now_us(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-static int64_t pg_now_us(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return ((int64_t)ts.tv_sec - 946684800LL) * 1000000 + ts.tv_nsec / 1000;
-}
-
-static uint64_t get_u64(const char *p) {
-  uint64_t v = 0;
-  for (int i = 0; i < 8; i++) v = (v << 8) | (unsigned char)p[i];
-  return v;
-}
-
-static void put_u64(char *p, uint64_t v) {
-  for (int i = 7; i >= 0; i--) { p[i] = (char)(v & 0xff); v >>= 8; }
-}
+/* One pump's consumer state, on the C stack of l_pump. */
+typedef struct {
+  lua_State *L;
+  fl_repl *r;
+  int dispatch;             /* stack index of dispatch(ev, relid[, tag]) */
+  int flags;
+} pump_ctx;
 
 static void push_lsn(lua_State *L, uint64_t lsn) {
   char buf[32];
@@ -118,89 +63,12 @@ static void push_event_id(lua_State *L, fl_repl *r) {
 
 static fl_repl *check_repl(lua_State *L, int idx) {
   fl_repl *r = luaL_checkudata(L, idx, REPL_MT);
-  if (r->pg == NULL) luaL_error(L, "attempt to use a closed replication connection");
+  if (r->s == NULL || !fl_stream_is_open(r->s)) luaL_error(L, "attempt to use a closed replication connection");
   return r;
 }
 
-static int fail(lua_State *L, const char *msg) {
-  size_t n = strlen(msg);
-  while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) n--;
-  lua_pushnil(L);
-  lua_pushlstring(L, msg, n);
-  return 2;
-}
-
-/* ------------------------------------------------------------------------------------ */
-/* Streams */
-
-static void stream_free(stream *s) {
-  if (s->spill) fclose(s->spill);
-  free(s->mem);
-  free(s->aborted);
-  free(s);
-}
-
-static stream *stream_find(fl_repl *r, uint32_t xid, int create) {
-  for (stream *s = r->streams; s; s = s->next)
-    if (s->xid == xid) return s;
-  if (!create) return NULL;
-  stream *s = calloc(1, sizeof *s);
-  if (!s) return NULL;
-  s->xid = xid;
-  s->next = r->streams;
-  r->streams = s;
-  return s;
-}
-
-static void stream_remove(fl_repl *r, stream *s) {
-  for (stream **p = &r->streams; *p; p = &(*p)->next) {
-    if (*p == s) { *p = s->next; break; }
-  }
-  r->stream_mem -= s->len;
-  if (r->cur_stream == s) r->cur_stream = NULL;
-  stream_free(s);
-}
-
-static int stream_append(fl_repl *r, stream *s, uint32_t xid, const char *buf, uint32_t len) {
-  char hdr[8];
-  hdr[0] = (char)(len >> 24); hdr[1] = (char)(len >> 16); hdr[2] = (char)(len >> 8); hdr[3] = (char)len;
-  hdr[4] = (char)(xid >> 24); hdr[5] = (char)(xid >> 16); hdr[6] = (char)(xid >> 8); hdr[7] = (char)xid;
-  if (!s->spill && r->stream_mem + len + 8 > r->stream_limit) {
-    /* Past the bound: move what this stream holds to a file and keep appending there. */
-    s->spill = tmpfile();
-    if (!s->spill) {
-      snprintf(r->err, sizeof r->err, "cannot create a spill file for streamed transaction %u: %s", s->xid, strerror(errno));
-      return -1;
-    }
-    if (s->len && fwrite(s->mem, 1, s->len, s->spill) != s->len) goto werr;
-    s->spilled += s->len;
-    r->spilled_total += s->len;
-    r->stream_mem -= s->len;
-    free(s->mem);
-    s->mem = NULL; s->len = s->cap = 0;
-  }
-  if (s->spill) {
-    if (fwrite(hdr, 1, 8, s->spill) != 8 || fwrite(buf, 1, len, s->spill) != len) goto werr;
-    s->spilled += len + 8;
-    r->spilled_total += len + 8;
-    return 0;
-  }
-  if (s->len + len + 8 > s->cap) {
-    size_t cap = s->cap ? s->cap * 2 : 65536;
-    while (cap < s->len + len + 8) cap *= 2;
-    char *m = realloc(s->mem, cap);
-    if (!m) { snprintf(r->err, sizeof r->err, "out of memory buffering a streamed transaction"); return -1; }
-    s->mem = m; s->cap = cap;
-  }
-  memcpy(s->mem + s->len, hdr, 8);
-  memcpy(s->mem + s->len + 8, buf, len);
-  s->len += len + 8;
-  r->stream_mem += len + 8;
-  if (r->stream_mem > r->stream_peak) r->stream_peak = r->stream_mem;
-  return 0;
-werr:
-  snprintf(r->err, sizeof r->err, "cannot write the spill file of streamed transaction %u: %s", s->xid, strerror(errno));
-  return -1;
+static int stream_fail(lua_State *L, fl_repl *r) {
+  return fl_fail(L, fl_stream_error(r->s), fl_stream_error_kind(r->s));
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -296,10 +164,10 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
 }
 
 /* Calls the function below its nargs arguments protected: 0 to go on, 1 when it returned
- * false (stop), -1 on an error (message in r->err, after `what`). */
+ * false (stop), -1 on an error (the stream's error, kind "callback", after `what`). */
 static int call_hook(lua_State *L, fl_repl *r, int nargs, const char *what) {
   if (lua_pcall(L, nargs, 1, 0) != 0) {
-    snprintf(r->err, sizeof r->err, "%s%s", what, lua_tostring(L, -1));
+    fl_stream_fail(r->s, "callback", "%s%s", what, lua_tostring(L, -1));
     lua_pop(L, 1);
     return -1;
   }
@@ -310,8 +178,7 @@ static int call_hook(lua_State *L, fl_repl *r, int nargs, const char *what) {
 
 /* Calls dispatch(ev, relid) (function and event on the stack top) protected: the relation's
  * OID lets the caller follow a table through renames and map partitions to the listened
- * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error (message in
- * r->err). */
+ * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error. */
 static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   int nargs = 2;
   r->events++;
@@ -324,7 +191,7 @@ static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
 }
 
 /* Builds the event of one change and calls dispatch(ev) protected. Returns 0 to go on,
- * 1 when dispatch asked to stop, -1 on an error (message in r->err). */
+ * 1 when dispatch asked to stop, -1 on an error. */
 static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const fl_pgo_msg *m,
                        uint32_t xid, const char *op) {
   const fl_pgo_relation *rel = m->rel;
@@ -360,7 +227,7 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
 
 static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
   for (int i = 0; i < m->nrelids; i++) {
-    const fl_pgo_relation *rel = fl_pgo_relation_get(r->dec, m->relids[i]);
+    const fl_pgo_relation *rel = fl_stream_relation(r->s, m->relids[i]);
     if (!rel) { r->txn_pos++; continue; }
     lua_pushvalue(L, dispatch);
     lua_createtable(L, 0, 7);
@@ -391,101 +258,16 @@ static void set_txn(lua_State *L, fl_repl *r, uint32_t xid, uint64_t lsn, int64_
   lua_rawseti(L, LUA_REGISTRYINDEX, r->lsn_ref);
 }
 
-static int dispatch_dml(lua_State *L, fl_repl *r, int dispatch, int flags, const fl_pgo_msg *m) {
-  switch (m->type) {
-    case FL_PGO_INSERT: return emit_change(L, r, dispatch, flags, m, r->txn_xid, "insert");
-    case FL_PGO_UPDATE: return emit_change(L, r, dispatch, flags, m, r->txn_xid, "update");
-    case FL_PGO_DELETE: return emit_change(L, r, dispatch, flags, m, r->txn_xid, "delete");
-    case FL_PGO_TRUNCATE: return emit_truncate(L, r, dispatch, m, r->txn_xid);
-    default: return 0;
-  }
-}
-
-/* Replays a committed streamed transaction in order, then forgets it. */
-static int replay_stream(lua_State *L, fl_repl *r, int dispatch, int flags, stream *s) {
-  char synth[6] = { 'S', (char)(s->xid >> 24), (char)(s->xid >> 16), (char)(s->xid >> 8), (char)s->xid, 0 };
-  fl_pgo_msg m;
-  if (fl_pgo_decode(r->dec, synth, sizeof synth, &m) != 0) {
-    snprintf(r->err, sizeof r->err, "replaying streamed transaction %u: %s", s->xid, fl_pgo_error(r->dec));
-    return -1;
-  }
-  int rc = 0;
-  char *rec = NULL;
-  size_t reccap = 0;
-  const char *p = s->mem, *end = s->mem ? s->mem + s->len : NULL;
-  if (s->spill) {
-    fflush(s->spill);
-    rewind(s->spill);
-  }
-  for (;;) {
-    uint32_t len, xid;
-    const char *body;
-    if (s->spill) {
-      unsigned char hdr[8];
-      size_t got = fread(hdr, 1, 8, s->spill);
-      if (got == 0) break;
-      if (got != 8) { snprintf(r->err, sizeof r->err, "spill file of transaction %u is truncated", s->xid); rc = -1; break; }
-      len = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
-      xid = (uint32_t)hdr[4] << 24 | (uint32_t)hdr[5] << 16 | (uint32_t)hdr[6] << 8 | hdr[7];
-      if (len > reccap) {
-        char *n = realloc(rec, len);
-        if (!n) { snprintf(r->err, sizeof r->err, "out of memory replaying transaction %u", s->xid); rc = -1; break; }
-        rec = n; reccap = len;
-      }
-      if (fread(rec, 1, len, s->spill) != len) {
-        snprintf(r->err, sizeof r->err, "spill file of transaction %u is truncated", s->xid); rc = -1; break;
-      }
-      body = rec;
-    } else {
-      if (!p || p >= end) break;
-      const unsigned char *h = (const unsigned char *)p;
-      len = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
-      xid = (uint32_t)h[4] << 24 | (uint32_t)h[5] << 16 | (uint32_t)h[6] << 8 | h[7];
-      body = p + 8;
-      p += 8 + len;
-    }
-    int skip = 0;
-    for (int i = 0; i < s->naborted; i++) if (s->aborted[i] == xid) skip = 1;
-    if (skip) continue;
-    if (fl_pgo_decode(r->dec, body, len, &m) != 0) {
-      snprintf(r->err, sizeof r->err, "replaying streamed transaction %u: %s", s->xid, fl_pgo_error(r->dec));
-      rc = -1;
-      break;
-    }
-    rc = dispatch_dml(L, r, dispatch, flags, &m);
-    if (rc != 0) break;
-  }
-  free(rec);
-  char stop = 'E';
-  fl_pgo_decode(r->dec, &stop, 1, &m);
-  return rc;
-}
-
-/* Everything before end_lsn has been handled: it may be confirmed, and is, once
- * CONFIRM_DELAY_US has passed since the first unconfirmed one or CONFIRM_TXNS of them are
- * waiting, so a crash redelivers a bounded amount. Returns 0, or -1 (error in r->err). */
-static int advance(fl_repl *r, uint64_t end_lsn) {
-  if (end_lsn <= r->flushed) return 0;
-  r->flushed = end_lsn;
-  int64_t now = now_us();
-  if (!r->unconfirmed_since) r->unconfirmed_since = now;
-  r->unconfirmed_txns++;
-  if (r->unconfirmed_txns >= CONFIRM_TXNS || now - r->unconfirmed_since >= CONFIRM_DELAY_US)
-    return send_status(r, 0);
-  return 0;
-}
-
 /* A transaction ending at end_lsn has been delivered. In auto mode every callback of it
- * has returned: it is handled. In manual mode the commit hook is told, and the script's
- * acknowledgements move the position (repl:confirm). */
+ * has returned: the binding confirms it to the stream. In manual mode the commit hook is
+ * told, and the script's acknowledgements confirm (repl:confirm). */
 static int handled(lua_State *L, fl_repl *r, uint64_t end_lsn) {
-  if (end_lsn > r->delivered) r->delivered = end_lsn;
-  if (!r->manual) return advance(r, end_lsn);
-  r->all_acked = 0;                     /* until the hook says otherwise (repl:confirm) */
+  if (!r->manual) return fl_stream_confirm(r->s, end_lsn);
+  fl_stream_confirm_idle(r->s, 0);      /* until the script says all is acked (repl:confirm) */
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->commit_ref);
   lua_pushnumber(L, (double)end_lsn);
   if (lua_pcall(L, 1, 0, 0) != 0) {
-    snprintf(r->err, sizeof r->err, "dispatch: on_commit: %s", lua_tostring(L, -1));
+    fl_stream_fail(r->s, "callback", "dispatch: on_commit: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return -1;
   }
@@ -506,7 +288,7 @@ static int relation_hook(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
     lua_rawseti(L, -2, i + 1);
   }
   if (lua_pcall(L, 4, 0, 0) != 0) {
-    snprintf(r->err, sizeof r->err, "dispatch: on_relation: %s", lua_tostring(L, -1));
+    fl_stream_fail(r->s, "callback", "dispatch: on_relation: %s", lua_tostring(L, -1));
     lua_pop(L, 1);
     return -1;
   }
@@ -515,8 +297,20 @@ static int relation_hook(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
 
 /* A logical message (pg_logical_emit_message) with the hook's prefix: tells the hook, which
  * runs callbacks (a backfill chunk delivered at this position in the stream) and returns
- * false to stop. Returns 0, 1 (stop requested) or -1 (error in r->err). */
-static int message_hook(lua_State *L, fl_repl *r, const fl_pgo_msg *m) {
+ * false to stop. The flashlua plugin's listener tag is kept for the change message that
+ * follows instead. Returns 0, 1 (stop requested) or -1. */
+static int logical_message(lua_State *L, fl_repl *r, const fl_pgo_msg *m) {
+  if (m->prefix && strcmp(m->prefix, "flashlua") == 0 && m->content_len > 0 && m->content[0] == 'L') {
+    if (m->content_len > r->tag_cap) {
+      char *t = realloc(r->tag, m->content_len);
+      if (!t) return fl_stream_fail(r->s, "memory", "out of memory");
+      r->tag = t;
+      r->tag_cap = m->content_len;
+    }
+    memcpy(r->tag, m->content, m->content_len);
+    r->tag_len = m->content_len;
+    return 0;
+  }
   if (r->msghook_ref == LUA_NOREF || r->msghook_ref == LUA_REFNIL) return 0;
   if (!m->prefix || strcmp(m->prefix, r->msg_prefix) != 0) return 0;
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->msghook_ref);
@@ -526,138 +320,46 @@ static int message_hook(lua_State *L, fl_repl *r, const fl_pgo_msg *m) {
   return call_hook(L, r, 3, "dispatch: on_message: ");
 }
 
-/* One XLogData payload. Returns 0, 1 (stop requested) or -1 (error in r->err). */
-static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, const char *buf, uint32_t len) {
-  fl_pgo_msg m;
-  int in_stream = fl_pgo_in_stream(r->dec);
-  if (fl_pgo_decode(r->dec, buf, len, &m) != 0) {
-    snprintf(r->err, sizeof r->err, "cannot decode a pgoutput message: %s", fl_pgo_error(r->dec));
-    return -1;
-  }
-  r->messages++;
-  if (m.type == FL_PGO_RELATION && m.rel && relation_hook(L, r, m.rel) != 0) return -1;
-  if (in_stream && m.type != FL_PGO_STREAM_STOP && m.type != FL_PGO_STREAM_START) {
-    /* A change of an in-progress transaction: keep it until Stream Commit. Relation and
-     * Type messages have already updated the decoder's cache. */
-    stream *s = r->cur_stream;
-    if (!s) { snprintf(r->err, sizeof r->err, "streamed change outside a known stream"); return -1; }
-    /* Relation messages are kept too: replayed in order, they give rows streamed before an
-     * ALTER TABLE of the same transaction the columns they were written with. */
-    if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
-    return stream_append(r, s, m.xid, buf, len);
-  }
-  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0 &&
-      m.content_len > 0 && m.content[0] == 'L') {
-    /* The flashlua plugin's listener tag: kept for the change message that follows (its
-     * other messages go to the on_message hook). */
-    if (m.content_len > r->tag_cap) {
-      char *t = realloc(r->tag, m.content_len);
-      if (!t) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
-      r->tag = t;
-      r->tag_cap = m.content_len;
-    }
-    memcpy(r->tag, m.content, m.content_len);
-    r->tag_len = m.content_len;
-    return 0;
-  }
-  switch (m.type) {
+/* The stream's consumer (fl_stream_fn): one decoded message, in stream order. */
+static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
+  pump_ctx *c = ud;
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  (void)s;
+  switch (m->type) {
+    case FL_PGO_RELATION: return relation_hook(L, r, m->rel);
+    case FL_PGO_MESSAGE: return logical_message(L, r, m);
     case FL_PGO_BEGIN:
-      r->in_txn = 1;
       r->tag_len = 0;
-      set_txn(L, r, m.xid, m.lsn, m.timestamp);
+      set_txn(L, r, m->xid, m->lsn, m->timestamp);
       return 0;
     case FL_PGO_COMMIT:
-      r->in_txn = 0;
       r->tag_len = 0;
-      r->txn_end = m.end_lsn;
-      /* Every callback of the transaction has returned: it may be confirmed. */
-      return handled(L, r, m.end_lsn);
-    case FL_PGO_STREAM_START: {
-      stream *s = stream_find(r, m.xid, 1);
-      if (!s) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
-      r->cur_stream = s;
-      return 0;
-    }
-    case FL_PGO_STREAM_STOP:
-      r->cur_stream = NULL;
-      return 0;
-    case FL_PGO_STREAM_ABORT: {
-      stream *s = stream_find(r, m.xid, 0);
-      if (!s) return 0;
-      if (m.subxid == m.xid || m.subxid == 0) {
-        stream_remove(r, s);
-      } else {
-        if (s->naborted == s->capaborted) {
-          int cap = s->capaborted ? s->capaborted * 2 : 8;
-          uint32_t *a = realloc(s->aborted, sizeof(uint32_t) * cap);
-          if (!a) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
-          s->aborted = a; s->capaborted = cap;
-        }
-        s->aborted[s->naborted++] = m.subxid;
-      }
-      return 0;
-    }
-    case FL_PGO_STREAM_COMMIT: {
-      stream *s = stream_find(r, m.xid, 0);
-      set_txn(L, r, m.xid, m.lsn, m.timestamp);
-      int rc = 0;
-      if (s) {
-        rc = replay_stream(L, r, dispatch, flags, s);
-        stream_remove(r, s);
-      }
-      if (rc == 0) rc = handled(L, r, m.end_lsn);
-      return rc;
-    }
-    case FL_PGO_INSERT: case FL_PGO_UPDATE: case FL_PGO_DELETE: case FL_PGO_TRUNCATE:
-      return dispatch_dml(L, r, dispatch, flags, &m);
-    case FL_PGO_MESSAGE:
-      return message_hook(L, r, &m);
-    default:
-      return 0;   /* Relation, Type, Origin, Message: nothing to deliver */
+      return handled(L, r, m->end_lsn);
+    case FL_PGO_STREAM_COMMIT: return handled(L, r, m->end_lsn);
+    case FL_PGO_INSERT: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "insert");
+    case FL_PGO_UPDATE: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "update");
+    case FL_PGO_DELETE: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "delete");
+    case FL_PGO_TRUNCATE: return emit_truncate(L, r, c->dispatch, m, r->txn_xid);
+    default: return 0;
   }
+}
+
+/* After a message larger than FL_STREAM_LARGE: its memory goes back (fl_release_memory). */
+static void on_stream_large(void *ud, size_t bytes) {
+  (void)bytes;
+  fl_release_memory(((pump_ctx *)ud)->L);
 }
 
 /* ------------------------------------------------------------------------------------ */
 /* Lua API */
 
-/* core.replication(dsn) -> repl | nil, err : a replication=database connection whose
- * walsender prints values in the canonical text forms. */
-static int l_replication(lua_State *L) {
-  const char *dsn = luaL_optstring(L, 1, "");
-  const char *keys[] = { "dbname", "replication", "fallback_application_name", "client_encoding", "options", NULL };
-  const char *vals[] = { dsn, "database", "flashlua", "UTF8",
-    "-c DateStyle=ISO,MDY -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex",
-    NULL };
-  fl_repl *r = lua_newuserdata(L, sizeof *r);
-  memset(r, 0, sizeof *r);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
-  luaL_getmetatable(L, REPL_MT);
-  lua_setmetatable(L, -2);
-  r->pg = PQconnectdbParams(keys, vals, 1);
-  if (!r->pg) return fail(L, "out of memory");
-  if (PQstatus(r->pg) != CONNECTION_OK) {
-    lua_pushfstring(L, "cannot open a replication connection: %s", PQerrorMessage(r->pg));
-    PQfinish(r->pg);
-    r->pg = NULL;
-    return fail(L, lua_tostring(L, -1));
-  }
-  lua_pushstring(L, "");
-  r->lsn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_newtable(L);
-  r->rels_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  lua_newtable(L);
-  r->typemap_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  r->stream_limit = STREAM_MEM_DEFAULT;
-  return 1;
-}
-
+/* Closes the connection and lets go of the Lua side; the stream's counters stay for state(). */
 static void repl_release(lua_State *L, fl_repl *r) {
-  if (r->pg) { PQfinish(r->pg); r->pg = NULL; }
-  if (r->dec) { fl_pgo_free(r->dec); r->dec = NULL; }
+  if (r->s) fl_stream_close(r->s);
   free(r->tag);
   r->tag = NULL;
   r->tag_len = r->tag_cap = 0;
-  while (r->streams) stream_remove(r, r->streams);
   luaL_unref(L, LUA_REGISTRYINDEX, r->lsn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->rels_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->typemap_ref);
@@ -667,19 +369,43 @@ static void repl_release(lua_State *L, fl_repl *r) {
   r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
 }
 
+/* core.replication(dsn) -> repl | nil, err, kind : a replication=database connection whose
+ * walsender prints values in the canonical text forms. */
+static int l_replication(lua_State *L) {
+  const char *dsn = luaL_optstring(L, 1, "");
+  fl_repl *r = lua_newuserdata(L, sizeof *r);
+  memset(r, 0, sizeof *r);
+  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
+  luaL_getmetatable(L, REPL_MT);
+  lua_setmetatable(L, -2);
+  r->s = fl_stream_new();
+  if (!r->s) return fl_fail(L, "out of memory", "memory");
+  if (fl_stream_connect(r->s, dsn) != 0) return stream_fail(L, r);
+  lua_pushstring(L, "");
+  r->lsn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_newtable(L);
+  r->rels_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_newtable(L);
+  r->typemap_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
 static int l_close(lua_State *L) {
-  fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
-  repl_release(L, r);
+  repl_release(L, luaL_checkudata(L, 1, REPL_MT));
   return 0;
 }
 
-/* A command's result as rows of text values (NULL: the null sentinel), or nil, err,
- * sqlstate; clears res. */
-static int push_rows(lua_State *L, fl_repl *r, PGresult *res) {
-  ExecStatusType st = PQresultStatus(res);
-  if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
-    return fl_push_pgerror(L, r->pg, res);
-  }
+static int l_gc(lua_State *L) {
+  fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
+  repl_release(L, r);
+  fl_stream_free(r->s);
+  r->s = NULL;
+  return 0;
+}
+
+/* A command's result as rows of text values (NULL: the null sentinel); res stays the
+ * stream's, so an error raised while converting leaks nothing. */
+static int push_rows(lua_State *L, const PGresult *res) {
   int nrows = PQntuples(res), ncols = PQnfields(res);
   lua_createtable(L, nrows, 0);
   for (int i = 0; i < nrows; i++) {
@@ -691,40 +417,41 @@ static int push_rows(lua_State *L, fl_repl *r, PGresult *res) {
     }
     lua_rawseti(L, -2, i + 1);
   }
-  PQclear(res);
   return 1;
 }
 
-/* repl:exec(command) -> rows (text values) | nil, err, sqlstate : replication commands
+/* repl:exec(command) -> rows (text values) | nil, err, kind : replication commands
  * (IDENTIFY_SYSTEM, CREATE_REPLICATION_SLOT, ...) before streaming starts. */
 static int l_exec(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
-  return push_rows(L, r, PQexec(r->pg, luaL_checkstring(L, 2)));
+  const PGresult *res = fl_stream_exec(r->s, luaL_checkstring(L, 2));
+  if (!res) return stream_fail(L, r);
+  return push_rows(L, res);
 }
 
-/* repl:send(command) -> true | nil, err : a replication command sent without waiting for
- * its result (CREATE_REPLICATION_SLOT may wait for running transactions); repl:result()
- * reads it once it has come. */
+/* repl:send(command) -> true | nil, err, kind : a replication command sent without waiting
+ * for its result (CREATE_REPLICATION_SLOT may wait for running transactions);
+ * repl:result() reads it once it has come. */
 static int l_send(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   const char *sql = luaL_checkstring(L, 2);
-  if (r->copying) return luaL_error(L, "replication already started");
-  if (!PQsendQuery(r->pg, sql)) return fail(L, PQerrorMessage(r->pg));
+  fl_stream_state st;
+  fl_stream_get_state(r->s, &st);
+  if (st.copying) return luaL_error(L, "replication already started");
+  if (fl_stream_send(r->s, sql) != 0) return stream_fail(L, r);
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* repl:result() -> rows | false (not there yet) | nil, err, sqlstate : the result of
+/* repl:result() -> rows | false (not there yet) | nil, err, kind : the result of
  * repl:send's command, without blocking while it runs. */
 static int l_result(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
-  if (!PQconsumeInput(r->pg)) return fail(L, PQerrorMessage(r->pg));
-  if (PQisBusy(r->pg)) { lua_pushboolean(L, 0); return 1; }
-  PGresult *res = PQgetResult(r->pg), *more;
-  if (!res) return fail(L, "no command was sent");
-  /* The end of the command (ReadyForQuery) comes in the same packet as its result. */
-  while ((more = PQgetResult(r->pg)) != NULL) PQclear(more);
-  return push_rows(L, r, res);
+  const PGresult *res = NULL;
+  int got = fl_stream_result(r->s, &res);
+  if (got < 0) return stream_fail(L, r);
+  if (got == 0) { lua_pushboolean(L, 0); return 1; }
+  return push_rows(L, res);
 }
 
 static int parse_lsn(const char *s, uint64_t *out) {
@@ -734,158 +461,61 @@ static int parse_lsn(const char *s, uint64_t *out) {
   return 0;
 }
 
-/* core.lsn("X/Y") -> number ; core.lsn(number) -> "X/Y" */
+/* core.lsn("X/Y") -> number | nil, err, "usage" ; core.lsn(number) -> "X/Y" */
 static int l_lsn(lua_State *L) {
   if (lua_type(L, 1) == LUA_TNUMBER) {
     push_lsn(L, (uint64_t)lua_tonumber(L, 1));
     return 1;
   }
   uint64_t v;
-  if (parse_lsn(luaL_checkstring(L, 1), &v) != 0) return fail(L, "malformed LSN (expected X/Y in hex)");
+  if (parse_lsn(luaL_checkstring(L, 1), &v) != 0) return fl_fail(L, "malformed LSN (expected X/Y in hex)", "usage");
   lua_pushnumber(L, (double)v);
   return 1;
 }
 
-/* repl:start(command, proto_version) -> true | nil, err, sqlstate
+/* repl:start(command, proto_version) -> true | nil, err, kind
  * command: the whole START_REPLICATION statement (built and quoted by the caller). */
 static int l_start(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   const char *cmd = luaL_checkstring(L, 2);
   int proto = (int)luaL_optinteger(L, 3, 1);
-  if (r->copying) return luaL_error(L, "replication already started");
-  r->dec = fl_pgo_new(proto);
-  if (!r->dec) return fail(L, "out of memory");
-  r->proto = proto;
-  PGresult *res = PQexec(r->pg, cmd);
-  if (PQresultStatus(res) != PGRES_COPY_BOTH) {
-    return fl_push_pgerror(L, r->pg, res);
-  }
-  PQclear(res);
-  PQsetnonblocking(r->pg, 1);
-  r->copying = 1;
-  r->last_status = 0;
+  fl_stream_state st;
+  fl_stream_get_state(r->s, &st);
+  if (st.copying) return luaL_error(L, "replication already started");
+  if (fl_stream_start(r->s, cmd, proto) != 0) return stream_fail(L, r);
   lua_pushboolean(L, 1);
   return 1;
 }
 
-static int send_status(fl_repl *r, int reply_requested) {
-  char msg[1 + 8 * 4 + 1];
-  msg[0] = 'r';
-  uint64_t write = r->received > r->flushed ? r->received : r->flushed;
-  put_u64(msg + 1, write);
-  put_u64(msg + 9, r->flushed);
-  put_u64(msg + 17, r->flushed);
-  put_u64(msg + 25, (uint64_t)pg_now_us());
-  msg[33] = reply_requested ? 1 : 0;
-  if (PQputCopyData(r->pg, msg, sizeof msg) <= 0 || PQflush(r->pg) < 0) {
-    snprintf(r->err, sizeof r->err, "cannot send a status update: %s", PQerrorMessage(r->pg));
-    return -1;
-  }
-  r->last_status = now_us();
-  r->confirmed = r->flushed;
-  r->unconfirmed_since = 0;
-  r->unconfirmed_txns = 0;
-  return 0;
-}
-
-/* repl:status([reply_requested]) -> true | nil, err : confirm what was handled now. */
+/* repl:status([reply_requested]) -> true | nil, err, kind : report what was confirmed now. */
 static int l_status(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
-  if (!r->copying) { lua_pushboolean(L, 1); return 1; }
-  if (send_status(r, lua_toboolean(L, 2)) != 0) return fail(L, r->err);
+  if (fl_stream_status(r->s, lua_toboolean(L, 2)) != 0) return stream_fail(L, r);
   lua_pushboolean(L, 1);
   return 1;
 }
 
-/* repl:pump(dispatch, [flags], [budget], [seconds], [txn_end]) -> more | nil, err
+/* repl:pump(dispatch, [flags], [budget], [seconds], [txn_end]) -> more | nil, err, kind
  * Handles what has arrived, calling dispatch(ev) for each change; dispatch returning false
- * stops (the transaction is then not confirmed). Returns true when the budget of messages
- * or of time (seconds > 0: checked after each message) ran out, so more may be waiting,
- * false when the socket is drained. The time budget lets a caller whose callbacks are
- * slower than the writers give timers and signals a turn. txn_end: return once no
- * transaction is open (a stop finishing the one it interrupted reads no further). */
+ * stops (the transaction is then not confirmed; kind "stopped"); an error of a hook or of
+ * dispatch has kind "callback". Returns true when the budget of messages or of time
+ * (seconds > 0: checked after each message) ran out, so more may be waiting, false when
+ * the socket is drained. The time budget lets a caller whose callbacks are slower than the
+ * writers give timers and signals a turn. txn_end: return once no transaction is open (a
+ * stop finishing the one it interrupted reads no further). */
 static int l_pump(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  int flags = (int)luaL_optinteger(L, 3, 0);
+  pump_ctx c = { L, r, 2, (int)luaL_optinteger(L, 3, 0) };
   long budget = (long)luaL_optinteger(L, 4, 100000);
   double seconds = luaL_optnumber(L, 5, 0);
-  int64_t until = seconds > 0 ? now_us() + (int64_t)(seconds * 1e6) : 0;
+  int64_t until = seconds > 0 ? fl_stream_now_us() + (int64_t)(seconds * 1e6) : 0;
   int txn_end = lua_toboolean(L, 6);
   lua_settop(L, 2);
-  if (!r->copying) return fail(L, "replication has not started");
-  if (!PQconsumeInput(r->pg)) {
-    snprintf(r->err, sizeof r->err, "replication connection lost: %s", PQerrorMessage(r->pg));
-    return fail(L, r->err);
-  }
-  int more = 0;
-  int consumed_again = 0;
-  while (budget-- > 0) {
-    char *buf = NULL;
-    int n = PQgetCopyData(r->pg, &buf, 1);
-    if (n == 0) {
-      /* Nothing complete buffered: read the socket once more before going back to poll. */
-      if (consumed_again) break;
-      consumed_again = 1;
-      if (!PQconsumeInput(r->pg)) {
-        snprintf(r->err, sizeof r->err, "replication connection lost: %s", PQerrorMessage(r->pg));
-        return fail(L, r->err);
-      }
-      continue;
-    }
-    consumed_again = 0;
-    if (n == -1) {
-      PGresult *res = PQgetResult(r->pg);
-      snprintf(r->err, sizeof r->err, "replication stream ended by the server: %s",
-               res && PQresultErrorMessage(res)[0] ? PQresultErrorMessage(res) : PQerrorMessage(r->pg));
-      PQclear(res);
-      r->copying = 0;
-      return fail(L, r->err);
-    }
-    if (n < 0) {
-      snprintf(r->err, sizeof r->err, "replication connection lost: %s", PQerrorMessage(r->pg));
-      return fail(L, r->err);
-    }
-    r->bytes += (uint64_t)n;
-    if ((uint64_t)n > r->largest) r->largest = (uint64_t)n;
-    int rc = 0;
-    if (buf[0] == 'k' && n >= 18) {
-      uint64_t wal_end = get_u64(buf + 1);
-      int reply = buf[17];
-      if (wal_end > r->server_end) r->server_end = wal_end;
-      /* Idle tables on a busy server: once nothing is pending, the slot may move on. Not
-       * while a streamed transaction is open: the server reports positions past its
-       * changes before its Stream Commit is sent. */
-      if (!r->in_txn && !r->streams) {
-        if (wal_end > r->delivered) r->delivered = wal_end;
-        if (wal_end > r->flushed && (!r->manual || r->all_acked)) r->flushed = wal_end;
-      }
-      if (wal_end > r->received) r->received = wal_end;
-      if (reply && send_status(r, 0) != 0) rc = -1;
-    } else if (buf[0] == 'w' && n >= 25) {
-      uint64_t start = get_u64(buf + 1);
-      uint64_t wal_end = get_u64(buf + 9);
-      if (start > r->received) r->received = start;
-      if (wal_end > r->server_end) r->server_end = wal_end;
-      rc = handle_message(L, r, 2, flags, buf + 25, (uint32_t)(n - 25));
-    } else {
-      snprintf(r->err, sizeof r->err, "unexpected replication message type 0x%02x (%d bytes)", (unsigned char)buf[0], n);
-      rc = -1;
-    }
-    PQfreemem(buf);
-    if (n > (int)LARGE_MESSAGE) fl_release_memory(L);
-    if (rc < 0) return fail(L, r->err);
-    if (rc > 0) return fail(L, "stopped by a callback");
-    if (budget == 0) more = 1;
-    if (until && now_us() >= until) { more = 1; break; }
-    if (txn_end && !r->in_txn) { more = 1; break; }
-  }
-  int64_t now = now_us();
-  if (r->last_status == 0 || now - r->last_status >= STATUS_INTERVAL_US ||
-      (r->unconfirmed_since && now - r->unconfirmed_since >= CONFIRM_DELAY_US)) {
-    if (send_status(r, 0) != 0) return fail(L, r->err);
-  }
-  lua_pushboolean(L, more);
+  int rc = fl_stream_pump(r->s, budget, until, txn_end, on_stream_message, on_stream_large, &c);
+  if (rc == -1) return stream_fail(L, r);
+  if (rc == -2) return fl_fail(L, "stopped by a callback", "stopped");
+  lua_pushboolean(L, rc);
   return 1;
 }
 
@@ -907,12 +537,10 @@ static int l_types(lua_State *L) {
 }
 
 /* repl:due() -> monotonic seconds (core.now's clock) when the next status update is due:
- * handled transactions waiting to be confirmed, or the periodic one. */
+ * confirmed transactions waiting to be reported, or the periodic one. */
 static int l_due(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
-  int64_t due = r->last_status + STATUS_INTERVAL_US;
-  if (r->unconfirmed_since && r->unconfirmed_since + CONFIRM_DELAY_US < due) due = r->unconfirmed_since + CONFIRM_DELAY_US;
-  lua_pushnumber(L, (double)due / 1e6);
+  lua_pushnumber(L, (double)fl_stream_due(r->s) / 1e6);
   return 1;
 }
 
@@ -953,47 +581,49 @@ static int l_manual(lua_State *L) {
   luaL_checktype(L, 2, LUA_TFUNCTION);
   set_hook(L, &r->commit_ref, 2);
   r->manual = 1;
-  r->all_acked = 1;
+  fl_stream_confirm_idle(r->s, 1);
   return 0;
 }
 
-/* repl:confirm(lsn, all_acked) -> true | nil, err : manual mode: everything before lsn is
- * acknowledged (confirmed in the next status update); all_acked: nothing delivered is
- * waiting, so an idle stream's keepalives may move the position on. */
+/* repl:confirm(lsn, all_acked) -> true | nil, err, kind : manual mode: everything before
+ * lsn is acknowledged (confirmed in the next status update); all_acked: nothing delivered
+ * is waiting, so an idle stream's keepalives may move the position on. */
 static int l_confirm(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   lua_Number lsn = luaL_checknumber(L, 2);
-  r->all_acked = lua_toboolean(L, 3);
-  if (lsn > 0 && advance(r, (uint64_t)lsn) != 0) return fail(L, r->err);
+  fl_stream_confirm_idle(r->s, lua_toboolean(L, 3));
+  if (lsn > 0 && fl_stream_confirm(r->s, (uint64_t)lsn) != 0) return stream_fail(L, r);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static int l_fd(lua_State *L) {
-  fl_repl *r = check_repl(L, 1);
-  lua_pushinteger(L, PQsocket(r->pg));
+  lua_pushinteger(L, fl_stream_socket(check_repl(L, 1)->s));
   return 1;
 }
 
 /* repl:state() -> { received=, flushed=, server_end=, in_txn=, events=, ... } (LSNs as numbers) */
 static int l_state(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
-  lua_createtable(L, 0, 14);
-  lua_pushnumber(L, (double)r->received); lua_setfield(L, -2, "received");
-  lua_pushnumber(L, (double)r->flushed); lua_setfield(L, -2, "flushed");
-  lua_pushnumber(L, (double)r->delivered); lua_setfield(L, -2, "delivered");
-  lua_pushnumber(L, (double)r->confirmed); lua_setfield(L, -2, "confirmed");
-  lua_pushnumber(L, (double)r->server_end); lua_setfield(L, -2, "server_end");
-  lua_pushboolean(L, r->in_txn); lua_setfield(L, -2, "in_txn");
+  fl_stream_state st;
+  memset(&st, 0, sizeof st);
+  if (r->s) fl_stream_get_state(r->s, &st);
+  lua_createtable(L, 0, 15);
+  lua_pushnumber(L, (double)st.received); lua_setfield(L, -2, "received");
+  lua_pushnumber(L, (double)st.flushed); lua_setfield(L, -2, "flushed");
+  lua_pushnumber(L, (double)st.delivered); lua_setfield(L, -2, "delivered");
+  lua_pushnumber(L, (double)st.confirmed); lua_setfield(L, -2, "confirmed");
+  lua_pushnumber(L, (double)st.server_end); lua_setfield(L, -2, "server_end");
+  lua_pushboolean(L, st.in_txn); lua_setfield(L, -2, "in_txn");
   lua_pushnumber(L, (double)r->events); lua_setfield(L, -2, "events");
-  lua_pushnumber(L, (double)r->messages); lua_setfield(L, -2, "messages");
-  lua_pushnumber(L, (double)r->bytes); lua_setfield(L, -2, "bytes");
-  lua_pushnumber(L, (double)r->largest); lua_setfield(L, -2, "largest_message");
-  lua_pushboolean(L, r->streams != NULL); lua_setfield(L, -2, "streams_open");
-  lua_pushnumber(L, (double)r->stream_mem); lua_setfield(L, -2, "stream_buffered");
-  lua_pushnumber(L, (double)r->stream_peak); lua_setfield(L, -2, "stream_buffered_peak");
-  lua_pushnumber(L, (double)r->spilled_total); lua_setfield(L, -2, "stream_spilled");
-  lua_pushboolean(L, r->copying); lua_setfield(L, -2, "copying");
+  lua_pushnumber(L, (double)st.messages); lua_setfield(L, -2, "messages");
+  lua_pushnumber(L, (double)st.bytes); lua_setfield(L, -2, "bytes");
+  lua_pushnumber(L, (double)st.largest); lua_setfield(L, -2, "largest_message");
+  lua_pushboolean(L, st.streams_open); lua_setfield(L, -2, "streams_open");
+  lua_pushnumber(L, (double)st.stream_buffered); lua_setfield(L, -2, "stream_buffered");
+  lua_pushnumber(L, (double)st.stream_buffered_peak); lua_setfield(L, -2, "stream_buffered_peak");
+  lua_pushnumber(L, (double)st.stream_spilled); lua_setfield(L, -2, "stream_spilled");
+  lua_pushboolean(L, st.copying); lua_setfield(L, -2, "copying");
   return 1;
 }
 
@@ -1001,55 +631,18 @@ static int l_state(lua_State *L) {
 static int l_set_stream_limit(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
   lua_Number n = luaL_checknumber(L, 2);
-  r->stream_limit = n < 1024 ? 1024 : (size_t)n;
+  if (r->s) fl_stream_set_spill_limit(r->s, n < 1024 ? 1024 : (size_t)n);
   return 0;
 }
 
-/* repl:finish([timeout_s]) : a last status update with what was handled, then the end
+/* repl:finish([timeout_s]) : a last status update with what was confirmed, then the end
  * of the copy; waits (up to timeout_s, default 10) for the server to end it too, so the
  * last confirmation has been applied before the connection goes. Changes still in flight
  * are discarded: unconfirmed, they are sent again next time. */
 static int l_finish(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
   double timeout = luaL_optnumber(L, 2, 10);
-  if (!(timeout > 0)) timeout = 0;                /* 0, negative or NaN: do not wait */
-  if (timeout > 86400) timeout = 86400;
-  if (r->pg && r->copying) {
-    send_status(r, 0);
-    PQputCopyEnd(r->pg, NULL);
-    int64_t deadline = now_us() + (int64_t)(timeout * 1e6);
-    int ended = 0;
-    for (;;) {
-      if (PQflush(r->pg) < 0) break;
-      char *buf = NULL;
-      int n = PQgetCopyData(r->pg, &buf, 1);
-      if (n > 0) {
-        PQfreemem(buf);
-        if (now_us() >= deadline) break;  /* a server still streaming does not hold us */
-        continue;
-      }
-      if (n == -1) { ended = 1; break; }  /* the server ended the copy */
-      if (n < 0) break;
-      int64_t left = deadline - now_us();
-      if (left <= 0) break;
-      struct pollfd pfd = { PQsocket(r->pg), POLLIN, 0 };
-      if (poll(&pfd, 1, (int)(left / 1000) + 1) < 0 && errno != EINTR) break;
-      if (!PQconsumeInput(r->pg)) break;
-    }
-    /* Once the server has ended the copy, its last results are read (bounded: a result
-     * still in a COPY state would be returned forever). Otherwise the connection is just
-     * closed: the server notices and releases the slot. */
-    if (ended) {
-      PGresult *res;
-      for (int i = 0; i < 16 && PQstatus(r->pg) == CONNECTION_OK && !PQisBusy(r->pg) &&
-                      (res = PQgetResult(r->pg)) != NULL; i++) {
-        ExecStatusType st = PQresultStatus(res);
-        PQclear(res);
-        if (st == PGRES_COPY_OUT || st == PGRES_COPY_IN || st == PGRES_COPY_BOTH) break;
-      }
-    }
-    r->copying = 0;
-  }
+  if (r->s) fl_stream_finish(r->s, timeout);
   repl_release(L, r);
   return 0;
 }
@@ -1083,7 +676,7 @@ const luaL_Reg fl_repl_funcs[] = {
 
 void fl_repl_open(lua_State *L) {
   luaL_newmetatable(L, REPL_MT);
-  lua_pushcfunction(L, l_close);
+  lua_pushcfunction(L, l_gc);
   lua_setfield(L, -2, "__gc");
   lua_newtable(L);
   luaL_register(L, NULL, repl_methods);

@@ -10,6 +10,7 @@
 #include <lauxlib.h>
 #include "fl_json.h"
 #include "fl_value.h"
+#include "lerr.h"
 #include "lvalue.h"
 
 char fl_unchanged_sentinel;
@@ -552,16 +553,14 @@ static int l_json_encode(lua_State *L) {
   return 1;
 }
 
-/* core.json_decode(text) -> value | nil, err : objects and arrays as marked tables, null
+/* core.json_decode(text) -> value | nil, err, "parse" : objects and arrays as marked tables, null
  * as flash.null, numbers no double holds as flash.number_mt values. */
 static int l_json_decode(lua_State *L) {
   size_t len, pos = 0;
   const char *err = NULL;
   const char *s = luaL_checklstring(L, 1, &len);
   if (fl_push_json_err(L, s, len, &err, &pos) == 0) return 1;
-  lua_pushnil(L);
-  lua_pushfstring(L, "invalid JSON at byte %d: %s", (int)pos + 1, err);
-  return 2;
+  return fl_failf(L, "parse", "invalid JSON at byte %d: %s", (int)pos + 1, err);
 }
 
 static const luaL_Reg value_funcs[] = {

@@ -708,13 +708,13 @@ function Driver:step()
   if not ok then return nil, herr end
   if not self.repl then return true end
   self.pumping = true
-  local more, err = self.repl:pump(self.dispatch, self.client.flags, budget, SLICE)
+  local more, err, kind = self.repl:pump(self.dispatch, self.client.flags, budget, SLICE)
   self.pumping = false
   self.more = more
   if more == nil then
-    if self.client.failure or err == "stopped by a callback" then return false end
+    if self.client.failure or kind == "stopped" then return false end
     -- An error raised by flashlua's own dispatch is not a lost connection.
-    if tostring(err):find("^dispatch: ") then return nil, err end
+    if kind == "callback" then return nil, err end
     return self:lost(err)
   end
   if not self.repl then return true end

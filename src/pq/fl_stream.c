@@ -1,0 +1,471 @@
+/* fl_stream: the logical replication stream (fl_stream.h): the CopyBoth loop after
+ * pg_recvlogical.c, standby status on a deadline, streamed transactions through fl_spill,
+ * decoded messages to the consumer's callback, confirmation only when the consumer says. */
+#include <errno.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "fl_spill.h"
+#include "fl_stream.h"
+
+#define STATUS_INTERVAL_US 10000000LL      /* standby status at least every 10 s */
+#define CONFIRM_DELAY_US 1000000LL         /* confirmed positions are reported within 1 s... */
+#define CONFIRM_COUNT 1000                 /* ...or once this many are waiting, if sooner */
+#define SPILL_MEM_DEFAULT (8u << 20)       /* buffered bytes of streamed changes before spilling */
+
+struct fl_stream {
+  PGconn *pg;
+  fl_pgo *dec;
+  int copying;
+  uint64_t received, flushed, delivered, server_end, confirmed;
+  int64_t last_status;        /* monotonic µs of the last status update */
+  int64_t unconfirmed_since;  /* monotonic µs when flushed first moved past confirmed (0: not) */
+  uint32_t unconfirmed;       /* confirmations since the last status update */
+  int in_txn;
+  int idle_confirm;           /* the consumer lets idle keepalives move the position */
+  fl_spill *spill;
+  int cur_open;               /* between Stream Start and Stream Stop of cur_xid */
+  uint32_t cur_xid;
+  int replaying;              /* the decoder is in a replay's synthetic stream */
+  uint64_t messages, bytes, largest;
+  char *copybuf;              /* PQgetCopyData's buffer, ours until PQfreemem: a consumer
+                                 error raised past the pump leaves it here, freed next time */
+  PGresult *res;              /* the last fl_stream_exec result */
+  char err[512];
+  char kind[16];
+};
+
+int64_t fl_stream_now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static int64_t pg_now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return ((int64_t)ts.tv_sec - 946684800LL) * 1000000 + ts.tv_nsec / 1000;
+}
+
+static uint64_t get_u64(const char *p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v = (v << 8) | (unsigned char)p[i];
+  return v;
+}
+
+static void put_u64(char *p, uint64_t v) {
+  for (int i = 7; i >= 0; i--) { p[i] = (char)(v & 0xff); v >>= 8; }
+}
+
+int fl_stream_fail(fl_stream *s, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(s->err, sizeof s->err, fmt, ap);
+  va_end(ap);
+  snprintf(s->kind, sizeof s->kind, "%s", kind);
+  return -1;
+}
+
+const char *fl_stream_error(const fl_stream *s) { return s->err; }
+const char *fl_stream_error_kind(const fl_stream *s) { return s->kind; }
+
+/* A server error: its message without the "ERROR:  " prefix, the SQLSTATE as its kind. */
+static int pg_fail(fl_stream *s, const PGresult *res) {
+  const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  const char *msg = res ? PQresultErrorMessage(res) : NULL;
+  if (!msg || !*msg) msg = PQerrorMessage(s->pg);
+  if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
+  return fl_stream_fail(s, state && *state ? state : "connection", "%s", msg);
+}
+
+static void release_copybuf(fl_stream *s) {
+  if (s->copybuf) { PQfreemem(s->copybuf); s->copybuf = NULL; }
+}
+
+fl_stream *fl_stream_new(void) {
+  fl_stream *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->spill = fl_spill_new(SPILL_MEM_DEFAULT);
+  if (!s->spill) { free(s); return NULL; }
+  s->idle_confirm = 1;
+  return s;
+}
+
+void fl_stream_close(fl_stream *s) {
+  release_copybuf(s);
+  if (s->res) { PQclear(s->res); s->res = NULL; }
+  if (s->pg) { PQfinish(s->pg); s->pg = NULL; }
+  s->copying = 0;
+  s->in_txn = s->cur_open = 0;
+  fl_spill_clear(s->spill);     /* unconfirmed: sent again on the next connection */
+}
+
+void fl_stream_free(fl_stream *s) {
+  if (!s) return;
+  fl_stream_close(s);
+  fl_pgo_free(s->dec);
+  fl_spill_free(s->spill);
+  free(s);
+}
+
+int fl_stream_connect(fl_stream *s, const char *dsn) {
+  const char *keys[] = { "dbname", "replication", "fallback_application_name", "client_encoding", "options", NULL };
+  const char *vals[] = { dsn, "database", "flashlua", "UTF8",
+    "-c DateStyle=ISO,MDY -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex",
+    NULL };
+  s->pg = PQconnectdbParams(keys, vals, 1);
+  if (!s->pg) return fl_stream_fail(s, "memory", "out of memory");
+  if (PQstatus(s->pg) != CONNECTION_OK) {
+    fl_stream_fail(s, "connection", "cannot open a replication connection: %s", PQerrorMessage(s->pg));
+    PQfinish(s->pg);
+    s->pg = NULL;
+    return -1;
+  }
+  return 0;
+}
+
+int fl_stream_is_open(const fl_stream *s) { return s->pg != NULL; }
+int fl_stream_socket(const fl_stream *s) { return s->pg ? PQsocket(s->pg) : -1; }
+
+/* A command's result, kept by s until the next one; NULL (and the error set) unless it has
+ * rows or says the command is done. */
+static const PGresult *keep_result(fl_stream *s, PGresult *res) {
+  if (s->res) PQclear(s->res);
+  s->res = res;
+  ExecStatusType st = PQresultStatus(res);
+  if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK) {
+    pg_fail(s, s->res);
+    PQclear(s->res);
+    s->res = NULL;
+    return NULL;
+  }
+  return s->res;
+}
+
+const PGresult *fl_stream_exec(fl_stream *s, const char *cmd) {
+  return keep_result(s, PQexec(s->pg, cmd));
+}
+
+int fl_stream_send(fl_stream *s, const char *cmd) {
+  if (!PQsendQuery(s->pg, cmd)) return fl_stream_fail(s, "connection", "%s", PQerrorMessage(s->pg));
+  return 0;
+}
+
+int fl_stream_result(fl_stream *s, const PGresult **out) {
+  if (!PQconsumeInput(s->pg)) return fl_stream_fail(s, "connection", "%s", PQerrorMessage(s->pg));
+  if (PQisBusy(s->pg)) return 0;
+  PGresult *res = PQgetResult(s->pg), *more;
+  if (!res) return fl_stream_fail(s, "usage", "no command was sent");
+  /* The end of the command (ReadyForQuery) comes in the same packet as its result. */
+  while ((more = PQgetResult(s->pg)) != NULL) PQclear(more);
+  *out = keep_result(s, res);
+  return *out ? 1 : -1;
+}
+
+int fl_stream_start(fl_stream *s, const char *cmd, int proto) {
+  fl_pgo_free(s->dec);
+  s->dec = fl_pgo_new(proto);
+  if (!s->dec) return fl_stream_fail(s, "memory", "out of memory");
+  PGresult *res = PQexec(s->pg, cmd);
+  if (PQresultStatus(res) != PGRES_COPY_BOTH) {
+    pg_fail(s, res);
+    PQclear(res);
+    return -1;
+  }
+  PQclear(res);
+  PQsetnonblocking(s->pg, 1);
+  s->copying = 1;
+  s->last_status = 0;
+  return 0;
+}
+
+int fl_stream_status(fl_stream *s, int reply_requested) {
+  if (!s->copying) return 0;
+  char msg[1 + 8 * 4 + 1];
+  msg[0] = 'r';
+  uint64_t write = s->received > s->flushed ? s->received : s->flushed;
+  put_u64(msg + 1, write);
+  put_u64(msg + 9, s->flushed);
+  put_u64(msg + 17, s->flushed);
+  put_u64(msg + 25, (uint64_t)pg_now_us());
+  msg[33] = reply_requested ? 1 : 0;
+  if (PQputCopyData(s->pg, msg, sizeof msg) <= 0 || PQflush(s->pg) < 0)
+    return fl_stream_fail(s, "connection", "cannot send a status update: %s", PQerrorMessage(s->pg));
+  s->last_status = fl_stream_now_us();
+  s->confirmed = s->flushed;
+  s->unconfirmed_since = 0;
+  s->unconfirmed = 0;
+  return 0;
+}
+
+/* A crash redelivers a bounded amount: a confirmed position is reported once
+ * CONFIRM_DELAY_US has passed since the first unreported one or CONFIRM_COUNT wait. */
+int fl_stream_confirm(fl_stream *s, uint64_t lsn) {
+  if (lsn <= s->flushed) return 0;
+  s->flushed = lsn;
+  int64_t now = fl_stream_now_us();
+  if (!s->unconfirmed_since) s->unconfirmed_since = now;
+  s->unconfirmed++;
+  if (s->unconfirmed >= CONFIRM_COUNT || now - s->unconfirmed_since >= CONFIRM_DELAY_US)
+    return fl_stream_status(s, 0);
+  return 0;
+}
+
+void fl_stream_confirm_idle(fl_stream *s, int on) { s->idle_confirm = on; }
+
+int64_t fl_stream_due(const fl_stream *s) {
+  int64_t due = s->last_status + STATUS_INTERVAL_US;
+  if (s->unconfirmed_since && s->unconfirmed_since + CONFIRM_DELAY_US < due) due = s->unconfirmed_since + CONFIRM_DELAY_US;
+  return due;
+}
+
+void fl_stream_set_spill_limit(fl_stream *s, size_t bytes) { fl_spill_set_limit(s->spill, bytes); }
+
+static int spill_fail(fl_stream *s) {
+  return fl_stream_fail(s, fl_spill_error_kind(s->spill), "%s", fl_spill_error(s->spill));
+}
+
+/* Takes the decoder out of a replay's synthetic stream (also when an error raised in the
+ * consumer left the replay midway). */
+static void end_replay(fl_stream *s) {
+  fl_pgo_msg m;
+  char stop = 'E';
+  if (!s->replaying) return;
+  s->replaying = 0;
+  fl_pgo_decode(s->dec, &stop, 1, &m);
+}
+
+/* A committed streamed transaction's changes, in order, to the consumer. */
+static int replay(fl_stream *s, uint32_t xid, fl_stream_fn fn, void *ud) {
+  char synth[6] = { 'S', (char)(xid >> 24), (char)(xid >> 16), (char)(xid >> 8), (char)xid, 0 };
+  fl_pgo_msg m;
+  if (fl_pgo_decode(s->dec, synth, sizeof synth, &m) != 0)
+    return fl_stream_fail(s, "protocol", "replaying streamed transaction %u: %s", xid, fl_pgo_error(s->dec));
+  int rc = 0;
+  s->replaying = 1;
+  fl_spill_replay(s->spill, xid);
+  for (;;) {
+    char *body;
+    uint32_t len, sub;
+    int got = fl_spill_next(s->spill, &body, &len, &sub);
+    if (got == 0) break;
+    if (got < 0) { rc = spill_fail(s); break; }
+    if (fl_pgo_decode(s->dec, body, len, &m) != 0) {
+      rc = fl_stream_fail(s, "protocol", "replaying streamed transaction %u: %s", xid, fl_pgo_error(s->dec));
+      break;
+    }
+    if (m.type == FL_PGO_INSERT || m.type == FL_PGO_UPDATE || m.type == FL_PGO_DELETE || m.type == FL_PGO_TRUNCATE) {
+      rc = fn(ud, s, &m);
+      if (rc != 0) break;
+    }
+  }
+  end_replay(s);
+  return rc;
+}
+
+/* One XLogData payload. Returns 0, 1 (stop requested) or -1 (error). */
+static int handle(fl_stream *s, const char *buf, uint32_t len, fl_stream_fn fn, void *ud) {
+  fl_pgo_msg m;
+  int in_stream = fl_pgo_in_stream(s->dec);
+  if (fl_pgo_decode(s->dec, buf, len, &m) != 0)
+    return fl_stream_fail(s, "protocol", "cannot decode a pgoutput message: %s", fl_pgo_error(s->dec));
+  s->messages++;
+  if (m.type == FL_PGO_RELATION && m.rel) {
+    int rc = fn(ud, s, &m);
+    if (rc != 0) return rc;
+  }
+  if (in_stream && m.type != FL_PGO_STREAM_STOP && m.type != FL_PGO_STREAM_START) {
+    /* A change of an in-progress transaction: kept until Stream Commit. Relation messages
+     * are kept too: replayed in order, they give rows streamed before an ALTER TABLE of the
+     * same transaction the columns they were written with. */
+    if (!s->cur_open) return fl_stream_fail(s, "protocol", "streamed change outside a known stream");
+    if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
+    return fl_spill_append(s->spill, s->cur_xid, m.xid, buf, len) == 0 ? 0 : spill_fail(s);
+  }
+  switch (m.type) {
+    case FL_PGO_BEGIN:
+      s->in_txn = 1;
+      return fn(ud, s, &m);
+    case FL_PGO_COMMIT:
+      s->in_txn = 0;
+      if (m.end_lsn > s->delivered) s->delivered = m.end_lsn;
+      return fn(ud, s, &m);
+    case FL_PGO_STREAM_START:
+      if (fl_spill_begin(s->spill, m.xid) != 0) return spill_fail(s);
+      s->cur_open = 1;
+      s->cur_xid = m.xid;
+      return 0;
+    case FL_PGO_STREAM_STOP:
+      s->cur_open = 0;
+      return 0;
+    case FL_PGO_STREAM_ABORT:
+      if (fl_spill_abort(s->spill, m.xid, m.subxid) != 0) return spill_fail(s);
+      if (s->cur_open && s->cur_xid == m.xid && !fl_spill_has(s->spill, m.xid)) s->cur_open = 0;
+      return 0;
+    case FL_PGO_STREAM_COMMIT: {
+      fl_pgo_msg begin;
+      memset(&begin, 0, sizeof begin);
+      begin.type = FL_PGO_BEGIN;
+      begin.xid = m.xid;
+      begin.lsn = m.lsn;
+      begin.timestamp = m.timestamp;
+      int rc = fn(ud, s, &begin);
+      if (rc == 0 && fl_spill_has(s->spill, m.xid)) rc = replay(s, m.xid, fn, ud);
+      fl_spill_drop(s->spill, m.xid);
+      if (s->cur_xid == m.xid) s->cur_open = 0;
+      if (rc != 0) return rc;
+      if (m.end_lsn > s->delivered) s->delivered = m.end_lsn;
+      return fn(ud, s, &m);
+    }
+    case FL_PGO_INSERT: case FL_PGO_UPDATE: case FL_PGO_DELETE: case FL_PGO_TRUNCATE:
+    case FL_PGO_MESSAGE:
+      return fn(ud, s, &m);
+    default:
+      return 0;   /* Relation (handed above), Type, Origin */
+  }
+}
+
+static int lost(fl_stream *s) {
+  return fl_stream_fail(s, "connection", "replication connection lost: %s", PQerrorMessage(s->pg));
+}
+
+int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
+                   fl_stream_fn fn, fl_stream_large_fn large, void *ud) {
+  release_copybuf(s);
+  end_replay(s);
+  if (!s->copying) return fl_stream_fail(s, "usage", "replication has not started");
+  if (!PQconsumeInput(s->pg)) return lost(s);
+  int more = 0;
+  int consumed_again = 0;
+  while (budget-- > 0) {
+    int n = PQgetCopyData(s->pg, &s->copybuf, 1);
+    if (n == 0) {
+      /* Nothing complete buffered: read the socket once more before going back to poll. */
+      if (consumed_again) break;
+      consumed_again = 1;
+      if (!PQconsumeInput(s->pg)) return lost(s);
+      continue;
+    }
+    consumed_again = 0;
+    if (n == -1) {
+      PGresult *res = PQgetResult(s->pg);
+      const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+      fl_stream_fail(s, state && *state ? state : "connection", "replication stream ended by the server: %s",
+                     res && PQresultErrorMessage(res)[0] ? PQresultErrorMessage(res) : PQerrorMessage(s->pg));
+      PQclear(res);
+      s->copying = 0;
+      return -1;
+    }
+    if (n < 0) return lost(s);
+    const char *buf = s->copybuf;
+    s->bytes += (uint64_t)n;
+    if ((uint64_t)n > s->largest) s->largest = (uint64_t)n;
+    int rc = 0;
+    if (buf[0] == 'k' && n >= 18) {
+      uint64_t wal_end = get_u64(buf + 1);
+      int reply = buf[17];
+      if (wal_end > s->server_end) s->server_end = wal_end;
+      /* Idle tables on a busy server: once nothing is pending, the slot may move on (if
+       * the consumer allows). Not while a streamed transaction is open: the server reports
+       * positions past its changes before its Stream Commit is sent. */
+      fl_spill_stats sst;
+      fl_spill_get_stats(s->spill, &sst);
+      if (!s->in_txn && sst.open == 0) {
+        if (wal_end > s->delivered) s->delivered = wal_end;
+        if (wal_end > s->flushed && s->idle_confirm) s->flushed = wal_end;
+      }
+      if (wal_end > s->received) s->received = wal_end;
+      if (reply && fl_stream_status(s, 0) != 0) rc = -1;
+    } else if (buf[0] == 'w' && n >= 25) {
+      uint64_t start = get_u64(buf + 1);
+      uint64_t wal_end = get_u64(buf + 9);
+      if (start > s->received) s->received = start;
+      if (wal_end > s->server_end) s->server_end = wal_end;
+      rc = handle(s, buf + 25, (uint32_t)(n - 25), fn, ud);
+    } else {
+      rc = fl_stream_fail(s, "protocol", "unexpected replication message type 0x%02x (%d bytes)", (unsigned char)buf[0], n);
+    }
+    release_copybuf(s);
+    if (n > (int)FL_STREAM_LARGE && large) large(ud, (size_t)n);
+    if (rc < 0) return -1;
+    if (rc > 0) return -2;
+    if (budget == 0) more = 1;
+    if (until && fl_stream_now_us() >= until) { more = 1; break; }
+    if (txn_end && !s->in_txn) { more = 1; break; }
+  }
+  int64_t now = fl_stream_now_us();
+  if (s->last_status == 0 || now - s->last_status >= STATUS_INTERVAL_US ||
+      (s->unconfirmed_since && now - s->unconfirmed_since >= CONFIRM_DELAY_US)) {
+    if (fl_stream_status(s, 0) != 0) return -1;
+  }
+  return more;
+}
+
+void fl_stream_finish(fl_stream *s, double timeout) {
+  release_copybuf(s);
+  if (!(timeout > 0)) timeout = 0;                /* 0, negative or NaN: do not wait */
+  if (timeout > 86400) timeout = 86400;
+  if (s->pg && s->copying) {
+    fl_stream_status(s, 0);
+    PQputCopyEnd(s->pg, NULL);
+    int64_t deadline = fl_stream_now_us() + (int64_t)(timeout * 1e6);
+    int ended = 0;
+    for (;;) {
+      if (PQflush(s->pg) < 0) break;
+      char *buf = NULL;
+      int n = PQgetCopyData(s->pg, &buf, 1);
+      if (n > 0) {
+        PQfreemem(buf);
+        if (fl_stream_now_us() >= deadline) break;  /* a server still streaming does not hold us */
+        continue;
+      }
+      if (n == -1) { ended = 1; break; }  /* the server ended the copy */
+      if (n < 0) break;
+      int64_t left = deadline - fl_stream_now_us();
+      if (left <= 0) break;
+      struct pollfd pfd = { PQsocket(s->pg), POLLIN, 0 };
+      if (poll(&pfd, 1, (int)(left / 1000) + 1) < 0 && errno != EINTR) break;
+      if (!PQconsumeInput(s->pg)) break;
+    }
+    /* Once the server has ended the copy, its last results are read (bounded: a result
+     * still in a COPY state would be returned forever). Otherwise the connection is just
+     * closed: the server notices and releases the slot. */
+    if (ended) {
+      PGresult *res;
+      for (int i = 0; i < 16 && PQstatus(s->pg) == CONNECTION_OK && !PQisBusy(s->pg) &&
+                      (res = PQgetResult(s->pg)) != NULL; i++) {
+        ExecStatusType st = PQresultStatus(res);
+        PQclear(res);
+        if (st == PGRES_COPY_OUT || st == PGRES_COPY_IN || st == PGRES_COPY_BOTH) break;
+      }
+    }
+    s->copying = 0;
+  }
+  fl_stream_close(s);
+}
+
+void fl_stream_get_state(const fl_stream *s, fl_stream_state *st) {
+  fl_spill_stats sst;
+  fl_spill_get_stats(s->spill, &sst);
+  st->received = s->received;
+  st->flushed = s->flushed;
+  st->delivered = s->delivered;
+  st->confirmed = s->confirmed;
+  st->server_end = s->server_end;
+  st->in_txn = s->in_txn;
+  st->copying = s->copying;
+  st->streams_open = sst.open > 0;
+  st->messages = s->messages;
+  st->bytes = s->bytes;
+  st->largest = s->largest;
+  st->stream_buffered = sst.mem;
+  st->stream_buffered_peak = sst.peak;
+  st->stream_spilled = sst.spilled;
+}
+
+const fl_pgo_relation *fl_stream_relation(const fl_stream *s, uint32_t relid) {
+  return s->dec ? fl_pgo_relation_get(s->dec, relid) : NULL;
+}
