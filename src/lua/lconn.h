@@ -11,5 +11,5 @@ int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res);
 void fl_conn_open(lua_State *L);    /* registers metatables; leaves nothing on the stack */
 /* Registers userdata metatable `name`: __gc, and `methods` (may be NULL) as __index. */
 void fl_new_metatable(lua_State *L, const char *name, lua_CFunction gc, const luaL_Reg *methods);
-extern const luaL_Reg fl_conn_funcs[];  /* module-level functions: connect, layout, decode_payload */
+extern const luaL_Reg fl_conn_funcs[];  /* module-level functions: connect, layout */
 #endif
