@@ -279,14 +279,14 @@ static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_
     if (key_only && !(rel->cols[i].flags & 1)) continue;
     const fl_pgo_value *v = &tup->vals[i];
     lua_rawgeti(L, -2, i + 1);
-    if (v->kind == 'u' && old && i < old->ncols && (old->vals[i].kind == 't' || old->vals[i].kind == 'n'))
+    if (v->kind == 'u' && old && i < old->ncols && old->vals[i].kind != 'u')
       v = &old->vals[i];
     switch (v->kind) {
       case 't':
         if (v == &tup->vals[i]) fl_push_value_owned(L, &types[i], (char *)v->data, v->len, flags);
         else fl_push_value(L, &types[i], v->data, v->len, flags);
         break;
-      case 'b': lua_pushlstring(L, v->data, v->len); break;
+      case 'b': fl_push_value_binary(L, &types[i], v->data, v->len, flags); break;
       case 'u': lua_pushlightuserdata(L, FL_UNCHANGED); break;
       default: lua_pushlightuserdata(L, FL_NULL); break;
     }
