@@ -670,7 +670,15 @@ static int l_json_decode(lua_State *L) {
   return 2;
 }
 
+/* core.binary_type(oid) -> whether values of base type oid are read exactly from their
+ * binary send form (wal_logical's binary = true checks listened columns with it). */
+static int l_binary_type(lua_State *L) {
+  lua_pushboolean(L, fl_bin_supported((uint32_t)luaL_checknumber(L, 1)));
+  return 1;
+}
+
 static const luaL_Reg value_funcs[] = {
+  { "binary_type", l_binary_type },
   { "json_encode", l_json_encode },
   { "json_decode", l_json_decode },
   { NULL, NULL }

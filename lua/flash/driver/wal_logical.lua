@@ -28,6 +28,7 @@ M.OPTIONS = {
   slot = { type = "string", check = object_name },
   publication = { type = "string", check = object_name },
   streaming = "boolean",
+  binary = "boolean",
   stream_memory = { type = "number", check = function(v)
     if not (v > 0 and v < math.huge) then return "a number of bytes > 0 expected, got " .. tostring(v) end
   end },
@@ -59,6 +60,8 @@ function M.new(client)
     client = client,
     persistent = opts.persistent == true,
     streaming = opts.streaming == true,
+    binary = opts.binary == true,
+    enums = {},         -- binary: [enum type oid] = true (its send form is its label)
     by_oid = {},        -- [listened table oid] = { listeners }
     routes = {},        -- [relid of a row's relation] = { listeners } | false: see route()
     published = {},     -- [table oid] = listener: tables in the publication
@@ -156,6 +159,63 @@ function Driver:publish_ops()
   return table.concat(list, ", ")
 end
 
+local function listened_columns(l)
+  local cols, seen = {}, {}
+  local function add(c) if not seen[c] then seen[c] = true cols[#cols + 1] = c end end
+  for _, c in ipairs(l.columns) do add(c.name) end
+  for _, c in ipairs(l.conds) do add(c.column) end
+  for _, c in ipairs(l.primary_key or {}) do add(c) end
+  return cols
+end
+
+-- binary = true: pgoutput sends every column in its type's send form (PostgreSQL 14+).
+-- The client reads those of the types fl_binary knows, enums (the label) and arrays of
+-- them exactly as their text; a listener that delivers or tests a column of another type
+-- is refused, naming it.
+function Driver:check_binary(l)
+  if self.server_version and self.server_version < 140000 then
+    return fail("binary = true needs PostgreSQL 14 or later (pgoutput's binary option)", "leave binary out")
+  end
+  local want
+  if l.fields and not l.predicate then
+    want = {}
+    for _, c in ipairs(listened_columns(l)) do want[c] = true end
+  end
+  local unknown, cols = {}, {}
+  for _, c in ipairs(l.table.columns) do
+    if not want or want[c.name] then
+      local t = c.elem ~= 0 and c.elem or c.oid
+      if not core.binary_type(t) then
+        unknown[#unknown + 1] = string.format("%d", t)
+        cols[#cols + 1] = c
+      end
+    end
+  end
+  if #unknown == 0 then return true end
+  local rows, err = self:exec([[SELECT oid::bigint AS oid, typtype::text AS typtype, pg_catalog.format_type(oid, NULL) AS name
+    FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[])]], "{" .. table.concat(unknown, ",") .. "}")
+  if not rows then return nil, err end
+  local info = {}
+  for _, r in ipairs(rows) do info[r.oid] = r end
+  for _, c in ipairs(cols) do
+    local t = info[c.elem ~= 0 and c.elem or c.oid]
+    if t and t.typtype == "e" then
+      self.enums[t.oid] = true
+    else
+      return fail(string.format("binary = true cannot read values of type %s (column %s of %s) exactly",
+        t and t.name or tostring(c.oid), c.name, l.table_name),
+        "leave binary out (text values), or give the listener fields without that column")
+    end
+  end
+  return true
+end
+
+function Driver:check(l)
+  local ok, err = base.Driver.check(self, l)
+  if ok and self.binary then ok, err = self:check_binary(l) end
+  return ok, err
+end
+
 function Driver:rebuild_index()
   local by = {}
   for _, l in ipairs(self.client.listeners) do
@@ -171,6 +231,9 @@ function Driver:rebuild_index()
       if c.typ ~= c.oid or c.elem ~= 0 then
         types[c.typ] = { oid = c.oid, elem = c.elem, delim = c.delim }
       end
+      -- binary: an enum's send form is its label, read as text's
+      if self.enums[c.oid] then types[c.typ] = { oid = 25, elem = 0, delim = c.delim } end
+      if self.enums[c.elem] then types[c.typ] = { oid = c.oid, elem = 25, delim = c.delim } end
     end
   end
   if self.repl then self.repl:types(types) end
@@ -306,6 +369,7 @@ function Driver:open_slot()
   local options = { "proto_version '" .. self.proto .. "'",
     "publication_names " .. self:literal(self:ident(self.publication)) }
   if self.streaming then options[#options + 1] = "streaming 'on'" end
+  if self.binary then options[#options + 1] = "binary 'true'" end
   -- Logical messages mark where a backfill chunk's rows belong in the stream (PG 14+).
   if self.server_version >= 140000 then options[#options + 1] = "messages 'true'" end
   local cmd = "START_REPLICATION SLOT " .. S .. " LOGICAL " .. start_lsn .. " (" .. table.concat(options, ", ") .. ")"
@@ -477,15 +541,6 @@ function Driver:renamed(oid, schema, name)
 end
 
 -- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
-local function listened_columns(l)
-  local cols, seen = {}, {}
-  local function add(c) if not seen[c] then seen[c] = true cols[#cols + 1] = c end end
-  for _, c in ipairs(l.columns) do add(c.name) end
-  for _, c in ipairs(l.conds) do add(c.column) end
-  for _, c in ipairs(l.primary_key or {}) do add(c) end
-  return cols
-end
-
 -- A Relation message: the relation is new to this stream or was changed by DDL.
 function Driver:on_relation(relid, schema, name, columns)
   self.routes[relid] = nil
