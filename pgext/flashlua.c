@@ -21,6 +21,7 @@
 #include "commands/sequence.h"
 #include "fmgr.h"
 #include "libpq/pqformat.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/bitmapset.h"
 #include "replication/logical.h"
@@ -417,7 +418,8 @@ typedef struct {
   RelListener *ls;
   int nsend;
   AttrNumber *send;            /* the columns frames carry: the union of the listeners' */
-  FmgrInfo *out;               /* their types' output functions */
+  FmgrInfo *out;               /* their types' output functions, or send functions (B_SEND) */
+  char *how;                   /* per sent column: how its values go out (enum Send) */
   /* Listeners indexed by value: those with an = or in condition on column ix_att are found
    * by hashing the row's value (the type's hash function and the column's collation), so a
    * change is tested against the listeners its value names, plus the `rest`. */
@@ -449,6 +451,7 @@ typedef struct {
   HTAB *rels;
   bool begun;                  /* Begin sent for the current transaction */
   bool sticky;                 /* option sticky_tags: a tag holds until the next one or the Commit */
+  bool binary;                 /* option binary: built-in types the client reads go in their send form */
   int64 *last_tag;             /* ...and the last one sent in this transaction (last_n < 0: none) */
   int last_n, last_cap;
   uint64 nomatch;              /* values a condition could not be tested on, counted as no match */
@@ -645,6 +648,36 @@ static List *ancestors(Oid relid) {
 static void build_index(RelEntry *e, TupleDesc desc);
 static bool is_ondisk(int16 typlen, Datum v);
 
+/* How a column's values go out. With the option binary, the built-in types the client
+ * reads exactly from their send form (src/core/fl_binary.c: fl_bin_supported, and the
+ * arrays lvalue knows) go in it: fixed-size ones and text-like ones written here as their
+ * send functions write them (text-like only when no encoding conversion is due), the rest
+ * through the send function. Every other type, domains included, goes as text. */
+enum Send { B_TEXT, B_SEND, B_BOOL, B_CHAR, B_INT2, B_INT4, B_INT8, B_UUID, B_BYTES, B_NAME };
+
+static char send_how(Oid typ) {
+  bool same_encoding = pg_get_client_encoding() == GetDatabaseEncoding();
+  switch (typ) {
+    case BOOLOID: return B_BOOL;
+    case CHAROID: return B_CHAR;
+    case INT2OID: return B_INT2;
+    case INT4OID: case OIDOID: case FLOAT4OID: case DATEOID: return B_INT4;
+    case INT8OID: case FLOAT8OID: case TIMEOID: case TIMESTAMPOID: case TIMESTAMPTZOID: return B_INT8;
+    case UUIDOID: return B_UUID;
+    case BYTEAOID: return B_BYTES;
+    case TEXTOID: case VARCHAROID: case BPCHAROID: case JSONOID: return same_encoding ? B_BYTES : B_SEND;
+    case NAMEOID: return same_encoding ? B_NAME : B_SEND;
+    case NUMERICOID: case TIMETZOID: case JSONBOID:
+    case BOOLARRAYOID: case BYTEAARRAYOID: case INT8ARRAYOID: case INT2ARRAYOID: case INT4ARRAYOID:
+    case OIDARRAYOID: case FLOAT4ARRAYOID: case FLOAT8ARRAYOID: case NUMERICARRAYOID: case JSONARRAYOID:
+    case JSONBARRAYOID: case TEXTARRAYOID: case VARCHARARRAYOID: case BPCHARARRAYOID: case UUIDARRAYOID:
+    case TIMESTAMPARRAYOID: case TIMESTAMPTZARRAYOID: case DATEARRAYOID: case TIMEARRAYOID: case NAMEARRAYOID:
+      return B_SEND;
+    default:
+      return B_TEXT;
+  }
+}
+
 /* The listeners of a relation's rows (its own and its ancestors'), compiled and indexed. */
 static RelEntry *get_entry(FlashData *d, Relation rel) {
   Oid relid = RelationGetRelid(rel);
@@ -697,11 +730,14 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
     if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
   }
   e->out = palloc(sizeof(FmgrInfo) * (e->nsend + 1));
+  e->how = palloc(e->nsend + 1);
   for (int i = 0; i < e->nsend; i++) {
-    Oid outf;
+    Oid typ = TupleDescAttr(desc, e->send[i] - 1)->atttypid, f;
     bool varlena;
-    getTypeOutputInfo(TupleDescAttr(desc, e->send[i] - 1)->atttypid, &outf, &varlena);
-    fmgr_info_cxt(outf, &e->out[i], CurrentMemoryContext);
+    e->how[i] = d->binary ? send_how(typ) : B_TEXT;
+    if (e->how[i] == B_SEND) getTypeBinaryOutputInfo(typ, &f, &varlena);
+    else getTypeOutputInfo(typ, &f, &varlena);
+    fmgr_info_cxt(f, &e->out[i], CurrentMemoryContext);
   }
   build_index(e, desc);
   MemoryContextSwitchTo(old);
@@ -924,11 +960,70 @@ static void send_tuple(StringInfo out, TupleDesc desc, RelEntry *e, Datum *v, bo
     if (isnull[k]) { pq_sendbyte(out, 'n'); continue; }
     /* An unchanged TOASTed value the WAL does not carry. */
     if (is_ondisk(a->attlen, v[k])) { pq_sendbyte(out, 'u'); continue; }
-    s = OutputFunctionCall(&e->out[i], v[k]);
-    len = strlen(s);
-    pq_sendbyte(out, 't');
-    pq_sendint32(out, len);
-    pq_sendbytes(out, s, len);
+    switch (e->how[i]) {
+      case B_TEXT:
+        s = OutputFunctionCall(&e->out[i], v[k]);
+        len = strlen(s);
+        pq_sendbyte(out, 't');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, s, len);
+        break;
+      case B_BOOL:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 1);
+        pq_sendbyte(out, DatumGetBool(v[k]) ? 1 : 0);
+        break;
+      case B_CHAR:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 1);
+        pq_sendbyte(out, (uint8)DatumGetChar(v[k]));
+        break;
+      case B_INT2:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 2);
+        pq_sendint16(out, DatumGetInt16(v[k]));
+        break;
+      case B_INT4:          /* int4, oid, date: as int4send; float4: its bits, as float4send */
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 4);
+        pq_sendint32(out, DatumGetUInt32(v[k]));
+        break;
+      case B_INT8:          /* int8, time, timestamp(tz): as int8send; float8: its bits */
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 8);
+        pq_sendint64(out, DatumGetInt64(v[k]));
+        break;
+      case B_UUID:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 16);
+        pq_sendbytes(out, DatumGetPointer(v[k]), 16);
+        break;
+      case B_NAME:
+        s = NameStr(*DatumGetName(v[k]));
+        len = strlen(s);
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, s, len);
+        break;
+      case B_BYTES: {
+        /* text-like and bytea: the bytes (textsend and byteasend send them as they are
+         * when the client's encoding is the database's) */
+        struct varlena *p = pg_detoast_datum_packed((struct varlena *)DatumGetPointer(v[k]));
+        len = VARSIZE_ANY_EXHDR(p);
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, VARDATA_ANY(p), len);
+        break;
+      }
+      default: {
+        bytea *b = SendFunctionCall(&e->out[i], v[k]);
+        len = VARSIZE(b) - VARHDRSZ;
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, VARDATA(b), len);
+        break;
+      }
+    }
   }
 }
 
@@ -1214,6 +1309,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
     char *val = el->arg ? strVal(el->arg) : NULL;
     if (strcmp(el->defname, "consumer") == 0 && val && *val) {
       d->consumer = pstrdup(val);
+    } else if (strcmp(el->defname, "binary") == 0 && val) {
+      d->binary = strcmp(val, "on") == 0 || strcmp(val, "1") == 0 || strcmp(val, "true") == 0;
     } else if (strcmp(el->defname, "sticky_tags") == 0 && val) {
       d->sticky = strcmp(val, "on") == 0 || strcmp(val, "1") == 0 || strcmp(val, "true") == 0;
     } else if (strcmp(el->defname, "version") == 0 && val) {
@@ -1224,8 +1321,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
                                 "ALTER EXTENSION flashlua UPDATE")));
     } else {
       ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name', version '%s' "
-                             "and sticky_tags 'on')",
+                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name', version '%s', "
+                             "sticky_tags 'on' and binary 'on')",
                              el->defname, FLASH_VERSION)));
     }
   }

@@ -218,7 +218,7 @@ function Driver:open_slot()
   ok, err = self:register_all()
   if not ok then repl:close() return nil, err end
   local cmd = "START_REPLICATION SLOT " .. self:ident(self.slot) .. " LOGICAL 0/0 (consumer " .. self:literal(self.consumer) ..
-    ", version " .. self:literal(VERSION) .. ", sticky_tags 'on')"
+    ", version " .. self:literal(VERSION) .. ", sticky_tags 'on', binary 'on')"
   local serr, state
   ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return self:slot_error(serr, state) end
