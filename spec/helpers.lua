@@ -79,6 +79,13 @@ function H.wait(client, list, n, timeout)
   return list
 end
 
+-- Sets logical_decoding_work_mem on the server (nil: back to its default): transactions
+-- larger than it are streamed while they run, to clients that stream.
+function H.decoding_work_mem(v)
+  H.sql(v and ("ALTER SYSTEM SET logical_decoding_work_mem = '" .. v .. "'") or "ALTER SYSTEM RESET logical_decoding_work_mem")
+  H.sql("SELECT pg_reload_conf()")
+end
+
 -- Polls for a short while to show nothing more arrives.
 function H.settle(client, seconds)
   local deadline = core.now() + (seconds or 0.3)

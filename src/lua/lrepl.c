@@ -401,6 +401,29 @@ static int dispatch_dml(lua_State *L, fl_repl *r, int dispatch, int flags, const
   }
 }
 
+/* A logical message of the flashlua plugin (prefix "flashlua"). */
+static int plugin_message(const fl_pgo_msg *m) {
+  return m->type == FL_PGO_MESSAGE && m->prefix && strcmp(m->prefix, "flashlua") == 0;
+}
+
+/* Its 'L' messages are listener tags: kept for the change messages that follow (until the
+ * next tag or the Commit). Returns 1 for a tag, 0 for anything else, -1 out of memory
+ * (r->err). */
+static int keep_tag(fl_repl *r, const fl_pgo_msg *m) {
+  if (!plugin_message(m) || m->content_len == 0 || m->content[0] != 'L') return 0;
+  if (m->content_len > r->tag_cap) {
+    char *t = realloc(r->tag, m->content_len);
+    if (!t) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
+    r->tag = t;
+    r->tag_cap = m->content_len;
+  }
+  memcpy(r->tag, m->content, m->content_len);
+  r->tag_len = m->content_len;
+  return 1;
+}
+
+static int message_hook(lua_State *L, fl_repl *r, const fl_pgo_msg *m);
+
 /* Replays a committed streamed transaction in order, then forgets it. */
 static int replay_stream(lua_State *L, fl_repl *r, int dispatch, int flags, stream *s) {
   char synth[6] = { 'S', (char)(s->xid >> 24), (char)(s->xid >> 16), (char)(s->xid >> 8), (char)s->xid, 0 };
@@ -412,6 +435,7 @@ static int replay_stream(lua_State *L, fl_repl *r, int dispatch, int flags, stre
   int rc = 0;
   char *rec = NULL;
   size_t reccap = 0;
+  r->tag_len = 0;
   const char *p = s->mem, *end = s->mem ? s->mem + s->len : NULL;
   if (s->spill) {
     fflush(s->spill);
@@ -452,9 +476,18 @@ static int replay_stream(lua_State *L, fl_repl *r, int dispatch, int flags, stre
       rc = -1;
       break;
     }
+    if (m.type == FL_PGO_MESSAGE) {
+      /* the flashlua plugin's tags and messages, kept in order with the changes */
+      rc = keep_tag(r, &m);
+      if (rc == 0) rc = message_hook(L, r, &m);
+      if (rc < 0) break;
+      rc = 0;
+      continue;
+    }
     rc = dispatch_dml(L, r, dispatch, flags, &m);
     if (rc != 0) break;
   }
+  r->tag_len = 0;
   free(rec);
   char stop = 'E';
   fl_pgo_decode(r->dec, &stop, 1, &m);
@@ -543,23 +576,13 @@ static int handle_message(lua_State *L, fl_repl *r, int dispatch, int flags, con
     if (!s) { snprintf(r->err, sizeof r->err, "streamed change outside a known stream"); return -1; }
     /* Relation messages are kept too: replayed in order, they give rows streamed before an
      * ALTER TABLE of the same transaction the columns they were written with. */
-    if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
+    if (m.type == FL_PGO_TYPE || (m.type == FL_PGO_MESSAGE && !plugin_message(&m))) return 0;
     return stream_append(r, s, m.xid, buf, len);
   }
-  if (m.type == FL_PGO_MESSAGE && m.prefix && strcmp(m.prefix, "flashlua") == 0 &&
-      m.content_len > 0 && m.content[0] == 'L') {
-    /* The flashlua plugin's listener tag: kept for the change message that follows (its
-     * other messages go to the on_message hook). */
-    if (m.content_len > r->tag_cap) {
-      char *t = realloc(r->tag, m.content_len);
-      if (!t) { snprintf(r->err, sizeof r->err, "out of memory"); return -1; }
-      r->tag = t;
-      r->tag_cap = m.content_len;
-    }
-    memcpy(r->tag, m.content, m.content_len);
-    r->tag_len = m.content_len;
-    return 0;
-  }
+  /* The flashlua plugin's listener tag: kept for the change messages that follow (its
+   * other messages go to the on_message hook). */
+  int tag = keep_tag(r, &m);
+  if (tag != 0) return tag < 0 ? -1 : 0;
   switch (m.type) {
     case FL_PGO_BEGIN:
       r->in_txn = 1;
