@@ -29,6 +29,35 @@ static int16_t be16s(const unsigned char *p) {
   return (int16_t)(uint16_t)((unsigned)p[0] << 8 | p[1]);
 }
 
+/* Decimal digits without printf, which cost a quarter of a consumer's time on rows of
+ * timestamps and numerics. */
+static char *put_uint(char *o, uint64_t v) {
+  char tmp[20];
+  int n = 0;
+  do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+  while (n) *o++ = tmp[--n];
+  return o;
+}
+
+/* v in exactly `width` digits, zero-padded (v < 10^width). */
+static char *put_pad(char *o, unsigned v, int width) {
+  for (int i = width - 1; i >= 0; i--) { o[i] = (char)('0' + v % 10); v /= 10; }
+  return o + width;
+}
+
+/* At least `width` digits. */
+static char *put_min(char *o, uint64_t v, int width) {
+  uint64_t lim = 1;
+  for (int i = 1; i < width; i++) lim *= 10;
+  if (v >= lim) return put_uint(o, v);
+  return put_pad(o, (unsigned)v, width);
+}
+
+static char *put_str(char *o, const char *s) {
+  while (*s) *o++ = *s++;
+  return o;
+}
+
 int fl_bin_supported(uint32_t oid) {
   switch (oid) {
     case BOOL_T: case BYTEA_T: case CHAR_T: case NAME_T: case INT8_T: case INT2_T: case INT4_T:
@@ -94,11 +123,7 @@ static int numeric_text(const unsigned char *p, size_t len, char *buf, size_t ca
   } else {
     for (d = 0; d <= weight; d++) {
       int g = d < ndigits ? be16s(p + 8 + 2 * d) : 0;
-      if (d == 0) {
-        o += sprintf(o, "%d", g);
-      } else {
-        o += sprintf(o, "%04d", g);
-      }
+      o = d == 0 ? put_uint(o, (unsigned)g) : put_pad(o, (unsigned)g, 4);
     }
   }
   if (dscale > 0) {
@@ -106,7 +131,7 @@ static int numeric_text(const unsigned char *p, size_t len, char *buf, size_t ca
     *o++ = '.';
     for (i = 0, d = weight + 1; i < dscale; i += 4, d++) {
       int g = d >= 0 && d < ndigits ? be16s(p + 8 + 2 * d) : 0;
-      o += sprintf(o, "%04d", g);
+      o = put_pad(o, (unsigned)g, 4);
     }
     o = point + 1 + dscale;
   }
@@ -143,20 +168,26 @@ static char *put_date(char *o, int64_t pgdays, int *bc) {
   civil_from_days(pgdays + UNIX_DAYS_AT_PG_EPOCH, &y, &m, &d);
   *bc = y <= 0;
   if (*bc) y = -(y - 1);
-  return o + sprintf(o, "%04lld-%02d-%02d", (long long)y, m, d);
+  o = put_min(o, (uint64_t)y, 4);
+  *o++ = '-';
+  o = put_pad(o, (unsigned)m, 2);
+  *o++ = '-';
+  return put_pad(o, (unsigned)d, 2);
 }
 
 /* "HH:MM:SS" and, when there is one, the fraction without trailing zeros. */
 static char *put_time(char *o, int64_t us) {
   int64_t h = us / 3600000000LL, rest = us % 3600000000LL;
   int frac = (int)(rest % 1000000);
-  o += sprintf(o, "%02lld:%02d:%02d", (long long)h, (int)(rest / 60000000), (int)(rest / 1000000 % 60));
+  o = put_min(o, (uint64_t)h, 2);
+  *o++ = ':';
+  o = put_pad(o, (unsigned)(rest / 60000000), 2);
+  *o++ = ':';
+  o = put_pad(o, (unsigned)(rest / 1000000 % 60), 2);
   if (frac) {
-    char *end;
-    o += sprintf(o, ".%06d", frac);
-    for (end = o; end[-1] == '0'; end--) {}
-    o = end;
-    *o = '\0';
+    *o++ = '.';
+    o = put_pad(o, (unsigned)frac, 6);
+    while (o[-1] == '0') o--;
   }
   return o;
 }
@@ -166,9 +197,16 @@ static char *put_zone(char *o, int32_t zone) {
   long a = labs((long)zone);
   long h = a / 3600, mi = a / 60 % 60, s = a % 60;
   *o++ = zone <= 0 ? '+' : '-';
-  if (s) return o + sprintf(o, "%02ld:%02ld:%02ld", h, mi, s);
-  if (mi) return o + sprintf(o, "%02ld:%02ld", h, mi);
-  return o + sprintf(o, "%02ld", h);
+  o = put_pad(o, (unsigned)h, 2);
+  if (mi || s) {
+    *o++ = ':';
+    o = put_pad(o, (unsigned)mi, 2);
+  }
+  if (s) {
+    *o++ = ':';
+    o = put_pad(o, (unsigned)s, 2);
+  }
+  return o;
 }
 
 static int timestamp_text(const unsigned char *p, size_t len, int tz, char *buf, fl_bin_value *out) {
@@ -178,7 +216,7 @@ static int timestamp_text(const unsigned char *p, size_t len, int tz, char *buf,
   if (len != 8) return -1;
   t = (int64_t)be64(p);
   if (t == INT64_MAX || t == INT64_MIN) {
-    o += sprintf(o, "%s", t == INT64_MAX ? "infinity" : "-infinity");
+    o = put_str(o, t == INT64_MAX ? "infinity" : "-infinity");
   } else {
     days = t / USECS_PER_DAY;
     us = t % USECS_PER_DAY;
@@ -186,8 +224,8 @@ static int timestamp_text(const unsigned char *p, size_t len, int tz, char *buf,
     o = put_date(o, days, &bc);
     *o++ = ' ';
     o = put_time(o, us);
-    if (tz) o += sprintf(o, "+00");
-    if (bc) o += sprintf(o, " BC");
+    if (tz) o = put_str(o, "+00");
+    if (bc) o = put_str(o, " BC");
   }
   out->kind = FL_BIN_TEXT;
   out->s = buf;
@@ -202,10 +240,10 @@ static int date_text(const unsigned char *p, size_t len, char *buf, fl_bin_value
   if (len != 4) return -1;
   d = (int32_t)be32(p);
   if (d == INT32_MAX || d == INT32_MIN) {
-    o += sprintf(o, "%s", d == INT32_MAX ? "infinity" : "-infinity");
+    o = put_str(o, d == INT32_MAX ? "infinity" : "-infinity");
   } else {
     o = put_date(o, d, &bc);
-    if (bc) o += sprintf(o, " BC");
+    if (bc) o = put_str(o, " BC");
   }
   out->kind = FL_BIN_TEXT;
   out->s = buf;
@@ -331,7 +369,8 @@ int fl_bin_scalar(uint32_t oid, const char *p, size_t len, char *buf, size_t cap
       if (len != 16) return -1;
       for (int i = 0; i < 16; i++) {
         if (i == 4 || i == 6 || i == 8 || i == 10) *o++ = '-';
-        o += sprintf(o, "%02x", u[i]);
+        *o++ = "0123456789abcdef"[u[i] >> 4];
+        *o++ = "0123456789abcdef"[u[i] & 15];
       }
       out->kind = FL_BIN_TEXT;
       out->s = buf;

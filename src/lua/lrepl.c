@@ -110,10 +110,15 @@ static void push_lsn(lua_State *L, uint64_t lsn) {
 /* The event id: commit LSN and position in the transaction, fixed-width hex, so that ids
  * compare as strings in delivery order (byte order, or COLLATE "C" in SQL). */
 static void push_event_id(lua_State *L, fl_repl *r) {
-  char buf[32];
-  r->txn_pos++;
-  snprintf(buf, sizeof buf, "%016llX/%08X", (unsigned long long)r->txn_lsn, (unsigned)r->txn_pos);
-  lua_pushstring(L, buf);
+  static const char hex[] = "0123456789ABCDEF";
+  char buf[25];
+  uint64_t lsn = r->txn_lsn;
+  uint32_t pos = ++r->txn_pos;
+  /* by hand: snprintf was a tenth of a consumer's time on small rows */
+  for (int i = 15; i >= 0; i--) { buf[i] = hex[lsn & 15]; lsn >>= 4; }
+  buf[16] = '/';
+  for (int i = 24; i >= 17; i--) { buf[i] = hex[pos & 15]; pos >>= 4; }
+  lua_pushlstring(L, buf, sizeof buf);
 }
 
 static fl_repl *check_repl(lua_State *L, int idx) {
