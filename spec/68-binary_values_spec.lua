@@ -166,4 +166,22 @@ describe("binary values", function()
     assert(c:run { until_lsn = "current" })
     assert.same({ { id = 7 } }, events)
   end)
+
+  it("warns once when a column of a type it cannot read is added while listening", function()
+    local t = H.table("id int PRIMARY KEY")
+    local c = assert(flash.client { driver = "wal_logical", binary = true })
+    clients = { c }
+    local events = {}
+    assert(c:listen { table = t }):on("insert", function(ev) events[#events + 1] = ev.new end)
+    assert(c:start())
+    local warned = H.warnings(function()
+      H.sql("ALTER TABLE " .. t .. " ADD COLUMN span interval")
+      H.sql("INSERT INTO " .. t .. " VALUES (1, '1 day'), (2, NULL)")
+      assert(c:run { until_lsn = "current" })
+    end)
+    assert.same({ string.format("listener #1 on public.%s: column span is of type interval, which binary = true " ..
+      "cannot read; its values arrive as the bytes of their binary send form", t) }, warned)
+    -- interval_send: int64 microseconds, int32 days, int32 months
+    assert.same({ { id = 1, span = "\0\0\0\0\0\0\0\0\0\0\0\1\0\0\0\0" }, { id = 2, span = flash.null } }, events)
+  end)
 end)

@@ -159,6 +159,7 @@ function Driver:publish_ops()
   return table.concat(list, ", ")
 end
 
+-- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
 local function listened_columns(l)
   local cols, seen = {}, {}
   local function add(c) if not seen[c] then seen[c] = true cols[#cols + 1] = c end end
@@ -170,8 +171,35 @@ end
 
 -- binary = true: pgoutput sends every column in its type's send form (PostgreSQL 14+).
 -- The client reads those of the types fl_binary knows, enums (the label) and arrays of
--- them exactly as their text; a listener that delivers or tests a column of another type
--- is refused, naming it.
+-- them exactly as their text. Of `columns` (rows of flash._columns_sql), those whose values
+-- it cannot read, with their type's name; enums are noted in self.enums.
+function Driver:unreadable(columns)
+  local oids, cols = {}, {}
+  for _, c in ipairs(columns) do
+    local t = c.elem ~= 0 and c.elem or c.oid
+    if not core.binary_type(t) then
+      oids[#oids + 1] = string.format("%d", t)
+      cols[#cols + 1] = c
+    end
+  end
+  if #oids == 0 then return {} end
+  local rows, err = self:exec([[SELECT oid::bigint AS oid, typtype::text AS typtype, pg_catalog.format_type(oid, NULL) AS name
+    FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[])]], "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return nil, err end
+  local info, out = {}, {}
+  for _, r in ipairs(rows) do info[r.oid] = r end
+  for _, c in ipairs(cols) do
+    local t = info[c.elem ~= 0 and c.elem or c.oid]
+    if t and t.typtype == "e" then
+      self.enums[t.oid] = true
+    else
+      out[#out + 1] = { name = c.name, type = t and t.name or tostring(c.oid) }
+    end
+  end
+  return out
+end
+
+-- A listener that delivers or tests a column the client cannot read is refused, naming it.
 function Driver:check_binary(l)
   if self.server_version and self.server_version < 140000 then
     return fail("binary = true needs PostgreSQL 14 or later (pgoutput's binary option)", "leave binary out")
@@ -181,31 +209,16 @@ function Driver:check_binary(l)
     want = {}
     for _, c in ipairs(listened_columns(l)) do want[c] = true end
   end
-  local unknown, cols = {}, {}
+  local cols = {}
   for _, c in ipairs(l.table.columns) do
-    if not want or want[c.name] then
-      local t = c.elem ~= 0 and c.elem or c.oid
-      if not core.binary_type(t) then
-        unknown[#unknown + 1] = string.format("%d", t)
-        cols[#cols + 1] = c
-      end
-    end
+    if not want or want[c.name] then cols[#cols + 1] = c end
   end
-  if #unknown == 0 then return true end
-  local rows, err = self:exec([[SELECT oid::bigint AS oid, typtype::text AS typtype, pg_catalog.format_type(oid, NULL) AS name
-    FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[])]], "{" .. table.concat(unknown, ",") .. "}")
-  if not rows then return nil, err end
-  local info = {}
-  for _, r in ipairs(rows) do info[r.oid] = r end
-  for _, c in ipairs(cols) do
-    local t = info[c.elem ~= 0 and c.elem or c.oid]
-    if t and t.typtype == "e" then
-      self.enums[t.oid] = true
-    else
-      return fail(string.format("binary = true cannot read values of type %s (column %s of %s) exactly",
-        t and t.name or tostring(c.oid), c.name, l.table_name),
-        "leave binary out (text values), or give the listener fields without that column")
-    end
+  local bad, err = self:unreadable(cols)
+  if not bad then return nil, err end
+  if bad[1] then
+    return fail(string.format("binary = true cannot read values of type %s (column %s of %s) exactly",
+      bad[1].type, bad[1].name, l.table_name),
+      "leave binary out (text values), or give the listener fields without that column")
   end
   return true
 end
@@ -540,7 +553,6 @@ function Driver:renamed(oid, schema, name)
   end
 end
 
--- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
 -- A Relation message: the relation is new to this stream or was changed by DDL.
 function Driver:on_relation(relid, schema, name, columns)
   self.routes[relid] = nil
@@ -549,6 +561,7 @@ function Driver:on_relation(relid, schema, name, columns)
   self:renamed(relid, schema, name)
   local have = {}
   for _, c in ipairs(columns) do have[c] = true end
+  if self.binary then self:warn_unreadable(relid, list) end
   for _, l in ipairs(list) do
     for _, c in ipairs(listened_columns(l)) do
       local key = l.id .. ":" .. c
@@ -556,6 +569,28 @@ function Driver:on_relation(relid, schema, name, columns)
         self.warned[key] = true
         log.warn(string.format("listener #%d on %s: column %s is no longer in the table (dropped or renamed); " ..
           "its events no longer carry it", l.id, l.table_name, c))
+      end
+    end
+  end
+end
+
+-- binary = true and a column added while listening whose type the client cannot read: its
+-- values arrive as the bytes of their send form. Said once per listener and column.
+function Driver:warn_unreadable(relid, list)
+  local cols = self:exec(require("flash")._columns_sql("a.attrelid = $1"), string.format("%d", relid))
+  local bad = cols and self:unreadable(cols) or {}
+  for _, l in ipairs(list) do
+    local want
+    if l.fields and not l.predicate then
+      want = {}
+      for _, c in ipairs(listened_columns(l)) do want[c] = true end
+    end
+    for _, b in ipairs(bad) do
+      local key = l.id .. ":binary:" .. b.name
+      if (not want or want[b.name]) and not self.warned[key] then
+        self.warned[key] = true
+        log.warn(string.format("listener #%d on %s: column %s is of type %s, which binary = true cannot read; " ..
+          "its values arrive as the bytes of their binary send form", l.id, l.table_name, b.name, b.type))
       end
     end
   end
