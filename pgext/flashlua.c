@@ -689,7 +689,7 @@ static bool is_ondisk(int16 typlen, Datum v);
  * arrays lvalue knows) go in it: fixed-size ones and text-like ones written here as their
  * send functions write them (text-like only when no encoding conversion is due), the rest
  * through the send function. Every other type, domains included, goes as text. */
-enum Send { B_TEXT, B_SEND, B_BOOL, B_CHAR, B_INT2, B_INT4, B_INT8, B_UUID, B_BYTES, B_NAME };
+enum Send { B_TEXT, B_SEND, B_BOOL, B_CHAR, B_INT2, B_INT4, B_INT8, B_UUID, B_BYTES, B_NAME, B_INTERVAL };
 
 static char send_how(Oid typ) {
   bool same_encoding = pg_get_client_encoding() == GetDatabaseEncoding();
@@ -700,6 +700,7 @@ static char send_how(Oid typ) {
     case INT4OID: case OIDOID: case FLOAT4OID: case DATEOID: return B_INT4;
     case INT8OID: case FLOAT8OID: case TIMEOID: case TIMESTAMPOID: case TIMESTAMPTZOID: return B_INT8;
     case UUIDOID: return B_UUID;
+    case INTERVALOID: return B_INTERVAL;
     case BYTEAOID: return B_BYTES;
     case TEXTOID: case VARCHAROID: case BPCHAROID: case JSONOID: return same_encoding ? B_BYTES : B_SEND;
     case NAMEOID: return same_encoding ? B_NAME : B_SEND;
@@ -708,6 +709,7 @@ static char send_how(Oid typ) {
     case OIDARRAYOID: case FLOAT4ARRAYOID: case FLOAT8ARRAYOID: case NUMERICARRAYOID: case JSONARRAYOID:
     case JSONBARRAYOID: case TEXTARRAYOID: case VARCHARARRAYOID: case BPCHARARRAYOID: case UUIDARRAYOID:
     case TIMESTAMPARRAYOID: case TIMESTAMPTZARRAYOID: case DATEARRAYOID: case TIMEARRAYOID: case NAMEARRAYOID:
+    case INTERVALARRAYOID:
       return B_SEND;
     default:
       return B_TEXT;
@@ -1059,6 +1061,15 @@ static void send_tuple(StringInfo out, TupleDesc desc, RelEntry *e, Datum *v, bo
         pq_sendint32(out, 16);
         pq_sendbytes(out, DatumGetPointer(v[k]), 16);
         break;
+      case B_INTERVAL: {  /* as interval_send: time, day, month */
+        Interval *iv = DatumGetIntervalP(v[k]);
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 16);
+        pq_sendint64(out, iv->time);
+        pq_sendint32(out, iv->day);
+        pq_sendint32(out, iv->month);
+        break;
+      }
       case B_NAME:
         s = NameStr(*DatumGetName(v[k]));
         len = strlen(s);

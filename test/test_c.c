@@ -901,7 +901,9 @@ static void test_binary_bad(void) {
   BIN_BAD(3802, "027b7d");                           /* jsonb version 2 */
   BIN_BAD(3802, "");
   BIN_BAD(18, "6162");
-  BIN_BAD(1186, "00");                               /* interval: not read */
+  BIN_BAD(1186, "00");                               /* interval is 16 bytes */
+  BIN_BAD(1186, "0000000000000000000000000000000000");
+  BIN_BAD(3904, "00");                               /* int4range: not read */
   {
     /* numeric's text needs more than a small buffer: refused, not overrun */
     char raw[16], buf[8];

@@ -11,7 +11,7 @@ enum {
   BOOL_T = 16, BYTEA_T = 17, CHAR_T = 18, NAME_T = 19, INT8_T = 20, INT2_T = 21, INT4_T = 23,
   TEXT_T = 25, OID_T = 26, JSON_T = 114, FLOAT4_T = 700, FLOAT8_T = 701, BPCHAR_T = 1042,
   VARCHAR_T = 1043, DATE_T = 1082, TIME_T = 1083, TIMESTAMP_T = 1114, TIMESTAMPTZ_T = 1184,
-  TIMETZ_T = 1266, NUMERIC_T = 1700, UUID_T = 2950, JSONB_T = 3802
+  TIMETZ_T = 1266, NUMERIC_T = 1700, UUID_T = 2950, JSONB_T = 3802, INTERVAL_T = 1186
 };
 
 #define USECS_PER_DAY 86400000000LL
@@ -63,7 +63,7 @@ int fl_bin_supported(uint32_t oid) {
     case BOOL_T: case BYTEA_T: case CHAR_T: case NAME_T: case INT8_T: case INT2_T: case INT4_T:
     case TEXT_T: case OID_T: case JSON_T: case FLOAT4_T: case FLOAT8_T: case BPCHAR_T:
     case VARCHAR_T: case DATE_T: case TIME_T: case TIMESTAMP_T: case TIMESTAMPTZ_T: case TIMETZ_T:
-    case NUMERIC_T: case UUID_T: case JSONB_T:
+    case NUMERIC_T: case UUID_T: case JSONB_T: case INTERVAL_T:
       return 1;
     default:
       return 0;
@@ -269,6 +269,66 @@ static int time_text(const unsigned char *p, size_t len, int tz, char *buf, fl_b
   return 0;
 }
 
+/* --- interval: int64 microseconds, int32 days, int32 months; as interval_out writes it
+ * under IntervalStyle=postgres: "1 year 2 mons -3 days +04:05:06.7", "00:00:00" ------- */
+
+/* A nonzero field: separated by a blank, a "+" when the field before was negative and
+ * this one is not, the unit in the plural unless the value is 1. */
+static char *interval_part(char *o, int64_t v, const char *unit, int *zero, int *before) {
+  if (v == 0) return o;
+  if (!*zero) *o++ = ' ';
+  if (*before && v > 0) *o++ = '+';
+  if (v < 0) { *o++ = '-'; o = put_uint(o, (uint64_t)0 - (uint64_t)v); }
+  else o = put_uint(o, (uint64_t)v);
+  *o++ = ' ';
+  o = put_str(o, unit);
+  if (v != 1) *o++ = 's';
+  *before = v < 0;
+  *zero = 0;
+  return o;
+}
+
+static int interval_text(const unsigned char *p, size_t len, char *buf, fl_bin_value *out) {
+  int64_t t, h, mi, sec, frac;
+  int32_t days, months;
+  int zero = 1, before = 0;
+  char *o = buf;
+  if (len != 16) return -1;
+  t = (int64_t)be64(p);
+  days = (int32_t)be32(p + 8);
+  months = (int32_t)be32(p + 12);
+  o = interval_part(o, months / 12, "year", &zero, &before);
+  o = interval_part(o, months % 12, "mon", &zero, &before);
+  o = interval_part(o, days, "day", &zero, &before);
+  /* every part of the time takes the sign of the whole (division truncates) */
+  h = t / 3600000000LL;
+  t -= h * 3600000000LL;
+  mi = t / 60000000;
+  t -= mi * 60000000;
+  sec = t / 1000000;
+  frac = t - sec * 1000000;
+  if (zero || h || mi || sec || frac) {
+    int minus = h < 0 || mi < 0 || sec < 0 || frac < 0;
+    if (!zero) *o++ = ' ';
+    if (minus) *o++ = '-';
+    else if (before) *o++ = '+';
+    o = put_min(o, h < 0 ? (uint64_t)0 - (uint64_t)h : (uint64_t)h, 2);
+    *o++ = ':';
+    o = put_pad(o, (unsigned)(mi < 0 ? -mi : mi), 2);
+    *o++ = ':';
+    o = put_pad(o, (unsigned)(sec < 0 ? -sec : sec), 2);
+    if (frac) {
+      *o++ = '.';
+      o = put_pad(o, (unsigned)(frac < 0 ? -frac : frac), 6);
+      while (o[-1] == '0') o--;
+    }
+  }
+  out->kind = FL_BIN_TEXT;
+  out->s = buf;
+  out->len = (size_t)(o - buf);
+  return 0;
+}
+
 /* --- float4: the double of the shortest decimal that reads back as the same float, the
  * value the text path gets (float4out writes that decimal when extra_float_digits > 0). */
 
@@ -364,6 +424,8 @@ int fl_bin_scalar(uint32_t oid, const char *p, size_t len, char *buf, size_t cap
     case TIME_T:
     case TIMETZ_T:
       return time_text(u, len, oid == TIMETZ_T, buf, out);
+    case INTERVAL_T:
+      return interval_text(u, len, buf, out);
     case UUID_T: {
       char *o = buf;
       if (len != 16) return -1;

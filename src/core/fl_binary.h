@@ -1,6 +1,7 @@
 /* fl_binary: PostgreSQL binary send forms (typsend output: pgoutput with binary = true,
  * the flashlua plugin's 'b' values) read into C values, each the same value the type's
- * canonical text form gives (DateStyle=ISO, TimeZone=UTC, extra_float_digits >= 1).
+ * canonical text form gives (DateStyle=ISO, TimeZone=UTC, IntervalStyle=postgres,
+ * extra_float_digits >= 1).
  * Pure C: no Lua, no libpq. Malformed input returns -1; nothing is read out of bounds. */
 #ifndef FL_BINARY_H
 #define FL_BINARY_H
@@ -12,7 +13,7 @@ typedef enum {
   FL_BIN_BOOL,      /* i: 0 or 1 */
   FL_BIN_INT,       /* i: int2, int4, int8, oid */
   FL_BIN_FLOAT,     /* d: float8 exactly; float4 as the double of its shortest decimal text */
-  FL_BIN_TEXT,      /* s, len: the type's canonical text (numeric, dates, times, uuid, "char") */
+  FL_BIN_TEXT,      /* s, len: the type's canonical text (numeric, dates, times, intervals, uuid, "char") */
   FL_BIN_BYTES,     /* s, len: bytes as they are (text-like types, bytea, json) */
   FL_BIN_JSON       /* s, len: JSON text (jsonb, whose version byte is read off) */
 } fl_bin_kind;
@@ -30,7 +31,7 @@ int fl_bin_supported(uint32_t oid);
 
 /* The buffer fl_bin_scalar needs for the text of p[0..len) of type oid (numeric's text can
  * be far longer than its send form; the others need at most FL_BIN_TEXT_MAX). */
-#define FL_BIN_TEXT_MAX 64
+#define FL_BIN_TEXT_MAX 96
 size_t fl_bin_text_size(uint32_t oid, const char *p, size_t len);
 
 /* Reads the send form p[0..len) of type oid. buf (cap bytes, at least fl_bin_text_size)
