@@ -203,6 +203,12 @@ function Driver:slot_error(err, state)
       "add flashlua to output_plugin_libraries in postgresql.conf (e.g. output_plugin_libraries = " ..
       "'pgoutput, test_decoding, flashlua') and reload the server")
   end
+  local opt = tostring(err):match('flashlua output plugin: unknown option "(%w+)"')
+  if opt then
+    -- binary (always) and streaming (streaming = true) came after the first 0.1 library
+    return fail("the server's flashlua library is older than this client: it does not take the option " .. opt,
+      "install this flashlua's extension on the server (`make install-pgext`, as root), then start the client again")
+  end
   return wal.Driver.slot_error(self, err, state)
 end
 
