@@ -28,7 +28,8 @@ build = {
   modules = {
     ["flash.core"] = {
       sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c",
-                  "src/core/fl_spill.c", "src/pq/fl_stream.c", "src/lua/lerr.c", "src/lua/lvalue.c", "src/lua/lconn.c",
+                  "src/core/fl_binary.c", "src/core/fl_spill.c", "src/pq/fl_stream.c", "src/lua/lerr.c",
+                  "src/lua/lvalue.c", "src/lua/lconn.c",
                   "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lcore.c" },
       libraries = { "pq", "hiredis" },
       incdirs = { "$(LIBPQ_INCDIR)", "src/core", "src/pq", "src/lua" },

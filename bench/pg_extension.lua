@@ -1,7 +1,8 @@
 -- bench/pg_extension.lua: the pg_extension driver against pg_recvlogical with pgoutput on
 -- the same workload, in one run on a throwaway cluster (`make bench`): consumer wall time
 -- (throughput ratio) and walsender CPU per row, (a) every row and column listened, (b) a
--- `where` keeping 10% of the rows and 2 of the 6 columns. Prints the README's figures.
+-- `where` keeping 10% of the rows and 2 of the 6 columns; and wal_logical with binary = true
+-- against text (walsender CPU per row). Prints the README's figures.
 --   luajit bench/pg_extension.lua [--rows-per-tx 100] [--txs 10000]
 -- The cluster loads flashlua.so from FLASH_PGEXT_DIR (the Makefile sets the tree's pgext/)
 -- and needs the extension's control and SQL files installed (`make install-pgext`).
@@ -66,8 +67,10 @@ local ok, err = pcall(function()
   local f = assert(io.open(script, "w"))
   f:write([[
     local flash = require "flash"
-    local slot, filtered, endpos = arg[1], arg[2] == "10", arg[3]
-    local c = assert(flash.client { driver = "pg_extension", persistent = true, slot = slot })
+    local slot, which, endpos = arg[1], arg[2], arg[3]
+    local filtered = which == "10"
+    local c = assert(flash.client { driver = which:match("^wal") and "wal_logical" or "pg_extension", persistent = true,
+      slot = slot, publication = slot, binary = which == "walbin" })
     local n, sum = 0, 0
     local l = assert(c:listen(filtered and { table = "public.bench", fields = { "id", "b" }, where = { { "a", "<", 100 } } }
       or { table = "public.bench" }))
@@ -85,7 +88,7 @@ local ok, err = pcall(function()
   local function flash_cmd(slot, which, endpos)
     return string.format("env FLASH_DSN='%s' %s -l warn %s %s %s %s", sb.dsn, flashlua, script, slot, which, endpos)
   end
-  for _, c in ipairs({ { "bench_ext", "all" }, { "bench_ext10", "10" } }) do
+  for _, c in ipairs({ { "bench_ext", "all" }, { "bench_ext10", "10" }, { "bench_wal", "wal" }, { "bench_walbin", "walbin" } }) do
     local out, code = util.sh(flash_cmd(c[1], c[2], "register"))
     assert(code == 0, out)
   end
@@ -117,6 +120,10 @@ local ok, err = pcall(function()
   local rf = recv("bench_recv10f", "bench_pub10")
   io.stderr:write("(b) flashlua pg_extension...\n")
   local eb = ext("bench_ext10", "10", total / 10)
+  io.stderr:write("(c) flashlua wal_logical, text values...\n")
+  local wt = ext("bench_wal", "wal", total)
+  io.stderr:write("(c) flashlua wal_logical, binary = true...\n")
+  local wb = ext("bench_walbin", "walbin", total)
   db:stop()
 
   local function row(name, r, rows)
@@ -138,6 +145,11 @@ local ok, err = pcall(function()
     rb.wall / eb.wall, eb.ws_cpu / rb.ws_cpu))
   print(string.format("  against the filtering publication: throughput ratio %.2f; walsender CPU ratio %.2f",
     rf.wall / eb.wall, eb.ws_cpu / rf.ws_cpu))
+  print("(c) wal_logical, every row and column: text values against binary = true")
+  row("flashlua wal_logical (text)", wt, total)
+  row("flashlua wal_logical (binary = true)", wb, total)
+  print(string.format("  binary / text: walsender CPU %.2f, consumer CPU %.2f, throughput %.2f",
+    wb.ws_cpu / wt.ws_cpu, wb.cpu / wt.cpu, wt.wall / wb.wall))
 end)
 sb:stop()
 if not ok then io.stderr:write("bench failed: ", tostring(err), "\n") os.exit(1) end

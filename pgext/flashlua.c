@@ -11,6 +11,7 @@
 #include "access/sysattr.h"
 #include "access/table.h"
 #include "access/transam.h"
+#include "access/xact.h"
 #include "catalog/catalog.h"
 #include "catalog/indexing.h"
 #include "catalog/namespace.h"
@@ -21,6 +22,7 @@
 #include "commands/sequence.h"
 #include "fmgr.h"
 #include "libpq/pqformat.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/bitmapset.h"
 #include "replication/logical.h"
@@ -417,7 +419,8 @@ typedef struct {
   RelListener *ls;
   int nsend;
   AttrNumber *send;            /* the columns frames carry: the union of the listeners' */
-  FmgrInfo *out;               /* their types' output functions */
+  FmgrInfo *out;               /* their types' output functions, or send functions (B_SEND) */
+  char *how;                   /* per sent column: how its values go out (enum Send) */
   /* Listeners indexed by value: those with an = or in condition on column ix_att are found
    * by hashing the row's value (the type's hash function and the column's collation), so a
    * change is tested against the listeners its value names, plus the `rest`. */
@@ -449,6 +452,12 @@ typedef struct {
   HTAB *rels;
   bool begun;                  /* Begin sent for the current transaction */
   bool sticky;                 /* option sticky_tags: a tag holds until the next one or the Commit */
+  bool binary;                 /* option binary: built-in types the client reads go in their send form */
+  bool streaming;              /* option streaming: large in-progress transactions are streamed */
+  bool in_stream;              /* between stream_start and stream_stop */
+  bool stream_opened;          /* ...and its Stream Start went out (sent before its first frame) */
+  TransactionId stream_xid;    /* the streamed (top-level) transaction */
+  List *streamed;              /* top-level xids with a block sent: their commit or abort goes out */
   int64 *last_tag;             /* ...and the last one sent in this transaction (last_n < 0: none) */
   int last_n, last_cap;
   uint64 nomatch;              /* values a condition could not be tested on, counted as no match */
@@ -495,12 +504,40 @@ static int16 *int2_elems(Datum a, int *n) {
   return out;
 }
 
-/* Reads this consumer's listeners from the registry under the historic snapshot. */
+/* lookup_type_cache while a transaction in progress is streamed. PostgreSQL 15's
+ * GetDefaultOpClass looks casts up in the syscache from inside its scan of pg_opclass; the
+ * nested scan's end clears the permission to read catalogs that the outer scan holds
+ * (bsysscan), whose next row then raises "unexpected table_index_fetch_tuple call during
+ * logical decoding". The types asked about here are built-in (conditions and the value
+ * index take only those), whose operator classes no transaction can change, so they are
+ * looked up without the check for a concurrent abort of the streamed transaction. */
+static TypeCacheEntry *type_cache(Oid typ, int flags) {
+  TransactionId alive = CheckXidAlive;
+  TypeCacheEntry *tc = NULL;
+  CheckXidAlive = InvalidTransactionId;
+  PG_TRY();
+  {
+    tc = lookup_type_cache(typ, flags);
+  }
+  PG_FINALLY();
+  {
+    CheckXidAlive = alive;
+  }
+  PG_END_TRY();
+  return tc;
+}
+
+/* Reads this consumer's listeners from the registry under the historic snapshot. The
+ * rows are copied during the scan and read after it: reading one may fetch a TOASTed value
+ * (a nested scan), which must not happen inside the scan while a transaction in progress is
+ * streamed (see type_cache). */
 static void load_listeners(FlashData *d) {
   MemoryContext old = MemoryContextSwitchTo(d->cachecxt);
   Relation reg;
   SysScanDesc scan;
   HeapTuple tup;
+  List *rows = NIL;
+  ListCell *lc;
   d->loaded = true;
   d->registry = registry_relid(true);
   if (!OidIsValid(d->registry)) { MemoryContextSwitchTo(old); return; }
@@ -511,11 +548,14 @@ static void load_listeners(FlashData *d) {
     return;
   }
   scan = systable_beginscan(reg, InvalidOid, false, NULL, 0, NULL);
-  while (HeapTupleIsValid(tup = systable_getnext(scan))) {
+  while (HeapTupleIsValid(tup = systable_getnext(scan))) rows = lappend(rows, heap_copytuple(tup));
+  systable_endscan(scan);
+  foreach (lc, rows) {
     Datum v[R_NATTS];
     bool n[R_NATTS];
     Listener *l;
     char *consumer;
+    tup = lfirst(lc);
     heap_deform_tuple(tup, RelationGetDescr(reg), v, n);
     consumer = TextDatumGetCString(v[R_CONSUMER]);
     if (strcmp(consumer, d->consumer) != 0) continue;
@@ -540,7 +580,6 @@ static void load_listeners(FlashData *d) {
     }
     d->listeners = lappend(d->listeners, l);
   }
-  systable_endscan(scan);
   table_close(reg, AccessShareLock);
   MemoryContextSwitchTo(old);
 }
@@ -598,7 +637,7 @@ static void compile(RelListener *rl, Listener *l, Relation rel) {
     c->coll = att->attcollation;
     if (c->nvals == 0) continue;
     {
-      TypeCacheEntry *tc = lookup_type_cache(l->ctyp[i], TYPECACHE_CMP_PROC);
+      TypeCacheEntry *tc = type_cache(l->ctyp[i], TYPECACHE_CMP_PROC);
       Oid recv, ioparam;
       if (!OidIsValid(tc->cmp_proc) || tc->cmp_proc >= FirstNormalObjectId) {
         rl->broken = true; warn_later(rl, 't', i); vi += c->nvals; continue;
@@ -644,6 +683,38 @@ static List *ancestors(Oid relid) {
 
 static void build_index(RelEntry *e, TupleDesc desc);
 static bool is_ondisk(int16 typlen, Datum v);
+
+/* How a column's values go out. With the option binary, the built-in types the client
+ * reads exactly from their send form (src/core/fl_binary.c: fl_bin_supported, and the
+ * arrays lvalue knows) go in it: fixed-size ones and text-like ones written here as their
+ * send functions write them (text-like only when no encoding conversion is due), the rest
+ * through the send function. Every other type, domains included, goes as text. */
+enum Send { B_TEXT, B_SEND, B_BOOL, B_CHAR, B_INT2, B_INT4, B_INT8, B_UUID, B_BYTES, B_NAME, B_INTERVAL };
+
+static char send_how(Oid typ) {
+  bool same_encoding = pg_get_client_encoding() == GetDatabaseEncoding();
+  switch (typ) {
+    case BOOLOID: return B_BOOL;
+    case CHAROID: return B_CHAR;
+    case INT2OID: return B_INT2;
+    case INT4OID: case OIDOID: case FLOAT4OID: case DATEOID: return B_INT4;
+    case INT8OID: case FLOAT8OID: case TIMEOID: case TIMESTAMPOID: case TIMESTAMPTZOID: return B_INT8;
+    case UUIDOID: return B_UUID;
+    case INTERVALOID: return B_INTERVAL;
+    case BYTEAOID: return B_BYTES;
+    case TEXTOID: case VARCHAROID: case BPCHAROID: case JSONOID: return same_encoding ? B_BYTES : B_SEND;
+    case NAMEOID: return same_encoding ? B_NAME : B_SEND;
+    case NUMERICOID: case TIMETZOID: case JSONBOID:
+    case BOOLARRAYOID: case BYTEAARRAYOID: case INT8ARRAYOID: case INT2ARRAYOID: case INT4ARRAYOID:
+    case OIDARRAYOID: case FLOAT4ARRAYOID: case FLOAT8ARRAYOID: case NUMERICARRAYOID: case JSONARRAYOID:
+    case JSONBARRAYOID: case TEXTARRAYOID: case VARCHARARRAYOID: case BPCHARARRAYOID: case UUIDARRAYOID:
+    case TIMESTAMPARRAYOID: case TIMESTAMPTZARRAYOID: case DATEARRAYOID: case TIMEARRAYOID: case NAMEARRAYOID:
+    case INTERVALARRAYOID:
+      return B_SEND;
+    default:
+      return B_TEXT;
+  }
+}
 
 /* The listeners of a relation's rows (its own and its ancestors'), compiled and indexed. */
 static RelEntry *get_entry(FlashData *d, Relation rel) {
@@ -697,11 +768,14 @@ static RelEntry *get_entry(FlashData *d, Relation rel) {
     if (all || bms_is_member(a->attnum, send)) e->send[e->nsend++] = a->attnum;
   }
   e->out = palloc(sizeof(FmgrInfo) * (e->nsend + 1));
+  e->how = palloc(e->nsend + 1);
   for (int i = 0; i < e->nsend; i++) {
-    Oid outf;
+    Oid typ = TupleDescAttr(desc, e->send[i] - 1)->atttypid, f;
     bool varlena;
-    getTypeOutputInfo(TupleDescAttr(desc, e->send[i] - 1)->atttypid, &outf, &varlena);
-    fmgr_info_cxt(outf, &e->out[i], CurrentMemoryContext);
+    e->how[i] = d->binary ? send_how(typ) : B_TEXT;
+    if (e->how[i] == B_SEND) getTypeBinaryOutputInfo(typ, &f, &varlena);
+    else getTypeOutputInfo(typ, &f, &varlena);
+    fmgr_info_cxt(f, &e->out[i], CurrentMemoryContext);
   }
   build_index(e, desc);
   MemoryContextSwitchTo(old);
@@ -738,7 +812,7 @@ static void build_index(RelEntry *e, TupleDesc desc) {
   }
   if (bestn < 2) return;
   a = TupleDescAttr(desc, best - 1);
-  tc = lookup_type_cache(getBaseType(a->atttypid), TYPECACHE_HASH_PROC | TYPECACHE_CMP_PROC);
+  tc = type_cache(getBaseType(a->atttypid), TYPECACHE_HASH_PROC | TYPECACHE_CMP_PROC);
   if (!OidIsValid(tc->hash_proc) || tc->hash_proc >= FirstNormalObjectId || !OidIsValid(tc->cmp_proc) ||
       tc->cmp_proc >= FirstNormalObjectId)
     return;
@@ -823,9 +897,36 @@ static int *candidates(RelEntry *e, int action, bool full, Datum *nv, bool *nn, 
 
 /* --- writing frames ------------------------------------------------------------------- */
 
+/* Starts a frame of type `kind`. In a streamed block (pgoutput protocol 2) a Stream Start
+ * goes out before its first frame, and every frame carries an xid after its type: the
+ * change's (sub)transaction for a change, so the client drops it when that subtransaction
+ * aborts, and the top-level one for the rest (tags, relations, messages). */
+static void frame_start(LogicalDecodingContext *ctx, char kind, TransactionId xid) {
+  FlashData *d = ctx->output_plugin_private;
+  if (d->in_stream && !d->stream_opened) {
+    bool first = !list_member_oid(d->streamed, d->stream_xid);
+    MemoryContext old;
+    if (first) {
+      old = MemoryContextSwitchTo(ctx->context);
+      d->streamed = lappend_oid(d->streamed, d->stream_xid);
+      MemoryContextSwitchTo(old);
+    }
+    d->stream_opened = true;
+    d->last_n = -1;              /* a tag holds within a block: the first change of one sends it */
+    OutputPluginPrepareWrite(ctx, true);
+    pq_sendbyte(ctx->out, 'S');
+    pq_sendint32(ctx->out, d->stream_xid);
+    pq_sendbyte(ctx->out, first ? 1 : 0);
+    OutputPluginWrite(ctx, true);
+  }
+  OutputPluginPrepareWrite(ctx, false);
+  pq_sendbyte(ctx->out, kind);
+  if (d->in_stream) pq_sendint32(ctx->out, OidIsValid(xid) ? xid : d->stream_xid);
+}
+
 static void send_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
   FlashData *d = ctx->output_plugin_private;
-  if (d->begun) return;
+  if (d->begun || d->in_stream) return;     /* a streamed transaction's frames need none */
   d->begun = true;
   OutputPluginPrepareWrite(ctx, false);
   pq_sendbyte(ctx->out, 'B');
@@ -839,8 +940,7 @@ static void send_relation(LogicalDecodingContext *ctx, Relation rel, RelEntry *e
   TupleDesc desc = RelationGetDescr(rel);
   Bitmapset *key = RelationGetIdentityKeyBitmap(rel);
   char *nsp = get_namespace_name(RelationGetNamespace(rel));
-  OutputPluginPrepareWrite(ctx, false);
-  pq_sendbyte(ctx->out, 'R');
+  frame_start(ctx, 'R', InvalidTransactionId);
   pq_sendint32(ctx->out, RelationGetRelid(rel));
   pq_sendstring(ctx->out, nsp ? nsp : "");
   pq_sendstring(ctx->out, RelationGetRelationName(rel));
@@ -860,8 +960,7 @@ static void send_relation(LogicalDecodingContext *ctx, Relation rel, RelEntry *e
 /* A flashlua logical message (pgoutput 'M', transactional, prefix "flashlua"): its first
  * byte says what it is ('L' tag, 'W' gone columns, 'A' active, 'N' no-match count). */
 static void message_begin(LogicalDecodingContext *ctx, XLogRecPtr lsn, char kind, int len) {
-  OutputPluginPrepareWrite(ctx, false);
-  pq_sendbyte(ctx->out, 'M');
+  frame_start(ctx, 'M', InvalidTransactionId);
   pq_sendbyte(ctx->out, 1);
   pq_sendint64(ctx->out, lsn);
   pq_sendstring(ctx->out, FLASH_TAG_PREFIX);
@@ -924,11 +1023,79 @@ static void send_tuple(StringInfo out, TupleDesc desc, RelEntry *e, Datum *v, bo
     if (isnull[k]) { pq_sendbyte(out, 'n'); continue; }
     /* An unchanged TOASTed value the WAL does not carry. */
     if (is_ondisk(a->attlen, v[k])) { pq_sendbyte(out, 'u'); continue; }
-    s = OutputFunctionCall(&e->out[i], v[k]);
-    len = strlen(s);
-    pq_sendbyte(out, 't');
-    pq_sendint32(out, len);
-    pq_sendbytes(out, s, len);
+    switch (e->how[i]) {
+      case B_TEXT:
+        s = OutputFunctionCall(&e->out[i], v[k]);
+        len = strlen(s);
+        pq_sendbyte(out, 't');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, s, len);
+        break;
+      case B_BOOL:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 1);
+        pq_sendbyte(out, DatumGetBool(v[k]) ? 1 : 0);
+        break;
+      case B_CHAR:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 1);
+        pq_sendbyte(out, (uint8)DatumGetChar(v[k]));
+        break;
+      case B_INT2:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 2);
+        pq_sendint16(out, DatumGetInt16(v[k]));
+        break;
+      case B_INT4:          /* int4, oid, date: as int4send; float4: its bits, as float4send */
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 4);
+        pq_sendint32(out, DatumGetUInt32(v[k]));
+        break;
+      case B_INT8:          /* int8, time, timestamp(tz): as int8send; float8: its bits */
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 8);
+        pq_sendint64(out, DatumGetInt64(v[k]));
+        break;
+      case B_UUID:
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 16);
+        pq_sendbytes(out, DatumGetPointer(v[k]), 16);
+        break;
+      case B_INTERVAL: {  /* as interval_send: time, day, month */
+        Interval *iv = DatumGetIntervalP(v[k]);
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, 16);
+        pq_sendint64(out, iv->time);
+        pq_sendint32(out, iv->day);
+        pq_sendint32(out, iv->month);
+        break;
+      }
+      case B_NAME:
+        s = NameStr(*DatumGetName(v[k]));
+        len = strlen(s);
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, s, len);
+        break;
+      case B_BYTES: {
+        /* text-like and bytea: the bytes (textsend and byteasend send them as they are
+         * when the client's encoding is the database's) */
+        struct varlena *p = pg_detoast_datum_packed((struct varlena *)DatumGetPointer(v[k]));
+        len = VARSIZE_ANY_EXHDR(p);
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, VARDATA_ANY(p), len);
+        break;
+      }
+      default: {
+        bytea *b = SendFunctionCall(&e->out[i], v[k]);
+        len = VARSIZE(b) - VARHDRSZ;
+        pq_sendbyte(out, 'b');
+        pq_sendint32(out, len);
+        pq_sendbytes(out, VARDATA(b), len);
+        break;
+      }
+    }
   }
 }
 
@@ -1112,8 +1279,7 @@ static void change_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, Relati
           if (n == 0) continue;
         }
         send_tag(ctx, change->lsn, list, n);
-        OutputPluginPrepareWrite(ctx, false);
-        pq_sendbyte(ctx->out, kind);
+        frame_start(ctx, kind, change->txn->xid);
         pq_sendint32(ctx->out, RelationGetRelid(rel));
         if (kind == 'U' || kind == 'D') {
           /* An insert made of an update carries the new row, a delete made of one the old. */
@@ -1158,8 +1324,7 @@ static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int 
     send_begin(ctx, txn);
     if (!e->rel_sent) send_relation(ctx, relations[r], e);
     send_tag(ctx, change->lsn, ids, n);
-    OutputPluginPrepareWrite(ctx, false);
-    pq_sendbyte(ctx->out, 'T');
+    frame_start(ctx, 'T', change->txn->xid);
     pq_sendint32(ctx->out, 1);
     pq_sendbyte(ctx->out, (change->data.truncate.cascade ? 1 : 0) | (change->data.truncate.restart_seqs ? 2 : 0));
     pq_sendint32(ctx->out, RelationGetRelid(relations[r]));
@@ -1175,16 +1340,20 @@ static void begin_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
   d->last_n = -1;
 }
 
+/* 'N', int64: how many tests of this transaction could not be made (counted as no match). */
+static void send_nomatch(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr lsn) {
+  FlashData *d = ctx->output_plugin_private;
+  if (d->nomatch == d->nomatch_sent) return;
+  send_begin(ctx, txn);
+  message_begin(ctx, lsn, 'N', 8);
+  pq_sendint64(ctx->out, (int64)(d->nomatch - d->nomatch_sent));
+  OutputPluginWrite(ctx, false);
+  d->nomatch_sent = d->nomatch;
+}
+
 static void commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn) {
   FlashData *d = ctx->output_plugin_private;
-  if (d->nomatch != d->nomatch_sent) {
-    /* 'N', int64: how many tests of this transaction could not be made (counted as no match). */
-    send_begin(ctx, txn);
-    message_begin(ctx, commit_lsn, 'N', 8);
-    pq_sendint64(ctx->out, (int64)(d->nomatch - d->nomatch_sent));
-    OutputPluginWrite(ctx, false);
-    d->nomatch_sent = d->nomatch;
-  }
+  send_nomatch(ctx, txn, commit_lsn);
   if (!d->begun) {
     /* Nothing of it was for us: let the walsender confirm past it. */
     OutputPluginUpdateProgress(ctx, true);
@@ -1198,6 +1367,75 @@ static void commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRe
   pq_sendint64(ctx->out, txn->xact_time.commit_time);
   OutputPluginWrite(ctx, true);
   d->begun = false;
+}
+
+/* --- streaming of large in-progress transactions (pgoutput protocol 2's frames) ----------
+ * Past logical_decoding_work_mem the walsender hands a transaction's changes over in
+ * blocks before it ends: each block's frames are those of change_cb and truncate_cb
+ * between a Stream Start ('S', xid, first block) and a Stream Stop ('E'), then a Stream
+ * Commit ('c') or Stream Abort ('A', xid, subtransaction xid). The client keeps them
+ * until the commit and delivers the transaction once, whole and in order, and nothing of
+ * an aborted one. A block with nothing for the consumer sends nothing, nor does the end of
+ * a transaction no block of which was sent. */
+
+static void stream_start_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
+  FlashData *d = ctx->output_plugin_private;
+  d->in_stream = true;
+  d->stream_opened = false;
+  d->stream_xid = txn->xid;
+}
+
+static void stream_stop_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {
+  FlashData *d = ctx->output_plugin_private;
+  if (d->stream_opened) {
+    OutputPluginPrepareWrite(ctx, true);
+    pq_sendbyte(ctx->out, 'E');
+    OutputPluginWrite(ctx, true);
+  }
+  d->in_stream = false;
+  d->stream_opened = false;
+}
+
+static void stream_abort_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr abort_lsn) {
+  FlashData *d = ctx->output_plugin_private;
+  ReorderBufferTXN *top = txn->toptxn ? txn->toptxn : txn;
+  if (!list_member_oid(d->streamed, top->xid)) return;
+  OutputPluginPrepareWrite(ctx, true);
+  pq_sendbyte(ctx->out, 'A');
+  pq_sendint32(ctx->out, top->xid);
+  pq_sendint32(ctx->out, txn->xid);
+  OutputPluginWrite(ctx, true);
+  if (top == txn) {
+    HASH_SEQ_STATUS st;
+    RelEntry *e;
+    d->streamed = list_delete_oid(d->streamed, top->xid);
+    /* Relation and 'W' messages of its blocks are dropped with it: send them again. */
+    hash_seq_init(&st, d->rels);
+    while ((e = hash_seq_search(&st)) != NULL) e->rel_sent = e->warned = false;
+  }
+}
+
+static void stream_commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, XLogRecPtr commit_lsn) {
+  FlashData *d = ctx->output_plugin_private;
+  send_nomatch(ctx, txn, commit_lsn);
+  d->begun = false;
+  if (!list_member_oid(d->streamed, txn->xid)) {
+    OutputPluginUpdateProgress(ctx, true);
+    return;
+  }
+  d->streamed = list_delete_oid(d->streamed, txn->xid);
+  OutputPluginPrepareWrite(ctx, true);
+  pq_sendbyte(ctx->out, 'c');
+  pq_sendint32(ctx->out, txn->xid);
+  pq_sendbyte(ctx->out, 0);
+  pq_sendint64(ctx->out, commit_lsn);
+  pq_sendint64(ctx->out, txn->end_lsn);
+  pq_sendint64(ctx->out, txn->xact_time.commit_time);
+  OutputPluginWrite(ctx, true);
+}
+
+static bool option_on(const char *val) {
+  return strcmp(val, "on") == 0 || strcmp(val, "1") == 0 || strcmp(val, "true") == 0;
 }
 
 static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bool is_init) {
@@ -1214,8 +1452,12 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
     char *val = el->arg ? strVal(el->arg) : NULL;
     if (strcmp(el->defname, "consumer") == 0 && val && *val) {
       d->consumer = pstrdup(val);
+    } else if (strcmp(el->defname, "streaming") == 0 && val) {
+      d->streaming = option_on(val);
+    } else if (strcmp(el->defname, "binary") == 0 && val) {
+      d->binary = option_on(val);
     } else if (strcmp(el->defname, "sticky_tags") == 0 && val) {
-      d->sticky = strcmp(val, "on") == 0 || strcmp(val, "1") == 0 || strcmp(val, "true") == 0;
+      d->sticky = option_on(val);
     } else if (strcmp(el->defname, "version") == 0 && val) {
       if (strcmp(val, FLASH_VERSION) != 0)
         ereport(ERROR, (errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
@@ -1224,8 +1466,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
                                 "ALTER EXTENSION flashlua UPDATE")));
     } else {
       ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name', version '%s' "
-                             "and sticky_tags 'on')",
+                      errmsg("flashlua output plugin: unknown option \"%s\" (it takes consumer 'name', version '%s', "
+                             "sticky_tags 'on', binary 'on' and streaming 'on')",
                              el->defname, FLASH_VERSION)));
     }
   }
@@ -1233,6 +1475,8 @@ static void startup_cb(LogicalDecodingContext *ctx, OutputPluginOptions *opt, bo
     ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
                     errmsg("flashlua output plugin: the option consumer 'name' is required")));
   if (!d->consumer) d->consumer = pstrdup("");
+  /* Streaming only for a client that asked for it (it must read protocol 2's frames). */
+  ctx->streaming = ctx->streaming && d->streaming;
   reset_cache(d);
   active_data = d;
   if (!registered) {
@@ -1252,4 +1496,10 @@ void _PG_output_plugin_init(OutputPluginCallbacks *cb) {
   cb->truncate_cb = truncate_cb;
   cb->commit_cb = commit_cb;
   cb->shutdown_cb = shutdown_cb;
+  cb->stream_start_cb = stream_start_cb;
+  cb->stream_stop_cb = stream_stop_cb;
+  cb->stream_abort_cb = stream_abort_cb;
+  cb->stream_commit_cb = stream_commit_cb;
+  cb->stream_change_cb = change_cb;
+  cb->stream_truncate_cb = truncate_cb;
 }

@@ -82,6 +82,28 @@ function H.wait(client, list, n, timeout)
   return list
 end
 
+-- Sets logical_decoding_work_mem on the server (nil: back to its default): transactions
+-- larger than it are streamed while they run, to clients that stream.
+function H.decoding_work_mem(v)
+  H.sql(v and ("ALTER SYSTEM SET logical_decoding_work_mem = '" .. v .. "'") or "ALTER SYSTEM RESET logical_decoding_work_mem")
+  H.sql("SELECT pg_reload_conf()")
+end
+
+-- Runs fn with flashlua's log captured; returns the messages of its warnings (without
+-- time, level and client label), in order. An error in fn is raised after the log is back.
+function H.warnings(fn)
+  local lines = {}
+  local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+  local ok, err = pcall(fn)
+  flash.log.set_sink(old)
+  assert(ok, err)
+  local warned = {}
+  for _, l in ipairs(lines) do
+    if l:find(" WARN ", 1, true) then warned[#warned + 1] = l:match("WARN%s+%[[^%]]*%] (.*)$") end
+  end
+  return warned
+end
+
 -- Polls for a short while to show nothing more arrives.
 function H.settle(client, seconds)
   local deadline = core.now() + (seconds or 0.3)

@@ -7,10 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "fl_binary.h"
 #include "fl_json.h"
 #include "fl_value.h"
 #include "fl_record.h"
 #include "harness.h"
+#include "fixtures_binary.h"
 
 /* Renders bytes so that expected token streams stay readable in the test source. */
 static void append(char *out, size_t cap, const char *s, size_t n) {
@@ -717,6 +719,170 @@ static void test_copy_line(void) {
   COPYLINE("\\x", "[x].");
 }
 
+/* fl_binary on PostgreSQL's own send forms (test/fixtures_binary.h): each value reads as
+ * what the text path makes of the text of the same value. */
+static size_t unhex(const char *hex, char *out) {
+  size_t n = 0;
+  for (; hex[0] && hex[1]; hex += 2) {
+    unsigned b;
+    sscanf(hex, "%2x", &b);
+    out[n++] = (char)b;
+  }
+  return n;
+}
+
+static void test_binary_fixtures(void) {
+  for (size_t k = 0; k < sizeof binary_fixtures / sizeof binary_fixtures[0]; k++) {
+    unsigned oid = binary_fixtures[k].oid;
+    const char *text = binary_fixtures[k].text;
+    size_t tlen = strlen(text);
+    char raw[256], buf[512];
+    size_t n = unhex(binary_fixtures[k].hex, raw);
+    char *c = exact_copy(raw, n);
+    fl_bin_value v;
+    int rc, ok = 0;
+    rc = fl_bin_scalar(oid, c, n, buf, fl_bin_text_size(oid, c, n), &v);
+    if (rc == 0) {
+      switch (v.kind) {
+      case FL_BIN_BOOL: ok = v.i == (text[0] == 't'); break;
+      case FL_BIN_INT: {
+        int64_t want;
+        ok = fl_parse_int64(text, tlen, &want) == 0 && want == v.i;
+        break;
+      }
+      case FL_BIN_FLOAT: {
+        double want;
+        ok = fl_parse_double(text, tlen, &want) == 0 &&
+             (isnan(want) ? isnan(v.d) : want == v.d && signbit(want) == signbit(v.d));
+        break;
+      }
+      case FL_BIN_BYTES:
+        if (oid == 17) {
+          char dec[256];
+          long dn = fl_bytea_decode(text, tlen, dec);
+          ok = dn == (long)v.len && memcmp(dec, v.s, v.len) == 0;
+        } else {
+          ok = v.len == tlen && memcmp(v.s, text, tlen) == 0;
+        }
+        break;
+      default:
+        ok = v.len == tlen && memcmp(v.s, text, tlen) == 0;
+        break;
+      }
+    }
+    report(__FILE__, __LINE__, ok, "binary fixture %zu (type %u, text \"%s\"): rc %d, kind %d, got \"%.*s\" %lld %.17g",
+           k, oid, text, rc, (int)v.kind, rc == 0 && v.s ? (int)v.len : 0, rc == 0 && v.s ? v.s : "", (long long)v.i, v.d);
+    free_copy(c, n);
+  }
+}
+
+#define BIN_BAD(oid, hex) check_bin_bad(__FILE__, __LINE__, oid, hex)
+static void check_bin_bad(const char *file, int line, unsigned oid, const char *hex) {
+  char raw[128], buf[256];
+  size_t n = unhex(hex, raw);
+  char *c = exact_copy(raw, n);
+  fl_bin_value v;
+  report(file, line, fl_bin_scalar(oid, c, n, buf, sizeof buf, &v) == -1, "type %u \"%s\" should be refused", oid, hex);
+  free_copy(c, n);
+}
+
+/* Arrays: array_send of '{{1,NULL},{3,4}}'::int4[], '[0:1]={a,b}'::text[], '{}'::int4[]. */
+static void test_binary_arrays(void) {
+  static const char two_by_two[] =
+    "00000002" "00000001" "00000017" "00000002" "00000001" "00000002" "00000001"
+    "00000004" "00000001" "ffffffff" "00000004" "00000003" "00000004" "00000004";
+  static const char lower0[] = "00000001" "00000000" "00000019" "00000002" "00000000" "00000001" "61" "00000001" "62";
+  char raw[128];
+  size_t n = unhex(two_by_two, raw);
+  char *c = exact_copy(raw, n);
+  fl_bin_arr a;
+  const char *v;
+  size_t len;
+  report(__FILE__, __LINE__, fl_bin_arr_init(&a, c, n) == 0 && a.ndim == 2 && a.dims[0] == 2 && a.dims[1] == 2 &&
+         a.elemtype == 23, "2x2 int4 header");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ELEM && len == 4 && v[3] == 1, "elem 1");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_NULL, "elem 2 NULL");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ELEM && v[3] == 3, "elem 3");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ELEM && v[3] == 4, "elem 4");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_END, "end");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_END, "end stays");
+  free_copy(c, n);
+  /* one byte short: the last element runs past the end, and the error stays */
+  c = exact_copy(raw, n - 1);
+  fl_bin_arr_init(&a, c, n - 1);
+  for (int i = 0; i < 3; i++) fl_bin_arr_next(&a, &v, &len);
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ERROR, "truncated element");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ERROR, "error stays");
+  free_copy(c, n - 1);
+  /* a byte left over after the last element */
+  raw[n] = 0;
+  c = exact_copy(raw, n + 1);
+  fl_bin_arr_init(&a, c, n + 1);
+  for (int i = 0; i < 4; i++) fl_bin_arr_next(&a, &v, &len);
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ERROR, "trailing byte");
+  free_copy(c, n + 1);
+
+  n = unhex(lower0, raw);
+  c = exact_copy(raw, n);
+  report(__FILE__, __LINE__, fl_bin_arr_init(&a, c, n) == 0 && a.ndim == 1 && a.dims[0] == 2 && a.elemtype == 25,
+         "[0:1] text header");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ELEM && len == 1 && v[0] == 'a', "a");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_ELEM && len == 1 && v[0] == 'b', "b");
+  report(__FILE__, __LINE__, fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_END, "end");
+  free_copy(c, n);
+
+  n = unhex("00000000" "00000000" "00000017", raw);
+  c = exact_copy(raw, n);
+  report(__FILE__, __LINE__, fl_bin_arr_init(&a, c, n) == 0 && a.ndim == 0 &&
+         fl_bin_arr_next(&a, &v, &len) == FL_BIN_ARR_END, "empty");
+  free_copy(c, n);
+  /* 7 dimensions; a count the bytes cannot hold; a negative size */
+  n = unhex("00000007" "00000000" "00000017", raw);
+  c = exact_copy(raw, n);
+  report(__FILE__, __LINE__, fl_bin_arr_init(&a, c, n) == -1, "7 dims");
+  free_copy(c, n);
+  n = unhex("00000001" "00000000" "00000017" "7fffffff" "00000001" "00000000", raw);
+  c = exact_copy(raw, n);
+  report(__FILE__, __LINE__, fl_bin_arr_init(&a, c, n) == -1, "huge count");
+  free_copy(c, n);
+  n = unhex("00000001" "00000000" "00000017" "ffffffff" "00000001", raw);
+  c = exact_copy(raw, n);
+  report(__FILE__, __LINE__, fl_bin_arr_init(&a, c, n) == -1, "negative size");
+  free_copy(c, n);
+}
+
+static void test_binary_bad(void) {
+  BIN_BAD(16, "02");                  /* bool is 0 or 1 */
+  BIN_BAD(16, "");
+  BIN_BAD(23, "000001");
+  BIN_BAD(20, "00000000000000000000");
+  BIN_BAD(700, "000000");
+  BIN_BAD(1700, "0001000000000000");                 /* one digit announced, none sent */
+  BIN_BAD(1700, "000100000000000027100000");         /* digit 10000 */
+  BIN_BAD(1700, "0000000012340000");                 /* unknown sign */
+  BIN_BAD(1700, "00000000");
+  BIN_BAD(1082, "000000");
+  BIN_BAD(1083, "ffffffffffffffff");                 /* negative time */
+  BIN_BAD(1083, "00000014290000001");
+  BIN_BAD(1266, "0000000000000000");                 /* timetz without its zone */
+  BIN_BAD(1266, "000000000000000000100000");         /* zone out of range */
+  BIN_BAD(2950, "00");
+  BIN_BAD(3802, "027b7d");                           /* jsonb version 2 */
+  BIN_BAD(3802, "");
+  BIN_BAD(18, "6162");
+  BIN_BAD(1186, "00");                               /* interval is 16 bytes */
+  BIN_BAD(1186, "0000000000000000000000000000000000");
+  BIN_BAD(3904, "00");                               /* int4range: not read */
+  {
+    /* numeric's text needs more than a small buffer: refused, not overrun */
+    char raw[16], buf[8];
+    fl_bin_value v;
+    size_t n = unhex("000100050000000000010000", raw);  /* 1e20 */
+    report(__FILE__, __LINE__, fl_bin_text_size(1700, raw, n) > sizeof buf &&
+           fl_bin_scalar(1700, raw, n, buf, sizeof buf, &v) == -1, "numeric into a short buffer");
+  }
+}
+
 int main(void) {
   test_json();
   test_arrays();
@@ -729,5 +895,8 @@ int main(void) {
   test_json_escape();
   test_record();
   test_copy_line();
+  test_binary_fixtures();
+  test_binary_arrays();
+  test_binary_bad();
   return summary();
 }

@@ -79,6 +79,17 @@ SELECT flash.unlisten(:l1);
 INSERT INTO items VALUES (8, 'after the unlisten', 9, 5);
 SELECT :l1 AS l1, :l2 AS l2;
 SELECT * FROM frames('c');
+-- with binary 'on' the built-in types the client reads go in their send form ('b' values:
+-- int4, timestamptz, numeric, text, text[]), others (a domain) as text ('t')
+SET synchronous_commit = on;
+CREATE DOMAIN small AS int;
+CREATE TABLE kinds (id int PRIMARY KEY, at timestamptz, amount numeric, label text, tags text[], d small);
+SELECT flash.listen('kinds', NULL, NULL, NULL, NULL, 'b') IS NOT NULL AS listening;
+INSERT INTO kinds VALUES (1, '2026-01-02 03:04:05.5+00', 1.50, 'x', '{a,NULL}', 7);
+SELECT encode(substr(data, 6), 'hex') AS tuple
+  FROM pg_logical_slot_get_binary_changes('s', NULL, NULL, 'consumer', 'b', 'binary', 'on') WHERE get_byte(data, 0) = 73;
+DROP TABLE kinds;
+DROP DOMAIN small;
 SELECT pg_drop_replication_slot('s');
 DROP FUNCTION frames(text);
 DROP TABLE items;

@@ -8,6 +8,7 @@
 #endif
 #include <lua.h>
 #include <lauxlib.h>
+#include "fl_binary.h"
 #include "fl_json.h"
 #include "fl_value.h"
 #include "lerr.h"
@@ -316,6 +317,111 @@ void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len,
   }
 }
 
+/* ---- binary send forms (fl_binary) ---- */
+
+/* One scalar's send form as the Lua value its text gives; 0, or -1 with nothing pushed
+ * when fl_binary cannot read it exactly. */
+static int push_binary_scalar(lua_State *L, uint32_t oid, const char *s, size_t len, int flags) {
+  char stackbuf[SCRATCH_STACK], *buf;
+  size_t need = fl_bin_text_size(oid, s, len);
+  fl_bin_value v;
+  buf = scratch(L, stackbuf, need);
+  if (fl_bin_scalar(oid, s, len, buf, need, &v) != 0) {
+    if (buf != stackbuf) lua_pop(L, 1);
+    return -1;
+  }
+  switch (v.kind) {
+  case FL_BIN_BOOL: lua_pushboolean(L, (int)v.i); break;
+  case FL_BIN_INT:
+    if (v.i >= -EXACT_INT_MAX && v.i <= EXACT_INT_MAX) {
+      lua_pushnumber(L, (lua_Number)v.i);
+    } else {
+      char t[24];
+      int n = snprintf(t, sizeof t, "%lld", (long long)v.i);
+      lua_pushlstring(L, t, (size_t)n);
+    }
+    break;
+  case FL_BIN_FLOAT: lua_pushnumber(L, v.d); break;
+  case FL_BIN_TEXT:
+    if (oid == FL_NUMERICOID && (flags & FL_NUMERIC_AS_NUMBER)) push_number_or_text(L, v.s, v.len);
+    else lua_pushlstring(L, v.s, v.len);
+    break;
+  case FL_BIN_JSON:
+    if (fl_push_json(L, v.s, v.len) != 0) lua_pushlstring(L, v.s, v.len);
+    break;
+  default: lua_pushlstring(L, v.s, v.len); break;
+  }
+  drop_scratch(L, stackbuf, buf);
+  return 0;
+}
+
+/* Elements of dimension `dim` onwards as nested Lua arrays, as push_array builds them
+ * from the text. -1 (stack as it was) on malformed input. */
+static int push_binary_dim(lua_State *L, fl_bin_arr *a, int dim, uint32_t elem, int flags) {
+  int n = a->dims[dim];
+  if (!lua_checkstack(L, 6)) return -1;
+  lua_createtable(L, n, 0);
+  mark(L, &array_mt_key);
+  for (int i = 1; i <= n; i++) {
+    if (dim + 1 < a->ndim) {
+      if (push_binary_dim(L, a, dim + 1, elem, flags) != 0) goto bad;
+    } else {
+      const char *v;
+      size_t len;
+      switch (fl_bin_arr_next(a, &v, &len)) {
+      case FL_BIN_ARR_NULL: lua_pushlightuserdata(L, FL_NULL); break;
+      case FL_BIN_ARR_ELEM:
+        if (push_binary_scalar(L, elem, v, len, flags) != 0) goto bad;
+        break;
+      default: goto bad;
+      }
+    }
+    lua_rawseti(L, -2, i);
+  }
+  return 0;
+bad:
+  lua_pop(L, 1);
+  return -1;
+}
+
+int fl_binary_supported(const fl_coltype *t) {
+  return fl_bin_supported(t->elem != 0 ? t->elem : t->oid);
+}
+
+int fl_push_value_binary(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags) {
+  luaL_checkstack(L, 4, "decoding a column value");
+  if (s == NULL) {
+    lua_pushlightuserdata(L, FL_NULL);
+    return 0;
+  }
+  if (t->elem != 0 && fl_bin_supported(t->elem)) {
+    fl_bin_arr a;
+    int empty = 0;
+    if (fl_bin_arr_init(&a, s, len) == 0) {
+      for (int i = 0; i < a.ndim; i++) empty |= a.dims[i] == 0;
+      if (a.ndim == 0 || empty) {
+        /* '{}' in text, however many dimensions of size 0 the send form names */
+        const char *v;
+        size_t n;
+        if (fl_bin_arr_next(&a, &v, &n) == FL_BIN_ARR_END) {
+          lua_createtable(L, 0, 0);
+          mark(L, &array_mt_key);
+          return 0;
+        }
+      } else if (push_binary_dim(L, &a, 0, t->elem, flags) == 0) {
+        const char *v;
+        size_t n;
+        if (fl_bin_arr_next(&a, &v, &n) == FL_BIN_ARR_END) return 0;
+        lua_pop(L, 1);
+      }
+    }
+  } else if (t->elem == 0 && push_binary_scalar(L, t->oid, s, len, flags) == 0) {
+    return 0;
+  }
+  lua_pushlstring(L, s, len);
+  return -1;
+}
+
 /* ---- JSON encoding ----
  * The inverse of fl_push_json, for scripts (flash.json.encode) and the --table output: the
  * markers decide array or object, exact numbers are written as their text, doubles in
@@ -563,7 +669,15 @@ static int l_json_decode(lua_State *L) {
   return fl_failf(L, "parse", "invalid JSON at byte %d: %s", (int)pos + 1, err);
 }
 
+/* core.binary_type(oid) -> whether values of base type oid are read exactly from their
+ * binary send form (wal_logical's binary = true checks listened columns with it). */
+static int l_binary_type(lua_State *L) {
+  lua_pushboolean(L, fl_bin_supported((uint32_t)luaL_checknumber(L, 1)));
+  return 1;
+}
+
 static const luaL_Reg value_funcs[] = {
+  { "binary_type", l_binary_type },
   { "json_encode", l_json_encode },
   { "json_decode", l_json_decode },
   { NULL, NULL }

@@ -32,6 +32,13 @@ void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len,
  * (a bytea is decoded in place). */
 void fl_push_value_owned(lua_State *L, const fl_coltype *t, char *s, size_t len, int flags);
 
+/* The same for a value in its binary send form (pgoutput's binary = true, the flashlua
+ * plugin's 'b' values): the Lua value its text form gives, for the types fl_binary reads
+ * (fl_binary_supported) and arrays of them. Any other type, or malformed bytes, pushes the
+ * bytes as they are and returns -1; 0 otherwise. */
+int fl_push_value_binary(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags);
+int fl_binary_supported(const fl_coltype *t);
+
 /* Gives back memory after a large value: a full Lua collection, then malloc_trim. */
 void fl_release_memory(lua_State *L);
 

@@ -257,7 +257,8 @@ static int replay(fl_stream *s, uint32_t xid, fl_stream_fn fn, void *ud) {
       rc = fl_stream_fail(s, "protocol", "replaying streamed transaction %u: %s", xid, fl_pgo_error(s->dec));
       break;
     }
-    if (m.type == FL_PGO_INSERT || m.type == FL_PGO_UPDATE || m.type == FL_PGO_DELETE || m.type == FL_PGO_TRUNCATE) {
+    if (m.type == FL_PGO_INSERT || m.type == FL_PGO_UPDATE || m.type == FL_PGO_DELETE || m.type == FL_PGO_TRUNCATE ||
+        m.type == FL_PGO_MESSAGE) {
       rc = fn(ud, s, &m);
       if (rc != 0) break;
     }
@@ -280,9 +281,10 @@ static int handle(fl_stream *s, const char *buf, uint32_t len, fl_stream_fn fn, 
   if (in_stream && m.type != FL_PGO_STREAM_STOP && m.type != FL_PGO_STREAM_START) {
     /* A change of an in-progress transaction: kept until Stream Commit. Relation messages
      * are kept too: replayed in order, they give rows streamed before an ALTER TABLE of the
-     * same transaction the columns they were written with. */
+     * same transaction the columns they were written with; so are its logical messages
+     * (the flashlua plugin's listener tags belong to the changes after them). */
     if (!s->cur_open) return fl_stream_fail(s, "protocol", "streamed change outside a known stream");
-    if (m.type == FL_PGO_TYPE || m.type == FL_PGO_MESSAGE) return 0;
+    if (m.type == FL_PGO_TYPE) return 0;
     return fl_spill_append(s->spill, s->cur_xid, m.xid, buf, len) == 0 ? 0 : spill_fail(s);
   }
   switch (m.type) {

@@ -15,7 +15,8 @@ local OP_ORDER = { "insert", "update", "delete", "truncate" }
 
 local M = {}
 local Driver = base.class(wal.Driver)
--- wal_logical's options (slot, persistent, ...); `publication` and `streaming` are ignored.
+-- wal_logical's options (slot, persistent, streaming, stream_memory, ...); `publication` and
+-- `binary` are ignored (the plugin sends the types the client reads in binary anyway).
 M.OPTIONS = wal.OPTIONS
 
 local fail = base.fail
@@ -27,8 +28,6 @@ function M.new(client)
   self.slot = opts.slot or (self.persistent and "flash_extension" or ("flash_extension_" .. client.conn:backend_pid()))
   self.consumer = self.slot
   self.publication = self.slot   -- none is created; wal_logical's stop drops only its own name
-  self.proto = 1
-  self.streaming = false
   self.by_reg = {}              -- [registry id] = listener
   self.defs = {}                -- [registry id] = what it was registered with (column lists, for warnings)
   self.nomatch = 0              -- condition tests the server could not make (counted as no match)
@@ -194,6 +193,12 @@ function Driver:slot_error(err, state)
       "add flashlua to output_plugin_libraries in postgresql.conf (e.g. output_plugin_libraries = " ..
       "'pgoutput, test_decoding, flashlua') and reload the server")
   end
+  local opt = tostring(err):match('flashlua output plugin: unknown option "(%w+)"')
+  if opt then
+    -- binary (always) and streaming (streaming = true) came after the first 0.1 library
+    return fail("the server's flashlua library is older than this client: it does not take the option " .. opt,
+      "install this flashlua's extension on the server (`make install-pgext`, as root), then start the client again")
+  end
   return wal.Driver.slot_error(self, err, state)
 end
 
@@ -208,7 +213,8 @@ function Driver:open_slot()
   ok, err = self:register_all()
   if not ok then repl:close() return nil, err end
   local cmd = "START_REPLICATION SLOT " .. self:ident(self.slot) .. " LOGICAL 0/0 (consumer " .. self:literal(self.consumer) ..
-    ", version " .. self:literal(VERSION) .. ", sticky_tags 'on')"
+    ", version " .. self:literal(VERSION) .. ", sticky_tags 'on', binary 'on'" ..
+    (self.streaming and ", streaming 'on')" or ")")
   local serr, state
   ok, serr, state = repl:start(cmd, self.proto)
   if not ok then repl:close() return self:slot_error(serr, state) end

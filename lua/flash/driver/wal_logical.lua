@@ -29,6 +29,7 @@ M.OPTIONS = {
   slot = { type = "string", check = object_name },
   publication = { type = "string", check = object_name },
   streaming = "boolean",
+  binary = "boolean",
   stream_memory = { type = "number", check = function(v)
     if not (v > 0 and v < math.huge) then return "a number of bytes > 0 expected, got " .. tostring(v) end
   end },
@@ -60,6 +61,8 @@ function M.new(client)
     client = client,
     persistent = opts.persistent == true,
     streaming = opts.streaming == true,
+    binary = opts.binary == true,
+    enums = {},         -- binary: [enum type oid] = true (its send form is its label)
     by_oid = {},        -- [listened table oid] = { listeners }
     routes = {},        -- [relid of a row's relation] = { listeners } | false: see route()
     published = {},     -- [table oid] = listener: tables in the publication
@@ -159,6 +162,76 @@ function Driver:publish_ops()
   return table.concat(list, ", ")
 end
 
+-- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
+local function listened_columns(l)
+  local cols, seen = {}, {}
+  local function add(c) if not seen[c] then seen[c] = true cols[#cols + 1] = c end end
+  for _, c in ipairs(l.columns) do add(c.name) end
+  for _, c in ipairs(l.conds) do add(c.column) end
+  for _, c in ipairs(l.primary_key or {}) do add(c) end
+  return cols
+end
+
+-- binary = true: pgoutput sends every column in its type's send form (PostgreSQL 14+).
+-- The client reads those of the types fl_binary knows, enums (the label) and arrays of
+-- them exactly as their text. Of `columns` (rows of flash._columns_sql), those whose values
+-- it cannot read, with their type's name; enums are noted in self.enums.
+function Driver:unreadable(columns)
+  local oids, cols = {}, {}
+  for _, c in ipairs(columns) do
+    local t = c.elem ~= 0 and c.elem or c.oid
+    if not core.binary_type(t) then
+      oids[#oids + 1] = string.format("%d", t)
+      cols[#cols + 1] = c
+    end
+  end
+  if #oids == 0 then return {} end
+  local rows, err = self:exec([[SELECT oid::bigint AS oid, typtype::text AS typtype, pg_catalog.format_type(oid, NULL) AS name
+    FROM pg_catalog.pg_type WHERE oid = ANY($1::oid[])]], "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return nil, err end
+  local info, out = {}, {}
+  for _, r in ipairs(rows) do info[r.oid] = r end
+  for _, c in ipairs(cols) do
+    local t = info[c.elem ~= 0 and c.elem or c.oid]
+    if t and t.typtype == "e" then
+      self.enums[t.oid] = true
+    else
+      out[#out + 1] = { name = c.name, type = t and t.name or tostring(c.oid) }
+    end
+  end
+  return out
+end
+
+-- A listener that delivers or tests a column the client cannot read is refused, naming it.
+function Driver:check_binary(l)
+  if self.server_version and self.server_version < 140000 then
+    return fail("binary = true needs PostgreSQL 14 or later (pgoutput's binary option)", "leave binary out")
+  end
+  local want
+  if l.fields and not l.predicate then
+    want = {}
+    for _, c in ipairs(listened_columns(l)) do want[c] = true end
+  end
+  local cols = {}
+  for _, c in ipairs(l.table.columns) do
+    if not want or want[c.name] then cols[#cols + 1] = c end
+  end
+  local bad, err = self:unreadable(cols)
+  if not bad then return nil, err end
+  if bad[1] then
+    return fail(string.format("binary = true cannot read values of type %s (column %s of %s) exactly",
+      bad[1].type, bad[1].name, l.table_name),
+      "leave binary out (text values), or give the listener fields without that column")
+  end
+  return true
+end
+
+function Driver:check(l)
+  local ok, err = base.Driver.check(self, l)
+  if ok and self.binary then ok, err = self:check_binary(l) end
+  return ok, err
+end
+
 function Driver:rebuild_index()
   local by = {}
   for _, l in ipairs(self.client.listeners) do
@@ -174,6 +247,9 @@ function Driver:rebuild_index()
       if c.typ ~= c.oid or c.elem ~= 0 then
         types[c.typ] = { oid = c.oid, elem = c.elem, delim = c.delim }
       end
+      -- binary: an enum's send form is its label, read as text's
+      if self.enums[c.oid] then types[c.typ] = { oid = 25, elem = 0, delim = c.delim } end
+      if self.enums[c.elem] then types[c.typ] = { oid = c.oid, elem = 25, delim = c.delim } end
     end
   end
   if self.repl then self.repl:types(types) end
@@ -316,6 +392,7 @@ function Driver:start_stream(repl, continued)
   local options = { "proto_version '" .. self.proto .. "'",
     "publication_names " .. self:literal(self:ident(self.publication)) }
   if self.streaming then options[#options + 1] = "streaming 'on'" end
+  if self.binary then options[#options + 1] = "binary 'true'" end
   -- Logical messages mark where a backfill chunk's rows belong in the stream (PG 14+).
   if self.server_version >= 140000 then options[#options + 1] = "messages 'true'" end
   local cmd = "START_REPLICATION SLOT " .. S .. " LOGICAL " .. start_lsn .. " (" .. table.concat(options, ", ") .. ")"
@@ -488,16 +565,6 @@ function Driver:renamed(oid, schema, name)
   end
 end
 
--- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
-local function listened_columns(l)
-  local cols, seen = {}, {}
-  local function add(c) if not seen[c] then seen[c] = true cols[#cols + 1] = c end end
-  for _, c in ipairs(l.columns) do add(c.name) end
-  for _, c in ipairs(l.conds) do add(c.column) end
-  for _, c in ipairs(l.primary_key or {}) do add(c) end
-  return cols
-end
-
 -- A Relation message: the relation is new to this stream or was changed by DDL.
 function Driver:on_relation(relid, schema, name, columns)
   self.routes[relid] = nil
@@ -506,6 +573,7 @@ function Driver:on_relation(relid, schema, name, columns)
   self:renamed(relid, schema, name)
   local have = {}
   for _, c in ipairs(columns) do have[c] = true end
+  if self.binary then self:warn_unreadable(relid, list) end
   for _, l in ipairs(list) do
     for _, c in ipairs(listened_columns(l)) do
       local key = l.id .. ":" .. c
@@ -513,6 +581,28 @@ function Driver:on_relation(relid, schema, name, columns)
         self.warned[key] = true
         log.warn(string.format("listener #%d on %s: column %s is no longer in the table (dropped or renamed); " ..
           "its events no longer carry it", l.id, l.table_name, c))
+      end
+    end
+  end
+end
+
+-- binary = true and a column added while listening whose type the client cannot read: its
+-- values arrive as the bytes of their send form. Said once per listener and column.
+function Driver:warn_unreadable(relid, list)
+  local cols = self:exec(require("flash")._columns_sql("a.attrelid = $1"), string.format("%d", relid))
+  local bad = cols and self:unreadable(cols) or {}
+  for _, l in ipairs(list) do
+    local want
+    if l.fields and not l.predicate then
+      want = {}
+      for _, c in ipairs(listened_columns(l)) do want[c] = true end
+    end
+    for _, b in ipairs(bad) do
+      local key = l.id .. ":binary:" .. b.name
+      if (not want or want[b.name]) and not self.warned[key] then
+        self.warned[key] = true
+        log.warn(string.format("listener #%d on %s: column %s is of type %s, which binary = true cannot read; " ..
+          "its values arrive as the bytes of their binary send form", l.id, l.table_name, b.name, b.type))
       end
     end
   end
