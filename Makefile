@@ -12,10 +12,13 @@ PQ_LIBS       := $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
 # hiredis (Debian libhiredis-dev): the Redis Streams sink's client (src/lua/lredis.c).
 REDIS_CFLAGS  := $(shell pkg-config --cflags hiredis 2>/dev/null)
 REDIS_LIBS    := $(shell pkg-config --libs hiredis 2>/dev/null || echo -lhiredis)
+# libmicrohttpd (Debian libmicrohttpd-dev): the metrics and health endpoints (src/lua/lhttp.c).
+MHD_CFLAGS    := $(shell pkg-config --cflags libmicrohttpd 2>/dev/null)
+MHD_LIBS      := $(shell pkg-config --libs libmicrohttpd 2>/dev/null || echo -lmicrohttpd)
 LUAJIT        ?= luajit
 
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=gnu99 -Wall -Wextra -fPIC $(LUAJIT_CFLAGS) $(PQ_CFLAGS) $(REDIS_CFLAGS)
+CFLAGS  += -std=gnu99 -Wall -Wextra -fPIC $(LUAJIT_CFLAGS) $(PQ_CFLAGS) $(REDIS_CFLAGS) $(MHD_CFLAGS)
 LDFLAGS ?=
 
 B := build
@@ -51,12 +54,12 @@ $(B)/bc/%.o: lua/flash/%.lua | $(B)/bc
 
 # The module: never links libluajit (symbols come from the host process).
 $(B)/flash/core.so: $(CORE_OBJ) | $(B)/flash
-	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS)
+	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS)
 
 # The host: LuaJIT embedded, -Wl,-E so C rocks a script loads resolve lua_* from us
 # and LuaJIT's loader finds the embedded luaJIT_BC_* modules.
 $(B)/flashlua: $(B)/host/main.o $(CORE_OBJ) $(LUA_BC)
-	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) -lm -ldl
+	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS) -lm -ldl
 
 # C unit tests of the pure parts, on byte fixtures, no server.
 $(B)/test_c: test/test_c.c $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))

@@ -21,6 +21,11 @@ options:
   -e CODE                run CODE before the script (may be repeated)
       --stats            a progress line on stderr every second: time, events/s,
                          events, errors, seconds in callbacks, lag
+      --metrics ADDR:PORT
+                         serve Prometheus metrics at http://ADDR:PORT/metrics and a
+                         health check at /healthz (200 while every client streams,
+                         503 and the reason otherwise); [::1]:PORT for IPv6, :PORT for
+                         every address
       --table NAME       no script: print each event of table NAME as one JSON line
       --ops LIST         with --table: operations, of insert, update, delete,
                          truncate, all (default all)
@@ -185,6 +190,10 @@ local function parse_args(argv)
     elseif a == "--sandbox" then o.sandbox = true
     elseif a == "-e" then o.exprs[#o.exprs + 1] = val(a)
     elseif a == "--stats" then o.stats = true
+    elseif a == "--metrics" then
+      o.metrics = val(a)
+      local ok, why = require("flash.metrics").parse_address(o.metrics)
+      if not ok then error({ usage = string.format("cannot read --metrics '%s': %s", o.metrics, why) }) end
     elseif a == "--table" then o.table = val(a)
     elseif a == "--ops" then
       o.ops = split_list(val(a))
@@ -353,10 +362,21 @@ local function run(argv)
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end
 
-  local sandbox
+  local sandbox, metrics
   local function finish(status)
+    if metrics then metrics.close() end
     if sandbox then sandbox:stop() end
     return status
+  end
+  if o.metrics then
+    -- Before anything is created in a database: an address that cannot be served is a
+    -- usage error, like a bad option.
+    local m, merr = flash.metrics { listen = o.metrics }
+    if not m then
+      io.stderr:write("flashlua: --metrics: ", tostring(merr), "\n")
+      return 2
+    end
+    metrics = m
   end
   if o.sandbox then
     local sb, err = require("flash.sandbox").start { log = function(m) flash.log.debug(m) end }

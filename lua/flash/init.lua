@@ -60,6 +60,7 @@ flash.defaults = {}
 local clients = {}        -- open clients, in creation order
 local client_seq = 0      -- numbers clients in log lines
 local timers = {}         -- { due=, every=, fn=, cancelled= }
+local sources = {}        -- other things the loop polls (flash.metrics): fds(), deadline(), step()
 local stop_hooks = {}     -- flash.on_stop: { fn=, cancelled= }
 local state = { stop = false, running = false }
 
@@ -87,6 +88,15 @@ end
 local function failed(what, err)
   flash._last_failure = what .. ": " .. tostring(err)
   return nil, err
+end
+
+-- flash.metrics{ listen = "ADDR:PORT" }: /metrics and /healthz served from the loop
+-- (flash.metrics module); server | nil, err.
+function flash.metrics(opts)
+  if type(opts) ~= "table" or type(opts.listen) ~= "string" then
+    argerror(1, "metrics", "{ listen = \"ADDR:PORT\" } expected")
+  end
+  return require("flash.metrics").start(flash, opts)
 end
 
 ---------------------------------------------------------------------------------------
@@ -457,6 +467,7 @@ function Client:listen(opts)
     primary_key = opts.primary_key,
     layout = core.layout(columns, self.flags),
     callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} },
+    delivered = { insert = 0, update = 0, delete = 0, truncate = 0, read = 0 },   -- events per operation
   }, Listener)
   local ok, verr = self.driver:check(l)
   if not ok then return failed("client:listen", verr) end
@@ -553,7 +564,10 @@ function Client:_call(fn, ev)
   local t0 = clock()
   local ok, err = xpcall(fn, traceback, ev)
   local counters = self.counters
-  counters.handler_seconds = counters.handler_seconds + (clock() - t0)
+  local dt = clock() - t0
+  counters.handler_seconds = counters.handler_seconds + dt
+  local hist = self.handler_hist   -- set while flash.metrics serves
+  if hist then hist:observe(dt) end
   if ok then return true end
   return self:_failed(err, ev)
 end
@@ -598,6 +612,9 @@ function Client:_deliver(l, ev)
     return true
   end
   self.counters.events = self.counters.events + 1
+  local per = l.delivered
+  per[ev.op] = per[ev.op] + 1
+  if ev.commit_time then self.last_commit_time = ev.commit_time end
   if self.acks then self.acks:track(ev) end
   if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
   -- Copy: a callback may call off() while we iterate.
@@ -844,6 +861,11 @@ function flash._loop(list, opts)
       local d = c.driver:next_deadline()
       if d and (not due or d < due) then due = d end
     end
+    for _, s in ipairs(sources) do
+      for _, fd in ipairs(s.fds()) do fds[#fds + 1] = fd end
+      local d = s.deadline()
+      if d and (not due or d < due) then due = d end
+    end
     local wait = due and math.max(0, due - core.now()) or (#live < open and 1 or -1)
     core.poll(fds, wait)
     local sig = core.signal_pending()
@@ -867,6 +889,7 @@ function flash._loop(list, opts)
     if not failure then
       local ok, err = run_timers(core.now())
       if not ok then failure = err break end
+      for i = #sources, 1, -1 do local s = sources[i] if s then s.step() end end   -- a step may close its source
     end
     if opts.until_lsn and not failure then
       local all = true
@@ -947,6 +970,14 @@ function flash._take_stop_failure()
 end
 
 function flash._clients() return clients end
+
+-- Sources the loop polls besides clients and timers: { fds = fn, deadline = fn, step = fn }.
+function flash._add_source(s) sources[#sources + 1] = s end
+function flash._remove_source(s)
+  for i, x in ipairs(sources) do
+    if x == s then table.remove(sources, i) break end
+  end
+end
 
 -- The host asks whether the script left anything to run.
 function flash._pending()
