@@ -16,6 +16,8 @@ options:
       --driver NAME      default driver: trigger (default), trigger_global,
                          trigger_statement, wal_logical, pg_extension (lua/flash/driver/)
   -l, --log-level LEVEL  error, warn, info (default), debug, trace
+      --log-format FMT   text (default) or json: one JSON object per line on stderr
+                         (ts, level, msg, client, db; --stats values as fields)
       --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
                          run, point the default DSN at it, remove it at exit
   -e CODE                run CODE before the script (may be repeated)
@@ -60,6 +62,12 @@ examples:
   flashlua --table shop.orders --where "customer_id in (1, 2)" --where "note is not null"
   flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4
 ]]
+
+-- A runtime failure on stderr, whatever the log level: "flashlua: MSG", or under
+-- --log-format json an error object.
+local function fatal(msg)
+  require("flash.log").record("error", "flashlua: " .. tostring(msg), tostring(msg), nil, true)
+end
 
 local function usage_error(msg)
   io.stderr:write("flashlua: ", msg, "\n", "Try 'flashlua --help' for more information.\n")
@@ -187,6 +195,7 @@ local function parse_args(argv)
         error({ usage = string.format("unknown driver '%s' for --driver (expected %s)", o.driver, registry.list()) })
       end
     elseif a == "-l" or a == "--log-level" then o.log_level = val(a)
+    elseif a == "--log-format" then o.log_format = val(a)
     elseif a == "--sandbox" then o.sandbox = true
     elseif a == "-e" then o.exprs[#o.exprs + 1] = val(a)
     elseif a == "--stats" then o.stats = true
@@ -296,9 +305,13 @@ local function stats_timer(flash, core)
     end
     local rate = (total - last_events) / math.max(now - last_t, 1e-6)
     last_events, last_t = total, now
-    io.stderr:write(string.format("%s flashlua: %.0f events/s, %d events, %d errors, %.3f s in callbacks%s%s\n",
+    local fields = { { "events_per_second", math.floor(rate + 0.5) }, { "events", total }, { "errors", errors },
+      { "handler_seconds", handler } }
+    if lag then fields[#fields + 1] = { "lag_bytes", lag } end
+    if #bf > 0 then fields[#fields + 1] = { "backfill", table.concat(bf):sub(3) } end
+    flash.log.record("info", string.format("%s flashlua: %.0f events/s, %d events, %d errors, %.3f s in callbacks%s%s",
       os.date("!%Y-%m-%dT%H:%M:%SZ"), rate, total, errors, handler,
-      lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)))
+      lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)), "stats", fields, true)
   end)
 end
 
@@ -329,7 +342,7 @@ local function slots_mode(flash, o)
     c:stop()
     return fail
   end)
-  if err then io.stderr:write("flashlua: ", tostring(err), "\n") return 1 end
+  if err then fatal(tostring(err)) return 1 end
   return 0
 end
 
@@ -346,6 +359,10 @@ local function run(argv)
   if o.log_level then
     local lok, lerr = flash.log.set_level(o.log_level)
     if not lok then return usage_error(lerr) end
+  end
+  if o.log_format then
+    local fok, ferr = flash.log.set_format(o.log_format)
+    if not fok then return usage_error(ferr) end
   end
   if o.list_slots or o.drop_slot then return slots_mode(flash, o) end
   local only = not o.table and table_only(o)
@@ -407,25 +424,25 @@ local function run(argv)
 
   for _, code in ipairs(o.exprs) do
     local chunk, err = loadstring(code, "=(command line)")
-    if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
+    if not chunk then fatal(err) return finish(1) end
     local eok, eerr = protected(chunk)
-    if not eok then io.stderr:write("flashlua: ", eerr, "\n") return finish(1) end
+    if not eok then fatal(eerr) return finish(1) end
   end
 
   if o.table then
     local tok, terr = protected(table_mode, flash, o)
-    if not tok then io.stderr:write("flashlua: ", terr, "\n") return finish(1) end
+    if not tok then fatal(terr) return finish(1) end
   elseif o.script then
     local chunk, err = loadfile(o.script)
-    if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
+    if not chunk then fatal(err) return finish(1) end
     local sok, serr = protected(chunk, unpack(script_arg, 1, #script_arg))
     if not sok then
-      io.stderr:write("flashlua: ", tostring(serr), "\n")
+      fatal(tostring(serr))
       -- `local c = flash.client{...}` without assert(): the script fails later on the nil;
       -- the failure it ignored is the cause.
       if flash._last_failure and tostring(serr):find("a nil value", 1, true) then
-        io.stderr:write("flashlua: that nil may come from ", flash._last_failure,
-          "\n(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n")
+        fatal("that nil may come from " .. flash._last_failure ..
+          "\n(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)")
       end
       flash.stop()
       return finish(1)
@@ -440,7 +457,7 @@ local function run(argv)
     local rok, rerr = flash.run()
     if not rok then
       flash._take_stop_failure()
-      io.stderr:write("flashlua: ", tostring(rerr), "\n")
+      fatal(tostring(rerr))
       return finish(1)
     end
   end
@@ -448,7 +465,7 @@ local function run(argv)
   -- the stop above) makes the run a failure even if the script ignored the result.
   local sfail = flash._take_stop_failure()
   if sfail then
-    io.stderr:write("flashlua: ", sfail, "\n")
+    fatal(sfail)
     return finish(1)
   end
   return finish(0)
@@ -457,7 +474,7 @@ end
 function M.main(argv)
   local ok, status = pcall(run, argv)
   if not ok then
-    io.stderr:write("flashlua: ", tostring(status), "\n")
+    fatal(tostring(status))
     return 1
   end
   io.stdout:flush()
