@@ -49,6 +49,12 @@ options:
                          plugin, active pid, WAL retained, confirmed position; exit
       --drop-slot NAME   drop flashlua's inactive replication slot NAME and exit
                          (exit 1 when it is in use or is not one of flashlua's)
+      --list-schemas     list the trigger drivers' persistent schemas (persistent =
+                         true) in the database (-d): name, tables with triggers,
+                         captured changes waiting, whether a flashlua runs on it; exit
+      --drop-schema NAME drop persistent schema NAME with its triggers and what it
+                         captured, and exit (exit 1 when a flashlua runs on it or it is
+                         not a persistent flashlua schema)
   -v, --version          print the version and exit
   -h, --help             print this help and exit
 
@@ -226,6 +232,8 @@ local function parse_args(argv)
       end
     elseif a == "--list-slots" then o.list_slots = true
     elseif a == "--drop-slot" then o.drop_slot = val(a)
+    elseif a == "--list-schemas" then o.list_schemas = true
+    elseif a == "--drop-schema" then o.drop_schema = val(a)
     elseif a == "--where" then
       local w = val(a)
       local cond, why = parse_where(w)
@@ -315,16 +323,39 @@ local function stats_timer(flash, core)
   end)
 end
 
--- --list-slots / --drop-slot NAME: what flashlua left in the database's slots.
+-- --list-slots / --drop-slot NAME / --list-schemas / --drop-schema NAME: what flashlua
+-- keeps in the database between runs.
 local function slots_mode(flash, o)
   local slots = require "flash.slots"
-  if o.script or o.table then return usage_error("--list-slots and --drop-slot take no script or --table") end
+  if o.script or o.table then
+    return usage_error(((o.list_slots or o.drop_slot) and "--list-slots and --drop-slot" or "--list-schemas and --drop-schema")
+      .. " take no script or --table")
+  end
   if o.dsn then flash.defaults.dsn = o.dsn end
   local _, err = pcall(function()   -- err: an error raised, or the failure returned
     local c, cerr = flash.client {}
     if not c then return cerr end
     local fail
-    if o.drop_slot then
+    local capture = require "flash.driver.capture"
+    if o.drop_schema then
+      local left, derr = capture.drop_persistent(c, o.drop_schema)
+      if left then
+        io.stdout:write(string.format("dropped schema %s and its triggers (%d captured changes discarded)\n",
+          o.drop_schema, left))
+      else
+        fail = derr
+      end
+    elseif o.list_schemas then
+      local rows, lerr = capture.persistent_schemas(c)
+      if not rows then
+        fail = lerr
+      else
+        io.stdout:write(string.format("%-32s %8s %10s  %s\n", "schema", "tables", "backlog", "in use"))
+        for _, r in ipairs(rows) do
+          io.stdout:write(string.format("%-32s %8d %10d  %s\n", r.name, r.tables, r.backlog, r.in_use and "yes" or "no"))
+        end
+      end
+    elseif o.drop_slot then
       local dok, derr = slots.drop(c.conn, o.drop_slot)
       if dok then io.stdout:write("dropped replication slot ", o.drop_slot, "\n") else fail = derr end
     else
@@ -364,7 +395,7 @@ local function run(argv)
     local fok, ferr = flash.log.set_format(o.log_format)
     if not fok then return usage_error(ferr) end
   end
-  if o.list_slots or o.drop_slot then return slots_mode(flash, o) end
+  if o.list_slots or o.drop_slot or o.list_schemas or o.drop_schema then return slots_mode(flash, o) end
   local only = not o.table and table_only(o)
   if only then
     return usage_error(only .. " goes with --table; a script chooses this itself (client:listen, listener:on)")
