@@ -4,6 +4,7 @@ LUA_VER  := 5.1
 LUADIR   ?= $(PREFIX)/share/lua/$(LUA_VER)
 CMODDIR  ?= $(PREFIX)/lib/lua/$(LUA_VER)
 BINDIR   ?= $(PREFIX)/bin
+MANDIR   ?= $(PREFIX)/share/man
 
 LUAJIT_CFLAGS := $(shell pkg-config --cflags luajit)
 LUAJIT_LIBS   := $(shell pkg-config --libs luajit)
@@ -160,8 +161,10 @@ fuzz-pgoutput: | $(B)
 	$(B)/fuzz_pgoutput -max_total_time=$(FUZZ_SECONDS) -max_len=65536 $(B)/fuzz-pgoutput-corpus
 
 install: $(B)/flashlua $(B)/flash/core.so
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(LUADIR)/flash/sink $(DESTDIR)$(CMODDIR)/flash
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(LUADIR)/flash/sink $(DESTDIR)$(CMODDIR)/flash \
+	  $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(B)/flashlua $(DESTDIR)$(BINDIR)/flashlua
+	install -m 644 docs/flashlua.1 $(DESTDIR)$(MANDIR)/man1/flashlua.1
 	install -m 644 $(B)/flash/core.so $(DESTDIR)$(CMODDIR)/flash/core.so
 	install -m 644 $(wildcard lua/flash/*.lua) $(DESTDIR)$(LUADIR)/flash/
 	install -m 644 $(wildcard lua/flash/driver/*.lua) $(DESTDIR)$(LUADIR)/flash/driver/

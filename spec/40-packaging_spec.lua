@@ -49,4 +49,19 @@ describe("packaging", function()
       H.sh_quote(tmp), H.sh_quote(tmp)))
     assert.equal(0, rc, out)
   end)
+
+  it("installs the man page (man flashlua), which names every option of --help", function()
+    local rc, out = sh(string.format("cd %s && make -s install PREFIX=%s/usr", H.sh_quote(H.root), H.sh_quote(tmp)))
+    assert.equal(0, rc, out)
+    local page = string.format("%s/usr/share/man/man1/flashlua.1", tmp)
+    rc, out = sh("MANWIDTH=200 man -l " .. H.sh_quote(page))
+    assert.equal(0, rc, out)
+    assert.matches("flashlua %- run Lua scripts on PostgreSQL row changes", out)
+    local _, help = sh(H.sh_quote(H.flashlua) .. " --help")
+    local missing = {}
+    for opt in help:gmatch("%s(%-%-[%w%-]+)") do
+      if not out:find(opt, 1, true) then missing[#missing + 1] = opt end
+    end
+    assert.are.same({}, missing)
+  end)
 end)
