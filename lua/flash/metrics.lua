@@ -120,7 +120,7 @@ function M.render(clients)
     { "flashlua_errors_total", "counter", "Callbacks (and Lua where functions) that raised", "errors" },
     { "flashlua_reconnects_total", "counter", "Reconnections to PostgreSQL (or Redis) after a lost connection",
       "reconnects" },
-    { "flashlua_bytes_total", "counter", "Bytes of row text read (trigger drivers)", "bytes" },
+    { "flashlua_bytes_total", "counter", "Bytes of row text read (trigger drivers)", "bytes", "captured" },
     { "flashlua_uptime_seconds", "gauge", "Seconds since the client started", "uptime" },
     { "flashlua_lag_bytes", "gauge", "WAL bytes the server has that are not yet confirmed (wal_logical, pg_extension)",
       "lag_bytes" },
@@ -132,7 +132,7 @@ function M.render(clients)
   for _, m in ipairs(simple) do
     for _, r in ipairs(rows) do
       local v = r.s[m[4]]
-      if type(v) == "number" then
+      if type(v) == "number" and (not m[5] or r.s[m[5]] ~= nil) then   -- m[5]: only where the driver keeps it
         family(m[1], m[2], m[3])
         sample(m[1], r.lb, v)
       end
