@@ -6,6 +6,7 @@
  * is libmicrohttpd's. */
 #include <errno.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -91,11 +92,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 }
 
 /* The listening socket is ours (so that "address in use" or a bad address is an error with
- * its reason), handed to libmicrohttpd. Returns the socket, or -1 with `err` filled. */
-static int open_socket(const char *host, const char *port, int *family, char *err, size_t errlen) {
+ * its reason), handed to libmicrohttpd. Returns the socket, or -1 with `err` filled.
+ * `want`: the address family to try (AF_UNSPEC: any the host name has). */
+static int open_socket_in(const char *host, const char *port, int want, int *family, int *eno, char *err,
+                          size_t errlen) {
   struct addrinfo hints, *res = NULL, *ai;
   memset(&hints, 0, sizeof hints);
-  hints.ai_family = AF_UNSPEC;
+  hints.ai_family = want;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
   int rc = getaddrinfo(*host ? host : NULL, port, &hints, &res);
@@ -108,20 +111,34 @@ static int open_socket(const char *host, const char *port, int *family, char *er
   for (ai = res; ai; ai = ai->ai_next) {
     fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, ai->ai_protocol);
     if (fd < 0) {
+      *eno = errno;
       snprintf(err, errlen, "%s", strerror(errno));
       continue;
     }
-    int one = 1;
+    int one = 1, zero = 0;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);   /* a restart reuses the port at once */
+    if (ai->ai_family == AF_INET6 && !*host)   /* "every address": IPv4 too, on the same socket */
+      setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero);
     if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 32) == 0) {
       *family = ai->ai_family;
       break;
     }
+    *eno = errno;
     snprintf(err, errlen, "%s", strerror(errno));
     close(fd);
     fd = -1;
   }
   freeaddrinfo(res);
+  return fd;
+}
+
+/* Host "" means every address: IPv6 and IPv4 on one socket where the system has IPv6,
+ * else IPv4's. */
+static int open_socket(const char *host, const char *port, int *family, char *err, size_t errlen) {
+  int eno = 0;
+  if (*host) return open_socket_in(host, port, AF_UNSPEC, family, &eno, err, errlen);
+  int fd = open_socket_in(host, port, AF_INET6, family, &eno, err, errlen);
+  if (fd < 0 && eno != EADDRINUSE) fd = open_socket_in(host, port, AF_INET, family, &eno, err, errlen);
   return fd;
 }
 
