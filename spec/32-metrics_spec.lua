@@ -174,16 +174,17 @@ describe("/healthz across a PostgreSQL stop", function()
     return os.execute("cd / && " .. cmd .. " >/dev/null 2>&1")
   end
 
-  it("turns 503 with the reason while the server is down and 200 after the reconnect", function()
+  for _, driver in ipairs({ "trigger", "wal_logical" }) do
+  it("turns 503 with the reason while the server is down and 200 after the reconnect (" .. driver .. ")", function()
     sb = assert(require("flash.sandbox").start {})
     local c = assert(require("flash").client { dsn = sb.dsn })
     assert(c:query("CREATE TABLE t (id int)"))
     c:stop()
-    local script = s.script([[
+    local script = s.script(string.format([[
       local flash = require "flash"
-      local c = assert(flash.client { name = "down" })
+      local c = assert(flash.client { name = "down", driver = %q, replica_identity = "full" })
       assert(c:listen { table = "public.t" }):on("insert", function() end)
-    ]])
+    ]], driver))
     local h = s.spawn({ "-d", sb.dsn, "--metrics", "127.0.0.1:0", script })
     local port = served_port(h)
     assert(h.await("listening on public.t", 20, "err"), h.err())
@@ -198,17 +199,19 @@ describe("/healthz across a PostgreSQL stop", function()
     end, 10), body)
     assert.matches("^%[down db=postgres%] reconnecting since %d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ\n$", body)
     local _, m = curl(string.format("http://127.0.0.1:%d/metrics", port))
-    assert.truthy(m:find('flashlua_up{client="down",db="postgres",driver="trigger"} 0\n', 1, true), m)
+    assert.truthy(m:find('flashlua_up{client="down",db="postgres",driver="' .. driver .. '"} 0\n', 1, true), m)
 
     assert.truthy(pg_ctl("start -w -t 30 -l " .. H.sh_quote(sb.dir .. "/restart.log")))
     assert.truthy(H.wait_for(function()
       code, body = curl(url)
       return code == 200
-    end, 20), body)
+    end, 20), body .. h.err())
     assert.are.equal("ok: 1 client streaming\n", body)
     _, m = curl(string.format("http://127.0.0.1:%d/metrics", port))
-    assert.truthy(m:find('flashlua_reconnects_total{client="down",db="postgres",driver="trigger"} 1\n', 1, true), m)
+    assert.truthy(m:find('flashlua_reconnects_total{client="down",db="postgres",driver="' .. driver .. '"} 1\n', 1,
+      true), m)
     h.kill("TERM")
     assert.are.equal(0, h.wait(20), h.err())
   end)
+  end
 end)

@@ -783,6 +783,9 @@ function Driver:reconnect()
       self.client.conn:close()
       self.client.conn = conn
       ok, err = self:exec("SELECT pg_advisory_lock(" .. self:lock_sql(self.publication) .. ")")
+      -- This connection is the query connection now, holding the lock: a pending query
+      -- reconnect would only find the lock taken (by it) and retry forever.
+      if ok then self.conn_retry_at = nil end
     else
       err = cerr
     end
