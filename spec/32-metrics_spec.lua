@@ -98,6 +98,7 @@ describe("metrics and health (--metrics)", function()
       return sample(body, 'flashlua_events_total{' .. lb .. ',table="public.' .. t .. '",op="insert"}') == 3
     end, 10), body)
     assert.truthy(sample(body, "flashlua_lag_bytes{" .. lb .. "}"))
+    assert.truthy(sample(body, "flashlua_slot_wal_held_bytes{" .. lb .. "}") >= 0)
     assert.truthy(sample(body, "flashlua_confirmed_lsn{" .. lb .. "}") > 0)
     local lag = sample(body, "flashlua_lag_seconds{" .. lb .. "}")
     assert.truthy(lag and lag >= 0 and lag < 60, body)

@@ -122,7 +122,7 @@ function M.render(clients)
       "reconnects" },
     { "flashlua_bytes_total", "counter", "Bytes of row text read (trigger drivers)", "bytes", "captured" },
     { "flashlua_uptime_seconds", "gauge", "Seconds since the client started", "uptime" },
-    { "flashlua_lag_bytes", "gauge", "WAL bytes the server has that are not yet confirmed (wal_logical, pg_extension)",
+    { "flashlua_lag_bytes", "gauge", "WAL bytes the stream has received and not yet confirmed (wal_logical, pg_extension)",
       "lag_bytes" },
     { "flashlua_captured_rows_total", "counter", "Rows read from the capture table (trigger drivers)", "captured" },
     { "flashlua_stream_spilled_bytes_total", "counter", "Bytes of streamed transactions spilled to disk",
@@ -157,6 +157,17 @@ function M.render(clients)
     if ct and r.s.last_event_time then
       family("flashlua_lag_seconds", "gauge", "Seconds between the last delivered event's commit and its delivery")
       sample("flashlua_lag_seconds", r.lb, math.max(0, r.s.last_event_time - ct))
+    end
+  end
+  -- wal_logical, pg_extension: the WAL the slot keeps on the server (a query per scrape).
+  for _, r in ipairs(rows) do
+    local d = r.c.driver
+    if r.c.capturing and r.s.slot and d.conn and not M.unhealthy(r.c) then
+      local held = require("flash.slots").held(d:conn(), r.s.slot)
+      if held then
+        family("flashlua_slot_wal_held_bytes", "gauge", "WAL the server keeps for the client's slot (from its restart position)")
+        sample("flashlua_slot_wal_held_bytes", r.lb, held)
+      end
     end
   end
   -- Trigger drivers: rows captured and waiting in the capture table (a count(*) per scrape).
