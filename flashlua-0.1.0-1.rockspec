@@ -36,6 +36,7 @@ build = {
     },
     ["flash"] = "lua/flash/init.lua",
     ["flash.ack"] = "lua/flash/ack.lua",
+    ["flash.backfill"] = "lua/flash/backfill.lua",
     ["flash.cli"] = "lua/flash/cli.lua",
     ["flash.filter"] = "lua/flash/filter.lua",
     ["flash.json"] = "lua/flash/json.lua",
@@ -52,5 +53,6 @@ build = {
     ["flash.driver.trigger_statement"] = "lua/flash/driver/trigger_statement.lua",
     ["flash.driver.wal_logical"] = "lua/flash/driver/wal_logical.lua",
     ["flash.driver.pg_extension"] = "lua/flash/driver/pg_extension.lua",
+    ["flash.driver.redis_streams"] = "lua/flash/driver/redis_streams.lua",
   },
 }

@@ -35,6 +35,21 @@ describe("packaging", function()
     assert.matches("0%.1%.0\ttrue\t9007199254740993\ttrue", out)
   end)
 
+  it("the rockspec lists every Lua module and C source of the tree", function()
+    local f = assert(io.open(H.root .. "flashlua-0.1.0-1.rockspec"))
+    local spec = f:read("*a")
+    f:close()
+    local missing = {}
+    local _, files = sh("cd " .. H.sh_quote(H.root) .. " && ls lua/flash/*.lua lua/flash/*/*.lua src/core/*.c src/pq/*.c " ..
+      "src/lua/*.c 2>/dev/null")
+    for path in files:gmatch("[^\n]+") do
+      if path:find("%.lua$") or path:find("%.c$") then
+        if not spec:find('"' .. path .. '"', 1, true) then missing[#missing + 1] = path end
+      end
+    end
+    assert.are.same({}, missing)
+  end)
+
   it("installs with make install PREFIX and the installed host runs a script", function()
     local rc, out = sh(string.format("cd %s && make -s install PREFIX=%s/usr", H.sh_quote(H.root), H.sh_quote(tmp)))
     assert.equal(0, rc, out)
