@@ -4,6 +4,7 @@ LUA_VER  := 5.1
 LUADIR   ?= $(PREFIX)/share/lua/$(LUA_VER)
 CMODDIR  ?= $(PREFIX)/lib/lua/$(LUA_VER)
 BINDIR   ?= $(PREFIX)/bin
+MANDIR   ?= $(PREFIX)/share/man
 
 LUAJIT_CFLAGS := $(shell pkg-config --cflags luajit)
 LUAJIT_LIBS   := $(shell pkg-config --libs luajit)
@@ -12,10 +13,13 @@ PQ_LIBS       := $(shell pkg-config --libs libpq 2>/dev/null || echo -lpq)
 # hiredis (Debian libhiredis-dev): the Redis Streams sink's client (src/lua/lredis.c).
 REDIS_CFLAGS  := $(shell pkg-config --cflags hiredis 2>/dev/null)
 REDIS_LIBS    := $(shell pkg-config --libs hiredis 2>/dev/null || echo -lhiredis)
+# libmicrohttpd (Debian libmicrohttpd-dev): the metrics and health endpoints (src/lua/lhttp.c).
+MHD_CFLAGS    := $(shell pkg-config --cflags libmicrohttpd 2>/dev/null)
+MHD_LIBS      := $(shell pkg-config --libs libmicrohttpd 2>/dev/null || echo -lmicrohttpd)
 LUAJIT        ?= luajit
 
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=gnu99 -Wall -Wextra -fPIC $(LUAJIT_CFLAGS) $(PQ_CFLAGS) $(REDIS_CFLAGS)
+CFLAGS  += -std=gnu99 -Wall -Wextra -fPIC $(LUAJIT_CFLAGS) $(PQ_CFLAGS) $(REDIS_CFLAGS) $(MHD_CFLAGS)
 LDFLAGS ?=
 
 B := build
@@ -52,12 +56,12 @@ $(B)/bc/%.o: lua/flash/%.lua | $(B)/bc
 
 # The module: never links libluajit (symbols come from the host process).
 $(B)/flash/core.so: $(CORE_OBJ) | $(B)/flash
-	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS)
+	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS)
 
 # The host: LuaJIT embedded, -Wl,-E so C rocks a script loads resolve lua_* from us
 # and LuaJIT's loader finds the embedded luaJIT_BC_* modules.
 $(B)/flashlua: $(B)/host/main.o $(CORE_OBJ) $(LUA_BC)
-	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) -lm -ldl
+	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS) -lm -ldl
 
 # C unit tests of the pure parts, on byte fixtures, no server.
 $(B)/test_c: test/test_c.c test/harness.h test/fixtures_binary.h $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))
@@ -179,8 +183,10 @@ fuzz-binary: | $(B)
 	$(B)/fuzz_binary -max_total_time=$(FUZZ_SECONDS) -max_len=4096
 
 install: $(B)/flashlua $(B)/flash/core.so
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(LUADIR)/flash/sink $(DESTDIR)$(CMODDIR)/flash
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/flash/driver $(DESTDIR)$(LUADIR)/flash/sink $(DESTDIR)$(CMODDIR)/flash \
+	  $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(B)/flashlua $(DESTDIR)$(BINDIR)/flashlua
+	install -m 644 docs/flashlua.1 $(DESTDIR)$(MANDIR)/man1/flashlua.1
 	install -m 644 $(B)/flash/core.so $(DESTDIR)$(CMODDIR)/flash/core.so
 	install -m 644 $(wildcard lua/flash/*.lua) $(DESTDIR)$(LUADIR)/flash/
 	install -m 644 $(wildcard lua/flash/driver/*.lua) $(DESTDIR)$(LUADIR)/flash/driver/

@@ -22,6 +22,7 @@ dependencies = {
 external_dependencies = {
   LIBPQ = { header = "libpq-fe.h", library = "pq" },
   HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
+  MICROHTTPD = { header = "microhttpd.h", library = "microhttpd" },
 }
 build = {
   type = "builtin",
@@ -30,8 +31,8 @@ build = {
       sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c",
                   "src/core/fl_binary.c", "src/core/fl_spill.c", "src/pq/fl_stream.c", "src/lua/lerr.c",
                   "src/lua/lvalue.c", "src/lua/lconn.c",
-                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lcore.c" },
-      libraries = { "pq", "hiredis" },
+                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lhttp.c", "src/lua/lcore.c" },
+      libraries = { "pq", "hiredis", "microhttpd" },
       incdirs = { "$(LIBPQ_INCDIR)", "src/core", "src/pq", "src/lua" },
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
@@ -49,6 +50,7 @@ build = {
     ["flash.where"] = "lua/flash/where.lua",
     ["flash.sink.redis"] = "lua/flash/sink/redis.lua",
     ["flash.log"] = "lua/flash/log.lua",
+    ["flash.metrics"] = "lua/flash/metrics.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.slots"] = "lua/flash/slots.lua",
     ["flash.driver"] = "lua/flash/driver/init.lua",

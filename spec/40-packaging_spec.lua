@@ -35,6 +35,21 @@ describe("packaging", function()
     assert.matches("0%.1%.0\ttrue\t9007199254740993\ttrue", out)
   end)
 
+  it("the rockspec lists every Lua module and C source of the tree", function()
+    local f = assert(io.open(H.root .. "flashlua-0.1.0-1.rockspec"))
+    local spec = f:read("*a")
+    f:close()
+    local missing = {}
+    local _, files = sh("cd " .. H.sh_quote(H.root) .. " && ls lua/flash/*.lua lua/flash/*/*.lua src/core/*.c src/pq/*.c " ..
+      "src/lua/*.c 2>/dev/null")
+    for path in files:gmatch("[^\n]+") do
+      if path:find("%.lua$") or path:find("%.c$") then
+        if not spec:find('"' .. path .. '"', 1, true) then missing[#missing + 1] = path end
+      end
+    end
+    assert.are.same({}, missing)
+  end)
+
   it("installs with make install PREFIX and the installed host runs a script", function()
     local rc, out = sh(string.format("cd %s && make -s install PREFIX=%s/usr", H.sh_quote(H.root), H.sh_quote(tmp)))
     assert.equal(0, rc, out)
@@ -48,5 +63,20 @@ describe("packaging", function()
     rc, out = sh(string.format("ls %s/usr/lib/lua/5.1/flash/core.so %s/usr/share/lua/5.1/flash/init.lua",
       H.sh_quote(tmp), H.sh_quote(tmp)))
     assert.equal(0, rc, out)
+  end)
+
+  it("installs the man page (man flashlua), which names every option of --help", function()
+    local rc, out = sh(string.format("cd %s && make -s install PREFIX=%s/usr", H.sh_quote(H.root), H.sh_quote(tmp)))
+    assert.equal(0, rc, out)
+    local page = string.format("%s/usr/share/man/man1/flashlua.1", tmp)
+    rc, out = sh("MANWIDTH=200 man -l " .. H.sh_quote(page))
+    assert.equal(0, rc, out)
+    assert.matches("flashlua %- run Lua scripts on PostgreSQL row changes", out)
+    local _, help = sh(H.sh_quote(H.flashlua) .. " --help")
+    local missing = {}
+    for opt in help:gmatch("%s(%-%-[%w%-]+)") do
+      if not out:find(opt, 1, true) then missing[#missing + 1] = opt end
+    end
+    assert.are.same({}, missing)
   end)
 end)

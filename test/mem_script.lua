@@ -1,7 +1,8 @@
 -- test/mem_script.lua: the host's C paths under valgrind (make check-mem): the trigger
 -- drivers (captured row text, a row read on its own connection, a row over max_row_bytes)
 -- and wal_logical (pgoutput, streaming, spill),
--- and flash.json (the encoder's growing buffer, errors half-way, exact numbers).
+-- and flash.json (the encoder's growing buffer, errors half-way, exact numbers), and the
+-- metrics HTTP server.
 local flash = require "flash"
 local admin = assert(flash.client {})
 assert(admin:query [[DROP TABLE IF EXISTS mem_t;
@@ -52,4 +53,32 @@ for _ = 1, 50 do
   assert(not json.decode(doc:sub(1, -2)))
 end
 counts[#counts + 1] = "json=ok"
+
+-- The metrics server (libmicrohttpd driven by the loop): /metrics, /healthz, a 404, a POST
+-- with a body (405), then the close.
+local m = assert(flash.metrics { listen = "127.0.0.1:0" })
+assert(admin:query("DROP TABLE IF EXISTS mem_m; CREATE TABLE mem_m (id int)"))
+local mc = assert(flash.client {})
+assert(mc:listen { table = "mem_m" }):on("insert", function() end)
+local out = os.tmpname()
+flash.after(0.2, function()
+  os.execute(string.format("(for p in metrics healthz nope; do curl -s -m 10 http://127.0.0.1:%d/$p; done; " ..
+    "curl -s -m 10 -d x=1 http://127.0.0.1:%d/metrics; echo END) >%s 2>&1 &", m.port, m.port, out))
+end)
+local deadline = require("flash.core").now() + 60
+flash.every(0.1, function()
+  local f = io.open(out)
+  local text = f and f:read("*a") or ""
+  if f then f:close() end
+  if text:find("END") or require("flash.core").now() > deadline then
+    counts[#counts + 1] = "http=" .. select(2, text:gsub("flashlua_up{", "")) .. "," ..
+      select(2, text:gsub("ok: ", "")) .. "," .. select(2, text:gsub("not found", "")) .. "," ..
+      select(2, text:gsub("only GET and HEAD", ""))
+    flash.stop()
+  end
+end)
+assert(flash.run())
+m.close()
+os.remove(out)
+assert(assert(flash.client {}):query("DROP TABLE mem_m"))
 print(table.concat(counts, " "))

@@ -16,11 +16,18 @@ options:
       --driver NAME      default driver: trigger (default), trigger_global,
                          trigger_statement, wal_logical, pg_extension (lua/flash/driver/)
   -l, --log-level LEVEL  error, warn, info (default), debug, trace
+      --log-format FMT   text (default) or json: one JSON object per line on stderr
+                         (ts, level, msg, client, db; --stats values as fields)
       --sandbox          start a throwaway local PostgreSQL (wal_level=logical) for this
                          run, point the default DSN at it, remove it at exit
   -e CODE                run CODE before the script (may be repeated)
       --stats            a progress line on stderr every second: time, events/s,
                          events, errors, seconds in callbacks, lag
+      --metrics ADDR:PORT
+                         serve Prometheus metrics at http://ADDR:PORT/metrics and a
+                         health check at /healthz (200 while every client streams,
+                         503 and the reason otherwise); [::1]:PORT for IPv6, :PORT for
+                         every address
       --table NAME       no script: print each event of table NAME as one JSON line
       --ops LIST         with --table: operations, of insert, update, delete,
                          truncate, all (default all)
@@ -42,6 +49,12 @@ options:
                          plugin, active pid, WAL retained, confirmed position; exit
       --drop-slot NAME   drop flashlua's inactive replication slot NAME and exit
                          (exit 1 when it is in use or is not one of flashlua's)
+      --list-schemas     list the trigger drivers' persistent schemas (persistent =
+                         true) in the database (-d): name, tables with triggers,
+                         captured changes waiting, whether a flashlua runs on it; exit
+      --drop-schema NAME drop persistent schema NAME with its triggers and what it
+                         captured, and exit (exit 1 when a flashlua runs on it or it is
+                         not a persistent flashlua schema)
   -v, --version          print the version and exit
   -h, --help             print this help and exit
 
@@ -55,6 +68,12 @@ examples:
   flashlua --table shop.orders --where "customer_id in (1, 2)" --where "note is not null"
   flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4
 ]]
+
+-- A runtime failure on stderr, whatever the log level: "flashlua: MSG", or under
+-- --log-format json an error object.
+local function fatal(msg)
+  require("flash.log").record("error", "flashlua: " .. tostring(msg), tostring(msg), nil, true)
+end
 
 local function usage_error(msg)
   io.stderr:write("flashlua: ", msg, "\n", "Try 'flashlua --help' for more information.\n")
@@ -182,9 +201,14 @@ local function parse_args(argv)
         error({ usage = string.format("unknown driver '%s' for --driver (expected %s)", o.driver, registry.list()) })
       end
     elseif a == "-l" or a == "--log-level" then o.log_level = val(a)
+    elseif a == "--log-format" then o.log_format = val(a)
     elseif a == "--sandbox" then o.sandbox = true
     elseif a == "-e" then o.exprs[#o.exprs + 1] = val(a)
     elseif a == "--stats" then o.stats = true
+    elseif a == "--metrics" then
+      o.metrics = val(a)
+      local ok, why = require("flash.metrics").parse_address(o.metrics)
+      if not ok then error({ usage = string.format("cannot read --metrics '%s': %s", o.metrics, why) }) end
     elseif a == "--table" then o.table = val(a)
     elseif a == "--ops" then
       o.ops = split_list(val(a))
@@ -208,6 +232,8 @@ local function parse_args(argv)
       end
     elseif a == "--list-slots" then o.list_slots = true
     elseif a == "--drop-slot" then o.drop_slot = val(a)
+    elseif a == "--list-schemas" then o.list_schemas = true
+    elseif a == "--drop-schema" then o.drop_schema = val(a)
     elseif a == "--where" then
       local w = val(a)
       local cond, why = parse_where(w)
@@ -287,22 +313,49 @@ local function stats_timer(flash, core)
     end
     local rate = (total - last_events) / math.max(now - last_t, 1e-6)
     last_events, last_t = total, now
-    io.stderr:write(string.format("%s flashlua: %.0f events/s, %d events, %d errors, %.3f s in callbacks%s%s\n",
+    local fields = { { "events_per_second", math.floor(rate + 0.5) }, { "events", total }, { "errors", errors },
+      { "handler_seconds", handler } }
+    if lag then fields[#fields + 1] = { "lag_bytes", lag } end
+    if #bf > 0 then fields[#fields + 1] = { "backfill", table.concat(bf):sub(3) } end
+    flash.log.record("info", string.format("%s flashlua: %.0f events/s, %d events, %d errors, %.3f s in callbacks%s%s",
       os.date("!%Y-%m-%dT%H:%M:%SZ"), rate, total, errors, handler,
-      lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)))
+      lag and string.format(", lag %d bytes", lag) or "", table.concat(bf)), "stats", fields, true)
   end)
 end
 
--- --list-slots / --drop-slot NAME: what flashlua left in the database's slots.
+-- --list-slots / --drop-slot NAME / --list-schemas / --drop-schema NAME: what flashlua
+-- keeps in the database between runs.
 local function slots_mode(flash, o)
   local slots = require "flash.slots"
-  if o.script or o.table then return usage_error("--list-slots and --drop-slot take no script or --table") end
+  if o.script or o.table then
+    return usage_error(((o.list_slots or o.drop_slot) and "--list-slots and --drop-slot" or "--list-schemas and --drop-schema")
+      .. " take no script or --table")
+  end
   if o.dsn then flash.defaults.dsn = o.dsn end
   local _, err = pcall(function()   -- err: an error raised, or the failure returned
     local c, cerr = flash.client {}
     if not c then return cerr end
     local fail
-    if o.drop_slot then
+    local capture = require "flash.driver.capture"
+    if o.drop_schema then
+      local left, derr = capture.drop_persistent(c, o.drop_schema)
+      if left then
+        io.stdout:write(string.format("dropped schema %s and its triggers (%d captured changes discarded)\n",
+          o.drop_schema, left))
+      else
+        fail = derr
+      end
+    elseif o.list_schemas then
+      local rows, lerr = capture.persistent_schemas(c)
+      if not rows then
+        fail = lerr
+      else
+        io.stdout:write(string.format("%-32s %8s %10s  %s\n", "schema", "tables", "backlog", "in use"))
+        for _, r in ipairs(rows) do
+          io.stdout:write(string.format("%-32s %8d %10d  %s\n", r.name, r.tables, r.backlog, r.in_use and "yes" or "no"))
+        end
+      end
+    elseif o.drop_slot then
       local dok, derr = slots.drop(c.conn, o.drop_slot)
       if dok then io.stdout:write("dropped replication slot ", o.drop_slot, "\n") else fail = derr end
     else
@@ -320,7 +373,7 @@ local function slots_mode(flash, o)
     c:stop()
     return fail
   end)
-  if err then io.stderr:write("flashlua: ", tostring(err), "\n") return 1 end
+  if err then fatal(tostring(err)) return 1 end
   return 0
 end
 
@@ -338,7 +391,11 @@ local function run(argv)
     local lok, lerr = flash.log.set_level(o.log_level)
     if not lok then return usage_error(lerr) end
   end
-  if o.list_slots or o.drop_slot then return slots_mode(flash, o) end
+  if o.log_format then
+    local fok, ferr = flash.log.set_format(o.log_format)
+    if not fok then return usage_error(ferr) end
+  end
+  if o.list_slots or o.drop_slot or o.list_schemas or o.drop_schema then return slots_mode(flash, o) end
   local only = not o.table and table_only(o)
   if only then
     return usage_error(only .. " goes with --table; a script chooses this itself (client:listen, listener:on)")
@@ -353,10 +410,21 @@ local function run(argv)
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end
 
-  local sandbox
+  local sandbox, metrics
   local function finish(status)
+    if metrics then metrics.close() end
     if sandbox then sandbox:stop() end
     return status
+  end
+  if o.metrics then
+    -- Before anything is created in a database: an address that cannot be served is a
+    -- usage error, like a bad option.
+    local m, merr = flash.metrics { listen = o.metrics }
+    if not m then
+      io.stderr:write("flashlua: --metrics: ", tostring(merr), "\n")
+      return 2
+    end
+    metrics = m
   end
   if o.sandbox then
     local sb, err = require("flash.sandbox").start { log = function(m) flash.log.debug(m) end }
@@ -387,25 +455,25 @@ local function run(argv)
 
   for _, code in ipairs(o.exprs) do
     local chunk, err = loadstring(code, "=(command line)")
-    if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
+    if not chunk then fatal(err) return finish(1) end
     local eok, eerr = protected(chunk)
-    if not eok then io.stderr:write("flashlua: ", eerr, "\n") return finish(1) end
+    if not eok then fatal(eerr) return finish(1) end
   end
 
   if o.table then
     local tok, terr = protected(table_mode, flash, o)
-    if not tok then io.stderr:write("flashlua: ", terr, "\n") return finish(1) end
+    if not tok then fatal(terr) return finish(1) end
   elseif o.script then
     local chunk, err = loadfile(o.script)
-    if not chunk then io.stderr:write("flashlua: ", err, "\n") return finish(1) end
+    if not chunk then fatal(err) return finish(1) end
     local sok, serr = protected(chunk, unpack(script_arg, 1, #script_arg))
     if not sok then
-      io.stderr:write("flashlua: ", tostring(serr), "\n")
+      fatal(tostring(serr))
       -- `local c = flash.client{...}` without assert(): the script fails later on the nil;
       -- the failure it ignored is the cause.
       if flash._last_failure() and tostring(serr):find("a nil value", 1, true) then
-        io.stderr:write("flashlua: that nil may come from ", flash._last_failure(),
-          "\n(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n")
+        fatal("that nil may come from " .. flash._last_failure() ..
+          "\n(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)")
       end
       flash.stop()
       return finish(1)
@@ -420,7 +488,7 @@ local function run(argv)
     local rok, rerr = flash.run()
     if not rok then
       flash._take_stop_failure()
-      io.stderr:write("flashlua: ", tostring(rerr), "\n")
+      fatal(tostring(rerr))
       return finish(1)
     end
   end
@@ -428,7 +496,7 @@ local function run(argv)
   -- the stop above) makes the run a failure even if the script ignored the result.
   local sfail = flash._take_stop_failure()
   if sfail then
-    io.stderr:write("flashlua: ", sfail, "\n")
+    fatal(sfail)
     return finish(1)
   end
   return finish(0)
@@ -437,7 +505,7 @@ end
 function M.main(argv)
   local ok, status = pcall(run, argv)
   if not ok then
-    io.stderr:write("flashlua: ", tostring(status), "\n")
+    fatal(tostring(status))
     return 1
   end
   io.stdout:flush()

@@ -249,7 +249,10 @@ function Client:_call(fn, ev)
   local t0 = clock()
   local ok, err = xpcall(fn, traceback, ev)
   local counters = self.counters
-  counters.handler_seconds = counters.handler_seconds + (clock() - t0)
+  local dt = clock() - t0
+  counters.handler_seconds = counters.handler_seconds + dt
+  local hist = self.handler_hist   -- set while flash.metrics serves
+  if hist then hist:observe(dt) end
   if ok then return true end
   return self:_failed(err, ev)
 end
@@ -294,6 +297,9 @@ function Client:_deliver(l, ev)
     return true
   end
   self.counters.events = self.counters.events + 1
+  local per = l.delivered
+  per[ev.op] = per[ev.op] + 1
+  if ev.commit_time then self.last_commit_time = ev.commit_time end
   if self.acks then self.acks:track(ev) end
   if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
   -- Copy: a callback may call off() while we iterate.

@@ -49,10 +49,21 @@ end
 
 function flash.stop() return default:stop() end
 
+-- flash.metrics{ listen = "ADDR:PORT" }: /metrics and /healthz served from the loop
+-- (flash.metrics module); server | nil, err.
+function flash.metrics(opts)
+  if type(opts) ~= "table" or type(opts.listen) ~= "string" then
+    error("bad argument #1 to 'metrics' ({ listen = \"ADDR:PORT\" } expected)", 2)
+  end
+  return require("flash.metrics").start(flash, opts)
+end
+
 -- For the host (flash.cli).
 function flash._take_stop_failure() return default:take_stop_failure() end
 function flash._pending() return default:pending() end
 function flash._clients() return default.clients end
 function flash._last_failure() return default.last_failure end
+function flash._add_source(src) return default:add_source(src) end
+function flash._remove_source(src) return default:remove_source(src) end
 
 return flash

@@ -156,6 +156,7 @@ function M.new(client, opts)
     primary_key = opts.primary_key,
     layout = core.layout(columns, client.flags),
     callbacks = { insert = {}, update = {}, delete = {}, truncate = {}, read = {} },
+    delivered = { insert = 0, update = 0, delete = 0, truncate = 0, read = 0 },   -- events per operation
   }, Listener)
   local ok, verr = client.driver:check(l)
   if not ok then return lp:failed("client:listen", verr) end

@@ -1,4 +1,5 @@
--- flash.log: levelled logging to stderr, shared by the host and the module.
+-- flash.log: levelled logging to stderr, shared by the host and the module; as text lines
+-- or, for log shippers, one JSON object per line (flashlua --log-format json).
 local log = {}
 
 local LEVELS = { error = 1, warn = 2, info = 3, debug = 4, trace = 5 }
@@ -14,22 +15,83 @@ local function stringify(...)
   return table.concat(parts, " ")
 end
 
--- The client a line concerns ("[client 1 trigger db=app] "), set by the loop around each
--- client's work (log.within).
-local context = ""
+-- The client a line concerns ("client 1 trigger db=app", shown as "[...] "), set by the
+-- loop around each client's work (log.within).
+local context = nil
+local format = "text"
+
+-- A JSON string (RFC 8259: quote, backslash and control characters escaped).
+local function jstr(s)
+  return '"' .. tostring(s):gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" elseif c == "\n" then return "\\n"
+    elseif c == "\t" then return "\\t" elseif c == "\r" then return "\\r" end
+    return string.format("\\u%04x", c:byte())
+  end) .. '"'
+end
+
+local function jnum(v)
+  if v ~= v or v == math.huge or v == -math.huge then return "null" end
+  if v == math.floor(v) and math.abs(v) < 2^53 then return string.format("%d", v) end
+  return string.format("%.17g", v)
+end
+
+-- One JSON object: ts (UTC, milliseconds), level, msg, then client and db when the line
+-- is about a client, then `fields` ({ {key, value}, ... }: numbers, strings, booleans).
+local function json_line(name, msg, fields)
+  local now = require("flash.core").time()
+  local parts = {
+    '{"ts":' .. jstr(os.date("!%Y-%m-%dT%H:%M:%S", math.floor(now)) .. string.format(".%03dZ", math.floor(now % 1 * 1000))),
+    '"level":' .. jstr(name), '"msg":' .. jstr(msg),
+  }
+  if context then
+    local client, db = context:match("^(.*) db=(.*)$")
+    parts[#parts + 1] = '"client":' .. jstr(client or context)
+    if db then parts[#parts + 1] = '"db":' .. jstr(db) end
+  end
+  for _, f in ipairs(fields or {}) do
+    local v = f[2]
+    local enc = type(v) == "number" and jnum(v) or type(v) == "boolean" and tostring(v) or jstr(v)
+    parts[#parts + 1] = jstr(f[1]) .. ":" .. enc
+  end
+  return table.concat(parts, ",") .. "}"
+end
 
 local function emit(name, ...)
   if LEVELS[name] > current then return end
-  sink(string.format("%s %-5s %s%s", os.date("!%Y-%m-%dT%H:%M:%SZ"), name:upper(), context, stringify(...)))
+  if format == "json" then
+    sink(json_line(name, stringify(...)))
+  else
+    sink(string.format("%s %-5s %s%s", os.date("!%Y-%m-%dT%H:%M:%SZ"), name:upper(),
+      context and ("[" .. context .. "] ") or "", stringify(...)))
+  end
+end
+
+-- A line with named values (the --stats line): in JSON an object with msg `msg` and each
+-- value a field; in text, `text` as it is. Logged at level `name`; `force` logs it whatever
+-- the level (a fatal error).
+function log.record(name, text, msg, fields, force)
+  if LEVELS[name] > current and not force then return end
+  if format == "json" then return sink(json_line(name, msg, fields)) end
+  sink(text)
 end
 
 -- Lines logged until the next call are about `label` (nil: no client); returns the
 -- previous label, to put back.
 function log.within(label)
   local old = context
-  context = label and ("[" .. label .. "] ") or ""
-  return old ~= "" and old:sub(2, -3) or nil
+  context = label
+  return old
 end
+
+-- "text" (default) or "json": one JSON object per line with ts, level, msg, client, db.
+function log.set_format(name)
+  if name ~= "text" and name ~= "json" then
+    return nil, string.format("unknown log format '%s' (expected text or json)", tostring(name))
+  end
+  format = name
+  return true
+end
+function log.format() return format end
 
 for name in pairs(LEVELS) do
   log[name] = function(...) emit(name, ...) end

@@ -18,6 +18,7 @@ function M.new()
     clients = {},         -- open clients, in creation order
     client_seq = 0,       -- numbers clients in log lines
     timers = {},          -- { due=, every=, fn=, cancelled= }
+    sources = {},         -- other things the loop polls (flash.metrics): fds(), deadline(), step()
     stop_hooks = {},      -- flash.on_stop: { fn=, cancelled= }
     running = false,      -- inside run()
     stop_asked = false,   -- flash.stop() asked run() to return
@@ -26,6 +27,14 @@ function M.new()
     last_failure = nil,   -- the last nil, err of flash.client or client:listen (failed)
     warned_slots = {},    -- [slot name] = true: each idle slot warned about once (flash.slots)
   }, Loop)
+end
+
+-- Sources the loop polls besides clients and timers: { fds = fn, deadline = fn, step = fn }.
+function Loop:add_source(src) self.sources[#self.sources + 1] = src end
+function Loop:remove_source(src)
+  for i, x in ipairs(self.sources) do
+    if x == src then table.remove(self.sources, i) break end
+  end
 end
 
 -- The number of the next client, for log lines.
@@ -164,6 +173,11 @@ function Loop:run(list, opts)
       local d = c.driver:next_deadline()
       if d and (not due or d < due) then due = d end
     end
+    for _, src in ipairs(self.sources) do
+      for _, fd in ipairs(src.fds()) do fds[#fds + 1] = fd end
+      local d = src.deadline()
+      if d and (not due or d < due) then due = d end
+    end
     local wait = due and math.max(0, due - core.now()) or (#live < open and 1 or -1)
     core.poll(fds, wait)
     local sig = core.signal_pending()
@@ -187,6 +201,8 @@ function Loop:run(list, opts)
     if not failure then
       local ok, err = self:run_timers(core.now())
       if not ok then failure = err break end
+      -- A step may close its source.
+      for i = #self.sources, 1, -1 do local src = self.sources[i] if src then src.step() end end
     end
     if opts.until_lsn and not failure then
       local all = true

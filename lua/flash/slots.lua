@@ -31,6 +31,14 @@ function M.list(conn)
   return rows
 end
 
+-- The WAL the server keeps for slot `name` (from its restart position to the current one),
+-- in bytes; nil when there is no such slot or the query failed.
+function M.held(conn, name)
+  local rows = conn:exec([[SELECT coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn),
+    0)::float8 AS held FROM pg_catalog.pg_replication_slots WHERE slot_name = $1]], 0, name)
+  return rows and rows[1] and rows[1].held or nil
+end
+
 function M.mb(bytes) return string.format("%.1f MB", bytes / (1024 * 1024)) end
 
 -- The warnings for inactive slots over the threshold, each slot once: `warned` holds the

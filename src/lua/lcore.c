@@ -11,6 +11,7 @@
 #include <lauxlib.h>
 #include "lconn.h"
 #include "lerr.h"
+#include "lhttp.h"
 #include "lrepl.h"
 #include "lredis.h"
 #include "lvalue.h"
@@ -180,11 +181,13 @@ int luaopen_flash_core(lua_State *L) {
   fl_conn_open(L);
   fl_repl_open(L);
   fl_redis_open(L);
+  fl_http_open(L);
   lua_newtable(L);
   luaL_register(L, NULL, core_funcs);
   luaL_register(L, NULL, fl_conn_funcs);
   luaL_register(L, NULL, fl_repl_funcs);
   luaL_register(L, NULL, fl_redis_funcs);
+  luaL_register(L, NULL, fl_http_funcs);
   fl_value_open(L);
   lua_pushlightuserdata(L, FL_NULL);
   lua_setfield(L, -2, "null");

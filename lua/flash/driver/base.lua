@@ -140,6 +140,16 @@ function Driver:paused()
   return acks ~= nil and acks:full()
 end
 
+-- Why the driver is not streaming now (a connection lost and not yet back), or nil: what
+-- /healthz reports (flash.metrics). Every driver keeps retry_at (and wal_logical
+-- conn_retry_at for its query connection) set while it reconnects.
+function Driver:health()
+  if self.retry_at or self.conn_retry_at then
+    return "reconnecting" .. (self.lost_at and os.date("! since %Y-%m-%dT%H:%M:%SZ", math.floor(self.lost_at)) or "")
+  end
+  return nil
+end
+
 -- The retry schedule of one connection: 0.1 s, doubling, at most 5 s.
 -- b = base.backoff(); b:schedule(err, what) -> the core.now() time of the next try (and a
 -- debug line saying why and when); b:reset() after a success.

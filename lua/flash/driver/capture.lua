@@ -1421,4 +1421,69 @@ function Driver:stop()
   return true
 end
 
+---------------------------------------------------------------------------------------
+-- Persistent schemas from the command line (flashlua --list-schemas / --drop-schema):
+-- what persistent = true keeps between runs, found by its COMMENT mark.
+
+-- Takes schema `name`'s two instance locks (its own and its keeper's) in our session:
+-- true when both were free (no running flashlua holds the schema), with both now held.
+function Driver:lock_schema(name)
+  local held = {}
+  for _, key in ipairs({ name, name .. ":keeper" }) do
+    local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(key) .. ") AS ok")
+    if got and got[1].ok then held[#held + 1] = key end
+  end
+  local function release()
+    for _, key in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(key) .. ")") end
+  end
+  return #held == 2, release
+end
+
+-- The persistent schemas of the client's database: { name, tables (with our triggers),
+-- backlog (captured changes not yet delivered), in_use }, by name; or nil, err.
+function M.persistent_schemas(client)
+  local d = M.new(Driver, client)   -- for its queries only: it creates nothing
+  local rows, err = d:exec([[
+    SELECT nspname::text AS name FROM pg_catalog.pg_namespace
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || ' ' || $2 || '%' ORDER BY 1]],
+    SCHEMA_MARK, PERSISTENT_MARK)
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do
+    local trig = d:schema_triggers(r.name) or {}
+    local rels = {}
+    for _, t in ipairs(trig) do rels[t.oid] = true end
+    r.tables = 0
+    for _ in pairs(rels) do r.tables = r.tables + 1 end
+    r.backlog = d:backlog(r.name)
+    local free, release = d:lock_schema(r.name)
+    release()
+    r.in_use = not free
+  end
+  return rows
+end
+
+-- Drops persistent schema `name` and its triggers: the number of captured changes it
+-- held, or nil, err (in use, not a persistent flashlua schema, the drop failed).
+function M.drop_persistent(client, name)
+  local list, err = M.persistent_schemas(client)
+  if not list then return nil, err end
+  local found
+  for _, r in ipairs(list) do if r.name == name then found = r end end
+  if not found then
+    return nil, string.format("no persistent flashlua schema named %s in this database (flashlua --list-schemas " ..
+      "shows them)", name)
+  end
+  local d = M.new(Driver, client)
+  local free, release = d:lock_schema(name)
+  if not free then
+    release()
+    return nil, string.format("schema %s is in use by a running flashlua instance; stop it first", name)
+  end
+  local left = d:backlog(name)
+  local ok, derr = d:remove_schema(name, core.now() + (client.opts.shutdown_timeout or 10))
+  release()
+  if not ok then return nil, string.format("cannot drop schema %s: %s", name, tostring(derr)) end
+  return left
+end
+
 return M

@@ -34,6 +34,10 @@ M.OPTIONS = {
     if not (v > 0 and v < math.huge) then return "a number of bytes > 0 expected, got " .. tostring(v) end
   end },
   replica_identity = "string",
+  -- Bytes of WAL the slot may hold unconfirmed before a warning (Driver:check_lag).
+  max_lag = { type = "number", check = function(v)
+    if not (v > 0 and v < math.huge) then return "a number of bytes > 0 expected, got " .. tostring(v) end
+  end },
 }
 
 local MARK = "flashlua instance"
@@ -679,11 +683,35 @@ function Driver:check_query_conn()
   return self:reconnect_query(err)
 end
 
+-- max_lag: a warning once the WAL the slot holds (from its restart position to the
+-- server's current one, what --list-slots shows) passes it, and a line once it is back
+-- under half of it. Measured on the server: the stream's own positions move with
+-- keepalives, and the walsender sends no faster than the callbacks read.
+function Driver:check_lag()
+  local max = self.client.opts.max_lag
+  if not max or not self.repl then return end
+  local slots = require "flash.slots"
+  local held = slots.held(self:conn(), self.slot)
+  if not held then return end
+  local mb = slots.mb
+  if not self.lagging and held > max then
+    self.lagging = true
+    log.warn(string.format("replication slot %s holds %s of WAL (max_lag = %s): the callbacks are slower than " ..
+      "the writers, or events wait for acknowledgements; the server keeps that WAL until they are confirmed",
+      self.slot, mb(held), mb(max)))
+  elseif self.lagging and held <= max / 2 then
+    self.lagging = false
+    log.info(string.format("replication slot %s caught up: it holds %s of WAL (max_lag = %s)", self.slot, mb(held),
+      mb(max)))
+  end
+end
+
 -- Follows the listened tables by OID: a rename changes ev.table, a drop is said once, and
 -- INHERITS children created while listening join the publication (partitions need not:
 -- a partitioned table's publication covers its partitions as they come).
 function Driver:housekeep()
   self.house_at = core.now() + HOUSE_INTERVAL
+  self:check_lag()
   local oids = {}
   for oid in pairs(self.by_oid) do oids[#oids + 1] = string.format("%d", oid) end
   if #oids == 0 then return end
@@ -896,6 +924,9 @@ function Driver:reconnect()
       self.client.conn:close()
       self.client.conn = conn
       ok, err = self:exec("SELECT pg_advisory_lock(" .. self:lock_sql(self.publication) .. ")")
+      -- This connection is the query connection now, holding the lock: a pending query
+      -- reconnect would only find the lock taken (by it) and retry forever.
+      if ok then self.conn_retry_at = nil end
     else
       err = cerr
     end
