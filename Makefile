@@ -31,10 +31,10 @@ LUA_SRC  := $(wildcard lua/flash/*.lua lua/flash/*/*.lua)
 # driver/init.lua -> "flash.driver", driver/x.lua -> "flash.driver.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc \
+.PHONY: all test test-c check-threads lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput deps matrix-doc \
         pgext install-pgext
 
-all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput
+all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput $(B)/test_queue
 
 $(B)/%.o: src/%.c $(wildcard src/*/*.h) | $(B)
 	@mkdir -p $(@D)
@@ -51,12 +51,12 @@ $(B)/bc/%.o: lua/flash/%.lua | $(B)/bc
 
 # The module: never links libluajit (symbols come from the host process).
 $(B)/flash/core.so: $(CORE_OBJ) | $(B)/flash
-	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS)
+	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS) -pthread
 
 # The host: LuaJIT embedded, -Wl,-E so C rocks a script loads resolve lua_* from us
 # and LuaJIT's loader finds the embedded luaJIT_BC_* modules.
 $(B)/flashlua: $(B)/host/main.o $(CORE_OBJ) $(LUA_BC)
-	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) -lm -ldl
+	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) -lm -ldl -pthread
 
 # C unit tests of the pure parts, on byte fixtures, no server.
 $(B)/test_c: test/test_c.c $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))
@@ -66,6 +66,10 @@ $(B)/test_c: test/test_c.c $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))
 # scripts/capture-pgoutput) and crafted malformed ones; no server.
 $(B)/test_pgoutput: test/test_pgoutput.c test/fixtures_pgoutput.h $(B)/core/fl_pgoutput.o
 	$(CC) $(CFLAGS) $(INC) -o $@ test/test_pgoutput.c $(B)/core/fl_pgoutput.o
+
+# The bounded queue of the worker states (fl_queue) between real threads; no server.
+$(B)/test_queue: test/test_queue.c $(B)/core/fl_queue.o
+	$(CC) $(CFLAGS) $(INC) -o $@ test/test_queue.c $(B)/core/fl_queue.o -pthread
 
 $(B) $(B)/bc $(B)/flash:
 	mkdir -p $@
@@ -97,9 +101,17 @@ install-pgext: pgext
 lint:
 	luacheck --no-color lua spec bench examples test/mem_script.lua
 
-test-c: $(B)/test_c $(B)/test_pgoutput
+test-c: $(B)/test_c $(B)/test_pgoutput $(B)/test_queue
 	$(B)/test_c
 	$(B)/test_pgoutput
+	$(B)/test_queue
+
+# The worker states' queue under ASan/UBSan and under TSan (threads: src/lua/lworkers.c).
+check-threads: | $(B)
+	$(CC) -std=gnu99 -Wall -Wextra $(SAN) $(INC) -o $(B)/test_queue_san test/test_queue.c src/core/fl_queue.c -pthread
+	$(B)/test_queue_san
+	$(CC) -std=gnu99 -Wall -Wextra -g -O1 -fsanitize=thread $(INC) -o $(B)/test_queue_tsan test/test_queue.c src/core/fl_queue.c -pthread
+	$(B)/test_queue_tsan
 
 demo:
 	scripts/deps

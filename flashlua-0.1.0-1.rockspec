@@ -27,14 +27,15 @@ build = {
   type = "builtin",
   modules = {
     ["flash.core"] = {
-      sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c", "src/lua/lvalue.c", "src/lua/lconn.c",
-                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lcore.c" },
-      libraries = { "pq", "hiredis" },
+      sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c", "src/core/fl_queue.c", "src/lua/lvalue.c", "src/lua/lconn.c",
+                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lworkers.c", "src/lua/lcore.c" },
+      libraries = { "pq", "hiredis", "pthread" },
       incdirs = { "$(LIBPQ_INCDIR)", "src/core", "src/pq", "src/lua" },
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
     ["flash"] = "lua/flash/init.lua",
     ["flash.ack"] = "lua/flash/ack.lua",
+    ["flash.backfill"] = "lua/flash/backfill.lua",
     ["flash.cli"] = "lua/flash/cli.lua",
     ["flash.filter"] = "lua/flash/filter.lua",
     ["flash.json"] = "lua/flash/json.lua",
@@ -42,6 +43,7 @@ build = {
     ["flash.log"] = "lua/flash/log.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.slots"] = "lua/flash/slots.lua",
+    ["flash.workers"] = "lua/flash/workers.lua",
     ["flash.driver"] = "lua/flash/driver/init.lua",
     ["flash.driver.base"] = "lua/flash/driver/base.lua",
     ["flash.driver.capture"] = "lua/flash/driver/capture.lua",
@@ -50,5 +52,6 @@ build = {
     ["flash.driver.trigger_statement"] = "lua/flash/driver/trigger_statement.lua",
     ["flash.driver.wal_logical"] = "lua/flash/driver/wal_logical.lua",
     ["flash.driver.pg_extension"] = "lua/flash/driver/pg_extension.lua",
+    ["flash.driver.redis_streams"] = "lua/flash/driver/redis_streams.lua",
   },
 }
