@@ -131,6 +131,7 @@ bench:
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/backfill.lua
 	$(MAKE) install-pgext
 	FLASH_PGEXT_DIR=$(CURDIR)/pgext LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/pg_extension.lua
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/scale.lua
 
 # The write-side cost of listening, per driver (docs/drivers.md "What listening costs").
 bench-drivers:
