@@ -212,6 +212,11 @@ describe("flash.client{ workers = N }", function()
     assert.has_error(function() l:on("all", "nope") end,
       "bad argument #2 to 'on' (" .. ok .. " has no handler 'nope'; it has: fail, record)")
     assert.has_error(function() flash.client { workers = 2 } end)
+    -- Automatic acks stay automatic for the script: the states acknowledge what they handle.
+    assert.has_error(function() c:ack({}) end,
+      "'ack' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)")
+    assert.equal("auto", c:stats().ack)
+    assert.equal(2, c:stats().workers)
     c:stop()
   end)
 end)

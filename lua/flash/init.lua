@@ -247,6 +247,7 @@ function flash.client(opts)
   -- so every client with workers tracks acknowledgements.
   if opts.ack == "manual" or opts.workers then
     self.acks = ack.new(mu or 10000, function(pos, all) return self.driver:confirm(pos, all) end)
+    self.acks.bare = opts.ack ~= "manual"
   end
   self.driver = driver_mod.new(self)
   if opts.workers then
@@ -659,7 +660,7 @@ end
 -- or false for an event that is not outstanding (acknowledged already, or delivered before
 -- a reconnect that delivers it again).
 local function check_ack(self, ev, fname)
-  if not self.acks then
+  if not self.acks or self.opts.ack ~= "manual" then
     error(string.format("'%s' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)", fname), 3)
   end
   if type(ev) ~= "table" then argerror(1, fname, "event expected, got " .. type(ev), 3) end

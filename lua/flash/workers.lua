@@ -190,10 +190,12 @@ function Pool:hand(name, l, ev)
     local ok, err = self.pool:push(i, id, text, 0.005)
     if ok then break end
     if ok == nil then
-      -- That state is gone (its loop failed): the event was not handled.
+      -- That state is gone (its loop failed): the event stays unacknowledged (held) and
+      -- the client stops, whatever on_error says.
       self.inflight[id], self.count = nil, self.count - 1
       self:collect(0)
-      error(err .. (self.exit_reason and (": " .. self.exit_reason) or ""), 0)
+      self.client.failure = self.client.failure or (err .. (self.exit_reason and (": " .. self.exit_reason) or ""))
+      return
     end
     -- Its queue is full: the main state waits for room (backpressure), settling meanwhile.
     self:collect(0)
