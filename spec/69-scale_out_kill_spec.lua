@@ -1,6 +1,7 @@
 -- spec/69-scale_out_kill_spec.lua: the whole scale-out topology under kill -9 (issue 13):
 -- PostgreSQL -> `flashlua --table T --to redis://... --partitions 8` -> Redis (append-only
--- file) -> 3 worker flashluas (driver = "redis_streams"), a steady writer, and 10 rounds that
+-- file) -> 3 worker flashluas (driver = "redis_streams", each with 2 handler states:
+-- workers = 2), a steady writer, and 10 rounds that
 -- each kill -9 one random process (the capturer, a worker, or redis-server) and start it
 -- again. Every committed change is handled at least once, each key's first deliveries are
 -- in commit order; the duplicates of each round are printed.
@@ -25,20 +26,26 @@ describe("scale-out under kill -9", function()
     H.sql("INSERT INTO " .. t .. " SELECT g, 0 FROM generate_series(1, " .. KEYS .. ") g")
     local redis = H.redis_start(f.dir, f.port)
     local url = "redis://127.0.0.1:" .. f.port
-    -- A worker prints "<time> <id> <v> ." per event (a line cut by kill -9 has no dot).
+    -- Each worker runs its handler in 2 parallel states (workers = 2), which print
+    -- "<time> <id> <v> ." per event (a line cut by kill -9 has no dot).
+    local handlers = s.script([[
+local core = require "flash.core"
+return {
+  record = function(ev)
+    core.sleep(0.002)   -- a handler that takes a while: a killed worker has entries in hand
+    io.stdout:write(string.format("%.6f %d %d .\n", core.time(), ev.new.id, ev.new.v)) io.stdout:flush()
+  end,
+}
+]])
     local worker = s.script(string.format([[
 local flash = require "flash"
-local core = require "flash.core"
 local c = assert(flash.client { driver = "redis_streams", url = %q, group = "spec", partitions = %d,
-  claim_after = 1 })
-assert(c:listen { table = %q }):on({ "insert", "update" }, function(ev)
-  core.sleep(0.002)   -- a handler that takes a while: a killed worker has entries in hand
-  io.stdout:write(string.format("%%.6f %%d %%d .\n", core.time(), ev.new.id, ev.new.v)) io.stdout:flush()
-end)
+  claim_after = 1, workers = 2, handlers = %q })
+assert(c:listen { table = %q }):on({ "insert", "update" }, "record")
 assert(c:start())
 io.stderr:write("ready\n")
 assert(flash.run())
-]], url, PARTS, t))
+]], url, PARTS, handlers, t))
     local procs = {}   -- every process ever started, for their output
     local function start_capturer()
       local h = s.spawn({ "--table", t, "--to", url, "--partitions", tostring(PARTS) })
