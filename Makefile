@@ -35,11 +35,11 @@ LUA_SRC  := $(wildcard lua/flash/*.lua lua/flash/*/*.lua)
 # driver/init.lua -> "flash.driver", driver/x.lua -> "flash.driver.x".
 LUA_BC   := $(patsubst lua/flash/%.lua,$(B)/bc/%.o,$(LUA_SRC))
 
-.PHONY: all test test-c lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput fuzz-spill fuzz-binary \
-        deps matrix-doc \
+.PHONY: all test test-c check-threads lint demo bench bench-drivers install clean check-mem fuzz fuzz-pgoutput \
+        fuzz-spill fuzz-binary deps matrix-doc \
         pgext install-pgext
 
-all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput $(B)/test_spill
+all: $(B)/flashlua $(B)/flash/core.so $(B)/test_c $(B)/test_pgoutput $(B)/test_spill $(B)/test_queue
 
 $(B)/%.o: src/%.c $(wildcard src/*/*.h) | $(B)
 	@mkdir -p $(@D)
@@ -56,12 +56,12 @@ $(B)/bc/%.o: lua/flash/%.lua | $(B)/bc
 
 # The module: never links libluajit (symbols come from the host process).
 $(B)/flash/core.so: $(CORE_OBJ) | $(B)/flash
-	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS)
+	$(CC) -shared -o $@ $(CORE_OBJ) $(LDFLAGS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS) -pthread
 
 # The host: LuaJIT embedded, -Wl,-E so C rocks a script loads resolve lua_* from us
 # and LuaJIT's loader finds the embedded luaJIT_BC_* modules.
 $(B)/flashlua: $(B)/host/main.o $(CORE_OBJ) $(LUA_BC)
-	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS) -lm -ldl
+	$(CC) -o $@ $^ -Wl,-E $(LDFLAGS) $(LUAJIT_LIBS) $(PQ_LIBS) $(REDIS_LIBS) $(MHD_LIBS) -lm -ldl -pthread
 
 # C unit tests of the pure parts, on byte fixtures, no server.
 $(B)/test_c: test/test_c.c test/harness.h test/fixtures_binary.h $(patsubst src/%.c,$(B)/%.o,$(PURE_SRC))
@@ -75,6 +75,10 @@ $(B)/test_pgoutput: test/test_pgoutput.c test/fixtures_pgoutput.h test/harness.h
 # The buffer of streamed transactions (fl_spill) on byte fixtures; no server.
 $(B)/test_spill: test/test_spill.c test/harness.h $(B)/core/fl_spill.o
 	$(CC) $(CFLAGS) $(INC) -o $@ test/test_spill.c $(B)/core/fl_spill.o
+
+# The bounded queue of the worker states (fl_queue) between real threads; no server.
+$(B)/test_queue: test/test_queue.c $(B)/core/fl_queue.o
+	$(CC) $(CFLAGS) $(INC) -o $@ test/test_queue.c $(B)/core/fl_queue.o -pthread
 
 $(B) $(B)/bc $(B)/flash:
 	mkdir -p $@
@@ -106,10 +110,18 @@ install-pgext: pgext
 lint:
 	luacheck --no-color lua spec bench examples test/mem_script.lua
 
-test-c: $(B)/test_c $(B)/test_pgoutput $(B)/test_spill
+test-c: $(B)/test_c $(B)/test_pgoutput $(B)/test_spill $(B)/test_queue
 	$(B)/test_c
 	$(B)/test_pgoutput
 	$(B)/test_spill
+	$(B)/test_queue
+
+# The worker states' queue under ASan/UBSan and under TSan (threads: src/lua/lworkers.c).
+check-threads: | $(B)
+	$(CC) -std=gnu99 -Wall -Wextra $(SAN) $(INC) -o $(B)/test_queue_san test/test_queue.c src/core/fl_queue.c -pthread
+	$(B)/test_queue_san
+	$(CC) -std=gnu99 -Wall -Wextra -g -O1 -fsanitize=thread $(INC) -o $(B)/test_queue_tsan test/test_queue.c src/core/fl_queue.c -pthread
+	$(B)/test_queue_tsan
 
 demo:
 	scripts/deps
@@ -129,6 +141,7 @@ bench:
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/backfill.lua
 	$(MAKE) install-pgext
 	FLASH_PGEXT_DIR=$(CURDIR)/pgext LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/pg_extension.lua
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/scale.lua
 
 # The write-side cost of listening, per driver (docs/drivers.md "What listening costs").
 bench-drivers:

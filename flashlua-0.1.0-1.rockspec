@@ -29,10 +29,10 @@ build = {
   modules = {
     ["flash.core"] = {
       sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c",
-                  "src/core/fl_binary.c", "src/core/fl_spill.c", "src/pq/fl_stream.c", "src/lua/lerr.c",
-                  "src/lua/lvalue.c", "src/lua/lconn.c",
-                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lhttp.c", "src/lua/lcore.c" },
-      libraries = { "pq", "hiredis", "microhttpd" },
+                  "src/core/fl_binary.c", "src/core/fl_spill.c", "src/core/fl_queue.c", "src/pq/fl_stream.c",
+                  "src/lua/lerr.c", "src/lua/lvalue.c", "src/lua/lconn.c",
+                  "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lhttp.c", "src/lua/lworkers.c", "src/lua/lcore.c" },
+      libraries = { "pq", "hiredis", "microhttpd", "pthread" },
       incdirs = { "$(LIBPQ_INCDIR)", "src/core", "src/pq", "src/lua" },
       libdirs = { "$(LIBPQ_LIBDIR)" },
     },
@@ -53,6 +53,7 @@ build = {
     ["flash.metrics"] = "lua/flash/metrics.lua",
     ["flash.sandbox"] = "lua/flash/sandbox.lua",
     ["flash.slots"] = "lua/flash/slots.lua",
+    ["flash.workers"] = "lua/flash/workers.lua",
     ["flash.driver"] = "lua/flash/driver/init.lua",
     ["flash.driver.base"] = "lua/flash/driver/base.lua",
     ["flash.driver.capture"] = "lua/flash/driver/capture.lua",

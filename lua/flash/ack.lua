@@ -41,7 +41,9 @@ function Tracker:track(ev)
   pending[ev] = { b = b, seq = self.seq }
   b.n = b.n + 1
   self.outstanding = self.outstanding + 1
-  if getmetatable(ev) == nil then setmetatable(ev, self.event_mt) end
+  -- ev:ack() is for scripts that acknowledge; a tracker of the worker states under
+  -- automatic acks (flash.workers) keeps it off.
+  if not self.bare and getmetatable(ev) == nil then setmetatable(ev, self.event_mt) end
 end
 
 local function unlink(self, b)

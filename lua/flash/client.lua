@@ -120,10 +120,21 @@ function M.new(lp, opts)
     counters = { events = 0, bytes = 0, handler_seconds = 0, dropped = 0, errors = 0, reconnects = 0 },
     stop_hooks = {},
   }, Client)
-  if opts.ack == "manual" then
+  -- Parallel handler states (flash.workers): an event is handled when its state is done,
+  -- so every client with workers tracks acknowledgements.
+  if opts.ack == "manual" or opts.workers then
     self.acks = ack.new(mu or 10000, function(pos, all) return self.driver:confirm(pos, all) end)
+    self.acks.bare = opts.ack ~= "manual"
   end
   self.driver = driver_mod.new(self)
+  if opts.workers then
+    local pool, perr = require("flash.workers").new(self, opts)
+    if not pool then
+      self.conn:close()
+      return lp:failed("flash.client", perr)
+    end
+    self.pool = pool
+  end
   lp:add(self)
   return self
 end
@@ -301,13 +312,18 @@ function Client:_deliver(l, ev)
   per[ev.op] = per[ev.op] + 1
   if ev.commit_time then self.last_commit_time = ev.commit_time end
   if self.acks then self.acks:track(ev) end
-  if #cbs == 1 then return self:_call(cbs[1].fn, ev) end
-  -- Copy: a callback may call off() while we iterate.
-  local snapshot = { unpack(cbs) }
-  for _, e in ipairs(snapshot) do
-    if not self:_call(e.fn, ev) then return false end
+  local ok = true
+  if #cbs == 1 then
+    ok = self:_call(cbs[1].fn, ev)
+  else
+    -- Copy: a callback may call off() while we iterate.
+    local snapshot = { unpack(cbs) }
+    for _, e in ipairs(snapshot) do
+      if not self:_call(e.fn, ev) then ok = false break end
+    end
   end
-  return true
+  if ok and self.pool then self.pool:delivered(ev) end   -- auto acks of what no worker state holds
+  return ok
 end
 
 -- client:poll([timeout_s]) -> true | nil, err : one loop step.
@@ -344,7 +360,7 @@ end
 -- or false for an event that is not outstanding (acknowledged already, or delivered before
 -- a reconnect that delivers it again).
 local function check_ack(self, ev, fname)
-  if not self.acks then
+  if not self.acks or self.opts.ack ~= "manual" then
     error(string.format("'%s' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)", fname), 3)
   end
   if type(ev) ~= "table" then argerror(1, fname, "event expected, got " .. type(ev), 3) end
@@ -373,6 +389,7 @@ function Client:_quiesce()
     self.driver:quiesce()
     log.within(outer)
   end
+  if self.pool then self.pool:drain(self.opts.shutdown_timeout) end   -- the worker states finish theirs
 end
 
 function Client:stop()
@@ -387,6 +404,7 @@ function Client:stop()
       self.stop_failure = self.stop_failure or herr
     end
   end
+  if self.pool then self.pool:close() end
   local outer = log.within(self.label)
   if self.capturing then ok, err = self.driver:stop(confirm) end
   if self.started then self:_summary() end
@@ -412,8 +430,9 @@ function Client:stats()
     listeners = #self.listeners,
     last_event_time = self:_last_event_time(),
     uptime = self.started_at and (core.now() - self.started_at) or 0,
-    ack = self.acks and "manual" or "auto",
+    ack = self.opts.ack == "manual" and "manual" or "auto",
   }
+  if self.pool then self.pool:stats(s) end
   if self.acks then s.unacked = self.acks.outstanding end
   if self.driver.stats then self.driver:stats(s) end
   return s

@@ -41,6 +41,8 @@ end
 -- listener:on(ops, fn) -> off()
 function Listener:on(ops, fn)
   local list = normalize_ops(ops, "on")
+  -- A handler's name in the worker states' file (flash.client{ workers = N, handlers = }).
+  if type(fn) == "string" and self.client.pool then fn = self.client.pool:callback(fn, self) end
   -- A callable object (a sink: flash.sink.redis) is a callback too.
   local mt = type(fn) == "table" and getmetatable(fn)
   if mt and type(mt.__call) == "function" then

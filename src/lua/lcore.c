@@ -15,6 +15,7 @@
 #include "lrepl.h"
 #include "lredis.h"
 #include "lvalue.h"
+#include "lworkers.h"
 
 /* Signals reach the loop through a self-pipe, so a signal that lands just before poll()
  * still wakes it. These are the only module-level mutable variables of the C side, and they
@@ -182,12 +183,14 @@ int luaopen_flash_core(lua_State *L) {
   fl_repl_open(L);
   fl_redis_open(L);
   fl_http_open(L);
+  fl_workers_open(L);
   lua_newtable(L);
   luaL_register(L, NULL, core_funcs);
   luaL_register(L, NULL, fl_conn_funcs);
   luaL_register(L, NULL, fl_repl_funcs);
   luaL_register(L, NULL, fl_redis_funcs);
   luaL_register(L, NULL, fl_http_funcs);
+  luaL_register(L, NULL, fl_workers_funcs);
   fl_value_open(L);
   lua_pushlightuserdata(L, FL_NULL);
   lua_setfield(L, -2, "null");

@@ -31,6 +31,19 @@ M.COMMON_OPTIONS = {
   ack = { type = "string", check = function(v)
     if v ~= "auto" and v ~= "manual" then return "\"auto\" or \"manual\" expected, got " .. string.format("%q", v) end
   end },
+  -- Parallel handler states (flash.workers, docs/scale-out.md).
+  workers = { type = "number", check = function(v)
+    if not (v >= 1 and v <= 1024 and v == math.floor(v)) then
+      return "a whole number of worker states from 1 to 1024 expected, got " .. tostring(v)
+    end
+  end },
+  handlers = "string",
+  config = true,
+  worker_queue = { type = "number", check = function(v)
+    if not (v >= 1 and v < math.huge and v == math.floor(v)) then
+      return "a whole number of events >= 1 expected, got " .. tostring(v)
+    end
+  end },
   max_unacked = { type = "number", check = function(v)
     if not (v >= 1 and v < math.huge and v == math.floor(v)) then
       return "a whole number of events >= 1 expected, got " .. tostring(v)
