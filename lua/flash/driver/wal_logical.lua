@@ -178,7 +178,7 @@ end
 
 -- binary = true: pgoutput sends every column in its type's send form (PostgreSQL 14+).
 -- The client reads those of the types fl_binary knows, enums (the label) and arrays of
--- them exactly as their text. Of `columns` (rows of flash._columns_sql), those whose values
+-- them exactly as their text. Of `columns` (rows of flash.catalog.columns_sql), those whose values
 -- it cannot read, with their type's name; enums are noted in self.enums.
 function Driver:unreadable(columns)
   local oids, cols = {}, {}
@@ -593,7 +593,7 @@ end
 -- binary = true and a column added while listening whose type the client cannot read: its
 -- values arrive as the bytes of their send form. Said once per listener and column.
 function Driver:warn_unreadable(relid, list)
-  local cols = self:exec(require("flash")._columns_sql("a.attrelid = $1"), string.format("%d", relid))
+  local cols = self:exec(require("flash.catalog").columns_sql("a.attrelid = $1"), string.format("%d", relid))
   local bad = cols and self:unreadable(cols) or {}
   for _, l in ipairs(list) do
     local want
