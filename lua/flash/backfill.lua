@@ -463,7 +463,8 @@ function Backfill:read_chunk()
   if p.none then self.pending = nil return "done" end
   local conn = self.reader
   -- rows, info | nil, err
-  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos })
+  -- The lines are kept as they came; each becomes a row table only when delivered.
+  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos, lines = true })
   self.pending = nil
   if not rows then
     conn:exec("ROLLBACK", 0)
@@ -491,15 +492,15 @@ function Backfill:read_chunk()
     nxt = { seg = cur.seg, block = cur.block + self.segs[cur.seg].step }
     if last_seg then nxt = { seg = cur.seg + 1, block = 0 } end
   end
-  local last = (self.mode == "key" and #rows < self.chunk) or (self.mode == "ctid" and not self.segs[nxt.seg])
-  if #rows == 0 then
+  local last = (self.mode == "key" and info.n < self.chunk) or (self.mode == "ctid" and not self.segs[nxt.seg])
+  if info.n == 0 then
     conn:exec("COMMIT", 0)
     if last then return "done", nxt end
     self.cursor = nxt
     return "empty"
   end
   self.seq = self.seq + 1
-  local c = { rows = rows, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
+  local c = { rows = rows, n = info.n, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
   local ok, err
   if self.poll then
     -- Under a trigger driver the transaction ends at once (nothing to mark): the chunk
@@ -583,11 +584,16 @@ function Backfill:deliver(c, lsn)
     -- No closure here and no variable changing type: this loop runs compiled.
     local srcs, name, last_src = c.src, l.table_name, -1
     local tohex = bit.tohex
-    for i, row in ipairs(c.rows) do
+    local lines, layout = c.rows, self.layout
+    for i = 1, c.n do
+      local row, bad = lines:row(i, layout)
       local src = srcs[i]
       if src ~= last_src then name, last_src = self:source_name(src), src end
       local skip = false
-      if ndrop > 0 then
+      if not row then
+        skip = true
+        log.warn(string.format("backfill of %s: a row could not be decoded (%s); skipped", l.table_name, bad))
+      elseif ndrop > 0 then
         local k = keyof(row, cols)
         local hit = drop[k]
         if hit then
@@ -608,7 +614,7 @@ function Backfill:deliver(c, lsn)
     end
   end
   self.delivered = self.delivered + n
-  local read = #c.rows
+  local read = c.n
   self.rows_done = self.rows_done + read
   self.run_rows = self.run_rows + read
   self.cursor = c.next
