@@ -216,6 +216,43 @@ describe("backfill under " .. driver, function()
     end
   end)
 
+  if not wal then
+    it("with ack = manual saves a chunk's progress only once its reads are acknowledged", function()
+      local t = H.table("id int PRIMARY KEY, v text")
+      H.sql("INSERT INTO " .. t .. " SELECT g, 'v' || g FROM generate_series(1, 250) g")
+      local schema = "bf_ack_" .. core.getpid()
+      local key = "schema:" .. schema
+      local c = assert(flash.client { driver = driver, persistent = true, schema = schema, ack = "manual" })
+      local l = assert(c:listen { table = t })
+      local held, done = {}, false
+      l:on("all", function(ev) held[#held + 1] = ev end)
+      l:backfill { chunk = 100, on_done = function() done = true end }
+      assert(c:start())
+      local deadline = core.now() + 20
+      while not done and core.now() < deadline do assert(c:poll(0.05)) end
+      assert.is_true(done)
+      assert.equal(250, #held)
+      local function saved()
+        local r = H.sql("SELECT rows_done, done FROM flashlua.backfill WHERE slot = $1", key)[1]
+        return r.rows_done, r.done
+      end
+      assert.same({ 0, false }, { saved() })
+      -- The first chunk's reads acknowledged, out of order: its progress is kept, no more.
+      for i = 100, 2, -1 do held[i]:ack() end
+      assert(c:poll(0.01))
+      assert.same({ 0, false }, { saved() })
+      held[1]:ack()
+      assert(c:poll(0.01))
+      assert.same({ 100, false }, { saved() })
+      for i = 101, 250 do held[i]:ack() end
+      assert(c:poll(0.01))
+      assert.same({ 250, true }, { saved() })
+      c:stop()
+      H.sql("DROP SCHEMA " .. schema .. " CASCADE")
+      H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", key)
+    end)
+  end
+
   it("reads a table without a primary key by ctid, with where and fields", function()
     local t = H.table("a int, b text, c int")
     H.sql("INSERT INTO " .. t .. " SELECT g, 'b' || g, g % 10 FROM generate_series(1, 3000) g")
