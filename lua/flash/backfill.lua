@@ -8,7 +8,6 @@ local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
 local filter = require "flash.filter"
-local bit = require "bit"
 
 local M = {}
 local Backfill = {}
@@ -583,7 +582,7 @@ function Backfill:deliver(c, lsn)
     local cols, drop, ndrop, keyed = self.keycols, c.drop, c.ndrop, self.mode == "key"
     -- No closure here and no variable changing type: this loop runs compiled.
     local srcs, name, last_src = c.src, l.table_name, -1
-    local tohex = bit.tohex
+    local format = string.format
     local lines, layout = c.rows, self.layout
     for i = 1, c.n do
       local row, bad = lines:row(i, layout)
@@ -605,7 +604,7 @@ function Backfill:deliver(c, lsn)
       end
       if not skip then
         local ev = { op = "read", table = l.table_name, source = name, new = row,
-                     id = prefix and prefix .. tohex(i, -8), lsn = lsn_text }
+                     id = prefix and format("%s%08X", prefix, i), lsn = lsn_text }
         n = n + 1
         local go
         if l.passthrough then go = client:_deliver(l, ev) else go = filter.apply(l, ev, emit_read) end
