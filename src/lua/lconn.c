@@ -508,8 +508,16 @@ typedef struct {
 
 /* Decodes one COPY line (buf, len: decoded in place) by the layout into a row table
  * pushed on the stack. names: the stack slot of the layout's column names (0: pushed
- * from the layout). with_src: the line starts with a relation oid, stored in *src. keys
+ * from the layout). with_src: the line starts with a relation oid, stored in *src (if not
+ * NULL). keys
  * (or NULL): their texts are kept. Returns NULL, or what is wrong (nothing pushed). */
+/* An oid's decimal text (digits only, as the server prints it) as a number. */
+static double oid_text(const char *s, size_t len) {
+  double v = 0;
+  for (size_t i = 0; i < len && s[i] >= '0' && s[i] <= '9'; i++) v = v * 10 + (s[i] - '0');
+  return v;
+}
+
 static const char *copy_line_row(lua_State *L, const fl_layout *lo, char *buf, size_t len, int names,
                                  int with_src, double *src, copy_keys *keys) {
   fl_copy_reader rd;
@@ -520,11 +528,7 @@ static const char *copy_line_row(lua_State *L, const fl_layout *lo, char *buf, s
   if (with_src) {
     t = fl_copy_next(&rd, &v, &vlen);
     if (t != FL_REC_FIELD) return "COPY line without its relation";
-    char num[24];
-    size_t m = vlen < sizeof num - 1 ? vlen : sizeof num - 1;
-    memcpy(num, v, m);
-    num[m] = 0;
-    *src = strtod(num, NULL);
+    if (src) *src = oid_text(v, vlen);
   }
   lua_createtable(L, 0, lo->n);
   int f = 0;
@@ -569,8 +573,6 @@ typedef struct {
   size_t *off;        /* line i (0-based) is buf[off[i], off[i + 1]) */
   int n, ncap;
 } fl_lines;
-
-static int line_digit(char ch) { return ch >= '0' && ch <= '9'; }
 
 static int lines_add(fl_lines *ls, const char *line, size_t len) {
   if (ls->n + 2 > ls->ncap) {
@@ -618,9 +620,8 @@ static int l_lines_row(lua_State *L) {
   char stack[512];
   char *buf = len <= sizeof stack ? stack : lua_newuserdata(L, len);
   memcpy(buf, ls->buf + ls->off[i], len);
-  double src;
   /* The relation oid is skipped: conn:copy put them in info.src. */
-  const char *err = copy_line_row(L, lo, buf, len, 0, 1, &src, NULL);
+  const char *err = copy_line_row(L, lo, buf, len, 0, 1, NULL, NULL);
   if (err) { lua_pushnil(L); lua_pushstring(L, err); return 2; }
   return 1;
 }
@@ -719,12 +720,7 @@ static int l_copy(lua_State *L) {
           PQfreemem(line);
           if (bad) { copy_fail(&err, "out of memory", ""); continue; }
           if (with_src) {
-            char num[24];
-            size_t m = 0;
-            while (m < (size_t)len && m < sizeof num - 1 && line_digit(ls->buf[ls->off[nrows] + m])) m++;
-            memcpy(num, ls->buf + ls->off[nrows], m);
-            num[m] = 0;
-            lua_pushnumber(L, strtod(num, NULL));
+            lua_pushnumber(L, oid_text(ls->buf + ls->off[nrows], (size_t)len));
             lua_rawseti(L, src, nrows + 1);
           }
           nrows++;
