@@ -829,6 +829,20 @@ function M.polled(d, rows)
   end
 end
 
+-- Whether the trigger driver d has backfill work now: a chunk to read, or one whose poll
+-- is delivered (the driver's own next poll may be up to poll_interval away).
+function M.due(d)
+  for _, bf in ipairs(d.client.backfills) do
+    local c = bf.inflight
+    if c then
+      if c.ready and not d.pending then return true end
+    elseif not bf.done and not bf.failed then
+      return true
+    end
+  end
+  return false
+end
+
 -- One step of the trigger driver d: a ready chunk is delivered once its poll's rows are,
 -- then chunks are read. true, or nil and an error.
 function M.poll_step(d)

@@ -773,6 +773,7 @@ function Driver.fds() return {} end
 
 function Driver:next_deadline()
   if not self.listening then return self.retry_at end
+  if self.client.backfills and backfill.due(self) then return core.now() end
   local d = self.next_poll
   if self.next_refresh and (not d or self.next_refresh < d) then d = self.next_refresh end
   return d
