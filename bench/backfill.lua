@@ -98,12 +98,14 @@ local ok, err = pcall(function()
     local loop = string.format("while [ ! -e %s.stop ]; do env %s %s -l warn %s >>%s.out; done", pgb, env, b.path,
       script, pgb)
     local bg = io.popen("setsid sh -c " .. q_sh(loop .. " & echo $!"))
-    bg:read("*l")
+    local pid = bg:read("*l")
     bg:close()
     os.execute("sleep 0.5")
     b.during = pgbench()
     os.execute("touch " .. pgb .. ".stop")
-    os.execute("sleep 5")
+    -- The loop ends after the backfill it is running (removing the stop file before that
+    -- would leave it running).
+    os.execute(string.format("for i in $(seq 600); do kill -0 %s 2>/dev/null || break; sleep 0.1; done", pid))
     b.loop_rates = {}
     for r in io.open(pgb .. ".out"):read("*a"):gmatch("rate (%d+)") do b.loop_rates[#b.loop_rates + 1] = tonumber(r) end
     os.remove(pgb .. ".stop") os.remove(pgb .. ".out")
