@@ -2,15 +2,20 @@
 -- the same table in the same run, its effect on a concurrent writer's TPS (pgbench), peak
 -- RSS, and the 1,000,000-row consistency run of spec/64 (a writer updating, deleting and
 -- re-inserting random keys at full speed). Part of `make bench`; not a timed test.
---   luajit bench/backfill.lua [--rows 1000000] [--seconds 5] [--no-spec]
+--   luajit bench/backfill.lua [--rows 1000000] [--seconds 5] [--runs 2] [--no-spec] [--driver NAME]
+--                             [--baseline PATH/flashlua]
+-- --driver: wal_logical (default) or a trigger driver. --baseline: another build of flashlua,
+-- run alternately with this one on the same server (a before/after in one run; its writer
+-- TPS is measured too).
 local sandbox = require "flash.sandbox"
 local flash = require "flash"
 
-local opts = { rows = 1000000, seconds = 5, spec = true }
+local opts = { rows = 1000000, seconds = 5, runs = 2, spec = true, driver = "wal_logical" }
 local i = 1
 while i <= #arg do
   local k = arg[i]:gsub("^%-%-", "")
   if k == "no-spec" then opts.spec = false i = i + 1
+  elseif k == "driver" or k == "baseline" then opts[k] = arg[i + 1] i = i + 2
   else opts[k] = tonumber(arg[i + 1]) i = i + 2 end
 end
 local root = debug.getinfo(1, "S").source:match("^@(.*)bench/backfill%.lua$") or "./"
@@ -25,7 +30,7 @@ local function q_sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 -- got and the backfill's own rate (from its first chunk to its last), then stops.
 local CONSUMER = [[
 local flash = require "flash"
-local c = assert(flash.client { driver = "wal_logical" })
+local c = assert(flash.client { driver = os.getenv("BENCH_DRIVER") or "wal_logical" })
 local l = assert(c:listen { table = "bench" })
 local n, sum = 0, 0
 l:on("read", function(ev)
@@ -56,18 +61,25 @@ local ok, err = pcall(function()
   local f = assert(io.open(script, "w"))
   f:write(CONSUMER)
   f:close()
-  local env = "FLASH_DSN=" .. q_sh(sb.dsn)
+  local env = "FLASH_DSN=" .. q_sh(sb.dsn) .. " BENCH_DRIVER=" .. q_sh(opts.driver)
   local psql = "psql -qX " .. q_sh(sb.dsn)
 
-  -- 1. COPY against the backfill, each twice (the better run of each counts).
-  local copy, bf, bf_rate = nil, nil, 0
-  for _ = 1, 2 do
+  -- 1. COPY against the backfill (and the baseline build), alternating, opts.runs times
+  -- each; the best run of each counts, and every run is printed (the machine is noisy).
+  local bins = { { name = "flashlua", path = flashlua, runs = {} } }
+  if opts.baseline then bins[2] = { name = "baseline", path = opts.baseline, runs = {} } end
+  local copy, copies = nil, {}
+  for _ = 1, opts.runs do
     local c = measure(psql .. " -c " .. q_sh("COPY (SELECT * FROM bench) TO STDOUT") .. " >/dev/null")
+    copies[#copies + 1] = opts.rows / c.wall
     if not copy or c.wall < copy.wall then copy = c end
-    local b = measure(string.format("env %s %s -l warn %s", env, flashlua, script))
-    local rate = tonumber(b.out:match("rate (%d+)"))
-    assert(tonumber(b.out:match("rows (%d+)")) == opts.rows, b.out)
-    if rate > bf_rate then bf, bf_rate = b, rate end
+    for _, b in ipairs(bins) do
+      local m = measure(string.format("env %s %s -l warn %s", env, b.path, script))
+      m.rate = tonumber(m.out:match("rate (%d+)"))
+      assert(tonumber(m.out:match("rows (%d+)")) == opts.rows, m.out)
+      b.runs[#b.runs + 1] = m
+      if not b.best or m.rate > b.best.rate then b.best = m end
+    end
   end
   local copy_rate = opts.rows / copy.wall
 
@@ -82,37 +94,59 @@ local ok, err = pcall(function()
     return tonumber(out:match("tps = ([%d.]+)")) or error(out)
   end
   local alone = pgbench()
-  local loop = string.format("while [ ! -e %s.stop ]; do env %s %s -l warn %s >>%s.out; done", pgb, env, flashlua, script, pgb)
-  local bg = io.popen("setsid sh -c " .. q_sh(loop .. " & echo $!"))
-  bg:read("*l")
-  bg:close()
-  os.execute("sleep 0.5")
-  local during = pgbench()
-  os.execute("touch " .. pgb .. ".stop")
-  os.execute("sleep 5")
-  local rates = {}
-  for r in io.open(pgb .. ".out"):read("*a"):gmatch("rate (%d+)") do rates[#rates + 1] = tonumber(r) end
-  os.remove(pgb) os.remove(pgb .. ".stop") os.remove(pgb .. ".out") os.remove(script)
+  for _, b in ipairs(bins) do
+    local loop = string.format("while [ ! -e %s.stop ]; do env %s %s -l warn %s >>%s.out; done", pgb, env, b.path,
+      script, pgb)
+    local bg = io.popen("setsid sh -c " .. q_sh(loop .. " & echo $!"))
+    local pid = bg:read("*l")
+    bg:close()
+    os.execute("sleep 0.5")
+    b.during = pgbench()
+    os.execute("touch " .. pgb .. ".stop")
+    -- The loop ends after the backfill it is running (removing the stop file before that
+    -- would leave it running).
+    os.execute(string.format("for i in $(seq 600); do kill -0 %s 2>/dev/null || break; sleep 0.1; done", pid))
+    b.loop_rates = {}
+    for r in io.open(pgb .. ".out"):read("*a"):gmatch("rate (%d+)") do b.loop_rates[#b.loop_rates + 1] = tonumber(r) end
+    os.remove(pgb .. ".stop") os.remove(pgb .. ".out")
+  end
+  os.remove(pgb) os.remove(script)
 
-  print(string.format("backfill of %d rows (6 columns, bigint primary key), PostgreSQL %s, chunks of 10,000 rows:",
-    opts.rows, q("SHOW server_version")[1].server_version))
+  print(string.format("backfill of %d rows (6 columns, bigint primary key), driver %s, PostgreSQL %s, chunks of 10,000 rows:",
+    opts.rows, opts.driver, q("SHOW server_version")[1].server_version))
   print(string.format("  COPY (SELECT * FROM bench) TO STDOUT (psql, to /dev/null): %6.2f s  %9.0f rows/s  peak RSS %5.1f MB",
     copy.wall, copy_rate, copy.rss_kb / 1024))
-  print(string.format("  flashlua backfill, callback reading every column:         %6.2f s  %9.0f rows/s  peak RSS %5.1f MB" ..
-    "  (process wall, start to stop: %.0f rows/s)", opts.rows / bf_rate, bf_rate, bf.rss_kb / 1024, opts.rows / bf.wall))
-  print(string.format("  ratio backfill / COPY: %.2f", bf_rate / copy_rate))
-  print(string.format("  writer (pgbench, 1-row UPDATEs of random keys): %.0f TPS alone, %.0f TPS during backfills (%.0f%%)",
-    alone, during, 100 * during / alone))
-  table.sort(rates)
-  if #rates > 0 then
-    print(string.format("  backfill under that writer: %d runs, median %.0f rows/s", #rates, rates[math.ceil(#rates / 2)]))
+  for _, b in ipairs(bins) do
+    local bf = b.best
+    print(string.format("  %-8s backfill, callback reading every column:         %6.2f s  %9.0f rows/s  peak RSS %5.1f MB" ..
+      "  client CPU %.2f s (%.2f us/row)  (process wall, start to stop: %.0f rows/s)", b.name, opts.rows / bf.rate,
+      bf.rate, bf.rss_kb / 1024, bf.cpu, bf.cpu * 1e6 / opts.rows, opts.rows / bf.wall))
+    print(string.format("  %-8s ratio backfill / COPY: %.2f", b.name, bf.rate / copy_rate))
+  end
+  local runs = {}
+  for k = 1, opts.runs do
+    local parts = { string.format("COPY %.0f", copies[k]) }
+    for _, b in ipairs(bins) do
+      parts[#parts + 1] = string.format("%s %d rows/s, %.2f s CPU", b.name, b.runs[k].rate, b.runs[k].cpu)
+    end
+    runs[k] = table.concat(parts, ", ")
+  end
+  print("  every run: " .. table.concat(runs, "; "))
+  for _, b in ipairs(bins) do
+    print(string.format("  %-8s writer (pgbench, 1-row UPDATEs of random keys): %.0f TPS alone, %.0f TPS during " ..
+      "backfills (%.0f%%)", b.name, alone, b.during, 100 * b.during / alone))
+    table.sort(b.loop_rates)
+    if #b.loop_rates > 0 then
+      print(string.format("  %-8s backfill under that writer: %d runs, median %.0f rows/s", b.name, #b.loop_rates,
+        b.loop_rates[math.ceil(#b.loop_rates / 2)]))
+    end
   end
 
   -- 3. spec/64's consistency run at this size: backfill while a writer updates, deletes and
   -- re-inserts random keys at full speed; the rebuilt state must equal the table.
   if opts.spec then
     local out = measure(string.format("env FLASH_TEST_DSN=%s FLASH_BACKFILL_ROWS=%d %sscripts/run-tests " ..
-      "spec/64-backfill_spec.lua --filter rebuilds", q_sh(sb.dsn), opts.rows, root))
+      "spec/64-backfill_spec.lua --filter %s", q_sh(sb.dsn), opts.rows, root, q_sh("under " .. opts.driver .. " rebuilds")))
     local line = out.out:match("backfill of %d+ rows under a writer:[^\n]*") or out.out
     print("  consistency (spec/64 at " .. opts.rows .. " rows): " .. line)
     print("  " .. (out.out:match("%d+ success[es]* / %d+ failures?") or "?") ..

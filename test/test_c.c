@@ -714,6 +714,9 @@ static void test_copy_line(void) {
   COPYLINE("\\101\\x41\\x4\\q\\b\\f\\v", "[AA\\04q\\08\\0c\\0b].");
   COPYLINE("\xc3\xa9\t{\"a\": 1}", "[\\c3\\a9][{\"a\": 1}].");
   COPYLINE("\\NN\t\\N", "[NN]N.");                /* only a whole field is NULL */
+  COPYLINE("\\N\tx", "N[x].");                    /* a NULL first field, decoded in place */
+  COPYLINE("\\N", "N.");
+  COPYLINE("ab\tc\\td\te", "[ab][c\\09d][e].");   /* unescaped fields move as blocks */
   /* Malformed: never a crash, never a read past the end. */
   COPYLINE("a\\", "!");
   COPYLINE("\\x", "[x].");

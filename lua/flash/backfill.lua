@@ -1,11 +1,13 @@
 -- flash.backfill: `listener:backfill{...}` delivers every existing row of a listened table
 -- as an `op = "read"` event, chunk by chunk, interleaved with the live stream and
--- consistent with it (docs/backfill.md has the design and the argument). wal_logical only.
+-- consistent with it (docs/backfill.md has the design and the argument). Two ways to place a
+-- chunk between the changes: under wal_logical a logical message marks its position in the
+-- stream ("mark"); under the trigger drivers it is delivered after the first poll of the
+-- capture table that began after its snapshot and read everything that snapshot saw ("poll").
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
 local where = require "flash.where"
-local bit = require "bit"
 
 local M = {}
 local Backfill = {}
@@ -108,19 +110,28 @@ end
 function M.start(l, opts)
   opts = checkopts(opts)
   local client = l.client
-  if not client.driver.backfill then
-    error(string.format("backfill needs the wal_logical driver (this client uses %s; docs/backfill.md says why " ..
-      "the trigger drivers do not have it yet)", client.driver_name), 3)
+  local how = client.driver.backfill and client.driver:backfill()
+  if not how then
+    error(string.format("backfill needs the wal_logical driver or a trigger driver (this client uses %s; " ..
+      "docs/backfill.md says why)", client.driver_name), 3)
   end
   if l.bf then error("backfill: listener #" .. l.id .. " on " .. l.table_name .. " already has a backfill", 3) end
   local self = setmetatable({
-    l = l, client = client, opts = opts,
+    l = l, client = client, opts = opts, poll = how == "poll",
     chunk = opts.chunk or DEFAULT_CHUNK,
     rows_done = 0, run_rows = 0, delivered = 0, seq = 0, retries = 0,
     seen = {}, nseen = 0,
     done = false, ready = false,
     started_at = nil,
   }, Backfill)
+  if self.poll then
+    -- flash.filter's emit for this listener's changes (M.change), made once.
+    self.emit = function(l2, ev)
+      local raw = self.raw
+      if raw and #l2.callbacks[ev.op] > 0 then self.raw = nil self:touch(raw) end
+      return client:_deliver(l2, ev)
+    end
+  end
   l.bf = self
   client.backfills = client.backfills or {}
   client.backfills[#client.backfills + 1] = self
@@ -262,8 +273,17 @@ local STATE_DDL = [[
     PRIMARY KEY (slot, rel));
   COMMENT ON TABLE flashlua.backfill IS 'flashlua: progress of backfills (listener:backfill) per replication slot']]
 
+-- The key of this client's progress rows in flashlua.backfill: the slot's name, or under
+-- a trigger driver its persistent schema's (whose triggers and backlog carry the changes
+-- across runs as a slot does).
+function Backfill:slot()
+  local d = self.client.driver
+  return d.slot or ("schema:" .. d.schema)
+end
+
 function Backfill:load()
   local d = self.client.driver
+  local slot = self:slot()
   local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine
     FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('flashlua.backfill')]])
   if not own then return nil, err end
@@ -278,21 +298,21 @@ function Backfill:load()
         " (the role needs CREATE on the database)"
     end
   end
-  if d.created_slot and not d.backfill_cleared then
+  if (d.created_slot or d.created_schema) and not d.backfill_cleared then
     d.backfill_cleared = true
-    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1", d.slot)
+    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1", slot)
   end
   if self.opts.restart then
-    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2", d.slot, self.l.table.oid)
+    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2", slot, self.l.table.oid)
   end
   local rows
   rows, err = self:exec([[SELECT seg, block, after, rows_done, done FROM flashlua.backfill
-    WHERE slot = $1 AND rel = $2]], d.slot, self.l.table.oid)
+    WHERE slot = $1 AND rel = $2]], slot, self.l.table.oid)
   if not rows then return nil, err end
   local r = rows[1]
   if not r then
     local ok, ierr = self:exec("INSERT INTO flashlua.backfill (slot, rel, tbl) VALUES ($1, $2, $3)",
-      d.slot, self.l.table.oid, self.l.table_name)
+      slot, self.l.table.oid, self.l.table_name)
     if not ok then return nil, ierr end
     return true
   end
@@ -301,7 +321,7 @@ function Backfill:load()
   if r.done then
     self.done = true
     log.info(string.format("backfill of %s finished in an earlier run (%d rows; slot %s): nothing to do " ..
-      "(backfill{ restart = true } reads the table again)", self.l.table_name, r.rows_done, d.slot))
+      "(backfill{ restart = true } reads the table again)", self.l.table_name, r.rows_done, slot))
   end
   return true
 end
@@ -315,9 +335,25 @@ function Backfill:save(cursor, rows_done, done)
     for i, v in ipairs(cursor.after) do q[i] = '"' .. tostring(v):gsub('[\\"]', "\\%0") .. '"' end
     after = "{" .. table.concat(q, ",") .. "}"
   end
+  -- Under a trigger driver the changes delivered before the chunk are deleted from the
+  -- capture table in the same transaction: a restart never redelivers a change older than
+  -- a read it does not read again.
+  local handled = self.poll and not self.client.acks and #d.handled > 0
+  if handled then
+    local ok, err = self:exec("BEGIN; " .. d:delete_handled_sql())
+    if not ok then
+      self:exec("ROLLBACK")
+      log.warn("backfill of " .. self.l.table_name .. ": cannot save progress: " .. tostring(err))
+      return ok
+    end
+  end
   local ok, err = self:exec([[UPDATE flashlua.backfill SET seg = $3, block = $4, after = $5::text[],
     rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2]],
-    d.slot, self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done)
+    self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done)
+  if handled then
+    if ok then ok, err = self:exec("COMMIT") else self:exec("ROLLBACK") end
+    if ok then d.handled = {} end
+  end
   if not ok then log.warn("backfill of " .. self.l.table_name .. ": cannot save progress: " .. tostring(err)) end
   return ok
 end
@@ -380,8 +416,10 @@ function Backfill:chunk_sql(cur)
       self.select, seg.qualified, cur.block, b2)
     last_seg = b2 >= seg.blocks
   end
-  return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; COPY (" .. sql ..
-    ") TO STDOUT", last_seg
+  -- Under a trigger driver, the last capture seq the snapshot sees (Backfill:polled).
+  local seq = self.poll and ("SELECT pg_catalog.max(seq)::text FROM " .. d:ident(d.schema) .. ".events; ") or ""
+  return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; " .. seq ..
+    "COPY (" .. sql .. ") TO STDOUT", last_seg
 end
 
 -- Chunks are read on a connection of the backfill's own, so that the next chunk's query
@@ -435,14 +473,17 @@ function Backfill:read_chunk()
   if p.none then self.pending = nil return "done" end
   local conn = self.reader
   -- rows, info | nil, err
-  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos })
+  -- The lines are kept as they came; each becomes a row table only when delivered.
+  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos, lines = true })
   self.pending = nil
   if not rows then
     conn:exec("ROLLBACK", 0)
     return nil, info
   end
   local s = parse_snapshot(info.values[1])
-  if not self:snapshot_safe(s) then
+  -- Under a trigger driver a delivered transaction was visible to a poll, so to every
+  -- snapshot taken after it: nothing to check.
+  if not self.poll and not self:snapshot_safe(s) then
     conn:exec("COMMIT", 0)
     self.retries = self.retries + 1
     if self.retries == RETRY_WARN then
@@ -461,30 +502,40 @@ function Backfill:read_chunk()
     nxt = { seg = cur.seg, block = cur.block + self.segs[cur.seg].step }
     if last_seg then nxt = { seg = cur.seg + 1, block = 0 } end
   end
-  local last = (self.mode == "key" and #rows < self.chunk) or (self.mode == "ctid" and not self.segs[nxt.seg])
-  if #rows == 0 then
+  local last = (self.mode == "key" and info.n < self.chunk) or (self.mode == "ctid" and not self.segs[nxt.seg])
+  if info.n == 0 then
     conn:exec("COMMIT", 0)
     if last then return "done", nxt end
     self.cursor = nxt
     return "empty"
   end
   self.seq = self.seq + 1
-  local token = string.format("%s:%s:%d:%d", d.slot, nonce(self.client), self.l.id, self.seq)
+  local c = { rows = rows, n = info.n, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
   local ok, err
-  -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
-  -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
-  ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
-    d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; COMMIT", 0)
-  if not ok then conn:exec("ROLLBACK", 0) return nil, err end
-  local c = { token = token, rows = rows, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt,
-              last = last }
+  if self.poll then
+    -- Under a trigger driver the transaction ends at once (nothing to mark): the chunk
+    -- waits for a poll of the capture table that began after its snapshot and read every
+    -- row the snapshot saw (M.polled), and is delivered once that poll's rows are.
+    ok, err = conn:exec("COMMIT", 0)
+    if not ok then return nil, err end
+    c.after_fetch, c.max_seq = d.fetches, tonumber(info.values[2]) or 0
+    d.next_poll = core.now()
+  else
+    c.token = string.format("%s:%s:%d:%d", d.slot, nonce(self.client), self.l.id, self.seq)
+    -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
+    -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
+    ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
+      d:literal(c.token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; " ..
+      "COMMIT", 0)
+    if not ok then conn:exec("ROLLBACK", 0) return nil, err end
+    self.client.backfill_tokens[c.token] = self
+  end
   -- Changes delivered while the query ran, by transactions its snapshot did not see.
   for _, ev in ipairs(p.log) do
     if not (ev.xid and visible(ev.xid, s)) then self:drop_keys(c, ev) end
   end
   self.inflight = c
-  self.client.backfill_tokens[token] = self
-  -- The next chunk is read in the server while this one waits for its mark.
+  -- The next chunk is read in the server while this one waits for its place.
   if not last then
     ok, err = self:send_chunk(nxt)
     if not ok then log.debug("backfill of " .. self.l.table_name .. ": prefetch not sent: " .. tostring(err)) end
@@ -495,7 +546,7 @@ end
 -- A change delivered to this listener's callbacks (the raw event, whole rows).
 function Backfill:touch(ev)
   local xid = ev.xid
-  if xid then
+  if xid and not self.poll then
     if not self.seen[xid] then self.seen[xid] = true self.nseen = self.nseen + 1 end
   end
   local p = self.pending
@@ -529,24 +580,30 @@ local function emit_read(l, ev) return l.client:_deliver(l, ev) end
 
 -- The chunk's mark arrived in the stream at `lsn`: every change committed before it has
 -- been delivered, none after it. Its rows are delivered here. Returns false to stop.
+-- Under a trigger driver (no lsn) a read has no id, as changes there have none.
 function Backfill:deliver(c, lsn)
   self.inflight = nil
   local client, l = self.client, self.l
-  client.backfill_tokens[c.token] = nil
-  local lsn_text = core.lsn(lsn)
+  if c.token then client.backfill_tokens[c.token] = nil end
+  local lsn_text = lsn and core.lsn(lsn)
   -- ids: the mark's position, then the row's place in the chunk (as for changes).
-  local prefix = string.format("%08X%08X/", math.floor(lsn / TWO32), lsn % TWO32)
+  local prefix = lsn and string.format("%08X%08X/", math.floor(lsn / TWO32), lsn % TWO32)
   local n = 0
   if not c.all then
     local cols, drop, ndrop, keyed = self.keycols, c.drop, c.ndrop, self.mode == "key"
     -- No closure here and no variable changing type: this loop runs compiled.
     local srcs, name, last_src = c.src, l.table_name, -1
-    local tohex = bit.tohex
-    for i, row in ipairs(c.rows) do
+    local format = string.format
+    local lines, layout = c.rows, self.layout
+    for i = 1, c.n do
+      local row, bad = lines:row(i, layout)
       local src = srcs[i]
       if src ~= last_src then name, last_src = self:source_name(src), src end
       local skip = false
-      if ndrop > 0 then
+      if not row then
+        skip = true
+        log.warn(string.format("backfill of %s: a row could not be decoded (%s); skipped", l.table_name, bad))
+      elseif ndrop > 0 then
         local k = keyof(row, cols)
         local hit = drop[k]
         if hit then
@@ -557,8 +614,8 @@ function Backfill:deliver(c, lsn)
         end
       end
       if not skip then
-        local ev = { op = "read", table = l.table_name, source = name, new = row, id = prefix .. tohex(i, -8),
-                     lsn = lsn_text }
+        local ev = { op = "read", table = l.table_name, source = name, new = row,
+                     id = prefix and format("%s%08X", prefix, i), lsn = lsn_text }
         n = n + 1
         local go
         if l.passthrough then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
@@ -567,17 +624,26 @@ function Backfill:deliver(c, lsn)
     end
   end
   self.delivered = self.delivered + n
-  local read = #c.rows
+  local read = c.n
   self.rows_done = self.rows_done + read
   self.run_rows = self.run_rows + read
   self.cursor = c.next
   if c.last then self:finish() end
   if client.acks then
     -- Manual acknowledgements: the chunk is a transaction of its own at lsn; its
-    -- progress is saved once everything up to it is acknowledged (M.confirmed).
+    -- progress is saved once everything up to it is acknowledged (M.confirmed). Under a
+    -- trigger driver its position is a marker of its own among the delivered capture
+    -- seqs (negative: it deletes nothing), confirmed once it leaves that list.
+    local pos = lsn
+    if self.poll then
+      client.backfill_markers = (client.backfill_markers or 0) + 1
+      pos = -client.backfill_markers
+      local d = client.driver
+      d.delivered[#d.delivered + 1] = pos
+    end
     self.waiting = self.waiting or {}
-    self.waiting[#self.waiting + 1] = { lsn = lsn, cursor = c.next, rows = self.rows_done, done = c.last }
-    client.acks:commit(lsn)
+    self.waiting[#self.waiting + 1] = { lsn = pos, cursor = c.next, rows = self.rows_done, done = c.last }
+    client.acks:commit(pos)
   else
     self:save(c.next, self.rows_done, c.last)
   end
@@ -710,12 +776,89 @@ end
 function M.confirmed(client, pos)
   for _, bf in ipairs(client.backfills or {}) do
     local w = bf.waiting
-    if w and w[1] and w[1].lsn <= pos then
+    if bf.poll then
+      -- Chunks whose markers the driver no longer holds as delivered are acknowledged.
+      if w and w[1] then
+        local still = {}
+        for _, s in ipairs(client.driver.delivered) do if s < 0 then still[s] = true end end
+        local last
+        while w[1] and not still[w[1].lsn] do last = table.remove(w, 1) end
+        if last then bf:save(last.cursor, last.rows, last.done) end
+      end
+    elseif w and w[1] and w[1].lsn <= pos then
       local last
       while w[1] and w[1].lsn <= pos do last = table.remove(w, 1) end
       bf:save(last.cursor, last.rows, last.done)
     end
   end
+end
+
+---------------------------------------------------------------------------------------
+-- The trigger drivers' side (flash.driver.capture)
+
+-- A change of listener l (one with a backfill), delivered through flash.filter; returns
+-- what the delivery returns.
+function M.change(l, ev)
+  local bf = l.bf
+  if l.passthrough or ev.too_large then
+    if #l.callbacks[ev.op] > 0 then bf:touch(ev) end
+    return l.client:_deliver(l, ev)
+  end
+  bf.raw = ev
+  local go = where.apply(l, ev, bf.emit)
+  bf.raw = nil
+  return go
+end
+
+-- A batch of the capture table was fetched (d.full: it came back full). A chunk whose
+-- snapshot was taken before this fetch began has every row that snapshot saw in it or
+-- delivered before it when the batch is not full, or reaches past the last seq the
+-- snapshot saw (the batch is the lowest seqs left).
+function M.polled(d, rows)
+  for _, bf in ipairs(d.client.backfills) do
+    local c = bf.inflight
+    if c and not c.ready and d.fetches > c.after_fetch then
+      if not d.full then
+        c.ready = true
+      else
+        for i = 1, #rows do
+          if rows[i].seq >= c.max_seq then c.ready = true break end
+        end
+      end
+    end
+  end
+end
+
+-- Whether the trigger driver d has backfill work now: a chunk to read, or one whose poll
+-- is delivered (the driver's own next poll may be up to poll_interval away).
+function M.due(d)
+  for _, bf in ipairs(d.client.backfills) do
+    local c = bf.inflight
+    if c then
+      if c.ready and not d.pending then return true end
+    elseif not bf.done and not bf.failed then
+      return true
+    end
+  end
+  return false
+end
+
+-- One step of the trigger driver d: a ready chunk is delivered once its poll's rows are,
+-- then chunks are read. true, or nil and an error.
+function M.poll_step(d)
+  local client = d.client
+  for _, bf in ipairs(client.backfills) do
+    local c = bf.inflight
+    if c and c.ready and not d.pending then
+      if bf:deliver(c) == false then
+        if client.failure then return nil, client.failure end
+        return true
+      end
+      if not d.listening then return true end
+    end
+  end
+  if M.wants(client) then d.next_poll = core.now() end
+  return M.step(client)
 end
 
 function M.stats(client)

@@ -39,7 +39,8 @@ options:
                          COL as it is or "double quoted"; VALUE a bare word or
                          'single quoted' ('' for a quote); compared as the column's type
       --backfill         with --table: first every existing row (op "read"), then the
-                         changes; needs wal_logical (the default with --backfill)
+                         changes; wal_logical (the default with --backfill) or a
+                         trigger driver (--driver trigger)
       --to redis://HOST[:PORT]
                          with --table: append each event to Redis Streams instead
                          (flash:0 .. flash:N-1, by table + key; docs/scale-out.md),

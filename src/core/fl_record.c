@@ -98,10 +98,22 @@ static int hexval(char c) {
 fl_rec_tok fl_copy_next(fl_copy_reader *r, const char **val, size_t *len) {
   if (r->state == 1) return FL_REC_END;
   if (r->state == 3) return FL_REC_ERROR;
-  const char *start = r->p;
   /* The output never runs ahead of the input: in place is safe. */
   char *out = r->buf + r->used;
   size_t n = 0;
+  const char *tab = memchr(r->p, '\t', (size_t)(r->end - r->p));
+  const char *fend = tab ? tab : r->end;
+  if (fend - r->p == 2 && r->p[0] == '\\' && r->p[1] == 'N') {
+    r->p = fend;
+    if (tab) r->p++; else r->state = 1;
+    return FL_REC_NULL;
+  }
+  if (!memchr(r->p, '\\', (size_t)(fend - r->p))) {
+    /* No escape (most fields): moved as a block. */
+    n = (size_t)(fend - r->p);
+    if (out != r->p) memmove(out, r->p, n);
+    r->p = fend;
+  }
   while (r->p < r->end && *r->p != '\t') {
     char c = *r->p++;
     if (c != '\\') { out[n++] = c; continue; }
@@ -133,10 +145,8 @@ fl_rec_tok fl_copy_next(fl_copy_reader *r, const char **val, size_t *len) {
       }
     }
   }
-  size_t raw = (size_t)(r->p - start);
   if (r->p < r->end) r->p++;            /* the tab */
   else r->state = 1;
-  if (raw == 2 && start[0] == '\\' && start[1] == 'N') return FL_REC_NULL;
   r->used += n;
   *val = out;
   *len = n;

@@ -492,26 +492,170 @@ static char *copy_room(lua_State *L, int slot, size_t *cap, size_t need, size_t 
   return p;
 }
 
+/* Where one COPY line's key texts go (the cursor of the next chunk): the line's fields at
+ * layout positions pos[0..n-1], copied into the growable buffer at stack slot `slot`. */
+typedef struct {
+  int n, pos[32], slot;
+  size_t cap, off[32], len[32];
+  int null[32];
+} copy_keys;
+
+/* Decodes one COPY line (buf, len: decoded in place) by the layout into a row table
+ * pushed on the stack. names: the stack slot of the layout's column names (0: pushed
+ * from the layout). with_src: the line starts with a relation oid, stored in *src (if not
+ * NULL). keys
+ * (or NULL): their texts are kept. Returns NULL, or what is wrong (nothing pushed). */
+/* An oid's decimal text (digits only, as the server prints it) as a number. */
+static double oid_text(const char *s, size_t len) {
+  double v = 0;
+  for (size_t i = 0; i < len && s[i] >= '0' && s[i] <= '9'; i++) v = v * 10 + (s[i] - '0');
+  return v;
+}
+
+static const char *copy_line_row(lua_State *L, const fl_layout *lo, char *buf, size_t len, int names,
+                                 int with_src, double *src, copy_keys *keys) {
+  fl_copy_reader rd;
+  fl_copy_init(&rd, buf, len, buf);
+  const char *v;
+  size_t vlen;
+  fl_rec_tok t;
+  if (with_src) {
+    t = fl_copy_next(&rd, &v, &vlen);
+    if (t != FL_REC_FIELD) return "COPY line without its relation";
+    if (src) *src = oid_text(v, vlen);
+  }
+  lua_createtable(L, 0, lo->n);
+  int f = 0;
+  size_t kused = 0;
+  for (;; f++) {
+    t = fl_copy_next(&rd, &v, &vlen);
+    if (t == FL_REC_END || t == FL_REC_ERROR) break;
+    if (f >= lo->n) continue;
+    for (int k = 0; keys && k < keys->n; k++) {
+      if (keys->pos[k] != f) continue;
+      keys->null[k] = t == FL_REC_NULL;
+      keys->len[k] = keys->null[k] ? 0 : vlen;
+      keys->off[k] = kused;
+      if (!keys->null[k]) {
+        char *kb = copy_room(L, keys->slot, &keys->cap, kused + vlen + 1, kused);
+        memcpy(kb + kused, v, vlen);
+        kused += vlen;
+      }
+    }
+    if (names) lua_pushvalue(L, names + f);
+    else lua_pushlstring(L, lo->names[f], lo->namelen[f]);
+    if (t == FL_REC_NULL) lua_pushlightuserdata(L, FL_NULL);
+    else fl_push_value_owned(L, &lo->types[f], (char *)v, vlen, lo->flags);
+    lua_rawset(L, -3);
+  }
+  if (t == FL_REC_ERROR || f != lo->n) {
+    lua_pop(L, 1);
+    return t == FL_REC_ERROR ? "malformed COPY line" : "COPY line does not have the layout's columns (the table changed?)";
+  }
+  return NULL;
+}
+
+/* A chunk's COPY lines as they came ("flash.lines", conn:copy with opts.lines), each
+ * decoded into a row only when asked: lines:row(i, layout). Rows built one at a time,
+ * each handed on before the next, keep the Lua heap small and warm (a whole chunk of
+ * row tables built first costs about twice the CPU in allocation and collection). */
+#define LINES_MT "flash.lines"
+
+typedef struct {
+  char *buf;
+  size_t len, cap;
+  size_t *off;        /* line i (0-based) is buf[off[i], off[i + 1]) */
+  int n, ncap;
+} fl_lines;
+
+static int lines_add(fl_lines *ls, const char *line, size_t len) {
+  if (ls->n + 2 > ls->ncap) {
+    int nc = ls->ncap ? ls->ncap * 2 : 1024;
+    size_t *o = realloc(ls->off, (size_t)nc * sizeof *o);
+    if (!o) return -1;
+    ls->off = o;
+    ls->ncap = nc;
+  }
+  if (ls->len + len > ls->cap) {
+    size_t nc = ls->cap ? ls->cap : 65536;
+    while (nc < ls->len + len) nc *= 2;
+    char *b = realloc(ls->buf, nc);
+    if (!b) return -1;
+    ls->buf = b;
+    ls->cap = nc;
+  }
+  memcpy(ls->buf + ls->len, line, len);
+  ls->off[ls->n] = ls->len;
+  ls->len += len;
+  ls->n++;
+  ls->off[ls->n] = ls->len;
+  return 0;
+}
+
+static int l_lines_gc(lua_State *L) {
+  fl_lines *ls = luaL_checkudata(L, 1, LINES_MT);
+  free(ls->buf);
+  free(ls->off);
+  ls->buf = NULL;
+  ls->off = NULL;
+  ls->n = 0;
+  return 0;
+}
+
+/* lines:row(i, layout) -> the row of line i | nil, err. A line is decoded in a copy: the
+ * same line can be asked for again. */
+static int l_lines_row(lua_State *L) {
+  fl_lines *ls = luaL_checkudata(L, 1, LINES_MT);
+  int i = (int)luaL_checkinteger(L, 2) - 1;
+  const fl_layout *lo = luaL_checkudata(L, 3, LAYOUT_MT);
+  if (i < 0 || i >= ls->n) return luaL_argerror(L, 2, "no such line");
+  luaL_checkstack(L, 8, "decoding a COPY row");
+  size_t len = ls->off[i + 1] - ls->off[i];
+  char stack[512];
+  char *buf = len <= sizeof stack ? stack : lua_newuserdata(L, len);
+  memcpy(buf, ls->buf + ls->off[i], len);
+  /* The relation oid is skipped: conn:copy put them in info.src. */
+  const char *err = copy_line_row(L, lo, buf, len, 0, 1, NULL, NULL);
+  if (err) return fl_fail(L, err, "parse");
+  return 1;
+}
+
+static int l_lines_len(lua_State *L) {
+  fl_lines *ls = luaL_checkudata(L, 1, LINES_MT);
+  lua_pushinteger(L, ls->n);
+  return 1;
+}
+
+static const luaL_Reg lines_methods[] = {
+  { "row", l_lines_row },
+  { "count", l_lines_len },
+  { NULL, NULL }
+};
+
 static int l_copy(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   const char *sql = luaL_checkstring(L, 2);
   const fl_layout *lo = luaL_checkudata(L, 3, LAYOUT_MT);
-  int with_src = 0, nkeys = 0, keys[32], sent = 0;
+  int with_src = 0, sent = 0, as_lines = 0;
+  copy_keys keys = { .n = 0 };
   if (!lua_isnoneornil(L, 4)) {
     luaL_checktype(L, 4, LUA_TTABLE);
     lua_getfield(L, 4, "sent");
     sent = lua_toboolean(L, -1);
     lua_pop(L, 1);
+    lua_getfield(L, 4, "lines");
+    as_lines = lua_toboolean(L, -1);
+    lua_pop(L, 1);
     lua_getfield(L, 4, "src");
     with_src = lua_toboolean(L, -1);
     lua_getfield(L, 4, "keys");
     if (lua_istable(L, -1)) {
-      nkeys = (int)lua_objlen(L, -1);
-      if (nkeys > 32) return luaL_argerror(L, 4, "at most 32 keys");
-      for (int i = 0; i < nkeys; i++) {
+      keys.n = (int)lua_objlen(L, -1);
+      if (keys.n > 32) return luaL_argerror(L, 4, "at most 32 keys");
+      for (int i = 0; i < keys.n; i++) {
         lua_rawgeti(L, -1, i + 1);
-        keys[i] = (int)luaL_checkinteger(L, -1) - 1;
-        if (keys[i] < 0 || keys[i] >= lo->n) return luaL_argerror(L, 4, "key position outside the layout");
+        keys.pos[i] = (int)luaL_checkinteger(L, -1) - 1;
+        if (keys.pos[i] < 0 || keys.pos[i] >= lo->n) return luaL_argerror(L, 4, "key position outside the layout");
         lua_pop(L, 1);
       }
     }
@@ -521,7 +665,15 @@ static int l_copy(lua_State *L) {
   luaL_checkstack(L, lo->n + 16, "decoding COPY rows");
   int names = lua_gettop(L) + 1;
   for (int i = 0; i < lo->n; i++) lua_pushlstring(L, lo->names[i], lo->namelen[i]);
-  lua_newtable(L);                                  /* rows */
+  fl_lines *ls = NULL;
+  if (as_lines) {                                   /* rows: the lines, decoded later */
+    ls = lua_newuserdata(L, sizeof *ls);
+    memset(ls, 0, sizeof *ls);
+    luaL_getmetatable(L, LINES_MT);
+    lua_setmetatable(L, -2);
+  } else {
+    lua_newtable(L);                                /* rows */
+  }
   int rows = lua_gettop(L);
   lua_newtable(L);                                  /* info */
   int info = rows + 1;
@@ -532,10 +684,8 @@ static int l_copy(lua_State *L) {
   lua_pushnil(L);                                   /* the line scratch */
   int scratch = rows + 4;
   lua_pushnil(L);                                   /* the last line's key texts */
-  int keybuf = rows + 5;
-  size_t scap = 0, kcap = 0;
-  size_t koff[32], klen[32];
-  int knull[32];
+  keys.slot = rows + 5;
+  size_t scap = 0;
   int nvalues = 0, nrows = 0;
   copy_err err = { .set = 0 };
   if (!sent && !PQsendQuery(c->pg, sql)) return conn_fail(L, c, PQerrorMessage(c->pg));
@@ -558,53 +708,28 @@ static int l_copy(lua_State *L) {
           break;
         }
         if (err.set) { PQfreemem(line); continue; }
+        if (ls) {
+          /* Kept as it came; its relation oid read now (digits: no escapes). */
+          int bad = lines_add(ls, line, (size_t)len);
+          PQfreemem(line);
+          if (bad) { copy_fail(&err, "out of memory", ""); continue; }
+          if (with_src) {
+            lua_pushnumber(L, oid_text(ls->buf + ls->off[nrows], (size_t)len));
+            lua_rawseti(L, src, nrows + 1);
+          }
+          nrows++;
+          continue;
+        }
         /* Ours (a Lua error while the row is built frees it), decoded in place. */
         char *buf = copy_room(L, scratch, &scap, (size_t)len + 1, 0);
         memcpy(buf, line, (size_t)len);
         PQfreemem(line);
-        fl_copy_reader rd;
-        fl_copy_init(&rd, buf, (size_t)len, buf);
-        const char *v;
-        size_t vlen;
-        fl_rec_tok t;
+        double oid = 0;
+        const char *bad = copy_line_row(L, lo, buf, (size_t)len, names, with_src, &oid, keys.n ? &keys : NULL);
+        if (bad) { copy_fail(&err, bad, ""); continue; }
         if (with_src) {
-          t = fl_copy_next(&rd, &v, &vlen);
-          if (t != FL_REC_FIELD) { copy_fail(&err, "COPY line without its relation", ""); continue; }
-          char num[24];
-          size_t m = vlen < sizeof num - 1 ? vlen : sizeof num - 1;
-          memcpy(num, v, m);
-          num[m] = 0;
-          lua_pushnumber(L, strtod(num, NULL));
+          lua_pushnumber(L, oid);
           lua_rawseti(L, src, nrows + 1);
-        }
-        lua_createtable(L, 0, lo->n);
-        int f = 0;
-        size_t kused = 0;
-        for (;; f++) {
-          t = fl_copy_next(&rd, &v, &vlen);
-          if (t == FL_REC_END || t == FL_REC_ERROR) break;
-          if (f >= lo->n) continue;
-          for (int k = 0; k < nkeys; k++) {
-            if (keys[k] != f) continue;
-            knull[k] = t == FL_REC_NULL;
-            klen[k] = knull[k] ? 0 : vlen;
-            koff[k] = kused;
-            if (!knull[k]) {
-              char *kb = copy_room(L, keybuf, &kcap, kused + vlen + 1, kused);
-              memcpy(kb + kused, v, vlen);
-              kused += vlen;
-            }
-          }
-          lua_pushvalue(L, names + f);
-          if (t == FL_REC_NULL) lua_pushlightuserdata(L, FL_NULL);
-          else fl_push_value_owned(L, &lo->types[f], (char *)v, vlen, lo->flags);
-          lua_rawset(L, -3);
-        }
-        if (t == FL_REC_ERROR || f != lo->n) {
-          lua_pop(L, 1);
-          copy_fail(&err, t == FL_REC_ERROR ? "malformed COPY line" :
-                    "COPY line does not have the layout's columns (the table changed?)", "");
-          continue;
         }
         lua_rawseti(L, rows, ++nrows);
       }
@@ -613,18 +738,27 @@ static int l_copy(lua_State *L) {
     }
     if (r) PQclear(r);
   }
+  if (!err.set && ls && keys.n && nrows) {
+    /* The last line's key texts: from a decoding of it alone. */
+    size_t len = ls->off[nrows] - ls->off[nrows - 1];
+    char *buf = copy_room(L, scratch, &scap, len + 1, 0);
+    memcpy(buf, ls->buf + ls->off[nrows - 1], len);
+    double oid;
+    const char *bad = copy_line_row(L, lo, buf, len, names, with_src, &oid, &keys);
+    if (bad) copy_fail(&err, bad, ""); else lua_pop(L, 1);
+  }
   if (err.set) return fl_fail(L, err.msg, err.kind);
   lua_pushvalue(L, values);
   lua_setfield(L, info, "values");
   lua_pushinteger(L, nrows);
   lua_setfield(L, info, "n");
   if (with_src) { lua_pushvalue(L, src); lua_setfield(L, info, "src"); }
-  if (nkeys && nrows) {
-    const char *kb = lua_touserdata(L, keybuf);
-    lua_createtable(L, nkeys, 0);
-    for (int k = 0; k < nkeys; k++) {
-      if (knull[k]) lua_pushlightuserdata(L, FL_NULL);
-      else lua_pushlstring(L, kb ? kb + koff[k] : "", klen[k]);
+  if (keys.n && nrows) {
+    const char *kb = lua_touserdata(L, keys.slot);
+    lua_createtable(L, keys.n, 0);
+    for (int k = 0; k < keys.n; k++) {
+      if (keys.null[k]) lua_pushlightuserdata(L, FL_NULL);
+      else lua_pushlstring(L, kb ? kb + keys.off[k] : "", keys.len[k]);
       lua_rawseti(L, -2, k + 1);
     }
     lua_setfield(L, info, "last");
@@ -690,4 +824,5 @@ void fl_new_metatable(lua_State *L, const char *name, lua_CFunction gc, const lu
 void fl_conn_open(lua_State *L) {
   fl_new_metatable(L, CONN_MT, l_close, conn_methods);
   fl_new_metatable(L, LAYOUT_MT, l_layout_gc, layout_methods);
+  fl_new_metatable(L, LINES_MT, l_lines_gc, lines_methods);
 }

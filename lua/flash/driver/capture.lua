@@ -20,6 +20,7 @@ local core = require "flash.core"
 local log = require "flash.log"
 local where = require "flash.where"
 local base = require "flash.driver.base"
+local backfill = require "flash.backfill"
 
 local M = {}
 -- The generic parts, for the trigger drivers that reach them through this module.
@@ -816,6 +817,7 @@ function Driver:install(fresh)
   local existed
   ok, existed = self:install_schema(fresh)
   if not ok then return nil, existed end
+  if fresh then self.created_schema = not existed end
   -- A persistent schema's triggers stayed while no run was there: found again, kept, and
   -- only those no listener wants any more are dropped.
   if fresh and not (self.persistent and existed) then self.installed = {} else self:load_installed() end
@@ -854,6 +856,7 @@ function Driver.fds() return {} end
 
 function Driver:next_deadline()
   if not self.listening then return self.retry_at end
+  if self.client.backfills and backfill.due(self) then return core.now() end
   local d = self.next_poll
   if self.next_refresh and (not d or self.next_refresh < d) then d = self.next_refresh end
   return d
@@ -863,6 +866,7 @@ function Driver:stats(s)
   s.schema = self.schema
   s.captured = self.captured
   s.paused = self:paused()
+  if self.client.backfills then s.backfill = backfill.stats(self.client) end
 end
 
 local function lost(self, err)
@@ -1052,6 +1056,7 @@ function Driver:confirm(pos)
   for i = m - n + 1, m do d[i] = nil end
   -- The next poll deletes them (soon: an acknowledgement is not a reason to wait).
   if n > 0 and self.next_poll then self.next_poll = math.min(self.next_poll, core.now() + POLL_MIN) end
+  if self.client.backfills then backfill.confirmed(self.client, pos) end
 end
 
 -- SQL that deletes the rows delivered so far (self.handled).
@@ -1223,7 +1228,8 @@ function Driver:deliver_row(r)
       local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid,
                    too_large = big, columns_uncertain = uncertain }
       local cont
-      if l.passthrough or big then cont = client:_deliver(l, ev) else cont = where.apply(l, ev, self.emit) end
+      if l.bf then cont = backfill.change(l, ev)
+      elseif l.passthrough or big then cont = client:_deliver(l, ev) else cont = where.apply(l, ev, self.emit) end
       if cont == false or client.failure then return false end
       if not self.listening then return true end
     end
@@ -1250,6 +1256,7 @@ function Driver:drain(budget)
     if not rows then return nil, err end
     self.empty = #rows == 0
     self.full = #rows >= BATCH
+    if self.client.backfills then backfill.polled(self, rows) end
     if self.empty then return true end
     self.pending, self.pending_i = rows, 1
   end
@@ -1318,6 +1325,11 @@ function Driver:step()
     self.next_refresh = now + REFRESH_INTERVAL
     self:keep_alive()
     local ok, err = self:sync_all()
+    if not ok then return nil, err end
+    if not self.listening then return true end
+  end
+  if self.client.backfills and not self:paused() then
+    local ok, err = backfill.poll_step(self)
     if not ok then return nil, err end
     if not self.listening then return true end
   end
@@ -1392,7 +1404,12 @@ function Driver:quiesce()
   end
 end
 
+-- listener:backfill (flash.backfill): a chunk is placed between two polls of the events
+-- table, after the first that began after its snapshot and read all it saw.
+function Driver.backfill() return "poll" end
+
 function Driver:stop()
+  if self.client.backfills then backfill.close(self.client) end
   if not self.listening then
     self:drop_keeper()
     if self.lost_at then
