@@ -1311,7 +1311,11 @@ function Driver:vacuum(now)
   self.deleted, self.next_vacuum = 0, now + VACUUM_INTERVAL
   -- TRUNCATE false: truncating the file waits (up to 5 s, in this loop) for a moment when no
   -- writer holds the table.
-  local ok, err = self:exec("VACUUM (SKIP_LOCKED, TRUNCATE false) " .. self:ident(self.schema) .. ".events")
+  -- SKIP_LOCKED: an autovacuum of it at work is enough; the WARNING it sends then says
+  -- nothing a user must act on, so the notices of this statement are dropped.
+  local conn = self:conn()
+  local ok, err = conn:exec("VACUUM (SKIP_LOCKED, TRUNCATE false) " .. self:ident(self.schema) .. ".events", 0)
+  conn:notices()
   if not ok then log.debug("cannot vacuum the events table: " .. tostring(err)) end
 end
 
