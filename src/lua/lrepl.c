@@ -40,6 +40,12 @@ typedef struct {
   uint32_t tag_len, tag_cap;
 } fl_repl;
 
+/* A relation's column mask (repl:columns), in its entry: on[i] for each column converted. */
+typedef struct {
+  int n;                    /* columns on: the row table's size */
+  unsigned char on[];
+} col_mask;
+
 /* One pump's consumer state, on the C stack of l_pump. */
 typedef struct {
   lua_State *L;
@@ -82,7 +88,7 @@ static int stream_fail(lua_State *L, fl_repl *r) {
 /* Rows and events */
 
 /* The entry's types and column mask (NULL: every column), the entry on the stack top. */
-static fl_coltype *entry_parts(lua_State *L, const unsigned char **want) {
+static fl_coltype *entry_parts(lua_State *L, const col_mask **want) {
   lua_getfield(L, -1, "types");
   fl_coltype *t = lua_touserdata(L, -1);
   lua_getfield(L, -2, "want");
@@ -91,17 +97,19 @@ static fl_coltype *entry_parts(lua_State *L, const unsigned char **want) {
   return t;
 }
 
-/* Which columns of rel its mask (repl:columns) keeps, as want = userdata of ncols flags in
- * the entry on the stack top; nothing when the relation has no mask. By name, so a column
+/* Which columns of rel its mask (repl:columns) keeps, as want = a col_mask userdata in the
+ * entry on the stack top; nothing when the relation has no mask. By name, so a column
  * added by DDL stays out and a dropped one is simply not there. */
 static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->masks_ref);
   lua_rawgeti(L, -1, (int)rel->relid);
   if (lua_istable(L, -1)) {
-    unsigned char *want = lua_newuserdata(L, rel->ncols ? rel->ncols : 1);
+    col_mask *want = lua_newuserdata(L, sizeof(col_mask) + (size_t)rel->ncols);
+    want->n = 0;
     for (int i = 0; i < rel->ncols; i++) {
       lua_getfield(L, -2, rel->cols[i].name);
-      want[i] = lua_toboolean(L, -1);
+      want->on[i] = lua_toboolean(L, -1);
+      want->n += want->on[i];
       lua_pop(L, 1);
     }
     lua_setfield(L, -4, "want");
@@ -112,7 +120,7 @@ static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
 /* The Lua-side description of a relation: { version=, table=, names={}, types=userdata,
  * want=userdata | nil } rebuilt when the decoder's relation version changes (ALTER TABLE
  * while running), the declared types change (repl:types) or its mask does (repl:columns). */
-static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel, const unsigned char **want) {
+static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel, const col_mask **want) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
   lua_rawgeti(L, -1, (int)rel->relid);
   if (lua_istable(L, -1)) {
@@ -172,14 +180,14 @@ static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *re
  * buffer is ours (PQgetCopyData's copy, or a streamed transaction's record) and each value
  * is read once — the new row borrows old values without overwriting them, since the old
  * row is built from them next. */
-static void push_row(lua_State *L, fl_repl *r, int entry, const fl_coltype *types, const unsigned char *want,
+static void push_row(lua_State *L, fl_repl *r, int entry, const fl_coltype *types, const col_mask *want,
                      const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int key_only,
                      int flags) {
   lua_getfield(L, entry, "names");
-  lua_createtable(L, 0, want ? 4 : tup->ncols);
+  lua_createtable(L, 0, want ? want->n : tup->ncols);
   for (int i = 0; i < tup->ncols && i < rel->ncols; i++) {
     if (key_only && !(rel->cols[i].flags & 1)) continue;
-    if (want && !want[i]) continue;
+    if (want && !want->on[i]) continue;
     r->values++;
     const fl_pgo_value *v = &tup->vals[i];
     lua_rawgeti(L, -2, i + 1);
@@ -234,7 +242,7 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
   lua_pushvalue(L, dispatch);
   lua_createtable(L, 0, 9);
   int ev = lua_gettop(L);
-  const unsigned char *want;
+  const col_mask *want;
   fl_coltype *types = rel_entry(L, r, rel, &want);
   int entry = lua_gettop(L);
   lua_pushstring(L, op);
