@@ -2,7 +2,9 @@
 -- against one with every column: the consumer's CPU per event shows what the column mask
 -- (lrepl converts only the columns some listener wants) saves. One throwaway cluster; each
 -- run replays the same inserts from its own slot, runs alternate, the best of --repeat kept.
+-- --compare another/flashlua: the same runs with that binary too, alternating (before/after).
 --   luajit bench/wal_wide.lua [--rows-per-tx 100] [--txs 2000] [--repeat 3] [--flashlua build/flashlua]
+--                             [--compare path]
 local sandbox = require "flash.sandbox"
 local flash = require "flash"
 
@@ -10,7 +12,8 @@ local root = debug.getinfo(1, "S").source:match("^@(.*)bench/wal_wide%.lua$") or
 local opts = { rows = 100, txs = 2000, ["repeat"] = 3, flashlua = root .. "build/flashlua" }
 for i = 1, #arg, 2 do
   local k, v = arg[i]:gsub("^%-%-", ""), arg[i + 1]
-  if k == "rows-per-tx" then opts.rows = tonumber(v) elseif k == "flashlua" then opts.flashlua = v
+  if k == "rows-per-tx" then opts.rows = tonumber(v)
+  elseif k == "flashlua" or k == "compare" then opts[k] = v
   else opts[k] = tonumber(v) end
 end
 
@@ -45,12 +48,15 @@ local ok, err = pcall(function()
   q("CREATE TABLE wide (" .. table.concat(defs, ", ") .. ")")
   q("ALTER TABLE wide REPLICA IDENTITY FULL")
   q("CREATE PUBLICATION wide_pub FOR TABLE wide WITH (publish = 'insert')")
+  local bins = { opts.flashlua, opts.compare }
   local slots = {}
   for r = 1, opts["repeat"] do
-    for m = 1, #MODES do
-      local name = string.format("wide_%d_%d", m, r)
-      q("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", name)
-      slots[#slots + 1] = { mode = m, slot = name }
+    for b = 1, #bins do
+      for m = 1, #MODES do
+        local name = string.format("wide_%d_%d_%d", b, m, r)
+        q("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", name)
+        slots[#slots + 1] = { bin = b, mode = m, slot = name }
+      end
     end
   end
   local total = opts.rows * opts.txs
@@ -77,21 +83,25 @@ local ok, err = pcall(function()
       io.stdout:write(n, "\n")
     ]], s.slot, MODES[s.mode].listen))
     f:close()
-    io.stderr:write(string.format("%s (%s)...\n", MODES[s.mode].name, s.slot))
-    local r = measure(string.format("env FLASH_DSN='%s' %s -l warn %s %s", sb.dsn, opts.flashlua, script, endpos))
+    io.stderr:write(string.format("%s %s (%s)...\n", bins[s.bin], MODES[s.mode].name, s.slot))
+    local r = measure(string.format("env FLASH_DSN='%s' %s -l warn %s %s", sb.dsn, bins[s.bin], script, endpos))
     local delivered = tonumber(r.out:match("(%d+)%s*$"))
     assert(delivered == total, "flashlua delivered " .. tostring(delivered) .. " of " .. total .. ": " .. r.out)
-    if not best[s.mode] or r.cpu < best[s.mode].cpu then best[s.mode] = r end
+    local k = s.bin .. ":" .. s.mode
+    if not best[k] or r.cpu < best[k].cpu then best[k] = r end
   end
   os.remove(script)
   db:stop()
 
-  print(string.format("wal_logical, wide table: %d rows (%d transactions x %d rows, 30 columns), %s, best of %d",
-    total, opts.txs, opts.rows, opts.flashlua, opts["repeat"]))
-  for m, mode in ipairs(MODES) do
-    local r = best[m]
-    print(string.format("  %s  %6.2f s  %9.0f rows/s  cpu %5.2f s  %6.2f us/event  peak RSS %5.1f MB", mode.name,
-      r.wall, total / r.wall, r.cpu, r.cpu / total * 1e6, r.rss_kb / 1024))
+  print(string.format("wal_logical, wide table: %d rows (%d transactions x %d rows, 30 columns), best of %d",
+    total, opts.txs, opts.rows, opts["repeat"]))
+  for b, bin in ipairs(bins) do
+    print("  " .. bin)
+    for m, mode in ipairs(MODES) do
+      local r = best[b .. ":" .. m]
+      print(string.format("    %s  %6.2f s  %9.0f rows/s  cpu %5.2f s  %6.2f us/event  peak RSS %5.1f MB", mode.name,
+        r.wall, total / r.wall, r.cpu, r.cpu / total * 1e6, r.rss_kb / 1024))
+    end
   end
 end)
 sb:stop()
