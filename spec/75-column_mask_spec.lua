@@ -49,6 +49,21 @@ describe("column mask (wal_logical)", function()
     }, got)
   end)
 
+  it("hands a function where the listened fields, as without a mask", function()
+    local t = wide()
+    local seen = {}
+    local c, events = H.listen({ table = t, fields = { "id", "a" }, where = function(row)
+      seen[#seen + 1] = row
+      return row.a > 10
+    end }, "insert", { driver = "wal_logical" })
+    client = c
+    for i = 1, 3 do insert(t, i) end
+    H.wait(c, events, 2)
+    H.settle(c)
+    assert.same({ { id = 1, a = 10 }, { id = 2, a = 20 }, { id = 3, a = 30 } }, seen)
+    assert.same({ { id = 2, a = 20 }, { id = 3, a = 30 } }, { events[1].new, events[2].new })
+  end)
+
   it("converts fewer values with a mask: a listener of two fields of ten", function()
     local t = wide()
     local function run(listen)
