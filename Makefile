@@ -138,6 +138,7 @@ bench:
 	scripts/deps
 	$(MAKE) all
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/wal.lua
+	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/wal_wide.lua
 	LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/backfill.lua
 	$(MAKE) install-pgext
 	FLASH_PGEXT_DIR=$(CURDIR)/pgext LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="$(B)/?.so;;" $(LUAJIT) bench/pg_extension.lua

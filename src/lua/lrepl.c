@@ -27,16 +27,24 @@ typedef struct {
   uint64_t txn_lsn;
   int64_t txn_time;
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
-  int rels_ref;             /* registry ref: relid -> { version, table, names, types } */
+  int rels_ref;             /* registry ref: relid -> { version, table, names, types[, want] } */
+  int masks_ref;            /* registry ref: relid -> { [column name] = true }: the columns converted */
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
   int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
   int commit_ref;           /* registry ref, manual mode: on_commit(end_lsn) */
   int msghook_ref;          /* registry ref: on_message(lsn, content, transactional) or none */
   char msg_prefix[64];      /* ...for logical messages with this prefix only */
   uint64_t events;
+  uint64_t values;          /* column values converted to Lua (nulls and unchanged included) */
   char *tag;                /* pg_extension: the listener tag of the next change (flashlua plugin) */
   uint32_t tag_len, tag_cap;
 } fl_repl;
+
+/* A relation's column mask (repl:columns), in its entry: on[i] for each column converted. */
+typedef struct {
+  int n;                    /* columns on: the row table's size */
+  unsigned char on[];
+} col_mask;
 
 /* One pump's consumer state, on the C stack of l_pump. */
 typedef struct {
@@ -79,9 +87,40 @@ static int stream_fail(lua_State *L, fl_repl *r) {
 /* ------------------------------------------------------------------------------------ */
 /* Rows and events */
 
-/* The Lua-side description of a relation: { version=, table=, names={}, types=userdata }
- * rebuilt when the decoder's relation version changes (ALTER TABLE while running). */
-static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
+/* The entry's types and column mask (NULL: every column), the entry on the stack top. */
+static fl_coltype *entry_parts(lua_State *L, const col_mask **want) {
+  lua_getfield(L, -1, "types");
+  fl_coltype *t = lua_touserdata(L, -1);
+  lua_getfield(L, -2, "want");
+  *want = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  return t;
+}
+
+/* Which columns of rel its mask (repl:columns) keeps, as want = a col_mask userdata in the
+ * entry on the stack top; nothing when the relation has no mask. By name, so a column
+ * added by DDL stays out and a dropped one is simply not there. */
+static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->masks_ref);
+  lua_rawgeti(L, -1, (int)rel->relid);
+  if (lua_istable(L, -1)) {
+    col_mask *want = lua_newuserdata(L, sizeof(col_mask) + (size_t)rel->ncols);
+    want->n = 0;
+    for (int i = 0; i < rel->ncols; i++) {
+      lua_getfield(L, -2, rel->cols[i].name);
+      want->on[i] = lua_toboolean(L, -1);
+      want->n += want->on[i];
+      lua_pop(L, 1);
+    }
+    lua_setfield(L, -4, "want");
+  }
+  lua_pop(L, 2);
+}
+
+/* The Lua-side description of a relation: { version=, table=, names={}, types=userdata,
+ * want=userdata | nil } rebuilt when the decoder's relation version changes (ALTER TABLE
+ * while running), the declared types change (repl:types) or its mask does (repl:columns). */
+static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel, const col_mask **want) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
   lua_rawgeti(L, -1, (int)rel->relid);
   if (lua_istable(L, -1)) {
@@ -89,15 +128,12 @@ static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *re
     if ((uint32_t)lua_tonumber(L, -1) == rel->version) {
       lua_pop(L, 1);
       lua_remove(L, -2);
-      lua_getfield(L, -1, "types");
-      fl_coltype *t = lua_touserdata(L, -1);
-      lua_pop(L, 1);
-      return t;                       /* entry on the stack top */
+      return entry_parts(L, want);   /* entry on the stack top */
     }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 5);
   lua_pushnumber(L, rel->version);
   lua_setfield(L, -2, "version");
   lua_pushfstring(L, "%s.%s", rel->nspname, rel->relname);
@@ -128,28 +164,31 @@ static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *re
   lua_pop(L, 1);                       /* typemap */
   lua_setfield(L, -3, "types");
   lua_setfield(L, -2, "names");
+  set_want(L, r, rel);
   lua_pushvalue(L, -1);
   lua_rawseti(L, -3, (int)rel->relid);
   lua_remove(L, -2);                   /* rels */
-  lua_getfield(L, -1, "types");
-  fl_coltype *t = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  return t;
+  return entry_parts(L, want);
 }
 
 /* Pushes a row table. key_only: just the replica identity key columns (an old tuple of
- * kind 'K' sends the others as nulls that are not the row's values). An unchanged TOAST
+ * kind 'K' sends the others as nulls that are not the row's values). want (NULL: all): the
+ * columns some listener needs (repl:columns); the others are left out, never converted,
+ * which is the point on a wide table of which a listener takes two fields. An unchanged TOAST
  * column takes the old tuple's value when there is one, else flash.unchanged.
  * The tuple's own values are decoded over their text (fl_push_value_owned): the message
  * buffer is ours (PQgetCopyData's copy, or a streamed transaction's record) and each value
  * is read once — the new row borrows old values without overwriting them, since the old
  * row is built from them next. */
-static void push_row(lua_State *L, int entry, const fl_coltype *types, const fl_pgo_relation *rel,
-                     const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int key_only, int flags) {
+static void push_row(lua_State *L, fl_repl *r, int entry, const fl_coltype *types, const col_mask *want,
+                     const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int key_only,
+                     int flags) {
   lua_getfield(L, entry, "names");
-  lua_createtable(L, 0, tup->ncols);
+  lua_createtable(L, 0, want ? want->n : tup->ncols);
   for (int i = 0; i < tup->ncols && i < rel->ncols; i++) {
     if (key_only && !(rel->cols[i].flags & 1)) continue;
+    if (want && !want->on[i]) continue;
+    r->values++;
     const fl_pgo_value *v = &tup->vals[i];
     lua_rawgeti(L, -2, i + 1);
     if (v->kind == 'u' && old && i < old->ncols && old->vals[i].kind != 'u')
@@ -203,7 +242,8 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
   lua_pushvalue(L, dispatch);
   lua_createtable(L, 0, 9);
   int ev = lua_gettop(L);
-  fl_coltype *types = rel_entry(L, r, rel);
+  const col_mask *want;
+  fl_coltype *types = rel_entry(L, r, rel, &want);
   int entry = lua_gettop(L);
   lua_pushstring(L, op);
   lua_setfield(L, ev, "op");
@@ -219,11 +259,11 @@ static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const 
   lua_setfield(L, ev, "commit_time");
   const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
   if (m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE) {
-    push_row(L, entry, types, rel, &m->newtup, m->old_kind == 'O' ? old : NULL, 0, flags);
+    push_row(L, r, entry, types, want, rel, &m->newtup, m->old_kind == 'O' ? old : NULL, 0, flags);
     lua_setfield(L, ev, "new");
   }
   if (old) {
-    push_row(L, entry, types, rel, old, NULL, m->old_kind == 'K', flags);
+    push_row(L, r, entry, types, want, rel, old, NULL, m->old_kind == 'K', flags);
     lua_setfield(L, ev, "old");
   }
   lua_pop(L, 1);                        /* entry */
@@ -380,11 +420,13 @@ static void repl_release(lua_State *L, fl_repl *r) {
   r->tag_len = r->tag_cap = 0;
   luaL_unref(L, LUA_REGISTRYINDEX, r->lsn_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->rels_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->masks_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->typemap_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
+  r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
+    LUA_NOREF;
 }
 
 /* core.replication(dsn) -> repl | nil, err, kind : a replication=database connection whose
@@ -393,7 +435,8 @@ static int l_replication(lua_State *L) {
   const char *dsn = luaL_optstring(L, 1, "");
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
-  r->lsn_ref = r->rels_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref = LUA_NOREF;
+  r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
+    LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
   lua_setmetatable(L, -2);
   r->s = fl_stream_new();
@@ -403,6 +446,8 @@ static int l_replication(lua_State *L) {
   r->lsn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_newtable(L);
   r->rels_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_newtable(L);
+  r->masks_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_newtable(L);
   r->typemap_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;
@@ -554,6 +599,43 @@ static int l_types(lua_State *L) {
   return 0;
 }
 
+/* repl:columns(relid, {names} | nil): converts only these columns of relation relid's rows
+ * (nil: every column, as without a mask); repl:columns(nil): every column of every
+ * relation. The driver decides (what its listeners need); the mask holds until changed,
+ * across the relation's DDL (by name). */
+static int l_columns(lua_State *L) {
+  fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
+  if (r->masks_ref == LUA_NOREF) return 0;          /* closed: nothing is converted any more */
+  if (lua_isnoneornil(L, 2)) {
+    lua_newtable(L);
+    lua_rawseti(L, LUA_REGISTRYINDEX, r->masks_ref);
+    lua_newtable(L);
+    lua_rawseti(L, LUA_REGISTRYINDEX, r->rels_ref);
+    return 0;
+  }
+  int relid = (int)(uint32_t)luaL_checknumber(L, 2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->masks_ref);
+  if (lua_isnoneornil(L, 3)) {
+    lua_pushnil(L);
+  } else {
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int n = (int)lua_objlen(L, 3);
+    lua_createtable(L, 0, n);
+    for (int i = 1; i <= n; i++) {
+      lua_rawgeti(L, 3, i);
+      if (lua_type(L, -1) != LUA_TSTRING) luaL_argerror(L, 3, "list of column names expected");
+      lua_pushboolean(L, 1);
+      lua_rawset(L, -3);
+    }
+  }
+  lua_rawseti(L, -2, relid);
+  /* Its entry is rebuilt with the new mask on the next row. */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
+  lua_pushnil(L);
+  lua_rawseti(L, -2, relid);
+  return 0;
+}
+
 /* repl:due() -> monotonic seconds (core.now's clock) when the next status update is due:
  * confirmed transactions waiting to be reported, or the periodic one. */
 static int l_due(lua_State *L) {
@@ -626,7 +708,7 @@ static int l_state(lua_State *L) {
   fl_stream_state st;
   memset(&st, 0, sizeof st);
   if (r->s) fl_stream_get_state(r->s, &st);
-  lua_createtable(L, 0, 15);
+  lua_createtable(L, 0, 16);
   lua_pushnumber(L, (double)st.received); lua_setfield(L, -2, "received");
   lua_pushnumber(L, (double)st.flushed); lua_setfield(L, -2, "flushed");
   lua_pushnumber(L, (double)st.delivered); lua_setfield(L, -2, "delivered");
@@ -634,6 +716,7 @@ static int l_state(lua_State *L) {
   lua_pushnumber(L, (double)st.server_end); lua_setfield(L, -2, "server_end");
   lua_pushboolean(L, st.in_txn); lua_setfield(L, -2, "in_txn");
   lua_pushnumber(L, (double)r->events); lua_setfield(L, -2, "events");
+  lua_pushnumber(L, (double)r->values); lua_setfield(L, -2, "values");
   lua_pushnumber(L, (double)st.messages); lua_setfield(L, -2, "messages");
   lua_pushnumber(L, (double)st.bytes); lua_setfield(L, -2, "bytes");
   lua_pushnumber(L, (double)st.largest); lua_setfield(L, -2, "largest_message");
@@ -673,6 +756,7 @@ static const luaL_Reg repl_methods[] = {
   { "pump", l_pump },
   { "status", l_status },
   { "types", l_types },
+  { "columns", l_columns },
   { "fd", l_fd },
   { "due", l_due },
   { "on_relation", l_on_relation },

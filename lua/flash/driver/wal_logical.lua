@@ -69,6 +69,7 @@ function M.new(client)
     enums = {},         -- binary: [enum type oid] = true (its send form is its label)
     by_oid = {},        -- [listened table oid] = { listeners }
     routes = {},        -- [relid of a row's relation] = { listeners } | false: see route()
+    masked = {},        -- [relid] = true: relations lrepl converts some columns of (route())
     published = {},     -- [table oid] = listener: tables in the publication
     warned = {},        -- warnings given once: dropped tables, missing columns
     retry_at = nil,
@@ -236,6 +237,67 @@ function Driver:check(l)
   return ok, err
 end
 
+-- The routes and column masks are forgotten together: a row converted before its route is
+-- computed again has every column (route() sets the mask for the rows after it).
+function Driver:forget_routes(relid)
+  if relid then
+    self.routes[relid] = nil
+    if self.masked[relid] then
+      self.masked[relid] = nil
+      if self.repl then self.repl:columns(relid, nil) end
+    end
+    return
+  end
+  self.routes = {}
+  if next(self.masked) then
+    self.masked = {}
+    if self.repl then self.repl:columns(nil) end
+  end
+end
+
+-- The columns of a row where.apply and delivery read for listener l, or nil for every
+-- column: `fields`, the columns of table-form conditions, primary_key (a key change; "no
+-- listened field changed" compares the fields); a function `where` is handed the listened
+-- fields only (flash.where's matcher). Every column for a listener without `fields` (its
+-- events carry them all) and while its backfill runs (flash.backfill notes the key
+-- columns, or every column, of the rows delivered during a chunk). A listener without
+-- callbacks only counts its events as dropped, after where.apply's decision.
+local function needed_columns(l)
+  if l.bf and not l.bf.done then return nil end
+  if l.fields then return listened_columns(l) end
+  if next(l:wanted()) or l.predicate then return nil end
+  local cols = {}
+  for _, c in ipairs(l.conds) do cols[#cols + 1] = c.column end
+  for _, c in ipairs(l.primary_key or {}) do cols[#cols + 1] = c end
+  return cols
+end
+
+-- The columns lrepl must convert for rows routed to `list`: the union over its listeners.
+local function column_mask(list)
+  local cols, seen = {}, {}
+  for _, l in ipairs(list) do
+    local need = needed_columns(l)
+    if not need then return nil end
+    for _, c in ipairs(need) do
+      if not seen[c] then seen[c] = true cols[#cols + 1] = c end
+    end
+  end
+  return cols
+end
+
+-- A backfill registered or done since the last step: the masks of its table change.
+function Driver:check_backfills()
+  local n, done = 0, 0
+  for _, bf in ipairs(self.client.backfills) do
+    n = n + 1
+    if bf.done then done = done + 1 end
+  end
+  if n ~= self.backfills_seen or done ~= self.backfills_done then
+    self.backfills_seen, self.backfills_done = n, done
+    self:forget_routes()
+  end
+end
+
 function Driver:rebuild_index()
   local by = {}
   for _, l in ipairs(self.client.listeners) do
@@ -244,7 +306,7 @@ function Driver:rebuild_index()
     list[#list + 1] = l
   end
   self.by_oid = by
-  self.routes = {}
+  self:forget_routes()
   local types = {}
   for _, l in ipairs(self.client.listeners) do
     for _, c in ipairs(l.table.columns) do
@@ -421,6 +483,7 @@ function Driver:attach(repl, continued)
     repl:manual(function(end_lsn) acks:commit(end_lsn) end)
   end
   self.repl = repl
+  self.masked = {}      -- a new stream converts every column until route() says otherwise
   repl:on_relation(function(...) return self:on_relation(...) end)
   if not continued then backfill.reset(self.client) end
   repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(self.client, lsn, content) end)
@@ -493,8 +556,9 @@ end
 -- The listeners a row of relation `relid` goes to: those of the relation itself and of
 -- every ancestor (partitioned tables and sub-partitions, INHERITS parents), so a listener
 -- on a parent sees the rows of all its descendants however a statement addressed them.
--- Cached per relid; forgotten when the relation changes (its Relation message) or the
--- listeners do.
+-- Cached per relid, with the relation's column mask (column_mask: what lrepl converts of
+-- its next rows); both forgotten when the relation changes (its Relation message), the
+-- listeners do, or a backfill starts or ends.
 function Driver:route(relid)
   local rows = self:exec([[WITH RECURSIVE up(oid, depth) AS (
       SELECT $1::oid, 0
@@ -511,6 +575,14 @@ function Driver:route(relid)
   end
   if #list == 0 then list = false end
   self.routes[relid] = list
+  -- No listener: nothing of its rows is read (a table still published while the
+  -- publication catches up with the listeners).
+  local mask = {}
+  if list then mask = column_mask(list) end
+  if mask and self.repl then
+    self.masked[relid] = true
+    self.repl:columns(relid, mask)
+  end
   return list
 end
 
@@ -571,7 +643,7 @@ end
 
 -- A Relation message: the relation is new to this stream or was changed by DDL.
 function Driver:on_relation(relid, schema, name, columns)
-  self.routes[relid] = nil
+  self:forget_routes(relid)
   local list = self.by_oid[relid]
   if not list then return end
   self:renamed(relid, schema, name)
@@ -819,6 +891,7 @@ function Driver:step()
     budget = math.max(1, acks.limit - acks.outstanding)
   end
   if self.client.backfills then
+    self:check_backfills()
     local ok, berr = backfill.step(self.client)
     if not ok then return nil, berr end
   end
