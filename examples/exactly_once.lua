@@ -20,8 +20,8 @@ local client = assert(flash.client {
   driver = "wal_logical", persistent = true, slot = name, publication = name,
   ack = "manual", max_unacked = 5000,
 })
--- The target's connection: a client that is never started captures nothing.
-local sink = assert(flash.client { dsn = arg[4] ~= "" and arg[4] or nil })
+-- The target's connection (flash.connect: it only runs queries and creates nothing there).
+local sink = assert(flash.connect { dsn = arg[4] ~= "" and arg[4] or nil })
 
 local function q(sql, ...)
   local rows, err = sink:query(sql, ...)

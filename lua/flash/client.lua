@@ -48,44 +48,55 @@ Client.__index = Client
 
 -- client.new(lp, opts): a client of loop `lp` (flash.client calls it in a tail call, so
 -- that a bad argument is reported at the script's line).
-function M.new(lp, opts)
+function M.new(lp, opts, query_only)
+  local fname = query_only and "connect" or "client"
   if opts == nil then opts = {} end
-  checktype(opts, "table", 1, "client")
+  checktype(opts, "table", 1, fname)
   -- Every option any driver declares (flash.driver): one script can switch drivers by
   -- changing one word; each value is checked by the spec its driver gives.
   local known = drivers.options()
   for k, v in pairs(opts) do
     local o = known[k]
     if not o then
-      argerror(1, "client", string.format("unknown option '%s'", tostring(k)))
+      argerror(1, fname, string.format("unknown option '%s'", tostring(k)))
     end
     local want = type(o.spec) == "table" and o.spec.type or o.spec
     if want ~= true and type(v) ~= want then
-      argerror(1, "client", string.format("option '%s': %s expected, got %s", k, want, type(v)))
+      argerror(1, fname, string.format("option '%s': %s expected, got %s", k, want, type(v)))
     end
   end
   for k, v in pairs(opts) do
     local spec = known[k].spec
     local bad = type(spec) == "table" and spec.check and spec.check(v, opts)
-    if bad then argerror(1, "client", string.format("option '%s': %s", k, bad)) end
+    if bad then argerror(1, fname, string.format("option '%s': %s", k, bad)) end
   end
   local on_error = opts.on_error or "stop"
   if on_error ~= "stop" and on_error ~= "log" and type(on_error) ~= "function" then
-    argerror(1, "client", "option 'on_error': \"stop\", \"log\" or a function expected, got " .. tostring(on_error))
+    argerror(1, fname, "option 'on_error': \"stop\", \"log\" or a function expected, got " .. tostring(on_error))
   end
-  local driver_name = opts.driver or lp.defaults.driver or drivers.DEFAULT
-  if not drivers.exists(driver_name) then
-    argerror(1, "client", string.format("unknown driver '%s' (expected %s)", driver_name, drivers.list()))
+  -- flash.connect: no driver at all, so nothing can be created in the database.
+  local driver_name = query_only and "none" or (opts.driver or lp.defaults.driver or drivers.DEFAULT)
+  if not query_only and not drivers.exists(driver_name) then
+    argerror(1, fname, string.format("unknown driver '%s' (expected %s)", driver_name, drivers.list()))
   end
   local mu = opts.max_unacked
-  local driver_mod, derr = drivers.load(driver_name)
-  if not driver_mod then error(derr, 0) end
+  local driver_mod, derr
+  if query_only then
+    if opts.ack == "manual" or opts.workers then
+      argerror(1, fname, string.format("option '%s' is for a client that listens (use flash.client)",
+        opts.workers and "workers" or "ack"))
+    end
+    driver_mod = { new = function() return {} end }
+  else
+    driver_mod, derr = drivers.load(driver_name)
+    if not driver_mod then error(derr, 0) end
+  end
   -- Acknowledging later only means something where an unacknowledged event is delivered
   -- again: a persistent slot, a trigger driver's persistent schema (its rows are deleted
   -- once acknowledged), a Redis consumer group (KEEPS_UNACKED). Otherwise a stop drops
   -- what was not handled (docs/delivery.md, "Acknowledgements").
   if opts.ack == "manual" and opts.persistent ~= true and not driver_mod.KEEPS_UNACKED then
-    argerror(1, "client", "option 'ack': \"manual\" needs persistent = true (only a persistent slot or " ..
+    argerror(1, fname, "option 'ack': \"manual\" needs persistent = true (only a persistent slot or " ..
       "capture schema delivers an unacknowledged event again; got driver = \"" .. driver_name .. "\", persistent = " ..
       tostring(opts.persistent == true) .. ")")
   end
@@ -96,7 +107,7 @@ function M.new(lp, opts)
       err = tostring(err):gsub("%s+$", "") .. "\n(no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, " ..
         "or pass flash.client{ dsn = ... }; libpq's defaults and PG* variables were tried)"
     end
-    return lp:failed("flash.client", err)
+    return lp:failed("flash." .. fname, err)
   end
   local number = lp:number()
   local who = conn:exec("SELECT current_database()::text AS db, current_user::text AS role", 0)
@@ -109,6 +120,7 @@ function M.new(lp, opts)
     role = who and who[1].role or "?",
     label = (opts.name or string.format("client %d %s", number, driver_name)) .. " db=" .. db,
     driver_name = driver_name,
+    query_only = query_only or nil,
     on_error = on_error,
     flags = opts.numeric == "number" and core.NUMERIC_AS_NUMBER or 0,
     listeners = {},
@@ -164,6 +176,10 @@ end
 -- client:listen(opts) -> listener | nil, err (flash.listener; a tail call, so that a bad
 -- argument is reported at the script's line).
 function Client:listen(opts)
+  if self.query_only then
+    error("client:listen: this client was made by flash.connect and only runs queries; " ..
+      "use flash.client{...} to listen to a table", 2)
+  end
   return listener.new(self, opts)
 end
 

@@ -36,6 +36,17 @@ flash.defaults = default.defaults
 -- flash.client(opts) -> client | nil, err
 function flash.client(opts) return client.new(default, opts) end
 
+-- flash.connect(dsn | opts) -> client | nil, err: a client that only runs queries. It has
+-- no driver, creates nothing in the database, and its listen raises.
+function flash.connect(opts)
+  if type(opts) == "string" then
+    opts = { dsn = opts }
+  elseif opts ~= nil and type(opts) ~= "table" then
+    error("bad argument #1 to 'connect' (DSN string or options table expected, got " .. type(opts) .. ")", 2)
+  end
+  return client.new(default, opts, true)
+end
+
 function flash.on_stop(fn) return default:on_stop(fn) end
 function flash.every(seconds, fn) return default:every(seconds, fn) end
 function flash.after(seconds, fn) return default:after(seconds, fn) end

@@ -127,6 +127,7 @@ function M.render(clients)
     { "flashlua_captured_rows_total", "counter", "Rows read from the capture table (trigger drivers)", "captured" },
     { "flashlua_stream_spilled_bytes_total", "counter", "Bytes of streamed transactions spilled to disk",
       "stream_spilled" },
+    { "flashlua_heartbeats_total", "counter", "Heartbeat messages written (the heartbeat option)", "heartbeats" },
     { "flashlua_unacked_events", "gauge", "Events delivered and not yet acknowledged (ack = \"manual\")", "unacked" },
   }
   for _, m in ipairs(simple) do

@@ -38,7 +38,16 @@ M.OPTIONS = {
   max_lag = { type = "number", check = function(v)
     if not (v > 0 and v < math.huge) then return "a number of bytes > 0 expected, got " .. tostring(v) end
   end },
+  -- Seconds without a delivered event after which a heartbeat is written (Driver:heartbeat).
+  heartbeat = { type = "number", check = function(v)
+    if not (v > 0 and v < math.huge) then return "a number of seconds > 0 expected, got " .. tostring(v) end
+  end },
 }
+
+-- The prefix of heartbeat messages: no on_message hook takes it (backfill's is
+-- "flashlua.backfill", the pg_extension plugin's "flashlua"), so lrepl skips the message
+-- and only its transaction's Commit is handled, and confirmed, like any other.
+local HEARTBEAT_PREFIX = "flashlua.heartbeat"
 
 local MARK = "flashlua instance"
 -- One step handles messages for at most this long, then gives the loop back: timers,
@@ -846,6 +855,8 @@ function Driver:next_deadline()
   local due = self.repl and self.repl:due() or core.now() + 10
   if self.house_at and self.house_at < due then due = self.house_at end
   if self.conn_retry_at and self.conn_retry_at < due then due = self.conn_retry_at end
+  local every = self.client.opts.heartbeat
+  if every and (self.hb_since or 0) + every < due then due = (self.hb_since or core.now()) + every end
   if self.until_lsn and not self.reached then due = math.min(due, core.now() + 0.1) end
   return handover.deadline(self, due)
 end
@@ -863,6 +874,33 @@ function Driver:set_until(spec)
   if not n then return nil, "bad until_lsn '" .. tostring(spec) .. "': " .. err end
   self.until_lsn, self.reached = n, false
   return true
+end
+
+-- heartbeat = seconds: once the client has delivered no event for that long, a
+-- transactional logical message on the query connection gives the slot's stream a Commit
+-- in this database, which is handled and confirmed like any other: the slot's confirmed
+-- position moves on while the listened tables are idle (and the cluster's other databases
+-- write). The message itself reaches no callback (HEARTBEAT_PREFIX).
+function Driver:heartbeat()
+  local every = self.client.opts.heartbeat
+  if not every or not self.repl or self.conn_retry_at then return end
+  local now, n = core.now(), self.client.counters.events
+  if n ~= self.hb_events or not self.hb_since then
+    self.hb_events, self.hb_since = n, now
+    return
+  end
+  if now - self.hb_since < every then return end
+  self.hb_since = now
+  local rows, err = self:exec("SELECT pg_catalog.pg_logical_emit_message(true, " .. self:literal(HEARTBEAT_PREFIX) ..
+    ", '')::text AS lsn")
+  if rows then
+    self.heartbeats = (self.heartbeats or 0) + 1
+    self.heartbeat_lsn = rows[1].lsn
+    self.hb_failing = false
+  elseif not self.hb_failing then
+    self.hb_failing = true
+    log.warn("heartbeat failed: " .. (tostring(err):gsub("%s+$", "")))
+  end
 end
 
 function Driver:is_reached()
@@ -917,6 +955,7 @@ function Driver:step()
   elseif more == false and handover.wanted(self, self.repl:state()) then
     handover.begin(self)
   end
+  self:heartbeat()
   if self.until_lsn and not self.reached then
     -- Delivered, acknowledged or not: under manual acks a stop hook may acknowledge last.
     local st = self.repl:state()
@@ -1039,6 +1078,10 @@ function Driver:stats(s)
     s.stream_spilled = st.stream_spilled
   end
   if self.client.backfills then s.backfill = backfill.stats(self.client) end
+  if self.client.opts.heartbeat then
+    s.heartbeats = self.heartbeats or 0
+    s.heartbeat_lsn = self.heartbeat_lsn
+  end
 end
 
 -- A graceful stop between a transaction's changes and its Commit delivers the rest of
