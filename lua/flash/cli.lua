@@ -46,6 +46,8 @@ options:
                          (flash:0 .. flash:N-1, by table + key; docs/scale-out.md),
                          confirming to a persistent slot only what Redis holds
       --partitions N     with --to: the number of streams (default 1)
+  slots [list | drop NAME], schemas [list | drop NAME]
+                         the same as the four options below
       --list-slots       list flashlua's replication slots in the database (-d): name,
                          plugin, active pid, WAL retained, confirmed position; exit
       --drop-slot NAME   drop flashlua's inactive replication slot NAME and exit
@@ -252,6 +254,24 @@ local function parse_args(argv)
       break
     end
     i = i + 1
+  end
+  -- `flashlua [options] slots [list | drop NAME]` and `schemas [list | drop NAME]`: the
+  -- same as --list-slots / --drop-slot NAME (--list-schemas / --drop-schema NAME), unless
+  -- a file of that name is the script.
+  local sub, verb = argv[i], argv[i + 1]
+  if (sub == "slots" or sub == "schemas") and not io.open(sub, "r") then
+    local what = sub == "slots" and "slot" or "schema"
+    if verb == nil or verb == "list" then
+      o["list_" .. sub] = true
+      if argv[i + (verb and 2 or 1)] ~= nil then error({ usage = sub .. " list takes no argument" }) end
+    elseif verb == "drop" then
+      local name = argv[i + 2]
+      if name == nil or argv[i + 3] ~= nil then error({ usage = sub .. " drop takes one " .. what .. " name" }) end
+      o["drop_" .. what] = name
+    else
+      error({ usage = string.format("unknown %s command '%s' (expected list or drop NAME)", sub, verb) })
+    end
+    return o
   end
   o.script = argv[i]
   o.script_index = i
