@@ -199,11 +199,17 @@ describe("column mask (wal_logical)", function()
     for _, ev in ipairs(got) do
       assert.same({ id = (ev.new or ev.old).id, a = (ev.new or ev.old).a }, ev.new or ev.old)
     end
+    -- The first row after the backfill is converted whole (the mask is computed again on
+    -- it); the loop above may have inserted it already, so one row goes first.
     H.settle(c, 0.2)
-    local before, n = converted(c), #got
+    local n = #got
+    insert(t, 999)
+    H.wait(c, got, n + 1)
+    local before
+    before, n = converted(c), #got
     for i = 1, 5 do insert(t, 1000 + i) end
     H.wait(c, got, n + 5)
     assert.equal(n + 5, #got)
-    assert.equal(10 + 4 * 2, converted(c) - before)
+    assert.equal(5 * 2, converted(c) - before)
   end)
 end)
