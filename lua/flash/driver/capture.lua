@@ -99,12 +99,17 @@ end
 -- as it drops triggers calling the schema's own functions.
 function Driver:row_capture(tag)
   local c = self.c_capture
-  local S = self:ident(self.schema)
   if c then
     return string.format("WHEN (true OR NULL::%s.events IS NULL) EXECUTE FUNCTION %s('%s', '%s', '%s')",
-      S, c.fn, tag, c.events, self.max_row)
+      self:ident(self.schema), c.fn, tag, c.events, self.max_row)
   end
-  return "EXECUTE FUNCTION " .. S .. ".capture('" .. tag .. "')"
+  return self:own_capture(tag)
+end
+
+-- The same with the instance's own PL/pgSQL function: the row triggers without the C
+-- function, and every truncate trigger (a statement trigger takes no WHEN clause).
+function Driver:own_capture(tag)
+  return "EXECUTE FUNCTION " .. self:ident(self.schema) .. ".capture('" .. tag .. "')"
 end
 
 -- Picks the capture function (the `capture` option) once the events table exists.
@@ -690,13 +695,12 @@ end
 -- The truncate triggers of `truncs` (M.table_ops): statement triggers (no WHEN clause, so
 -- always the instance's own function, which DROP SCHEMA ... CASCADE removes).
 function Driver:truncate_triggers(truncs, out)
-  local fn = self:ident(self.schema) .. ".capture('0')"
   local name = M.fit_name(self.schema, "_truncate")
   for oid, tbl in pairs(truncs) do
     local q = self:qualified_rel(tbl)
     out[#out + 1] = { key = oid .. "/" .. name, name = name, qualified = q, what = "truncate",
       display = tbl.schema .. "." .. tbl.name,
-      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT EXECUTE FUNCTION " .. fn }
+      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT " .. self:own_capture(0) }
   end
   return out
 end
@@ -1059,10 +1063,16 @@ function Driver:confirm(pos)
   if self.client.backfills then backfill.confirmed(self.client, pos) end
 end
 
+-- SQL that deletes the rows whose seqs are the int8[] `seqs` (an SQL expression: a
+-- parameter of the prepared delete, or the literal of delete_handled_sql).
+function Driver:delete_sql(seqs)
+  return "DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq OPERATOR(pg_catalog.=) ANY (" ..
+    seqs .. "::pg_catalog.int8[])"
+end
+
 -- SQL that deletes the rows delivered so far (self.handled).
 function Driver:delete_handled_sql()
-  return "DELETE FROM " .. self:ident(self.schema) .. ".events WHERE seq = ANY('{" ..
-    table.concat(self.handled, ",") .. "}'::bigint[])"
+  return self:delete_sql("'{" .. table.concat(self.handled, ",") .. "}'")
 end
 
 -- The query that reads the next batch; built once (it depends on the schema and on
@@ -1104,8 +1114,7 @@ function Driver:fetch()
     if self.prepared_on ~= conn then
       local ok, perr = conn:prepare("flash_poll", sql)
       if ok then
-        ok, perr = conn:prepare("flash_done", "DELETE FROM " .. self:ident(self.schema) ..
-          ".events WHERE seq OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int8[])")
+        ok, perr = conn:prepare("flash_done", self:delete_sql("$1"))
       end
       if not ok then return nil, perr end
       self.prepared_on = conn

@@ -22,8 +22,7 @@ function Driver:wanted_triggers()
           out[#out + 1] = {
             key = r.oid .. "/" .. name, name = name, qualified = q, what = op, display = r.schema .. "." .. r.name,
             ddl = "AFTER " .. base.OP_KEYWORD[op] .. " ON " .. q .. " " .. level ..
-              " " .. (op == "truncate" and "EXECUTE FUNCTION " .. self:ident(self.schema) .. ".capture('" .. l.id .. "')"
-              or self:row_capture(l.id)),
+              " " .. (op == "truncate" and self:own_capture(l.id) or self:row_capture(l.id)),
           }
         end
       end
