@@ -185,12 +185,19 @@ static void push_result_rows(lua_State *L, fl_conn *c, PGresult *r, int flags, i
   int nrows = PQntuples(r), ncols = PQnfields(r);
   fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (ncols ? ncols : 1));
   for (int j = 0; j < ncols; j++) types[j] = resolve_type(c, PQftype(r, j));
+  /* The column names, made Lua strings once (not once per row): at the stack's top. */
+  lua_createtable(L, ncols, 0);
+  for (int j = 0; j < ncols; j++) {
+    lua_pushstring(L, PQfname(r, j));
+    lua_rawseti(L, -2, j + 1);
+  }
+  int names = lua_gettop(L);
   if (close_first && c->pg) { PQfinish(c->pg); c->pg = NULL; }
   lua_createtable(L, nrows, 0);
   for (int i = 0; i < nrows; i++) {
     lua_createtable(L, 0, ncols);
     for (int j = 0; j < ncols; j++) {
-      lua_pushstring(L, PQfname(r, j));
+      lua_rawgeti(L, names, j + 1);
       if (PQgetisnull(r, i, j))
         lua_pushlightuserdata(L, FL_NULL);
       else
@@ -199,7 +206,8 @@ static void push_result_rows(lua_State *L, fl_conn *c, PGresult *r, int flags, i
     }
     lua_rawseti(L, -2, i + 1);
   }
-  lua_remove(L, -2);
+  lua_replace(L, names - 1);   /* the rows take the types' place */
+  lua_pop(L, 1);               /* the names */
 }
 
 /* Converts Lua parameter values to text; NULL for nil/flash.null. */

@@ -1070,6 +1070,28 @@ function Driver:delete_sql(seqs)
     seqs .. "::pg_catalog.int8[])"
 end
 
+-- The same by runs of consecutive seqs, the int8[] parameters $1 (first) and $2 (last) of
+-- each: one descent of the index per run, not one per row. A run holds only seqs that were
+-- handled (consecutive integers, every one of them read), so a row that became visible
+-- since, with a seq between two handled ones, is outside every run.
+function Driver:delete_runs_sql()
+  return "DELETE FROM " .. self:ident(self.schema) .. ".events e USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), " ..
+    "pg_catalog.unnest($2::pg_catalog.int8[])) AS r(lo, hi) WHERE e.seq OPERATOR(pg_catalog.>=) r.lo AND e.seq OPERATOR(pg_catalog.<=) r.hi"
+end
+
+-- The runs of consecutive integers in the list of seqs: two int8[] literals (firsts, lasts).
+local function runs(seqs)
+  local s = { unpack(seqs) }
+  table.sort(s)
+  local lo, hi = {}, {}
+  for i = 1, #s do
+    local v = s[i]
+    if #hi > 0 and v == hi[#hi] + 1 then hi[#hi] = v
+    elseif #hi == 0 or v ~= hi[#hi] then lo[#lo + 1], hi[#hi + 1] = v, v end
+  end
+  return "{" .. table.concat(lo, ",") .. "}", "{" .. table.concat(hi, ",") .. "}"
+end
+
 -- SQL that deletes the rows delivered so far (self.handled).
 function Driver:delete_handled_sql()
   return self:delete_sql("'{" .. table.concat(self.handled, ",") .. "}'")
@@ -1089,6 +1111,22 @@ function Driver:fetch_sql()
       "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
     " FROM " .. self:ident(self.schema) .. ".events ORDER BY seq LIMIT " .. BATCH
   return self.fetch_text
+end
+
+-- The poll as a function of the instance's schema, whose plan PL/pgSQL keeps for the
+-- session: it reads the seq index from its start, whatever the table's size. As a plain
+-- statement the planner picks a sequential scan and a sort for a table of few live rows,
+-- and the events table keeps the pages of its largest backlog (its VACUUM does not
+-- truncate): each poll then read every page to find a hundred rows, which cost the
+-- consumer's backend more than the rows themselves (docs/drivers.md "Reading").
+function Driver:poll_function_sql()
+  local S = self:ident(self.schema)
+  return "CREATE OR REPLACE FUNCTION " .. S .. ".poll() RETURNS TABLE (seq bigint, xid bigint, op text, " ..
+    "rel bigint, tag integer, new text, new_len integer, old text, old_len integer, big bigint" ..
+    (self.commit_ts and ", cts bigint" or "") .. ") LANGUAGE plpgsql STABLE " ..
+    "SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS " ..
+    self:literal("#variable_conflict use_column\nBEGIN RETURN QUERY " .. self:fetch_sql() .. "; END") ..
+    ";\nREVOKE ALL ON FUNCTION " .. S .. ".poll() FROM PUBLIC"
 end
 
 -- Fetches the next batch (deleting the rows handled so far in the same round trip);
@@ -1112,16 +1150,18 @@ function Driver:fetch()
     -- Prepared once per connection (no parse and plan per poll): the delete of what was
     -- handled, then the poll.
     if self.prepared_on ~= conn then
-      local ok, perr = conn:prepare("flash_poll", sql)
+      local ok, perr = conn:exec(self:poll_function_sql(), 0)
+      if ok then ok, perr = conn:prepare("flash_poll", "SELECT * FROM " .. self:ident(self.schema) .. ".poll()") end
       if ok then
-        ok, perr = conn:prepare("flash_done", self:delete_sql("$1"))
+        ok, perr = conn:prepare("flash_done", self:delete_runs_sql())
       end
       if not ok then return nil, perr end
       self.prepared_on = conn
     end
     local state
     if #self.handled > 0 then
-      rows, err, state = conn:exec_prepared("flash_done", 0, "{" .. table.concat(self.handled, ",") .. "}")
+      local firsts, lasts = runs(self.handled)
+      rows, err, state = conn:exec_prepared("flash_done", 0, firsts, lasts)
       if rows then
         self.deleted = (self.deleted or 0) + #self.handled
         self.handled = {}
@@ -1153,11 +1193,16 @@ function Driver:fetch()
       if type(r.cts) == "number" then last[r.xid] = r.cts end
     end
   end
-  table.sort(rows, function(a, b)
+  local function before(a, b)
     local la, lb = last[a.xid], last[b.xid]
     if la ~= lb then return la < lb end
     return a.seq < b.seq
-  end)
+  end
+  -- Mostly in that order already (short transactions that do not overlap): sorted only
+  -- when some row is out of it.
+  for i = 2, #rows do
+    if before(rows[i], rows[i - 1]) then table.sort(rows, before) break end
+  end
   -- Columns as the catalog says now: for every relation of the batch when there are no
   -- shape markers (no event trigger), else only for relations not seen yet.
   local seen, oids = {}, {}
