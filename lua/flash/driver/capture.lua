@@ -1070,19 +1070,26 @@ function Driver:delete_sql(seqs)
     seqs .. "::pg_catalog.int8[])"
 end
 
--- The same by runs of consecutive seqs, the int8[] parameters $1 (first) and $2 (last) of
--- each: one descent of the index per run, not one per row. A run holds only seqs that were
--- handled (consecutive integers, every one of them read), so a row that became visible
--- since, with a seq between two handled ones, is outside every run.
-function Driver:delete_runs_sql()
-  return "DELETE FROM " .. self:ident(self.schema) .. ".events e USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), " ..
-    "pg_catalog.unnest($2::pg_catalog.int8[])) AS r(lo, hi) WHERE e.seq OPERATOR(pg_catalog.>=) r.lo AND e.seq OPERATOR(pg_catalog.<=) r.hi"
+-- The same by runs of consecutive seqs, the int8[] expressions `firsts` and `lasts`: one
+-- descent of the index per run, not one per row. A run holds only seqs that were handled
+-- (consecutive integers, every one of them read), so a row that became visible since,
+-- with a seq between two handled ones, is outside every run.
+function Driver:delete_runs_sql(firsts, lasts)
+  return "DELETE FROM " .. self:ident(self.schema) .. ".events e USING ROWS FROM (pg_catalog.unnest(" .. firsts ..
+    "), pg_catalog.unnest(" .. lasts .. ")) AS r(lo, hi) WHERE e.seq OPERATOR(pg_catalog.>=) r.lo " ..
+    "AND e.seq OPERATOR(pg_catalog.<=) r.hi"
 end
 
 -- The runs of consecutive integers in the list of seqs: two int8[] literals (firsts, lasts).
 local function runs(seqs)
-  local s = { unpack(seqs) }
-  table.sort(s)
+  local s = seqs
+  for i = 2, #s do
+    if s[i] <= s[i - 1] then   -- mostly ascending already: a sorted copy only when not
+      s = { unpack(seqs) }
+      table.sort(s)
+      break
+    end
+  end
   local lo, hi = {}, {}
   for i = 1, #s do
     local v = s[i]
@@ -1113,20 +1120,27 @@ function Driver:fetch_sql()
   return self.fetch_text
 end
 
--- The poll as a function of the instance's schema, whose plan PL/pgSQL keeps for the
--- session: it reads the seq index from its start, whatever the table's size. As a plain
--- statement the planner picks a sequential scan and a sort for a table of few live rows,
--- and the events table keeps the pages of its largest backlog (its VACUUM does not
--- truncate): each poll then read every page to find a hundred rows, which cost the
--- consumer's backend more than the rows themselves (docs/drivers.md "Reading").
+-- The poll as a function of the instance's schema, poll(firsts, lasts): it deletes the
+-- runs of seqs handled since the last poll (none when NULL), then returns the next batch
+-- -- one statement, one round trip and one transaction per poll. PL/pgSQL keeps its plans
+-- for the session, planned with enable_seqscan off: the batch is read from the seq index
+-- whatever the table's size. As a plain statement the planner picks a sequential scan
+-- and a sort for a table of few live rows, and the events table keeps the pages of its
+-- largest backlog (its VACUUM does not truncate): each poll then read every page to find
+-- a hundred rows, which cost the consumer's backend more than the rows themselves.
 function Driver:poll_function_sql()
   local S = self:ident(self.schema)
-  return "CREATE OR REPLACE FUNCTION " .. S .. ".poll() RETURNS TABLE (seq bigint, xid bigint, op text, " ..
-    "rel bigint, tag integer, new text, new_len integer, old text, old_len integer, big bigint" ..
-    (self.commit_ts and ", cts bigint" or "") .. ") LANGUAGE plpgsql STABLE " ..
-    "SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS " ..
-    self:literal("#variable_conflict use_column\nBEGIN RETURN QUERY " .. self:fetch_sql() .. "; END") ..
-    ";\nREVOKE ALL ON FUNCTION " .. S .. ".poll() FROM PUBLIC"
+  local body = table.concat({
+    "#variable_conflict use_column",
+    "BEGIN",
+    "IF firsts IS NOT NULL THEN " .. self:delete_runs_sql("firsts", "lasts") .. "; END IF;",
+    "RETURN QUERY " .. self:fetch_sql() .. ";",
+    "END" }, "\n")
+  return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[]) " ..
+    "RETURNS TABLE (seq bigint, xid bigint, op text, rel bigint, tag integer, new text, new_len integer, " ..
+    "old text, old_len integer, big bigint" .. (self.commit_ts and ", cts bigint" or "") .. ") LANGUAGE plpgsql " ..
+    "SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS " .. self:literal(body) ..
+    ";\nREVOKE ALL ON FUNCTION " .. S .. ".poll(pg_catalog.int8[], pg_catalog.int8[]) FROM PUBLIC"
 end
 
 -- Fetches the next batch (deleting the rows handled so far in the same round trip);
@@ -1148,26 +1162,19 @@ function Driver:fetch()
     rows, err = self:exec(sql)
   else
     -- Prepared once per connection (no parse and plan per poll): the delete of what was
-    -- handled, then the poll.
+    -- handled, then the poll, in one call.
     if self.prepared_on ~= conn then
       local ok, perr = conn:exec(self:poll_function_sql(), 0)
-      if ok then ok, perr = conn:prepare("flash_poll", "SELECT * FROM " .. self:ident(self.schema) .. ".poll()") end
       if ok then
-        ok, perr = conn:prepare("flash_done", self:delete_runs_sql())
+        ok, perr = conn:prepare("flash_poll", "SELECT * FROM " .. self:ident(self.schema) .. ".poll($1, $2)")
       end
       if not ok then return nil, perr end
       self.prepared_on = conn
     end
-    local state
-    if #self.handled > 0 then
-      local firsts, lasts = runs(self.handled)
-      rows, err, state = conn:exec_prepared("flash_done", 0, firsts, lasts)
-      if rows then
-        self.deleted = (self.deleted or 0) + #self.handled
-        self.handled = {}
-      end
-    end
-    if rows or #self.handled == 0 then rows, err, state = conn:exec_prepared("flash_poll", 0) end
+    local state, firsts, lasts
+    if #self.handled > 0 then firsts, lasts = runs(self.handled) end
+    rows, err, state = conn:exec_prepared("flash_poll", 0, firsts, lasts)
+    if rows then self.deleted = (self.deleted or 0) + #self.handled end
     if not rows and state == "26000" then
       -- A script's DEALLOCATE or DISCARD ALL on the shared connection: prepare it again.
       self.prepared_on = nil
