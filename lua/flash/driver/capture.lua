@@ -1139,7 +1139,8 @@ function Driver:poll_function_sql()
   return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[]) " ..
     "RETURNS TABLE (seq bigint, xid bigint, op text, rel bigint, tag integer, new text, new_len integer, " ..
     "old text, old_len integer, big bigint" .. (self.commit_ts and ", cts bigint" or "") .. ") LANGUAGE plpgsql " ..
-    "SET search_path = pg_catalog, pg_temp SET enable_seqscan = off AS " .. self:literal(body) ..
+    "SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS " ..
+    self:literal(body) ..
     ";\nREVOKE ALL ON FUNCTION " .. S .. ".poll(pg_catalog.int8[], pg_catalog.int8[]) FROM PUBLIC"
 end
 
