@@ -1553,8 +1553,10 @@ static void stream_commit_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
  * connection's output buffer, with the XLogData header the walsender's write would give it
  * (the same bytes on the wire), and goes out with the next last frame (Commit, Stream Stop,
  * ...) or once HOLD_BYTES are held, through the walsender's own write, which flushes them
- * all and runs its checks (timeouts, keepalives, a client that does not read). Every other
- * message of the walsender (keepalives) goes through the same buffer, after them. */
+ * all and runs its checks (timeouts, keepalives, a client that does not read); at the
+ * latest, its main loop flushes the buffer after the WAL record whose decoding wrote them.
+ * Every other message of the walsender (keepalives) goes through the same buffer, after
+ * them: frames are delayed, never reordered. */
 #define HOLD_BYTES 65536
 #define XLOGDATA_HEADER (1 + 3 * (int)sizeof(int64))     /* 'w', start, end, send time */
 
