@@ -64,6 +64,26 @@ describe("pg_extension", function()
       assert.same({ { op = "insert", id = 2, to = { id } }, { op = "insert", id = 3, to = { id } } }, got)
     end)
 
+    it("delivers a transaction of more frames than the walsender holds back (64 kB) whole and in order", function()
+      local t = H.table("id int PRIMARY KEY, pad text")
+      local read, close = raw_stream("spec_big_txn")
+      local id = H.scalar("SELECT flash.listen($1::regclass, NULL, NULL, NULL, NULL, 'spec_big_txn')", t)
+      H.sql("INSERT INTO " .. t .. " SELECT g, repeat('p', 100) FROM generate_series(1, 3000) g")
+      H.sql("INSERT INTO " .. t .. " VALUES (3001, 'the next transaction')")
+      local got = read(3001)
+      close()
+      H.sql("SELECT flash.unlisten($1)", id)
+      local wrong = {}
+      for i = 1, 3001 do
+        local ev = got[i]
+        if not (ev and ev.op == "insert" and ev.id == i and #ev.to == 1 and ev.to[1] == id) then
+          wrong[#wrong + 1] = string.format("#%d: %s %s", i, ev and ev.op, ev and ev.id)
+        end
+      end
+      assert.same({}, wrong)
+      assert.equal(3001, #got)
+    end)
+
     it("delivers nothing for a rolled-back listen", function()
       local t = H.table("id int PRIMARY KEY")
       local read, close = raw_stream("spec_rollback")
