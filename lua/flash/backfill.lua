@@ -658,7 +658,11 @@ function Backfill:deliver(c, lsn)
     local srcs, name, last_src = c.src, l.table_name, -1
     local format = string.format
     local lines, layout, read_row = c.rows, self.layout, self.read_row
+    -- The next chunk's rows, as the server sends them, go into libpq's buffer every few
+    -- hundred rows: a chunk is more than the socket holds, and the server would wait.
+    local prefetch = self.pending and self.reader
     for i = 1, c.n do
+      if prefetch and i % 256 == 0 then prefetch:consume() end
       local row, bad
       if read_row then row, bad = read_row(lines, i) else row, bad = lines:row(i, layout) end
       local src = srcs[i]
