@@ -59,14 +59,15 @@ local SLOW_OIDS = { [114] = true, [3802] = true, [17] = true }   -- json, jsonb,
 local READER_ERRORS = { [-1] = "malformed COPY line, or not the layout's columns (the table changed?)",
                         [-2] = "out of memory" }
 
--- reader(lines, i) -> row | nil, err for a layout of columns cols, or nil (lines:row then).
+-- reader(lines, i) -> row, relation oid | nil, err for lines read with { src = true } by
+-- a layout of columns cols; or nil (lines:row then).
 local function fast_reader(cols, layout)
   if not lines_api or #cols == 0 or #cols > 200 then return nil end
   for _, c in ipairs(cols) do
     if (c.elem or 0) ~= 0 or SLOW_OIDS[c.oid] then return nil end
   end
   local src = { [[
-local str, NULL, decode, lo, vals, cast, errors, layout = ...
+local str, NULL, decode, lo, vals, cast, errors, layout, ncols = ...
 -- FL_VAL_NUMBER 1, STRING 2, TRUE 3, FALSE 4 (src/lua/lvalue.h); NULL 0.
 local function v(x)
   local k = x.kind
@@ -77,16 +78,18 @@ end
 return function(lines, i)
   local n = decode(cast("void *", lines), i, lo, vals)
   if n < 0 then
-    if n == -3 then return lines:row(i, layout) end
-    return nil, errors[n] or "cannot decode"
+    if n ~= -3 then return nil, errors[n] or "cannot decode" end
+    local row, err = lines:row(i, layout)
+    if not row then return nil, err end
+    return row, vals[ncols].num
   end
   return {]] }
   for i, c in ipairs(cols) do src[#src + 1] = string.format("    [%q] = v(vals[%d]),", c.name, i - 1) end
-  src[#src + 1] = "  }\nend"
+  src[#src + 1] = "  }, vals[ncols].num\nend"
   local f = assert(loadstring(table.concat(src, "\n"), "=backfill row reader"))
   -- The layout userdata stays referenced by the closure (its pointer is used).
   return f(ffi.string, core.null, lines_api.decode, ffi.cast("const void *", layout),
-    ffi.new("flash_copy_val[?]", #cols), ffi.cast, READER_ERRORS, layout)
+    ffi.new("flash_copy_val[?]", #cols + 1), ffi.cast, READER_ERRORS, layout, #cols)
 end
 M.fast_reader = fast_reader
 
@@ -545,7 +548,8 @@ function Backfill:read_chunk()
   local conn = self.reader
   -- rows, info | nil, err
   -- The lines are kept as they came; each becomes a row table only when delivered.
-  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos, lines = true })
+  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos, lines = true,
+    src_list = not self.read_row })
   self.pending = nil
   local token = p.token
   -- Whatever comes of it, this chunk's mark (written, or not if the query failed) is
@@ -663,9 +667,14 @@ function Backfill:deliver(c, lsn)
     local prefetch = self.pending and self.reader
     for i = 1, c.n do
       if prefetch and i % 256 == 0 then prefetch:consume() end
-      local row, bad
-      if read_row then row, bad = read_row(lines, i) else row, bad = lines:row(i, layout) end
-      local src = srcs[i]
+      local row, bad, src
+      if read_row then
+        row, src = read_row(lines, i)
+        if not row then bad = src end
+      else
+        row, bad = lines:row(i, layout)
+        src = srcs[i]
+      end
       if src ~= last_src then name, last_src = self:source_name(src), src end
       local skip = false
       if not row then

@@ -456,7 +456,8 @@ static int l_layout_record(lua_State *L) {
  * text format) in one round trip and decodes the COPY's lines by the layout, in C, as
  * they arrive: no result set of strings in between, no column names per cell. opts.src:
  * each line starts with a relation oid that is not a column (info.src[i], a number);
- * opts.keys: layout positions whose text in the last line is returned (info.last: the
+ * opts.src_list = false (with opts.lines): no info.src (the FFI reader of lines reads each
+ * line's oid); opts.keys: layout positions whose text in the last line is returned (info.last: the
  * text, exact whatever the type, before any in-place bytea decoding); opts.sent: sql was
  * already sent with conn:send (the server has been producing the rows meanwhile: sql is
  * then not used). info.values: the
@@ -644,9 +645,10 @@ typedef struct {
   int32_t kind;       /* FL_VAL_* */
 } fl_copy_val;
 
-/* Line i (1-based) of ls into out[0 .. lo->n - 1]: lo->n, or -1 for a malformed line or
- * one not of the layout's columns, -2 out of memory, -3 a value fl_value_scalar leaves
- * to fl_push_value (the caller decodes that line with lines:row). */
+/* Line i (1-based) of ls into out[0 .. lo->n - 1], and its relation oid (lines that start
+ * with one) into out[lo->n].num: lo->n, or -1 for a malformed line or one not of the
+ * layout's columns, -2 out of memory, -3 a value fl_value_scalar leaves to fl_push_value
+ * (the caller decodes that line with lines:row; the oid is set). */
 static int lines_decode(void *lsp, int i, const void *lop, fl_copy_val *out) {
   fl_lines *ls = lsp;
   const fl_layout *lo = lop;
@@ -666,7 +668,10 @@ static int lines_decode(void *lsp, int i, const void *lop, fl_copy_val *out) {
   const char *v;
   size_t vlen;
   fl_rec_tok t;
-  if (ls->with_src && fl_copy_next(&rd, &v, &vlen) != FL_REC_FIELD) return -1;
+  if (ls->with_src) {
+    if (fl_copy_next(&rd, &v, &vlen) != FL_REC_FIELD) return -1;
+    out[lo->n].num = oid_text(v, vlen);
+  }
   int f = 0;
   for (;; f++) {
     t = fl_copy_next(&rd, &v, &vlen);
@@ -704,7 +709,7 @@ static int l_copy(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   const char *sql = luaL_checkstring(L, 2);
   const fl_layout *lo = luaL_checkudata(L, 3, LAYOUT_MT);
-  int with_src = 0, sent = 0, as_lines = 0;
+  int with_src = 0, sent = 0, as_lines = 0, src_list = 1;
   copy_keys keys = { .n = 0 };
   if (!lua_isnoneornil(L, 4)) {
     luaL_checktype(L, 4, LUA_TTABLE);
@@ -716,6 +721,9 @@ static int l_copy(lua_State *L) {
     lua_pop(L, 1);
     lua_getfield(L, 4, "src");
     with_src = lua_toboolean(L, -1);
+    lua_getfield(L, 4, "src_list");
+    src_list = lua_isnil(L, -1) || lua_toboolean(L, -1);
+    lua_pop(L, 1);
     lua_getfield(L, 4, "keys");
     if (lua_istable(L, -1)) {
       keys.n = (int)lua_objlen(L, -1);
@@ -782,7 +790,7 @@ static int l_copy(lua_State *L) {
           int bad = lines_add(ls, line, (size_t)len);
           PQfreemem(line);
           if (bad) { copy_fail(&err, "out of memory", ""); continue; }
-          if (with_src) {
+          if (with_src && src_list) {
             lua_pushnumber(L, oid_text(ls->buf + ls->off[nrows], (size_t)len));
             lua_rawseti(L, src, nrows + 1);
           }
@@ -821,7 +829,7 @@ static int l_copy(lua_State *L) {
   lua_setfield(L, info, "values");
   lua_pushinteger(L, nrows);
   lua_setfield(L, info, "n");
-  if (with_src) { lua_pushvalue(L, src); lua_setfield(L, info, "src"); }
+  if (with_src && src_list) { lua_pushvalue(L, src); lua_setfield(L, info, "src"); }
   if (keys.n && nrows) {
     const char *kb = lua_touserdata(L, keys.slot);
     lua_createtable(L, keys.n, 0);
