@@ -60,14 +60,25 @@ local READER_ERRORS = { [-1] = "malformed COPY line, or not the layout's columns
                         [-2] = "out of memory" }
 
 -- reader(lines, i) -> row, relation oid | nil, err for lines read with { src = true } by
--- a layout of columns cols; or nil (lines:row then).
-local function fast_reader(cols, layout)
+-- a layout of columns cols; or nil (lines:row then). only (a list of column names): the row
+-- holds just those (where.project's row), and the other values become no strings.
+local function fast_reader(cols, layout, only)
   if not lines_api or #cols == 0 or #cols > 200 then return nil end
-  for _, c in ipairs(cols) do
+  local pos = {}
+  for i, c in ipairs(cols) do
     if (c.elem or 0) ~= 0 or SLOW_OIDS[c.oid] then return nil end
+    pos[c.name] = i
+  end
+  local names = {}
+  for i, name in ipairs(only or {}) do
+    if not pos[name] then return nil end
+    names[i] = name
+  end
+  if not only then
+    for i, c in ipairs(cols) do names[i] = c.name end
   end
   local src = { [[
-local str, NULL, decode, lo, vals, cast, errors, layout, ncols = ...
+local str, NULL, decode, lo, vals, cast, errors, layout, ncols, project, only = ...
 -- FL_VAL_NUMBER 1, STRING 2, TRUE 3, FALSE 4 (src/lua/lvalue.h); NULL 0.
 local function v(x)
   local k = x.kind
@@ -81,15 +92,16 @@ return function(lines, i)
     if n ~= -3 then return nil, errors[n] or "cannot decode" end
     local row, err = lines:row(i, layout)
     if not row then return nil, err end
+    if project then row = project(row, only) end
     return row, vals[ncols].num
   end
   return {]] }
-  for i, c in ipairs(cols) do src[#src + 1] = string.format("    [%q] = v(vals[%d]),", c.name, i - 1) end
+  for _, name in ipairs(names) do src[#src + 1] = string.format("    [%q] = v(vals[%d]),", name, pos[name] - 1) end
   src[#src + 1] = "  }, vals[ncols].num\nend"
   local f = assert(loadstring(table.concat(src, "\n"), "=backfill row reader"))
   -- The layout userdata stays referenced by the closure (its pointer is used).
   return f(ffi.string, core.null, lines_api.decode, ffi.cast("const void *", layout),
-    ffi.new("flash_copy_val[?]", #cols + 1), ffi.cast, READER_ERRORS, layout, #cols)
+    ffi.new("flash_copy_val[?]", #cols + 1), ffi.cast, READER_ERRORS, layout, #cols, only and where.project, only)
 end
 M.fast_reader = fast_reader
 
@@ -240,15 +252,11 @@ function Backfill:setup()
   self.qualified = d:ident(tbl.schema) .. "." .. d:ident(tbl.name)
   if #keys > 0 then
     self.mode = "key"
-    self.keycols, self.keytypes, self.keypos = {}, {}, {}
+    self.keycols, self.keytypes = {}, {}
     local cols = {}
     for i, k in ipairs(keys) do
       self.keycols[i], self.keytypes[i] = k.name, k.typ
       cols[i] = "t." .. d:ident(k.name)
-      for j, c in ipairs(tbl.columns) do
-        if c.name == k.name then self.keypos[i] = j end
-      end
-      if not self.keypos[i] then return nil, "key column " .. k.name .. " is not among the table's columns" end
     end
     self.keylist = table.concat(cols, ", ")
   else
@@ -273,13 +281,38 @@ function Backfill:setup()
     self.keycols = {}
     for i, c in ipairs(tbl.columns) do self.keycols[i] = c.name end
   end
-  -- Chunks are read with COPY (text) and decoded in C by the table's column layout; each
-  -- line starts with the tableoid of the row (ev.source).
+  -- The columns read: every one, or, chunked by key for a listener with `fields` and no
+  -- Lua `where`, those fields, the conditions' columns and the key -- all that where.apply
+  -- and the matching of reads with changes look at (the server formats no other).
+  local l, cols = self.l, tbl.columns
+  if self.mode == "key" and l.fields and not l.predicate then
+    local need = {}
+    for _, name in ipairs(l.fields) do need[name] = true end
+    for _, c in ipairs(l.conds or {}) do need[c.column] = true end
+    for _, name in ipairs(self.keycols) do need[name] = true end
+    cols = {}
+    for _, c in ipairs(tbl.columns) do
+      if need[c.name] then cols[#cols + 1] = c end
+    end
+  end
+  if self.mode == "key" then
+    self.keypos = {}
+    for i, name in ipairs(self.keycols) do
+      for j, c in ipairs(cols) do
+        if c.name == name then self.keypos[i] = j end
+      end
+      if not self.keypos[i] then return nil, "key column " .. name .. " is not among the table's columns" end
+    end
+  end
+  -- Chunks are read with COPY (text) and decoded in C by their column layout; each line
+  -- starts with the tableoid of the row (ev.source).
   local sel = { "t.tableoid" }
-  for i, c in ipairs(tbl.columns) do sel[i + 1] = "t." .. d:ident(c.name) end
+  for i, c in ipairs(cols) do sel[i + 1] = "t." .. d:ident(c.name) end
   self.select = table.concat(sel, ", ")
-  self.layout = core.layout(tbl.columns, self.client.flags)
-  self.read_row = fast_reader(tbl.columns, self.layout)
+  self.layout = core.layout(cols, self.client.flags)
+  self.read_row = fast_reader(cols, self.layout)
+  -- A listener with fields and no conditions: where.apply would only project the row.
+  self.read_fields = l.fields and fast_reader(cols, self.layout, l.fields)
   self.cursor = { seg = 1, block = 0, after = nil }
   local ok
   ok, err = self:estimate()
@@ -662,6 +695,11 @@ function Backfill:deliver(c, lsn)
     local srcs, name, last_src = c.src, l.table_name, -1
     local format = string.format
     local lines, layout, read_row = c.rows, self.layout, self.read_row
+    -- Rows of just the listened fields, delivered as they are (what where.apply would
+    -- make of them), when no condition needs the whole row and no key is to be dropped.
+    local direct = ndrop == 0 and not l.matcher and not l.passthrough and self.read_fields or nil
+    if direct then read_row = direct end
+    local deliver_as_is = (direct and true) or l.passthrough or false
     -- The next chunk's rows, as the server sends them, go into libpq's buffer every few
     -- hundred rows: a chunk is more than the socket holds, and the server would wait.
     local prefetch = self.pending and self.reader
@@ -695,7 +733,7 @@ function Backfill:deliver(c, lsn)
                      id = prefix and format("%s%08X", prefix, i), lsn = lsn_text }
         n = n + 1
         local go
-        if l.passthrough then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
+        if deliver_as_is then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
         if go == false or client.failure then return false end
       end
     end
