@@ -26,6 +26,34 @@ local sh, measure = util.sh, util.measure
 
 local function q_sh(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
+-- CPU seconds (user + system) of the whole server so far: the postmaster with the children
+-- it reaped (its cutime/cstime: a backend's CPU lands there when it exits) and those alive.
+-- The difference across a run is the server's work for it: the COPY's backend, or the
+-- backfill's reader, query connection and walsender (and the background processes').
+local function server_cpu(pm)
+  local total = 0
+  local p = io.popen("cat /proc/[0-9]*/stat 2>/dev/null")
+  for line in p:lines() do
+    local pid, rest = line:match("^(%d+) %b() (.*)$")
+    if pid then
+      local f = {}
+      for x in rest:gmatch("%S+") do f[#f + 1] = x end
+      -- f[2] ppid, f[12] utime, f[13] stime, f[14] cutime, f[15] cstime (proc(5), from state on)
+      if tonumber(pid) == pm then total = total + f[12] + f[13] + f[14] + f[15]
+      elseif tonumber(f[2]) == pm then total = total + f[12] + f[13] end
+    end
+  end
+  p:close()
+  return total / 100   -- USER_HZ
+end
+
+local function median(list, key)
+  local v = {}
+  for k, x in ipairs(list) do v[k] = x[key] end
+  table.sort(v)
+  return v[math.ceil(#v / 2)]
+end
+
 -- The consumer: a backfill of `bench` whose callback reads every column; prints the rows it
 -- got and the backfill's own rate (from its first chunk to its last), then stops.
 local CONSUMER = [[
@@ -66,15 +94,24 @@ local ok, err = pcall(function()
 
   -- 1. COPY against the backfill (and the baseline build), alternating, opts.runs times
   -- each; the best run of each counts, and every run is printed (the machine is noisy).
+  local pm = tonumber(io.open(sb.datadir .. "/postmaster.pid"):read("*l"))
+  local function measured(cmd)
+    local s0 = server_cpu(pm)
+    local m = measure(cmd)
+    os.execute("sleep 0.2")   -- the backends' exits reaped
+    m.server = server_cpu(pm) - s0
+    return m
+  end
   local bins = { { name = "flashlua", path = flashlua, runs = {} } }
   if opts.baseline then bins[2] = { name = "baseline", path = opts.baseline, runs = {} } end
   local copy, copies = nil, {}
   for _ = 1, opts.runs do
-    local c = measure(psql .. " -c " .. q_sh("COPY (SELECT * FROM bench) TO STDOUT") .. " >/dev/null")
-    copies[#copies + 1] = opts.rows / c.wall
+    local c = measured(psql .. " -c " .. q_sh("COPY (SELECT * FROM bench) TO STDOUT") .. " >/dev/null")
+    c.rate = opts.rows / c.wall
+    copies[#copies + 1] = c
     if not copy or c.wall < copy.wall then copy = c end
     for _, b in ipairs(bins) do
-      local m = measure(string.format("env %s %s -l warn %s", env, b.path, script))
+      local m = measured(string.format("env %s %s -l warn %s", env, b.path, script))
       m.rate = tonumber(m.out:match("rate (%d+)"))
       assert(tonumber(m.out:match("rows (%d+)")) == opts.rows, m.out)
       b.runs[#b.runs + 1] = m
@@ -116,16 +153,21 @@ local ok, err = pcall(function()
     opts.rows, opts.driver, q("SHOW server_version")[1].server_version))
   print(string.format("  COPY (SELECT * FROM bench) TO STDOUT (psql, to /dev/null): %6.2f s  %9.0f rows/s  peak RSS %5.1f MB",
     copy.wall, copy_rate, copy.rss_kb / 1024))
+  print(string.format("  COPY CPU, median of %d runs: psql %.2f s, server %.2f s (%.2f us/row)", opts.runs,
+    median(copies, "cpu"), median(copies, "server"), median(copies, "server") * 1e6 / opts.rows))
   for _, b in ipairs(bins) do
     local bf = b.best
     print(string.format("  %-8s backfill, callback reading every column:         %6.2f s  %9.0f rows/s  peak RSS %5.1f MB" ..
       "  client CPU %.2f s (%.2f us/row)  (process wall, start to stop: %.0f rows/s)", b.name, opts.rows / bf.rate,
       bf.rate, bf.rss_kb / 1024, bf.cpu, bf.cpu * 1e6 / opts.rows, opts.rows / bf.wall))
     print(string.format("  %-8s ratio backfill / COPY: %.2f", b.name, bf.rate / copy_rate))
+    local cpu, server = median(b.runs, "cpu"), median(b.runs, "server")
+    print(string.format("  %-8s CPU, median of %d runs: client %.2f s (%.2f us/row), server %.2f s (%.2f us/row)",
+      b.name, opts.runs, cpu, cpu * 1e6 / opts.rows, server, server * 1e6 / opts.rows))
   end
   local runs = {}
   for k = 1, opts.runs do
-    local parts = { string.format("COPY %.0f", copies[k]) }
+    local parts = { string.format("COPY %.0f", copies[k].rate) }
     for _, b in ipairs(bins) do
       parts[#parts + 1] = string.format("%s %d rows/s, %.2f s CPU", b.name, b.runs[k].rate, b.runs[k].cpu)
     end

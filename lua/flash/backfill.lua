@@ -22,19 +22,88 @@ local TWO31 = 2147483648
 -- again (see snapshot_safe); this many tries in a row are said once in a warning.
 local RETRY_WARN = 50
 
-local isatty
+local ffi
 do
-  local ok, ffi = pcall(require, "ffi")
-  if ok then
-    pcall(ffi.cdef, "int isatty(int fd);")
-    isatty = function(fd)
-      local ok2, r = pcall(function() return ffi.C.isatty(fd) end)
-      return ok2 and r == 1
-    end
-  else
-    isatty = function() return false end
-  end
+  local ok, m = pcall(require, "ffi")
+  if ok then ffi = m end
 end
+
+local isatty
+if ffi then
+  pcall(ffi.cdef, "int isatty(int fd);")
+  isatty = function(fd)
+    local ok2, r = pcall(function() return ffi.C.isatty(fd) end)
+    return ok2 and r == 1
+  end
+else
+  isatty = function() return false end
+end
+
+---------------------------------------------------------------------------------------
+-- Rows of a chunk's lines, read through the FFI (core.lines_api, src/lua/lconn.c): C
+-- decodes a line's values into plain C (numbers, booleans, NULL, the text of strings, the
+-- values fl_push_value would push), and a function compiled for the layout builds the row
+-- table with the column names as constants. lines:row builds the same table through the
+-- Lua C API, one call per name and value; this costs about a third less per row. Layouts
+-- with a column this cannot decode (arrays, JSON, bytea) use lines:row.
+
+local lines_api
+if ffi and pcall(ffi.cdef, [[
+  typedef struct { double num; const char *s; int32_t len; int32_t kind; } flash_copy_val;
+  typedef struct { int (*decode)(void *lines, int i, const void *layout, flash_copy_val *out); } flash_lines_api;
+]]) then
+  lines_api = ffi.cast("const flash_lines_api *", core.lines_api())
+end
+
+local SLOW_OIDS = { [114] = true, [3802] = true, [17] = true }   -- json, jsonb, bytea
+local READER_ERRORS = { [-1] = "malformed COPY line, or not the layout's columns (the table changed?)",
+                        [-2] = "out of memory" }
+
+-- reader(lines, i) -> row, relation oid | nil, err for lines read with { src = true } by
+-- a layout of columns cols; or nil (lines:row then). only (a list of column names): the row
+-- holds just those (where.project's row), and the other values become no strings.
+local function fast_reader(cols, layout, only)
+  if not lines_api or #cols == 0 or #cols > 200 then return nil end
+  local pos = {}
+  for i, c in ipairs(cols) do
+    if (c.elem or 0) ~= 0 or SLOW_OIDS[c.oid] then return nil end
+    pos[c.name] = i
+  end
+  local names = {}
+  for i, name in ipairs(only or {}) do
+    if not pos[name] then return nil end
+    names[i] = name
+  end
+  if not only then
+    for i, c in ipairs(cols) do names[i] = c.name end
+  end
+  local src = { [[
+local str, NULL, decode, lo, vals, cast, errors, layout, ncols, project, only = ...
+-- FL_VAL_NUMBER 1, STRING 2, TRUE 3, FALSE 4 (src/lua/lvalue.h); NULL 0.
+local function v(x)
+  local k = x.kind
+  if k == 2 then return str(x.s, x.len) elseif k == 1 then return x.num elseif k == 3 then return true
+  elseif k == 4 then return false end
+  return NULL
+end
+return function(lines, i)
+  local n = decode(cast("void *", lines), i, lo, vals)
+  if n < 0 then
+    if n ~= -3 then return nil, errors[n] or "cannot decode" end
+    local row, err = lines:row(i, layout)
+    if not row then return nil, err end
+    if project then row = project(row, only) end
+    return row, vals[ncols].num
+  end
+  return {]] }
+  for _, name in ipairs(names) do src[#src + 1] = string.format("    [%q] = v(vals[%d]),", name, pos[name] - 1) end
+  src[#src + 1] = "  }, vals[ncols].num\nend"
+  local f = assert(loadstring(table.concat(src, "\n"), "=backfill row reader"))
+  -- The layout userdata stays referenced by the closure (its pointer is used).
+  return f(ffi.string, core.null, lines_api.decode, ffi.cast("const void *", layout),
+    ffi.new("flash_copy_val[?]", #cols + 1), ffi.cast, READER_ERRORS, layout, #cols, only and where.project, only)
+end
+M.fast_reader = fast_reader
 
 ---------------------------------------------------------------------------------------
 -- Keys: the same Lua values (the same decoding) come from a chunk's rows and from the
@@ -183,15 +252,11 @@ function Backfill:setup()
   self.qualified = d:ident(tbl.schema) .. "." .. d:ident(tbl.name)
   if #keys > 0 then
     self.mode = "key"
-    self.keycols, self.keytypes, self.keypos = {}, {}, {}
+    self.keycols, self.keytypes = {}, {}
     local cols = {}
     for i, k in ipairs(keys) do
       self.keycols[i], self.keytypes[i] = k.name, k.typ
       cols[i] = "t." .. d:ident(k.name)
-      for j, c in ipairs(tbl.columns) do
-        if c.name == k.name then self.keypos[i] = j end
-      end
-      if not self.keypos[i] then return nil, "key column " .. k.name .. " is not among the table's columns" end
     end
     self.keylist = table.concat(cols, ", ")
   else
@@ -216,12 +281,38 @@ function Backfill:setup()
     self.keycols = {}
     for i, c in ipairs(tbl.columns) do self.keycols[i] = c.name end
   end
-  -- Chunks are read with COPY (text) and decoded in C by the table's column layout; each
-  -- line starts with the tableoid of the row (ev.source).
+  -- The columns read: every one, or, chunked by key for a listener with `fields` and no
+  -- Lua `where`, those fields, the conditions' columns and the key -- all that where.apply
+  -- and the matching of reads with changes look at (the server formats no other).
+  local l, cols = self.l, tbl.columns
+  if self.mode == "key" and l.fields and not l.predicate then
+    local need = {}
+    for _, name in ipairs(l.fields) do need[name] = true end
+    for _, c in ipairs(l.conds or {}) do need[c.column] = true end
+    for _, name in ipairs(self.keycols) do need[name] = true end
+    cols = {}
+    for _, c in ipairs(tbl.columns) do
+      if need[c.name] then cols[#cols + 1] = c end
+    end
+  end
+  if self.mode == "key" then
+    self.keypos = {}
+    for i, name in ipairs(self.keycols) do
+      for j, c in ipairs(cols) do
+        if c.name == name then self.keypos[i] = j end
+      end
+      if not self.keypos[i] then return nil, "key column " .. name .. " is not among the table's columns" end
+    end
+  end
+  -- Chunks are read with COPY (text) and decoded in C by their column layout; each line
+  -- starts with the tableoid of the row (ev.source).
   local sel = { "t.tableoid" }
-  for i, c in ipairs(tbl.columns) do sel[i + 1] = "t." .. d:ident(c.name) end
+  for i, c in ipairs(cols) do sel[i + 1] = "t." .. d:ident(c.name) end
   self.select = table.concat(sel, ", ")
-  self.layout = core.layout(tbl.columns, self.client.flags)
+  self.layout = core.layout(cols, self.client.flags)
+  self.read_row = fast_reader(cols, self.layout)
+  -- A listener with fields and no conditions: where.apply would only project the row.
+  self.read_fields = l.fields and fast_reader(cols, self.layout, l.fields)
   self.cursor = { seg = 1, block = 0, after = nil }
   local ok
   ok, err = self:estimate()
@@ -391,8 +482,9 @@ function Backfill:snapshot_safe(s)
   return true
 end
 
--- The chunk's query at cursor cur: its snapshot, then its rows (COPY, one round trip).
-function Backfill:chunk_sql(cur)
+-- The chunk's query at cursor cur: its snapshot, then its rows (COPY), then (under
+-- wal_logical) its mark, and the commit: one round trip. token: the mark's content.
+function Backfill:chunk_sql(cur, token)
   local d = self.client.driver
   local sql
   local last_seg = false
@@ -418,8 +510,14 @@ function Backfill:chunk_sql(cur)
   end
   -- Under a trigger driver, the last capture seq the snapshot sees (Backfill:polled).
   local seq = self.poll and ("SELECT pg_catalog.max(seq)::text FROM " .. d:ident(d.schema) .. ".events; ") or ""
+  -- The mark is written after the snapshot (the transaction's, taken by its first
+  -- statement), so every transaction the snapshot sees committed before it. A message
+  -- alone is not flushed (the walsender sends only flushed WAL): the commit of a
+  -- transaction with an xid flushes it at once, rather than at the WAL writer's next round.
+  local mark = token and ("; SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
+    d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local") or ""
   return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; " .. seq ..
-    "COPY (" .. sql .. ") TO STDOUT", last_seg
+    "COPY (" .. sql .. ") TO STDOUT" .. mark .. "; COMMIT", last_seg
 end
 
 -- Chunks are read on a connection of the backfill's own, so that the next chunk's query
@@ -436,22 +534,9 @@ end
 
 function Backfill:drop_reader()
   if self.reader then self.reader:close() end
+  -- A mark the abandoned query may have written is nobody's.
+  if self.pending and self.pending.token then self.client.backfill_tokens[self.pending.token] = nil end
   self.reader, self.pending = nil, nil
-end
-
--- Sends the query of the chunk at cursor cur; its rows are taken by read_chunk. Every
--- change delivered from now until then is logged: the snapshot, unknown until the result
--- comes, decides which of them the chunk did not see.
-function Backfill:send_chunk(cur)
-  local sql, last_seg = self:chunk_sql(cur)
-  if not sql then self.pending = { cursor = cur, none = true } return true end
-  local conn, err = self:rconn()
-  if not conn then return nil, err end
-  local ok
-  ok, err = conn:send(sql)
-  if not ok then return nil, err end
-  self.pending = { cursor = cur, last_seg = last_seg, log = {} }
-  return true
 end
 
 -- What tells this client's marks from those an earlier run left in a persistent slot.
@@ -460,6 +545,28 @@ local function nonce(client)
     client.backfill_nonce = string.format("%d-%x", core.getpid(), math.floor(core.time() * 1000) % TWO32)
   end
   return client.backfill_nonce
+end
+
+-- Sends the query of the chunk at cursor cur; its rows are taken by read_chunk, in the
+-- loop's next step or, if its mark comes first, when the stream reaches the mark
+-- (M.on_message). Every change delivered from now until then is logged: the snapshot,
+-- unknown until the result comes, decides which of them the chunk did not see.
+function Backfill:send_chunk(cur)
+  local token
+  if not self.poll then
+    self.seq = self.seq + 1
+    token = string.format("%s:%s:%d:%d", self.client.driver.slot, nonce(self.client), self.l.id, self.seq)
+  end
+  local sql, last_seg = self:chunk_sql(cur, token)
+  if not sql then self.pending = { cursor = cur, none = true } return true end
+  local conn, err = self:rconn()
+  if not conn then return nil, err end
+  local ok
+  ok, err = conn:send(sql)
+  if not ok then return nil, err end
+  self.pending = { cursor = cur, last_seg = last_seg, log = {}, token = token }
+  if token then self.client.backfill_tokens[token] = self end
+  return true
 end
 
 function Backfill:read_chunk()
@@ -474,17 +581,21 @@ function Backfill:read_chunk()
   local conn = self.reader
   -- rows, info | nil, err
   -- The lines are kept as they came; each becomes a row table only when delivered.
-  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos, lines = true })
+  local rows, info = conn:copy("", self.layout, { sent = true, src = true, keys = self.keypos, lines = true,
+    src_list = not self.read_row })
   self.pending = nil
+  local token = p.token
+  -- Whatever comes of it, this chunk's mark (written, or not if the query failed) is
+  -- taken from here on as the chunk's: known only while the chunk is in flight.
+  if token then self.client.backfill_tokens[token] = nil end
   if not rows then
-    conn:exec("ROLLBACK", 0)
+    conn:exec("ROLLBACK", 0)   -- the query's transaction, if an error left it open
     return nil, info
   end
   local s = parse_snapshot(info.values[1])
   -- Under a trigger driver a delivered transaction was visible to a poll, so to every
   -- snapshot taken after it: nothing to check.
   if not self.poll and not self:snapshot_safe(s) then
-    conn:exec("COMMIT", 0)
     self.retries = self.retries + 1
     if self.retries == RETRY_WARN then
       log.warn(string.format("backfill of %s: %d chunk reads in a row saw a delivered transaction as still " ..
@@ -504,31 +615,20 @@ function Backfill:read_chunk()
   end
   local last = (self.mode == "key" and info.n < self.chunk) or (self.mode == "ctid" and not self.segs[nxt.seg])
   if info.n == 0 then
-    conn:exec("COMMIT", 0)
     if last then return "done", nxt end
     self.cursor = nxt
     return "empty"
   end
-  self.seq = self.seq + 1
   local c = { rows = rows, n = info.n, src = info.src, snap = s, drop = {}, ndrop = 0, all = false, next = nxt, last = last }
-  local ok, err
   if self.poll then
-    -- Under a trigger driver the transaction ends at once (nothing to mark): the chunk
-    -- waits for a poll of the capture table that began after its snapshot and read every
-    -- row the snapshot saw (M.polled), and is delivered once that poll's rows are.
-    ok, err = conn:exec("COMMIT", 0)
-    if not ok then return nil, err end
+    -- Under a trigger driver there is nothing to mark: the chunk waits for a poll of the
+    -- capture table that began after its snapshot and read every row the snapshot saw
+    -- (M.polled), and is delivered once that poll's rows are.
     c.after_fetch, c.max_seq = d.fetches, tonumber(info.values[2]) or 0
     d.next_poll = core.now()
   else
-    c.token = string.format("%s:%s:%d:%d", d.slot, nonce(self.client), self.l.id, self.seq)
-    -- A message alone is not flushed (the walsender sends only flushed WAL): the commit of
-    -- a transaction with an xid flushes it at once, rather than at the WAL writer's next round.
-    ok, err = conn:exec("SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
-      d:literal(c.token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local; " ..
-      "COMMIT", 0)
-    if not ok then conn:exec("ROLLBACK", 0) return nil, err end
-    self.client.backfill_tokens[c.token] = self
+    c.token = token
+    self.client.backfill_tokens[token] = self
   end
   -- Changes delivered while the query ran, by transactions its snapshot did not see.
   for _, ev in ipairs(p.log) do
@@ -537,7 +637,7 @@ function Backfill:read_chunk()
   self.inflight = c
   -- The next chunk is read in the server while this one waits for its place.
   if not last then
-    ok, err = self:send_chunk(nxt)
+    local ok, err = self:send_chunk(nxt)
     if not ok then log.debug("backfill of " .. self.l.table_name .. ": prefetch not sent: " .. tostring(err)) end
   end
   return "read"
@@ -594,10 +694,25 @@ function Backfill:deliver(c, lsn)
     -- No closure here and no variable changing type: this loop runs compiled.
     local srcs, name, last_src = c.src, l.table_name, -1
     local format = string.format
-    local lines, layout = c.rows, self.layout
+    local lines, layout, read_row = c.rows, self.layout, self.read_row
+    -- Rows of just the listened fields, delivered as they are (what where.apply would
+    -- make of them), when no condition needs the whole row and no key is to be dropped.
+    local direct = ndrop == 0 and not l.matcher and not l.passthrough and self.read_fields or nil
+    if direct then read_row = direct end
+    local deliver_as_is = (direct and true) or l.passthrough or false
+    -- The next chunk's rows, as the server sends them, go into libpq's buffer every few
+    -- hundred rows: a chunk is more than the socket holds, and the server would wait.
+    local prefetch = self.pending and self.reader
     for i = 1, c.n do
-      local row, bad = lines:row(i, layout)
-      local src = srcs[i]
+      if prefetch and i % 256 == 0 then prefetch:consume() end
+      local row, bad, src
+      if read_row then
+        row, src = read_row(lines, i)
+        if not row then bad = src end
+      else
+        row, bad = lines:row(i, layout)
+        src = srcs[i]
+      end
       if src ~= last_src then name, last_src = self:source_name(src), src end
       local skip = false
       if not row then
@@ -618,7 +733,7 @@ function Backfill:deliver(c, lsn)
                      id = prefix and format("%s%08X", prefix, i), lsn = lsn_text }
         n = n + 1
         local go
-        if l.passthrough then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
+        if deliver_as_is then go = client:_deliver(l, ev) else go = where.apply(l, ev, emit_read) end
         if go == false or client.failure then return false end
       end
     end
@@ -714,38 +829,48 @@ function M.wants(client)
   return false
 end
 
+-- Reads the chunk of bf (that has none in flight): true, or nil and an error that stops.
+local function take(bf)
+  local ok, err = true, nil
+  if not bf.ready then ok, err = bf:setup() end
+  if ok and not bf.done then
+    local what, nxt = bf:read_chunk()
+    if what == "done" then
+      bf.cursor = nxt or bf.cursor
+      bf:finish()
+      bf:save(bf.cursor, bf.rows_done, true)
+    elseif what == nil then
+      ok, err = false, nxt
+    end
+  end
+  bf:progress_line(false)
+  if ok then return true end
+  -- A lost connection is retried by the next step; anything else stops.
+  local lost = bf.reader and not bf.reader:ok()
+  bf:drop_reader()
+  if lost or not bf.client.driver:conn():ok() then
+    log.debug("backfill of " .. bf.l.table_name .. ": " .. tostring(err) .. "; retrying")
+    return true
+  end
+  bf.failed = true
+  return nil, "backfill of " .. bf.l.table_name .. " failed: " .. tostring(err)
+end
+
 -- One loop step: a chunk read for each backfill that has none in flight.
 function M.step(client)
   for _, bf in ipairs(client.backfills) do
+    if bf.error then
+      local err = bf.error
+      bf.error = nil
+      return nil, err
+    end
     if bf.pending and bf.inflight and bf.reader then
       -- The prefetched chunk's rows move into libpq's buffer, so the server never waits.
       bf.reader:consume()
     end
     if not bf.done and not bf.failed and not bf.inflight then
-      local ok, err = true, nil
-      if not bf.ready then ok, err = bf:setup() end
-      if ok and not bf.done then
-        local what, nxt = bf:read_chunk()
-        if what == "done" then
-          bf.cursor = nxt or bf.cursor
-          bf:finish()
-          bf:save(bf.cursor, bf.rows_done, true)
-        elseif what == nil then
-          ok, err = false, nxt
-        end
-      end
-      if not ok then
-        -- A lost connection is retried by the next step; anything else stops.
-        local lost = bf.reader and not bf.reader:ok()
-        bf:drop_reader()
-        if lost or not bf.client.driver:conn():ok() then
-          log.debug("backfill of " .. bf.l.table_name .. ": " .. tostring(err) .. "; retrying")
-        else
-          bf.failed = true
-          return nil, "backfill of " .. bf.l.table_name .. " failed: " .. tostring(err)
-        end
-      end
-      bf:progress_line(false)
+      local ok, err = take(bf)
+      if not ok then return nil, err end
     end
   end
   return true
@@ -757,10 +882,21 @@ function M.close(client)
 end
 
 -- The stream's message hook: a chunk's mark.
+-- The chunk's own query writes the mark, so the mark of a prefetched chunk can come
+-- before the loop took its rows: they are taken here, at the mark's place (the stream
+-- waits; the server had the rows out before it wrote the mark), and delivered at once.
 function M.on_message(client, lsn, token)
   local bf = client.backfill_tokens and client.backfill_tokens[token]
-  if not bf or not bf.inflight or bf.inflight.token ~= token then return true end
-  return bf:deliver(bf.inflight, lsn)
+  if not bf then return true end
+  if not bf.inflight then
+    local p = bf.pending
+    if not p or p.token ~= token or bf.done or bf.failed then return true end
+    local ok, err = take(bf)
+    if not ok then bf.error = err return true end   -- the loop's step reports it
+  end
+  local c = bf.inflight
+  if not c or c.token ~= token then return true end
+  return bf:deliver(c, lsn)
 end
 
 -- A new replication stream (start, reconnect): chunks in flight are read again.

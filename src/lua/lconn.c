@@ -464,7 +464,8 @@ static int l_layout_record(lua_State *L) {
  * text format) in one round trip and decodes the COPY's lines by the layout, in C, as
  * they arrive: no result set of strings in between, no column names per cell. opts.src:
  * each line starts with a relation oid that is not a column (info.src[i], a number);
- * opts.keys: layout positions whose text in the last line is returned (info.last: the
+ * opts.src_list = false (with opts.lines): no info.src (the FFI reader of lines reads each
+ * line's oid); opts.keys: layout positions whose text in the last line is returned (info.last: the
  * text, exact whatever the type, before any in-place bytea decoding); opts.sent: sql was
  * already sent with conn:send (the server has been producing the rows meanwhile: sql is
  * then not used). info.values: the
@@ -574,6 +575,9 @@ typedef struct {
   size_t len, cap;
   size_t *off;        /* line i (0-based) is buf[off[i], off[i + 1]) */
   int n, ncap;
+  int with_src;       /* each line starts with a relation oid (conn:copy's opts.src) */
+  char *scratch;      /* fl_lines_decode's copy of the line it decodes */
+  size_t scap;
 } fl_lines;
 
 static int lines_add(fl_lines *ls, const char *line, size_t len) {
@@ -604,9 +608,12 @@ static int l_lines_gc(lua_State *L) {
   fl_lines *ls = luaL_checkudata(L, 1, LINES_MT);
   free(ls->buf);
   free(ls->off);
+  free(ls->scratch);
   ls->buf = NULL;
   ls->off = NULL;
-  ls->n = 0;
+  ls->scratch = NULL;
+  ls->n = ls->ncap = 0;
+  ls->len = ls->cap = ls->scap = 0;
   return 0;
 }
 
@@ -634,6 +641,72 @@ static int l_lines_len(lua_State *L) {
   return 1;
 }
 
+/* The reader of lines through LuaJIT's FFI (lua/flash/backfill.lua): a line's values
+ * decoded by the layout into plain C (numbers, booleans, NULL, the text of strings), so
+ * that compiled Lua builds the row table with the layout's names as constants -- no Lua C
+ * API call per field, no interning of the column names per row. fl_value_scalar gives
+ * each value the Lua value fl_push_value would push. */
+typedef struct {
+  double num;         /* FL_VAL_NUMBER */
+  const char *s;      /* FL_VAL_STRING: the text, valid until the next call */
+  int32_t len;
+  int32_t kind;       /* FL_VAL_* */
+} fl_copy_val;
+
+/* Line i (1-based) of ls into out[0 .. lo->n - 1], and its relation oid (lines that start
+ * with one) into out[lo->n].num: lo->n, or -1 for a malformed line or one not of the
+ * layout's columns, -2 out of memory, -3 a value fl_value_scalar leaves to fl_push_value
+ * (the caller decodes that line with lines:row; the oid is set). */
+static int lines_decode(void *lsp, int i, const void *lop, fl_copy_val *out) {
+  fl_lines *ls = lsp;
+  const fl_layout *lo = lop;
+  if (i < 1 || i > ls->n) return -1;
+  size_t len = ls->off[i] - ls->off[i - 1];
+  if (len + 1 > ls->scap) {
+    size_t n = ls->scap ? ls->scap : 1024;
+    while (n < len + 1) n *= 2;
+    char *p = realloc(ls->scratch, n);
+    if (!p) return -2;
+    ls->scratch = p;
+    ls->scap = n;
+  }
+  memcpy(ls->scratch, ls->buf + ls->off[i - 1], len);
+  fl_copy_reader rd;
+  fl_copy_init(&rd, ls->scratch, len, ls->scratch);
+  const char *v;
+  size_t vlen;
+  fl_rec_tok t;
+  if (ls->with_src) {
+    if (fl_copy_next(&rd, &v, &vlen) != FL_REC_FIELD) return -1;
+    out[lo->n].num = oid_text(v, vlen);
+  }
+  int f = 0;
+  for (;; f++) {
+    t = fl_copy_next(&rd, &v, &vlen);
+    if (t == FL_REC_END || t == FL_REC_ERROR) break;
+    if (f >= lo->n) continue;
+    int kind = fl_value_scalar(&lo->types[f], t == FL_REC_NULL ? NULL : v, vlen, lo->flags, &out[f].num);
+    if (kind == FL_VAL_OTHER) return -3;
+    out[f].kind = kind;
+    out[f].s = v;
+    out[f].len = (int32_t)vlen;
+  }
+  if (t == FL_REC_ERROR || f != lo->n) return -1;
+  return f;
+}
+
+/* What the FFI reader calls: a struct of function pointers (its layout is declared again
+ * in lua/flash/backfill.lua). */
+static const struct {
+  int (*decode)(void *lines, int i, const void *layout, fl_copy_val *out);
+} lines_api = { lines_decode };
+
+/* core.lines_api() -> light userdata: the functions of the FFI reader of lines. */
+static int l_lines_api(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&lines_api);
+  return 1;
+}
+
 static const luaL_Reg lines_methods[] = {
   { "row", l_lines_row },
   { "count", l_lines_len },
@@ -644,7 +717,7 @@ static int l_copy(lua_State *L) {
   fl_conn *c = check_conn(L, 1);
   const char *sql = luaL_checkstring(L, 2);
   const fl_layout *lo = luaL_checkudata(L, 3, LAYOUT_MT);
-  int with_src = 0, sent = 0, as_lines = 0;
+  int with_src = 0, sent = 0, as_lines = 0, src_list = 1;
   copy_keys keys = { .n = 0 };
   if (!lua_isnoneornil(L, 4)) {
     luaL_checktype(L, 4, LUA_TTABLE);
@@ -656,6 +729,9 @@ static int l_copy(lua_State *L) {
     lua_pop(L, 1);
     lua_getfield(L, 4, "src");
     with_src = lua_toboolean(L, -1);
+    lua_getfield(L, 4, "src_list");
+    src_list = lua_isnil(L, -1) || lua_toboolean(L, -1);
+    lua_pop(L, 1);
     lua_getfield(L, 4, "keys");
     if (lua_istable(L, -1)) {
       keys.n = (int)lua_objlen(L, -1);
@@ -679,6 +755,7 @@ static int l_copy(lua_State *L) {
     memset(ls, 0, sizeof *ls);
     luaL_getmetatable(L, LINES_MT);
     lua_setmetatable(L, -2);
+    ls->with_src = with_src;
   } else {
     lua_newtable(L);                                /* rows */
   }
@@ -721,7 +798,7 @@ static int l_copy(lua_State *L) {
           int bad = lines_add(ls, line, (size_t)len);
           PQfreemem(line);
           if (bad) { copy_fail(&err, "out of memory", ""); continue; }
-          if (with_src) {
+          if (with_src && src_list) {
             lua_pushnumber(L, oid_text(ls->buf + ls->off[nrows], (size_t)len));
             lua_rawseti(L, src, nrows + 1);
           }
@@ -760,7 +837,7 @@ static int l_copy(lua_State *L) {
   lua_setfield(L, info, "values");
   lua_pushinteger(L, nrows);
   lua_setfield(L, info, "n");
-  if (with_src) { lua_pushvalue(L, src); lua_setfield(L, info, "src"); }
+  if (with_src && src_list) { lua_pushvalue(L, src); lua_setfield(L, info, "src"); }
   if (keys.n && nrows) {
     const char *kb = lua_touserdata(L, keys.slot);
     lua_createtable(L, keys.n, 0);
@@ -813,6 +890,7 @@ static const luaL_Reg conn_methods[] = {
 const luaL_Reg fl_conn_funcs[] = {
   { "connect", l_connect },
   { "layout", l_layout },
+  { "lines_api", l_lines_api },
   { NULL, NULL }
 };
 

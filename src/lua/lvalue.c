@@ -264,46 +264,70 @@ static void push_number_or_text(lua_State *L, const char *s, size_t len) {
   else lua_pushlstring(L, s, len);
 }
 
-void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags) {
+/* The scalar rule of API.md's type table, without Lua: what the text s of a value of type
+ * t becomes (FL_VAL_*), its number in *num. FL_VAL_OTHER: not a scalar this decides
+ * (arrays, JSON, bytea, a number's text longer than 512 bytes): fl_push_value does it. */
+static inline int scalar_kind(const fl_coltype *t, const char *s, size_t len, int flags, double *num) {
   int64_t i;
+  if (s == NULL) return FL_VAL_NULL;
+  if (t->elem != 0) return FL_VAL_OTHER;
+  switch (t->oid) {
+  case FL_BOOLOID:
+    /* 't'/'f' from the server; "true"/"false" from row_to_json in trigger payloads. */
+    if ((len == 1 && s[0] == 't') || (len == 4 && memcmp(s, "true", 4) == 0)) return FL_VAL_TRUE;
+    if ((len == 1 && s[0] == 'f') || (len == 5 && memcmp(s, "false", 5) == 0)) return FL_VAL_FALSE;
+    return FL_VAL_STRING;
+  case FL_INT2OID:
+  case FL_INT4OID:
+  case FL_OIDOID:
+    if (fl_parse_int64(s, len, &i) == 0) { *num = (double)i; return FL_VAL_NUMBER; }
+    break;
+  case FL_FLOAT4OID:
+  case FL_FLOAT8OID:
+    break;
+  case FL_INT8OID:
+    if (fl_parse_int64(s, len, &i) == 0 && i >= -EXACT_INT_MAX && i <= EXACT_INT_MAX) {
+      *num = (double)i;
+      return FL_VAL_NUMBER;
+    }
+    return FL_VAL_STRING;
+  case FL_NUMERICOID:
+    if (flags & FL_NUMERIC_AS_NUMBER) break;
+    return FL_VAL_STRING;
+  case FL_JSONOID:
+  case FL_JSONBOID:
+  case FL_BYTEAOID:
+    return FL_VAL_OTHER;
+  default:
+    return FL_VAL_STRING;
+  }
+  /* A number, or its text when it is none (to_number; past 512 bytes, push_number_or_text). */
+  if (len > 512) return FL_VAL_OTHER;
+  return fl_parse_double(s, len, num) == 0 ? FL_VAL_NUMBER : FL_VAL_STRING;
+}
+
+int fl_value_scalar(const fl_coltype *t, const char *s, size_t len, int flags, double *num) {
+  return scalar_kind(t, s, len, flags, num);
+}
+
+void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags) {
+  double d;
   /* The scratch, the value and a temporary; a caller deep in nested arrays may have
    * used up the 20 slots Lua guarantees. */
   luaL_checkstack(L, 4, "decoding a column value");
-  if (s == NULL) {
-    lua_pushlightuserdata(L, FL_NULL);
-    return;
+  switch (scalar_kind(t, s, len, flags, &d)) {
+  case FL_VAL_NULL: lua_pushlightuserdata(L, FL_NULL); return;
+  case FL_VAL_NUMBER: lua_pushnumber(L, (lua_Number)d); return;
+  case FL_VAL_STRING: lua_pushlstring(L, s, len); return;
+  case FL_VAL_TRUE: lua_pushboolean(L, 1); return;
+  case FL_VAL_FALSE: lua_pushboolean(L, 0); return;
+  default: break;
   }
   if (t->elem != 0) {
     push_array(L, t, s, len, flags);
     return;
   }
   switch (t->oid) {
-  case FL_BOOLOID:
-    /* 't'/'f' from the server; "true"/"false" from row_to_json in trigger payloads. */
-    if ((len == 1 && s[0] == 't') || (len == 4 && memcmp(s, "true", 4) == 0)) lua_pushboolean(L, 1);
-    else if ((len == 1 && s[0] == 'f') || (len == 5 && memcmp(s, "false", 5) == 0)) lua_pushboolean(L, 0);
-    else lua_pushlstring(L, s, len);
-    return;
-  case FL_INT2OID:
-  case FL_INT4OID:
-  case FL_OIDOID:
-    if (fl_parse_int64(s, len, &i) == 0) lua_pushnumber(L, (lua_Number)i);
-    else push_number_or_text(L, s, len);
-    return;
-  case FL_FLOAT4OID:
-  case FL_FLOAT8OID:
-    push_number_or_text(L, s, len);
-    return;
-  case FL_INT8OID:
-    if (fl_parse_int64(s, len, &i) == 0 && i >= -EXACT_INT_MAX && i <= EXACT_INT_MAX)
-      lua_pushnumber(L, (lua_Number)i);
-    else
-      lua_pushlstring(L, s, len);
-    return;
-  case FL_NUMERICOID:
-    if (flags & FL_NUMERIC_AS_NUMBER) push_number_or_text(L, s, len);
-    else lua_pushlstring(L, s, len);
-    return;
   case FL_JSONOID:
   case FL_JSONBOID:
     if (fl_push_json(L, s, len) != 0) lua_pushlstring(L, s, len);
@@ -312,7 +336,7 @@ void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len,
     push_bytea(L, s, len);
     return;
   default:
-    lua_pushlstring(L, s, len);
+    push_number_or_text(L, s, len);
     return;
   }
 }

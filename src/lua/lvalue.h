@@ -28,6 +28,11 @@ uint32_t fl_builtin_elem(uint32_t oid);
  * column (e.g. bad JSON) falls back to pushing the text as a string: the user gets the
  * value, never a crash. flags: FL_NUMERIC_AS_NUMBER. */
 void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags);
+/* What fl_push_value makes of a scalar's text, without Lua: FL_VAL_NULL (s == NULL),
+ * FL_VAL_NUMBER (*num), FL_VAL_STRING (the text itself), FL_VAL_TRUE, FL_VAL_FALSE, or
+ * FL_VAL_OTHER (arrays, JSON, bytea, a number's text past 512 bytes: fl_push_value's). */
+enum { FL_VAL_NULL, FL_VAL_NUMBER, FL_VAL_STRING, FL_VAL_TRUE, FL_VAL_FALSE, FL_VAL_OTHER };
+int fl_value_scalar(const fl_coltype *t, const char *s, size_t len, int flags, double *num);
 /* The same for text the caller owns and does not read again: it may be overwritten
  * (a bytea is decoded in place). */
 void fl_push_value_owned(lua_State *L, const fl_coltype *t, char *s, size_t len, int flags);
