@@ -27,7 +27,9 @@ typedef struct {
   uint64_t txn_lsn;
   int64_t txn_time;
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
-  int rels_ref;             /* registry ref: relid -> { version, table, names, types[, want] } */
+  int rels_ref;             /* registry ref: relid -> { version, table, names, types[, want] } (ENT_*) */
+  unsigned rels_gen;        /* bumped whenever entries of rels may have been replaced */
+  int keys_ref;             /* registry ref: the event's field names and op values, interned once (K_*) */
   int masks_ref;            /* registry ref: relid -> { [column name] = true }: the columns converted */
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
   int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
@@ -41,10 +43,21 @@ typedef struct {
 } fl_repl;
 
 /* A relation's column mask (repl:columns), in its entry: on[i] for each column converted. */
-typedef struct {
+typedef struct col_mask_s {
   int n;                    /* columns on: the row table's size */
   unsigned char on[];
 } col_mask;
+
+/* The strings an event is built of, interned once per connection and kept on the pump's
+ * stack: setting a field by a C string (lua_setfield) hashes and looks the key up in the
+ * string table each time, several times per event. */
+enum { K_OP, K_ID, K_TABLE, K_LSN, K_XID, K_COMMIT_TIME, K_NEW, K_OLD, K_INSERT, K_UPDATE, K_DELETE, K_COUNT };
+static const char *const key_names[K_COUNT] = {
+  "op", "id", "table", "lsn", "xid", "commit_time", "new", "old", "insert", "update", "delete"
+};
+
+/* A relation's entry in rels: an array, read with rawgeti. */
+enum { ENT_VERSION = 1, ENT_TABLE, ENT_NAMES, ENT_TYPES, ENT_WANT, ENT_SIZE = ENT_WANT };
 
 /* One pump's consumer state, on the C stack of l_pump. */
 typedef struct {
@@ -52,6 +65,14 @@ typedef struct {
   fl_repl *r;
   int dispatch;             /* stack index of dispatch(ev, relid[, tag]) */
   int flags;
+  int keys;                 /* stack index of the first of the K_* strings */
+  int ent;                  /* stack index of the slot holding the last relation's entry */
+  /* that entry, valid while relid, version and the rels generation are unchanged */
+  int ent_ok;
+  uint32_t ent_relid, ent_version;
+  unsigned ent_gen;
+  fl_coltype *ent_types;
+  const struct col_mask_s *ent_want;
 } pump_ctx;
 
 static void push_lsn(lua_State *L, uint64_t lsn) {
@@ -87,18 +108,8 @@ static int stream_fail(lua_State *L, fl_repl *r) {
 /* ------------------------------------------------------------------------------------ */
 /* Rows and events */
 
-/* The entry's types and column mask (NULL: every column), the entry on the stack top. */
-static fl_coltype *entry_parts(lua_State *L, const col_mask **want) {
-  lua_getfield(L, -1, "types");
-  fl_coltype *t = lua_touserdata(L, -1);
-  lua_getfield(L, -2, "want");
-  *want = lua_touserdata(L, -1);
-  lua_pop(L, 2);
-  return t;
-}
-
-/* Which columns of rel its mask (repl:columns) keeps, as want = a col_mask userdata in the
- * entry on the stack top; nothing when the relation has no mask. By name, so a column
+/* Which columns of rel its mask (repl:columns) keeps, as a col_mask userdata at ENT_WANT of
+ * the entry on the stack top; nothing when the relation has no mask. By name, so a column
  * added by DDL stays out and a dropped one is simply not there. */
 static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->masks_ref);
@@ -112,32 +123,20 @@ static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
       want->n += want->on[i];
       lua_pop(L, 1);
     }
-    lua_setfield(L, -4, "want");
+    lua_rawseti(L, -4, ENT_WANT);
   }
   lua_pop(L, 2);
 }
 
-/* The Lua-side description of a relation: { version=, table=, names={}, types=userdata,
- * want=userdata | nil } rebuilt when the decoder's relation version changes (ALTER TABLE
- * while running), the declared types change (repl:types) or its mask does (repl:columns). */
-static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel, const col_mask **want) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
-  lua_rawgeti(L, -1, (int)rel->relid);
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "version");
-    if ((uint32_t)lua_tonumber(L, -1) == rel->version) {
-      lua_pop(L, 1);
-      lua_remove(L, -2);
-      return entry_parts(L, want);   /* entry on the stack top */
-    }
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 1);
-  lua_createtable(L, 0, 5);
+/* Pushes a new entry for rel: { version, "schema.table", {names}, types userdata[, want] }
+ * (ENT_*), built from the decoder's relation, the declared types (repl:types) and its
+ * mask (repl:columns). */
+static void new_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
+  lua_createtable(L, ENT_SIZE, 0);
   lua_pushnumber(L, rel->version);
-  lua_setfield(L, -2, "version");
+  lua_rawseti(L, -2, ENT_VERSION);
   lua_pushfstring(L, "%s.%s", rel->nspname, rel->relname);
-  lua_setfield(L, -2, "table");
+  lua_rawseti(L, -2, ENT_TABLE);
   lua_createtable(L, rel->ncols, 0);
   fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (rel->ncols ? rel->ncols : 1));
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->typemap_ref);
@@ -162,28 +161,65 @@ static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *re
     lua_pop(L, 1);
   }
   lua_pop(L, 1);                       /* typemap */
-  lua_setfield(L, -3, "types");
-  lua_setfield(L, -2, "names");
+  lua_rawseti(L, -3, ENT_TYPES);
+  lua_rawseti(L, -2, ENT_NAMES);
   set_want(L, r, rel);
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, -3, (int)rel->relid);
-  lua_remove(L, -2);                   /* rels */
-  return entry_parts(L, want);
+}
+
+/* Puts the entry of rel in the pump's entry slot, with its types and mask (NULL: every
+ * column) in the context. Rebuilt when the decoder's relation version changes (ALTER TABLE
+ * while running), the declared types change (repl:types) or its mask does (repl:columns);
+ * the rows of one relation in a row find it in the slot without a lookup. */
+static void rel_entry(pump_ctx *c, const fl_pgo_relation *rel) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  if (c->ent_ok && c->ent_relid == rel->relid && c->ent_version == rel->version && c->ent_gen == r->rels_gen)
+    return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
+  lua_rawgeti(L, -1, (int)rel->relid);
+  int current = 0;
+  if (lua_istable(L, -1)) {
+    lua_rawgeti(L, -1, ENT_VERSION);
+    current = (uint32_t)lua_tonumber(L, -1) == rel->version;
+    lua_pop(L, 1);
+  }
+  if (!current) {
+    lua_pop(L, 1);
+    new_entry(L, r, rel);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, (int)rel->relid);
+  }
+  lua_rawgeti(L, -1, ENT_TYPES);
+  c->ent_types = lua_touserdata(L, -1);
+  lua_rawgeti(L, -2, ENT_WANT);
+  c->ent_want = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  lua_replace(L, c->ent);              /* the slot keeps types and want alive */
+  lua_pop(L, 1);                       /* rels */
+  c->ent_ok = 1;
+  c->ent_relid = rel->relid;
+  c->ent_version = rel->version;
+  c->ent_gen = r->rels_gen;
 }
 
 /* Pushes a row table. key_only: just the replica identity key columns (an old tuple of
- * kind 'K' sends the others as nulls that are not the row's values). want (NULL: all): the
- * columns some listener needs (repl:columns); the others are left out, never converted,
- * which is the point on a wide table of which a listener takes two fields. An unchanged TOAST
- * column takes the old tuple's value when there is one, else flash.unchanged.
+ * kind 'K' sends the others as nulls that are not the row's values). The entry's mask
+ * (NULL: all): the columns some listener needs (repl:columns); the others are left out,
+ * never converted, which is the point on a wide table of which a listener takes two
+ * fields. An unchanged TOAST column takes the old tuple's value when there is one, else
+ * flash.unchanged.
  * The tuple's own values are decoded over their text (fl_push_value_owned): the message
  * buffer is ours (PQgetCopyData's copy, or a streamed transaction's record) and each value
  * is read once — the new row borrows old values without overwriting them, since the old
  * row is built from them next. */
-static void push_row(lua_State *L, fl_repl *r, int entry, const fl_coltype *types, const col_mask *want,
-                     const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int key_only,
-                     int flags) {
-  lua_getfield(L, entry, "names");
+static void push_row(pump_ctx *c, const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old,
+                     int key_only) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  const fl_coltype *types = c->ent_types;
+  const col_mask *want = c->ent_want;
+  int flags = c->flags;
+  lua_rawgeti(L, c->ent, ENT_NAMES);
   lua_createtable(L, 0, want ? want->n : tup->ncols);
   for (int i = 0; i < tup->ncols && i < rel->ncols; i++) {
     if (key_only && !(rel->cols[i].flags & 1)) continue;
@@ -234,39 +270,48 @@ static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
   return call_hook(L, r, nargs, "dispatch: ");
 }
 
-/* Builds the event of one change and calls dispatch(ev) protected. Returns 0 to go on,
- * 1 when dispatch asked to stop, -1 on an error. */
-static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const fl_pgo_msg *m,
-                       uint32_t xid, const char *op) {
+/* Builds the event of one change (op: K_INSERT, K_UPDATE or K_DELETE) and calls
+ * dispatch(ev) protected. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an
+ * error. Fields are set with the pump's interned keys (lua_rawset), not by C string. */
+static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
   const fl_pgo_relation *rel = m->rel;
-  lua_pushvalue(L, dispatch);
-  lua_createtable(L, 0, 9);
-  int ev = lua_gettop(L);
-  const col_mask *want;
-  fl_coltype *types = rel_entry(L, r, rel, &want);
-  int entry = lua_gettop(L);
-  lua_pushstring(L, op);
-  lua_setfield(L, ev, "op");
-  push_event_id(L, r);
-  lua_setfield(L, ev, "id");
-  lua_getfield(L, entry, "table");
-  lua_setfield(L, ev, "table");
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
-  lua_setfield(L, ev, "lsn");
-  lua_pushnumber(L, xid);
-  lua_setfield(L, ev, "xid");
-  lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
-  lua_setfield(L, ev, "commit_time");
   const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
-  if (m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE) {
-    push_row(L, r, entry, types, want, rel, &m->newtup, m->old_kind == 'O' ? old : NULL, 0, flags);
-    lua_setfield(L, ev, "new");
+  int has_new = m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE;
+  rel_entry(c, rel);
+  lua_pushvalue(L, c->dispatch);
+  /* op, id, table, lsn, xid, commit_time, new and/or old, and the driver's ev.source */
+  lua_createtable(L, 0, 7 + has_new + (old != NULL));
+  int ev = lua_gettop(L);
+  lua_pushvalue(L, c->keys + K_OP);
+  lua_pushvalue(L, c->keys + op);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_ID);
+  push_event_id(L, r);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_TABLE);
+  lua_rawgeti(L, c->ent, ENT_TABLE);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_LSN);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_XID);
+  lua_pushnumber(L, r->txn_xid);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_COMMIT_TIME);
+  lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
+  lua_rawset(L, ev);
+  if (has_new) {
+    lua_pushvalue(L, c->keys + K_NEW);
+    push_row(c, rel, &m->newtup, m->old_kind == 'O' ? old : NULL, 0);
+    lua_rawset(L, ev);
   }
   if (old) {
-    push_row(L, r, entry, types, want, rel, old, NULL, m->old_kind == 'K', flags);
-    lua_setfield(L, ev, "old");
+    lua_pushvalue(L, c->keys + K_OLD);
+    push_row(c, rel, old, NULL, m->old_kind == 'K');
+    lua_rawset(L, ev);
   }
-  lua_pop(L, 1);                        /* entry */
   return call_dispatch(L, r, rel->relid);
 }
 
@@ -395,9 +440,9 @@ static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
     case FL_PGO_STREAM_COMMIT:
       r->tag_len = 0;
       return handled(L, r, m->end_lsn);
-    case FL_PGO_INSERT: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "insert");
-    case FL_PGO_UPDATE: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "update");
-    case FL_PGO_DELETE: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "delete");
+    case FL_PGO_INSERT: return emit_change(c, m, K_INSERT);
+    case FL_PGO_UPDATE: return emit_change(c, m, K_UPDATE);
+    case FL_PGO_DELETE: return emit_change(c, m, K_DELETE);
     case FL_PGO_TRUNCATE: return emit_truncate(L, r, c->dispatch, m, r->txn_xid);
     default: return 0;
   }
@@ -425,6 +470,9 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->keys_ref);
+  r->rels_gen++;
+  r->keys_ref = LUA_NOREF;
   r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
     LUA_NOREF;
 }
@@ -435,6 +483,7 @@ static int l_replication(lua_State *L) {
   const char *dsn = luaL_optstring(L, 1, "");
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
+  r->keys_ref = LUA_NOREF;
   r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
     LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
@@ -450,6 +499,12 @@ static int l_replication(lua_State *L) {
   r->masks_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_newtable(L);
   r->typemap_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_createtable(L, K_COUNT, 0);
+  for (int i = 0; i < K_COUNT; i++) {
+    lua_pushstring(L, key_names[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  r->keys_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;
 }
 
@@ -569,12 +624,18 @@ static int l_status(lua_State *L) {
 static int l_pump(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  pump_ctx c = { L, r, 2, (int)luaL_optinteger(L, 3, 0) };
+  pump_ctx c = { .L = L, .r = r, .dispatch = 2, .flags = (int)luaL_optinteger(L, 3, 0) };
   long budget = (long)luaL_optinteger(L, 4, 100000);
   double seconds = luaL_optnumber(L, 5, 0);
   int64_t until = seconds > 0 ? fl_stream_now_us() + (int64_t)(seconds * 1e6) : 0;
   int txn_end = lua_toboolean(L, 6);
   lua_settop(L, 2);
+  luaL_checkstack(L, K_COUNT + 30, "pump");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->keys_ref);
+  c.keys = lua_gettop(L) + 1;
+  for (int i = 0; i < K_COUNT; i++) lua_rawgeti(L, 3, i + 1);
+  lua_pushnil(L);
+  c.ent = lua_gettop(L);
   int rc = fl_stream_pump(r->s, budget, until, txn_end, on_stream_message, on_stream_large, &c);
   if (rc == -1) return stream_fail(L, r);
   if (rc == -2) return fl_fail(L, "stopped by a callback", "stopped");
@@ -596,6 +657,7 @@ static int l_types(lua_State *L) {
   /* Relations decoded so far are rebuilt with the new types on their next row. */
   lua_newtable(L);
   lua_rawseti(L, LUA_REGISTRYINDEX, r->rels_ref);
+  r->rels_gen++;
   return 0;
 }
 
@@ -611,6 +673,7 @@ static int l_columns(lua_State *L) {
     lua_rawseti(L, LUA_REGISTRYINDEX, r->masks_ref);
     lua_newtable(L);
     lua_rawseti(L, LUA_REGISTRYINDEX, r->rels_ref);
+    r->rels_gen++;
     return 0;
   }
   int relid = (int)(uint32_t)luaL_checknumber(L, 2);
@@ -633,6 +696,7 @@ static int l_columns(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
   lua_pushnil(L);
   lua_rawseti(L, -2, relid);
+  r->rels_gen++;
   return 0;
 }
 
