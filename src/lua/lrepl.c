@@ -57,7 +57,7 @@ static const char *const key_names[K_COUNT] = {
 };
 
 /* A relation's entry in rels: an array, read with rawgeti. */
-enum { ENT_VERSION = 1, ENT_TABLE, ENT_NAMES, ENT_TYPES, ENT_WANT, ENT_SIZE = ENT_WANT };
+enum { ENT_VERSION = 1, ENT_TABLE, ENT_NAMES, ENT_TYPES, ENT_WANT, ENT_BUILD, ENT_SIZE = ENT_BUILD };
 
 /* One pump's consumer state, on the C stack of l_pump. */
 typedef struct {
@@ -73,6 +73,9 @@ typedef struct {
   unsigned ent_gen;
   fl_coltype *ent_types;
   const struct col_mask_s *ent_want;
+  int ent_build;            /* the entry has a builder (ENT_BUILD) */
+  int tag;                  /* stack index of the slot holding the listener tag as a string */
+  int tag_ok;               /* ...which is r->tag's (a tag holds for a transaction's changes) */
 } pump_ctx;
 
 static void push_lsn(lua_State *L, uint64_t lsn) {
@@ -128,6 +131,74 @@ static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   lua_pop(L, 2);
 }
 
+/* Up to this many columns an event is built by a function generated for its relation
+ * (push_builder); a wider row is built from C (a Lua function takes at most 200-odd
+ * parameters). */
+#define BUILD_MAX_COLS 120
+
+/* Appends a column name as a Lua string literal: every byte but letters, digits and '_'
+ * as a decimal escape. */
+static void add_name_literal(luaL_Buffer *b, const char *s) {
+  luaL_addchar(b, '"');
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_') {
+      luaL_addchar(b, (char)ch);
+    } else {
+      char e[8];
+      snprintf(e, sizeof e, "\\%03u", ch);
+      luaL_addstring(b, e);
+    }
+  }
+  luaL_addchar(b, '"');
+}
+
+/* Pushes the builder of rel's events that carry only a new row (inserts, updates without
+ * an old row), for its mask (NULL: every column):
+ *   function(dispatch, relid, tag, op, id, tbl, lsn, xid, ct, v1, ..., vk)
+ *     return dispatch({ op = op, ..., source = tbl, new = { ["c1"] = v1, ... } }, relid, tag)
+ *   end
+ * (ev.source: the relation the row lives in, which the drivers set to ev.table before
+ * they replace ev.table by the listened table's name; set here, it is no key added later.)
+ * A table constructor with constant keys is a copy of a template whose keys are already in
+ * place (LuaJIT's TDUP): setting the fields one by one through the C API (lua_rawset, each
+ * key inserted anew) was most of the binding's cost per event. Pushes nil when the row is
+ * too wide or the code does not load (the event is then built from C). */
+static void push_builder(lua_State *L, const fl_pgo_relation *rel, const col_mask *want) {
+  int k = want ? want->n : rel->ncols;
+  if (k > BUILD_MAX_COLS) {
+    lua_pushnil(L);
+    return;
+  }
+  char a[32];
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "return function(dispatch, relid, tag, op, id, tbl, lsn, xid, ct");
+  for (int j = 1; j <= k; j++) {
+    snprintf(a, sizeof a, ", v%d", j);
+    luaL_addstring(&b, a);
+  }
+  luaL_addstring(&b, ")\n  return dispatch({ op = op, id = id, table = tbl, lsn = lsn, xid = xid, commit_time = ct,"
+                     " source = tbl, new = {");
+  for (int i = 0, j = 0; i < rel->ncols; i++) {
+    if (want && !want->on[i]) continue;
+    luaL_addstring(&b, j ? ", [" : " [");
+    add_name_literal(&b, rel->cols[i].name);
+    snprintf(a, sizeof a, "] = v%d", ++j);
+    luaL_addstring(&b, a);
+  }
+  luaL_addstring(&b, " } }, relid, tag)\nend\n");
+  luaL_pushresult(&b);
+  size_t len;
+  const char *src = lua_tolstring(L, -1, &len);
+  if (luaL_loadbuffer(L, src, len, "=flash.repl") != 0 || lua_pcall(L, 0, 1, 0) != 0 || !lua_isfunction(L, -1)) {
+    lua_pop(L, 2);
+    lua_pushnil(L);
+    return;
+  }
+  lua_remove(L, -2);                   /* the source */
+}
+
 /* Pushes a new entry for rel: { version, "schema.table", {names}, types userdata[, want] }
  * (ENT_*), built from the decoder's relation, the declared types (repl:types) and its
  * mask (repl:columns). */
@@ -164,6 +235,11 @@ static void new_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   lua_rawseti(L, -3, ENT_TYPES);
   lua_rawseti(L, -2, ENT_NAMES);
   set_want(L, r, rel);
+  lua_rawgeti(L, -1, ENT_WANT);
+  const col_mask *want = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  push_builder(L, rel, want);
+  lua_rawseti(L, -2, ENT_BUILD);
 }
 
 /* Puts the entry of rel in the pump's entry slot, with its types and mask (NULL: every
@@ -193,13 +269,35 @@ static void rel_entry(pump_ctx *c, const fl_pgo_relation *rel) {
   c->ent_types = lua_touserdata(L, -1);
   lua_rawgeti(L, -2, ENT_WANT);
   c->ent_want = lua_touserdata(L, -1);
-  lua_pop(L, 2);
+  lua_rawgeti(L, -3, ENT_BUILD);
+  c->ent_build = lua_isfunction(L, -1);
+  lua_pop(L, 3);
   lua_replace(L, c->ent);              /* the slot keeps types and want alive */
   lua_pop(L, 1);                       /* rels */
   c->ent_ok = 1;
   c->ent_relid = rel->relid;
   c->ent_version = rel->version;
   c->ent_gen = r->rels_gen;
+}
+
+/* Pushes the value of column i of tup (an unchanged TOAST value: old's, if it has one). */
+static void push_col(pump_ctx *c, const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int i) {
+  lua_State *L = c->L;
+  const fl_coltype *t = &c->ent_types[i];
+  const fl_pgo_value *v = &tup->vals[i];
+  c->r->values++;
+  if (v->kind == 'u' && old && i < old->ncols && old->vals[i].kind != 'u')
+    v = &old->vals[i];
+  switch (v->kind) {
+    /* the callers made room for the value's slots: FL_STACK_READY */
+    case 't':
+      if (v == &tup->vals[i]) fl_push_value_owned(L, t, (char *)v->data, v->len, c->flags | FL_STACK_READY);
+      else fl_push_value(L, t, v->data, v->len, c->flags | FL_STACK_READY);
+      break;
+    case 'b': fl_push_value_binary(L, t, v->data, v->len, c->flags | FL_STACK_READY); break;
+    case 'u': lua_pushlightuserdata(L, FL_UNCHANGED); break;
+    default: lua_pushlightuserdata(L, FL_NULL); break;
+  }
 }
 
 /* Pushes a row table. key_only: just the replica identity key columns (an old tuple of
@@ -215,29 +313,15 @@ static void rel_entry(pump_ctx *c, const fl_pgo_relation *rel) {
 static void push_row(pump_ctx *c, const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old,
                      int key_only) {
   lua_State *L = c->L;
-  fl_repl *r = c->r;
-  const fl_coltype *types = c->ent_types;
   const col_mask *want = c->ent_want;
-  int flags = c->flags;
+  luaL_checkstack(L, FL_VALUE_SLOTS + 4, "building a row");   /* names, row, key, value */
   lua_rawgeti(L, c->ent, ENT_NAMES);
   lua_createtable(L, 0, want ? want->n : tup->ncols);
   for (int i = 0; i < tup->ncols && i < rel->ncols; i++) {
     if (key_only && !(rel->cols[i].flags & 1)) continue;
     if (want && !want->on[i]) continue;
-    r->values++;
-    const fl_pgo_value *v = &tup->vals[i];
     lua_rawgeti(L, -2, i + 1);
-    if (v->kind == 'u' && old && i < old->ncols && old->vals[i].kind != 'u')
-      v = &old->vals[i];
-    switch (v->kind) {
-      case 't':
-        if (v == &tup->vals[i]) fl_push_value_owned(L, &types[i], (char *)v->data, v->len, flags);
-        else fl_push_value(L, &types[i], v->data, v->len, flags);
-        break;
-      case 'b': fl_push_value_binary(L, &types[i], v->data, v->len, flags); break;
-      case 'u': lua_pushlightuserdata(L, FL_UNCHANGED); break;
-      default: lua_pushlightuserdata(L, FL_NULL); break;
-    }
+    push_col(c, tup, old, i);
     lua_rawset(L, -3);
   }
   lua_remove(L, -2);
@@ -256,18 +340,54 @@ static int call_hook(lua_State *L, fl_repl *r, int nargs, const char *what) {
   return stop;
 }
 
+/* Pushes the current listener tag (the flashlua plugin's), interned once per tag. */
+static void push_tag(pump_ctx *c) {
+  if (!c->tag_ok) {
+    lua_pushlstring(c->L, c->r->tag, c->r->tag_len);
+    lua_replace(c->L, c->tag);
+    c->tag_ok = 1;
+  }
+  lua_pushvalue(c->L, c->tag);
+}
+
 /* Calls dispatch(ev, relid) (function and event on the stack top) protected: the relation's
  * OID lets the caller follow a table through renames and map partitions to the listened
  * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error. */
-static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
+static int call_dispatch(pump_ctx *c, uint32_t relid) {
   int nargs = 2;
-  r->events++;
-  lua_pushnumber(L, relid);
-  if (r->tag_len) {               /* dispatch(ev, relid, tag): the listeners it is for */
-    lua_pushlstring(L, r->tag, r->tag_len);   /* it holds until the next tag or the Commit */
+  c->r->events++;
+  lua_pushnumber(c->L, relid);
+  if (c->r->tag_len) {            /* dispatch(ev, relid, tag): the listeners it is for */
+    push_tag(c);                  /* it holds until the next tag or the Commit */
     nargs = 3;
   }
-  return call_hook(L, r, nargs, "dispatch: ");
+  return call_hook(c->L, c->r, nargs, "dispatch: ");
+}
+
+/* The event of a change with a new row only, by the relation's builder (push_builder):
+ * the builder, its arguments, then dispatch(ev, relid, tag) called by it, protected. */
+static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  const fl_pgo_relation *rel = m->rel;
+  const col_mask *want = c->ent_want;
+  int k = want ? want->n : rel->ncols;
+  luaL_checkstack(L, 10 + k + FL_VALUE_SLOTS, "building an event");   /* builder, its arguments */
+  lua_rawgeti(L, c->ent, ENT_BUILD);
+  lua_pushvalue(L, c->dispatch);
+  lua_pushnumber(L, rel->relid);
+  if (r->tag_len) push_tag(c);         /* the listeners it is for */
+  else lua_pushnil(L);
+  lua_pushvalue(L, c->keys + op);
+  push_event_id(L, r);
+  lua_rawgeti(L, c->ent, ENT_TABLE);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
+  lua_pushnumber(L, r->txn_xid);
+  lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
+  for (int i = 0; i < rel->ncols; i++)
+    if (!want || want->on[i]) push_col(c, &m->newtup, NULL, i);
+  r->events++;
+  return call_hook(L, r, 9 + k, "dispatch: ");
 }
 
 /* Builds the event of one change (op: K_INSERT, K_UPDATE or K_DELETE) and calls
@@ -280,6 +400,7 @@ static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
   const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
   int has_new = m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE;
   rel_entry(c, rel);
+  if (c->ent_build && has_new && !old && m->newtup.ncols == rel->ncols) return emit_built(c, m, op);
   lua_pushvalue(L, c->dispatch);
   /* op, id, table, lsn, xid, commit_time, new and/or old, and the driver's ev.source */
   lua_createtable(L, 0, 7 + has_new + (old != NULL));
@@ -312,14 +433,16 @@ static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
     push_row(c, rel, old, NULL, m->old_kind == 'K');
     lua_rawset(L, ev);
   }
-  return call_dispatch(L, r, rel->relid);
+  return call_dispatch(c, rel->relid);
 }
 
-static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
+static int emit_truncate(pump_ctx *c, const fl_pgo_msg *m) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
   for (int i = 0; i < m->nrelids; i++) {
     const fl_pgo_relation *rel = fl_stream_relation(r->s, m->relids[i]);
     if (!rel) { r->txn_pos++; continue; }
-    lua_pushvalue(L, dispatch);
+    lua_pushvalue(L, c->dispatch);
     lua_createtable(L, 0, 7);
     lua_pushstring(L, "truncate");
     lua_setfield(L, -2, "op");
@@ -329,11 +452,11 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
     lua_setfield(L, -2, "table");
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
     lua_setfield(L, -2, "lsn");
-    lua_pushnumber(L, xid);
+    lua_pushnumber(L, r->txn_xid);
     lua_setfield(L, -2, "xid");
     lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
     lua_setfield(L, -2, "commit_time");
-    int rc = call_dispatch(L, r, rel->relid);
+    int rc = call_dispatch(c, rel->relid);
     if (rc != 0) return rc;
   }
   return 0;
@@ -429,7 +552,9 @@ static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
   (void)s;
   switch (m->type) {
     case FL_PGO_RELATION: return relation_hook(L, r, m->rel);
-    case FL_PGO_MESSAGE: return logical_message(L, r, m);
+    case FL_PGO_MESSAGE:
+      c->tag_ok = 0;                    /* it may be a new listener tag */
+      return logical_message(L, r, m);
     case FL_PGO_BEGIN:
       r->tag_len = 0;
       set_txn(L, r, m->xid, m->lsn, m->timestamp);
@@ -443,7 +568,7 @@ static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
     case FL_PGO_INSERT: return emit_change(c, m, K_INSERT);
     case FL_PGO_UPDATE: return emit_change(c, m, K_UPDATE);
     case FL_PGO_DELETE: return emit_change(c, m, K_DELETE);
-    case FL_PGO_TRUNCATE: return emit_truncate(L, r, c->dispatch, m, r->txn_xid);
+    case FL_PGO_TRUNCATE: return emit_truncate(c, m);
     default: return 0;
   }
 }
@@ -636,6 +761,8 @@ static int l_pump(lua_State *L) {
   for (int i = 0; i < K_COUNT; i++) lua_rawgeti(L, 3, i + 1);
   lua_pushnil(L);
   c.ent = lua_gettop(L);
+  lua_pushnil(L);
+  c.tag = lua_gettop(L);
   int rc = fl_stream_pump(r->s, budget, until, txn_end, on_stream_message, on_stream_large, &c);
   if (rc == -1) return stream_fail(L, r);
   if (rc == -2) return fl_fail(L, "stopped by a callback", "stopped");
