@@ -73,7 +73,6 @@ typedef struct {
   unsigned ent_gen;
   fl_coltype *ent_types;
   const struct col_mask_s *ent_want;
-  int ent_build;            /* the entry has a builder (ENT_BUILD) */
   int tag;                  /* stack index of the slot holding the listener tag as a string */
   int tag_ok;               /* ...which is r->tag's (a tag holds for a transaction's changes) */
 } pump_ctx;
@@ -153,53 +152,85 @@ static void add_name_literal(luaL_Buffer *b, const char *s) {
   luaL_addchar(b, '"');
 }
 
-/* Pushes the builder of rel's events that carry only a new row (inserts, updates without
- * an old row), for its mask (NULL: every column):
+/* The shapes of events a builder is generated for: the rows they carry (an old row of kind
+ * 'K' has the replica identity's key columns only). */
+enum { SH_NEW, SH_OLD, SH_OLD_KEY, SH_BOTH, SH_BOTH_KEY, SH_COUNT };
+#define SH_HAS_NEW(sh) ((sh) == SH_NEW || (sh) >= SH_BOTH)
+#define SH_HAS_OLD(sh) ((sh) != SH_NEW)
+#define SH_KEY(sh) ((sh) == SH_OLD_KEY || (sh) == SH_BOTH_KEY)
+
+/* Whether column i of rel is in a row: in the mask (NULL: all) and, for a key-only row,
+ * a key column. The same test as push_row's. */
+static int in_row(const fl_pgo_relation *rel, const col_mask *want, int i, int key_only) {
+  return (!want || want->on[i]) && (!key_only || (rel->cols[i].flags & 1));
+}
+
+/* Appends `field` = { ["name"] = vJ, ... } for the columns of one row, J counting on. */
+static void add_row(luaL_Buffer *b, const char *field, const fl_pgo_relation *rel, const col_mask *want,
+                    int key_only, int *j) {
+  char a[32];
+  luaL_addstring(b, field);
+  luaL_addstring(b, " = {");
+  for (int i = 0, first = 1; i < rel->ncols; i++) {
+    if (!in_row(rel, want, i, key_only)) continue;
+    luaL_addstring(b, first ? " [" : ", [");
+    first = 0;
+    add_name_literal(b, rel->cols[i].name);
+    snprintf(a, sizeof a, "] = v%d", ++*j);
+    luaL_addstring(b, a);
+  }
+  luaL_addstring(b, " }");
+}
+
+/* Pushes the builder of rel's events of one shape (SH_*), for its mask (NULL: every
+ * column), e.g. for an insert:
  *   function(dispatch, relid, tag, op, id, tbl, lsn, xid, ct, v1, ..., vk)
  *     return dispatch({ op = op, ..., source = tbl, new = { ["c1"] = v1, ... } }, relid, tag)
  *   end
+ * and old = { ... } after new for the shapes with an old row.
  * (ev.source: the relation the row lives in, which the drivers set to ev.table before
  * they replace ev.table by the listened table's name; set here, it is no key added later.)
  * A table constructor with constant keys is a copy of a template whose keys are already in
  * place (LuaJIT's TDUP): setting the fields one by one through the C API (lua_rawset, each
- * key inserted anew) was most of the binding's cost per event. Pushes nil when the row is
- * too wide or the code does not load (the event is then built from C). */
-static void push_builder(lua_State *L, const fl_pgo_relation *rel, const col_mask *want) {
-  int k = want ? want->n : rel->ncols;
+ * key inserted anew) was most of the binding's cost per event. Pushes false when the rows
+ * are too wide or the code does not load (the event is then built from C). */
+static void push_builder(lua_State *L, const fl_pgo_relation *rel, const col_mask *want, int shape) {
+  int k = 0;
+  for (int i = 0; i < rel->ncols; i++) {
+    if (SH_HAS_NEW(shape) && in_row(rel, want, i, 0)) k++;
+    if (SH_HAS_OLD(shape) && in_row(rel, want, i, SH_KEY(shape))) k++;
+  }
   if (k > BUILD_MAX_COLS) {
-    lua_pushnil(L);
+    lua_pushboolean(L, 0);
     return;
   }
   char a[32];
+  int j = 0;
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   luaL_addstring(&b, "return function(dispatch, relid, tag, op, id, tbl, lsn, xid, ct");
-  for (int j = 1; j <= k; j++) {
-    snprintf(a, sizeof a, ", v%d", j);
+  for (int v = 1; v <= k; v++) {
+    snprintf(a, sizeof a, ", v%d", v);
     luaL_addstring(&b, a);
   }
   luaL_addstring(&b, ")\n  return dispatch({ op = op, id = id, table = tbl, lsn = lsn, xid = xid, commit_time = ct,"
-                     " source = tbl, new = {");
-  for (int i = 0, j = 0; i < rel->ncols; i++) {
-    if (want && !want->on[i]) continue;
-    luaL_addstring(&b, j ? ", [" : " [");
-    add_name_literal(&b, rel->cols[i].name);
-    snprintf(a, sizeof a, "] = v%d", ++j);
-    luaL_addstring(&b, a);
-  }
-  luaL_addstring(&b, " } }, relid, tag)\nend\n");
+                     " source = tbl");
+  if (SH_HAS_NEW(shape)) add_row(&b, ", new", rel, want, 0, &j);
+  if (SH_HAS_OLD(shape)) add_row(&b, ", old", rel, want, SH_KEY(shape), &j);
+  luaL_addstring(&b, " }, relid, tag)\nend\n");
   luaL_pushresult(&b);
   size_t len;
   const char *src = lua_tolstring(L, -1, &len);
   if (luaL_loadbuffer(L, src, len, "=flash.repl") != 0 || lua_pcall(L, 0, 1, 0) != 0 || !lua_isfunction(L, -1)) {
     lua_pop(L, 2);
-    lua_pushnil(L);
+    lua_pushboolean(L, 0);
     return;
   }
   lua_remove(L, -2);                   /* the source */
 }
 
-/* Pushes a new entry for rel: { version, "schema.table", {names}, types userdata[, want] }
+/* Pushes a new entry for rel: { version, "schema.table", {names}, types userdata, want
+ * userdata | nil, {builders} }
  * (ENT_*), built from the decoder's relation, the declared types (repl:types) and its
  * mask (repl:columns). */
 static void new_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
@@ -235,10 +266,7 @@ static void new_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   lua_rawseti(L, -3, ENT_TYPES);
   lua_rawseti(L, -2, ENT_NAMES);
   set_want(L, r, rel);
-  lua_rawgeti(L, -1, ENT_WANT);
-  const col_mask *want = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  push_builder(L, rel, want);
+  lua_createtable(L, SH_COUNT, 0);     /* the builders, made on first use (emit_built) */
   lua_rawseti(L, -2, ENT_BUILD);
 }
 
@@ -269,9 +297,7 @@ static void rel_entry(pump_ctx *c, const fl_pgo_relation *rel) {
   c->ent_types = lua_touserdata(L, -1);
   lua_rawgeti(L, -2, ENT_WANT);
   c->ent_want = lua_touserdata(L, -1);
-  lua_rawgeti(L, -3, ENT_BUILD);
-  c->ent_build = lua_isfunction(L, -1);
-  lua_pop(L, 3);
+  lua_pop(L, 2);
   lua_replace(L, c->ent);              /* the slot keeps types and want alive */
   lua_pop(L, 1);                       /* rels */
   c->ent_ok = 1;
@@ -364,16 +390,29 @@ static int call_dispatch(pump_ctx *c, uint32_t relid) {
   return call_hook(c->L, c->r, nargs, "dispatch: ");
 }
 
-/* The event of a change with a new row only, by the relation's builder (push_builder):
- * the builder, its arguments, then dispatch(ev, relid, tag) called by it, protected. */
-static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op) {
+/* The event of a change by the relation's builder for its shape (push_builder): the
+ * builder, its arguments, then dispatch(ev, relid, tag) called by it, protected. Returns
+ * what emit_change does, or 2 (nothing pushed) when the shape has no builder. */
+static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op, int shape) {
   lua_State *L = c->L;
   fl_repl *r = c->r;
   const fl_pgo_relation *rel = m->rel;
   const col_mask *want = c->ent_want;
-  int k = want ? want->n : rel->ncols;
-  luaL_checkstack(L, 10 + k + FL_VALUE_SLOTS, "building an event");   /* builder, its arguments */
+  const fl_pgo_tuple *old = SH_HAS_OLD(shape) ? &m->oldtup : NULL;
+  luaL_checkstack(L, 10 + 2 * rel->ncols + FL_VALUE_SLOTS, "building an event");   /* builder, arguments */
   lua_rawgeti(L, c->ent, ENT_BUILD);
+  lua_rawgeti(L, -1, shape + 1);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    push_builder(L, rel, want, shape);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, shape + 1);
+  }
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 2);
+    return 2;
+  }
+  lua_remove(L, -2);                   /* the builders */
   lua_pushvalue(L, c->dispatch);
   lua_pushnumber(L, rel->relid);
   if (r->tag_len) push_tag(c);         /* the listeners it is for */
@@ -384,10 +423,19 @@ static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
   lua_pushnumber(L, r->txn_xid);
   lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
-  for (int i = 0; i < rel->ncols; i++)
-    if (!want || want->on[i]) push_col(c, &m->newtup, NULL, i);
+  int n = 0;
+  if (SH_HAS_NEW(shape)) {
+    /* an unchanged TOAST value of the new row takes the old row's (full old rows only) */
+    const fl_pgo_tuple *from = shape == SH_BOTH ? old : NULL;
+    for (int i = 0; i < rel->ncols; i++)
+      if (in_row(rel, want, i, 0)) { push_col(c, &m->newtup, from, i); n++; }
+  }
+  if (old) {
+    for (int i = 0; i < rel->ncols; i++)
+      if (in_row(rel, want, i, SH_KEY(shape))) { push_col(c, old, NULL, i); n++; }
+  }
   r->events++;
-  return call_hook(L, r, 9 + k, "dispatch: ");
+  return call_hook(L, r, 9 + n, "dispatch: ");
 }
 
 /* Builds the event of one change (op: K_INSERT, K_UPDATE or K_DELETE) and calls
@@ -400,7 +448,13 @@ static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
   const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
   int has_new = m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE;
   rel_entry(c, rel);
-  if (c->ent_build && has_new && !old && m->newtup.ncols == rel->ncols) return emit_built(c, m, op);
+  /* The usual rows (every column of the relation) by its builder for their shape. */
+  if ((!has_new || m->newtup.ncols == rel->ncols) &&
+      (!old || ((m->old_kind == 'K' || m->old_kind == 'O') && m->oldtup.ncols == rel->ncols)) && (has_new || old)) {
+    int shape = !old ? SH_NEW : (has_new ? SH_BOTH : SH_OLD) + (m->old_kind == 'K');
+    int rc = emit_built(c, m, op, shape);
+    if (rc != 2) return rc;
+  }
   lua_pushvalue(L, c->dispatch);
   /* op, id, table, lsn, xid, commit_time, new and/or old, and the driver's ev.source */
   lua_createtable(L, 0, 7 + has_new + (old != NULL));
