@@ -27,7 +27,7 @@ typedef struct {
   uint64_t txn_lsn;
   int64_t txn_time;
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
-  int rels_ref;             /* registry ref: relid -> { version, table, names, types[, want] } (ENT_*) */
+  int rels_ref;             /* registry ref: relid -> { version, table, names, types, want, builders } (ENT_*) */
   unsigned rels_gen;        /* bumped whenever entries of rels may have been replaced */
   int keys_ref;             /* registry ref: the event's field names and op values, interned once (K_*) */
   int masks_ref;            /* registry ref: relid -> { [column name] = true }: the columns converted */
@@ -947,29 +947,51 @@ static int l_fd(lua_State *L) {
   return 1;
 }
 
-/* repl:state() -> { received=, flushed=, server_end=, in_txn=, events=, ... } (LSNs as numbers) */
+/* The fields of repl:state(), in the order of push_state_field's cases. */
+static const char *const state_fields[] = {
+  "received", "flushed", "delivered", "confirmed", "server_end", "in_txn", "events", "values", "messages",
+  "bytes", "largest_message", "streams_open", "stream_buffered", "stream_buffered_peak", "stream_spilled",
+  "copying", NULL
+};
+
+static void push_state_field(lua_State *L, const fl_repl *r, const fl_stream_state *st, int i) {
+  switch (i) {
+    case 0: lua_pushnumber(L, (double)st->received); break;
+    case 1: lua_pushnumber(L, (double)st->flushed); break;
+    case 2: lua_pushnumber(L, (double)st->delivered); break;
+    case 3: lua_pushnumber(L, (double)st->confirmed); break;
+    case 4: lua_pushnumber(L, (double)st->server_end); break;
+    case 5: lua_pushboolean(L, st->in_txn); break;
+    case 6: lua_pushnumber(L, (double)r->events); break;
+    case 7: lua_pushnumber(L, (double)r->values); break;
+    case 8: lua_pushnumber(L, (double)st->messages); break;
+    case 9: lua_pushnumber(L, (double)st->bytes); break;
+    case 10: lua_pushnumber(L, (double)st->largest); break;
+    case 11: lua_pushboolean(L, st->streams_open); break;
+    case 12: lua_pushnumber(L, (double)st->stream_buffered); break;
+    case 13: lua_pushnumber(L, (double)st->stream_buffered_peak); break;
+    case 14: lua_pushnumber(L, (double)st->stream_spilled); break;
+    default: lua_pushboolean(L, st->copying); break;
+  }
+}
+
+/* repl:state() -> { received=, flushed=, server_end=, in_txn=, events=, ... } (LSNs as numbers);
+ * repl:state(field) -> that field alone, for a driver that asks once per loop step (no
+ * table of 16 fields built to read one). */
 static int l_state(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
   fl_stream_state st;
   memset(&st, 0, sizeof st);
   if (r->s) fl_stream_get_state(r->s, &st);
+  if (!lua_isnoneornil(L, 2)) {
+    push_state_field(L, r, &st, luaL_checkoption(L, 2, NULL, state_fields));
+    return 1;
+  }
   lua_createtable(L, 0, 16);
-  lua_pushnumber(L, (double)st.received); lua_setfield(L, -2, "received");
-  lua_pushnumber(L, (double)st.flushed); lua_setfield(L, -2, "flushed");
-  lua_pushnumber(L, (double)st.delivered); lua_setfield(L, -2, "delivered");
-  lua_pushnumber(L, (double)st.confirmed); lua_setfield(L, -2, "confirmed");
-  lua_pushnumber(L, (double)st.server_end); lua_setfield(L, -2, "server_end");
-  lua_pushboolean(L, st.in_txn); lua_setfield(L, -2, "in_txn");
-  lua_pushnumber(L, (double)r->events); lua_setfield(L, -2, "events");
-  lua_pushnumber(L, (double)r->values); lua_setfield(L, -2, "values");
-  lua_pushnumber(L, (double)st.messages); lua_setfield(L, -2, "messages");
-  lua_pushnumber(L, (double)st.bytes); lua_setfield(L, -2, "bytes");
-  lua_pushnumber(L, (double)st.largest); lua_setfield(L, -2, "largest_message");
-  lua_pushboolean(L, st.streams_open); lua_setfield(L, -2, "streams_open");
-  lua_pushnumber(L, (double)st.stream_buffered); lua_setfield(L, -2, "stream_buffered");
-  lua_pushnumber(L, (double)st.stream_buffered_peak); lua_setfield(L, -2, "stream_buffered_peak");
-  lua_pushnumber(L, (double)st.stream_spilled); lua_setfield(L, -2, "stream_spilled");
-  lua_pushboolean(L, st.copying); lua_setfield(L, -2, "copying");
+  for (int i = 0; state_fields[i]; i++) {
+    push_state_field(L, r, &st, i);
+    lua_setfield(L, -2, state_fields[i]);
+  }
   return 1;
 }
 
