@@ -27,7 +27,9 @@ typedef struct {
   uint64_t txn_lsn;
   int64_t txn_time;
   int lsn_ref;              /* registry ref: the current transaction's commit LSN string */
-  int rels_ref;             /* registry ref: relid -> { version, table, names, types[, want] } */
+  int rels_ref;             /* registry ref: relid -> { version, table, names, types, want, builders } (ENT_*) */
+  unsigned rels_gen;        /* bumped whenever entries of rels may have been replaced */
+  int keys_ref;             /* registry ref: the event's field names and op values, interned once (K_*) */
   int masks_ref;            /* registry ref: relid -> { [column name] = true }: the columns converted */
   int typemap_ref;          /* registry ref: declared type oid -> { oid=, elem=, delim= } */
   int relhook_ref;          /* registry ref: on_relation(relid, schema, name, {columns}) or none */
@@ -41,10 +43,21 @@ typedef struct {
 } fl_repl;
 
 /* A relation's column mask (repl:columns), in its entry: on[i] for each column converted. */
-typedef struct {
+typedef struct col_mask_s {
   int n;                    /* columns on: the row table's size */
   unsigned char on[];
 } col_mask;
+
+/* The strings an event is built of, interned once per connection and kept on the pump's
+ * stack: setting a field by a C string (lua_setfield) hashes and looks the key up in the
+ * string table each time, several times per event. */
+enum { K_OP, K_ID, K_TABLE, K_LSN, K_XID, K_COMMIT_TIME, K_NEW, K_OLD, K_INSERT, K_UPDATE, K_DELETE, K_COUNT };
+static const char *const key_names[K_COUNT] = {
+  "op", "id", "table", "lsn", "xid", "commit_time", "new", "old", "insert", "update", "delete"
+};
+
+/* A relation's entry in rels: an array, read with rawgeti. */
+enum { ENT_VERSION = 1, ENT_TABLE, ENT_NAMES, ENT_TYPES, ENT_WANT, ENT_BUILD, ENT_SIZE = ENT_BUILD };
 
 /* One pump's consumer state, on the C stack of l_pump. */
 typedef struct {
@@ -52,6 +65,16 @@ typedef struct {
   fl_repl *r;
   int dispatch;             /* stack index of dispatch(ev, relid[, tag]) */
   int flags;
+  int keys;                 /* stack index of the first of the K_* strings */
+  int ent;                  /* stack index of the slot holding the last relation's entry */
+  /* that entry, valid while relid, version and the rels generation are unchanged */
+  int ent_ok;
+  uint32_t ent_relid, ent_version;
+  unsigned ent_gen;
+  fl_coltype *ent_types;
+  const struct col_mask_s *ent_want;
+  int tag;                  /* stack index of the slot holding the listener tag as a string */
+  int tag_ok;               /* ...which is r->tag's (a tag holds for a transaction's changes) */
 } pump_ctx;
 
 static void push_lsn(lua_State *L, uint64_t lsn) {
@@ -87,18 +110,8 @@ static int stream_fail(lua_State *L, fl_repl *r) {
 /* ------------------------------------------------------------------------------------ */
 /* Rows and events */
 
-/* The entry's types and column mask (NULL: every column), the entry on the stack top. */
-static fl_coltype *entry_parts(lua_State *L, const col_mask **want) {
-  lua_getfield(L, -1, "types");
-  fl_coltype *t = lua_touserdata(L, -1);
-  lua_getfield(L, -2, "want");
-  *want = lua_touserdata(L, -1);
-  lua_pop(L, 2);
-  return t;
-}
-
-/* Which columns of rel its mask (repl:columns) keeps, as want = a col_mask userdata in the
- * entry on the stack top; nothing when the relation has no mask. By name, so a column
+/* Which columns of rel its mask (repl:columns) keeps, as a col_mask userdata at ENT_WANT of
+ * the entry on the stack top; nothing when the relation has no mask. By name, so a column
  * added by DDL stays out and a dropped one is simply not there. */
 static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->masks_ref);
@@ -112,32 +125,120 @@ static void set_want(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
       want->n += want->on[i];
       lua_pop(L, 1);
     }
-    lua_setfield(L, -4, "want");
+    lua_rawseti(L, -4, ENT_WANT);
   }
   lua_pop(L, 2);
 }
 
-/* The Lua-side description of a relation: { version=, table=, names={}, types=userdata,
- * want=userdata | nil } rebuilt when the decoder's relation version changes (ALTER TABLE
- * while running), the declared types change (repl:types) or its mask does (repl:columns). */
-static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel, const col_mask **want) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
-  lua_rawgeti(L, -1, (int)rel->relid);
-  if (lua_istable(L, -1)) {
-    lua_getfield(L, -1, "version");
-    if ((uint32_t)lua_tonumber(L, -1) == rel->version) {
-      lua_pop(L, 1);
-      lua_remove(L, -2);
-      return entry_parts(L, want);   /* entry on the stack top */
+/* Up to this many columns an event is built by a function generated for its relation
+ * (push_builder); a wider row is built from C (a Lua function takes at most 200-odd
+ * parameters). */
+#define BUILD_MAX_COLS 120
+
+/* Appends a column name as a Lua string literal: every byte but letters, digits and '_'
+ * as a decimal escape. */
+static void add_name_literal(luaL_Buffer *b, const char *s) {
+  luaL_addchar(b, '"');
+  for (; *s; s++) {
+    unsigned char ch = (unsigned char)*s;
+    if ((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '_') {
+      luaL_addchar(b, (char)ch);
+    } else {
+      char e[8];
+      snprintf(e, sizeof e, "\\%03u", ch);
+      luaL_addstring(b, e);
     }
-    lua_pop(L, 1);
   }
-  lua_pop(L, 1);
-  lua_createtable(L, 0, 5);
+  luaL_addchar(b, '"');
+}
+
+/* The shapes of events a builder is generated for: the rows they carry (an old row of kind
+ * 'K' has the replica identity's key columns only). */
+enum { SH_NEW, SH_OLD, SH_OLD_KEY, SH_BOTH, SH_BOTH_KEY, SH_COUNT };
+#define SH_HAS_NEW(sh) ((sh) == SH_NEW || (sh) >= SH_BOTH)
+#define SH_HAS_OLD(sh) ((sh) != SH_NEW)
+#define SH_KEY(sh) ((sh) == SH_OLD_KEY || (sh) == SH_BOTH_KEY)
+
+/* Whether column i of rel is in a row: in the mask (NULL: all) and, for a key-only row,
+ * a key column. The same test as push_row's. */
+static int in_row(const fl_pgo_relation *rel, const col_mask *want, int i, int key_only) {
+  return (!want || want->on[i]) && (!key_only || (rel->cols[i].flags & 1));
+}
+
+/* Appends `field` = { ["name"] = vJ, ... } for the columns of one row, J counting on. */
+static void add_row(luaL_Buffer *b, const char *field, const fl_pgo_relation *rel, const col_mask *want,
+                    int key_only, int *j) {
+  char a[32];
+  luaL_addstring(b, field);
+  luaL_addstring(b, " = {");
+  for (int i = 0, first = 1; i < rel->ncols; i++) {
+    if (!in_row(rel, want, i, key_only)) continue;
+    luaL_addstring(b, first ? " [" : ", [");
+    first = 0;
+    add_name_literal(b, rel->cols[i].name);
+    snprintf(a, sizeof a, "] = v%d", ++*j);
+    luaL_addstring(b, a);
+  }
+  luaL_addstring(b, " }");
+}
+
+/* Pushes the builder of rel's events of one shape (SH_*), for its mask (NULL: every
+ * column), e.g. for an insert:
+ *   function(dispatch, relid, tag, op, id, tbl, lsn, xid, ct, v1, ..., vk)
+ *     return dispatch({ op = op, ..., source = tbl, new = { ["c1"] = v1, ... } }, relid, tag)
+ *   end
+ * and old = { ... } after new for the shapes with an old row.
+ * (ev.source: the relation the row lives in, which the drivers set to ev.table before
+ * they replace ev.table by the listened table's name; set here, it is no key added later.)
+ * A table constructor with constant keys is a copy of a template whose keys are already in
+ * place (LuaJIT's TDUP): setting the fields one by one through the C API (lua_rawset, each
+ * key inserted anew) was most of the binding's cost per event. Pushes false when the rows
+ * are too wide or the code does not load (the event is then built from C). */
+static void push_builder(lua_State *L, const fl_pgo_relation *rel, const col_mask *want, int shape) {
+  int k = 0;
+  for (int i = 0; i < rel->ncols; i++) {
+    if (SH_HAS_NEW(shape) && in_row(rel, want, i, 0)) k++;
+    if (SH_HAS_OLD(shape) && in_row(rel, want, i, SH_KEY(shape))) k++;
+  }
+  if (k > BUILD_MAX_COLS) {
+    lua_pushboolean(L, 0);
+    return;
+  }
+  char a[32];
+  int j = 0;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "return function(dispatch, relid, tag, op, id, tbl, lsn, xid, ct");
+  for (int v = 1; v <= k; v++) {
+    snprintf(a, sizeof a, ", v%d", v);
+    luaL_addstring(&b, a);
+  }
+  luaL_addstring(&b, ")\n  return dispatch({ op = op, id = id, table = tbl, lsn = lsn, xid = xid, commit_time = ct,"
+                     " source = tbl");
+  if (SH_HAS_NEW(shape)) add_row(&b, ", new", rel, want, 0, &j);
+  if (SH_HAS_OLD(shape)) add_row(&b, ", old", rel, want, SH_KEY(shape), &j);
+  luaL_addstring(&b, " }, relid, tag)\nend\n");
+  luaL_pushresult(&b);
+  size_t len;
+  const char *src = lua_tolstring(L, -1, &len);
+  if (luaL_loadbuffer(L, src, len, "=flash.repl") != 0 || lua_pcall(L, 0, 1, 0) != 0 || !lua_isfunction(L, -1)) {
+    lua_pop(L, 2);
+    lua_pushboolean(L, 0);
+    return;
+  }
+  lua_remove(L, -2);                   /* the source */
+}
+
+/* Pushes a new entry for rel: { version, "schema.table", {names}, types userdata, want
+ * userdata | nil, {builders} }
+ * (ENT_*), built from the decoder's relation, the declared types (repl:types) and its
+ * mask (repl:columns). */
+static void new_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *rel) {
+  lua_createtable(L, ENT_SIZE, 0);
   lua_pushnumber(L, rel->version);
-  lua_setfield(L, -2, "version");
+  lua_rawseti(L, -2, ENT_VERSION);
   lua_pushfstring(L, "%s.%s", rel->nspname, rel->relname);
-  lua_setfield(L, -2, "table");
+  lua_rawseti(L, -2, ENT_TABLE);
   lua_createtable(L, rel->ncols, 0);
   fl_coltype *types = lua_newuserdata(L, sizeof(fl_coltype) * (rel->ncols ? rel->ncols : 1));
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->typemap_ref);
@@ -162,46 +263,91 @@ static fl_coltype *rel_entry(lua_State *L, fl_repl *r, const fl_pgo_relation *re
     lua_pop(L, 1);
   }
   lua_pop(L, 1);                       /* typemap */
-  lua_setfield(L, -3, "types");
-  lua_setfield(L, -2, "names");
+  lua_rawseti(L, -3, ENT_TYPES);
+  lua_rawseti(L, -2, ENT_NAMES);
   set_want(L, r, rel);
-  lua_pushvalue(L, -1);
-  lua_rawseti(L, -3, (int)rel->relid);
-  lua_remove(L, -2);                   /* rels */
-  return entry_parts(L, want);
+  lua_createtable(L, SH_COUNT, 0);     /* the builders, made on first use (emit_built) */
+  lua_rawseti(L, -2, ENT_BUILD);
+}
+
+/* Puts the entry of rel in the pump's entry slot, with its types and mask (NULL: every
+ * column) in the context. Rebuilt when the decoder's relation version changes (ALTER TABLE
+ * while running), the declared types change (repl:types) or its mask does (repl:columns);
+ * the rows of one relation in a row find it in the slot without a lookup. */
+static void rel_entry(pump_ctx *c, const fl_pgo_relation *rel) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  if (c->ent_ok && c->ent_relid == rel->relid && c->ent_version == rel->version && c->ent_gen == r->rels_gen)
+    return;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
+  lua_rawgeti(L, -1, (int)rel->relid);
+  int current = 0;
+  if (lua_istable(L, -1)) {
+    lua_rawgeti(L, -1, ENT_VERSION);
+    current = (uint32_t)lua_tonumber(L, -1) == rel->version;
+    lua_pop(L, 1);
+  }
+  if (!current) {
+    lua_pop(L, 1);
+    new_entry(L, r, rel);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, (int)rel->relid);
+  }
+  lua_rawgeti(L, -1, ENT_TYPES);
+  c->ent_types = lua_touserdata(L, -1);
+  lua_rawgeti(L, -2, ENT_WANT);
+  c->ent_want = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  lua_replace(L, c->ent);              /* the slot keeps types and want alive */
+  lua_pop(L, 1);                       /* rels */
+  c->ent_ok = 1;
+  c->ent_relid = rel->relid;
+  c->ent_version = rel->version;
+  c->ent_gen = r->rels_gen;
+}
+
+/* Pushes the value of column i of tup (an unchanged TOAST value: old's, if it has one). */
+static void push_col(pump_ctx *c, const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int i) {
+  lua_State *L = c->L;
+  const fl_coltype *t = &c->ent_types[i];
+  const fl_pgo_value *v = &tup->vals[i];
+  c->r->values++;
+  if (v->kind == 'u' && old && i < old->ncols && old->vals[i].kind != 'u')
+    v = &old->vals[i];
+  switch (v->kind) {
+    /* the callers made room for the value's slots: FL_STACK_READY */
+    case 't':
+      if (v == &tup->vals[i]) fl_push_value_owned(L, t, (char *)v->data, v->len, c->flags | FL_STACK_READY);
+      else fl_push_value(L, t, v->data, v->len, c->flags | FL_STACK_READY);
+      break;
+    case 'b': fl_push_value_binary(L, t, v->data, v->len, c->flags | FL_STACK_READY); break;
+    case 'u': lua_pushlightuserdata(L, FL_UNCHANGED); break;
+    default: lua_pushlightuserdata(L, FL_NULL); break;
+  }
 }
 
 /* Pushes a row table. key_only: just the replica identity key columns (an old tuple of
- * kind 'K' sends the others as nulls that are not the row's values). want (NULL: all): the
- * columns some listener needs (repl:columns); the others are left out, never converted,
- * which is the point on a wide table of which a listener takes two fields. An unchanged TOAST
- * column takes the old tuple's value when there is one, else flash.unchanged.
+ * kind 'K' sends the others as nulls that are not the row's values). The entry's mask
+ * (NULL: all): the columns some listener needs (repl:columns); the others are left out,
+ * never converted, which is the point on a wide table of which a listener takes two
+ * fields. An unchanged TOAST column takes the old tuple's value when there is one, else
+ * flash.unchanged.
  * The tuple's own values are decoded over their text (fl_push_value_owned): the message
  * buffer is ours (PQgetCopyData's copy, or a streamed transaction's record) and each value
  * is read once — the new row borrows old values without overwriting them, since the old
  * row is built from them next. */
-static void push_row(lua_State *L, fl_repl *r, int entry, const fl_coltype *types, const col_mask *want,
-                     const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old, int key_only,
-                     int flags) {
-  lua_getfield(L, entry, "names");
+static void push_row(pump_ctx *c, const fl_pgo_relation *rel, const fl_pgo_tuple *tup, const fl_pgo_tuple *old,
+                     int key_only) {
+  lua_State *L = c->L;
+  const col_mask *want = c->ent_want;
+  luaL_checkstack(L, FL_VALUE_SLOTS + 4, "building a row");   /* names, row, key, value */
+  lua_rawgeti(L, c->ent, ENT_NAMES);
   lua_createtable(L, 0, want ? want->n : tup->ncols);
   for (int i = 0; i < tup->ncols && i < rel->ncols; i++) {
     if (key_only && !(rel->cols[i].flags & 1)) continue;
     if (want && !want->on[i]) continue;
-    r->values++;
-    const fl_pgo_value *v = &tup->vals[i];
     lua_rawgeti(L, -2, i + 1);
-    if (v->kind == 'u' && old && i < old->ncols && old->vals[i].kind != 'u')
-      v = &old->vals[i];
-    switch (v->kind) {
-      case 't':
-        if (v == &tup->vals[i]) fl_push_value_owned(L, &types[i], (char *)v->data, v->len, flags);
-        else fl_push_value(L, &types[i], v->data, v->len, flags);
-        break;
-      case 'b': fl_push_value_binary(L, &types[i], v->data, v->len, flags); break;
-      case 'u': lua_pushlightuserdata(L, FL_UNCHANGED); break;
-      default: lua_pushlightuserdata(L, FL_NULL); break;
-    }
+    push_col(c, tup, old, i);
     lua_rawset(L, -3);
   }
   lua_remove(L, -2);
@@ -220,61 +366,137 @@ static int call_hook(lua_State *L, fl_repl *r, int nargs, const char *what) {
   return stop;
 }
 
+/* Pushes the current listener tag (the flashlua plugin's), interned once per tag. */
+static void push_tag(pump_ctx *c) {
+  if (!c->tag_ok) {
+    lua_pushlstring(c->L, c->r->tag, c->r->tag_len);
+    lua_replace(c->L, c->tag);
+    c->tag_ok = 1;
+  }
+  lua_pushvalue(c->L, c->tag);
+}
+
 /* Calls dispatch(ev, relid) (function and event on the stack top) protected: the relation's
  * OID lets the caller follow a table through renames and map partitions to the listened
  * ancestor. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an error. */
-static int call_dispatch(lua_State *L, fl_repl *r, uint32_t relid) {
+static int call_dispatch(pump_ctx *c, uint32_t relid) {
   int nargs = 2;
-  r->events++;
-  lua_pushnumber(L, relid);
-  if (r->tag_len) {               /* dispatch(ev, relid, tag): the listeners it is for */
-    lua_pushlstring(L, r->tag, r->tag_len);   /* it holds until the next tag or the Commit */
+  c->r->events++;
+  lua_pushnumber(c->L, relid);
+  if (c->r->tag_len) {            /* dispatch(ev, relid, tag): the listeners it is for */
+    push_tag(c);                  /* it holds until the next tag or the Commit */
     nargs = 3;
   }
-  return call_hook(L, r, nargs, "dispatch: ");
+  return call_hook(c->L, c->r, nargs, "dispatch: ");
 }
 
-/* Builds the event of one change and calls dispatch(ev) protected. Returns 0 to go on,
- * 1 when dispatch asked to stop, -1 on an error. */
-static int emit_change(lua_State *L, fl_repl *r, int dispatch, int flags, const fl_pgo_msg *m,
-                       uint32_t xid, const char *op) {
+/* The event of a change by the relation's builder for its shape (push_builder): the
+ * builder, its arguments, then dispatch(ev, relid, tag) called by it, protected. Returns
+ * what emit_change does, or 2 (nothing pushed) when the shape has no builder. */
+static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op, int shape) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
   const fl_pgo_relation *rel = m->rel;
-  lua_pushvalue(L, dispatch);
-  lua_createtable(L, 0, 9);
-  int ev = lua_gettop(L);
-  const col_mask *want;
-  fl_coltype *types = rel_entry(L, r, rel, &want);
-  int entry = lua_gettop(L);
-  lua_pushstring(L, op);
-  lua_setfield(L, ev, "op");
+  const col_mask *want = c->ent_want;
+  const fl_pgo_tuple *old = SH_HAS_OLD(shape) ? &m->oldtup : NULL;
+  luaL_checkstack(L, 10 + 2 * rel->ncols + FL_VALUE_SLOTS, "building an event");   /* builder, arguments */
+  lua_rawgeti(L, c->ent, ENT_BUILD);
+  lua_rawgeti(L, -1, shape + 1);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    push_builder(L, rel, want, shape);
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, -3, shape + 1);
+  }
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 2);
+    return 2;
+  }
+  lua_remove(L, -2);                   /* the builders */
+  lua_pushvalue(L, c->dispatch);
+  lua_pushnumber(L, rel->relid);
+  if (r->tag_len) push_tag(c);         /* the listeners it is for */
+  else lua_pushnil(L);
+  lua_pushvalue(L, c->keys + op);
   push_event_id(L, r);
-  lua_setfield(L, ev, "id");
-  lua_getfield(L, entry, "table");
-  lua_setfield(L, ev, "table");
+  lua_rawgeti(L, c->ent, ENT_TABLE);
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
-  lua_setfield(L, ev, "lsn");
-  lua_pushnumber(L, xid);
-  lua_setfield(L, ev, "xid");
+  lua_pushnumber(L, r->txn_xid);
   lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
-  lua_setfield(L, ev, "commit_time");
-  const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
-  if (m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE) {
-    push_row(L, r, entry, types, want, rel, &m->newtup, m->old_kind == 'O' ? old : NULL, 0, flags);
-    lua_setfield(L, ev, "new");
+  int n = 0;
+  if (SH_HAS_NEW(shape)) {
+    /* an unchanged TOAST value of the new row takes the old row's (full old rows only) */
+    const fl_pgo_tuple *from = shape == SH_BOTH ? old : NULL;
+    for (int i = 0; i < rel->ncols; i++)
+      if (in_row(rel, want, i, 0)) { push_col(c, &m->newtup, from, i); n++; }
   }
   if (old) {
-    push_row(L, r, entry, types, want, rel, old, NULL, m->old_kind == 'K', flags);
-    lua_setfield(L, ev, "old");
+    for (int i = 0; i < rel->ncols; i++)
+      if (in_row(rel, want, i, SH_KEY(shape))) { push_col(c, old, NULL, i); n++; }
   }
-  lua_pop(L, 1);                        /* entry */
-  return call_dispatch(L, r, rel->relid);
+  r->events++;
+  return call_hook(L, r, 9 + n, "dispatch: ");
 }
 
-static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_msg *m, uint32_t xid) {
+/* Builds the event of one change (op: K_INSERT, K_UPDATE or K_DELETE) and calls
+ * dispatch(ev) protected. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an
+ * error. Fields are set with the pump's interned keys (lua_rawset), not by C string. */
+static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  const fl_pgo_relation *rel = m->rel;
+  const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
+  int has_new = m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE;
+  rel_entry(c, rel);
+  /* The usual rows (every column of the relation) by its builder for their shape. */
+  if ((!has_new || m->newtup.ncols == rel->ncols) &&
+      (!old || ((m->old_kind == 'K' || m->old_kind == 'O') && m->oldtup.ncols == rel->ncols)) && (has_new || old)) {
+    int shape = !old ? SH_NEW : (has_new ? SH_BOTH : SH_OLD) + (m->old_kind == 'K');
+    int rc = emit_built(c, m, op, shape);
+    if (rc != 2) return rc;
+  }
+  lua_pushvalue(L, c->dispatch);
+  /* op, id, table, lsn, xid, commit_time, new and/or old, and the driver's ev.source */
+  lua_createtable(L, 0, 7 + has_new + (old != NULL));
+  int ev = lua_gettop(L);
+  lua_pushvalue(L, c->keys + K_OP);
+  lua_pushvalue(L, c->keys + op);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_ID);
+  push_event_id(L, r);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_TABLE);
+  lua_rawgeti(L, c->ent, ENT_TABLE);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_LSN);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_XID);
+  lua_pushnumber(L, r->txn_xid);
+  lua_rawset(L, ev);
+  lua_pushvalue(L, c->keys + K_COMMIT_TIME);
+  lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
+  lua_rawset(L, ev);
+  if (has_new) {
+    lua_pushvalue(L, c->keys + K_NEW);
+    push_row(c, rel, &m->newtup, m->old_kind == 'O' ? old : NULL, 0);
+    lua_rawset(L, ev);
+  }
+  if (old) {
+    lua_pushvalue(L, c->keys + K_OLD);
+    push_row(c, rel, old, NULL, m->old_kind == 'K');
+    lua_rawset(L, ev);
+  }
+  return call_dispatch(c, rel->relid);
+}
+
+static int emit_truncate(pump_ctx *c, const fl_pgo_msg *m) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
   for (int i = 0; i < m->nrelids; i++) {
     const fl_pgo_relation *rel = fl_stream_relation(r->s, m->relids[i]);
     if (!rel) { r->txn_pos++; continue; }
-    lua_pushvalue(L, dispatch);
+    lua_pushvalue(L, c->dispatch);
     lua_createtable(L, 0, 7);
     lua_pushstring(L, "truncate");
     lua_setfield(L, -2, "op");
@@ -284,11 +506,11 @@ static int emit_truncate(lua_State *L, fl_repl *r, int dispatch, const fl_pgo_ms
     lua_setfield(L, -2, "table");
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->lsn_ref);
     lua_setfield(L, -2, "lsn");
-    lua_pushnumber(L, xid);
+    lua_pushnumber(L, r->txn_xid);
     lua_setfield(L, -2, "xid");
     lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
     lua_setfield(L, -2, "commit_time");
-    int rc = call_dispatch(L, r, rel->relid);
+    int rc = call_dispatch(c, rel->relid);
     if (rc != 0) return rc;
   }
   return 0;
@@ -384,7 +606,9 @@ static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
   (void)s;
   switch (m->type) {
     case FL_PGO_RELATION: return relation_hook(L, r, m->rel);
-    case FL_PGO_MESSAGE: return logical_message(L, r, m);
+    case FL_PGO_MESSAGE:
+      c->tag_ok = 0;                    /* it may be a new listener tag */
+      return logical_message(L, r, m);
     case FL_PGO_BEGIN:
       r->tag_len = 0;
       set_txn(L, r, m->xid, m->lsn, m->timestamp);
@@ -395,10 +619,10 @@ static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
     case FL_PGO_STREAM_COMMIT:
       r->tag_len = 0;
       return handled(L, r, m->end_lsn);
-    case FL_PGO_INSERT: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "insert");
-    case FL_PGO_UPDATE: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "update");
-    case FL_PGO_DELETE: return emit_change(L, r, c->dispatch, c->flags, m, r->txn_xid, "delete");
-    case FL_PGO_TRUNCATE: return emit_truncate(L, r, c->dispatch, m, r->txn_xid);
+    case FL_PGO_INSERT: return emit_change(c, m, K_INSERT);
+    case FL_PGO_UPDATE: return emit_change(c, m, K_UPDATE);
+    case FL_PGO_DELETE: return emit_change(c, m, K_DELETE);
+    case FL_PGO_TRUNCATE: return emit_truncate(c, m);
     default: return 0;
   }
 }
@@ -425,6 +649,9 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->relhook_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, r->keys_ref);
+  r->rels_gen++;
+  r->keys_ref = LUA_NOREF;
   r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
     LUA_NOREF;
 }
@@ -435,6 +662,7 @@ static int l_replication(lua_State *L) {
   const char *dsn = luaL_optstring(L, 1, "");
   fl_repl *r = lua_newuserdata(L, sizeof *r);
   memset(r, 0, sizeof *r);
+  r->keys_ref = LUA_NOREF;
   r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
     LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
@@ -450,6 +678,12 @@ static int l_replication(lua_State *L) {
   r->masks_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_newtable(L);
   r->typemap_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_createtable(L, K_COUNT, 0);
+  for (int i = 0; i < K_COUNT; i++) {
+    lua_pushstring(L, key_names[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  r->keys_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;
 }
 
@@ -569,12 +803,20 @@ static int l_status(lua_State *L) {
 static int l_pump(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
-  pump_ctx c = { L, r, 2, (int)luaL_optinteger(L, 3, 0) };
+  pump_ctx c = { .L = L, .r = r, .dispatch = 2, .flags = (int)luaL_optinteger(L, 3, 0) };
   long budget = (long)luaL_optinteger(L, 4, 100000);
   double seconds = luaL_optnumber(L, 5, 0);
   int64_t until = seconds > 0 ? fl_stream_now_us() + (int64_t)(seconds * 1e6) : 0;
   int txn_end = lua_toboolean(L, 6);
   lua_settop(L, 2);
+  luaL_checkstack(L, K_COUNT + 30, "pump");
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->keys_ref);
+  c.keys = lua_gettop(L) + 1;
+  for (int i = 0; i < K_COUNT; i++) lua_rawgeti(L, 3, i + 1);
+  lua_pushnil(L);
+  c.ent = lua_gettop(L);
+  lua_pushnil(L);
+  c.tag = lua_gettop(L);
   int rc = fl_stream_pump(r->s, budget, until, txn_end, on_stream_message, on_stream_large, &c);
   if (rc == -1) return stream_fail(L, r);
   if (rc == -2) return fl_fail(L, "stopped by a callback", "stopped");
@@ -596,6 +838,7 @@ static int l_types(lua_State *L) {
   /* Relations decoded so far are rebuilt with the new types on their next row. */
   lua_newtable(L);
   lua_rawseti(L, LUA_REGISTRYINDEX, r->rels_ref);
+  r->rels_gen++;
   return 0;
 }
 
@@ -611,6 +854,7 @@ static int l_columns(lua_State *L) {
     lua_rawseti(L, LUA_REGISTRYINDEX, r->masks_ref);
     lua_newtable(L);
     lua_rawseti(L, LUA_REGISTRYINDEX, r->rels_ref);
+    r->rels_gen++;
     return 0;
   }
   int relid = (int)(uint32_t)luaL_checknumber(L, 2);
@@ -633,6 +877,7 @@ static int l_columns(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->rels_ref);
   lua_pushnil(L);
   lua_rawseti(L, -2, relid);
+  r->rels_gen++;
   return 0;
 }
 
@@ -702,29 +947,51 @@ static int l_fd(lua_State *L) {
   return 1;
 }
 
-/* repl:state() -> { received=, flushed=, server_end=, in_txn=, events=, ... } (LSNs as numbers) */
+/* The fields of repl:state(), in the order of push_state_field's cases. */
+static const char *const state_fields[] = {
+  "received", "flushed", "delivered", "confirmed", "server_end", "in_txn", "events", "values", "messages",
+  "bytes", "largest_message", "streams_open", "stream_buffered", "stream_buffered_peak", "stream_spilled",
+  "copying", NULL
+};
+
+static void push_state_field(lua_State *L, const fl_repl *r, const fl_stream_state *st, int i) {
+  switch (i) {
+    case 0: lua_pushnumber(L, (double)st->received); break;
+    case 1: lua_pushnumber(L, (double)st->flushed); break;
+    case 2: lua_pushnumber(L, (double)st->delivered); break;
+    case 3: lua_pushnumber(L, (double)st->confirmed); break;
+    case 4: lua_pushnumber(L, (double)st->server_end); break;
+    case 5: lua_pushboolean(L, st->in_txn); break;
+    case 6: lua_pushnumber(L, (double)r->events); break;
+    case 7: lua_pushnumber(L, (double)r->values); break;
+    case 8: lua_pushnumber(L, (double)st->messages); break;
+    case 9: lua_pushnumber(L, (double)st->bytes); break;
+    case 10: lua_pushnumber(L, (double)st->largest); break;
+    case 11: lua_pushboolean(L, st->streams_open); break;
+    case 12: lua_pushnumber(L, (double)st->stream_buffered); break;
+    case 13: lua_pushnumber(L, (double)st->stream_buffered_peak); break;
+    case 14: lua_pushnumber(L, (double)st->stream_spilled); break;
+    default: lua_pushboolean(L, st->copying); break;
+  }
+}
+
+/* repl:state() -> { received=, flushed=, server_end=, in_txn=, events=, ... } (LSNs as numbers);
+ * repl:state(field) -> that field alone, for a driver that asks once per loop step (no
+ * table of 16 fields built to read one). */
 static int l_state(lua_State *L) {
   fl_repl *r = luaL_checkudata(L, 1, REPL_MT);
   fl_stream_state st;
   memset(&st, 0, sizeof st);
   if (r->s) fl_stream_get_state(r->s, &st);
+  if (!lua_isnoneornil(L, 2)) {
+    push_state_field(L, r, &st, luaL_checkoption(L, 2, NULL, state_fields));
+    return 1;
+  }
   lua_createtable(L, 0, 16);
-  lua_pushnumber(L, (double)st.received); lua_setfield(L, -2, "received");
-  lua_pushnumber(L, (double)st.flushed); lua_setfield(L, -2, "flushed");
-  lua_pushnumber(L, (double)st.delivered); lua_setfield(L, -2, "delivered");
-  lua_pushnumber(L, (double)st.confirmed); lua_setfield(L, -2, "confirmed");
-  lua_pushnumber(L, (double)st.server_end); lua_setfield(L, -2, "server_end");
-  lua_pushboolean(L, st.in_txn); lua_setfield(L, -2, "in_txn");
-  lua_pushnumber(L, (double)r->events); lua_setfield(L, -2, "events");
-  lua_pushnumber(L, (double)r->values); lua_setfield(L, -2, "values");
-  lua_pushnumber(L, (double)st.messages); lua_setfield(L, -2, "messages");
-  lua_pushnumber(L, (double)st.bytes); lua_setfield(L, -2, "bytes");
-  lua_pushnumber(L, (double)st.largest); lua_setfield(L, -2, "largest_message");
-  lua_pushboolean(L, st.streams_open); lua_setfield(L, -2, "streams_open");
-  lua_pushnumber(L, (double)st.stream_buffered); lua_setfield(L, -2, "stream_buffered");
-  lua_pushnumber(L, (double)st.stream_buffered_peak); lua_setfield(L, -2, "stream_buffered_peak");
-  lua_pushnumber(L, (double)st.stream_spilled); lua_setfield(L, -2, "stream_spilled");
-  lua_pushboolean(L, st.copying); lua_setfield(L, -2, "copying");
+  for (int i = 0; state_fields[i]; i++) {
+    push_state_field(L, r, &st, i);
+    lua_setfield(L, -2, state_fields[i]);
+  }
   return 1;
 }
 

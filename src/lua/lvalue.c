@@ -193,6 +193,7 @@ static void push_array(lua_State *L, const fl_coltype *t, const char *s, size_t 
   et.oid = t->elem;
   et.elem = 0;
   et.delim = ',';
+  flags &= ~FL_STACK_READY;            /* each element checks: the nesting uses slots */
   buf = scratch(L, stackbuf, len);
   fl_arr_init(&r, s, len, t->delim ? t->delim : ',', buf);
   for (;;) {
@@ -314,7 +315,7 @@ void fl_push_value(lua_State *L, const fl_coltype *t, const char *s, size_t len,
   double d;
   /* The scratch, the value and a temporary; a caller deep in nested arrays may have
    * used up the 20 slots Lua guarantees. */
-  luaL_checkstack(L, 4, "decoding a column value");
+  if (!(flags & FL_STACK_READY)) luaL_checkstack(L, FL_VALUE_SLOTS, "decoding a column value");
   switch (scalar_kind(t, s, len, flags, &d)) {
   case FL_VAL_NULL: lua_pushlightuserdata(L, FL_NULL); return;
   case FL_VAL_NUMBER: lua_pushnumber(L, (lua_Number)d); return;
@@ -413,7 +414,7 @@ int fl_binary_supported(const fl_coltype *t) {
 }
 
 int fl_push_value_binary(lua_State *L, const fl_coltype *t, const char *s, size_t len, int flags) {
-  luaL_checkstack(L, 4, "decoding a column value");
+  if (!(flags & FL_STACK_READY)) luaL_checkstack(L, FL_VALUE_SLOTS, "decoding a column value");
   if (s == NULL) {
     lua_pushlightuserdata(L, FL_NULL);
     return 0;

@@ -947,19 +947,21 @@ function Driver:step()
     return self:lost(err)
   end
   if not self.repl then return true end
+  -- Once per step, so a field at a time (repl:state(field)), not the whole state: under
+  -- load a step often handles one or two messages.
   if self.persistent and more == false then
-    local st = self.repl:state()
-    if st.largest_message > LARGE_MESSAGE and not st.in_txn and not st.streams_open then
-      return self:renew()
+    if self.repl:state("largest_message") > LARGE_MESSAGE then
+      local st = self.repl:state()
+      if not st.in_txn and not st.streams_open then return self:renew() end
     end
-  elseif more == false and handover.wanted(self, self.repl:state()) then
+  elseif more == false and not self.persistent and self.repl:state("largest_message") > handover.LARGE_MESSAGE
+      and handover.wanted(self, self.repl:state()) then
     handover.begin(self)
   end
   self:heartbeat()
   if self.until_lsn and not self.reached then
     -- Delivered, acknowledged or not: under manual acks a stop hook may acknowledge last.
-    local st = self.repl:state()
-    if handover.position(self, st, "delivered") >= self.until_lsn then
+    if handover.position(self, { delivered = self.repl:state("delivered") }, "delivered") >= self.until_lsn then
       self.reached = true
     else
       local now = core.now()
