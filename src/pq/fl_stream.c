@@ -44,6 +44,18 @@ int64_t fl_stream_now_us(void) {
   return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* The same clock, read at the kernel tick's resolution (a few ms): the pump's time budget is
+ * checked after every message, and the precise clock cost 3% of a small row's event. */
+static int64_t coarse_now_us(void) {
+#ifdef CLOCK_MONOTONIC_COARSE
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+#else
+  return fl_stream_now_us();
+#endif
+}
+
 static int64_t pg_now_us(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
@@ -339,13 +351,16 @@ int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
   release_copybuf(s);
   end_replay(s);
   if (!s->copying) return fl_stream_fail(s, "usage", "replication has not started");
-  if (!PQconsumeInput(s->pg)) return lost(s);
   int more = 0;
   int consumed_again = 0;
   while (budget-- > 0) {
     int n = PQgetCopyData(s->pg, &s->copybuf, 1);
     if (n == 0) {
-      /* Nothing complete buffered: read the socket once more before going back to poll. */
+      /* Nothing complete buffered: read the socket, and once more before going back to
+       * poll. Only then: PQconsumeInput moves what is still buffered to the front of
+       * libpq's buffer and grows it to take all the socket holds, so reading while a pump
+       * left messages behind (its time budget ran out) copied megabytes each time, and
+       * let the buffer grow to whatever the server was ahead by. */
       if (consumed_again) break;
       consumed_again = 1;
       if (!PQconsumeInput(s->pg)) return lost(s);
@@ -395,7 +410,7 @@ int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
     if (rc < 0) return -1;
     if (rc > 0) return -2;
     if (budget == 0) more = 1;
-    if (until && fl_stream_now_us() >= until) { more = 1; break; }
+    if (until && coarse_now_us() >= until) { more = 1; break; }
     if (txn_end && !s->in_txn) { more = 1; break; }
   }
   int64_t now = fl_stream_now_us();
