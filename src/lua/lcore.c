@@ -35,11 +35,13 @@ static void on_signal(int sig) {
   int saved = errno;
   if (sig_count > 0) _exit(128 + sig);   /* the second signal exits at once */
   sig_count++;
-  sig_last = sig;
+  /* The byte first: once sig_last is set, the byte is there for signal_pending to drain
+   * (the handler may run on another thread of the process, a worker's). */
   if (sig_pipe[1] >= 0) {
     ssize_t w = write(sig_pipe[1], "s", 1);
     (void)w;
   }
+  sig_last = sig;
   errno = saved;
 }
 
@@ -71,11 +73,13 @@ static int l_signals(lua_State *L) {
 }
 
 /* core.signal_pending() -> signal name | nil ; clears the pending mark but keeps the
- * count, so a later signal still exits at once. */
+ * count, so a later signal still exits at once. Called at every turn of the loop: no
+ * system call unless a signal came (a byte whose handler has not yet set sig_last wakes
+ * poll() again until it has). */
 static int l_signal_pending(lua_State *L) {
   char drain[64];
-  if (sig_pipe[0] >= 0) while (read(sig_pipe[0], drain, sizeof drain) > 0) {}
   if (sig_last == 0) return 0;
+  if (sig_pipe[0] >= 0) while (read(sig_pipe[0], drain, sizeof drain) > 0) {}
   lua_pushstring(L, sig_last == SIGINT ? "SIGINT" : sig_last == SIGTERM ? "SIGTERM" : "signal");
   sig_last = 0;
   return 1;
