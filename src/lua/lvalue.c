@@ -470,6 +470,15 @@ static void enc_add(fl_enc *e, const char *s, size_t n) {
 }
 
 static void enc_string(fl_enc *e, const char *s, size_t n) {
+  if (n <= 4096) {
+    /* Most strings (keys, short values): one room check for the whole of it. */
+    char *w = enc_room(e, 6 * n + 2);
+    *w++ = '"';
+    w += fl_json_escape(s, n, w);
+    *w++ = '"';
+    e->len = (size_t)(w - e->p);
+    return;
+  }
   /* Escaped in chunks so that the room asked for stays small on long strings. */
   enc_add(e, "\"", 1);
   while (n > 0) {
