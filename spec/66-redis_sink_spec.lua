@@ -48,6 +48,42 @@ describe("flash.sink.redis", function()
       "only once Redis holds it")
   end)
 
+  it("puts an event in the partition of the documented hash of its table and key, whatever the key values", function()
+    -- The partition is computed in C; it must stay the Lua definition's (a key's partition
+    -- never changes between versions): hash(table .. "\0" .. the key columns' tostring()
+    -- joined by "\0", "" for nil), from the old row when there is one.
+    local sink = sinkmod.new { partitions = 7, stream = "s", key = { "id", "k" } }
+    local values = { 1, -1, 0, -0.0, 1.5, -2.25, 1 / 3, 99999999999999, -99999999999999, 1e14, 1e15, 2 ^ 53, -2 ^ 63,
+                     1e300, "x", "", "ü€ 😀", "a\0b", "12", true, false, json.null, json.number("12345678901234567890") }
+    local function part(row)
+      local texts = {}
+      for i, col in ipairs({ "id", "k" }) do
+        local v = type(row) == "table" and row[col]
+        texts[i] = v == nil and "" or tostring(v)
+      end
+      return "s:" .. sinkmod.hash("public.t\0" .. table.concat(texts, "\0")) % 7
+    end
+    local n = 0
+    for i = 1, #values + 1 do
+      for j = #values + 1, 1, -1 do
+        local row = { id = values[i], k = values[j] }   -- index #values + 1: nil
+        assert.equal(part(row), sink:stream_of({ table = "public.t", op = "insert", new = row }))
+        assert.equal(part(row), sink:stream_of({ table = "public.t", op = "update", old = row, new = { id = 0 } }))
+        n = n + 1
+      end
+    end
+    assert.equal((#values + 1) ^ 2, n)
+    -- No row at all (a truncate): the key columns are false.
+    assert.equal(part(nil), sink:stream_of({ table = "public.t", op = "truncate" }))
+    assert.equal("s:" .. sinkmod.hash("public.t\0false\0false") % 7, sink:stream_of({ table = "public.t", op = "truncate" }))
+    -- key = function(ev): its tostring().
+    local byfn = sinkmod.new { partitions = 5, key = function(ev) return ev.new.a * 2 end }
+    for _, a in ipairs({ 1, 2.5, -7 }) do
+      assert.equal("flash:" .. sinkmod.hash("public.t\0" .. tostring(a * 2)) % 5,
+        byfn:stream_of({ table = "public.t", op = "insert", new = { a = a } }))
+    end
+  end)
+
   it("writes every event, each row's in one partition in commit order, across a Redis restart", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

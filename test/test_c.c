@@ -596,6 +596,23 @@ static void test_json_format(void) {
   FMT(NAN, "");
   FMT(INFINITY, "");
   FMT(-INFINITY, "");
+  FMT(-9007199254740991.0, "-9007199254740991");
+  FMT(1e15, "1000000000000000");
+  /* Whole numbers below 2^53 as "%.0f" prints them: powers of ten and their neighbours,
+   * and a spread of others, of both signs. */
+  {
+    double d = 1.0;
+    char want[64];
+    int i;
+    for (i = 0; i < 16; i++, d *= 10.0) {
+      double v[] = { d - 1.0, d, d + 1.0, -d, -(d - 1.0), d * 7.0 + 3.0 };
+      size_t j;
+      for (j = 0; j < sizeof v / sizeof v[0]; j++) {
+        snprintf(want, sizeof want, "%.0f", v[j]);
+        FMT(v[j], want);
+      }
+    }
+  }
 }
 
 #define ESC(in, want) check_esc(__FILE__, __LINE__, in, sizeof(in) - 1, want, sizeof(want) - 1)

@@ -400,7 +400,20 @@ size_t fl_json_format_double(double d, char *out) {
     return 0;
   }
   if (d == floor(d) && fabs(d) < 9007199254740992.0) {
-    snprintf(tmp, sizeof tmp, "%.0f", d);
+    /* A whole number's digits, as "%.0f" prints them ("-0" for minus zero) but without
+     * printf's arbitrary-precision path: ids, counts and integer columns are most of the
+     * numbers encoded. */
+    char digits[20];
+    unsigned long long u = (unsigned long long)fabs(d);
+    int k = 0;
+    do {
+      digits[k++] = (char)('0' + u % 10);
+      u /= 10;
+    } while (u > 0);
+    if (signbit(d)) out[o++] = '-';
+    while (k > 0) out[o++] = digits[--k];
+    out[o] = '\0';
+    return o;
   } else {
     /* The first precision that reads back: 15 digits always do for a double that came
      * from text of 15 digits or fewer, so 0.1 stays "0.1" (subnormals, with fewer bits,

@@ -1,14 +1,26 @@
-/* lredis: a Redis connection for Lua ("flash.redis") through hiredis, for the Redis Streams
- * sink (lua/flash/sink/redis.lua). One call writes a whole batch of commands, then reads
- * every reply (a pipeline: one round trip per batch). Blocking, bounded by the timeout
- * given at connect; a connection that failed stays failed (the caller opens another). */
+/* lredis: Redis for Lua through hiredis.
+ * - "flash.redis": a blocking connection (the redis_streams driver, benchmarks): one call
+ *   writes a whole batch of commands, then reads every reply, bounded by the timeout given
+ *   at connect.
+ * - "flash.redis_outbox": the Redis Streams sink's connection (lua/flash/sink/redis.lua),
+ *   non-blocking: one call per event encodes it (JSON, partition, XADD) into hiredis's
+ *   output buffer; the loop writes that buffer and counts the replies as they come, so
+ *   flashlua decodes the next events while Redis works on the last ones.
+ * A connection that failed stays failed (the caller opens another). */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <poll.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 #include <hiredis/hiredis.h>
+#include "fl_json.h"
 #include "lerr.h"
 #include "lredis.h"
 #include "lconn.h"
+#include "lvalue.h"
 
 #define REDIS_MT "flash.redis"
 
@@ -141,6 +153,561 @@ static int l_close(lua_State *L) {
   return 0;
 }
 
+/* ---- The sink's outbox ------------------------------------------------------------ */
+
+#define OUTBOX_MT "flash.redis_outbox"
+
+/* The event fields read, at these indexes of the outbox's environment table (interned
+ * once: each event reads them with a rawgeti and a gettable, not a string lookup); the
+ * key column names follow them. */
+enum { F_ID = 1, F_TABLE, F_OP, F_NEW, F_OLD, F_LSN, F_COMMIT_TIME, F_XID, F_SOURCE, F_TOSTRING, F_MARKERS,
+       F_KEYS = F_MARKERS + 3 };
+static const char *const field_names[] = { "id", "table", "op", "new", "old", "lsn", "commit_time", "xid", "source" };
+
+typedef struct {
+  redisContext *c;         /* NULL when not connected */
+  char *stream;            /* streams are <stream>:<partition> */
+  size_t stream_len;
+  uint32_t partitions;
+  int nkeys;               /* key columns (0: the caller gives the key) */
+  char maxlen[32];         /* "" or MAXLEN ~'s count */
+  fl_jbuf body;            /* scratch: an event's JSON */
+  fl_jbuf cmd;             /* scratch: its XADD command */
+  double ct;               /* the last commit_time written, and its text: a transaction's */
+  char ct_txt[FL_JSON_NUM_MAX];  /* events share it, and a double's shortest form is dear */
+  size_t ct_len;
+} fl_outbox;
+
+static fl_outbox *check_outbox(lua_State *L) {
+  return luaL_checkudata(L, 1, OUTBOX_MT);
+}
+
+static void outbox_disconnect(fl_outbox *o) {
+  if (o->c) {
+    redisFree(o->c);
+    o->c = NULL;
+  }
+}
+
+static int l_outbox_gc(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  outbox_disconnect(o);
+  free(o->stream);
+  o->stream = NULL;
+  free(o->body.p);
+  o->body.p = NULL;
+  o->body.len = o->body.cap = 0;
+  free(o->cmd.p);
+  o->cmd.p = NULL;
+  o->cmd.len = o->cmd.cap = 0;
+  return 0;
+}
+
+/* core.redis_outbox{ stream = "flash", partitions = n, key = { "col", ... } | nil,
+ * maxlen = n | nil } -> outbox (not connected). The options are checked by the sink. */
+static int l_outbox_new(lua_State *L) {
+  size_t len;
+  const char *stream;
+  fl_outbox *o;
+  int i, nkeys = 0;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  lua_getfield(L, 1, "stream");
+  stream = luaL_checklstring(L, -1, &len);
+  o = lua_newuserdata(L, sizeof *o);   /* 3 */
+  memset(o, 0, sizeof *o);
+  o->ct = -1.0;
+  luaL_getmetatable(L, OUTBOX_MT);
+  lua_setmetatable(L, -2);
+  o->stream = malloc(len + 1);
+  o->body.cap = 4096;
+  o->body.p = malloc(o->body.cap);
+  if (!o->stream || !o->body.p) return luaL_error(L, "redis_outbox: out of memory");
+  memcpy(o->stream, stream, len + 1);
+  o->stream_len = len;
+  lua_getfield(L, 1, "partitions");
+  o->partitions = (uint32_t)luaL_optinteger(L, -1, 1);
+  lua_pop(L, 1);
+  if (o->partitions < 1) return luaL_error(L, "redis_outbox: partitions must be at least 1");
+  lua_getfield(L, 1, "maxlen");
+  if (!lua_isnil(L, -1)) snprintf(o->maxlen, sizeof o->maxlen, "%.0f", (double)luaL_checknumber(L, -1));
+  lua_pop(L, 1);
+  lua_createtable(L, F_KEYS + 4, 0);   /* the environment */
+  for (i = 0; i < F_TOSTRING - 1; i++) {
+    lua_pushstring(L, field_names[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_getglobal(L, "tostring");
+  lua_rawseti(L, -2, F_TOSTRING);
+  /* flash.json's markers, fetched once: fl_json_put wants them on the stack. */
+  fl_json_markers(L);
+  lua_rawseti(L, -4, F_MARKERS + 2);
+  lua_rawseti(L, -3, F_MARKERS + 1);
+  lua_rawseti(L, -2, F_MARKERS);
+  lua_getfield(L, 1, "key");
+  if (lua_istable(L, -1)) {
+    nkeys = (int)lua_objlen(L, -1);
+    for (i = 1; i <= nkeys; i++) {
+      lua_rawgeti(L, -1, i);
+      if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "redis_outbox: key column %d is not a string", i);
+      lua_rawseti(L, -3, F_KEYS + i - 1);
+    }
+  }
+  lua_pop(L, 1);
+  o->nkeys = nkeys;
+  lua_setfenv(L, 3);
+  lua_settop(L, 3);
+  return 1;
+}
+
+/* The outbox's replies, as hiredis's reader builds them: all it needs of an XADD's reply is
+ * whether Redis refused it. A reply is the address of `reply_ok`, or for a top-level error
+ * a malloc'd copy of its message: no allocation per entry written (hiredis's own reply
+ * objects cost two mallocs and two frees each). */
+static char reply_ok;
+
+typedef struct {
+  size_t len;
+  char str[];
+} reply_err;
+
+static void *reply_string(const redisReadTask *task, char *str, size_t len) {
+  reply_err *e;
+  if (task->type != REDIS_REPLY_ERROR || task->parent) return &reply_ok;
+  e = malloc(sizeof *e + len);
+  if (!e) return NULL;   /* the reader fails with "out of memory" */
+  e->len = len;
+  memcpy(e->str, str, len);
+  return e;
+}
+static void *reply_array(const redisReadTask *task, int elements) {
+  (void)task;
+  (void)elements;
+  return &reply_ok;
+}
+static void *reply_integer(const redisReadTask *task, long long value) {
+  (void)task;
+  (void)value;
+  return &reply_ok;
+}
+static void *reply_nil(const redisReadTask *task) {
+  (void)task;
+  return &reply_ok;
+}
+static void reply_free(void *reply) {
+  if (reply != &reply_ok) free(reply);
+}
+static redisReplyObjectFunctions reply_fns = { reply_string, reply_array, reply_integer, reply_nil, reply_free };
+
+/* outbox:connect(host, port, timeout_seconds) -> true | nil, err, kind. Any connection
+ * before is closed: what was queued on it is the caller's to add again. */
+static int l_outbox_connect(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  const char *host = luaL_checkstring(L, 2);
+  int port = (int)luaL_checkinteger(L, 3);
+  struct timeval tv = to_timeval(luaL_optnumber(L, 4, 5.0));
+  redisContext *c;
+  int fl;
+  outbox_disconnect(o);
+  c = redisConnectWithTimeout(host, port, tv);
+  if (!c) return fl_fail(L, "cannot allocate a Redis connection", "memory");
+  if (c->err) {
+    lua_pushfstring(L, "cannot connect to Redis at %s:%d: %s", host, port, c->errstr);
+    redisFree(c);
+    return fl_fail(L, lua_tostring(L, -1), "connection");
+  }
+  /* From here on hiredis never waits: a write takes what the socket takes, a read what
+   * has come (its EAGAIN is "later" once REDIS_BLOCK is off). */
+  fl = fcntl(c->fd, F_GETFL, 0);
+  if (fl < 0 || fcntl(c->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+    redisFree(c);
+    return fl_fail(L, "cannot make the Redis connection non-blocking", "system");
+  }
+  c->flags &= ~REDIS_BLOCK;
+  c->reader->fn = &reply_fns;
+  o->c = c;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* FNV-1a, 32 bits (flash.sink.redis's hash): h carried over from the bytes before. */
+static uint32_t fnv1a(uint32_t h, const char *s, size_t n) {
+  size_t i;
+  for (i = 0; i < n; i++) {
+    h ^= (unsigned char)s[i];
+    h *= 16777619u;
+  }
+  return h;
+}
+
+/* Writes u's decimal digits at w; returns the end. */
+static char *put_digits(char *w, unsigned long long u) {
+  char digits[24];
+  int k = 0;
+  do {
+    digits[k++] = (char)('0' + u % 10);
+    u /= 10;
+  } while (u > 0);
+  while (k > 0) *w++ = digits[--k];
+  return w;
+}
+
+/* The text tostring(v) gives for the value at idx (nil: ""), as the sink's Lua key has
+ * always hashed it. Strings and whole numbers (LuaJIT's "%.14g" prints those below 1e14
+ * as their digits) are read here; anything else goes through tostring. May push one
+ * value (the caller restores the stack). */
+static const char *key_text(lua_State *L, int idx, int env, char *buf, size_t *len) {
+  int t = lua_type(L, idx);
+  if (t == LUA_TSTRING) return lua_tolstring(L, idx, len);
+  if (t == LUA_TNIL) {
+    *len = 0;
+    return "";
+  }
+  if (t == LUA_TNUMBER) {
+    lua_Number d = lua_tonumber(L, idx);
+    if (d == floor(d) && fabs(d) < 1e14 && !(d == 0 && signbit(d))) {
+      char *w = buf;
+      if (d < 0) *w++ = '-';
+      w = put_digits(w, (unsigned long long)fabs(d));
+      *len = (size_t)(w - buf);
+      return buf;
+    }
+  }
+  lua_rawgeti(L, env, F_TOSTRING);
+  lua_pushvalue(L, idx);
+  lua_call(L, 1, 1);
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "flash.sink.redis: tostring of a key value is not a string");
+  return lua_tolstring(L, -1, len);
+}
+
+/* The partition of the event at ev: hash(table .. "\0" .. key) % partitions, the key being
+ * the given string (key = function) or the key columns' texts joined by "\0", taken from
+ * the old row when the event has one. */
+static uint32_t partition_of(lua_State *L, fl_outbox *o, int ev, int env, int tbl, int given) {
+  size_t n;
+  const char *s = lua_tolstring(L, tbl, &n);
+  uint32_t h = fnv1a(2166136261u, s, n);
+  h = fnv1a(h, "", 1);
+  if (given) {
+    s = lua_tolstring(L, given, &n);
+    h = fnv1a(h, s, n);
+  } else {
+    int i, row, top = lua_gettop(L);
+    char buf[32];
+    lua_rawgeti(L, env, F_OLD);
+    lua_gettable(L, ev);
+    if (!lua_istable(L, -1)) {
+      lua_pop(L, 1);
+      lua_rawgeti(L, env, F_NEW);
+      lua_gettable(L, ev);
+    }
+    row = lua_gettop(L);
+    for (i = 0; i < o->nkeys; i++) {
+      if (i > 0) h = fnv1a(h, "", 1);
+      if (lua_istable(L, row)) {
+        lua_rawgeti(L, env, F_KEYS + i);
+        lua_gettable(L, row);
+      } else {
+        lua_pushboolean(L, 0);   /* no row (a truncate): the Lua sink hashed "false" */
+      }
+      s = key_text(L, lua_gettop(L), env, buf, &n);
+      h = fnv1a(h, s, n);
+      lua_settop(L, row);
+    }
+    lua_settop(L, top);
+  }
+  return h % o->partitions;
+}
+
+/* Room for n more bytes in b (grown with realloc; b keeps what it has either way). */
+static char *body_room(lua_State *L, fl_jbuf *b, size_t n) {
+  if (b->cap - b->len < n) {
+    size_t cap = b->cap * 2 + n;
+    char *p = realloc(b->p, cap);
+    if (!p) luaL_error(L, "flash.sink.redis: out of memory");
+    b->p = p;
+    b->cap = cap;
+  }
+  return b->p + b->len;
+}
+
+static void body_add(lua_State *L, fl_jbuf *b, const char *s, size_t n) {
+  memcpy(body_room(L, b, n), s, n);
+  b->len += n;
+}
+
+/* Appends ,"name":<JSON of the value at idx> (no comma for the first) unless it is nil.
+ * A number as commit_time is written from the text kept of the last one: the events of a
+ * transaction share it, and a double's shortest form costs a few printf/strtod rounds. */
+static void put_field(lua_State *L, fl_outbox *o, int markers, int field, int idx, int *first) {
+  const char *name = field_names[field - 1];
+  size_t n = strlen(name);
+  fl_jbuf *b = &o->body;
+  char *w;
+  if (lua_isnil(L, idx)) return;
+  w = body_room(L, b, n + 4);
+  if (!*first) *w++ = ',';
+  *w++ = '"';
+  memcpy(w, name, n);
+  w += n;
+  *w++ = '"';
+  *w++ = ':';
+  b->len = (size_t)(w - b->p);
+  *first = 0;
+  if (field == F_COMMIT_TIME && lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Number d = lua_tonumber(L, idx);
+    if (o->ct_len == 0 || d != o->ct) {
+      o->ct_len = fl_json_format_double((double)d, o->ct_txt);
+      o->ct = d;
+    }
+    if (o->ct_len > 0) {
+      body_add(L, b, o->ct_txt, o->ct_len);
+      return;
+    }
+  }
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    /* The id, table, op, lsn, source: a string straight in (fl_json_put's way, less its
+     * set-up). */
+    const char *v = lua_tolstring(L, idx, &n);
+    w = body_room(L, b, 6 * n + 2);
+    *w++ = '"';
+    w += fl_json_escape(v, n, w);
+    *w++ = '"';
+    b->len = (size_t)(w - b->p);
+    return;
+  }
+  fl_json_put(L, idx, markers, b);
+}
+
+/* Writes "<kind><n>\r\n" at w (kind '*': an array of n, '$': a string of n bytes);
+ * returns the end. */
+static char *resp_header(char *w, char kind, size_t n) {
+  *w++ = kind;
+  w = put_digits(w, n);
+  *w++ = '\r';
+  *w++ = '\n';
+  return w;
+}
+
+/* Queues a command on the connection, in the form redisFormatCommandArgv gives it (a
+ * RESP array of bulk strings), written here: hiredis's formatters print each length with
+ * printf or sdscatfmt, a third of the cost of an event's XADD. hiredis still does the
+ * rest (redisAppendFormattedCommand, the writes, the replies). */
+static int append_command(fl_outbox *o, int argc, const char **argv, const size_t *lens) {
+  size_t need = 16, n;
+  int i;
+  char *w;
+  fl_jbuf *b = &o->cmd;
+  for (i = 0; i < argc; i++) need += lens[i] + 26;
+  if (b->cap < need) {
+    char *p = realloc(b->p, need);
+    if (!p) return REDIS_ERR;
+    b->p = p;
+    b->cap = need;
+  }
+  w = resp_header(b->p, '*', (size_t)argc);
+  for (i = 0; i < argc; i++) {
+    w = resp_header(w, '$', lens[i]);
+    memcpy(w, argv[i], lens[i]);
+    w += lens[i];
+    *w++ = '\r';
+    *w++ = '\n';
+  }
+  n = (size_t)(w - b->p);
+  return redisAppendFormattedCommand(o->c, b->p, n);
+}
+
+/* outbox:add(ev [, key]) -> bytes waiting to be written
+ * Appends ev's entry to the connection's output: XADD <stream>:<p> [MAXLEN ~ n] * id <id>
+ * table <table> op <op> event <JSON of id, table, op, new, old, lsn, commit_time, xid,
+ * source>. Raises when not connected or when the event cannot be encoded; then nothing of
+ * it was queued. */
+static int l_outbox_add(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  int env, base, markers, first = 1, argc = 0, i;
+  const char *argv[16];
+  size_t lens[16], n;
+  char part[16], stream_buf[256], idbuf[32];
+  char *stream = stream_buf;
+  uint32_t p;
+  int given;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  given = lua_isnoneornil(L, 3) ? 0 : 3;
+  if (given) luaL_checkstring(L, 3);
+  if (!o->c || o->c->err) return luaL_error(L, "flash.sink.redis: add without a connection");
+  lua_settop(L, 3);
+  lua_getfenv(L, 1);
+  env = 4;
+  base = lua_gettop(L);
+  for (i = F_ID; i <= F_SOURCE; i++) {   /* base + i: the event's fields */
+    lua_rawgeti(L, env, i);
+    lua_gettable(L, 2);
+  }
+  if (lua_type(L, base + F_TABLE) != LUA_TSTRING)
+    return luaL_error(L, "flash.sink.redis: the event's table is not a string");
+  if (lua_type(L, base + F_OP) != LUA_TSTRING)
+    return luaL_error(L, "flash.sink.redis: the event's op is not a string");
+  markers = lua_gettop(L) + 1;
+  for (i = 0; i < 3; i++) lua_rawgeti(L, env, F_MARKERS + i);
+
+  o->body.len = 0;
+  body_add(L, &o->body, "{", 1);
+  for (i = F_ID; i <= F_SOURCE; i++) put_field(L, o, markers, i, base + i, &first);
+  body_add(L, &o->body, "}", 1);
+
+  p = partition_of(L, o, 2, env, base + F_TABLE, given);
+  part[0] = ':';
+  n = (size_t)(put_digits(part + 1, p) - part);
+  if (o->stream_len + n + 1 > sizeof stream_buf) {
+    stream = lua_newuserdata(L, o->stream_len + n + 1);
+  }
+  memcpy(stream, o->stream, o->stream_len);
+  memcpy(stream + o->stream_len, part, n);
+
+  argv[argc] = "XADD"; lens[argc++] = 4;
+  argv[argc] = stream; lens[argc++] = o->stream_len + n;
+  if (o->maxlen[0]) {
+    argv[argc] = "MAXLEN"; lens[argc++] = 6;
+    argv[argc] = "~"; lens[argc++] = 1;
+    argv[argc] = o->maxlen; lens[argc++] = strlen(o->maxlen);
+  }
+  argv[argc] = "*"; lens[argc++] = 1;
+  argv[argc] = "id"; lens[argc++] = 2;
+  if (lua_type(L, base + F_ID) == LUA_TSTRING || lua_isnil(L, base + F_ID)) {
+    argv[argc] = lua_isnil(L, base + F_ID) ? "" : lua_tolstring(L, base + F_ID, &lens[argc]);
+    if (lua_isnil(L, base + F_ID)) lens[argc] = 0;
+  } else {
+    argv[argc] = key_text(L, base + F_ID, env, idbuf, &lens[argc]);   /* tostring(ev.id) */
+  }
+  argc++;
+  argv[argc] = "table"; lens[argc++] = 5;
+  argv[argc] = lua_tolstring(L, base + F_TABLE, &lens[argc]); argc++;
+  argv[argc] = "op"; lens[argc++] = 2;
+  argv[argc] = lua_tolstring(L, base + F_OP, &lens[argc]); argc++;
+  argv[argc] = "event"; lens[argc++] = 5;
+  argv[argc] = o->body.p; lens[argc++] = o->body.len;
+
+  if (append_command(o, argc, argv, lens) != REDIS_OK) return luaL_error(L, "flash.sink.redis: out of memory");
+  lua_pushnumber(L, (lua_Number)sdslen(o->c->obuf));
+  return 1;
+}
+
+/* outbox:partition(ev [, key]) -> the partition add would write ev to (for specs). */
+static int l_outbox_partition(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  int given;
+  luaL_checktype(L, 2, LUA_TTABLE);
+  given = lua_isnoneornil(L, 3) ? 0 : 3;
+  if (given) luaL_checkstring(L, 3);
+  lua_settop(L, 3);
+  lua_getfenv(L, 1);                    /* 4 */
+  lua_rawgeti(L, 4, F_TABLE);
+  lua_gettable(L, 2);                   /* 5 */
+  if (lua_type(L, 5) != LUA_TSTRING) return luaL_error(L, "flash.sink.redis: the event's table is not a string");
+  lua_pushnumber(L, (lua_Number)partition_of(L, o, 2, 4, 5, given));
+  return 1;
+}
+
+/* outbox:send() -> true (all written) | false (the socket took part of it) | nil, err, kind */
+static int l_outbox_send(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  int done = 0;
+  if (!o->c || o->c->err) return fl_fail(L, o->c ? o->c->errstr : "the Redis connection is closed", "connection");
+  if (redisBufferWrite(o->c, &done) != REDIS_OK)
+    return fl_fail(L, o->c->errstr[0] ? o->c->errstr : "cannot write to Redis", "connection");
+  lua_pushboolean(L, done);
+  return 1;
+}
+
+/* outbox:receive() -> n [, refused] | nil, err, kind
+ * Reads the replies that have come, without waiting: n entries Redis wrote (in the order
+ * they were added), then, when Redis refused the next one, its error (the replies after
+ * it are not read: the caller closes the connection and adds them again to another). */
+static int l_outbox_receive(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  lua_Number n = 0;
+  redisContext *c = o->c;
+  if (!c || c->err) return fl_fail(L, c ? c->errstr : "the Redis connection is closed", "connection");
+  for (;;) {
+    size_t before;
+    for (;;) {
+      void *reply = NULL;
+      if (redisGetReplyFromReader(c, &reply) != REDIS_OK)
+        return fl_fail(L, c->errstr[0] ? c->errstr : "cannot read Redis's reply", "connection");
+      if (!reply) break;
+      if (reply != &reply_ok) {
+        reply_err *e = reply;
+        lua_pushnumber(L, n);
+        lua_pushlstring(L, e->str, e->len);
+        reply_free(reply);
+        return 2;
+      }
+      n++;
+    }
+    /* A read that fed the reader nothing met EAGAIN: what has come is read. */
+    before = c->reader->len;
+    if (redisBufferRead(c) != REDIS_OK)
+      return fl_fail(L, c->errstr[0] ? c->errstr : "cannot read from Redis", "connection");
+    if (c->reader->len == before) break;
+  }
+  lua_pushnumber(L, n);
+  return 1;
+}
+
+/* outbox:wait(seconds) -> whether the connection can be written to (when output waits)
+ * or read from before the time is up. */
+static int l_outbox_wait(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  double s = luaL_checknumber(L, 2);
+  struct pollfd pfd;
+  int rc;
+  if (!o->c || o->c->err) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  pfd.fd = o->c->fd;
+  pfd.events = POLLIN | (sdslen(o->c->obuf) > 0 ? POLLOUT : 0);
+  pfd.revents = 0;
+  do {
+    rc = poll(&pfd, 1, s > 0 ? (int)(s * 1000 + 0.999) : 0);
+  } while (rc < 0 && errno == EINTR);
+  lua_pushboolean(L, rc > 0);
+  return 1;
+}
+
+/* outbox:fd() -> the connection's socket, or nil */
+static int l_outbox_fd(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  if (!o->c || o->c->err) return 0;
+  lua_pushinteger(L, o->c->fd);
+  return 1;
+}
+
+/* outbox:ok() -> whether the connection can still be used */
+static int l_outbox_ok(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  lua_pushboolean(L, o->c && !o->c->err);
+  return 1;
+}
+
+static int l_outbox_close(lua_State *L) {
+  outbox_disconnect(check_outbox(L));
+  return 0;
+}
+
+static const luaL_Reg outbox_methods[] = {
+  { "connect", l_outbox_connect },
+  { "add", l_outbox_add },
+  { "partition", l_outbox_partition },
+  { "send", l_outbox_send },
+  { "receive", l_outbox_receive },
+  { "wait", l_outbox_wait },
+  { "fd", l_outbox_fd },
+  { "ok", l_outbox_ok },
+  { "close", l_outbox_close },
+  { NULL, NULL }
+};
+
 static const luaL_Reg methods[] = {
   { "pipeline", l_pipeline },
   { "ok", l_ok },
@@ -150,9 +717,11 @@ static const luaL_Reg methods[] = {
 
 const luaL_Reg fl_redis_funcs[] = {
   { "redis_connect", l_connect },
+  { "redis_outbox", l_outbox_new },
   { NULL, NULL }
 };
 
 void fl_redis_open(lua_State *L) {
   fl_new_metatable(L, REDIS_MT, l_close, methods);
+  fl_new_metatable(L, OUTBOX_MT, l_outbox_gc, outbox_methods);
 }

@@ -457,7 +457,8 @@ int fl_push_value_binary(lua_State *L, const fl_coltype *t, const char *s, size_
 
 typedef struct {
   lua_State *L;
-  int slot;             /* stack index of the output userdata */
+  int slot;             /* stack index of the output userdata; 0: the output is jb's */
+  fl_jbuf *jb;          /* a C caller's buffer (fl_json_put), grown with realloc */
   char *p;
   size_t len, cap;
   int array_mt, object_mt, number_mt;  /* stack indexes of the marker metatables */
@@ -470,9 +471,18 @@ static char *enc_room(fl_enc *e, size_t n) {
     size_t cap = e->cap * 2;
     char *np;
     if (cap - e->len < n) cap = e->len + n;
-    np = (char *)lua_newuserdata(e->L, cap);
-    memcpy(np, e->p, e->len);
-    lua_replace(e->L, e->slot);
+    if (e->slot == 0) {
+      /* The caller's buffer: it holds the new block at once, so an error raised later
+       * leaves it owning what was allocated. */
+      np = (char *)realloc(e->p, cap);
+      if (!np) luaL_error(e->L, "cannot encode JSON: out of memory");
+      e->jb->p = np;
+      e->jb->cap = cap;
+    } else {
+      np = (char *)lua_newuserdata(e->L, cap);
+      memcpy(np, e->p, e->len);
+      lua_replace(e->L, e->slot);
+    }
     e->p = np;
     e->cap = cap;
   }
@@ -485,6 +495,15 @@ static void enc_add(fl_enc *e, const char *s, size_t n) {
 }
 
 static void enc_string(fl_enc *e, const char *s, size_t n) {
+  if (n <= 4096) {
+    /* Most strings (keys, short values): one room check for the whole of it. */
+    char *w = enc_room(e, 6 * n + 2);
+    *w++ = '"';
+    w += fl_json_escape(s, n, w);
+    *w++ = '"';
+    e->len = (size_t)(w - e->p);
+    return;
+  }
   /* Escaped in chunks so that the room asked for stays small on long strings. */
   enc_add(e, "\"", 1);
   while (n > 0) {
@@ -679,9 +698,34 @@ static int l_json_encode(lua_State *L) {
   e.len = 0;
   e.p = (char *)lua_newuserdata(L, e.cap);
   e.slot = lua_gettop(L);
+  e.jb = NULL;
   enc_value(&e, 1, 0);
   lua_pushlstring(L, e.p, e.len);
   return 1;
+}
+
+int fl_json_markers(lua_State *L) {
+  push_mt(L, &array_mt_key);
+  push_mt(L, &object_mt_key);
+  push_mt(L, &number_mt_key);
+  return lua_gettop(L) - 2;
+}
+
+void fl_json_put(lua_State *L, int idx, int markers, fl_jbuf *b) {
+  fl_enc e;
+  e.L = L;
+  e.slot = 0;
+  e.jb = b;
+  e.p = b->p;
+  e.len = b->len;
+  e.cap = b->cap;
+  e.array_mt = markers;
+  e.object_mt = markers + 1;
+  e.number_mt = markers + 2;
+  e.unchanged = NULL;
+  e.unchanged_len = 0;
+  enc_value(&e, idx, 0);
+  b->len = e.len;
 }
 
 /* core.json_decode(text) -> value | nil, err, "parse" : objects and arrays as marked tables, null

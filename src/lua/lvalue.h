@@ -60,6 +60,18 @@ int fl_push_json(lua_State *L, const char *s, size_t len);
 /* The same, saying why on failure: *err (static) and *pos (byte offset); either may be NULL. */
 int fl_push_json_err(lua_State *L, const char *s, size_t len, const char **err, size_t *pos);
 
+/* JSON of Lua values for C callers (the Redis sink), by flash.json.encode's rules
+ * (flash.unchanged raises), into a buffer the caller owns: grown with realloc, and still
+ * the caller's to free when an encoding raises half-way (b->len then stays as it was). */
+typedef struct {
+  char *p;
+  size_t len, cap;
+} fl_jbuf;
+/* Pushes the marker metatables fl_json_put needs (3 slots); returns the first's index. */
+int fl_json_markers(lua_State *L);
+/* Appends the JSON of the value at idx (an absolute index) to b. */
+void fl_json_put(lua_State *L, int idx, int markers, fl_jbuf *b);
+
 /* Adds json_encode, json_decode and the marker metatables (array_mt, object_mt,
  * number_mt) to the module table on top of the stack. */
 void fl_value_open(lua_State *L);

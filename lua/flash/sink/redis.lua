@@ -7,13 +7,16 @@
 --
 -- Each event is one entry (XADD <stream>:<p> * id .. table .. op .. event <json>) of the
 -- partition p = hash(table, key) % partitions, so the events of one row stay in one stream,
--- in commit order. Entries are written in pipelined batches (one round trip per batch,
--- every `flush_interval` and whenever `batch` events wait) and each event is acknowledged
--- (ev:ack()) only after Redis answered its XADD: the slot (or capture table) never moves
--- past an event Redis does not hold. A lost connection or a Redis restart keeps the batch
--- and sends it again to a new connection (at-least-once: an entry may appear twice, with
--- the same `id` field, when Redis wrote it but its reply was lost); meanwhile unacknowledged
--- events pile up to the client's max_unacked and the source pauses without losing its place.
+-- in commit order. The entry is encoded in C (src/lua/lredis.c: the outbox) into the
+-- connection's output as the event comes; the output is written without waiting every
+-- `batch` events and at each turn of the loop, and the replies are read as they come (the
+-- loop polls the connection), so decoding goes on while Redis works. Each event is
+-- acknowledged (ev:ack()) only after Redis answered its XADD, in delivery order: the slot
+-- (or capture table) never moves past an event Redis does not hold. A lost connection or a
+-- Redis restart keeps every event not answered and writes them again to a new connection
+-- (at-least-once: an entry may appear twice, with the same `id` field, when Redis wrote it
+-- but its reply was lost); meanwhile unacknowledged events pile up to the client's
+-- max_unacked and the source pauses without losing its place.
 local flash = require "flash"
 local core = require "flash.core"
 local bit = require "bit"
@@ -74,133 +77,182 @@ function M.new(opts)
   opts = opts or {}
   check(opts)
   local host, port = parse_url(opts.url or M.DEFAULT_URL)
+  local key = opts.key or { "id" }
   local self = setmetatable({
     host = host, port = port,
     stream = opts.stream or "flash",
     partitions = opts.partitions or 1,
-    key = opts.key or { "id" },
+    key = key,
+    keyfn = type(key) == "function" and key or nil,
     maxlen = opts.maxlen,
     batch = opts.batch or 500,
-    flush_interval = opts.flush_interval or 0.02,
     timeout = opts.timeout or 5,
-    pending = {},          -- { ev =, cmd = } waiting for Redis, in delivery order
+    -- The events not yet answered, in delivery order: q[head .. sent - 1] are in the
+    -- connection's output or written, q[sent .. tail - 1] wait for a connection.
+    q = {}, head = 1, sent = 1, tail = 1,
+    added = 0,             -- events added since the output was last written
+    writing = false,       -- the socket did not take all the output
+    connected = false,
     retry_at = nil,
     retry = base.backoff(),
     stats = { sent = 0, batches = 0, errors = 0, reconnects = 0 },
   }, Sink)
+  self.out = core.redis_outbox { stream = self.stream, partitions = self.partitions, maxlen = self.maxlen,
+                                 key = type(key) == "table" and key or nil }
   return self
+end
+
+-- The key string of ev under key = function(ev), or nil (the outbox reads the columns).
+local function key_of(self, ev)
+  if self.keyfn then return tostring(self.keyfn(ev)) end
+  return nil
 end
 
 -- The partition stream of event ev: its table and key columns (from the old row when the
 -- event has one, so an update or delete goes where the row's insert went).
 function Sink:stream_of(ev)
-  local k
-  if type(self.key) == "function" then
-    k = tostring(self.key(ev))
-  else
-    local row = (type(ev.old) == "table" and ev.old) or ev.new
-    local parts = {}
-    for i, col in ipairs(self.key) do
-      local v = type(row) == "table" and row[col]
-      parts[i] = v == nil and "" or tostring(v)
-    end
-    k = table.concat(parts, "\0")
-  end
-  return self.stream .. ":" .. (fnv1a(ev.table .. "\0" .. k) % self.partitions)
+  return self.stream .. ":" .. self.out:partition(ev, key_of(self, ev))
 end
 
-local function entry(self, ev)
-  local cmd = { "XADD", self:stream_of(ev) }
-  if self.maxlen then
-    cmd[#cmd + 1] = "MAXLEN"
-    cmd[#cmd + 1] = "~"
-    cmd[#cmd + 1] = tostring(self.maxlen)
-  end
-  local body = flash.json.encode({
-    id = ev.id, table = ev.table, op = ev.op, new = ev.new, old = ev.old, lsn = ev.lsn,
-    commit_time = ev.commit_time, xid = ev.xid, source = ev.source,
-  })
-  for _, v in ipairs({ "*", "id", tostring(ev.id or ""), "table", ev.table, "op", ev.op, "event", body }) do
-    cmd[#cmd + 1] = v
-  end
-  return cmd
+-- The loop's source contract (flash._add_source): the connection while replies are due,
+-- a deadline while output waits for room or a reconnect is due.
+local function source(self)
+  return {
+    fds = function()
+      if self.connected and self.sent > self.head then return { self.out:fd() } end
+      return {}
+    end,
+    deadline = function()
+      if self.head == self.tail then return nil end
+      if not self.connected then return self.retry_at or core.now() end
+      if self.writing or self.sent < self.tail then return core.now() + 0.001 end
+      return nil
+    end,
+    step = function() self:step() end,
+  }
+end
+
+local function start(self)
+  self.started = true
+  self.src = source(self)
+  flash._add_source(self.src)
+  self.stop_hook = flash.on_stop(function()
+    local ok, err = self:flush()
+    if not ok and self.head < self.tail then
+      error(string.format("redis sink: %d events were not written (%s); they are delivered again at the next " ..
+        "start", self.tail - self.head, tostring(err)), 0)
+    end
+  end)
 end
 
 -- The callback: the event waits in the sink until Redis holds it.
 function Sink:__call(ev)
-  if type(ev.ack) ~= "function" then
-    error("flash.sink.redis needs flash.client{ ack = \"manual\", persistent = true }: an event is " ..
-      "acknowledged only once Redis holds it", 2)
+  if not self.started then
+    if type(ev.ack) ~= "function" then
+      error("flash.sink.redis needs flash.client{ ack = \"manual\", persistent = true }: an event is " ..
+        "acknowledged only once Redis holds it", 2)
+    end
+    start(self)
   end
-  if not self.timer then
-    self.timer = flash.every(self.flush_interval, function() self:flush() end)
-    self.stop_hook = flash.on_stop(function()
-      local ok, err = self:flush()
-      if not ok and #self.pending > 0 then
-        error(string.format("redis sink: %d events were not written (%s); they are delivered again at the next " ..
-          "start", #self.pending, tostring(err)), 0)
-      end
-    end)
+  if not self.connected and not self:reconnect() then
+    self.q[self.tail] = ev
+    self.tail = self.tail + 1
+    return
   end
-  self.pending[#self.pending + 1] = { ev = ev, cmd = entry(self, ev) }
-  if #self.pending >= self.batch then self:flush() end
+  -- Encoded first: an event that cannot be encoded raises here and is not queued.
+  self.out:add(ev, key_of(self, ev))
+  local t = self.tail
+  self.q[t] = ev
+  self.tail, self.sent = t + 1, t + 1
+  local added = self.added + 1
+  self.added = added
+  if added >= self.batch then self:pump() end
 end
 
-function Sink:connect()
-  local conn, err = core.redis_connect(self.host, self.port, self.timeout)
-  if not conn then return nil, err end
+-- A connection, with every waiting event added to it: true, or false (retried later).
+function Sink:reconnect()
+  if self.retry_at and core.now() < self.retry_at then return false end
+  local ok, err = self.out:connect(self.host, self.port, self.timeout)
+  if not ok then
+    self:failed(err)
+    return false
+  end
   if self.had_conn then
     self.stats.reconnects = self.stats.reconnects + 1
     log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port))
   end
-  self.conn, self.had_conn = conn, true
+  self.connected, self.had_conn = true, true
   self.retry:reset()
-  return conn
-end
-
--- Writes what waits, in batches; acknowledges what Redis answered. true, or nil and why
--- (the events stay, and are sent again at the next flush).
-function Sink:flush()
-  if #self.pending == 0 then return true end
-  if self.retry_at and core.now() < self.retry_at then return nil, self.last_err end
-  local conn = self.conn
-  if not (conn and conn:ok()) then
-    local err
-    conn, err = self:connect()
-    if not conn then return self:failed(err) end
-  end
-  while #self.pending > 0 do
-    local n = math.min(#self.pending, self.batch)
-    local cmds = {}
-    for i = 1, n do cmds[i] = self.pending[i].cmd end
-    local replies, err = conn:pipeline(cmds)
-    if not replies then
-      conn:close()
-      self.conn = nil
-      return self:failed(err)
-    end
-    for i = 1, n do
-      local r = replies[i]
-      if type(r) == "table" and r.err then
-        -- Redis refused it (a wrong type, out of memory): nothing after it is acknowledged.
-        for j = 1, i - 1 do self.pending[j].ev:ack() end
-        self:drop(i - 1)
-        return self:failed("XADD refused: " .. r.err)
-      end
-    end
-    for i = 1, n do self.pending[i].ev:ack() end
-    self:drop(n)
-    self.stats.sent = self.stats.sent + n
-    self.stats.batches = self.stats.batches + 1
-  end
   self.retry_at, self.last_err = nil, nil
+  local q = self.q
+  for i = self.head, self.tail - 1 do self.out:add(q[i], key_of(self, q[i])) end
+  self.sent, self.added = self.tail, self.tail - self.head
   return true
 end
 
-function Sink:drop(n)
-  local p, m = self.pending, #self.pending
-  for i = n + 1, m do p[i - n] = p[i] end
-  for i = m - n + 1, m do p[i] = nil end
+-- Writes what the socket takes and acknowledges what Redis answered, without waiting:
+-- true, or nil and why (the connection is dropped; its events wait for the next one).
+function Sink:pump()
+  local out = self.out
+  self.added = 0
+  local done, err = out:send()
+  if done == nil then return self:lost(err) end
+  self.writing = not done
+  local n, refused = out:receive()
+  if n == nil then return self:lost(refused) end
+  if n > 0 then
+    local q, head = self.q, self.head
+    for i = head, head + n - 1 do
+      q[i]:ack()
+      q[i] = nil
+    end
+    self.head = head + n
+    self.stats.sent = self.stats.sent + n
+    self.stats.batches = self.stats.batches + 1
+    if self.head == self.tail then
+      -- Empty: the indexes start over, so the queue stays a dense array.
+      self.head, self.sent, self.tail = 1, 1, 1
+    end
+  end
+  -- Redis refused an entry (a wrong type, out of memory): nothing from it on is
+  -- acknowledged; it and what follows are written again later.
+  if refused then return self:lost("XADD refused: " .. refused) end
+  return true
+end
+
+-- The loop's turn: a reconnect when due, the output written, the replies read.
+function Sink:step()
+  if self.head == self.tail then return end
+  if not self.connected and not self:reconnect() then return end
+  self:pump()
+end
+
+-- Writes every waiting event and waits for Redis's answers (the stop hook): true, or nil
+-- and why (the events stay, and are written again later or at the next start).
+function Sink:flush()
+  if self.head == self.tail then return true end
+  self.retry_at = nil
+  if not self.connected and not self:reconnect() then return nil, self.last_err end
+  local deadline = core.now() + self.timeout
+  while self.head < self.tail do
+    local ok, err = self:pump()
+    if not ok then return nil, err end
+    if self.head == self.tail then break end
+    local now = core.now()
+    if now >= deadline then
+      return self:lost(string.format("no reply from Redis in %gs", self.timeout))
+    end
+    self.out:wait(deadline - now)
+  end
+  return true
+end
+
+-- The connection failed: its events wait for the next one, after a backoff.
+function Sink:lost(err)
+  self.out:close()
+  self.connected, self.writing = false, false
+  self.sent = self.head
+  return self:failed(err)
 end
 
 function Sink:failed(err)
@@ -208,7 +260,7 @@ function Sink:failed(err)
   local wait = self.retry:next()
   if err ~= self.last_err then
     log.warn(string.format("redis sink: %s; %d events wait and are sent again (retrying in %.1fs)", tostring(err),
-      #self.pending, wait))
+      self.tail - self.head, wait))
   end
   self.last_err = err
   self.retry_at = core.now() + wait
