@@ -172,7 +172,6 @@ typedef struct {
   int nkeys;               /* key columns (0: the caller gives the key) */
   char maxlen[32];         /* "" or MAXLEN ~'s count */
   fl_jbuf body;            /* scratch: an event's JSON */
-  fl_jbuf cmd;             /* scratch: its XADD command */
   double ct;               /* the last commit_time written, and its text: a transaction's */
   char ct_txt[FL_JSON_NUM_MAX];  /* events share it, and a double's shortest form is dear */
   size_t ct_len;
@@ -197,9 +196,6 @@ static int l_outbox_gc(lua_State *L) {
   free(o->body.p);
   o->body.p = NULL;
   o->body.len = o->body.cap = 0;
-  free(o->cmd.p);
-  o->cmd.p = NULL;
-  o->cmd.len = o->cmd.cap = 0;
   return 0;
 }
 
@@ -479,44 +475,6 @@ static void put_field(lua_State *L, fl_outbox *o, int markers, int field, int id
   fl_json_put(L, idx, markers, b);
 }
 
-/* Writes "<kind><n>\r\n" at w (kind '*': an array of n, '$': a string of n bytes);
- * returns the end. */
-static char *resp_header(char *w, char kind, size_t n) {
-  *w++ = kind;
-  w = put_digits(w, n);
-  *w++ = '\r';
-  *w++ = '\n';
-  return w;
-}
-
-/* Queues a command on the connection, in the form redisFormatCommandArgv gives it (a
- * RESP array of bulk strings), written here: hiredis's formatters print each length with
- * printf or sdscatfmt, a third of the cost of an event's XADD. hiredis still does the
- * rest (redisAppendFormattedCommand, the writes, the replies). */
-static int append_command(fl_outbox *o, int argc, const char **argv, const size_t *lens) {
-  size_t need = 16, n;
-  int i;
-  char *w;
-  fl_jbuf *b = &o->cmd;
-  for (i = 0; i < argc; i++) need += lens[i] + 26;
-  if (b->cap < need) {
-    char *p = realloc(b->p, need);
-    if (!p) return REDIS_ERR;
-    b->p = p;
-    b->cap = need;
-  }
-  w = resp_header(b->p, '*', (size_t)argc);
-  for (i = 0; i < argc; i++) {
-    w = resp_header(w, '$', lens[i]);
-    memcpy(w, argv[i], lens[i]);
-    w += lens[i];
-    *w++ = '\r';
-    *w++ = '\n';
-  }
-  n = (size_t)(w - b->p);
-  return redisAppendFormattedCommand(o->c, b->p, n);
-}
-
 /* outbox:add(ev [, key]) -> bytes waiting to be written
  * Appends ev's entry to the connection's output: XADD <stream>:<p> [MAXLEN ~ n] * id <id>
  * table <table> op <op> event <JSON of id, table, op, new, old, lsn, commit_time, xid,
@@ -587,7 +545,8 @@ static int l_outbox_add(lua_State *L) {
   argv[argc] = "event"; lens[argc++] = 5;
   argv[argc] = o->body.p; lens[argc++] = o->body.len;
 
-  if (append_command(o, argc, argv, lens) != REDIS_OK) return luaL_error(L, "flash.sink.redis: out of memory");
+  /* hiredis formats the command (RESP is its job, not ours) and queues it. */
+  if (redisAppendCommandArgv(o->c, argc, argv, lens) != REDIS_OK) return luaL_error(L, "flash.sink.redis: out of memory");
   lua_pushnumber(L, (lua_Number)sdslen(o->c->obuf));
   return 1;
 }
