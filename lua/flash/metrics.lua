@@ -246,16 +246,24 @@ function M.start(flash, opts)
     (host == "" and "0.0.0.0" or host), self.port)
   local fd = http:fd()
   -- The loop's source contract (flash._add_source): fds, deadline, step.
-  function self.fds() return { fd } end
+  -- Callback times of every client from now on (clients made after the server too):
+  -- attached when the loop gathers its fds, before it steps any client in that turn, so
+  -- a client's first events are timed too.
+  local function attach()
+    for _, c in ipairs(flash._clients()) do
+      if not c.handler_hist then c.handler_hist = M.histogram() end
+    end
+  end
+  function self.fds()
+    attach()
+    return { fd }
+  end
   function self.deadline()
     local t = http:timeout()
     return t and (core.now() + t) or nil
   end
   function self.step()
-    -- Callback times of every client from now on (clients made after the server too).
-    for _, c in ipairs(flash._clients()) do
-      if not c.handler_hist then c.handler_hist = M.histogram() end
-    end
+    attach()
     http:run()
   end
   function self.close()
