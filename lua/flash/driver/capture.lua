@@ -1110,44 +1110,40 @@ function Driver:delete_handled_sql()
   return self:delete_sql("'{" .. table.concat(self.handled, ",") .. "}'")
 end
 
--- The query that reads the next batch; built once (it depends on the schema and on
--- whether the server records commit timestamps, both fixed once started).
-function Driver:fetch_sql()
-  if self.fetch_text then return self.fetch_text end
-  -- Rows past LARGE_ROW bytes of text come on a connection of their own (fetch_large).
+-- The poll as a function of the instance's schema, poll(firsts, lasts, skip): it deletes
+-- the runs of seqs handled since the last poll (none when NULL), then returns the next
+-- batch, leaving out the seqs of `skip` (manual acks: rows delivered and not yet
+-- acknowledged stay, and are not read again) -- one statement, one round trip and one
+-- transaction per poll. PL/pgSQL keeps its plans for the session, planned with
+-- enable_seqscan off: the batch is read from the seq index whatever the table's size. As
+-- a plain statement the planner picks a sequential scan and a sort for a table of few
+-- live rows, and the events table keeps the pages of its largest backlog (its VACUUM does
+-- not truncate): each poll then read every page to find a hundred rows, which cost the
+-- consumer's backend more than the rows themselves. Rows past LARGE_ROW bytes of text
+-- come without it, on a connection of their own (fetch_large).
+function Driver:poll_function_sql()
+  local S = self:ident(self.schema)
   local cut = function(c) return "CASE WHEN pg_catalog.octet_length(" .. c .. ") OPERATOR(pg_catalog.>) " ..
     LARGE_ROW .. " THEN NULL ELSE " .. c .. " END AS " .. c .. ", pg_catalog.octet_length(" .. c .. ") AS " ..
     c .. "_len" end
-  self.fetch_text = "SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " ..
-    cut("old") .. ", big" ..
-    (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
-      "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
-    " FROM " .. self:ident(self.schema) .. ".events ORDER BY seq LIMIT " .. BATCH
-  return self.fetch_text
-end
-
--- The poll as a function of the instance's schema, poll(firsts, lasts): it deletes the
--- runs of seqs handled since the last poll (none when NULL), then returns the next batch
--- -- one statement, one round trip and one transaction per poll. PL/pgSQL keeps its plans
--- for the session, planned with enable_seqscan off: the batch is read from the seq index
--- whatever the table's size. As a plain statement the planner picks a sequential scan
--- and a sort for a table of few live rows, and the events table keeps the pages of its
--- largest backlog (its VACUUM does not truncate): each poll then read every page to find
--- a hundred rows, which cost the consumer's backend more than the rows themselves.
-function Driver:poll_function_sql()
-  local S = self:ident(self.schema)
   local body = table.concat({
     "#variable_conflict use_column",
     "BEGIN",
     "IF firsts IS NOT NULL THEN " .. self:delete_runs_sql("firsts", "lasts") .. "; END IF;",
-    "RETURN QUERY " .. self:fetch_sql() .. ";",
+    "RETURN QUERY SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " ..
+      cut("old") .. ", big" ..
+      (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
+        "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
+      " FROM " .. S .. ".events WHERE skip IS NULL OR seq OPERATOR(pg_catalog.<>) ALL (skip) " ..
+      "ORDER BY seq LIMIT " .. BATCH .. ";",
     "END" }, "\n")
-  return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[]) " ..
-    "RETURNS TABLE (seq bigint, xid bigint, op text, rel bigint, tag integer, new text, new_len integer, " ..
-    "old text, old_len integer, big bigint" .. (self.commit_ts and ", cts bigint" or "") .. ") LANGUAGE plpgsql " ..
+  local args = "(pg_catalog.int8[], pg_catalog.int8[], pg_catalog.int8[])"
+  return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[], " ..
+    "skip pg_catalog.int8[]) RETURNS TABLE (seq bigint, xid bigint, op text, rel bigint, tag integer, new text, " ..
+    "new_len integer, old text, old_len integer, big bigint" .. (self.commit_ts and ", cts bigint" or "") ..
+    ") LANGUAGE plpgsql " ..
     "SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET plan_cache_mode = force_generic_plan AS " ..
-    self:literal(body) ..
-    ";\nREVOKE ALL ON FUNCTION " .. S .. ".poll(pg_catalog.int8[], pg_catalog.int8[]) FROM PUBLIC"
+    self:literal(body) .. ";\nREVOKE ALL ON FUNCTION " .. S .. ".poll" .. args .. " FROM PUBLIC"
 end
 
 -- Fetches the next batch (deleting the rows handled so far in the same round trip);
@@ -1155,40 +1151,27 @@ end
 function Driver:fetch()
   self:forget_shapes()
   self.fetches = self.fetches + 1
-  local sql = self:fetch_sql()
   local conn = self:conn()
-  local rows, err
-  if #self.delivered > 0 then
-    -- Manual acks: rows delivered but not yet acknowledged stay, and are not read again.
-    sql = sql:gsub(" ORDER BY seq ", " WHERE seq OPERATOR(pg_catalog.<>) ALL ('{" ..
-      table.concat(self.delivered, ",") .. "}'::pg_catalog.int8[]) ORDER BY seq ", 1)
-  end
-  if #self.delivered > 0 then
-    if #self.handled > 0 then sql = self:delete_handled_sql() .. ";\n" .. sql end
-    -- The rows handled so far are deleted in the same round trip.
-    rows, err = self:exec(sql)
-  else
-    -- Prepared once per connection (no parse and plan per poll): the delete of what was
-    -- handled, then the poll, in one call.
-    if self.prepared_on ~= conn then
-      local ok, perr = conn:exec(self:poll_function_sql(), 0)
-      if ok then
-        ok, perr = conn:prepare("flash_poll", "SELECT * FROM " .. self:ident(self.schema) .. ".poll($1, $2)")
-      end
-      if not ok then return nil, perr end
-      self.prepared_on = conn
+  -- Prepared once per connection (no parse and plan per poll).
+  if self.prepared_on ~= conn then
+    local ok, perr = conn:exec(self:poll_function_sql(), 0)
+    if ok then
+      ok, perr = conn:prepare("flash_poll", "SELECT * FROM " .. self:ident(self.schema) .. ".poll($1, $2, $3)")
     end
-    local state, firsts, lasts
-    if #self.handled > 0 then firsts, lasts = runs(self.handled) end
-    rows, err, state = conn:exec_prepared("flash_poll", 0, firsts, lasts)
-    if rows then self.deleted = (self.deleted or 0) + #self.handled end
-    if not rows and state == "26000" then
-      -- A script's DEALLOCATE or DISCARD ALL on the shared connection: prepare it again.
-      self.prepared_on = nil
-      return self:fetch()
-    end
-    self.client:_log_notices()
+    if not ok then return nil, perr end
+    self.prepared_on = conn
   end
+  local firsts, lasts, skip
+  if #self.handled > 0 then firsts, lasts = runs(self.handled) end
+  if #self.delivered > 0 then skip = "{" .. table.concat(self.delivered, ",") .. "}" end
+  local rows, err, state = conn:exec_prepared("flash_poll", 0, firsts, lasts, skip)
+  if rows then self.deleted = (self.deleted or 0) + #self.handled end
+  if not rows and state == "26000" then
+    -- A script's DEALLOCATE or DISCARD ALL on the shared connection: prepare it again.
+    self.prepared_on = nil
+    return self:fetch()
+  end
+  self.client:_log_notices()
   if not rows then return nil, err end
   self.handled = {}
   if #rows < BATCH then self.partial_at = self.fetches end
