@@ -1091,7 +1091,8 @@ local function runs(seqs)
   local s = seqs
   for i = 2, #s do
     if s[i] <= s[i - 1] then   -- mostly ascending already: a sorted copy only when not
-      s = { unpack(seqs) }
+      s = {}
+      for j = 1, #seqs do s[j] = seqs[j] end   -- (unpack stops at a few thousand values)
       table.sort(s)
       break
     end
