@@ -158,6 +158,47 @@ assert(flash.run())
     end
   end)
 
+  it("keeps what comes while Redis is not there from the start, warns, and writes it once Redis is up", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = %d }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
+  ack = "manual" })
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+flash.every(0.05, function()
+  io.stdout:write(string.format("unacked %%d sent %%d\n", c:stats().unacked, sink.stats.sent))
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], f.port, PARTS, slot, slot, t))
+    local h = s.spawn({ path })
+    assert.is_true(h.await("ready", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. t .. " SELECT g, g FROM generate_series(1, 30) g")
+    -- No Redis yet: the events wait unacknowledged, and the warning counts them.
+    assert.is_true(H.wait_for(function() return h.out():find("unacked 30 sent 0\n", 1, true) ~= nil end, 20),
+      h.out() .. h.err())
+    assert.is_truthy(h.err():find("redis sink: cannot connect to Redis at 127.0.0.1:" .. f.port, 1, true), h.err())
+    assert.is_truthy(h.err():find("%d+ events wait and are sent again"), h.err())
+    assert.is_falsy(h.err():find(" 0 events wait", 1, true), h.err())
+    H.redis_start(f.dir, f.port)
+    assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 30\n", 1, true) ~= nil end, 20),
+      h.out() .. h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    local ids = {}
+    for _, list in pairs(entries(f.port)) do
+      for _, e in ipairs(list) do ids[#ids + 1] = json.decode(e.event).new.id end
+    end
+    table.sort(ids)
+    local want = {}
+    for i = 1, 30 do want[i] = i end
+    assert.same(want, ids)
+  end)
+
   it("is what flashlua --table T --to redis://... --partitions N runs", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

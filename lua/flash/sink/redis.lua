@@ -154,9 +154,12 @@ function Sink:__call(ev)
     end
     start(self)
   end
-  if not self.connected and not self:reconnect() then
+  if not self.connected then
+    -- Queued first, so a failed attempt's warning counts it; a connection made now adds
+    -- every waiting event, this one with them.
     self.q[self.tail] = ev
     self.tail = self.tail + 1
+    self:reconnect()
     return
   end
   -- Encoded first: an event that cannot be encoded raises here and is not queued.
