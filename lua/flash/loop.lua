@@ -82,9 +82,19 @@ end
 
 function Loop:on_stop(fn) return M.add_hook(self.stop_hooks, fn, "on_stop") end
 
+-- A hook's error raised with a position ("file:line: ...") is the script's mistake and gets
+-- its traceback; one without (error(msg, 0): a sink that reports why it could not flush)
+-- is a message for the user, logged as it is.
+local function hook_traceback(err)
+  if type(err) == "string" and not (err:find("^[^%s:]+:%d+: ") or err:find('^%[string "[^"]*"%]:%d+: ')) then
+    return err
+  end
+  return debug.traceback(tostring(err), 2)
+end
+
 function M.run_hooks(list, what, ...)
   for _, h in ipairs({ unpack(list) }) do
-    local ok, err = xpcall(h.fn, traceback, ...)
+    local ok, err = xpcall(h.fn, hook_traceback, ...)
     if not ok then
       local msg = what .. " failed: " .. tostring(err)
       log.error(msg .. "; nothing more is confirmed")
