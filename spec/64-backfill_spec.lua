@@ -411,6 +411,39 @@ describe("backfill under " .. driver, function()
     end
   end)
 
+  it("refuses a table the role may not read with an error that names the GRANT, partitions read by ctid too", function()
+    -- A role that owns its tables (so it may publish them and put triggers on them) but
+    -- may not SELECT from them: the server's error says only "permission denied".
+    local role = "flash_bf_noread"
+    H.sql(string.format([[DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN REPLICATION; END IF;
+      END $$; GRANT CREATE ON DATABASE postgres TO %s]], role, role, role))
+    local dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. role
+    local function run(t, rel, why)
+      local args = { "-d", dsn, "--driver", driver, "--table", t, "--backfill" }
+      local rc, _, err = H.run_flashlua(args, 30)
+      assert.equal(1, rc, err)
+      assert.truthy(err:find(string.format("flashlua: backfill of public.%s failed: cannot read %s%s: the role %s " ..
+        "has no SELECT privilege on it (run `GRANT SELECT ON %s TO \"%s\"` as its owner)", t, rel, why, role, rel, role),
+        1, true), err)
+    end
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql(string.format("ALTER TABLE %s REPLICA IDENTITY FULL; INSERT INTO %s VALUES (1, 'a'); " ..
+      "ALTER TABLE %s OWNER TO %s; REVOKE SELECT ON %s FROM %s", t, t, t, role, t, role))
+    run(t, string.format('"public"."%s"', t), "")
+    -- A partitioned table without a key: the parent's privilege is not the partition's.
+    local p = H.table("id int, region text")
+    H.sql("DROP TABLE " .. p)
+    H.sql(string.format("CREATE TABLE %s (id int, region text) PARTITION BY LIST (region); " ..
+      "CREATE TABLE %s_eu PARTITION OF %s FOR VALUES IN ('eu'); INSERT INTO %s VALUES (1, 'eu'); " ..
+      "ALTER TABLE %s REPLICA IDENTITY FULL; ALTER TABLE %s_eu REPLICA IDENTITY FULL; " ..
+      "ALTER TABLE %s OWNER TO %s; ALTER TABLE %s_eu OWNER TO %s; REVOKE SELECT ON %s_eu FROM %s",
+      p, p, p, p, p, p, p, role, p, role, p, role))
+    run(p, string.format('"public"."%s_eu"', p),
+      string.format(" (it holds rows of public.%s and, with no primary key, is read by itself)", p))
+    H.sql(string.format("DROP TABLE %s, %s", t, p))
+  end)
+
   it("flashlua --table T --backfill writes the existing rows, then follows changes, as JSON lines", function()
     local t = H.table("id int PRIMARY KEY, v text")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

@@ -315,6 +315,8 @@ function Backfill:setup()
   self.read_fields = l.fields and fast_reader(cols, self.layout, l.fields)
   self.cursor = { seg = 1, block = 0, after = nil }
   local ok
+  ok, err = self:check_privileges(cols)
+  if not ok then return nil, err end
   ok, err = self:estimate()
   if not ok then return nil, err end
   if d.persistent then
@@ -328,6 +330,46 @@ function Backfill:setup()
       self.estimated and string.format("about %d rows", self.estimated) or "row count unknown",
       self.rows_done > 0 and string.format(", resuming after %d rows", self.rows_done) or "",
       self.chunk, self.mode == "key" and ("primary key (" .. table.concat(self.keycols, ", ") .. ")") or "ctid"))
+  end
+  return true
+end
+
+-- The role must be able to SELECT what the chunks read (the columns cols and tableoid) from
+-- every relation they name: the table, or, by ctid, each table that holds rows (read with
+-- FROM ONLY, where the parent's privileges do not apply). Checked before the first chunk,
+-- so that the error names the relation and the GRANT that fixes it (the server's says
+-- only "permission denied for table X").
+function Backfill:check_privileges(cols)
+  local d = self.client.driver
+  local rels = {}
+  if self.mode == "key" then
+    rels[1] = { oid = self.l.table.oid, qualified = self.qualified }
+  else
+    for i, seg in ipairs(self.segs) do rels[i] = seg end
+  end
+  local names = { "tableoid" }
+  for i, c in ipairs(cols) do names[i + 1] = c.name end
+  for _, r in ipairs(rels) do
+    local rows, err = self:exec("SELECT pg_catalog.has_table_privilege($1::oid, 'SELECT') AS ok, current_user::text AS role",
+      r.oid)
+    if not rows then return nil, err end
+    local ok, role = rows[1].ok, rows[1].role
+    if not ok then
+      -- Column privileges may cover what is read.
+      ok = true
+      for _, name in ipairs(names) do
+        local cr
+        cr, err = self:exec("SELECT pg_catalog.has_column_privilege($1::oid, $2, 'SELECT') AS ok", r.oid, name)
+        if not cr then return nil, err end
+        if not cr[1].ok then ok = false break end
+      end
+    end
+    if not ok then
+      local what = r.qualified == self.qualified and "" or
+        string.format(" (it holds rows of %s and, with no primary key, is read by itself)", self.l.table_name)
+      return nil, string.format("cannot read %s%s: the role %s has no SELECT privilege on it (run `GRANT SELECT " ..
+        "ON %s TO %s` as its owner)", r.qualified, what, role, r.qualified, d:ident(role))
+    end
   end
   return true
 end
