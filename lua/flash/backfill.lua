@@ -232,6 +232,23 @@ function Backfill:key_columns()
     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
     WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n]], tbl.oid)
   if not rows then return nil, err end
+  -- An INHERITS parent's primary key holds for the parent's own rows only: its children
+  -- may repeat a key (each other's too), and chunks ordered by it would skip the rows of a
+  -- repeated key at a chunk's edge (and a change to one would drop the others' reads).
+  -- Such a table is read by ctid, unless the listener's primary_key says which columns are
+  -- unique over all of them. (A partitioned table's key holds over its partitions.)
+  if #rows > 0 then
+    local kids
+    kids, err = self:exec([[SELECT count(*)::int AS n FROM pg_catalog.pg_inherits i
+      JOIN pg_catalog.pg_class c ON c.oid = i.inhparent WHERE i.inhparent = $1 AND c.relkind = 'r']], tbl.oid)
+    if not kids then return nil, err end
+    if kids[1].n > 0 then
+      log.info(string.format("backfill of %s: it has inheritance children (%d), whose rows its primary key does not " ..
+        "cover (they may repeat its keys): read by ctid (a listener's primary_key naming columns unique over all of " ..
+        "them would be used instead)", self.l.table_name, kids[1].n))
+      rows = {}
+    end
+  end
   if #rows == 0 and self.l.primary_key then
     -- No primary key in the table: the listener's own (unique, the user says so).
     for _, name in ipairs(self.l.primary_key) do
