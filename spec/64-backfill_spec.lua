@@ -236,6 +236,68 @@ describe("backfill under " .. driver, function()
     end
   end)
 
+  it("keeps the progress of two listeners of one table apart: each resumes where it was after kill -9", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 'v' || g FROM generate_series(1, 2000) g")
+    local slot = "bf_two_" .. core.getpid()
+    local out = tmp()
+    -- Listener a reads in chunks of 100, b in one chunk; the first run is killed at a's
+    -- first read after b finished (b's progress saved, a's at 100 or so rows).
+    local s = script([[
+      local flash = require "flash"
+      local out = assert(io.open(arg[1], "a"))
+      out:setvbuf("no")
+      local c = assert(flash.client { driver = arg[4], persistent = true, slot = arg[3], publication = arg[3],
+                                      schema = arg[4] ~= "wal_logical" and arg[3] or nil })
+      local a = assert(c:listen { table = arg[2], fields = { "id" } })
+      local b = assert(c:listen { table = arg[2] })
+      local b_done = false
+      a:on("read", function(ev)
+        if b_done and arg[5] == "kill" then os.execute("kill -9 " .. require("flash.core").getpid()) end
+        out:write("a ", ev.new.id, "\n")
+      end)
+      b:on("read", function(ev) out:write("b ", ev.new.id, "\n") end)
+      a:backfill { chunk = 100, on_done = function() out:write("a done\n") flash.stop() end }
+      b:backfill { chunk = 5000, on_done = function() b_done = true end }
+    ]])
+    local h = spawn({ "-l", "info", s, out, t, slot, driver, "kill" })
+    assert.equal(137, h.wait(30), h.err())
+    local first = { a = 0, b = 0 }
+    for _, line in ipairs(H.lines(out)) do
+      local who = line:match("^(%a) %d+$")
+      first[who] = first[who] + 1
+    end
+    local h2 = spawn({ "-l", "info", s, out, t, slot, driver })
+    assert.equal(0, h2.wait(30), h2.err())
+    local seen, again = { a = {}, b = {} }, { a = 0, b = 0 }
+    local lines = H.lines(out)
+    assert.equal("a done", table.remove(lines))
+    for i, line in ipairs(lines) do
+      local who, id = line:match("^(%a) (%d+)$")
+      seen[who][tonumber(id)] = true
+      if i > first.a + first.b then again[who] = again[who] + 1 end
+    end
+    for _, who in ipairs({ "a", "b" }) do
+      local n = 0
+      for i = 1, 2000 do if seen[who][i] then n = n + 1 end end
+      assert.equal(2000, n, who .. " saw " .. n .. " of 2000 rows")
+    end
+    -- b finished in the first run: it reads nothing again; a goes on from its own chunk.
+    assert.equal(2000, first.b)
+    assert.equal(0, again.b)
+    assert.is_true(first.a < 2000)
+    assert.equal(2000 - math.floor(first.a / 100) * 100, again.a)
+    assert.truthy(h2.err():find("resuming after " .. math.floor(first.a / 100) * 100 .. " rows", 1, true), h2.err())
+    if wal then
+      H.drop_slot(slot)
+      H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", slot)
+    else
+      H.sql("DROP SCHEMA " .. slot .. " CASCADE")
+      H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", "schema:" .. slot)
+    end
+  end)
+
   if not wal then
     it("with ack = manual saves a chunk's progress only once its reads are acknowledged", function()
       local t = H.table("id int PRIMARY KEY, v text")

@@ -193,6 +193,13 @@ function M.start(l, opts)
     done = false, ready = false,
     started_at = nil,
   }, Backfill)
+  -- Progress is kept per slot, table and nth: this backfill's place among the client's
+  -- backfills of the same table (1, 2, ... in the order the script asks for them), so two
+  -- listeners of one table (a cache and an index, say) each resume where they were.
+  self.nth = 1
+  for _, other in ipairs(client.backfills or {}) do
+    if other.l.table.oid == l.table.oid then self.nth = self.nth + 1 end
+  end
   if self.poll then
     -- flash.filter's emit for this listener's changes (M.change), made once.
     self.emit = function(l2, ev)
@@ -420,7 +427,8 @@ local STATE_DDL = [[
     seg int NOT NULL DEFAULT 1, block bigint NOT NULL DEFAULT 0, after text[],
     rows_done bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
     started timestamptz NOT NULL DEFAULT now(), updated timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (slot, rel));
+    nth int NOT NULL DEFAULT 1,
+    PRIMARY KEY (slot, rel, nth));
   COMMENT ON TABLE flashlua.backfill IS 'flashlua: progress of backfills (listener:backfill) per replication slot']]
 
 -- The key of this client's progress rows in flashlua.backfill: the slot's name, or under
@@ -434,7 +442,8 @@ end
 function Backfill:load()
   local d = self.client.driver
   local slot = self:slot()
-  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine
+  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine,
+      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'nth') AS has_nth
     FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('flashlua.backfill')]])
   if not own then return nil, err end
   if own[1] and not own[1].mine then
@@ -447,22 +456,28 @@ function Backfill:load()
       return nil, "cannot create flashlua.backfill to keep backfill progress: " .. tostring(derr) ..
         " (the role needs CREATE on the database)"
     end
+  elseif not own[1].has_nth then
+    -- A table made by an older flashlua: one row per slot and table, which is the first
+    -- backfilling listener's of that table (nth = 1).
+    local ok, derr = self:exec([[ALTER TABLE flashlua.backfill ADD COLUMN IF NOT EXISTS nth int NOT NULL DEFAULT 1,
+      DROP CONSTRAINT IF EXISTS backfill_pkey, ADD PRIMARY KEY (slot, rel, nth)]])
+    if not ok then return nil, "cannot add column nth to flashlua.backfill: " .. tostring(derr) end
   end
   if (d.created_slot or d.created_schema) and not d.backfill_cleared then
     d.backfill_cleared = true
     self:exec("DELETE FROM flashlua.backfill WHERE slot = $1", slot)
   end
   if self.opts.restart then
-    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2", slot, self.l.table.oid)
+    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2 AND nth = $3", slot, self.l.table.oid, self.nth)
   end
   local rows
   rows, err = self:exec([[SELECT seg, block, after, rows_done, done FROM flashlua.backfill
-    WHERE slot = $1 AND rel = $2]], slot, self.l.table.oid)
+    WHERE slot = $1 AND rel = $2 AND nth = $3]], slot, self.l.table.oid, self.nth)
   if not rows then return nil, err end
   local r = rows[1]
   if not r then
-    local ok, ierr = self:exec("INSERT INTO flashlua.backfill (slot, rel, tbl) VALUES ($1, $2, $3)",
-      slot, self.l.table.oid, self.l.table_name)
+    local ok, ierr = self:exec("INSERT INTO flashlua.backfill (slot, rel, tbl, nth) VALUES ($1, $2, $3, $4)",
+      slot, self.l.table.oid, self.l.table_name, self.nth)
     if not ok then return nil, ierr end
     return true
   end
@@ -498,8 +513,9 @@ function Backfill:save(cursor, rows_done, done)
     end
   end
   local ok, err = self:exec([[UPDATE flashlua.backfill SET seg = $3, block = $4, after = $5::text[],
-    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2]],
-    self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done)
+    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2 AND nth = $8]],
+    self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done,
+    self.nth)
   if handled then
     if ok then ok, err = self:exec("COMMIT") else self:exec("ROLLBACK") end
     if ok then d.handled = {} end
