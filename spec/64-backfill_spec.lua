@@ -298,6 +298,40 @@ describe("backfill under " .. driver, function()
     end
   end)
 
+  it("with ack = manual saves the end only once every read is acknowledged, rows a multiple of chunk too", function()
+    -- 300 rows in chunks of 100: the fourth chunk reads none, which ends the backfill.
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 'v' || g FROM generate_series(1, 300) g")
+    local name = "bf_end_" .. core.getpid()
+    local key = wal and name or "schema:" .. name
+    local c = assert(flash.client { driver = driver, persistent = true, slot = wal and name or nil,
+                                    schema = not wal and name or nil, ack = "manual" })
+    local l = assert(c:listen { table = t })
+    local held, done = {}, false
+    l:on("all", function(ev) held[#held + 1] = ev end)
+    l:backfill { chunk = 100, on_done = function() done = true end }
+    assert(c:start())
+    local deadline = core.now() + 20
+    while not done and core.now() < deadline do assert(c:poll(0.05)) end
+    assert.is_true(done)
+    assert.equal(300, #held)
+    local function saved()
+      for _ = 1, 10 do assert(c:poll(0.02)) end
+      local r = H.sql("SELECT rows_done, done FROM flashlua.backfill WHERE slot = $1", key)[1]
+      return { r.rows_done, r.done }
+    end
+    -- Nothing acknowledged: a crash now must read every row again, not find it finished.
+    assert.same({ 0, false }, saved())
+    for i = 1, 200 do held[i]:ack() end
+    assert.same({ 200, false }, saved())
+    for i = 201, 300 do held[i]:ack() end
+    assert.same({ 300, true }, saved())
+    c:stop()
+    if wal then H.drop_slot(name) else H.sql("DROP SCHEMA " .. name .. " CASCADE") end
+    H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", key)
+  end)
+
   if not wal then
     it("with ack = manual saves a chunk's progress only once its reads are acknowledged", function()
       local t = H.table("id int PRIMARY KEY, v text")

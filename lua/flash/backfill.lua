@@ -913,7 +913,15 @@ local function take(bf)
     if what == "done" then
       bf.cursor = nxt or bf.cursor
       bf:finish()
-      bf:save(bf.cursor, bf.rows_done, true)
+      local w = bf.waiting and bf.waiting[#bf.waiting]
+      if w then
+        -- Manual acks with chunks whose reads are not all acknowledged yet: the end is
+        -- saved with the last of them, once it is (M.confirmed), not before: a crash
+        -- meanwhile must read them again, not find the backfill finished.
+        w.cursor, w.done = bf.cursor, true
+      else
+        bf:save(bf.cursor, bf.rows_done, true)
+      end
     elseif what == nil then
       ok, err = false, nxt
     end
