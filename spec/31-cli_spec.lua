@@ -365,6 +365,29 @@ flash.after(1.5, flash.stop)
       assert.are.same({ 1, 3, 5 }, ids)
     end)
 
+    it("writes bytea values as to_json does (\\x and hex), so that every line is UTF-8 JSON", function()
+      local t = H.table("id int PRIMARY KEY, b bytea, bs bytea[], s text")
+      tables[#tables + 1] = t
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      H.sql("INSERT INTO " .. t .. [[ VALUES (1, '\x00ff5c', '{"\\x01",NULL}', 'é')]])
+      local h = spawn({ "--table", t, "--backfill" })
+      assert.is_true(h.await('"op":"read"', 20), h.err())
+      H.sql("UPDATE " .. t .. [[ SET b = '\xfe' WHERE id = 1]])
+      assert.is_true(h.await('"op":"update"', 20), h.err())
+      h.kill("TERM")
+      assert.are.equal(0, h.wait(10), h.err())
+      local out = h.out()
+      -- Valid UTF-8: no byte of 0x80 and over but those of the é (C3 A9).
+      assert.truthy(out:find("é", 1, true), out)
+      assert.is_nil((out:gsub("é", "")):find("[\128-\255]"), out)
+      local events = {}
+      for line in out:gmatch("[^\n]+") do events[#events + 1] = cjson.decode(line) end
+      assert.are.equal(2, #events, out)
+      assert.are.same({ id = 1, b = "\\x00ff5c", bs = { "\\x01", cjson.null }, s = "é" }, events[1].new)
+      assert.are.equal("\\xfe", events[2].new.b)
+      assert.are.equal("\\x00ff5c", events[2].old.b)
+    end)
+
     it("prints one JSON line per event of the chosen operations until SIGTERM", function()
       local t = H.table("id int PRIMARY KEY, title text, note text")
       tables[#tables + 1] = t

@@ -310,7 +310,29 @@ local function table_mode(flash, o)
     listener:on(ops or "all", flash.sink.redis { url = o.to, partitions = o.partitions })
     return
   end
+  -- bytea values are raw bytes in Lua, which JSON (UTF-8 text) cannot carry: they are
+  -- written as PostgreSQL's to_json writes them, "\\x" and hex (arrays of them alike).
+  local BYTEA = 17
+  local binary = {}
+  for _, c in ipairs(listener.table.columns) do
+    if c.oid == BYTEA or c.elem == BYTEA then binary[#binary + 1] = c.name end
+  end
+  local function hex(v)
+    if type(v) == "string" then
+      return "\\x" .. v:gsub(".", function(ch) return string.format("%02x", ch:byte()) end)
+    elseif type(v) == "table" and v ~= flash.null and v ~= flash.unchanged then
+      local t = {}
+      for i, x in ipairs(v) do t[i] = hex(x) end
+      return t
+    end
+    return v
+  end
   listener:on(ops or "all", function(ev)
+    for _, name in ipairs(binary) do
+      for _, row in ipairs({ ev.new or false, ev.old or false }) do
+        if row and row[name] ~= nil then row[name] = hex(row[name]) end
+      end
+    end
     io.stdout:write(encode(ev, ENCODE_OPTS), "\n")
     io.stdout:flush()
   end)
