@@ -365,6 +365,23 @@ flash.after(1.5, flash.stop)
       assert.are.same({ 1, 3, 5 }, ids)
     end)
 
+    it("--fields takes \"double quoted\" names as --where does: a comma, spaces or a quote in a name", function()
+      local t = H.table([[id int PRIMARY KEY, "Col, Comma" text, "qu""ote" text, "Mixed Case" int, other text]])
+      tables[#tables + 1] = t
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      H.sql("INSERT INTO " .. t .. [[ VALUES (1, 'c', 'q', 7, 'o')]])
+      local rc, out, err = run({ "--driver", "wal_logical", "-e", "require('flash').after(3, require('flash').stop)",
+        "--table", t, "--backfill", "--fields", [["Col, Comma", "qu""ote" , Mixed Case,id]] }, 20)
+      assert.are.equal(0, rc, err)
+      assert.are.same({ id = 1, ["Col, Comma"] = "c", ['qu"ote'] = "q", ["Mixed Case"] = 7 },
+        cjson.decode(out:match("[^\n]+")).new)
+      local out2
+      rc, out2, err = run({ "--table", t, "--fields", [["id]] })
+      assert.are.equal(2, rc, err)
+      assert.are.equal("", out2)
+      assert.truthy(err:find([[cannot read --fields '"id': unterminated quoted column name]], 1, true), err)
+    end)
+
     it("writes bytea values as to_json does (\\x and hex), so that every line is UTF-8 JSON", function()
       local t = H.table("id int PRIMARY KEY, b bytea, bs bytea[], s text")
       tables[#tables + 1] = t
