@@ -338,6 +338,8 @@ function Backfill:setup()
   -- A listener with fields and no conditions: where.apply would only project the row.
   self.read_fields = l.fields and fast_reader(cols, self.layout, l.fields)
   self.cursor = { seg = 1, block = 0, after = nil }
+  -- The progress saved last (Backfill:save): where a restarted stream reads again from.
+  self.saved = { cursor = self.cursor, rows = 0 }
   local ok
   ok, err = self:check_privileges(cols)
   if not ok then return nil, err end
@@ -483,6 +485,7 @@ function Backfill:load()
   end
   self.rows_done = r.rows_done
   self.cursor = { seg = r.seg, block = r.block, after = r.after ~= core.null and r.after or nil }
+  self.saved = { cursor = self.cursor, rows = r.rows_done }
   if r.done then
     self.done = true
     log.info(string.format("backfill of %s finished in an earlier run (%d rows; slot %s): nothing to do " ..
@@ -521,6 +524,7 @@ function Backfill:save(cursor, rows_done, done)
     if ok then d.handled = {} end
   end
   if not ok then log.warn("backfill of " .. self.l.table_name .. ": cannot save progress: " .. tostring(err)) end
+  if ok then self.saved = { cursor = cursor, rows = rows_done } end
   return ok
 end
 
@@ -848,7 +852,9 @@ function Backfill:finish()
   log.info(string.format("backfill of %s done: %d rows read this run (%d in all) in %.1f s", self.l.table_name,
     self.run_rows, self.rows_done, secs))
   self:progress_line(true)
-  if self.opts.on_done then
+  -- Once, even if a restarted stream made chunks be read again (M.reset).
+  if self.opts.on_done and not self.on_done_called then
+    self.on_done_called = true
     local ok, err = xpcall(self.opts.on_done, debug.traceback, self.l)
     if not ok then log.error("backfill on_done failed: " .. tostring(err)) end
   end
@@ -983,10 +989,20 @@ function M.on_message(client, lsn, token)
 end
 
 -- A new replication stream (start, reconnect): chunks in flight are read again.
+-- Under manual acks, chunks delivered and not yet acknowledged are read again from the
+-- progress saved last, as the stream delivers its unacknowledged changes again: their old
+-- reads can no longer be acknowledged (their place in the ack tracker went with the stream).
 function M.reset(client)
   for _, bf in ipairs(client.backfills or {}) do
     if bf.inflight then client.backfill_tokens[bf.inflight.token] = nil bf.inflight = nil end
     if bf.pending then bf:drop_reader() end
+    local w = bf.waiting
+    if w and w[1] and bf.saved then
+      log.info(string.format("backfill of %s: %d chunk%s not acknowledged when the stream restarted %s read again, " ..
+        "after %d rows", bf.l.table_name, #w, #w == 1 and "" or "s", #w == 1 and "is" or "are", bf.saved.rows))
+      bf.cursor, bf.rows_done = bf.saved.cursor, bf.saved.rows
+      bf.done, bf.finished_at = false, nil
+    end
     bf.waiting = nil
   end
 end
