@@ -603,6 +603,38 @@ describe("backfill under " .. driver, function()
     H.sql(string.format("DROP TABLE %s, %s", t, p))
   end)
 
+  it("as a role that cannot use another role's flashlua.backfill: an error that says so, not 'permission denied'", function()
+    -- flashlua.backfill made by the superuser (a persistent backfill of its own).
+    local name = "bf_other_" .. core.getpid()
+    local mine = H.table("id int PRIMARY KEY")
+    local c = assert(flash.client { driver = driver, persistent = true, slot = wal and name or nil,
+                                    schema = not wal and name or nil, replica_identity = "full" })
+    backfill_all(c, assert(c:listen { table = mine }), 10)
+    c:stop()
+    if wal then H.drop_slot(name) else H.sql("DROP SCHEMA " .. name .. " CASCADE") end
+    -- A role that owns and may read its table, without USAGE on schema flashlua.
+    local role = "flash_bf_other"
+    H.sql(string.format([[DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN REPLICATION; END IF;
+      END $$; GRANT CREATE ON DATABASE postgres TO %s]], role, role, role))
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql(string.format("ALTER TABLE %s REPLICA IDENTITY FULL; INSERT INTO %s VALUES (1, 'a'); ALTER TABLE %s OWNER TO %s",
+      t, t, t, role))
+    local s = script(string.format([[
+      local flash = require "flash"
+      local c = assert(flash.client { driver = %q, persistent = true, slot = %q, publication = %q, schema = %q })
+      local l = assert(c:listen { table = %q })
+      l:on("read", function() end)
+      l:backfill { on_done = function() flash.stop() end }
+    ]], driver, name .. "_r", name .. "_r", name .. "_r", t))
+    local rc, _, err = H.run_flashlua({ "-d", (H.dsn:gsub("user=%S+", "")) .. " user=" .. role, s }, 30)
+    if wal then pcall(H.drop_slot, name .. "_r", name .. "_r") else H.sql("DROP SCHEMA IF EXISTS " .. name .. "_r CASCADE") end
+    assert.equal(1, rc, err)
+    assert.truthy(err:find("backfill of public." .. t .. " failed: flashlua.backfill exists but is owned by another " ..
+      "role (postgres): backfill progress cannot be kept there (drop it, or run flashlua as its owner)", 1, true), err)
+    H.sql(string.format("DROP TABLE %s, %s", t, mine))
+  end)
+
   it("flashlua --table T --backfill writes the existing rows, then follows changes, as JSON lines", function()
     local t = H.table("id int PRIMARY KEY, v text")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

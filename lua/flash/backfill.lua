@@ -444,13 +444,17 @@ end
 function Backfill:load()
   local d = self.client.driver
   local slot = self:slot()
+  -- Found by name in the catalog: to_regclass raises for a role without USAGE on a schema
+  -- flashlua another role made ("permission denied for schema flashlua", naming no fix).
   local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine,
-      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'nth') AS has_nth
-    FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('flashlua.backfill')]])
+      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'nth') AS has_nth,
+      pg_catalog.pg_get_userbyid(c.relowner)::text AS owner
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'flashlua' AND c.relname = 'backfill' AND c.relkind = 'r']])
   if not own then return nil, err end
   if own[1] and not own[1].mine then
-    return nil, "flashlua.backfill exists but is owned by another role: backfill progress cannot be kept there " ..
-      "(drop it, or run flashlua as its owner)"
+    return nil, string.format("flashlua.backfill exists but is owned by another role (%s): backfill progress " ..
+      "cannot be kept there (drop it, or run flashlua as its owner)", own[1].owner)
   end
   if not own[1] then
     local ok, derr = self:exec(STATE_DDL)
