@@ -996,14 +996,19 @@ end
 -- Under manual acks, chunks delivered and not yet acknowledged are read again from the
 -- progress saved last, as the stream delivers its unacknowledged changes again: their old
 -- reads can no longer be acknowledged (their place in the ack tracker went with the stream).
+-- Also called by the trigger drivers when their connection is re-established.
 function M.reset(client)
   for _, bf in ipairs(client.backfills or {}) do
-    if bf.inflight then client.backfill_tokens[bf.inflight.token] = nil bf.inflight = nil end
+    if bf.inflight then
+      if bf.inflight.token then client.backfill_tokens[bf.inflight.token] = nil end
+      bf.inflight = nil
+    end
     if bf.pending then bf:drop_reader() end
     local w = bf.waiting
     if w and w[1] and bf.saved then
-      log.info(string.format("backfill of %s: %d chunk%s not acknowledged when the stream restarted %s read again, " ..
-        "after %d rows", bf.l.table_name, #w, #w == 1 and "" or "s", #w == 1 and "is" or "are", bf.saved.rows))
+      log.info(string.format("backfill of %s: %d chunk%s not acknowledged when the connection was re-established " ..
+        "%s read again, after %d rows", bf.l.table_name, #w, #w == 1 and "" or "s", #w == 1 and "is" or "are",
+        bf.saved.rows))
       bf.cursor, bf.rows_done = bf.saved.cursor, bf.saved.rows
       bf.done, bf.finished_at = false, nil
     end

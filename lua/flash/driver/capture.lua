@@ -945,6 +945,9 @@ function Driver:reconnect()
           log.warn(string.format("%d unacknowledged events are delivered again", client.acks.outstanding))
         end
         client.acks:reset()
+        -- Backfill chunks whose reads were not all acknowledged are read again too: their
+        -- markers leave the delivered list here, which would otherwise count as acknowledged.
+        if client.backfills then backfill.reset(client) end
         self.delivered = {}
       end
       return true
