@@ -365,6 +365,46 @@ flash.after(1.5, flash.stop)
       assert.are.same({ 1, 3, 5 }, ids)
     end)
 
+    it("--fields takes \"double quoted\" names as --where does: a comma, spaces or a quote in a name", function()
+      local t = H.table([[id int PRIMARY KEY, "Col, Comma" text, "qu""ote" text, "Mixed Case" int, other text]])
+      tables[#tables + 1] = t
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      H.sql("INSERT INTO " .. t .. [[ VALUES (1, 'c', 'q', 7, 'o')]])
+      local rc, out, err = run({ "--driver", "wal_logical", "-e", "require('flash').after(3, require('flash').stop)",
+        "--table", t, "--backfill", "--fields", [["Col, Comma", "qu""ote" , Mixed Case,id]] }, 20)
+      assert.are.equal(0, rc, err)
+      assert.are.same({ id = 1, ["Col, Comma"] = "c", ['qu"ote'] = "q", ["Mixed Case"] = 7 },
+        cjson.decode(out:match("[^\n]+")).new)
+      local out2
+      rc, out2, err = run({ "--table", t, "--fields", [["id]] })
+      assert.are.equal(2, rc, err)
+      assert.are.equal("", out2)
+      assert.truthy(err:find([[cannot read --fields '"id': unterminated quoted column name]], 1, true), err)
+    end)
+
+    it("writes bytea values as to_json does (\\x and hex), so that every line is UTF-8 JSON", function()
+      local t = H.table("id int PRIMARY KEY, b bytea, bs bytea[], s text")
+      tables[#tables + 1] = t
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      H.sql("INSERT INTO " .. t .. [[ VALUES (1, '\x00ff5c', '{"\\x01",NULL}', 'é')]])
+      local h = spawn({ "--table", t, "--backfill" })
+      assert.is_true(h.await('"op":"read"', 20), h.err())
+      H.sql("UPDATE " .. t .. [[ SET b = '\xfe' WHERE id = 1]])
+      assert.is_true(h.await('"op":"update"', 20), h.err())
+      h.kill("TERM")
+      assert.are.equal(0, h.wait(10), h.err())
+      local out = h.out()
+      -- Valid UTF-8: no byte of 0x80 and over but those of the é (C3 A9).
+      assert.truthy(out:find("é", 1, true), out)
+      assert.is_nil((out:gsub("é", "")):find("[\128-\255]"), out)
+      local events = {}
+      for line in out:gmatch("[^\n]+") do events[#events + 1] = cjson.decode(line) end
+      assert.are.equal(2, #events, out)
+      assert.are.same({ id = 1, b = "\\x00ff5c", bs = { "\\x01", cjson.null }, s = "é" }, events[1].new)
+      assert.are.equal("\\xfe", events[2].new.b)
+      assert.are.equal("\\x00ff5c", events[2].old.b)
+    end)
+
     it("prints one JSON line per event of the chosen operations until SIGTERM", function()
       local t = H.table("id int PRIMARY KEY, title text, note text")
       tables[#tables + 1] = t

@@ -236,6 +236,147 @@ describe("backfill under " .. driver, function()
     end
   end)
 
+  it("keeps the progress of two listeners of one table apart: each resumes where it was after kill -9", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 'v' || g FROM generate_series(1, 2000) g")
+    local slot = "bf_two_" .. core.getpid()
+    local out = tmp()
+    -- Listener a reads in chunks of 100, b in one chunk; the first run is killed at a's
+    -- first read after b finished (b's progress saved, a's at 100 or so rows).
+    local s = script([[
+      local flash = require "flash"
+      local out = assert(io.open(arg[1], "a"))
+      out:setvbuf("no")
+      local c = assert(flash.client { driver = arg[4], persistent = true, slot = arg[3], publication = arg[3],
+                                      schema = arg[4] ~= "wal_logical" and arg[3] or nil })
+      local a = assert(c:listen { table = arg[2], fields = { "id" } })
+      local b = assert(c:listen { table = arg[2] })
+      local b_done = false
+      a:on("read", function(ev)
+        if b_done and arg[5] == "kill" then os.execute("kill -9 " .. require("flash.core").getpid()) end
+        out:write("a ", ev.new.id, "\n")
+      end)
+      b:on("read", function(ev) out:write("b ", ev.new.id, "\n") end)
+      a:backfill { chunk = 100, on_done = function() out:write("a done\n") flash.stop() end }
+      b:backfill { chunk = 5000, on_done = function() b_done = true end }
+    ]])
+    local h = spawn({ "-l", "info", s, out, t, slot, driver, "kill" })
+    assert.equal(137, h.wait(30), h.err())
+    local first = { a = 0, b = 0 }
+    for _, line in ipairs(H.lines(out)) do
+      local who = line:match("^(%a) %d+$")
+      first[who] = first[who] + 1
+    end
+    local h2 = spawn({ "-l", "info", s, out, t, slot, driver })
+    assert.equal(0, h2.wait(30), h2.err())
+    local seen, again = { a = {}, b = {} }, { a = 0, b = 0 }
+    local lines = H.lines(out)
+    assert.equal("a done", table.remove(lines))
+    for i, line in ipairs(lines) do
+      local who, id = line:match("^(%a) (%d+)$")
+      seen[who][tonumber(id)] = true
+      if i > first.a + first.b then again[who] = again[who] + 1 end
+    end
+    for _, who in ipairs({ "a", "b" }) do
+      local n = 0
+      for i = 1, 2000 do if seen[who][i] then n = n + 1 end end
+      assert.equal(2000, n, who .. " saw " .. n .. " of 2000 rows")
+    end
+    -- b finished in the first run: it reads nothing again; a goes on from its own chunk.
+    assert.equal(2000, first.b)
+    assert.equal(0, again.b)
+    assert.is_true(first.a < 2000)
+    assert.equal(2000 - math.floor(first.a / 100) * 100, again.a)
+    assert.truthy(h2.err():find("resuming after " .. math.floor(first.a / 100) * 100 .. " rows", 1, true), h2.err())
+    if wal then
+      H.drop_slot(slot)
+      H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", slot)
+    else
+      H.sql("DROP SCHEMA " .. slot .. " CASCADE")
+      H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", "schema:" .. slot)
+    end
+  end)
+
+  it("with ack = manual saves the end only once every read is acknowledged, rows a multiple of chunk too", function()
+    -- 300 rows in chunks of 100: the fourth chunk reads none, which ends the backfill.
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 'v' || g FROM generate_series(1, 300) g")
+    local name = "bf_end_" .. core.getpid()
+    local key = wal and name or "schema:" .. name
+    local c = assert(flash.client { driver = driver, persistent = true, slot = wal and name or nil,
+                                    schema = not wal and name or nil, ack = "manual" })
+    local l = assert(c:listen { table = t })
+    local held, done = {}, false
+    l:on("all", function(ev) held[#held + 1] = ev end)
+    l:backfill { chunk = 100, on_done = function() done = true end }
+    assert(c:start())
+    local deadline = core.now() + 20
+    while not done and core.now() < deadline do assert(c:poll(0.05)) end
+    assert.is_true(done)
+    assert.equal(300, #held)
+    local function saved()
+      for _ = 1, 10 do assert(c:poll(0.02)) end
+      local r = H.sql("SELECT rows_done, done FROM flashlua.backfill WHERE slot = $1", key)[1]
+      return { r.rows_done, r.done }
+    end
+    -- Nothing acknowledged: a crash now must read every row again, not find it finished.
+    assert.same({ 0, false }, saved())
+    for i = 1, 200 do held[i]:ack() end
+    assert.same({ 200, false }, saved())
+    for i = 201, 300 do held[i]:ack() end
+    assert.same({ 300, true }, saved())
+    c:stop()
+    if wal then H.drop_slot(name) else H.sql("DROP SCHEMA " .. name .. " CASCADE") end
+    H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", key)
+  end)
+
+  it("with ack = manual reads unacknowledged chunks again after a reconnect, as new events to acknowledge", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.sql("INSERT INTO " .. t .. " SELECT g, 'v' || g FROM generate_series(1, 250) g")
+    local name = "bf_recon_" .. core.getpid()
+    local key = wal and name or "schema:" .. name
+    local c = assert(flash.client { driver = driver, persistent = true, slot = wal and name or nil,
+                                    schema = not wal and name or nil, ack = "manual" })
+    local l = assert(c:listen { table = t })
+    local held, done = {}, false
+    l:on("all", function(ev) held[#held + 1] = ev end)
+    l:backfill { chunk = 100, on_done = function() done = true end }
+    assert(c:start())
+    local deadline = core.now() + 20
+    while not done and core.now() < deadline do assert(c:poll(0.05)) end
+    assert.equal(250, #held)
+    -- The first chunk acknowledged; the stream is then lost with two chunks outstanding.
+    for i = 1, 100 do assert.is_true(held[i]:ack()) end
+    for _ = 1, 5 do assert(c:poll(0.02)) end
+    if wal then
+      H.sql("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1", name)
+    else
+      -- Every connection of the client (query, keeper, chunk reader): all but this one.
+      H.sql([[SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()
+        AND backend_type = 'client backend' AND datname = current_database()]])
+    end
+    deadline = core.now() + 20
+    while #held < 400 and core.now() < deadline do c:poll(0.05) end
+    assert.equal(400, #held)
+    for i = 101, 250 do assert.is_false(held[i]:ack()) end
+    local again = {}
+    for i = 251, 400 do
+      assert.equal("read", held[i].op)
+      again[#again + 1] = held[i].new.id
+      assert.is_true(held[i]:ack())
+    end
+    for i = 1, #again do assert.equal(100 + i, again[i]) end
+    for _ = 1, 10 do assert(c:poll(0.02)) end
+    local r = H.sql("SELECT rows_done, done FROM flashlua.backfill WHERE slot = $1", key)[1]
+    assert.same({ 250, true }, { r.rows_done, r.done })
+    c:stop()
+    if wal then H.drop_slot(name) else H.sql("DROP SCHEMA " .. name .. " CASCADE") end
+    H.sql("DELETE FROM flashlua.backfill WHERE slot = $1", key)
+  end)
+
   if not wal then
     it("with ack = manual saves a chunk's progress only once its reads are acknowledged", function()
       local t = H.table("id int PRIMARY KEY, v text")
@@ -409,6 +550,95 @@ describe("backfill under " .. driver, function()
       assert.equal(keyed and "key" or "ctid", c:stats().backfill.tables[1].mode)
       c:stop()
     end
+  end)
+
+  it("reads every row of an INHERITS parent whose primary key the children repeat", function()
+    -- The parent's primary key is not its children's: a child may hold a key the parent
+    -- (or another child) holds too, so the key does not order the rows uniquely.
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql(string.format("CREATE TABLE %s_c (extra text) INHERITS (%s); CREATE TABLE %s_d () INHERITS (%s); " ..
+      "INSERT INTO %s SELECT g, 'p' || g FROM generate_series(1, 5) g; " ..
+      "INSERT INTO %s_c VALUES (3, 'c3', 'x'), (6, 'c6', 'y'); INSERT INTO %s_d VALUES (3, 'd3'), (5, 'd5')",
+      t, t, t, t, t, t, t))
+    local c = assert(flash.client { driver = driver, replica_identity = "full" })
+    local got = backfill_all(c, assert(c:listen { table = t }), 3)
+    local seen = {}
+    for _, ev in ipairs(got) do seen[#seen + 1] = ev.source .. ":" .. ev.new.v end
+    table.sort(seen)
+    local want = {}
+    for _, r in ipairs(H.sql("SELECT tableoid::regclass::text AS src, v FROM " .. t)) do
+      want[#want + 1] = "public." .. r.src .. ":" .. r.v
+    end
+    table.sort(want)
+    assert.same(want, seen)
+    assert.equal(9, #seen)
+    c:stop()
+    H.sql("DROP TABLE " .. t .. " CASCADE")
+  end)
+
+  it("refuses a table the role may not read with an error that names the GRANT, partitions read by ctid too", function()
+    -- A role that owns its tables (so it may publish them and put triggers on them) but
+    -- may not SELECT from them: the server's error says only "permission denied".
+    local role = "flash_bf_noread"
+    H.sql(string.format([[DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN REPLICATION; END IF;
+      END $$; GRANT CREATE ON DATABASE postgres TO %s]], role, role, role))
+    local dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. role
+    local function run(t, rel, why)
+      local args = { "-d", dsn, "--driver", driver, "--table", t, "--backfill" }
+      local rc, _, err = H.run_flashlua(args, 30)
+      assert.equal(1, rc, err)
+      assert.truthy(err:find(string.format("flashlua: backfill of public.%s failed: cannot read %s%s: the role %s " ..
+        "has no SELECT privilege on it (run `GRANT SELECT ON %s TO \"%s\"` as its owner)", t, rel, why, role, rel, role),
+        1, true), err)
+    end
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql(string.format("ALTER TABLE %s REPLICA IDENTITY FULL; INSERT INTO %s VALUES (1, 'a'); " ..
+      "ALTER TABLE %s OWNER TO %s; REVOKE SELECT ON %s FROM %s", t, t, t, role, t, role))
+    run(t, string.format('"public"."%s"', t), "")
+    -- A partitioned table without a key: the parent's privilege is not the partition's.
+    local p = H.table("id int, region text")
+    H.sql("DROP TABLE " .. p)
+    H.sql(string.format("CREATE TABLE %s (id int, region text) PARTITION BY LIST (region); " ..
+      "CREATE TABLE %s_eu PARTITION OF %s FOR VALUES IN ('eu'); INSERT INTO %s VALUES (1, 'eu'); " ..
+      "ALTER TABLE %s REPLICA IDENTITY FULL; ALTER TABLE %s_eu REPLICA IDENTITY FULL; " ..
+      "ALTER TABLE %s OWNER TO %s; ALTER TABLE %s_eu OWNER TO %s; REVOKE SELECT ON %s_eu FROM %s",
+      p, p, p, p, p, p, p, role, p, role, p, role))
+    run(p, string.format('"public"."%s_eu"', p),
+      string.format(" (it holds rows of public.%s and, with no primary key, is read by itself)", p))
+    H.sql(string.format("DROP TABLE %s, %s", t, p))
+  end)
+
+  it("as a role that cannot use another role's flashlua.backfill: an error that says so, not 'permission denied'", function()
+    -- flashlua.backfill made by the superuser (a persistent backfill of its own).
+    local name = "bf_other_" .. core.getpid()
+    local mine = H.table("id int PRIMARY KEY")
+    local c = assert(flash.client { driver = driver, persistent = true, slot = wal and name or nil,
+                                    schema = not wal and name or nil, replica_identity = "full" })
+    backfill_all(c, assert(c:listen { table = mine }), 10)
+    c:stop()
+    if wal then H.drop_slot(name) else H.sql("DROP SCHEMA " .. name .. " CASCADE") end
+    -- A role that owns and may read its table, without USAGE on schema flashlua.
+    local role = "flash_bf_other"
+    H.sql(string.format([[DO $$ BEGIN
+      IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN REPLICATION; END IF;
+      END $$; GRANT CREATE ON DATABASE postgres TO %s]], role, role, role))
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql(string.format("ALTER TABLE %s REPLICA IDENTITY FULL; INSERT INTO %s VALUES (1, 'a'); ALTER TABLE %s OWNER TO %s",
+      t, t, t, role))
+    local s = script(string.format([[
+      local flash = require "flash"
+      local c = assert(flash.client { driver = %q, persistent = true, slot = %q, publication = %q, schema = %q })
+      local l = assert(c:listen { table = %q })
+      l:on("read", function() end)
+      l:backfill { on_done = function() flash.stop() end }
+    ]], driver, name .. "_r", name .. "_r", name .. "_r", t))
+    local rc, _, err = H.run_flashlua({ "-d", (H.dsn:gsub("user=%S+", "")) .. " user=" .. role, s }, 30)
+    if wal then pcall(H.drop_slot, name .. "_r", name .. "_r") else H.sql("DROP SCHEMA IF EXISTS " .. name .. "_r CASCADE") end
+    assert.equal(1, rc, err)
+    assert.truthy(err:find("backfill of public." .. t .. " failed: flashlua.backfill exists but is owned by another " ..
+      "role (postgres): backfill progress cannot be kept there (drop it, or run flashlua as its owner)", 1, true), err)
+    H.sql(string.format("DROP TABLE %s, %s", t, mine))
   end)
 
   it("flashlua --table T --backfill writes the existing rows, then follows changes, as JSON lines", function()

@@ -210,6 +210,37 @@ assert(flash.run())
       end
     end)
 
+    it("a role that may create triggers but not drop them (TRIGGER privilege): stop at once, saying how to drop them", function()
+      local role = "flash_trig_only"
+      H.sql(string.format([[DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN; END IF;
+        END $$; GRANT CREATE ON DATABASE postgres TO %s]], role, role, role))
+      local t = H.table("id int PRIMARY KEY")
+      H.sql(string.format("GRANT TRIGGER ON %s TO %s", t, role))
+      local dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. role
+      local h = H.spawn({ "-d", dsn, "--driver", driver, "--table", t })
+      assert.is_true(h.await("listening on", 20, "err"), h.err())
+      local started = core.now()
+      h.kill("TERM")
+      local rc = h.wait(20)
+      local took = core.now() - started
+      local err = h.err()
+      local schema = err:match("DROP SCHEMA \"(flash_%d+)\" CASCADE")
+      if schema then H.sql("DROP SCHEMA " .. schema .. " CASCADE") end
+      assert.equal(1, rc, err)
+      -- Not retried until shutdown_timeout (10 s) with a warning every 20 ms.
+      assert.is_true(took < 5, string.format("the stop took %.1f s", took))
+      local _, warnings = err:gsub("WARN [^\n]*cannot drop trigger", "")
+      assert.is_true(warnings <= 4, warnings .. " warnings:\n" .. err:sub(1, 2000))
+      assert.truthy(err:find("must be owner of", 1, true), err)
+      assert.truthy(schema, err)
+      assert.truthy(err:find("left: run `DROP SCHEMA \"" .. schema .. "\" CASCADE` as the owner of the tables", 1, true),
+        err)
+      assert.equal(0, tonumber(H.scalar("SELECT count(*) FROM pg_trigger WHERE tgrelid = $1::regclass", t)))
+      h.wait(1)
+      os.remove(h.base .. ".out") os.remove(h.base .. ".err") os.remove(h.base .. ".rc")
+    end)
+
     it("stops cleanly, without deadlocks, while other sessions write to the table", function()
       local t = H.table("id bigserial PRIMARY KEY, v text")
       local sql = os.tmpname()

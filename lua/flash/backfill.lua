@@ -193,6 +193,13 @@ function M.start(l, opts)
     done = false, ready = false,
     started_at = nil,
   }, Backfill)
+  -- Progress is kept per slot, table and nth: this backfill's place among the client's
+  -- backfills of the same table (1, 2, ... in the order the script asks for them), so two
+  -- listeners of one table (a cache and an index, say) each resume where they were.
+  self.nth = 1
+  for _, other in ipairs(client.backfills or {}) do
+    if other.l.table.oid == l.table.oid then self.nth = self.nth + 1 end
+  end
   if self.poll then
     -- flash.filter's emit for this listener's changes (M.change), made once.
     self.emit = function(l2, ev)
@@ -232,6 +239,23 @@ function Backfill:key_columns()
     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
     WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n]], tbl.oid)
   if not rows then return nil, err end
+  -- An INHERITS parent's primary key holds for the parent's own rows only: its children
+  -- may repeat a key (each other's too), and chunks ordered by it would skip the rows of a
+  -- repeated key at a chunk's edge (and a change to one would drop the others' reads).
+  -- Such a table is read by ctid, unless the listener's primary_key says which columns are
+  -- unique over all of them. (A partitioned table's key holds over its partitions.)
+  if #rows > 0 then
+    local kids
+    kids, err = self:exec([[SELECT count(*)::int AS n FROM pg_catalog.pg_inherits i
+      JOIN pg_catalog.pg_class c ON c.oid = i.inhparent WHERE i.inhparent = $1 AND c.relkind = 'r']], tbl.oid)
+    if not kids then return nil, err end
+    if kids[1].n > 0 then
+      log.info(string.format("backfill of %s: it has inheritance children (%d), whose rows its primary key does not " ..
+        "cover (they may repeat its keys): read by ctid (a listener's primary_key naming columns unique over all of " ..
+        "them would be used instead)", self.l.table_name, kids[1].n))
+      rows = {}
+    end
+  end
   if #rows == 0 and self.l.primary_key then
     -- No primary key in the table: the listener's own (unique, the user says so).
     for _, name in ipairs(self.l.primary_key) do
@@ -314,7 +338,11 @@ function Backfill:setup()
   -- A listener with fields and no conditions: where.apply would only project the row.
   self.read_fields = l.fields and fast_reader(cols, self.layout, l.fields)
   self.cursor = { seg = 1, block = 0, after = nil }
+  -- The progress saved last (Backfill:save): where a restarted stream reads again from.
+  self.saved = { cursor = self.cursor, rows = 0 }
   local ok
+  ok, err = self:check_privileges(cols)
+  if not ok then return nil, err end
   ok, err = self:estimate()
   if not ok then return nil, err end
   if d.persistent then
@@ -328,6 +356,46 @@ function Backfill:setup()
       self.estimated and string.format("about %d rows", self.estimated) or "row count unknown",
       self.rows_done > 0 and string.format(", resuming after %d rows", self.rows_done) or "",
       self.chunk, self.mode == "key" and ("primary key (" .. table.concat(self.keycols, ", ") .. ")") or "ctid"))
+  end
+  return true
+end
+
+-- The role must be able to SELECT what the chunks read (the columns cols and tableoid) from
+-- every relation they name: the table, or, by ctid, each table that holds rows (read with
+-- FROM ONLY, where the parent's privileges do not apply). Checked before the first chunk,
+-- so that the error names the relation and the GRANT that fixes it (the server's says
+-- only "permission denied for table X").
+function Backfill:check_privileges(cols)
+  local d = self.client.driver
+  local rels = {}
+  if self.mode == "key" then
+    rels[1] = { oid = self.l.table.oid, qualified = self.qualified }
+  else
+    for i, seg in ipairs(self.segs) do rels[i] = seg end
+  end
+  local names = { "tableoid" }
+  for i, c in ipairs(cols) do names[i + 1] = c.name end
+  for _, r in ipairs(rels) do
+    local rows, err = self:exec("SELECT pg_catalog.has_table_privilege($1::oid, 'SELECT') AS ok, current_user::text AS role",
+      r.oid)
+    if not rows then return nil, err end
+    local ok, role = rows[1].ok, rows[1].role
+    if not ok then
+      -- Column privileges may cover what is read.
+      ok = true
+      for _, name in ipairs(names) do
+        local cr
+        cr, err = self:exec("SELECT pg_catalog.has_column_privilege($1::oid, $2, 'SELECT') AS ok", r.oid, name)
+        if not cr then return nil, err end
+        if not cr[1].ok then ok = false break end
+      end
+    end
+    if not ok then
+      local what = r.qualified == self.qualified and "" or
+        string.format(" (it holds rows of %s and, with no primary key, is read by itself)", self.l.table_name)
+      return nil, string.format("cannot read %s%s: the role %s has no SELECT privilege on it (run `GRANT SELECT " ..
+        "ON %s TO %s` as its owner)", r.qualified, what, role, r.qualified, d:ident(role))
+    end
   end
   return true
 end
@@ -361,7 +429,8 @@ local STATE_DDL = [[
     seg int NOT NULL DEFAULT 1, block bigint NOT NULL DEFAULT 0, after text[],
     rows_done bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
     started timestamptz NOT NULL DEFAULT now(), updated timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (slot, rel));
+    nth int NOT NULL DEFAULT 1,
+    PRIMARY KEY (slot, rel, nth));
   COMMENT ON TABLE flashlua.backfill IS 'flashlua: progress of backfills (listener:backfill) per replication slot']]
 
 -- The key of this client's progress rows in flashlua.backfill: the slot's name, or under
@@ -375,12 +444,17 @@ end
 function Backfill:load()
   local d = self.client.driver
   local slot = self:slot()
-  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine
-    FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('flashlua.backfill')]])
+  -- Found by name in the catalog: to_regclass raises for a role without USAGE on a schema
+  -- flashlua another role made ("permission denied for schema flashlua", naming no fix).
+  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine,
+      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'nth') AS has_nth,
+      pg_catalog.pg_get_userbyid(c.relowner)::text AS owner
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'flashlua' AND c.relname = 'backfill' AND c.relkind = 'r']])
   if not own then return nil, err end
   if own[1] and not own[1].mine then
-    return nil, "flashlua.backfill exists but is owned by another role: backfill progress cannot be kept there " ..
-      "(drop it, or run flashlua as its owner)"
+    return nil, string.format("flashlua.backfill exists but is owned by another role (%s): backfill progress " ..
+      "cannot be kept there (drop it, or run flashlua as its owner)", own[1].owner)
   end
   if not own[1] then
     local ok, derr = self:exec(STATE_DDL)
@@ -388,27 +462,34 @@ function Backfill:load()
       return nil, "cannot create flashlua.backfill to keep backfill progress: " .. tostring(derr) ..
         " (the role needs CREATE on the database)"
     end
+  elseif not own[1].has_nth then
+    -- A table made by an older flashlua: one row per slot and table, which is the first
+    -- backfilling listener's of that table (nth = 1).
+    local ok, derr = self:exec([[ALTER TABLE flashlua.backfill ADD COLUMN IF NOT EXISTS nth int NOT NULL DEFAULT 1,
+      DROP CONSTRAINT IF EXISTS backfill_pkey, ADD PRIMARY KEY (slot, rel, nth)]])
+    if not ok then return nil, "cannot add column nth to flashlua.backfill: " .. tostring(derr) end
   end
   if (d.created_slot or d.created_schema) and not d.backfill_cleared then
     d.backfill_cleared = true
     self:exec("DELETE FROM flashlua.backfill WHERE slot = $1", slot)
   end
   if self.opts.restart then
-    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2", slot, self.l.table.oid)
+    self:exec("DELETE FROM flashlua.backfill WHERE slot = $1 AND rel = $2 AND nth = $3", slot, self.l.table.oid, self.nth)
   end
   local rows
   rows, err = self:exec([[SELECT seg, block, after, rows_done, done FROM flashlua.backfill
-    WHERE slot = $1 AND rel = $2]], slot, self.l.table.oid)
+    WHERE slot = $1 AND rel = $2 AND nth = $3]], slot, self.l.table.oid, self.nth)
   if not rows then return nil, err end
   local r = rows[1]
   if not r then
-    local ok, ierr = self:exec("INSERT INTO flashlua.backfill (slot, rel, tbl) VALUES ($1, $2, $3)",
-      slot, self.l.table.oid, self.l.table_name)
+    local ok, ierr = self:exec("INSERT INTO flashlua.backfill (slot, rel, tbl, nth) VALUES ($1, $2, $3, $4)",
+      slot, self.l.table.oid, self.l.table_name, self.nth)
     if not ok then return nil, ierr end
     return true
   end
   self.rows_done = r.rows_done
   self.cursor = { seg = r.seg, block = r.block, after = r.after ~= core.null and r.after or nil }
+  self.saved = { cursor = self.cursor, rows = r.rows_done }
   if r.done then
     self.done = true
     log.info(string.format("backfill of %s finished in an earlier run (%d rows; slot %s): nothing to do " ..
@@ -439,13 +520,15 @@ function Backfill:save(cursor, rows_done, done)
     end
   end
   local ok, err = self:exec([[UPDATE flashlua.backfill SET seg = $3, block = $4, after = $5::text[],
-    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2]],
-    self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done)
+    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2 AND nth = $8]],
+    self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done,
+    self.nth)
   if handled then
     if ok then ok, err = self:exec("COMMIT") else self:exec("ROLLBACK") end
     if ok then d.handled = {} end
   end
   if not ok then log.warn("backfill of " .. self.l.table_name .. ": cannot save progress: " .. tostring(err)) end
+  if ok then self.saved = { cursor = cursor, rows = rows_done } end
   return ok
 end
 
@@ -773,7 +856,9 @@ function Backfill:finish()
   log.info(string.format("backfill of %s done: %d rows read this run (%d in all) in %.1f s", self.l.table_name,
     self.run_rows, self.rows_done, secs))
   self:progress_line(true)
-  if self.opts.on_done then
+  -- Once, even if a restarted stream made chunks be read again (M.reset).
+  if self.opts.on_done and not self.on_done_called then
+    self.on_done_called = true
     local ok, err = xpcall(self.opts.on_done, debug.traceback, self.l)
     if not ok then log.error("backfill on_done failed: " .. tostring(err)) end
   end
@@ -838,7 +923,15 @@ local function take(bf)
     if what == "done" then
       bf.cursor = nxt or bf.cursor
       bf:finish()
-      bf:save(bf.cursor, bf.rows_done, true)
+      local w = bf.waiting and bf.waiting[#bf.waiting]
+      if w then
+        -- Manual acks with chunks whose reads are not all acknowledged yet: the end is
+        -- saved with the last of them, once it is (M.confirmed), not before: a crash
+        -- meanwhile must read them again, not find the backfill finished.
+        w.cursor, w.done = bf.cursor, true
+      else
+        bf:save(bf.cursor, bf.rows_done, true)
+      end
     elseif what == nil then
       ok, err = false, nxt
     end
@@ -900,10 +993,25 @@ function M.on_message(client, lsn, token)
 end
 
 -- A new replication stream (start, reconnect): chunks in flight are read again.
+-- Under manual acks, chunks delivered and not yet acknowledged are read again from the
+-- progress saved last, as the stream delivers its unacknowledged changes again: their old
+-- reads can no longer be acknowledged (their place in the ack tracker went with the stream).
+-- Also called by the trigger drivers when their connection is re-established.
 function M.reset(client)
   for _, bf in ipairs(client.backfills or {}) do
-    if bf.inflight then client.backfill_tokens[bf.inflight.token] = nil bf.inflight = nil end
+    if bf.inflight then
+      if bf.inflight.token then client.backfill_tokens[bf.inflight.token] = nil end
+      bf.inflight = nil
+    end
     if bf.pending then bf:drop_reader() end
+    local w = bf.waiting
+    if w and w[1] and bf.saved then
+      log.info(string.format("backfill of %s: %d chunk%s not acknowledged when the connection was re-established " ..
+        "%s read again, after %d rows", bf.l.table_name, #w, #w == 1 and "" or "s", #w == 1 and "is" or "are",
+        bf.saved.rows))
+      bf.cursor, bf.rows_done = bf.saved.cursor, bf.saved.rows
+      bf.done, bf.finished_at = false, nil
+    end
     bf.waiting = nil
   end
 end

@@ -31,7 +31,8 @@ options:
       --table NAME       no script: print each event of table NAME as one JSON line
       --ops LIST         with --table: operations, of insert, update, delete,
                          truncate, all (default all)
-      --fields LIST      with --table: columns to carry (default all)
+      --fields LIST      with --table: columns to carry (default all), separated by
+                         commas; a name as it is or "double quoted" (as in --where)
       --where COND       with --table: a condition (may be repeated; all must hold):
                            COL = VALUE   (also <>, !=, <, <=, >, >=)
                            COL is null,  COL is not null
@@ -87,6 +88,38 @@ local function split_list(s)
   local t = {}
   for item in s:gmatch("[^,]+") do t[#t + 1] = item:match("^%s*(.-)%s*$") end
   return t
+end
+
+-- --fields: names separated by commas, each as it is (spaces around it dropped) or "double
+-- quoted" ("" for a quote; a comma or spaces kept), as COLUMN in --where. A list, or nil
+-- and what could not be read.
+local function split_names(s)
+  local t, p = {}, 1
+  while true do
+    p = s:find("%S", p) or #s + 1
+    local name
+    if s:sub(p, p) == '"' then
+      local buf, j = {}, p + 1
+      while true do
+        local k = s:find('"', j, true)
+        if not k then return nil, "unterminated quoted column name" end
+        buf[#buf + 1] = s:sub(j, k - 1)
+        if s:sub(k + 1, k + 1) ~= '"' then p = k + 1 break end
+        buf[#buf + 1] = '"'
+        j = k + 2
+      end
+      name = table.concat(buf)
+      p = s:find("%S", p) or #s + 1
+      if p <= #s and s:sub(p, p) ~= "," then return nil, "expected ',' after a quoted column name" end
+    else
+      local k = s:find(",", p, true) or #s + 1
+      name = s:sub(p, k - 1):match("^(.-)%s*$")
+      p = k
+    end
+    if name ~= "" then t[#t + 1] = name end
+    if p > #s then return t end
+    p = p + 1
+  end
 end
 
 -- --where's grammar (also in USAGE):
@@ -220,7 +253,11 @@ local function parse_args(argv)
           error({ usage = string.format("unknown operation '%s' for --ops (expected insert, update, delete, truncate or all)", op) })
         end
       end
-    elseif a == "--fields" then o.fields = split_list(val(a))
+    elseif a == "--fields" then
+      local list = val(a)
+      local why
+      o.fields, why = split_names(list)
+      if not o.fields then error({ usage = string.format("cannot read --fields '%s': %s", list, why) }) end
     elseif a == "--backfill" then o.backfill = true
     elseif a == "--to" then
       o.to = val(a)
@@ -310,7 +347,29 @@ local function table_mode(flash, o)
     listener:on(ops or "all", flash.sink.redis { url = o.to, partitions = o.partitions })
     return
   end
+  -- bytea values are raw bytes in Lua, which JSON (UTF-8 text) cannot carry: they are
+  -- written as PostgreSQL's to_json writes them, "\\x" and hex (arrays of them alike).
+  local BYTEA = 17
+  local binary = {}
+  for _, c in ipairs(listener.table.columns) do
+    if c.oid == BYTEA or c.elem == BYTEA then binary[#binary + 1] = c.name end
+  end
+  local function hex(v)
+    if type(v) == "string" then
+      return "\\x" .. v:gsub(".", function(ch) return string.format("%02x", ch:byte()) end)
+    elseif type(v) == "table" and v ~= flash.null and v ~= flash.unchanged then
+      local t = {}
+      for i, x in ipairs(v) do t[i] = hex(x) end
+      return t
+    end
+    return v
+  end
   listener:on(ops or "all", function(ev)
+    for _, name in ipairs(binary) do
+      for _, row in ipairs({ ev.new or false, ev.old or false }) do
+        if row and row[name] ~= nil then row[name] = hex(row[name]) end
+      end
+    end
     io.stdout:write(encode(ev, ENCODE_OPTS), "\n")
     io.stdout:flush()
   end)

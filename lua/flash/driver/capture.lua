@@ -249,25 +249,43 @@ function Driver:schema_triggers(name)
     self:ident(name))
 end
 
--- Drops the triggers whose functions live in schema `name`; true, or nil and why.
+-- Drops the triggers whose functions live in schema `name`; true, or nil and why. A table
+-- that stays busy is tried again until `deadline`; a trigger that cannot be dropped for
+-- another reason (a role that may create triggers on a table it does not own, by the
+-- TRIGGER privilege, may not drop them) is not: trying again would change nothing.
 function Driver:drop_schema_triggers(name, deadline)
+  local failed, nfailed, first = {}, 0, nil
   while true do
     local rows, err = self:schema_triggers(name)
     if not rows then return nil, err end
-    if #rows == 0 then return true end
     local busy
     for _, t in ipairs(rows) do
-      local ok, derr, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(t.name) ..
-        " ON " .. self:ident(t.schema) .. "." .. self:ident(t.rel))
-      if not ok then
-        if not BUSY[state] then
-          if not self:conn():ok() then return nil, derr end
-          log.warn(string.format("cannot drop trigger %s on %s.%s: %s", t.name, t.schema, t.rel, derr))
+      local key = t.oid .. ":" .. t.name
+      if not failed[key] then
+        local ok, derr, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(t.name) ..
+          " ON " .. self:ident(t.schema) .. "." .. self:ident(t.rel))
+        if not ok then
+          if BUSY[state] then
+            busy = derr
+          else
+            if not self:conn():ok() then return nil, derr end
+            derr = tostring(derr):gsub("%s+$", "")
+            self.warned_drop = self.warned_drop or {}
+            if not self.warned_drop[key] then
+              self.warned_drop[key] = true
+              log.warn(string.format("cannot drop trigger %s on %s.%s: %s", t.name, t.schema, t.rel, derr))
+            end
+            failed[key], nfailed = true, nfailed + 1
+            first = first or string.format("cannot drop trigger %s on %s.%s: %s", t.name, t.schema, t.rel, derr)
+          end
         end
-        busy = derr
       end
     end
-    if not busy then return true end
+    if not busy then
+      if nfailed == 0 then return true end
+      return nil, string.format("%s (%d trigger%s left: run `DROP SCHEMA %s CASCADE` as the owner of the tables, " ..
+        "which drops them and what they captured)", first, nfailed, nfailed == 1 and "" or "s", self:ident(name))
+    end
     if core.now() >= deadline then return nil, "tables stayed busy: " .. tostring(busy) end
     core.sleep(0.02)
   end
@@ -927,6 +945,9 @@ function Driver:reconnect()
           log.warn(string.format("%d unacknowledged events are delivered again", client.acks.outstanding))
         end
         client.acks:reset()
+        -- Backfill chunks whose reads were not all acknowledged are read again too: their
+        -- markers leave the delivered list here, which would otherwise count as acknowledged.
+        if client.backfills then backfill.reset(client) end
         self.delivered = {}
       end
       return true
