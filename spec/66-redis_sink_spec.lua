@@ -41,6 +41,30 @@ describe("flash.sink.redis", function()
     assert.has_error(function() sinkmod.new { partitons = 2 } end, "bad argument #1 to 'redis' (unknown option 'partitons')")
     assert.has_error(function() sinkmod.new { url = "http://x" } end,
       "bad argument #1 to 'redis' (option 'url': redis://HOST[:PORT] expected, got http://x)")
+    -- Wrong types and values are refused here, naming the option, not later by the C outbox
+    -- ("bad argument #5 to 'redis_outbox'") or by Redis (a MAXLEN of -5 refused at every
+    -- XADD, retried forever).
+    local function refused(opts, msg)
+      local ok, err = pcall(sinkmod.new, opts)
+      assert.is_false(ok)
+      assert.equal("bad argument #1 to 'redis' (" .. msg .. ")", (tostring(err):gsub("^.-:%d+: ", "")))
+    end
+    refused({ maxlen = "1000" }, "option 'maxlen': a whole number >= 1 expected, got string")
+    refused({ maxlen = -5 }, "option 'maxlen': a whole number >= 1 expected, got -5")
+    refused({ batch = 0 }, "option 'batch': a whole number >= 1 expected, got 0")
+    refused({ batch = 2.5 }, "option 'batch': a whole number >= 1 expected, got 2.5")
+    refused({ timeout = "5" }, "option 'timeout': seconds (a number > 0) expected, got string")
+    refused({ timeout = 0 }, "option 'timeout': seconds (a number > 0) expected, got 0")
+    refused({ stream = {} }, "option 'stream': a non-empty string expected, got table")
+    refused({ stream = "" }, "option 'stream': a non-empty string expected, got an empty string")
+    refused({ key = {} }, "option 'key': a list of column names expected, got an empty table")
+    refused({ key = { "id", 2 } }, "option 'key': column names expected, got a number at [2]")
+    assert.is_table(sinkmod.new { maxlen = 1000, batch = 10, timeout = 0.5, stream = "s", key = { "a", "b" } })
+    -- The error names the script's line, as flash.client's do.
+    local rc, _, err = H.run_flashlua({ "-e", "require('flash').sink.redis { maxlen = -5 }" }, 20)
+    assert.equal(1, rc)
+    assert.equal("flashlua: (command line):1: bad argument #1 to 'redis' (option 'maxlen': a whole number >= 1 " ..
+      "expected, got -5)\n", err)
     assert.equal(sinkmod.new, require("flash").sink.redis)   -- flash.sink.redis{...} is the same
     local sink = sinkmod.new {}
     assert.has_error(function() sink({ op = "insert", table = "t", new = {} }) end,

@@ -52,7 +52,8 @@ M.parse_url = parse_url
 M.DEFAULT_URL = "redis://127.0.0.1:6379"
 
 local function check(opts)
-  local function bad(msg) error("bad argument #1 to 'redis' (" .. msg .. ")", 3) end
+  -- Level 4: the script's line that called flash.sink.redis (bad < check < new < caller).
+  local function bad(msg, depth) error("bad argument #1 to 'redis' (" .. msg .. ")", 4 + (depth or 0)) end
   if type(opts) ~= "table" then bad("a table of options expected") end
   local known = { url = true, stream = true, partitions = true, key = true, maxlen = true, batch = true,
                   flush_interval = true, timeout = true }
@@ -66,9 +67,37 @@ local function check(opts)
   if p ~= nil and not (type(p) == "number" and p >= 1 and p <= 1024 and p == math.floor(p)) then
     bad("option 'partitions': a whole number from 1 to 1024 expected, got " .. tostring(p))
   end
+  local function whole(name, min)
+    local v = opts[name]
+    if v ~= nil and not (type(v) == "number" and v >= min and v == math.floor(v) and v < 2 ^ 53) then
+      bad(string.format("option '%s': a whole number >= %d expected, got %s", name, min,
+        type(v) == "number" and tostring(v) or type(v)), 1)
+    end
+  end
+  whole("maxlen", 1)
+  whole("batch", 1)
+  if opts.stream ~= nil and not (type(opts.stream) == "string" and opts.stream ~= "") then
+    bad("option 'stream': a non-empty string expected, got " ..
+      (type(opts.stream) == "string" and "an empty string" or type(opts.stream)))
+  end
+  for _, name in ipairs({ "timeout", "flush_interval" }) do
+    local v = opts[name]
+    if v ~= nil and not (type(v) == "number" and v > 0) then
+      bad(string.format("option '%s': seconds (a number > 0) expected, got %s", name,
+        type(v) == "number" and tostring(v) or type(v)))
+    end
+  end
   local key = opts.key
   if key ~= nil and type(key) ~= "function" and type(key) ~= "table" then
     bad("option 'key': a list of column names or a function(ev) expected, got " .. type(key))
+  end
+  if type(key) == "table" then
+    if #key == 0 then bad("option 'key': a list of column names expected, got an empty table") end
+    for i, c in ipairs(key) do
+      if type(c) ~= "string" then
+        bad(string.format("option 'key': column names expected, got a %s at [%d]", type(c), i))
+      end
+    end
   end
 end
 
