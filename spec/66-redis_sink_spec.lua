@@ -223,6 +223,49 @@ assert(flash.run())
     assert.same(want, ids)
   end)
 
+  it("backs off and warns once while Redis refuses its XADDs, and writes everything once it takes them", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    local conn = H.redis_start(f.dir, f.port)
+    -- The partition's key holds a string: Redis answers every XADD with WRONGTYPE.
+    assert(conn:pipeline({ { "SET", "flash:0", "not a stream" } }))
+    local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 1 }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
+  ack = "manual" })
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+flash.every(0.05, function()
+  io.stdout:write(string.format("unacked %%d sent %%d\n", c:stats().unacked, sink.stats.sent))
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], f.port, slot, slot, t))
+    local h = s.spawn({ path })
+    assert.is_true(h.await("ready", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. t .. " SELECT g, g FROM generate_series(1, 5) g")
+    assert.is_true(H.wait_for(function() return h.err():find("XADD refused", 1, true) ~= nil end, 20), h.err())
+    core.sleep(3)
+    -- Retried with a growing wait (0.1, 0.2, 0.4, ... s): a handful of tries in 3 s, one
+    -- warning; it used to reconnect, warn twice and retry every 0.1 s.
+    local function count(pat)
+      local n = 0
+      for _ in h.err():gmatch(pat) do n = n + 1 end
+      return n
+    end
+    assert.equal(1, count("XADD refused: WRONGTYPE"), h.err())
+    assert.equal(0, count("reconnected"), h.err())
+    assert.is_truthy(h.out():find("unacked 5 sent 0\n", 1, true), h.out())
+    assert(conn:pipeline({ { "DEL", "flash:0" } }))
+    assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 5\n", 1, true) ~= nil end, 20),
+      h.out() .. h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    assert.equal(5, #entries(f.port, 1)[0])
+  end)
+
   it("is what flashlua --table T --to redis://... --partitions N runs", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

@@ -211,11 +211,14 @@ function Sink:reconnect()
   end
   if self.had_conn then
     self.stats.reconnects = self.stats.reconnects + 1
-    log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port))
+    -- (After a refused XADD the connection was dropped by us, not lost: no news.)
+    if not self.refused then log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port)) end
   end
   self.connected, self.had_conn = true, true
-  self.retry:reset()
-  self.retry_at, self.last_err = nil, nil
+  -- The backoff and the last error are reset only once Redis answers an XADD (pump): a
+  -- connection that Redis accepts but whose XADDs it refuses (a key of another type, out
+  -- of memory) must back off too, and warn once, not ten times a second.
+  self.retry_at = nil
   local q = self.q
   for i = self.head, self.tail - 1 do self.out:add(q[i], key_of(self, q[i])) end
   self.sent, self.added = self.tail, self.tail - self.head
@@ -228,10 +231,16 @@ function Sink:pump()
   local out = self.out
   self.added = 0
   local done, err = out:send()
-  if done == nil then return self:lost(err) end
+  if done == nil then
+    self.refused = nil
+    return self:lost(err)
+  end
   self.writing = not done
   local n, refused = out:receive()
-  if n == nil then return self:lost(refused) end
+  if n == nil then
+    self.refused = nil
+    return self:lost(refused)
+  end
   if n > 0 then
     local q, head = self.q, self.head
     for i = head, head + n - 1 do
@@ -239,6 +248,10 @@ function Sink:pump()
       q[i] = nil
     end
     self.head = head + n
+    if self.last_err then
+      self.retry:reset()
+      self.last_err, self.refused = nil, nil
+    end
     self.stats.sent = self.stats.sent + n
     self.stats.batches = self.stats.batches + 1
     if self.head == self.tail then
@@ -248,7 +261,10 @@ function Sink:pump()
   end
   -- Redis refused an entry (a wrong type, out of memory): nothing from it on is
   -- acknowledged; it and what follows are written again later.
-  if refused then return self:lost("XADD refused: " .. refused) end
+  if refused then
+    self.refused = true
+    return self:lost("XADD refused: " .. refused)
+  end
   return true
 end
 
