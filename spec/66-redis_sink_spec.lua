@@ -266,6 +266,68 @@ assert(flash.run())
     assert.equal(5, #entries(f.port, 1)[0])
   end)
 
+  it("partitions by the table's own key when it has no id column: a composite or a differently named one", function()
+    -- README "Scaling out": partition = hash(table, key), the key being the listener's
+    -- primary_key, else the replica identity / primary key (as workers = N hashes). It was
+    -- always the column "id": a table without one went whole into one partition.
+    local comp = H.table("region text, n int, v int, PRIMARY KEY (region, n)")
+    local named = H.table("order_no int PRIMARY KEY, v int")
+    local pk = H.table("id int PRIMARY KEY, code text NOT NULL, v int")
+    for _, t in ipairs({ comp, named, pk }) do H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL") end
+    H.redis_start(f.dir, f.port)
+    local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 4 }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
+  ack = "manual" })
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:listen { table = %q, primary_key = { "code" } }):on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+flash.every(0.05, function()
+  io.stdout:write(string.format("unacked %%d sent %%d\n", c:stats().unacked, sink.stats.sent))
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], f.port, slot, slot, comp, named, pk))
+    local h = s.spawn({ path })
+    assert.is_true(h.await("ready", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. comp .. " SELECT CASE WHEN g % 2 = 0 THEN 'nörd' ELSE 'süd' END, g, 0 " ..
+      "FROM generate_series(1, 20) g")
+    H.sql("INSERT INTO " .. named .. " SELECT g, 0 FROM generate_series(1, 20) g")
+    H.sql("INSERT INTO " .. pk .. " SELECT g, 'c' || g, 0 FROM generate_series(1, 20) g")
+    H.sql("UPDATE " .. comp .. " SET v = 1 WHERE n <= 5")
+    H.sql("UPDATE " .. named .. " SET v = 1 WHERE order_no <= 5")
+    H.sql("TRUNCATE " .. comp)
+    assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 71\n", 1, true) ~= nil end, 20),
+      h.out() .. h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    local used = {}
+    for p, list in pairs(entries(f.port, 4)) do
+      for _, e in ipairs(list) do
+        local ev = json.decode(e.event)
+        local row, key = ev.old or ev.new
+        if e.table == "public." .. comp then
+          key = row and (row.region .. "\0" .. row.n) or "false\0false"
+        elseif e.table == "public." .. named then
+          key = tostring(row.order_no)
+        else
+          key = row.code   -- the listener's primary_key
+        end
+        assert.equal(sinkmod.hash(e.table .. "\0" .. key) % 4, p, e.table .. " " .. e.event)
+        used[e.table] = used[e.table] or {}
+        used[e.table][p] = true
+      end
+    end
+    for _, t in ipairs({ comp, named, pk }) do
+      local n = 0
+      for _ in pairs(used["public." .. t]) do n = n + 1 end
+      assert.is_true(n > 1, t .. " went to one partition")
+    end
+  end)
+
   it("is what flashlua --table T --to redis://... --partitions N runs", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

@@ -108,6 +108,8 @@ function M.new(opts)
   local host, port = parse_url(opts.url or M.DEFAULT_URL)
   local key = opts.key or { "id" }
   local self = setmetatable({
+    key_given = opts.key ~= nil,
+    lkeys = setmetatable({}, { __mode = "k" }),   -- [listener] = its table's key columns, or false
     host = host, port = port,
     stream = opts.stream or "flash",
     partitions = opts.partitions or 1,
@@ -119,6 +121,7 @@ function M.new(opts)
     -- The events not yet answered, in delivery order: q[head .. sent - 1] are in the
     -- connection's output or written, q[sent .. tail - 1] wait for a connection.
     q = {}, head = 1, sent = 1, tail = 1,
+    qk = {},               -- qk[i]: the key string of q[i] when Lua made it (else nil: the outbox reads it)
     added = 0,             -- events added since the output was last written
     writing = false,       -- the socket did not take all the output
     connected = false,
@@ -131,16 +134,36 @@ function M.new(opts)
   return self
 end
 
--- The key string of ev under key = function(ev), or nil (the outbox reads the columns).
-local function key_of(self, ev)
+-- The key string of ev, or nil (the outbox reads the `key` columns, { "id" } by default).
+-- Under key = function(ev), its tostring(). Without a `key` option, an event of listener l
+-- is keyed by l's primary_key, else its table's replica identity index or primary key
+-- (what workers = N hashes), else "id": the texts of those columns joined by "\0", from the
+-- old row when there is one, "false" each without a row (a truncate) -- the outbox's way.
+local function key_of(self, ev, l)
   if self.keyfn then return tostring(self.keyfn(ev)) end
-  return nil
+  if self.key_given or not l then return nil end
+  local cols = self.lkeys[l]
+  if cols == nil then
+    cols = require("flash.workers").key_columns(l.client, l)
+    if cols and #cols == 1 and cols[1] == "id" then cols = false end
+    self.lkeys[l] = cols
+  end
+  if not cols then return nil end
+  local row = type(ev.old) == "table" and ev.old or ev.new
+  local parts = {}
+  for i, c in ipairs(cols) do
+    if type(row) ~= "table" then parts[i] = "false" else
+      local v = row[c]
+      parts[i] = v == nil and "" or tostring(v)
+    end
+  end
+  return table.concat(parts, "\0")
 end
 
--- The partition stream of event ev: its table and key columns (from the old row when the
--- event has one, so an update or delete goes where the row's insert went).
-function Sink:stream_of(ev)
-  return self.stream .. ":" .. self.out:partition(ev, key_of(self, ev))
+-- The partition stream of event ev (of listener l): its table and key columns (from the
+-- old row when the event has one, so an update or delete goes where the row's insert went).
+function Sink:stream_of(ev, l)
+  return self.stream .. ":" .. self.out:partition(ev, key_of(self, ev, l))
 end
 
 -- The loop's source contract (flash._add_source): the connection while replies are due,
@@ -174,8 +197,9 @@ local function start(self)
   end)
 end
 
--- The callback: the event waits in the sink until Redis holds it.
-function Sink:__call(ev)
+-- The callback (listener:on calls it with the event and the listener): the event waits in
+-- the sink until Redis holds it.
+function Sink:__call(ev, l)
   if not self.started then
     if type(ev.ack) ~= "function" then
       error("flash.sink.redis needs flash.client{ ack = \"manual\", persistent = true }: an event is " ..
@@ -183,18 +207,19 @@ function Sink:__call(ev)
     end
     start(self)
   end
+  local k = key_of(self, ev, l)
   if not self.connected then
     -- Queued first, so a failed attempt's warning counts it; a connection made now adds
     -- every waiting event, this one with them.
-    self.q[self.tail] = ev
+    self.q[self.tail], self.qk[self.tail] = ev, k
     self.tail = self.tail + 1
     self:reconnect()
     return
   end
   -- Encoded first: an event that cannot be encoded raises here and is not queued.
-  self.out:add(ev, key_of(self, ev))
+  self.out:add(ev, k)
   local t = self.tail
-  self.q[t] = ev
+  self.q[t], self.qk[t] = ev, k
   self.tail, self.sent = t + 1, t + 1
   local added = self.added + 1
   self.added = added
@@ -220,7 +245,8 @@ function Sink:reconnect()
   -- of memory) must back off too, and warn once, not ten times a second.
   self.retry_at = nil
   local q = self.q
-  for i = self.head, self.tail - 1 do self.out:add(q[i], key_of(self, q[i])) end
+  local qk = self.qk
+  for i = self.head, self.tail - 1 do self.out:add(q[i], qk[i]) end
   self.sent, self.added = self.tail, self.tail - self.head
   return true
 end
@@ -242,10 +268,10 @@ function Sink:pump()
     return self:lost(refused)
   end
   if n > 0 then
-    local q, head = self.q, self.head
+    local q, qk, head = self.q, self.qk, self.head
     for i = head, head + n - 1 do
       q[i]:ack()
-      q[i] = nil
+      q[i], qk[i] = nil, nil
     end
     self.head = head + n
     if self.last_err then
