@@ -60,6 +60,20 @@ describe("flash.sink.redis", function()
     refused({ key = {} }, "option 'key': a list of column names expected, got an empty table")
     refused({ key = { "id", 2 } }, "option 'key': column names expected, got a number at [2]")
     assert.is_table(sinkmod.new { maxlen = 1000, batch = 10, timeout = 0.5, stream = "s", key = { "a", "b" } })
+    -- A database number was dropped without a word (the streams went to database 0).
+    refused({ url = "redis://127.0.0.1:6379/2" }, "option 'url': redis://HOST[:PORT] expected, got " ..
+      "redis://127.0.0.1:6379/2 (a database number is not supported: the streams are in database 0)")
+    refused({ url = "redis://127.0.0.1:70000" }, "option 'url': redis://HOST[:PORT] expected, got " ..
+      "redis://127.0.0.1:70000 (the port is 1 to 65535)")
+    assert.is_table(sinkmod.new { url = "redis://127.0.0.1:6379/0" })
+    local cok, cerr = pcall(require("flash").client, { driver = "redis_streams", url = "redis://127.0.0.1:6379/1" })
+    assert.is_false(cok)
+    assert.equal("bad argument #1 to 'client' (option 'url': redis://HOST[:PORT] expected, got redis://127.0.0.1:6379/1 " ..
+      "(a database number is not supported: the streams are in database 0))", (tostring(cerr):gsub("^.-:%d+: ", "")))
+    local rc2, _, err2 = H.run_flashlua({ "--table", "t", "--to", "redis://127.0.0.1:6379/3" }, 20)
+    assert.equal(2, rc2)
+    assert.equal("flashlua: --to takes redis://HOST[:PORT], got 'redis://127.0.0.1:6379/3' (a database number is " ..
+      "not supported: the streams are in database 0)\nTry 'flashlua --help' for more information.\n", err2)
     -- The error names the script's line, as flash.client's do.
     local rc, _, err = H.run_flashlua({ "-e", "require('flash').sink.redis { maxlen = -5 }" }, 20)
     assert.equal(1, rc)

@@ -25,7 +25,8 @@ M.KEEPS_UNACKED = true
 
 M.OPTIONS = {
   url = { type = "string", check = function(v)
-    if not sink.parse_url(v) then return "redis://HOST[:PORT] expected, got " .. v end
+    local ok, why = sink.parse_url(v)
+    if not ok then return why end
   end },
   group = "string",
   stream = "string",

@@ -41,12 +41,21 @@ local function fnv1a(s)
 end
 M.hash = fnv1a
 
--- redis://HOST[:PORT] -> host, port; nil when url is not that. The one reader of a Redis
--- URL: the sink, the redis_streams driver and the command line's --to.
+-- redis://HOST[:PORT] -> host, port; nil and why when url is not that. The one reader of
+-- a Redis URL: the sink, the redis_streams driver and the command line's --to. A database
+-- number other than 0 (redis://HOST:PORT/2) is refused: the connections never SELECT one,
+-- so the streams would be in database 0 whatever the URL said.
 local function parse_url(url)
-  local host, port = url:match("^redis://([^:/]+):?(%d*)/?%d*$")
-  if not host then return nil end
-  return host, tonumber(port) or 6379
+  local host, port, db = url:match("^redis://([^:/]+):?(%d*)/?(%d*)$")
+  if not host then return nil, "redis://HOST[:PORT] expected, got " .. url end
+  local why
+  if db ~= "" and tonumber(db) ~= 0 then
+    why = "a database number is not supported: the streams are in database 0"
+  end
+  port = tonumber(port) or 6379
+  if port < 1 or port > 65535 then why = "the port is 1 to 65535" end
+  if why then return nil, string.format("redis://HOST[:PORT] expected, got %s (%s)", url, why), why end
+  return host, port
 end
 M.parse_url = parse_url
 M.DEFAULT_URL = "redis://127.0.0.1:6379"
@@ -60,8 +69,10 @@ local function check(opts)
   for k in pairs(opts) do
     if not known[k] then bad(string.format("unknown option '%s'", tostring(k))) end
   end
-  if opts.url ~= nil and not (type(opts.url) == "string" and parse_url(opts.url)) then
-    bad("option 'url': redis://HOST[:PORT] expected, got " .. tostring(opts.url))
+  if opts.url ~= nil then
+    if type(opts.url) ~= "string" then bad("option 'url': redis://HOST[:PORT] expected, got " .. type(opts.url)) end
+    local ok, why = parse_url(opts.url)
+    if not ok then bad("option 'url': " .. why) end
   end
   local p = opts.partitions
   if p ~= nil and not (type(p) == "number" and p >= 1 and p <= 1024 and p == math.floor(p)) then
