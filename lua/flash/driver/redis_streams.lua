@@ -104,21 +104,57 @@ function Driver:check(l)
   return base.Driver.check(self, l)
 end
 
-function Driver:start()
+local function lost(self, err)
+  if not self.retry_at then
+    log.warn(string.format("redis_streams: connection to Redis lost (%s); reconnecting", tostring(err)))
+  end
+  self.retry_at = self.retry:schedule(err, "redis reconnect")
+  self.delivered, self.popped = {}, 0
+  if self.client.acks then self.client.acks:reset() end
+  return true
+end
+
+-- The consumer group on every partition (from the streams' start; one that exists stays
+-- as it is): true, or nil, err, and whether Redis was reached.
+function Driver:create_groups()
   local cmds = {}
   for p = 0, self.partitions - 1 do
     cmds[#cmds + 1] = { "XGROUP", "CREATE", self:key(p), self.group, "0", "MKSTREAM" }
   end
   local replies, err = self:redis(cmds)
-  if not replies then
+  if not replies then return nil, err, false end
+  for _, r in ipairs(replies) do
+    if type(r) == "table" and r.err and not r.err:find("^BUSYGROUP") then
+      return nil, "cannot create consumer group " .. self.group .. ": " .. r.err, true
+    end
+  end
+  return true
+end
+
+-- A NOGROUP reply: the stream or its group is gone (a Redis restarted without its
+-- append-only file, a FLUSHALL, a DEL of the stream). The group is created again, from
+-- the start of what the streams hold now, and reading goes on: true; or nil, err.
+function Driver:regroup(what, reply_err)
+  log.warn(string.format("%s: %s; Redis lost the streams or the group (restarted without its append-only file?): " ..
+    "creating group %s again, from the start of each stream", what, reply_err, self.group))
+  -- What was delivered under the old group is not acknowledged to the new one (as after a
+  -- lost connection): the new group delivers what the streams hold again.
+  self.claiming, self.to_ack = nil, {}
+  self.delivered, self.popped = {}, 0
+  if self.client.acks then self.client.acks:reset() end
+  local ok, err, reached = self:create_groups()
+  if not ok and not reached then return lost(self, err) end
+  if not ok then return nil, err end
+  return true
+end
+
+function Driver:start()
+  local ok, err, reached = self:create_groups()
+  if not ok and not reached then
     return nil, string.format("cannot reach Redis at %s:%d: %s (start redis-server, or pass url = \"redis://HOST:PORT\")",
       self.host, self.port, tostring(err))
   end
-  for _, r in ipairs(replies) do
-    if type(r) == "table" and r.err and not r.err:find("^BUSYGROUP") then
-      return nil, "cannot create consumer group " .. self.group .. ": " .. r.err
-    end
-  end
+  if not ok then return nil, err end
   self.started = true
   self.next_house = 0
   log.info(string.format("redis_streams worker %s in group %s over %d partitions of %s", self.consumer, self.group,
@@ -255,15 +291,6 @@ function Driver:flush_acks()
   return true
 end
 
-local function lost(self, err)
-  if not self.retry_at then
-    log.warn(string.format("redis_streams: connection to Redis lost (%s); reconnecting", tostring(err)))
-  end
-  self.retry_at = self.retry:schedule(err, "redis reconnect")
-  self.delivered, self.popped = {}, 0
-  if self.client.acks then self.client.acks:reset() end
-  return true
-end
 
 function Driver:step()
   if not self.started then return true end
@@ -287,7 +314,10 @@ function Driver:step()
       tostring(READ_COUNT) } })
     if not r then return lost(self, err) end
     local reply = r[1]
-    if type(reply) == "table" and reply.err then return nil, "XAUTOCLAIM: " .. reply.err end
+    if type(reply) == "table" and reply.err then
+      if reply.err:find("^NOGROUP") then return self:regroup("XAUTOCLAIM", reply.err) end
+      return nil, "XAUTOCLAIM: " .. reply.err
+    end
     for _, e in ipairs(reply[2] or {}) do
       if type(e) == "table" and type(e[2]) == "table" then
         if self:deliver(self:key(p), e[1], e[2]) == false then return nil, self.client.failure end
@@ -309,7 +339,13 @@ function Driver:step()
   local r, err = self:redis({ cmd })
   if not r then return lost(self, err) end
   local reply = r[1]
-  if type(reply) == "table" and reply.err then return nil, "XREADGROUP: " .. reply.err end
+  if type(reply) == "table" and reply.err then
+    -- (UNBLOCKED: the stream was deleted while this read waited on it.)
+    if reply.err:find("^NOGROUP") or reply.err:find("^UNBLOCKED") then
+      return self:regroup("XREADGROUP", reply.err)
+    end
+    return nil, "XREADGROUP: " .. reply.err
+  end
   for _, s in ipairs(type(reply) == "table" and reply or {}) do
     for _, e in ipairs(s[2] or {}) do
       if self:deliver(s[1], e[1], e[2]) == false then return nil, self.client.failure end
