@@ -146,4 +146,27 @@ assert(flash.run())
     w.kill("TERM")
     assert.equal(0, w.wait(20), w.err())
   end)
+
+  it("warns when the capturer writes more partitions than the worker reads", function()
+    -- partitions = 2 at the worker and 4 at the capturer: flash:2 and flash:3 were never
+    -- read, without a word.
+    local t = H.table("id int PRIMARY KEY, v int")
+    local conn = H.redis_start(f.dir, f.port)
+    assert(conn:pipeline({ { "XADD", "flash:3", "*", "id", "1", "table", "public." .. t, "op", "insert", "event", "{}" } }))
+    local worker = s.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "redis_streams", url = "redis://127.0.0.1:%d", group = "spec",
+  partitions = 2 })
+assert(c:listen { table = %q }):on("all", function() end)
+assert(c:start())
+io.stderr:write("ready\n")
+assert(flash.run())
+]], f.port, t))
+    local w = s.spawn({ worker })
+    assert.is_true(w.await("ready", 15, "err"), w.err())
+    assert.is_truthy(w.err():find("stream flash:3 exists, but this worker reads flash:0 .. flash:1 (partitions = 2): " ..
+      "its events are never handled; give the workers the capturer's partitions", 1, true), w.err())
+    w.kill("TERM")
+    assert.equal(0, w.wait(20), w.err())
+  end)
 end)

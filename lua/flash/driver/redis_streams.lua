@@ -155,6 +155,22 @@ function Driver:start()
       self.host, self.port, tostring(err))
   end
   if not ok then return nil, err end
+  -- A capturer with more partitions than this worker wrote entries nobody here reads:
+  -- their events would wait unhandled, without a word.
+  if self.partitions < 1024 then
+    local cmds = {}
+    -- (XLEN: 0 for a missing stream, and for an empty one a worker's MKSTREAM made.)
+    for p = self.partitions, 1023 do cmds[#cmds + 1] = { "XLEN", self:key(p) } end
+    local r = self:redis(cmds)
+    for i, n in ipairs(r or {}) do
+      if type(n) == "number" and n > 0 then
+        log.warn(string.format("stream %s exists, but this worker reads %s:0 .. %s:%d (partitions = %d): its " ..
+          "events are never handled; give the workers the capturer's partitions", self:key(self.partitions + i - 1),
+          self.stream, self.stream, self.partitions - 1, self.partitions))
+        break
+      end
+    end
+  end
   self.started = true
   self.next_house = 0
   log.info(string.format("redis_streams worker %s in group %s over %d partitions of %s", self.consumer, self.group,
