@@ -147,6 +147,16 @@ assert(flash.run())
     assert.equal(0, w.wait(20), w.err())
   end)
 
+  it("refuses an empty group, stream or consumer name", function()
+    -- They were accepted: consumer = "" for every worker made them all hold every lock.
+    for _, name in ipairs({ "group", "stream", "consumer" }) do
+      local ok, err = pcall(require("flash").client, { driver = "redis_streams", [name] = "" })
+      assert.is_false(ok)
+      assert.equal("bad argument #1 to 'client' (option '" .. name .. "': a non-empty name expected)",
+        (tostring(err):gsub("^.-:%d+: ", "")))
+    end
+  end)
+
   it("warns when the capturer writes more partitions than the worker reads", function()
     -- partitions = 2 at the worker and 4 at the capturer: flash:2 and flash:3 were never
     -- read, without a word.

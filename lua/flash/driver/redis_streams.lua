@@ -28,14 +28,15 @@ M.OPTIONS = {
     local ok, why = sink.parse_url(v)
     if not ok then return why end
   end },
-  group = "string",
-  stream = "string",
+  group = { type = "string", check = function(v) if v == "" then return "a non-empty name expected" end end },
+  stream = { type = "string", check = function(v) if v == "" then return "a non-empty name expected" end end },
   partitions = { type = "number", check = function(v)
     if not (v >= 1 and v <= 1024 and v == math.floor(v)) then
       return "a whole number from 1 to 1024 expected, got " .. tostring(v)
     end
   end },
-  consumer = "string",
+  -- Each worker's own name: two workers of one name hold the same partitions' locks.
+  consumer = { type = "string", check = function(v) if v == "" then return "a non-empty name expected" end end },
   claim_after = { type = "number", check = function(v)
     if not (v >= 0.2 and v <= 3600) then return "seconds from 0.2 to 3600 expected, got " .. tostring(v) end
   end },
