@@ -41,6 +41,44 @@ describe("flash.sink.redis", function()
     assert.has_error(function() sinkmod.new { partitons = 2 } end, "bad argument #1 to 'redis' (unknown option 'partitons')")
     assert.has_error(function() sinkmod.new { url = "http://x" } end,
       "bad argument #1 to 'redis' (option 'url': redis://HOST[:PORT] expected, got http://x)")
+    -- Wrong types and values are refused here, naming the option, not later by the C outbox
+    -- ("bad argument #5 to 'redis_outbox'") or by Redis (a MAXLEN of -5 refused at every
+    -- XADD, retried forever).
+    local function refused(opts, msg)
+      local ok, err = pcall(sinkmod.new, opts)
+      assert.is_false(ok)
+      assert.equal("bad argument #1 to 'redis' (" .. msg .. ")", (tostring(err):gsub("^.-:%d+: ", "")))
+    end
+    refused({ maxlen = "1000" }, "option 'maxlen': a whole number >= 1 expected, got string")
+    refused({ maxlen = -5 }, "option 'maxlen': a whole number >= 1 expected, got -5")
+    refused({ batch = 0 }, "option 'batch': a whole number >= 1 expected, got 0")
+    refused({ batch = 2.5 }, "option 'batch': a whole number >= 1 expected, got 2.5")
+    refused({ timeout = "5" }, "option 'timeout': seconds (a number > 0) expected, got string")
+    refused({ timeout = 0 }, "option 'timeout': seconds (a number > 0) expected, got 0")
+    refused({ stream = {} }, "option 'stream': a non-empty string expected, got table")
+    refused({ stream = "" }, "option 'stream': a non-empty string expected, got an empty string")
+    refused({ key = {} }, "option 'key': a list of column names expected, got an empty table")
+    refused({ key = { "id", 2 } }, "option 'key': column names expected, got a number at [2]")
+    assert.is_table(sinkmod.new { maxlen = 1000, batch = 10, timeout = 0.5, stream = "s", key = { "a", "b" } })
+    -- A database number was dropped without a word (the streams went to database 0).
+    refused({ url = "redis://127.0.0.1:6379/2" }, "option 'url': redis://HOST[:PORT] expected, got " ..
+      "redis://127.0.0.1:6379/2 (a database number is not supported: the streams are in database 0)")
+    refused({ url = "redis://127.0.0.1:70000" }, "option 'url': redis://HOST[:PORT] expected, got " ..
+      "redis://127.0.0.1:70000 (the port is 1 to 65535)")
+    assert.is_table(sinkmod.new { url = "redis://127.0.0.1:6379/0" })
+    local cok, cerr = pcall(require("flash").client, { driver = "redis_streams", url = "redis://127.0.0.1:6379/1" })
+    assert.is_false(cok)
+    assert.equal("bad argument #1 to 'client' (option 'url': redis://HOST[:PORT] expected, got redis://127.0.0.1:6379/1 " ..
+      "(a database number is not supported: the streams are in database 0))", (tostring(cerr):gsub("^.-:%d+: ", "")))
+    local rc2, _, err2 = H.run_flashlua({ "--table", "t", "--to", "redis://127.0.0.1:6379/3" }, 20)
+    assert.equal(2, rc2)
+    assert.equal("flashlua: --to takes redis://HOST[:PORT], got 'redis://127.0.0.1:6379/3' (a database number is " ..
+      "not supported: the streams are in database 0)\nTry 'flashlua --help' for more information.\n", err2)
+    -- The error names the script's line, as flash.client's do.
+    local rc, _, err = H.run_flashlua({ "-e", "require('flash').sink.redis { maxlen = -5 }" }, 20)
+    assert.equal(1, rc)
+    assert.equal("flashlua: (command line):1: bad argument #1 to 'redis' (option 'maxlen': a whole number >= 1 " ..
+      "expected, got -5)\n", err)
     assert.equal(sinkmod.new, require("flash").sink.redis)   -- flash.sink.redis{...} is the same
     local sink = sinkmod.new {}
     assert.has_error(function() sink({ op = "insert", table = "t", new = {} }) end,
@@ -197,6 +235,111 @@ assert(flash.run())
     local want = {}
     for i = 1, 30 do want[i] = i end
     assert.same(want, ids)
+  end)
+
+  it("backs off and warns once while Redis refuses its XADDs, and writes everything once it takes them", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    local conn = H.redis_start(f.dir, f.port)
+    -- The partition's key holds a string: Redis answers every XADD with WRONGTYPE.
+    assert(conn:pipeline({ { "SET", "flash:0", "not a stream" } }))
+    local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 1 }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
+  ack = "manual" })
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+flash.every(0.05, function()
+  io.stdout:write(string.format("unacked %%d sent %%d\n", c:stats().unacked, sink.stats.sent))
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], f.port, slot, slot, t))
+    local h = s.spawn({ path })
+    assert.is_true(h.await("ready", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. t .. " SELECT g, g FROM generate_series(1, 5) g")
+    assert.is_true(H.wait_for(function() return h.err():find("XADD refused", 1, true) ~= nil end, 20), h.err())
+    core.sleep(3)
+    -- Retried with a growing wait (0.1, 0.2, 0.4, ... s): a handful of tries in 3 s, one
+    -- warning; it used to reconnect, warn twice and retry every 0.1 s.
+    local function count(pat)
+      local n = 0
+      for _ in h.err():gmatch(pat) do n = n + 1 end
+      return n
+    end
+    assert.equal(1, count("XADD refused: WRONGTYPE"), h.err())
+    assert.equal(0, count("reconnected"), h.err())
+    assert.is_truthy(h.out():find("unacked 5 sent 0\n", 1, true), h.out())
+    assert(conn:pipeline({ { "DEL", "flash:0" } }))
+    assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 5\n", 1, true) ~= nil end, 20),
+      h.out() .. h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    assert.equal(5, #entries(f.port, 1)[0])
+  end)
+
+  it("partitions by the table's own key when it has no id column: a composite or a differently named one", function()
+    -- README "Scaling out": partition = hash(table, key), the key being the listener's
+    -- primary_key, else the replica identity / primary key (as workers = N hashes). It was
+    -- always the column "id": a table without one went whole into one partition.
+    local comp = H.table("region text, n int, v int, PRIMARY KEY (region, n)")
+    local named = H.table("order_no int PRIMARY KEY, v int")
+    local pk = H.table("id int PRIMARY KEY, code text NOT NULL, v int")
+    for _, t in ipairs({ comp, named, pk }) do H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL") end
+    H.redis_start(f.dir, f.port)
+    local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 4 }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
+  ack = "manual" })
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:listen { table = %q, primary_key = { "code" } }):on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+flash.every(0.05, function()
+  io.stdout:write(string.format("unacked %%d sent %%d\n", c:stats().unacked, sink.stats.sent))
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], f.port, slot, slot, comp, named, pk))
+    local h = s.spawn({ path })
+    assert.is_true(h.await("ready", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. comp .. " SELECT CASE WHEN g % 2 = 0 THEN 'nörd' ELSE 'süd' END, g, 0 " ..
+      "FROM generate_series(1, 20) g")
+    H.sql("INSERT INTO " .. named .. " SELECT g, 0 FROM generate_series(1, 20) g")
+    H.sql("INSERT INTO " .. pk .. " SELECT g, 'c' || g, 0 FROM generate_series(1, 20) g")
+    H.sql("UPDATE " .. comp .. " SET v = 1 WHERE n <= 5")
+    H.sql("UPDATE " .. named .. " SET v = 1 WHERE order_no <= 5")
+    H.sql("TRUNCATE " .. comp)
+    assert.is_true(H.wait_for(function() return h.out():find("unacked 0 sent 71\n", 1, true) ~= nil end, 20),
+      h.out() .. h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    local used = {}
+    for p, list in pairs(entries(f.port, 4)) do
+      for _, e in ipairs(list) do
+        local ev = json.decode(e.event)
+        local row, key = ev.old or ev.new
+        if e.table == "public." .. comp then
+          key = row and (row.region .. "\0" .. row.n) or "false\0false"
+        elseif e.table == "public." .. named then
+          key = tostring(row.order_no)
+        else
+          key = row.code   -- the listener's primary_key
+        end
+        assert.equal(sinkmod.hash(e.table .. "\0" .. key) % 4, p, e.table .. " " .. e.event)
+        used[e.table] = used[e.table] or {}
+        used[e.table][p] = true
+      end
+    end
+    for _, t in ipairs({ comp, named, pk }) do
+      local n = 0
+      for _ in pairs(used["public." .. t]) do n = n + 1 end
+      assert.is_true(n > 1, t .. " went to one partition")
+    end
   end)
 
   it("is what flashlua --table T --to redis://... --partitions N runs", function()

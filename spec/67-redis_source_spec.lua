@@ -4,6 +4,7 @@
 -- order, and when one is killed (-9) the other takes its partitions over, with the entries
 -- it had read but not acknowledged: every change is handled at least once (issue 13, item 3).
 local H = require "spec.helpers"
+local core = require "flash.core"
 
 local PARTS = 4
 
@@ -101,5 +102,81 @@ assert(flash.run())
         last[id] = r
       end
     end
+  end)
+
+  it("goes on when Redis loses the streams and the group (a restart without its file, a FLUSHALL)", function()
+    -- A NOGROUP reply stopped the worker: "flashlua: XREADGROUP: NOGROUP No such key ...",
+    -- exit 1, so every worker died when a Redis without its append-only file restarted.
+    local t = H.table("id int PRIMARY KEY, v int")
+    local conn = H.redis_start(f.dir, f.port)
+    local worker = s.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "redis_streams", url = "redis://127.0.0.1:%d", group = "spec",
+  partitions = 2, claim_after = 1 })
+assert(c:listen { table = %q }):on("all", function(ev)
+  io.stdout:write(ev.op, " ", ev.new.id, "\n") io.stdout:flush()
+end)
+assert(c:start())
+flash.every(0.1, function()
+  io.stderr:write("held ", c:stats().partitions_held, "\n") io.stderr:flush()
+end)
+assert(flash.run())
+]], f.port, t))
+    local function add(p, id)
+      local ev = string.format('{"id":"%d","table":"public.%s","op":"insert","new":{"id":%d,"v":0}}', id, t, id)
+      assert(conn:pipeline({ { "XADD", "flash:" .. p, "*", "id", tostring(id), "table", "public." .. t, "op", "insert",
+        "event", ev } }))
+    end
+    local w = s.spawn({ worker })
+    assert.is_true(H.wait_for(function() return w.err():find("held 2\n", 1, true) ~= nil end, 15), w.err())
+    add(0, 1)
+    add(1, 2)
+    assert.is_true(H.wait_for(function() return w.out() == "insert 1\ninsert 2\n" or w.out() == "insert 2\ninsert 1\n" end,
+      15), w.out() .. w.err())
+    -- The streams and the group go; the capturer writes the next events to new streams.
+    assert(conn:pipeline({ { "FLUSHALL" } }))
+    core.sleep(0.3)
+    add(0, 3)
+    add(1, 4)
+    assert.is_true(H.wait_for(function()
+      return w.out():find("insert 3\n", 1, true) ~= nil and w.out():find("insert 4\n", 1, true) ~= nil
+    end, 15), w.out() .. w.err())
+    assert.is_truthy(w.err():find("Redis lost the streams or the group (restarted without its append-only file?): " ..
+      "creating group spec again, from the start of each stream", 1, true), w.err())
+    w.kill("TERM")
+    assert.equal(0, w.wait(20), w.err())
+  end)
+
+  it("refuses an empty group, stream or consumer name", function()
+    -- They were accepted: consumer = "" for every worker made them all hold every lock.
+    for _, name in ipairs({ "group", "stream", "consumer" }) do
+      local ok, err = pcall(require("flash").client, { driver = "redis_streams", [name] = "" })
+      assert.is_false(ok)
+      assert.equal("bad argument #1 to 'client' (option '" .. name .. "': a non-empty name expected)",
+        (tostring(err):gsub("^.-:%d+: ", "")))
+    end
+  end)
+
+  it("warns when the capturer writes more partitions than the worker reads", function()
+    -- partitions = 2 at the worker and 4 at the capturer: flash:2 and flash:3 were never
+    -- read, without a word.
+    local t = H.table("id int PRIMARY KEY, v int")
+    local conn = H.redis_start(f.dir, f.port)
+    assert(conn:pipeline({ { "XADD", "flash:3", "*", "id", "1", "table", "public." .. t, "op", "insert", "event", "{}" } }))
+    local worker = s.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "redis_streams", url = "redis://127.0.0.1:%d", group = "spec",
+  partitions = 2 })
+assert(c:listen { table = %q }):on("all", function() end)
+assert(c:start())
+io.stderr:write("ready\n")
+assert(flash.run())
+]], f.port, t))
+    local w = s.spawn({ worker })
+    assert.is_true(w.await("ready", 15, "err"), w.err())
+    assert.is_truthy(w.err():find("stream flash:3 exists, but this worker reads flash:0 .. flash:1 (partitions = 2): " ..
+      "its events are never handled; give the workers the capturer's partitions", 1, true), w.err())
+    w.kill("TERM")
+    assert.equal(0, w.wait(20), w.err())
   end)
 end)

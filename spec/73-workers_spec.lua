@@ -212,6 +212,15 @@ describe("flash.client{ workers = N }", function()
     assert.has_error(function() l:on("all", "nope") end,
       "bad argument #2 to 'on' (" .. ok .. " has no handler 'nope'; it has: fail, record)")
     assert.has_error(function() flash.client { workers = 2 } end)
+    -- handlers (config, worker_queue) without workers were ignored without a word; the
+    -- script then failed at on(ops, "name") with "function expected, got string".
+    for _, name in ipairs({ "handlers", "config", "worker_queue" }) do
+      local opts = { driver = "wal_logical", handlers = ok, config = { dir = dir }, worker_queue = 10 }
+      for k in pairs(opts) do if k ~= "driver" and k ~= name then opts[k] = nil end end
+      assert.has_error(function() flash.client(opts) end,
+        "bad argument #1 to 'client' (option '" .. name .. "': goes with option 'workers', the number of parallel " ..
+        "handler states (workers = 1 runs the handlers in one state))")
+    end
     -- Automatic acks stay automatic for the script: the states acknowledge what they handle.
     assert.has_error(function() c:ack({}) end,
       "'ack' needs flash.client{ ack = \"manual\" } (this client acknowledges automatically)")

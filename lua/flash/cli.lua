@@ -261,8 +261,9 @@ local function parse_args(argv)
     elseif a == "--backfill" then o.backfill = true
     elseif a == "--to" then
       o.to = val(a)
-      if not require("flash.sink.redis").parse_url(o.to) then
-        error({ usage = string.format("--to takes redis://HOST[:PORT], got '%s'", o.to) })
+      local ok, _, why = require("flash.sink.redis").parse_url(o.to)
+      if not ok then
+        error({ usage = string.format("--to takes redis://HOST[:PORT], got '%s'%s", o.to, why and " (" .. why .. ")" or "") })
       end
     elseif a == "--partitions" then
       local v = val(a)

@@ -43,11 +43,12 @@ function Listener:on(ops, fn)
   local list = normalize_ops(ops, "on")
   -- A handler's name in the worker states' file (flash.client{ workers = N, handlers = }).
   if type(fn) == "string" and self.client.pool then fn = self.client.pool:callback(fn, self) end
-  -- A callable object (a sink: flash.sink.redis) is a callback too.
+  -- A callable object (a sink: flash.sink.redis) is a callback too; it is called with the
+  -- event and this listener (the sink's default key is the listener's table's key).
   local mt = type(fn) == "table" and getmetatable(fn)
   if mt and type(mt.__call) == "function" then
-    local obj = fn
-    fn = function(ev) return obj(ev) end
+    local obj, l = fn, self
+    fn = function(ev) return obj(ev, l) end
   end
   if type(fn) ~= "function" then
     argerror(2, "on", "function expected, got " .. type(fn), 2)

@@ -127,7 +127,7 @@ end
 
 -- The columns that identify a row of listener l's table: its primary_key option, else the
 -- replica identity index, else the primary key; false when there is none (then the
--- table's events all go to one state).
+-- table's events all go to one state). Also the Redis sink's default key (its partitions).
 local KEY_SQL = [[
   SELECT array_agg(a.attname::text ORDER BY k.n) AS cols
   FROM pg_catalog.pg_index i
@@ -137,14 +137,19 @@ local KEY_SQL = [[
   GROUP BY i.indexrelid, i.indisreplident
   ORDER BY i.indisreplident DESC LIMIT 1]]
 
+function M.key_columns(client, l)
+  local k = l.primary_key or false
+  if not k and l.table and l.table.oid then
+    local rows = client:query(KEY_SQL, l.table.oid)
+    if rows and rows[1] then k = rows[1].cols end
+  end
+  return k
+end
+
 function Pool:key_of(l)
   local k = self.keys[l]
   if k ~= nil then return k end
-  k = l.primary_key or false
-  if not k and l.table and l.table.oid then
-    local rows = self.client:query(KEY_SQL, l.table.oid)
-    if rows and rows[1] then k = rows[1].cols end
-  end
+  k = M.key_columns(self.client, l)
   self.keys[l] = k
   return k
 end

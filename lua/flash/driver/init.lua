@@ -37,12 +37,13 @@ M.COMMON_OPTIONS = {
       return "a whole number of worker states from 1 to 1024 expected, got " .. tostring(v)
     end
   end },
-  handlers = "string",
-  config = true,
-  worker_queue = { type = "number", check = function(v)
+  handlers = { type = "string", check = function(_, opts) return M.needs_workers(opts) end },
+  config = { type = true, check = function(_, opts) return M.needs_workers(opts) end },
+  worker_queue = { type = "number", check = function(v, opts)
     if not (v >= 1 and v < math.huge and v == math.floor(v)) then
       return "a whole number of events >= 1 expected, got " .. tostring(v)
     end
+    return M.needs_workers(opts)
   end },
   max_unacked = { type = "number", check = function(v)
     if not (v >= 1 and v < math.huge and v == math.floor(v)) then
@@ -50,6 +51,15 @@ M.COMMON_OPTIONS = {
     end
   end },
 }
+
+-- handlers, config and worker_queue mean nothing without workers: silently ignored, the
+-- script failed later at on(ops, "name") with "function expected, got string".
+function M.needs_workers(opts)
+  if opts.workers == nil then
+    return "goes with option 'workers', the number of parallel handler states (workers = 1 runs the " ..
+      "handlers in one state)"
+  end
+end
 
 local known = {}
 for _, n in ipairs(M.NAMES) do known[n] = true end

@@ -25,16 +25,18 @@ M.KEEPS_UNACKED = true
 
 M.OPTIONS = {
   url = { type = "string", check = function(v)
-    if not sink.parse_url(v) then return "redis://HOST[:PORT] expected, got " .. v end
+    local ok, why = sink.parse_url(v)
+    if not ok then return why end
   end },
-  group = "string",
-  stream = "string",
+  group = { type = "string", check = function(v) if v == "" then return "a non-empty name expected" end end },
+  stream = { type = "string", check = function(v) if v == "" then return "a non-empty name expected" end end },
   partitions = { type = "number", check = function(v)
     if not (v >= 1 and v <= 1024 and v == math.floor(v)) then
       return "a whole number from 1 to 1024 expected, got " .. tostring(v)
     end
   end },
-  consumer = "string",
+  -- Each worker's own name: two workers of one name hold the same partitions' locks.
+  consumer = { type = "string", check = function(v) if v == "" then return "a non-empty name expected" end end },
   claim_after = { type = "number", check = function(v)
     if not (v >= 0.2 and v <= 3600) then return "seconds from 0.2 to 3600 expected, got " .. tostring(v) end
   end },
@@ -103,19 +105,71 @@ function Driver:check(l)
   return base.Driver.check(self, l)
 end
 
-function Driver:start()
+local function lost(self, err)
+  if not self.retry_at then
+    log.warn(string.format("redis_streams: connection to Redis lost (%s); reconnecting", tostring(err)))
+  end
+  self.retry_at = self.retry:schedule(err, "redis reconnect")
+  self.delivered, self.popped = {}, 0
+  if self.client.acks then self.client.acks:reset() end
+  return true
+end
+
+-- The consumer group on every partition (from the streams' start; one that exists stays
+-- as it is): true, or nil, err, and whether Redis was reached.
+function Driver:create_groups()
   local cmds = {}
   for p = 0, self.partitions - 1 do
     cmds[#cmds + 1] = { "XGROUP", "CREATE", self:key(p), self.group, "0", "MKSTREAM" }
   end
   local replies, err = self:redis(cmds)
-  if not replies then
+  if not replies then return nil, err, false end
+  for _, r in ipairs(replies) do
+    if type(r) == "table" and r.err and not r.err:find("^BUSYGROUP") then
+      return nil, "cannot create consumer group " .. self.group .. ": " .. r.err, true
+    end
+  end
+  return true
+end
+
+-- A NOGROUP reply: the stream or its group is gone (a Redis restarted without its
+-- append-only file, a FLUSHALL, a DEL of the stream). The group is created again, from
+-- the start of what the streams hold now, and reading goes on: true; or nil, err.
+function Driver:regroup(what, reply_err)
+  log.warn(string.format("%s: %s; Redis lost the streams or the group (restarted without its append-only file?): " ..
+    "creating group %s again, from the start of each stream", what, reply_err, self.group))
+  -- What was delivered under the old group is not acknowledged to the new one (as after a
+  -- lost connection): the new group delivers what the streams hold again.
+  self.claiming, self.to_ack = nil, {}
+  self.delivered, self.popped = {}, 0
+  if self.client.acks then self.client.acks:reset() end
+  local ok, err, reached = self:create_groups()
+  if not ok and not reached then return lost(self, err) end
+  if not ok then return nil, err end
+  return true
+end
+
+function Driver:start()
+  local ok, err, reached = self:create_groups()
+  if not ok and not reached then
     return nil, string.format("cannot reach Redis at %s:%d: %s (start redis-server, or pass url = \"redis://HOST:PORT\")",
       self.host, self.port, tostring(err))
   end
-  for _, r in ipairs(replies) do
-    if type(r) == "table" and r.err and not r.err:find("^BUSYGROUP") then
-      return nil, "cannot create consumer group " .. self.group .. ": " .. r.err
+  if not ok then return nil, err end
+  -- A capturer with more partitions than this worker wrote entries nobody here reads:
+  -- their events would wait unhandled, without a word.
+  if self.partitions < 1024 then
+    local cmds = {}
+    -- (XLEN: 0 for a missing stream, and for an empty one a worker's MKSTREAM made.)
+    for p = self.partitions, 1023 do cmds[#cmds + 1] = { "XLEN", self:key(p) } end
+    local r = self:redis(cmds)
+    for i, n in ipairs(r or {}) do
+      if type(n) == "number" and n > 0 then
+        log.warn(string.format("stream %s exists, but this worker reads %s:0 .. %s:%d (partitions = %d): its " ..
+          "events are never handled; give the workers the capturer's partitions", self:key(self.partitions + i - 1),
+          self.stream, self.stream, self.partitions - 1, self.partitions))
+        break
+      end
     end
   end
   self.started = true
@@ -254,15 +308,6 @@ function Driver:flush_acks()
   return true
 end
 
-local function lost(self, err)
-  if not self.retry_at then
-    log.warn(string.format("redis_streams: connection to Redis lost (%s); reconnecting", tostring(err)))
-  end
-  self.retry_at = self.retry:schedule(err, "redis reconnect")
-  self.delivered, self.popped = {}, 0
-  if self.client.acks then self.client.acks:reset() end
-  return true
-end
 
 function Driver:step()
   if not self.started then return true end
@@ -286,7 +331,10 @@ function Driver:step()
       tostring(READ_COUNT) } })
     if not r then return lost(self, err) end
     local reply = r[1]
-    if type(reply) == "table" and reply.err then return nil, "XAUTOCLAIM: " .. reply.err end
+    if type(reply) == "table" and reply.err then
+      if reply.err:find("^NOGROUP") then return self:regroup("XAUTOCLAIM", reply.err) end
+      return nil, "XAUTOCLAIM: " .. reply.err
+    end
     for _, e in ipairs(reply[2] or {}) do
       if type(e) == "table" and type(e[2]) == "table" then
         if self:deliver(self:key(p), e[1], e[2]) == false then return nil, self.client.failure end
@@ -308,7 +356,13 @@ function Driver:step()
   local r, err = self:redis({ cmd })
   if not r then return lost(self, err) end
   local reply = r[1]
-  if type(reply) == "table" and reply.err then return nil, "XREADGROUP: " .. reply.err end
+  if type(reply) == "table" and reply.err then
+    -- (UNBLOCKED: the stream was deleted while this read waited on it.)
+    if reply.err:find("^NOGROUP") or reply.err:find("^UNBLOCKED") then
+      return self:regroup("XREADGROUP", reply.err)
+    end
+    return nil, "XREADGROUP: " .. reply.err
+  end
   for _, s in ipairs(type(reply) == "table" and reply or {}) do
     for _, e in ipairs(s[2] or {}) do
       if self:deliver(s[1], e[1], e[2]) == false then return nil, self.client.failure end

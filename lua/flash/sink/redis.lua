@@ -41,34 +41,74 @@ local function fnv1a(s)
 end
 M.hash = fnv1a
 
--- redis://HOST[:PORT] -> host, port; nil when url is not that. The one reader of a Redis
--- URL: the sink, the redis_streams driver and the command line's --to.
+-- redis://HOST[:PORT] -> host, port; nil and why when url is not that. The one reader of
+-- a Redis URL: the sink, the redis_streams driver and the command line's --to. A database
+-- number other than 0 (redis://HOST:PORT/2) is refused: the connections never SELECT one,
+-- so the streams would be in database 0 whatever the URL said.
 local function parse_url(url)
-  local host, port = url:match("^redis://([^:/]+):?(%d*)/?%d*$")
-  if not host then return nil end
-  return host, tonumber(port) or 6379
+  local host, port, db = url:match("^redis://([^:/]+):?(%d*)/?(%d*)$")
+  if not host then return nil, "redis://HOST[:PORT] expected, got " .. url end
+  local why
+  if db ~= "" and tonumber(db) ~= 0 then
+    why = "a database number is not supported: the streams are in database 0"
+  end
+  port = tonumber(port) or 6379
+  if port < 1 or port > 65535 then why = "the port is 1 to 65535" end
+  if why then return nil, string.format("redis://HOST[:PORT] expected, got %s (%s)", url, why), why end
+  return host, port
 end
 M.parse_url = parse_url
 M.DEFAULT_URL = "redis://127.0.0.1:6379"
 
 local function check(opts)
-  local function bad(msg) error("bad argument #1 to 'redis' (" .. msg .. ")", 3) end
+  -- Level 4: the script's line that called flash.sink.redis (bad < check < new < caller).
+  local function bad(msg, depth) error("bad argument #1 to 'redis' (" .. msg .. ")", 4 + (depth or 0)) end
   if type(opts) ~= "table" then bad("a table of options expected") end
   local known = { url = true, stream = true, partitions = true, key = true, maxlen = true, batch = true,
                   flush_interval = true, timeout = true }
   for k in pairs(opts) do
     if not known[k] then bad(string.format("unknown option '%s'", tostring(k))) end
   end
-  if opts.url ~= nil and not (type(opts.url) == "string" and parse_url(opts.url)) then
-    bad("option 'url': redis://HOST[:PORT] expected, got " .. tostring(opts.url))
+  if opts.url ~= nil then
+    if type(opts.url) ~= "string" then bad("option 'url': redis://HOST[:PORT] expected, got " .. type(opts.url)) end
+    local ok, why = parse_url(opts.url)
+    if not ok then bad("option 'url': " .. why) end
   end
   local p = opts.partitions
   if p ~= nil and not (type(p) == "number" and p >= 1 and p <= 1024 and p == math.floor(p)) then
     bad("option 'partitions': a whole number from 1 to 1024 expected, got " .. tostring(p))
   end
+  local function whole(name, min)
+    local v = opts[name]
+    if v ~= nil and not (type(v) == "number" and v >= min and v == math.floor(v) and v < 2 ^ 53) then
+      bad(string.format("option '%s': a whole number >= %d expected, got %s", name, min,
+        type(v) == "number" and tostring(v) or type(v)), 1)
+    end
+  end
+  whole("maxlen", 1)
+  whole("batch", 1)
+  if opts.stream ~= nil and not (type(opts.stream) == "string" and opts.stream ~= "") then
+    bad("option 'stream': a non-empty string expected, got " ..
+      (type(opts.stream) == "string" and "an empty string" or type(opts.stream)))
+  end
+  for _, name in ipairs({ "timeout", "flush_interval" }) do
+    local v = opts[name]
+    if v ~= nil and not (type(v) == "number" and v > 0) then
+      bad(string.format("option '%s': seconds (a number > 0) expected, got %s", name,
+        type(v) == "number" and tostring(v) or type(v)))
+    end
+  end
   local key = opts.key
   if key ~= nil and type(key) ~= "function" and type(key) ~= "table" then
     bad("option 'key': a list of column names or a function(ev) expected, got " .. type(key))
+  end
+  if type(key) == "table" then
+    if #key == 0 then bad("option 'key': a list of column names expected, got an empty table") end
+    for i, c in ipairs(key) do
+      if type(c) ~= "string" then
+        bad(string.format("option 'key': column names expected, got a %s at [%d]", type(c), i))
+      end
+    end
   end
 end
 
@@ -79,6 +119,8 @@ function M.new(opts)
   local host, port = parse_url(opts.url or M.DEFAULT_URL)
   local key = opts.key or { "id" }
   local self = setmetatable({
+    key_given = opts.key ~= nil,
+    lkeys = setmetatable({}, { __mode = "k" }),   -- [listener] = its table's key columns, or false
     host = host, port = port,
     stream = opts.stream or "flash",
     partitions = opts.partitions or 1,
@@ -90,6 +132,7 @@ function M.new(opts)
     -- The events not yet answered, in delivery order: q[head .. sent - 1] are in the
     -- connection's output or written, q[sent .. tail - 1] wait for a connection.
     q = {}, head = 1, sent = 1, tail = 1,
+    qk = {},               -- qk[i]: the key string of q[i] when Lua made it (else nil: the outbox reads it)
     added = 0,             -- events added since the output was last written
     writing = false,       -- the socket did not take all the output
     connected = false,
@@ -102,16 +145,36 @@ function M.new(opts)
   return self
 end
 
--- The key string of ev under key = function(ev), or nil (the outbox reads the columns).
-local function key_of(self, ev)
+-- The key string of ev, or nil (the outbox reads the `key` columns, { "id" } by default).
+-- Under key = function(ev), its tostring(). Without a `key` option, an event of listener l
+-- is keyed by l's primary_key, else its table's replica identity index or primary key
+-- (what workers = N hashes), else "id": the texts of those columns joined by "\0", from the
+-- old row when there is one, "false" each without a row (a truncate) -- the outbox's way.
+local function key_of(self, ev, l)
   if self.keyfn then return tostring(self.keyfn(ev)) end
-  return nil
+  if self.key_given or not l then return nil end
+  local cols = self.lkeys[l]
+  if cols == nil then
+    cols = require("flash.workers").key_columns(l.client, l)
+    if cols and #cols == 1 and cols[1] == "id" then cols = false end
+    self.lkeys[l] = cols
+  end
+  if not cols then return nil end
+  local row = type(ev.old) == "table" and ev.old or ev.new
+  local parts = {}
+  for i, c in ipairs(cols) do
+    if type(row) ~= "table" then parts[i] = "false" else
+      local v = row[c]
+      parts[i] = v == nil and "" or tostring(v)
+    end
+  end
+  return table.concat(parts, "\0")
 end
 
--- The partition stream of event ev: its table and key columns (from the old row when the
--- event has one, so an update or delete goes where the row's insert went).
-function Sink:stream_of(ev)
-  return self.stream .. ":" .. self.out:partition(ev, key_of(self, ev))
+-- The partition stream of event ev (of listener l): its table and key columns (from the
+-- old row when the event has one, so an update or delete goes where the row's insert went).
+function Sink:stream_of(ev, l)
+  return self.stream .. ":" .. self.out:partition(ev, key_of(self, ev, l))
 end
 
 -- The loop's source contract (flash._add_source): the connection while replies are due,
@@ -145,8 +208,9 @@ local function start(self)
   end)
 end
 
--- The callback: the event waits in the sink until Redis holds it.
-function Sink:__call(ev)
+-- The callback (listener:on calls it with the event and the listener): the event waits in
+-- the sink until Redis holds it.
+function Sink:__call(ev, l)
   if not self.started then
     if type(ev.ack) ~= "function" then
       error("flash.sink.redis needs flash.client{ ack = \"manual\", persistent = true }: an event is " ..
@@ -154,18 +218,19 @@ function Sink:__call(ev)
     end
     start(self)
   end
+  local k = key_of(self, ev, l)
   if not self.connected then
     -- Queued first, so a failed attempt's warning counts it; a connection made now adds
     -- every waiting event, this one with them.
-    self.q[self.tail] = ev
+    self.q[self.tail], self.qk[self.tail] = ev, k
     self.tail = self.tail + 1
     self:reconnect()
     return
   end
   -- Encoded first: an event that cannot be encoded raises here and is not queued.
-  self.out:add(ev, key_of(self, ev))
+  self.out:add(ev, k)
   local t = self.tail
-  self.q[t] = ev
+  self.q[t], self.qk[t] = ev, k
   self.tail, self.sent = t + 1, t + 1
   local added = self.added + 1
   self.added = added
@@ -182,13 +247,17 @@ function Sink:reconnect()
   end
   if self.had_conn then
     self.stats.reconnects = self.stats.reconnects + 1
-    log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port))
+    -- (After a refused XADD the connection was dropped by us, not lost: no news.)
+    if not self.refused then log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port)) end
   end
   self.connected, self.had_conn = true, true
-  self.retry:reset()
-  self.retry_at, self.last_err = nil, nil
+  -- The backoff and the last error are reset only once Redis answers an XADD (pump): a
+  -- connection that Redis accepts but whose XADDs it refuses (a key of another type, out
+  -- of memory) must back off too, and warn once, not ten times a second.
+  self.retry_at = nil
   local q = self.q
-  for i = self.head, self.tail - 1 do self.out:add(q[i], key_of(self, q[i])) end
+  local qk = self.qk
+  for i = self.head, self.tail - 1 do self.out:add(q[i], qk[i]) end
   self.sent, self.added = self.tail, self.tail - self.head
   return true
 end
@@ -199,17 +268,27 @@ function Sink:pump()
   local out = self.out
   self.added = 0
   local done, err = out:send()
-  if done == nil then return self:lost(err) end
+  if done == nil then
+    self.refused = nil
+    return self:lost(err)
+  end
   self.writing = not done
   local n, refused = out:receive()
-  if n == nil then return self:lost(refused) end
+  if n == nil then
+    self.refused = nil
+    return self:lost(refused)
+  end
   if n > 0 then
-    local q, head = self.q, self.head
+    local q, qk, head = self.q, self.qk, self.head
     for i = head, head + n - 1 do
       q[i]:ack()
-      q[i] = nil
+      q[i], qk[i] = nil, nil
     end
     self.head = head + n
+    if self.last_err then
+      self.retry:reset()
+      self.last_err, self.refused = nil, nil
+    end
     self.stats.sent = self.stats.sent + n
     self.stats.batches = self.stats.batches + 1
     if self.head == self.tail then
@@ -219,7 +298,10 @@ function Sink:pump()
   end
   -- Redis refused an entry (a wrong type, out of memory): nothing from it on is
   -- acknowledged; it and what follows are written again later.
-  if refused then return self:lost("XADD refused: " .. refused) end
+  if refused then
+    self.refused = true
+    return self:lost("XADD refused: " .. refused)
+  end
   return true
 end
 
