@@ -196,10 +196,10 @@ assert(flash.run())
     end
   end)
 
-  it("keeps what comes while Redis is not there from the start, warns, and writes it once Redis is up", function()
-    local t = H.table("id int PRIMARY KEY, v int")
-    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
-    local path = s.script(string.format([[
+  -- A script whose sink writes table t into `parts` partitions and prints the client's
+  -- unacknowledged events and the sink's sent count every 50 ms.
+  local function counting_sink(t, parts)
+    return s.script(string.format([[
 local flash = require "flash"
 local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = %d }
 local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
@@ -212,7 +212,13 @@ flash.every(0.05, function()
   io.stdout:flush()
 end)
 assert(flash.run())
-]], f.port, PARTS, slot, slot, t))
+]], f.port, parts, slot, slot, t))
+  end
+
+  it("keeps what comes while Redis is not there from the start, warns, and writes it once Redis is up", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    local path = counting_sink(t, PARTS)
     local h = s.spawn({ path })
     assert.is_true(h.await("ready", 15, "err"), h.err())
     H.sql("INSERT INTO " .. t .. " SELECT g, g FROM generate_series(1, 30) g")
@@ -243,20 +249,7 @@ assert(flash.run())
     local conn = H.redis_start(f.dir, f.port)
     -- The partition's key holds a string: Redis answers every XADD with WRONGTYPE.
     assert(conn:pipeline({ { "SET", "flash:0", "not a stream" } }))
-    local path = s.script(string.format([[
-local flash = require "flash"
-local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 1 }
-local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
-  ack = "manual" })
-assert(c:listen { table = %q }):on("all", sink)
-assert(c:start())
-io.stderr:write("ready\n")
-flash.every(0.05, function()
-  io.stdout:write(string.format("unacked %%d sent %%d\n", c:stats().unacked, sink.stats.sent))
-  io.stdout:flush()
-end)
-assert(flash.run())
-]], f.port, slot, slot, t))
+    local path = counting_sink(t, 1)
     local h = s.spawn({ path })
     assert.is_true(h.await("ready", 15, "err"), h.err())
     H.sql("INSERT INTO " .. t .. " SELECT g, g FROM generate_series(1, 5) g")
