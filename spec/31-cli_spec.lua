@@ -106,6 +106,10 @@ describe("flashlua command line", function()
           "flashlua: --fields goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
         { { "--backfill", path },
           "flashlua: --backfill goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
+        { { "--replica-identity", "full", path },
+          "flashlua: --replica-identity goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
+        { { "--table", "t", "--replica-identity", "default" },
+          "flashlua: --replica-identity takes 'full' (the only identity that carries whole old rows), got 'default'\n" },
         { { "--table", "t", "--where", "customer_id in (1, 2" },
           "flashlua: cannot read --where 'customer_id in (1, 2': expected ',' or ')' in the 'in' list (expected " ..
           "col = value, col <> value, col >= value, col is null, col is not null, col in (a, b); see --help)\n" },
@@ -403,6 +407,30 @@ flash.after(1.5, flash.stop)
       assert.are.same({ id = 1, b = "\\x00ff5c", bs = { "\\x01", cjson.null }, s = "é" }, events[1].new)
       assert.are.equal("\\xfe", events[2].new.b)
       assert.are.equal("\\x00ff5c", events[2].old.b)
+    end)
+
+    it("--replica-identity full sets REPLICA IDENTITY FULL where wal_logical needs it, so updates carry the old row", function()
+      local t = H.table("id int PRIMARY KEY, v text")
+      tables[#tables + 1] = t
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'a')")
+      -- Without it: the error names both ways out.
+      local rc, out, err = run({ "--table", t, "--backfill" })
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.truthy(err:find("(flashlua --table: --replica-identity full)", 1, true), err)
+      local h = spawn({ "--table", t, "--backfill", "--replica-identity", "full" })
+      assert.is_true(h.await('"op":"read"', 20), h.err())
+      H.sql("UPDATE " .. t .. " SET v = 'b' WHERE id = 1")
+      assert.is_true(h.await('"op":"update"', 20), h.err())
+      h.kill("TERM")
+      assert.are.equal(0, h.wait(10), h.err())
+      assert.are.equal("f", H.scalar("SELECT relreplident::text FROM pg_class WHERE oid = $1::regclass", t))
+      local events = {}
+      for line in h.out():gmatch("[^\n]+") do events[#events + 1] = cjson.decode(line) end
+      assert.are.equal(2, #events, h.out())
+      assert.are.same({ id = 1, v = "a" }, events[2].old)
+      assert.are.same({ id = 1, v = "b" }, events[2].new)
+      assert.truthy(h.err():find("set REPLICA IDENTITY FULL on public." .. t, 1, true), h.err())
     end)
 
     it("prints one JSON line per event of the chosen operations until SIGTERM", function()

@@ -73,7 +73,7 @@ describe("wal_logical driver", function()
     assert.is_nil(ok)
     assert.equal(string.format("table public.%s does not have REPLICA IDENTITY FULL, so update and delete events " ..
       "would lack the old row (run `ALTER TABLE \"public\".\"%s\" REPLICA IDENTITY FULL`, or pass replica_identity = " ..
-      "\"full\" to flash.client to let flashlua do it)", t, t), err)
+      "\"full\" to flash.client (flashlua --table: --replica-identity full) to let flashlua do it)", t, t), err)
   end)
 
   it("sets REPLICA IDENTITY FULL itself only with replica_identity = \"full\"", function()

@@ -47,6 +47,10 @@ options:
                          (flash:0 .. flash:N-1, by table + key; docs/scale-out.md),
                          confirming to a persistent slot only what Redis holds
       --partitions N     with --to: the number of streams (default 1)
+      --replica-identity full
+                         with --table under wal_logical: set REPLICA IDENTITY FULL on
+                         the table (and its partitions) when it lacks it, so updates and
+                         deletes carry the old row (replica_identity = "full")
   slots [list | drop NAME], schemas [list | drop NAME]
                          the same as the four options below
       --list-slots       list flashlua's replication slots in the database (-d): name,
@@ -208,6 +212,7 @@ local function table_only(o)
   if #o.where > 0 then return "--where" end
   if o.backfill then return "--backfill" end
   if o.to then return "--to" end
+  if o.replica_identity then return "--replica-identity" end
 end
 
 local function parse_args(argv)
@@ -265,6 +270,12 @@ local function parse_args(argv)
       if not ok then
         error({ usage = string.format("--to takes redis://HOST[:PORT], got '%s'%s", o.to, why and " (" .. why .. ")" or "") })
       end
+    elseif a == "--replica-identity" then
+      local v = val(a)
+      if v ~= "full" then
+        error({ usage = string.format("--replica-identity takes 'full' (the only identity that carries whole old rows), got '%s'", v) })
+      end
+      o.replica_identity = v
     elseif a == "--partitions" then
       local v = val(a)
       o.partitions = tonumber(v)
@@ -328,9 +339,11 @@ local function table_mode(flash, o)
   if o.to then
     -- Redis confirms what the slot may forget: wal_logical (unless --driver says otherwise)
     -- with a persistent slot and manual acks, acknowledged by the sink.
-    client, err = flash.client { driver = flash.defaults.driver or "wal_logical", persistent = true, ack = "manual" }
+    client, err = flash.client { driver = flash.defaults.driver or "wal_logical", persistent = true, ack = "manual",
+                                 replica_identity = o.replica_identity }
   else
-    client, err = flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil }
+    client, err = flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil,
+                                 replica_identity = o.replica_identity }
   end
   if not client then error(err, 0) end
   local listener

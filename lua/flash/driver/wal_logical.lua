@@ -144,7 +144,8 @@ function Driver:check_identity(l)
     ("partition or child table " .. names[1] .. " of " .. l.table_name)
   return fail(string.format("%s does not have REPLICA IDENTITY FULL, so update and delete events " ..
     "would lack the old row", what),
-    "run `" .. table.concat(alters, "; ") .. "`, or pass replica_identity = \"full\" to flash.client to let flashlua do it")
+    "run `" .. table.concat(alters, "; ") .. "`, or pass replica_identity = \"full\" to flash.client (flashlua --table: --replica-identity full) " ..
+    "to let flashlua do it")
 end
 
 -- The tables some listener wants something from, by OID: a listener follows its table
