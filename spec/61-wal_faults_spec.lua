@@ -476,6 +476,28 @@ describe("wal_logical faults", function()
       assert.matches("cannot drop publication " .. pub .. ": ", err, 1, true)
       assert.matches("it is left in the database", err, 1, true)
     end)
+
+    it("a persistent publication of another role's is named with its owner and the way out", function()
+      local pub = "flash_spec_pub_" .. core.getpid()
+      H.sql([[DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'flash_second') THEN
+        DROP OWNED BY flash_second; DROP ROLE flash_second; END IF; END $$; CREATE ROLE flash_second LOGIN REPLICATION]])
+      local mine = H.table("id int PRIMARY KEY")
+      H.sql("CREATE PUBLICATION " .. pub .. " FOR TABLE " .. mine)
+      local t = H.table("id int PRIMARY KEY")
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL; ALTER TABLE " .. t .. " OWNER TO flash_second; " ..
+        "GRANT CREATE ON DATABASE postgres TO flash_second")
+      local c = assert(flash.client { driver = "wal_logical", dsn = H.dsn:gsub("user=%S+", "user=flash_second"),
+                                      persistent = true, slot = pub, publication = pub })
+      assert(c:listen { table = t }):on("insert", function() end)
+      local ok, err = c:start()
+      c:stop()
+      H.sql("DROP PUBLICATION " .. pub)
+      H.sql("DROP TABLE " .. t .. "; REVOKE CREATE ON DATABASE postgres FROM flash_second; DROP ROLE flash_second")
+      drop_slot(pub)
+      assert.is_nil(ok)
+      assert.equal("cannot use publication " .. pub .. ": it belongs to role postgres (give this client a publication " ..
+        "and slot of its own (flash.client{ publication = \"...\", slot = \"...\" }), or run flashlua as that role)", err)
+    end)
   end)
 
   describe("conditions and columns", function()

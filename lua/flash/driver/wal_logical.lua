@@ -377,6 +377,15 @@ function Driver:setup_publication()
   local ok
   ok, err = self:exec(table.concat(sql, ";\n"))
   if not ok then
+    if tostring(err):find("must be owner of publication", 1, true) then
+      -- Another role's instance made it (the default name is shared by every role).
+      local owner = self:exec("SELECT pg_get_userbyid(pubowner)::text AS o FROM pg_publication WHERE pubname = $1",
+        self.publication)
+      return fail(string.format("cannot use publication %s: it belongs to role %s", self.publication,
+        owner and owner[1] and owner[1].o or "?"),
+        "give this client a publication and slot of its own (flash.client{ publication = \"...\", slot = \"...\" }), " ..
+        "or run flashlua as that role")
+    end
     return fail("cannot create publication " .. self.publication .. ": " .. err,
       "the role needs CREATE on the database and to own the listened tables")
   end
