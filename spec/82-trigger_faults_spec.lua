@@ -241,6 +241,22 @@ assert(flash.run())
       os.remove(h.base .. ".out") os.remove(h.base .. ".err") os.remove(h.base .. ".rc")
     end)
 
+    it("a role that may not create the trigger is told to run as the table's owner, not to get TRIGGER", function()
+      local role = "flash_trig_only"
+      H.sql(string.format([[DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN; END IF;
+        END $$; GRANT CREATE ON DATABASE postgres TO %s]], role, role, role))
+      local t = H.table("id int PRIMARY KEY")
+      local dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. role
+      local rc, out, err = H.run_flashlua({ "-d", dsn, "--driver", driver, "--table", t }, 20)
+      for schema in err:gmatch("DROP SCHEMA \"(flash_%d+)\"") do H.sql("DROP SCHEMA IF EXISTS " .. schema .. " CASCADE") end
+      assert.equal(1, rc, err)
+      assert.equal("", out)
+      assert.truthy(err:find("cannot create the [%w ]+ trigger on public%." .. t .. ": [^\n]*permission denied"), err)
+      assert.truthy(err:find("(run flashlua as the table's owner (or a member of the owning role): the TRIGGER " ..
+        "privilege alone lets a role create the trigger but not drop it at stop)", 1, true), err)
+    end)
+
     it("stops cleanly, without deadlocks, while other sessions write to the table", function()
       local t = H.table("id bigserial PRIMARY KEY, v text")
       local sql = os.tmpname()

@@ -795,7 +795,8 @@ function Driver:sync_all()
         missing = missing or string.format("%s (%s)", w.display, tostring(err):gsub("%s+$", ""))
       else
         return fail(string.format("cannot create the %s trigger on %s: %s", w.what, w.display, err),
-          "the role needs to own the table or hold the TRIGGER privilege on it")
+          "run flashlua as the table's owner (or a member of the owning role): the TRIGGER privilege " ..
+          "alone lets a role create the trigger but not drop it at stop")
       end
     end
   end
