@@ -335,6 +335,19 @@ assert(flash.run())
     end
   end)
 
+  it("refuses --fields that leave out the key, which would put every event in one partition", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.drop_slot("flash_replication", "flash_publication")
+    local rc, out, err = H.run_flashlua({ "--table", t, "--fields", "v", "--to", "redis://127.0.0.1:" .. f.port,
+      "--partitions", "2" }, 20)
+    H.drop_slot("flash_replication", "flash_publication")
+    assert.equal(1, rc, err)
+    assert.equal("", out)
+    assert.truthy(err:find("flashlua: the listener of public." .. t .. " carries fields without its key column id, so " ..
+      "every event would go to one partition: add id to fields (flashlua --fields)", 1, true), err)
+  end)
+
   it("is what flashlua --table T --to redis://... --partitions N runs", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

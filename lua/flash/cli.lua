@@ -351,6 +351,11 @@ local function table_mode(flash, o)
     table = o.table, fields = o.fields, where = #o.where > 0 and o.where or nil,
   }
   if not listener then error(err, 0) end
+  if o.to then
+    -- Said before anything starts: --fields without the key would send every event to one stream.
+    local _, kerr = require("flash.sink.redis").key_columns(listener)
+    if kerr then error(kerr, 0) end
+  end
   local ops = o.ops
   if ops and o.backfill then
     ops = { unpack(ops) }

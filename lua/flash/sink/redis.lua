@@ -150,12 +150,33 @@ end
 -- is keyed by l's primary_key, else its table's replica identity index or primary key
 -- (what workers = N hashes), else "id": the texts of those columns joined by "\0", from the
 -- old row when there is one, "false" each without a row (a truncate) -- the outbox's way.
+-- The key columns of listener l's table (its primary_key, else the replica identity index
+-- or primary key), or false; nil and why when l's fields leave one of them out: it would be
+-- nil in every row, and every event would go to one partition.
+function M.key_columns(l)
+  local cols = require("flash.workers").key_columns(l.client, l)
+  if cols and l.fields then
+    local carried = {}
+    for _, f in ipairs(l.fields) do carried[f] = true end
+    for _, c in ipairs(cols) do
+      if not carried[c] then
+        return nil, string.format("the listener of %s carries fields without its key column %s, so every event " ..
+          "would go to one partition: add %s to fields (flashlua --fields), or pass key = {...} to the sink",
+          tostring(l.table_name), c, c)
+      end
+    end
+  end
+  return cols
+end
+
 local function key_of(self, ev, l)
   if self.keyfn then return tostring(self.keyfn(ev)) end
   if self.key_given or not l then return nil end
   local cols = self.lkeys[l]
   if cols == nil then
-    cols = require("flash.workers").key_columns(l.client, l)
+    local err
+    cols, err = M.key_columns(l)
+    if err then error("flash.sink.redis: " .. err, 0) end
     if cols and #cols == 1 and cols[1] == "id" then cols = false end
     self.lkeys[l] = cols
   end
