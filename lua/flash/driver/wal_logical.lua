@@ -148,6 +148,56 @@ function Driver:check_identity(l)
     "to let flashlua do it")
 end
 
+-- Partitions that became descendants of a listened table after its start (created or
+-- attached; INHERITS children: housekeep) need REPLICA IDENTITY FULL as check_identity made
+-- the others have it: without it their updates and deletes arrive without the old row, and
+-- under wal_logical PostgreSQL refuses the user's own UPDATE and DELETE on a partition
+-- with no replica identity at all (the publication of its root publishes them). With
+-- replica_identity = "full" it is set here, each table in its own short transaction that
+-- never waits long on a writer's lock (tried again at the next housekeeping); without it
+-- a warning names the fix once per table. Runs every HOUSE_INTERVAL (housekeep).
+function Driver:identify_descendants()
+  local oids = {}
+  for _, l in ipairs(self.client.listeners) do
+    if not l.dropped and next(l:wanted()) and needs_old(l) then oids[#oids + 1] = string.format("%d", l.table.oid) end
+  end
+  if #oids == 0 then return end
+  local rows = self:exec(DESCENDANTS .. [[
+    SELECT DISTINCT n.nspname::text AS schema, c.relname::text AS name,
+      (SELECT pn.nspname::text || '.' || p.relname::text FROM pg_catalog.pg_inherits i
+         JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+        WHERE i.inhrelid = c.oid ORDER BY i.inhseqno LIMIT 1) AS parent
+    FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p') AND c.relispartition AND c.relreplident <> 'f' ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return end
+  for _, r in ipairs(rows) do
+    local name = self:ident(r.schema) .. "." .. self:ident(r.name)
+    local display = r.schema .. "." .. r.name
+    local alter = "ALTER TABLE " .. name .. " REPLICA IDENTITY FULL"
+    if self.client.opts.replica_identity == "full" then
+      local ok, err = self:exec("BEGIN; SET LOCAL lock_timeout = '100ms'; " .. alter .. "; COMMIT")
+      if ok then
+        log.info(string.format("set REPLICA IDENTITY FULL on %s, new partition of %s (replica_identity = \"full\")",
+          display, r.parent))
+      else
+        self:exec("ROLLBACK")
+        if not self.warned["identity:" .. display] and not tostring(err):find("lock timeout", 1, true) then
+          self.warned["identity:" .. display] = true
+          log.warn(string.format("cannot set REPLICA IDENTITY FULL on %s, new partition of %s: %s",
+            display, r.parent, (tostring(err):gsub("%s+$", ""))))
+        end
+      end
+    elseif not self.warned["identity:" .. display] then
+      self.warned["identity:" .. display] = true
+      log.warn(string.format("partition %s of %s does not have REPLICA IDENTITY FULL: its updates and " ..
+        "deletes arrive without the old row%s (run `%s`, or pass replica_identity = \"full\" to flash.client " ..
+        "(flashlua --table: --replica-identity full) to let flashlua do it)", display, r.parent,
+        not self.consumer and ", and PostgreSQL refuses UPDATE and DELETE on it while it has no replica identity at all"
+        or "", alter))
+    end
+  end
+end
+
 -- The tables some listener wants something from, by OID: a listener follows its table
 -- through renames. A table dropped while listening is left out.
 function Driver:wanted_tables()
@@ -824,6 +874,7 @@ function Driver:housekeep()
       self:renamed(r.oid, r.schema, r.name)
     end
   end
+  self:identify_descendants()
   local pub = {}
   for oid in pairs(self.published) do pub[#pub + 1] = string.format("%d", oid) end
   if #pub == 0 then return end

@@ -1,0 +1,130 @@
+-- spec/91-decoding_workloads_spec.lua: workloads in the spirit of PostgreSQL's own
+-- logical-decoding and subscription tests (partitions attached and created while
+-- replicating, replica identities, rewrites, ...), written from scratch and run under every
+-- driver: every user write succeeds, every committed row arrives as committed.
+local flash = require "flash"
+local H = require "helpers"
+
+
+local WAL = { wal_logical = true, pg_extension = true }
+
+-- A started client of `driver` listening to every op of `tables`; events land in the list.
+local function listen_all(driver, tables, opts)
+  local o = { driver = driver }
+  for k, v in pairs(opts or {}) do o[k] = v end
+  local c = assert(flash.client(o))
+  local events = {}
+  for _, t in ipairs(tables) do
+    assert(c:listen { table = t }):on("all", function(ev)
+      events[#events + 1] = { op = ev.op, table = ev.table, source = ev.source, new = ev.new, old = ev.old }
+    end)
+  end
+  assert(c:start())
+  return c, events
+end
+
+-- Polls until `n` events arrived (generous timeout), then a little more to show no more come.
+local function collect(c, events, n)
+  H.wait(c, events, n, 20)
+  H.settle(c, 0.3)
+  return events
+end
+
+-- Tables of `names` (a LIKE pattern's relations) whose replica identity is not FULL.
+local function not_full(pattern)
+  return tonumber(H.scalar([[SELECT count(*) AS n FROM pg_class
+    WHERE relname LIKE $1 AND relkind IN ('r', 'p') AND relreplident <> 'f']], pattern))
+end
+
+local function brief(events)
+  local t = {}
+  for i, ev in ipairs(events) do
+    local row = ev.new or ev.old
+    t[i] = ev.op .. " " .. tostring(row and row.id) .. " " .. (ev.source or "?"):gsub("^public%.t_%d+_%d+", "")
+  end
+  return t
+end
+
+for _, driver in ipairs(H.drivers) do
+describe("decoding workloads (" .. driver .. ")", function()
+  local client
+  after_each(function()
+    if client then client:stop() client = nil end
+  end)
+
+  -- src/test/subscription 013_partition: partitions created and attached while replicating.
+  it("partitions created and attached while listening: UPDATE and DELETE through the root succeed, " ..
+    "events carry the whole old row", function()
+    local p = H.table("id int, v text, k int) PARTITION BY RANGE (id")
+    H.sql("CREATE TABLE " .. p .. "_1 PARTITION OF " .. p .. " FOR VALUES FROM (0) TO (10)")
+    -- To be attached: a key (REPLICA IDENTITY DEFAULT has the key only) and a row already in it.
+    H.sql("CREATE TABLE " .. p .. "_x (id int PRIMARY KEY, v text, k int); INSERT INTO " .. p .. "_x VALUES (25, 'pre', 0)")
+    local events
+    client, events = listen_all(driver, { p }, { replica_identity = "full" })
+    -- Created with no key (no replica identity at all), and attached.
+    H.sql("CREATE TABLE " .. p .. "_2 PARTITION OF " .. p .. " FOR VALUES FROM (10) TO (20)")
+    H.sql("ALTER TABLE " .. p .. " ATTACH PARTITION " .. p .. "_x FOR VALUES FROM (20) TO (30)")
+    if WAL[driver] then
+      -- replica_identity = "full" gives the new partitions REPLICA IDENTITY FULL too.
+      assert.is_true(H.wait_for(function()
+        client:poll(0.05)
+        return not_full(p .. "%") == 0
+      end, 20), "the new partitions never got REPLICA IDENTITY FULL")
+    end
+    H.sql("INSERT INTO " .. p .. " VALUES (1, 'a', 1), (11, 'b', 1), (21, 'c', 1)")
+    H.sql("UPDATE " .. p .. " SET v = v || '2'")
+    H.sql("DELETE FROM " .. p .. " WHERE id IN (11, 25)")
+    collect(client, events, 9)
+    local got = brief(events)
+    table.sort(got, function(a, b) return a < b end)
+    local want = {}
+    local ops = { "insert 1", "insert 11", "insert 21", "update 1", "update 11", "update 21", "update 25", "delete 11",
+      "delete 25" }
+    local srcs = { "_1", "_2", "_x", "_1", "_2", "_x", "_x", "_2", "_x" }
+    for i, o in ipairs(ops) do want[i] = o .. " " .. (driver == "trigger_statement" and "" or srcs[i]) end
+    table.sort(want)
+    assert.same(want, got)
+    local by = {}
+    for _, ev in ipairs(events) do by[ev.op .. " " .. (ev.new or ev.old).id] = ev end
+    assert.same({ id = 25, v = "pre", k = 0 }, by["update 25"].old)
+    assert.same({ id = 25, v = "pre2", k = 0 }, by["update 25"].new)
+    assert.same({ id = 11, v = "b", k = 1 }, by["update 11"].old)
+    assert.same({ id = 21, v = "c", k = 1 }, by["update 21"].old)
+    assert.same({ id = 11, v = "b2", k = 1 }, by["delete 11"].old)
+    assert.same({ id = 25, v = "pre2", k = 0 }, by["delete 25"].old)
+    assert.same({ id = 1, v = "a", k = 1 }, by["insert 1"].new)
+    assert.is_nil(by["insert 1"].old)
+  end)
+
+  if WAL[driver] then
+    it("a partition created while listening without replica_identity = \"full\": a warning names the ALTER TABLE", function()
+      local p = H.table("id int, v text) PARTITION BY LIST (id")
+      H.sql("CREATE TABLE " .. p .. "_1 PARTITION OF " .. p .. " FOR VALUES IN (1); " ..
+        "ALTER TABLE " .. p .. " REPLICA IDENTITY FULL; ALTER TABLE " .. p .. "_1 REPLICA IDENTITY FULL")
+      local warned = {}
+      local old = flash.log.set_sink(function(line)
+        if line:find(" WARN ", 1, true) then warned[#warned + 1] = line:match("WARN%s+%[[^%]]*%] (.*)$") end
+      end)
+      local ok, err = pcall(function()
+        local events
+        client, events = listen_all(driver, { p })
+        H.sql("CREATE TABLE " .. p .. "_2 PARTITION OF " .. p .. " FOR VALUES IN (2)")
+        H.sql("INSERT INTO " .. p .. " VALUES (2, 'x')")
+        collect(client, events, 1)
+        assert.same({ "insert 2 _2" }, brief(events))
+        H.wait_for(function() client:poll(0.05) return #warned > 0 end, 20)
+        H.settle(client, 0.3)
+      end)
+      flash.log.set_sink(old)
+      assert(ok, err)
+      local want = string.format("partition public.%s_2 of public.%s does not have REPLICA IDENTITY " ..
+        "FULL: its updates and deletes arrive without the old row%s (run `ALTER TABLE \"public\".\"%s_2\" REPLICA " ..
+        "IDENTITY FULL`, or pass replica_identity = \"full\" to flash.client (flashlua --table: --replica-identity " ..
+        "full) to let flashlua do it)", p, p, driver == "wal_logical" and ", and PostgreSQL refuses UPDATE and " ..
+        "DELETE on it while it has no replica identity at all" or "", p)
+      assert.same({ want }, warned)
+      assert.equal(1, not_full(p .. "%"))
+    end)
+  end
+end)
+end
