@@ -1426,9 +1426,14 @@ static void truncate_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn, int 
   FlashData *d = ctx->output_plugin_private;
   MemoryContext old = MemoryContextSwitchTo(d->changecxt);
   for (int r = 0; r < nrelations; r++) {
-    RelEntry *e = get_entry(d, relations[r]);
-    int64 *ids = palloc(sizeof(int64) * (e->n + 1));
+    RelEntry *e;
+    int64 *ids;
     int n = 0;
+    /* A partitioned table holds no rows: as pgoutput does, a TRUNCATE is sent for each
+     * table it emptied (its partitions), not for the partitioned tables above them. */
+    if (relations[r]->rd_rel->relkind == RELKIND_PARTITIONED_TABLE) continue;
+    e = get_entry(d, relations[r]);
+    ids = palloc(sizeof(int64) * (e->n + 1));
     if (!e->warned) send_warnings(ctx, txn, change->lsn, e);
     for (int i = 0; i < e->n; i++)
       if (!e->ls[i].broken && (e->ls[i].l->ops & OP_TRUNCATE)) ids[n++] = e->ls[i].l->id;

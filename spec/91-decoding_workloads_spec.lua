@@ -96,6 +96,74 @@ describe("decoding workloads (" .. driver .. ")", function()
     assert.is_nil(by["insert 1"].old)
   end)
 
+  -- test_decoding truncate.sql, src/test/subscription 010_truncate: TRUNCATE of a partition or
+  -- an INHERITS child by name, of the tree, with CASCADE to another listened table.
+  it("TRUNCATE: one truncate per table it emptied, partitions and children by name included; ev.source names it",
+    function()
+    local p = H.table("id int, v text) PARTITION BY LIST (id")
+    H.sql("CREATE TABLE " .. p .. "_1 PARTITION OF " .. p .. " FOR VALUES IN (1)")
+    local ih = H.table("id int PRIMARY KEY")
+    H.sql("CREATE TABLE " .. ih .. "_c () INHERITS (" .. ih .. ")")
+    local fk = H.table("id int PRIMARY KEY, ih int REFERENCES " .. ih .. " (id)")
+    local events
+    client, events = listen_all(driver, { p, ih, fk }, { replica_identity = "full" })
+    -- Created while listening (a superuser's trigger drivers give it the triggers in its
+    -- own transaction; else at their next look, waited for below).
+    H.sql("CREATE TABLE " .. p .. "_2 PARTITION OF " .. p .. " FOR VALUES IN (2)")
+    local n = 0
+    -- Each step ends with a marker row, so each step's events are told apart.
+    local function step(sql)
+      n = n + 1
+      H.sql(sql .. "; INSERT INTO " .. p .. " VALUES (1, 'mark " .. n .. "')")
+      H.wait_for(function()
+        client:poll(0.05)
+        local last = events[#events]
+        return last and last.op == "insert" and last.new.v == "mark " .. n
+      end, 20)
+    end
+    if not WAL[driver] then
+      assert.is_true(H.wait_for(function()
+        client:poll(0.05)
+        return tonumber(H.scalar("SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = $1::regclass AND " ..
+          "tgtype & 32 <> 0", p .. "_2")) > 0
+      end, 20), "no truncate trigger on the new partition")
+    end
+    step("INSERT INTO " .. p .. " VALUES (2, 'two'); INSERT INTO " .. ih .. "_c VALUES (5); INSERT INTO " .. ih ..
+      " VALUES (6); INSERT INTO " .. fk .. " VALUES (1, 6)")
+    step("TRUNCATE " .. p .. "_1")
+    step("TRUNCATE " .. p .. "_2")
+    step("TRUNCATE ONLY " .. ih .. " CASCADE")
+    step("TRUNCATE " .. ih .. "_c")
+    step("TRUNCATE " .. p)
+    step("TRUNCATE " .. ih .. " CASCADE")
+    local steps, cur = {}, {}
+    for _, ev in ipairs(events) do
+      if ev.op == "insert" and ev.table == "public." .. p and ev.new.v:match("^mark") then
+        table.sort(cur)
+        steps[#steps + 1] = table.concat(cur, ", ")
+        cur = {}
+      elseif ev.op == "truncate" then
+        cur[#cur + 1] = ev.table:gsub("^public%.", "") .. "<" .. ev.source:gsub("^public%.", "")
+      else
+        cur[#cur + 1] = ev.op
+      end
+    end
+    local function tr(list)
+      for i, x in ipairs(list) do list[i] = x:gsub("P", p):gsub("I", ih):gsub("F", fk) end
+      table.sort(list)
+      return table.concat(list, ", ")
+    end
+    assert.same({
+      "insert, insert, insert, insert",
+      tr { "P<P_1" },
+      tr { "P<P_2" },
+      tr { "I<I", "F<F" },
+      tr { "I<I_c" },
+      tr { "P<P_1", "P<P_2" },
+      tr { "I<I", "I<I_c", "F<F" },
+    }, steps)
+  end)
+
   if WAL[driver] then
     it("a partition created while listening without replica_identity = \"full\": a warning names the ALTER TABLE", function()
       local p = H.table("id int, v text) PARTITION BY LIST (id")

@@ -511,7 +511,6 @@ function Driver:ddl_function()
     "    FOR trg IN SELECT g.oid, g.tgname::text AS name FROM pg_catalog.pg_trigger g",
     "             JOIN pg_catalog.pg_proc p ON p.oid = g.tgfoid",
     "             WHERE g.tgrelid = kid.parent AND g.tgparentid = 0 AND " .. self:ours_sql("g", "p"),
-    "               AND (g.tgtype::pg_catalog.int4 & 32) = 0",
     "               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger x WHERE x.tgrelid = kid.child",
     "                               AND x.tgname = g.tgname)",
     "    LOOP",
@@ -639,7 +638,7 @@ function Driver:map_relations()
       for _, x in ipairs(e.listeners) do
         if x == l then
           local ne = rels[oid]
-          if not ne then ne = { display = e.display, listeners = {} } rels[oid] = ne end
+          if not ne then ne = { display = e.display, relkind = e.relkind, listeners = {} } rels[oid] = ne end
           ne.listeners[#ne.listeners + 1] = l
         end
       end
@@ -662,7 +661,7 @@ function Driver:map_relations()
       for _, r in ipairs(rows) do
         local e = rels[r.oid]
         if not e then
-          e = { display = r.schema .. "." .. r.name, listeners = {} }
+          e = { display = r.schema .. "." .. r.name, relkind = r.relkind, listeners = {} }
           rels[r.oid] = e
         end
         e.listeners[#e.listeners + 1] = l
@@ -711,9 +710,23 @@ function M.table_ops(listeners, targets)
         if need[op] then t.ops[op] = true end
       end
     end
-    if need.truncate and not l.gone then truncs[l.table.oid] = l.table end
+    if need.truncate then
+      for _, r in ipairs(M.truncate_targets(l)) do truncs[r.oid] = r end
+    end
   end
   return list, truncs
+end
+
+-- The tables of listener `l` that need a truncate trigger: the listened table and every
+-- descendant (partitions at any depth, INHERITS children). A TRUNCATE fires the statement
+-- triggers of each table it empties, and PostgreSQL clones none to partitions, so a
+-- partition or child truncated by name is seen only by its own trigger. Like pgoutput, a
+-- TRUNCATE is delivered per table that held rows (Driver:deliver_row skips partitioned
+-- ones, whose trigger is there for new partitions to copy: Driver:ddl_function).
+function M.truncate_targets(l)
+  if l.gone then return {} end
+  if not l.relations or #l.relations == 0 then return { l.table } end
+  return l.relations
 end
 
 -- The truncate triggers of `truncs` (M.table_ops): statement triggers (no WHEN clause, so
@@ -1271,6 +1284,8 @@ function Driver:deliver_row(r)
   local shape = self.shapes[r.rel]
   local op = M.OP_NAME[r.op]
   if not info or not op then return true end   -- a table no listener follows any more
+  -- A partitioned table holds no rows: its partitions' own truncates say what was emptied.
+  if r.op == "T" and info.relkind == "p" then return true end
   if not shape and r.op ~= "T" then
     if not self.warned_gone then
       self.warned_gone = true

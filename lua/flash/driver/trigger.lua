@@ -1,6 +1,6 @@
 -- flash.trigger: the `trigger` driver. Per listener and operation, a row trigger (a
--- statement trigger for truncate) on the listened table and each of its INHERITS
--- children (partitions get the partitioned table's row triggers cloned). Each appends the
+-- statement trigger for truncate, on every partition too) on the listened table and each
+-- of its INHERITS children (partitions get the partitioned table's row triggers cloned). Each appends the
 -- row to the instance's events table tagged with its listener's id, so every listener
 -- receives only its own captures. The machinery is flash.driver.capture.
 local base = require "flash.driver.capture"
@@ -16,7 +16,7 @@ function Driver:wanted_triggers()
       if need[op] then
         local name = base.fit_name(self.schema, string.format("_%d_%s", l.id, op))
         local level = op == "truncate" and "FOR EACH STATEMENT" or "FOR EACH ROW"
-        local targets = op == "truncate" and (l.gone and {} or { l.table }) or base.row_targets(l)
+        local targets = op == "truncate" and base.truncate_targets(l) or base.row_targets(l)
         for _, r in ipairs(targets) do
           local q = self:qualified_rel(r)
           out[#out + 1] = {
