@@ -164,6 +164,33 @@ describe("decoding workloads (" .. driver .. ")", function()
     }, steps)
   end)
 
+  -- An unlogged table (test_decoding skips them): the trigger drivers capture it, the WAL
+  -- drivers refuse it at listen with the ways out.
+  it("an UNLOGGED table", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " SET UNLOGGED")
+    if WAL[driver] then
+      local c = assert(flash.client { driver = driver, replica_identity = "full" })
+      local l, err = c:listen { table = t }
+      c:stop()
+      assert.is_nil(l)
+      if driver == "wal_logical" then
+        assert.equal(string.format("cannot listen to public.%s under the wal_logical driver: it is an unlogged " ..
+          "table, whose changes are not written to the WAL (run `ALTER TABLE \"public\".\"%s\" SET LOGGED`, " ..
+          "or listen to it with a trigger driver)", t, t), err)
+      else
+        assert.matches("not decoded from the WAL (temporary, unlogged and catalog tables are not)", err, 1, true)
+      end
+      return
+    end
+    local events
+    client, events = listen_all(driver, { t })
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'x'); UPDATE " .. t .. " SET v = 'y'")
+    collect(client, events, 2)
+    assert.same({ "insert 1 ", "update 1 " }, brief(events))
+    assert.same({ id = 1, v = "x" }, events[2].old)
+  end)
+
   if WAL[driver] then
     it("a partition created while listening without replica_identity = \"full\": a warning names the ALTER TABLE", function()
       local p = H.table("id int, v text) PARTITION BY LIST (id")

@@ -293,8 +293,23 @@ end
 
 function Driver:check(l)
   local ok, err = base.Driver.check(self, l)
+  if ok then ok, err = self:check_logged(l) end
   if ok and self.binary then ok, err = self:check_binary(l) end
   return ok, err
+end
+
+-- An unlogged table's changes are not in the WAL, and PostgreSQL refuses it in a
+-- publication: said at listen, with the ways out, rather than as the publication's failure.
+function Driver:check_logged(l)
+  local rows, err = self:exec("SELECT relpersistence::text AS p FROM pg_catalog.pg_class WHERE oid = $1",
+    string.format("%d", l.table.oid))
+  if not rows then return nil, err end
+  if rows[1] and rows[1].p == "u" then
+    return fail(string.format("cannot listen to %s under the wal_logical driver: it is an unlogged table, whose " ..
+      "changes are not written to the WAL", l.table_name),
+      "run `ALTER TABLE " .. self:qualified(l) .. " SET LOGGED`, or listen to it with a trigger driver")
+  end
+  return true
 end
 
 -- The routes and column masks are forgotten together: a row converted before its route is
