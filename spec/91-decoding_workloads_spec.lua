@@ -164,6 +164,49 @@ describe("decoding workloads (" .. driver .. ")", function()
     }, steps)
   end)
 
+  -- 002_types/013_partition: a stored generated column, and a partition attached with its
+  -- columns in another order and a dropped column.
+  it("stored generated columns in a partition attached with another column layout", function()
+    local p = H.table("id int, v text, g int GENERATED ALWAYS AS (id * 2) STORED) PARTITION BY LIST (id")
+    H.sql("CREATE TABLE " .. p .. "_1 PARTITION OF " .. p .. " FOR VALUES IN (1)")
+    H.sql("CREATE TABLE " .. p .. "_x (junk text, v text, id int, g int GENERATED ALWAYS AS (id * 2) STORED); " ..
+      "ALTER TABLE " .. p .. "_x DROP COLUMN junk; ALTER TABLE " .. p .. " ATTACH PARTITION " .. p .. "_x FOR VALUES IN (2)")
+    local warned = {}
+    local old = flash.log.set_sink(function(line)
+      if line:find(" WARN ", 1, true) then warned[#warned + 1] = line:match("WARN%s+%[[^%]]*%] (.*)$") end
+    end)
+    local ok, err = pcall(function()
+      local events
+      client, events = listen_all(driver, { p }, { replica_identity = "full" })
+      H.sql("INSERT INTO " .. p .. " (id, v) VALUES (1, 'a'), (2, 'b')")
+      H.sql("INSERT INTO " .. p .. "_x (id, v) VALUES (2, 'direct')")
+      collect(client, events, 3)
+      local rows = {}
+      for i, ev in ipairs(events) do rows[i] = ev.new end
+      if driver == "wal_logical" then
+        -- README: pgoutput of PostgreSQL 15 does not send generated columns.
+        assert.same({ { id = 1, v = "a" }, { id = 2, v = "b" }, { id = 2, v = "direct" } }, rows)
+      elseif driver == "trigger_statement" then
+        -- PostgreSQL's transition table of the INSERT through the partitioned table has
+        -- NULL there (README, Known limitations); named at start.
+        assert.same({ { id = 1, v = "a", g = 2 }, { id = 2, v = "b", g = flash.null },
+          { id = 2, v = "direct", g = 4 } }, rows)
+      else
+        assert.same({ { id = 1, v = "a", g = 2 }, { id = 2, v = "b", g = 4 }, { id = 2, v = "direct", g = 4 } }, rows)
+      end
+    end)
+    flash.log.set_sink(old)
+    assert(ok, err)
+    if driver == "trigger_statement" then
+      assert.same({ string.format("partition public.%s_x of public.%s has its columns in another order than the " ..
+        "table (or dropped columns): under trigger_statement, rows inserted through public.%s into it arrive with " ..
+        "their stored generated columns (g) NULL, as PostgreSQL's transition tables carry them; the trigger and " ..
+        "trigger_global drivers capture them exactly", p, p, p) }, warned)
+    else
+      assert.same({}, warned)
+    end
+  end)
+
   -- An unlogged table (test_decoding skips them): the trigger drivers capture it, the WAL
   -- drivers refuse it at listen with the ways out.
   it("an UNLOGGED table", function()
