@@ -266,3 +266,23 @@ describe("decoding workloads (" .. driver .. ")", function()
   end
 end)
 end
+
+describe("decoding workloads: what cannot be listened to", function()
+  it("a view or a materialized view is refused at listen, with what to listen to instead", function()
+    local t = H.table("id int")
+    H.sql("CREATE VIEW " .. t .. "_v AS SELECT * FROM " .. t .. "; CREATE MATERIALIZED VIEW " .. t .. "_m AS SELECT * FROM " .. t)
+    for _, driver in ipairs(H.drivers) do
+      local c = assert(flash.client { driver = driver })
+      local l, err = c:listen { table = t .. "_v" }
+      assert.is_nil(l)
+      assert.equal(string.format("public.%s_v is not a table (relkind v): it is a view, which holds no rows of its " ..
+        "own: listen to the tables it reads from", t), err)
+      l, err = c:listen { table = t .. "_m" }
+      assert.is_nil(l)
+      assert.equal(string.format("public.%s_m is not a table (relkind m): it is a materialized view, which REFRESH " ..
+        "fills anew, not row by row: listen to the tables it is built from", t), err)
+      c:stop()
+    end
+    H.sql("DROP MATERIALIZED VIEW " .. t .. "_m; DROP VIEW " .. t .. "_v")
+  end)
+end)

@@ -27,6 +27,18 @@ function M.columns_sql(cond)
     ORDER BY a.attrelid, a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem"), cond)
 end
 
+-- What a relation that is not a table is, and what to listen to instead.
+local NOT_A_TABLE = {
+  v = "a view, which holds no rows of its own: listen to the tables it reads from",
+  m = "a materialized view, which REFRESH fills anew, not row by row: listen to the tables it is built from",
+  f = "a foreign table, whose rows live on another server: listen to them there",
+  S = "a sequence: listen to the tables that use it",
+  i = "an index: listen to its table",
+  I = "an index: listen to its table",
+  c = "a composite type: listen to a table",
+  t = "a TOAST table: listen to the table it belongs to",
+}
+
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public) on query
 -- connection `conn`: { schema, name, oid, columns, display } | nil, err.
 function M.resolve_table(conn, name)
@@ -57,7 +69,9 @@ function M.resolve_table(conn, name)
   end
   local kind = rows[1].relkind
   if kind ~= "r" and kind ~= "p" then
-    return nil, string.format("%s.%s is not a table (relkind %s)", parts[1], parts[2], kind)
+    local what = NOT_A_TABLE[kind]
+    return nil, string.format("%s.%s is not a table (relkind %s)%s", parts[1], parts[2], kind,
+      what and (": it is " .. what) or ": only tables and partitioned tables can be listened to")
   end
   -- Values are decoded by the base type of a column's type and of its array elements:
   -- through domains over domains, domains over arrays and arrays of domains alike.
