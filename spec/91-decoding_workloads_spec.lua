@@ -96,6 +96,45 @@ describe("decoding workloads (" .. driver .. ")", function()
     assert.is_nil(by["insert 1"].old)
   end)
 
+  -- 001_rep_changes: a table without a key ("tab_nokey") replicated for inserts beside
+  -- tables replicated for everything.
+  it("a table without a key listened for inserts only, beside one listened for everything: the user's UPDATE " ..
+    "and DELETE on it succeed", function()
+    local a = H.table("id int, v text")
+    local b = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. b .. " REPLICA IDENTITY FULL")
+    local function session(opts)
+      local o = { driver = driver }
+      for k, v in pairs(opts or {}) do o[k] = v end
+      local c = assert(flash.client(o))
+      local events = {}
+      local function cb(ev) events[#events + 1] = ev.op .. " " .. ev.table:gsub("^public%.", "") end
+      assert(c:listen { table = a }):on("insert", cb)
+      assert(c:listen { table = b }):on("all", cb)
+      local ok, err = c:start()
+      if not ok then c:stop() return nil, err end
+      return c, events
+    end
+    if driver == "wal_logical" then
+      local c, err = session()
+      assert.is_nil(c)
+      assert.equal(string.format("table public.%s has no replica identity (no primary key, or REPLICA IDENTITY " ..
+        "NOTHING), and publication %s publishes insert, update, delete, truncate for another listener of this " ..
+        "client: PostgreSQL would refuse every UPDATE and DELETE on it (run `ALTER TABLE \"public\".\"%s\" " ..
+        "REPLICA IDENTITY FULL`, or pass replica_identity = \"full\" to flash.client (flashlua --table: " ..
+        "--replica-identity full) to let flashlua do it, or listen to it with a client of its own)", a,
+        err:match("publication (%S+)"), a), err)
+    end
+    local events
+    client, events = session({ replica_identity = "full" })
+    assert.truthy(client)
+    H.sql("INSERT INTO " .. a .. " VALUES (1, 'x'); UPDATE " .. a .. " SET v = 'y'; DELETE FROM " .. a)
+    H.sql("INSERT INTO " .. b .. " VALUES (1, 'x'); UPDATE " .. b .. " SET v = 'y'; DELETE FROM " .. b)
+    H.wait(client, events, 4, 20)
+    H.settle(client, 0.3)
+    assert.same({ "insert " .. a, "insert " .. b, "update " .. b, "delete " .. b }, events)
+  end)
+
   -- test_decoding truncate.sql, src/test/subscription 010_truncate: TRUNCATE of a partition or
   -- an INHERITS child by name, of the tree, with CASCADE to another listened table.
   it("TRUNCATE: one truncate per table it emptied, partitions and children by name included; ev.source names it",

@@ -116,6 +116,13 @@ local DESCENDANTS = [[WITH RECURSIVE d(oid) AS (
     SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = ANY($1::oid[])
     UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)]]
 
+-- SQL: whether pg_class row `c` has no replica identity at all (REPLICA IDENTITY NOTHING,
+-- DEFAULT without a primary key, USING INDEX of an index gone), so that PostgreSQL refuses
+-- UPDATE and DELETE on it while a publication that publishes them holds it.
+local NO_IDENTITY = [[c.relreplident = 'n' OR (c.relreplident IN ('d', 'i') AND NOT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_index x WHERE x.indrelid = c.oid
+         AND CASE c.relreplident WHEN 'd' THEN x.indisprimary ELSE x.indisreplident END))]]
+
 -- Rows of a listened table's descendants arrive as their own (leaf) relations: each one
 -- needs REPLICA IDENTITY FULL as the table itself does.
 function Driver:check_identity(l)
@@ -155,20 +162,33 @@ end
 -- with no replica identity at all (the publication of its root publishes them). With
 -- replica_identity = "full" it is set here, each table in its own short transaction that
 -- never waits long on a writer's lock (tried again at the next housekeeping); without it
--- a warning names the fix once per table. Runs every HOUSE_INTERVAL (housekeep).
+-- a warning names the fix once per table. Partitions of tables whose listeners want only
+-- inserts or truncates need some replica identity when the publication publishes updates
+-- or deletes for other listeners (check_writable). Runs every HOUSE_INTERVAL (housekeep).
 function Driver:identify_descendants()
-  local oids = {}
+  local oids, others = {}, {}
+  local writable = not self.consumer and self.published_ops and (self.published_ops:find("update", 1, true) or
+    self.published_ops:find("delete", 1, true))
   for _, l in ipairs(self.client.listeners) do
-    if not l.dropped and next(l:wanted()) and needs_old(l) then oids[#oids + 1] = string.format("%d", l.table.oid) end
+    if not l.dropped and next(l:wanted()) then
+      if needs_old(l) then oids[#oids + 1] = string.format("%d", l.table.oid)
+      elseif writable then others[#others + 1] = string.format("%d", l.table.oid) end
+    end
   end
-  if #oids == 0 then return end
-  local rows = self:exec(DESCENDANTS .. [[
-    SELECT DISTINCT n.nspname::text AS schema, c.relname::text AS name,
+  if #oids + #others == 0 then return end
+  local rows = self:exec([[WITH RECURSIVE d(oid, whole) AS (
+      SELECT i.inhrelid, x.whole FROM pg_catalog.pg_inherits i
+        JOIN (SELECT o, true FROM pg_catalog.unnest($1::oid[]) o UNION ALL
+              SELECT o, false FROM pg_catalog.unnest($2::oid[]) o) x(oid, whole) ON i.inhparent = x.oid
+      UNION SELECT i.inhrelid, d.whole FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
+    SELECT n.nspname::text AS schema, c.relname::text AS name, pg_catalog.bool_or(d.whole) AS whole,
       (SELECT pn.nspname::text || '.' || p.relname::text FROM pg_catalog.pg_inherits i
          JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
         WHERE i.inhrelid = c.oid ORDER BY i.inhseqno LIMIT 1) AS parent
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind IN ('r', 'p') AND c.relispartition AND c.relreplident <> 'f' ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}")
+    WHERE c.relkind IN ('r', 'p') AND c.relispartition AND c.relreplident <> 'f'
+      AND (d.whole OR (c.relkind = 'r' AND (]] .. NO_IDENTITY .. [[)))
+    GROUP BY 1, 2, c.oid ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}", "{" .. table.concat(others, ",") .. "}")
   if not rows then return end
   for _, r in ipairs(rows) do
     local name = self:ident(r.schema) .. "." .. self:ident(r.name)
@@ -187,6 +207,12 @@ function Driver:identify_descendants()
             display, r.parent, (tostring(err):gsub("%s+$", ""))))
         end
       end
+    elseif not self.warned["identity:" .. display] and not r.whole then
+      self.warned["identity:" .. display] = true
+      log.warn(string.format("partition %s of %s has no replica identity, and publication %s publishes %s for " ..
+        "another listener of this client: PostgreSQL refuses UPDATE and DELETE on it (run `%s`, or pass " ..
+        "replica_identity = \"full\" to flash.client (flashlua --table: --replica-identity full) to let flashlua " ..
+        "do it)", display, r.parent, self.publication, self.published_ops, alter))
     elseif not self.warned["identity:" .. display] then
       self.warned["identity:" .. display] = true
       log.warn(string.format("partition %s of %s does not have REPLICA IDENTITY FULL: its updates and " ..
@@ -225,6 +251,50 @@ function Driver:publish_ops()
     if need[op] then list[#list + 1] = op end
   end
   return table.concat(list, ", ")
+end
+
+-- The publication's list of operations is one for all its tables: when some listener
+-- wants updates or deletes, every published table must be able to replicate them, or
+-- PostgreSQL fails the user's own UPDATE and DELETE on it. A table (or a descendant) with
+-- no replica identity whose listeners want only inserts or truncates is given REPLICA
+-- IDENTITY FULL under replica_identity = "full"; otherwise the start (or the listen that
+-- made the publication publish updates) fails, naming the ways out. pg_extension has no
+-- publication.
+function Driver:check_writable()
+  if self.consumer then return true end
+  local ops = self:publish_ops()
+  if not (ops:find("update", 1, true) or ops:find("delete", 1, true)) then return true end
+  local _, list = self:wanted_tables()
+  local oids = {}
+  for i, l in ipairs(list) do oids[i] = string.format("%d", l.table.oid) end
+  if #oids == 0 then return true end
+  local rows, err = self:exec(DESCENDANTS .. [[
+    SELECT n.nspname::text AS schema, c.relname::text AS name FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE (c.oid = ANY($1::oid[]) OR c.oid IN (SELECT oid FROM d)) AND c.relkind = 'r' AND (]] .. NO_IDENTITY .. [[)
+    ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return nil, err end
+  if #rows == 0 then return true end
+  local alters, names = {}, {}
+  for i, r in ipairs(rows) do
+    alters[i] = "ALTER TABLE " .. self:ident(r.schema) .. "." .. self:ident(r.name) .. " REPLICA IDENTITY FULL"
+    names[i] = r.schema .. "." .. r.name
+  end
+  if self.client.opts.replica_identity == "full" then
+    for i, alter in ipairs(alters) do
+      local ok, aerr = self:exec(alter)
+      if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. names[i] .. ": " .. aerr) end
+      log.info("set REPLICA IDENTITY FULL on " .. names[i] .. " (replica_identity = \"full\"): publication " ..
+        self.publication .. " publishes " .. ops .. " for another listener, which PostgreSQL refuses on a table " ..
+        "without a replica identity")
+    end
+    return true
+  end
+  return fail(string.format("table %s has no replica identity (no primary key, or REPLICA IDENTITY NOTHING), and " ..
+    "publication %s publishes %s for another listener of this client: PostgreSQL would refuse every UPDATE and " ..
+    "DELETE on it", names[1], self.publication, ops),
+    "run `" .. table.concat(alters, "; ") .. "`, or pass replica_identity = \"full\" to flash.client (flashlua " ..
+    "--table: --replica-identity full) to let flashlua do it, or listen to it with a client of its own")
 end
 
 -- The columns a listener names (fields, conditions, primary_key, or all it saw at listen).
@@ -582,6 +652,8 @@ function Driver:start()
     ok, err = self:check_identity(l)
     if not ok then return nil, err end
   end
+  ok, err = self:check_writable()
+  if not ok then return nil, err end
   ok, err = self:remove_leftovers()
   if not ok then return nil, err end
   ok, err = self:setup_publication()
@@ -603,6 +675,7 @@ function Driver:sync(l)
   self:rebuild_index()
   if not self.repl then return true end
   local ok, err = self:check_identity(l)
+  if ok then ok, err = self:check_writable() end
   if not ok then return nil, err end
   return self:sync_publication()
 end
