@@ -368,18 +368,58 @@ function Driver:check(l)
   return ok, err
 end
 
--- An unlogged table's changes are not in the WAL, and PostgreSQL refuses it in a
--- publication: said at listen, with the ways out, rather than as the publication's failure.
+-- The unlogged tables among `oids` (a "{...}" array) and their descendants: their changes
+-- are not written to the WAL, so no logical decoding sees them.
+function Driver:unlogged(oids)
+  return self:exec(DESCENDANTS .. [[
+    SELECT c.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS name,
+      (SELECT pn.nspname::text || '.' || p.relname::text FROM pg_catalog.pg_inherits i
+         JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
+        WHERE i.inhrelid = c.oid ORDER BY i.inhseqno LIMIT 1) AS parent
+    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE (c.oid = ANY($1::oid[]) OR c.oid IN (SELECT oid FROM d)) AND c.relpersistence = 'u'
+    ORDER BY 1]], oids)
+end
+
+local function set_logged(self, r)
+  return "ALTER TABLE " .. self:ident(r.schema) .. "." .. self:ident(r.name) .. " SET LOGGED"
+end
+
+-- An unlogged table's changes are not in the WAL (and PostgreSQL refuses it in a
+-- publication): the listened table or any of its partitions and children being one is said
+-- at listen, with the ways out, rather than as the publication's failure or as rows that
+-- never arrive.
 function Driver:check_logged(l)
-  local rows, err = self:exec("SELECT relpersistence::text AS p FROM pg_catalog.pg_class WHERE oid = $1",
-    string.format("%d", l.table.oid))
+  local rows, err = self:unlogged("{" .. string.format("%d", l.table.oid) .. "}")
   if not rows then return nil, err end
-  if rows[1] and rows[1].p == "u" then
-    return fail(string.format("cannot listen to %s under the wal_logical driver: it is an unlogged table, whose " ..
-      "changes are not written to the WAL", l.table_name),
-      "run `ALTER TABLE " .. self:qualified(l) .. " SET LOGGED`, or listen to it with a trigger driver")
+  local r = rows[1]
+  if not r then return true end
+  local what = r.oid == l.table.oid and "it is an unlogged table" or
+    string.format("its partition or child table %s.%s is an unlogged table", r.schema, r.name)
+  return fail(string.format("cannot listen to %s under the %s driver: %s, whose changes are not written to the WAL",
+    l.table_name, self.consumer and "pg_extension" or "wal_logical", what),
+    "run `" .. set_logged(self, r) .. "`, or listen to it with a trigger driver")
+end
+
+-- Housekeeping: a partition or child that is unlogged (created or attached so while
+-- listening, or a listened table made unlogged) loses its changes to every WAL driver:
+-- said once per table, with the ways out.
+function Driver:warn_unlogged()
+  local oids = {}
+  for _, l in ipairs(self.client.listeners) do
+    if not l.dropped and next(l:wanted()) then oids[#oids + 1] = string.format("%d", l.table.oid) end
   end
-  return true
+  if #oids == 0 then return end
+  local rows = self:unlogged("{" .. table.concat(oids, ",") .. "}")
+  for _, r in ipairs(rows or {}) do
+    local display = r.schema .. "." .. r.name
+    if not self.warned["unlogged:" .. display] then
+      self.warned["unlogged:" .. display] = true
+      log.warn(string.format("%s is an unlogged table%s: its changes are not written to the WAL and are not " ..
+        "delivered (run `%s`, or listen to it with a trigger driver)", display,
+        r.parent ~= core.null and (", a partition or child of " .. r.parent) or "", set_logged(self, r)))
+    end
+  end
 end
 
 -- The routes and column masks are forgotten together: a row converted before its route is
@@ -963,6 +1003,7 @@ function Driver:housekeep()
     end
   end
   self:identify_descendants()
+  self:warn_unlogged()
   local pub = {}
   for oid in pairs(self.published) do pub[#pub + 1] = string.format("%d", oid) end
   if #pub == 0 then return end
