@@ -223,12 +223,57 @@ local REFERENCING = {
 
 -- Notes of transactions that are over (only a session that set the marker itself leaves
 -- any: the last UPDATE of a query removes its own) go at every look for new partitions.
+-- A statement fires the statement triggers of the table it names only, and the transition
+-- tables of a partitioned or parent table do not say which partition or child a row is in:
+-- a listener on a partition or an INHERITS child would miss, silently, every row written by
+-- a statement that names its partitioned table or parent. Such a table is refused at listen
+-- (Driver:check), and one that becomes a partition or child while listening is named
+-- in a warning (check_ancestors, at every refresh).
+local ANCESTOR_SQL = [[SELECT pg_catalog.format('%s.%s', n.nspname, p.relname) AS parent, p.relkind::text AS relkind
+  FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid = i.inhparent
+  JOIN pg_catalog.pg_namespace n ON n.oid = p.relnamespace WHERE i.inhrelid = $1 ORDER BY i.inhseqno LIMIT 1]]
+
+-- What misses: said of a table that is a partition or child of `r.parent`.
+local function ancestor_text(r)
+  local kind = r.relkind == "p" and "partition" or "child table"
+  return string.format("a %s of %s, and rows written by statements that name %s are not captured for it (a " ..
+    "statement trigger sees the rows of the table its statement names, and the transition tables of %s do not " ..
+    "say which %s a row is in) (listen to %s, or use the trigger or trigger_global driver)", kind, r.parent,
+    r.parent, r.parent, kind, r.parent)
+end
+
+function Driver:check(l)
+  local ok, err = base.Driver.check(self, l)
+  if not ok then return nil, err end
+  local rows
+  rows, err = self:exec(ANCESTOR_SQL, string.format("%d", l.table.oid))
+  if not rows then return nil, err end
+  if rows[1] then
+    return nil, "cannot listen to " .. l.table_name .. " under the trigger_statement driver: it is " .. ancestor_text(rows[1])
+  end
+  return true
+end
+
+function Driver:check_ancestors()
+  self.warned_ancestor = self.warned_ancestor or {}
+  for _, l in ipairs(self.client.listeners) do
+    if not l.gone and not self.warned_ancestor[l.id] then
+      local rows = self:exec(ANCESTOR_SQL, string.format("%d", l.table.oid))
+      if rows and rows[1] then
+        self.warned_ancestor[l.id] = true
+        log.warn(string.format("listener #%d: %s became %s", l.id, l.table_name, ancestor_text(rows[1])))
+      end
+    end
+  end
+end
+
 function Driver:sync_all()
   local ok, err = base.Driver.sync_all(self)
   if ok and self.listening then
     self:exec("DELETE FROM " .. self:ident(self.schema) .. ".moves WHERE xid OPERATOR(pg_catalog.<) " ..
       "pg_catalog.txid_snapshot_xmin(pg_catalog.txid_current_snapshot())")
     self:check_generated()
+    self:check_ancestors()
   end
   return ok, err
 end
