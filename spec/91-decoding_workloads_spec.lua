@@ -124,6 +124,19 @@ describe("decoding workloads (" .. driver .. ")", function()
         "REPLICA IDENTITY FULL`, or pass replica_identity = \"full\" to flash.client (flashlua --table: " ..
         "--replica-identity full) to let flashlua do it, or listen to it with a client of its own)", a,
         err:match("publication (%S+)"), a), err)
+      -- At run time: a callback that would make the publication publish deletes is refused
+      -- the same way, and the publication stays as it was.
+      local c2 = assert(flash.client { driver = driver })
+      assert(c2:listen { table = a }):on("insert", function() end)
+      local lb = assert(c2:listen { table = b })
+      lb:on("insert", function() end)
+      assert(c2:start())
+      local ok, rerr = pcall(lb.on, lb, "delete", function() end)
+      local deletes = H.scalar("SELECT pubdelete AS d FROM pg_publication WHERE pubname = $1", c2:stats().publication)
+      c2:stop()
+      assert.is_false(ok)
+      assert.matches("table public." .. a .. " has no replica identity", rerr, 1, true)
+      assert.is_false(deletes)
     end
     local events
     client, events = session({ replica_identity = "full" })
