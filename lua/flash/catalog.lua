@@ -27,8 +27,25 @@ function M.columns_sql(cond)
     ORDER BY a.attrelid, a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem"), cond)
 end
 
+-- What a relation of another kind than a table is, and what to listen to instead.
+local NOT_A_TABLE = {
+  v = "a view, not a table: a view holds no rows of its own, so it has no changes to " ..
+    "capture (listen to the tables it reads from)",
+  m = "a materialized view, not a table: REFRESH MATERIALIZED VIEW rewrites it whole, " ..
+    "with no row changes to capture (listen to the tables it is computed from)",
+  f = "a foreign table, not a table: its rows live and change on another server " ..
+    "(run flashlua against the table on that server)",
+  S = "a sequence, not a table (listen to the table whose rows use it)",
+  c = "a composite type, not a table",
+  i = "an index, not a table (listen to the table it indexes)",
+  I = "an index, not a table (listen to the table it indexes)",
+  t = "a TOAST table, not a table (listen to the table it stores values for)",
+}
+local TEMP_WHY = " is a temporary table, which flashlua cannot listen to: only the " ..
+  "session that created it sees its rows"
+
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public) on query
--- connection `conn`: { schema, name, oid, columns, display } | nil, err.
+-- connection `conn`: { schema, name, oid, columns, display, unlogged } | nil, err.
 function M.resolve_table(conn, name)
   local rows, err = conn:exec("SELECT parse_ident($1) AS parts", 0, name)
   if not rows then return nil, string.format("invalid table name '%s': %s", name, err) end
@@ -38,26 +55,35 @@ function M.resolve_table(conn, name)
     return nil, string.format("invalid table name '%s': expected schema.table", name)
   end
   rows, err = conn:exec([[
-    SELECT c.oid::bigint AS oid, c.relkind::text AS relkind
+    SELECT c.oid::bigint AS oid, c.relkind::text AS relkind, c.relpersistence::text AS persistence
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = $1 AND c.relname = $2]], 0, parts[1], parts[2])
   if not rows then return nil, err end
   if #rows == 0 then
     local msg = string.format("table %s.%s does not exist", parts[1], parts[2])
     local near = conn:exec([[
-      SELECT n.nspname::text AS schema FROM pg_catalog.pg_class c
+      SELECT n.nspname::text AS schema, c.relpersistence = 't' AS temp FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
       WHERE c.relname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1]], 0, parts[2])
-    if near and #near > 0 then
-      local names = {}
-      for i, r in ipairs(near) do names[i] = r.schema .. "." .. parts[2] end
+    local names, temps = {}, {}
+    for _, r in ipairs(near or {}) do
+      local list = r.temp and temps or names
+      list[#list + 1] = r.schema .. "." .. parts[2]
+    end
+    if #names > 0 then
       msg = msg .. " (did you mean " .. table.concat(names, " or ") .. "?)"
+    elseif #temps > 0 then
+      -- A temporary table of a session (the script's own included) is no way out.
+      msg = msg .. " (" .. temps[1] .. TEMP_WHY .. "; create it without TEMPORARY)"
     end
     return nil, msg
   end
-  local kind = rows[1].relkind
+  local kind, display = rows[1].relkind, parts[1] .. "." .. parts[2]
   if kind ~= "r" and kind ~= "p" then
-    return nil, string.format("%s.%s is not a table (relkind %s)", parts[1], parts[2], kind)
+    return nil, display .. " is " .. (NOT_A_TABLE[kind] or ("not a table (relkind " .. kind .. ")"))
+  end
+  if rows[1].persistence == "t" then
+    return nil, display .. TEMP_WHY .. " (create it without TEMPORARY)"
   end
   -- Values are decoded by the base type of a column's type and of its array elements:
   -- through domains over domains, domains over arrays and arrays of domains alike.
@@ -65,7 +91,7 @@ function M.resolve_table(conn, name)
   cols, err = conn:exec(M.columns_sql("a.attrelid = $1"), 0, rows[1].oid)
   if not cols then return nil, err end
   return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
-           display = parts[1] .. "." .. parts[2] }
+           display = display, unlogged = rows[1].persistence == "u" }
 end
 
 -- Column `col` of resolved table `tbl`, or nil and an error naming the option (`what`).

@@ -241,8 +241,20 @@ function Driver:check_binary(l)
   return true
 end
 
+-- Logical decoding never sees an unlogged table: its changes are not written to the WAL
+-- (and PostgreSQL refuses it in a publication). Said at listen, with the two ways out.
+function Driver:check_logged(l)
+  if not l.table.unlogged then return true end
+  return fail(string.format("%s is an UNLOGGED table: its changes are not written to the WAL, " ..
+    "so the %s driver cannot see them", l.table_name, self.client.driver_name),
+    "run `ALTER TABLE " .. self:qualified(l) .. " SET LOGGED`, or use a trigger driver: " ..
+    "driver = \"trigger\", or flashlua --driver trigger")
+end
+
 function Driver:check(l)
-  local ok, err = base.Driver.check(self, l)
+  local ok, err = self:check_logged(l)
+  if not ok then return nil, err end
+  ok, err = base.Driver.check(self, l)
   if ok and self.binary then ok, err = self:check_binary(l) end
   return ok, err
 end
