@@ -135,7 +135,8 @@ describe("wal_logical driver", function()
       sb:stop()
       assert.is_nil(ok)
       assert.equal("wal_level is 'replica', but the wal_logical driver needs wal_level = logical " ..
-        "(set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server)", err)
+        "(set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server; " ..
+        "or use a trigger driver, which needs no server setting: driver = \"trigger\", or flashlua --driver trigger)", err)
     end)
 
     it("says there is no free replication slot and what to raise", function()

@@ -22,6 +22,24 @@ describe("a new user's mistakes", function()
     drops = {}
   end)
 
+  it("wal_level = replica: the driver the user got (pg_extension, or wal_logical by --backfill) is named, and the trigger drivers as a way out", function()
+    local sb = assert(require("flash.sandbox").start { quiet = true, settings = { wal_level = "replica" } })
+    finally(function() sb:stop() end)
+    local c = assert(require("flash").connect(sb.dsn))
+    assert(c:query("CREATE TABLE t (id int PRIMARY KEY)"))
+    c:stop()
+    local hint = " driver needs wal_level = logical (set wal_level = logical in postgresql.conf or with " ..
+      "ALTER SYSTEM SET wal_level = logical, then restart the server; or use a trigger driver, which needs no " ..
+      "server setting: driver = \"trigger\", or flashlua --driver trigger)"
+    for _, case in ipairs({ { { "--table", "t", "--backfill" }, "wal_logical" },
+                            { { "--table", "t", "--driver", "pg_extension" }, "pg_extension" } }) do
+      local rc, out, err = run(case[1], 20, { FLASH_DSN = sb.dsn })
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: wal_level is 'replica', but the " .. case[2] .. hint, err)
+    end
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {

@@ -412,8 +412,10 @@ function Driver:check_server()
     "current_setting('server_version_num')::int AS version")
   if not rows then return nil, err end
   if rows[1].wal_level ~= "logical" then
-    return fail(string.format("wal_level is '%s', but the wal_logical driver needs wal_level = logical", rows[1].wal_level),
-      "set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server")
+    return fail(string.format("wal_level is '%s', but the %s driver needs wal_level = logical", rows[1].wal_level,
+      self.client.driver_name),
+      "set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server; " ..
+      "or use a trigger driver, which needs no server setting: driver = \"trigger\", or flashlua --driver trigger")
   end
   self.database = rows[1].db
   self.server_version = rows[1].version
