@@ -40,6 +40,52 @@ describe("a new user's mistakes", function()
     end
   end)
 
+  describe("an error in the script's code", function()
+    -- The script's frames only: none of flashlua's loop and drivers under its callback,
+    -- and the frame that raised a runtime error (indexing nil) is kept.
+    it("a callback, a timer and a stop hook show the script's frames, none of flashlua's", function()
+      local t = base .. "_cb"
+      H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY)")
+      drops[#drops + 1] = "DROP TABLE IF EXISTS " .. t
+      local path = H.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "trigger", on_error = "log" })
+local function helper(row) return row.nosuch.y end
+assert(c:listen { table = %q }):on("insert", function(ev) helper(ev.new) end)
+flash.on_stop(function() error("flush failed") end)
+assert(c:start())
+assert(flash.connect(os.getenv("FLASH_DSN")):query("INSERT INTO %s VALUES (1)"))
+flash.after(0.2, flash.stop)
+]], t, t))
+      local rc, out, err = run({ path })
+      err = err:gsub("%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ ERROR %[[^%]]*%] ", ""):gsub("%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ ERROR ", "")
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      local P = path
+      assert.are.equal(
+        "callback for insert on public." .. t .. " failed: " .. P .. ":3: attempt to index field 'nosuch' (a nil value)\n" ..
+        "stack traceback:\n" ..
+        "\t" .. P .. ":3: in function 'helper'\n" ..
+        "\t" .. P .. ":4: in function <" .. P .. ":4>\n" ..
+        "flash.on_stop hook failed: " .. P .. ":5: flush failed\n" ..
+        "stack traceback:\n" ..
+        "\t[C]: in function 'error'\n" ..
+        "\t" .. P .. ":5: in function <" .. P .. ":5>; nothing more is confirmed\n" ..
+        "flashlua: flash.on_stop hook failed: " .. P .. ":5: flush failed\n" ..
+        "stack traceback:\n" ..
+        "\t[C]: in function 'error'\n" ..
+        "\t" .. P .. ":5: in function <" .. P .. ":5>", err)
+
+      local timer = H.script("local flash = require 'flash'\nflash.after(0.1, function() local x = nil; return x.y end)\n")
+      rc, out, err = run({ timer })
+      os.remove(path) os.remove(timer)
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: timer callback failed: " .. timer .. ":2: attempt to index local 'x' (a nil value)\n" ..
+        "stack traceback:\n\t" .. timer .. ":2: in function <" .. timer .. ":2>", err)
+    end)
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {

@@ -859,7 +859,9 @@ function Backfill:finish()
   -- Once, even if a restarted stream made chunks be read again (M.reset).
   if self.opts.on_done and not self.on_done_called then
     self.on_done_called = true
-    local ok, err = xpcall(self.opts.on_done, debug.traceback, self.l)
+    local ok, err = xpcall(self.opts.on_done, function(e)
+      return log.script_traceback(debug.traceback(tostring(e), 1))
+    end, self.l)
     if not ok then log.error("backfill on_done failed: " .. tostring(err)) end
   end
 end

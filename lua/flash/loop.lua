@@ -62,7 +62,7 @@ function Loop:failed(what, err)
   return nil, err
 end
 
-local function traceback(err) return debug.traceback(tostring(err), 2) end
+local function traceback(err) return log.script_traceback(debug.traceback(tostring(err), 1)) end
 M.traceback = traceback
 
 -- Stop hooks: flash.on_stop(fn) runs fn() once per graceful stop of a loop (flash.run,
@@ -89,7 +89,7 @@ local function hook_traceback(err)
   if type(err) == "string" and not (err:find("^[^%s:]+:%d+: ") or err:find('^%[string "[^"]*"%]:%d+: ')) then
     return err
   end
-  return debug.traceback(tostring(err), 2)
+  return log.script_traceback(debug.traceback(tostring(err), 1))
 end
 
 function M.run_hooks(list, what, ...)

@@ -12,7 +12,7 @@ local M = {}
 local UNCHANGED = "\0flash.unchanged\0"
 local COLLECT_EVERY = 0.002   -- seconds between looks for completions while events are out
 
-local function traceback(err) return debug.traceback(tostring(err), 2) end
+local function traceback(err) return require("flash.log").script_traceback(debug.traceback(tostring(err), 1)) end
 
 ---------------------------------------------------------------------------------------
 -- The worker side: runs in each worker state (lworkers.c calls it on the thread).
