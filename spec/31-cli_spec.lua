@@ -116,6 +116,17 @@ describe("flashlua command line", function()
         { { "--table", "t", "--where", "customer_id" },
           "flashlua: cannot read --where 'customer_id': no operator (expected col = value, col <> value, " ..
           "col >= value, col is null, col is not null, col in (a, b); see --help)\n" },
+        -- A forgotten value: the next option is not taken as it (it said "--fields goes with --table").
+        { { "--fields", "--table", "t" },
+          "flashlua: option --fields needs a value, but the option --table follows it\n" },
+        { { "-d", "--table", "t" },
+          "flashlua: option -d needs a value, but the option --table follows it\n" },
+        { { "--table", "--backfill" },
+          "flashlua: option --table needs a value, but the option --backfill follows it\n" },
+        -- One table per run: the first one was dropped silently.
+        { { "--table", "a", "--table", "b" },
+          "flashlua: --table given twice ('a', 'b'): one table per run (a script listens to several: " ..
+          "client:listen for each)\n" },
       }
       for _, c in ipairs(cases) do
         local rc, out, err = run(c[1])

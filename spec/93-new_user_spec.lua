@@ -40,6 +40,25 @@ describe("a new user's mistakes", function()
     end
   end)
 
+  it("--ops and --fields given twice add up, as --where does (the last one alone was used)", function()
+    local t = base .. "_ops"
+    H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY, a text, b text)")
+    drops[#drops + 1] = "DROP TABLE IF EXISTS " .. t
+    local h = H.spawn({ "--table", t, "--ops", "insert", "--ops", "delete", "--fields", "id", "--fields", "a" })
+    assert.is_true(h.await("listening on public." .. t, 20, "err"), h.err())
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'x', 'y'); UPDATE " .. t .. " SET a = 'z'; DELETE FROM " .. t)
+    assert.is_true(h.await('"op":"delete"', 20), h.out() .. h.err())
+    h.kill("INT")
+    assert.are.equal(0, h.wait(20), h.err())
+    local ops = {}
+    for line in h.out():gmatch("[^\n]+") do
+      local ev = require("cjson").decode(line)
+      local row = ev.new or ev.old
+      ops[#ops + 1] = ev.op .. " " .. row.id .. " " .. row.a .. " " .. tostring(row.b)
+    end
+    assert.same({ "insert 1 x nil", "delete 1 z nil" }, ops)
+  end)
+
   describe("an error in the script's code", function()
     -- The script's frames only: none of flashlua's loop and drivers under its callback,
     -- and the frame that raised a runtime error (indexing nil) is kept.

@@ -215,6 +215,20 @@ local function table_only(o)
   if o.replica_identity then return "--replica-identity" end
 end
 
+-- The options that take a value; one of them where a value was due is a forgotten value
+-- (`--fields --table t` would read "--table" as the fields and `t` as the script).
+local VALUED = {}
+for _, name in ipairs({ "-d", "--dsn", "--driver", "-l", "--log-level", "--log-format", "-e", "--metrics",
+                        "--table", "--ops", "--fields", "--to", "--replica-identity", "--partitions",
+                        "--drop-slot", "--drop-schema", "--where" }) do
+  VALUED[name] = true
+end
+local FLAGS = {}
+for _, name in ipairs({ "-h", "--help", "-v", "--version", "--sandbox", "--stats", "--backfill", "--list-slots",
+                        "--list-schemas" }) do
+  FLAGS[name] = true
+end
+
 local function parse_args(argv)
   local o = { exprs = {}, where = {} }
   local i = 1
@@ -222,6 +236,10 @@ local function parse_args(argv)
     i = i + 1
     local v = argv[i]
     if v == nil then error({ usage = "option " .. name .. " needs a value" }) end
+    local opt = v:match("^(%-%-?[%w%-]+)=") or v
+    if VALUED[opt] or FLAGS[opt] then
+      error({ usage = string.format("option %s needs a value, but the option %s follows it", name, opt) })
+    end
     return v
   end
   while i <= #argv do
@@ -250,19 +268,28 @@ local function parse_args(argv)
       o.metrics = val(a)
       local ok, why = require("flash.metrics").parse_address(o.metrics)
       if not ok then error({ usage = string.format("cannot read --metrics '%s': %s", o.metrics, why) }) end
-    elseif a == "--table" then o.table = val(a)
+    elseif a == "--table" then
+      local t = val(a)
+      if o.table then
+        error({ usage = string.format("--table given twice ('%s', '%s'): one table per run " ..
+          "(a script listens to several: client:listen for each)", o.table, t) })
+      end
+      o.table = t
     elseif a == "--ops" then
-      o.ops = split_list(val(a))
-      for _, op in ipairs(o.ops) do
+      -- Repeated, the lists add up (as --where's conditions do).
+      o.ops = o.ops or {}
+      for _, op in ipairs(split_list(val(a))) do
         if not CLI_OPS[op] then
           error({ usage = string.format("unknown operation '%s' for --ops (expected insert, update, delete, truncate or all)", op) })
         end
+        o.ops[#o.ops + 1] = op
       end
     elseif a == "--fields" then
       local list = val(a)
-      local why
-      o.fields, why = split_names(list)
-      if not o.fields then error({ usage = string.format("cannot read --fields '%s': %s", list, why) }) end
+      local names, why = split_names(list)
+      if not names then error({ usage = string.format("cannot read --fields '%s': %s", list, why) }) end
+      o.fields = o.fields or {}
+      for _, n in ipairs(names) do o.fields[#o.fields + 1] = n end
     elseif a == "--backfill" then o.backfill = true
     elseif a == "--to" then
       o.to = val(a)
