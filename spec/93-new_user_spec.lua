@@ -59,6 +59,20 @@ describe("a new user's mistakes", function()
     assert.same({ "insert 1 x nil", "delete 1 z nil" }, ops)
   end)
 
+  it("a Redis sink whose Redis is not there says so when it is made, not only at the first event", function()
+    local path = H.script([[
+local flash = require "flash"
+local sink = flash.sink.redis { url = "redis://127.0.0.1:1", partitions = 4 }
+print(type(sink))
+]])
+    local rc, out, err = H.run_flashlua({ path })
+    os.remove(path)
+    assert.are.equal(0, rc, err)
+    assert.are.equal("table\n", out)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ WARN  redis sink: cannot connect to Redis at 127%.0%.0%.1:1: " ..
+      "Connection refused %(events wait unacknowledged and are sent once Redis answers%)\n$", err)
+  end)
+
   describe("an error in the script's code", function()
     -- The script's frames only: none of flashlua's loop and drivers under its callback,
     -- and the frame that raised a runtime error (indexing nil) is kept.

@@ -142,6 +142,15 @@ function M.new(opts)
   }, Sink)
   self.out = core.redis_outbox { stream = self.stream, partitions = self.partitions, maxlen = self.maxlen,
                                  key = type(key) == "table" and key or nil }
+  -- The sink connects at its first event; a Redis that is not there (a wrong URL, a server
+  -- not started) is said now, not only once the database writes something.
+  local ok, err = self.out:connect(host, port, self.timeout)
+  if ok then
+    self.out:close()
+  else
+    log.warn(string.format("redis sink: %s (events wait unacknowledged and are sent once Redis answers)",
+      tostring(err)))
+  end
   return self
 end
 
