@@ -119,6 +119,28 @@ flash.after(0.2, flash.stop)
     end)
   end)
 
+  it("a table created with capitals (\"OrderLines\") typed without quotes is suggested quoted; a name with spaces is told to quote", function()
+    local t = "OrderLines" .. pid
+    H.sql('CREATE TABLE "' .. t .. '" (id int PRIMARY KEY)')
+    drops[#drops + 1] = 'DROP TABLE IF EXISTS "' .. t .. '"'
+    for _, name in ipairs({ t, "public." .. t }) do
+      local rc, out, err = run({ "--table", name })
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: table public." .. t:lower() .. ' does not exist (did you mean public."' .. t .. '"?)', err)
+    end
+    local c = assert(require("flash").client { driver = "trigger" })
+    local l, lerr = c:listen { table = '"' .. t .. '"' }
+    c:stop()
+    assert.truthy(l, lerr)
+    local rc, out, err = run({ "--table", "My Schema.Odd Table" })
+    assert.are.equal(1, rc, err)
+    assert.are.equal("", out)
+    assert.are.equal("flashlua: invalid table name 'My Schema.Odd Table': string is not a valid identifier: " ..
+      "\"My Schema.Odd Table\" (a name with spaces, capitals or other characters is written in double quotes, " ..
+      "as in SQL: '\"My Schema\".\"Odd Table\"')", err)
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {

@@ -48,7 +48,10 @@ local TEMP_WHY = " is a temporary table, which flashlua cannot listen to: only t
 -- connection `conn`: { schema, name, oid, columns, display, unlogged } | nil, err.
 function M.resolve_table(conn, name)
   local rows, err = conn:exec("SELECT parse_ident($1) AS parts", 0, name)
-  if not rows then return nil, string.format("invalid table name '%s': %s", name, err) end
+  if not rows then
+    return nil, string.format("invalid table name '%s': %s (a name with spaces, capitals or other characters " ..
+      "is written in double quotes, as in SQL: '\"My Schema\".\"Odd Table\"')", name, (err:gsub("%s+$", "")))
+  end
   local parts = rows[1].parts
   if #parts == 1 then parts = { "public", parts[1] } end
   if #parts ~= 2 then
@@ -61,14 +64,19 @@ function M.resolve_table(conn, name)
   if not rows then return nil, err end
   if #rows == 0 then
     local msg = string.format("table %s.%s does not exist", parts[1], parts[2])
+    -- The same name in other schemas, or in another case: an unquoted name is folded to
+    -- lower case, so a table created as "OrderLines" is found only by its quoted name.
     local near = conn:exec([[
-      SELECT n.nspname::text AS schema, c.relpersistence = 't' AS temp FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1]], 0, parts[2])
+      SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS name,
+             c.relpersistence = 't' AS temp
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE pg_catalog.lower(c.relname) = pg_catalog.lower($1) AND c.relkind IN ('r', 'p')
+        AND (c.relname <> $1 OR n.nspname <> $2)
+      ORDER BY c.relname = $1 DESC, 1]], 0, parts[2], parts[1])
     local names, temps = {}, {}
     for _, r in ipairs(near or {}) do
       local list = r.temp and temps or names
-      list[#list + 1] = r.schema .. "." .. parts[2]
+      list[#list + 1] = r.name
     end
     if #names > 0 then
       msg = msg .. " (did you mean " .. table.concat(names, " or ") .. "?)"
