@@ -141,6 +141,19 @@ flash.after(0.2, flash.stop)
       "as in SQL: '\"My Schema\".\"Odd Table\"')", err)
   end)
 
+  it("a --where value the column's type cannot take is named without flashlua's own test query", function()
+    local t = base .. "_where"
+    H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY, active boolean)")
+    drops[#drops + 1] = "DROP TABLE IF EXISTS " .. t
+    for _, case in ipairs({ { "id = abc", 'integer: "abc"' }, { "id in (1, x)", 'integer: "x"' },
+                            { "active = maybe", 'boolean: "maybe"' } }) do
+      local rc, out, err = run({ "--table", t, "--where", case[1] })
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: invalid 'where' for public." .. t .. ": invalid input syntax for type " .. case[2], err)
+    end
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {
