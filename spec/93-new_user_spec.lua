@@ -154,6 +154,28 @@ flash.after(0.2, flash.stop)
     end
   end)
 
+  it("backfill on_done is called in a run that finds the backfill finished by an earlier one (it never was: a script waiting for it waited forever)", function()
+    local t = base .. "_bf"
+    local slot = "nu_bf_" .. pid
+    H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY, v text); INSERT INTO " .. t .. " VALUES (1, 'a'), (2, 'b')")
+    drops[#drops + 1] = "DROP TABLE IF EXISTS " .. t
+    drops[#drops + 1] = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '" .. slot .. "'"
+    local path = H.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q })
+local l = assert(c:listen { table = %q })
+local n = 0
+l:on("read", function() n = n + 1 end)
+l:backfill { on_done = function() print("done after " .. n .. " reads") flash.stop() end }
+]], slot, t))
+    for _, want in ipairs({ "done after 2 reads\n", "done after 0 reads\n" }) do
+      local rc, out, err = H.run_flashlua({ path }, 30)
+      assert.are.equal(0, rc, err)
+      assert.are.equal(want, out)
+    end
+    os.remove(path)
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {
