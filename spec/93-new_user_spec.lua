@@ -176,6 +176,36 @@ l:backfill { on_done = function() print("done after " .. n .. " reads") flash.st
     os.remove(path)
   end)
 
+  it("workers: handlers = \"handlers.lua\" beside the script is found from any directory, and a missing one says where it looked", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir " .. H.sh_quote(dir)))
+    finally(function() os.execute("rm -rf " .. H.sh_quote(dir)) end)
+    local f = assert(io.open(dir .. "/handlers.lua", "w"))
+    f:write("local config, state = ...\nreturn { show = function(ev) end }\n")
+    f:close()
+    local function main(handlers)
+      local m = assert(io.open(dir .. "/main.lua", "w"))
+      m:write(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "trigger", workers = 2, handlers = %q })
+print("made")
+c:stop()
+]], handlers))
+      m:close()
+      return dir .. "/main.lua"
+    end
+    -- flashlua runs from the project's root (H.spawn), not from dir.
+    local rc, out, err = run({ main("handlers.lua") })
+    assert.are.equal(0, rc, err)
+    assert.are.equal("made\n", out)
+    rc, out, err = run({ main("handler.lua") })
+    assert.are.equal(1, rc, err)
+    assert.are.equal("", out)
+    assert.are.equal("flashlua: " .. dir .. "/main.lua:2: option 'handlers': cannot open handler.lua (not in the " ..
+      "current directory nor next to the script, in " .. dir .. "/)", err)
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {
