@@ -206,6 +206,35 @@ c:stop()
       "current directory nor next to the script, in " .. dir .. "/)", err)
   end)
 
+  it("a persistent slot named as the docs' examples do (slot = \"outbox\") is said at creation to be unseen by " ..
+     "--list-slots; --drop-slot of it gives the SQL", function()
+    local t = base .. "_slot"
+    local slot = "outbox_" .. pid
+    H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY)")
+    drops[#drops + 1] = "DROP TABLE IF EXISTS " .. t
+    drops[#drops + 1] = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '" .. slot .. "'"
+    local path = H.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q })
+assert(c:listen { table = %q }):on("insert", function() end)
+assert(c:start())
+c:stop()
+]], slot, slot, t))
+    local rc, out, err = H.run_flashlua({ path })
+    os.remove(path)
+    assert.are.equal(0, rc, err)
+    assert.are.equal("", out)
+    assert.matches("WARN  %[client 1 wal_logical db=[^%]]+%] replication slot " .. slot .. " does not start with flash, " ..
+      "so flashlua %-%-list%-slots, %-%-drop%-slot and the warning about inactive slots holding WAL do not see it " ..
+      "%(a `slot` named flash_%.%.%. is seen%); when this client is retired, drop it with " ..
+      "SELECT pg_drop_replication_slot%('" .. slot .. "'%)\n", err)
+    rc, out, err = run({ "--drop-slot", slot })
+    assert.are.equal(1, rc, err)
+    assert.are.equal("", out)
+    assert.are.equal("flashlua: replication slot " .. slot .. " is not one of flashlua's (their names start with " ..
+      "flash), so it is left alone; if no one uses it, drop it with SELECT pg_drop_replication_slot('" .. slot .. "')", err)
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {

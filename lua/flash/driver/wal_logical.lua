@@ -466,6 +466,8 @@ function Driver:make_slot(repl, plugin)
       if not ok then repl:close() return self:slot_error(cerr, state) end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
+      local slots = require "flash.slots"
+      if not slots.ours(self.slot) then log.warn(slots.unseen_warning(self.slot)) end
     end
   else
     local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
