@@ -73,6 +73,15 @@ print(type(sink))
       "Connection refused %(events wait unacknowledged and are sent once Redis answers%)\n$", err)
   end)
 
+  it("flash.log.level = a level that does not exist names the script's line (it named [string \"flash.log\"]:0)", function()
+    local path = H.script('local flash = require "flash"\nflash.log.level = "verbose"\n')
+    local rc, out, err = H.run_flashlua({ path })
+    os.remove(path)
+    assert.are.equal(1, rc, err)
+    assert.are.equal("", out)
+    assert.are.equal("flashlua: " .. path .. ":2: unknown log level 'verbose' (expected error, warn, info, debug or trace)\n", err)
+  end)
+
   describe("an error in the script's code", function()
     -- The script's frames only: none of flashlua's loop and drivers under its callback,
     -- and the frame that raised a runtime error (indexing nil) is kept.

@@ -115,7 +115,6 @@ function log.set_level(name)
   return true
 end
 
--- flash.log.level = "debug" works as well as set_level.
 -- Where flashlua's own Lua frames say they are: `[string "flash.x"]` for the modules
 -- compiled into the host, the directory of lua/flash/ for the module installed as files.
 local own_dir = (debug.getinfo(1, "S").short_src or ""):match("^(.*/)log%.lua$")
@@ -144,6 +143,8 @@ function log.script_traceback(tb)
   return msg .. "\nstack traceback:\n" .. table.concat(keep, "\n")
 end
 
+-- flash.log.level = "debug" works as well as set_level.
+-- A bad level is the script's error, at its line.
 return setmetatable(log, {
   __index = function(_, k)
     if k == "level" then
@@ -152,7 +153,8 @@ return setmetatable(log, {
   end,
   __newindex = function(t, k, v)
     if k == "level" then
-      assert(log.set_level(v))
+      local ok, err = log.set_level(v)
+      if not ok then error(err, 2) end
     else
       rawset(t, k, v)
     end
