@@ -16,7 +16,8 @@ describe("flash API", function()
       assert.has_error(function() flash.client { persistent = "yes" } end,
         "bad argument #1 to 'client' (option 'persistent': boolean expected, got string)")
       assert.has_error(function() flash.client("dsn") end,
-        "bad argument #1 to 'client' (table expected, got string)")
+        "bad argument #1 to 'client' (table of options expected, got string: a DSN goes in " ..
+        "flash.client{ dsn = \"...\" } (flash.connect(dsn) takes one alone))")
     end)
 
     it("rejects an unknown driver, naming it", function()

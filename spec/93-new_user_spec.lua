@@ -82,6 +82,28 @@ print(type(sink))
     assert.are.equal("flashlua: " .. path .. ":2: unknown log level 'verbose' (expected error, warn, info, debug or trace)\n", err)
   end)
 
+  it("a misused call names the script's line and the right form (it named [string \"flash.client\"]:0, or no line)", function()
+    local cases = {
+      { 'flash.client("host=/tmp")', "bad argument #1 to 'client' (table of options expected, got string: a DSN goes " ..
+        "in flash.client{ dsn = \"...\" } (flash.connect(dsn) takes one alone))" },
+      { 'c:listen("posts")', "bad argument #1 to 'listen' (table of options expected, got string: " ..
+        "client:listen{ table = \"posts\" })" },
+      { 'c.listen{ table = "posts" }', "bad argument #1 to 'listen' (client expected, got table: call it with a " ..
+        "colon, client:listen{ table = ... })" },
+      { 'flash.every("1", print)', "bad argument #1 to 'every' (non-negative number of seconds expected, got string)" },
+      { 'flash.after(1, 2)', "bad argument #2 to 'after' (function expected, got number)" },
+    }
+    for _, case in ipairs(cases) do
+      local path = H.script('local flash = require "flash"\nlocal c = assert(flash.client { driver = "trigger" })\n' ..
+        case[1] .. "\n")
+      local rc, out, err = run({ path })
+      os.remove(path)
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: " .. path .. ":3: " .. case[2], err)
+    end
+  end)
+
   describe("an error in the script's code", function()
     -- The script's frames only: none of flashlua's loop and drivers under its callback,
     -- and the frame that raised a runtime error (indexing nil) is kept.

@@ -109,9 +109,11 @@ end
 
 local function add_timer(self, seconds, fn, every, fname)
   if type(seconds) ~= "number" or seconds < 0 then
-    argerror(1, fname, "non-negative number of seconds expected, got " .. tostring(seconds), 3)
+    -- Level 2: flash.every and Loop:every tail-call this, so the script's line is the caller's.
+    argerror(1, fname, "non-negative number of seconds expected, got " ..
+      (type(seconds) == "number" and tostring(seconds) or type(seconds)), 2)
   end
-  if type(fn) ~= "function" then argerror(2, fname, "function expected, got " .. type(fn), 3) end
+  if type(fn) ~= "function" then argerror(2, fname, "function expected, got " .. type(fn), 2) end
   local t = { due = core.now() + seconds, every = every and seconds or nil, fn = fn }
   self.timers[#self.timers + 1] = t
   return function() t.cancelled = true end
