@@ -123,6 +123,14 @@ describe("flashlua command line", function()
           "flashlua: option -d needs a value, but the option --table follows it\n" },
         { { "--table", "--backfill" },
           "flashlua: option --table needs a value, but the option --backfill follows it\n" },
+        -- The worker driver under --table (with or without --to) tried Redis at its default
+        -- address, whatever --to said.
+        { { "--table", "t", "--driver", "redis_streams" },
+          "flashlua: --driver redis_streams is a worker of the streams --to writes, not a capture: run it from a " ..
+          "script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)\n" },
+        { { "--table", "t", "--to", "redis://127.0.0.1:1", "--driver", "redis_streams" },
+          "flashlua: --driver redis_streams is a worker of the streams --to writes, not a capture: run it from a " ..
+          "script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)\n" },
         -- One table per run: the first one was dropped silently.
         { { "--table", "a", "--table", "b" },
           "flashlua: --table given twice ('a', 'b'): one table per run (a script listens to several: " ..

@@ -533,6 +533,12 @@ local function run(argv)
   if o.script and o.table then
     return usage_error("give a script or --table, not both")
   end
+  if o.table and o.driver == "redis_streams" then
+    -- The worker side reads what a capturer's --to wrote; its url, group and partitions
+    -- are client options, which --table has no way to give.
+    return usage_error("--driver redis_streams is a worker of the streams --to writes, not a capture: run it from " ..
+      "a script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)")
+  end
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end
 
