@@ -91,14 +91,14 @@ describe("flash API", function()
       local t = H.table("id int")
       local l, err = client:listen { table = t, fields = { "id", "nope" } }
       assert.is_nil(l)
-      assert.equal(string.format('column "nope" in fields does not exist in table public.%s', t), err)
+      assert.equal(string.format('column "nope" in fields does not exist in table public.%s (its columns: id)', t), err)
     end)
 
     it("names an unknown column in where", function()
       local t = H.table("id int")
       local l, err = client:listen { table = t, where = { ghost = 1 } }
       assert.is_nil(l)
-      assert.equal(string.format('column "ghost" in where does not exist in table public.%s', t), err)
+      assert.equal(string.format('column "ghost" in where does not exist in table public.%s (its columns: id)', t), err)
     end)
 
     it("rejects a condition value the column cannot take, before any write", function()

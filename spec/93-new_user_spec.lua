@@ -172,6 +172,26 @@ flash.after(0.2, flash.stop)
       "as in SQL: '\"My Schema\".\"Odd Table\"')", err)
   end)
 
+  it("a column name in another case is suggested as written; an unknown one lists the table's columns", function()
+    local t = base .. "_cols"
+    H.sql("CREATE TABLE " .. t .. ' (id int PRIMARY KEY, title text, "createdAt" timestamptz)')
+    drops[#drops + 1] = "DROP TABLE IF EXISTS " .. t
+    for _, case in ipairs({
+      { { "--fields", "id,Title" }, 'column "Title" in fields does not exist in table public.' .. t .. ' (did you mean "title"?)' },
+      { { "--where", "createdat is null" },
+        'column "createdat" in where does not exist in table public.' .. t .. ' (did you mean "createdAt"?)' },
+      { { "--fields", "body" }, 'column "body" in fields does not exist in table public.' .. t ..
+        " (its columns: id, title, createdAt)" },
+    }) do
+      local args = { "--table", t }
+      for _, a in ipairs(case[1]) do args[#args + 1] = a end
+      local rc, out, err = run(args)
+      assert.are.equal(1, rc, err)
+      assert.are.equal("", out)
+      assert.are.equal("flashlua: " .. case[2], err)
+    end
+  end)
+
   it("a --where value the column's type cannot take is named without flashlua's own test query", function()
     local t = base .. "_where"
     H.sql("CREATE TABLE " .. t .. " (id int PRIMARY KEY, active boolean)")

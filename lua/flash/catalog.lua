@@ -107,7 +107,16 @@ function M.column(tbl, col, what)
   for _, c in ipairs(tbl.columns) do
     if c.name == col then return c end
   end
-  return nil, string.format("column \"%s\" in %s does not exist in table %s", tostring(col), what, tbl.display)
+  local msg = string.format("column \"%s\" in %s does not exist in table %s", tostring(col), what, tbl.display)
+  -- Names are matched as written (no folding to lower case as unquoted SQL does): a name
+  -- in another case is suggested; otherwise the table's columns are listed.
+  local want, names = tostring(col):lower(), {}
+  for _, c in ipairs(tbl.columns) do
+    if c.name:lower() == want then return nil, msg .. " (did you mean \"" .. c.name .. "\"?)" end
+    if #names < 20 then names[#names + 1] = c.name end
+  end
+  if #names == 0 then return nil, msg .. " (it has no columns)" end
+  return nil, msg .. " (its columns: " .. table.concat(names, ", ") .. (#tbl.columns > 20 and ", ..." or "") .. ")"
 end
 
 return M
