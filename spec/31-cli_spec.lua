@@ -131,6 +131,11 @@ describe("flashlua command line", function()
         { { "--table", "t", "--to", "redis://127.0.0.1:1", "--driver", "redis_streams" },
           "flashlua: --driver redis_streams is a worker of the streams --to writes, not a capture: run it from a " ..
           "script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)\n" },
+        -- A misspelt option names the one it was probably meant to be.
+        { { "--feilds", "id", "--table", "t" }, "flashlua: unknown option '--feilds' (did you mean --fields?)\n" },
+        { { "--dns", "x", "--table", "t" }, "flashlua: unknown option '--dns' (did you mean --dsn?)\n" },
+        { { "-table", "t" }, "flashlua: unknown option '-table' (did you mean --table?)\n" },
+        { { "--stat", "--table", "t" }, "flashlua: unknown option '--stat' (did you mean --stats?)\n" },
         -- One table per run: the first one was dropped silently.
         { { "--table", "a", "--table", "b" },
           "flashlua: --table given twice ('a', 'b'): one table per run (a script listens to several: " ..
