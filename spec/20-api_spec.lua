@@ -12,7 +12,7 @@ describe("flash API", function()
   describe("misuse raises an error naming the bad argument", function()
     it("rejects an unknown client option and a wrong option type", function()
       assert.has_error(function() flash.client { drivr = "trigger" } end,
-        "bad argument #1 to 'client' (unknown option 'drivr')")
+        "bad argument #1 to 'client' (unknown option 'drivr' (did you mean 'driver'?))")
       assert.has_error(function() flash.client { persistent = "yes" } end,
         "bad argument #1 to 'client' (option 'persistent': boolean expected, got string)")
       assert.has_error(function() flash.client("dsn") end,
@@ -42,6 +42,8 @@ describe("flash API", function()
         "bad argument #1 to 'listen' (option 'where': unknown operator 'like' in condition #1 (expected =, <>, <, <=, >, >=, is null, is not null, in))")
       assert.has_error(function() client:listen { table = "t", colour = "red" } end,
         "bad argument #1 to 'listen' (unknown option 'colour')")
+      assert.has_error(function() client:listen { table = "t", feilds = { "id" } } end,
+        "bad argument #1 to 'listen' (unknown option 'feilds' (did you mean 'fields'?))")
     end)
   end)
 

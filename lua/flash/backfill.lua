@@ -163,7 +163,9 @@ local function checkopts(opts)
   end
   local known = { chunk = "number", restart = "boolean", progress = "boolean", on_done = "function" }
   for k, v in pairs(opts) do
-    if not known[k] then error(string.format("bad argument #1 to 'backfill' (unknown option '%s')", tostring(k)), 3) end
+    if not known[k] then
+      error(string.format("bad argument #1 to 'backfill' (%s)", require("flash.args").unknown_option(k, known)), 3)
+    end
     if type(v) ~= known[k] then
       error(string.format("bad argument #1 to 'backfill' (option '%s': %s expected, got %s)", k, known[k], type(v)), 3)
     end

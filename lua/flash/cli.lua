@@ -229,38 +229,16 @@ for _, name in ipairs({ "-h", "--help", "-v", "--version", "--sandbox", "--stats
   FLAGS[name] = true
 end
 
--- Edit distance of two short strings, a swap of two neighbours counting as one edit
--- (--feilds, --dns).
-local function distance(a, b)
-  local d = {}
-  for i = 0, #a do d[i] = { [0] = i } end
-  for j = 0, #b do d[0][j] = j end
-  for i = 1, #a do
-    for j = 1, #b do
-      local cost = a:byte(i) == b:byte(j) and 0 or 1
-      d[i][j] = math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-      if i > 1 and j > 1 and a:byte(i) == b:byte(j - 1) and a:byte(i - 1) == b:byte(j) then
-        d[i][j] = math.min(d[i][j], d[i - 2][j - 2] + 1)
-      end
-    end
-  end
-  return d[#a][#b]
-end
-
 -- The option an unknown one was probably meant to be (--feilds, --tabel, -table), or nil.
 function M.nearest_option(a)
-  local name = a:gsub("^%-+", "")
-  local best, bestd
+  local long = {}
   for _, set in ipairs({ VALUED, FLAGS }) do
     for opt in pairs(set) do
-      if opt:sub(1, 2) == "--" then
-        local d = distance(name, opt:sub(3))
-        -- Ties go to the first name in byte order, whatever order pairs() gives.
-        if not bestd or d < bestd or (d == bestd and opt < best) then best, bestd = opt, d end
-      end
+      if opt:sub(1, 2) == "--" then long[opt:sub(3)] = true end
     end
   end
-  if bestd and bestd <= math.max(1, math.floor(#name / 3)) then return best end
+  local near = require("flash.args").nearest((a:gsub("^%-+", "")), long)
+  return near and ("--" .. near)
 end
 
 local function parse_args(argv)

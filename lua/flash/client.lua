@@ -63,7 +63,7 @@ function M.new(lp, opts, query_only)
   for k, v in pairs(opts) do
     local o = known[k]
     if not o then
-      argerror(1, fname, string.format("unknown option '%s'", tostring(k)))
+      argerror(1, fname, args.unknown_option(k, known))
     end
     local want = type(o.spec) == "table" and o.spec.type or o.spec
     if want ~= true and type(v) ~= want then

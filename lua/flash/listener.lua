@@ -114,7 +114,7 @@ function M.new(client, opts)
   end
   for k, v in pairs(opts) do
     local want = OPTIONS[k]
-    if not want then argerror(1, "listen", string.format("unknown option '%s'", tostring(k))) end
+    if not want then argerror(1, "listen", args.unknown_option(k, OPTIONS)) end
     if want ~= true and type(v) ~= want then
       argerror(1, "listen", string.format("option '%s': %s expected, got %s", k, want, type(v)))
     end

@@ -67,7 +67,7 @@ local function check(opts)
   local known = { url = true, stream = true, partitions = true, key = true, maxlen = true, batch = true,
                   flush_interval = true, timeout = true }
   for k in pairs(opts) do
-    if not known[k] then bad(string.format("unknown option '%s'", tostring(k))) end
+    if not known[k] then bad(require("flash.args").unknown_option(k, known)) end
   end
   if opts.url ~= nil then
     if type(opts.url) ~= "string" then bad("option 'url': redis://HOST[:PORT] expected, got " .. type(opts.url)) end
