@@ -313,6 +313,17 @@ c:stop()
       end)
     end
 
+    it("a system catalog is refused under every driver (wal_logical asked for REPLICA IDENTITY FULL on it, " ..
+       "the trigger drivers to run as its owner)", function()
+      for _, driver in ipairs({ "trigger", "wal_logical" }) do
+        local rc, out, err = run({ "--driver", driver, "--table", "pg_catalog.pg_class" })
+        assert.are.equal(1, rc, err)
+        assert.are.equal("", out)
+        assert.are.equal("flashlua: pg_catalog.pg_class is a system catalog: PostgreSQL lets no trigger and no " ..
+          "publication see its changes (listen to the tables of your own schemas)", err)
+      end
+    end)
+
     it("an UNLOGGED table under wal_logical is refused at listen naming SET LOGGED and the trigger drivers; a trigger driver captures it", function()
       local name = base .. "_unlogged"
       H.sql("CREATE UNLOGGED TABLE " .. name .. " (id int PRIMARY KEY, v text)")

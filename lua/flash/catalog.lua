@@ -90,6 +90,11 @@ function M.resolve_table(conn, name)
   if kind ~= "r" and kind ~= "p" then
     return nil, display .. " is " .. (NOT_A_TABLE[kind] or ("not a table (relkind " .. kind .. ")"))
   end
+  if parts[1] == "pg_catalog" or parts[1] == "information_schema" or parts[1] == "pg_toast" then
+    -- No trigger may be created on a system catalog, and logical decoding skips them.
+    return nil, display .. " is a system catalog: PostgreSQL lets no trigger and no publication see its " ..
+      "changes (listen to the tables of your own schemas)"
+  end
   if rows[1].persistence == "t" then
     return nil, display .. TEMP_WHY .. " (create it without TEMPORARY)"
   end
