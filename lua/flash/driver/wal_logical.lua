@@ -409,8 +409,16 @@ end
 
 function Driver:check_server()
   local rows, err = self:exec("SELECT current_setting('wal_level') AS wal_level, current_database()::text AS db, " ..
-    "current_setting('server_version_num')::int AS version")
+    "current_setting('server_version_num')::int AS version, current_user::text AS role, " ..
+    "(SELECT r.rolreplication OR r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) AS replication")
   if not rows then return nil, err end
+  if rows[1].replication == false then
+    -- Said first: the publication (CREATE on the database, owning the tables) would fail
+    -- before the replication connection, with a hint that says nothing about it.
+    return fail(string.format("the role %s may not use replication (it has neither REPLICATION nor superuser), " ..
+      "which the %s driver needs", rows[1].role, self.client.driver_name),
+      "run `ALTER ROLE " .. self:ident(rows[1].role) .. " REPLICATION` as a superuser")
+  end
   if rows[1].wal_level ~= "logical" then
     return fail(string.format("wal_level is '%s', but the %s driver needs wal_level = logical", rows[1].wal_level,
       self.client.driver_name),
