@@ -286,6 +286,19 @@ c:stop()
       "flash), so it is left alone; if no one uses it, drop it with SELECT pg_drop_replication_slot('" .. slot .. "')", err)
   end)
 
+  it("--list-slots keeps its columns aligned under a slot name longer than 32 bytes", function()
+    local slot = ("flash_copy_public_orders_public_orders_copy_" .. pid):sub(1, 63)
+    H.sql("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+    drops[#drops + 1] = "SELECT pg_drop_replication_slot('" .. slot .. "')"
+    local rc, out, err = run({ "--list-slots" })
+    assert.are.equal(0, rc, err)
+    local header = out:match("^[^\n]*")
+    local col = header:find("plugin", 1, true)
+    local line = out:match("\n(" .. slot:gsub("%p", "%%%0") .. " [^\n]*)")
+    assert.truthy(line, out)
+    assert.are.equal(col, line:find("pgoutput", 1, true), out)
+  end)
+
   describe("listening to what is not a plain table", function()
     -- What each kind is and what to listen to instead, under every capturing driver.
     local kinds = {

@@ -462,6 +462,14 @@ local function stats_timer(flash, core)
   end)
 end
 
+-- The first column's width: 32, or the longest name (up to 63 bytes), so the columns stay
+-- aligned.
+local function name_width(rows)
+  local w = 32
+  for _, r in ipairs(rows) do w = math.max(w, #r.name) end
+  return w
+end
+
 -- --list-slots / --drop-slot NAME / --list-schemas / --drop-schema NAME: what flashlua
 -- keeps in the database between runs.
 local function slots_mode(flash, o)
@@ -489,9 +497,11 @@ local function slots_mode(flash, o)
       if not rows then
         fail = lerr
       else
-        io.stdout:write(string.format("%-32s %8s %10s  %s\n", "schema", "tables", "backlog", "in use"))
+        local w = name_width(rows)
+        io.stdout:write(string.format("%-" .. w .. "s %8s %10s  %s\n", "schema", "tables", "backlog", "in use"))
         for _, r in ipairs(rows) do
-          io.stdout:write(string.format("%-32s %8d %10d  %s\n", r.name, r.tables, r.backlog, r.in_use and "yes" or "no"))
+          io.stdout:write(string.format("%-" .. w .. "s %8d %10d  %s\n", r.name, r.tables, r.backlog,
+            r.in_use and "yes" or "no"))
         end
       end
     elseif o.drop_slot then
@@ -502,9 +512,11 @@ local function slots_mode(flash, o)
       if not rows then
         fail = lerr
       else
-        io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", "slot", "plugin", "active", "WAL held", "confirmed"))
+        local w = name_width(rows)
+        io.stdout:write(string.format("%-" .. w .. "s %-10s %-8s %12s  %s\n", "slot", "plugin", "active", "WAL held",
+          "confirmed"))
         for _, r in ipairs(rows) do
-          io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
+          io.stdout:write(string.format("%-" .. w .. "s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
             r.active_pid and tostring(r.active_pid) or "no", slots.mb(r.retained), r.confirmed or "-"))
         end
       end
