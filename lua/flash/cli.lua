@@ -30,9 +30,10 @@ options:
                          every address
       --table NAME       no script: print each event of table NAME as one JSON line
       --ops LIST         with --table: operations, of insert, update, delete,
-                         truncate, all (default all)
+                         truncate, all (default all; repeated, the lists add up)
       --fields LIST      with --table: columns to carry (default all), separated by
-                         commas; a name as it is or "double quoted" (as in --where)
+                         commas; a name as it is or "double quoted" (as in --where);
+                         repeated, the lists add up
       --where COND       with --table: a condition (may be repeated; all must hold):
                            COL = VALUE   (also <>, !=, <, <=, >, >=)
                            COL is null,  COL is not null
