@@ -10,6 +10,10 @@
 --
 -- The target table must exist with the source's columns (its key need not be unique: a
 -- duplicate would show). Values go through $n parameters as text, so scalar columns only.
+-- The source needs REPLICA IDENTITY FULL (update and delete events carry the old row).
+-- It copies the changes committed from its first start on (that start creates the slot);
+-- rows the source holds before are not read: copy them first while nothing writes to the
+-- source (INSERT INTO target SELECT * FROM source), or start with an empty source.
 local flash = require "flash"
 
 local source, target, key = arg[1] or "public.orders", arg[2] or "public.orders_copy", arg[3] or "id"

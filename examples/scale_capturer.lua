@@ -11,8 +11,8 @@ if not (url and partitions and arg[3]) then
 end
 
 local sink = flash.sink.redis { url = url, partitions = partitions }
-local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = "scale_capturer",
-  publication = "scale_capturer", ack = "manual" })
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = "flash_scale_capturer",
+  publication = "flash_scale_capturer", ack = "manual" })
 for i = 3, #arg do
   assert(c:listen { table = arg[i] }):on("all", sink)
 end

@@ -185,6 +185,10 @@ describe("flash.sandbox", function()
       assert.truthy(dsn and dir, out)
       assert.is_true(ok2)
       assert.equal(dsn .. "|" .. dsn .. "|" .. dir, echoed)
+      -- ... and the programs it starts (README: eval "$(scripts/sandbox start -q)"; build/flashlua script.lua).
+      local ok3, child = sh("unset FLASH_DSN; eval " .. q(out) .. "; build/flashlua -e 'print(os.getenv(\"FLASH_DSN\"))' /dev/null")
+      assert.is_true(ok3, child)
+      assert.equal(dsn .. "\n", child)
       assert.equal("logical", psql(nil, dsn, "SHOW wal_level"))
 
       assert(sh(script .. " stop -q " .. q(dir)))

@@ -12,11 +12,12 @@ describe("flash API", function()
   describe("misuse raises an error naming the bad argument", function()
     it("rejects an unknown client option and a wrong option type", function()
       assert.has_error(function() flash.client { drivr = "trigger" } end,
-        "bad argument #1 to 'client' (unknown option 'drivr')")
+        "bad argument #1 to 'client' (unknown option 'drivr' (did you mean 'driver'?))")
       assert.has_error(function() flash.client { persistent = "yes" } end,
         "bad argument #1 to 'client' (option 'persistent': boolean expected, got string)")
       assert.has_error(function() flash.client("dsn") end,
-        "bad argument #1 to 'client' (table expected, got string)")
+        "bad argument #1 to 'client' (table of options expected, got string: a DSN goes in " ..
+        "flash.client{ dsn = \"...\" } (flash.connect(dsn) takes one alone))")
     end)
 
     it("rejects an unknown driver, naming it", function()
@@ -41,6 +42,8 @@ describe("flash API", function()
         "bad argument #1 to 'listen' (option 'where': unknown operator 'like' in condition #1 (expected =, <>, <, <=, >, >=, is null, is not null, in))")
       assert.has_error(function() client:listen { table = "t", colour = "red" } end,
         "bad argument #1 to 'listen' (unknown option 'colour')")
+      assert.has_error(function() client:listen { table = "t", feilds = { "id" } } end,
+        "bad argument #1 to 'listen' (unknown option 'feilds' (did you mean 'fields'?))")
     end)
   end)
 
@@ -90,14 +93,14 @@ describe("flash API", function()
       local t = H.table("id int")
       local l, err = client:listen { table = t, fields = { "id", "nope" } }
       assert.is_nil(l)
-      assert.equal(string.format('column "nope" in fields does not exist in table public.%s', t), err)
+      assert.equal(string.format('column "nope" in fields does not exist in table public.%s (its columns: id)', t), err)
     end)
 
     it("names an unknown column in where", function()
       local t = H.table("id int")
       local l, err = client:listen { table = t, where = { ghost = 1 } }
       assert.is_nil(l)
-      assert.equal(string.format('column "ghost" in where does not exist in table public.%s', t), err)
+      assert.equal(string.format('column "ghost" in where does not exist in table public.%s (its columns: id)', t), err)
     end)
 
     it("rejects a condition value the column cannot take, before any write", function()

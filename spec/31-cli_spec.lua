@@ -116,6 +116,30 @@ describe("flashlua command line", function()
         { { "--table", "t", "--where", "customer_id" },
           "flashlua: cannot read --where 'customer_id': no operator (expected col = value, col <> value, " ..
           "col >= value, col is null, col is not null, col in (a, b); see --help)\n" },
+        -- A forgotten value: the next option is not taken as it (it said "--fields goes with --table").
+        { { "--fields", "--table", "t" },
+          "flashlua: option --fields needs a value, but the option --table follows it\n" },
+        { { "-d", "--table", "t" },
+          "flashlua: option -d needs a value, but the option --table follows it\n" },
+        { { "--table", "--backfill" },
+          "flashlua: option --table needs a value, but the option --backfill follows it\n" },
+        -- The worker driver under --table (with or without --to) tried Redis at its default
+        -- address, whatever --to said.
+        { { "--table", "t", "--driver", "redis_streams" },
+          "flashlua: --driver redis_streams is a worker of the streams --to writes, not a capture: run it from a " ..
+          "script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)\n" },
+        { { "--table", "t", "--to", "redis://127.0.0.1:1", "--driver", "redis_streams" },
+          "flashlua: --driver redis_streams is a worker of the streams --to writes, not a capture: run it from a " ..
+          "script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)\n" },
+        -- A misspelt option names the one it was probably meant to be.
+        { { "--feilds", "id", "--table", "t" }, "flashlua: unknown option '--feilds' (did you mean --fields?)\n" },
+        { { "--dns", "x", "--table", "t" }, "flashlua: unknown option '--dns' (did you mean --dsn?)\n" },
+        { { "-table", "t" }, "flashlua: unknown option '-table' (did you mean --table?)\n" },
+        { { "--stat", "--table", "t" }, "flashlua: unknown option '--stat' (did you mean --stats?)\n" },
+        -- One table per run: the first one was dropped silently.
+        { { "--table", "a", "--table", "b" },
+          "flashlua: --table given twice ('a', 'b'): one table per run (a script listens to several: " ..
+          "client:listen for each)\n" },
       }
       for _, c in ipairs(cases) do
         local rc, out, err = run(c[1])

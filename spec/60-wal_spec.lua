@@ -121,6 +121,21 @@ describe("wal_logical driver", function()
     assert.matches("ALTER ROLE", err, 1, true)
   end)
 
+  it("says REPLICATION is missing before the publication fails for want of CREATE (its hint said nothing of it)", function()
+    H.sql("DROP ROLE IF EXISTS flash_norepl2; CREATE ROLE flash_norepl2 LOGIN")
+    local t = H.table("id int PRIMARY KEY")
+    H.sql("GRANT SELECT ON " .. t .. " TO flash_norepl2")
+    local dsn = H.dsn:gsub("user=%S+", "user=flash_norepl2")
+    local c = assert(flash.client { driver = "wal_logical", dsn = dsn })
+    assert(c:listen { table = t }):on("insert", function() end)
+    local ok, err = c:start()
+    c:stop()
+    H.sql("DROP TABLE " .. t .. "; DROP ROLE flash_norepl2")
+    assert.is_nil(ok)
+    assert.equal("the role flash_norepl2 may not use replication (it has neither REPLICATION nor superuser), which " ..
+      "the wal_logical driver needs (run `ALTER ROLE \"flash_norepl2\" REPLICATION` as a superuser)", err)
+  end)
+
   describe("with a cluster of its own", function()
     local sandbox = require "flash.sandbox"
 
@@ -135,7 +150,8 @@ describe("wal_logical driver", function()
       sb:stop()
       assert.is_nil(ok)
       assert.equal("wal_level is 'replica', but the wal_logical driver needs wal_level = logical " ..
-        "(set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server)", err)
+        "(set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server; " ..
+        "or use a trigger driver, which needs no server setting: driver = \"trigger\", or flashlua --driver trigger)", err)
     end)
 
     it("says there is no free replication slot and what to raise", function()

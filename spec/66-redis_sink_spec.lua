@@ -38,7 +38,7 @@ describe("flash.sink.redis", function()
   after_each(f.teardown)
 
   it("refuses options it does not know and a client that acknowledges automatically", function()
-    assert.has_error(function() sinkmod.new { partitons = 2 } end, "bad argument #1 to 'redis' (unknown option 'partitons')")
+    assert.has_error(function() sinkmod.new { partitons = 2 } end, "bad argument #1 to 'redis' (unknown option 'partitons' (did you mean 'partitions'?))")
     assert.has_error(function() sinkmod.new { url = "http://x" } end,
       "bad argument #1 to 'redis' (option 'url': redis://HOST[:PORT] expected, got http://x)")
     -- Wrong types and values are refused here, naming the option, not later by the C outbox

@@ -341,7 +341,7 @@ describe("decoding workloads (" .. driver .. ")", function()
       assert.is_nil(l)
       assert.equal(string.format("cannot listen to public.%s under the %s driver: it is an unlogged " ..
         "table, whose changes are not written to the WAL (run `ALTER TABLE \"public\".\"%s\" SET LOGGED`, " ..
-        "or listen to it with a trigger driver)", t, driver, t), err)
+        "or use a trigger driver: driver = \"trigger\", or flashlua --driver trigger)", t, driver, t), err)
       -- An unlogged partition: refused at listen; one attached while listening: a warning.
       local p = H.table("id int, v text) PARTITION BY LIST (id")
       H.sql("CREATE UNLOGGED TABLE " .. p .. "_u PARTITION OF " .. p .. " FOR VALUES IN (1)")
@@ -418,12 +418,12 @@ describe("decoding workloads: what cannot be listened to", function()
       local c = assert(flash.client { driver = driver })
       local l, err = c:listen { table = t .. "_v" }
       assert.is_nil(l)
-      assert.equal(string.format("public.%s_v is not a table (relkind v): it is a view, which holds no rows of its " ..
-        "own: listen to the tables it reads from", t), err)
+      assert.equal(string.format("public.%s_v is a view, not a table: a view holds no rows of its own, so it has " ..
+        "no changes to capture (listen to the tables it reads from)", t), err)
       l, err = c:listen { table = t .. "_m" }
       assert.is_nil(l)
-      assert.equal(string.format("public.%s_m is not a table (relkind m): it is a materialized view, which REFRESH " ..
-        "fills anew, not row by row: listen to the tables it is built from", t), err)
+      assert.equal(string.format("public.%s_m is a materialized view, not a table: REFRESH MATERIALIZED VIEW " ..
+        "rewrites it whole, with no row changes to capture (listen to the tables it is computed from)", t), err)
       c:stop()
     end
     H.sql("DROP MATERIALIZED VIEW " .. t .. "_m; DROP VIEW " .. t .. "_v")

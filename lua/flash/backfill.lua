@@ -163,7 +163,9 @@ local function checkopts(opts)
   end
   local known = { chunk = "number", restart = "boolean", progress = "boolean", on_done = "function" }
   for k, v in pairs(opts) do
-    if not known[k] then error(string.format("bad argument #1 to 'backfill' (unknown option '%s')", tostring(k)), 3) end
+    if not known[k] then
+      error(string.format("bad argument #1 to 'backfill' (%s)", require("flash.args").unknown_option(k, known)), 3)
+    end
     if type(v) ~= known[k] then
       error(string.format("bad argument #1 to 'backfill' (option '%s': %s expected, got %s)", k, known[k], type(v)), 3)
     end
@@ -856,10 +858,19 @@ function Backfill:finish()
   log.info(string.format("backfill of %s done: %d rows read this run (%d in all) in %.1f s", self.l.table_name,
     self.run_rows, self.rows_done, secs))
   self:progress_line(true)
-  -- Once, even if a restarted stream made chunks be read again (M.reset).
+  self:call_on_done()
+end
+
+-- on_done, once per run: even if a restarted stream made chunks be read again (M.reset),
+-- and also in a run that found the backfill finished by an earlier one (every row was
+-- delivered then): a script that waits for it (a cache that says it is warm, a service
+-- that opens) must not wait forever after a restart.
+function Backfill:call_on_done()
   if self.opts.on_done and not self.on_done_called then
     self.on_done_called = true
-    local ok, err = xpcall(self.opts.on_done, debug.traceback, self.l)
+    local ok, err = xpcall(self.opts.on_done, function(e)
+      return log.script_traceback(debug.traceback(tostring(e), 1))
+    end, self.l)
     if not ok then log.error("backfill on_done failed: " .. tostring(err)) end
   end
 end
@@ -917,7 +928,10 @@ end
 -- Reads the chunk of bf (that has none in flight): true, or nil and an error that stops.
 local function take(bf)
   local ok, err = true, nil
-  if not bf.ready then ok, err = bf:setup() end
+  if not bf.ready then
+    ok, err = bf:setup()
+    if ok and bf.done then bf:call_on_done() end    -- finished in an earlier run
+  end
   if ok and not bf.done then
     local what, nxt = bf:read_chunk()
     if what == "done" then

@@ -27,51 +27,76 @@ function M.columns_sql(cond)
     ORDER BY a.attrelid, a.attnum]], BASE_TYPE_SQL:format("a.atttypid"), BASE_TYPE_SQL:format("bt.typelem"), cond)
 end
 
--- What a relation that is not a table is, and what to listen to instead.
+-- What a relation of another kind than a table is, and what to listen to instead.
 local NOT_A_TABLE = {
-  v = "a view, which holds no rows of its own: listen to the tables it reads from",
-  m = "a materialized view, which REFRESH fills anew, not row by row: listen to the tables it is built from",
-  f = "a foreign table, whose rows live on another server: listen to them there",
-  S = "a sequence: listen to the tables that use it",
-  i = "an index: listen to its table",
-  I = "an index: listen to its table",
-  c = "a composite type: listen to a table",
-  t = "a TOAST table: listen to the table it belongs to",
+  v = "a view, not a table: a view holds no rows of its own, so it has no changes to " ..
+    "capture (listen to the tables it reads from)",
+  m = "a materialized view, not a table: REFRESH MATERIALIZED VIEW rewrites it whole, " ..
+    "with no row changes to capture (listen to the tables it is computed from)",
+  f = "a foreign table, not a table: its rows live and change on another server " ..
+    "(run flashlua against the table on that server)",
+  S = "a sequence, not a table (listen to the table whose rows use it)",
+  c = "a composite type, not a table",
+  i = "an index, not a table (listen to the table it indexes)",
+  I = "an index, not a table (listen to the table it indexes)",
+  t = "a TOAST table, not a table (listen to the table it stores values for)",
 }
+local TEMP_WHY = " is a temporary table, which flashlua cannot listen to: only the " ..
+  "session that created it sees its rows"
 
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public) on query
--- connection `conn`: { schema, name, oid, columns, display } | nil, err.
+-- connection `conn`: { schema, name, oid, columns, display, unlogged } | nil, err.
 function M.resolve_table(conn, name)
   local rows, err = conn:exec("SELECT parse_ident($1) AS parts", 0, name)
-  if not rows then return nil, string.format("invalid table name '%s': %s", name, err) end
+  if not rows then
+    return nil, string.format("invalid table name '%s': %s (a name with spaces, capitals or other characters " ..
+      "is written in double quotes, as in SQL: '\"My Schema\".\"Odd Table\"')", name, (err:gsub("%s+$", "")))
+  end
   local parts = rows[1].parts
   if #parts == 1 then parts = { "public", parts[1] } end
   if #parts ~= 2 then
     return nil, string.format("invalid table name '%s': expected schema.table", name)
   end
   rows, err = conn:exec([[
-    SELECT c.oid::bigint AS oid, c.relkind::text AS relkind
+    SELECT c.oid::bigint AS oid, c.relkind::text AS relkind, c.relpersistence::text AS persistence
     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = $1 AND c.relname = $2]], 0, parts[1], parts[2])
   if not rows then return nil, err end
   if #rows == 0 then
     local msg = string.format("table %s.%s does not exist", parts[1], parts[2])
+    -- The same name in other schemas, or in another case: an unquoted name is folded to
+    -- lower case, so a table created as "OrderLines" is found only by its quoted name.
     local near = conn:exec([[
-      SELECT n.nspname::text AS schema FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relname = $1 AND c.relkind IN ('r', 'p') ORDER BY 1]], 0, parts[2])
-    if near and #near > 0 then
-      local names = {}
-      for i, r in ipairs(near) do names[i] = r.schema .. "." .. parts[2] end
+      SELECT pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) AS name,
+             c.relpersistence = 't' AS temp
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+      WHERE pg_catalog.lower(c.relname) = pg_catalog.lower($1) AND c.relkind IN ('r', 'p')
+        AND (c.relname <> $1 OR n.nspname <> $2)
+      ORDER BY c.relname = $1 DESC, 1]], 0, parts[2], parts[1])
+    local names, temps = {}, {}
+    for _, r in ipairs(near or {}) do
+      local list = r.temp and temps or names
+      list[#list + 1] = r.name
+    end
+    if #names > 0 then
       msg = msg .. " (did you mean " .. table.concat(names, " or ") .. "?)"
+    elseif #temps > 0 then
+      -- A temporary table of a session (the script's own included) is no way out.
+      msg = msg .. " (" .. temps[1] .. TEMP_WHY .. "; create it without TEMPORARY)"
     end
     return nil, msg
   end
-  local kind = rows[1].relkind
+  local kind, display = rows[1].relkind, parts[1] .. "." .. parts[2]
   if kind ~= "r" and kind ~= "p" then
-    local what = NOT_A_TABLE[kind]
-    return nil, string.format("%s.%s is not a table (relkind %s)%s", parts[1], parts[2], kind,
-      what and (": it is " .. what) or ": only tables and partitioned tables can be listened to")
+    return nil, display .. " is " .. (NOT_A_TABLE[kind] or ("not a table (relkind " .. kind .. ")"))
+  end
+  if parts[1] == "pg_catalog" or parts[1] == "information_schema" or parts[1] == "pg_toast" then
+    -- No trigger may be created on a system catalog, and logical decoding skips them.
+    return nil, display .. " is a system catalog: PostgreSQL lets no trigger and no publication see its " ..
+      "changes (listen to the tables of your own schemas)"
+  end
+  if rows[1].persistence == "t" then
+    return nil, display .. TEMP_WHY .. " (create it without TEMPORARY)"
   end
   -- Values are decoded by the base type of a column's type and of its array elements:
   -- through domains over domains, domains over arrays and arrays of domains alike.
@@ -79,7 +104,7 @@ function M.resolve_table(conn, name)
   cols, err = conn:exec(M.columns_sql("a.attrelid = $1"), 0, rows[1].oid)
   if not cols then return nil, err end
   return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
-           display = parts[1] .. "." .. parts[2] }
+           display = display, unlogged = rows[1].persistence == "u" }
 end
 
 -- Column `col` of resolved table `tbl`, or nil and an error naming the option (`what`).
@@ -87,7 +112,16 @@ function M.column(tbl, col, what)
   for _, c in ipairs(tbl.columns) do
     if c.name == col then return c end
   end
-  return nil, string.format("column \"%s\" in %s does not exist in table %s", tostring(col), what, tbl.display)
+  local msg = string.format("column \"%s\" in %s does not exist in table %s", tostring(col), what, tbl.display)
+  -- Names are matched as written (no folding to lower case as unquoted SQL does): a name
+  -- in another case is suggested; otherwise the table's columns are listed.
+  local want, names = tostring(col):lower(), {}
+  for _, c in ipairs(tbl.columns) do
+    if c.name:lower() == want then return nil, msg .. " (did you mean \"" .. c.name .. "\"?)" end
+    if #names < 20 then names[#names + 1] = c.name end
+  end
+  if #names == 0 then return nil, msg .. " (it has no columns)" end
+  return nil, msg .. " (its columns: " .. table.concat(names, ", ") .. (#tbl.columns > 20 and ", ..." or "") .. ")"
 end
 
 return M

@@ -30,9 +30,10 @@ options:
                          every address
       --table NAME       no script: print each event of table NAME as one JSON line
       --ops LIST         with --table: operations, of insert, update, delete,
-                         truncate, all (default all)
+                         truncate, all (default all; repeated, the lists add up)
       --fields LIST      with --table: columns to carry (default all), separated by
-                         commas; a name as it is or "double quoted" (as in --where)
+                         commas; a name as it is or "double quoted" (as in --where);
+                         repeated, the lists add up
       --where COND       with --table: a condition (may be repeated; all must hold):
                            COL = VALUE   (also <>, !=, <, <=, >, >=)
                            COL is null,  COL is not null
@@ -215,6 +216,32 @@ local function table_only(o)
   if o.replica_identity then return "--replica-identity" end
 end
 
+-- The options that take a value; one of them where a value was due is a forgotten value
+-- (`--fields --table t` would read "--table" as the fields and `t` as the script).
+local VALUED = {}
+for _, name in ipairs({ "-d", "--dsn", "--driver", "-l", "--log-level", "--log-format", "-e", "--metrics",
+                        "--table", "--ops", "--fields", "--to", "--replica-identity", "--partitions",
+                        "--drop-slot", "--drop-schema", "--where" }) do
+  VALUED[name] = true
+end
+local FLAGS = {}
+for _, name in ipairs({ "-h", "--help", "-v", "--version", "--sandbox", "--stats", "--backfill", "--list-slots",
+                        "--list-schemas" }) do
+  FLAGS[name] = true
+end
+
+-- The option an unknown one was probably meant to be (--feilds, --tabel, -table), or nil.
+function M.nearest_option(a)
+  local long = {}
+  for _, set in ipairs({ VALUED, FLAGS }) do
+    for opt in pairs(set) do
+      if opt:sub(1, 2) == "--" then long[opt:sub(3)] = true end
+    end
+  end
+  local near = require("flash.args").nearest((a:gsub("^%-+", "")), long)
+  return near and ("--" .. near)
+end
+
 local function parse_args(argv)
   local o = { exprs = {}, where = {} }
   local i = 1
@@ -222,6 +249,10 @@ local function parse_args(argv)
     i = i + 1
     local v = argv[i]
     if v == nil then error({ usage = "option " .. name .. " needs a value" }) end
+    local opt = v:match("^(%-%-?[%w%-]+)=") or v
+    if VALUED[opt] or FLAGS[opt] then
+      error({ usage = string.format("option %s needs a value, but the option %s follows it", name, opt) })
+    end
     return v
   end
   while i <= #argv do
@@ -250,19 +281,28 @@ local function parse_args(argv)
       o.metrics = val(a)
       local ok, why = require("flash.metrics").parse_address(o.metrics)
       if not ok then error({ usage = string.format("cannot read --metrics '%s': %s", o.metrics, why) }) end
-    elseif a == "--table" then o.table = val(a)
+    elseif a == "--table" then
+      local t = val(a)
+      if o.table then
+        error({ usage = string.format("--table given twice ('%s', '%s'): one table per run " ..
+          "(a script listens to several: client:listen for each)", o.table, t) })
+      end
+      o.table = t
     elseif a == "--ops" then
-      o.ops = split_list(val(a))
-      for _, op in ipairs(o.ops) do
+      -- Repeated, the lists add up (as --where's conditions do).
+      o.ops = o.ops or {}
+      for _, op in ipairs(split_list(val(a))) do
         if not CLI_OPS[op] then
           error({ usage = string.format("unknown operation '%s' for --ops (expected insert, update, delete, truncate or all)", op) })
         end
+        o.ops[#o.ops + 1] = op
       end
     elseif a == "--fields" then
       local list = val(a)
-      local why
-      o.fields, why = split_names(list)
-      if not o.fields then error({ usage = string.format("cannot read --fields '%s': %s", list, why) }) end
+      local names, why = split_names(list)
+      if not names then error({ usage = string.format("cannot read --fields '%s': %s", list, why) }) end
+      o.fields = o.fields or {}
+      for _, n in ipairs(names) do o.fields[#o.fields + 1] = n end
     elseif a == "--backfill" then o.backfill = true
     elseif a == "--to" then
       o.to = val(a)
@@ -298,7 +338,8 @@ local function parse_args(argv)
       i = i + 1
       break
     elseif a:sub(1, 1) == "-" and a ~= "-" then
-      error({ usage = "unknown option '" .. a .. "'" })
+      local near = M.nearest_option(a)
+      error({ usage = "unknown option '" .. a .. "'" .. (near and (" (did you mean " .. near .. "?)") or "") })
     else
       break
     end
@@ -422,6 +463,14 @@ local function stats_timer(flash, core)
   end)
 end
 
+-- The first column's width: 32, or the longest name (up to 63 bytes), so the columns stay
+-- aligned.
+local function name_width(rows)
+  local w = 32
+  for _, r in ipairs(rows) do w = math.max(w, #r.name) end
+  return w
+end
+
 -- --list-slots / --drop-slot NAME / --list-schemas / --drop-schema NAME: what flashlua
 -- keeps in the database between runs.
 local function slots_mode(flash, o)
@@ -449,9 +498,11 @@ local function slots_mode(flash, o)
       if not rows then
         fail = lerr
       else
-        io.stdout:write(string.format("%-32s %8s %10s  %s\n", "schema", "tables", "backlog", "in use"))
+        local w = name_width(rows)
+        io.stdout:write(string.format("%-" .. w .. "s %8s %10s  %s\n", "schema", "tables", "backlog", "in use"))
         for _, r in ipairs(rows) do
-          io.stdout:write(string.format("%-32s %8d %10d  %s\n", r.name, r.tables, r.backlog, r.in_use and "yes" or "no"))
+          io.stdout:write(string.format("%-" .. w .. "s %8d %10d  %s\n", r.name, r.tables, r.backlog,
+            r.in_use and "yes" or "no"))
         end
       end
     elseif o.drop_slot then
@@ -462,9 +513,11 @@ local function slots_mode(flash, o)
       if not rows then
         fail = lerr
       else
-        io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", "slot", "plugin", "active", "WAL held", "confirmed"))
+        local w = name_width(rows)
+        io.stdout:write(string.format("%-" .. w .. "s %-10s %-8s %12s  %s\n", "slot", "plugin", "active", "WAL held",
+          "confirmed"))
         for _, r in ipairs(rows) do
-          io.stdout:write(string.format("%-32s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
+          io.stdout:write(string.format("%-" .. w .. "s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
             r.active_pid and tostring(r.active_pid) or "no", slots.mb(r.retained), r.confirmed or "-"))
         end
       end
@@ -505,6 +558,12 @@ local function run(argv)
   end
   if o.script and o.table then
     return usage_error("give a script or --table, not both")
+  end
+  if o.table and o.driver == "redis_streams" then
+    -- The worker side reads what a capturer's --to wrote; its url, group and partitions
+    -- are client options, which --table has no way to give.
+    return usage_error("--driver redis_streams is a worker of the streams --to writes, not a capture: run it from " ..
+      "a script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)")
   end
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end

@@ -9,7 +9,7 @@ local drivers = require "flash.driver"
 local listener = require "flash.listener"
 local loop = require "flash.loop"
 
-local argerror, checktype = args.argerror, args.checktype
+local argerror = args.argerror
 local traceback = loop.traceback
 local M = {}
 
@@ -51,14 +51,19 @@ Client.__index = Client
 function M.new(lp, opts, query_only)
   local fname = query_only and "connect" or "client"
   if opts == nil then opts = {} end
-  checktype(opts, "table", 1, fname)
+  if type(opts) ~= "table" then
+    -- Level 2: flash.client tail-calls this, so the script's line is the caller's.
+    argerror(1, fname, string.format("table of options expected, got %s%s", type(opts),
+      type(opts) == "string" and not query_only and
+        ": a DSN goes in flash.client{ dsn = \"...\" } (flash.connect(dsn) takes one alone)" or ""), 2)
+  end
   -- Every option any driver declares (flash.driver): one script can switch drivers by
   -- changing one word; each value is checked by the spec its driver gives.
   local known = drivers.options()
   for k, v in pairs(opts) do
     local o = known[k]
     if not o then
-      argerror(1, fname, string.format("unknown option '%s'", tostring(k)))
+      argerror(1, fname, args.unknown_option(k, known))
     end
     local want = type(o.spec) == "table" and o.spec.type or o.spec
     if want ~= true and type(v) ~= want then
@@ -176,6 +181,10 @@ end
 -- client:listen(opts) -> listener | nil, err (flash.listener; a tail call, so that a bad
 -- argument is reported at the script's line).
 function Client:listen(opts)
+  if getmetatable(self) ~= Client then
+    error("bad argument #1 to 'listen' (client expected, got " .. type(self) ..
+      ": call it with a colon, client:listen{ table = ... })", 2)
+  end
   if self.query_only then
     error("client:listen: this client was made by flash.connect and only runs queries; " ..
       "use flash.client{...} to listen to a table", 2)

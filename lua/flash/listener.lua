@@ -6,7 +6,7 @@ local args = require "flash.args"
 local catalog = require "flash.catalog"
 local where = require "flash.where"
 
-local argerror, checktype = args.argerror, args.checktype
+local argerror = args.argerror
 local M = {}
 
 -- "read": a row delivered by listener:backfill (flash.backfill), not a change.
@@ -107,10 +107,14 @@ end
 -- script's line; what the server says is wrong (no such table or column, a condition the
 -- driver refuses) is nil, err.
 function M.new(client, opts)
-  checktype(opts, "table", 1, "listen")
+  if type(opts) ~= "table" then
+    -- Level 2: client:listen tail-calls this, so the script's line is the caller's.
+    argerror(1, "listen", string.format("table of options expected, got %s%s", type(opts),
+      type(opts) == "string" and string.format(": client:listen{ table = %q }", opts) or ""), 2)
+  end
   for k, v in pairs(opts) do
     local want = OPTIONS[k]
-    if not want then argerror(1, "listen", string.format("unknown option '%s'", tostring(k))) end
+    if not want then argerror(1, "listen", args.unknown_option(k, OPTIONS)) end
     if want ~= true and type(v) ~= want then
       argerror(1, "listen", string.format("option '%s': %s expected, got %s", k, want, type(v)))
     end

@@ -115,7 +115,36 @@ function log.set_level(name)
   return true
 end
 
+-- Where flashlua's own Lua frames say they are: `[string "flash.x"]` for the modules
+-- compiled into the host, the directory of lua/flash/ for the module installed as files.
+local own_dir = (debug.getinfo(1, "S").short_src or ""):match("^(.*/)log%.lua$")
+
+local function own_frame(line)
+  if line:find('^\t%[string "flash[%w_%.]*"%]:') then return true end
+  return own_dir ~= nil and line:sub(2, #own_dir + 1) == own_dir
+end
+
+-- The traceback of a failure in the script's own code (a callback, a timer, a hook, an
+-- on_error function, a handler state's function): an xpcall handler passes it
+-- debug.traceback(msg, 1) taken in itself (level 2 would leave out the frame that raised
+-- a runtime error such as indexing nil). It is cut at the xpcall that called the script's
+-- function, and flashlua's own frames above it (the handler itself, an API function that
+-- raised) are left out: they say nothing to the script's author.
+function log.script_traceback(tb)
+  local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
+  if cut then tb = tb:sub(1, cut - 1) end
+  local msg, frames = tb:match("^(.-)\nstack traceback:\n(.*)$")
+  if not msg then return tb end
+  local keep = {}
+  for line in frames:gmatch("[^\n]+") do
+    if not own_frame(line) then keep[#keep + 1] = line end
+  end
+  if #keep == 0 then return msg end
+  return msg .. "\nstack traceback:\n" .. table.concat(keep, "\n")
+end
+
 -- flash.log.level = "debug" works as well as set_level.
+-- A bad level is the script's error, at its line.
 return setmetatable(log, {
   __index = function(_, k)
     if k == "level" then
@@ -124,7 +153,8 @@ return setmetatable(log, {
   end,
   __newindex = function(t, k, v)
     if k == "level" then
-      assert(log.set_level(v))
+      local ok, err = log.set_level(v)
+      if not ok then error(err, 2) end
     else
       rawset(t, k, v)
     end

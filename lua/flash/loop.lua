@@ -62,7 +62,7 @@ function Loop:failed(what, err)
   return nil, err
 end
 
-local function traceback(err) return debug.traceback(tostring(err), 2) end
+local function traceback(err) return log.script_traceback(debug.traceback(tostring(err), 1)) end
 M.traceback = traceback
 
 -- Stop hooks: flash.on_stop(fn) runs fn() once per graceful stop of a loop (flash.run,
@@ -89,7 +89,7 @@ local function hook_traceback(err)
   if type(err) == "string" and not (err:find("^[^%s:]+:%d+: ") or err:find('^%[string "[^"]*"%]:%d+: ')) then
     return err
   end
-  return debug.traceback(tostring(err), 2)
+  return log.script_traceback(debug.traceback(tostring(err), 1))
 end
 
 function M.run_hooks(list, what, ...)
@@ -109,9 +109,11 @@ end
 
 local function add_timer(self, seconds, fn, every, fname)
   if type(seconds) ~= "number" or seconds < 0 then
-    argerror(1, fname, "non-negative number of seconds expected, got " .. tostring(seconds), 3)
+    -- Level 2: flash.every and Loop:every tail-call this, so the script's line is the caller's.
+    argerror(1, fname, "non-negative number of seconds expected, got " ..
+      (type(seconds) == "number" and tostring(seconds) or type(seconds)), 2)
   end
-  if type(fn) ~= "function" then argerror(2, fname, "function expected, got " .. type(fn), 3) end
+  if type(fn) ~= "function" then argerror(2, fname, "function expected, got " .. type(fn), 2) end
   local t = { due = core.now() + seconds, every = every and seconds or nil, fn = fn }
   self.timers[#self.timers + 1] = t
   return function() t.cancelled = true end

@@ -9,6 +9,16 @@ local M = {}
 -- and any other under the flash_ prefix a `slot` option chose.
 local OURS = "slot_name LIKE 'flash%' AND slot_type = 'logical'"
 
+-- Whether a slot name is one these tools see (the OURS condition, in Lua).
+function M.ours(name) return name:sub(1, 5) == "flash" end
+
+-- Said when a persistent slot is created under a name these tools do not see.
+function M.unseen_warning(name)
+  return string.format("replication slot %s does not start with flash, so flashlua --list-slots, --drop-slot and " ..
+    "the warning about inactive slots holding WAL do not see it (a `slot` named flash_... is seen); when this " ..
+    "client is retired, drop it with SELECT pg_drop_replication_slot('%s')", name, name)
+end
+
 -- Inactive slots holding more than this many bytes of WAL get a warning at each client start;
 -- FLASH_SLOT_WARN_MB overrides the 64 MB default.
 function M.threshold()
@@ -69,6 +79,12 @@ function M.drop(conn, name)
       if not ok then return nil, derr end
       return true
     end
+  end
+  local other = conn:exec([[SELECT active_pid FROM pg_catalog.pg_replication_slots
+    WHERE slot_name = $1 AND database = pg_catalog.current_database()]], 0, name)
+  if other and other[1] then
+    return nil, string.format("replication slot %s is not one of flashlua's (their names start with flash), so it is " ..
+      "left alone; if no one uses it, drop it with SELECT pg_drop_replication_slot('%s')", name, name)
   end
   return nil, string.format("no flashlua replication slot named %s in this database (flashlua --list-slots shows them)", name)
 end

@@ -12,7 +12,7 @@ local M = {}
 local UNCHANGED = "\0flash.unchanged\0"
 local COLLECT_EVERY = 0.002   -- seconds between looks for completions while events are out
 
-local function traceback(err) return debug.traceback(tostring(err), 2) end
+local function traceback(err) return require("flash.log").script_traceback(debug.traceback(tostring(err), 1)) end
 
 ---------------------------------------------------------------------------------------
 -- The worker side: runs in each worker state (lworkers.c calls it on the thread).
@@ -61,6 +61,38 @@ Pool.__index = Pool
 
 local function bad(msg) error("bad argument #1 to 'client' (" .. msg .. ")", 4) end
 
+-- The script that called flash.client: the first Lua file on the stack that is not
+-- flashlua's own ([string "flash.x"] in the host, lua/flash/*.lua as installed files).
+local own_dir = (debug.getinfo(1, "S").source or ""):match("^(@.*/)workers%.lua$")
+
+local function calling_script()
+  for level = 3, 40 do
+    local info = debug.getinfo(level, "S")
+    if not info then return nil end
+    local src = info.source or ""
+    if src:sub(1, 1) == "@" and not (own_dir and src:sub(1, #own_dir) == own_dir) then return src:sub(2) end
+  end
+end
+
+-- The handlers file: `path` as given (relative to the current directory), else, when it is
+-- relative, next to the script that made the client (README's `handlers = "handlers.lua"`
+-- beside the script, run from anywhere). Returns the path, or nil and where it looked.
+function M.find_handlers(path)
+  local f = io.open(path, "r")
+  if f then f:close() return path end
+  local looked = "in the current directory"
+  if path:sub(1, 1) ~= "/" then
+    local script = calling_script()
+    local dir = script and script:match("^(.*/)")
+    if dir then
+      f = io.open(dir .. path, "r")
+      if f then f:close() return dir .. path end
+      looked = looked .. " nor next to the script, in " .. dir
+    end
+  end
+  return nil, "option 'handlers': cannot open " .. path .. " (not " .. looked .. ")"
+end
+
 -- The pool of client c (its options workers, handlers, config, worker_queue), started:
 -- every state has loaded the handlers. Returns pool, or nil, err (a state could not load
 -- them: the file's error).
@@ -74,11 +106,10 @@ function M.new(client, opts)
   if not ok then
     bad("option 'config': plain data expected (tables, strings, numbers, booleans), " .. tostring(config))
   end
-  local f = io.open(opts.handlers, "r")
-  if not f then return nil, "option 'handlers': cannot open " .. opts.handlers end
-  f:close()
+  local handlers, why = M.find_handlers(opts.handlers)
+  if not handlers then return nil, why end
   local self = setmetatable({
-    client = client, n = n, path = opts.handlers,
+    client = client, n = n, path = handlers,
     inflight = {},       -- [id] = event, for every event a state has not finished
     count = 0,           -- #inflight
     holds = {},          -- [event] = how many worker callbacks still have it
@@ -88,14 +119,14 @@ function M.new(client, opts)
     handled = 0,
   }, Pool)
   self.pool = core.workers_start { n = n, queue = opts.worker_queue or 1000, path = package.path,
-                                   cpath = package.cpath, handlers = opts.handlers, config = config }
+                                   cpath = package.cpath, handlers = handlers, config = config }
   -- Every state says which handlers it has, or why it could not load them.
   local ready, names = 0, nil
   local deadline = core.now() + 30
   while ready < n do
     if core.now() > deadline then
       self.pool:close()
-      return nil, "the worker states did not load " .. opts.handlers .. " within 30 s"
+      return nil, "the worker states did not load " .. handlers .. " within 30 s"
     end
     local r = self.pool:collect(0.05)
     for i = 1, #r, 4 do

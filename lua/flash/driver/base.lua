@@ -83,7 +83,9 @@ function Driver:check(l)
   local cond = self:cond_sql(l, "t")
   if cond then
     local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
-    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+    -- The server's message without the LINE/caret lines: they quote flashlua's own test
+    -- query, not anything the user wrote.
+    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. (err:gsub("\nLINE %d+:.*$", ""))) end
   end
   local ok, err = where.prepare(l, self)
   if not ok then return nil, err end

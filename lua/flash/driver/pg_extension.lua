@@ -69,9 +69,9 @@ end
 -- Conditions are checked by the server's flash.listen() at listen time: one that would
 -- fail is called in a transaction that is rolled back. A Lua `where` runs here.
 function Driver:check(l)
-  l.matcher = where.matcher(l, {})
   local logged, lerr = self:check_logged(l)
   if not logged then return nil, lerr end
+  l.matcher = where.matcher(l, {})
   local ok = self:exec("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'flashlua'")
   if not ok or #ok == 0 then return true end          -- start() says what is missing
   local began = self:exec("BEGIN")

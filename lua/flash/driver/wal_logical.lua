@@ -362,8 +362,9 @@ function Driver:check_binary(l)
 end
 
 function Driver:check(l)
-  local ok, err = base.Driver.check(self, l)
-  if ok then ok, err = self:check_logged(l) end
+  -- Unlogged first: no replica identity or publication could make its rows arrive.
+  local ok, err = self:check_logged(l)
+  if ok then ok, err = base.Driver.check(self, l) end
   if ok and self.binary then ok, err = self:check_binary(l) end
   return ok, err
 end
@@ -398,7 +399,8 @@ function Driver:check_logged(l)
     string.format("its partition or child table %s.%s is an unlogged table", r.schema, r.name)
   return fail(string.format("cannot listen to %s under the %s driver: %s, whose changes are not written to the WAL",
     l.table_name, self.consumer and "pg_extension" or "wal_logical", what),
-    "run `" .. set_logged(self, r) .. "`, or listen to it with a trigger driver")
+    "run `" .. set_logged(self, r) .. "`, or use a trigger driver: driver = \"trigger\", or " ..
+    "flashlua --driver trigger")
 end
 
 -- Housekeeping: a partition or child that is unlogged (created or attached so while
@@ -572,11 +574,21 @@ end
 
 function Driver:check_server()
   local rows, err = self:exec("SELECT current_setting('wal_level') AS wal_level, current_database()::text AS db, " ..
-    "current_setting('server_version_num')::int AS version")
+    "current_setting('server_version_num')::int AS version, current_user::text AS role, " ..
+    "(SELECT r.rolreplication OR r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) AS replication")
   if not rows then return nil, err end
+  if rows[1].replication == false then
+    -- Said first: the publication (CREATE on the database, owning the tables) would fail
+    -- before the replication connection, with a hint that says nothing about it.
+    return fail(string.format("the role %s may not use replication (it has neither REPLICATION nor superuser), " ..
+      "which the %s driver needs", rows[1].role, self.client.driver_name),
+      "run `ALTER ROLE " .. self:ident(rows[1].role) .. " REPLICATION` as a superuser")
+  end
   if rows[1].wal_level ~= "logical" then
-    return fail(string.format("wal_level is '%s', but the wal_logical driver needs wal_level = logical", rows[1].wal_level),
-      "set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server")
+    return fail(string.format("wal_level is '%s', but the %s driver needs wal_level = logical", rows[1].wal_level,
+      self.client.driver_name),
+      "set wal_level = logical in postgresql.conf or with ALTER SYSTEM SET wal_level = logical, then restart the server; " ..
+      "or use a trigger driver, which needs no server setting: driver = \"trigger\", or flashlua --driver trigger")
   end
   self.database = rows[1].db
   self.server_version = rows[1].version
@@ -627,6 +639,8 @@ function Driver:make_slot(repl, plugin)
       if not ok then repl:close() return self:slot_error(cerr, state) end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
+      local slots = require "flash.slots"
+      if not slots.ours(self.slot) then log.warn(slots.unseen_warning(self.slot)) end
     end
   else
     local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")

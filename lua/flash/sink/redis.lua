@@ -67,7 +67,7 @@ local function check(opts)
   local known = { url = true, stream = true, partitions = true, key = true, maxlen = true, batch = true,
                   flush_interval = true, timeout = true }
   for k in pairs(opts) do
-    if not known[k] then bad(string.format("unknown option '%s'", tostring(k))) end
+    if not known[k] then bad(require("flash.args").unknown_option(k, known)) end
   end
   if opts.url ~= nil then
     if type(opts.url) ~= "string" then bad("option 'url': redis://HOST[:PORT] expected, got " .. type(opts.url)) end
@@ -142,6 +142,15 @@ function M.new(opts)
   }, Sink)
   self.out = core.redis_outbox { stream = self.stream, partitions = self.partitions, maxlen = self.maxlen,
                                  key = type(key) == "table" and key or nil }
+  -- The sink connects at its first event; a Redis that is not there (a wrong URL, a server
+  -- not started) is said now, not only once the database writes something.
+  local ok, err = self.out:connect(host, port, self.timeout)
+  if ok then
+    self.out:close()
+  else
+    log.warn(string.format("redis sink: %s (events wait unacknowledged and are sent once Redis answers)",
+      tostring(err)))
+  end
   return self
 end
 
