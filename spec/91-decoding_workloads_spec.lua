@@ -351,7 +351,8 @@ describe("decoding workloads (" .. driver .. ")", function()
       assert.is_nil(l)
       assert.equal(string.format("cannot listen to public.%s under the %s driver: its partition or child table " ..
         "public.%s_u is an unlogged table, whose changes are not written to the WAL (run `ALTER TABLE " ..
-        "\"public\".\"%s_u\" SET LOGGED`, or listen to it with a trigger driver)", p, driver, p, p), err)
+        "\"public\".\"%s_u\" SET LOGGED`, or use a trigger driver: driver = \"trigger\", or flashlua " ..
+        "--driver trigger)", p, driver, p, p), err)
       H.sql("ALTER TABLE " .. p .. " DETACH PARTITION " .. p .. "_u")
       local warned = {}
       local old = flash.log.set_sink(function(line)
