@@ -131,6 +131,12 @@ describe("flashlua command line", function()
         { { "--table", "t", "--to", "redis://127.0.0.1:1", "--driver", "redis_streams" },
           "flashlua: --driver redis_streams is a worker of the streams --to writes, not a capture: run it from a " ..
           "script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)\n" },
+        -- A second capturer of one database needs a slot and publication of its own.
+        { { "--table", "t", "--slot", "flash_b" },
+          "flashlua: --slot goes with --to (a script names its slot: flash.client{ slot = ..., publication = ... })\n" },
+        { { "--table", "t", "--to", "redis://127.0.0.1:1", "--slot", "Flash-B" },
+          "flashlua: --slot takes a replication slot name: lower-case letters, digits and _, at most 63 " ..
+          "(e.g. flash_orders), got 'Flash-B'\n" },
         -- A misspelt option names the one it was probably meant to be.
         { { "--feilds", "id", "--table", "t" }, "flashlua: unknown option '--feilds' (did you mean --fields?)\n" },
         { { "--dns", "x", "--table", "t" }, "flashlua: unknown option '--dns' (did you mean --dsn?)\n" },

@@ -382,4 +382,43 @@ assert(flash.run())
     assert.same({ 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20 }, ids)
     H.drop_slot("flash_replication", "flash_publication")
   end)
+
+  -- Two capturers of one database from the command line: the second one's default slot
+  -- and publication were the first one's ("publication flash_publication is in use").
+  it("a second flashlua --table --to runs beside the first with --slot NAME", function()
+    local a = H.table("id int PRIMARY KEY, v int")
+    local b = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. a .. " REPLICA IDENTITY FULL; ALTER TABLE " .. b .. " REPLICA IDENTITY FULL")
+    H.redis_start(f.dir, f.port)
+    H.drop_slot("flash_replication", "flash_publication")
+    H.drop_slot("flash_second", "flash_second")
+    local url = "redis://127.0.0.1:" .. f.port
+    local h1 = s.spawn({ "--table", a, "--to", url })
+    local h2 = s.spawn({ "--table", b, "--to", url, "--slot", "flash_second" })
+    assert.is_true(H.wait_for(function()
+      return tonumber(H.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name IN " ..
+        "('flash_replication', 'flash_second') AND active")) == 2
+    end, 15), h1.err() .. h2.err())
+    assert.equal("public." .. b, H.scalar("SELECT schemaname || '.' || tablename FROM pg_publication_tables " ..
+      "WHERE pubname = 'flash_second'"))
+    H.sql("INSERT INTO " .. a .. " VALUES (1, 1); INSERT INTO " .. b .. " VALUES (2, 2)")
+    local function tables()
+      local seen = {}
+      for _, e in ipairs(entries(f.port, 1)[0]) do
+        if e.table == "public." .. a or e.table == "public." .. b then seen[#seen + 1] = e.table end
+      end
+      table.sort(seen)
+      return table.concat(seen, " ")
+    end
+    local want = { "public." .. a, "public." .. b }
+    table.sort(want)
+    want = table.concat(want, " ")
+    assert.is_true(H.wait_for(function() return tables() == want end, 15), tables() .. h1.err() .. h2.err())
+    h1.kill("TERM")
+    h2.kill("TERM")
+    assert.equal(0, h1.wait(20), h1.err())
+    assert.equal(0, h2.wait(20), h2.err())
+    H.drop_slot("flash_replication", "flash_publication")
+    H.drop_slot("flash_second", "flash_second")
+  end)
 end)

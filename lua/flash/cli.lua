@@ -48,6 +48,10 @@ options:
                          (flash:0 .. flash:N-1, by table + key; docs/scale-out.md),
                          confirming to a persistent slot only what Redis holds
       --partitions N     with --to: the number of streams (default 1)
+      --slot NAME        with --to: the persistent replication slot and publication
+                         (default flash_replication and flash_publication: one
+                         capturer per database; give each further one its own,
+                         e.g. flash_orders)
       --replica-identity full
                          with --table under wal_logical: set REPLICA IDENTITY FULL on
                          the table (and its partitions) when it lacks it, so updates and
@@ -70,7 +74,8 @@ options:
 --ops, --fields, --where, --backfill and --to go with --table only (a usage error with a
 script).
 
-exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
+exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error; 130/143 when a
+second SIGINT/SIGTERM ends it at once.
 examples:
   flashlua --sandbox examples/demo.lua
   flashlua -d postgres://localhost/app --table public.posts --ops insert,update
@@ -220,7 +225,7 @@ end
 -- (`--fields --table t` would read "--table" as the fields and `t` as the script).
 local VALUED = {}
 for _, name in ipairs({ "-d", "--dsn", "--driver", "-l", "--log-level", "--log-format", "-e", "--metrics",
-                        "--table", "--ops", "--fields", "--to", "--replica-identity", "--partitions",
+                        "--table", "--ops", "--fields", "--to", "--replica-identity", "--partitions", "--slot",
                         "--drop-slot", "--drop-schema", "--where" }) do
   VALUED[name] = true
 end
@@ -316,6 +321,12 @@ local function parse_args(argv)
         error({ usage = string.format("--replica-identity takes 'full' (the only identity that carries whole old rows), got '%s'", v) })
       end
       o.replica_identity = v
+    elseif a == "--slot" then
+      o.slot = val(a)
+      if not o.slot:match("^[a-z0-9_]+$") or #o.slot > 63 then
+        error({ usage = string.format("--slot takes a replication slot name: lower-case letters, digits and _, " ..
+          "at most 63 (e.g. flash_orders), got '%s'", o.slot) })
+      end
     elseif a == "--partitions" then
       local v = val(a)
       o.partitions = tonumber(v)
@@ -381,7 +392,7 @@ local function table_mode(flash, o)
     -- Redis confirms what the slot may forget: wal_logical (unless --driver says otherwise)
     -- with a persistent slot and manual acks, acknowledged by the sink.
     client, err = flash.client { driver = flash.defaults.driver or "wal_logical", persistent = true, ack = "manual",
-                                 replica_identity = o.replica_identity }
+                                 replica_identity = o.replica_identity, slot = o.slot, publication = o.slot }
   else
     client, err = flash.client { driver = o.backfill and not flash.defaults.driver and "wal_logical" or nil,
                                  replica_identity = o.replica_identity }
@@ -553,6 +564,9 @@ local function run(argv)
     return usage_error(only .. " goes with --table; a script chooses this itself (client:listen, listener:on)")
   end
   if o.partitions and not o.to then return usage_error("--partitions goes with --to") end
+  if o.slot and not o.to then
+    return usage_error("--slot goes with --to (a script names its slot: flash.client{ slot = ..., publication = ... })")
+  end
   if not o.script and not o.table and #o.exprs == 0 then
     return usage_error("no script given")
   end
