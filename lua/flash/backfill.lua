@@ -235,7 +235,7 @@ function Backfill:key_columns()
   local rows, err = self:exec([[
     SELECT a.attname::text AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS typ
     FROM pg_catalog.pg_index i
-    JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
+    JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
     WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n]], tbl.oid)
   if not rows then return nil, err end
@@ -246,7 +246,7 @@ function Backfill:key_columns()
   -- unique over all of them. (A partitioned table's key holds over its partitions.)
   if #rows > 0 then
     local kids
-    kids, err = self:exec([[SELECT count(*)::int AS n FROM pg_catalog.pg_inherits i
+    kids, err = self:exec([[SELECT pg_catalog.count(*)::int AS n FROM pg_catalog.pg_inherits i
       JOIN pg_catalog.pg_class c ON c.oid = i.inhparent WHERE i.inhparent = $1 AND c.relkind = 'r']], tbl.oid)
     if not kids then return nil, err end
     if kids[1].n > 0 then
@@ -404,13 +404,14 @@ end
 -- count of small tables never analyzed.
 function Backfill:estimate()
   local rows, err = self:exec(DESCENDANTS .. [[
-    SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 AS est, bool_or(c.reltuples < 0) AS unknown,
-      coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0)::float8 AS bytes
+    SELECT coalesce(pg_catalog.sum(greatest(c.reltuples, 0)), 0)::float8 AS est,
+      pg_catalog.bool_or(c.reltuples OPERATOR(pg_catalog.<) 0::pg_catalog.float4) AS unknown,
+      coalesce(pg_catalog.sum(pg_catalog.pg_relation_size(c.oid)), 0)::float8 AS bytes
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid WHERE c.relkind = 'r']], self.l.table.oid)
   if not rows then return nil, err end
   local r = rows[1]
   if r.unknown and r.bytes < 256 * 1024 * 1024 then
-    local n = self:exec("SELECT count(*)::float8 AS n FROM " .. self.qualified)
+    local n = self:exec("SELECT pg_catalog.count(*)::float8 AS n FROM " .. self.qualified)
     if n then self.estimated = n[1].n end
   elseif r.est > 0 or not r.unknown then
     self.estimated = r.est
@@ -428,7 +429,7 @@ local STATE_DDL = [[
     slot text NOT NULL, rel oid NOT NULL, tbl text NOT NULL,
     seg int NOT NULL DEFAULT 1, block bigint NOT NULL DEFAULT 0, after text[],
     rows_done bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
-    started timestamptz NOT NULL DEFAULT now(), updated timestamptz NOT NULL DEFAULT now(),
+    started timestamptz NOT NULL DEFAULT pg_catalog.now(), updated timestamptz NOT NULL DEFAULT pg_catalog.now(),
     nth int NOT NULL DEFAULT 1,
     PRIMARY KEY (slot, rel, nth));
   COMMENT ON TABLE flashlua.backfill IS 'flashlua: progress of backfills (listener:backfill) per replication slot']]
@@ -520,7 +521,7 @@ function Backfill:save(cursor, rows_done, done)
     end
   end
   local ok, err = self:exec([[UPDATE flashlua.backfill SET seg = $3, block = $4, after = $5::text[],
-    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2 AND nth = $8]],
+    rows_done = $6, done = $7, updated = pg_catalog.now() WHERE slot = $1 AND rel = $2 AND nth = $8]],
     self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done,
     self.nth)
   if handled then

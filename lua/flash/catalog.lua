@@ -30,7 +30,7 @@ end
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public) on query
 -- connection `conn`: { schema, name, oid, columns, display } | nil, err.
 function M.resolve_table(conn, name)
-  local rows, err = conn:exec("SELECT parse_ident($1) AS parts", 0, name)
+  local rows, err = conn:exec("SELECT pg_catalog.parse_ident($1) AS parts", 0, name)
   if not rows then return nil, string.format("invalid table name '%s': %s", name, err) end
   local parts = rows[1].parts
   if #parts == 1 then parts = { "public", parts[1] } end

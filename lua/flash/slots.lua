@@ -7,7 +7,7 @@ local M = {}
 
 -- flashlua's slots: the names its drivers give (flash_replication[_pid], flash_extension[_pid])
 -- and any other under the flash_ prefix a `slot` option chose.
-local OURS = "slot_name LIKE 'flash%' AND slot_type = 'logical'"
+local OURS = "slot_name::pg_catalog.text OPERATOR(pg_catalog.~~) 'flash%' AND slot_type OPERATOR(pg_catalog.=) 'logical'"
 
 -- Inactive slots holding more than this many bytes of WAL get a warning at each client start;
 -- FLASH_SLOT_WARN_MB overrides the 64 MB default.

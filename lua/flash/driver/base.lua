@@ -108,7 +108,7 @@ M.needed_ops = where.needed_ops
 -- The session advisory lock that marks `key` (a schema, a publication) as held by a running
 -- instance: two int4 keys, our class and the name, so no other application's locks collide.
 function Driver:lock_sql(key)
-  return "hashtext(" .. self:literal(LOCK_CLASS) .. "), hashtext(" .. self:literal(key) .. ")"
+  return "pg_catalog.hashtext(" .. self:literal(LOCK_CLASS) .. "), pg_catalog.hashtext(" .. self:literal(key) .. ")"
 end
 
 -- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
@@ -120,7 +120,7 @@ function Driver:sweep_orphans(rows, keep, what, drop, also)
       local locks = { r.name, also and also(r.name) or nil }
       local held = {}
       for _, lock in ipairs(locks) do
-        local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(lock) .. ") AS ok")
+        local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(lock) .. ") AS ok")
         if got and got[1].ok then held[#held + 1] = lock end
       end
       if #held == #locks then
@@ -128,7 +128,7 @@ function Driver:sweep_orphans(rows, keep, what, drop, also)
         local ok, derr = drop(r.name)
         if not ok then log.warn("could not remove " .. r.name .. ": " .. tostring(derr)) end
       end
-      for _, lock in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(lock) .. ")") end
+      for _, lock in ipairs(held) do self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(lock) .. ")") end
     end
   end
 end

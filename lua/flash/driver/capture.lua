@@ -244,7 +244,7 @@ function Driver:schema_triggers(name)
     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE t.tgparentid = 0 AND (p.pronamespace = pg_catalog.to_regnamespace($1)
+    WHERE t.tgparentid OPERATOR(pg_catalog.=) 0::pg_catalog.oid AND (p.pronamespace OPERATOR(pg_catalog.=) pg_catalog.to_regnamespace($1)::pg_catalog.oid
       OR (]] .. M.C_TRIGGER_SQL("t", "pg_catalog.to_regclass($1 OPERATOR(pg_catalog.||) '.events')") .. "))",
     self:ident(name))
 end
@@ -318,7 +318,7 @@ end
 -- Captured rows still waiting in schema `name`'s events table (0 when it has none).
 function Driver:backlog(name)
   local rows = self:exec("SELECT CASE WHEN pg_catalog.to_regclass($1) IS NULL THEN 0 ELSE " ..
-    "(SELECT count(*) FROM " .. self:ident(name) .. ".events) END AS n", self:ident(name) .. ".events")
+    "(SELECT pg_catalog.count(*) FROM " .. self:ident(name) .. ".events) END AS n", self:ident(name) .. ".events")
   return rows and rows[1] and tonumber(rows[1].n) or 0
 end
 
@@ -330,8 +330,9 @@ function Driver:remove_leftovers()
   -- A persistent schema is never an orphan: it waits for its next run (or a DROP SCHEMA).
   local rows, err = self:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
-    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%'
-      AND pg_catalog.obj_description(oid, 'pg_namespace') NOT LIKE $1 || ' ' || $2 || '%']], SCHEMA_MARK,
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~) pg_catalog.concat($1::pg_catalog.text, '%')
+      AND NOT pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
+        pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')]], SCHEMA_MARK,
     PERSISTENT_MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.schema, "schema", function(name) return self:discard_schema(name) end,
@@ -352,7 +353,7 @@ function Driver:keep_alive()
   self.keeper = nil
   local conn = core.connect(self.client:dsn())
   if not conn then return nil end
-  local got = conn:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
+  local got = conn:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
   if not (got and got[1] and got[1].ok) then
     conn:close()
     if got and got[1] then return false end
@@ -484,7 +485,7 @@ function Driver:ddl_function()
     "  SELECT pg_catalog.txid_current(), 'S', t.rel, 0, pg_catalog.json_build_object(",
     "      'schema', n.nspname, 'relname', c.relname, 'name', n.nspname || '.' || c.relname,",
     "      'cols', (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(x.name, x.oid, x.elem, x.delim)",
-    "               ORDER BY x.ord) FROM (SELECT row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x))::text",
+    "               ORDER BY x.ord) FROM (SELECT pg_catalog.row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x))::text",
     "  FROM (SELECT DISTINCT d.rel FROM pg_catalog.pg_event_trigger_ddl_commands() e,",
     "        LATERAL (WITH RECURSIVE k(rel) AS (SELECT e.objid UNION",
     "                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN k ON i.inhparent = k.rel)",
@@ -561,7 +562,7 @@ function Driver:schema_exists()
 end
 
 function Driver:install_schema(fresh)
-  local got, err = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
+  local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
   if not got then return nil, err end
   if not got[1].ok then
     return fail(string.format("schema %s is in use by another running flashlua instance", self.schema),
@@ -569,7 +570,7 @@ function Driver:install_schema(fresh)
   end
   if fresh and self:keep_alive() == false then
     -- Its query connection is reconnecting, but its keeper still holds the schema.
-    self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+    self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
     return fail(string.format("schema %s is in use by another running flashlua instance (reconnecting)", self.schema),
       "give each instance its own `schema` option, or leave it out for a unique default")
   end
@@ -863,7 +864,7 @@ function Driver:start()
   if not ok then
     -- Only what this run made: never a schema another instance holds, nor a persistent one.
     if self.owns_lock and not self.persistent then self:remove_schema(self.schema, core.now() + 5) end
-    if self.owns_lock then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")") end
+    if self.owns_lock then self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")") end
     self:drop_keeper()
     return nil, err
   end
@@ -1516,7 +1517,7 @@ function Driver:stop()
         self.schema, tostring(rerr))
     end
   end
-  self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+  self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
   self:drop_keeper()
   if #problems > 0 then return nil, "stop: " .. table.concat(problems, "; ") end
   return true
@@ -1531,11 +1532,11 @@ end
 function Driver:lock_schema(name)
   local held = {}
   for _, key in ipairs({ name, name .. ":keeper" }) do
-    local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(key) .. ") AS ok")
+    local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(key) .. ") AS ok")
     if got and got[1].ok then held[#held + 1] = key end
   end
   local function release()
-    for _, key in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(key) .. ")") end
+    for _, key in ipairs(held) do self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(key) .. ")") end
   end
   return #held == 2, release
 end
@@ -1546,7 +1547,8 @@ function M.persistent_schemas(client)
   local d = M.new(Driver, client)   -- for its queries only: it creates nothing
   local rows, err = d:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
-    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || ' ' || $2 || '%' ORDER BY 1]],
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
+      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%') ORDER BY 1]],
     SCHEMA_MARK, PERSISTENT_MARK)
   if not rows then return nil, err end
   for _, r in ipairs(rows) do

@@ -183,7 +183,7 @@ end
 -- Listeners of non-persistent consumers whose instance is gone (no slot of that name).
 function Driver:remove_leftovers()
   return self:exec([[SELECT flash.unlisten(id) FROM flash.my_listeners
-    WHERE consumer LIKE 'flash\_extension\_%' AND consumer <> $1
+    WHERE consumer::pg_catalog.text OPERATOR(pg_catalog.~~) 'flash\_extension\_%' AND consumer::pg_catalog.text OPERATOR(pg_catalog.<>) $1
       AND consumer NOT IN (SELECT slot_name::text FROM pg_catalog.pg_replication_slots)]], self.consumer)
 end
 
@@ -228,7 +228,7 @@ Driver.sync_publication = Driver.register_all
 -- wal_logical's start() (server check, replica identity, leftovers, then this, then
 -- open_slot) with no publication: the instance's lock on its consumer name only.
 function Driver:setup_publication()
-  local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
+  local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
   if not got or not got[1].ok then
     return fail("consumer " .. self.consumer .. " is in use by another running flashlua instance",
       "give each instance its own `slot`")

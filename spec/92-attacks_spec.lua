@@ -1,0 +1,179 @@
+-- spec/92-attacks_spec.lua: a second, unprivileged role (CREATE on the database, nothing
+-- else) attacking a flashlua that runs as a superuser, beyond spec/81: objects it makes
+-- where flashlua's own session looks for functions and operators, and objects it dresses
+-- up as flashlua's own. Whatever it makes must never run with flashlua's privileges.
+local flash = require "flash"
+local core = require "flash.core"
+local H = require "spec.helpers"
+
+local ROLE = "flash_attacker"
+local low_dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. ROLE
+
+local function quote(s) return '"' .. s:gsub('"', '""') .. '"' end
+
+-- flashlua's role: the attacker names a schema after it, which is then the "$user" entry
+-- of flashlua's default search_path.
+local ME = H.scalar("SELECT current_user::text AS u")
+local SHADOW = quote(ME)
+local LOG = SHADOW .. ".log"
+
+local function low() return assert(core.connect(low_dsn)) end
+
+local function is_super()
+  return H.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = $1", ROLE)
+end
+
+-- Every call of the attacker's code that ran as someone else than the attacker: what ran.
+local function ran_as_other()
+  local rows = H.sql("SELECT what FROM " .. LOG .. " WHERE who <> $1 ORDER BY what", ROLE)
+  local t = {}
+  for i, r in ipairs(rows) do t[i] = r.what end
+  return t
+end
+
+-- Each of the attacker's functions logs who ran it, tries to make the attacker superuser,
+-- and then does the real work (or returns NULL).
+local PWN = "INSERT INTO " .. LOG .. " VALUES (%s, current_user); " ..
+  "BEGIN EXECUTE 'ALTER ROLE " .. ROLE .. " SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;"
+
+local function shadow_objects(c)
+  local function fn(sig, ret, label, body)
+    assert(c:exec(string.format("CREATE FUNCTION %s.%s RETURNS %s LANGUAGE plpgsql AS $f$ BEGIN " .. PWN .. " %s END $f$",
+      SHADOW, sig, ret, "'" .. label .. "'", body), 0))
+  end
+  -- Functions that pg_catalog has only for polymorphic or other types: an exact match in
+  -- "$user" wins over them where a call is not qualified.
+  fn("unnest(int2vector)", "SETOF int2", "unnest(int2vector)", "RETURN QUERY SELECT pg_catalog.unnest($1::int2[]);")
+  fn("unnest(oid[])", "SETOF oid", "unnest(oid[])", "RETURN QUERY SELECT pg_catalog.unnest($1);")
+  fn("unnest(text[])", "SETOF text", "unnest(text[])", "RETURN QUERY SELECT pg_catalog.unnest($1);")
+  fn("to_jsonb(pg_catalog.pg_database)", "jsonb", "to_jsonb(pg_database)", "RETURN pg_catalog.to_jsonb($1);")
+  fn("to_jsonb(pg_catalog.pg_collation)", "jsonb", "to_jsonb(pg_collation)", "RETURN pg_catalog.to_jsonb($1);")
+  fn("agg_step(text[], text)", "text[]", "array_agg(text)", "RETURN pg_catalog.array_append($1, $2);")
+  assert(c:exec(string.format("CREATE AGGREGATE %s.array_agg(text) (SFUNC = %s.agg_step, STYPE = text[])",
+    SHADOW, SHADOW), 0))
+  -- Operators for every pair of these types that pg_catalog has no operator for exactly.
+  assert(c:exec(string.format([[DO $d$
+  DECLARE
+    types text[] := ARRAY['int2', 'int4', 'int8', 'oid', 'name', 'text', 'float4', 'float8', 'numeric', '"char"',
+      'bool', 'regclass', 'regnamespace', 'regproc', 'regtype', 'xid', 'xid8', 'pg_lsn', 'jsonb', 'bytea', 'text[]',
+      'oid[]', 'int2[]', 'int2vector', 'oidvector', 'varchar', 'bpchar', 'timestamptz', 'tid'];
+    ops text[] := ARRAY['=', '<>', '<', '>', '<=', '>=', '||', '~~'];
+    l text; r text; o text; n int := 0;
+  BEGIN
+    FOREACH o IN ARRAY ops LOOP FOREACH l IN ARRAY types LOOP FOREACH r IN ARRAY types LOOP
+      IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_operator WHERE oprname OPERATOR(pg_catalog.=) o
+          AND oprleft OPERATOR(pg_catalog.=) l::pg_catalog.regtype::pg_catalog.oid
+          AND oprright OPERATOR(pg_catalog.=) r::pg_catalog.regtype::pg_catalog.oid) THEN
+        n := n + 1;
+        EXECUTE pg_catalog.format('CREATE FUNCTION %s.op%%s(%%s, %%s) RETURNS %%s LANGUAGE plpgsql AS $f$ BEGIN '
+          'INSERT INTO %s VALUES (%%L, current_user); RETURN NULL; END $f$', n, l, r,
+          CASE WHEN o OPERATOR(pg_catalog.=) '||' THEN 'text' ELSE 'bool' END, pg_catalog.concat(l, ' ', o, ' ', r));
+        EXECUTE pg_catalog.format('CREATE OPERATOR %s.%%s (LEFTARG = %%s, RIGHTARG = %%s, FUNCTION = %s.op%%s)',
+          o, l, r, n);
+      END IF;
+    END LOOP; END LOOP; END LOOP;
+  END $d$]], SHADOW, LOG, SHADOW, SHADOW), 0))
+  assert(c:exec("GRANT USAGE ON SCHEMA " .. SHADOW .. " TO PUBLIC", 0))
+end
+
+local function setup_attacker()
+  H.sql(string.format([[DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN NOSUPERUSER; END IF;
+  END $$; ALTER ROLE %s NOSUPERUSER; GRANT CREATE ON DATABASE postgres TO %s]], ROLE, ROLE, ROLE, ROLE))
+  local c = low()
+  assert(c:exec(string.format("CREATE SCHEMA %s; CREATE TABLE %s (what text, who text); GRANT INSERT ON %s TO PUBLIC",
+    SHADOW, LOG, LOG), 0))
+  shadow_objects(c)
+  c:close()
+end
+
+local function teardown_attacker()
+  H.sql("DROP SCHEMA IF EXISTS " .. SHADOW .. " CASCADE")
+  H.sql("ALTER ROLE " .. ROLE .. " NOSUPERUSER")
+end
+
+local n_tables = 0
+-- A fresh table in public (a bare name would go to the attacker's schema, first on the path).
+local function fresh_table(columns)
+  n_tables = n_tables + 1
+  return H.table(columns, string.format("public.a92_%d_%d", core.getpid(), n_tables))
+end
+
+local function collect(client, events, n)
+  H.wait(client, events, n, 15)
+  H.settle(client, 0.3)
+  return events
+end
+
+describe("attacks", function()
+  setup(setup_attacker)
+  teardown(teardown_attacker)
+
+  local client
+  after_each(function()
+    if client then client:stop() client = nil end
+  end)
+
+  for _, driver in ipairs(H.drivers) do
+    it("shadows no function or operator of flashlua's own queries from a schema named after its role (" ..
+      driver .. ")", function()
+      local t = fresh_table("id int PRIMARY KEY, name text COLLATE \"C\", v text")
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL; INSERT INTO " .. t ..
+        " SELECT g, 'n' || g::text, 'x' FROM generate_series(1, 20) g")
+      H.sql("DELETE FROM " .. LOG)
+      client = assert(flash.client { driver = driver })
+      local matched, all = {}, {}
+      local l = assert(client:listen { table = t, where = { { "name", "in", { "a", "b" } }, { "id", ">", 0 } } })
+      l:on("all", function(ev) matched[#matched + 1] = ev end)
+      local l2 = assert(client:listen { table = t })
+      l2:on("all", function(ev) all[#all + 1] = ev end)
+      local n = 1
+      if driver ~= "pg_extension" then
+        l2:backfill { chunk = 5 }
+        n = 21
+      end
+      assert(client:start())
+      -- The workers' key of a table (workers = N) is read on the same connection.
+      assert.same({ "id" }, require("flash.workers").key_columns(client, l2))
+      collect(client, all, n - 1)   -- the backfill's rows, before the insert
+      H.sql("INSERT INTO " .. t .. " VALUES (100, 'a', 'y')")
+      collect(client, all, n)
+      H.wait(client, matched, 1, 5)
+      client:stop() client = nil
+      assert.equal(n, #all)
+      assert.same({ "insert", 100 }, { all[n].op, all[n].new.id })
+      assert.same({ "insert" }, { matched[1] and matched[1].op })
+      assert.same({}, ran_as_other())
+      assert.is_false(is_super())
+    end)
+
+    it("runs nothing of a schema a DSN's search_path puts before pg_catalog (" .. driver .. ")", function()
+      local t = fresh_table("id int PRIMARY KEY, v text")
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      local s = string.format("attack_path_%d_%d", core.getpid(), n_tables)
+      local c = low()
+      -- The same signatures as pg_catalog's: only the order of the search_path decides.
+      local ops = {}
+      for i, o in ipairs({ { "=", "oid" }, { "=", "name" }, { "=", "text" }, { "=", "int4" }, { "=", "\"char\"" },
+                           { "<>", "oid" }, { "<>", "text" }, { "||", "text" }, { "=", "int2" }, { "=", "bool" } }) do
+        ops[i] = string.format([[CREATE FUNCTION %s.f%d(%s, %s) RETURNS %s LANGUAGE plpgsql AS $f$ BEGIN
+          INSERT INTO %s VALUES ('%s', current_user); RETURN NULL; END $f$;
+          CREATE OPERATOR %s.%s (LEFTARG = %s, RIGHTARG = %s, FUNCTION = %s.f%d);]], s, i, o[2], o[2],
+          o[1] == "||" and "text" or "bool", LOG, o[2] .. " " .. o[1] .. " " .. o[2], s, o[1], o[2], o[2], s, i)
+      end
+      assert(c:exec("CREATE SCHEMA " .. s .. "; GRANT USAGE ON SCHEMA " .. s .. " TO PUBLIC; " .. table.concat(ops, "\n"), 0))
+      c:close()
+      H.sql("DELETE FROM " .. LOG)
+      local events
+      client, events = H.listen({ table = t }, "all",
+        { driver = driver, dsn = H.dsn .. " options='-csearch_path=" .. s .. ",pg_catalog'" })
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'a')")
+      collect(client, events, 1)
+      client:stop() client = nil
+      assert.same({ "insert" }, { events[1] and events[1].op })
+      assert.same({}, ran_as_other())
+      assert.is_false(is_super())
+      H.sql("DROP SCHEMA " .. s .. " CASCADE")
+    end)
+  end
+end)
