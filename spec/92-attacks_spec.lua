@@ -112,6 +112,7 @@ describe("attacks", function()
   local client
   after_each(function()
     if client then client:stop() client = nil end
+    H.sql("ALTER ROLE " .. ROLE .. " NOSUPERUSER")   -- one break is reported once
   end)
 
   for _, driver in ipairs(H.drivers) do
@@ -175,5 +176,86 @@ describe("attacks", function()
       assert.is_false(is_super())
       H.sql("DROP SCHEMA " .. s .. " CASCADE")
     end)
+
+    if driver ~= "wal_logical" and driver ~= "pg_extension" then
+      -- A schema of the attacker's, marked as a flashlua instance's and holding an `events`
+      -- view of its own function: counted, read or dropped as ours, it would run as us.
+      local function fake_instance(c, name, mark)
+        assert(c:exec(string.format([[DROP SCHEMA IF EXISTS %s CASCADE; CREATE SCHEMA %s;
+          COMMENT ON SCHEMA %s IS '%s';
+          CREATE FUNCTION %s.pwn() RETURNS int LANGUAGE plpgsql AS $f$ BEGIN ]] .. PWN .. [[ RETURN 1; END $f$;
+          CREATE VIEW %s.events AS SELECT %s.pwn() AS seq]], name, name, name, mark, name, "'fake " .. name .. "'",
+          name, name), 0))
+      end
+      local function schema_exists(name)
+        return H.scalar("SELECT count(*)::int AS n FROM pg_namespace WHERE nspname = $1", name) == 1
+      end
+
+      it("takes no schema another role marked as flashlua's for its own (" .. driver .. ")", function()
+        local c = low()
+        local orphan, kept = "fake_orphan_" .. core.getpid(), "fake_kept_" .. core.getpid()
+        fake_instance(c, orphan, "flashlua instance (pid 1); removed when it stops")
+        fake_instance(c, kept, "flashlua instance persistent: kept across runs")
+        H.sql("DELETE FROM " .. LOG)
+        local t = fresh_table("id int PRIMARY KEY")
+        -- A fresh instance sweeps the schemas of instances that are gone: not these.
+        local events
+        client, events = H.listen({ table = t }, "all", { driver = driver })
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        collect(client, events, 1)
+        client:stop() client = nil
+        assert.equal(1, #events)
+        assert.same({}, ran_as_other())
+        assert.is_false(is_super())
+        assert.is_true(schema_exists(orphan))
+        assert.is_true(schema_exists(kept))
+        -- Nor does `flashlua --list-schemas` count what the fake persistent one holds.
+        local lc = assert(flash.connect(H.dsn))
+        local list = assert(require("flash.driver.capture").persistent_schemas(lc))
+        lc:stop()
+        for _, r in ipairs(list) do assert.not_equal(kept, r.name) end
+        assert.same({}, ran_as_other())
+        -- The name a persistent instance uses, made by the attacker first: refused, untouched.
+        local name = "fake_persistent_" .. core.getpid()
+        fake_instance(c, name, "flashlua instance persistent: kept across runs")
+        local pc = assert(flash.client { driver = driver, persistent = true, schema = name })
+        assert(pc:listen { table = t })
+        local ok, err = pc:start()
+        pc:stop()
+        assert.is_nil(ok)
+        assert.matches("schema " .. name .. " exists and belongs to role " .. ROLE .. ", not to " .. ME ..
+          ", the role flashlua runs as", err, 1, true)
+        assert.same({}, ran_as_other())
+        assert.is_false(is_super())
+        assert.is_true(schema_exists(name))
+        assert.equal(0, tonumber(H.scalar("SELECT count(*)::int AS n FROM pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1::regclass::oid", t)))
+        for _, x in ipairs({ orphan, kept, name }) do H.sql("DROP SCHEMA " .. x .. " CASCADE") end
+        c:close()
+      end)
+
+      it("passes over its default schema name when another role made it first (" .. driver .. ")", function()
+        local t = fresh_table("id int PRIMARY KEY")
+        client = assert(flash.client { driver = driver })
+        local name = "flash_" .. client.conn:backend_pid()
+        local c = low()
+        fake_instance(c, name, "flashlua instance (pid 1); removed when it stops")
+        H.sql("DELETE FROM " .. LOG)
+        local events = {}
+        assert(client:listen { table = t }):on("all", function(ev) events[#events + 1] = ev end)
+        local warned = H.warnings(function() assert(client:start()) end)
+        assert.same({ "schema " .. name .. " belongs to role " .. ROLE .. ": this instance uses another name" }, warned)
+        assert.equal(name .. "_2", client:stats().schema)
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        collect(client, events, 1)
+        client:stop() client = nil
+        assert.equal(1, #events)
+        assert.same({}, ran_as_other())
+        assert.is_false(is_super())
+        assert.is_true(schema_exists(name))
+        assert.is_false(schema_exists(name .. "_2"))
+        H.sql("DROP SCHEMA " .. name .. " CASCADE")
+        c:close()
+      end)
+    end
   end
 end)

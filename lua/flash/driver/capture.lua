@@ -29,6 +29,11 @@ local fail = base.fail
 local null = core.null
 
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
+-- SQL: the oid of the role flashlua runs as. A schema counts as flashlua's only when that
+-- role owns it: any role with CREATE on the database can make a schema with our mark (or
+-- with the name an instance will choose) holding an `events` view of its own functions,
+-- which reading or counting it as ours would run with our privileges.
+local MY_ROLE = "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)"
 local PERSISTENT_MARK = "persistent"     -- ... and, after it, those kept across runs
 M.PERSISTENT_SCHEMA = "flash_persistent" -- the schema of persistent = true by default
 local BATCH = 1000                       -- captured rows fetched per query
@@ -332,7 +337,8 @@ function Driver:remove_leftovers()
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
     WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~) pg_catalog.concat($1::pg_catalog.text, '%')
       AND NOT pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
-        pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')]], SCHEMA_MARK,
+        pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
+      AND nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE, SCHEMA_MARK,
     PERSISTENT_MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.schema, "schema", function(name) return self:discard_schema(name) end,
@@ -550,18 +556,35 @@ function Driver:install_ddl_markers()
 end
 
 -- Whether the schema exists, and then whether it is a persistent schema of ours (true), a
--- schema of ours of one run (nil), or someone else's (false).
+-- schema of ours of one run (nil), or someone else's (false, and the role owning it when
+-- that is not ours: what it holds is never read, counted or dropped).
 function Driver:schema_exists()
-  local rows = self:exec("SELECT pg_catalog.to_regnamespace($1) IS NOT NULL AS ok, " ..
-    "pg_catalog.obj_description(pg_catalog.to_regnamespace($1), 'pg_namespace') AS mark", self:ident(self.schema))
+  local rows = self:exec("SELECT pg_catalog.obj_description(n.oid, 'pg_namespace') AS mark, " ..
+    "n.nspowner OPERATOR(pg_catalog.=) " .. MY_ROLE .. " AS mine, pg_catalog.pg_get_userbyid(n.nspowner)::text AS owner " ..
+    "FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) $1", self.schema)
   local r = rows and rows[1]
-  if not (r and r.ok) then return false end
+  if not r then return false end
+  if not r.mine then return true, false, r.owner end
   local mark = r.mark ~= core.null and r.mark or ""
   if mark:sub(1, #SCHEMA_MARK) ~= SCHEMA_MARK then return true, false end
   return true, mark:sub(#SCHEMA_MARK + 1, #SCHEMA_MARK + 1 + #PERSISTENT_MARK) == " " .. PERSISTENT_MARK or nil
 end
 
 function Driver:install_schema(fresh)
+  if fresh and not self.persistent and not self.client.opts.schema then
+    -- The default name (flash_<backend pid>) is easily guessed: one another role made
+    -- first is passed over for flash_<pid>_2, _3, ...
+    local first, n = self.schema, 1
+    while true do
+      local existed, _, other = self:schema_exists()
+      if not (existed and other) then break end
+      if n == 1 then
+        log.warn(string.format("schema %s belongs to role %s: this instance uses another name", first, other))
+      end
+      n = n + 1
+      self.schema = string.format("%s_%d", first, n)
+    end
+  end
   local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
   if not got then return nil, err end
   if not got[1].ok then
@@ -577,7 +600,14 @@ function Driver:install_schema(fresh)
   self.owns_lock = true
   self:keep_alive()
   local S = self:ident(self.schema)
-  local existed, kept = self:schema_exists()
+  local existed, kept, other = self:schema_exists()
+  if other then
+    self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+    self.owns_lock = nil
+    self:drop_keeper()
+    return fail(string.format("schema %s exists and belongs to role %s, not to %s, the role flashlua runs as",
+      self.schema, other, self.client.role), "pass `schema` naming a schema of its own, or have that role drop it")
+  end
   if fresh and existed and not (self.persistent and kept) then
     -- A schema of this name whose lock was free: left by an instance that is gone.
     local ok, rerr = self:discard_schema(self.schema)
@@ -1548,7 +1578,8 @@ function M.persistent_schemas(client)
   local rows, err = d:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
     WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
-      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%') ORDER BY 1]],
+      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
+      AND nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE .. " ORDER BY 1",
     SCHEMA_MARK, PERSISTENT_MARK)
   if not rows then return nil, err end
   for _, r in ipairs(rows) do
