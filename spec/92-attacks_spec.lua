@@ -177,6 +177,30 @@ describe("attacks", function()
       H.sql("DROP SCHEMA " .. s .. " CASCADE")
     end)
 
+    it("runs no CHECK of a domain a table owner defines when it reads a condition's value (" .. driver .. ")", function()
+      n_tables = n_tables + 1
+      local s = string.format("attack_dom_%d_%d", core.getpid(), n_tables)
+      local c = low()
+      assert(c:exec(string.format([[CREATE SCHEMA %s;
+        CREATE FUNCTION %s.chk(text) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN ]] .. PWN .. [[ RETURN true; END $f$;
+        CREATE DOMAIN %s.d AS varchar(10) CHECK (%s.chk(VALUE));
+        CREATE TABLE %s.t (id int PRIMARY KEY, v %s.d); ALTER TABLE %s.t REPLICA IDENTITY FULL]],
+        s, s, "'domain check'", s, s, s, s, s), 0))
+      H.sql("DELETE FROM " .. LOG)
+      local events
+      client, events = H.listen({ table = s .. ".t", where = { { "v", "in", { "x", "z" } } } }, "all", { driver = driver })
+      assert(c:exec(string.format("INSERT INTO %s.t VALUES (1, 'y'), (2, 'x')", s), 0))
+      collect(client, events, 1)
+      client:stop() client = nil
+      assert.same({ { "insert", 2 } }, { { events[1] and events[1].op, events[1] and events[1].new.id } })
+      assert.equal(1, #events)
+      -- The writer's inserts ran the check as the writer, never as flashlua.
+      assert.same({}, ran_as_other())
+      assert.is_false(is_super())
+      c:close()
+      H.sql("DROP SCHEMA " .. s .. " CASCADE")
+    end)
+
     if driver ~= "wal_logical" and driver ~= "pg_extension" then
       -- A schema of the attacker's, marked as a flashlua instance's and holding an `events`
       -- view of its own function: counted, read or dropped as ours, it would run as us.
