@@ -252,7 +252,7 @@ assert(flash.run())
       for schema in err:gmatch("DROP SCHEMA \"(flash_%d+)\"") do H.sql("DROP SCHEMA IF EXISTS " .. schema .. " CASCADE") end
       assert.equal(1, rc, err)
       assert.equal("", out)
-      assert.truthy(err:find("cannot create the [%w ]+ trigger on public%." .. t .. ": [^\n]*permission denied"), err)
+      assert.truthy(err:find("cannot create the [%w /]+ trigger on public%." .. t .. ": [^\n]*permission denied"), err)
       assert.truthy(err:find("(run flashlua as the table's owner (or a member of the owning role): the TRIGGER " ..
         "privilege alone lets a role create the trigger but not drop it at stop)", 1, true), err)
     end)
