@@ -257,6 +257,58 @@ describe("attacks", function()
         c:close()
       end)
 
+      it("keeps no backfill progress in a schema flashlua another role made (" .. driver .. ")", function()
+        -- Its own partitioned flashlua.backfill, whose trigger would run as whoever writes it.
+        H.sql("DROP SCHEMA IF EXISTS flashlua CASCADE")
+        local c = low()
+        assert(c:exec(string.format([[CREATE SCHEMA flashlua; GRANT USAGE ON SCHEMA flashlua TO PUBLIC;
+          CREATE TABLE flashlua.backfill (slot text NOT NULL, rel oid NOT NULL, tbl text NOT NULL,
+            seg int NOT NULL DEFAULT 1, block bigint NOT NULL DEFAULT 0, after text[],
+            rows_done bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
+            started timestamptz NOT NULL DEFAULT now(), updated timestamptz NOT NULL DEFAULT now(),
+            nth int NOT NULL DEFAULT 1) PARTITION BY LIST (nth);
+          CREATE TABLE flashlua.backfill_all PARTITION OF flashlua.backfill DEFAULT;
+          GRANT ALL ON flashlua.backfill TO PUBLIC;
+          CREATE FUNCTION flashlua.trg() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN ]] .. PWN .. [[ RETURN NEW; END $f$;
+          CREATE TRIGGER t BEFORE INSERT OR UPDATE OR DELETE ON flashlua.backfill_all
+            FOR EACH ROW EXECUTE FUNCTION flashlua.trg()]], "'backfill state trigger'"), 0))
+        H.sql("DELETE FROM " .. LOG)
+        local t = fresh_table("id int PRIMARY KEY")
+        H.sql("INSERT INTO " .. t .. " VALUES (1), (2)")
+        local schema = "att_bf_" .. core.getpid()
+        client = assert(flash.client { driver = driver, persistent = true, schema = schema })
+        local events = {}
+        local l = assert(client:listen { table = t })
+        l:on("all", function(ev) events[#events + 1] = ev end)
+        l:backfill {}
+        assert(client:start())
+        local _, err = H.wait(client, events, 2, 10)
+        client:stop() client = nil
+        assert.equal(0, #events)
+        assert.equal("backfill of " .. t .. " failed: flashlua.backfill exists but is owned by another role (" .. ROLE ..
+          "): backfill progress cannot be kept there (drop it, or run flashlua as its owner)",
+          tostring(err):match("backfill of .*$"))
+        -- Nor in its schema once that role has dropped its table: ours could be replaced.
+        assert(c:exec("DROP TABLE flashlua.backfill", 0))
+        client = assert(flash.client { driver = driver, persistent = true, schema = schema })
+        l = assert(client:listen { table = t })
+        l:on("all", function(ev) events[#events + 1] = ev end)
+        l:backfill {}
+        assert(client:start())
+        _, err = H.wait(client, events, 2, 10)
+        client:stop() client = nil
+        assert.equal(0, #events)
+        assert.equal("backfill of " .. t .. " failed: schema flashlua exists but is owned by another role (" .. ROLE ..
+          "): backfill progress cannot be kept there (have that role drop it, or run flashlua as its owner)",
+          tostring(err):match("backfill of .*$"))
+        assert.equal(0, tonumber(H.scalar("SELECT count(*)::int AS n FROM pg_class WHERE relnamespace " ..
+          "OPERATOR(pg_catalog.=) 'flashlua'::regnamespace::oid")))
+        assert.same({}, ran_as_other())
+        assert.is_false(is_super())
+        H.sql("DROP SCHEMA flashlua CASCADE; DROP SCHEMA IF EXISTS " .. schema .. " CASCADE")
+        c:close()
+      end)
+
       it("passes over its default schema name when another role made it first (" .. driver .. ")", function()
         local t = fresh_table("id int PRIMARY KEY")
         client = assert(flash.client { driver = driver })

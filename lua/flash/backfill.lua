@@ -447,16 +447,30 @@ function Backfill:load()
   local slot = self:slot()
   -- Found by name in the catalog: to_regclass raises for a role without USAGE on a schema
   -- flashlua another role made ("permission denied for schema flashlua", naming no fix).
-  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine,
-      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'nth') AS has_nth,
+  -- The schema must be ours too: its owner could drop our table and put there a view, or
+  -- a table with triggers, of its own functions, which our reads and writes would run
+  -- with our privileges (any role with CREATE on the database can make the schema first).
+  local me = "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)"
+  local own, err = self:exec([[SELECT n.nspowner OPERATOR(pg_catalog.=) ]] .. me .. [[ AS schema_mine,
+      pg_catalog.pg_get_userbyid(n.nspowner)::text AS schema_owner, c.oid IS NOT NULL AS exists,
+      c.relkind OPERATOR(pg_catalog.=) 'r' AS is_table, c.relowner OPERATOR(pg_catalog.=) ]] .. me .. [[ AS mine,
+      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
+        AND a.attname OPERATOR(pg_catalog.=) 'nth') AS has_nth,
       pg_catalog.pg_get_userbyid(c.relowner)::text AS owner
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'flashlua' AND c.relname = 'backfill' AND c.relkind = 'r']])
+    FROM pg_catalog.pg_namespace n LEFT JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid
+      AND c.relname OPERATOR(pg_catalog.=) 'backfill'
+    WHERE n.nspname OPERATOR(pg_catalog.=) 'flashlua']])
   if not own then return nil, err end
-  if own[1] and not own[1].mine then
-    return nil, string.format("flashlua.backfill exists but is owned by another role (%s): backfill progress " ..
-      "cannot be kept there (drop it, or run flashlua as its owner)", own[1].owner)
+  if own[1] and own[1].exists and not (own[1].mine and own[1].is_table) then
+    return nil, string.format("flashlua.backfill exists but is %s: backfill progress " ..
+      "cannot be kept there (drop it, or run flashlua as its owner)",
+      own[1].mine and "not a table" or "owned by another role (" .. own[1].owner .. ")")
   end
+  if own[1] and not own[1].schema_mine then
+    return nil, string.format("schema flashlua exists but is owned by another role (%s): backfill progress " ..
+      "cannot be kept there (have that role drop it, or run flashlua as its owner)", own[1].schema_owner)
+  end
+  if own[1] and not own[1].exists then own = {} end
   if not own[1] then
     local ok, derr = self:exec(STATE_DDL)
     if not ok then
