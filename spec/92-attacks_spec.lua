@@ -309,6 +309,47 @@ describe("attacks", function()
         c:close()
       end)
 
+      it("runs no row-level security policy of a table's owner as a flashlua that is not superuser (" .. driver ..
+        ")", function()
+        -- flashlua runs as a role with SELECT and TRIGGER on the attacker's table, whose
+        -- policy (one immutable part, which the planner runs, one per row) applies to it.
+        local runner = "flash_runner"
+        H.sql(string.format([[DO $$ BEGIN
+          IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '%s') THEN CREATE ROLE %s LOGIN; END IF;
+          END $$; GRANT CREATE ON DATABASE postgres TO %s]], runner, runner, runner))
+        n_tables = n_tables + 1
+        local s = string.format("attack_rls_%d_%d", core.getpid(), n_tables)
+        local c = low()
+        assert(c:exec(string.format([[CREATE SCHEMA %s; GRANT USAGE ON SCHEMA %s TO %s;
+          CREATE FUNCTION %s.pol(int) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN ]] .. PWN .. [[ RETURN $1 < 3; END $f$;
+          CREATE FUNCTION %s.pol0() RETURNS bool LANGUAGE plpgsql IMMUTABLE AS $f$ BEGIN RETURN %s.pol(0); END $f$;
+          CREATE TABLE %s.t (id int PRIMARY KEY, v text);
+          INSERT INTO %s.t SELECT g, 'x' FROM generate_series(1, 5) g;
+          ALTER TABLE %s.t ENABLE ROW LEVEL SECURITY;
+          CREATE POLICY p ON %s.t FOR SELECT TO %s USING (%s.pol(id) AND %s.pol0());
+          GRANT SELECT, TRIGGER ON %s.t TO %s]], s, s, runner, s, "'policy'", s, s, s, s, s, s, runner, s, s, s,
+          runner), 0))
+        H.sql("DELETE FROM " .. LOG)
+        client = assert(flash.client { driver = driver, dsn = (H.dsn:gsub("user=%S+", "")) .. " user=" .. runner })
+        local events = {}
+        local l = assert(client:listen { table = s .. ".t", where = { { "v", "=", "x" } } })
+        l:on("all", function(ev) events[#events + 1] = ev end)
+        l:backfill {}
+        assert(client:start())
+        local _, err = H.wait(client, events, 5, 10)
+        local schema = client:stats().schema
+        H.warnings(function() client:stop() end)   -- it may not drop its triggers: not the owner
+        client = nil
+        assert.equal(0, #events)
+        assert.equal("backfill of " .. s .. ".t failed: query would be affected by row-level security policy for " ..
+          "table \"t\" (its policies would hide rows from the backfill, and run their expressions as " .. runner ..
+          ": run flashlua as the table's owner or a role with BYPASSRLS, or have the owner exempt " .. runner ..
+          " from them)", tostring(err):match("backfill of .*$"))
+        assert.same({}, ran_as_other())
+        c:close()
+        H.sql("DROP SCHEMA " .. s .. " CASCADE; DROP SCHEMA IF EXISTS " .. schema .. " CASCADE")
+      end)
+
       it("passes over its default schema name when another role made it first (" .. driver .. ")", function()
         local t = fresh_table("id int PRIMARY KEY")
         client = assert(flash.client { driver = driver })

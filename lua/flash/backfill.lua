@@ -220,6 +220,11 @@ end
 ---------------------------------------------------------------------------------------
 -- Setup, once the client has started: how to chunk, how many rows, where to resume.
 
+-- Before a statement that reads a user's table on the client's connection: in its
+-- transaction, row-level security that applies to our role fails the statement instead
+-- of running the policies' expressions (the table owner's code) as us.
+local NO_RLS = "SELECT pg_catalog.set_config('row_security', 'off', true); "
+
 local DESCENDANTS = [[WITH RECURSIVE d(oid) AS (SELECT $1::oid
     UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)]]
 
@@ -411,7 +416,7 @@ function Backfill:estimate()
   if not rows then return nil, err end
   local r = rows[1]
   if r.unknown and r.bytes < 256 * 1024 * 1024 then
-    local n = self:exec("SELECT pg_catalog.count(*)::float8 AS n FROM " .. self.qualified)
+    local n = self:exec(NO_RLS .. "SELECT pg_catalog.count(*)::float8 AS n FROM " .. self.qualified)
     if n then self.estimated = n[1].n end
   elseif r.est > 0 or not r.unknown then
     self.estimated = r.est
@@ -626,6 +631,11 @@ function Backfill:rconn()
   self:drop_reader()
   local conn, err = core.connect(self.client:dsn())
   if not conn then return nil, err end
+  -- Row-level security that applies to our role makes the read fail rather than miss the
+  -- rows the policies hide (or run the policies' expressions, the table owner's code, as us).
+  local ok
+  ok, err = conn:exec("SET row_security = off", 0)
+  if not ok then conn:close() return nil, err end
   self.reader = conn
   return conn
 end
@@ -961,6 +971,11 @@ local function take(bf)
     return true
   end
   bf.failed = true
+  if tostring(err):find("row-level security", 1, true) then
+    err = tostring(err):gsub("%s+$", "") .. " (its policies would hide rows from the backfill, and run their " ..
+      "expressions as " .. bf.client.role .. ": run flashlua as the table's owner or a role with BYPASSRLS, " ..
+      "or have the owner exempt " .. bf.client.role .. " from them)"
+  end
   return nil, "backfill of " .. bf.l.table_name .. " failed: " .. tostring(err)
 end
 

@@ -82,8 +82,15 @@ end
 function Driver:check(l)
   local cond = self:cond_sql(l, "t")
   if cond then
-    local ok, err = self:exec("SELECT 1 FROM " .. self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
-    if not ok then return fail("invalid 'where' for " .. l.table_name .. ": " .. err) end
+    -- Planned, not run: under row_security = off, so that no policy expression of the
+    -- table's owner is planned (an immutable one is run by the planner) with our rights.
+    -- A table whose policies apply to us is not test-planned: where.prepare below casts
+    -- each value (the same error for a bad one).
+    local ok, err = self:exec("SELECT pg_catalog.set_config('row_security', 'off', true); SELECT 1 FROM " ..
+      self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
+    if not ok and not tostring(err):find("row-level security", 1, true) then
+      return fail("invalid 'where' for " .. l.table_name .. ": " .. err)
+    end
   end
   local ok, err = where.prepare(l, self)
   if not ok then return nil, err end
