@@ -903,6 +903,30 @@ function Driver:start()
   return true
 end
 
+-- After a restart of the server: whether a crash emptied the (unlogged) events table:
+-- true when its identity sequence (unlogged with it) restarted below the highest seq read,
+-- false when it did not, nil when nothing was read yet (it cannot tell).
+function Driver:emptied_by_crash()
+  local rows = self:exec("SELECT pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence($1, 'seq'))::text AS v",
+    self:ident(self.schema) .. ".events")
+  local v = rows and rows[1] and rows[1].v
+  if v == nil then return nil end
+  if not self.max_seq then return nil end
+  return v == null or tonumber(v) < self.max_seq
+end
+
+-- The table was emptied and its seqs start again at 1: the seqs of rows read before must
+-- never be deleted (nor confirmed) now, as they may be those of new rows. Rows of the
+-- batch in hand are still delivered (they are committed changes), without their seqs.
+function Driver:forget_seqs()
+  self.handled = {}
+  self.delivered = {}
+  self.max_seq = nil
+  if self.pending then
+    for i = self.pending_i or 1, #self.pending do self.pending[i].gone = true end
+  end
+end
+
 -- When the server started (a change means it restarted) and whether it records commit
 -- timestamps.
 function Driver:server_facts()
@@ -956,14 +980,25 @@ function Driver:reconnect()
     if ok then
       client.counters.reconnects = client.counters.reconnects + 1
       local started = self:server_facts()
+      local crashed = false
       if existed and started and self.server_started and started ~= self.server_started and
         not self.durable then
-        log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
-          "captured into %s.events but not yet delivered are lost (the table is unlogged; durable = true keeps them)",
-          self.schema))
+        crashed = self:emptied_by_crash()
+        if crashed then
+          log.error(string.format("PostgreSQL crashed while the connection was down: the changes captured into " ..
+            "%s.events and not yet read were lost with it (the table is unlogged; durable = true keeps them); " ..
+            "every change committed since it came back is delivered", self.schema))
+        elseif crashed == nil then
+          log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
+            "captured into %s.events but not yet read are lost (the table is unlogged; durable = true keeps them)",
+            self.schema))
+        end
+        if crashed ~= false then self:forget_seqs() end
       end
       self.server_started = started or self.server_started
-      if existed then
+      if existed and crashed ~= false then
+        log.warn("reconnected; the changes committed meanwhile wait in " .. self.schema .. ".events")
+      elseif existed then
         log.warn("reconnected; nothing was lost: the changes committed meanwhile wait in " .. self.schema .. ".events")
       else
         log.warn(string.format("reconnected, but schema %s was removed while the connection was down: changes " ..
@@ -1235,10 +1270,13 @@ function Driver:fetch()
   -- captured after that one committed, so per-row order holds either way). Rows of one
   -- transaction together, in capture order.
   local last = {}
+  local top = self.max_seq or 0
   for _, r in ipairs(rows) do
     local m = last[r.xid]
     if not m or r.seq > m then last[r.xid] = r.seq end
+    if r.seq > top then top = r.seq end
   end
+  self.max_seq = top   -- the highest seq read: a crash that emptied the table restarts below it
   if self.commit_ts then
     for _, r in ipairs(rows) do
       if type(r.cts) == "number" then last[r.xid] = r.cts end
@@ -1388,7 +1426,10 @@ function Driver:drain(budget)
       r.new, r.old = nil, nil
       core.release_memory()
     end
-    if acks then
+    if r.gone then
+      -- Read before a crash emptied the table: its seq may be a new row's now.
+      if acks then acks:commit(r.seq) end
+    elseif acks then
       -- Deleted once every event made of it (and of each row delivered before) is acknowledged.
       self.delivered[#self.delivered + 1] = r.seq
       acks:commit(r.seq)
