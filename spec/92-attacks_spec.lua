@@ -201,6 +201,36 @@ describe("attacks", function()
       H.sql("DROP SCHEMA " .. s .. " CASCADE")
     end)
 
+    if driver == "pg_extension" then
+      it("refuses an extension whose schema flash another role made first (pg_extension)", function()
+        -- The attacker made schema flash before the DBA's CREATE EXTENSION (which uses it
+        -- as it is), then an overload of flash.listen that an untyped call would pick.
+        H.sql("DROP EXTENSION flashlua CASCADE; DROP SCHEMA IF EXISTS flash CASCADE")
+        local c = low()
+        local ok, err = pcall(function()
+          assert(c:exec("CREATE SCHEMA flash; GRANT USAGE ON SCHEMA flash TO PUBLIC", 0))
+          H.sql("CREATE EXTENSION flashlua")
+          assert(c:exec(string.format([[CREATE FUNCTION flash.listen(regclass, text, text, text, text, text, text)
+            RETURNS bigint LANGUAGE plpgsql AS $f$ BEGIN ]] .. PWN .. [[ RETURN flash.listen($1, $2::text[], $3::text[],
+            $4::jsonb, $5::text[], $6, $7); END $f$]], "'listen overload'"), 0))
+          H.sql("DELETE FROM " .. LOG)
+          local t = fresh_table("id int PRIMARY KEY")
+          local pc = assert(flash.client { driver = driver })
+          assert(pc:listen { table = t })
+          local started, serr = pc:start()
+          pc:stop()
+          assert.is_nil(started)
+          assert.matches("schema flash, where the flashlua extension lives, belongs to role " .. ROLE .. ", not to " ..
+            "the extension's owner " .. ME .. ": that role can put functions there that flashlua would call", serr, 1, true)
+          assert.same({}, ran_as_other())
+          assert.is_false(is_super())
+        end)
+        c:close()
+        H.sql("DROP EXTENSION flashlua CASCADE; DROP SCHEMA IF EXISTS flash CASCADE; CREATE EXTENSION flashlua")
+        assert(ok, err)
+      end)
+    end
+
     if driver ~= "wal_logical" and driver ~= "pg_extension" then
       -- A schema of the attacker's, marked as a flashlua instance's and holding an `events`
       -- view of its own function: counted, read or dropped as ours, it would run as us.
