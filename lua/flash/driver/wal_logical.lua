@@ -1034,6 +1034,10 @@ function Driver:lost(err)
       core.lsn(at >= 0 and at or 0), self.stuck_count, msg, cause, fix)
   end
   log.warn(string.format("replication connection lost (%s); reconnecting", msg))
+  -- What the temporary slot had delivered when it went: what was committed after it and
+  -- not yet delivered is lost with the slot, committed before the loss or not.
+  local st = self.repl and self.repl:state()
+  self.lost_lsn = st and handover.position(self, st, "delivered") or self.lost_lsn
   if self.repl then self.repl:close() self.repl = nil end
   self.lost_at = core.time()
   self.retry_at = core.now()
@@ -1065,8 +1069,10 @@ function Driver:reconnect()
     if self.persistent then
       log.warn("replication resumed from slot " .. self.slot .. "; unconfirmed changes are delivered again")
     else
-      log.warn(string.format("replication resumed with a new temporary slot; changes committed since %s " ..
-        "were not captured (use persistent = true to keep them)", os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at))))
+      log.warn(string.format("replication resumed with a new temporary slot; changes committed after %s " ..
+        "(the last position delivered) that were not delivered when the connection was lost at %s, and those " ..
+        "committed until now, were not captured (use persistent = true to keep them)",
+        self.lost_lsn and core.lsn(self.lost_lsn) or "the start", os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at))))
     end
     return true
   end
