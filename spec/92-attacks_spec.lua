@@ -403,6 +403,27 @@ describe("attacks", function()
         H.sql("DROP SCHEMA " .. name .. " CASCADE")
         c:close()
       end)
+
+      it("passes over its default schema name when another session holds its advisory lock (" .. driver .. ")",
+        function()
+        local t = fresh_table("id int PRIMARY KEY")
+        client = assert(flash.client { driver = driver })
+        local name = "flash_" .. client.conn:backend_pid()
+        -- Any role may take any advisory lock: the one an instance of that name would hold.
+        local c = low()
+        assert(c:exec("SELECT pg_advisory_lock(hashtext('flashlua'), hashtext('" .. name .. "'))", 0))
+        local events = {}
+        assert(client:listen { table = t }):on("all", function(ev) events[#events + 1] = ev end)
+        local warned = H.warnings(function() assert(client:start()) end)
+        assert.same({ "schema " .. name .. " is locked by another session: this instance uses another name" }, warned)
+        assert.equal(name .. "_2", client:stats().schema)
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        collect(client, events, 1)
+        client:stop() client = nil
+        c:close()
+        assert.equal(1, #events)
+        assert.is_false(schema_exists(name .. "_2"))
+      end)
     end
   end
 end)

@@ -571,31 +571,37 @@ function Driver:schema_exists()
 end
 
 function Driver:install_schema(fresh)
-  if fresh and not self.persistent and not self.client.opts.schema then
-    -- The default name (flash_<backend pid>) is easily guessed: one another role made
-    -- first is passed over for flash_<pid>_2, _3, ...
-    local first, n = self.schema, 1
-    while true do
-      local existed, _, other = self:schema_exists()
-      if not (existed and other) then break end
-      if n == 1 then
-        log.warn(string.format("schema %s belongs to role %s: this instance uses another name", first, other))
+  -- The default name (flash_<backend pid>) is easily guessed: one whose schema another role
+  -- made first, or whose advisory lock another session holds (any role may take any
+  -- advisory lock), is passed over for flash_<pid>_2, _3, ...
+  local default = fresh and not self.persistent and not self.client.opts.schema
+  local first, n = self.schema, 1
+  while true do
+    local existed, _, other = self:schema_exists()
+    local why = default and existed and other and ("belongs to role " .. other)
+    if not why then
+      local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
+      if not got then return nil, err end
+      local busy = not got[1].ok and ""
+      if not busy and fresh and self:keep_alive() == false then
+        -- Its query connection is reconnecting, but its keeper still holds the schema.
+        self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+        busy = " (reconnecting)"
       end
-      n = n + 1
-      self.schema = string.format("%s_%d", first, n)
+      if not busy then break end
+      if not default then
+        return fail(string.format("schema %s is in use by another running flashlua instance%s", self.schema, busy),
+          "give each instance its own `schema` option, or leave it out for a unique default")
+      end
+      why = "is locked by another session"
     end
-  end
-  local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
-  if not got then return nil, err end
-  if not got[1].ok then
-    return fail(string.format("schema %s is in use by another running flashlua instance", self.schema),
-      "give each instance its own `schema` option, or leave it out for a unique default")
-  end
-  if fresh and self:keep_alive() == false then
-    -- Its query connection is reconnecting, but its keeper still holds the schema.
-    self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
-    return fail(string.format("schema %s is in use by another running flashlua instance (reconnecting)", self.schema),
-      "give each instance its own `schema` option, or leave it out for a unique default")
+    if n == 1 then log.warn(string.format("schema %s %s: this instance uses another name", first, why)) end
+    n = n + 1
+    if n > 100 then
+      return fail(string.format("schemas %s to %s_%d are all taken by other roles or sessions", first, first, n - 1),
+        "pass `schema` naming one of this instance's own")
+    end
+    self.schema = string.format("%s_%d", first, n)
   end
   self.owns_lock = true
   self:keep_alive()
@@ -629,7 +635,7 @@ function Driver:install_schema(fresh)
     "REVOKE ALL ON SCHEMA " .. S .. " FROM PUBLIC",
   }
   for _, s in ipairs(self:schema_sql()) do sql[#sql + 1] = s end
-  local ok
+  local ok, err
   ok, err = self:exec(table.concat(sql, ";\n"))
   if not ok then
     return fail("cannot create schema " .. self.schema .. ": " .. err,
