@@ -154,6 +154,14 @@ static void check_condition_type(Relation rel, Form_pg_attribute att, Oid base) 
     ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
                     errmsg("flash.listen: condition on column \"%s\": array columns cannot have conditions", col),
                     errhint("use a where function that decides in the client")));
+  /* A composite's or range's value is read by its members' input functions, a domain's
+   * among them, whose CHECK (the domain owner's expression) would run with the caller's
+   * rights: only base types and enums (whose input functions are the server's). */
+  if (get_typtype(base) != TYPTYPE_BASE && get_typtype(base) != TYPTYPE_ENUM)
+    ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                    errmsg("flash.listen: condition on column \"%s\": values of type %s (a composite or range type) "
+                           "cannot have conditions", col, format_type_be(base)),
+                    errhint("use a where function that decides in the client")));
   tc = lookup_type_cache(base, TYPECACHE_CMP_PROC);
   if (!OidIsValid(tc->cmp_proc))
     ereport(ERROR, (errcode(ERRCODE_UNDEFINED_FUNCTION),

@@ -197,6 +197,23 @@ describe("attacks", function()
       -- The writer's inserts ran the check as the writer, never as flashlua.
       assert.same({}, ran_as_other())
       assert.is_false(is_super())
+      -- Nor the CHECK of a domain that a column's type holds (an array of it, a composite
+      -- with a member of it): such conditions are refused, without reading their values.
+      assert(c:exec(string.format("CREATE TYPE %s.comp AS (a %s.d); CREATE DOMAIN %s.di AS bool CHECK (%s.chk(VALUE::text)); " ..
+        "CREATE TABLE %s.u (id int PRIMARY KEY, w %s.d[], m %s.comp, z %s.di[]); ALTER TABLE %s.u REPLICA IDENTITY FULL",
+        s, s, s, s, s, s, s, s, s), 0))
+      for _, cond in ipairs({ { "w", "=", "{x}" }, { "m", "=", "(x)" }, { "z", "=", "{t}" } }) do
+        local lc = assert(flash.client { driver = driver })
+        local l = lc:listen { table = s .. ".u", where = { cond } }
+        if l then
+          l:on("all", function() end)
+          local ok = lc:start()
+          assert.is_nil(ok, cond[1])
+        end
+        lc:stop()
+      end
+      assert.same({}, ran_as_other())
+      assert.is_false(is_super())
       c:close()
       H.sql("DROP SCHEMA " .. s .. " CASCADE")
     end)

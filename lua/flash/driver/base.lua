@@ -77,23 +77,25 @@ function Driver:qualified_table(l)
   return self:ident(l.table.schema) .. "." .. self:ident(l.table.name)
 end
 
--- Conditions are test-planned at listen (the server's error for a bad value), then
--- prepared for evaluation on arrival, exactly as under wal_logical.
+-- Conditions are prepared for evaluation on arrival (each value cast to its column's base
+-- type: the server's error for a bad one), exactly as under wal_logical, then test-planned.
+-- In that order: preparing refuses the types it cannot compare first (an array of a domain,
+-- a composite), whose literals the test plan would read by the domain's input, running its
+-- CHECK (the domain owner's expression) with our rights.
 function Driver:check(l)
+  local ok, err = where.prepare(l, self)
+  if not ok then return nil, err end
   local cond = self:cond_sql(l, "t")
   if cond then
     -- Planned, not run: under row_security = off, so that no policy expression of the
     -- table's owner is planned (an immutable one is run by the planner) with our rights.
-    -- A table whose policies apply to us is not test-planned: where.prepare below casts
-    -- each value (the same error for a bad one).
-    local ok, err = self:exec("SELECT pg_catalog.set_config('row_security', 'off', true); SELECT 1 FROM " ..
+    -- A table whose policies apply to us is not test-planned (prepare read the values).
+    ok, err = self:exec("SELECT pg_catalog.set_config('row_security', 'off', true); SELECT 1 FROM " ..
       self:qualified_table(l) .. " AS t WHERE " .. cond .. " LIMIT 0")
     if not ok and not tostring(err):find("row-level security", 1, true) then
       return fail("invalid 'where' for " .. l.table_name .. ": " .. err)
     end
   end
-  local ok, err = where.prepare(l, self)
-  if not ok then return nil, err end
   l.matcher = where.matcher(l)
   l.passthrough = where.passthrough(l)
   return true
