@@ -325,6 +325,47 @@ describe("a row of 100 MB (trigger)", function()
   end)
 end)
 
+-- A database whose transactions are serializable by default: the polls read and delete
+-- what writers insert, and failed as such (serialization failures stopped the client).
+describe("trigger drivers under default_transaction_isolation = serializable", function()
+  for _, driver in ipairs(TRIGGER_DRIVERS) do
+    it("deliver every row while writers conflict among themselves (" .. driver .. ")", function()
+      local t = H.table("id bigserial PRIMARY KEY, v text")
+      H.sql("ALTER DATABASE postgres SET default_transaction_isolation = 'serializable'")
+      local ok, err = pcall(function()
+        local c = assert(flash.client { driver = driver })
+        local inserts = 0
+        assert(c:listen { table = t }):on("insert", function() inserts = inserts + 1 end)
+        assert(c:start())
+        local sql = os.tmpname()
+        local f = assert(io.open(sql, "w"))
+        f:write("BEGIN; INSERT INTO " .. t .. " (v) VALUES ('a'); SELECT count(*) FROM " .. t .. " WHERE id < 5; " ..
+          "UPDATE " .. t .. " SET v = 'b' WHERE id = (SELECT max(id) FROM " .. t .. "); COMMIT;\n")
+        f:close()
+        local out = os.tmpname()
+        assert(os.execute(string.format("(pgbench -n -f %s -T 4 -c 4 -j 2 %s >%s 2>&1; echo $? >%s.rc) &",
+          H.sh_quote(sql), H.sh_quote(H.dsn), H.sh_quote(out), H.sh_quote(out))) == 0)
+        local deadline = core.now() + 30
+        local done = false
+        while core.now() < deadline and not done do
+          assert(c:poll(0.05))
+          local rc = io.open(out .. ".rc")
+          if rc then done = rc:read("*a") ~= "" rc:close() end
+        end
+        local n = tonumber(H.scalar("SELECT count(*) FROM " .. t))
+        deadline = core.now() + 30
+        while core.now() < deadline and inserts < n do assert(c:poll(0.05)) end
+        c:stop()
+        assert.is_true(n > 0)
+        assert.equal(n, inserts)
+        os.remove(sql) os.remove(out) os.remove(out .. ".rc")
+      end)
+      H.sql("ALTER DATABASE postgres RESET default_transaction_isolation")
+      assert(ok, err)
+    end)
+  end
+end)
+
 -- A crash of the server (pg_ctl restart -m immediate) while a batch is in hand: the
 -- unlogged capture table comes back empty, its seqs start again at 1, and the rows
 -- committed after the restart must not be taken for the batch's (deleted undelivered).

@@ -878,7 +878,14 @@ function Driver:load_installed()
 end
 
 function Driver:install(fresh)
-  local ok, err = self:remove_leftovers()
+  -- Our polls read and delete rows the writers' triggers insert: under a database's or
+  -- role's default_transaction_isolation = serializable they failed with serialization
+  -- errors (stopping the client) and made writers fail as pivots. They need no more than
+  -- read committed, so the client's connection runs that by default (a script's own
+  -- BEGIN ISOLATION LEVEL ... still chooses).
+  local ok, err = self:exec("SET default_transaction_isolation = 'read committed'")
+  if not ok then return nil, err end
+  ok, err = self:remove_leftovers()
   if not ok then return nil, err end
   local existed
   ok, existed = self:install_schema(fresh)
