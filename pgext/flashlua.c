@@ -154,6 +154,14 @@ static void check_condition_type(Relation rel, Form_pg_attribute att, Oid base) 
     ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
                     errmsg("flash.listen: condition on column \"%s\": array columns cannot have conditions", col),
                     errhint("use a where function that decides in the client")));
+  /* A composite's or range's value is read by its members' input functions, a domain's
+   * among them, whose CHECK (the domain owner's expression) would run with the caller's
+   * rights: only base types and enums (whose input functions are the server's). */
+  if (get_typtype(base) != TYPTYPE_BASE && get_typtype(base) != TYPTYPE_ENUM)
+    ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+                    errmsg("flash.listen: condition on column \"%s\": values of type %s (a composite or range type) "
+                           "cannot have conditions", col, format_type_be(base)),
+                    errhint("use a where function that decides in the client")));
   tc = lookup_type_cache(base, TYPECACHE_CMP_PROC);
   if (!OidIsValid(tc->cmp_proc))
     ereport(ERROR, (errcode(ERRCODE_UNDEFINED_FUNCTION),
@@ -270,6 +278,7 @@ Datum flash_listen(PG_FUNCTION_ARGS) {
       Oid base, input, ioparam, send;
       bool varlena;
       int n, op;
+      int32 typmod;
       if (ccn[i] || copn[i] || cnn[i])
         ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("flash.listen: condition %d has a NULL part", i + 1)));
       colname = TextDatumGetCString(ccol[i]);
@@ -295,16 +304,22 @@ Datum flash_listen(PG_FUNCTION_ARGS) {
       ctyp[i] = ObjectIdGetDatum(base);
       if (n == 0) continue;
       check_condition_type(rel, att, base);
-      /* Cast as CAST(value AS column type) does, with the caller's rights and settings;
-       * stored in the base type's binary form, which reads back the same in any session. */
-      getTypeInputInfo(att->atttypid, &input, &ioparam);
+      /* Read as CAST(value AS base type) does, with the caller's rights and settings: the
+       * base type's, not a domain's, whose CHECK constraints are expressions of the
+       * domain's owner (anyone may create a domain and a table using it) that would run
+       * with the caller's privileges; the value is compared, never stored, so the domain's
+       * constraints have nothing to guard (the Lua side casts to the base type alike).
+       * Stored in the base type's binary form, which reads back the same in any session. */
+      typmod = att->atttypmod;
+      (void)getBaseTypeAndTypmod(att->atttypid, &typmod);
+      getTypeInputInfo(base, &input, &ioparam);
       getTypeBinaryOutputInfo(base, &send, &varlena);
       for (int j = 0; j < n; j++, vi++) {
         Datum d;
         if (cvn[vi])
           ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
                           errmsg("flash.listen: condition \"%s %s\" has a NULL value (use is null)", colname, opname)));
-        d = OidInputFunctionCall(input, TextDatumGetCString(cvd[vi]), ioparam, att->atttypmod);
+        d = OidInputFunctionCall(input, TextDatumGetCString(cvd[vi]), ioparam, typmod);
         cval[vi] = PointerGetDatum(OidSendFunctionCall(send, d));
       }
     }

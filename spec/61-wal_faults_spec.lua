@@ -424,6 +424,48 @@ describe("wal_logical faults", function()
     end)
   end)
 
+  describe("a lost replication connection (temporary slot)", function()
+    it("says from which delivered position the changes were lost, those committed before the loss too", function()
+      local t = H.table("id int PRIMARY KEY")
+      local c = assert(flash.client { driver = "wal_logical" })
+      client = c
+      local got = {}
+      local lsns = {}
+      assert(c:listen { table = t }):on("insert", function(ev)
+        got[#got + 1] = ev.new.id
+        lsns[#lsns + 1] = ev.lsn
+        core.sleep(0.01)
+      end)
+      assert(c:start())
+      local w = assert(core.connect(H.dsn))
+      for i = 1, 200 do assert(w:exec("INSERT INTO " .. t .. " VALUES (" .. i .. ")", 0)) end
+      w:close()
+      H.wait(c, got, 3, 10)
+      local st = c:stats()
+      local before
+      local warned = H.warnings(function()
+        H.sql("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1", st.slot)
+        local deadline = core.now() + 30
+        while core.now() < deadline and c:stats().reconnects == 0 do c:poll(0.05) end
+        before = #got
+        H.sql("INSERT INTO " .. t .. " VALUES (1000)")
+        H.wait(c, got, before + 1, 10)
+      end)
+      local said
+      for _, m in ipairs(warned) do if m:find("new temporary slot", 1, true) then said = m end end
+      assert.truthy(said, table.concat(warned, "\n"))
+      local at = said:match("^replication resumed with a new temporary slot; changes committed after (%x+/%x+) " ..
+        "%(the last position delivered%) that were not delivered when the connection was lost at ")
+      assert.truthy(at, said)
+      -- The position is the last delivered transaction's: at or past its commit LSN.
+      local function num(l) local hi, lo = l:match("^(%x+)/(%x+)$") return tonumber(hi, 16) * 2^32 + tonumber(lo, 16) end
+      assert.is_true(num(at) >= num(lsns[before]), at .. " < " .. lsns[before])
+      -- Rows committed before the loss and not delivered were lost; what follows arrives.
+      assert.is_true(#got < 200)
+      assert.equal(1000, got[#got])
+    end)
+  end)
+
   describe("a lost query connection", function()
     it("is reconnected, so another instance's start does not take its live publication", function()
       local t = H.table("id int PRIMARY KEY")

@@ -222,6 +222,11 @@ end
 ---------------------------------------------------------------------------------------
 -- Setup, once the client has started: how to chunk, how many rows, where to resume.
 
+-- Before a statement that reads a user's table on the client's connection: in its
+-- transaction, row-level security that applies to our role fails the statement instead
+-- of running the policies' expressions (the table owner's code) as us.
+local NO_RLS = "SELECT pg_catalog.set_config('row_security', 'off', true); "
+
 local DESCENDANTS = [[WITH RECURSIVE d(oid) AS (SELECT $1::oid
     UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)]]
 
@@ -237,7 +242,7 @@ function Backfill:key_columns()
   local rows, err = self:exec([[
     SELECT a.attname::text AS name, pg_catalog.format_type(a.atttypid, a.atttypmod) AS typ
     FROM pg_catalog.pg_index i
-    JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
+    JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
     JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
     WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.n]], tbl.oid)
   if not rows then return nil, err end
@@ -248,7 +253,7 @@ function Backfill:key_columns()
   -- unique over all of them. (A partitioned table's key holds over its partitions.)
   if #rows > 0 then
     local kids
-    kids, err = self:exec([[SELECT count(*)::int AS n FROM pg_catalog.pg_inherits i
+    kids, err = self:exec([[SELECT pg_catalog.count(*)::int AS n FROM pg_catalog.pg_inherits i
       JOIN pg_catalog.pg_class c ON c.oid = i.inhparent WHERE i.inhparent = $1 AND c.relkind = 'r']], tbl.oid)
     if not kids then return nil, err end
     if kids[1].n > 0 then
@@ -406,13 +411,14 @@ end
 -- count of small tables never analyzed.
 function Backfill:estimate()
   local rows, err = self:exec(DESCENDANTS .. [[
-    SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::float8 AS est, bool_or(c.reltuples < 0) AS unknown,
-      coalesce(sum(pg_catalog.pg_relation_size(c.oid)), 0)::float8 AS bytes
+    SELECT coalesce(pg_catalog.sum(greatest(c.reltuples, 0)), 0)::float8 AS est,
+      pg_catalog.bool_or(c.reltuples OPERATOR(pg_catalog.<) 0::pg_catalog.float4) AS unknown,
+      coalesce(pg_catalog.sum(pg_catalog.pg_relation_size(c.oid)), 0)::float8 AS bytes
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid WHERE c.relkind = 'r']], self.l.table.oid)
   if not rows then return nil, err end
   local r = rows[1]
   if r.unknown and r.bytes < 256 * 1024 * 1024 then
-    local n = self:exec("SELECT count(*)::float8 AS n FROM " .. self.qualified)
+    local n = self:exec(NO_RLS .. "SELECT pg_catalog.count(*)::float8 AS n FROM " .. self.qualified)
     if n then self.estimated = n[1].n end
   elseif r.est > 0 or not r.unknown then
     self.estimated = r.est
@@ -430,7 +436,7 @@ local STATE_DDL = [[
     slot text NOT NULL, rel oid NOT NULL, tbl text NOT NULL,
     seg int NOT NULL DEFAULT 1, block bigint NOT NULL DEFAULT 0, after text[],
     rows_done bigint NOT NULL DEFAULT 0, done boolean NOT NULL DEFAULT false,
-    started timestamptz NOT NULL DEFAULT now(), updated timestamptz NOT NULL DEFAULT now(),
+    started timestamptz NOT NULL DEFAULT pg_catalog.now(), updated timestamptz NOT NULL DEFAULT pg_catalog.now(),
     nth int NOT NULL DEFAULT 1,
     PRIMARY KEY (slot, rel, nth));
   COMMENT ON TABLE flashlua.backfill IS 'flashlua: progress of backfills (listener:backfill) per replication slot']]
@@ -448,16 +454,30 @@ function Backfill:load()
   local slot = self:slot()
   -- Found by name in the catalog: to_regclass raises for a role without USAGE on a schema
   -- flashlua another role made ("permission denied for schema flashlua", naming no fix).
-  local own, err = self:exec([[SELECT c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) AS mine,
-      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'nth') AS has_nth,
+  -- The schema must be ours too: its owner could drop our table and put there a view, or
+  -- a table with triggers, of its own functions, which our reads and writes would run
+  -- with our privileges (any role with CREATE on the database can make the schema first).
+  local me = "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)"
+  local own, err = self:exec([[SELECT n.nspowner OPERATOR(pg_catalog.=) ]] .. me .. [[ AS schema_mine,
+      pg_catalog.pg_get_userbyid(n.nspowner)::text AS schema_owner, c.oid IS NOT NULL AS exists,
+      c.relkind OPERATOR(pg_catalog.=) 'r' AS is_table, c.relowner OPERATOR(pg_catalog.=) ]] .. me .. [[ AS mine,
+      EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid
+        AND a.attname OPERATOR(pg_catalog.=) 'nth') AS has_nth,
       pg_catalog.pg_get_userbyid(c.relowner)::text AS owner
-    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'flashlua' AND c.relname = 'backfill' AND c.relkind = 'r']])
+    FROM pg_catalog.pg_namespace n LEFT JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid
+      AND c.relname OPERATOR(pg_catalog.=) 'backfill'
+    WHERE n.nspname OPERATOR(pg_catalog.=) 'flashlua']])
   if not own then return nil, err end
-  if own[1] and not own[1].mine then
-    return nil, string.format("flashlua.backfill exists but is owned by another role (%s): backfill progress " ..
-      "cannot be kept there (drop it, or run flashlua as its owner)", own[1].owner)
+  if own[1] and own[1].exists and not (own[1].mine and own[1].is_table) then
+    return nil, string.format("flashlua.backfill exists but is %s: backfill progress " ..
+      "cannot be kept there (drop it, or run flashlua as its owner)",
+      own[1].mine and "not a table" or "owned by another role (" .. own[1].owner .. ")")
   end
+  if own[1] and not own[1].schema_mine then
+    return nil, string.format("schema flashlua exists but is owned by another role (%s): backfill progress " ..
+      "cannot be kept there (have that role drop it, or run flashlua as its owner)", own[1].schema_owner)
+  end
+  if own[1] and not own[1].exists then own = {} end
   if not own[1] then
     local ok, derr = self:exec(STATE_DDL)
     if not ok then
@@ -522,7 +542,7 @@ function Backfill:save(cursor, rows_done, done)
     end
   end
   local ok, err = self:exec([[UPDATE flashlua.backfill SET seg = $3, block = $4, after = $5::text[],
-    rows_done = $6, done = $7, updated = now() WHERE slot = $1 AND rel = $2 AND nth = $8]],
+    rows_done = $6, done = $7, updated = pg_catalog.now() WHERE slot = $1 AND rel = $2 AND nth = $8]],
     self:slot(), self.l.table.oid, cursor.seg, cursor.block, cursor.after and after or core.null, rows_done, done,
     self.nth)
   if handled then
@@ -613,6 +633,11 @@ function Backfill:rconn()
   self:drop_reader()
   local conn, err = core.connect(self.client:dsn())
   if not conn then return nil, err end
+  -- Row-level security that applies to our role makes the read fail rather than miss the
+  -- rows the policies hide (or run the policies' expressions, the table owner's code, as us).
+  local ok
+  ok, err = conn:exec("SET row_security = off", 0)
+  if not ok then conn:close() return nil, err end
   self.reader = conn
   return conn
 end
@@ -960,6 +985,11 @@ local function take(bf)
     return true
   end
   bf.failed = true
+  if tostring(err):find("row-level security", 1, true) then
+    err = tostring(err):gsub("%s+$", "") .. " (its policies would hide rows from the backfill, and run their " ..
+      "expressions as " .. bf.client.role .. ": run flashlua as the table's owner or a role with BYPASSRLS, " ..
+      "or have the owner exempt " .. bf.client.role .. " from them)"
+  end
   return nil, "backfill of " .. bf.l.table_name .. " failed: " .. tostring(err)
 end
 

@@ -47,7 +47,7 @@ local TEMP_WHY = " is a temporary table, which flashlua cannot listen to: only t
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public) on query
 -- connection `conn`: { schema, name, oid, columns, display, unlogged } | nil, err.
 function M.resolve_table(conn, name)
-  local rows, err = conn:exec("SELECT parse_ident($1) AS parts", 0, name)
+  local rows, err = conn:exec("SELECT pg_catalog.parse_ident($1) AS parts", 0, name)
   if not rows then
     return nil, string.format("invalid table name '%s': %s (a name with spaces, capitals or other characters " ..
       "is written in double quotes, as in SQL: '\"My Schema\".\"Odd Table\"')", name, (err:gsub("%s+$", "")))

@@ -115,7 +115,7 @@ function M.new(lp, opts, query_only)
     return lp:failed("flash." .. fname, err)
   end
   local number = lp:number()
-  local who = conn:exec("SELECT current_database()::text AS db, current_user::text AS role", 0)
+  local who = conn:exec("SELECT pg_catalog.current_database()::text AS db, current_user::text AS role", 0)
   local db = who and who[1].db or "?"
   local self = setmetatable({
     loop = lp,

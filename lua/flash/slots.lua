@@ -7,7 +7,7 @@ local M = {}
 
 -- flashlua's slots: the names its drivers give (flash_replication[_pid], flash_extension[_pid])
 -- and any other under the flash_ prefix a `slot` option chose.
-local OURS = "slot_name LIKE 'flash%' AND slot_type = 'logical'"
+local OURS = "slot_name::pg_catalog.text OPERATOR(pg_catalog.~~) 'flash%' AND slot_type OPERATOR(pg_catalog.=) 'logical'"
 
 -- Whether a slot name is one these tools see (the OURS condition, in Lua).
 function M.ours(name) return name:sub(1, 5) == "flash" end

@@ -135,12 +135,12 @@ function M.prepare(l, d)
       local rows, err = d:exec([[
         SELECT pg_catalog.format_type($2::oid, NULL) AS tname,
           (SELECT typtype::text FROM pg_catalog.pg_type WHERE oid = $2::oid) AS typtype,
-          CASE WHEN a.attcollation = 0 THEN ''
+          CASE WHEN a.attcollation OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN ''
                WHEN co.collname = 'default' THEN
-                 (SELECT coalesce(to_jsonb(db)->>'datlocprovider', 'c') || ':' || db.datcollate::text
-                  FROM pg_catalog.pg_database db WHERE db.datname = current_database())
+                 (SELECT coalesce(pg_catalog.to_jsonb(db)->>'datlocprovider', 'c') || ':' || db.datcollate::text
+                  FROM pg_catalog.pg_database db WHERE db.datname = pg_catalog.current_database())
                ELSE co.collprovider::text || ':' || coalesce(co.collcollate::text, co.collname::text) END AS coll,
-          coalesce((to_jsonb(co)->>'collisdeterministic')::boolean, true) AS det
+          coalesce((pg_catalog.to_jsonb(co)->>'collisdeterministic')::boolean, true) AS det
         FROM pg_catalog.pg_attribute a LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
         WHERE a.attrelid = $1 AND a.attname = $3]], l.table.oid, col.oid, c.column)
       if not rows then return nil, err end
@@ -162,7 +162,7 @@ function M.prepare(l, d)
       local list = {}
       if #elems > 0 then
         rows, err = d:exec("SELECT pg_catalog.format('%s', CAST(u.x AS " .. info.tname .. ")) AS v " ..
-          "FROM unnest($1::text[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, ",") .. "}")
+          "FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, ",") .. "}")
         if not rows then
           return nil, string.format("invalid 'where' for %s: %s", l.table_name, (tostring(err):gsub("%s+$", "")))
         end

@@ -160,9 +160,9 @@ end
 -- replica identity index, else the primary key; false when there is none (then the
 -- table's events all go to one state). Also the Redis sink's default key (its partitions).
 local KEY_SQL = [[
-  SELECT array_agg(a.attname::text ORDER BY k.n) AS cols
+  SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.n) AS cols
   FROM pg_catalog.pg_index i
-  CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
+  CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY AS k(attnum, n)
   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
   WHERE i.indrelid = $1 AND (i.indisreplident OR i.indisprimary)
   GROUP BY i.indexrelid, i.indisreplident

@@ -58,9 +58,19 @@ typedef struct {
   int *pos;           /* 0-based position of column i in a batch row */
 } fl_layout;
 
-/* Canonical text forms whoever reads: the same settings the trigger functions pin. */
+/* Canonical text forms whoever reads: the same settings the trigger functions pin. And no
+ * explicit pg_catalog after another schema on the search_path (pg_catalog is searched
+ * first unless the path names it later): a search_path set in the DSN or by ALTER
+ * ROLE/DATABASE ... SET that puts another role's schema before it would let that role's
+ * functions and operators of the same signatures stand in for pg_catalog's in flashlua's
+ * queries. Such a path is set again without pg_catalog (its schemas as they resolve now),
+ * so pg_catalog is searched first and new objects still go where they went. */
 static const char *const canonical_settings =
-  "SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';"
+  "SELECT CASE WHEN (pg_catalog.current_schemas(true))[1] OPERATOR(pg_catalog.=) 'pg_catalog' THEN NULL"
+  " ELSE pg_catalog.set_config('search_path', COALESCE((SELECT pg_catalog.string_agg("
+  "pg_catalog.quote_ident(u.s), ', ' ORDER BY u.i) FROM pg_catalog.unnest(pg_catalog.current_schemas(false))"
+  " WITH ORDINALITY AS u(s, i) WHERE u.s OPERATOR(pg_catalog.<>) 'pg_catalog'), ''), false) END;"
+  " SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';"
   " SET extra_float_digits = 3; SET bytea_output = 'hex'; SET client_min_messages = warning";
 
 static fl_conn *check_conn(lua_State *L, int idx) {

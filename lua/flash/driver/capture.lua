@@ -29,6 +29,11 @@ local fail = base.fail
 local null = core.null
 
 local SCHEMA_MARK = "flashlua instance"  -- COMMENT ON SCHEMA marks our schemas
+-- SQL: the oid of the role flashlua runs as. A schema counts as flashlua's only when that
+-- role owns it: any role with CREATE on the database can make a schema with our mark (or
+-- with the name an instance will choose) holding an `events` view of its own functions,
+-- which reading or counting it as ours would run with our privileges.
+local MY_ROLE = "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER)"
 local PERSISTENT_MARK = "persistent"     -- ... and, after it, those kept across runs
 M.PERSISTENT_SCHEMA = "flash_persistent" -- the schema of persistent = true by default
 local BATCH = 1000                       -- captured rows fetched per query
@@ -244,7 +249,7 @@ function Driver:schema_triggers(name)
     JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE t.tgparentid = 0 AND (p.pronamespace = pg_catalog.to_regnamespace($1)
+    WHERE t.tgparentid OPERATOR(pg_catalog.=) 0::pg_catalog.oid AND (p.pronamespace OPERATOR(pg_catalog.=) pg_catalog.to_regnamespace($1)::pg_catalog.oid
       OR (]] .. M.C_TRIGGER_SQL("t", "pg_catalog.to_regclass($1 OPERATOR(pg_catalog.||) '.events')") .. "))",
     self:ident(name))
 end
@@ -318,7 +323,7 @@ end
 -- Captured rows still waiting in schema `name`'s events table (0 when it has none).
 function Driver:backlog(name)
   local rows = self:exec("SELECT CASE WHEN pg_catalog.to_regclass($1) IS NULL THEN 0 ELSE " ..
-    "(SELECT count(*) FROM " .. self:ident(name) .. ".events) END AS n", self:ident(name) .. ".events")
+    "(SELECT pg_catalog.count(*) FROM " .. self:ident(name) .. ".events) END AS n", self:ident(name) .. ".events")
   return rows and rows[1] and tonumber(rows[1].n) or 0
 end
 
@@ -330,8 +335,10 @@ function Driver:remove_leftovers()
   -- A persistent schema is never an orphan: it waits for its next run (or a DROP SCHEMA).
   local rows, err = self:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
-    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || '%'
-      AND pg_catalog.obj_description(oid, 'pg_namespace') NOT LIKE $1 || ' ' || $2 || '%']], SCHEMA_MARK,
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~) pg_catalog.concat($1::pg_catalog.text, '%')
+      AND NOT pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
+        pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
+      AND nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE, SCHEMA_MARK,
     PERSISTENT_MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.schema, "schema", function(name) return self:discard_schema(name) end,
@@ -352,7 +359,7 @@ function Driver:keep_alive()
   self.keeper = nil
   local conn = core.connect(self.client:dsn())
   if not conn then return nil end
-  local got = conn:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
+  local got = conn:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema .. ":keeper") .. ") AS ok", 0)
   if not (got and got[1] and got[1].ok) then
     conn:close()
     if got and got[1] then return false end
@@ -484,7 +491,7 @@ function Driver:ddl_function()
     "  SELECT pg_catalog.txid_current(), 'S', t.rel, 0, pg_catalog.json_build_object(",
     "      'schema', n.nspname, 'relname', c.relname, 'name', n.nspname || '.' || c.relname,",
     "      'cols', (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(x.name, x.oid, x.elem, x.delim)",
-    "               ORDER BY x.ord) FROM (SELECT row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x))::text",
+    "               ORDER BY x.ord) FROM (SELECT pg_catalog.row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x))::text",
     "  FROM (SELECT DISTINCT d.rel FROM pg_catalog.pg_event_trigger_ddl_commands() e,",
     "        LATERAL (WITH RECURSIVE k(rel) AS (SELECT e.objid UNION",
     "                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN k ON i.inhparent = k.rel)",
@@ -548,34 +555,64 @@ function Driver:install_ddl_markers()
 end
 
 -- Whether the schema exists, and then whether it is a persistent schema of ours (true), a
--- schema of ours of one run (nil), or someone else's (false).
+-- schema of ours of one run (nil), or someone else's (false, and the role owning it when
+-- that is not ours: what it holds is never read, counted or dropped).
 function Driver:schema_exists()
-  local rows = self:exec("SELECT pg_catalog.to_regnamespace($1) IS NOT NULL AS ok, " ..
-    "pg_catalog.obj_description(pg_catalog.to_regnamespace($1), 'pg_namespace') AS mark", self:ident(self.schema))
+  local rows = self:exec("SELECT pg_catalog.obj_description(n.oid, 'pg_namespace') AS mark, " ..
+    "n.nspowner OPERATOR(pg_catalog.=) " .. MY_ROLE .. " AS mine, pg_catalog.pg_get_userbyid(n.nspowner)::text AS owner " ..
+    "FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) $1", self.schema)
   local r = rows and rows[1]
-  if not (r and r.ok) then return false end
+  if not r then return false end
+  if not r.mine then return true, false, r.owner end
   local mark = r.mark ~= core.null and r.mark or ""
   if mark:sub(1, #SCHEMA_MARK) ~= SCHEMA_MARK then return true, false end
   return true, mark:sub(#SCHEMA_MARK + 1, #SCHEMA_MARK + 1 + #PERSISTENT_MARK) == " " .. PERSISTENT_MARK or nil
 end
 
 function Driver:install_schema(fresh)
-  local got, err = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
-  if not got then return nil, err end
-  if not got[1].ok then
-    return fail(string.format("schema %s is in use by another running flashlua instance", self.schema),
-      "give each instance its own `schema` option, or leave it out for a unique default")
-  end
-  if fresh and self:keep_alive() == false then
-    -- Its query connection is reconnecting, but its keeper still holds the schema.
-    self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
-    return fail(string.format("schema %s is in use by another running flashlua instance (reconnecting)", self.schema),
-      "give each instance its own `schema` option, or leave it out for a unique default")
+  -- The default name (flash_<backend pid>) is easily guessed: one whose schema another role
+  -- made first, or whose advisory lock another session holds (any role may take any
+  -- advisory lock), is passed over for flash_<pid>_2, _3, ...
+  local default = fresh and not self.persistent and not self.client.opts.schema
+  local first, n = self.schema, 1
+  while true do
+    local existed, _, other = self:schema_exists()
+    local why = default and existed and other and ("belongs to role " .. other)
+    if not why then
+      local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.schema) .. ") AS ok")
+      if not got then return nil, err end
+      local busy = not got[1].ok and ""
+      if not busy and fresh and self:keep_alive() == false then
+        -- Its query connection is reconnecting, but its keeper still holds the schema.
+        self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+        busy = " (reconnecting)"
+      end
+      if not busy then break end
+      if not default then
+        return fail(string.format("schema %s is in use by another running flashlua instance%s", self.schema, busy),
+          "give each instance its own `schema` option, or leave it out for a unique default")
+      end
+      why = "is locked by another session"
+    end
+    if n == 1 then log.warn(string.format("schema %s %s: this instance uses another name", first, why)) end
+    n = n + 1
+    if n > 100 then
+      return fail(string.format("schemas %s to %s_%d are all taken by other roles or sessions", first, first, n - 1),
+        "pass `schema` naming one of this instance's own")
+    end
+    self.schema = string.format("%s_%d", first, n)
   end
   self.owns_lock = true
   self:keep_alive()
   local S = self:ident(self.schema)
-  local existed, kept = self:schema_exists()
+  local existed, kept, other = self:schema_exists()
+  if other then
+    self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+    self.owns_lock = nil
+    self:drop_keeper()
+    return fail(string.format("schema %s exists and belongs to role %s, not to %s, the role flashlua runs as",
+      self.schema, other, self.client.role), "pass `schema` naming a schema of its own, or have that role drop it")
+  end
   if fresh and existed and not (self.persistent and kept) then
     -- A schema of this name whose lock was free: left by an instance that is gone.
     local ok, rerr = self:discard_schema(self.schema)
@@ -597,7 +634,7 @@ function Driver:install_schema(fresh)
     "REVOKE ALL ON SCHEMA " .. S .. " FROM PUBLIC",
   }
   for _, s in ipairs(self:schema_sql()) do sql[#sql + 1] = s end
-  local ok
+  local ok, err
   ok, err = self:exec(table.concat(sql, ";\n"))
   if not ok then
     return fail("cannot create schema " .. self.schema .. ": " .. err,
@@ -854,7 +891,14 @@ function Driver:load_installed()
 end
 
 function Driver:install(fresh)
-  local ok, err = self:remove_leftovers()
+  -- Our polls read and delete rows the writers' triggers insert: under a database's or
+  -- role's default_transaction_isolation = serializable they failed with serialization
+  -- errors (stopping the client) and made writers fail as pivots. They need no more than
+  -- read committed, so the client's connection runs that by default (a script's own
+  -- BEGIN ISOLATION LEVEL ... still chooses).
+  local ok, err = self:exec("SET default_transaction_isolation = 'read committed'")
+  if not ok then return nil, err end
+  ok, err = self:remove_leftovers()
   if not ok then return nil, err end
   local existed
   ok, existed = self:install_schema(fresh)
@@ -876,13 +920,37 @@ function Driver:start()
   if not ok then
     -- Only what this run made: never a schema another instance holds, nor a persistent one.
     if self.owns_lock and not self.persistent then self:remove_schema(self.schema, core.now() + 5) end
-    if self.owns_lock then self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")") end
+    if self.owns_lock then self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")") end
     self:drop_keeper()
     return nil, err
   end
   self.server_started, self.commit_ts = self:server_facts()
   log.debug(string.format("%s driver capturing into %s.events", self.client.driver_name, self.schema))
   return true
+end
+
+-- After a restart of the server: whether a crash emptied the (unlogged) events table:
+-- true when its identity sequence (unlogged with it) restarted below the highest seq read,
+-- false when it did not, nil when nothing was read yet (it cannot tell).
+function Driver:emptied_by_crash()
+  local rows = self:exec("SELECT pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence($1, 'seq'))::text AS v",
+    self:ident(self.schema) .. ".events")
+  local v = rows and rows[1] and rows[1].v
+  if v == nil then return nil end
+  if not self.max_seq then return nil end
+  return v == null or tonumber(v) < self.max_seq
+end
+
+-- The table was emptied and its seqs start again at 1: the seqs of rows read before must
+-- never be deleted (nor confirmed) now, as they may be those of new rows. Rows of the
+-- batch in hand are still delivered (they are committed changes), without their seqs.
+function Driver:forget_seqs()
+  self.handled = {}
+  self.delivered = {}
+  self.max_seq = nil
+  if self.pending then
+    for i = self.pending_i or 1, #self.pending do self.pending[i].gone = true end
+  end
 end
 
 -- When the server started (a change means it restarted) and whether it records commit
@@ -938,14 +1006,25 @@ function Driver:reconnect()
     if ok then
       client.counters.reconnects = client.counters.reconnects + 1
       local started = self:server_facts()
+      local crashed = false
       if existed and started and self.server_started and started ~= self.server_started and
         not self.durable then
-        log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
-          "captured into %s.events but not yet delivered are lost (the table is unlogged; durable = true keeps them)",
-          self.schema))
+        crashed = self:emptied_by_crash()
+        if crashed then
+          log.error(string.format("PostgreSQL crashed while the connection was down: the changes captured into " ..
+            "%s.events and not yet read were lost with it (the table is unlogged; durable = true keeps them); " ..
+            "every change committed since it came back is delivered", self.schema))
+        elseif crashed == nil then
+          log.error(string.format("PostgreSQL restarted while the connection was down: if it crashed, the changes " ..
+            "captured into %s.events but not yet read are lost (the table is unlogged; durable = true keeps them)",
+            self.schema))
+        end
+        if crashed ~= false then self:forget_seqs() end
       end
       self.server_started = started or self.server_started
-      if existed then
+      if existed and crashed ~= false then
+        log.warn("reconnected; the changes committed meanwhile wait in " .. self.schema .. ".events")
+      elseif existed then
         log.warn("reconnected; nothing was lost: the changes committed meanwhile wait in " .. self.schema .. ".events")
       else
         log.warn(string.format("reconnected, but schema %s was removed while the connection was down: changes " ..
@@ -1217,10 +1296,13 @@ function Driver:fetch()
   -- captured after that one committed, so per-row order holds either way). Rows of one
   -- transaction together, in capture order.
   local last = {}
+  local top = self.max_seq or 0
   for _, r in ipairs(rows) do
     local m = last[r.xid]
     if not m or r.seq > m then last[r.xid] = r.seq end
+    if r.seq > top then top = r.seq end
   end
+  self.max_seq = top   -- the highest seq read: a crash that emptied the table restarts below it
   if self.commit_ts then
     for _, r in ipairs(rows) do
       if type(r.cts) == "number" then last[r.xid] = r.cts end
@@ -1372,7 +1454,10 @@ function Driver:drain(budget)
       r.new, r.old = nil, nil
       core.release_memory()
     end
-    if acks then
+    if r.gone then
+      -- Read before a crash emptied the table: its seq may be a new row's now.
+      if acks then acks:commit(r.seq) end
+    elseif acks then
       -- Deleted once every event made of it (and of each row delivered before) is acknowledged.
       self.delivered[#self.delivered + 1] = r.seq
       acks:commit(r.seq)
@@ -1531,7 +1616,7 @@ function Driver:stop()
         self.schema, tostring(rerr))
     end
   end
-  self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
+  self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.schema) .. ")")
   self:drop_keeper()
   if #problems > 0 then return nil, "stop: " .. table.concat(problems, "; ") end
   return true
@@ -1546,11 +1631,11 @@ end
 function Driver:lock_schema(name)
   local held = {}
   for _, key in ipairs({ name, name .. ":keeper" }) do
-    local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(key) .. ") AS ok")
+    local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(key) .. ") AS ok")
     if got and got[1].ok then held[#held + 1] = key end
   end
   local function release()
-    for _, key in ipairs(held) do self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(key) .. ")") end
+    for _, key in ipairs(held) do self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(key) .. ")") end
   end
   return #held == 2, release
 end
@@ -1561,7 +1646,9 @@ function M.persistent_schemas(client)
   local d = M.new(Driver, client)   -- for its queries only: it creates nothing
   local rows, err = d:exec([[
     SELECT nspname::text AS name FROM pg_catalog.pg_namespace
-    WHERE pg_catalog.obj_description(oid, 'pg_namespace') LIKE $1 || ' ' || $2 || '%' ORDER BY 1]],
+    WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
+      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
+      AND nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE .. " ORDER BY 1",
     SCHEMA_MARK, PERSISTENT_MARK)
   if not rows then return nil, err end
   for _, r in ipairs(rows) do

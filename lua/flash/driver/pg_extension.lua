@@ -56,6 +56,19 @@ function Driver:check_server()
     return fail("the flashlua extension is installed on the server but not created in database " .. self.database,
       "run `CREATE EXTENSION flashlua` there as a superuser")
   end
+  -- The extension's schema must be its owner's: a schema `flash` another role made before
+  -- CREATE EXTENSION is used as it is, and that role may then add functions there (an
+  -- overload of flash.listen that our call would pick) that would run as us.
+  local owners = self:exec([[SELECT pg_catalog.pg_get_userbyid(n.nspowner)::text AS schema_owner,
+      pg_catalog.pg_get_userbyid(e.extowner)::text AS ext_owner, n.nspowner OPERATOR(pg_catalog.=) e.extowner AS ok
+    FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+    WHERE e.extname OPERATOR(pg_catalog.=) 'flashlua']])
+  local o = owners and owners[1]
+  if o and not o.ok then
+    return fail(string.format("schema flash, where the flashlua extension lives, belongs to role %s, not to the " ..
+      "extension's owner %s: that role can put functions there that flashlua would call", o.schema_owner, o.ext_owner),
+      "as a superuser: DROP EXTENSION flashlua; DROP SCHEMA flash; CREATE EXTENSION flashlua")
+  end
   local lib = self:exec("SELECT flash.version() AS v")
   lib = lib and lib[1].v or "unknown"
   if r.created ~= VERSION or lib ~= VERSION then
@@ -136,7 +149,8 @@ function Driver.definition(_, l, any_ops)
 end
 
 function Driver:listen_sql(l, d)
-  local rows, err = self:exec("SELECT flash.listen($1::oid::regclass, $2, $3, $4, $5, $6, $7) AS id",
+  local rows, err = self:exec("SELECT flash.listen($1::pg_catalog.oid::pg_catalog.regclass, $2::pg_catalog.text[], " ..
+    "$3::pg_catalog.text[], $4::pg_catalog.jsonb, $5::pg_catalog.text[], $6::pg_catalog.text, $7::pg_catalog.text) AS id",
     string.format("%d", l.table.oid), d.ops, d.cols, d.conds, d.pk, self.consumer, d.note)
   if not rows then return nil, (tostring(err):gsub("%s+$", ""):gsub("\nCONTEXT:.*", "")) end
   return rows[1].id
@@ -172,7 +186,7 @@ function Driver:register_all()
   end
   for _, r in ipairs(rows) do
     if not keep[r.id] then
-      ok, err = self:exec("SELECT flash.unlisten($1)", r.id)
+      ok, err = self:exec("SELECT flash.unlisten($1::pg_catalog.int8)", r.id)
       if not ok then self:exec("ROLLBACK") return nil, err end
     end
   end
@@ -185,7 +199,7 @@ end
 -- Listeners of non-persistent consumers whose instance is gone (no slot of that name).
 function Driver:remove_leftovers()
   return self:exec([[SELECT flash.unlisten(id) FROM flash.my_listeners
-    WHERE consumer LIKE 'flash\_extension\_%' AND consumer <> $1
+    WHERE consumer::pg_catalog.text OPERATOR(pg_catalog.~~) 'flash\_extension\_%' AND consumer::pg_catalog.text OPERATOR(pg_catalog.<>) $1
       AND consumer NOT IN (SELECT slot_name::text FROM pg_catalog.pg_replication_slots)]], self.consumer)
 end
 
@@ -230,7 +244,7 @@ Driver.sync_publication = Driver.register_all
 -- wal_logical's start() (server check, replica identity, leftovers, then this, then
 -- open_slot) with no publication: the instance's lock on its consumer name only.
 function Driver:setup_publication()
-  local got = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
+  local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
   if not got or not got[1].ok then
     return fail("consumer " .. self.consumer .. " is in use by another running flashlua instance",
       "give each instance its own `slot`")

@@ -513,9 +513,10 @@ function Driver:remove_leftovers()
   -- A publication whose slot is streaming belongs to a live instance, even when that
   -- instance's query connection (which holds the lock) is down for a moment.
   local rows, err = self:exec([[SELECT p.pubname::text AS name FROM pg_catalog.pg_publication p
-    WHERE pg_catalog.obj_description(p.oid, 'pg_publication') LIKE $1 || '%temporary%'
+    WHERE pg_catalog.obj_description(p.oid, 'pg_publication') OPERATOR(pg_catalog.~~) ($1::pg_catalog.text OPERATOR(pg_catalog.||) '%temporary%')
       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.active
-        AND pg_catalog.obj_description(p.oid, 'pg_publication') LIKE '%, slot ' || s.slot_name || ')')]], MARK)
+        AND pg_catalog.obj_description(p.oid, 'pg_publication') OPERATOR(pg_catalog.~~)
+          pg_catalog.concat('%, slot ', s.slot_name::pg_catalog.text, ')'))]], MARK)
   if not rows then return nil, err end
   self:sweep_orphans(rows, self.publication, "publication", function(name)
     return self:exec("DROP PUBLICATION IF EXISTS " .. self:ident(name))
@@ -524,7 +525,7 @@ function Driver:remove_leftovers()
 end
 
 function Driver:setup_publication()
-  local got, err = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
+  local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
   if not got then return nil, err end
   if not got[1].ok then
     return fail("publication " .. self.publication .. " is in use by another running flashlua instance",
@@ -556,7 +557,7 @@ function Driver:setup_publication()
   if not ok then
     if tostring(err):find("must be owner of publication", 1, true) then
       -- Another role's instance made it (the default name is shared by every role).
-      local owner = self:exec("SELECT pg_get_userbyid(pubowner)::text AS o FROM pg_publication WHERE pubname = $1",
+      local owner = self:exec("SELECT pg_catalog.pg_get_userbyid(pubowner)::text AS o FROM pg_publication WHERE pubname = $1",
         self.publication)
       return fail(string.format("cannot use publication %s: it belongs to role %s", self.publication,
         owner and owner[1] and owner[1].o or "?"),
@@ -573,9 +574,11 @@ function Driver:setup_publication()
 end
 
 function Driver:check_server()
-  local rows, err = self:exec("SELECT current_setting('wal_level') AS wal_level, current_database()::text AS db, " ..
-    "current_setting('server_version_num')::int AS version, current_user::text AS role, " ..
-    "(SELECT r.rolreplication OR r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) AS replication")
+  local rows, err = self:exec("SELECT pg_catalog.current_setting('wal_level') AS wal_level, " ..
+    "pg_catalog.current_database()::text AS db, " ..
+    "pg_catalog.current_setting('server_version_num')::int AS version, current_user::text AS role, " ..
+    "(SELECT r.rolreplication OR r.rolsuper FROM pg_catalog.pg_roles r " ..
+    "WHERE r.rolname OPERATOR(pg_catalog.=) current_user) AS replication")
   if not rows then return nil, err end
   if rows[1].replication == false then
     -- Said first: the publication (CREATE on the database, owning the tables) would fail
@@ -935,7 +938,7 @@ function Driver:reconnect_query(err)
     local old = self.client.conn
     self.client.conn = conn
     local got
-    got, cerr = self:exec("SELECT pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
+    got, cerr = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
     if got and got[1].ok then
       ok = true
       old:close()
@@ -999,7 +1002,7 @@ function Driver:housekeep()
   for oid in pairs(self.by_oid) do oids[#oids + 1] = string.format("%d", oid) end
   if #oids == 0 then return end
   local rows = self:exec([[SELECT x.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS name
-    FROM unnest($1::oid[]) x(oid) LEFT JOIN pg_catalog.pg_class c ON c.oid = x.oid
+    FROM pg_catalog.unnest($1::oid[]) x(oid) LEFT JOIN pg_catalog.pg_class c ON c.oid = x.oid
     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace]], "{" .. table.concat(oids, ",") .. "}")
   if not rows then return end
   for _, r in ipairs(rows) do
@@ -1070,7 +1073,7 @@ function Driver:set_until(spec)
   if spec == "current" then
     -- A logical message marks a position the walsender has to read past; the insert
     -- position itself may sit just past a page header that no record ever ends at.
-    local rows, err = self:exec("SELECT pg_logical_emit_message(false, 'flashlua', '')::text AS lsn")
+    local rows, err = self:exec("SELECT pg_catalog.pg_logical_emit_message(false, 'flashlua', '')::text AS lsn")
     if not rows then return nil, err end
     spec = rows[1].lsn
   end
@@ -1227,6 +1230,10 @@ function Driver:lost(err)
       core.lsn(at >= 0 and at or 0), self.stuck_count, msg, cause, fix)
   end
   log.warn(string.format("replication connection lost (%s); reconnecting", msg))
+  -- What the temporary slot had delivered when it went: what was committed after it and
+  -- not yet delivered is lost with the slot, committed before the loss or not.
+  local st = self.repl and self.repl:state()
+  self.lost_lsn = st and handover.position(self, st, "delivered") or self.lost_lsn
   if self.repl then self.repl:close() self.repl = nil end
   self.lost_at = core.time()
   self.retry_at = core.now()
@@ -1241,7 +1248,7 @@ function Driver:reconnect()
     if conn then
       self.client.conn:close()
       self.client.conn = conn
-      ok, err = self:exec("SELECT pg_advisory_lock(" .. self:lock_sql(self.publication) .. ")")
+      ok, err = self:exec("SELECT pg_catalog.pg_advisory_lock(" .. self:lock_sql(self.publication) .. ")")
       -- This connection is the query connection now, holding the lock: a pending query
       -- reconnect would only find the lock taken (by it) and retry forever.
       if ok then self.conn_retry_at = nil end
@@ -1258,8 +1265,10 @@ function Driver:reconnect()
     if self.persistent then
       log.warn("replication resumed from slot " .. self.slot .. "; unconfirmed changes are delivered again")
     else
-      log.warn(string.format("replication resumed with a new temporary slot; changes committed since %s " ..
-        "were not captured (use persistent = true to keep them)", os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at))))
+      log.warn(string.format("replication resumed with a new temporary slot; changes committed after %s " ..
+        "(the last position delivered) that were not delivered when the connection was lost at %s, and those " ..
+        "committed until now, were not captured (use persistent = true to keep them)",
+        self.lost_lsn and core.lsn(self.lost_lsn) or "the start", os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at))))
     end
     return true
   end
@@ -1335,7 +1344,7 @@ function Driver:stop(confirm)
         self:ident(self.publication))
     end
   end
-  self:exec("SELECT pg_advisory_unlock(" .. self:lock_sql(self.publication) .. ")")
+  self:exec("SELECT pg_catalog.pg_advisory_unlock(" .. self:lock_sql(self.publication) .. ")")
   return ok, err
 end
 
