@@ -641,6 +641,35 @@ describe("backfill under " .. driver, function()
     H.sql(string.format("DROP TABLE %s, %s", t, mine))
   end)
 
+  -- A statement_timeout of the role or database shorter than a chunk's read: loud, and it
+  -- said nothing of what to change. The table is locked by the script's own second
+  -- connection, so the chunk's read waits out the timeout whatever the machine's speed.
+  it("a chunk read past the role's statement_timeout fails naming the chunk option", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql(string.format("ALTER TABLE %s REPLICA IDENTITY FULL; INSERT INTO %s SELECT g, 'x' FROM generate_series(1, 50) g",
+      t, t))
+    local s = script(string.format([[
+      local flash = require "flash"
+      local c = assert(flash.client { driver = %q })
+      local l = assert(c:listen { table = %q })
+      l:on("read", function() end)
+      assert(c:start())
+      local other = assert(flash.connect(c:dsn()))
+      assert(other:query("BEGIN"))
+      assert(other:query("LOCK TABLE %s IN ACCESS EXCLUSIVE MODE"))
+      l:backfill { chunk = 20 }
+      local ok, err = flash.run()
+      io.stderr:write("RESULT ", tostring(ok), " ", tostring(err), "\n")
+    ]], driver, t, t))
+    local rc, _, err = H.run_flashlua({ "-d", H.dsn .. " options='-c statement_timeout=1500'", s }, 40)
+    assert.equal(0, rc, err)
+    assert.truthy(err:find("RESULT nil backfill of public." .. t .. " failed: [^\n]*canceling statement due to " ..
+      "statement timeout"), err)
+    assert.truthy(err:find("(a chunk of 20 rows took longer than the statement_timeout set for role postgres or the " ..
+      "database: give the backfill a smaller chunk, e.g. listener:backfill{ chunk = 2 }, or raise the timeout for " ..
+      "this role)", 1, true), err)
+  end)
+
   it("flashlua --table T --backfill writes the existing rows, then follows changes, as JSON lines", function()
     local t = H.table("id int PRIMARY KEY, v text")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

@@ -990,6 +990,12 @@ local function take(bf)
       "expressions as " .. bf.client.role .. ": run flashlua as the table's owner or a role with BYPASSRLS, " ..
       "or have the owner exempt " .. bf.client.role .. " from them)"
   end
+  if tostring(err):find("statement timeout", 1, true) then
+    err = tostring(err):gsub("%s+$", "") .. string.format(" (a chunk of %d rows took longer than the " ..
+      "statement_timeout set for role %s or the database: give the backfill a smaller chunk, e.g. " ..
+      "listener:backfill{ chunk = %d }, or raise the timeout for this role)", bf.chunk,
+      bf.client.role, math.max(1, math.floor(bf.chunk / 10)))
+  end
   return nil, "backfill of " .. bf.l.table_name .. " failed: " .. tostring(err)
 end
 
