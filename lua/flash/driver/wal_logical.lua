@@ -123,6 +123,27 @@ local NO_IDENTITY = [[c.relreplident = 'n' OR (c.relreplident IN ('d', 'i') AND 
       SELECT 1 FROM pg_catalog.pg_index x WHERE x.indrelid = c.oid
          AND CASE c.relreplident WHEN 'd' THEN x.indisprimary ELSE x.indisreplident END))]]
 
+-- The ALTER TABLE ... REPLICA IDENTITY FULL of each table of rows ({ schema, name }), and
+-- the tables' names.
+local function identity_alters(self, rows)
+  local alters, names = {}, {}
+  for i, r in ipairs(rows) do
+    alters[i] = "ALTER TABLE " .. self:ident(r.schema) .. "." .. self:ident(r.name) .. " REPLICA IDENTITY FULL"
+    names[i] = r.schema .. "." .. r.name
+  end
+  return alters, names
+end
+
+-- Runs them (replica_identity = "full"), each logged with why; nil, err at the first refused.
+local function set_full(self, alters, names, why)
+  for i, alter in ipairs(alters) do
+    local ok, aerr = self:exec(alter)
+    if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. names[i] .. ": " .. aerr) end
+    log.info("set REPLICA IDENTITY FULL on " .. names[i] .. " (replica_identity = \"full\")" .. why)
+  end
+  return true
+end
+
 -- Rows of a listened table's descendants arrive as their own (leaf) relations: each one
 -- needs REPLICA IDENTITY FULL as the table itself does.
 function Driver:check_identity(l)
@@ -134,19 +155,8 @@ function Driver:check_identity(l)
     ORDER BY c.oid <> $2, 1, 2]], "{" .. string.format("%d", l.table.oid) .. "}", l.table.oid)
   if not rows then return nil, err end
   if #rows == 0 then return true end
-  local alters, names = {}, {}
-  for i, r in ipairs(rows) do
-    alters[i] = "ALTER TABLE " .. self:ident(r.schema) .. "." .. self:ident(r.name) .. " REPLICA IDENTITY FULL"
-    names[i] = r.schema .. "." .. r.name
-  end
-  if self.client.opts.replica_identity == "full" then
-    for i, alter in ipairs(alters) do
-      local ok, aerr = self:exec(alter)
-      if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. names[i] .. ": " .. aerr) end
-      log.info("set REPLICA IDENTITY FULL on " .. names[i] .. " (replica_identity = \"full\")")
-    end
-    return true
-  end
+  local alters, names = identity_alters(self, rows)
+  if self.client.opts.replica_identity == "full" then return set_full(self, alters, names, "") end
   local what = rows[1].self and ("table " .. l.table_name) or
     ("partition or child table " .. names[1] .. " of " .. l.table_name)
   return fail(string.format("%s does not have REPLICA IDENTITY FULL, so update and delete events " ..
@@ -275,20 +285,10 @@ function Driver:check_writable()
     ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}")
   if not rows then return nil, err end
   if #rows == 0 then return true end
-  local alters, names = {}, {}
-  for i, r in ipairs(rows) do
-    alters[i] = "ALTER TABLE " .. self:ident(r.schema) .. "." .. self:ident(r.name) .. " REPLICA IDENTITY FULL"
-    names[i] = r.schema .. "." .. r.name
-  end
+  local alters, names = identity_alters(self, rows)
   if self.client.opts.replica_identity == "full" then
-    for i, alter in ipairs(alters) do
-      local ok, aerr = self:exec(alter)
-      if not ok then return fail("cannot set REPLICA IDENTITY FULL on " .. names[i] .. ": " .. aerr) end
-      log.info("set REPLICA IDENTITY FULL on " .. names[i] .. " (replica_identity = \"full\"): publication " ..
-        self.publication .. " publishes " .. ops .. " for another listener, which PostgreSQL refuses on a table " ..
-        "without a replica identity")
-    end
-    return true
+    return set_full(self, alters, names, ": publication " .. self.publication .. " publishes " .. ops ..
+      " for another listener, which PostgreSQL refuses on a table without a replica identity")
   end
   return fail(string.format("table %s has no replica identity (no primary key, or REPLICA IDENTITY NOTHING), and " ..
     "publication %s publishes %s for another listener of this client: PostgreSQL would refuse every UPDATE and " ..
