@@ -248,6 +248,35 @@ describe("attacks", function()
       end)
     end
 
+    if driver ~= "pg_extension" then
+      -- Any role may take the advisory lock that marks a name as a running instance's: the
+      -- refusal said only "in use by another running flashlua instance", with nothing to
+      -- find the session by.
+      it("names the session of another role holding the lock of its schema or publication (" .. driver .. ")",
+        function()
+        local t = fresh_table("id int PRIMARY KEY")
+        H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+        local name = "flash_squat_" .. core.getpid()
+        local opts, what, key = { driver = driver, schema = name }, "schema " .. name, name
+        if driver == "wal_logical" then
+          opts, what, key = { driver = driver, slot = name, publication = name }, "publication " .. name, "pub:" .. name
+        end
+        local c = low()
+        local pid = math.floor(assert(c:exec("SELECT pg_catalog.pg_backend_pid() AS p", 0))[1].p)
+        assert(c:exec("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext('flashlua'), pg_catalog.hashtext('" ..
+          key .. "'))", 0))
+        client = assert(flash.client(opts))
+        assert(client:listen { table = t }):on("insert", function() end)
+        local ok, err = client:start()
+        c:close()
+        assert.is_nil(ok)
+        assert.truthy(err:find(what .. " is in use by another running flashlua instance (its lock is held by backend " ..
+          pid .. ", role " .. ROLE .. ", application '", 1, true), err)
+        assert.truthy(err:find("'; if that is not a flashlua, SELECT pg_catalog.pg_terminate_backend(" .. pid ..
+          ") ends it)", 1, true), err)
+      end)
+    end
+
     if driver ~= "wal_logical" and driver ~= "pg_extension" then
       -- A schema of the attacker's, marked as a flashlua instance's and holding an `events`
       -- view of its own function: counted, read or dropped as ours, it would run as us.

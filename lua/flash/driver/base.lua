@@ -122,6 +122,24 @@ function Driver:lock_sql(key)
   return "pg_catalog.hashtext(" .. self:literal(LOCK_CLASS) .. "), pg_catalog.hashtext(" .. self:literal(key) .. ")"
 end
 
+-- Who holds the session advisory lock of `key` (self:lock_sql), as a parenthesis for an
+-- "in use" error: any role may take such a lock, so the holder is named with what ends it
+-- if it is not a flashlua; "" when none is seen (released meanwhile).
+function Driver:lock_holder(key)
+  local rows = self:exec([[SELECT a.pid, a.usename::text AS role, a.application_name::text AS app
+    FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid
+    WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+      AND l.classid OPERATOR(pg_catalog.=) pg_catalog.hashtext($1)::pg_catalog.oid
+      AND l.objid OPERATOR(pg_catalog.=) pg_catalog.hashtext($2)::pg_catalog.oid
+      AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
+      AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
+    ORDER BY a.pid LIMIT 1]], LOCK_CLASS, key)
+  local r = rows and rows[1]
+  if not r then return "" end
+  return string.format(" (its lock is held by backend %d, role %s, application '%s'; if that is not a flashlua, " ..
+    "SELECT pg_catalog.pg_terminate_backend(%d) ends it)", r.pid, r.role, r.app, r.pid)
+end
+
 -- Drops the objects named in rows[i].name (but `keep`) whose owner's session advisory
 -- lock (self:lock_sql) is free, and the lock named `also(name)` too when given: the
 -- flashlua instance that made them is gone. `drop(name)` removes one: true | nil, err.

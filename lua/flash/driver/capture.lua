@@ -589,7 +589,8 @@ function Driver:install_schema(fresh)
       end
       if not busy then break end
       if not default then
-        return fail(string.format("schema %s is in use by another running flashlua instance%s", self.schema, busy),
+        return fail(string.format("schema %s is in use by another running flashlua instance%s%s", self.schema, busy,
+          busy == "" and self:lock_holder(self.schema) or ""),
           "give each instance its own `schema` option, or leave it out for a unique default")
       end
       why = "is locked by another session"

@@ -246,7 +246,8 @@ Driver.sync_publication = Driver.register_all
 function Driver:setup_publication()
   local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
   if not got or not got[1].ok then
-    return fail("consumer " .. self.consumer .. " is in use by another running flashlua instance",
+    return fail("consumer " .. self.consumer .. " is in use by another running flashlua instance" ..
+      (got and base.Driver.lock_holder(self, "ext:" .. self.consumer) or ""),
       "give each instance its own `slot`")
   end
   return true

@@ -528,7 +528,8 @@ function Driver:setup_publication()
   local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
   if not got then return nil, err end
   if not got[1].ok then
-    return fail("publication " .. self.publication .. " is in use by another running flashlua instance",
+    return fail("publication " .. self.publication .. " is in use by another running flashlua instance" ..
+      base.Driver.lock_holder(self, "pub:" .. self.publication),
       "give each instance its own `publication` and `slot`")
   end
   local P = self:ident(self.publication)
