@@ -118,8 +118,12 @@ M.needed_ops = where.needed_ops
 
 -- The session advisory lock that marks `key` (a schema, a publication) as held by a running
 -- instance: two int4 keys, our class and the name, so no other application's locks collide.
+-- A driver names its locks' keys (lock_key: the name as it is here).
+function Driver.lock_key(_, key) return key end
+
 function Driver:lock_sql(key)
-  return "pg_catalog.hashtext(" .. self:literal(LOCK_CLASS) .. "), pg_catalog.hashtext(" .. self:literal(key) .. ")"
+  return "pg_catalog.hashtext(" .. self:literal(LOCK_CLASS) .. "), pg_catalog.hashtext(" ..
+    self:literal(self:lock_key(key)) .. ")"
 end
 
 -- Who holds the session advisory lock of `key` (self:lock_sql), as a parenthesis for an
@@ -133,7 +137,7 @@ function Driver:lock_holder(key)
       AND l.objid OPERATOR(pg_catalog.=) pg_catalog.hashtext($2)::pg_catalog.oid
       AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
       AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()
-    ORDER BY a.pid LIMIT 1]], LOCK_CLASS, key)
+    ORDER BY a.pid LIMIT 1]], LOCK_CLASS, self:lock_key(key))
   local r = rows and rows[1]
   if not r then return "" end
   return string.format(" (its lock is held by backend %d, role %s, application '%s'; if that is not a flashlua, " ..

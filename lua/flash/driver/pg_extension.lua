@@ -34,8 +34,8 @@ function M.new(client)
   return self
 end
 
-function Driver:lock_sql()
-  return base.Driver.lock_sql(self, "ext:" .. self.consumer)
+function Driver:lock_key()
+  return "ext:" .. self.consumer
 end
 
 -- The server: wal_level, and the extension created in this database at this version.
@@ -247,7 +247,7 @@ function Driver:setup_publication()
   local got = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql() .. ") AS ok")
   if not got or not got[1].ok then
     return fail("consumer " .. self.consumer .. " is in use by another running flashlua instance" ..
-      (got and base.Driver.lock_holder(self, "ext:" .. self.consumer) or ""),
+      (got and self:lock_holder() or ""),
       "give each instance its own `slot`")
   end
   return true

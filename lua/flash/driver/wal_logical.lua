@@ -97,8 +97,8 @@ Driver.qualified = base.Driver.qualified_table
 Driver.hand_over = true
 
 -- A publication's lock: "pub:" keeps it apart from a schema of the same name.
-function Driver:lock_sql(name)
-  return base.Driver.lock_sql(self, "pub:" .. name)
+function Driver.lock_key(_, name)
+  return "pub:" .. name
 end
 
 -- Conditions are test-planned and checked as the trigger drivers' are (flash.driver.base:
@@ -529,7 +529,7 @@ function Driver:setup_publication()
   if not got then return nil, err end
   if not got[1].ok then
     return fail("publication " .. self.publication .. " is in use by another running flashlua instance" ..
-      base.Driver.lock_holder(self, "pub:" .. self.publication),
+      self:lock_holder(self.publication),
       "give each instance its own `publication` and `slot`")
   end
   local P = self:ident(self.publication)
