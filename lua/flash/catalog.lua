@@ -45,7 +45,7 @@ local TEMP_WHY = " is a temporary table, which flashlua cannot listen to: only t
   "session that created it sees its rows"
 
 -- Resolves "schema.table" (quoting as in SQL; a bare name means public) on query
--- connection `conn`: { schema, name, oid, columns, display, unlogged } | nil, err.
+-- connection `conn`: { schema, name, oid, columns, display } | nil, err.
 function M.resolve_table(conn, name)
   local rows, err = conn:exec("SELECT pg_catalog.parse_ident($1) AS parts", 0, name)
   if not rows then
@@ -104,7 +104,7 @@ function M.resolve_table(conn, name)
   cols, err = conn:exec(M.columns_sql("a.attrelid = $1"), 0, rows[1].oid)
   if not cols then return nil, err end
   return { schema = parts[1], name = parts[2], oid = rows[1].oid, columns = cols,
-           display = display, unlogged = rows[1].persistence == "u" }
+           display = display }
 end
 
 -- Column `col` of resolved table `tbl`, or nil and an error naming the option (`what`).
