@@ -92,7 +92,7 @@ assert(flash.run())
       if pick == 1 then
         victims[round] = "capturer"
         capturer.kill("KILL")
-        assert.equal(137, capturer.wait(10))
+        assert.equal(137, capturer.wait(10), capturer.err())
         write(15)
         capturer = start_capturer()
       elseif pick == 2 then

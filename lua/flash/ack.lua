@@ -20,23 +20,29 @@ Tracker.__index = Tracker
 -- Events are plain tables; the tracker gives each the metatable of its own ev:ack().
 function M.new(limit, confirm)
   local self = setmetatable({ limit = limit, confirm = confirm, head = nil, tail = nil, open = nil,
-                              outstanding = 0, seq = 0, pending = {} }, Tracker)
+                              outstanding = 0, seq = 0, pending = {}, gen = 0 }, Tracker)
   -- ev:ack() -> true, or false when the event is not outstanding (acknowledged already, or
   -- from before a reconnect that will deliver it again).
   self.event_mt = { __index = { ack = function(ev) return self:ack(ev) end } }
   return self
 end
 
--- An event is handed to callbacks: it is outstanding until acknowledged.
-function Tracker:track(ev)
-  local pending = self.pending
-  if pending[ev] then return end
+-- The transaction being delivered: its entry in the list, made at its first event.
+local function open_batch(self)
   local b = self.open
   if not b then
     b = { n = 0, prev = self.tail }
     if self.tail then self.tail.next = b else self.head = b end
     self.tail, self.open = b, b
   end
+  return b
+end
+
+-- An event is handed to callbacks: it is outstanding until acknowledged.
+function Tracker:track(ev)
+  local pending = self.pending
+  if pending[ev] then return end
+  local b = open_batch(self)
   self.seq = self.seq + 1
   pending[ev] = { b = b, seq = self.seq }
   b.n = b.n + 1
@@ -87,6 +93,26 @@ function Tracker:ack(ev)
   return true
 end
 
+-- k events of the transaction being delivered that no script holds (the Redis sink's
+-- direct path: lrepl wrote them into its outbox without Lua events): outstanding until
+-- ack_n. Returns their token.
+function Tracker:track_n(k)
+  local b = open_batch(self)
+  b.n = b.n + k
+  self.outstanding = self.outstanding + k
+  return { acks = self, b = b, gen = self.gen }
+end
+
+-- k of the events of token tok are acknowledged (false: they are from before a reset).
+function Tracker:ack_n(tok, k)
+  if tok.gen ~= self.gen then return false end
+  local b = tok.b
+  b.n = b.n - k
+  self.outstanding = self.outstanding - k
+  self:settle(b)
+  return true
+end
+
 -- Acknowledges ev and every outstanding event delivered before it.
 function Tracker:ack_through(ev)
   local e = self.pending[ev]
@@ -108,6 +134,7 @@ end
 -- Forgets every outstanding event (a reconnect delivers them again, as new events).
 function Tracker:reset()
   self.pending = {}
+  self.gen = self.gen + 1
   self.head, self.tail, self.open, self.outstanding = nil, nil, nil, 0
 end
 

@@ -46,8 +46,10 @@ function Listener:on(ops, fn)
   -- A callable object (a sink: flash.sink.redis) is a callback too; it is called with the
   -- event and this listener (the sink's default key is the listener's table's key).
   local mt = type(fn) == "table" and getmetatable(fn)
+  local obj
   if mt and type(mt.__call) == "function" then
-    local obj, l = fn, self
+    local l = self
+    obj = fn
     fn = function(ev) return obj(ev, l) end
   end
   if type(fn) ~= "function" then
@@ -55,7 +57,7 @@ function Listener:on(ops, fn)
   end
   local entries = {}
   for _, op in ipairs(list) do
-    local e = { fn = fn }
+    local e = { fn = fn, obj = obj }   -- obj: the callable object (a sink), for the drivers
     local cbs = self.callbacks[op]
     cbs[#cbs + 1] = e
     entries[#entries + 1] = { op = op, e = e }

@@ -164,7 +164,7 @@ enum { F_ID = 1, F_TABLE, F_OP, F_NEW, F_OLD, F_LSN, F_COMMIT_TIME, F_XID, F_SOU
        F_KEYS = F_MARKERS + 3 };
 static const char *const field_names[] = { "id", "table", "op", "new", "old", "lsn", "commit_time", "xid", "source" };
 
-typedef struct {
+struct fl_outbox {
   redisContext *c;         /* NULL when not connected */
   char *stream;            /* streams are <stream>:<partition> */
   size_t stream_len;
@@ -175,7 +175,14 @@ typedef struct {
   double ct;               /* the last commit_time written, and its text: a transaction's */
   char ct_txt[FL_JSON_NUM_MAX];  /* events share it, and a double's shortest form is dear */
   size_t ct_len;
-} fl_outbox;
+  /* The entries lrepl added directly (fl_outbox_add_entry) that Redis has not answered
+   * yet, oldest first: their formatted commands, a ring of cap slots from head. A new
+   * connection gets them again through readd (the sink knows where they go among the
+   * entries of Lua events); `readded` of them are on the current connection already. */
+  char **kept;
+  size_t *kept_len;
+  size_t kept_head, kept_n, kept_cap, readded;
+};
 
 static fl_outbox *check_outbox(lua_State *L) {
   return luaL_checkudata(L, 1, OUTBOX_MT);
@@ -188,6 +195,58 @@ static void outbox_disconnect(fl_outbox *o) {
   }
 }
 
+/* Forgets the first n kept entries (Redis answered them). */
+static void kept_drop(fl_outbox *o, size_t n) {
+  if (n > o->kept_n) n = o->kept_n;
+  while (n-- > 0) {
+    redisFreeCommand(o->kept[o->kept_head]);
+    o->kept[o->kept_head] = NULL;
+    o->kept_head = (o->kept_head + 1) % o->kept_cap;
+    o->kept_n--;
+    if (o->readded > 0) o->readded--;
+  }
+  if (o->kept_n == 0) o->kept_head = 0;
+}
+
+static int kept_push(fl_outbox *o, char *cmd, size_t len) {
+  if (o->kept_n == o->kept_cap) {
+    size_t cap = o->kept_cap ? o->kept_cap * 2 : 256, i;
+    char **k = malloc(cap * sizeof *k);
+    size_t *l = malloc(cap * sizeof *l);
+    if (!k || !l) {
+      free(k);
+      free(l);
+      return -1;
+    }
+    for (i = 0; i < o->kept_n; i++) {   /* unrolled from the ring, oldest first */
+      k[i] = o->kept[(o->kept_head + i) % o->kept_cap];
+      l[i] = o->kept_len[(o->kept_head + i) % o->kept_cap];
+    }
+    free(o->kept);
+    free(o->kept_len);
+    o->kept = k;
+    o->kept_len = l;
+    o->kept_cap = cap;
+    o->kept_head = 0;
+  }
+  o->kept[(o->kept_head + o->kept_n) % o->kept_cap] = cmd;
+  o->kept_len[(o->kept_head + o->kept_n) % o->kept_cap] = len;
+  o->kept_n++;
+  return 0;
+}
+
+fl_outbox *fl_outbox_check(lua_State *L, int idx) {
+  return luaL_checkudata(L, idx, OUTBOX_MT);
+}
+
+int fl_outbox_connected(const fl_outbox *o) {
+  return o->c != NULL && !o->c->err;
+}
+
+uint32_t fl_outbox_partitions(const fl_outbox *o) {
+  return o->partitions;
+}
+
 static int l_outbox_gc(lua_State *L) {
   fl_outbox *o = check_outbox(L);
   outbox_disconnect(o);
@@ -196,6 +255,12 @@ static int l_outbox_gc(lua_State *L) {
   free(o->body.p);
   o->body.p = NULL;
   o->body.len = o->body.cap = 0;
+  kept_drop(o, o->kept_n);
+  free(o->kept);
+  free(o->kept_len);
+  o->kept = NULL;
+  o->kept_len = NULL;
+  o->kept_cap = 0;
   return 0;
 }
 
@@ -322,12 +387,13 @@ static int l_outbox_connect(lua_State *L) {
   c->flags &= ~REDIS_BLOCK;
   c->reader->fn = &reply_fns;
   o->c = c;
+  o->readded = 0;                       /* the kept entries are the caller's to add again */
   lua_pushboolean(L, 1);
   return 1;
 }
 
 /* FNV-1a, 32 bits (flash.sink.redis's hash): h carried over from the bytes before. */
-static uint32_t fnv1a(uint32_t h, const char *s, size_t n) {
+uint32_t fl_fnv1a(uint32_t h, const char *s, size_t n) {
   size_t i;
   for (i = 0; i < n; i++) {
     h ^= (unsigned char)s[i];
@@ -382,11 +448,11 @@ static const char *key_text(lua_State *L, int idx, int env, char *buf, size_t *l
 static uint32_t partition_of(lua_State *L, fl_outbox *o, int ev, int env, int tbl, int given) {
   size_t n;
   const char *s = lua_tolstring(L, tbl, &n);
-  uint32_t h = fnv1a(2166136261u, s, n);
-  h = fnv1a(h, "", 1);
+  uint32_t h = fl_fnv1a(2166136261u, s, n);
+  h = fl_fnv1a(h, "", 1);
   if (given) {
     s = lua_tolstring(L, given, &n);
-    h = fnv1a(h, s, n);
+    h = fl_fnv1a(h, s, n);
   } else {
     int i, row, top = lua_gettop(L);
     char buf[32];
@@ -399,7 +465,7 @@ static uint32_t partition_of(lua_State *L, fl_outbox *o, int ev, int env, int tb
     }
     row = lua_gettop(L);
     for (i = 0; i < o->nkeys; i++) {
-      if (i > 0) h = fnv1a(h, "", 1);
+      if (i > 0) h = fl_fnv1a(h, "", 1);
       if (lua_istable(L, row)) {
         lua_rawgeti(L, env, F_KEYS + i);
         lua_gettable(L, row);
@@ -407,7 +473,7 @@ static uint32_t partition_of(lua_State *L, fl_outbox *o, int ev, int env, int tb
         lua_pushboolean(L, 0);   /* no row (a truncate): the Lua sink hashed "false" */
       }
       s = key_text(L, lua_gettop(L), env, buf, &n);
-      h = fnv1a(h, s, n);
+      h = fl_fnv1a(h, s, n);
       lua_settop(L, row);
     }
     lua_settop(L, top);
@@ -475,6 +541,43 @@ static void put_field(lua_State *L, fl_outbox *o, int markers, int field, int id
   fl_json_put(L, idx, markers, b);
 }
 
+/* The arguments of an entry's XADD (see outbox:add below) into argv/lens; returns argc, or
+ * -1 out of memory. The stream name is written to stream_buf (256 bytes) or, longer, to
+ * a malloc'd copy the caller frees (argv[1] != stream_buf). */
+static int entry_argv(fl_outbox *o, uint32_t p, const char *id, size_t id_len, const char *table, size_t table_len,
+                      const char *op, size_t op_len, const char *body, size_t body_len, char *stream_buf,
+                      const char **argv, size_t *lens) {
+  char part[16];
+  char *stream = stream_buf;
+  int argc = 0;
+  size_t n;
+  part[0] = ':';
+  n = (size_t)(put_digits(part + 1, p) - part);
+  if (o->stream_len + n + 1 > 256) {
+    stream = malloc(o->stream_len + n + 1);
+    if (!stream) return -1;
+  }
+  memcpy(stream, o->stream, o->stream_len);
+  memcpy(stream + o->stream_len, part, n);
+  argv[argc] = "XADD"; lens[argc++] = 4;
+  argv[argc] = stream; lens[argc++] = o->stream_len + n;
+  if (o->maxlen[0]) {
+    argv[argc] = "MAXLEN"; lens[argc++] = 6;
+    argv[argc] = "~"; lens[argc++] = 1;
+    argv[argc] = o->maxlen; lens[argc++] = strlen(o->maxlen);
+  }
+  argv[argc] = "*"; lens[argc++] = 1;
+  argv[argc] = "id"; lens[argc++] = 2;
+  argv[argc] = id; lens[argc++] = id_len;
+  argv[argc] = "table"; lens[argc++] = 5;
+  argv[argc] = table; lens[argc++] = table_len;
+  argv[argc] = "op"; lens[argc++] = 2;
+  argv[argc] = op; lens[argc++] = op_len;
+  argv[argc] = "event"; lens[argc++] = 5;
+  argv[argc] = body; lens[argc++] = body_len;
+  return argc;
+}
+
 /* outbox:add(ev [, key]) -> bytes waiting to be written
  * Appends ev's entry to the connection's output: XADD <stream>:<p> [MAXLEN ~ n] * id <id>
  * table <table> op <op> event <JSON of id, table, op, new, old, lsn, commit_time, xid,
@@ -482,11 +585,10 @@ static void put_field(lua_State *L, fl_outbox *o, int markers, int field, int id
  * it was queued. */
 static int l_outbox_add(lua_State *L) {
   fl_outbox *o = check_outbox(L);
-  int env, base, markers, first = 1, argc = 0, i;
-  const char *argv[16];
-  size_t lens[16], n;
-  char part[16], stream_buf[256], idbuf[32];
-  char *stream = stream_buf;
+  int env, base, markers, first = 1, argc, i;
+  const char *argv[16], *id, *tbl, *op;
+  size_t lens[16], id_len, tbl_len, op_len;
+  char stream_buf[256], idbuf[32];
   uint32_t p;
   int given;
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -514,40 +616,77 @@ static int l_outbox_add(lua_State *L) {
   body_add(L, &o->body, "}", 1);
 
   p = partition_of(L, o, 2, env, base + F_TABLE, given);
-  part[0] = ':';
-  n = (size_t)(put_digits(part + 1, p) - part);
-  if (o->stream_len + n + 1 > sizeof stream_buf) {
-    stream = lua_newuserdata(L, o->stream_len + n + 1);
-  }
-  memcpy(stream, o->stream, o->stream_len);
-  memcpy(stream + o->stream_len, part, n);
-
-  argv[argc] = "XADD"; lens[argc++] = 4;
-  argv[argc] = stream; lens[argc++] = o->stream_len + n;
-  if (o->maxlen[0]) {
-    argv[argc] = "MAXLEN"; lens[argc++] = 6;
-    argv[argc] = "~"; lens[argc++] = 1;
-    argv[argc] = o->maxlen; lens[argc++] = strlen(o->maxlen);
-  }
-  argv[argc] = "*"; lens[argc++] = 1;
-  argv[argc] = "id"; lens[argc++] = 2;
   if (lua_type(L, base + F_ID) == LUA_TSTRING || lua_isnil(L, base + F_ID)) {
-    argv[argc] = lua_isnil(L, base + F_ID) ? "" : lua_tolstring(L, base + F_ID, &lens[argc]);
-    if (lua_isnil(L, base + F_ID)) lens[argc] = 0;
+    id = lua_isnil(L, base + F_ID) ? "" : lua_tolstring(L, base + F_ID, &id_len);
+    if (lua_isnil(L, base + F_ID)) id_len = 0;
   } else {
-    argv[argc] = key_text(L, base + F_ID, env, idbuf, &lens[argc]);   /* tostring(ev.id) */
+    id = key_text(L, base + F_ID, env, idbuf, &id_len);   /* tostring(ev.id) */
   }
-  argc++;
-  argv[argc] = "table"; lens[argc++] = 5;
-  argv[argc] = lua_tolstring(L, base + F_TABLE, &lens[argc]); argc++;
-  argv[argc] = "op"; lens[argc++] = 2;
-  argv[argc] = lua_tolstring(L, base + F_OP, &lens[argc]); argc++;
-  argv[argc] = "event"; lens[argc++] = 5;
-  argv[argc] = o->body.p; lens[argc++] = o->body.len;
+  tbl = lua_tolstring(L, base + F_TABLE, &tbl_len);
+  op = lua_tolstring(L, base + F_OP, &op_len);
+  argc = entry_argv(o, p, id, id_len, tbl, tbl_len, op, op_len, o->body.p, o->body.len, stream_buf, argv, lens);
+  if (argc < 0) return luaL_error(L, "flash.sink.redis: out of memory");
 
   /* hiredis formats the command (RESP is its job, not ours) and queues it. */
-  if (redisAppendCommandArgv(o->c, argc, argv, lens) != REDIS_OK) return luaL_error(L, "flash.sink.redis: out of memory");
+  i = redisAppendCommandArgv(o->c, argc, argv, lens);
+  if (argv[1] != stream_buf) free((char *)argv[1]);
+  if (i != REDIS_OK) return luaL_error(L, "flash.sink.redis: out of memory");
   lua_pushnumber(L, (lua_Number)sdslen(o->c->obuf));
+  return 1;
+}
+
+int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t id_len, const char *table,
+                        size_t table_len, const char *op, size_t op_len, const char *body, size_t body_len) {
+  const char *argv[16];
+  size_t lens[16];
+  char stream_buf[256];
+  char *cmd = NULL;
+  long long len;
+  int argc = entry_argv(o, partition, id, id_len, table, table_len, op, op_len, body, body_len, stream_buf, argv, lens);
+  if (argc < 0) return -1;
+  len = redisFormatCommandArgv(&cmd, argc, argv, lens);
+  if (argv[1] != stream_buf) free((char *)argv[1]);
+  if (len < 0) return -1;
+  if (kept_push(o, cmd, (size_t)len) != 0) {
+    redisFreeCommand(cmd);
+    return -1;
+  }
+  if (redisAppendFormattedCommand(o->c, cmd, (size_t)len) != REDIS_OK) {
+    o->kept_n--;                        /* not added: not kept either */
+    redisFreeCommand(cmd);
+    return -1;
+  }
+  o->readded++;
+  return 0;
+}
+
+/* outbox:drop(n): Redis answered the first n kept entries (the sink's acks). */
+static int l_outbox_drop(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  kept_drop(o, (size_t)luaL_checknumber(L, 2));
+  return 0;
+}
+
+/* outbox:readd(n) -> bytes waiting: the next n kept entries not yet on this connection
+ * are added to it (a new connection after one was lost: the sink adds its entries again
+ * in their order). */
+static int l_outbox_readd(lua_State *L) {
+  fl_outbox *o = check_outbox(L);
+  size_t n = (size_t)luaL_checknumber(L, 2);
+  if (!o->c || o->c->err) return luaL_error(L, "flash.sink.redis: add without a connection");
+  while (n-- > 0 && o->readded < o->kept_n) {
+    size_t k = (o->kept_head + o->readded) % o->kept_cap;
+    if (redisAppendFormattedCommand(o->c, o->kept[k], o->kept_len[k]) != REDIS_OK)
+      return luaL_error(L, "flash.sink.redis: out of memory");
+    o->readded++;
+  }
+  lua_pushnumber(L, (lua_Number)sdslen(o->c->obuf));
+  return 1;
+}
+
+/* outbox:kept() -> entries added directly that Redis has not answered (for specs). */
+static int l_outbox_kept(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)check_outbox(L)->kept_n);
   return 1;
 }
 
@@ -657,6 +796,9 @@ static int l_outbox_close(lua_State *L) {
 static const luaL_Reg outbox_methods[] = {
   { "connect", l_outbox_connect },
   { "add", l_outbox_add },
+  { "drop", l_outbox_drop },
+  { "readd", l_outbox_readd },
+  { "kept", l_outbox_kept },
   { "partition", l_outbox_partition },
   { "send", l_outbox_send },
   { "receive", l_outbox_receive },

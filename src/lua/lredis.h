@@ -3,7 +3,25 @@
 #define LREDIS_H
 #include <lua.h>
 #include <lauxlib.h>
+#include <stddef.h>
+#include <stdint.h>
 
 void fl_redis_open(lua_State *L);      /* registers the metatable; leaves nothing on the stack */
 extern const luaL_Reg fl_redis_funcs[]; /* module-level functions: redis_connect */
+
+/* The sink's outbox for lrepl's direct path (a change encoded from its decoded row straight
+ * into the outbox, with no Lua event: repl:direct). */
+typedef struct fl_outbox fl_outbox;
+fl_outbox *fl_outbox_check(lua_State *L, int idx);   /* raises unless idx is an outbox */
+int fl_outbox_connected(const fl_outbox *o);
+uint32_t fl_outbox_partitions(const fl_outbox *o);
+/* FNV-1a, 32 bits, with h carried over from the bytes before (2166136261 to start): the
+ * partition hash, hash(table "\0" key) % partitions. */
+uint32_t fl_fnv1a(uint32_t h, const char *s, size_t n);
+/* Appends an entry (XADD <stream>:<partition> [MAXLEN ~ n] * id <id> table <table> op <op>
+ * event <body>) to the connection's output, and keeps its command until drop() says
+ * Redis answered it, so that a new connection gets it again (readd). 0, or -1 out of
+ * memory (nothing was added). */
+int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t id_len, const char *table,
+                        size_t table_len, const char *op, size_t op_len, const char *body, size_t body_len);
 #endif

@@ -3,6 +3,7 @@
  * it into Lua events (values through lvalue), calls the driver's dispatch and hooks
  * protected, and tells the stream what to confirm: a transaction once every callback of
  * it returned, or (manual acknowledgements) what the script acknowledged. */
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,7 +13,9 @@
 #include <lauxlib.h>
 #include "fl_pgoutput.h"
 #include "fl_stream.h"
+#include "fl_json.h"
 #include "lerr.h"
+#include "lredis.h"
 #include "lrepl.h"
 #include "lvalue.h"
 
@@ -40,7 +43,36 @@ typedef struct {
   uint64_t values;          /* column values converted to Lua (nulls and unchanged included) */
   char *tag;                /* pg_extension: the listener tag of the next change (flashlua plugin) */
   uint32_t tag_len, tag_cap;
+  /* The direct path (repl:direct): relations whose changes go straight into a Redis sink's
+   * outbox, encoded from the decoded row, with no Lua event. */
+  struct direct_s *direct;
+  int ndirect;
+  uint32_t direct_pending;  /* changes added directly since the last sync (direct_sync) */
+  int direct_hook_ref;      /* registry ref: on_direct(id, inserts, updates, deletes, commit_time) */
+  int direct_syncing;       /* on_direct is running: repl:direct must not change the list */
+  fl_jbuf body;             /* scratch: a direct change's JSON */
+  uint64_t ct_lsn;          /* the transaction whose commit_time ct_txt holds */
+  char ct_txt[FL_JSON_NUM_MAX];
+  size_t ct_len;
 } fl_repl;
+
+#define DIRECT_MAX_KEYS 16
+#define DIRECT_SYNC_EVERY 256
+/* A relation whose changes go to a sink directly (repl:direct). */
+typedef struct direct_s {
+  uint32_t relid;
+  int id;                   /* the sync hook's name for it (the driver's) */
+  int outbox_ref;           /* registry ref: keeps the outbox alive */
+  fl_outbox *o;
+  char *table;              /* the listened table's name (ev.table) */
+  size_t table_len;
+  int nkeys;                /* the partition key's columns, by name, and their indexes in */
+  char *keys[DIRECT_MAX_KEYS];
+  int keyidx[DIRECT_MAX_KEYS];   /* the relation of version key_version (-1: not a column) */
+  uint32_t key_version;
+  int keys_ok;
+  uint32_t pending[3];      /* inserts, updates, deletes added since the last sync */
+} direct_t;
 
 /* A relation's column mask (repl:columns), in its entry: on[i] for each column converted. */
 typedef struct col_mask_s {
@@ -73,6 +105,8 @@ typedef struct {
   unsigned ent_gen;
   fl_coltype *ent_types;
   const struct col_mask_s *ent_want;
+  int markers_slot;         /* stack index of 3 slots for flash.json's markers (the direct path) */
+  int markers;              /* ...markers_slot once they are there, else 0 */
   int tag;                  /* stack index of the slot holding the listener tag as a string */
   int tag_ok;               /* ...which is r->tag's (a tag holds for a transaction's changes) */
 } pump_ctx;
@@ -84,16 +118,20 @@ static void push_lsn(lua_State *L, uint64_t lsn) {
 }
 
 /* The event id: commit LSN and position in the transaction, fixed-width hex, so that ids
- * compare as strings in delivery order (byte order, or COLLATE "C" in SQL). */
-static void push_event_id(lua_State *L, fl_repl *r) {
+ * compare as strings in delivery order (byte order, or COLLATE "C" in SQL); 25 bytes for
+ * position pos of the current transaction. By hand: snprintf was a tenth of a consumer's
+ * time on small rows. */
+static void event_id_text(const fl_repl *r, uint32_t pos, char *buf) {
   static const char hex[] = "0123456789ABCDEF";
-  char buf[25];
   uint64_t lsn = r->txn_lsn;
-  uint32_t pos = ++r->txn_pos;
-  /* by hand: snprintf was a tenth of a consumer's time on small rows */
   for (int i = 15; i >= 0; i--) { buf[i] = hex[lsn & 15]; lsn >>= 4; }
   buf[16] = '/';
   for (int i = 24; i >= 17; i--) { buf[i] = hex[pos & 15]; pos >>= 4; }
+}
+
+static void push_event_id(lua_State *L, fl_repl *r) {
+  char buf[25];
+  event_id_text(r, ++r->txn_pos, buf);
   lua_pushlstring(L, buf, sizeof buf);
 }
 
@@ -438,6 +476,253 @@ static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op, int shape) {
   return call_hook(L, r, 9 + n, "dispatch: ");
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* The direct path: the changes of a relation whose only consumer is a Redis sink
+ * (repl:direct, set by the wal_logical driver) are encoded from the decoded row into the
+ * sink's outbox, with no Lua event: the JSON and the partition are the ones the sink makes
+ * of the event (flash.sink.redis), value by value (fl_value_scalar; a value of another kind
+ * goes through its Lua value and fl_json_put). A change the direct path does not take (a
+ * binary or unchanged TOAST value it cannot resolve, a key it does not hash the Lua way, a
+ * closed connection) goes the Lua way, after the sync below, so the sink's entries stay in
+ * stream order. on_direct(id, inserts, updates, deletes, commit_time) tells the driver what
+ * was added (at most DIRECT_SYNC_EVERY changes late, and before any other message): it
+ * counts them, tracks them as outstanding (acknowledgements) and hands them to the sink. */
+
+static direct_t *find_direct(fl_repl *r, uint32_t relid) {
+  for (int i = 0; i < r->ndirect; i++)
+    if (r->direct[i].relid == relid) return &r->direct[i];
+  return NULL;
+}
+
+/* Calls on_direct for every relation with changes added since the last sync, then
+ * on_direct() once: only then may a sink write its output and read Redis's answers (the
+ * relations of one sink -- partitions -- share its outbox: each one's entries must be in
+ * the sink's queue before any answer is counted). 0, or -1 (the hook raised: the stream's
+ * error). */
+static int direct_sync(lua_State *L, fl_repl *r) {
+  if (r->direct_pending == 0) return 0;
+  r->direct_pending = 0;
+  r->direct_syncing = 1;
+  for (int i = 0; i <= r->ndirect; i++) {
+    if (i == r->ndirect) {
+      lua_rawgeti(L, LUA_REGISTRYINDEX, r->direct_hook_ref);
+      if (call_hook(L, r, 0, "dispatch: on_direct: ") < 0) {
+        r->direct_syncing = 0;
+        return -1;
+      }
+      break;
+    }
+    uint32_t n[3];
+    memcpy(n, r->direct[i].pending, sizeof n);
+    if ((n[0] | n[1] | n[2]) == 0) continue;
+    memset(r->direct[i].pending, 0, sizeof n);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->direct_hook_ref);
+    lua_pushinteger(L, r->direct[i].id);
+    for (int k = 0; k < 3; k++) lua_pushnumber(L, n[k]);
+    lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
+    if (call_hook(L, r, 5, "dispatch: on_direct: ") < 0) {
+      r->direct_syncing = 0;
+      return -1;
+    }
+  }
+  r->direct_syncing = 0;
+  return 0;
+}
+
+/* Room for n more bytes in b: NULL out of memory. */
+static char *jb_room(fl_jbuf *b, size_t n) {
+  if (b->cap - b->len < n) {
+    size_t cap = b->cap * 2 + n;
+    char *p = realloc(b->p, cap);
+    if (!p) return NULL;
+    b->p = p;
+    b->cap = cap;
+  }
+  return b->p + b->len;
+}
+
+static int jb_add(fl_jbuf *b, const char *s, size_t n) {
+  char *w = jb_room(b, n);
+  if (!w) return -1;
+  memcpy(w, s, n);
+  b->len += n;
+  return 0;
+}
+
+/* A JSON string, escaped in chunks (flash.json's way). */
+static int jb_str(fl_jbuf *b, const char *s, size_t n) {
+  if (jb_add(b, "\"", 1) != 0) return -1;
+  while (n > 0) {
+    size_t k = n < 4096 ? n : 4096;
+    char *w = jb_room(b, 6 * k);
+    if (!w) return -1;
+    b->len += fl_json_escape(s, k, w);
+    s += k;
+    n -= k;
+  }
+  return jb_add(b, "\"", 1);
+}
+
+/* A number as flash.json writes one (NaN and infinities as PostgreSQL's to_json strings). */
+static int jb_num(fl_jbuf *b, double d) {
+  char buf[FL_JSON_NUM_MAX];
+  size_t n = fl_json_format_double(d, buf);
+  if (n > 0) return jb_add(b, buf, n);
+  if (d != d) return jb_add(b, "\"NaN\"", 5);
+  return d > 0 ? jb_add(b, "\"Infinity\"", 10) : jb_add(b, "\"-Infinity\"", 11);
+}
+
+/* The JSON of column i of tup (an unchanged TOAST value: from's). 0, 1 when the direct
+ * path does not take it (binary or unchanged), -1 out of memory. */
+static int direct_value(pump_ctx *c, const fl_pgo_tuple *tup, const fl_pgo_tuple *from, int i, fl_jbuf *b) {
+  const fl_pgo_value *v = &tup->vals[i];
+  const fl_coltype *t = &c->ent_types[i];
+  double d;
+  if (v->kind == 'u' && from && i < from->ncols && from->vals[i].kind != 'u') v = &from->vals[i];
+  if (v->kind == 'n') return jb_add(b, "null", 4);
+  if (v->kind != 't') return 1;
+  switch (fl_value_scalar(t, v->data, v->len, c->flags, &d)) {
+    case FL_VAL_NULL: return jb_add(b, "null", 4);
+    case FL_VAL_NUMBER: return jb_num(b, d);
+    case FL_VAL_STRING: return jb_str(b, v->data, v->len);
+    case FL_VAL_TRUE: return jb_add(b, "true", 4);
+    case FL_VAL_FALSE: return jb_add(b, "false", 5);
+    default: break;
+  }
+  /* Arrays, JSON, bytea...: their Lua value, encoded as the sink encodes it. The text is
+   * not overwritten (fl_push_value): the Lua way may read it again. */
+  if (!c->markers) {
+    int m = fl_json_markers(c->L);
+    lua_replace(c->L, c->markers_slot + 2);
+    lua_replace(c->L, c->markers_slot + 1);
+    lua_replace(c->L, c->markers_slot);
+    (void)m;
+    c->markers = c->markers_slot;
+  }
+  fl_push_value(c->L, t, v->data, v->len, c->flags);
+  fl_json_put(c->L, lua_gettop(c->L), c->markers, b);
+  lua_pop(c->L, 1);
+  return 0;
+}
+
+/* ,"field":{"column":value,...} for the columns of one row (key_only: the replica
+ * identity's, an old row of kind 'K'). */
+static int direct_row(pump_ctx *c, fl_jbuf *b, const char *field, const fl_pgo_relation *rel,
+                      const fl_pgo_tuple *tup, const fl_pgo_tuple *from, int key_only) {
+  int first = 1, rc;
+  if (jb_add(b, field, strlen(field)) != 0) return -1;
+  for (int i = 0; i < rel->ncols; i++) {
+    if (!in_row(rel, NULL, i, key_only)) continue;
+    if (!first && jb_add(b, ",", 1) != 0) return -1;
+    first = 0;
+    if (jb_str(b, rel->cols[i].name, strlen(rel->cols[i].name)) != 0 || jb_add(b, ":", 1) != 0) return -1;
+    if ((rc = direct_value(c, tup, from, i, b)) != 0) return rc;
+    c->r->values++;
+  }
+  return jb_add(b, "}", 1);
+}
+
+/* The partition hash goes on with the key columns' texts, joined by "\0", as the sink's
+ * key is made of the Lua values: a string's text, a whole number's digits (below 1e14, as
+ * tostring prints them), "" for a column the row does not carry. 0, or 1 for a value the
+ * direct path leaves to the sink (NULL, other numbers, arrays...). */
+static int direct_key(pump_ctx *c, const direct_t *d, const fl_pgo_relation *rel, const fl_pgo_tuple *row,
+                      int key_only, uint32_t *h) {
+  for (int k = 0; k < d->nkeys; k++) {
+    int i = d->keyidx[k];
+    const fl_pgo_value *v;
+    double num;
+    if (k > 0) *h = fl_fnv1a(*h, "", 1);
+    if (i < 0 || i >= row->ncols || !in_row(rel, NULL, i, key_only)) continue;
+    v = &row->vals[i];
+    if (v->kind != 't') return 1;
+    switch (fl_value_scalar(&c->ent_types[i], v->data, v->len, c->flags, &num)) {
+      case FL_VAL_STRING:
+        *h = fl_fnv1a(*h, v->data, v->len);
+        break;
+      case FL_VAL_NUMBER: {
+        char buf[32];
+        int n;
+        if (num != floor(num) || fabs(num) >= 1e14 || (num == 0 && signbit(num))) return 1;
+        n = snprintf(buf, sizeof buf, "%.0f", num);
+        *h = fl_fnv1a(*h, buf, (size_t)n);
+        break;
+      }
+      default: return 1;
+    }
+  }
+  return 0;
+}
+
+/* One change into d's outbox. 0 added, 1 left to the Lua way, -1 an error (the stream's). */
+static int emit_direct(pump_ctx *c, const fl_pgo_msg *m, int op, direct_t *d) {
+  lua_State *L = c->L;
+  fl_repl *r = c->r;
+  const fl_pgo_relation *rel = m->rel;
+  const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
+  int has_new = op != K_DELETE, key_only = m->old_kind == 'K', rc;
+  fl_jbuf *b = &r->body;
+  char id[25], lsn[40];
+  const char *src;
+  size_t src_len;
+  uint32_t h;
+  if (r->tag_len || r->direct_hook_ref == LUA_NOREF || !fl_outbox_connected(d->o)) return 1;
+  /* The usual rows only: emit_change's builder shapes. */
+  if (!((!has_new || m->newtup.ncols == rel->ncols) &&
+        (!old || ((m->old_kind == 'K' || m->old_kind == 'O') && m->oldtup.ncols == rel->ncols)) && (has_new || old)))
+    return 1;
+  rel_entry(c, rel);
+  if (c->ent_want) return 1;
+  if (!d->keys_ok || d->key_version != rel->version) {
+    for (int k = 0; k < d->nkeys; k++) {
+      d->keyidx[k] = -1;
+      for (int i = 0; i < rel->ncols; i++)
+        if (strcmp(rel->cols[i].name, d->keys[k]) == 0) d->keyidx[k] = i;
+    }
+    d->key_version = rel->version;
+    d->keys_ok = 1;
+  }
+  h = fl_fnv1a(2166136261u, d->table, d->table_len);
+  h = fl_fnv1a(h, "", 1);
+  if (direct_key(c, d, rel, old ? old : &m->newtup, old ? key_only : 0, &h) != 0) return 1;
+
+  event_id_text(r, r->txn_pos + 1, id);
+  lua_rawgeti(L, c->ent, ENT_TABLE);   /* the entry keeps the string alive */
+  src = lua_tolstring(L, -1, &src_len);
+  lua_pop(L, 1);
+  b->len = 0;
+  rc = -1;
+  if (jb_add(b, "{\"id\":", 6) || jb_str(b, id, sizeof id) || jb_add(b, ",\"table\":", 9) ||
+      jb_str(b, d->table, d->table_len) || jb_add(b, ",\"op\":", 6) ||
+      jb_str(b, key_names[op], strlen(key_names[op])))
+    goto fail;
+  if (has_new && (rc = direct_row(c, b, ",\"new\":{", rel, &m->newtup, old && !key_only ? old : NULL, 0)) != 0)
+    goto fail;
+  if (old && (rc = direct_row(c, b, ",\"old\":{", rel, old, NULL, key_only)) != 0) goto fail;
+  rc = -1;
+  snprintf(lsn, sizeof lsn, "%X/%X", (unsigned)(r->txn_lsn >> 32), (unsigned)r->txn_lsn);
+  if (r->ct_len == 0 || r->ct_lsn != r->txn_lsn) {
+    r->ct_len = fl_json_format_double((double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S, r->ct_txt);
+    r->ct_lsn = r->txn_lsn;
+  }
+  if (jb_add(b, ",\"lsn\":", 7) || jb_str(b, lsn, strlen(lsn)) || jb_add(b, ",\"commit_time\":", 15) ||
+      jb_add(b, r->ct_txt, r->ct_len) || jb_add(b, ",\"xid\":", 7) || jb_num(b, r->txn_xid) ||
+      jb_add(b, ",\"source\":", 10) || jb_str(b, src, src_len) || jb_add(b, "}", 1))
+    goto fail;
+  if (fl_outbox_add_entry(d->o, h % fl_outbox_partitions(d->o), id, sizeof id, d->table, d->table_len,
+                          key_names[op], strlen(key_names[op]), b->p, b->len) != 0)
+    goto fail;
+  r->txn_pos++;
+  r->events++;
+  d->pending[op - K_INSERT]++;
+  if (++r->direct_pending >= DIRECT_SYNC_EVERY) return direct_sync(L, r);
+  return 0;
+fail:
+  if (rc > 0) return 1;
+  fl_stream_fail(r->s, "memory", "out of memory encoding a change for Redis");
+  return -1;
+}
+
 /* Builds the event of one change (op: K_INSERT, K_UPDATE or K_DELETE) and calls
  * dispatch(ev) protected. Returns 0 to go on, 1 when dispatch asked to stop, -1 on an
  * error. Fields are set with the pump's interned keys (lua_rawset), not by C string. */
@@ -447,6 +732,14 @@ static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
   const fl_pgo_relation *rel = m->rel;
   const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
   int has_new = m->type == FL_PGO_INSERT || m->type == FL_PGO_UPDATE;
+  if (r->ndirect) {
+    direct_t *d = find_direct(r, rel->relid);
+    if (d) {
+      int rc = emit_direct(c, m, op, d);
+      if (rc <= 0) return rc;
+    }
+  }
+  if (r->direct_pending && direct_sync(L, r) < 0) return -1;   /* the sink's entries in order */
   rel_entry(c, rel);
   /* The usual rows (every column of the relation) by its builder for their shape. */
   if ((!has_new || m->newtup.ncols == rel->ncols) &&
@@ -604,6 +897,11 @@ static int on_stream_message(void *ud, fl_stream *s, const fl_pgo_msg *m) {
   lua_State *L = c->L;
   fl_repl *r = c->r;
   (void)s;
+  /* Anything but a change: what the direct path added is told first (the commit hook, a
+   * relation's hook and a logical message's callbacks come after those changes). */
+  if (r->direct_pending && m->type != FL_PGO_INSERT && m->type != FL_PGO_UPDATE && m->type != FL_PGO_DELETE &&
+      direct_sync(L, r) < 0)
+    return -1;
   switch (m->type) {
     case FL_PGO_RELATION: return relation_hook(L, r, m->rel);
     case FL_PGO_MESSAGE:
@@ -636,6 +934,18 @@ static void on_stream_large(void *ud, size_t bytes) {
 /* ------------------------------------------------------------------------------------ */
 /* Lua API */
 
+static void direct_free(lua_State *L, direct_t *d) {
+  luaL_unref(L, LUA_REGISTRYINDEX, d->outbox_ref);
+  free(d->table);
+  for (int k = 0; k < d->nkeys; k++) free(d->keys[k]);
+  memset(d, 0, sizeof *d);
+}
+
+static void direct_clear(lua_State *L, fl_repl *r) {
+  for (int i = 0; i < r->ndirect; i++) direct_free(L, &r->direct[i]);
+  r->ndirect = 0;
+}
+
 /* Closes the connection and lets go of the Lua side; the stream's counters stay for state(). */
 static void repl_release(lua_State *L, fl_repl *r) {
   if (r->s) fl_stream_close(r->s);
@@ -650,6 +960,14 @@ static void repl_release(lua_State *L, fl_repl *r) {
   luaL_unref(L, LUA_REGISTRYINDEX, r->commit_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->msghook_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, r->keys_ref);
+  direct_clear(L, r);
+  free(r->direct);
+  r->direct = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, r->direct_hook_ref);
+  r->direct_hook_ref = LUA_NOREF;
+  free(r->body.p);
+  r->body.p = NULL;
+  r->body.len = r->body.cap = 0;
   r->rels_gen++;
   r->keys_ref = LUA_NOREF;
   r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
@@ -665,6 +983,7 @@ static int l_replication(lua_State *L) {
   r->keys_ref = LUA_NOREF;
   r->lsn_ref = r->rels_ref = r->masks_ref = r->typemap_ref = r->relhook_ref = r->commit_ref = r->msghook_ref =
     LUA_NOREF;
+  r->direct_hook_ref = LUA_NOREF;
   luaL_getmetatable(L, REPL_MT);
   lua_setmetatable(L, -2);
   r->s = fl_stream_new();
@@ -817,7 +1136,13 @@ static int l_pump(lua_State *L) {
   c.ent = lua_gettop(L);
   lua_pushnil(L);
   c.tag = lua_gettop(L);
+  lua_pushnil(L);
+  lua_pushnil(L);
+  lua_pushnil(L);
+  c.markers_slot = lua_gettop(L) - 2;
   int rc = fl_stream_pump(r->s, budget, until, txn_end, on_stream_message, on_stream_large, &c);
+  /* What went into a sink's outbox is the sink's to count, whatever else happened. */
+  if (r->direct_pending && direct_sync(L, r) < 0 && rc >= 0) rc = -1;
   if (rc == -1) return stream_fail(L, r);
   if (rc == -2) return fl_fail(L, "stopped by a callback", "stopped");
   lua_pushboolean(L, rc);
@@ -921,6 +1246,69 @@ static int l_on_message(lua_State *L) {
 
 /* repl:manual(on_commit): manual acknowledgements. on_commit(end_lsn) is called at each
  * transaction's end instead of confirming it; repl:confirm moves the position. */
+/* repl:direct(relid, id, outbox, table, { key columns }): relid's changes go straight into
+ * outbox (the direct path, above); id names it to on_direct, table is ev.table.
+ * repl:direct(relid): they go the Lua way again. repl:direct(): all of them do. What was
+ * added directly is told (on_direct) before the list changes. */
+static int l_direct(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  if (r->direct_syncing) return luaL_error(L, "repl:direct: not from on_direct");
+  if (r->direct_pending && direct_sync(L, r) < 0) return stream_fail(L, r);
+  if (lua_isnoneornil(L, 2)) {
+    direct_clear(L, r);
+    return 0;
+  }
+  uint32_t relid = (uint32_t)luaL_checknumber(L, 2);
+  direct_t *d = find_direct(r, relid);
+  if (d) {
+    direct_free(L, d);
+    *d = r->direct[--r->ndirect];
+  }
+  if (lua_isnoneornil(L, 3)) return 0;
+  int id = (int)luaL_checkinteger(L, 3);
+  fl_outbox_check(L, 4);
+  size_t tlen;
+  const char *table = luaL_checklstring(L, 5, &tlen);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  int nkeys = (int)lua_objlen(L, 6);
+  if (nkeys > DIRECT_MAX_KEYS) return 0;   /* that many key columns: the Lua way */
+  direct_t *list = realloc(r->direct, sizeof *list * (size_t)(r->ndirect + 1));
+  if (!list) return luaL_error(L, "repl:direct: out of memory");
+  r->direct = list;
+  d = &list[r->ndirect];
+  memset(d, 0, sizeof *d);
+  d->outbox_ref = LUA_NOREF;
+  d->relid = relid;
+  d->id = id;
+  d->table = malloc(tlen + 1);
+  if (!d->table) return luaL_error(L, "repl:direct: out of memory");
+  memcpy(d->table, table, tlen + 1);
+  d->table_len = tlen;
+  r->ndirect++;                        /* counted now: freed with the list whatever follows */
+  for (int k = 0; k < nkeys; k++) {
+    lua_rawgeti(L, 6, k + 1);
+    const char *name = lua_tostring(L, -1);
+    if (!name) return luaL_error(L, "repl:direct: key column %d is not a string", k + 1);
+    d->keys[k] = strdup(name);
+    if (!d->keys[k]) return luaL_error(L, "repl:direct: out of memory");
+    d->nkeys = k + 1;
+    lua_pop(L, 1);
+  }
+  d->o = fl_outbox_check(L, 4);
+  lua_pushvalue(L, 4);
+  d->outbox_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+/* repl:on_direct(fn): fn(id, inserts, updates, deletes, commit_time) after changes of
+ * relation `id` went into its outbox directly (repl:direct). */
+static int l_on_direct(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  set_hook(L, &r->direct_hook_ref, 2);
+  return 0;
+}
+
 static int l_manual(lua_State *L) {
   fl_repl *r = check_repl(L, 1);
   luaL_checktype(L, 2, LUA_TFUNCTION);
@@ -1028,6 +1416,8 @@ static const luaL_Reg repl_methods[] = {
   { "due", l_due },
   { "on_relation", l_on_relation },
   { "manual", l_manual },
+  { "direct", l_direct },
+  { "on_direct", l_on_direct },
   { "confirm", l_confirm },
   { "on_message", l_on_message },
   { "state", l_state },

@@ -79,6 +79,8 @@ function M.new(client)
     by_oid = {},        -- [listened table oid] = { listeners }
     routes = {},        -- [relid of a row's relation] = { listeners } | false: see route()
     masked = {},        -- [relid] = true: relations lrepl converts some columns of (route())
+    direct = {},        -- [relid] = { l =, sink = }: relations whose rows lrepl writes to a sink (route_direct)
+    direct_sinks = {},  -- [sink] = true: sinks given events by the direct path since its last on_direct()
     published = {},     -- [table oid] = listener: tables in the publication
     warned = {},        -- warnings given once: dropped tables, missing columns
     retry_at = nil,
@@ -428,6 +430,10 @@ end
 -- computed again has every column (route() sets the mask for the rows after it).
 function Driver:forget_routes(relid)
   if relid then
+    if self.direct[relid] then
+      if self.repl then self.repl:direct(relid) end
+      self.direct[relid] = nil
+    end
     self.routes[relid] = nil
     if self.masked[relid] then
       self.masked[relid] = nil
@@ -436,6 +442,10 @@ function Driver:forget_routes(relid)
     return
   end
   self.routes = {}
+  if next(self.direct) then
+    if self.repl then self.repl:direct() end
+    self.direct = {}
+  end
   if next(self.masked) then
     self.masked = {}
     if self.repl then self.repl:columns(nil) end
@@ -693,9 +703,11 @@ function Driver:attach(repl, continued)
     end
     acks:reset()
     repl:manual(function(end_lsn) acks:commit(end_lsn) end)
+    repl:on_direct(function(...) return self:direct_added(...) end)
   end
   self.repl = repl
   self.masked = {}      -- a new stream converts every column until route() says otherwise
+  self.direct = {}      -- ...and writes nothing to a sink directly
   repl:on_relation(function(...) return self:on_relation(...) end)
   if not continued then backfill.reset(self.client) end
   repl:on_message(backfill.PREFIX, function(lsn, content) return backfill.on_message(self.client, lsn, content) end)
@@ -798,7 +810,56 @@ function Driver:route(relid)
     self.masked[relid] = true
     self.repl:columns(relid, mask)
   end
+  if not mask and list then self:route_direct(relid, list) end
   return list
+end
+
+-- The direct path: when a relation's rows go to one listener whose only callback, for
+-- inserts, updates and deletes alike, is a Redis sink (flash.sink.redis) -- no `where`, no
+-- `fields`, no backfill running, manual acknowledgements, no worker states, text values --
+-- lrepl writes each change into the sink's outbox itself, as the sink would have written
+-- its event, with no Lua event (repl:direct; the JSON, partition and acknowledgements are
+-- the same: spec/66). Whatever changes about the listener forgets the route, and this with
+-- it (forget_routes).
+function Driver:route_direct(relid, list)
+  local c = self.client
+  if not self.repl or #list ~= 1 or getmetatable(self) ~= Driver or self.binary then return end
+  if not c.acks or c.opts.ack ~= "manual" or c.pool then return end
+  local l = list[1]
+  if not l.passthrough or l.fields or l.bf then return end
+  local sink
+  for _, op in ipairs({ "insert", "update", "delete" }) do
+    local cbs = l.callbacks[op]
+    local obj = #cbs == 1 and cbs[1].obj
+    if not obj or (sink and obj ~= sink) or type(obj.direct_target) ~= "function" then return end
+    sink = obj
+  end
+  local out, keys = sink:direct_target(l)
+  if not out then return end
+  self.direct[relid] = { l = l, sink = sink }
+  self.repl:direct(relid, relid, out, l.table_name, keys)
+end
+
+-- lrepl's direct path wrote changes of relation relid into its sink's outbox: they count
+-- as delivered and are outstanding until Redis answers them (the sink acknowledges).
+-- Then (relid nil) the sinks may write and read: every relation's events are queued.
+function Driver:direct_added(relid, inserts, updates, deletes, commit_time)
+  if relid == nil then
+    for sink in pairs(self.direct_sinks) do
+      self.direct_sinks[sink] = nil
+      sink:direct_pump()
+    end
+    return
+  end
+  local t = self.direct[relid]
+  local c = self.client
+  local k = inserts + updates + deletes
+  c.counters.events = c.counters.events + k
+  local per = t.l.delivered
+  per.insert, per.update, per.delete = per.insert + inserts, per.update + updates, per.delete + deletes
+  c.last_commit_time = commit_time
+  t.sink:direct_added(k, c.acks:track_n(k))
+  self.direct_sinks[t.sink] = true
 end
 
 function Driver:make_dispatch()

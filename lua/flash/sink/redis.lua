@@ -28,6 +28,12 @@ local M = {}
 local Sink = {}
 Sink.__index = Sink
 
+-- An entry of the queue for events the wal_logical driver's direct path wrote into the
+-- outbox with no Lua event (lrepl's repl:direct): { n = events not answered yet, tok = the
+-- acknowledgement tracker's token }. Their commands are kept in the outbox (outbox:drop,
+-- outbox:readd) so that a new connection gets them again.
+local Group = {}
+
 -- FNV-1a, 32 bits, of string s (stable across processes and runs: a key's partition
 -- never changes).
 local function fnv1a(s)
@@ -138,7 +144,7 @@ function M.new(opts)
     connected = false,
     retry_at = nil,
     retry = base.backoff(),
-    stats = { sent = 0, batches = 0, errors = 0, reconnects = 0 },
+    stats = { sent = 0, batches = 0, errors = 0, reconnects = 0, direct = 0 },
   }, Sink)
   self.out = core.redis_outbox { stream = self.stream, partitions = self.partitions, maxlen = self.maxlen,
                                  key = type(key) == "table" and key or nil }
@@ -233,9 +239,48 @@ local function start(self)
     local ok, err = self:flush()
     if not ok and self.head < self.tail then
       error(string.format("redis sink: %d events were not written (%s); they are delivered again at the next " ..
-        "start", self.tail - self.head, tostring(err)), 0)
+        "start", self:waiting(), tostring(err)), 0)
     end
   end)
+end
+
+-- The direct path (flash.driver.wal_logical): the outbox and the key columns that the
+-- driver's lrepl may write the events of listener l into itself, with no Lua event, as
+-- this sink would; nil when the sink's key is a function (Lua must call it).
+function Sink:direct_target(l)
+  if self.keyfn then return nil end
+  local keys = self.key
+  if not self.key_given then
+    local cols, err = M.key_columns(l)
+    if err then return nil end
+    keys = cols or { "id" }
+  end
+  if not self.started then start(self) end
+  return self.out, keys
+end
+
+-- The direct path wrote k more events into the outbox (tok: their acknowledgement token).
+function Sink:direct_added(k, tok)
+  local t = self.tail
+  self.q[t] = setmetatable({ n = k, tok = tok }, Group)
+  self.stats.direct = self.stats.direct + k
+  self.tail, self.sent = t + 1, t + 1
+  self.added = self.added + k
+end
+
+-- ...and once every relation's are queued (a sink's partitions share its outbox): the
+-- output is written each `batch` events.
+function Sink:direct_pump()
+  if self.added >= self.batch then self:pump() end
+end
+
+-- The events waiting (written or not) for Redis's answer.
+function Sink:waiting()
+  local n, q = 0, self.q
+  for i = self.head, self.tail - 1 do
+    n = n + (getmetatable(q[i]) == Group and q[i].n or 1)
+  end
+  return n
 end
 
 -- The callback (listener:on calls it with the event and the listener): the event waits in
@@ -287,7 +332,10 @@ function Sink:reconnect()
   self.retry_at = nil
   local q = self.q
   local qk = self.qk
-  for i = self.head, self.tail - 1 do self.out:add(q[i], qk[i]) end
+  for i = self.head, self.tail - 1 do
+    local e = q[i]
+    if getmetatable(e) == Group then self.out:readd(e.n) else self.out:add(e, qk[i]) end
+  end
   self.sent, self.added = self.tail, self.tail - self.head
   return true
 end
@@ -309,12 +357,27 @@ function Sink:pump()
     return self:lost(refused)
   end
   if n > 0 then
-    local q, qk, head = self.q, self.qk, self.head
-    for i = head, head + n - 1 do
-      q[i]:ack()
-      q[i], qk[i] = nil, nil
+    local q, qk, i = self.q, self.qk, self.head
+    local left = n
+    while left > 0 do
+      local e = q[i]
+      if getmetatable(e) == Group then
+        -- Events of the direct path: their commands are no longer kept.
+        local take = e.n < left and e.n or left
+        out:drop(take)
+        e.tok.acks:ack_n(e.tok, take)
+        e.n, left = e.n - take, left - take
+        if e.n == 0 then
+          q[i] = nil
+          i = i + 1
+        end
+      else
+        e:ack()
+        q[i], qk[i] = nil, nil
+        i, left = i + 1, left - 1
+      end
     end
-    self.head = head + n
+    self.head = i
     if self.last_err then
       self.retry:reset()
       self.last_err, self.refused = nil, nil
@@ -375,7 +438,7 @@ function Sink:failed(err)
   local wait = self.retry:next()
   if err ~= self.last_err then
     log.warn(string.format("redis sink: %s; %d events wait and are sent again (retrying in %.1fs)", tostring(err),
-      self.tail - self.head, wait))
+      self:waiting(), wait))
   end
   self.last_err = err
   self.retry_at = core.now() + wait
