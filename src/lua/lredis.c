@@ -179,7 +179,7 @@ struct fl_outbox {
    * yet, oldest first: their formatted commands, a ring of cap slots from head. A new
    * connection gets them again through readd (the sink knows where they go among the
    * entries of Lua events); `readded` of them are on the current connection already. */
-  char **kept;
+  sds *kept;
   size_t *kept_len;
   size_t kept_head, kept_n, kept_cap, readded;
 };
@@ -199,7 +199,7 @@ static void outbox_disconnect(fl_outbox *o) {
 static void kept_drop(fl_outbox *o, size_t n) {
   if (n > o->kept_n) n = o->kept_n;
   while (n-- > 0) {
-    redisFreeCommand(o->kept[o->kept_head]);
+    redisFreeSdsCommand(o->kept[o->kept_head]);
     o->kept[o->kept_head] = NULL;
     o->kept_head = (o->kept_head + 1) % o->kept_cap;
     o->kept_n--;
@@ -208,10 +208,10 @@ static void kept_drop(fl_outbox *o, size_t n) {
   if (o->kept_n == 0) o->kept_head = 0;
 }
 
-static int kept_push(fl_outbox *o, char *cmd, size_t len) {
+static int kept_push(fl_outbox *o, sds cmd, size_t len) {
   if (o->kept_n == o->kept_cap) {
     size_t cap = o->kept_cap ? o->kept_cap * 2 : 256, i;
-    char **k = malloc(cap * sizeof *k);
+    sds *k = malloc(cap * sizeof *k);
     size_t *l = malloc(cap * sizeof *l);
     if (!k || !l) {
       free(k);
@@ -640,20 +640,21 @@ int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t
   const char *argv[16];
   size_t lens[16];
   char stream_buf[256];
-  char *cmd = NULL;
-  long long len;
+  sds cmd = NULL;
+  int len;
   int argc = entry_argv(o, partition, id, id_len, table, table_len, op, op_len, body, body_len, stream_buf, argv, lens);
   if (argc < 0) return -1;
-  len = redisFormatCommandArgv(&cmd, argc, argv, lens);
+  /* The sds formatter (sdscatfmt): the char * one prints each length with sprintf. */
+  len = redisFormatSdsCommandArgv(&cmd, argc, argv, lens);
   if (argv[1] != stream_buf) free((char *)argv[1]);
   if (len < 0) return -1;
   if (kept_push(o, cmd, (size_t)len) != 0) {
-    redisFreeCommand(cmd);
+    redisFreeSdsCommand(cmd);
     return -1;
   }
   if (redisAppendFormattedCommand(o->c, cmd, (size_t)len) != REDIS_OK) {
     o->kept_n--;                        /* not added: not kept either */
-    redisFreeCommand(cmd);
+    redisFreeSdsCommand(cmd);
     return -1;
   }
   o->readded++;

@@ -51,9 +51,11 @@ typedef struct {
   int direct_hook_ref;      /* registry ref: on_direct(id, inserts, updates, deletes, commit_time) */
   int direct_syncing;       /* on_direct is running: repl:direct must not change the list */
   fl_jbuf body;             /* scratch: a direct change's JSON */
-  uint64_t ct_lsn;          /* the transaction whose commit_time ct_txt holds */
+  uint64_t ct_lsn;          /* the transaction whose commit_time and LSN these texts are */
   char ct_txt[FL_JSON_NUM_MAX];
   size_t ct_len;
+  char lsn_txt[24];
+  size_t lsn_len;
 } fl_repl;
 
 #define DIRECT_MAX_KEYS 16
@@ -641,11 +643,9 @@ static int direct_key(pump_ctx *c, const direct_t *d, const fl_pgo_relation *rel
         *h = fl_fnv1a(*h, v->data, v->len);
         break;
       case FL_VAL_NUMBER: {
-        char buf[32];
-        int n;
+        char buf[FL_JSON_NUM_MAX];
         if (num != floor(num) || fabs(num) >= 1e14 || (num == 0 && signbit(num))) return 1;
-        n = snprintf(buf, sizeof buf, "%.0f", num);
-        *h = fl_fnv1a(*h, buf, (size_t)n);
+        *h = fl_fnv1a(*h, buf, fl_json_format_double(num, buf));   /* a whole number's digits */
         break;
       }
       default: return 1;
@@ -662,7 +662,7 @@ static int emit_direct(pump_ctx *c, const fl_pgo_msg *m, int op, direct_t *d) {
   const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
   int has_new = op != K_DELETE, key_only = m->old_kind == 'K', rc;
   fl_jbuf *b = &r->body;
-  char id[25], lsn[40];
+  char id[25];
   const char *src;
   size_t src_len;
   uint32_t h;
@@ -700,12 +700,13 @@ static int emit_direct(pump_ctx *c, const fl_pgo_msg *m, int op, direct_t *d) {
     goto fail;
   if (old && (rc = direct_row(c, b, ",\"old\":{", rel, old, NULL, key_only)) != 0) goto fail;
   rc = -1;
-  snprintf(lsn, sizeof lsn, "%X/%X", (unsigned)(r->txn_lsn >> 32), (unsigned)r->txn_lsn);
-  if (r->ct_len == 0 || r->ct_lsn != r->txn_lsn) {
+  if (r->ct_len == 0 || r->ct_lsn != r->txn_lsn) {   /* the transaction's: made once */
     r->ct_len = fl_json_format_double((double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S, r->ct_txt);
+    r->lsn_len = (size_t)snprintf(r->lsn_txt, sizeof r->lsn_txt, "%X/%X", (unsigned)(r->txn_lsn >> 32),
+                                  (unsigned)r->txn_lsn);
     r->ct_lsn = r->txn_lsn;
   }
-  if (jb_add(b, ",\"lsn\":", 7) || jb_str(b, lsn, strlen(lsn)) || jb_add(b, ",\"commit_time\":", 15) ||
+  if (jb_add(b, ",\"lsn\":", 7) || jb_str(b, r->lsn_txt, r->lsn_len) || jb_add(b, ",\"commit_time\":", 15) ||
       jb_add(b, r->ct_txt, r->ct_len) || jb_add(b, ",\"xid\":", 7) || jb_num(b, r->txn_xid) ||
       jb_add(b, ",\"source\":", 10) || jb_str(b, src, src_len) || jb_add(b, "}", 1))
     goto fail;
