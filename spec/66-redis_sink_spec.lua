@@ -439,6 +439,56 @@ assert(flash.run())
     H.drop_slot(slot .. "_b")
   end)
 
+  it("hands events to a callback added while the sink takes them directly, and to the sink still", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.redis_start(f.dir, f.port)
+    local flag = os.tmpname()
+    os.remove(flag)
+    local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 2 }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q,
+  ack = "manual" })
+local l = assert(c:listen { table = %q })
+l:on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+local seen, added = 0, false
+flash.every(0.05, function()
+  if not added and io.open(%q) then
+    added = true
+    l:on("insert", function(ev) seen = seen + 1 end)
+    io.stderr:write("added\n")
+  end
+  io.stdout:write(string.format("sent %%d direct %%d seen %%d unacked %%d\n", sink.stats.sent, sink.stats.direct,
+    seen, c:stats().unacked))
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], f.port, slot, slot, t, flag))
+    local h = s.spawn({ path })
+    assert.is_true(h.await("ready", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. t .. " SELECT g, 0 FROM generate_series(1, 30) g")
+    -- The first goes through Lua (the table's route is made then), the others directly.
+    assert.is_true(H.wait_for(function() return h.out():find("sent 30 direct 29 seen 0 unacked 0\n", 1, true) end, 20),
+      h.out() .. h.err())
+    assert(io.open(flag, "w")):close()
+    assert.is_true(h.await("added", 15, "err"), h.err())
+    H.sql("INSERT INTO " .. t .. " SELECT g, 0 FROM generate_series(31, 50) g")
+    H.sql("UPDATE " .. t .. " SET v = 1 WHERE id <= 10")
+    -- The new callback gets the inserts; the sink gets everything, through Lua now; nothing
+    -- is acknowledged before Redis has it.
+    assert.is_true(H.wait_for(function() return h.out():find("sent 60 direct 29 seen 20 unacked 0\n", 1, true) end, 20),
+      h.out() .. h.err())
+    h.kill("TERM")
+    assert.equal(0, h.wait(20), h.err())
+    os.remove(flag)
+    local n = 0
+    for _, list in pairs(entries(f.port, 2)) do n = n + #list end
+    assert.equal(60, n)
+  end)
+
   it("refuses --fields that leave out the key, which would put every event in one partition", function()
     local t = H.table("id int PRIMARY KEY, v int")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")

@@ -63,7 +63,7 @@ typedef struct {
 /* A relation whose changes go to a sink directly (repl:direct). */
 typedef struct direct_s {
   uint32_t relid;
-  int id;                   /* the sync hook's name for it (the driver's) */
+  uint32_t id;              /* the sync hook's name for it (the driver's: the relid) */
   int outbox_ref;           /* registry ref: keeps the outbox alive */
   fl_outbox *o;
   char *table;              /* the listened table's name (ev.table) */
@@ -519,7 +519,7 @@ static int direct_sync(lua_State *L, fl_repl *r) {
     if ((n[0] | n[1] | n[2]) == 0) continue;
     memset(r->direct[i].pending, 0, sizeof n);
     lua_rawgeti(L, LUA_REGISTRYINDEX, r->direct_hook_ref);
-    lua_pushinteger(L, r->direct[i].id);
+    lua_pushnumber(L, r->direct[i].id);
     for (int k = 0; k < 3; k++) lua_pushnumber(L, n[k]);
     lua_pushnumber(L, (double)r->txn_time / 1e6 + PG_EPOCH_OFFSET_S);
     if (call_hook(L, r, 5, "dispatch: on_direct: ") < 0) {
@@ -1266,38 +1266,47 @@ static int l_direct(lua_State *L) {
     *d = r->direct[--r->ndirect];
   }
   if (lua_isnoneornil(L, 3)) return 0;
-  int id = (int)luaL_checkinteger(L, 3);
-  fl_outbox_check(L, 4);
+  uint32_t id = (uint32_t)luaL_checknumber(L, 3);
+  fl_outbox *o = fl_outbox_check(L, 4);
   size_t tlen;
   const char *table = luaL_checklstring(L, 5, &tlen);
   luaL_checktype(L, 6, LUA_TTABLE);
   int nkeys = (int)lua_objlen(L, 6);
   if (nkeys > DIRECT_MAX_KEYS) return 0;   /* that many key columns: the Lua way */
+  for (int k = 0; k < nkeys; k++) {
+    lua_rawgeti(L, 6, k + 1);
+    if (lua_type(L, -1) != LUA_TSTRING) return luaL_error(L, "repl:direct: key column %d is not a string", k + 1);
+    lua_pop(L, 1);
+  }
   direct_t *list = realloc(r->direct, sizeof *list * (size_t)(r->ndirect + 1));
   if (!list) return luaL_error(L, "repl:direct: out of memory");
   r->direct = list;
-  d = &list[r->ndirect];
-  memset(d, 0, sizeof *d);
-  d->outbox_ref = LUA_NOREF;
-  d->relid = relid;
-  d->id = id;
-  d->table = malloc(tlen + 1);
-  if (!d->table) return luaL_error(L, "repl:direct: out of memory");
-  memcpy(d->table, table, tlen + 1);
-  d->table_len = tlen;
-  r->ndirect++;                        /* counted now: freed with the list whatever follows */
-  for (int k = 0; k < nkeys; k++) {
-    lua_rawgeti(L, 6, k + 1);
-    const char *name = lua_tostring(L, -1);
-    if (!name) return luaL_error(L, "repl:direct: key column %d is not a string", k + 1);
-    d->keys[k] = strdup(name);
-    if (!d->keys[k]) return luaL_error(L, "repl:direct: out of memory");
-    d->nkeys = k + 1;
-    lua_pop(L, 1);
+  direct_t nd;
+  memset(&nd, 0, sizeof nd);
+  nd.relid = relid;
+  nd.id = id;
+  nd.o = o;
+  nd.table = malloc(tlen + 1);
+  int ok = nd.table != NULL;
+  if (ok) {
+    memcpy(nd.table, table, tlen + 1);
+    nd.table_len = tlen;
   }
-  d->o = fl_outbox_check(L, 4);
+  for (int k = 0; ok && k < nkeys; k++) {
+    lua_rawgeti(L, 6, k + 1);
+    nd.keys[k] = strdup(lua_tostring(L, -1));
+    lua_pop(L, 1);
+    ok = nd.keys[k] != NULL;
+    nd.nkeys = k + 1;
+  }
+  if (!ok) {
+    nd.outbox_ref = LUA_NOREF;
+    direct_free(L, &nd);
+    return luaL_error(L, "repl:direct: out of memory");
+  }
   lua_pushvalue(L, 4);
-  d->outbox_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  nd.outbox_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  list[r->ndirect++] = nd;
   return 0;
 }
 
