@@ -110,6 +110,13 @@ describe("flashlua command line", function()
           "flashlua: --replica-identity goes with --table; a script chooses this itself (client:listen, listener:on)\n" },
         { { "--table", "t", "--replica-identity", "default" },
           "flashlua: --replica-identity takes 'full' (the only identity that carries whole old rows), got 'default'\n" },
+        -- A flag that would do nothing under the driver in use (it was silently ignored).
+        { { "--table", "t", "--replica-identity", "full" },
+          "flashlua: --replica-identity has no effect under the trigger driver (the default): it captures whole old " ..
+          "rows itself (leave --replica-identity out, or add --driver wal_logical)\n" },
+        { { "--table", "t", "--driver", "trigger_statement", "--replica-identity", "full" },
+          "flashlua: --replica-identity has no effect under the trigger_statement driver: it captures whole old " ..
+          "rows itself (leave --replica-identity out, or add --driver wal_logical)\n" },
         { { "--table", "t", "--where", "customer_id in (1, 2" },
           "flashlua: cannot read --where 'customer_id in (1, 2': expected ',' or ')' in the 'in' list (expected " ..
           "col = value, col <> value, col >= value, col is null, col is not null, col in (a, b); see --help)\n" },

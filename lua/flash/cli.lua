@@ -579,6 +579,19 @@ local function run(argv)
     return usage_error("--driver redis_streams is a worker of the streams --to writes, not a capture: run it from " ..
       "a script (flash.client{ driver = \"redis_streams\", url = ..., partitions = ... }: examples/scale_worker.lua)")
   end
+  if o.replica_identity then
+    -- Another driver's options are accepted and ignored by flash.client (a script switches
+    -- drivers by one word), but a flag given on the command line that does nothing is a
+    -- mistake to say.
+    local registry = require "flash.driver"
+    local eff = o.driver or ((o.to or o.backfill) and "wal_logical") or flash.defaults.driver or registry.DEFAULT
+    local mod = registry.load(eff)
+    if not (mod and mod.OPTIONS and mod.OPTIONS.replica_identity) then
+      return usage_error(string.format("--replica-identity has no effect under the %s driver%s: it captures whole " ..
+        "old rows itself (leave --replica-identity out, or add --driver wal_logical)", eff,
+        o.driver and "" or " (the default)"))
+    end
+  end
   if o.driver then flash.defaults.driver = o.driver end
   if o.dsn then flash.defaults.dsn = o.dsn end
 
