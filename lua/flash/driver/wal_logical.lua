@@ -81,6 +81,8 @@ function M.new(client)
     masked = {},        -- [relid] = true: relations lrepl converts some columns of (route())
     direct = {},        -- [relid] = { l =, sink = }: relations whose rows lrepl writes to a sink (route_direct)
     direct_sinks = {},  -- [sink] = true: sinks given events by the direct path since its last on_direct()
+    known = {},         -- [relid] = { listeners }: where its rows went when last seen in the catalog (remember)
+    unrouted = {},      -- [relid] = true: said once that its rows reach no listener
     published = {},     -- [table oid] = listener: tables in the publication
     warned = {},        -- warnings given once: dropped tables, missing columns
     retry_at = nil,
@@ -504,6 +506,7 @@ function Driver:rebuild_index()
   end
   self.by_oid = by
   self:forget_routes()
+  self:remember()
   local types = {}
   for _, l in ipairs(self.client.listeners) do
     for _, c in ipairs(l.table.columns) do
@@ -795,12 +798,13 @@ function Driver:route(relid)
   if not rows then
     -- The query connection is gone: this relation's own listeners only, not cached.
     for _, l in ipairs(self.by_oid[relid] or {}) do list[#list + 1] = l end
-    return #list > 0 and list or false
+    if #list == 0 then return self:remembered(relid) end
+    return list
   end
   for _, r in ipairs(rows) do
     for _, l in ipairs(self.by_oid[r.oid] or {}) do list[#list + 1] = l end
   end
-  if #list == 0 then list = false end
+  if #list == 0 then list = self:remembered(relid) else self.known[relid] = list end
   self.routes[relid] = list
   -- No listener: nothing of its rows is read (a table still published while the
   -- publication catches up with the listeners).
@@ -812,6 +816,63 @@ function Driver:route(relid)
   end
   if not mask and list then self:route_direct(relid, list) end
   return list
+end
+
+-- A relation whose rows reach no listener by the catalog now. The walsender sent them, so
+-- when they were written the relation was published: a listened table, or a partition or
+-- child of one, since detached (DETACH PARTITION, NO INHERIT) or a listened table whose
+-- listener has gone since. The listeners it had when last seen (remember) take the rows
+-- of the first kind: they were that table's when committed. A relation never seen (attached,
+-- written and detached between two looks at the catalog, or before a restart) is named in
+-- a warning, once: its rows are not delivered.
+function Driver:remembered(relid)
+  local list = {}
+  for _, l in ipairs(self.known[relid] or {}) do
+    if self.client.by_id[l.id] == l then list[#list + 1] = l end
+  end
+  if #list > 0 then
+    log.info(string.format("relation %d is no longer a partition or child of %s; the rows written to it before " ..
+      "are delivered to its listeners", relid, list[1].table_name))
+    return list
+  end
+  if not self.known[relid] and not self.unrouted[relid] then
+    self.unrouted[relid] = true
+    local r = self:exec([[SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS name FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::oid]], relid)
+    local name = r and r[1] and r[1].name or ("relation " .. relid)
+    log.warn(string.format("rows of %s (oid %d) arrive, but it is not a partition or child of a listened table now " ..
+      "and was not when flashlua last looked (attached and detached in between?): they are not delivered; detach " ..
+      "partitions once flashlua has read their rows (client:run{ until_lsn = \"current\" })", name, relid))
+  end
+  return false
+end
+
+-- Where the rows of every partition and child of the listened tables go, noted now (at each
+-- start and turn of housekeeping): a partition detached later still sends the rows it got
+-- before (remembered).
+function Driver:remember()
+  local oids = {}
+  for oid, list in pairs(self.by_oid) do
+    self.known[oid] = list
+    oids[#oids + 1] = string.format("%d", oid)
+  end
+  if #oids == 0 then return end
+  local rows = self:exec([[WITH RECURSIVE d(oid, top, depth) AS (
+      SELECT i.inhrelid, i.inhparent, 1 FROM pg_catalog.pg_inherits i WHERE i.inhparent = ANY($1::oid[])
+      UNION ALL SELECT i.inhrelid, d.top, d.depth + 1 FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
+    SELECT oid::bigint AS oid, top::bigint AS top FROM d ORDER BY oid, depth]], "{" .. table.concat(oids, ",") .. "}")
+  if not rows then return end
+  local lists = {}
+  for _, r in ipairs(rows) do
+    local list = lists[r.oid]
+    if not list then
+      list = {}
+      for _, l in ipairs(self.by_oid[r.oid] or {}) do list[#list + 1] = l end
+      lists[r.oid] = list
+    end
+    for _, l in ipairs(self.by_oid[r.top] or {}) do list[#list + 1] = l end
+  end
+  for oid, list in pairs(lists) do self.known[oid] = list end
 end
 
 -- The direct path: when a relation's rows go to one listener whose only callback, for
@@ -1081,6 +1142,7 @@ function Driver:housekeep()
       self:renamed(r.oid, r.schema, r.name)
     end
   end
+  self:remember()
   self:identify_descendants()
   self:warn_unlogged()
   local pub = {}
