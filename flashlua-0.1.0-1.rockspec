@@ -47,6 +47,7 @@ build = {
     ["flash.json"] = "lua/flash/json.lua",
     ["flash.listener"] = "lua/flash/listener.lua",
     ["flash.loop"] = "lua/flash/loop.lua",
+    ["flash.luajit"] = "lua/flash/luajit.lua",
     ["flash.where"] = "lua/flash/where.lua",
     ["flash.sink.redis"] = "lua/flash/sink/redis.lua",
     ["flash.log"] = "lua/flash/log.lua",
