@@ -1,5 +1,6 @@
 -- flash.cli: the `flashlua` command line (API.md "Command line"). main(argv) returns the
 -- exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
+require "flash.jitfix"   -- first: pairs() loops kept off a LuaJIT bug (jitfix.lua)
 local M = {}
 
 local USAGE = [[

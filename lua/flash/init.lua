@@ -2,6 +2,7 @@
 -- flash.on_stop), timers, and the values and modules a script uses. The C core (flash.core)
 -- owns connections and value decoding; flash.client, flash.listener, flash.loop, flash.where
 -- and flash.catalog the rest (docs/architecture.md).
+require "flash.jitfix"   -- first: pairs() loops kept off a LuaJIT bug (jitfix.lua)
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"

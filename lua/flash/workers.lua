@@ -3,6 +3,7 @@
 -- state hands each event, as JSON, to the state its table + key picks, so a row's events are
 -- handled in commit order by one state; an event stays unacknowledged (flash.ack) until its
 -- state has handled it (docs/scale-out.md, "Parallel handlers in one process").
+require "flash.jitfix"   -- first: pairs() loops kept off a LuaJIT bug (jitfix.lua)
 local core = require "flash.core"
 local json = require "flash.json"
 
