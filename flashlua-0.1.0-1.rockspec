@@ -44,6 +44,7 @@ build = {
     ["flash.cli"] = "lua/flash/cli.lua",
     ["flash.client"] = "lua/flash/client.lua",
     ["flash.compare"] = "lua/flash/compare.lua",
+    ["flash.jitfix"] = "lua/flash/jitfix.lua",
     ["flash.json"] = "lua/flash/json.lua",
     ["flash.listener"] = "lua/flash/listener.lua",
     ["flash.loop"] = "lua/flash/loop.lua",

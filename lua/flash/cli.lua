@@ -1,6 +1,6 @@
 -- flash.cli: the `flashlua` command line (API.md "Command line"). main(argv) returns the
 -- exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error.
-require "flash.luajit"   -- first: a LuaJIT that miscompiles gets its workaround (flash.luajit)
+require "flash.luajit"   -- first: the workarounds for the linked LuaJIT's bugs (flash.luajit)
 local M = {}
 
 local USAGE = [[

@@ -2,7 +2,7 @@
 -- flash.on_stop), timers, and the values and modules a script uses. The C core (flash.core)
 -- owns connections and value decoding; flash.client, flash.listener, flash.loop, flash.where
 -- and flash.catalog the rest (docs/architecture.md).
-require "flash.luajit"   -- first: a LuaJIT that miscompiles gets its workaround (flash.luajit)
+require "flash.luajit"   -- first: the workarounds for the linked LuaJIT's bugs (flash.luajit)
 local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"

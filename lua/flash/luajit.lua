@@ -40,4 +40,8 @@ if ok and type(jit) == "table" and jit.status and not M.fixed(jit.version) then
   jit.flush()
 end
 
+-- The other one: pairs() loops compiled wrong (flash.jitfix), applied from here too, so
+-- that one require at the top of flash, flash.cli and flash.workers takes both.
+require "flash.jitfix"
+
 return M
