@@ -414,6 +414,18 @@ static char *put_digits(char *w, unsigned long long u) {
   return w;
 }
 
+size_t fl_key_number(double d, char *buf) {
+  char *w = buf;
+  if (!(d == floor(d) && fabs(d) < 1e14 && !(d == 0 && signbit(d)))) return 0;
+  if (d < 0) *w++ = '-';
+  w = put_digits(w, (unsigned long long)fabs(d));
+  return (size_t)(w - buf);
+}
+
+uint32_t fl_partition_hash(const char *table, size_t len) {
+  return fl_fnv1a(fl_fnv1a(2166136261u, table, len), "", 1);
+}
+
 /* The text tostring(v) gives for the value at idx (nil: ""), as the sink's Lua key has
  * always hashed it. Strings and whole numbers (LuaJIT's "%.14g" prints those below 1e14
  * as their digits) are read here; anything else goes through tostring. May push one
@@ -425,16 +437,7 @@ static const char *key_text(lua_State *L, int idx, int env, char *buf, size_t *l
     *len = 0;
     return "";
   }
-  if (t == LUA_TNUMBER) {
-    lua_Number d = lua_tonumber(L, idx);
-    if (d == floor(d) && fabs(d) < 1e14 && !(d == 0 && signbit(d))) {
-      char *w = buf;
-      if (d < 0) *w++ = '-';
-      w = put_digits(w, (unsigned long long)fabs(d));
-      *len = (size_t)(w - buf);
-      return buf;
-    }
-  }
+  if (t == LUA_TNUMBER && (*len = fl_key_number(lua_tonumber(L, idx), buf)) > 0) return buf;
   lua_rawgeti(L, env, F_TOSTRING);
   lua_pushvalue(L, idx);
   lua_call(L, 1, 1);
@@ -448,8 +451,7 @@ static const char *key_text(lua_State *L, int idx, int env, char *buf, size_t *l
 static uint32_t partition_of(lua_State *L, fl_outbox *o, int ev, int env, int tbl, int given) {
   size_t n;
   const char *s = lua_tolstring(L, tbl, &n);
-  uint32_t h = fl_fnv1a(2166136261u, s, n);
-  h = fl_fnv1a(h, "", 1);
+  uint32_t h = fl_partition_hash(s, n);
   if (given) {
     s = lua_tolstring(L, given, &n);
     h = fl_fnv1a(h, s, n);

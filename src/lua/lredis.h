@@ -18,6 +18,13 @@ uint32_t fl_outbox_partitions(const fl_outbox *o);
 /* FNV-1a, 32 bits, with h carried over from the bytes before (2166136261 to start): the
  * partition hash, hash(table "\0" key) % partitions. */
 uint32_t fl_fnv1a(uint32_t h, const char *s, size_t n);
+/* The hash of a partition key's first part: the table's name and "\0" (fl_fnv1a goes on
+ * with the key's texts, "\0" between them). */
+uint32_t fl_partition_hash(const char *table, size_t len);
+/* The text tostring gives a key number that is whole, below 1e14 and not -0 (its digits,
+ * as LuaJIT's "%.14g" prints them) into buf (24 bytes): its length, or 0 for any other
+ * number (its text is tostring's to make). */
+size_t fl_key_number(double d, char *buf);
 /* Appends an entry (XADD <stream>:<partition> [MAXLEN ~ n] * id <id> table <table> op <op>
  * event <body>) to the connection's output, and keeps its command until drop() says
  * Redis answered it, so that a new connection gets it again (readd). 0, or -1 out of

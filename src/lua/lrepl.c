@@ -3,7 +3,6 @@
  * it into Lua events (values through lvalue), calls the driver's dispatch and hooks
  * protected, and tells the stream what to confirm: a transaction once every callback of
  * it returned, or (manual acknowledgements) what the script acknowledged. */
-#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -478,6 +477,15 @@ static int emit_built(pump_ctx *c, const fl_pgo_msg *m, int op, int shape) {
   return call_hook(L, r, 9 + n, "dispatch: ");
 }
 
+/* Whether change m carries the usual rows: every column of its relation, a new row when it
+ * has one (has_new), an old row only of kind 'K' or 'O' (a builder's shapes, SH_*). */
+static int usual_rows(const fl_pgo_msg *m, int has_new) {
+  const fl_pgo_relation *rel = m->rel;
+  const fl_pgo_tuple *old = m->old_kind ? &m->oldtup : NULL;
+  return (!has_new || m->newtup.ncols == rel->ncols) &&
+         (!old || ((m->old_kind == 'K' || m->old_kind == 'O') && m->oldtup.ncols == rel->ncols)) && (has_new || old);
+}
+
 /* ------------------------------------------------------------------------------------ */
 /* The direct path: the changes of a relation whose only consumer is a Redis sink
  * (repl:direct, set by the wal_logical driver) are encoded from the decoded row into the
@@ -643,9 +651,10 @@ static int direct_key(pump_ctx *c, const direct_t *d, const fl_pgo_relation *rel
         *h = fl_fnv1a(*h, v->data, v->len);
         break;
       case FL_VAL_NUMBER: {
-        char buf[FL_JSON_NUM_MAX];
-        if (num != floor(num) || fabs(num) >= 1e14 || (num == 0 && signbit(num))) return 1;
-        *h = fl_fnv1a(*h, buf, fl_json_format_double(num, buf));   /* a whole number's digits */
+        char buf[24];
+        size_t n = fl_key_number(num, buf);
+        if (n == 0) return 1;
+        *h = fl_fnv1a(*h, buf, n);
         break;
       }
       default: return 1;
@@ -667,10 +676,7 @@ static int emit_direct(pump_ctx *c, const fl_pgo_msg *m, int op, direct_t *d) {
   size_t src_len;
   uint32_t h;
   if (r->tag_len || r->direct_hook_ref == LUA_NOREF || !fl_outbox_connected(d->o)) return 1;
-  /* The usual rows only: emit_change's builder shapes. */
-  if (!((!has_new || m->newtup.ncols == rel->ncols) &&
-        (!old || ((m->old_kind == 'K' || m->old_kind == 'O') && m->oldtup.ncols == rel->ncols)) && (has_new || old)))
-    return 1;
+  if (!usual_rows(m, has_new)) return 1;   /* emit_change's builder shapes only */
   rel_entry(c, rel);
   if (c->ent_want) return 1;
   if (!d->keys_ok || d->key_version != rel->version) {
@@ -682,8 +688,7 @@ static int emit_direct(pump_ctx *c, const fl_pgo_msg *m, int op, direct_t *d) {
     d->key_version = rel->version;
     d->keys_ok = 1;
   }
-  h = fl_fnv1a(2166136261u, d->table, d->table_len);
-  h = fl_fnv1a(h, "", 1);
+  h = fl_partition_hash(d->table, d->table_len);
   if (direct_key(c, d, rel, old ? old : &m->newtup, old ? key_only : 0, &h) != 0) return 1;
 
   event_id_text(r, r->txn_pos + 1, id);
@@ -743,8 +748,7 @@ static int emit_change(pump_ctx *c, const fl_pgo_msg *m, int op) {
   if (r->direct_pending && direct_sync(L, r) < 0) return -1;   /* the sink's entries in order */
   rel_entry(c, rel);
   /* The usual rows (every column of the relation) by its builder for their shape. */
-  if ((!has_new || m->newtup.ncols == rel->ncols) &&
-      (!old || ((m->old_kind == 'K' || m->old_kind == 'O') && m->oldtup.ncols == rel->ncols)) && (has_new || old)) {
+  if (usual_rows(m, has_new)) {
     int shape = !old ? SH_NEW : (has_new ? SH_BOTH : SH_OLD) + (m->old_kind == 'K');
     int rc = emit_built(c, m, op, shape);
     if (rc != 2) return rc;
