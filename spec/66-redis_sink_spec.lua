@@ -22,8 +22,13 @@ local function entries(port, parts, stream)
   for p = 0, parts - 1 do
     out[p] = {}
     for _, e in ipairs(replies[p + 1]) do
-      local f = {}
-      for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
+      -- An entry's fields are `id` and `event`, in that order (docs/scale-out.md); table
+      -- and op are the event's own, kept here for the assertions below.
+      assert.equal(4, #e[2], e[1])
+      assert.same({ "id", "event" }, { e[2][1], e[2][3] })
+      local f = { id = e[2][2], event = e[2][4] }
+      local ev = json.decode(f.event)
+      f.table, f.op = ev.table, ev.op
       out[p][#out[p] + 1] = f
     end
   end
@@ -40,7 +45,7 @@ describe("flash.sink.redis", function()
   it("refuses options it does not know and a client that acknowledges automatically", function()
     assert.has_error(function() sinkmod.new { partitons = 2 } end, "bad argument #1 to 'redis' (unknown option 'partitons' (did you mean 'partitions'?))")
     assert.has_error(function() sinkmod.new { url = "http://x" } end,
-      "bad argument #1 to 'redis' (option 'url': redis://HOST[:PORT] expected, got http://x)")
+      "bad argument #1 to 'redis' (option 'url': redis://HOST[:PORT] or unix:///PATH expected, got http://x)")
     -- Wrong types and values are refused here, naming the option, not later by the C outbox
     -- ("bad argument #5 to 'redis_outbox'") or by Redis (a MAXLEN of -5 refused at every
     -- XADD, retried forever).
@@ -61,18 +66,18 @@ describe("flash.sink.redis", function()
     refused({ key = { "id", 2 } }, "option 'key': column names expected, got a number at [2]")
     assert.is_table(sinkmod.new { maxlen = 1000, batch = 10, timeout = 0.5, stream = "s", key = { "a", "b" } })
     -- A database number was dropped without a word (the streams went to database 0).
-    refused({ url = "redis://127.0.0.1:6379/2" }, "option 'url': redis://HOST[:PORT] expected, got " ..
+    refused({ url = "redis://127.0.0.1:6379/2" }, "option 'url': redis://HOST[:PORT] or unix:///PATH expected, got " ..
       "redis://127.0.0.1:6379/2 (a database number is not supported: the streams are in database 0)")
-    refused({ url = "redis://127.0.0.1:70000" }, "option 'url': redis://HOST[:PORT] expected, got " ..
+    refused({ url = "redis://127.0.0.1:70000" }, "option 'url': redis://HOST[:PORT] or unix:///PATH expected, got " ..
       "redis://127.0.0.1:70000 (the port is 1 to 65535)")
     assert.is_table(sinkmod.new { url = "redis://127.0.0.1:6379/0" })
     local cok, cerr = pcall(require("flash").client, { driver = "redis_streams", url = "redis://127.0.0.1:6379/1" })
     assert.is_false(cok)
-    assert.equal("bad argument #1 to 'client' (option 'url': redis://HOST[:PORT] expected, got redis://127.0.0.1:6379/1 " ..
+    assert.equal("bad argument #1 to 'client' (option 'url': redis://HOST[:PORT] or unix:///PATH expected, got redis://127.0.0.1:6379/1 " ..
       "(a database number is not supported: the streams are in database 0))", (tostring(cerr):gsub("^.-:%d+: ", "")))
     local rc2, _, err2 = H.run_flashlua({ "--table", "t", "--to", "redis://127.0.0.1:6379/3" }, 20)
     assert.equal(2, rc2)
-    assert.equal("flashlua: --to takes redis://HOST[:PORT], got 'redis://127.0.0.1:6379/3' (a database number is " ..
+    assert.equal("flashlua: --to takes redis://HOST[:PORT] or unix:///PATH, got 'redis://127.0.0.1:6379/3' (a database number is " ..
       "not supported: the streams are in database 0)\nTry 'flashlua --help' for more information.\n", err2)
     -- The error names the script's line, as flash.client's do.
     local rc, _, err = H.run_flashlua({ "-e", "require('flash').sink.redis { maxlen = -5 }" }, 20)
@@ -574,5 +579,49 @@ assert(flash.run())
     assert.equal(0, h2.wait(20), h2.err())
     H.drop_slot("flash_replication", "flash_publication")
     H.drop_slot("flash_second", "flash_second")
+  end)
+
+  -- Redis on the same machine, reached through its Unix socket (redis-server's
+  -- `unixsocket`): no TCP on either side.
+  it("reaches Redis through its Unix socket: --to unix:///PATH, and a worker's url", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.drop_slot("flash_replication", "flash_publication")
+    local url = "unix://" .. f.dir .. "/redis.sock"
+    local cap = s.spawn({ "--table", t, "--to", url })
+    -- Started before Redis: the warning names the socket, and the events wait.
+    assert.is_true(H.wait_for(function()
+      return cap.err():find("redis sink: cannot connect to Redis at " .. url, 1, true) ~= nil
+    end, 20), cap.err())
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'a'), (2, 'b')")
+    H.redis_start(f.dir, f.port)
+    H.sql("UPDATE " .. t .. " SET v = 'c' WHERE id = 2")
+    local worker = s.spawn({ s.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "redis_streams", url = %q, group = "unix" })
+assert(c:listen { table = %q }):on("all", function(ev)
+  print(ev.op, ev.new.id, ev.new.v, ev.old and ev.old.v)
+  io.stdout:flush()
+end)
+assert(flash.run())
+]], url, t)) })
+    assert.is_true(H.wait_for(function() return select(2, worker.out():gsub("\n", "")) >= 3 end, 20),
+      worker.out() .. worker.err() .. cap.err())
+    assert.equal("insert\t1\ta\tnil\ninsert\t2\tb\tnil\nupdate\t2\tc\tb\n", worker.out())
+    worker.kill("TERM")
+    cap.kill("TERM")
+    assert.equal(0, worker.wait(20), worker.err())
+    assert.equal(0, cap.wait(20), cap.err())
+    -- A worker whose socket is not there says where it looked.
+    local gone = s.spawn({ s.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = "redis_streams", url = %q })
+assert(c:listen { table = %q }):on("all", print)
+assert(flash.run())
+]], "unix://" .. f.dir .. "/nothing.sock", t)) })
+    assert.equal(1, gone.wait(20), gone.err())
+    assert.is_truthy(gone.err():find(": cannot reach Redis at unix://" .. f.dir .. "/nothing.sock: " ..
+      "cannot connect to Redis at unix://" .. f.dir .. "/nothing.sock: No such file or directory", 1, true), gone.err())
+    H.drop_slot("flash_replication", "flash_publication")
   end)
 end)

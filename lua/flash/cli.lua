@@ -44,7 +44,7 @@ options:
       --backfill         with --table: first every existing row (op "read"), then the
                          changes; wal_logical (the default with --backfill) or a
                          trigger driver (--driver trigger)
-      --to redis://HOST[:PORT]
+      --to redis://HOST[:PORT] | unix:///PATH
                          with --table: append each event to Redis Streams instead
                          (flash:0 .. flash:N-1, by table + key; docs/scale-out.md),
                          confirming to a persistent slot only what Redis holds
@@ -314,7 +314,8 @@ local function parse_args(argv)
       o.to = val(a)
       local ok, _, why = require("flash.sink.redis").parse_url(o.to)
       if not ok then
-        error({ usage = string.format("--to takes redis://HOST[:PORT], got '%s'%s", o.to, why and " (" .. why .. ")" or "") })
+        error({ usage = string.format("--to takes %s, got '%s'%s", require("flash.sink.redis").URL_FORMS, o.to,
+          why and " (" .. why .. ")" or "") })
       end
     elseif a == "--replica-identity" then
       local v = val(a)

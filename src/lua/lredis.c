@@ -35,18 +35,33 @@ static struct timeval to_timeval(double s) {
   return tv;
 }
 
-/* core.redis_connect(host, port, timeout_seconds) -> conn | nil, err, kind */
+/* A blocking connection to host:port, or with port 0 to the Unix socket at path host;
+ * NULL with nil, err, kind pushed (fl_fail's values): the caller returns 3. */
+static redisContext *connect_to(lua_State *L, const char *host, int port, struct timeval tv) {
+  redisContext *c = port == 0 ? redisConnectUnixWithTimeout(host, tv) : redisConnectWithTimeout(host, port, tv);
+  if (!c) {
+    fl_fail(L, "cannot allocate a Redis connection", "memory");
+    return NULL;
+  }
+  if (c->err) {
+    if (port == 0)
+      fl_failf(L, "connection", "cannot connect to Redis at unix://%s: %s", host, c->errstr);
+    else
+      fl_failf(L, "connection", "cannot connect to Redis at %s:%d: %s", host, port, c->errstr);
+    redisFree(c);
+    return NULL;
+  }
+  return c;
+}
+
+/* core.redis_connect(host, port, timeout_seconds) -> conn | nil, err, kind
+ * (port 0: host is the path of Redis's Unix socket) */
 static int l_connect(lua_State *L) {
   const char *host = luaL_checkstring(L, 1);
   int port = (int)luaL_checkinteger(L, 2);
   struct timeval tv = to_timeval(luaL_optnumber(L, 3, 5.0));
-  redisContext *c = redisConnectWithTimeout(host, port, tv);
-  if (!c) return fl_fail(L, "cannot allocate a Redis connection", "memory");
-  if (c->err) {
-    lua_pushfstring(L, "cannot connect to Redis at %s:%d: %s", host, port, c->errstr);
-    redisFree(c);
-    return fl_fail(L, lua_tostring(L, -1), "connection");
-  }
+  redisContext *c = connect_to(L, host, port, tv);
+  if (!c) return 3;
   redisSetTimeout(c, tv);
   fl_redis *r = lua_newuserdata(L, sizeof *r);
   r->c = c;
@@ -360,8 +375,9 @@ static void reply_free(void *reply) {
 }
 static redisReplyObjectFunctions reply_fns = { reply_string, reply_array, reply_integer, reply_nil, reply_free };
 
-/* outbox:connect(host, port, timeout_seconds) -> true | nil, err, kind. Any connection
- * before is closed: what was queued on it is the caller's to add again. */
+/* outbox:connect(host, port, timeout_seconds) -> true | nil, err, kind (port 0: host is
+ * the path of Redis's Unix socket). Any connection before is closed: what was queued on it
+ * is the caller's to add again. */
 static int l_outbox_connect(lua_State *L) {
   fl_outbox *o = check_outbox(L);
   const char *host = luaL_checkstring(L, 2);
@@ -370,13 +386,8 @@ static int l_outbox_connect(lua_State *L) {
   redisContext *c;
   int fl;
   outbox_disconnect(o);
-  c = redisConnectWithTimeout(host, port, tv);
-  if (!c) return fl_fail(L, "cannot allocate a Redis connection", "memory");
-  if (c->err) {
-    lua_pushfstring(L, "cannot connect to Redis at %s:%d: %s", host, port, c->errstr);
-    redisFree(c);
-    return fl_fail(L, lua_tostring(L, -1), "connection");
-  }
+  c = connect_to(L, host, port, tv);
+  if (!c) return 3;
   /* From here on hiredis never waits: a write takes what the socket takes, a read what
    * has come (its EAGAIN is "later" once REDIS_BLOCK is off). */
   fl = fcntl(c->fd, F_GETFL, 0);
@@ -546,9 +557,8 @@ static void put_field(lua_State *L, fl_outbox *o, int markers, int field, int id
 /* The arguments of an entry's XADD (see outbox:add below) into argv/lens; returns argc, or
  * -1 out of memory. The stream name is written to stream_buf (256 bytes) or, longer, to
  * a malloc'd copy the caller frees (argv[1] != stream_buf). */
-static int entry_argv(fl_outbox *o, uint32_t p, const char *id, size_t id_len, const char *table, size_t table_len,
-                      const char *op, size_t op_len, const char *body, size_t body_len, char *stream_buf,
-                      const char **argv, size_t *lens) {
+static int entry_argv(fl_outbox *o, uint32_t p, const char *id, size_t id_len, const char *body, size_t body_len,
+                      char *stream_buf, const char **argv, size_t *lens) {
   char part[16];
   char *stream = stream_buf;
   int argc = 0;
@@ -571,10 +581,6 @@ static int entry_argv(fl_outbox *o, uint32_t p, const char *id, size_t id_len, c
   argv[argc] = "*"; lens[argc++] = 1;
   argv[argc] = "id"; lens[argc++] = 2;
   argv[argc] = id; lens[argc++] = id_len;
-  argv[argc] = "table"; lens[argc++] = 5;
-  argv[argc] = table; lens[argc++] = table_len;
-  argv[argc] = "op"; lens[argc++] = 2;
-  argv[argc] = op; lens[argc++] = op_len;
   argv[argc] = "event"; lens[argc++] = 5;
   argv[argc] = body; lens[argc++] = body_len;
   return argc;
@@ -582,14 +588,13 @@ static int entry_argv(fl_outbox *o, uint32_t p, const char *id, size_t id_len, c
 
 /* outbox:add(ev [, key]) -> bytes waiting to be written
  * Appends ev's entry to the connection's output: XADD <stream>:<p> [MAXLEN ~ n] * id <id>
- * table <table> op <op> event <JSON of id, table, op, new, old, lsn, commit_time, xid,
- * source>. Raises when not connected or when the event cannot be encoded; then nothing of
- * it was queued. */
+ * event <JSON of id, table, op, new, old, lsn, commit_time, xid, source>. Raises when not
+ * connected or when the event cannot be encoded; then nothing of it was queued. */
 static int l_outbox_add(lua_State *L) {
   fl_outbox *o = check_outbox(L);
   int env, base, markers, first = 1, argc, i;
-  const char *argv[16], *id, *tbl, *op;
-  size_t lens[16], id_len, tbl_len, op_len;
+  const char *argv[16], *id;
+  size_t lens[16], id_len;
   char stream_buf[256], idbuf[32];
   uint32_t p;
   int given;
@@ -624,9 +629,7 @@ static int l_outbox_add(lua_State *L) {
   } else {
     id = key_text(L, base + F_ID, env, idbuf, &id_len);   /* tostring(ev.id) */
   }
-  tbl = lua_tolstring(L, base + F_TABLE, &tbl_len);
-  op = lua_tolstring(L, base + F_OP, &op_len);
-  argc = entry_argv(o, p, id, id_len, tbl, tbl_len, op, op_len, o->body.p, o->body.len, stream_buf, argv, lens);
+  argc = entry_argv(o, p, id, id_len, o->body.p, o->body.len, stream_buf, argv, lens);
   if (argc < 0) return luaL_error(L, "flash.sink.redis: out of memory");
 
   /* hiredis formats the command (RESP is its job, not ours) and queues it. */
@@ -637,14 +640,14 @@ static int l_outbox_add(lua_State *L) {
   return 1;
 }
 
-int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t id_len, const char *table,
-                        size_t table_len, const char *op, size_t op_len, const char *body, size_t body_len) {
+int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t id_len, const char *body,
+                        size_t body_len) {
   const char *argv[16];
   size_t lens[16];
   char stream_buf[256];
   sds cmd = NULL;
   int len;
-  int argc = entry_argv(o, partition, id, id_len, table, table_len, op, op_len, body, body_len, stream_buf, argv, lens);
+  int argc = entry_argv(o, partition, id, id_len, body, body_len, stream_buf, argv, lens);
   if (argc < 0) return -1;
   /* The sds formatter (sdscatfmt): the char * one prints each length with sprintf. */
   len = redisFormatSdsCommandArgv(&cmd, argc, argv, lens);

@@ -25,10 +25,9 @@ uint32_t fl_partition_hash(const char *table, size_t len);
  * as LuaJIT's "%.14g" prints them) into buf (24 bytes): its length, or 0 for any other
  * number (its text is tostring's to make). */
 size_t fl_key_number(double d, char *buf);
-/* Appends an entry (XADD <stream>:<partition> [MAXLEN ~ n] * id <id> table <table> op <op>
- * event <body>) to the connection's output, and keeps its command until drop() says
- * Redis answered it, so that a new connection gets it again (readd). 0, or -1 out of
- * memory (nothing was added). */
-int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t id_len, const char *table,
-                        size_t table_len, const char *op, size_t op_len, const char *body, size_t body_len);
+/* Appends an entry (XADD <stream>:<partition> [MAXLEN ~ n] * id <id> event <body>) to the
+ * connection's output, and keeps its command until drop() says Redis answered it, so that
+ * a new connection gets it again (readd). 0, or -1 out of memory (nothing was added). */
+int fl_outbox_add_entry(fl_outbox *o, uint32_t partition, const char *id, size_t id_len, const char *body,
+                        size_t body_len);
 #endif

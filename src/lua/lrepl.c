@@ -715,8 +715,7 @@ static int emit_direct(pump_ctx *c, const fl_pgo_msg *m, int op, direct_t *d) {
       jb_add(b, r->ct_txt, r->ct_len) || jb_add(b, ",\"xid\":", 7) || jb_num(b, r->txn_xid) ||
       jb_add(b, ",\"source\":", 10) || jb_str(b, src, src_len) || jb_add(b, "}", 1))
     goto fail;
-  if (fl_outbox_add_entry(d->o, h % fl_outbox_partitions(d->o), id, sizeof id, d->table, d->table_len,
-                          key_names[op], strlen(key_names[op]), b->p, b->len) != 0)
+  if (fl_outbox_add_entry(d->o, h % fl_outbox_partitions(d->o), id, sizeof id, b->p, b->len) != 0)
     goto fail;
   r->txn_pos++;
   r->events++;

@@ -152,8 +152,8 @@ end
 function Driver:start()
   local ok, err, reached = self:create_groups()
   if not ok and not reached then
-    return nil, string.format("cannot reach Redis at %s:%d: %s (start redis-server, or pass url = \"redis://HOST:PORT\")",
-      self.host, self.port, tostring(err))
+    return nil, string.format("cannot reach Redis at %s: %s (start redis-server, or pass url = \"redis://HOST:PORT\")",
+      sink.where(self.host, self.port), tostring(err))
   end
   if not ok then return nil, err end
   -- A capturer with more partitions than this worker wrote entries nobody here reads:

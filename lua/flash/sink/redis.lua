@@ -47,21 +47,30 @@ local function fnv1a(s)
 end
 M.hash = fnv1a
 
--- redis://HOST[:PORT] -> host, port; nil and why when url is not that. The one reader of
--- a Redis URL: the sink, the redis_streams driver and the command line's --to. A database
--- number other than 0 (redis://HOST:PORT/2) is refused: the connections never SELECT one,
--- so the streams would be in database 0 whatever the URL said.
+-- redis://HOST[:PORT] -> host, port, or unix:///PATH (Redis's `unixsocket`, for a server
+-- on the same machine: no TCP on either side) -> path, 0; nil and why when url is neither.
+-- The one reader of a Redis URL: the sink, the redis_streams driver and the command line's
+-- --to. A database number other than 0 (redis://HOST:PORT/2) is refused: the connections
+-- never SELECT one, so the streams would be in database 0 whatever the URL said.
+local FORMS = "redis://HOST[:PORT] or unix:///PATH"
 local function parse_url(url)
+  local path = url:match("^unix://(/.+)$")
+  if path then return path, 0 end
   local host, port, db = url:match("^redis://([^:/]+):?(%d*)/?(%d*)$")
-  if not host then return nil, "redis://HOST[:PORT] expected, got " .. url end
+  if not host then return nil, FORMS .. " expected, got " .. url end
   local why
   if db ~= "" and tonumber(db) ~= 0 then
     why = "a database number is not supported: the streams are in database 0"
   end
   port = tonumber(port) or 6379
   if port < 1 or port > 65535 then why = "the port is 1 to 65535" end
-  if why then return nil, string.format("redis://HOST[:PORT] expected, got %s (%s)", url, why), why end
+  if why then return nil, string.format("%s expected, got %s (%s)", FORMS, url, why), why end
   return host, port
+end
+M.URL_FORMS = FORMS
+-- How messages name the server parse_url gave.
+function M.where(host, port)
+  return port == 0 and "unix://" .. host or string.format("%s:%d", host, port)
 end
 M.parse_url = parse_url
 M.DEFAULT_URL = "redis://127.0.0.1:6379"
@@ -76,7 +85,7 @@ local function check(opts)
     if not known[k] then bad(require("flash.args").unknown_option(k, known)) end
   end
   if opts.url ~= nil then
-    if type(opts.url) ~= "string" then bad("option 'url': redis://HOST[:PORT] expected, got " .. type(opts.url)) end
+    if type(opts.url) ~= "string" then bad("option 'url': " .. FORMS .. " expected, got " .. type(opts.url)) end
     local ok, why = parse_url(opts.url)
     if not ok then bad("option 'url': " .. why) end
   end
@@ -323,7 +332,7 @@ function Sink:reconnect()
   if self.had_conn then
     self.stats.reconnects = self.stats.reconnects + 1
     -- (After a refused XADD the connection was dropped by us, not lost: no news.)
-    if not self.refused then log.warn(string.format("redis sink: reconnected to %s:%d", self.host, self.port)) end
+    if not self.refused then log.warn("redis sink: reconnected to " .. M.where(self.host, self.port)) end
   end
   self.connected, self.had_conn = true, true
   -- The backoff and the last error are reset only once Redis answers an XADD (pump): a
