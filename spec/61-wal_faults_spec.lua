@@ -662,4 +662,47 @@ describe("wal_logical faults", function()
       drop_slot(slot)
     end)
   end)
+
+  -- The walsender closes a connection it has heard nothing from for wal_sender_timeout
+  -- (60 s by default; set to 2 s here). A callback that waits longer (an HTTP call, a batch
+  -- flush), or a timer blocking the loop, lost the connection: a warning, a reconnect, and
+  -- with a temporary slot the changes committed meanwhile were not captured. fl_stream's
+  -- keeper thread now sends status updates while the connection is not in use.
+  it("a callback or a timer slower than wal_sender_timeout keeps the connection: no reconnect, nothing lost", function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER SYSTEM SET wal_sender_timeout = '2s'")
+    H.sql("SELECT pg_reload_conf()")
+    local ok, err = pcall(function()
+      local h = spawn({ script(string.format([[
+local flash = require "flash"
+local core = require "flash.core"
+local c = assert(flash.client { driver = "wal_logical" })
+assert(c:listen { table = %q }):on("insert", function(ev)
+  io.stdout:write(ev.new.id, " ", ev.new.v, "\n")
+  io.stdout:flush()
+  if ev.new.v == "slow" then core.sleep(4) end
+  if ev.new.v == "timer" then flash.after(0, function() core.sleep(4) io.stdout:write("timer\n") end) end
+end)
+assert(c:start())
+io.stderr:write("ready\n")
+assert(flash.run())
+]], t)) })
+      assert.is_true(h.await("ready", 15, "err"), h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (1, 'a')")
+      H.sql("INSERT INTO " .. t .. " VALUES (2, 'slow')")
+      H.sql("INSERT INTO " .. t .. " VALUES (3, 'b')")
+      assert.is_true(wait_for(function() return h.out():find("3 b\n", 1, true) ~= nil end, 20), h.out() .. h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (4, 'timer')")
+      assert.is_true(wait_for(function() return h.out():find("timer\n", 1, true) ~= nil end, 20), h.out() .. h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (5, 'c')")
+      assert.is_true(wait_for(function() return h.out():find("5 c\n", 1, true) ~= nil end, 20), h.out() .. h.err())
+      h.kill("TERM")
+      assert.equal(0, h.wait(20), h.err())
+      assert.equal("1 a\n2 slow\n3 b\n4 timer\ntimer\n5 c\n", h.out())
+      assert.is_nil(h.err():find("WARN", 1, true), h.err())
+    end)
+    H.sql("ALTER SYSTEM RESET wal_sender_timeout")
+    H.sql("SELECT pg_reload_conf()")
+    assert(ok, err)
+  end)
 end)

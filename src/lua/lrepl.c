@@ -1352,7 +1352,7 @@ static int l_fd(lua_State *L) {
 static const char *const state_fields[] = {
   "received", "flushed", "delivered", "confirmed", "server_end", "in_txn", "events", "values", "messages",
   "bytes", "largest_message", "streams_open", "stream_buffered", "stream_buffered_peak", "stream_spilled",
-  "copying", NULL
+  "copying", "keeper_updates", NULL
 };
 
 static void push_state_field(lua_State *L, const fl_repl *r, const fl_stream_state *st, int i) {
@@ -1372,7 +1372,8 @@ static void push_state_field(lua_State *L, const fl_repl *r, const fl_stream_sta
     case 12: lua_pushnumber(L, (double)st->stream_buffered); break;
     case 13: lua_pushnumber(L, (double)st->stream_buffered_peak); break;
     case 14: lua_pushnumber(L, (double)st->stream_spilled); break;
-    default: lua_pushboolean(L, st->copying); break;
+    case 15: lua_pushboolean(L, st->copying); break;
+    default: lua_pushnumber(L, (double)st->keeper_updates); break;
   }
 }
 
@@ -1388,7 +1389,7 @@ static int l_state(lua_State *L) {
     push_state_field(L, r, &st, luaL_checkoption(L, 2, NULL, state_fields));
     return 1;
   }
-  lua_createtable(L, 0, 16);
+  lua_createtable(L, 0, 17);
   for (int i = 0; state_fields[i]; i++) {
     push_state_field(L, r, &st, i);
     lua_setfield(L, -2, state_fields[i]);

@@ -3,9 +3,11 @@
  * decoded messages to the consumer's callback, confirmation only when the consumer says. */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 #include <time.h>
 #include "fl_spill.h"
@@ -15,6 +17,12 @@
 #define CONFIRM_DELAY_US 1000000LL         /* confirmed positions are reported within 1 s... */
 #define CONFIRM_COUNT 1000                 /* ...or once this many are waiting, if sooner */
 #define SPILL_MEM_DEFAULT (8u << 20)       /* buffered bytes of streamed changes before spilling */
+#define KEEPER_AFTER_US 1000000LL          /* the keeper's status update once none went for 1 s */
+
+/* Who may use the connection and the positions (s->own): the consumer's thread inside an
+ * fl_stream function (MAIN), nobody (FREE: the consumer is in its callback, or anywhere
+ * outside this file), or the keeper thread sending a status update (KEEPER). */
+enum { OWN_MAIN, OWN_FREE, OWN_KEEPER };
 
 struct fl_stream {
   PGconn *pg;
@@ -36,7 +44,50 @@ struct fl_stream {
   PGresult *res;              /* the last fl_stream_exec result */
   char err[512];
   char kind[16];
+  /* The keeper: while streaming, a thread that sends a status update whenever none was
+   * sent for KEEPER_AFTER_US and the connection is FREE, so that a callback (or anything
+   * the consumer does between pumps: a backfill's read, a sink's wait) taking longer than
+   * the server's wal_sender_timeout does not get the connection closed under it. */
+  int own;                    /* OWN_*, changed with __atomic builtins only */
+  int depth;                  /* the consumer's nesting of fl_stream calls (its thread only) */
+  uint64_t kept;              /* status updates the keeper sent */
+  int keeper_on, keeper_stop;
+  pthread_t keeper;
+  pthread_mutex_t keeper_mu;
+  pthread_cond_t keeper_cv;
 };
+
+/* The consumer's thread takes the connection (waiting while the keeper sends) unless it
+ * holds it already; leave() gives it back after the outermost call. */
+static void enter(fl_stream *s) {
+  if (s->depth++ > 0) return;
+  for (;;) {
+    int expect = OWN_FREE;
+    if (__atomic_compare_exchange_n(&s->own, &expect, OWN_MAIN, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return;
+    sched_yield();              /* the keeper holds it for one status update */
+  }
+}
+
+static void leave(fl_stream *s) {
+  if (--s->depth == 0) __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
+}
+
+/* The consumer's callback, with the connection FREE while it runs (however deep the pump
+ * that called it): the keeper may send status updates meanwhile, and the callback may call
+ * fl_stream functions itself. */
+static int call_fn(fl_stream *s, fl_stream_fn fn, void *ud, const fl_pgo_msg *m) {
+  int depth = s->depth;
+  s->depth = 0;
+  __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
+  int rc = fn(ud, s, m);
+  s->depth = 0;                 /* (whatever the callback left: an error raised through it) */
+  enter(s);
+  s->depth = depth;
+  return rc;
+}
+
+static void keeper_begin(fl_stream *s);
+static void keeper_end(fl_stream *s);
 
 int64_t fl_stream_now_us(void) {
   struct timespec ts;
@@ -103,16 +154,26 @@ fl_stream *fl_stream_new(void) {
   s->spill = fl_spill_new(SPILL_MEM_DEFAULT);
   if (!s->spill) { free(s); return NULL; }
   s->idle_confirm = 1;
+  s->own = OWN_FREE;
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&s->keeper_cv, &ca);
+  pthread_condattr_destroy(&ca);
+  pthread_mutex_init(&s->keeper_mu, NULL);
   return s;
 }
 
 void fl_stream_close(fl_stream *s) {
+  enter(s);
+  keeper_end(s);
   release_copybuf(s);
   if (s->res) { PQclear(s->res); s->res = NULL; }
   if (s->pg) { PQfinish(s->pg); s->pg = NULL; }
   s->copying = 0;
   s->in_txn = s->cur_open = 0;
   fl_spill_clear(s->spill);     /* unconfirmed: sent again on the next connection */
+  leave(s);
 }
 
 void fl_stream_free(fl_stream *s) {
@@ -120,6 +181,8 @@ void fl_stream_free(fl_stream *s) {
   fl_stream_close(s);
   fl_pgo_free(s->dec);
   fl_spill_free(s->spill);
+  pthread_cond_destroy(&s->keeper_cv);
+  pthread_mutex_destroy(&s->keeper_mu);
   free(s);
 }
 
@@ -128,17 +191,20 @@ int fl_stream_connect(fl_stream *s, const char *dsn) {
   const char *vals[] = { dsn, "database", "flashlua", "UTF8",
     "-c DateStyle=ISO,MDY -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex",
     NULL };
-  s->pg = PQconnectdbParams(keys, vals, 1);
-  if (!s->pg) return fl_stream_fail(s, "memory", "out of memory");
-  if (PQstatus(s->pg) != CONNECTION_OK) {
-    fl_stream_fail(s, "connection", "cannot open a replication connection: %s", PQerrorMessage(s->pg));
-    PQfinish(s->pg);
-    s->pg = NULL;
+  PGconn *pg = PQconnectdbParams(keys, vals, 1);
+  if (!pg) return fl_stream_fail(s, "memory", "out of memory");
+  if (PQstatus(pg) != CONNECTION_OK) {
+    fl_stream_fail(s, "connection", "cannot open a replication connection: %s", PQerrorMessage(pg));
+    PQfinish(pg);
     return -1;
   }
+  enter(s);
+  s->pg = pg;
+  leave(s);
   return 0;
 }
 
+/* (The keeper never opens or closes the connection: these read s->pg as it is.) */
 int fl_stream_is_open(const fl_stream *s) { return s->pg != NULL; }
 int fl_stream_socket(const fl_stream *s) { return s->pg ? PQsocket(s->pg) : -1; }
 
@@ -158,15 +224,21 @@ static const PGresult *keep_result(fl_stream *s, PGresult *res) {
 }
 
 const PGresult *fl_stream_exec(fl_stream *s, const char *cmd) {
-  return keep_result(s, PQexec(s->pg, cmd));
+  enter(s);
+  const PGresult *res = keep_result(s, PQexec(s->pg, cmd));
+  leave(s);
+  return res;
 }
 
 int fl_stream_send(fl_stream *s, const char *cmd) {
-  if (!PQsendQuery(s->pg, cmd)) return fl_stream_fail(s, "connection", "%s", PQerrorMessage(s->pg));
-  return 0;
+  int rc = 0;
+  enter(s);
+  if (!PQsendQuery(s->pg, cmd)) rc = fl_stream_fail(s, "connection", "%s", PQerrorMessage(s->pg));
+  leave(s);
+  return rc;
 }
 
-int fl_stream_result(fl_stream *s, const PGresult **out) {
+static int result_(fl_stream *s, const PGresult **out) {
   if (!PQconsumeInput(s->pg)) return fl_stream_fail(s, "connection", "%s", PQerrorMessage(s->pg));
   if (PQisBusy(s->pg)) return 0;
   PGresult *res = PQgetResult(s->pg), *more;
@@ -177,7 +249,14 @@ int fl_stream_result(fl_stream *s, const PGresult **out) {
   return *out ? 1 : -1;
 }
 
-int fl_stream_start(fl_stream *s, const char *cmd, int proto) {
+int fl_stream_result(fl_stream *s, const PGresult **out) {
+  enter(s);
+  int rc = result_(s, out);
+  leave(s);
+  return rc;
+}
+
+static int start_(fl_stream *s, const char *cmd, int proto) {
   fl_pgo_free(s->dec);
   s->dec = fl_pgo_new(proto);
   if (!s->dec) return fl_stream_fail(s, "memory", "out of memory");
@@ -191,11 +270,20 @@ int fl_stream_start(fl_stream *s, const char *cmd, int proto) {
   PQsetnonblocking(s->pg, 1);
   s->copying = 1;
   s->last_status = 0;
+  keeper_begin(s);
   return 0;
 }
 
-int fl_stream_status(fl_stream *s, int reply_requested) {
-  if (!s->copying) return 0;
+int fl_stream_start(fl_stream *s, const char *cmd, int proto) {
+  enter(s);
+  int rc = start_(s, cmd, proto);
+  leave(s);
+  return rc;
+}
+
+/* A standby status update: 0, or -1 when it could not be sent (no error recorded: the
+ * keeper calls it too, and the consumer's next call finds the connection broken). */
+static int send_status(fl_stream *s, int reply_requested) {
   char msg[1 + 8 * 4 + 1];
   msg[0] = 'r';
   uint64_t write = s->received > s->flushed ? s->received : s->flushed;
@@ -204,8 +292,7 @@ int fl_stream_status(fl_stream *s, int reply_requested) {
   put_u64(msg + 17, s->flushed);
   put_u64(msg + 25, (uint64_t)pg_now_us());
   msg[33] = reply_requested ? 1 : 0;
-  if (PQputCopyData(s->pg, msg, sizeof msg) <= 0 || PQflush(s->pg) < 0)
-    return fl_stream_fail(s, "connection", "cannot send a status update: %s", PQerrorMessage(s->pg));
+  if (PQputCopyData(s->pg, msg, sizeof msg) <= 0 || PQflush(s->pg) < 0) return -1;
   s->last_status = fl_stream_now_us();
   s->confirmed = s->flushed;
   s->unconfirmed_since = 0;
@@ -213,24 +300,83 @@ int fl_stream_status(fl_stream *s, int reply_requested) {
   return 0;
 }
 
+int fl_stream_status(fl_stream *s, int reply_requested) {
+  int rc = 0;
+  enter(s);
+  if (s->copying && send_status(s, reply_requested) != 0)
+    rc = fl_stream_fail(s, "connection", "cannot send a status update: %s", PQerrorMessage(s->pg));
+  leave(s);
+  return rc;
+}
+
+static void *keeper_main(void *arg) {
+  fl_stream *s = arg;
+  pthread_mutex_lock(&s->keeper_mu);
+  while (!s->keeper_stop) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_nsec += 250000000L;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    pthread_cond_timedwait(&s->keeper_cv, &s->keeper_mu, &ts);
+    if (s->keeper_stop) break;
+    pthread_mutex_unlock(&s->keeper_mu);
+    int expect = OWN_FREE;
+    if (__atomic_compare_exchange_n(&s->own, &expect, OWN_KEEPER, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+      if (s->copying && s->pg && fl_stream_now_us() - s->last_status >= KEEPER_AFTER_US) {
+        send_status(s, 0);
+        s->kept++;
+      }
+      __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_lock(&s->keeper_mu);
+  }
+  pthread_mutex_unlock(&s->keeper_mu);
+  return NULL;
+}
+
+/* Starts the keeper once streaming has begun (without one if no thread can be made: the
+ * stream works as before, with only the pump's own status updates). */
+static void keeper_begin(fl_stream *s) {
+  if (s->keeper_on) return;
+  s->keeper_stop = 0;
+  if (pthread_create(&s->keeper, NULL, keeper_main, s) == 0) s->keeper_on = 1;
+}
+
+/* Stops it (the consumer's thread holds the connection: the keeper cannot be sending). */
+static void keeper_end(fl_stream *s) {
+  if (!s->keeper_on) return;
+  pthread_mutex_lock(&s->keeper_mu);
+  s->keeper_stop = 1;
+  pthread_cond_signal(&s->keeper_cv);
+  pthread_mutex_unlock(&s->keeper_mu);
+  pthread_join(s->keeper, NULL);
+  s->keeper_on = 0;
+}
+
 /* A crash redelivers a bounded amount: a confirmed position is reported once
  * CONFIRM_DELAY_US has passed since the first unreported one or CONFIRM_COUNT wait. */
 int fl_stream_confirm(fl_stream *s, uint64_t lsn) {
-  if (lsn <= s->flushed) return 0;
-  s->flushed = lsn;
-  int64_t now = fl_stream_now_us();
-  if (!s->unconfirmed_since) s->unconfirmed_since = now;
-  s->unconfirmed++;
-  if (s->unconfirmed >= CONFIRM_COUNT || now - s->unconfirmed_since >= CONFIRM_DELAY_US)
-    return fl_stream_status(s, 0);
-  return 0;
+  int rc = 0;
+  enter(s);
+  if (lsn > s->flushed) {
+    s->flushed = lsn;
+    int64_t now = fl_stream_now_us();
+    if (!s->unconfirmed_since) s->unconfirmed_since = now;
+    s->unconfirmed++;
+    if (s->unconfirmed >= CONFIRM_COUNT || now - s->unconfirmed_since >= CONFIRM_DELAY_US)
+      rc = fl_stream_status(s, 0);
+  }
+  leave(s);
+  return rc;
 }
 
 void fl_stream_confirm_idle(fl_stream *s, int on) { s->idle_confirm = on; }
 
-int64_t fl_stream_due(const fl_stream *s) {
+int64_t fl_stream_due(fl_stream *s) {
+  enter(s);
   int64_t due = s->last_status + STATUS_INTERVAL_US;
   if (s->unconfirmed_since && s->unconfirmed_since + CONFIRM_DELAY_US < due) due = s->unconfirmed_since + CONFIRM_DELAY_US;
+  leave(s);
   return due;
 }
 
@@ -271,7 +417,7 @@ static int replay(fl_stream *s, uint32_t xid, fl_stream_fn fn, void *ud) {
     }
     if (m.type == FL_PGO_INSERT || m.type == FL_PGO_UPDATE || m.type == FL_PGO_DELETE || m.type == FL_PGO_TRUNCATE ||
         m.type == FL_PGO_MESSAGE) {
-      rc = fn(ud, s, &m);
+      rc = call_fn(s, fn, ud, &m);
       if (rc != 0) break;
     }
   }
@@ -287,7 +433,7 @@ static int handle(fl_stream *s, const char *buf, uint32_t len, fl_stream_fn fn, 
     return fl_stream_fail(s, "protocol", "cannot decode a pgoutput message: %s", fl_pgo_error(s->dec));
   s->messages++;
   if (m.type == FL_PGO_RELATION && m.rel) {
-    int rc = fn(ud, s, &m);
+    int rc = call_fn(s, fn, ud, &m);
     if (rc != 0) return rc;
   }
   if (in_stream && m.type != FL_PGO_STREAM_STOP && m.type != FL_PGO_STREAM_START) {
@@ -302,11 +448,11 @@ static int handle(fl_stream *s, const char *buf, uint32_t len, fl_stream_fn fn, 
   switch (m.type) {
     case FL_PGO_BEGIN:
       s->in_txn = 1;
-      return fn(ud, s, &m);
+      return call_fn(s, fn, ud, &m);
     case FL_PGO_COMMIT:
       s->in_txn = 0;
       if (m.end_lsn > s->delivered) s->delivered = m.end_lsn;
-      return fn(ud, s, &m);
+      return call_fn(s, fn, ud, &m);
     case FL_PGO_STREAM_START:
       if (fl_spill_begin(s->spill, m.xid) != 0) return spill_fail(s);
       s->cur_open = 1;
@@ -326,17 +472,17 @@ static int handle(fl_stream *s, const char *buf, uint32_t len, fl_stream_fn fn, 
       begin.xid = m.xid;
       begin.lsn = m.lsn;
       begin.timestamp = m.timestamp;
-      int rc = fn(ud, s, &begin);
+      int rc = call_fn(s, fn, ud, &begin);
       if (rc == 0 && fl_spill_has(s->spill, m.xid)) rc = replay(s, m.xid, fn, ud);
       fl_spill_drop(s->spill, m.xid);
       if (s->cur_xid == m.xid) s->cur_open = 0;
       if (rc != 0) return rc;
       if (m.end_lsn > s->delivered) s->delivered = m.end_lsn;
-      return fn(ud, s, &m);
+      return call_fn(s, fn, ud, &m);
     }
     case FL_PGO_INSERT: case FL_PGO_UPDATE: case FL_PGO_DELETE: case FL_PGO_TRUNCATE:
     case FL_PGO_MESSAGE:
-      return fn(ud, s, &m);
+      return call_fn(s, fn, ud, &m);
     default:
       return 0;   /* Relation (handed above), Type, Origin */
   }
@@ -346,8 +492,8 @@ static int lost(fl_stream *s) {
   return fl_stream_fail(s, "connection", "replication connection lost: %s", PQerrorMessage(s->pg));
 }
 
-int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
-                   fl_stream_fn fn, fl_stream_large_fn large, void *ud) {
+static int pump_(fl_stream *s, long budget, int64_t until, int txn_end,
+                 fl_stream_fn fn, fl_stream_large_fn large, void *ud) {
   release_copybuf(s);
   end_replay(s);
   if (!s->copying) return fl_stream_fail(s, "usage", "replication has not started");
@@ -421,7 +567,24 @@ int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
   return more;
 }
 
+int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
+                   fl_stream_fn fn, fl_stream_large_fn large, void *ud) {
+  /* A pump is never inside another fl_stream call of this stream (a callback's own pump
+   * runs at depth 0): a depth left over is from an error raised through a call that held
+   * the connection (a longjmp), taken as given back. */
+  if (s->depth != 0) {
+    s->depth = 0;
+    __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
+  }
+  enter(s);
+  int rc = pump_(s, budget, until, txn_end, fn, large, ud);
+  leave(s);
+  return rc;
+}
+
 void fl_stream_finish(fl_stream *s, double timeout) {
+  enter(s);
+  keeper_end(s);
   release_copybuf(s);
   if (!(timeout > 0)) timeout = 0;                /* 0, negative or NaN: do not wait */
   if (timeout > 86400) timeout = 86400;
@@ -462,9 +625,11 @@ void fl_stream_finish(fl_stream *s, double timeout) {
     s->copying = 0;
   }
   fl_stream_close(s);
+  leave(s);
 }
 
-void fl_stream_get_state(const fl_stream *s, fl_stream_state *st) {
+void fl_stream_get_state(fl_stream *s, fl_stream_state *st) {
+  enter(s);
   fl_spill_stats sst;
   fl_spill_get_stats(s->spill, &sst);
   st->received = s->received;
@@ -481,6 +646,8 @@ void fl_stream_get_state(const fl_stream *s, fl_stream_state *st) {
   st->stream_buffered = sst.mem;
   st->stream_buffered_peak = sst.peak;
   st->stream_spilled = sst.spilled;
+  st->keeper_updates = s->kept;
+  leave(s);
 }
 
 const fl_pgo_relation *fl_stream_relation(const fl_stream *s, uint32_t relid) {

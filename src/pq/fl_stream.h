@@ -36,6 +36,7 @@ typedef struct {
   uint64_t messages, bytes, largest;
   size_t stream_buffered, stream_buffered_peak;
   uint64_t stream_spilled;
+  uint64_t keeper_updates;  /* status updates sent while the consumer was busy elsewhere */
 } fl_stream_state;
 
 fl_stream *fl_stream_new(void);                     /* NULL on out of memory */
@@ -65,7 +66,7 @@ int fl_stream_confirm(fl_stream *s, uint64_t lsn);
  * (no transaction open): the consumer says so (every delivered event handled). */
 void fl_stream_confirm_idle(fl_stream *s, int on);
 int fl_stream_status(fl_stream *s, int reply_requested);   /* a status update now */
-int64_t fl_stream_due(const fl_stream *s);                 /* monotonic µs of the next one */
+int64_t fl_stream_due(fl_stream *s);                 /* monotonic µs of the next one */
 void fl_stream_set_spill_limit(fl_stream *s, size_t bytes);
 /* A last status update, the end of the copy, and a wait of up to timeout_s for the server
  * to end it too; then the connection is closed. */
@@ -73,7 +74,7 @@ void fl_stream_finish(fl_stream *s, double timeout_s);
 void fl_stream_close(fl_stream *s);                        /* the connection only */
 int fl_stream_socket(const fl_stream *s);
 int fl_stream_is_open(const fl_stream *s);
-void fl_stream_get_state(const fl_stream *s, fl_stream_state *st);
+void fl_stream_get_state(fl_stream *s, fl_stream_state *st);
 const fl_pgo_relation *fl_stream_relation(const fl_stream *s, uint32_t relid);
 int64_t fl_stream_now_us(void);                            /* the monotonic clock used */
 
