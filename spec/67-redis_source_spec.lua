@@ -104,6 +104,64 @@ assert(flash.run())
     end
   end)
 
+  -- A callback that blocks longer than claim_after (an HTTP call, a slow database) let
+  -- the partition's lock expire: another worker took the partition over and handled the
+  -- same entry while the first was still in it, and what followed, out of order.
+  it("a worker whose callback blocks longer than claim_after keeps its partition: no other worker handles its entries",
+    function()
+    local t = H.table("id int PRIMARY KEY, v text")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.redis_start(f.dir, f.port)
+    local cap = s.spawn({ s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 1 }
+local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q, ack = "manual" })
+assert(c:listen { table = %q }):on("all", sink)
+assert(c:start())
+io.stderr:write("ready\n")
+assert(flash.run())
+]], f.port, slot, slot, t)) })
+    assert.is_true(cap.await("ready", 15, "err"), cap.err())
+    local worker = s.script(string.format([[
+local flash = require "flash"
+local core = require "flash.core"
+local c = assert(flash.client { driver = "redis_streams", url = "redis://127.0.0.1:%d", group = "busy",
+  partitions = 1, claim_after = 1 })
+assert(c:listen { table = %q }):on("insert", function(ev)
+  io.stdout:write(ev.new.id, " ", ev.new.v, "\n") io.stdout:flush()
+  if ev.new.v == "slow" then core.sleep(4) end
+end)
+assert(c:start())
+io.stderr:write("ready\n")
+flash.every(0.1, function()
+  local st = c:stats()
+  io.stderr:write("held ", st.partitions_held, " kept ", st.kept_busy, "\n") io.stderr:flush()
+end)
+assert(flash.run())
+]], f.port, t))
+    local function holds(h, n) return h.err():match("held (%d+) kept %d+\n[^\n]*$") == tostring(n) end
+    local a = s.spawn({ worker })
+    assert.is_true(H.wait_for(function() return holds(a, 1) end, 15), a.err())
+    local b = s.spawn({ worker })
+    assert.is_true(b.await("ready", 15, "err"), b.err())
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'slow')")
+    H.sql("INSERT INTO " .. t .. " VALUES (2, 'next')")
+    assert.is_true(H.wait_for(function() return a.out():find("2 next\n", 1, true) ~= nil end, 20),
+      a.out() .. a.err() .. b.out())
+    H.sql("INSERT INTO " .. t .. " VALUES (3, 'after')")
+    assert.is_true(H.wait_for(function() return a.out():find("3 after\n", 1, true) ~= nil end, 20),
+      a.out() .. b.out())
+    core.sleep(1.5)   -- (what b would take over, it would have handled by now)
+    assert.equal("1 slow\n2 next\n3 after\n", a.out())
+    assert.equal("", b.out())
+    assert.is_nil(a.err():find("taken over", 1, true), a.err())
+    assert.is_true(tonumber(a.err():match("kept (%d+)\n[^\n]*$")) >= 2, a.err())
+    for _, h in ipairs({ a, b, cap }) do
+      h.kill("TERM")
+      assert.equal(0, h.wait(20), h.err())
+    end
+  end)
+
   it("goes on when Redis loses the streams and the group (a restart without its file, a FLUSHALL)", function()
     -- A NOGROUP reply stopped the worker: "flashlua: XREADGROUP: NOGROUP No such key ...",
     -- exit 1, so every worker died when a Redis without its append-only file restarted.

@@ -11,10 +11,12 @@
 #include <fcntl.h>
 #include <math.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 #include <hiredis/hiredis.h>
 #include "fl_json.h"
 #include "lerr.h"
@@ -815,6 +817,214 @@ static const luaL_Reg outbox_methods[] = {
   { NULL, NULL }
 };
 
+/* ---------------------------------------------------------------------------------------
+ * "flash.redis_keeper": a redis_streams worker's partition locks and heartbeat, renewed by a
+ * thread of its own (its own connection) while the worker's loop is blocked -- a callback
+ * that calls a slow API, a long timer -- so the partitions are not taken over by another
+ * worker, which would handle the same entries at the same time, out of order. The loop
+ * says it is alive with keeper:beat(); the thread renews only once it has been silent for
+ * `every` seconds, and gives up after `limit` seconds (a callback that never returns does
+ * not hold its partitions for ever). What to renew is the loop's (keeper:plan). */
+#define KEEPER_MT "flash.redis_keeper"
+
+typedef struct {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  pthread_t thread;
+  int running, stop;
+  char *host;
+  int port;
+  double every, limit;          /* seconds */
+  int64_t last_beat, last_renew; /* monotonic ms */
+  /* The plan, under mu: ZADD workers_key <now> consumer; EVAL script 1 key consumer ttl_ms
+   * for each lock key. */
+  char *workers_key, *consumer, *script;
+  char **keys;
+  int nkeys;
+  long ttl_ms;
+  uint64_t renewals;            /* rounds the thread sent */
+  redisContext *c;              /* the thread's own */
+} fl_keeper;
+
+static int64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void keeper_free_plan(fl_keeper *k) {
+  for (int i = 0; i < k->nkeys; i++) free(k->keys[i]);
+  free(k->keys);
+  free(k->workers_key);
+  free(k->consumer);
+  free(k->script);
+  k->keys = NULL;
+  k->nkeys = 0;
+  k->workers_key = k->consumer = k->script = NULL;
+}
+
+/* One round of renewals on the thread's connection (mu held: the plan cannot change). */
+static void keeper_renew(fl_keeper *k) {
+  char now[32], ttl[32];
+  struct timeval tv = to_timeval(k->every > 0.5 ? k->every : 0.5);
+  if (!k->workers_key) return;
+  if (!k->c) {
+    k->c = k->port == 0 ? redisConnectUnixWithTimeout(k->host, tv) : redisConnectWithTimeout(k->host, k->port, tv);
+    if (!k->c) return;
+    if (k->c->err) { redisFree(k->c); k->c = NULL; return; }
+    redisSetTimeout(k->c, tv);
+  }
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);       /* the heartbeat's score: wall-clock ms */
+  snprintf(now, sizeof now, "%lld", (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+  snprintf(ttl, sizeof ttl, "%ld", k->ttl_ms);
+  const char *zadd[] = { "ZADD", k->workers_key, now, k->consumer };
+  int sent = redisAppendCommandArgv(k->c, 4, zadd, NULL) == REDIS_OK;
+  for (int i = 0; sent && i < k->nkeys; i++) {
+    const char *eval[] = { "EVAL", k->script, "1", k->keys[i], k->consumer, ttl };
+    sent = redisAppendCommandArgv(k->c, 6, eval, NULL) == REDIS_OK;
+  }
+  for (int i = 0; sent && i <= k->nkeys; i++) {
+    void *reply = NULL;
+    if (redisGetReply(k->c, &reply) != REDIS_OK) { sent = 0; break; }
+    freeReplyObject(reply);
+  }
+  if (!sent) { redisFree(k->c); k->c = NULL; return; }   /* again next round, reconnected */
+  k->renewals++;
+}
+
+static void *keeper_main(void *arg) {
+  fl_keeper *k = arg;
+  pthread_mutex_lock(&k->mu);
+  while (!k->stop) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_nsec += 100000000L;
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    pthread_cond_timedwait(&k->cv, &k->mu, &ts);
+    if (k->stop) break;
+    int64_t now = mono_ms(), every = (int64_t)(k->every * 1000);
+    int64_t quiet = now - __atomic_load_n(&k->last_beat, __ATOMIC_ACQUIRE);
+    if (quiet >= every && quiet <= (int64_t)(k->limit * 1000) && now - k->last_renew >= every) {
+      k->last_renew = now;
+      keeper_renew(k);
+    }
+  }
+  pthread_mutex_unlock(&k->mu);
+  return NULL;
+}
+
+/* core.redis_keeper(host, port, every_s, limit_s) -> keeper (port 0: host is a Unix
+ * socket's path); the thread starts at once, renewing nothing until keeper:plan. */
+static int l_keeper_new(lua_State *L) {
+  const char *host = luaL_checkstring(L, 1);
+  int port = (int)luaL_checkinteger(L, 2);
+  double every = luaL_checknumber(L, 3), limit = luaL_checknumber(L, 4);
+  fl_keeper *k = lua_newuserdata(L, sizeof *k);
+  memset(k, 0, sizeof *k);
+  k->host = strdup(host);
+  if (!k->host) return luaL_error(L, "out of memory");
+  k->port = port;
+  k->every = every;
+  k->limit = limit;
+  k->last_beat = mono_ms();
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&k->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  pthread_mutex_init(&k->mu, NULL);
+  luaL_getmetatable(L, KEEPER_MT);
+  lua_setmetatable(L, -2);
+  if (pthread_create(&k->thread, NULL, keeper_main, k) != 0) return fl_fail(L, "cannot start a thread", "system");
+  k->running = 1;
+  return 1;
+}
+
+static fl_keeper *check_keeper(lua_State *L) {
+  return luaL_checkudata(L, 1, KEEPER_MT);
+}
+
+/* keeper:plan(ttl_ms, workers_key, consumer, script, {lock keys}) : what a round renews. */
+static int l_keeper_plan(lua_State *L) {
+  fl_keeper *k = check_keeper(L);
+  long ttl = (long)luaL_checkinteger(L, 2);
+  const char *wk = luaL_checkstring(L, 3), *consumer = luaL_checkstring(L, 4), *script = luaL_checkstring(L, 5);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  int n = (int)lua_objlen(L, 6);
+  for (int i = 1; i <= n; i++) {
+    lua_rawgeti(L, 6, i);
+    luaL_checkstring(L, -1);
+    lua_pop(L, 1);
+  }
+  pthread_mutex_lock(&k->mu);
+  keeper_free_plan(k);
+  k->ttl_ms = ttl;
+  k->workers_key = strdup(wk);
+  k->consumer = strdup(consumer);
+  k->script = strdup(script);
+  k->keys = calloc((size_t)(n > 0 ? n : 1), sizeof *k->keys);
+  int ok = k->workers_key && k->consumer && k->script && k->keys;
+  for (int i = 0; ok && i < n; i++) {
+    lua_rawgeti(L, 6, i + 1);
+    k->keys[i] = strdup(lua_tostring(L, -1));
+    lua_pop(L, 1);
+    if (!k->keys[i]) ok = 0;
+    else k->nkeys = i + 1;
+  }
+  if (!ok) keeper_free_plan(k);
+  pthread_mutex_unlock(&k->mu);
+  if (!ok) return luaL_error(L, "out of memory");
+  return 0;
+}
+
+/* keeper:beat() : the loop is alive (cheap: called every loop step). */
+static int l_keeper_beat(lua_State *L) {
+  fl_keeper *k = check_keeper(L);
+  __atomic_store_n(&k->last_beat, mono_ms(), __ATOMIC_RELEASE);
+  return 0;
+}
+
+/* keeper:renewals() -> rounds the thread sent while the loop was blocked */
+static int l_keeper_renewals(lua_State *L) {
+  fl_keeper *k = check_keeper(L);
+  pthread_mutex_lock(&k->mu);
+  double n = (double)k->renewals;
+  pthread_mutex_unlock(&k->mu);
+  lua_pushnumber(L, n);
+  return 1;
+}
+
+/* keeper:close() : stops the thread (waits out a round in flight) and its connection. */
+static int l_keeper_close(lua_State *L) {
+  fl_keeper *k = check_keeper(L);
+  if (k->running) {
+    pthread_mutex_lock(&k->mu);
+    k->stop = 1;
+    pthread_cond_signal(&k->cv);
+    pthread_mutex_unlock(&k->mu);
+    pthread_join(k->thread, NULL);
+    k->running = 0;
+  }
+  if (k->c) { redisFree(k->c); k->c = NULL; }
+  keeper_free_plan(k);
+  if (k->host) {
+    free(k->host);
+    k->host = NULL;
+    pthread_cond_destroy(&k->cv);
+    pthread_mutex_destroy(&k->mu);
+  }
+  return 0;
+}
+
+static const luaL_Reg keeper_methods[] = {
+  { "plan", l_keeper_plan },
+  { "beat", l_keeper_beat },
+  { "renewals", l_keeper_renewals },
+  { "close", l_keeper_close },
+  { NULL, NULL }
+};
+
 static const luaL_Reg methods[] = {
   { "pipeline", l_pipeline },
   { "ok", l_ok },
@@ -825,10 +1035,12 @@ static const luaL_Reg methods[] = {
 const luaL_Reg fl_redis_funcs[] = {
   { "redis_connect", l_connect },
   { "redis_outbox", l_outbox_new },
+  { "redis_keeper", l_keeper_new },
   { NULL, NULL }
 };
 
 void fl_redis_open(lua_State *L) {
   fl_new_metatable(L, REDIS_MT, l_close, methods);
   fl_new_metatable(L, OUTBOX_MT, l_outbox_gc, outbox_methods);
+  fl_new_metatable(L, KEEPER_MT, l_keeper_close, keeper_methods);
 }

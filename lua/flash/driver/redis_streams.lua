@@ -40,6 +40,11 @@ M.OPTIONS = {
   claim_after = { type = "number", check = function(v)
     if not (v >= 0.2 and v <= 3600) then return "seconds from 0.2 to 3600 expected, got " .. tostring(v) end
   end },
+  -- How long a worker whose loop is blocked (a callback waiting on a slow API) keeps its
+  -- partitions, through a thread that renews their locks meanwhile.
+  busy_limit = { type = "number", check = function(v)
+    if not (v >= 0 and v <= 86400) then return "seconds from 0 to 86400 expected, got " .. tostring(v) end
+  end },
 }
 
 local READ_COUNT = 200     -- entries per partition per read
@@ -68,6 +73,7 @@ function M.new(client)
     partitions = o.partitions or 1,
     consumer = o.consumer or string.format("%s-%d", M.hostname(), core.getpid()),
     ttl = o.claim_after or 5,
+    busy_limit = o.busy_limit or 300,
     held = {},          -- [partition] = true
     to_ack = {},        -- [stream key] = { entry ids } acknowledged, sent with the next round trip
     delivered = {},     -- manual acks: { stream =, id = } delivered, not yet acknowledged, in order
@@ -94,6 +100,7 @@ function Driver:redis(cmds)
     self.rconn = nil
     -- Partitions may be taken by others while we are away: hold none until we know.
     self.held = {}
+    self:keep()
     return nil, err
   end
   return replies
@@ -174,9 +181,26 @@ function Driver:start()
   end
   self.started = true
   self.next_house = 0
+  if self.busy_limit > 0 then
+    local keeper, kerr = core.redis_keeper(self.host, self.port, self.ttl / 3, self.busy_limit)
+    if not keeper then
+      log.warn("redis_streams: no thread to keep the partitions while a callback blocks (" .. tostring(kerr) ..
+        "): a callback slower than claim_after loses them")
+    end
+    self.keeper = keeper
+  end
   log.info(string.format("redis_streams worker %s in group %s over %d partitions of %s", self.consumer, self.group,
     self.partitions, self.stream))
   return true
+end
+
+-- The keeper thread's plan: the heartbeat and the locks of the partitions held now, which
+-- it renews whenever the loop has not come by for claim_after/3 (up to busy_limit).
+function Driver:keep()
+  if not self.keeper then return end
+  local keys = {}
+  for p in pairs(self.held) do keys[#keys + 1] = self:lock_key(p) end
+  self.keeper:plan(math.floor(self.ttl * 1000), self:workers_key(), self.consumer, RENEW, keys)
 end
 
 -- Heartbeat, lock renewal, and claiming partitions up to this worker's share.
@@ -235,6 +259,7 @@ function Driver:housekeep()
       end
     end
   end
+  self:keep()
   return true
 end
 
@@ -311,6 +336,7 @@ end
 
 function Driver:step()
   if not self.started then return true end
+  if self.keeper then self.keeper:beat() end
   local now = core.now()
   if self.retry_at then
     if now < self.retry_at then return true end
@@ -385,6 +411,8 @@ function Driver:stats(s)
   for _ in pairs(self.held) do s.partitions_held = s.partitions_held + 1 end
   s.consumer = self.consumer
   s.paused = self:paused()
+  -- Rounds of lock renewals the keeper thread sent while the loop was blocked.
+  s.kept_busy = self.keeper and self.keeper:renewals() or 0
 end
 
 function Driver.quiesce() end
@@ -396,6 +424,8 @@ function Driver:stop(confirm)
   if confirm ~= false then self:flush_acks() end
   local cmds = { { "ZREM", self:workers_key(), self.consumer } }
   for p in pairs(self.held) do cmds[#cmds + 1] = { "EVAL", RELEASE, "1", self:lock_key(p), self.consumer } end
+  -- (The keeper first: it must not renew what is released here.)
+  if self.keeper then self.keeper:close() self.keeper = nil end
   self:redis(cmds)
   self.held = {}
   if self.rconn then self.rconn:close() self.rconn = nil end
