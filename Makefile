@@ -77,8 +77,8 @@ $(B)/test_spill: test/test_spill.c test/harness.h $(B)/core/fl_spill.o
 	$(CC) $(CFLAGS) $(INC) -o $@ test/test_spill.c $(B)/core/fl_spill.o
 
 # The bounded queue of the worker states (fl_queue) between real threads; no server.
-$(B)/test_queue: test/test_queue.c $(B)/core/fl_queue.o
-	$(CC) $(CFLAGS) $(INC) -o $@ test/test_queue.c $(B)/core/fl_queue.o -pthread
+$(B)/test_queue: test/test_queue.c $(B)/core/fl_queue.o $(B)/core/fl_ticker.o
+	$(CC) $(CFLAGS) $(INC) -o $@ test/test_queue.c $(B)/core/fl_queue.o $(B)/core/fl_ticker.o -pthread
 
 $(B) $(B)/bc $(B)/flash:
 	mkdir -p $@
@@ -118,9 +118,9 @@ test-c: $(B)/test_c $(B)/test_pgoutput $(B)/test_spill $(B)/test_queue
 
 # The worker states' queue under ASan/UBSan and under TSan (threads: src/lua/lworkers.c).
 check-threads: | $(B)
-	$(CC) -std=gnu99 -Wall -Wextra $(SAN) $(INC) -o $(B)/test_queue_san test/test_queue.c src/core/fl_queue.c -pthread
+	$(CC) -std=gnu99 -Wall -Wextra $(SAN) $(INC) -o $(B)/test_queue_san test/test_queue.c src/core/fl_queue.c src/core/fl_ticker.c -pthread
 	$(B)/test_queue_san
-	$(CC) -std=gnu99 -Wall -Wextra -g -O1 -fsanitize=thread $(INC) -o $(B)/test_queue_tsan test/test_queue.c src/core/fl_queue.c -pthread
+	$(CC) -std=gnu99 -Wall -Wextra -g -O1 -fsanitize=thread $(INC) -o $(B)/test_queue_tsan test/test_queue.c src/core/fl_queue.c src/core/fl_ticker.c -pthread
 	$(B)/test_queue_tsan
 
 demo:

@@ -1,11 +1,14 @@
 /* test_queue: fl_queue between threads (run under ASan and TSan by `make check-threads`):
  * producers and consumers through a small queue, every message once and in order per
- * producer; timeouts; close drains, abort does not. */
+ * producer; timeouts; close drains, abort does not. And fl_ticker: it calls its function
+ * on its period, stop waits for a call in progress and no call comes after. */
 #include <assert.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include "fl_queue.h"
+#include "fl_ticker.h"
 
 #define PRODUCERS 3
 #define PER 20000
@@ -72,6 +75,34 @@ static void run(int consumers, void *(*fn)(void *)) {
   fl_queue_destroy(&q);
 }
 
+static int ticks, in_tick, after_stop;
+
+static void tick(void *ud) {
+  struct timespec nap = { 0, 20 * 1000000L };
+  (void)ud;
+  __atomic_store_n(&in_tick, 1, __ATOMIC_SEQ_CST);
+  nanosleep(&nap, NULL);                 /* a call that takes a while: stop must wait it out */
+  __atomic_add_fetch(&ticks, 1, __ATOMIC_SEQ_CST);
+  __atomic_store_n(&in_tick, 0, __ATOMIC_SEQ_CST);
+}
+
+static void test_ticker(void) {
+  fl_ticker t;
+  struct timespec nap = { 0, 5 * 1000000L };
+  memset(&t, 0, sizeof t);
+  fl_ticker_stop(&t);                    /* never started: a no-op */
+  assert(fl_ticker_start(&t, 5, tick, NULL) == 0);
+  for (int i = 0; i < 2000 && __atomic_load_n(&ticks, __ATOMIC_SEQ_CST) < 3; i++) nanosleep(&nap, NULL);
+  assert(__atomic_load_n(&ticks, __ATOMIC_SEQ_CST) >= 3);
+  while (!__atomic_load_n(&in_tick, __ATOMIC_SEQ_CST)) nanosleep(&nap, NULL);
+  fl_ticker_stop(&t);                    /* while tick() sleeps in its call */
+  assert(__atomic_load_n(&in_tick, __ATOMIC_SEQ_CST) == 0);
+  after_stop = __atomic_load_n(&ticks, __ATOMIC_SEQ_CST);
+  for (int i = 0; i < 10; i++) nanosleep(&nap, NULL);
+  assert(__atomic_load_n(&ticks, __ATOMIC_SEQ_CST) == after_stop);
+  fl_ticker_stop(&t);                    /* twice: a no-op */
+}
+
 int main(void) {
   run(4, consumer);
   run(1, ordered_consumer);
@@ -96,6 +127,7 @@ int main(void) {
   fl_queue_abort(&q);
   assert(fl_queue_pop(&q, &out, -1) == -1);
   fl_queue_destroy(&q);   /* frees m2's data */
-  printf("3 passed, 0 failed\n");
+  test_ticker();
+  printf("4 passed, 0 failed\n");
   return 0;
 }

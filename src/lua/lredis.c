@@ -19,6 +19,7 @@
 #include <time.h>
 #include <hiredis/hiredis.h>
 #include "fl_json.h"
+#include "fl_ticker.h"
 #include "lerr.h"
 #include "lredis.h"
 #include "lconn.h"
@@ -828,10 +829,8 @@ static const luaL_Reg outbox_methods[] = {
 #define KEEPER_MT "flash.redis_keeper"
 
 typedef struct {
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  pthread_t thread;
-  int running, stop;
+  fl_ticker ticker;             /* every 100 ms: keeper_tick */
+  pthread_mutex_t mu;           /* the plan, the counters and the thread's connection */
   char *host;
   int port;
   double every, limit;          /* seconds */
@@ -893,25 +892,16 @@ static void keeper_renew(fl_keeper *k) {
   k->renewals++;
 }
 
-static void *keeper_main(void *arg) {
-  fl_keeper *k = arg;
+static void keeper_tick(void *ud) {
+  fl_keeper *k = ud;
+  int64_t now = mono_ms(), every = (int64_t)(k->every * 1000);
+  int64_t quiet = now - __atomic_load_n(&k->last_beat, __ATOMIC_ACQUIRE);
   pthread_mutex_lock(&k->mu);
-  while (!k->stop) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_nsec += 100000000L;
-    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
-    pthread_cond_timedwait(&k->cv, &k->mu, &ts);
-    if (k->stop) break;
-    int64_t now = mono_ms(), every = (int64_t)(k->every * 1000);
-    int64_t quiet = now - __atomic_load_n(&k->last_beat, __ATOMIC_ACQUIRE);
-    if (quiet >= every && quiet <= (int64_t)(k->limit * 1000) && now - k->last_renew >= every) {
-      k->last_renew = now;
-      keeper_renew(k);
-    }
+  if (quiet >= every && quiet <= (int64_t)(k->limit * 1000) && now - k->last_renew >= every) {
+    k->last_renew = now;
+    keeper_renew(k);
   }
   pthread_mutex_unlock(&k->mu);
-  return NULL;
 }
 
 /* core.redis_keeper(host, port, every_s, limit_s) -> keeper (port 0: host is a Unix
@@ -928,16 +918,10 @@ static int l_keeper_new(lua_State *L) {
   k->every = every;
   k->limit = limit;
   k->last_beat = mono_ms();
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&k->cv, &ca);
-  pthread_condattr_destroy(&ca);
   pthread_mutex_init(&k->mu, NULL);
   luaL_getmetatable(L, KEEPER_MT);
   lua_setmetatable(L, -2);
-  if (pthread_create(&k->thread, NULL, keeper_main, k) != 0) return fl_fail(L, "cannot start a thread", "system");
-  k->running = 1;
+  if (fl_ticker_start(&k->ticker, 100, keeper_tick, k) != 0) return fl_fail(L, "cannot start a thread", "system");
   return 1;
 }
 
@@ -998,20 +982,12 @@ static int l_keeper_renewals(lua_State *L) {
 /* keeper:close() : stops the thread (waits out a round in flight) and its connection. */
 static int l_keeper_close(lua_State *L) {
   fl_keeper *k = check_keeper(L);
-  if (k->running) {
-    pthread_mutex_lock(&k->mu);
-    k->stop = 1;
-    pthread_cond_signal(&k->cv);
-    pthread_mutex_unlock(&k->mu);
-    pthread_join(k->thread, NULL);
-    k->running = 0;
-  }
+  fl_ticker_stop(&k->ticker);
   if (k->c) { redisFree(k->c); k->c = NULL; }
   keeper_free_plan(k);
   if (k->host) {
     free(k->host);
     k->host = NULL;
-    pthread_cond_destroy(&k->cv);
     pthread_mutex_destroy(&k->mu);
   }
   return 0;

@@ -3,7 +3,6 @@
  * decoded messages to the consumer's callback, confirmation only when the consumer says. */
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +11,7 @@
 #include <time.h>
 #include "fl_spill.h"
 #include "fl_stream.h"
+#include "fl_ticker.h"
 
 #define STATUS_INTERVAL_US 10000000LL      /* standby status at least every 10 s */
 #define CONFIRM_DELAY_US 1000000LL         /* confirmed positions are reported within 1 s... */
@@ -51,10 +51,7 @@ struct fl_stream {
   int own;                    /* OWN_*, changed with __atomic builtins only */
   int depth;                  /* the consumer's nesting of fl_stream calls (its thread only) */
   uint64_t kept;              /* status updates the keeper sent */
-  int keeper_on, keeper_stop;
-  pthread_t keeper;
-  pthread_mutex_t keeper_mu;
-  pthread_cond_t keeper_cv;
+  fl_ticker keeper;
 };
 
 /* The consumer's thread takes the connection (waiting while the keeper sends) unless it
@@ -155,12 +152,6 @@ fl_stream *fl_stream_new(void) {
   if (!s->spill) { free(s); return NULL; }
   s->idle_confirm = 1;
   s->own = OWN_FREE;
-  pthread_condattr_t ca;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&s->keeper_cv, &ca);
-  pthread_condattr_destroy(&ca);
-  pthread_mutex_init(&s->keeper_mu, NULL);
   return s;
 }
 
@@ -181,8 +172,6 @@ void fl_stream_free(fl_stream *s) {
   fl_stream_close(s);
   fl_pgo_free(s->dec);
   fl_spill_free(s->spill);
-  pthread_cond_destroy(&s->keeper_cv);
-  pthread_mutex_destroy(&s->keeper_mu);
   free(s);
 }
 
@@ -309,48 +298,26 @@ int fl_stream_status(fl_stream *s, int reply_requested) {
   return rc;
 }
 
-static void *keeper_main(void *arg) {
-  fl_stream *s = arg;
-  pthread_mutex_lock(&s->keeper_mu);
-  while (!s->keeper_stop) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_nsec += 250000000L;
-    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
-    pthread_cond_timedwait(&s->keeper_cv, &s->keeper_mu, &ts);
-    if (s->keeper_stop) break;
-    pthread_mutex_unlock(&s->keeper_mu);
-    int expect = OWN_FREE;
-    if (__atomic_compare_exchange_n(&s->own, &expect, OWN_KEEPER, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-      if (s->copying && s->pg && fl_stream_now_us() - s->last_status >= KEEPER_AFTER_US) {
-        send_status(s, 0);
-        s->kept++;
-      }
-      __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
-    }
-    pthread_mutex_lock(&s->keeper_mu);
-  }
-  pthread_mutex_unlock(&s->keeper_mu);
-  return NULL;
+/* The keeper's turn (every 250 ms, on its thread): a status update once none went for
+ * KEEPER_AFTER_US, if the connection is FREE. */
+static void keep(void *ud) {
+  fl_stream *s = ud;
+  int expect = OWN_FREE;
+  if (!__atomic_compare_exchange_n(&s->own, &expect, OWN_KEEPER, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) return;
+  if (s->copying && s->pg && fl_stream_now_us() - s->last_status >= KEEPER_AFTER_US && send_status(s, 0) == 0)
+    s->kept++;
+  __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
 }
 
 /* Starts the keeper once streaming has begun (without one if no thread can be made: the
  * stream works as before, with only the pump's own status updates). */
 static void keeper_begin(fl_stream *s) {
-  if (s->keeper_on) return;
-  s->keeper_stop = 0;
-  if (pthread_create(&s->keeper, NULL, keeper_main, s) == 0) s->keeper_on = 1;
+  if (!s->keeper.running) fl_ticker_start(&s->keeper, 250, keep, s);
 }
 
 /* Stops it (the consumer's thread holds the connection: the keeper cannot be sending). */
 static void keeper_end(fl_stream *s) {
-  if (!s->keeper_on) return;
-  pthread_mutex_lock(&s->keeper_mu);
-  s->keeper_stop = 1;
-  pthread_cond_signal(&s->keeper_cv);
-  pthread_mutex_unlock(&s->keeper_mu);
-  pthread_join(s->keeper, NULL);
-  s->keeper_on = 0;
+  fl_ticker_stop(&s->keeper);
 }
 
 /* A crash redelivers a bounded amount: a confirmed position is reported once
