@@ -5,7 +5,8 @@
  * one heap_insert and one index_insert per captured row.
  *
  * Arguments (CREATE TRIGGER ... EXECUTE FUNCTION flash.capture(tag, events, max_row)):
- *   tag      the listener's id under the `trigger` driver, 0 for the shared drivers
+ *   tag      the trigger's route: minus the id of a row of the instance's routes table
+ *            (capture.lua, Driver:route_tag), which says which listened tables it captures for
  *   events   the oid of the instance's events table
  *   max_row  a row whose text is longer is captured without values (big = its size)
  *

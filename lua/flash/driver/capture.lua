@@ -18,6 +18,7 @@
 -- everything they captured.
 local core = require "flash.core"
 local log = require "flash.log"
+local json = require "flash.json"
 local where = require "flash.where"
 local base = require "flash.driver.base"
 local backfill = require "flash.backfill"
@@ -192,6 +193,10 @@ function M.new(class, client)
     next_refresh = nil,
     installed = {},     -- [key] = { rel =, name =, qualified =, ddl = } triggers in the database
     rels = {},          -- [relation oid] = { display =, listeners = {...} }: what captures go to
+    known = {},         -- [relation oid] = { display =, relkind = }: every relation captured from (describe)
+    routes = {},        -- [route id] = { listener =, roots = { oids } }: see Driver:route_tag
+    route_ids = {},     -- ["listener:oid,oid"] = route id
+    route_lists = {},   -- [tag] = the listeners a row of that tag goes to, until the listeners change
     shapes = {},        -- [relation oid] = { fp =, n =, layout =, seen = }: columns to decode its rows by
     history = {},       -- [relation oid] = { older shapes..., shapes[oid] }: see Driver:pick_shape
     fetches = 0,        -- fetches so far; partial_at: the last one that came back less than full
@@ -469,6 +474,15 @@ function Driver:schema_sql()
       M.FUNC_SETTINGS .. " AS " .. self:literal("BEGIN RETURN pg_catalog.format('%s', r); " ..
       "EXCEPTION WHEN OTHERS THEN RETURN NULL; END"),
     "REVOKE ALL ON FUNCTION " .. S .. ".row_text(anyelement) FROM PUBLIC",
+    -- Routes (Driver:route_tag): which listened tables a trigger captures for. Each of our
+    -- triggers carries the negated id of its route as its tag, so a captured row says at
+    -- capture time which listened tables it belongs to, whatever happens to its relation
+    -- later (DETACH PARTITION, NO INHERIT, DROP). Logged, whatever the events table is.
+    "CREATE TABLE IF NOT EXISTS " .. S .. ".routes (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, " ..
+      "listener integer NOT NULL, roots oid[] NOT NULL)",
+    -- The last columns (and name) the client knew of each relation it captured from, as a
+    -- shape marker's JSON: rows of a relation dropped before they were read are decoded by it.
+    "CREATE TABLE IF NOT EXISTS " .. S .. ".relations (rel oid PRIMARY KEY, shape text NOT NULL)",
   }
 end
 
@@ -716,6 +730,80 @@ function Driver:map_relations()
     end
   end
   self.rels = rels
+  for oid, e in pairs(rels) do self.known[oid] = e end
+  self.route_lists = {}
+end
+
+---------------------------------------------------------------------------------------
+-- Routes: which listened tables a captured row belongs to, decided when it is captured.
+-- A row of a partition (at any depth) or an INHERITS child is captured by a trigger the
+-- client made for listened tables -- on the listened table itself, which PostgreSQL clones
+-- to every partition, or on the child. Each trigger's tag is minus the id of its route:
+-- the listener it captures for (the `trigger` driver; 0: every listener of the tables) and
+-- the oids of those listened tables, kept in the schema's `routes` table. So a partition
+-- detached (or detached and dropped) after it captured a row, before the client read it,
+-- still sends the row where it belonged when it was written; the catalog as it is when the
+-- row is read says nothing about that. Tags 0 and above are those of triggers made before
+-- routes existed (a persistent schema of an older flashlua, until its triggers are made
+-- again at start): their rows go by the catalog when read, as they did.
+
+local function add_route(self, id, listener, roots_text)
+  local roots = {}
+  for oid in roots_text:gmatch("%d+") do roots[#roots + 1] = tonumber(oid) end
+  self.routes[id] = { listener = listener, roots = roots }
+  self.route_ids[listener .. ":" .. roots_text] = id
+end
+
+-- Reads the schema's routes (at every install: a schema made again has none).
+function Driver:load_routes()
+  self.routes, self.route_ids, self.route_lists = {}, {}, {}
+  local rows, err = self:exec("SELECT id, listener, pg_catalog.array_to_string(roots, ',') AS roots FROM " ..
+    self:ident(self.schema) .. ".routes")
+  if not rows then return nil, err end
+  for _, r in ipairs(rows) do add_route(self, r.id, r.listener, r.roots) end
+  return true
+end
+
+-- The tag of a trigger that captures for listener `listener` (0: all of them) of the listened
+-- tables whose oids are the keys of `roots`; the route is made on first use. Or nil, err.
+function Driver:route_tag(listener, roots)
+  local list = {}
+  for oid in pairs(roots) do list[#list + 1] = string.format("%d", oid) end
+  table.sort(list)
+  local text = table.concat(list, ",")
+  local id = self.route_ids[listener .. ":" .. text]
+  if not id then
+    local rows, err = self:exec("INSERT INTO " .. self:ident(self.schema) .. ".routes (listener, roots) " ..
+      "VALUES ($1::pg_catalog.int4, $2::pg_catalog.oid[]) RETURNING id", string.format("%d", listener), "{" .. text .. "}")
+    if not rows then return nil, err end
+    id = rows[1].id
+    add_route(self, id, listener, text)
+  end
+  return -id
+end
+
+-- The listeners a row captured with tag `tag` (< 0) goes to, in their creation order: those
+-- of its route's tables (only its listener's, under the `trigger` driver) that still listen.
+function Driver:route_listeners(tag)
+  local list = self.route_lists[tag]
+  if list then return list end
+  list = {}
+  local route = self.routes[-tag]
+  if route then
+    for _, l in ipairs(self.client.listeners) do
+      if route.listener == 0 or route.listener == l.id then
+        for _, oid in ipairs(route.roots) do
+          if l.table.oid == oid then list[#list + 1] = l break end
+        end
+      end
+    end
+  elseif not self.warned_route then
+    self.warned_route = true
+    log.warn(string.format("rows captured with tag %d name no route of %s.routes (was the table changed by " ..
+      "hand?): they are not delivered", tag, self.schema))
+  end
+  self.route_lists[tag] = list
+  return list
 end
 
 -- The tables of listener `l` that need row triggers: row triggers on a partitioned table
@@ -730,9 +818,10 @@ function M.row_targets(l)
 end
 
 -- For the shared drivers: per table, the union of the row operations its listeners need,
--- over the tables `targets(l)` gives; and the listened tables that need a truncate
--- trigger. Returns a list of { r = relation, ops = { insert = true, ... } } in first-seen
--- order, and a map oid -> table for truncates.
+-- over the tables `targets(l)` gives, and the listened tables it captures for (its route);
+-- and the tables that need a truncate trigger. Returns a list of { r = relation, ops = {
+-- insert = true, ... }, roots = { [oid] = true } } in first-seen order, and a map oid -> {
+-- r =, roots = } for truncates.
 function M.table_ops(listeners, targets)
   local by, list, truncs = {}, {}, {}
   for _, l in ipairs(listeners) do
@@ -740,16 +829,20 @@ function M.table_ops(listeners, targets)
     for _, r in ipairs(targets(l)) do
       local t = by[r.oid]
       if not t then
-        t = { r = r, ops = {} }
+        t = { r = r, ops = {}, roots = {} }
         by[r.oid] = t
         list[#list + 1] = t
       end
+      t.roots[l.table.oid] = true
       for _, op in ipairs({ "insert", "update", "delete" }) do
         if need[op] then t.ops[op] = true end
       end
     end
     if need.truncate then
-      for _, r in ipairs(M.truncate_targets(l)) do truncs[r.oid] = r end
+      for _, r in ipairs(M.truncate_targets(l)) do
+        truncs[r.oid] = truncs[r.oid] or { r = r, roots = {} }
+        truncs[r.oid].roots[l.table.oid] = true
+      end
     end
   end
   return list, truncs
@@ -771,11 +864,14 @@ end
 -- always the instance's own function, which DROP SCHEMA ... CASCADE removes).
 function Driver:truncate_triggers(truncs, out)
   local name = M.fit_name(self.schema, "_truncate")
-  for oid, tbl in pairs(truncs) do
+  for oid, t in pairs(truncs) do
+    local tbl = t.r
+    local tag, err = self:route_tag(0, t.roots)
+    if not tag then return nil, err end
     local q = self:qualified_rel(tbl)
     out[#out + 1] = { key = oid .. "/" .. name, name = name, qualified = q, what = "truncate",
       display = tbl.schema .. "." .. tbl.name,
-      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT " .. self:own_capture(0) }
+      ddl = "AFTER TRUNCATE ON " .. q .. " FOR EACH STATEMENT " .. self:own_capture(tag) }
   end
   return out
 end
@@ -799,8 +895,10 @@ function Driver:sync_all()
   end
   local sok, serr = self:load_shapes(fresh)
   if not sok then return self:sync_failed(serr) end
+  local wanted, werr = self:wanted_triggers()
+  if not wanted then return self:sync_failed(werr) end
   local want = {}
-  for _, t in ipairs(self:wanted_triggers()) do want[t.key] = t end
+  for _, t in ipairs(wanted) do want[t.key] = t end
   local pending, missing   -- missing: a wanted trigger not there yet (its table and why)
   for key, have in pairs(self.installed) do
     local w = want[key]
@@ -851,6 +949,7 @@ function Driver:sync_all()
       end
     end
   end
+  self:keep_shapes()
   -- A table that stayed busy past the lock timeout: tried again soon.
   self.resync = pending and true or nil
   self.missing = missing
@@ -904,6 +1003,8 @@ function Driver:install(fresh)
   local existed
   ok, existed = self:install_schema(fresh)
   if not ok then return nil, existed end
+  ok, err = self:load_routes()
+  if not ok then return nil, err end
   if fresh then self.created_schema = not existed end
   -- A persistent schema's triggers stayed while no run was there: found again, kept, and
   -- only those no listener wants any more are dropped.
@@ -1078,14 +1179,19 @@ end
 -- The columns rows of relation `oid` are decoded by from now on. Without shape markers a
 -- change found in the catalog keeps the shapes seen before it (self.history): rows
 -- written before the ALTER TABLE may still be waiting to be read.
-function Driver:set_shape(oid, cols)
+function Driver:set_shape(oid, cols, kept)
   local fp = {}
   for i, c in ipairs(cols) do fp[i] = c.name .. ":" .. c.oid .. ":" .. c.elem end
   fp = table.concat(fp, ",")
   local s = self.shapes[oid]
   if not s or s.fp ~= fp then
-    local shape = { fp = fp, n = #cols, layout = core.layout(cols, self.client.flags), seen = self.fetches }
+    local shape = { fp = fp, n = #cols, cols = cols, layout = core.layout(cols, self.client.flags), seen = self.fetches }
     self.shapes[oid] = shape
+    -- A persistent schema keeps it (Driver:keep_shapes), unless it comes from there.
+    if self.persistent and not kept then
+      self.unkept = self.unkept or {}
+      self.unkept[oid] = true
+    end
     if s and not self.markers then
       local hist = self.history[oid] or { s }
       for i = #hist, 1, -1 do
@@ -1132,24 +1238,94 @@ function Driver:forget_shapes()
   end
 end
 
+-- A shape as a marker's JSON says it: { name =, cols = { { name, type oid, element type
+-- oid, delimiter }... } } (the DDL event trigger's markers, the schema's relations table).
+-- Returns the decoded object and its columns, or nil.
+local function marker_shape(text)
+  local m = type(text) == "string" and json.decode(text)
+  if type(m) ~= "table" or type(m.cols) ~= "table" then return nil end
+  local cols = {}
+  for i, c in ipairs(m.cols) do cols[i] = { name = c[1], oid = c[2], elem = c[3], delim = c[4] } end
+  return m, cols
+end
+
 -- A shape marker (op 'S'), written by the DDL event trigger in the DDL's own transaction:
 -- rows captured before it were written with the old columns, rows after it with these.
 function Driver:apply_marker(r)
-  local m = type(r.new) == "string" and require("flash.json").decode(r.new)
-  if type(m) ~= "table" or type(m.cols) ~= "table" then
+  local m, cols = marker_shape(r.new)
+  if not m then
     log.warn("ignoring a malformed shape marker of relation " .. tostring(r.rel))
     return
   end
-  local cols = {}
-  for i, c in ipairs(m.cols) do cols[i] = { name = c[1], oid = c[2], elem = c[3], delim = c[4] } end
-  self:set_shape(r.rel, cols)
-  local info = self.rels[r.rel]
-  if info and m.name and info.display ~= m.name then
+  local info = self.rels[r.rel] or self.known[r.rel]
+  if not info and type(m.name) == "string" then
+    -- A relation made and left (or dropped) before the client looked: its name is here.
+    self.known[r.rel] = { display = m.name, relkind = "r" }
+  elseif info and m.name and info.display ~= m.name then
     info.display = m.name
-    for _, l in ipairs(info.listeners) do
+    for _, l in ipairs(info.listeners or {}) do
       if l.table.oid == r.rel then M.rename(l, m.schema, m.relname) end
     end
   end
+  self:set_shape(r.rel, cols)
+end
+
+-- A persistent schema keeps the last shape (and name) the client knew of each relation in
+-- its `relations` table: a relation dropped while its rows waited for the next run (a
+-- partition detached and dropped meanwhile) is decoded by it (Driver:describe). Written
+-- when a shape changes, before the poll that deletes the rows (markers) it came from.
+function Driver:keep_shapes()
+  if not self.unkept then return true end
+  local items = {}
+  for oid in pairs(self.unkept) do
+    local shape, info = self.shapes[oid], self.known[oid]
+    local cols = {}
+    for i, c in ipairs(shape.cols) do cols[i] = { c.name, c.oid, c.elem, c.delim } end
+    items[#items + 1] = { string.format("%d", oid), json.encode({ name = info and info.display,
+      relkind = info and info.relkind, cols = json.array(cols) }) }
+  end
+  local ok, err = self:exec("INSERT INTO " .. self:ident(self.schema) .. ".relations (rel, shape) " ..
+    "SELECT (e OPERATOR(pg_catalog.->>) 0)::pg_catalog.oid, e OPERATOR(pg_catalog.->>) 1 " ..
+    "FROM pg_catalog.json_array_elements($1::pg_catalog.json) e ON CONFLICT (rel) DO UPDATE SET shape = EXCLUDED.shape",
+    json.encode(json.array(items)))
+  if not ok then
+    log.debug("cannot keep the shapes of captured relations: " .. tostring(err))
+    return nil, err
+  end
+  self.unkept = nil
+  return true
+end
+
+-- Relations of captured rows that no listened table leads to now (detached or dropped
+-- before the client read their rows; Driver:route_tag delivered them): their names from
+-- the catalog; for those gone from it, the names and shapes the schema kept
+-- (Driver:keep_shapes) when their shapes are not known. Failures leave them unknown.
+function Driver:describe(names, shapes)
+  local gone = {}   -- dropped, and never seen: named by its oid (unless a kept shape names it)
+  if #names > 0 then
+    local rows = self:exec("SELECT c.oid::bigint AS oid, pg_catalog.format('%s.%s', n.nspname, c.relname) AS display, " ..
+      "c.relkind::text AS relkind FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace " ..
+      "WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])", "{" .. table.concat(names, ",") .. "}")
+    for _, r in ipairs(rows or {}) do self.known[r.oid] = { display = r.display, relkind = r.relkind } end
+    for _, oid in ipairs(rows and names or {}) do
+      if not self.known[tonumber(oid)] then gone[tonumber(oid)] = true end
+    end
+  end
+  if #shapes > 0 and self.persistent then
+    local rows = self:exec("SELECT rel::bigint AS rel, shape FROM " .. self:ident(self.schema) .. ".relations " ..
+      "WHERE rel OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])", "{" .. table.concat(shapes, ",") .. "}")
+    for _, r in ipairs(rows or {}) do
+      local m, cols = marker_shape(r.shape)
+      if m then
+        self:set_shape(r.rel, cols, true)
+        if gone[r.rel] and type(m.name) == "string" then
+          self.known[r.rel] = { display = m.name, relkind = type(m.relkind) == "string" and m.relkind or "r" }
+          gone[r.rel] = nil
+        end
+      end
+    end
+  end
+  for oid in pairs(gone) do self.known[oid] = { display = string.format("relation %d", oid), relkind = "r" } end
 end
 
 -- A captured row of more than LARGE_ROW bytes of text is read alone, on a connection
@@ -1266,6 +1442,7 @@ end
 -- returns the rows in delivery order, or nil and the error.
 function Driver:fetch()
   self:forget_shapes()
+  self:keep_shapes()
   self.fetches = self.fetches + 1
   local conn = self:conn()
   -- Prepared once per connection (no parse and plan per poll).
@@ -1321,19 +1498,29 @@ function Driver:fetch()
   end
   -- Columns as the catalog says now: for every relation of the batch when there are no
   -- shape markers (no event trigger), else only for relations not seen yet.
-  local seen, oids = {}, {}
+  local seen, oids, unknown = {}, {}, {}
   for _, r in ipairs(rows) do
-    if not seen[r.rel] and (not self.markers or not self.shapes[r.rel]) then
-      seen[r.rel] = true
-      oids[#oids + 1] = r.rel
+    local rel = r.rel
+    if not seen[rel] then
+      seen[rel] = true
+      if not self.markers or not self.shapes[rel] then oids[#oids + 1] = rel end
+      if not self.known[rel] then unknown[#unknown + 1] = rel end
     end
   end
+  -- A partition or child new to us: followed from now on.
+  if #unknown > 0 then self:sync_all() end
   local ok
   ok, err = self:load_shapes(oids)
   if not ok then return nil, err end
-  for _, oid in ipairs(oids) do
-    if not self.rels[oid] then self:sync_all() break end   -- a partition or child new to us
+  -- Else one detached, or dropped, before the client knew it.
+  local names, shapes = {}, {}
+  for _, oid in ipairs(unknown) do
+    if not self.known[oid] then names[#names + 1] = string.format("%d", oid) end
   end
+  for _, oid in ipairs(oids) do
+    if not self.shapes[oid] then shapes[#shapes + 1] = string.format("%d", oid) end
+  end
+  if #names > 0 or #shapes > 0 then self:describe(names, shapes) end
   return rows
 end
 
@@ -1359,29 +1546,79 @@ function Driver.warn_uncertain(_, shape, display, xid)
     "carry ev.columns_uncertain = true", display, xid))
 end
 
+-- The shape to decode a row of a relation whose columns are unknown by: it was dropped
+-- before the client knew it (no DDL event trigger's marker, nothing kept by a persistent
+-- schema). A partition made with PARTITION OF has its table's columns in its table's order,
+-- and an INHERITS child its parent's first: the first listened table of `list` whose
+-- columns fit the row's values (as many; a child's own come after) is used, and the event
+-- says the columns are uncertain. Nil when none fits: said, and the row is delivered as its
+-- text (field "row").
+function Driver:guess_shape(r, list, display)
+  local text = type(r.new) == "string" and r.new or r.old
+  local fit
+  for _, l in ipairs(list) do
+    local shape = self.shapes[l.table.oid]
+    if shape and type(text) == "string" then
+      local _, n = shape.layout:record(text)
+      if type(n) ~= "number" then n = -1 end
+      if n == shape.n or (n > shape.n and fit == nil) then fit = shape end
+      if n == shape.n then break end
+    end
+  end
+  self.warned_guess = self.warned_guess or {}
+  if not self.warned_guess[r.rel] then
+    self.warned_guess[r.rel] = true
+    log.warn(string.format("%s was dropped before flashlua read the rows it captured for %s, and its columns are " ..
+      "gone with it: %s", display, list[1].table_name, fit and "they are decoded by the columns of the listened " ..
+      "table, which a partition made with PARTITION OF has (ev.columns_uncertain = true)" or "they are delivered " ..
+      "as their text in field \"row\""))
+  end
+  return fit
+end
+
 -- Delivers one captured row; returns false when the client must stop.
 function Driver:deliver_row(r)
   local client = self.client
   if r.op == "S" then self:apply_marker(r) return true end
-  local info = self.rels[r.rel]
-  local shape = self.shapes[r.rel]
   local op = M.OP_NAME[r.op]
-  if not info or not op then return true end   -- a table no listener follows any more
+  if not op then return true end
+  local info, list
+  if r.tag < 0 then
+    -- Routed when captured (Driver:route_tag): the relation may have left since.
+    list = self:route_listeners(r.tag)
+    if #list == 0 then return true end   -- no listener of its tables any more
+    info = self.rels[r.rel] or self.known[r.rel] or { display = string.format("relation %d", r.rel) }
+  else
+    info = self.rels[r.rel]
+    if not info then return true end   -- a table no listener follows any more
+    list = info.listeners
+  end
   -- A partitioned table holds no rows: its partitions' own truncates say what was emptied.
   if r.op == "T" and info.relkind == "p" then return true end
+  local shape = self.shapes[r.rel]
+  local uncertain, guessed
   if not shape and r.op ~= "T" then
-    if not self.warned_gone then
-      self.warned_gone = true
-      log.warn(string.format("table %s was dropped; the changes it captured before cannot be decoded", info.display))
+    if r.tag >= 0 then
+      if not self.warned_gone then
+        self.warned_gone = true
+        log.warn(string.format("table %s was dropped; the changes it captured before cannot be decoded", info.display))
+      end
+      return true
     end
-    return true
+    shape, guessed = self:guess_shape(r, list, info.display), true
+    uncertain = shape ~= nil
+  elseif shape then
+    shape, uncertain = self:pick_shape(r, shape)
   end
-  local uncertain
-  if shape then shape, uncertain = self:pick_shape(r, shape) end
-  local new = self:decode(shape, r.new, info.display)
-  local old = self:decode(shape, r.old, info.display)
+  local new, old
+  if shape then
+    new, old = self:decode(shape, r.new, info.display), self:decode(shape, r.old, info.display)
+  else
+    new, old = type(r.new) == "string" and { row = r.new } or nil, type(r.old) == "string" and { row = r.old } or nil
+  end
   local xid = r.xid % 4294967296
-  if uncertain then self:warn_uncertain(shape, info.display, xid) else uncertain = nil end
+  if uncertain and not guessed then self:warn_uncertain(shape, info.display, xid)
+  elseif not uncertain then uncertain = nil end
   local big = r.big ~= core.null and r.big or nil
   if big and big < 0 then
     big = -big
@@ -1393,10 +1630,9 @@ function Driver:deliver_row(r)
       "max_row_bytes = %d): its %s event carries no row values (ev.too_large = %d)", info.display, xid, big,
       self.max_row, op, big))
   end
-  local list = info.listeners
   for i = 1, #list do
     local l = list[i]
-    if (r.tag == 0 or r.tag == l.id) and client.by_id[l.id] then
+    if (r.tag <= 0 or r.tag == l.id) and client.by_id[l.id] then
       local ev = { op = op, table = l.table_name, source = info.display, new = new, old = old, xid = xid,
                    too_large = big, columns_uncertain = uncertain }
       local cont
@@ -1557,8 +1793,10 @@ function Driver:quiesce()
   self.quiesced = { deadline = deadline, problems = {} }
   local problems = self.quiesced.problems
   if self.persistent then
-    -- Triggers and backlog stay for the next run: only what was handled is deleted.
+    -- Triggers and backlog stay for the next run: only what was handled is deleted (and
+    -- the shapes of the markers among it kept first).
     self.pending = nil
+    self:keep_shapes()
     if self:conn():ok() and #self.handled > 0 then
       local ok, err = self:exec(self:delete_handled_sql())
       if ok then self.handled = {} else problems[#problems + 1] = "cannot delete what it delivered: " .. tostring(err) end

@@ -18,10 +18,13 @@ function Driver:wanted_triggers()
       if t.ops[op] then kws[#kws + 1] = base.OP_KEYWORD[op] end
     end
     if #kws > 0 then
+      -- Tagged with the listened tables it captures for (Driver:route_tag).
+      local tag, err = self:route_tag(0, t.roots)
+      if not tag then return nil, err end
       local q = self:qualified_rel(t.r)
       out[#out + 1] = { key = t.r.oid .. "/" .. row_name, name = row_name, qualified = q,
         what = "insert/update/delete", display = t.r.schema .. "." .. t.r.name,
-        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW " .. self:row_capture(0) }
+        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW " .. self:row_capture(tag) }
     end
   end
   return self:truncate_triggers(truncs, out)

@@ -57,9 +57,11 @@ end
 -- none; a FULL JOIN keeps an unpaired row (which PostgreSQL does not produce) as a
 -- delete or an insert rather than losing it.
 --
--- On a partitioned table (TG_ARGV[0] 'all', or 'moves' when no listener wants updates) the
--- pairs that moved between partitions are a delete and an insert of the partitions' rows
--- (see the top of this file); the others are updates ('all' only).
+-- The arguments: (mode, tag). The tag is the trigger's route (Driver:route_tag). The mode
+-- of an UPDATE trigger on a partitioned table is 'all', or 'moves' when no listener wants
+-- updates: the pairs that moved between partitions are a delete and an insert of the
+-- partitions' rows (see the top of this file); the others are updates ('all' only). Any
+-- other trigger's is 'rows'. Triggers made before routes pass ([mode]), tagged 0.
 function Driver:statement_function()
   local S = self:ident(self.schema)
   local E = S .. ".events"
@@ -98,15 +100,18 @@ function Driver:statement_function()
     "pg_catalog.array_agg(n.t ORDER BY d.i) FROM h d JOIN h n ON n.op" .. eq .. "'I' AND n.i" .. eq .. "d.i AND " ..
     "n.rel OPERATOR(pg_catalog.<>) d.rel WHERE d.op" .. eq .. "'D'"
   return trigger_body("capture_xid bigint := pg_catalog.txid_current(); g text; done boolean := false; " ..
-    "q text := ''; part oid; cols text; mi bigint[]; ms oid[]; mo text[]; md oid[]; mn text[];", {
+    "q text := ''; part oid; cols text; mi bigint[]; ms oid[]; mo text[]; md oid[]; mn text[]; " ..
+    "mode text := CASE WHEN TG_NARGS OPERATOR(pg_catalog.>) 0 THEN TG_ARGV[0] END; " ..
+    "tag integer := CASE WHEN TG_NARGS OPERATOR(pg_catalog.>) 1 THEN pg_catalog.int4in(pg_catalog.textout(TG_ARGV[1])) " ..
+    "ELSE 0 END;", {
     "IF TG_OP = 'INSERT' THEN",
-    "  " .. ins .. "SELECT capture_xid, 'I', TG_RELID, 0, " .. text("n") .. ", NULL, " .. big("n") ..
+    "  " .. ins .. "SELECT capture_xid, 'I', TG_RELID, tag, " .. text("n") .. ", NULL, " .. big("n") ..
       " FROM " .. rows("n", "new_rows") .. " ORDER BY n.i;",
     "ELSIF TG_OP = 'DELETE' THEN",
-    "  " .. ins .. "SELECT capture_xid, 'D', TG_RELID, 0, NULL, " .. text("o") .. ", " .. big("o") ..
+    "  " .. ins .. "SELECT capture_xid, 'D', TG_RELID, tag, NULL, " .. text("o") .. ", " .. big("o") ..
       " FROM " .. rows("o", "old_rows") .. " ORDER BY o.i;",
     "ELSIF TG_OP = 'UPDATE' THEN",
-    "  IF TG_NARGS OPERATOR(pg_catalog.>) 0 THEN",
+    "  IF mode OPERATOR(pg_catalog.=) ANY ('{all,moves}'::pg_catalog.text[]) THEN",
     "    g := pg_catalog.current_setting(" .. G .. ", true);",
     "    IF pg_catalog.strpos(g, 'm') OPERATOR(pg_catalog.>) 0 THEN",
     "      BEGIN",
@@ -137,8 +142,8 @@ function Driver:statement_function()
     "    done := g IS NULL OR pg_catalog.strpos(g, 'u')" .. eq .. "0;",
     "  END IF;",
     "  -- 'moves' with none found: nothing to capture (the pairs are not even printed).",
-    "  IF TG_NARGS" .. eq .. "0 OR TG_ARGV[0]" .. eq .. "'all' OR mi IS NOT NULL THEN",
-    "  " .. ins .. "SELECT capture_xid, x.op, x.rel, 0, x.new, x.old, x.big FROM (",
+    "  IF mode IS DISTINCT FROM 'moves' OR mi IS NOT NULL THEN",
+    "  " .. ins .. "SELECT capture_xid, x.op, x.rel, tag, x.new, x.old, x.big FROM (",
     "  SELECT coalesce(o.i, n.i) AS ord, 0 AS sub,",
     "         CASE WHEN o.i IS NULL THEN 'I' WHEN n.i IS NULL THEN 'D' ELSE 'U' END::\"char\" AS op,",
     "         TG_RELID AS rel, " .. text("n") .. " AS new, " .. text("o") .. " AS old, CASE WHEN least(" .. big("n") ..
@@ -146,7 +151,7 @@ function Driver:statement_function()
       big("o") .. ") END AS big",
     "  FROM " .. rows("o", "old_rows") .. " FULL JOIN " .. rows("n", "new_rows"),
     "  ON n.i" .. eq .. "o.i",
-    "  WHERE (TG_NARGS" .. eq .. "0 OR TG_ARGV[0]" .. eq .. "'all')",
+    "  WHERE mode IS DISTINCT FROM 'moves'",
     "    AND (mi IS NULL OR NOT coalesce(o.i, n.i)" .. eq .. "ANY (mi))",
     "  UNION ALL SELECT v.i, 0, 'D', v.rel, NULL, v.txt, NULL FROM ROWS FROM (pg_catalog.unnest(mi),",
     "    pg_catalog.unnest(ms), pg_catalog.unnest(mo)) v(i, rel, txt)",
@@ -339,15 +344,18 @@ function Driver:wanted_triggers()
   end
   for _, t in ipairs(tables) do
     local q = self:qualified_rel(t.r)
+    -- Tagged with the listened tables it captures for (Driver:route_tag).
+    local tag, err = self:route_tag(0, t.roots)
+    if not tag then return nil, err end
     -- A partitioned table's UPDATE can move rows between its partitions: a delete and an
     -- insert, captured when a listener wants either, even if none wants updates.
     local moves = t.r.relkind == "p" and (t.ops.insert or t.ops.delete or t.ops.update)
     for _, op in ipairs({ "insert", "update", "delete" }) do
       if t.ops[op] or (op == "update" and moves) then
-        local arg = ""
-        if op == "update" and moves then arg = t.ops.update and "'all'" or "'moves'" end
+        local mode = "rows"
+        if op == "update" and moves then mode = t.ops.update and "all" or "moves" end
         add(t.r, "_" .. op, op, "AFTER " .. base.OP_KEYWORD[op] .. " ON " .. q .. " " .. REFERENCING[op] ..
-          " FOR EACH STATEMENT EXECUTE FUNCTION " .. S .. ".capture_statement(" .. arg .. ")")
+          " FOR EACH STATEMENT EXECUTE FUNCTION " .. S .. ".capture_statement('" .. mode .. "', '" .. tag .. "')")
       end
     end
     if moves then
