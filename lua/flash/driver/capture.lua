@@ -301,10 +301,50 @@ function Driver:drop_schema_triggers(name, deadline)
   end
 end
 
+-- Relation locks no plain read or write takes: a statement holding one may be DDL.
+local DDL_LOCKS = "'ShareUpdateExclusiveLock', 'ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', " ..
+  "'AccessExclusiveLock'"
+
+-- The DDL event trigger whose function lives in schema `name` goes before the function.
+-- A DDL statement lists the event triggers to run before it calls them, and takes no lock
+-- on them: one that listed ours, then saw its function dropped (DROP SCHEMA ... CASCADE
+-- drops trigger and function at once), failed with "cache lookup failed for function N",
+-- a user's ALTER TABLE or CREATE TABLE failing because we stopped. So the trigger is
+-- dropped in a transaction of its own, and the function only once every statement that
+-- may have listed it (a statement of this database that holds a lock only DDL takes and
+-- began before the drop) has ended, or at `deadline`. A statement that lists the triggers
+-- after the drop no longer sees ours; one that calls our function takes a lock on the
+-- events table, which the schema's drop waits for.
+function Driver:drop_ddl_trigger(name, deadline)
+  local rows = self:exec([[SELECT e.evtname::text AS name FROM pg_catalog.pg_event_trigger e
+    JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) e.evtfoid
+    WHERE p.pronamespace OPERATOR(pg_catalog.=) pg_catalog.to_regnamespace($1)::pg_catalog.oid]], self:ident(name))
+  if not rows or #rows == 0 then return end
+  for _, r in ipairs(rows) do
+    if not self:exec("DROP EVENT TRIGGER IF EXISTS " .. self:ident(r.name)) then return end
+  end
+  local since = self:exec("SELECT pg_catalog.clock_timestamp()::text AS t")
+  since = since and since[1] and since[1].t
+  if not since then return end
+  while core.now() < deadline do
+    local busy = self:exec([[SELECT pg_catalog.count(*)::int AS n FROM pg_catalog.pg_stat_activity a
+      WHERE a.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()
+        AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() AND a.state OPERATOR(pg_catalog.=) 'active'
+        AND a.backend_type OPERATOR(pg_catalog.=) 'client backend'
+        AND a.query_start OPERATOR(pg_catalog.<) $1::pg_catalog.timestamptz
+        AND EXISTS (SELECT 1 FROM pg_catalog.pg_locks l WHERE l.pid OPERATOR(pg_catalog.=) a.pid
+          AND l.locktype OPERATOR(pg_catalog.=) 'relation' AND l.granted AND l.mode OPERATOR(pg_catalog.=) ANY (ARRAY[]]
+          .. DDL_LOCKS .. "]))", since)
+    if not busy or not busy[1] or busy[1].n == 0 then return end
+    core.sleep(0.02)
+  end
+end
+
 -- Removes schema `name` and everything in it; true, or nil and why.
 function Driver:remove_schema(name, deadline)
   local ok, err = self:drop_schema_triggers(name, deadline)
   if not ok then return nil, err end
+  self:drop_ddl_trigger(name, deadline)
   while true do
     local state
     ok, err, state = self:exec_briefly("DROP SCHEMA IF EXISTS " .. self:ident(name) .. " CASCADE")
