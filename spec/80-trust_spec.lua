@@ -210,7 +210,7 @@ local function probe()
 end
 local wrong = 0
 for _ = 1, 300 do if probe() ~= 6 then wrong = wrong + 1 end end
-local fwd = (" " .. table.concat({ select(2, require("jit").status()) }, " ") .. " "):find(" fwd ", 1, true) ~= nil
+local loop = (" " .. table.concat({ select(2, require("jit").status()) }, " ") .. " "):find(" loop ", 1, true) ~= nil
 ]]
 
 describe("the LuaJIT flashlua runs on (flash.luajit)", function()
@@ -226,11 +226,11 @@ describe("the LuaJIT flashlua runs on (flash.luajit)", function()
   end)
 
   -- Each in a fresh process: what is compiled in this one depends on the specs before.
-  it("turns load forwarding off where it lacks the fix, and computes such a loop rightly: in a script that " ..
+  it("turns the loop optimization off where it lacks the fix, and computes such a loop rightly: in a script that " ..
     "requires flash, in the flashlua process and in its worker states", function()
-    local want = "wrong 0 fwd " .. tostring(fixed) .. "\n"
+    local want = "wrong 0 loop " .. tostring(fixed) .. "\n"
     -- LuaJIT with the module (as `make bench` runs it).
-    local module = H.script("require 'flash'\n" .. PROBE .. "io.write('wrong ', wrong, ' fwd ', tostring(fwd), '\\n')\n")
+    local module = H.script("require 'flash'\n" .. PROBE .. "io.write('wrong ', wrong, ' loop ', tostring(loop), '\\n')\n")
     local p = io.popen(string.format("cd %s && LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/?.so;;' luajit %s 2>&1",
       H.sh_quote(H.root), H.sh_quote(module)))
     local got = p:read("*a")
@@ -244,13 +244,13 @@ describe("the LuaJIT flashlua runs on (flash.luajit)", function()
     local handlers = H.script(PROBE .. string.format([[
 local _, idx = ...
 local f = assert(io.open(%q .. "/worker." .. idx, "w"))
-f:write("wrong ", wrong, " fwd ", tostring(fwd), "\n")
+f:write("wrong ", wrong, " loop ", tostring(loop), "\n")
 f:close()
 return { all = function() end }
 ]], dir))
     local t = H.table("id int")
     local path = H.script(PROBE .. string.format([[
-io.write("wrong ", wrong, " fwd ", tostring(fwd), "\n")
+io.write("wrong ", wrong, " loop ", tostring(loop), "\n")
 local flash = require "flash"
 local c = assert(flash.client { driver = "trigger", workers = 2, handlers = %q })
 assert(c:listen { table = %q }):on("all", "all")
