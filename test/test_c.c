@@ -226,6 +226,11 @@ static void test_json(void) {
   JSON("123456789012345678901234567890", "n:123456789012345678901234567890 $");
   JSON("\"\"", "s: $");
   JSON("\"plain\"", "s:plain $");
+  /* A lone \udc80..\udcff is the byte (fl_json_escape's form of a byte of no UTF-8
+   * sequence); a pair with a high surrogate stays a pair. */
+  JSON("\"a\\udcffb\\udc80\"", "s:a\\ffb\\80 $");
+  JSON("{\"\\udcc3\":1}", "{ k:\\c3 n:1 } $");
+  JSON("\"\\udbff\\udcff\"", "s:\\f4\\8f\\b3\\bf $");
 
   /* containers */
   JSON("{}", "{ } $");
@@ -274,6 +279,8 @@ static void test_json(void) {
   JSON_ERR("\"\\ud83d\\u0041\"", "lone surrogate", 1);
   JSON_ERR("\"\\ude00\"", "lone surrogate", 1);
   JSON_ERR("\"\\ude00\\ud83d\"", "lone surrogate", 1);
+  JSON_ERR("\"\\udc7f\"", "lone surrogate", 1);
+  JSON_ERR("\"\\udd00\"", "lone surrogate", 1);
   JSON_ERR("\"\\ud83d\\uzzzz\"", "invalid \\u escape", 7);
   JSON_ERR("\"abc", "unterminated string", 4);
   JSON_ERR("\"abc\\", "unterminated string", 4);
@@ -633,7 +640,16 @@ static void test_json_escape(void) {
   ESC("\x01\x1f\x7f", "\\u0001\\u001f\x7f");
   ESC("nul\0in", "nul\\u0000in");
   ESC("\xc3\xbc\xe2\x82\xac\xf0\x9f\x98\x80", "\xc3\xbc\xe2\x82\xac\xf0\x9f\x98\x80");  /* ü€😀 as is */
-  ESC("\xff\xfe", "\xff\xfe");                                                       /* bytes as is */
+  /* Bytes of no valid UTF-8 sequence (a SQL_ASCII database's text): \udcXX each. */
+  ESC("a\xff" "b", "a\\udcffb");
+  ESC("\x80\xbf\xc0\x80\xc1\xbf\xf5\xff", "\\udc80\\udcbf\\udcc0\\udc80\\udcc1\\udcbf\\udcf5\\udcff");
+  ESC("\xc3", "\\udcc3");                                           /* cut short at the end */
+  ESC("\xc3" "a\xe2\x82" "b", "\\udcc3a\\udce2\\udc82b");                 /* cut short before ASCII */
+  ESC("\xe0\x80\xaf", "\\udce0\\udc80\\udcaf");                         /* overlong */
+  ESC("\xed\xa0\x80\xed\x9f\xbf", "\\udced\\udca0\\udc80\xed\x9f\xbf");    /* a surrogate; U+D7FF */
+  ESC("\xf4\x90\x80\x80\xf4\x8f\xbf\xbf", "\\udcf4\\udc90\\udc80\\udc80\xf4\x8f\xbf\xbf"); /* > U+10FFFF; U+10FFFF */
+  ESC("\xf0\x8f\xbf\xbf\xf0\x90\x80\x80", "\\udcf0\\udc8f\\udcbf\\udcbf\xf0\x90\x80\x80"); /* overlong; U+10000 */
+  ESC("\xc3\xbc\xff\xc3\xbc", "\xc3\xbc\\udcff\xc3\xbc");
 }
 
 /* A reader's tokens rendered as "[v]" for a value and "N" for NULL, then "." at the end

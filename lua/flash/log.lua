@@ -20,13 +20,17 @@ end
 local context = nil
 local format = "text"
 
--- A JSON string (RFC 8259: quote, backslash and control characters escaped).
+-- Lines are UTF-8 whatever bytes a message quotes (a SQL_ASCII database's values hold any):
+-- in JSON a string as flash.json writes one (a byte of no valid UTF-8 sequence as
+-- \udc80..\udcff), in text such a byte as \xNN.
+local core
 local function jstr(s)
-  return '"' .. tostring(s):gsub('[%c"\\]', function(c)
-    if c == '"' then return '\\"' elseif c == "\\" then return "\\\\" elseif c == "\n" then return "\\n"
-    elseif c == "\t" then return "\\t" elseif c == "\r" then return "\\r" end
-    return string.format("\\u%04x", c:byte())
-  end) .. '"'
+  core = core or require "flash.core"
+  return core.json_encode(tostring(s))
+end
+local function text_escape(s)
+  core = core or require "flash.core"
+  return core.text_escape(s)
 end
 
 local function jnum(v)
@@ -38,7 +42,8 @@ end
 -- One JSON object: ts (UTC, milliseconds), level, msg, then client and db when the line
 -- is about a client, then `fields` ({ {key, value}, ... }: numbers, strings, booleans).
 local function json_line(name, msg, fields)
-  local now = require("flash.core").time()
+  core = core or require "flash.core"
+  local now = core.time()
   local parts = {
     '{"ts":' .. jstr(os.date("!%Y-%m-%dT%H:%M:%S", math.floor(now)) .. string.format(".%03dZ", math.floor(now % 1 * 1000))),
     '"level":' .. jstr(name), '"msg":' .. jstr(msg),
@@ -61,8 +66,8 @@ local function emit(name, ...)
   if format == "json" then
     sink(json_line(name, stringify(...)))
   else
-    sink(string.format("%s %-5s %s%s", os.date("!%Y-%m-%dT%H:%M:%SZ"), name:upper(),
-      context and ("[" .. context .. "] ") or "", stringify(...)))
+    sink(text_escape(string.format("%s %-5s %s%s", os.date("!%Y-%m-%dT%H:%M:%SZ"), name:upper(),
+      context and ("[" .. context .. "] ") or "", stringify(...))))
   end
 end
 
@@ -72,7 +77,7 @@ end
 function log.record(name, text, msg, fields, force)
   if LEVELS[name] > current and not force then return end
   if format == "json" then return sink(json_line(name, msg, fields)) end
-  sink(text)
+  sink(text_escape(text))
 end
 
 -- Lines logged until the next call are about `label` (nil: no client); returns the

@@ -111,6 +111,13 @@ static fl_json_tok read_string(fl_json_reader *r, fl_json_tok kind, const char *
     case 'u': {
       long cp = hex4(p + 2, end), lo;
       if (cp < 0) return fail(r, p, "invalid \\u escape");
+      if (cp >= 0xDC80 && cp <= 0xDCFF) {
+        /* A lone U+DC80..U+DCFF is how fl_json_escape writes a byte that is part of no
+         * valid UTF-8 sequence: the byte itself. */
+        *o++ = (char)(cp - 0xDC00);
+        p += 6;
+        continue;
+      }
       if (cp >= 0xDC00 && cp <= 0xDFFF) return fail(r, p, "lone surrogate");
       if (cp >= 0xD800 && cp <= 0xDBFF) {
         /* A high surrogate only means something together with the low one after it. */
@@ -438,14 +445,51 @@ size_t fl_json_format_double(double d, char *out) {
   return o;
 }
 
+size_t fl_utf8_seq(const unsigned char *s, size_t i, size_t len) {
+  unsigned char c = s[i], lo = 0x80, hi = 0xBF;
+  size_t n, k;
+  if (c >= 0xC2 && c <= 0xDF) n = 2;
+  else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    if (c == 0xE0) lo = 0xA0;
+    else if (c == 0xED) hi = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    if (c == 0xF0) lo = 0x90;
+    else if (c == 0xF4) hi = 0x8F;
+  } else return 0;
+  if (len - i < n) return 0;
+  if (s[i + 1] < lo || s[i + 1] > hi) return 0;
+  for (k = 2; k < n; k++)
+    if (s[i + k] < 0x80 || s[i + k] > 0xBF) return 0;
+  return n;
+}
+
 size_t fl_json_escape(const char *s, size_t len, char *out) {
   static const char hex[] = "0123456789abcdef";
+  const unsigned char *u = (const unsigned char *)s;
   char *o = out;
   size_t i;
   for (i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
-    if (c >= 0x20 && c != '"' && c != '\\') {
+    unsigned char c = u[i];
+    if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
       *o++ = (char)c;
+      continue;
+    }
+    if (c >= 0x80) {
+      size_t n = fl_utf8_seq(u, i, len);
+      if (n > 0) {
+        memcpy(o, s + i, n);
+        o += n;
+        i += n - 1;
+        continue;
+      }
+      /* A byte of no valid sequence: U+DC80..U+DCFF, a lone low surrogate (PEP 383's
+       * "surrogateescape"), which no text can mean, so fl_json_next gives the byte back. */
+      memcpy(o, "\\udc", 4);
+      o += 4;
+      *o++ = hex[c >> 4];
+      *o++ = hex[c & 15];
       continue;
     }
     *o++ = '\\';

@@ -10,7 +10,8 @@ typedef enum {
   FL_JSON_OBJ_OPEN, FL_JSON_OBJ_CLOSE,
   FL_JSON_ARR_OPEN, FL_JSON_ARR_CLOSE,
   FL_JSON_KEY,      /* an object key; val and len: unescaped UTF-8 */
-  FL_JSON_STRING,   /* val and len: unescaped UTF-8 (may contain NUL from \u0000) */
+  FL_JSON_STRING,   /* val and len: unescaped UTF-8 (may contain NUL from \u0000; a lone
+                       \udc80..\udcff is the byte 0x80..0xff, as fl_json_escape writes it) */
   FL_JSON_NUMBER,   /* val and len: the number's raw text, already checked against the grammar */
   FL_JSON_TRUE, FL_JSON_FALSE, FL_JSON_NULL,
   FL_JSON_END,      /* the whole input was one value followed only by white space */
@@ -45,8 +46,16 @@ int fl_json_number(const char *s, size_t len, double *out);
 #define FL_JSON_NUM_MAX 32
 size_t fl_json_format_double(double d, char *out);
 
-/* s as the inside of a JSON string: '"', '\\' and control characters escaped, every other
- * byte as it is (UTF-8 passes through). out holds 6 * len bytes; returns bytes written. */
+/* s as the inside of a JSON string: '"', '\\' and control characters escaped, valid UTF-8
+ * as it is, and each byte that is part of no valid UTF-8 sequence (a SQL_ASCII database's
+ * text holds any bytes) as \udc80..\udcff: a lone low surrogate, PEP 383's
+ * "surrogateescape", which fl_json_next reads back as that byte. So the output is always
+ * UTF-8 and the bytes come back exactly. out holds 6 * len bytes; returns bytes written. */
 size_t fl_json_escape(const char *s, size_t len, char *out);
+
+/* The length of the valid UTF-8 sequence at s[i] (i < len, s[i] >= 0x80) within s[0..len),
+ * or 0 when that byte starts none: RFC 3629's table, so no overlong forms, no surrogates,
+ * nothing past U+10FFFF. */
+size_t fl_utf8_seq(const unsigned char *s, size_t i, size_t len);
 
 #endif

@@ -12,6 +12,7 @@
 #include "lvalue.h"
 #include "fl_json.h"
 #include "fl_record.h"
+#include "fl_pqconn.h"
 
 #define CONN_MT "flash.conn"
 #define LAYOUT_MT "flash.layout"
@@ -103,9 +104,12 @@ static int l_connect(lua_State *L) {
     c->pg = NULL;
     return fl_fail(L, lua_tostring(L, -1), "connection");
   }
-  PGresult *r = PQexec(c->pg, canonical_settings);
-  int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-  PQclear(r);
+  int ok = fl_pq_raw_encoding(c->pg) == 0;
+  if (ok) {
+    PGresult *r = PQexec(c->pg, canonical_settings);
+    ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+  }
   if (!ok) {
     lua_pushfstring(L, "cannot set session settings: %s", PQerrorMessage(c->pg));
     PQfinish(c->pg);

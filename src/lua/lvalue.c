@@ -745,8 +745,41 @@ static int l_binary_type(lua_State *L) {
   return 1;
 }
 
+/* core.text_escape(s) -> s with each byte that is part of no valid UTF-8 sequence written
+ * as \xNN (log lines: a SQL_ASCII database's values hold any bytes); s itself when it has
+ * none. */
+static int l_text_escape(lua_State *L) {
+  size_t len, i, start = 0;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+  luaL_Buffer b;
+  int any = 0;
+  for (i = 0; i < len; i++) {
+    size_t n;
+    if (s[i] < 0x80) continue;
+    n = fl_utf8_seq(s, i, len);
+    if (n > 0) {
+      i += n - 1;
+      continue;
+    }
+    if (!any) luaL_buffinit(L, &b);
+    any = 1;
+    luaL_addlstring(&b, (const char *)s + start, i - start);
+    lua_pushfstring(L, "\\x%c%c", "0123456789abcdef"[s[i] >> 4], "0123456789abcdef"[s[i] & 15]);
+    luaL_addvalue(&b);
+    start = i + 1;
+  }
+  if (!any) {
+    lua_settop(L, 1);
+    return 1;
+  }
+  luaL_addlstring(&b, (const char *)s + start, len - start);
+  luaL_pushresult(&b);
+  return 1;
+}
+
 static const luaL_Reg value_funcs[] = {
   { "binary_type", l_binary_type },
+  { "text_escape", l_text_escape },
   { "json_encode", l_json_encode },
   { "json_decode", l_json_decode },
   { NULL, NULL }

@@ -11,6 +11,7 @@
 #include <time.h>
 #include "fl_spill.h"
 #include "fl_stream.h"
+#include "fl_pqconn.h"
 #include "fl_ticker.h"
 
 #define STATUS_INTERVAL_US 10000000LL      /* standby status at least every 10 s */
@@ -184,6 +185,11 @@ int fl_stream_connect(fl_stream *s, const char *dsn) {
   if (!pg) return fl_stream_fail(s, "memory", "out of memory");
   if (PQstatus(pg) != CONNECTION_OK) {
     fl_stream_fail(s, "connection", "cannot open a replication connection: %s", PQerrorMessage(pg));
+    PQfinish(pg);
+    return -1;
+  }
+  if (fl_pq_raw_encoding(pg) != 0) {
+    fl_stream_fail(s, "connection", "cannot set client_encoding on the replication connection: %s", PQerrorMessage(pg));
     PQfinish(pg);
     return -1;
   }
