@@ -30,7 +30,7 @@ build = {
     ["flash.core"] = {
       sources = { "src/core/fl_json.c", "src/core/fl_value.c", "src/core/fl_pgoutput.c", "src/core/fl_record.c",
                   "src/core/fl_binary.c", "src/core/fl_spill.c", "src/core/fl_queue.c", "src/core/fl_ticker.c",
-                  "src/pq/fl_stream.c",
+                  "src/pq/fl_stream.c", "src/pq/fl_pqconn.c",
                   "src/lua/lerr.c", "src/lua/lvalue.c", "src/lua/lconn.c",
                   "src/lua/lrepl.c", "src/lua/lredis.c", "src/lua/lhttp.c", "src/lua/lworkers.c", "src/lua/lcore.c" },
       libraries = { "pq", "hiredis", "microhttpd", "pthread" },

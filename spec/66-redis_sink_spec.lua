@@ -589,9 +589,12 @@ assert(flash.run())
     H.drop_slot("flash_replication", "flash_publication")
     local url = "unix://" .. f.dir .. "/redis.sock"
     local cap = s.spawn({ "--table", t, "--to", url })
-    -- Started before Redis: the warning names the socket, and the events wait.
+    -- Started before Redis: the warning names the socket, and the events wait. (The
+    -- warning comes as the sink is made, before the slot exists: the rows are written
+    -- once the capturer listens.)
     assert.is_true(H.wait_for(function()
-      return cap.err():find("redis sink: cannot connect to Redis at " .. url, 1, true) ~= nil
+      return cap.err():find("redis sink: cannot connect to Redis at " .. url, 1, true) ~= nil and
+        cap.err():find("listening on", 1, true) ~= nil
     end, 20), cap.err())
     H.sql("INSERT INTO " .. t .. " VALUES (1, 'a'), (2, 'b')")
     H.redis_start(f.dir, f.port)
