@@ -34,12 +34,16 @@ end
 -- partition), t_c [200, 300), t_d [300, 400); and a table p with an INHERITS child p_c.
 local function tables(role)
   local t = H.table("id int PRIMARY KEY, v text) PARTITION BY RANGE (id")
+  local p = H.table("id int PRIMARY KEY, v text")
+  -- Names another spec file may have left as tables of their own (busted loads the
+  -- helpers afresh for each file, so their table names come round again; H.table drops
+  -- the parent, not a partition detached from it).
+  H.sql(string.format("DROP TABLE IF EXISTS %s_a, %s_b, %s_b1, %s_c, %s_d, %s_c CASCADE", t, t, t, t, t, p))
   H.sql("CREATE TABLE " .. t .. "_a PARTITION OF " .. t .. " FOR VALUES FROM (0) TO (100); " ..
     "CREATE TABLE " .. t .. "_b PARTITION OF " .. t .. " FOR VALUES FROM (100) TO (200) PARTITION BY RANGE (id); " ..
     "CREATE TABLE " .. t .. "_b1 PARTITION OF " .. t .. "_b FOR VALUES FROM (100) TO (200); " ..
     "CREATE TABLE " .. t .. "_c PARTITION OF " .. t .. " FOR VALUES FROM (200) TO (300); " ..
     "CREATE TABLE " .. t .. "_d PARTITION OF " .. t .. " FOR VALUES FROM (300) TO (400)")
-  local p = H.table("id int PRIMARY KEY, v text")
   H.sql("CREATE TABLE " .. p .. "_c (PRIMARY KEY (id)) INHERITS (" .. p .. ")")
   if role then
     for _, name in ipairs({ t, t .. "_a", t .. "_b", t .. "_b1", t .. "_c", t .. "_d", p, p .. "_c" }) do

@@ -357,10 +357,4 @@ function H.run_flashlua(args, timeout, env)
   return rc, h.out(), h.err()
 end
 
--- One module whether a spec requires it as "helpers" or as "spec.helpers": two instances
--- counted table names apart and handed out the same names twice (spec/86's t_N_2_c
--- collided with a table an earlier file had left under that name).
-package.loaded["helpers"] = H
-package.loaded["spec.helpers"] = H
-
 return H
