@@ -80,10 +80,24 @@ static fl_conn *check_conn(lua_State *L, int idx) {
   return c;
 }
 
+/* Whether pg is still connected after a failure that carried no SQLSTATE. libpq leaves
+ * the status CONNECTION_OK when sending the query failed (EPIPE, ECONNRESET: the server
+ * went away, e.g. pg_ctl restart -m immediate) and the failure is "server closed the
+ * connection unexpectedly"; it notices the closed socket only at its next read. Reading
+ * now (never blocks) makes the status say so, so the caller sees kind "connection" and
+ * conn:ok() false, and reconnects instead of taking it for a query's error. */
+static int still_connected(PGconn *pg) {
+  if (pg == NULL || PQstatus(pg) != CONNECTION_OK) return 0;
+  if (!PQconsumeInput(pg)) return 0;
+  return PQstatus(pg) == CONNECTION_OK;
+}
+
 /* A failure of c's connection: its message, kind "connection" once the connection is
  * bad, else "protocol" (a result libpq or the server gave in an unexpected shape). */
 static int conn_fail(lua_State *L, fl_conn *c, const char *msg) {
-  return fl_fail(L, msg, c->pg && PQstatus(c->pg) == CONNECTION_OK ? "protocol" : "connection");
+  lua_pushstring(L, msg);   /* msg may be libpq's error buffer, which the read may grow */
+  const char *kind = still_connected(c->pg) ? "protocol" : "connection";
+  return fl_fail(L, lua_tostring(L, -1), kind);
 }
 
 /* core.connect(dsn) -> conn | nil, err, kind */
@@ -321,7 +335,9 @@ int fl_push_pgerror(lua_State *L, PGconn *pg, PGresult *res) {
   const char *msg = res ? PQresultErrorMessage(res) : NULL;
   if (!msg || !*msg) msg = PQerrorMessage(pg);
   if (strncmp(msg, "ERROR:  ", 8) == 0) msg += 8;
-  int n = fl_fail(L, msg, state && *state ? state : PQstatus(pg) == CONNECTION_OK ? "protocol" : "connection");
+  lua_pushstring(L, msg);   /* msg may be libpq's error buffer, which the read may grow */
+  msg = lua_tostring(L, -1);
+  int n = fl_fail(L, msg, state && *state ? state : still_connected(pg) ? "protocol" : "connection");
   PQclear(res);
   return n;
 }

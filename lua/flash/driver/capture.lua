@@ -496,7 +496,7 @@ end
 
 function Driver:schema_sql()
   local S = self:ident(self.schema)
-  return {
+  local sql = {
     -- Unlogged by default: capturing costs the writer no WAL; a crash of the server (not a
     -- clean restart) empties it, which the reconnect reports. durable = true logs it.
     "CREATE " .. (self.durable and "" or "UNLOGGED ") .. "TABLE IF NOT EXISTS " .. S .. ".events (" ..
@@ -524,6 +524,18 @@ function Driver:schema_sql()
     -- shape marker's JSON: rows of a relation dropped before they were read are decoded by it.
     "CREATE TABLE IF NOT EXISTS " .. S .. ".relations (rel oid PRIMARY KEY, shape text NOT NULL)",
   }
+  if not self.durable then
+    -- One row in an unlogged table: a crash of the server empties it with the events table
+    -- (Driver:crash_emptied), whatever the events table held or was given since.
+    sql[#sql + 1] = "CREATE UNLOGGED TABLE IF NOT EXISTS " .. S .. ".alive (since timestamptz NOT NULL)"
+    sql[#sql + 1] = self:arm_alive_sql()
+  end
+  return sql
+end
+
+function Driver:arm_alive_sql()
+  local S = self:ident(self.schema)
+  return "INSERT INTO " .. S .. ".alive SELECT pg_catalog.now() WHERE NOT EXISTS (SELECT FROM " .. S .. ".alive)"
 end
 
 -- Exact shapes: an event trigger (superusers only may create one) appends a shape marker
@@ -1071,9 +1083,23 @@ function Driver:start()
   return true
 end
 
--- After a restart of the server: whether a crash emptied the (unlogged) events table:
--- true when its identity sequence (unlogged with it) restarted below the highest seq read,
--- false when it did not, nil when nothing was read yet (it cannot tell).
+-- After a restart of the server, before the reconnect installs anything: whether a crash
+-- emptied the unlogged tables of the schema: true when the row of its `alive` table is
+-- gone, false when it is there, nil when it cannot tell (a schema made before it had one,
+-- or gone). The events table alone cannot tell: rows committed since the crash take seqs
+-- from 1 again, which may pass the highest one read before it (and those were then taken
+-- for rows already handled, and deleted unread).
+function Driver:crash_emptied()
+  local rows = self:exec("SELECT CASE WHEN pg_catalog.to_regclass($1) IS NULL THEN NULL ELSE " ..
+    "NOT EXISTS (SELECT FROM " .. self:ident(self.schema) .. ".alive) END AS gone", self:ident(self.schema) .. ".alive")
+  local gone = rows and rows[1] and rows[1].gone
+  if gone == nil or gone == null then return nil end
+  return gone
+end
+
+-- The same question for a schema without an `alive` table: true when the events table's
+-- identity sequence (unlogged with it) restarted below the highest seq read, false when it
+-- did not, nil when nothing was read yet (it cannot tell).
 function Driver:emptied_by_crash()
   local rows = self:exec("SELECT pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence($1, 'seq'))::text AS v",
     self:ident(self.schema) .. ".events")
@@ -1144,14 +1170,20 @@ function Driver:reconnect()
     client:_log_notices()
     client.conn:close()
     client.conn = conn
+    -- Before install() arms the alive row again: kept until a reconnect reports it.
+    local started = self:server_facts()
+    if started and self.server_started and started ~= self.server_started and not self.durable and
+      self.crash_seen == nil then
+      self.crash_seen = self:crash_emptied()
+    end
     local ok, existed = self:install(false)
     if ok then
       client.counters.reconnects = client.counters.reconnects + 1
-      local started = self:server_facts()
       local crashed = false
       if existed and started and self.server_started and started ~= self.server_started and
         not self.durable then
-        crashed = self:emptied_by_crash()
+        crashed = self.crash_seen
+        if crashed == nil then crashed = self:emptied_by_crash() end
         if crashed then
           log.error(string.format("PostgreSQL crashed while the connection was down: the changes captured into " ..
             "%s.events and not yet read were lost with it (the table is unlogged; durable = true keeps them); " ..
@@ -1163,6 +1195,7 @@ function Driver:reconnect()
         end
         if crashed ~= false then self:forget_seqs() end
       end
+      self.crash_seen = nil
       self.server_started = started or self.server_started
       if existed and crashed ~= false then
         log.warn("reconnected; the changes committed meanwhile wait in " .. self.schema .. ".events")
