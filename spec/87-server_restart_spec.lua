@@ -14,14 +14,11 @@ describe("PostgreSQL restarted under a client", function()
   local sandbox = require "flash.sandbox"
   local sb
   setup(function()
+    -- The sandbox runs with synchronous_commit = off, as a server tuned for speed may: a
+    -- crash loses the last commits of every session. flashlua's own CREATE TRIGGER must not
+    -- be among them (rows written after the restart were not captured, while the reconnect
+    -- said nothing was lost): its DDL commits with synchronous_commit = on.
     sb = assert(sandbox.start { quiet = true })
-    -- PostgreSQL's default: the sandbox turns it off for speed, and a crash then loses the
-    -- last commits of every session (flashlua's own CREATE TRIGGER too: see the report of
-    -- this spec's commit), which is not what these cases are about.
-    local c = assert(core.connect(sb.dsn))
-    assert(c:exec("ALTER SYSTEM SET synchronous_commit = on", 0))
-    assert(c:exec("SELECT pg_catalog.pg_reload_conf()", 0))
-    c:close()
   end)
   teardown(function() if sb then sb:stop() end end)
 

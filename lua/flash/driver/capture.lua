@@ -240,9 +240,15 @@ end
 -- is busy, try again later.
 local BUSY = { ["55P03"] = true, ["40P01"] = true }
 
--- Runs `sql` (our DDL on a user's table) waiting at most LOCK_TIMEOUT for locks.
+-- Runs `sql` (our DDL on a user's table) waiting at most LOCK_TIMEOUT for locks, and
+-- committed durably whatever the server's synchronous_commit: a crash of a server that
+-- runs with it off loses the last commits of every session, and a capture trigger lost so
+-- would miss the rows written after the restart while the reconnect says nothing was lost
+-- (spec/87). Its WAL flush takes our schema's earlier commits (tables, functions, routes)
+-- with it.
 function Driver:exec_briefly(sql)
-  return self:exec("SELECT pg_catalog.set_config('lock_timeout', '" .. LOCK_TIMEOUT .. "', true);\n" .. sql)
+  return self:exec("SELECT pg_catalog.set_config('lock_timeout', '" .. LOCK_TIMEOUT .. "', true), " ..
+    "pg_catalog.set_config('synchronous_commit', 'on', true);\n" .. sql)
 end
 
 -- The triggers on users' tables whose functions live in schema `name` (cloned partition
