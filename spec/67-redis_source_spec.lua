@@ -15,11 +15,9 @@ describe("driver = \"redis_streams\"", function()
   before_each(f.setup)
   after_each(f.teardown)
 
-  it("shares partitions between workers, keeps each row's order, and takes over a killed worker's", function()
-    local t = H.table("id int PRIMARY KEY, v int")
-    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
-    H.redis_start(f.dir, f.port)
-    local capturer = s.script(string.format([[
+  -- A capturer of t into `parts` streams (wal_logical, persistent slot, manual acks).
+  local function capturer_script(t, parts)
+    return s.script(string.format([[
 local flash = require "flash"
 local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = %d }
 local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q, ack = "manual" })
@@ -27,7 +25,14 @@ assert(c:listen { table = %q }):on("all", sink)
 assert(c:start())
 io.stderr:write("ready\n")
 assert(flash.run())
-]], f.port, PARTS, slot, slot, t))
+]], f.port, parts, slot, slot, t))
+  end
+
+  it("shares partitions between workers, keeps each row's order, and takes over a killed worker's", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+    H.redis_start(f.dir, f.port)
+    local capturer = capturer_script(t, PARTS)
     local worker = s.script(string.format([[
 local flash = require "flash"
 local c = assert(flash.client { driver = "redis_streams", url = "redis://127.0.0.1:%d", group = "spec",
@@ -112,15 +117,7 @@ assert(flash.run())
     local t = H.table("id int PRIMARY KEY, v text")
     H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
     H.redis_start(f.dir, f.port)
-    local cap = s.spawn({ s.script(string.format([[
-local flash = require "flash"
-local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 1 }
-local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = %q, publication = %q, ack = "manual" })
-assert(c:listen { table = %q }):on("all", sink)
-assert(c:start())
-io.stderr:write("ready\n")
-assert(flash.run())
-]], f.port, slot, slot, t)) })
+    local cap = s.spawn({ capturer_script(t, 1) })
     assert.is_true(cap.await("ready", 15, "err"), cap.err())
     local worker = s.script(string.format([[
 local flash = require "flash"
