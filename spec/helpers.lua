@@ -56,11 +56,18 @@ function H.scalar(sql, ...)
 end
 
 local counter = 0
--- A fresh table name in public, created with `columns` (SQL column definitions).
+-- A fresh table name in public, created with `columns` (SQL column definitions). Busted
+-- loads these helpers afresh for each spec file, so the names come round again: a table of
+-- that name, and tables named after it (name_a, a partition an earlier file detached, ...),
+-- are dropped first.
 function H.table(columns, name)
   counter = counter + 1
   name = name or string.format("t_%d_%d", core.getpid(), counter)
-  H.sql(string.format("DROP TABLE IF EXISTS %s CASCADE; CREATE TABLE %s (%s)", name, name, columns))
+  local old = H.sql("SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c.relname), ', ') AS list " ..
+    "FROM pg_catalog.pg_class c WHERE c.relnamespace = 'public'::pg_catalog.regnamespace AND c.relkind IN ('r', 'p') " ..
+    "AND (c.relname = $1 OR c.relname LIKE $1 || '\\_%')", name)[1].list
+  if old ~= flash.null and old then H.sql("DROP TABLE IF EXISTS " .. old .. " CASCADE") end
+  H.sql(string.format("CREATE TABLE %s (%s)", name, columns))
   return name
 end
 

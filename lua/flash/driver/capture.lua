@@ -963,19 +963,11 @@ function Driver:sync_all()
     if w and w.ddl ~= have.ddl then
       -- Re-created below by one statement that drops and creates it: no moment without it.
       self.installed[key] = nil
-    elseif not w then
-      local ok, err, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(have.name) .. " ON " ..
-        have.qualified)
-      if ok or state == "42P01" then
-        self.installed[key] = nil
-        log.debug(string.format("trigger %s dropped from %s", have.name, have.qualified))
-      elseif not self:conn():ok() then
-        return self:sync_failed(err)
-      else
-        pending = pending or err
-      end
     end
   end
+  -- The wanted triggers are made before the unwanted ones go: a trigger renamed (a
+  -- persistent schema of an older flashlua; trigger_global's partitioned tables) or moved
+  -- to another listener captures twice for a moment rather than not at all.
   for key, w in pairs(want) do
     if not self.installed[key] then
       local create = "DROP TRIGGER IF EXISTS " .. self:ident(w.name) .. " ON " .. w.qualified .. ";\n" ..
@@ -1004,6 +996,20 @@ function Driver:sync_all()
         return fail(string.format("cannot create the %s trigger on %s: %s", w.what, w.display, err),
           "run flashlua as the table's owner (or a member of the owning role): the TRIGGER privilege " ..
           "alone lets a role create the trigger but not drop it at stop")
+      end
+    end
+  end
+  for key, have in pairs(self.installed) do
+    if not want[key] then
+      local ok, err, state = self:exec_briefly("DROP TRIGGER IF EXISTS " .. self:ident(have.name) .. " ON " ..
+        have.qualified)
+      if ok or state == "42P01" then
+        self.installed[key] = nil
+        log.debug(string.format("trigger %s dropped from %s", have.name, have.qualified))
+      elseif not self:conn():ok() then
+        return self:sync_failed(err)
+      else
+        pending = pending or err
       end
     end
   end
