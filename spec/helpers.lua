@@ -63,9 +63,13 @@ local counter = 0
 function H.table(columns, name)
   counter = counter + 1
   name = name or string.format("t_%d_%d", core.getpid(), counter)
-  local old = H.sql("SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c.relname), ', ') AS list " ..
-    "FROM pg_catalog.pg_class c WHERE c.relnamespace = 'public'::pg_catalog.regnamespace AND c.relkind IN ('r', 'p') " ..
-    "AND (c.relname = $1 OR c.relname LIKE $1 || '\\_%')", name)[1].list
+  -- (Qualified operators: spec/92's other role plants its own on the search path.)
+  local old = H.sql("SELECT pg_catalog.string_agg(pg_catalog.quote_ident(c.relname::pg_catalog.text), ', ') AS list " ..
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace " ..
+    "WHERE n.nspname OPERATOR(pg_catalog.=) 'public' AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::\"char\"[]) " ..
+    "AND (c.relname OPERATOR(pg_catalog.=) $1::pg_catalog.name " ..
+    "OR pg_catalog.starts_with(c.relname::pg_catalog.text, $1::pg_catalog.text OPERATOR(pg_catalog.||) '_'))",
+    name)[1].list
   if old ~= flash.null and old then H.sql("DROP TABLE IF EXISTS " .. old .. " CASCADE") end
   H.sql(string.format("CREATE TABLE %s (%s)", name, columns))
   return name
