@@ -19,6 +19,7 @@
 #include <time.h>
 #include <hiredis/hiredis.h>
 #include "fl_json.h"
+#include "fl_stream.h"   /* fl_stream_now_us: the monotonic clock */
 #include "fl_ticker.h"
 #include "lerr.h"
 #include "lredis.h"
@@ -38,10 +39,16 @@ static struct timeval to_timeval(double s) {
   return tv;
 }
 
-/* A blocking connection to host:port, or with port 0 to the Unix socket at path host;
- * NULL with nil, err, kind pushed (fl_fail's values): the caller returns 3. */
+/* hiredis's blocking connection to host:port, or with port 0 to the Unix socket at path
+ * host (NULL, or a context whose err says why). */
+static redisContext *dial(const char *host, int port, struct timeval tv) {
+  return port == 0 ? redisConnectUnixWithTimeout(host, tv) : redisConnectWithTimeout(host, port, tv);
+}
+
+/* dial()'s connection, or NULL with nil, err, kind pushed (fl_fail's values): the caller
+ * returns 3. */
 static redisContext *connect_to(lua_State *L, const char *host, int port, struct timeval tv) {
-  redisContext *c = port == 0 ? redisConnectUnixWithTimeout(host, tv) : redisConnectWithTimeout(host, port, tv);
+  redisContext *c = dial(host, port, tv);
   if (!c) {
     fl_fail(L, "cannot allocate a Redis connection", "memory");
     return NULL;
@@ -845,12 +852,6 @@ typedef struct {
   redisContext *c;              /* the thread's own */
 } fl_keeper;
 
-static int64_t mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void keeper_free_plan(fl_keeper *k) {
   for (int i = 0; i < k->nkeys; i++) free(k->keys[i]);
   free(k->keys);
@@ -868,7 +869,7 @@ static void keeper_renew(fl_keeper *k) {
   struct timeval tv = to_timeval(k->every > 0.5 ? k->every : 0.5);
   if (!k->workers_key) return;
   if (!k->c) {
-    k->c = k->port == 0 ? redisConnectUnixWithTimeout(k->host, tv) : redisConnectWithTimeout(k->host, k->port, tv);
+    k->c = dial(k->host, k->port, tv);
     if (!k->c) return;
     if (k->c->err) { redisFree(k->c); k->c = NULL; return; }
     redisSetTimeout(k->c, tv);
@@ -894,7 +895,7 @@ static void keeper_renew(fl_keeper *k) {
 
 static void keeper_tick(void *ud) {
   fl_keeper *k = ud;
-  int64_t now = mono_ms(), every = (int64_t)(k->every * 1000);
+  int64_t now = fl_stream_now_us() / 1000, every = (int64_t)(k->every * 1000);
   int64_t quiet = now - __atomic_load_n(&k->last_beat, __ATOMIC_ACQUIRE);
   pthread_mutex_lock(&k->mu);
   if (quiet >= every && quiet <= (int64_t)(k->limit * 1000) && now - k->last_renew >= every) {
@@ -917,7 +918,7 @@ static int l_keeper_new(lua_State *L) {
   k->port = port;
   k->every = every;
   k->limit = limit;
-  k->last_beat = mono_ms();
+  k->last_beat = fl_stream_now_us() / 1000;
   pthread_mutex_init(&k->mu, NULL);
   luaL_getmetatable(L, KEEPER_MT);
   lua_setmetatable(L, -2);
@@ -965,7 +966,7 @@ static int l_keeper_plan(lua_State *L) {
 /* keeper:beat() : the loop is alive (cheap: called every loop step). */
 static int l_keeper_beat(lua_State *L) {
   fl_keeper *k = check_keeper(L);
-  __atomic_store_n(&k->last_beat, mono_ms(), __ATOMIC_RELEASE);
+  __atomic_store_n(&k->last_beat, fl_stream_now_us() / 1000, __ATOMIC_RELEASE);
   return 0;
 }
 

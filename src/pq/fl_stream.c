@@ -84,8 +84,7 @@ static int call_fn(fl_stream *s, fl_stream_fn fn, void *ud, const fl_pgo_msg *m)
   return rc;
 }
 
-static void keeper_begin(fl_stream *s);
-static void keeper_end(fl_stream *s);
+static void keep(void *ud);
 
 int64_t fl_stream_now_us(void) {
   struct timespec ts;
@@ -158,7 +157,7 @@ fl_stream *fl_stream_new(void) {
 
 void fl_stream_close(fl_stream *s) {
   enter(s);
-  keeper_end(s);
+  fl_ticker_stop(&s->keeper);   /* (we hold the connection: the keeper is not sending) */
   release_copybuf(s);
   if (s->res) { PQclear(s->res); s->res = NULL; }
   if (s->pg) { PQfinish(s->pg); s->pg = NULL; }
@@ -265,7 +264,9 @@ static int start_(fl_stream *s, const char *cmd, int proto) {
   PQsetnonblocking(s->pg, 1);
   s->copying = 1;
   s->last_status = 0;
-  keeper_begin(s);
+  /* The keeper (without one if no thread can be made: the stream works as before, with
+   * only the pump's own status updates). */
+  if (!s->keeper.running) fl_ticker_start(&s->keeper, 250, keep, s);
   return 0;
 }
 
@@ -313,17 +314,6 @@ static void keep(void *ud) {
   if (s->copying && s->pg && fl_stream_now_us() - s->last_status >= KEEPER_AFTER_US && send_status(s, 0) == 0)
     s->kept++;
   __atomic_store_n(&s->own, OWN_FREE, __ATOMIC_RELEASE);
-}
-
-/* Starts the keeper once streaming has begun (without one if no thread can be made: the
- * stream works as before, with only the pump's own status updates). */
-static void keeper_begin(fl_stream *s) {
-  if (!s->keeper.running) fl_ticker_start(&s->keeper, 250, keep, s);
-}
-
-/* Stops it (the consumer's thread holds the connection: the keeper cannot be sending). */
-static void keeper_end(fl_stream *s) {
-  fl_ticker_stop(&s->keeper);
 }
 
 /* A crash redelivers a bounded amount: a confirmed position is reported once
@@ -557,7 +547,7 @@ int fl_stream_pump(fl_stream *s, long budget, int64_t until, int txn_end,
 
 void fl_stream_finish(fl_stream *s, double timeout) {
   enter(s);
-  keeper_end(s);
+  fl_ticker_stop(&s->keeper);
   release_copybuf(s);
   if (!(timeout > 0)) timeout = 0;                /* 0, negative or NaN: do not wait */
   if (timeout > 86400) timeout = 86400;
