@@ -650,6 +650,29 @@ static void test_json_escape(void) {
   ESC("\xf4\x90\x80\x80\xf4\x8f\xbf\xbf", "\\udcf4\\udc90\\udc80\\udc80\xf4\x8f\xbf\xbf"); /* > U+10FFFF; U+10FFFF */
   ESC("\xf0\x8f\xbf\xbf\xf0\x90\x80\x80", "\\udcf0\\udc8f\\udcbf\\udcbf\xf0\x90\x80\x80"); /* overlong; U+10000 */
   ESC("\xc3\xbc\xff\xc3\xbc", "\xc3\xbc\\udcff\xc3\xbc");
+  /* Escaped in pieces (fl_json_piece): a sequence across a piece's end stays whole. */
+  {
+    static char in[8200], whole[6 * 8200], pieces[6 * 8200];
+    const char *chars[] = { "\xc3\xbc", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\xff", "\x80\x80\x80\x80\x80" };
+    for (size_t at = 4090; at <= 4097; at++) {
+      for (size_t c = 0; c < sizeof chars / sizeof *chars; c++) {
+        size_t n = at, cl = strlen(chars[c]), wl, pl = 0;
+        memset(in, 'a', at);
+        memcpy(in + n, chars[c], cl);
+        n += cl;
+        memset(in + n, 'b', 10);
+        n += 10;
+        wl = fl_json_escape(in, n, whole);
+        for (size_t off = 0; off < n;) {
+          size_t k = fl_json_piece(in + off, n - off, 4096);
+          CHECK(k > 0 && k <= 4096, "piece of %zu at %zu", k, off);
+          pl += fl_json_escape(in + off, k, pieces + pl);
+          off += k;
+        }
+        CHECK(pl == wl && memcmp(pieces, whole, wl) == 0, "pieces differ from the whole: char %zu at %zu", c, at);
+      }
+    }
+  }
 }
 
 /* A reader's tokens rendered as "[v]" for a value and "N" for NULL, then "." at the end

@@ -465,6 +465,16 @@ size_t fl_utf8_seq(const unsigned char *s, size_t i, size_t len) {
   return n;
 }
 
+size_t fl_json_piece(const char *s, size_t n, size_t max) {
+  const unsigned char *u = (const unsigned char *)s;
+  size_t k = max;
+  if (n <= max) return n;
+  /* The next piece must not start with a continuation byte of a sequence begun in this
+   * one (at most 3 back: no sequence is longer than 4 bytes). */
+  while (k > max - 3 && (u[k] & 0xC0) == 0x80) k--;
+  return (u[k] & 0xC0) == 0x80 ? max : k;
+}
+
 size_t fl_json_escape(const char *s, size_t len, char *out) {
   static const char hex[] = "0123456789abcdef";
   const unsigned char *u = (const unsigned char *)s;

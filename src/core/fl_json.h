@@ -52,6 +52,10 @@ size_t fl_json_format_double(double d, char *out);
  * "surrogateescape", which fl_json_next reads back as that byte. So the output is always
  * UTF-8 and the bytes come back exactly. out holds 6 * len bytes; returns bytes written. */
 size_t fl_json_escape(const char *s, size_t len, char *out);
+/* How much of s (n bytes) to escape in one piece of at most max bytes (max >= 4): max,
+ * or less so that the piece does not end inside a UTF-8 sequence -- escaped apart, its
+ * two halves would each be taken for stray bytes. */
+size_t fl_json_piece(const char *s, size_t n, size_t max);
 
 /* The length of the valid UTF-8 sequence at s[i] (i < len, s[i] >= 0x80) within s[0..len),
  * or 0 when that byte starts none: RFC 3629's table, so no overlong forms, no surrogates,

@@ -563,7 +563,7 @@ static int jb_add(fl_jbuf *b, const char *s, size_t n) {
 static int jb_str(fl_jbuf *b, const char *s, size_t n) {
   if (jb_add(b, "\"", 1) != 0) return -1;
   while (n > 0) {
-    size_t k = n < 4096 ? n : 4096;
+    size_t k = fl_json_piece(s, n, 4096);
     char *w = jb_room(b, 6 * k);
     if (!w) return -1;
     b->len += fl_json_escape(s, k, w);

@@ -507,7 +507,7 @@ static void enc_string(fl_enc *e, const char *s, size_t n) {
   /* Escaped in chunks so that the room asked for stays small on long strings. */
   enc_add(e, "\"", 1);
   while (n > 0) {
-    size_t chunk = n < 4096 ? n : 4096;
+    size_t chunk = fl_json_piece(s, n, 4096);
     e->len += fl_json_escape(s, chunk, enc_room(e, 6 * chunk));
     s += chunk;
     n -= chunk;
