@@ -304,6 +304,14 @@ describe("text that is not UTF-8, as output", function()
     assert.are.equal("a\255b", json.decode('"a\\udcffb"'))
     -- Not the bytes of an escape: a lone surrogate outside DC80..DCFF is still an error.
     assert.is_nil(json.decode('"\\udc7f"'))
+    -- Long texts are escaped in 4 KB pieces: a character across a piece's end stays itself
+    -- (it was written as two \udcXX).
+    for at = 4093, 4097 do
+      for _, ch in ipairs({ "\195\169", "\226\130\172", "\240\159\152\128" }) do
+        local s = ("a"):rep(at) .. ch .. ("b"):rep(10)
+        assert.are.equal('"' .. s .. '"', json.encode(s))
+      end
+    end
     -- Every byte, and random byte strings, come back exactly; the text is valid UTF-8.
     local all = {}
     for b = 0, 255 do all[#all + 1] = string.char(b) end
