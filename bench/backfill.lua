@@ -1,7 +1,8 @@
 -- bench/backfill.lua: listener:backfill throughput against `COPY (SELECT ...) TO STDOUT` of
 -- the same table in the same run, its effect on a concurrent writer's TPS (pgbench), peak
--- RSS, and the 1,000,000-row consistency run of spec/64 (a writer updating, deleting and
--- re-inserting random keys at full speed). Part of `make bench`; not a timed test.
+-- RSS, the floor LuaJIT itself puts under a row (bench/backfill_floor.lua), and the
+-- 1,000,000-row consistency run of spec/64 (a writer updating, deleting and re-inserting
+-- random keys at full speed). Part of `make bench`; not a timed test.
 --   luajit bench/backfill.lua [--rows 1000000] [--seconds 5] [--runs 2] [--no-spec] [--driver NAME]
 --                             [--baseline PATH/flashlua]
 -- --driver: wal_logical (default) or a trigger driver. --baseline: another build of flashlua,
@@ -120,6 +121,18 @@ local ok, err = pcall(function()
   end
   local copy_rate = opts.rows / copy.wall
 
+  -- 1b. The floor: LuaJIT alone making the same events from the table's text, no flashlua
+  -- (bench/backfill_floor.lua), against what 0.8 of the best COPY leaves a row.
+  local dump = os.tmpname()
+  sh(psql .. " -c " .. q_sh("COPY (SELECT id, a, b, c, d, e FROM bench) TO STDOUT") .. " >" .. dump)
+  local floors = {}
+  for _ = 1, opts.runs do
+    local out = sh(string.format("%s %sbench/backfill_floor.lua %s", arg[-1] or "luajit", root, dump))
+    floors[#floors + 1] = tonumber(out:match("floor ([%d.]+) us/row")) or error(out)
+  end
+  os.remove(dump)
+  table.sort(floors)
+
   -- 2. A writer (pgbench, 1 client, 1-row UPDATEs of random keys) alone, then while a
   -- backfill runs; the backfill is started again as soon as it ends, for the whole run.
   local pgb = os.tmpname()
@@ -155,6 +168,9 @@ local ok, err = pcall(function()
     copy.wall, copy_rate, copy.rss_kb / 1024))
   print(string.format("  COPY CPU, median of %d runs: psql %.2f s, server %.2f s (%.2f us/row)", opts.runs,
     median(copies, "cpu"), median(copies, "server"), median(copies, "server") * 1e6 / opts.rows))
+  print(string.format("  LuaJIT alone making the same events (bench/backfill_floor.lua), %d runs: %s us/row; 0.8 of the " ..
+    "best COPY leaves %.2f us/row of wall time for everything", #floors, table.concat(floors, " / "),
+    1e6 / (0.8 * copy_rate)))
   for _, b in ipairs(bins) do
     local bf = b.best
     print(string.format("  %-8s backfill, callback reading every column:         %6.2f s  %9.0f rows/s  peak RSS %5.1f MB" ..
