@@ -85,6 +85,7 @@ void fl_copy_init(fl_copy_reader *r, const char *line, size_t len, char *buf) {
   r->buf = buf;
   r->used = 0;
   r->state = 0;
+  r->plain = memchr(line, '\\', len) == NULL;
   r->err = NULL;
 }
 
@@ -98,11 +99,19 @@ static int hexval(char c) {
 fl_rec_tok fl_copy_next(fl_copy_reader *r, const char **val, size_t *len) {
   if (r->state == 1) return FL_REC_END;
   if (r->state == 3) return FL_REC_ERROR;
+  const char *tab = memchr(r->p, '\t', (size_t)(r->end - r->p));
+  const char *fend = tab ? tab : r->end;
+  if (r->plain) {
+    /* No backslash in the line: no NULL, no escape; the field is where it is. */
+    *val = r->p;
+    *len = (size_t)(fend - r->p);
+    r->p = fend;
+    if (tab) r->p++; else r->state = 1;
+    return FL_REC_FIELD;
+  }
   /* The output never runs ahead of the input: in place is safe. */
   char *out = r->buf + r->used;
   size_t n = 0;
-  const char *tab = memchr(r->p, '\t', (size_t)(r->end - r->p));
-  const char *fend = tab ? tab : r->end;
   if (fend - r->p == 2 && r->p[0] == '\\' && r->p[1] == 'N') {
     r->p = fend;
     if (tab) r->p++; else r->state = 1;

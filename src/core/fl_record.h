@@ -31,12 +31,15 @@ fl_rec_tok fl_rec_next(fl_rec_reader *r, const char **val, size_t *len);
  * returns per row): fields separated by tabs, "\N" for NULL, backslash escapes (\b \f
  * \n \r \t \v, \ooo octal, \xhh hex, any other character taken literally), an optional
  * trailing newline. buf may be the line itself (unescaping never lengthens a field, so it
- * decodes in place). Tokens as fl_rec_next's; a line of no characters is one empty field. */
+ * decodes in place). A line without a backslash (most) is not written to: its fields point
+ * into the line itself, and buf may then be NULL. Tokens as fl_rec_next's; a line of no
+ * characters is one empty field. */
 typedef struct {
   const char *p, *end;
   char *buf;
   size_t used;
   int state;          /* 0 at a field, 1 after the last field, 3 after an error */
+  int plain;          /* the line has no backslash */
   const char *err;
 } fl_copy_reader;
 

@@ -692,17 +692,23 @@ static int lines_decode(void *lsp, int i, const void *lop, fl_copy_val *out) {
   const fl_layout *lo = lop;
   if (i < 1 || i > ls->n) return -1;
   size_t len = ls->off[i] - ls->off[i - 1];
-  if (len + 1 > ls->scap) {
-    size_t n = ls->scap ? ls->scap : 1024;
-    while (n < len + 1) n *= 2;
-    char *p = realloc(ls->scratch, n);
-    if (!p) return -2;
-    ls->scratch = p;
-    ls->scap = n;
-  }
-  memcpy(ls->scratch, ls->buf + ls->off[i - 1], len);
+  const char *line = ls->buf + ls->off[i - 1];
   fl_copy_reader rd;
-  fl_copy_init(&rd, ls->scratch, len, ls->scratch);
+  if (!memchr(line, '\\', len)) {
+    fl_copy_init(&rd, line, len, NULL);   /* read where it is: nothing to unescape */
+  } else {
+    /* Unescaped in a copy: the line may be read again. */
+    if (len + 1 > ls->scap) {
+      size_t n = ls->scap ? ls->scap : 1024;
+      while (n < len + 1) n *= 2;
+      char *p = realloc(ls->scratch, n);
+      if (!p) return -2;
+      ls->scratch = p;
+      ls->scap = n;
+    }
+    memcpy(ls->scratch, line, len);
+    fl_copy_init(&rd, ls->scratch, len, ls->scratch);
+  }
   const char *v;
   size_t vlen;
   fl_rec_tok t;
