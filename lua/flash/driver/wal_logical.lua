@@ -1148,6 +1148,7 @@ function Driver:housekeep()
   local pub = {}
   for oid in pairs(self.published) do pub[#pub + 1] = string.format("%d", oid) end
   if #pub == 0 then return end
+  self:drop_former_children(pub)
   rows = self:exec(DESCENDANTS .. [[
     SELECT n.nspname::text AS schema, c.relname::text AS name, c.relreplident::text AS ident
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -1174,6 +1175,33 @@ function Driver:housekeep()
     elseif not self.warned["child:" .. display] then
       self.warned["child:" .. display] = true
       log.warn(string.format("child table %s of a listened table is not captured: %s", display, tostring(err):gsub("%s+$", "")))
+    end
+  end
+end
+
+-- INHERITS children joined the publication one by one (above). One that left the listened
+-- tables (ALTER TABLE ... NO INHERIT, or its parent's parent changed) leaves the publication
+-- too, or its rows would go on arriving as the listened table's: as under the trigger
+-- drivers, whose triggers on it go, its changes are delivered until this look (every
+-- HOUSE_INTERVAL), none after. `pub`: the published listened tables' oids.
+function Driver:drop_former_children(pub)
+  local rows = self:exec(DESCENDANTS .. [[
+    SELECT n.nspname::text AS schema, c.relname::text AS name
+    FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+    JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE p.pubname = $2 AND NOT (pr.prrelid = ANY($1::oid[])) AND NOT EXISTS (SELECT 1 FROM d WHERE d.oid = pr.prrelid)
+    ORDER BY 1, 2]], "{" .. table.concat(pub, ",") .. "}", self.publication)
+  for _, r in ipairs(rows or {}) do
+    local display = r.schema .. "." .. r.name
+    local ok, err = self:exec("ALTER PUBLICATION " .. self:ident(self.publication) .. " DROP TABLE ONLY " ..
+      self:ident(r.schema) .. "." .. self:ident(r.name))
+    if ok then
+      log.info(string.format("table %s is no longer a child of a listened table: it left publication %s",
+        display, self.publication))
+    elseif not self.warned["left:" .. display] then
+      self.warned["left:" .. display] = true
+      log.warn(string.format("table %s is no longer a child of a listened table, but stays in publication %s: %s",
+        display, self.publication, tostring(err):gsub("%s+$", "")))
     end
   end
 end
