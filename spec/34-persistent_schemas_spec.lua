@@ -62,6 +62,36 @@ describe("persistent schemas from the command line", function()
     assert.is_nil(line_of(out, schema))
   end)
 
+  it("a kept schema no flashlua runs on, whose backlog is over the threshold, is warned about at each start", function()
+    local t = H.table("v text")
+    local keep = s.script(string.format([[
+      local flash = require "flash"
+      local c = assert(flash.client { persistent = true, schema = %q })
+      assert(c:listen { table = %q }):on("all", function() end)
+      flash.after(0, flash.stop)
+    ]], schema, t))
+    local rc, _, err = H.run_flashlua({ keep }, 20, { FLASH_SLOT_WARN_MB = "1" })
+    assert.are.equal(0, rc, err)
+    assert.is_nil(err:find("is not in use", 1, true), err)
+    -- Stopped: its trigger goes on capturing, more than 1 MB.
+    H.sql("INSERT INTO " .. t .. " SELECT repeat(md5(g::text), 30) FROM generate_series(1, 2000) g")
+    local other = s.script('local flash = require "flash"\nassert(flash.client {})\nflash.after(0, flash.stop)\n')
+    rc, _, err = H.run_flashlua({ other }, 20, { FLASH_SLOT_WARN_MB = "1" })
+    assert.are.equal(0, rc, err)
+    local warning = err:match("WARN  (%[[^\n]*persistent schema[^\n]*)")
+    assert.are.equal(string.format("[client 1 trigger db=%s] persistent schema %s is not in use and its captured " ..
+      "changes take N MB; its triggers go on capturing every write to its tables. If no flashlua run will resume " ..
+      "it, drop it: flashlua --drop-schema %s", H.scalar("SELECT current_database()::text AS d"), schema, schema),
+      warning and (warning:gsub("%d+%.%d MB", "N MB")), err)
+    -- Not said by the run that resumes it, nor below the threshold.
+    rc, _, err = H.run_flashlua({ keep }, 20, { FLASH_SLOT_WARN_MB = "1" })
+    assert.are.equal(0, rc, err)
+    assert.is_nil(err:find("is not in use", 1, true), err)
+    rc, _, err = H.run_flashlua({ other }, 20, { FLASH_SLOT_WARN_MB = "100" })
+    assert.are.equal(0, rc, err)
+    assert.is_nil(err:find("is not in use", 1, true), err)
+  end)
+
   it("refuses a schema that is not a persistent flashlua schema, and a script with the option", function()
     H.sql("CREATE SCHEMA " .. schema)
     local rc, out, err = H.run_flashlua({ "--drop-schema", schema })

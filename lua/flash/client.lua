@@ -231,6 +231,7 @@ function Client:start()
       self.database, self.role, self.driver_name))
   end
   for _, w in ipairs(require("flash.slots").idle_warnings(self.conn, self.loop.warned_slots)) do log.warn(w) end
+  for _, w in ipairs(require("flash.driver.capture").idle_schema_warnings(self, self.loop.warned_slots)) do log.warn(w) end
   log.within(outer)
   self.started = true
   self.started_at = core.now()

@@ -1989,6 +1989,36 @@ function M.persistent_schemas(client)
   return rows
 end
 
+-- The warnings for persistent schemas no flashlua runs on whose captured changes take more
+-- than the slots' threshold (flash.slots.threshold: FLASH_SLOT_WARN_MB, 64 MB), each schema
+-- once (`warned`: the loop's). Their triggers go on capturing every write for a run that may
+-- never come, as an inactive slot keeps WAL. Said at each client start, beside the slots'.
+function M.idle_schema_warnings(client, warned)
+  local d = M.new(Driver, client)
+  local rows = d:exec([[
+    SELECT n.nspname::text AS name, pg_catalog.pg_total_relation_size(c.oid)::float8 AS bytes
+    FROM pg_catalog.pg_namespace n
+    JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid AND c.relname OPERATOR(pg_catalog.=) 'events'
+    WHERE pg_catalog.obj_description(n.oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
+      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
+      AND n.nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE .. " ORDER BY 1", SCHEMA_MARK, PERSISTENT_MARK)
+  local slots, out = require("flash.slots"), {}
+  local own = client.driver and client.driver.schema
+  for _, r in ipairs(rows or {}) do
+    if r.bytes > slots.threshold() and r.name ~= own and not warned["schema:" .. r.name] then
+      local free, release = d:lock_schema(r.name)
+      release()
+      if free then
+        warned["schema:" .. r.name] = true
+        out[#out + 1] = string.format("persistent schema %s is not in use and its captured changes take %s; its " ..
+          "triggers go on capturing every write to its tables. If no flashlua run will resume it, drop it: " ..
+          "flashlua --drop-schema %s", r.name, slots.mb(r.bytes), r.name)
+      end
+    end
+  end
+  return out
+end
+
 -- Drops persistent schema `name` and its triggers: the number of captured changes it
 -- held, or nil, err (in use, not a persistent flashlua schema, the drop failed).
 function M.drop_persistent(client, name)
