@@ -435,3 +435,36 @@ describe("trigger drivers across a crash of the server", function()
     end)
   end
 end)
+
+-- A transaction of more rows than one poll reads (1,000), and a small one that committed
+-- before it but was captured after its first rows: the small one's rows came between the
+-- big one's, in the poll that read the big one's last rows (sorted by commit time there).
+-- The transaction a full batch ends with now comes first in the next one.
+for _, driver in ipairs(TRIGGER_DRIVERS) do
+  describe("a transaction read over several polls (" .. driver .. ")", function()
+    it("comes whole: no other transaction between its rows", function()
+      local t = H.table("id int, who text")
+      local c = assert(flash.client { driver = driver })
+      local events = {}
+      assert(c:listen { table = t }):on("insert", function(ev) events[#events + 1] = ev.new.who end)
+      assert(c:start())
+      local big = assert(flash.client {})
+      finally(function() c:stop() big:stop() end)
+      assert(big:query("BEGIN"))
+      -- One statement per row, so that trigger_statement captures 2,500 rows too.
+      assert(big:query(string.format([[DO $$ BEGIN
+        FOR i IN 1..2500 LOOP INSERT INTO %s VALUES (i, 'big'); END LOOP; END $$]], t)))
+      H.sql("INSERT INTO " .. t .. " VALUES (0, 'small')")
+      assert(big:query("COMMIT"))
+      H.wait(c, events, 2501, 30)
+      H.settle(c, 0.3)
+      local runs, prev = {}, nil
+      for _, who in ipairs(events) do
+        if who ~= prev then runs[#runs + 1] = who prev = who end
+      end
+      assert.are.equal(2501, #events)
+      -- The small one committed first but was captured after the first batch's rows.
+      assert.are.same({ "big", "small" }, runs)
+    end)
+  end)
+end

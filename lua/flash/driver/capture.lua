@@ -1571,6 +1571,11 @@ function Driver:fetch()
       if type(r.cts) == "number" then last[r.xid] = r.cts end
     end
   end
+  -- The transaction the previous batch ended with, when that batch was full, may go on in
+  -- this one: its rows come first, so that no transaction comes between its rows (one that
+  -- committed before it, whose rows were captured after the first batch's, would).
+  local cont = self.continuing
+  if cont and last[cont] then last[cont] = -math.huge end
   local function before(a, b)
     local la, lb = last[a.xid], last[b.xid]
     if la ~= lb then return la < lb end
@@ -1581,6 +1586,7 @@ function Driver:fetch()
   for i = 2, #rows do
     if before(rows[i], rows[i - 1]) then table.sort(rows, before) break end
   end
+  self.continuing = #rows >= BATCH and rows[#rows].xid or nil
   -- Columns as the catalog says now: for every relation of the batch when there are no
   -- shape markers (no event trigger), else only for relations not seen yet.
   local seen, oids, unknown = {}, {}, {}
