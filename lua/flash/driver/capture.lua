@@ -1776,7 +1776,11 @@ function Driver:drain(budget)
       r.new, r.old = nil, nil
       core.release_memory()
     end
-    if r.gone then
+    if cont == false and not acks then
+      -- A callback failed (on_error = "stop"): the row is not acknowledged, so it is not
+      -- deleted; a persistent schema delivers it again at the next run.
+      return nil, client.failure
+    elseif r.gone then
       -- Read before a crash emptied the table: its seq may be a new row's now.
       if acks then acks:commit(r.seq) end
     elseif acks then
