@@ -1214,10 +1214,20 @@ function Driver:reconnect()
       elseif existed then
         log.warn("reconnected; nothing was lost: the changes committed meanwhile wait in " .. self.schema .. ".events")
       else
-        log.warn(string.format("reconnected, but schema %s was removed while the connection was down: changes " ..
-          "committed between %s and %s were not captured", self.schema,
-          os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time()))))
+        -- A new events table: its seqs start again, so those handled or delivered in the
+        -- old one must never be deleted from it.
+        self:forget_seqs()
+        local span = string.format("changes committed between %s and %s were not captured",
+          os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time())))
+        if self.schema_dropped then
+          log.warn(string.format("schema %s was dropped while listening (by another session: DROP SCHEMA ... CASCADE " ..
+            "removes flashlua's triggers with it); created it again: %s", self.schema, span))
+        else
+          log.warn(string.format("reconnected, but schema %s was removed while the connection was down: %s",
+            self.schema, span))
+        end
       end
+      self.schema_dropped = nil
       self.lost_at, self.retry_at = nil, nil
       if client.acks then
         -- Rows delivered but not acknowledged are read again and delivered as new events.
@@ -1852,8 +1862,18 @@ function Driver:step()
   if not ok then
     if self.client.failure then return nil, self.client.failure end
     if not self:conn():ok() then lost(self, err) return true end
+    if self:schema_exists() == false then
+      -- Another session dropped the instance's schema (its triggers go with it) while the
+      -- connection stayed: made again as a reconnect does, saying what was not captured
+      -- (since the last poll that found it).
+      self.listening = false
+      self.lost_at = self.polled_at or core.time()
+      self.schema_dropped = true
+      return self:reconnect()
+    end
     return nil, err
   end
+  self.polled_at = core.time()
   self:vacuum(now)
   if self.pending or self.full then
     self.next_poll, self.wait = now, nil
