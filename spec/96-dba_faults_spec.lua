@@ -193,6 +193,45 @@ describe("a persistent slot invalidated while flashlua was stopped (wal_status l
   end)
 end)
 
+-- The same while the client runs (its reads held up meanwhile, so the slot falls behind):
+-- the server ends the WAL sender, and the reconnect stops the client with that message
+-- rather than retrying forever (a failed reconnect was retried silently, at debug level).
+describe("a persistent slot invalidated while the client runs", function()
+  it("stops the client, saying that changes were lost", function()
+    local t = H.table("id int PRIMARY KEY")
+    local slot = "flash_spec96_lost_run"
+    H.drop_slot(slot)
+    local c = H.listen({ table = t }, "insert", { driver = "wal_logical", persistent = true, slot = slot,
+      publication = slot })
+    H.sql("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+    H.sql("SELECT pg_reload_conf()")
+    local perr
+    local ok, err = pcall(function()
+      for i = 1, 4 do
+        H.sql("INSERT INTO " .. t .. " SELECT g FROM generate_series(" .. i * 1000 .. ", " .. i * 1000 + 299 .. ") g")
+        H.sql("SELECT pg_switch_wal()")
+      end
+      -- The checkpoint waits for the WAL sender, which waits for this client to read: from
+      -- another process.
+      os.execute("psql -q " .. H.sh_quote(H.dsn) .. " -c CHECKPOINT >/dev/null 2>&1 &")
+      H.warnings(function()
+        local deadline = core.now() + 15
+        while core.now() < deadline do
+          local pok, e = c:poll(0.05)
+          if not pok then perr = e break end
+        end
+      end)
+    end)
+    c:stop()
+    H.sql("ALTER SYSTEM RESET max_slot_wal_keep_size")
+    H.sql("SELECT pg_reload_conf()")
+    H.drop_slot(slot)
+    assert(ok, err)
+    assert.truthy(tostring(perr):find("replication slot " .. slot .. " was invalidated by the server (wal_status lost", 1,
+      true), tostring(perr))
+  end)
+end)
+
 describe("the flashlua process", function()
   local s = H.session()
   after_each(function() s.cleanup() end)
@@ -287,6 +326,38 @@ describe("a callback that fails on every event (on_error = stop)", function()
         H.sql("DROP SCHEMA IF EXISTS " .. name .. " CASCADE")
       end
       assert(ok, err)
+    end)
+  end
+end)
+
+-- A DBA drops the instance's schema (DROP SCHEMA flash_N CASCADE: the triggers go with it)
+-- while the client's connection stays up. Every poll failed with `schema "flash_N" does not
+-- exist` and the client stopped on that, capturing nothing more; a reconnect (the same
+-- drop while the connection was down) made it again and said what was not captured.
+describe("the instance's schema dropped while a trigger driver runs", function()
+  for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement" }) do
+    it("is made again, with a warning giving the span not captured (" .. driver .. ")", function()
+      local t = H.table("id int PRIMARY KEY")
+      local c, events
+      local warnings = H.warnings(function()
+        c, events = H.listen({ table = t }, "insert", { driver = driver })
+        H.sql("INSERT INTO " .. t .. " VALUES (1)")
+        poll_until(c, function() return #events >= 1 end)
+        H.sql("DROP SCHEMA " .. c:stats().schema .. " CASCADE")
+        H.sql("INSERT INTO " .. t .. " VALUES (2)")   -- no trigger: not captured
+        poll_until(c, function() return c:stats().reconnects > 0 end)
+        H.sql("INSERT INTO " .. t .. " VALUES (3)")
+        poll_until(c, function() return #events >= 2 end)
+        H.settle(c, 0.2)
+        assert(c:stop())
+      end)
+      assert.equal("1,3", ids(events))
+      local w = find(warnings, "was dropped while listening")
+      assert.truthy(w, table.concat(warnings, "\n"))
+      assert.truthy(w:find("^schema " .. c:stats().schema .. " was dropped while listening %(by another session: DROP " ..
+        "SCHEMA %.%.%. CASCADE removes flashlua's triggers with it%); created it again: changes committed between " ..
+        "%d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%dZ and %d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%dZ were not captured$"), w)
+      assert.equal(0, H.capture(t))
     end)
   end
 end)
