@@ -361,3 +361,49 @@ describe("the instance's schema dropped while a trigger driver runs", function()
     end)
   end
 end)
+
+-- Another session removes the instance's trigger from a listened table: DROP TRIGGER (the
+-- table's owner), or DROP EXTENSION flashlua CASCADE (a DBA reinstalling the extension),
+-- which takes every trigger calling flash.capture() along. Capture from the table stopped
+-- without a word, for as long as flashlua ran.
+describe("a trigger removed by another session while a trigger driver runs", function()
+  local function case(driver, remove)
+    local t = H.table("id int PRIMARY KEY")
+    local c, events
+    local warnings = H.warnings(function()
+      c, events = H.listen({ table = t }, "insert", { driver = driver })
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      poll_until(c, function() return #events >= 1 end)
+      remove(t)
+      assert.equal(0, H.capture(t))
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")   -- no trigger: not captured
+      poll_until(c, function() return H.capture(t) > 0 end, 5)
+      H.sql("INSERT INTO " .. t .. " VALUES (3)")
+      poll_until(c, function() return #events >= 2 end)
+      H.settle(c, 0.2)
+      assert(c:stop())
+    end)
+    assert.equal("1,3", ids(events))
+    local w = find(warnings, "removed by another session")
+    assert.truthy(w, table.concat(warnings, "\n"))
+    assert.truthy(w:find(" on public." .. t .. " removed by another session (DROP TRIGGER, or DROP EXTENSION flashlua " ..
+      "CASCADE); making it again: changes to public." .. t .. " committed between ", 1, true), w)
+    assert.truthy(w:find("Z and now were not captured$"), w)
+  end
+  for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement" }) do
+    it("is made again, with a warning (DROP TRIGGER, " .. driver .. ")", function()
+      case(driver, function(t)
+        local names = H.sql("SELECT tgname::text AS n FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal", t)
+        for _, r in ipairs(names) do H.sql(string.format('DROP TRIGGER "%s" ON %s', r.n, t)) end
+      end)
+    end)
+  end
+  local c_capture = H.scalar("SELECT count(*) AS n FROM pg_extension WHERE extname = 'flashlua'") == 1 and
+    os.getenv("FLASH_TEST_CAPTURE") ~= "plpgsql"
+  it("is made again, with a warning (DROP EXTENSION flashlua CASCADE, trigger)", function()
+    if not c_capture then return pending("no C capture function here") end
+    local ok, err = pcall(case, "trigger", function() H.sql("DROP EXTENSION flashlua CASCADE") end)
+    H.sql("CREATE EXTENSION IF NOT EXISTS flashlua")
+    assert(ok, err)
+  end)
+end)
