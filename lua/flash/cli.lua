@@ -75,8 +75,9 @@ options:
 --ops, --fields, --where, --backfill and --to go with --table only (a usage error with a
 script).
 
-exit status: 0 after a clean stop, 1 on a runtime error, 2 on a usage error; 130/143 when a
-second SIGINT/SIGTERM ends it at once.
+exit status: 0 after a clean stop, 1 on a runtime error (--table: also once the reader of
+stdout has gone), 2 on a usage error; 130/143/129 when a second SIGINT/SIGTERM/SIGHUP ends
+it at once (SIGHUP stops gracefully as they do, unless ignored: nohup).
 examples:
   flashlua --sandbox examples/demo.lua
   flashlua -d postgres://localhost/app --table public.posts --ops insert,update
@@ -386,6 +387,7 @@ end
 local ENCODE_OPTS = { unchanged = "<unchanged>" }
 
 local function table_mode(flash, o)
+  local core = require "flash.core"
   local encode = flash.json.encode
   -- A backfill needs wal_logical: it is the default driver then.
   -- Failures are the user's: their message alone, without a position in this file.
@@ -443,8 +445,11 @@ local function table_mode(flash, o)
         if row and row[name] ~= nil then row[name] = hex(row[name]) end
       end
     end
-    io.stdout:write(encode(ev, ENCODE_OPTS), "\n")
-    io.stdout:flush()
+    -- A reader that has gone (`flashlua --table t | head -1`: EPIPE, SIGPIPE is ignored)
+    -- fails the callback: the client stops gracefully, and the event it could not write
+    -- is not acknowledged.
+    local ok, werr = core.write_stdout(encode(ev, ENCODE_OPTS) .. "\n")
+    if not ok then error("cannot write the event to stdout (" .. tostring(werr) .. "): stopping", 0) end
   end)
 end
 

@@ -59,7 +59,11 @@ typedef struct {
   int *pos;           /* 0-based position of column i in a batch row */
 } fl_layout;
 
-/* Canonical text forms whoever reads: the same settings the trigger functions pin. And no
+/* Canonical text forms whoever reads: the same settings the trigger functions pin. Writable
+ * transactions: flashlua's own objects (schema, triggers, publication, the extension's
+ * registry) must be writable even where ALTER ROLE/DATABASE ... SET
+ * default_transaction_read_only = on makes read-only the default of the application's
+ * sessions (a default any session may change; a hot standby stays read-only). And no
  * explicit pg_catalog after another schema on the search_path (pg_catalog is searched
  * first unless the path names it later): a search_path set in the DSN or by ALTER
  * ROLE/DATABASE ... SET that puts another role's schema before it would let that role's
@@ -72,7 +76,8 @@ static const char *const canonical_settings =
   "pg_catalog.quote_ident(u.s), ', ' ORDER BY u.i) FROM pg_catalog.unnest(pg_catalog.current_schemas(false))"
   " WITH ORDINALITY AS u(s, i) WHERE u.s OPERATOR(pg_catalog.<>) 'pg_catalog'), ''), false) END;"
   " SET DateStyle = 'ISO, MDY'; SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres';"
-  " SET extra_float_digits = 3; SET bytea_output = 'hex'; SET client_min_messages = warning";
+  " SET extra_float_digits = 3; SET bytea_output = 'hex'; SET client_min_messages = warning;"
+  " SET default_transaction_read_only = off";
 
 static fl_conn *check_conn(lua_State *L, int idx) {
   fl_conn *c = luaL_checkudata(L, idx, CONN_MT);

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -28,8 +29,9 @@
 static int sig_pipe[2] = { -1, -1 };
 static volatile sig_atomic_t sig_count = 0;
 static volatile sig_atomic_t sig_last = 0;
-static struct sigaction old_int, old_term;
+static struct sigaction old_int, old_term, old_hup;
 static int sig_installed = 0;
+static int hup_installed = 0;
 
 static void on_signal(int sig) {
   int saved = errno;
@@ -45,7 +47,9 @@ static void on_signal(int sig) {
   errno = saved;
 }
 
-/* core.signals(true|false): install or restore SIGINT/SIGTERM handlers. */
+/* core.signals(true|false): install or restore SIGINT/SIGTERM handlers, and SIGHUP's (a
+ * closed terminal, a dropped ssh session: a graceful stop too, not the default death that
+ * left triggers and publications behind) unless it is ignored (nohup): then it stays so. */
 static int l_signals(lua_State *L) {
   int on = lua_toboolean(L, 1);
   if (on && !sig_installed) {
@@ -62,11 +66,16 @@ static int l_signals(lua_State *L) {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
+    struct sigaction cur;
+    hup_installed = sigaction(SIGHUP, NULL, &cur) == 0 && cur.sa_handler != SIG_IGN &&
+      sigaction(SIGHUP, &sa, &old_hup) == 0;
     signal(SIGPIPE, SIG_IGN);
     sig_installed = 1;
   } else if (!on && sig_installed) {
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
+    if (hup_installed) sigaction(SIGHUP, &old_hup, NULL);
+    hup_installed = 0;
     sig_installed = 0;
   }
   return 0;
@@ -80,7 +89,8 @@ static int l_signal_pending(lua_State *L) {
   char drain[64];
   if (sig_last == 0) return 0;
   if (sig_pipe[0] >= 0) while (read(sig_pipe[0], drain, sizeof drain) > 0) {}
-  lua_pushstring(L, sig_last == SIGINT ? "SIGINT" : sig_last == SIGTERM ? "SIGTERM" : "signal");
+  lua_pushstring(L, sig_last == SIGINT ? "SIGINT" : sig_last == SIGTERM ? "SIGTERM" :
+    sig_last == SIGHUP ? "SIGHUP" : "signal");
   sig_last = 0;
   return 1;
 }
@@ -113,6 +123,32 @@ static int l_poll(lua_State *L) {
       lua_rawseti(L, -2, fds[i].fd);
     }
   }
+  return 1;
+}
+
+/* core.write_stdout(s) -> true | nil, err: s written whole to fd 1 (after what stdio holds
+ * for it), or why not. stdio cannot tell: a line-buffered fwrite whose flush fails
+ * (EPIPE: the reader has gone, SIGPIPE being ignored) still reports success, and so does
+ * the next fflush once the buffer is empty. */
+static int l_write_stdout(lua_State *L) {
+  size_t len;
+  const char *p = luaL_checklstring(L, 1, &len);
+  if (fflush(stdout) != 0) return fl_failf(L, "system", "%s", strerror(errno));
+  while (len > 0) {
+    ssize_t w = write(STDOUT_FILENO, p, len);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {   /* a non-blocking stdout: wait for room */
+        struct pollfd pf = { STDOUT_FILENO, POLLOUT, 0 };
+        poll(&pf, 1, -1);
+        continue;
+      }
+      return fl_failf(L, "system", "%s", strerror(errno));
+    }
+    p += w;
+    len -= (size_t)w;
+  }
+  lua_pushboolean(L, 1);
   return 1;
 }
 
@@ -172,6 +208,7 @@ static const luaL_Reg core_funcs[] = {
   { "signals", l_signals },
   { "signal_pending", l_signal_pending },
   { "poll", l_poll },
+  { "write_stdout", l_write_stdout },
   { "now", l_now },
   { "time", l_time },
   { "cpu", l_cpu },

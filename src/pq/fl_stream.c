@@ -178,7 +178,8 @@ void fl_stream_free(fl_stream *s) {
 int fl_stream_connect(fl_stream *s, const char *dsn) {
   const char *keys[] = { "dbname", "replication", "fallback_application_name", "client_encoding", "options", NULL };
   const char *vals[] = { dsn, "database", "flashlua", "UTF8",
-    "-c DateStyle=ISO,MDY -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex",
+    "-c DateStyle=ISO,MDY -c TimeZone=UTC -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex "
+    "-c default_transaction_read_only=off",
     NULL };
   PGconn *pg = PQconnectdbParams(keys, vals, 1);
   if (!pg) return fl_stream_fail(s, "memory", "out of memory");

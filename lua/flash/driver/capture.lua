@@ -1021,6 +1021,54 @@ function Driver:sync_all()
   return true
 end
 
+-- Triggers of the instance that another session removed from tables that are still
+-- there: DROP TRIGGER by a table's owner, or DROP EXTENSION flashlua CASCADE, which takes
+-- every trigger that calls flash.capture(). Nothing was captured from those tables since;
+-- that is said once, with the span since the last look, and the sync that follows makes
+-- them again (with the instance's own PL/pgSQL function when the C one went). Without
+-- this, capture from those tables stopped without a word.
+function Driver:check_triggers()
+  local since = self.triggers_seen_at
+  self.triggers_seen_at = core.time()
+  if not next(self.installed) then return true end
+  local rows, err = self:schema_triggers(self.schema)
+  if not rows then return nil, err end
+  local there, oids = {}, {}
+  for _, r in ipairs(rows) do there[r.oid .. "/" .. r.name] = true end
+  for key in pairs(self.installed) do
+    if not there[key] then oids[#oids + 1] = key:match("^(%d+)/") end
+  end
+  if #oids == 0 then return true end
+  -- A table that is gone took its triggers along: that is the table's own warning.
+  local alive
+  alive, err = self:exec("SELECT c.oid::pg_catalog.int8 AS oid FROM pg_catalog.pg_class c " ..
+    "WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])", "{" .. table.concat(oids, ",") .. "}")
+  if not alive then return nil, err end
+  local live = {}
+  for _, r in ipairs(alive) do live[string.format("%d", r.oid)] = true end
+  local gone, tables, seen = {}, {}, {}
+  for key, have in pairs(self.installed) do
+    if not there[key] and live[key:match("^(%d+)/")] then
+      local tbl = have.display or have.qualified
+      gone[#gone + 1] = string.format("%s on %s", have.name, tbl)
+      if not seen[tbl] then seen[tbl] = true tables[#tables + 1] = tbl end
+      self.installed[key] = nil
+    end
+  end
+  if #gone == 0 then return true end
+  table.sort(gone)
+  table.sort(tables)
+  if self.c_capture then
+    local ok, cerr = self:choose_capture()
+    if not ok then return nil, cerr end
+  end
+  log.warn(string.format("trigger%s %s removed by another session (DROP TRIGGER, or DROP EXTENSION flashlua " ..
+    "CASCADE); making %s again: changes to %s committed between %s and now were not captured",
+    #gone > 1 and "s" or "", table.concat(gone, ", "), #gone > 1 and "them" or "it", table.concat(tables, ", "),
+    os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(since or self.triggers_seen_at))))
+  return true
+end
+
 -- on()/off() of a listener: every trigger of the instance is made to match again.
 function Driver:sync() return self:sync_complete() end
 
@@ -1078,6 +1126,7 @@ function Driver:install(fresh)
   if not self.listening then return nil, "the connection was lost again" end
   self.next_poll = core.now()
   self.next_refresh = core.now() + REFRESH_INTERVAL
+  self.triggers_seen_at = core.time()
   return true, existed
 end
 
@@ -1214,10 +1263,20 @@ function Driver:reconnect()
       elseif existed then
         log.warn("reconnected; nothing was lost: the changes committed meanwhile wait in " .. self.schema .. ".events")
       else
-        log.warn(string.format("reconnected, but schema %s was removed while the connection was down: changes " ..
-          "committed between %s and %s were not captured", self.schema,
-          os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time()))))
+        -- A new events table: its seqs start again, so those handled or delivered in the
+        -- old one must never be deleted from it.
+        self:forget_seqs()
+        local span = string.format("changes committed between %s and %s were not captured",
+          os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at)), os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time())))
+        if self.schema_dropped then
+          log.warn(string.format("schema %s was dropped while listening (by another session: DROP SCHEMA ... CASCADE " ..
+            "removes flashlua's triggers with it); created it again: %s", self.schema, span))
+        else
+          log.warn(string.format("reconnected, but schema %s was removed while the connection was down: %s",
+            self.schema, span))
+        end
       end
+      self.schema_dropped = nil
       self.lost_at, self.retry_at = nil, nil
       if client.acks then
         -- Rows delivered but not acknowledged are read again and delivered as new events.
@@ -1782,7 +1841,11 @@ function Driver:drain(budget)
       r.new, r.old = nil, nil
       core.release_memory()
     end
-    if r.gone then
+    if cont == false and not acks then
+      -- A callback failed (on_error = "stop"): the row is not acknowledged, so it is not
+      -- deleted; a persistent schema delivers it again at the next run.
+      return nil, client.failure
+    elseif r.gone then
       -- Read before a crash emptied the table: its seq may be a new row's now.
       if acks then acks:commit(r.seq) end
     elseif acks then
@@ -1831,7 +1894,12 @@ function Driver:step()
   if (self.next_refresh and now >= self.next_refresh) or self.resync then
     self.next_refresh = now + REFRESH_INTERVAL
     self:keep_alive()
-    local ok, err = self:sync_all()
+    local ok, err = self:check_triggers()
+    if not ok then
+      if not self:conn():ok() then lost(self, err) return true end
+      return nil, err
+    end
+    ok, err = self:sync_all()
     if not ok then return nil, err end
     if not self.listening then return true end
   end
@@ -1854,8 +1922,18 @@ function Driver:step()
   if not ok then
     if self.client.failure then return nil, self.client.failure end
     if not self:conn():ok() then lost(self, err) return true end
+    if self:schema_exists() == false then
+      -- Another session dropped the instance's schema (its triggers go with it) while the
+      -- connection stayed: made again as a reconnect does, saying what was not captured
+      -- (since the last poll that found it).
+      self.listening = false
+      self.lost_at = self.polled_at or core.time()
+      self.schema_dropped = true
+      return self:reconnect()
+    end
     return nil, err
   end
+  self.polled_at = core.time()
   self:vacuum(now)
   if self.pending or self.full then
     self.next_poll, self.wait = now, nil

@@ -241,6 +241,9 @@ end
 -- registry follows, in WAL order (its events start at that commit).
 Driver.sync_publication = Driver.register_all
 
+-- No publication to make again after a reconnect: the registry is the extension's.
+function Driver.restore_publication() return true end
+
 -- wal_logical's start() (server check, replica identity, leftovers, then this, then
 -- open_slot) with no publication: the instance's lock on its consumer name only.
 function Driver:setup_publication()

@@ -636,9 +636,25 @@ function Driver:make_slot(repl, plugin)
   local S = self:ident(self.slot)
   if self.persistent then
     local rows, qerr = self:exec([[SELECT plugin::text AS plugin, database::text AS database, active_pid,
-      confirmed_flush_lsn::text AS confirmed FROM pg_catalog.pg_replication_slots WHERE slot_name = $1]], self.slot)
+      confirmed_flush_lsn::text AS confirmed, ]] ..
+      (self.server_version >= 130000 and "wal_status::text" or "NULL::text") .. [[ AS wal_status
+      FROM pg_catalog.pg_replication_slots WHERE slot_name = $1]], self.slot)
     if not rows then repl:close() return nil, qerr end
     local s = rows[1]
+    if s and s.wal_status == "lost" then
+      -- The server removed WAL the slot had not read (max_slot_wal_keep_size): what was
+      -- committed after its confirmed position is gone, and the slot can never be read
+      -- again. Never go on as if nothing happened.
+      repl:close()
+      self.slot_invalid = true
+      return fail(string.format("replication slot %s was invalidated by the server (wal_status lost: it held more WAL " ..
+        "than max_slot_wal_keep_size allows, and the server removed WAL it had not read): the changes committed after " ..
+        "%s (its confirmed position) until then are lost and cannot be delivered", self.slot,
+        s.confirmed ~= core.null and s.confirmed or "its last confirmed position"),
+        "to capture again from now, drop it: flashlua --drop-slot " .. self.slot ..
+        " (or SELECT pg_drop_replication_slot(" .. self:literal(self.slot) .. ")); raise max_slot_wal_keep_size, " ..
+        "or keep flashlua running, so that it does not happen again")
+    end
     if s then
       if s.active_pid ~= core.null then
         repl:close()
@@ -654,6 +670,9 @@ function Driver:make_slot(repl, plugin)
     else
       local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
       if not ok then repl:close() return self:slot_error(cerr, state) end
+      -- This client had the slot already: someone dropped it while it ran (reconnect says
+      -- what that lost).
+      if self.slot_known then self.slot_dropped = true end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
       local slots = require "flash.slots"
@@ -663,6 +682,7 @@ function Driver:make_slot(repl, plugin)
     local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
     if not ok then repl:close() return self:slot_error(cerr, state) end
   end
+  self.slot_known = true
   return true
 end
 
@@ -1268,7 +1288,7 @@ end
 
 function Driver:step()
   if not self.repl then
-    if self.retry_at and core.now() >= self.retry_at then self:reconnect() end
+    if self.retry_at and core.now() >= self.retry_at then return self:reconnect() end
     return true
   end
   if self:check_query_conn() and core.now() >= (self.house_at or 0) then self:housekeep() end
@@ -1410,11 +1430,19 @@ function Driver:reconnect()
   else
     ok = true
   end
+  if ok then ok, err = self:restore_publication() end
   if ok then ok, err = self:open_slot() end
   if ok then
     self.retry_at = nil
     self.client.counters.reconnects = self.client.counters.reconnects + 1
-    if self.persistent then
+    if self.slot_dropped then
+      self.slot_dropped = nil
+      log.warn(string.format("replication slot %s was dropped while this client ran (by another session: " ..
+        "pg_drop_replication_slot); created it again: changes committed after %s (the last position delivered) that " ..
+        "were not delivered when the connection was lost at %s, and those committed until now, were not captured",
+        self.slot, self.lost_lsn and core.lsn(self.lost_lsn) or "the start",
+        os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(self.lost_at))))
+    elseif self.persistent then
       log.warn("replication resumed from slot " .. self.slot .. "; unconfirmed changes are delivered again")
     else
       log.warn(string.format("replication resumed with a new temporary slot; changes committed after %s " ..
@@ -1424,8 +1452,24 @@ function Driver:reconnect()
     end
     return true
   end
+  -- A slot the server invalidated can never be read again: retrying would hide it.
+  if self.slot_invalid then return nil, err end
   self.retry_at = self.retry:schedule(err, "reconnect")
   return true
+end
+
+-- The temporary publication, when another session dropped it while listening: made again
+-- before the new slot, which then decodes with it (the old slot could not: a change
+-- written while it was missing fails its decoding for good). A persistent one is left as
+-- it is: its slot stays stuck there, and lost() says so and how to move it on.
+function Driver:restore_publication()
+  if self.persistent then return true end
+  local rows, err = self:exec("SELECT 1 AS one FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
+  if not rows then return nil, err end
+  if #rows > 0 then return true end
+  log.warn(string.format("publication %s was dropped while listening (by another session); creating it again",
+    self.publication))
+  return self:setup_publication()
 end
 
 function Driver:stats(s)
