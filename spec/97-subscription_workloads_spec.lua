@@ -916,5 +916,69 @@ describe("subscription workloads (" .. driver .. ")", function()
     end
     streamed()
   end)
+
+  -- 001_rep_changes' REPLICA IDENTITY variants, changed while listening: with
+  -- replica_identity = "full" flashlua sets FULL again (within about a second), so updates
+  -- and deletes keep their whole old row, and an UPDATE after REPLICA IDENTITY NOTHING is
+  -- not refused for long; without it a warning names the table and the ALTER TABLE.
+  it("REPLICA IDENTITY changed while listening (DEFAULT, USING INDEX, NOTHING)", function()
+    local t = H.table("a int PRIMARY KEY, b text, u int NOT NULL UNIQUE")
+    local events = session({ t })
+    local function ident() return H.scalar("SELECT relreplident::text AS r FROM pg_class WHERE oid = $1::regclass", t) end
+    local function restored()
+      if not WAL[driver] then return end
+      assert.is_true(H.wait_for(function()
+        client:poll(0.05)
+        return ident() == "f"
+      end, 10), "REPLICA IDENTITY FULL was not set again")
+    end
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 'x', 10), (2, 'y', 20), (3, 'z', 30)")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY DEFAULT")
+    restored()
+    H.sql("UPDATE " .. t .. " SET b = 'x2' WHERE a = 1")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY USING INDEX " .. t .. "_u_key")
+    restored()
+    H.sql("DELETE FROM " .. t .. " WHERE a = 2")
+    H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY NOTHING")
+    restored()
+    H.sql("UPDATE " .. t .. " SET b = 'z2' WHERE a = 3")
+    local got = until_mark(events)
+    local want = {
+      { op = "insert", new = { a = 1, b = "x", u = 10 } }, { op = "insert", new = { a = 2, b = "y", u = 20 } },
+      { op = "insert", new = { a = 3, b = "z", u = 30 } },
+      { op = "update", new = { a = 1, b = "x2", u = 10 }, old = { a = 1, b = "x", u = 10 } },
+      { op = "delete", old = { a = 2, b = "y", u = 20 } },
+      { op = "update", new = { a = 3, b = "z2", u = 30 }, old = { a = 3, b = "z", u = 30 } },
+    }
+    for k, ev in ipairs(got) do got[k] = { op = ev.op, new = ev.new, old = ev.old } end
+    assert.same(want, got)
+    if WAL[driver] then
+      -- Without replica_identity = "full": a warning, once.
+      client:stop()
+      client = nil
+      H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY FULL")
+      local c = assert(flash.client { driver = driver, streaming = true })
+      client = c
+      assert(c:listen { table = t }):on("update", function() end)
+      local warned = H.warnings(function()
+        assert(c:start())
+        H.sql("ALTER TABLE " .. t .. " REPLICA IDENTITY DEFAULT")
+        local lines = {}
+        local old = flash.log.set_sink(function(line) lines[#lines + 1] = line end)
+        H.wait_for(function()
+          c:poll(0.05)
+          return #lines > 0
+        end, 5)
+        H.settle(c, 1.2)   -- (once: the next look says nothing more)
+        flash.log.set_sink(old)
+        for _, l in ipairs(lines) do old(l) end
+      end)
+      assert.same({ string.format("listened table public.%s no longer has REPLICA IDENTITY FULL (an ALTER TABLE " ..
+        "changed it): its updates and deletes arrive without the old row%s (run `ALTER TABLE \"public\".\"%s\" " ..
+        "REPLICA IDENTITY FULL`, or pass replica_identity = \"full\" to flash.client (flashlua --table: " ..
+        "--replica-identity full) to let flashlua keep it)", t, driver == "wal_logical" and ", and PostgreSQL " ..
+        "refuses UPDATE and DELETE on it while it has no replica identity at all" or "", t) }, warned)
+    end
+  end)
 end)
 end

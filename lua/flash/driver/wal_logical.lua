@@ -169,6 +169,41 @@ function Driver:check_identity(l)
     "to let flashlua do it")
 end
 
+-- A listened table whose replica identity changed after the start (identify_descendants
+-- found it): replica_identity = "full" sets FULL again; without it a warning says once
+-- what its events lack now, and whether PostgreSQL refuses the user's UPDATE and DELETE.
+function Driver:identify_listened(r, display, alter)
+  if self.client.opts.replica_identity == "full" then
+    local ok, err = self:exec("BEGIN; SET LOCAL lock_timeout = '100ms'; " .. alter .. "; COMMIT")
+    if ok then
+      self.warned["identity:" .. display] = nil
+      log.info(string.format("set REPLICA IDENTITY FULL on %s again, which an ALTER TABLE had changed " ..
+        "(replica_identity = \"full\")", display))
+    else
+      self:exec("ROLLBACK")
+      if not self.warned["identity:" .. display] and not tostring(err):find("lock timeout", 1, true) then
+        self.warned["identity:" .. display] = true
+        log.warn(string.format("cannot set REPLICA IDENTITY FULL on %s again: %s", display,
+          (tostring(err):gsub("%s+$", ""))))
+      end
+    end
+  elseif not self.warned["identity:" .. display] then
+    self.warned["identity:" .. display] = true
+    if r.whole then
+      log.warn(string.format("listened table %s no longer has REPLICA IDENTITY FULL (an ALTER TABLE changed it): " ..
+        "its updates and deletes arrive without the old row%s (run `%s`, or pass replica_identity = \"full\" to " ..
+        "flash.client (flashlua --table: --replica-identity full) to let flashlua keep it)", display,
+        not self.consumer and ", and PostgreSQL refuses UPDATE and DELETE on it while it has no replica identity at all"
+        or "", alter))
+    else
+      log.warn(string.format("listened table %s has no replica identity now (an ALTER TABLE changed it), and " ..
+        "publication %s publishes %s for another listener of this client: PostgreSQL refuses UPDATE and DELETE on " ..
+        "it (run `%s`, or pass replica_identity = \"full\" to flash.client (flashlua --table: --replica-identity " ..
+        "full) to let flashlua keep it)", display, self.publication, self.published_ops, alter))
+    end
+  end
+end
+
 -- Partitions that became descendants of a listened table after its start (created or
 -- attached; INHERITS children: housekeep) need REPLICA IDENTITY FULL as check_identity made
 -- the others have it: without it their updates and deletes arrive without the old row, and
@@ -190,17 +225,23 @@ function Driver:identify_descendants()
     end
   end
   if #oids + #others == 0 then return end
-  local rows = self:exec([[WITH RECURSIVE d(oid, whole) AS (
-      SELECT i.inhrelid, x.whole FROM pg_catalog.pg_inherits i
-        JOIN (SELECT o, true FROM pg_catalog.unnest($1::oid[]) o UNION ALL
-              SELECT o, false FROM pg_catalog.unnest($2::oid[]) o) x(oid, whole) ON i.inhparent = x.oid
-      UNION SELECT i.inhrelid, d.whole FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
+  -- (The listened tables themselves too: a user's ALTER TABLE ... REPLICA IDENTITY after
+  -- the start takes the old row from their events, or, with no identity at all, makes
+  -- PostgreSQL refuse the user's UPDATE and DELETE while the publication publishes them.)
+  local rows = self:exec([[WITH RECURSIVE x(oid, whole) AS (
+      SELECT o, true FROM pg_catalog.unnest($1::oid[]) o UNION ALL
+      SELECT o, false FROM pg_catalog.unnest($2::oid[]) o),
+    d(oid, whole, root) AS (
+      SELECT x.oid, x.whole, true FROM x
+      UNION SELECT i.inhrelid, x.whole, false FROM pg_catalog.pg_inherits i JOIN x ON i.inhparent = x.oid
+      UNION SELECT i.inhrelid, d.whole, false FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
     SELECT n.nspname::text AS schema, c.relname::text AS name, pg_catalog.bool_or(d.whole) AS whole,
+      pg_catalog.bool_or(d.root) AS root,
       (SELECT pn.nspname::text || '.' || p.relname::text FROM pg_catalog.pg_inherits i
          JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
         WHERE i.inhrelid = c.oid ORDER BY i.inhseqno LIMIT 1) AS parent
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind IN ('r', 'p') AND c.relispartition AND c.relreplident <> 'f'
+    WHERE c.relkind IN ('r', 'p') AND (c.relispartition OR d.root) AND c.relreplident <> 'f'
       AND (d.whole OR (c.relkind = 'r' AND (]] .. NO_IDENTITY .. [[)))
     GROUP BY 1, 2, c.oid ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}", "{" .. table.concat(others, ",") .. "}")
   if not rows then return end
@@ -208,7 +249,9 @@ function Driver:identify_descendants()
     local name = self:ident(r.schema) .. "." .. self:ident(r.name)
     local display = r.schema .. "." .. r.name
     local alter = "ALTER TABLE " .. name .. " REPLICA IDENTITY FULL"
-    if self.client.opts.replica_identity == "full" then
+    if r.root then
+      self:identify_listened(r, display, alter)
+    elseif self.client.opts.replica_identity == "full" then
       local ok, err = self:exec("BEGIN; SET LOCAL lock_timeout = '100ms'; " .. alter .. "; COMMIT")
       if ok then
         log.info(string.format("set REPLICA IDENTITY FULL on %s, new partition of %s (replica_identity = \"full\")",
