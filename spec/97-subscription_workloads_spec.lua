@@ -980,5 +980,57 @@ describe("subscription workloads (" .. driver .. ")", function()
         "refuses UPDATE and DELETE on it while it has no replica identity at all" or "", t) }, warned)
     end
   end)
+
+  -- 022_twophase: a prepared transaction left open holds the creation of a logical slot (it
+  -- waits for every transaction running when it began): the start says so after 3 s,
+  -- naming it and how to end it, and goes on once it is committed.
+  it("a start that waits for a prepared transaction names it", function()
+    if not WAL[driver] then return end
+    local t = H.table("a int")
+    local gid = "h97_" .. PID .. "_stale"
+    each({ "BEGIN", "INSERT INTO @T VALUES (1)", "PREPARE TRANSACTION '@G'" }, { T = t, G = gid })
+    local c = assert(flash.client { driver = driver })
+    client = c
+    local got = {}
+    assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.a end)
+    -- COMMIT PREPARED from another process while the start waits.
+    local bg = io.popen(string.format("sleep 3.6; psql %s -qAtc %s 2>&1", H.sh_quote(H.dsn),
+      H.sh_quote("COMMIT PREPARED '" .. gid .. "'")))
+    local began = core.now()
+    local ok
+    local warned = H.warnings(function() ok = c:start() end)
+    local took = core.now() - began
+    bg:close()
+    assert.is_true(ok)
+    assert.is_true(took >= 3.5, "the start did not wait: " .. took)
+    assert.equal(1, #warned)
+    assert.matches("^creating replication slot %S+ has waited 3 s for the transactions that were running when it " ..
+      "began to end %(PostgreSQL needs them ended to start decoding%): prepared transaction '" .. gid ..
+      "' %(prepared [%d%-T:]+Z by postgres in database %S+: COMMIT PREPARED or ROLLBACK PREPARED it%)$", warned[1])
+    H.sql("INSERT INTO " .. t .. " VALUES (2)")
+    H.wait(c, got, 1, 10)
+    assert.same({ 2 }, got)
+  end)
+
+  -- 006_rewrite, 009_matviews: VACUUM FULL and CLUSTER rewrite a listened table, and a
+  -- materialized view over it is refreshed (its new heap's rows are no table's changes),
+  -- between and inside transactions that change it.
+  it("VACUUM FULL, CLUSTER and REFRESH MATERIALIZED VIEW between changes of a listened table", function()
+    local t = H.table("a int PRIMARY KEY, b text")
+    local mv = t .. "_mv"
+    H.sql("INSERT INTO " .. t .. " SELECT i, 'v' || i FROM generate_series(1, 100) i")
+    H.sql("CREATE MATERIALIZED VIEW " .. mv .. " AS SELECT a, b FROM " .. t .. " WHERE a % 2 = 0; " ..
+      "CREATE UNIQUE INDEX ON " .. mv .. " (a)")
+    local events = session({ t })
+    td_begin()
+    each({ "UPDATE @T SET b = b || '!' WHERE a <= 3", "VACUUM FULL @T", "UPDATE @T SET b = b || '?' WHERE a <= 2",
+      "CLUSTER @T USING @T_pkey", "DELETE FROM @T WHERE a = 1", "REFRESH MATERIALIZED VIEW @T_mv", "BEGIN",
+      "INSERT INTO @T VALUES (101, 'new')", "REFRESH MATERIALIZED VIEW @T_mv", "UPDATE @T SET b = 'x' WHERE a = 4",
+      "COMMIT", "REFRESH MATERIALIZED VIEW CONCURRENTLY @T_mv", "INSERT INTO @T VALUES (102, 'last')" }, { T = t })
+    local got = until_mark(events)
+    compare_td(got, td_changes({ "public." .. t }))
+    assert.same({ "update 1", "update 2", "update 3", "update 1", "update 2", "delete 1", "insert 101", "update 4",
+      "insert 102" }, brief(got))
+  end)
 end)
 end

@@ -673,6 +673,55 @@ local function slot_error(self, err, state)
   return nil, err
 end
 
+-- Creating a logical slot waits until every transaction running when it began has ended
+-- (PostgreSQL's consistent point): a prepared transaction nobody commits, or a session idle
+-- in a transaction, holds the start for as long as it lasts. After SLOT_WAIT_WARN seconds
+-- (and every SLOT_WAIT_REPEAT more) a warning names what it waits for.
+local SLOT_WAIT_WARN, SLOT_WAIT_REPEAT = 3, 60
+
+-- What a slot being created waits for, as far as this role may see: prepared transactions
+-- and sessions with a transaction id, oldest first.
+function Driver:slot_waiters()
+  local rows = self:exec([[SELECT w FROM (
+      SELECT 'prepared transaction ' || pg_catalog.quote_literal(p.gid) || ' (prepared ' ||
+        pg_catalog.to_char(p.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') || ' by ' || p.owner ||
+        ' in database ' || p.database || ': COMMIT PREPARED or ROLLBACK PREPARED it)' AS w, p.prepared AS t
+      FROM pg_catalog.pg_prepared_xacts p
+      UNION ALL
+      SELECT 'pid ' || a.pid || ' (' || COALESCE(a.usename::text, '?') || ' in database ' ||
+        COALESCE(a.datname::text, '?') || ', ' || COALESCE(a.state, '?') || ', transaction since ' ||
+        COALESCE(pg_catalog.to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '?') || ')',
+        a.xact_start
+      FROM pg_catalog.pg_stat_activity a
+      WHERE a.backend_xid IS NOT NULL AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()) x
+    ORDER BY t NULLS LAST LIMIT 10]])
+  local list = {}
+  for i, r in ipairs(rows or {}) do list[i] = r.w end
+  return list
+end
+
+-- Runs CREATE_REPLICATION_SLOT on repl without blocking in libpq, saying what it waits for
+-- when that takes long. Returns rows, or nil, err, state.
+function Driver:create_slot(repl, command)
+  local ok, err, state = repl:send(command)
+  if not ok then return nil, err, state end
+  local began, said = core.now(), nil
+  while true do
+    local rows, rerr, rstate = repl:result()
+    if rows ~= false then return rows, rerr, rstate end
+    local now = core.now()
+    if now - began >= SLOT_WAIT_WARN and (not said or now - said >= SLOT_WAIT_REPEAT) then
+      said = now
+      local list = self:slot_waiters()
+      log.warn(string.format("creating replication slot %s has waited %.0f s for the transactions that were " ..
+        "running when it began to end (PostgreSQL needs them ended to start decoding): %s", self.slot, now - began,
+        #list > 0 and table.concat(list, "; ") or "transactions this role cannot see (ask a superuser to look at " ..
+        "pg_stat_activity and pg_prepared_xacts)"))
+    end
+    core.poll({ repl:fd() }, 0.25)
+  end
+end
+
 -- The client's slot (output plugin `plugin`): a persistent one is resumed when it exists,
 -- else created; a temporary one is created. Closes repl on failure.
 function Driver:make_slot(repl, plugin)
@@ -695,7 +744,7 @@ function Driver:make_slot(repl, plugin)
       end
       log.info(string.format("resuming from replication slot %s at %s", self.slot, s.confirmed))
     else
-      local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
+      local ok, cerr, state = self:create_slot(repl, "CREATE_REPLICATION_SLOT " .. S .. " LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
       if not ok then repl:close() return self:slot_error(cerr, state) end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
@@ -703,7 +752,7 @@ function Driver:make_slot(repl, plugin)
       if not slots.ours(self.slot) then log.warn(slots.unseen_warning(self.slot)) end
     end
   else
-    local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
+    local ok, cerr, state = self:create_slot(repl, "CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
     if not ok then repl:close() return self:slot_error(cerr, state) end
   end
   return true
