@@ -1137,5 +1137,93 @@ describe("subscription workloads (" .. driver .. ")", function()
     assert.same({ a = -1, b = "after", c = 0 }, got[#got].new)
     streamed()
   end)
+
+  -- 015_stream/016 with a restart: a persistent client killed with kill -9 while a large
+  -- transaction it has been receiving in streamed blocks is still open; the next run gets
+  -- that transaction whole at its commit, and nothing committed is lost.
+  it("kill -9 while a large transaction streams: the next run gets it whole", function()
+    if not WAL[driver] then return end
+    local t = H.table("id int PRIMARY KEY")
+    local slot = "h97_kill_" .. PID
+    H.drop_slot(slot)
+    local sess = H.session()
+    local out = sess.tmp()
+    local script = sess.script([[
+      local flash = require "flash"
+      local out = assert(io.open(arg[1], "a"))
+      out:setvbuf("line")
+      local c = assert(flash.client { driver = arg[5], persistent = true, slot = arg[2], publication = arg[2],
+        streaming = true, replica_identity = "full" })
+      assert(c:listen { table = arg[3] }):on("insert", function(ev) out:write(arg[4], " ", ev.new.id, "\n") end)
+      assert(c:start())
+      io.stdout:setvbuf("no")
+      print("ready")
+      if arg[4] == "2" then assert(c:run { until_lsn = "current" }) end
+    ]])
+    local ok, err = pcall(function()
+      local first = sess.spawn({ script, out, slot, t, "1", driver })
+      assert.is_true(first.await("ready", 20), first.err())
+      local w2 = assert(flash.client { dsn = H.dsn })
+      assert(w2:query("BEGIN"))
+      assert(w2:query("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 3000) g"))
+      for k = 1, 10 do H.sql("INSERT INTO " .. t .. " VALUES ($1)", 100000 + k) end
+      assert.is_true(H.wait_for(function() return #H.lines(out) >= 10 end, 20), "the small ones never came")
+      first.kill("KILL")
+      assert.equal(137, first.wait(10))
+      assert(w2:query("INSERT INTO " .. t .. " SELECT g FROM generate_series(3001, 4000) g"))
+      assert(w2:query("COMMIT"))
+      w2:stop()
+      local second = sess.spawn({ script, out, slot, t, "2", driver })
+      assert.equal(0, second.wait(60), second.err())
+      local runs = { {}, {} }
+      for _, l in ipairs(H.lines(out)) do
+        local r, id = l:match("^(%d) (%-?%d+)$")
+        table.insert(runs[tonumber(r)], tonumber(id))
+      end
+      local want1 = {}
+      for k = 1, 10 do want1[k] = 100000 + k end
+      assert.same(want1, runs[1])
+      -- The second run: perhaps some small ones again (at-least-once), then the large one whole.
+      local big = {}
+      for _, id in ipairs(runs[2]) do if id <= 4000 then big[#big + 1] = id end end
+      local want2 = {}
+      for k = 1, 4000 do want2[k] = k end
+      assert.same(want2, big)
+      assert.equal(4000, runs[2][#runs[2]])
+    end)
+    sess.cleanup()
+    H.drop_slot(slot)
+    assert(ok, err)
+  end)
+
+  -- ... and SIGINT while it waits stops flashlua cleanly: exit status 0, and no slot,
+  -- walsender or publication left behind (the walsender's wait is cancelled).
+  it("SIGINT while the start waits for a prepared transaction: exit 0, nothing left", function()
+    if driver ~= "wal_logical" then return end
+    local t = H.table("a int")
+    local gid = "h97_" .. PID .. "_sig"
+    each({ "BEGIN", "INSERT INTO @T VALUES (1)", "PREPARE TRANSACTION '@G'" }, { T = t, G = gid })
+    local sess = H.session()
+    local ok, err = pcall(function()
+      local script = sess.script(string.format([[
+        local flash = require "flash"
+        local c = assert(flash.client { driver = "wal_logical", slot = "h97_sig_%d", publication = "h97_sig_%d" })
+        assert(c:listen { table = %q }):on("insert", function() end)
+      ]], PID, PID, t))
+      local h = sess.spawn({ script })
+      assert.is_true(h.await("creating replication slot h97_sig_" .. PID .. " has waited 3 s", 20, "err"), h.err())
+      h.kill("INT")
+      assert.equal(0, h.wait(10), h.err())
+      assert.matches("received SIGINT while creating replication slot h97_sig_" .. PID .. " %(it waited %d+ s for " ..
+        "the transactions running when it began%), stopping", h.err())
+      assert.is_true(H.wait_for(function()
+        return tonumber(H.scalar("SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = $1",
+          "h97_sig_" .. PID)) == 0
+      end, 5), "the slot's walsender still waits")
+      assert.equal(0, tonumber(H.scalar("SELECT count(*) AS n FROM pg_publication WHERE pubname = $1", "h97_sig_" .. PID)))
+    end)
+    sess.cleanup()
+    assert(ok, err)
+  end)
 end)
 end

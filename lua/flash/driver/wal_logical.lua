@@ -709,6 +709,18 @@ function Driver:create_slot(repl, command)
   while true do
     local rows, rerr, rstate = repl:result()
     if rows ~= false then return rows, rerr, rstate end
+    -- SIGINT/SIGTERM (flashlua's handlers only mark them): the start gives up, as a stop.
+    -- (A reconnect, or a first listen, inside the running loop leaves the signal to the
+    -- loop, which takes it after.)
+    local loop = self.client.loop
+    local sig = not self.client.capturing and not (loop and loop.running) and core.signal_pending()
+    if sig then
+      self.client.start_interrupted = sig
+      -- (else its walsender waits on with the slot after the connection is closed)
+      repl:cancel()
+      return nil, string.format("received %s while creating replication slot %s (it waited %.0f s for " ..
+        "the transactions running when it began), stopping", sig, self.slot, core.now() - began)
+    end
     local now = core.now()
     if now - began >= SLOT_WAIT_WARN and (not said or now - said >= SLOT_WAIT_REPEAT) then
       said = now
