@@ -976,7 +976,6 @@ static void frame_start(LogicalDecodingContext *ctx, char kind, TransactionId xi
       MemoryContextSwitchTo(old);
     }
     d->stream_opened = true;
-    d->last_n = -1;              /* a tag holds within a block: the first change of one sends it */
     OutputPluginPrepareWrite(ctx, true);
     pq_sendbyte(ctx->out, 'S');
     pq_sendint32(ctx->out, d->stream_xid);
@@ -1515,6 +1514,11 @@ static void stream_start_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) 
   d->in_stream = true;
   d->stream_opened = false;
   d->stream_xid = txn->xid;
+  /* A tag holds within a block: the first change of one sends it. Forgotten here, before
+   * the block's first send_tag compares with it (not when the block's first frame opens it,
+   * which comes after that comparison): the tag of the transaction sent before this block
+   * is no tag of this one, and the client starts every transaction without one. */
+  d->last_n = -1;
 }
 
 static void stream_stop_cb(LogicalDecodingContext *ctx, ReorderBufferTXN *txn) {

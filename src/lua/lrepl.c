@@ -1063,6 +1063,19 @@ static int l_send(lua_State *L) {
   return 1;
 }
 
+/* repl:cancel() -> true | nil, err : asks the server to cancel repl:send's command. */
+static int l_cancel(lua_State *L) {
+  fl_repl *r = check_repl(L, 1);
+  char err[256] = "";
+  if (fl_stream_cancel(r->s, err, sizeof err) != 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
 /* repl:result() -> rows | false (not there yet) | nil, err, kind : the result of
  * repl:send's command, without blocking while it runs. */
 static int l_result(lua_State *L) {
@@ -1427,6 +1440,7 @@ static const luaL_Reg repl_methods[] = {
   { "types", l_types },
   { "columns", l_columns },
   { "fd", l_fd },
+  { "cancel", l_cancel },
   { "due", l_due },
   { "on_relation", l_on_relation },
   { "manual", l_manual },

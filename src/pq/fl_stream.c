@@ -233,6 +233,20 @@ int fl_stream_send(fl_stream *s, const char *cmd) {
   return rc;
 }
 
+int fl_stream_cancel(fl_stream *s, char *err, size_t len) {
+  enter(s);
+  PGcancel *c = s->pg ? PQgetCancel(s->pg) : NULL;
+  int ok = 0;
+  if (c) {
+    ok = PQcancel(c, err, len > 4096 ? 4096 : (int)len);
+    PQfreeCancel(c);
+  } else if (len > 0) {
+    snprintf(err, len, "no connection to cancel on");
+  }
+  leave(s);
+  return ok ? 0 : -1;
+}
+
 static int result_(fl_stream *s, const PGresult **out) {
   if (!PQconsumeInput(s->pg)) return fl_stream_fail(s, "connection", "%s", PQerrorMessage(s->pg));
   if (PQisBusy(s->pg)) return 0;

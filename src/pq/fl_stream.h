@@ -52,6 +52,10 @@ const PGresult *fl_stream_exec(fl_stream *s, const char *cmd);
  * -1 on an error. */
 int fl_stream_send(fl_stream *s, const char *cmd);
 int fl_stream_result(fl_stream *s, const PGresult **out);
+/* Asks the server to cancel the command fl_stream_send sent (a CREATE_REPLICATION_SLOT
+ * waiting for old transactions: its walsender would wait on, holding the slot, after the
+ * connection is closed). 0, or -1 with the reason in err. */
+int fl_stream_cancel(fl_stream *s, char *err, size_t len);
 /* The whole START_REPLICATION statement (built and quoted by the caller). */
 int fl_stream_start(fl_stream *s, const char *cmd, int proto);
 /* Reads what has arrived, at most budget messages, until the monotonic µs deadline `until`

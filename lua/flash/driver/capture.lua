@@ -562,8 +562,10 @@ function Driver:ddl_function()
     "  INSERT INTO " .. S .. ".events (xid, op, rel, tag, new)",
     "  SELECT pg_catalog.txid_current(), 'S', t.rel, 0, pg_catalog.json_build_object(",
     "      'schema', n.nspname, 'relname', c.relname, 'name', n.nspname || '.' || c.relname,",
-    "      'cols', (SELECT pg_catalog.json_agg(pg_catalog.json_build_array(x.name, x.oid, x.elem, x.delim)",
-    "               ORDER BY x.ord) FROM (SELECT pg_catalog.row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x))::text",
+    -- (json_agg of no columns is NULL: a table of none has the empty array)
+    "      'cols', COALESCE((SELECT pg_catalog.json_agg(pg_catalog.json_build_array(x.name, x.oid, x.elem, " ..
+    "x.delim) ORDER BY x.ord) FROM (SELECT pg_catalog.row_number() OVER () AS ord, q.* FROM (" .. cols .. ") q) x), " ..
+    "'[]'::pg_catalog.json))::text",
     "  FROM (SELECT DISTINCT d.rel FROM pg_catalog.pg_event_trigger_ddl_commands() e,",
     "        LATERAL (WITH RECURSIVE k(rel) AS (SELECT e.objid UNION",
     "                 SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN k ON i.inhparent = k.rel)",
@@ -1314,8 +1316,17 @@ function Driver:load_shapes(oids)
     if not list then list = {} by[r.rel] = list end
     list[#list + 1] = r
   end
+  local missing = {}
   for _, oid in ipairs(oids) do
-    if by[oid] then self:set_shape(oid, by[oid]) end
+    if by[oid] then self:set_shape(oid, by[oid]) else missing[#missing + 1] = oid end
+  end
+  -- No columns: dropped, or a table of no columns (CREATE TABLE t (), or every column
+  -- dropped), whose rows are "()": an empty shape, not the text of a gone relation.
+  if #missing > 0 then
+    rows, err = self:exec("SELECT c.oid::pg_catalog.int8 AS rel FROM pg_catalog.pg_class c " ..
+      "WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])", "{" .. table.concat(missing, ",") .. "}")
+    if not rows then return nil, err end
+    for _, r in ipairs(rows) do self:set_shape(r.rel, {}) end
   end
   return true
 end
@@ -1387,6 +1398,8 @@ end
 -- Returns the decoded object and its columns, or nil.
 local function marker_shape(text)
   local m = type(text) == "string" and json.decode(text)
+  -- (a table of no columns: markers of earlier versions have null, json_agg of none)
+  if type(m) == "table" and m.cols == null then m.cols = {} end
   if type(m) ~= "table" or type(m.cols) ~= "table" then return nil end
   local cols = {}
   for i, c in ipairs(m.cols) do cols[i] = { name = c[1], oid = c[2], elem = c[3], delim = c[4] } end

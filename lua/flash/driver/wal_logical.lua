@@ -169,6 +169,41 @@ function Driver:check_identity(l)
     "to let flashlua do it")
 end
 
+-- A listened table whose replica identity changed after the start (identify_descendants
+-- found it): replica_identity = "full" sets FULL again; without it a warning says once
+-- what its events lack now, and whether PostgreSQL refuses the user's UPDATE and DELETE.
+function Driver:identify_listened(r, display, alter)
+  if self.client.opts.replica_identity == "full" then
+    local ok, err = self:exec("BEGIN; SET LOCAL lock_timeout = '100ms'; " .. alter .. "; COMMIT")
+    if ok then
+      self.warned["identity:" .. display] = nil
+      log.info(string.format("set REPLICA IDENTITY FULL on %s again, which an ALTER TABLE had changed " ..
+        "(replica_identity = \"full\")", display))
+    else
+      self:exec("ROLLBACK")
+      if not self.warned["identity:" .. display] and not tostring(err):find("lock timeout", 1, true) then
+        self.warned["identity:" .. display] = true
+        log.warn(string.format("cannot set REPLICA IDENTITY FULL on %s again: %s", display,
+          (tostring(err):gsub("%s+$", ""))))
+      end
+    end
+  elseif not self.warned["identity:" .. display] then
+    self.warned["identity:" .. display] = true
+    if r.whole then
+      log.warn(string.format("listened table %s no longer has REPLICA IDENTITY FULL (an ALTER TABLE changed it): " ..
+        "its updates and deletes arrive without the old row%s (run `%s`, or pass replica_identity = \"full\" to " ..
+        "flash.client (flashlua --table: --replica-identity full) to let flashlua keep it)", display,
+        not self.consumer and ", and PostgreSQL refuses UPDATE and DELETE on it while it has no replica identity at all"
+        or "", alter))
+    else
+      log.warn(string.format("listened table %s has no replica identity now (an ALTER TABLE changed it), and " ..
+        "publication %s publishes %s for another listener of this client: PostgreSQL refuses UPDATE and DELETE on " ..
+        "it (run `%s`, or pass replica_identity = \"full\" to flash.client (flashlua --table: --replica-identity " ..
+        "full) to let flashlua keep it)", display, self.publication, self.published_ops, alter))
+    end
+  end
+end
+
 -- Partitions that became descendants of a listened table after its start (created or
 -- attached; INHERITS children: housekeep) need REPLICA IDENTITY FULL as check_identity made
 -- the others have it: without it their updates and deletes arrive without the old row, and
@@ -190,17 +225,23 @@ function Driver:identify_descendants()
     end
   end
   if #oids + #others == 0 then return end
-  local rows = self:exec([[WITH RECURSIVE d(oid, whole) AS (
-      SELECT i.inhrelid, x.whole FROM pg_catalog.pg_inherits i
-        JOIN (SELECT o, true FROM pg_catalog.unnest($1::oid[]) o UNION ALL
-              SELECT o, false FROM pg_catalog.unnest($2::oid[]) o) x(oid, whole) ON i.inhparent = x.oid
-      UNION SELECT i.inhrelid, d.whole FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
+  -- (The listened tables themselves too: a user's ALTER TABLE ... REPLICA IDENTITY after
+  -- the start takes the old row from their events, or, with no identity at all, makes
+  -- PostgreSQL refuse the user's UPDATE and DELETE while the publication publishes them.)
+  local rows = self:exec([[WITH RECURSIVE x(oid, whole) AS (
+      SELECT o, true FROM pg_catalog.unnest($1::oid[]) o UNION ALL
+      SELECT o, false FROM pg_catalog.unnest($2::oid[]) o),
+    d(oid, whole, root) AS (
+      SELECT x.oid, x.whole, true FROM x
+      UNION SELECT i.inhrelid, x.whole, false FROM pg_catalog.pg_inherits i JOIN x ON i.inhparent = x.oid
+      UNION SELECT i.inhrelid, d.whole, false FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
     SELECT n.nspname::text AS schema, c.relname::text AS name, pg_catalog.bool_or(d.whole) AS whole,
+      pg_catalog.bool_or(d.root) AS root,
       (SELECT pn.nspname::text || '.' || p.relname::text FROM pg_catalog.pg_inherits i
          JOIN pg_catalog.pg_class p ON p.oid = i.inhparent JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace
         WHERE i.inhrelid = c.oid ORDER BY i.inhseqno LIMIT 1) AS parent
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind IN ('r', 'p') AND c.relispartition AND c.relreplident <> 'f'
+    WHERE c.relkind IN ('r', 'p') AND (c.relispartition OR d.root) AND c.relreplident <> 'f'
       AND (d.whole OR (c.relkind = 'r' AND (]] .. NO_IDENTITY .. [[)))
     GROUP BY 1, 2, c.oid ORDER BY 1, 2]], "{" .. table.concat(oids, ",") .. "}", "{" .. table.concat(others, ",") .. "}")
   if not rows then return end
@@ -208,7 +249,9 @@ function Driver:identify_descendants()
     local name = self:ident(r.schema) .. "." .. self:ident(r.name)
     local display = r.schema .. "." .. r.name
     local alter = "ALTER TABLE " .. name .. " REPLICA IDENTITY FULL"
-    if self.client.opts.replica_identity == "full" then
+    if r.root then
+      self:identify_listened(r, display, alter)
+    elseif self.client.opts.replica_identity == "full" then
       local ok, err = self:exec("BEGIN; SET LOCAL lock_timeout = '100ms'; " .. alter .. "; COMMIT")
       if ok then
         log.info(string.format("set REPLICA IDENTITY FULL on %s, new partition of %s (replica_identity = \"full\")",
@@ -630,6 +673,67 @@ local function slot_error(self, err, state)
   return nil, err
 end
 
+-- Creating a logical slot waits until every transaction running when it began has ended
+-- (PostgreSQL's consistent point): a prepared transaction nobody commits, or a session idle
+-- in a transaction, holds the start for as long as it lasts. After SLOT_WAIT_WARN seconds
+-- (and every SLOT_WAIT_REPEAT more) a warning names what it waits for.
+local SLOT_WAIT_WARN, SLOT_WAIT_REPEAT = 3, 60
+
+-- What a slot being created waits for, as far as this role may see: prepared transactions
+-- and sessions with a transaction id, oldest first.
+function Driver:slot_waiters()
+  local rows = self:exec([[SELECT w FROM (
+      SELECT 'prepared transaction ' || pg_catalog.quote_literal(p.gid) || ' (prepared ' ||
+        pg_catalog.to_char(p.prepared AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') || ' by ' || p.owner ||
+        ' in database ' || p.database || ': COMMIT PREPARED or ROLLBACK PREPARED it)' AS w, p.prepared AS t
+      FROM pg_catalog.pg_prepared_xacts p
+      UNION ALL
+      SELECT 'pid ' || a.pid || ' (' || COALESCE(a.usename::text, '?') || ' in database ' ||
+        COALESCE(a.datname::text, '?') || ', ' || COALESCE(a.state, '?') || ', transaction since ' ||
+        COALESCE(pg_catalog.to_char(a.xact_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '?') || ')',
+        a.xact_start
+      FROM pg_catalog.pg_stat_activity a
+      WHERE a.backend_xid IS NOT NULL AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()) x
+    ORDER BY t NULLS LAST LIMIT 10]])
+  local list = {}
+  for i, r in ipairs(rows or {}) do list[i] = r.w end
+  return list
+end
+
+-- Runs CREATE_REPLICATION_SLOT on repl without blocking in libpq, saying what it waits for
+-- when that takes long. Returns rows, or nil, err, state.
+function Driver:create_slot(repl, command)
+  local ok, err, state = repl:send(command)
+  if not ok then return nil, err, state end
+  local began, said = core.now(), nil
+  while true do
+    local rows, rerr, rstate = repl:result()
+    if rows ~= false then return rows, rerr, rstate end
+    -- SIGINT/SIGTERM (flashlua's handlers only mark them): the start gives up, as a stop.
+    -- (A reconnect, or a first listen, inside the running loop leaves the signal to the
+    -- loop, which takes it after.)
+    local loop = self.client.loop
+    local sig = not self.client.capturing and not (loop and loop.running) and core.signal_pending()
+    if sig then
+      self.client.start_interrupted = sig
+      -- (else its walsender waits on with the slot after the connection is closed)
+      repl:cancel()
+      return nil, string.format("received %s while creating replication slot %s (it waited %.0f s for " ..
+        "the transactions running when it began), stopping", sig, self.slot, core.now() - began)
+    end
+    local now = core.now()
+    if now - began >= SLOT_WAIT_WARN and (not said or now - said >= SLOT_WAIT_REPEAT) then
+      said = now
+      local list = self:slot_waiters()
+      log.warn(string.format("creating replication slot %s has waited %.0f s for the transactions that were " ..
+        "running when it began to end (PostgreSQL needs them ended to start decoding): %s", self.slot, now - began,
+        #list > 0 and table.concat(list, "; ") or "transactions this role cannot see (ask a superuser to look at " ..
+        "pg_stat_activity and pg_prepared_xacts)"))
+    end
+    core.poll({ repl:fd() }, 0.25)
+  end
+end
+
 -- The client's slot (output plugin `plugin`): a persistent one is resumed when it exists,
 -- else created; a temporary one is created. Closes repl on failure.
 function Driver:make_slot(repl, plugin)
@@ -668,7 +772,7 @@ function Driver:make_slot(repl, plugin)
       end
       log.info(string.format("resuming from replication slot %s at %s", self.slot, s.confirmed))
     else
-      local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
+      local ok, cerr, state = self:create_slot(repl, "CREATE_REPLICATION_SLOT " .. S .. " LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
       if not ok then repl:close() return self:slot_error(cerr, state) end
       -- This client had the slot already: someone dropped it while it ran (reconnect says
       -- what that lost).
@@ -679,7 +783,7 @@ function Driver:make_slot(repl, plugin)
       if not slots.ours(self.slot) then log.warn(slots.unseen_warning(self.slot)) end
     end
   else
-    local ok, cerr, state = repl:exec("CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
+    local ok, cerr, state = self:create_slot(repl, "CREATE_REPLICATION_SLOT " .. S .. " TEMPORARY LOGICAL " .. plugin .. " NOEXPORT_SNAPSHOT")
     if not ok then repl:close() return self:slot_error(cerr, state) end
   end
   self.slot_known = true
