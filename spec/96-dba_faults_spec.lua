@@ -384,11 +384,11 @@ describe("a trigger removed by another session while a trigger driver runs", fun
       assert(c:stop())
     end)
     assert.equal("1,3", ids(events))
-    local w = find(warnings, "removed by another session")
+    local w = find(warnings, "dropped by another session")
     assert.truthy(w, table.concat(warnings, "\n"))
-    assert.truthy(w:find(" on public." .. t .. " removed by another session (DROP TRIGGER, or DROP EXTENSION flashlua " ..
-      "CASCADE); making it again: changes to public." .. t .. " committed between ", 1, true), w)
-    assert.truthy(w:find("Z and now were not captured$"), w)
+    assert.truthy(w:find(" on public." .. t .. " w[a-z]+ dropped by another session %(DROP TRIGGER, or DROP EXTENSION " ..
+      "flashlua CASCADE%): changes to public%." .. t .. " committed between "), w)
+    assert.truthy(w:find("Z and now were not captured; [a-z ]+ made again$"), w)
   end
   for _, driver in ipairs({ "trigger", "trigger_global", "trigger_statement" }) do
     it("is made again, with a warning (DROP TRIGGER, " .. driver .. ")", function()

@@ -8,6 +8,7 @@ local core = require "flash.core"
 local log = require "flash.log"
 local json = require "flash.json"
 local where = require "flash.where"
+local catalog = require "flash.catalog"
 
 local M = {}
 local Backfill = {}
@@ -351,6 +352,8 @@ function Backfill:setup()
   local ok
   ok, err = self:check_privileges(cols)
   if not ok then return nil, err end
+  ok, err = self:check_code(d:conn())
+  if not ok then return nil, err end
   ok, err = self:estimate()
   if not ok then return nil, err end
   if d.persistent then
@@ -406,6 +409,28 @@ function Backfill:check_privileges(cols)
     end
   end
   return true
+end
+
+-- Planning a read of the table runs code of its owner's as us: the server folds the
+-- immutable calls with constant arguments of its indexes' expressions and predicates, its
+-- statistics' expressions, its partition key and its CHECK constraints (and those of its
+-- partitions and children) when it loads them. A table owner's `CREATE INDEX ON t ((id +
+-- f()))` ran f() as flashlua at every chunk. Checked before the first read (on `conn`:
+-- true, or nil and why), and by each chunk's transaction before its read (an index can come
+-- while a backfill runs): a statement prepared on the reading connection (Backfill:rconn)
+-- that fails then (Backfill:chunk_sql, read_chunk).
+local CODE_KINDS = { "key", "index", "statistics", "check" }
+function Backfill:code_error(found)
+  return string.format("%s, which PostgreSQL would run as %s (the role flashlua runs as) while planning " ..
+    "the backfill's reads (run flashlua as the table's owner, or have a superuser own that function)", found,
+    self.client.role)
+end
+
+function Backfill:check_code(conn)
+  local found, err = catalog.foreign_code(conn, { self.l.table.oid }, CODE_KINDS)
+  if found == nil then return nil, err end
+  if not found then return true end
+  return nil, self:code_error(found)
 end
 
 -- Rows to read: the planner's count (reltuples) over every table that holds rows; an exact
@@ -622,7 +647,8 @@ function Backfill:chunk_sql(cur, token)
   -- transaction with an xid flushes it at once, rather than at the WAL writer's next round.
   local mark = token and ("; SELECT pg_catalog.pg_logical_emit_message(false, " .. d:literal(PREFIX) .. ", " ..
     d:literal(token) .. "); SELECT pg_catalog.pg_current_xact_id(); SET LOCAL synchronous_commit = local") or ""
-  return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; " .. seq ..
+  local check = "EXECUTE flashlua_foreign_code; "
+  return "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.pg_current_snapshot()::text; " .. seq .. check ..
     "COPY (" .. sql .. ") TO STDOUT" .. mark .. "; COMMIT", last_seg
 end
 
@@ -638,6 +664,11 @@ function Backfill:rconn()
   -- rows the policies hide (or run the policies' expressions, the table owner's code, as us).
   local ok
   ok, err = conn:exec("SET row_security = off", 0)
+  if ok then
+    -- Without a parameter: one plan, made once (with one, each run was planned again).
+    ok, err = conn:exec("PREPARE flashlua_foreign_code AS " .. catalog.foreign_code_fails_sql(CODE_KINDS):gsub("%$1",
+      "'{" .. string.format("%d", self.l.table.oid) .. "}'"), 0)
+  end
   if not ok then conn:close() return nil, err end
   self.reader = conn
   return conn
@@ -701,6 +732,9 @@ function Backfill:read_chunk()
   if token then self.client.backfill_tokens[token] = nil end
   if not rows then
     conn:exec("ROLLBACK", 0)   -- the query's transaction, if an error left it open
+    local found = tostring(info):sub(1, #catalog.FOREIGN_CODE_FAILS) == catalog.FOREIGN_CODE_FAILS and
+      tostring(info):sub(#catalog.FOREIGN_CODE_FAILS + 1):match('^(.*)"%s*$')
+    if found then return nil, self:code_error(found) end
     return nil, info
   end
   local s = parse_snapshot(info.values[1])

@@ -107,6 +107,87 @@ function M.resolve_table(conn, name)
            display = display }
 end
 
+-- Code of other roles that PostgreSQL runs as whoever plans a query on a table or opens it
+-- for DDL. Loading a relation's partition key, its indexes' expressions and predicates,
+-- its extended statistics' expressions and (for constraint exclusion, in a table with
+-- partitions or children) its CHECK constraints, the server folds their immutable calls with constant arguments, i.e. runs
+-- them, as the current role: a table owner's `CREATE INDEX ON t ((id + f()))` ran f() as
+-- flashlua at each backfill read, and a partition key `(id + f())` at each CREATE
+-- TRIGGER on the table. A function counts as the table owner's code unless a superuser
+-- owns it, or a role that may act as flashlua's anyway (flashlua's role, or a member of it).
+--
+-- SQL with $1 an oid[] of relations: the first such function of them or their descendants
+-- (partitions at any depth, INHERITS children), with rel (qualified), what ("index i",
+-- "partition key", "statistics s", "constraint c"), fn (regprocedure) and owner; `kinds`
+-- lists which of "key", "index", "statistics", "check" to look at.
+function M.foreign_code_sql(kinds)
+  local eq = " OPERATOR(pg_catalog.=) "
+  local want, parts = {}, {}
+  for _, k in ipairs(kinds) do want[k] = true end
+  -- Per relation of the tree, by the catalogs' indexes (it runs before each backfill chunk).
+  if want.key then
+    parts[#parts + 1] = "SELECT 1259::pg_catalog.oid, c.oid, 'partition key'::pg_catalog.text FROM pg_catalog.pg_class c " ..
+      "WHERE c.oid" .. eq .. "d.oid AND c.relkind" .. eq .. "'p'"
+  end
+  if want.index then
+    parts[#parts + 1] = "SELECT 1259::pg_catalog.oid, x.indexrelid, 'index' FROM pg_catalog.pg_index x WHERE x.indrelid" ..
+      eq .. "d.oid"
+  end
+  if want.statistics then
+    parts[#parts + 1] = "SELECT 3381::pg_catalog.oid, s.oid, 'statistics' FROM pg_catalog.pg_statistic_ext s WHERE s.stxrelid" ..
+      eq .. "d.oid"
+  end
+  if want.check then
+    parts[#parts + 1] = "SELECT 2606::pg_catalog.oid, k.oid, 'constraint' FROM pg_catalog.pg_constraint k WHERE k.conrelid" ..
+      eq .. "d.oid AND k.contype" .. eq .. "'c' AND (SELECT pg_catalog.count(*) FROM d) OPERATOR(pg_catalog.>) 1"
+  end
+  -- (1259 pg_class, 3381 pg_statistic_ext, 2606 pg_constraint, 1255 pg_proc, 2617 pg_operator.)
+  return [[
+    WITH RECURSIVE d(oid) AS (SELECT pg_catalog.unnest($1::pg_catalog.oid[])
+      UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent]] .. eq .. [[d.oid),
+    f AS MATERIALIZED (SELECT d.oid AS rel, o.what, o.classid, o.objid,
+        CASE WHEN dp.refclassid]] .. eq .. [[1255::pg_catalog.oid THEN dp.refobjid
+          ELSE (SELECT op.oprcode::pg_catalog.oid FROM pg_catalog.pg_operator op WHERE op.oid]] .. eq .. [[dp.refobjid) END AS fn
+      FROM d, LATERAL (]] .. table.concat(parts, " UNION ALL ") .. [[) AS o(classid, objid, what),
+      LATERAL (SELECT dp.refclassid, dp.refobjid FROM pg_catalog.pg_depend dp WHERE dp.classid]] .. eq .. [[o.classid
+        AND dp.objid]] .. eq .. [[o.objid AND dp.objsubid]] .. eq .. [[0
+        AND dp.refclassid]] .. eq .. [[ANY ('{1255,2617}'::pg_catalog.oid[])) AS dp)
+    SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS rel,
+      CASE f.what WHEN 'partition key' THEN f.what ELSE pg_catalog.concat(f.what, ' ', pg_catalog.quote_ident(
+        CASE f.classid WHEN 1259 THEN (SELECT x.relname::pg_catalog.text FROM pg_catalog.pg_class x WHERE x.oid]] .. eq .. [[f.objid)
+          WHEN 3381 THEN (SELECT x.stxname::pg_catalog.text FROM pg_catalog.pg_statistic_ext x WHERE x.oid]] .. eq .. [[f.objid)
+          ELSE (SELECT x.conname::pg_catalog.text FROM pg_catalog.pg_constraint x WHERE x.oid]] .. eq .. [[f.objid) END)) END AS what,
+      p.oid::pg_catalog.regprocedure::pg_catalog.text AS fn, r.rolname::pg_catalog.text AS owner
+    FROM f JOIN pg_catalog.pg_proc p ON p.oid]] .. eq .. [[f.fn
+    JOIN pg_catalog.pg_roles r ON r.oid]] .. eq .. [[p.proowner
+    JOIN pg_catalog.pg_class c ON c.oid]] .. eq .. [[f.rel JOIN pg_catalog.pg_namespace n ON n.oid]] .. eq .. [[c.relnamespace
+    WHERE NOT r.rolsuper AND NOT pg_catalog.pg_has_role(p.proowner, CURRENT_USER, 'MEMBER')
+    ORDER BY c.oid, 2 LIMIT 1]]
+end
+
+-- The first function of another role that planning a query on (or DDL on) the relations
+-- `oids` would run as flashlua (M.foreign_code_sql): false when there is none, else what
+-- calls it, as "the index i of s.t calls f(), a function of role r"; or nil, err.
+function M.foreign_code(conn, oids, kinds)
+  local list = {}
+  for i, oid in ipairs(oids) do list[i] = string.format("%d", oid) end
+  local rows, err = conn:exec(M.foreign_code_sql(kinds), 0, "{" .. table.concat(list, ",") .. "}")
+  if not rows then return nil, err end
+  local r = rows[1]
+  if not r then return false end
+  return string.format("the %s of %s calls %s, a function of role %s", r.what, r.rel, r.fn, r.owner)
+end
+
+-- SQL with $1 as in M.foreign_code_sql that returns no row when there is no such function,
+-- and fails when there is, with `invalid input syntax for type integer: "flashlua: ` and
+-- what M.foreign_code says, `"` (so that it can end a transaction of several statements
+-- before a query of the table is planned, at no round trip of its own).
+M.FOREIGN_CODE_FAILS = 'invalid input syntax for type integer: "flashlua: '
+function M.foreign_code_fails_sql(kinds)
+  return "SELECT pg_catalog.concat('flashlua: ', pg_catalog.format('the %s of %s calls %s, a function of role %s', " ..
+    "q.what, q.rel, q.fn, q.owner))::pg_catalog.int4 FROM (" .. M.foreign_code_sql(kinds) .. ") q"
+end
+
 -- Column `col` of resolved table `tbl`, or nil and an error naming the option (`what`).
 function M.column(tbl, col, what)
   for _, c in ipairs(tbl.columns) do

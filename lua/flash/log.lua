@@ -28,9 +28,24 @@ local function jstr(s)
   core = core or require "flash.core"
   return core.json_encode(tostring(s))
 end
+-- A record is one line, or more only by lines that cannot pass for records of their own:
+-- names and values quoted in a message come from the database, and a table renamed to
+-- "t\n2026-12-01T00:00:00Z ERROR ..." forged a line of its own in the log. So control
+-- characters but tab and newline are written as \xNN, and every line after a record's
+-- first starts with white space (two spaces added where it does not), but for Lua's
+-- "stack traceback:", whose frames start with a tab.
+local function control(c) return string.format("\\x%02x", c:byte()) end
+local function continued(line)
+  if line == "" or line:find("^[\t ]") or line:find("^stack traceback:") then return "\n" .. line end
+  return "\n  " .. line
+end
 local function text_escape(s)
   core = core or require "flash.core"
-  return core.text_escape(s)
+  s = core.text_escape(s)
+  if s:find("[%z\1-\31\127]") then
+    s = s:gsub("[%z\1-\8\11-\31\127]", control):gsub("\n([^\n]*)", continued)
+  end
+  return s
 end
 
 local function jnum(v)

@@ -109,8 +109,18 @@ end
 -- always true (folded away before any row) but names the events table's row type, so the
 -- trigger depends on that table: DROP SCHEMA ... CASCADE (or dropping the table) drops it,
 -- as it drops triggers calling the schema's own functions.
-function Driver:row_capture(tag)
+--
+-- PostgreSQL clones a partitioned table's row triggers to each partition that its owner
+-- creates or attaches, and refuses to unless that owner may EXECUTE the trigger's
+-- function: the owner's CREATE TABLE ... PARTITION OF failed with "permission denied for
+-- function" while flashlua listened. So the owner of a partitioned table r that is not
+-- flashlua's role (r.foreign_parent) gets EXECUTE on our row functions (Driver:grant_parents;
+-- without USAGE on the schema it cannot name them in a trigger of its own), and the row
+-- triggers of a listened table call our own function unless every such owner in its tree
+-- may execute the C one (r.no_c).
+function Driver:row_capture(tag, r)
   local c = self.c_capture
+  if c and r and r.no_c then c = nil end
   if c then
     return string.format("WHEN (true OR NULL::%s.events IS NULL) EXECUTE FUNCTION %s('%s', '%s', '%s')",
       self:ident(self.schema), c.fn, tag, c.events, self.max_row)
@@ -733,7 +743,11 @@ function Driver:descendants(oid)
       SELECT $1::oid
       UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN d ON i.inhparent = d.oid)
     SELECT c.oid::bigint AS oid, n.nspname::text AS schema, c.relname::text AS name,
-           c.relkind::text AS relkind, c.relispartition AS part
+           c.relkind::text AS relkind, c.relispartition AS part,
+           pg_catalog.pg_get_userbyid(c.relowner)::text AS owner,
+           c.relkind OPERATOR(pg_catalog.=) 'p' AND NOT pg_catalog.pg_has_role(c.relowner, CURRENT_USER, 'USAGE')
+             AS foreign_parent,
+           coalesce(pg_catalog.has_function_privilege(c.relowner, ]] .. M.C_CAPTURE_SQL .. [[, 'EXECUTE'), false) AS owner_c
     FROM d JOIN pg_catalog.pg_class c ON c.oid = d.oid
     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
     WHERE c.relkind IN ('r', 'p')
@@ -942,11 +956,46 @@ function Driver:qualified_rel(r)
   return self:ident(r.schema) .. "." .. self:ident(r.name)
 end
 
+-- Our functions that row triggers call (each gets EXECUTE for the owners of the
+-- partitioned tables they are on: Driver:row_capture).
+function Driver:row_functions()
+  return { self:ident(self.schema) .. ".capture()" }
+end
+
+-- Grants EXECUTE on our row functions to the owners of listened partitioned tables (and
+-- partitioned descendants) that are not flashlua's role; true, or nil and why.
+function Driver:grant_parents()
+  self.granted = self.granted or {}
+  for _, l in ipairs(self.client.listeners) do
+    local no_c = false
+    for _, r in ipairs(l.relations or {}) do
+      if r.foreign_parent then
+        -- Its partitions get the root's triggers: the C function only if every such owner may.
+        if not r.owner_c then no_c = true end
+        if not self.granted[r.owner] then
+          local ok, err = self:exec("GRANT EXECUTE ON FUNCTION " .. table.concat(self:row_functions(), ", ") .. " TO " ..
+            self:ident(r.owner))
+          if not ok then return nil, err end
+          self.granted[r.owner] = true
+        end
+      end
+    end
+    for _, r in ipairs(l.relations or {}) do
+      if r.oid == l.table.oid then r.no_c = no_c end
+    end
+  end
+  return true
+end
+
 -- Makes the database's triggers match what the listeners want. Each change is its own
 -- transaction waiting at most LOCK_TIMEOUT for the table, retried on the next step.
 function Driver:sync_all()
   if not self.listening then return true end   -- reconnecting: installed on reconnect
+  local cok, cerr = self:check_triggers()
+  if not cok then return self:sync_failed(cerr) end
   self:map_relations()
+  local gok, gerr = self:grant_parents()
+  if not gok then return self:sync_failed(gerr) end
   -- Shapes of relations new to us, read before their triggers exist: rows captured later
   -- are decoded by these until a marker says otherwise.
   local fresh = {}
@@ -966,6 +1015,35 @@ function Driver:sync_all()
       -- Re-created below by one statement that drops and creates it: no moment without it.
       self.installed[key] = nil
     end
+  end
+  -- CREATE TRIGGER ... FOR EACH ROW on a partitioned table loads its partition key and its
+  -- partitioned descendants', which runs their immutable calls with constant arguments as
+  -- us: a table owner's key `(id + f())` ran f() with flashlua's privileges. Such a table
+  -- fails the start; met later (a partition attached since, and our trigger to make again),
+  -- its row triggers are left out, with a warning, rather than stopping every listener.
+  local refused, seen = {}, {}
+  for key, w in pairs(want) do
+    local oid = not self.installed[key] and w.ddl:find(" FOR EACH ROW", 1, true) and tonumber(key:match("^(%d+)/"))
+    if oid and not seen[oid] then
+      seen[oid] = true
+      local found, ferr = require("flash.catalog").foreign_code(self:conn(), { oid }, { "key" })
+      if found == nil then return self:sync_failed(ferr) end
+      if found then
+        local msg = string.format("cannot create flashlua's triggers: %s, which PostgreSQL would run as %s (the " ..
+          "role flashlua runs as) while creating them", found, self.client.role)
+        local hint = "run flashlua as the table's owner, or have a superuser own that function"
+        if self.installing then return fail(msg, hint) end
+        refused[oid] = true
+        self.warned_key = self.warned_key or {}
+        if not self.warned_key[oid] then
+          self.warned_key[oid] = true
+          log.warn(string.format("%s (%s); changes to %s are not captured", msg, hint, w.display or w.qualified))
+        end
+      end
+    end
+  end
+  for key in pairs(want) do
+    if refused[tonumber(key:match("^(%d+)/"))] then want[key] = nil end
   end
   -- The wanted triggers are made before the unwanted ones go: a trigger renamed (a
   -- persistent schema of an older flashlua; trigger_global's partitioned tables) or moved
@@ -1023,51 +1101,124 @@ function Driver:sync_all()
   return true
 end
 
--- Triggers of the instance that another session removed from tables that are still
--- there: DROP TRIGGER by a table's owner, or DROP EXTENSION flashlua CASCADE, which takes
--- every trigger that calls flash.capture(). Nothing was captured from those tables since;
--- that is said once, with the span since the last look, and the sync that follows makes
--- them again (with the instance's own PL/pgSQL function when the C one went). Without
--- this, capture from those tables stopped without a word.
+-- Our triggers as the catalog has them, against what we installed. A table's owner may
+-- drop, rename, disable or ENABLE REPLICA our trigger on its table (the TRIGGER privilege
+-- suffices for none of that, ownership for all): its writes were then no longer captured,
+-- and nothing said so. A trigger gone (or renamed: the renamed one is dropped) is said in
+-- a warning and made again by this sync; a disabled one (or one that fires only under
+-- session_replication_role = replica) is said in a warning, once, and left to its owner.
+-- true, or nil and why.
 function Driver:check_triggers()
   local since = self.triggers_seen_at
   self.triggers_seen_at = core.time()
-  if not next(self.installed) then return true end
-  local rows, err = self:schema_triggers(self.schema)
+  if self.quiesced or next(self.installed) == nil then return true end   -- a stop drops them itself
+  local rows, err = self:exec([[
+    SELECT t.tgname::text AS name, n.nspname::text AS schema, c.relname::text AS rel, t.tgrelid::bigint AS oid,
+      t.tgparentid OPERATOR(pg_catalog.<>) 0::pg_catalog.oid AS clone, t.tgenabled::text AS enabled
+    FROM pg_catalog.pg_trigger t
+    JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) t.tgfoid
+    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.tgrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    WHERE ]] .. self:ours_sql("t", "p"))
   if not rows then return nil, err end
-  local there, oids = {}, {}
-  for _, r in ipairs(rows) do there[r.oid .. "/" .. r.name] = true end
-  for key in pairs(self.installed) do
-    if not there[key] then oids[#oids + 1] = key:match("^(%d+)/") end
-  end
-  if #oids == 0 then return true end
-  -- A table that is gone took its triggers along: that is the table's own warning.
-  local alive
-  alive, err = self:exec("SELECT c.oid::pg_catalog.int8 AS oid FROM pg_catalog.pg_class c " ..
-    "WHERE c.oid OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.oid[])", "{" .. table.concat(oids, ",") .. "}")
-  if not alive then return nil, err end
-  local live = {}
-  for _, r in ipairs(alive) do live[string.format("%d", r.oid)] = true end
-  local gone, tables, seen = {}, {}, {}
-  for key, have in pairs(self.installed) do
-    if not there[key] and live[key:match("^(%d+)/")] then
-      local tbl = have.display or have.qualified
-      gone[#gone + 1] = string.format("%s on %s", have.name, tbl)
-      if not seen[tbl] then seen[tbl] = true tables[#tables + 1] = tbl end
-      self.installed[key] = nil
+  local seen, extra, news = {}, {}, {}
+  self.warned_off = self.warned_off or {}
+  local off = {}
+  for _, r in ipairs(rows) do
+    local key = r.oid .. "/" .. r.name
+    if not r.clone then
+      seen[key] = true
+      if not self.installed[key] then extra[key] = r end
+    end
+    if r.enabled == "D" or r.enabled == "R" then
+      off[key] = true
+      if not self.warned_off[key] then
+        self.warned_off[key] = true
+        local t = r.schema .. "." .. r.rel
+        local w = news[t .. r.enabled]
+        if not w then
+          w = { r = r, names = {} }
+          news[t .. r.enabled] = w
+          news[#news + 1] = w
+        end
+        w.names[#w.names + 1] = r.name
+      end
     end
   end
-  if #gone == 0 then return true end
-  table.sort(gone)
+  for _, w in ipairs(news) do
+    local r, list = w.r, w.names
+    table.sort(list)
+    local alters = {}
+    for i, name in ipairs(list) do alters[i] = "ENABLE ALWAYS TRIGGER " .. self:ident(name) end
+    log.warn(string.format("%s %s on %s.%s %s %s (ALTER TABLE ... %s TRIGGER, by another session): changes to " ..
+      "%s.%s are not captured while %s (ALTER TABLE %s.%s %s captures them again)",
+      #list == 1 and "trigger" or "triggers", table.concat(list, ", "), r.schema, r.rel, #list == 1 and "is" or "are",
+      r.enabled == "D" and "disabled" or "enabled for replication only", r.enabled == "D" and "DISABLE" or
+      "ENABLE REPLICA", r.schema, r.rel, #list == 1 and "it is" or "they are", self:ident(r.schema), self:ident(r.rel),
+      table.concat(alters, ", ")))
+  end
+  for key in pairs(self.warned_off) do
+    if not off[key] then self.warned_off[key] = nil end
+  end
+  -- A trigger renamed still captured: only one dropped left a gap.
+  local renamed = {}
+  for _, r in pairs(extra) do renamed[r.oid] = true end
+  local missing = {}
+  for key in pairs(self.installed) do
+    if not seen[key] then missing[#missing + 1] = key:match("^(%d+)/") end
+  end
+  -- A table dropped takes its triggers with it (said elsewhere, as a listened table gone).
+  local exists = {}
+  if #missing > 0 then
+    local live
+    live, err = self:exec("SELECT c.oid::bigint AS oid FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) " ..
+      "ANY ($1::pg_catalog.oid[])", "{" .. table.concat(missing, ",") .. "}")
+    if not live then return nil, err end
+    for _, r in ipairs(live) do exists[r.oid] = true end
+  end
+  local gone, tables = {}, {}
+  for key, have in pairs(self.installed) do
+    if not seen[key] then
+      self.installed[key] = nil    -- made again by this sync
+    end
+    local t = have.display or have.qualified
+    if not seen[key] and exists[tonumber(key:match("^(%d+)/"))] then
+      if not gone[t] then
+        gone[t] = { renamed = renamed[tonumber(key:match("^(%d+)/"))] }
+        tables[#tables + 1] = t
+      end
+      gone[t][#gone[t] + 1] = have.name
+    end
+  end
   table.sort(tables)
-  if self.c_capture then
+  local dropped = false
+  for _, t in ipairs(tables) do
+    local list = gone[t]
+    table.sort(list)
+    local one = #list == 1
+    if list.renamed then
+      log.warn(string.format("%s %s on %s %s renamed (by another session): %s made again under %s name%s",
+        one and "trigger" or "triggers", table.concat(list, ", "), t, one and "was" or "were", one and "it is" or "they are",
+        one and "its" or "their", one and "" or "s"))
+    else
+      dropped = true
+      log.warn(string.format("%s %s on %s %s dropped by another session (DROP TRIGGER, or DROP EXTENSION flashlua " ..
+        "CASCADE): changes to %s committed between %s and now were not captured; %s made again",
+        one and "trigger" or "triggers", table.concat(list, ", "), t, one and "was" or "were", t,
+        os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(since or self.triggers_seen_at)), one and "it is" or "they are"))
+    end
+  end
+  -- DROP EXTENSION flashlua CASCADE took the C capture function along: the triggers are
+  -- made again with the instance's own PL/pgSQL one.
+  if dropped and self.c_capture then
     local ok, cerr = self:choose_capture()
     if not ok then return nil, cerr end
   end
-  log.warn(string.format("trigger%s %s removed by another session (DROP TRIGGER, or DROP EXTENSION flashlua " ..
-    "CASCADE); making %s again: changes to %s committed between %s and now were not captured",
-    #gone > 1 and "s" or "", table.concat(gone, ", "), #gone > 1 and "them" or "it", table.concat(tables, ", "),
-    os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(since or self.triggers_seen_at))))
+  -- Ours but not known (renamed, or made by the DDL event trigger): made again if wanted
+  -- (its definition is unknown), dropped if not.
+  for key, r in pairs(extra) do
+    self.installed[key] = { name = r.name, qualified = self:ident(r.schema) .. "." .. self:ident(r.rel), ddl = "?" }
+  end
   return true
 end
 
@@ -1117,13 +1268,16 @@ function Driver:install(fresh)
   local existed
   ok, existed = self:install_schema(fresh)
   if not ok then return nil, existed end
+  self.granted = {}   -- functions made again (a schema swept while disconnected) have no grants
   ok, err = self:load_routes()
   if not ok then return nil, err end
   if fresh then self.created_schema = not existed end
   -- A persistent schema's triggers stayed while no run was there: found again, kept, and
   -- only those no listener wants any more are dropped.
   if fresh and not (self.persistent and existed) then self.installed = {} else self:load_installed() end
+  self.installing = fresh   -- at the start, what cannot be captured fails it (Driver:sync_all)
   ok, err = self:sync_complete()
+  self.installing = nil
   if not ok then return nil, err end
   if not self.listening then return nil, "the connection was lost again" end
   self.next_poll = core.now()
@@ -1907,12 +2061,7 @@ function Driver:step()
   if (self.next_refresh and now >= self.next_refresh) or self.resync then
     self.next_refresh = now + REFRESH_INTERVAL
     self:keep_alive()
-    local ok, err = self:check_triggers()
-    if not ok then
-      if not self:conn():ok() then lost(self, err) return true end
-      return nil, err
-    end
-    ok, err = self:sync_all()
+    local ok, err = self:sync_all()   -- its check_triggers first
     if not ok then return nil, err end
     if not self.listening then return true end
   end

@@ -159,11 +159,22 @@ end
 -- Makes the registry hold exactly the listeners that want something, in one transaction:
 -- an unchanged listener keeps its row (a restart with a persistent slot resumes with the
 -- same ids, so nothing committed while it was down is missed), the others are replaced.
+--
+-- Only a listener of flashlua's own role is kept: flash.listen lets any role that may read
+-- a table register a listener under any consumer name, with any note. A superuser sees
+-- every role's in flash.my_listeners, and took one another role made under its consumer
+-- with its note (only inserts, a condition nothing meets) for its own, unlistened its own,
+-- and delivered nothing more for that table, without a word. Others' listeners of this
+-- consumer are removed (their changes were sent to this slot for nobody).
 function Driver:register_all()
-  local rows, err = self:exec("SELECT id, note FROM flash.my_listeners WHERE consumer = $1", self.consumer)
+  local rows, err = self:exec("SELECT id, note, owner::pg_catalog.oid OPERATOR(pg_catalog.=) (SELECT r.oid FROM " ..
+    "pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER) AS mine FROM flash.my_listeners " ..
+    "WHERE consumer = $1", self.consumer)
   if not rows then return nil, err end
   local have = {}
-  for _, r in ipairs(rows) do have[r.note == core.null and "" or r.note] = r.id end
+  for _, r in ipairs(rows) do
+    if r.mine then have[r.note == core.null and "" or r.note] = r.id end
+  end
   local ok
   ok, err = self:exec("BEGIN")
   if not ok then return nil, err end

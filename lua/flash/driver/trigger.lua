@@ -26,7 +26,7 @@ function Driver:wanted_triggers()
           out[#out + 1] = {
             key = r.oid .. "/" .. name, name = name, qualified = q, what = op, display = r.schema .. "." .. r.name,
             ddl = "AFTER " .. base.OP_KEYWORD[op] .. " ON " .. q .. " " .. level ..
-              " " .. (op == "truncate" and self:own_capture(tag) or self:row_capture(tag)),
+              " " .. (op == "truncate" and self:own_capture(tag) or self:row_capture(tag, r)),
           }
         end
       end

@@ -33,7 +33,7 @@ function Driver:wanted_triggers()
       local q = self:qualified_rel(t.r)
       out[#out + 1] = { key = t.r.oid .. "/" .. row_name, name = row_name, qualified = q,
         what = "insert/update/delete", display = t.r.schema .. "." .. t.r.name,
-        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW " .. self:row_capture(tag) }
+        ddl = "AFTER " .. table.concat(kws, " OR ") .. " ON " .. q .. " FOR EACH ROW " .. self:row_capture(tag, t.r) }
     end
   end
   return self:truncate_triggers(truncs, out)

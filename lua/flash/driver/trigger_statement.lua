@@ -333,6 +333,11 @@ function Driver:check_generated()
   end
 end
 
+-- Its only row triggers on partitioned tables are the move notes' (Driver:row_capture).
+function Driver:row_functions()
+  return { self:ident(self.schema) .. ".note_move()" }
+end
+
 function Driver:wanted_triggers()
   local S = self:ident(self.schema)
   local tables, truncs = base.table_ops(self.client.listeners, function(l) return l.relations or {} end)

@@ -589,7 +589,19 @@ function Driver:setup_publication()
       "give each instance its own `publication` and `slot`")
   end
   local P = self:ident(self.publication)
-  local exists = self:exec("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
+  local exists = self:exec("SELECT pg_catalog.pg_get_userbyid(p.pubowner)::pg_catalog.text AS owner, " ..
+    "p.pubowner OPERATOR(pg_catalog.=) r.oid AS mine FROM pg_catalog.pg_publication p, pg_catalog.pg_roles r " ..
+    "WHERE p.pubname OPERATOR(pg_catalog.=) $1 AND r.rolname OPERATOR(pg_catalog.=) CURRENT_USER", self.publication)
+  if self.persistent and exists and exists[1] and not exists[1].mine then
+    -- Resumed as it is, another role's publication (anyone with CREATE on the database can
+    -- make one under the name first) stays that role's: it could make it publish less
+    -- (ALTER PUBLICATION ... SET (publish = 'insert'), DROP TABLE), and the slot would
+    -- silently skip the changes it no longer publishes.
+    -- (A role that is not a superuser is refused it by PostgreSQL, with the same words.)
+    return fail(string.format("cannot use publication %s: it belongs to role %s", self.publication, exists[1].owner),
+      "give this client a publication and slot of its own (flash.client{ publication = \"...\", slot = \"...\" }), " ..
+      "or run flashlua as that role")
+  end
   self.created_publication = not (exists and #exists > 0)
   local _, list = self:wanted_tables()
   local names = {}
