@@ -407,3 +407,36 @@ describe("a trigger removed by another session while a trigger driver runs", fun
     assert(ok, err)
   end)
 end)
+
+-- DROP EXTENSION flashlua under the pg_extension driver: its registry goes, the plugin finds
+-- no listener, and nothing more was delivered, without a word, until the stop failed on
+-- the missing registry.
+describe("the flashlua extension dropped while the pg_extension driver runs", function()
+  it("stops the client with the reason", function()
+    if WAL_DRIVERS[#WAL_DRIVERS] ~= "pg_extension" then return pending("no pg_extension driver here") end
+    local t = H.table("id int PRIMARY KEY")
+    local c, events = H.listen({ table = t }, "insert", { driver = "pg_extension", replica_identity = "full" })
+    local perr
+    local ok, err = pcall(function()
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      poll_until(c, function() return #events >= 1 end)
+      H.sql("DROP EXTENSION flashlua CASCADE")
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      H.warnings(function()
+        local deadline = core.now() + 5
+        while core.now() < deadline do
+          local pok, e = c:poll(0.05)
+          if not pok then perr = e break end
+        end
+      end)
+    end)
+    local sok, serr = c:stop()
+    H.sql("CREATE EXTENSION IF NOT EXISTS flashlua")
+    assert(ok, err)
+    assert.truthy(tostring(perr):find("^the flashlua extension was dropped while listening %(DROP EXTENSION flashlua; " ..
+      "found at %d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%dZ%): its listeners went with it, and changes committed since the drop " ..
+      "were not captured %(run CREATE EXTENSION flashlua as a superuser, then start flashlua again%)$"), tostring(perr))
+    assert.is_true(sok, serr)
+    assert.equal("1", ids(events))
+  end)
+end)
