@@ -185,6 +185,19 @@ describe("a persistent slot invalidated while flashlua was stopped (wal_status l
         "committed after ", 1, true), serr)
       assert.truthy(serr:find("are lost and cannot be delivered (to capture again from now, drop it: flashlua " ..
         "--drop-slot " .. slot, 1, true), serr)
+      -- Any client's start says so too (the slot held no WAL any more: it was not in the
+      -- warnings about inactive slots), and the list shows it.
+      local warnings = H.warnings(function()
+        local c3 = H.listen({ table = t }, "insert", { driver = "trigger" })
+        assert(c3:stop())
+      end)
+      local w = find(warnings, "replication slot " .. slot .. " was invalidated")
+      assert.truthy(w, table.concat(warnings, "\n"))
+      local tail = "; drop it: flashlua --drop-slot " .. slot
+      assert.equal(tail, w:sub(-#tail))
+      local rc, out, lerr = H.run_flashlua({ "slots", "list" })
+      assert.equal(0, rc, lerr)
+      assert.truthy(out:find("\n" .. slot .. " +pgoutput +no +lost +%x+/%x+\n"), out)
     end)
     H.sql("ALTER SYSTEM RESET max_slot_wal_keep_size")
     H.sql("SELECT pg_reload_conf()")
