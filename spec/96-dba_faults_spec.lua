@@ -121,6 +121,41 @@ describe("a persistent slot dropped while the client runs", function()
   end
 end)
 
+-- The same while no flashlua runs: the next run created the slot anew ("created persistent
+-- replication slot S", at info level) and began at the current position: what was
+-- committed since the last run was lost without a warning. Its publication, with the
+-- slot's name in its comment, tells that an earlier persistent run used the slot.
+describe("a persistent slot dropped while no flashlua runs", function()
+  it("is created again with a warning that the changes since the last run were not captured", function()
+    local t = H.table("id int PRIMARY KEY")
+    local slot = "flash_spec96_between"
+    H.drop_slot(slot)
+    local opts = { driver = "wal_logical", persistent = true, slot = slot, publication = slot }
+    local warnings = H.warnings(function()
+      local c = H.listen({ table = t }, "insert", opts)
+      assert(c:stop())
+    end)
+    assert.is_nil(find(warnings, "did not exist"))
+    H.sql("SELECT pg_drop_replication_slot($1)", slot)
+    H.sql("INSERT INTO " .. t .. " VALUES (1)")
+    local events
+    warnings = H.warnings(function()
+      local c
+      c, events = H.listen({ table = t }, "insert", opts)
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      poll_until(c, function() return #events >= 1 end)
+      H.settle(c, 0.2)
+      assert(c:stop())
+    end)
+    H.drop_slot(slot)
+    assert.equal("2", ids(events))
+    assert.truthy(find(warnings, "replication slot " .. slot .. " did not exist, but publication " .. slot .. " of an " ..
+      "earlier persistent run of it does: the slot was dropped after that run (pg_drop_replication_slot, or flashlua " ..
+      "--drop-slot), and the changes committed since that run stopped were not captured; capturing from now on"),
+      table.concat(warnings, "\n"))
+  end)
+end)
+
 -- A DBA drops the wal_logical client's (temporary) publication while it runs. The stream
 -- failed on the next change, and every reconnect made a new temporary slot that failed the
 -- same way, about ten times a second, for as long as it ran: nothing was captured again.

@@ -546,8 +546,14 @@ function Driver:setup_publication()
       "give each instance its own `publication` and `slot`")
   end
   local P = self:ident(self.publication)
-  local exists = self:exec("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
+  local exists = self:exec("SELECT pg_catalog.obj_description(oid, 'pg_publication') AS note " ..
+    "FROM pg_catalog.pg_publication WHERE pubname = $1", self.publication)
   self.created_publication = not (exists and #exists > 0)
+  -- Left by an earlier persistent run of this slot: make_slot tells a slot dropped since.
+  local note = exists and exists[1] and exists[1].note
+  local tail = ", slot " .. self.slot .. ")"
+  self.earlier_run = self.persistent and type(note) == "string" and note:sub(1, #MARK) == MARK and
+    note:find("(persistent,", 1, true) ~= nil and note:sub(-#tail) == tail
   local _, list = self:wanted_tables()
   local names = {}
   for i, l in ipairs(list) do names[i] = self:qualified(l) end
@@ -672,7 +678,14 @@ function Driver:make_slot(repl, plugin)
       if not ok then repl:close() return self:slot_error(cerr, state) end
       -- This client had the slot already: someone dropped it while it ran (reconnect says
       -- what that lost).
-      if self.slot_known then self.slot_dropped = true end
+      if self.slot_known then
+        self.slot_dropped = true
+      elseif self.earlier_run then
+        log.warn(string.format("replication slot %s did not exist, but publication %s of an earlier persistent run " ..
+          "of it does: the slot was dropped after that run (pg_drop_replication_slot, or flashlua --drop-slot), and " ..
+          "the changes committed since that run stopped were not captured; capturing from now on", self.slot,
+          self.publication))
+      end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
       local slots = require "flash.slots"
