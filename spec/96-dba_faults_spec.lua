@@ -488,3 +488,55 @@ describe("the flashlua extension dropped while the pg_extension driver runs", fu
     assert.equal("1", ids(events))
   end)
 end)
+
+-- A reconnect that keeps failing (here: the role may no longer log in; likewise
+-- max_connections or max_wal_senders reached) was said only at debug level: after
+-- "connection to PostgreSQL lost ...; reconnecting" nothing told why nothing arrived.
+describe("a reconnect that keeps failing", function()
+  for _, driver in ipairs({ "trigger", "wal_logical" }) do
+    it("is said in a warning with the reason, and capture resumes once it succeeds (" .. driver .. ")", function()
+      local role = "flash_spec96_nologin"
+      H.sql(string.format("DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN SUPERUSER REPLICATION", role, role))
+      local t = H.table("id int PRIMARY KEY")
+      local c, events
+      local ok, err = pcall(function()
+        local warnings = H.warnings(function()
+          c, events = H.listen({ table = t }, "insert", { driver = driver, dsn = H.dsn .. " user=" .. role })
+          H.sql("ALTER ROLE " .. role .. " NOLOGIN")
+          H.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+          H.sql("INSERT INTO " .. t .. " VALUES (1)")
+          local deadline = core.now() + 3
+          while core.now() < deadline do c:poll(0.05) end
+        end)
+        local w = find(warnings, "failed tries so far")
+        assert.truthy(w, table.concat(warnings, "\n"))
+        assert.truthy(w:find('reconnect failed %(.*role "' .. role .. '" is not permitted to log in.*%); next try in ' ..
+          '%d+%.%ds %(%d+ failed tries so far%)$'), w)
+        H.sql("ALTER ROLE " .. role .. " LOGIN")
+        if driver == "trigger" then
+          -- Both rows waited in the capture table.
+          H.sql("INSERT INTO " .. t .. " VALUES (2)")
+          poll_until(c, function() return #events >= 2 end, 10)
+          assert.equal("1,2", ids(events))
+        else
+          -- The temporary slot went with its connection: rows come again once the next
+          -- try (at most 5 s away) has made a new one.
+          for i = 2, 60 do
+            H.sql("INSERT INTO " .. t .. " VALUES ($1)", i)
+            if poll_until(c, function() return #events >= 1 end, 0.25) then break end
+          end
+          assert.is_true(#events >= 1)
+          assert.is_true(events[1].new.id >= 2)
+        end
+        assert(c:stop())
+      end)
+      if c then c:stop() end
+      H.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+      H.wait_for(function()
+        return tonumber(H.scalar("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", role)) == 0
+      end, 5)
+      H.sql("DROP OWNED BY " .. role .. " CASCADE; DROP ROLE " .. role)
+      assert(ok, err)
+    end)
+  end
+end)
