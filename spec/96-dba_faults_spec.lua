@@ -121,6 +121,41 @@ describe("a persistent slot dropped while the client runs", function()
   end
 end)
 
+-- The same while no flashlua runs: the next run created the slot anew ("created persistent
+-- replication slot S", at info level) and began at the current position: what was
+-- committed since the last run was lost without a warning. Its publication, with the
+-- slot's name in its comment, tells that an earlier persistent run used the slot.
+describe("a persistent slot dropped while no flashlua runs", function()
+  it("is created again with a warning that the changes since the last run were not captured", function()
+    local t = H.table("id int PRIMARY KEY")
+    local slot = "flash_spec96_between"
+    H.drop_slot(slot)
+    local opts = { driver = "wal_logical", persistent = true, slot = slot, publication = slot }
+    local warnings = H.warnings(function()
+      local c = H.listen({ table = t }, "insert", opts)
+      assert(c:stop())
+    end)
+    assert.is_nil(find(warnings, "did not exist"))
+    H.sql("SELECT pg_drop_replication_slot($1)", slot)
+    H.sql("INSERT INTO " .. t .. " VALUES (1)")
+    local events
+    warnings = H.warnings(function()
+      local c
+      c, events = H.listen({ table = t }, "insert", opts)
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      poll_until(c, function() return #events >= 1 end)
+      H.settle(c, 0.2)
+      assert(c:stop())
+    end)
+    H.drop_slot(slot)
+    assert.equal("2", ids(events))
+    assert.truthy(find(warnings, "replication slot " .. slot .. " did not exist, but publication " .. slot .. " of an " ..
+      "earlier persistent run of it does: the slot was dropped after that run (pg_drop_replication_slot, or flashlua " ..
+      "--drop-slot), and the changes committed since that run stopped were not captured; capturing from now on"),
+      table.concat(warnings, "\n"))
+  end)
+end)
+
 -- A DBA drops the wal_logical client's (temporary) publication while it runs. The stream
 -- failed on the next change, and every reconnect made a new temporary slot that failed the
 -- same way, about ten times a second, for as long as it ran: nothing was captured again.
@@ -185,6 +220,19 @@ describe("a persistent slot invalidated while flashlua was stopped (wal_status l
         "committed after ", 1, true), serr)
       assert.truthy(serr:find("are lost and cannot be delivered (to capture again from now, drop it: flashlua " ..
         "--drop-slot " .. slot, 1, true), serr)
+      -- Any client's start says so too (the slot held no WAL any more: it was not in the
+      -- warnings about inactive slots), and the list shows it.
+      local warnings = H.warnings(function()
+        local c3 = H.listen({ table = t }, "insert", { driver = "trigger" })
+        assert(c3:stop())
+      end)
+      local w = find(warnings, "replication slot " .. slot .. " was invalidated")
+      assert.truthy(w, table.concat(warnings, "\n"))
+      local tail = "; drop it: flashlua --drop-slot " .. slot
+      assert.equal(tail, w:sub(-#tail))
+      local rc, out, lerr = H.run_flashlua({ "slots", "list" })
+      assert.equal(0, rc, lerr)
+      assert.truthy(out:find("\n" .. slot .. " +pgoutput +no +lost +%x+/%x+\n"), out)
     end)
     H.sql("ALTER SYSTEM RESET max_slot_wal_keep_size")
     H.sql("SELECT pg_reload_conf()")
@@ -406,4 +454,89 @@ describe("a trigger removed by another session while a trigger driver runs", fun
     H.sql("CREATE EXTENSION IF NOT EXISTS flashlua")
     assert(ok, err)
   end)
+end)
+
+-- DROP EXTENSION flashlua under the pg_extension driver: its registry goes, the plugin finds
+-- no listener, and nothing more was delivered, without a word, until the stop failed on
+-- the missing registry.
+describe("the flashlua extension dropped while the pg_extension driver runs", function()
+  it("stops the client with the reason", function()
+    if WAL_DRIVERS[#WAL_DRIVERS] ~= "pg_extension" then return pending("no pg_extension driver here") end
+    local t = H.table("id int PRIMARY KEY")
+    local c, events = H.listen({ table = t }, "insert", { driver = "pg_extension", replica_identity = "full" })
+    local perr
+    local ok, err = pcall(function()
+      H.sql("INSERT INTO " .. t .. " VALUES (1)")
+      poll_until(c, function() return #events >= 1 end)
+      H.sql("DROP EXTENSION flashlua CASCADE")
+      H.sql("INSERT INTO " .. t .. " VALUES (2)")
+      H.warnings(function()
+        local deadline = core.now() + 5
+        while core.now() < deadline do
+          local pok, e = c:poll(0.05)
+          if not pok then perr = e break end
+        end
+      end)
+    end)
+    local sok, serr = c:stop()
+    H.sql("CREATE EXTENSION IF NOT EXISTS flashlua")
+    assert(ok, err)
+    assert.truthy(tostring(perr):find("^the flashlua extension was dropped while listening %(DROP EXTENSION flashlua; " ..
+      "found at %d%d%d%d%-%d%d%-%d%d %d%d:%d%d:%d%dZ%): its listeners went with it, and changes committed since the drop " ..
+      "were not captured %(run CREATE EXTENSION flashlua as a superuser, then start flashlua again%)$"), tostring(perr))
+    assert.is_true(sok, serr)
+    assert.equal("1", ids(events))
+  end)
+end)
+
+-- A reconnect that keeps failing (here: the role may no longer log in; likewise
+-- max_connections or max_wal_senders reached) was said only at debug level: after
+-- "connection to PostgreSQL lost ...; reconnecting" nothing told why nothing arrived.
+describe("a reconnect that keeps failing", function()
+  for _, driver in ipairs({ "trigger", "wal_logical" }) do
+    it("is said in a warning with the reason, and capture resumes once it succeeds (" .. driver .. ")", function()
+      local role = "flash_spec96_nologin"
+      H.sql(string.format("DROP ROLE IF EXISTS %s; CREATE ROLE %s LOGIN SUPERUSER REPLICATION", role, role))
+      local t = H.table("id int PRIMARY KEY")
+      local c, events
+      local ok, err = pcall(function()
+        local warnings = H.warnings(function()
+          c, events = H.listen({ table = t }, "insert", { driver = driver, dsn = H.dsn .. " user=" .. role })
+          H.sql("ALTER ROLE " .. role .. " NOLOGIN")
+          H.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+          H.sql("INSERT INTO " .. t .. " VALUES (1)")
+          local deadline = core.now() + 3
+          while core.now() < deadline do c:poll(0.05) end
+        end)
+        local w = find(warnings, "failed tries so far")
+        assert.truthy(w, table.concat(warnings, "\n"))
+        assert.truthy(w:find('reconnect failed %(.*role "' .. role .. '" is not permitted to log in.*%); next try in ' ..
+          '%d+%.%ds %(%d+ failed tries so far%)$'), w)
+        H.sql("ALTER ROLE " .. role .. " LOGIN")
+        if driver == "trigger" then
+          -- Both rows waited in the capture table.
+          H.sql("INSERT INTO " .. t .. " VALUES (2)")
+          poll_until(c, function() return #events >= 2 end, 10)
+          assert.equal("1,2", ids(events))
+        else
+          -- The temporary slot went with its connection: rows come again once the next
+          -- try (at most 5 s away) has made a new one.
+          for i = 2, 60 do
+            H.sql("INSERT INTO " .. t .. " VALUES ($1)", i)
+            if poll_until(c, function() return #events >= 1 end, 0.25) then break end
+          end
+          assert.is_true(#events >= 1)
+          assert.is_true(events[1].new.id >= 2)
+        end
+        assert(c:stop())
+      end)
+      if c then c:stop() end
+      H.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role)
+      H.wait_for(function()
+        return tonumber(H.scalar("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = $1", role)) == 0
+      end, 5)
+      H.sql("DROP OWNED BY " .. role .. " CASCADE; DROP ROLE " .. role)
+      assert(ok, err)
+    end)
+  end
 end)

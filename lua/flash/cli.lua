@@ -536,7 +536,8 @@ local function slots_mode(flash, o)
           "confirmed"))
         for _, r in ipairs(rows) do
           io.stdout:write(string.format("%-" .. w .. "s %-10s %-8s %12s  %s\n", r.name, r.plugin or "-",
-            r.active_pid and tostring(r.active_pid) or "no", slots.mb(r.retained), r.confirmed or "-"))
+            r.active_pid and tostring(r.active_pid) or "no", r.lost and "lost" or slots.mb(r.retained),
+            r.confirmed or "-"))
         end
       end
     end

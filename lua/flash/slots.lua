@@ -26,13 +26,15 @@ function M.threshold()
 end
 
 -- Every flashlua slot of the connection's database: name, plugin, active_pid (or nil),
--- retained (bytes of WAL kept for it), confirmed (LSN text or nil).
+-- retained (bytes of WAL kept for it), confirmed (LSN text or nil), lost (true when the
+-- server invalidated it: wal_status lost, max_slot_wal_keep_size).
 function M.list(conn)
   local rows, err = conn:exec([[
     SELECT slot_name::text AS name, plugin::text AS plugin, active_pid,
            coalesce(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn), 0)::bigint AS retained,
-           confirmed_flush_lsn::text AS confirmed
-    FROM pg_catalog.pg_replication_slots
+           confirmed_flush_lsn::text AS confirmed,
+           (pg_catalog.to_jsonb(s) OPERATOR(pg_catalog.->>) 'wal_status') OPERATOR(pg_catalog.=) 'lost' AS lost
+    FROM pg_catalog.pg_replication_slots s
     WHERE database = pg_catalog.current_database() AND ]] .. OURS .. " ORDER BY 1", 0)
   if not rows then return nil, err end
   for _, r in ipairs(rows) do
@@ -57,7 +59,12 @@ function M.idle_warnings(conn, warned)
   local rows = M.list(conn)
   local out = {}
   for _, r in ipairs(rows or {}) do
-    if not r.active_pid and r.retained > M.threshold() and not warned[r.name] then
+    if r.lost and not warned[r.name] then
+      warned[r.name] = true
+      out[#out + 1] = string.format("replication slot %s was invalidated by the server (wal_status lost: it held more " ..
+        "WAL than max_slot_wal_keep_size allows): the changes committed after %s are lost to it, and it can never be " ..
+        "read again; drop it: flashlua --drop-slot %s", r.name, r.confirmed or "its confirmed position", r.name)
+    elseif not r.active_pid and r.retained > M.threshold() and not warned[r.name] then
       warned[r.name] = true
       out[#out + 1] = string.format("replication slot %s is inactive and holds %s of WAL; if no flashlua run " ..
         "will resume it, drop it: flashlua --drop-slot %s", r.name, M.mb(r.retained), r.name)

@@ -198,22 +198,39 @@ end
 
 -- The retry schedule of one connection: 0.1 s, doubling, at most 5 s.
 -- b = base.backoff(); b:schedule(err, what) -> the core.now() time of the next try (and a
--- debug line saying why and when); b:reset() after a success.
+-- line saying why and when); b:reset() after a success. The third failure of a series
+-- (about 0.7 s of failing: one failed try is common and says nothing), and then one every
+-- RETRY_WARN_EVERY seconds, is a warning: a reconnect that keeps failing
+-- (max_connections or max_wal_senders reached, a role that may no longer log in, the
+-- server down) was said only at debug level, so after "reconnecting" nothing told why
+-- nothing arrived.
+M.RETRY_WARN_EVERY = 30
 local Backoff = {}
 Backoff.__index = Backoff
 function M.backoff()
-  return setmetatable({ wait = M.RETRY_FIRST }, Backoff)
+  return setmetatable({ wait = M.RETRY_FIRST, failures = 0 }, Backoff)
 end
 function Backoff:next()
   local w = self.wait
   self.wait = math.min(w * 2, M.RETRY_MAX)
   return w
 end
-function Backoff:reset() self.wait = M.RETRY_FIRST end
+function Backoff:reset()
+  self.wait = M.RETRY_FIRST
+  self.failures, self.warn_at = 0, nil
+end
 function Backoff:schedule(err, what)
   local w = self:next()
-  log.debug(string.format("%s failed (%s); next try in %.1fs", what, tostring(err), w))
-  return core.now() + w
+  self.failures = (self.failures or 0) + 1
+  local now = core.now()
+  local line = string.format("%s failed (%s); next try in %.1fs", what, (tostring(err):gsub("%s+$", "")), w)
+  if self.failures >= 3 and (not self.warn_at or now >= self.warn_at) then
+    self.warn_at = now + M.RETRY_WARN_EVERY
+    log.warn(string.format("%s (%d failed tries so far)", line, self.failures))
+  else
+    log.debug(line)
+  end
+  return now + w
 end
 
 return M

@@ -395,9 +395,30 @@ function Driver:stats(s)
   s.nomatch = self.nomatch
 end
 
+-- The extension dropped while listening (DROP EXTENSION flashlua, e.g. to reinstall it):
+-- its registry went with it, and the walsender's plugin finds no listener any more, so
+-- nothing was delivered, without a word. Found at the driver's next look (about 1 s): the
+-- client stops with the reason (registering again would not bring back what was missed).
+function Driver:housekeep()
+  wal.Driver.housekeep(self)
+  if self.extension_gone then return end
+  local rows = self:exec("SELECT pg_catalog.to_regclass('flash.my_listeners') IS NULL AS gone")
+  if rows and rows[1] and rows[1].gone == true then
+    self.extension_gone = string.format("the flashlua extension was dropped while listening (DROP EXTENSION " ..
+      "flashlua; found at %s): its listeners went with it, and changes committed since the drop were not " ..
+      "captured (run CREATE EXTENSION flashlua as a superuser, then start flashlua again)",
+      os.date("!%Y-%m-%d %H:%M:%SZ", math.floor(core.time())))
+  end
+end
+
+function Driver:step()
+  if self.extension_gone then return nil, self.extension_gone end
+  return wal.Driver.step(self)
+end
+
 function Driver:stop(confirm)
   local ok, err = wal.Driver.stop(self, confirm)
-  if not self.persistent then
+  if not self.persistent and not self.extension_gone then
     local r, e = self:exec("SELECT flash.unlisten(id) FROM flash.my_listeners WHERE consumer = $1", self.consumer)
     if not r and ok then
       ok, err = nil, "cannot remove the listeners of consumer " .. self.consumer .. ": " .. tostring(e):gsub("%s+$", "") ..

@@ -590,7 +590,8 @@ function Driver:setup_publication()
   end
   local P = self:ident(self.publication)
   local exists = self:exec("SELECT pg_catalog.pg_get_userbyid(p.pubowner)::pg_catalog.text AS owner, " ..
-    "p.pubowner OPERATOR(pg_catalog.=) r.oid AS mine FROM pg_catalog.pg_publication p, pg_catalog.pg_roles r " ..
+    "p.pubowner OPERATOR(pg_catalog.=) r.oid AS mine, pg_catalog.obj_description(p.oid, 'pg_publication') AS note " ..
+    "FROM pg_catalog.pg_publication p, pg_catalog.pg_roles r " ..
     "WHERE p.pubname OPERATOR(pg_catalog.=) $1 AND r.rolname OPERATOR(pg_catalog.=) CURRENT_USER", self.publication)
   if self.persistent and exists and exists[1] and not exists[1].mine then
     -- Resumed as it is, another role's publication (anyone with CREATE on the database can
@@ -603,6 +604,11 @@ function Driver:setup_publication()
       "or run flashlua as that role")
   end
   self.created_publication = not (exists and #exists > 0)
+  -- Left by an earlier persistent run of this slot: make_slot tells a slot dropped since.
+  local note = exists and exists[1] and exists[1].note
+  local tail = ", slot " .. self.slot .. ")"
+  self.earlier_run = self.persistent and type(note) == "string" and note:sub(1, #MARK) == MARK and
+    note:find("(persistent,", 1, true) ~= nil and note:sub(-#tail) == tail
   local _, list = self:wanted_tables()
   local names = {}
   for i, l in ipairs(list) do names[i] = self:qualified(l) end
@@ -788,7 +794,14 @@ function Driver:make_slot(repl, plugin)
       if not ok then repl:close() return self:slot_error(cerr, state) end
       -- This client had the slot already: someone dropped it while it ran (reconnect says
       -- what that lost).
-      if self.slot_known then self.slot_dropped = true end
+      if self.slot_known then
+        self.slot_dropped = true
+      elseif self.earlier_run then
+        log.warn(string.format("replication slot %s did not exist, but publication %s of an earlier persistent run " ..
+          "of it does: the slot was dropped after that run (pg_drop_replication_slot, or flashlua --drop-slot), and " ..
+          "the changes committed since that run stopped were not captured; capturing from now on", self.slot,
+          self.publication))
+      end
       self.created_slot = true
       log.info("created persistent replication slot " .. self.slot)
       local slots = require "flash.slots"
