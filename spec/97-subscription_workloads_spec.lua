@@ -1242,5 +1242,48 @@ describe("subscription workloads (" .. driver .. ")", function()
     assert.same(want, got)
     streamed()
   end)
+
+  -- run{ until_lsn = "current" } (batch jobs, tests) while another session's large
+  -- transaction is open and streaming: it returns once what committed is handled (the open
+  -- one commits later, if at all), and the next run of its persistent slot gets that one whole.
+  it("run{ until_lsn = \"current\" } returns while a large transaction is open and streaming", function()
+    if not WAL[driver] then return end
+    local t = H.table("a int PRIMARY KEY")
+    local slot = "h97_until_" .. PID
+    H.drop_slot(slot)
+    local got = {}
+    local function open()
+      local c = assert(flash.client { driver = driver, streaming = true, persistent = true, slot = slot,
+        publication = slot })
+      assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.a end)
+      assert(c:start())
+      return c
+    end
+    local c = open()
+    H.sql("INSERT INTO " .. t .. " VALUES (-1)")
+    local w2 = assert(flash.client { dsn = H.dsn })
+    local ok, err = pcall(function()
+      assert(w2:query("BEGIN"))
+      assert(w2:query("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 3000) g"))
+      H.sql("INSERT INTO " .. t .. " VALUES (-2)")
+      local began = core.now()
+      local cancel = flash.after(15, function() flash.stop() end)
+      assert.is_true(c:run { until_lsn = "current" })
+      cancel()
+      assert.is_true(core.now() - began < 10, "run waited for the open transaction")
+      assert.same({ -1, -2 }, got)
+      assert(w2:query("INSERT INTO " .. t .. " VALUES (3001)"))
+      assert(w2:query("COMMIT"))
+      c = open()
+      assert.is_true(c:run { until_lsn = "current" })
+      assert.equal(3003, #got)
+      assert.same({ -1, -2, 1, 2 }, { got[1], got[2], got[3], got[4] })
+      assert.equal(3001, got[#got])
+    end)
+    w2:stop()
+    if not ok then c:stop() end
+    H.drop_slot(slot)
+    assert(ok, err)
+  end)
 end)
 end
