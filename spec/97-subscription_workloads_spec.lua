@@ -5,6 +5,11 @@
 -- driver (wal_logical and pg_extension with streaming = true and logical_decoding_work_mem
 -- = 64kB, so large transactions stream or spill) and is compared with the test_decoding
 -- plugin on the same server, or with literal events API.md says a user sees.
+--
+-- By hand, the session() workloads also run without streaming (H97_NOSTREAM=1: only the
+-- "nothing was streamed" checks fail), with the client spilling every streamed change
+-- (H97_STREAM_MEMORY=1) and with wal_logical's binary = true (H97_BINARY=1: the composite
+-- column is refused at listen, as documented); all passed so on 2026-12-01.
 local flash = require "flash"
 local core = require "flash.core"
 local H = require "helpers"
@@ -216,6 +221,7 @@ describe("subscription workloads (" .. driver .. ")", function()
     if not mark_table then mark_table = H.table("id int") end
     local opts = { driver = driver, replica_identity = "full", streaming = true }
     if os.getenv("H97_NOSTREAM") then opts.streaming = false end
+    if os.getenv("H97_BINARY") then opts.binary = true end
     if os.getenv("H97_STREAM_MEMORY") then opts.stream_memory = tonumber(os.getenv("H97_STREAM_MEMORY")) end
     for k, v in pairs(extra or {}) do opts[k] = v end
     local c = assert(flash.client(opts))
@@ -542,9 +548,9 @@ describe("subscription workloads (" .. driver .. ")", function()
   end)
 
   -- 001_rep_changes: many tables in one client, one transaction over all of them.
-  it("twenty listened tables written in one transaction: every change, in order", function()
+  it("twelve listened tables written in one transaction: every change, in order", function()
     local tables = {}
-    for i = 1, 20 do tables[i] = H.table("a int PRIMARY KEY, b text") end
+    for i = 1, 12 do tables[i] = H.table("a int PRIMARY KEY, b text") end
     local events = session(tables)
     local sql = { "BEGIN;" }
     for i, t in ipairs(tables) do sql[#sql + 1] = string.format("INSERT INTO %s VALUES (%d, 'x');", t, i) end
@@ -552,10 +558,10 @@ describe("subscription workloads (" .. driver .. ")", function()
     sql[#sql + 1] = "COMMIT;"
     H.sql(table.concat(sql, "\n"))
     local got = until_mark(events)
-    assert.equal(40, #got)
+    assert.equal(24, #got)
     for i, t in ipairs(tables) do
       assert.same({ "insert", "public." .. t, { a = i, b = "x" } }, { got[i].op, got[i].table, got[i].new })
-      local u = got[40 - i + 1]
+      local u = got[24 - i + 1]
       assert.same({ "update", "public." .. t, { a = i, b = "y" }, { a = i, b = "x" } }, { u.op, u.table, u.new, u.old })
     end
   end)
@@ -984,38 +990,6 @@ describe("subscription workloads (" .. driver .. ")", function()
     end
   end)
 
-  -- 022_twophase: a prepared transaction left open holds the creation of a logical slot (it
-  -- waits for every transaction running when it began): the start says so after 3 s,
-  -- naming it and how to end it, and goes on once it is committed.
-  it("a start that waits for a prepared transaction names it", function()
-    -- (pg_extension creates its slot the same way: Driver:make_slot)
-    if driver ~= "wal_logical" then return end
-    local t = H.table("a int")
-    local gid = "h97_" .. PID .. "_stale"
-    each({ "BEGIN", "INSERT INTO @T VALUES (1)", "PREPARE TRANSACTION '@G'" }, { T = t, G = gid })
-    local c = assert(flash.client { driver = driver })
-    client = c
-    local got = {}
-    assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.a end)
-    -- COMMIT PREPARED from another process while the start waits.
-    local bg = io.popen(string.format("sleep 3.6; psql %s -qAtc %s 2>&1", H.sh_quote(H.dsn),
-      H.sh_quote("COMMIT PREPARED '" .. gid .. "'")))
-    local began = core.now()
-    local ok
-    local warned = H.warnings(function() ok = c:start() end)
-    local took = core.now() - began
-    bg:close()
-    assert.is_true(ok)
-    assert.is_true(took >= 3.5, "the start did not wait: " .. took)
-    assert.equal(1, #warned)
-    assert.matches("^creating replication slot %S+ has waited 3 s for the transactions that were running when it " ..
-      "began to end %(PostgreSQL needs them ended to start decoding%): prepared transaction '" .. gid ..
-      "' %(prepared [%d%-T:]+Z by postgres in database %S+: COMMIT PREPARED or ROLLBACK PREPARED it%)$", warned[1])
-    H.sql("INSERT INTO " .. t .. " VALUES (2)")
-    H.wait(c, got, 1, 10)
-    assert.same({ 2 }, got)
-  end)
-
   -- 006_rewrite, 009_matviews: VACUUM FULL and CLUSTER rewrite a listened table, and a
   -- materialized view over it is refreshed (its new heap's rows are no table's changes),
   -- between and inside transactions that change it.
@@ -1199,9 +1173,11 @@ describe("subscription workloads (" .. driver .. ")", function()
     assert(ok, err)
   end)
 
-  -- ... and SIGINT while it waits stops flashlua cleanly: exit status 0, and no slot,
+  -- 022_twophase: a prepared transaction left open holds the creation of a logical slot (it
+  -- waits for every transaction running when it began): after 3 s a warning names it and
+  -- how to end it, and SIGINT meanwhile stops flashlua cleanly: exit status 0, and no slot,
   -- walsender or publication left behind (the walsender's wait is cancelled).
-  it("SIGINT while the start waits for a prepared transaction: exit 0, nothing left", function()
+  it("a start held by a prepared transaction names it; SIGINT meanwhile: exit 0, nothing left", function()
     if driver ~= "wal_logical" then return end
     local t = H.table("a int")
     local gid = "h97_" .. PID .. "_sig"
@@ -1215,6 +1191,10 @@ describe("subscription workloads (" .. driver .. ")", function()
       ]], PID, PID, t))
       local h = sess.spawn({ script })
       assert.is_true(h.await("creating replication slot h97_sig_" .. PID .. " has waited 3 s", 20, "err"), h.err())
+      assert.matches("creating replication slot h97_sig_" .. PID .. " has waited 3 s for the transactions that were " ..
+        "running when it began to end %(PostgreSQL needs them ended to start decoding%): prepared transaction '" ..
+        gid .. "' %(prepared [%d%-T:]+Z by postgres in database %S+: COMMIT PREPARED or ROLLBACK PREPARED it%)\n",
+        h.err())
       h.kill("INT")
       assert.equal(0, h.wait(10), h.err())
       assert.matches("received SIGINT while creating replication slot h97_sig_" .. PID .. " %(it waited %d+ s for " ..
@@ -1267,6 +1247,78 @@ describe("subscription workloads (" .. driver .. ")", function()
     end
     assert.same(want, got)
     streamed()
+  end)
+
+  -- run{ until_lsn = "current" } (batch jobs, tests) while another session's large
+  -- transaction is open and streaming: it returns once what committed is handled (the open
+  -- one commits later, if at all), and the next run of its persistent slot gets that one whole.
+  it("run{ until_lsn = \"current\" } returns while a large transaction is open and streaming", function()
+    if not WAL[driver] then return end
+    local t = H.table("a int PRIMARY KEY")
+    local slot = "h97_until_" .. PID
+    H.drop_slot(slot)
+    local got = {}
+    local function open()
+      local c = assert(flash.client { driver = driver, streaming = true, persistent = true, slot = slot,
+        publication = slot })
+      assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.a end)
+      assert(c:start())
+      return c
+    end
+    local c = open()
+    H.sql("INSERT INTO " .. t .. " VALUES (-1)")
+    local w2 = assert(flash.client { dsn = H.dsn })
+    local ok, err = pcall(function()
+      assert(w2:query("BEGIN"))
+      assert(w2:query("INSERT INTO " .. t .. " SELECT g FROM generate_series(1, 3000) g"))
+      H.sql("INSERT INTO " .. t .. " VALUES (-2)")
+      local began = core.now()
+      local cancel = flash.after(15, function() flash.stop() end)
+      assert.is_true(c:run { until_lsn = "current" })
+      cancel()
+      assert.is_true(core.now() - began < 10, "run waited for the open transaction")
+      assert.same({ -1, -2 }, got)
+      assert(w2:query("INSERT INTO " .. t .. " VALUES (3001)"))
+      assert(w2:query("COMMIT"))
+      c = open()
+      assert.is_true(c:run { until_lsn = "current" })
+      assert.equal(3003, #got)
+      assert.same({ -1, -2, 1, 2 }, { got[1], got[2], got[3], got[4] })
+      assert.equal(3001, got[#got])
+    end)
+    w2:stop()
+    if not ok then c:stop() end
+    H.drop_slot(slot)
+    assert(ok, err)
+  end)
+
+  -- The trigger drivers keep commit order among the rows of one poll (README "Order"): a
+  -- large prepared transaction read in polls before a row that committed while it waited
+  -- for COMMIT PREPARED comes first, and a warning says so instead of silence.
+  it("a prepared transaction read in polls before a row that committed earlier: every row once, and a warning",
+    function()
+    if WAL[driver] then return end
+    local t = H.table("a int PRIMARY KEY")
+    local c = assert(flash.client { driver = driver })
+    client = c
+    local got = {}
+    assert(c:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.a end)
+    assert(c:start())
+    local warned = H.warnings(function()
+      each({ "BEGIN", "INSERT INTO @T SELECT g FROM generate_series(1, 2500) g", "PREPARE TRANSACTION '@G'",
+        "INSERT INTO @T VALUES (-1)", "COMMIT PREPARED '@G'" }, { T = t, G = "h97_" .. PID .. "_late" })
+      H.wait(c, got, 2501, 20)
+      H.settle(c, 0.2)
+    end)
+    assert.equal(2501, #got)
+    local seen = {}
+    for _, a in ipairs(got) do
+      assert.is_nil(seen[a], "twice: " .. a)
+      seen[a] = true
+    end
+    assert.same({ "1 transaction committed before another whose rows an earlier poll had delivered (it committed " ..
+      "late, e.g. a prepared transaction, while flashlua was more than 1000 captured rows behind): they arrive " ..
+      "after it; the trigger drivers keep commit order among the rows of one poll (README \"Order\")" }, warned)
   end)
 end)
 end

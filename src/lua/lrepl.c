@@ -1365,7 +1365,7 @@ static int l_fd(lua_State *L) {
 static const char *const state_fields[] = {
   "received", "flushed", "delivered", "confirmed", "server_end", "in_txn", "events", "values", "messages",
   "bytes", "largest_message", "streams_open", "stream_buffered", "stream_buffered_peak", "stream_spilled",
-  "copying", "keeper_updates", NULL
+  "copying", "keeper_updates", "passed", NULL
 };
 
 static void push_state_field(lua_State *L, const fl_repl *r, const fl_stream_state *st, int i) {
@@ -1386,7 +1386,8 @@ static void push_state_field(lua_State *L, const fl_repl *r, const fl_stream_sta
     case 13: lua_pushnumber(L, (double)st->stream_buffered_peak); break;
     case 14: lua_pushnumber(L, (double)st->stream_spilled); break;
     case 15: lua_pushboolean(L, st->copying); break;
-    default: lua_pushnumber(L, (double)st->keeper_updates); break;
+    case 16: lua_pushnumber(L, (double)st->keeper_updates); break;
+    default: lua_pushnumber(L, (double)st->passed); break;
   }
 }
 

@@ -30,6 +30,7 @@ struct fl_stream {
   fl_pgo *dec;
   int copying;
   uint64_t received, flushed, delivered, server_end, confirmed;
+  uint64_t passed;            /* a keepalive's position while nothing was being delivered */
   int64_t last_status;        /* monotonic µs of the last status update */
   int64_t unconfirmed_since;  /* monotonic µs when flushed first moved past confirmed (0: not) */
   uint32_t unconfirmed;       /* confirmations since the last status update */
@@ -518,6 +519,11 @@ static int pump_(fl_stream *s, long budget, int64_t until, int txn_end,
         if (wal_end > s->delivered) s->delivered = wal_end;
         if (wal_end > s->flushed && s->idle_confirm) s->flushed = wal_end;
       }
+      /* Every transaction that committed before wal_end has been sent before this keepalive
+       * (the walsender decodes in WAL order), so, outside a transaction or streamed block
+       * being delivered, all of them were: an open streamed transaction commits later, if
+       * at all. (For until_lsn; not a position to confirm while it is open.) */
+      if (!s->in_txn && !s->cur_open && wal_end > s->passed) s->passed = wal_end;
       if (wal_end > s->received) s->received = wal_end;
       if (reply && fl_stream_status(s, 0) != 0) rc = -1;
     } else if (buf[0] == 'w' && n >= 25) {
@@ -613,6 +619,7 @@ void fl_stream_get_state(fl_stream *s, fl_stream_state *st) {
   st->received = s->received;
   st->flushed = s->flushed;
   st->delivered = s->delivered;
+  st->passed = s->passed > s->delivered ? s->passed : s->delivered;
   st->confirmed = s->confirmed;
   st->server_end = s->server_end;
   st->in_txn = s->in_txn;

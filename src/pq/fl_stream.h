@@ -30,6 +30,8 @@ typedef struct {
   uint64_t received;        /* highest WAL position received */
   uint64_t flushed;         /* confirmed by the consumer: reported as flushed */
   uint64_t delivered;       /* every transaction before it has been handed to the consumer */
+  uint64_t passed;          /* every transaction that committed before it has been (delivered,
+                             * or a keepalive's position: open streamed ones commit later) */
   uint64_t confirmed;       /* the flushed position the last status update reported */
   uint64_t server_end;      /* the last position the server reported */
   int in_txn, copying, streams_open;

@@ -1671,6 +1671,41 @@ function Driver:confirm(pos)
   if self.client.backfills then backfill.confirmed(self.client, pos) end
 end
 
+-- Commit order holds among the rows of one fetch (README "Order"): a transaction that
+-- committed before one an earlier fetch delivered rows of (that one committed late: a
+-- prepared transaction, or one left open, while the client was more than a batch behind)
+-- comes after it. That is said, at most once a minute, rather than passed over in silence.
+-- Only after a full fetch (the client behind): a commit's timestamp is taken a moment
+-- before it becomes visible, so two commits at once may become visible in either order,
+-- and one that was not visible yet at the earlier fetch is no client's lag.
+local ORDER_WARN_EVERY = 60
+function Driver:note_order(rows)
+  local top, late, seen = self.max_cts or 0, 0, {}
+  local prev = self.fetch_was_full and top or -math.huge
+  self.fetch_was_full = #rows >= BATCH
+  for _, r in ipairs(rows) do
+    local cts = r.cts
+    if type(cts) == "number" and r.op ~= "S" then
+      if cts < prev and not seen[r.xid] then
+        seen[r.xid] = true
+        late = late + 1
+      end
+      if cts > top then top = cts end
+    end
+  end
+  self.max_cts = top
+  if late == 0 then return end
+  self.late_xacts = (self.late_xacts or 0) + late
+  local now = core.now()
+  if self.order_warned_at and now - self.order_warned_at < ORDER_WARN_EVERY then return end
+  self.order_warned_at = now
+  log.warn(string.format("%d transaction%s committed before another whose rows an earlier poll had delivered " ..
+    "(it committed late, e.g. a prepared transaction, while flashlua was more than %d captured rows behind): " ..
+    "they arrive after it; the trigger drivers keep commit order among the rows of one poll (README \"Order\")",
+    self.late_xacts, self.late_xacts == 1 and "" or "s", BATCH))
+  self.late_xacts = 0
+end
+
 -- SQL that deletes the rows whose seqs are the int8[] `seqs` (an SQL expression: a
 -- parameter of the prepared delete, or the literal of delete_handled_sql).
 function Driver:delete_sql(seqs)
@@ -1813,6 +1848,7 @@ function Driver:fetch()
     if before(rows[i], rows[i - 1]) then table.sort(rows, before) break end
   end
   self.continuing = #rows >= BATCH and rows[#rows].xid or nil
+  if self.commit_ts then self:note_order(rows) end
   -- Columns as the catalog says now: for every relation of the batch when there are no
   -- shape markers (no event trigger), else only for relations not seen yet.
   local seen, oids, unknown = {}, {}, {}

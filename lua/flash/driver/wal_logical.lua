@@ -1469,7 +1469,8 @@ function Driver:step()
   self:heartbeat()
   if self.until_lsn and not self.reached then
     -- Delivered, acknowledged or not: under manual acks a stop hook may acknowledge last.
-    if handover.position(self, { delivered = self.repl:state("delivered") }, "delivered") >= self.until_lsn then
+    -- ("passed": a streamed transaction still open commits after the target, if at all.)
+    if handover.position(self, { delivered = self.repl:state("passed") }, "delivered") >= self.until_lsn then
       self.reached = true
     else
       local now = core.now()
