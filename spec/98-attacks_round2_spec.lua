@@ -149,6 +149,46 @@ describe("attacks, round 2", function()
     end)
   end
 
+  -- A condition's values were read with CAST(text AS the column's type), which picks a cast
+  -- from text that the type's owner made: its function ran as flashlua at listen.
+  it("runs no cast from text a type's owner made while reading a condition's values (every driver)", function()
+    local t = owned("CREATE TYPE %s_mood AS ENUM ('sad', 'happy'); " ..
+      "CREATE FUNCTION %s_cast(text) RETURNS %s_mood LANGUAGE plpgsql AS $f$ BEGIN PERFORM " .. S .. ".pwn('cast'); " ..
+      "RETURN pg_catalog.enum_in($1::cstring, '%s_mood'::regtype); END $f$; CREATE CAST (text AS %s_mood) WITH " ..
+      "FUNCTION %s_cast(text); CREATE TABLE %s (id int PRIMARY KEY, m %s_mood); ALTER TABLE %s REPLICA IDENTITY FULL")
+    for _, driver in ipairs(H.drivers) do
+      local events
+      client, events = H.listen({ table = t, where = { { "m", "in", { "happy" } } } }, "all",
+        { driver = driver, replica_identity = "full" })
+      local c = owner()
+      assert(c:exec("INSERT INTO " .. t .. " VALUES (1, 'sad'), (2, 'happy'); DELETE FROM " .. t, 0))
+      c:close()
+      collect(client, events, 2)
+      client:stop() client = nil
+      assert.same({}, ran_as_other(), driver)
+      assert.is_false(is_super())
+      local got = {}
+      for i, ev in ipairs(events) do got[i] = ev.op .. " " .. (ev.new or ev.old).id .. " " .. (ev.new or ev.old).m end
+      assert.same({ "insert 2 happy", "delete 2 happy" }, got, driver)
+    end
+  end)
+
+  -- A chunk after the first reads from the last key read, written as a literal of the key
+  -- column's type: a domain's input runs its CHECK, which ran as flashlua at every chunk.
+  it("runs no CHECK of a domain a table is keyed by while backfilling it in chunks (trigger)", function()
+    local t = owned("CREATE DOMAIN %s_k AS int CHECK (" .. S .. ".pwn('domain') = 0); " ..
+      "CREATE TABLE %s (id %s_k PRIMARY KEY); INSERT INTO %s SELECT g FROM generate_series(1, 5) g; " ..
+      "CREATE TABLE %s_a (id %s_k[] PRIMARY KEY); INSERT INTO %s_a SELECT ARRAY[g, g] FROM generate_series(1, 5) g")
+    for _, tbl in ipairs({ t, t .. "_a" }) do
+      local events, err = backfill("trigger", tbl, 2)
+      client:stop() client = nil
+      assert.is_nil(err)
+      assert.equal(5, #events)
+      assert.same({}, ran_as_other(), tbl)
+    end
+    assert.is_false(is_super())
+  end)
+
   it("runs no index predicate, statistics expression or children's CHECK of a table's owner while backfilling (trigger)",
     function()
     local cases = {

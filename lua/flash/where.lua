@@ -135,6 +135,7 @@ function M.prepare(l, d)
       local rows, err = d:exec([[
         SELECT pg_catalog.format_type($2::oid, NULL) AS tname,
           (SELECT typtype::text FROM pg_catalog.pg_type WHERE oid = $2::oid) AS typtype,
+          (SELECT typdelim::text FROM pg_catalog.pg_type WHERE oid = $2::oid) AS delim,
           CASE WHEN a.attcollation OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN ''
                WHEN co.collname = 'default' THEN
                  (SELECT coalesce(pg_catalog.to_jsonb(db)->>'datlocprovider', 'c') || ':' || db.datcollate::text
@@ -153,18 +154,23 @@ function M.prepare(l, d)
       end
       p.kind = kind
       local values = c.op == "in" and c.value or { c.value }
-      -- One text[] parameter, one row per value: an `in` list of any length (a column
-      -- per value would stop at PostgreSQL's 1,664 target-list entries).
+      -- One array parameter, one row per value: an `in` list of any length (a column per
+      -- value would stop at PostgreSQL's 1,664 target-list entries). The parameter is of
+      -- the column's type's array, so each value is read by the type's input function: a
+      -- CAST from text would call a cast the type's owner made (CREATE CAST (text AS
+      -- its_enum) WITH FUNCTION ...), which ran with flashlua's privileges.
       local elems = {}
       for j, v in ipairs(values) do
         elems[j] = '"' .. literal_text(v):gsub('[\\"]', "\\%0") .. '"'
       end
       local list = {}
       if #elems > 0 then
-        rows, err = d:exec("SELECT pg_catalog.format('%s', CAST(u.x AS " .. info.tname .. ")) AS v " ..
-          "FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, ",") .. "}")
+        rows, err = d:exec("SELECT pg_catalog.format('%s', u.x) AS v FROM pg_catalog.unnest($1::" .. info.tname ..
+          "[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, info.delim or ",") .. "}")
         if not rows then
-          return nil, string.format("invalid 'where' for %s: %s", l.table_name, (tostring(err):gsub("%s+$", "")))
+          -- (Without the CONTEXT line naming the parameter: it quotes nothing the user wrote.)
+          return nil, string.format("invalid 'where' for %s: %s", l.table_name,
+            (tostring(err):gsub("\nCONTEXT:  unnamed portal parameter.*$", ""):gsub("%s+$", "")))
         end
         for j = 1, #elems do
           local text = rows[j].v
