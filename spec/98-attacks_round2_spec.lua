@@ -189,6 +189,43 @@ describe("attacks, round 2", function()
     assert.is_false(is_super())
   end)
 
+  -- spec/92's schema named after flashlua's role (the "$user" of its search path), now
+  -- with operators for a type of the table's owner that pg_catalog has no exact one for:
+  -- the backfill's keyset comparison (`>`) and a where's test plan (`=`, which the planner
+  -- runs against the column's statistics) picked them.
+  it("runs no operator of a schema named after its role on a table owner's enum (trigger)", function()
+    local t = owned("CREATE TYPE %s_e AS ENUM ('a', 'b', 'c'); CREATE TABLE %s (m %s_e PRIMARY KEY, v int); " ..
+      "INSERT INTO %s SELECT e, 1 FROM pg_catalog.unnest(enum_range(NULL::%s_e)) e; ANALYZE %s")
+    local shadow = '"' .. ME .. '"'
+    local c = owner()
+    local ok, err = pcall(function()
+      for _, o in ipairs({ { "=", "enum_eq", "eqsel" }, { ">", "enum_gt", "scalargtsel" } }) do
+        assert(c:exec(string.format([[CREATE SCHEMA IF NOT EXISTS %s; GRANT USAGE ON SCHEMA %s TO PUBLIC;
+          CREATE FUNCTION %s.%s(%s_e, %s_e) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN PERFORM %s.pwn('%s');
+          RETURN pg_catalog.%s($1, $2); END $f$;
+          CREATE OPERATOR %s.%s (LEFTARG = %s_e, RIGHTARG = %s_e, FUNCTION = %s.%s, RESTRICT = %s)]],
+          shadow, shadow, shadow, o[2], t, t, S, o[1], o[2], shadow, o[1], t, t, shadow, o[2], o[3]), 0))
+      end
+      local events
+      client, events = H.listen({ table = t, where = { m = "b" } }, "all", { driver = "trigger" })
+      local ins = assert(owner())
+      assert(ins:exec("UPDATE " .. t .. " SET v = 2", 0))
+      ins:close()
+      collect(client, events, 1)
+      client:stop() client = nil
+      assert.same({ "update b 2" }, { events[1] and (events[1].op .. " " .. events[1].new.m .. " " .. events[1].new.v) })
+      local reads, berr = backfill("trigger", t, 1)
+      client:stop() client = nil
+      assert.is_nil(berr)
+      assert.equal(3, #reads)
+    end)
+    c:exec("DROP SCHEMA IF EXISTS " .. shadow .. " CASCADE", 0)
+    c:close()
+    assert(ok, err)
+    assert.same({}, ran_as_other())
+    assert.is_false(is_super())
+  end)
+
   it("runs no index predicate, statistics expression or children's CHECK of a table's owner while backfilling (trigger)",
     function()
     local cases = {

@@ -652,7 +652,10 @@ function Backfill:chunk_sql(cur, token)
         local v = cur.after[i]
         lits[i] = (v == nil or v == core.null) and "NULL" or (d:literal(v) .. "::" .. typ)
       end
-      after = " WHERE (" .. self.keylist .. ") > (" .. table.concat(lits, ", ") .. ")"
+      -- pg_catalog's operator: for a key type it has no exact `>` for (an enum, an array, a
+      -- domain against its base), one in a schema named after our role (the "$user" of the
+      -- search path, anyone's with CREATE on the database) was picked, and ran as flashlua.
+      after = " WHERE (" .. self.keylist .. ") OPERATOR(pg_catalog.>) (" .. table.concat(lits, ", ") .. ")"
     end
     sql = "SELECT " .. self.select .. " FROM " .. self.qualified .. " t" .. after ..
       " ORDER BY " .. self.keylist .. " LIMIT " .. self.chunk

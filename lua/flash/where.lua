@@ -93,6 +93,11 @@ M.literal_text = literal_text
 -- The SQL of conditions `conds` on row `rec` ("t", "NEW"), or nil without any; `d` quotes
 -- (d:ident, d:value_literal: flash.driver.base). Drivers test-plan it at listen, so that a
 -- bad value fails there with PostgreSQL's words; conditions are evaluated on arrival.
+--
+-- Operators are pg_catalog's (OPERATOR(pg_catalog.=), an `in` as ORs of it): for a type it
+-- has no exact operator for (an enum, a domain), one in a schema named after our role (the
+-- "$user" of the search path, anyone's with CREATE on the database) was picked, and the
+-- planner ran its function as flashlua, comparing the value with the column's statistics.
 function M.sql(conds, rec, d)
   if #conds == 0 then return nil end
   local parts = {}
@@ -108,11 +113,11 @@ function M.sql(conds, rec, d)
         parts[#parts + 1] = "false"
       else
         local vals = {}
-        for i, v in ipairs(c.value) do vals[i] = d:value_literal(v) end
-        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
+        for i, v in ipairs(c.value) do vals[i] = col .. " OPERATOR(pg_catalog.=) " .. d:value_literal(v) end
+        parts[#parts + 1] = "(" .. table.concat(vals, " OR ") .. ")"
       end
     else
-      parts[#parts + 1] = col .. " " .. op .. " " .. d:value_literal(c.value)
+      parts[#parts + 1] = col .. " OPERATOR(pg_catalog." .. op .. ") " .. d:value_literal(c.value)
     end
   end
   return "(" .. table.concat(parts, " AND ") .. ")"
