@@ -218,6 +218,17 @@ describe("attacks, round 2", function()
       client:stop() client = nil
       assert.is_nil(berr)
       assert.equal(3, #reads)
+      -- Nor while it names the index it refuses a backfill for (an oid compared with an int).
+      assert(c:exec(string.format([[CREATE FUNCTION %s.oideq(oid, int) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN
+        PERFORM %s.pwn('oid = int'); RETURN $1 OPERATOR(pg_catalog.=) $2::oid; END $f$;
+        CREATE OPERATOR %s.= (LEFTARG = oid, RIGHTARG = int, FUNCTION = %s.oideq);
+        CREATE INDEX %s_x ON %s ((v + %s.f()))]], shadow, S, shadow, shadow, t:match("%.(.*)$"), t, S), 0))
+      H.sql("DELETE FROM " .. LOG)
+      reads, berr = backfill("trigger", t, 1)
+      client:stop() client = nil
+      assert.equal(0, #reads)
+      assert.equal("backfill of " .. t .. " failed: " .. fold_msg("index " .. t:match("%.(.*)$") .. "_x", t,
+        "planning the backfill's reads"), tostring(berr):match("backfill of .*$"))
     end)
     c:exec("DROP SCHEMA IF EXISTS " .. shadow .. " CASCADE", 0)
     c:close()
