@@ -154,8 +154,8 @@ function M.foreign_code_sql(kinds)
         AND dp.refclassid]] .. eq .. [[ANY ('{1255,2617}'::pg_catalog.oid[])) AS dp)
     SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) AS rel,
       CASE f.what WHEN 'partition key' THEN f.what ELSE pg_catalog.concat(f.what, ' ', pg_catalog.quote_ident(
-        CASE f.classid WHEN 1259 THEN (SELECT x.relname::pg_catalog.text FROM pg_catalog.pg_class x WHERE x.oid]] .. eq .. [[f.objid)
-          WHEN 3381 THEN (SELECT x.stxname::pg_catalog.text FROM pg_catalog.pg_statistic_ext x WHERE x.oid]] .. eq .. [[f.objid)
+        CASE f.classid WHEN 1259::pg_catalog.oid THEN (SELECT x.relname::pg_catalog.text FROM pg_catalog.pg_class x WHERE x.oid]] .. eq .. [[f.objid)
+          WHEN 3381::pg_catalog.oid THEN (SELECT x.stxname::pg_catalog.text FROM pg_catalog.pg_statistic_ext x WHERE x.oid]] .. eq .. [[f.objid)
           ELSE (SELECT x.conname::pg_catalog.text FROM pg_catalog.pg_constraint x WHERE x.oid]] .. eq .. [[f.objid) END)) END AS what,
       p.oid::pg_catalog.regprocedure::pg_catalog.text AS fn, r.rolname::pg_catalog.text AS owner
     FROM f JOIN pg_catalog.pg_proc p ON p.oid]] .. eq .. [[f.fn

@@ -31,13 +31,13 @@ end
 -- A record is one line, or more only by lines that cannot pass for records of their own:
 -- names and values quoted in a message come from the database, and a table renamed to
 -- "t\n2026-12-01T00:00:00Z ERROR ..." forged a line of its own in the log. So control
--- characters but tab and newline are written as \xNN, and every line after a record's
--- first starts with white space (two spaces added where it does not), but for Lua's
--- "stack traceback:", whose frames start with a tab.
+-- characters but tab and newline are written as \xNN, and a line after a record's first
+-- that begins as a record can (a digit: the time; "flashlua:"; "{": a JSON record; "<": a
+-- syslog priority, which journald reads) gets two spaces before it.
 local function control(c) return string.format("\\x%02x", c:byte()) end
 local function continued(line)
-  if line == "" or line:find("^[\t ]") or line:find("^stack traceback:") then return "\n" .. line end
-  return "\n  " .. line
+  if line:find("^[%d{<]") or line:find("^flashlua:") then return "\n  " .. line end
+  return "\n" .. line
 end
 local function text_escape(s)
   core = core or require "flash.core"

@@ -93,6 +93,11 @@ M.literal_text = literal_text
 -- The SQL of conditions `conds` on row `rec` ("t", "NEW"), or nil without any; `d` quotes
 -- (d:ident, d:value_literal: flash.driver.base). Drivers test-plan it at listen, so that a
 -- bad value fails there with PostgreSQL's words; conditions are evaluated on arrival.
+--
+-- Operators are pg_catalog's (OPERATOR(pg_catalog.=), an `in` as ORs of it): for a type it
+-- has no exact operator for (an enum, a domain), one in a schema named after our role (the
+-- "$user" of the search path, anyone's with CREATE on the database) was picked, and the
+-- planner ran its function as flashlua, comparing the value with the column's statistics.
 function M.sql(conds, rec, d)
   if #conds == 0 then return nil end
   local parts = {}
@@ -108,11 +113,11 @@ function M.sql(conds, rec, d)
         parts[#parts + 1] = "false"
       else
         local vals = {}
-        for i, v in ipairs(c.value) do vals[i] = d:value_literal(v) end
-        parts[#parts + 1] = col .. " IN (" .. table.concat(vals, ", ") .. ")"
+        for i, v in ipairs(c.value) do vals[i] = col .. " OPERATOR(pg_catalog.=) " .. d:value_literal(v) end
+        parts[#parts + 1] = "(" .. table.concat(vals, " OR ") .. ")"
       end
     else
-      parts[#parts + 1] = col .. " " .. op .. " " .. d:value_literal(c.value)
+      parts[#parts + 1] = col .. " OPERATOR(pg_catalog." .. op .. ") " .. d:value_literal(c.value)
     end
   end
   return "(" .. table.concat(parts, " AND ") .. ")"
@@ -135,6 +140,7 @@ function M.prepare(l, d)
       local rows, err = d:exec([[
         SELECT pg_catalog.format_type($2::oid, NULL) AS tname,
           (SELECT typtype::text FROM pg_catalog.pg_type WHERE oid = $2::oid) AS typtype,
+          (SELECT typdelim::text FROM pg_catalog.pg_type WHERE oid = $2::oid) AS delim,
           CASE WHEN a.attcollation OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN ''
                WHEN co.collname = 'default' THEN
                  (SELECT coalesce(pg_catalog.to_jsonb(db)->>'datlocprovider', 'c') || ':' || db.datcollate::text
@@ -153,18 +159,23 @@ function M.prepare(l, d)
       end
       p.kind = kind
       local values = c.op == "in" and c.value or { c.value }
-      -- One text[] parameter, one row per value: an `in` list of any length (a column
-      -- per value would stop at PostgreSQL's 1,664 target-list entries).
+      -- One array parameter, one row per value: an `in` list of any length (a column per
+      -- value would stop at PostgreSQL's 1,664 target-list entries). The parameter is of
+      -- the column's type's array, so each value is read by the type's input function: a
+      -- CAST from text would call a cast the type's owner made (CREATE CAST (text AS
+      -- its_enum) WITH FUNCTION ...), which ran with flashlua's privileges.
       local elems = {}
       for j, v in ipairs(values) do
         elems[j] = '"' .. literal_text(v):gsub('[\\"]', "\\%0") .. '"'
       end
       local list = {}
       if #elems > 0 then
-        rows, err = d:exec("SELECT pg_catalog.format('%s', CAST(u.x AS " .. info.tname .. ")) AS v " ..
-          "FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, ",") .. "}")
+        rows, err = d:exec("SELECT pg_catalog.format('%s', u.x) AS v FROM pg_catalog.unnest($1::" .. info.tname ..
+          "[]) WITH ORDINALITY AS u(x, i) ORDER BY u.i", "{" .. table.concat(elems, info.delim or ",") .. "}")
         if not rows then
-          return nil, string.format("invalid 'where' for %s: %s", l.table_name, (tostring(err):gsub("%s+$", "")))
+          -- (Without the CONTEXT line naming the parameter: it quotes nothing the user wrote.)
+          return nil, string.format("invalid 'where' for %s: %s", l.table_name,
+            (tostring(err):gsub("\nCONTEXT:  unnamed portal parameter.*$", ""):gsub("%s+$", "")))
         end
         for j = 1, #elems do
           local text = rows[j].v
