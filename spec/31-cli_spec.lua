@@ -223,10 +223,8 @@ print(arg[0], arg[1], arg[2], #arg, select("#", ...), (...))
       local rc, out, err = run_env({ path }, { FLASH_DSN = "", DATABASE_URL = "", PGHOST = "/nonexistent" })
       assert.are.equal(1, rc)
       assert.are.equal("", out)
-      -- Every line after an error's first starts with white space (flash.log: no line of a
-      -- message can pass for a record of its own).
       assert.are.equal("flashlua: " .. path .. ":2: " .. NO_SERVER ..
-        "  (no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, or pass flash.client{ dsn = ... }; " ..
+        "(no DSN was given: use flashlua -d DSN, set FLASH_DSN or DATABASE_URL, or pass flash.client{ dsn = ... }; " ..
         "libpq's defaults and PG* variables were tried)\n", err)
     end)
 
@@ -241,7 +239,7 @@ client:listen { table = "t" }
       assert.are.equal("", out)
       assert.are.equal("flashlua: " .. path .. ":3: attempt to index local 'client' (a nil value)\n" ..
         "flashlua: that nil may come from flash.client: " .. NO_SERVER ..
-        "  (write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n", err)
+        "(write assert(flash.client{...}) and assert(client:listen{...}) to stop at the cause)\n", err)
     end)
 
     it("flash.stop() from a timer ends the loop: exit 0 and nothing left", function()
