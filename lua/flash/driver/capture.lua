@@ -536,6 +536,9 @@ function Driver:schema_sql()
     -- later (DETACH PARTITION, NO INHERIT, DROP). Logged, whatever the events table is.
     "CREATE TABLE IF NOT EXISTS " .. S .. ".routes (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, " ..
       "listener integer NOT NULL, roots oid[] NOT NULL)",
+    -- `rank`: the `trigger` driver's listener as its rank among the listeners of its table
+    -- (Driver:route_tag); NULL in routes of an older flashlua, which name the listener id.
+    "ALTER TABLE " .. S .. ".routes ADD COLUMN IF NOT EXISTS rank integer",
     -- The last columns (and name) the client knew of each relation it captured from, as a
     -- shape marker's JSON: rows of a relation dropped before they were read are decoded by it.
     "CREATE TABLE IF NOT EXISTS " .. S .. ".relations (rel oid PRIMARY KEY, shape text NOT NULL)",
@@ -821,37 +824,46 @@ end
 -- routes existed (a persistent schema of an older flashlua, until its triggers are made
 -- again at start): their rows go by the catalog when read, as they did.
 
-local function add_route(self, id, listener, roots_text)
+local function route_key(listener, roots_text, rank)
+  return (rank and "r" .. rank or tostring(listener)) .. ":" .. roots_text
+end
+
+local function add_route(self, id, listener, roots_text, rank)
   local roots = {}
   for oid in roots_text:gmatch("%d+") do roots[#roots + 1] = tonumber(oid) end
-  self.routes[id] = { listener = listener, roots = roots }
-  self.route_ids[listener .. ":" .. roots_text] = id
+  self.routes[id] = { listener = listener, roots = roots, rank = rank }
+  self.route_ids[route_key(listener, roots_text, rank)] = id
 end
 
 -- Reads the schema's routes (at every install: a schema made again has none).
 function Driver:load_routes()
   self.routes, self.route_ids, self.route_lists = {}, {}, {}
-  local rows, err = self:exec("SELECT id, listener, pg_catalog.array_to_string(roots, ',') AS roots FROM " ..
+  local rows, err = self:exec("SELECT id, listener, pg_catalog.array_to_string(roots, ',') AS roots, rank FROM " ..
     self:ident(self.schema) .. ".routes")
   if not rows then return nil, err end
-  for _, r in ipairs(rows) do add_route(self, r.id, r.listener, r.roots) end
+  for _, r in ipairs(rows) do add_route(self, r.id, r.listener, r.roots, r.rank ~= core.null and r.rank or nil) end
   return true
 end
 
 -- The tag of a trigger that captures for listener `listener` (0: all of them) of the listened
 -- tables whose oids are the keys of `roots`; the route is made on first use. Or nil, err.
-function Driver:route_tag(listener, roots)
+-- A `rank` (the `trigger` driver: the listener's rank among its table's listeners) is what
+-- routes its rows, here and in the next runs of a persistent schema: listener ids are
+-- creation order over every table, so a script that adds or removes a listener of another
+-- table gives them to other listeners (the rows of a removed one's successor went nowhere).
+function Driver:route_tag(listener, roots, rank)
   local list = {}
   for oid in pairs(roots) do list[#list + 1] = string.format("%d", oid) end
   table.sort(list)
   local text = table.concat(list, ",")
-  local id = self.route_ids[listener .. ":" .. text]
+  local id = self.route_ids[route_key(listener, text, rank)]
   if not id then
-    local rows, err = self:exec("INSERT INTO " .. self:ident(self.schema) .. ".routes (listener, roots) " ..
-      "VALUES ($1::pg_catalog.int4, $2::pg_catalog.oid[]) RETURNING id", string.format("%d", listener), "{" .. text .. "}")
+    local rows, err = self:exec("INSERT INTO " .. self:ident(self.schema) .. ".routes (listener, roots, rank) " ..
+      "VALUES ($1::pg_catalog.int4, $2::pg_catalog.oid[], NULLIF($3::pg_catalog.int4, 0)) RETURNING id",
+      string.format("%d", listener), "{" .. text .. "}", string.format("%d", rank or 0))
     if not rows then return nil, err end
     id = rows[1].id
-    add_route(self, id, listener, text)
+    add_route(self, id, listener, text, rank)
   end
   return -id
 end
@@ -865,7 +877,7 @@ function Driver:route_listeners(tag)
   local route = self.routes[-tag]
   if route then
     for _, l in ipairs(self.client.listeners) do
-      if route.listener == 0 or route.listener == l.id then
+      if route.listener == 0 or (route.rank and route.rank == l.rank) or (not route.rank and route.listener == l.id) then
         for _, oid in ipairs(route.roots) do
           if l.table.oid == oid then list[#list + 1] = l break end
         end

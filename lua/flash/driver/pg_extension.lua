@@ -143,8 +143,15 @@ function Driver.definition(_, l, any_ops)
   local d = { ops = pgarray(ops), cols = pgarray(cols), pk = pgarray(pk),
               lists = { f = cols or {}, k = pk or {}, c = cond_cols, t = cond_cols },
               conds = #conds > 0 and ("[" .. table.concat(conds, ",") .. "]") or core.null }
-  d.note = table.concat({ "flashlua #" .. l.id, string.format("%d", l.table.oid), d.ops, tostring(d.cols),
-    tostring(d.conds), tostring(d.pk) }, " ")
+  -- The note names the listener by its rank among its table's listeners (l.rank), which a
+  -- script that adds or removes listeners of other tables keeps: by its id (creation order
+  -- over every table, as until December 2026, still recognised as `legacy`), a restart
+  -- without a listener of one table replaced the registrations of the later ones, and what
+  -- was committed for them while no instance ran went to registrations nobody read.
+  local rest = table.concat({ string.format("%d", l.table.oid), d.ops, tostring(d.cols), tostring(d.conds),
+    tostring(d.pk) }, " ")
+  d.note = "flashlua table#" .. l.rank .. " " .. rest
+  d.legacy = "flashlua #" .. l.id .. " " .. rest
   return d
 end
 
@@ -182,7 +189,10 @@ function Driver:register_all()
   for _, l in ipairs(self.client.listeners) do
     local d = not l.dropped and self:definition(l)
     if d then
-      local id = have[d.note]
+      -- Or a registration an older flashlua made for it (its note names the id): kept, its
+      -- changes are this listener's.
+      local id = have[d.note] or have[d.legacy]
+      if id and keep[id] then id = nil end
       if not id then
         id, err = self:listen_sql(l, d)
         if not id then
