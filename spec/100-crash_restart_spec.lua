@@ -319,3 +319,194 @@ describe("PostgreSQL killed (pg_ctl restart -m immediate) while a persistent cli
     end)
   end
 end)
+
+describe("kill -9 of a flashlua writing into Redis (flash.sink.redis)", function()
+  local core = require "flash.core"
+  local json = require "flash.json"
+  local s = H.session()
+  local name = "flash_spec100_redis"
+  local f = H.redis_fixture(s, name, 7)
+  before_each(f.setup)
+  after_each(function()
+    f.teardown()
+    H.sql("DROP SCHEMA IF EXISTS " .. name .. " CASCADE")
+  end)
+
+  -- Every entry of the two partition streams, as decoded events with the entry's id field.
+  local function all_entries()
+    local conn = assert(core.redis_connect("127.0.0.1", f.port, 2))
+    local replies = assert(conn:pipeline({ { "XRANGE", "flash:0", "-", "+" }, { "XRANGE", "flash:1", "-", "+" } }))
+    conn:close()
+    local out = {}
+    for p = 1, 2 do
+      for _, e in ipairs(replies[p]) do
+        local ev = json.decode(e[2][4])
+        ev.entry_id, ev.partition = e[2][2], p - 1
+        out[#out + 1] = ev
+      end
+    end
+    return out
+  end
+
+  for _, driver in ipairs { "trigger_global", "wal_logical", "pg_extension" } do
+    it(driver .. ": the next run writes every committed change, each row's in order, none invented", function()
+      local t = H.table("id int PRIMARY KEY, v int")
+      H.redis_start(f.dir, f.port)
+      local path = s.script(string.format([[
+local flash = require "flash"
+local sink = require("flash.sink.redis").new { url = "redis://127.0.0.1:%d", partitions = 2, batch = 50 }
+local c = assert(flash.client { driver = %q, persistent = true, slot = %q, schema = %q, ack = "manual",
+  replica_identity = "full" })
+assert(c:listen { table = %q }):on("all", function(ev)
+  require("flash.core").sleep(0.0003)
+  return sink(ev)
+end)
+assert(c:start())
+io.stderr:write("ready\n") io.stderr:flush()
+assert(flash.run())
+]], f.port, driver, name, name, t))
+      local h = s.spawn({ path })
+      assert.is_true(h.await("ready", 15, "err"), h.err())
+      for i = 0, 9 do
+        H.sql(string.format("INSERT INTO %s SELECT g, 0 FROM generate_series(%d, %d) g", t, i * 200 + 1, i * 200 + 200))
+      end
+      H.sql("UPDATE " .. t .. " SET v = 1 WHERE id % 7 = 0")
+      assert.is_true(H.wait_for(function() return #all_entries() >= 300 end, 20), h.err())
+      h.kill("KILL")
+      assert.equal(137, h.wait(10))
+      local before = #all_entries()
+      H.sql("DELETE FROM " .. t .. " WHERE id % 5 = 0")
+      h = s.spawn({ path })
+      local want = 2000 + math.floor(2000 / 7) + 2000 / 5
+      local uniq
+      assert.is_true(H.wait_for(function()
+        uniq = {}
+        local n = 0
+        for _, ev in ipairs(all_entries()) do
+          local row = ev.op == "delete" and ev.old or ev.new
+          local k = string.format("%s %d %d", ev.op, row.id, row.v)
+          if not uniq[k] then uniq[k] = true n = n + 1 end
+        end
+        return n >= want
+      end, 40), h.err())
+      h.kill("TERM")
+      assert.equal(0, h.wait(20), h.err())
+      -- Every change once or more; none invented; a row's first entries in the order made.
+      local expect = {}
+      for i = 1, 2000 do
+        expect["insert " .. i .. " 0"] = 1
+        if i % 7 == 0 then expect["update " .. i .. " 1"] = 2 end
+        if i % 5 == 0 then expect["delete " .. i .. " " .. (i % 7 == 0 and 1 or 0)] = 3 end
+      end
+      local last, firsts, total = {}, {}, 0
+      for _, ev in ipairs(all_entries()) do
+        total = total + 1
+        local row = ev.op == "delete" and ev.old or ev.new
+        local k = string.format("%s %d %d", ev.op, row.id, row.v)
+        assert.is_not_nil(expect[k], "invented: " .. k)
+        if not firsts[k] then
+          firsts[k] = true
+          assert.is_true((last[row.id] or 0) < expect[k], "row " .. row.id .. " out of order at " .. k)
+          last[row.id] = expect[k]
+        end
+        if driver ~= "trigger_global" then assert.equal(ev.id, ev.entry_id) end
+      end
+      local missing = {}
+      for k in pairs(expect) do if not firsts[k] then missing[#missing + 1] = k end end
+      assert.same({}, missing)
+      print(string.format("\n  %s: %d entries for %d changes (%d before the kill)", driver, total, want, before))
+    end)
+  end
+end)
+
+describe("replaying a 200 MB backlog after a kill -9", function()
+  local s = H.session()
+  local name = "flash_spec100_mem"
+  after_each(function()
+    s.cleanup()
+    H.sql("DROP SCHEMA IF EXISTS " .. name .. " CASCADE")
+    H.drop_slot(name)
+  end)
+
+  for _, driver in ipairs { "trigger", "trigger_global", "trigger_statement", "wal_logical", "pg_extension" } do
+    it(driver .. ": delivers it in bounded memory", function()
+      local t = H.table("id int PRIMARY KEY, v text")
+      local path = s.script(string.format([[
+local flash = require "flash"
+local mem = dofile(%q)
+local c = assert(flash.client { driver = %q, persistent = true, slot = %q, schema = %q, replica_identity = "full" })
+local n, bytes = 0, 0
+assert(c:listen { table = %q }):on("insert", function(ev)
+  n = n + 1
+  bytes = bytes + #ev.new.v
+  if n == 100 then
+    local peak = mem()
+    io.write(string.format("done %%d %%d peak %%.0f\n", n, bytes, peak)) io.stdout:flush()
+  end
+end)
+assert(c:start())
+collectgarbage()
+local _, base = mem()
+io.write(string.format("base %%.0f\n", base)) io.stdout:flush()
+io.stderr:write("ready\n") io.stderr:flush()
+assert(flash.run())
+]], H.root .. "spec/child_mem.lua", driver, name, name, t))
+      local h = s.spawn({ path })
+      assert.is_true(h.await("ready", 15, "err"), h.err())
+      h.kill("KILL")
+      h.wait(10)
+      -- 100 rows of 2 MB of text each (compressed in the table: TOAST).
+      H.sql("INSERT INTO " .. t .. " SELECT g, repeat(chr(65 + g % 26), 2097152) FROM generate_series(1, 100) g")
+      h = s.spawn({ path })
+      assert.is_true(h.await("done ", 60), h.out() .. h.err())
+      h.kill("TERM")
+      h.wait(20)
+      local base = tonumber(h.out():match("base (%d+)"))
+      local n, bytes, peak = h.out():match("done (%d+) (%d+) peak (%d+)")
+      print(string.format("\n  %s: base %d MB, peak %d MB for a backlog of %s bytes", driver, base, peak, bytes))
+      assert.equal("100", n)
+      assert.is_true(tonumber(peak) - base < 100, "peak " .. peak .. " MB over a baseline of " .. base)
+    end)
+  end
+end)
+
+describe("kill -9 while a 50 MB row is delivered", function()
+  local s = H.session()
+  local name = "flash_spec100_bigrow"
+  after_each(function()
+    s.cleanup()
+    H.sql("DROP SCHEMA IF EXISTS " .. name .. " CASCADE")
+    H.drop_slot(name)
+  end)
+
+  for _, driver in ipairs { "trigger", "trigger_statement", "wal_logical", "pg_extension" } do
+    it(driver .. ": the next run delivers it again, whole, before what came after", function()
+      local t = H.table("id int PRIMARY KEY, v text")
+      local path = s.script(string.format([[
+local flash = require "flash"
+local core = require "flash.core"
+local c = assert(flash.client { driver = %q, persistent = true, slot = %q, schema = %q, replica_identity = "full" })
+assert(c:listen { table = %q }):on("insert", function(ev)
+  local v = ev.new.v
+  io.write("got ", ev.new.id, " ", #v, " ", tostring(v == string.rep("0123456789", #v / 10)), "\n") io.stdout:flush()
+  if os.getenv("FLASH_SPEC_SLOW") then core.sleep(3) end
+end)
+assert(c:start())
+io.stderr:write("ready\n") io.stderr:flush()
+assert(flash.run())
+]], driver, name, name, t))
+      local h = s.spawn({ path }, { FLASH_SPEC_SLOW = "1" })
+      assert.is_true(h.await("ready", 15, "err"), h.err())
+      H.sql("INSERT INTO " .. t .. " VALUES (1, repeat('0123456789', 5242880))")
+      H.sql("INSERT INTO " .. t .. " VALUES (2, '0123456789')")
+      assert.is_true(h.await("got 1 52428800 true", 60), h.out() .. h.err())
+      h.kill("KILL")
+      assert.equal(137, h.wait(10))
+      h = s.spawn({ path })
+      assert.is_true(h.await("got 2 10 true", 60), h.out() .. h.err())
+      h.kill("TERM")
+      assert.equal(0, h.wait(20), h.err())
+      assert.equal("got 1 52428800 true\ngot 2 10 true\n", h.out())
+    end)
+  end
+end)

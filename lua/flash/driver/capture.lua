@@ -38,6 +38,13 @@ local MY_ROLE = "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERAT
 local PERSISTENT_MARK = "persistent"     -- ... and, after it, those kept across runs
 M.PERSISTENT_SCHEMA = "flash_persistent" -- the schema of persistent = true by default
 local BATCH = 1000                       -- captured rows fetched per query
+-- ... and at most this much of their text (the rows after the first that would pass it
+-- wait for the next fetch): a backlog of rows of a few MB each came 1,000 at a time, the
+-- whole batch held in libpq's result and again in Lua strings (a 200 MB backlog of 2 MB
+-- rows peaked at 414 MB, now at about 60 MB over the baseline, as under wal_logical; 1,000
+-- rows of 8 MB would have needed 16 GB). Rows of up to 4 KB still come 1,000 at a time. A
+-- row past LARGE_ROW comes on its own connection (fetch_large) and counts as its length.
+local BATCH_BYTES = 4 * 1024 * 1024
 -- Polls of the events table: at once while batches come full, 5 ms after a partial one
 -- (a poll costs a round trip; polling each 1 ms spent 33 us of CPU per event against 19
 -- at 5 ms, measured under a steady 8,000 rows/s; docs/drivers.md "Reading"),
@@ -1694,7 +1701,7 @@ local ORDER_WARN_EVERY = 60
 function Driver:note_order(rows)
   local top, late, seen = self.max_cts or 0, 0, {}
   local prev = self.fetch_was_full and top or -math.huge
-  self.fetch_was_full = #rows >= BATCH
+  self.fetch_was_full = self.fetch_full
   for _, r in ipairs(rows) do
     local cts = r.cts
     if type(cts) == "number" and r.op ~= "S" then
@@ -1773,19 +1780,25 @@ end
 -- come without it, on a connection of their own (fetch_large).
 function Driver:poll_function_sql()
   local S = self:ident(self.schema)
-  local cut = function(c) return "CASE WHEN pg_catalog.octet_length(" .. c .. ") OPERATOR(pg_catalog.>) " ..
-    LARGE_ROW .. " THEN NULL ELSE " .. c .. " END AS " .. c .. ", pg_catalog.octet_length(" .. c .. ") AS " ..
+  local cut = function(c) return "CASE WHEN pg_catalog.octet_length(b." .. c .. ") OPERATOR(pg_catalog.>) " ..
+    LARGE_ROW .. " THEN NULL ELSE b." .. c .. " END AS " .. c .. ", pg_catalog.octet_length(b." .. c .. ") AS " ..
     c .. "_len" end
+  -- (octet_length of a TOASTed value reads its header, not the value.)
+  local len = function(c) return "COALESCE(pg_catalog.octet_length(e." .. c .. "), 0)" end
   local body = table.concat({
     "#variable_conflict use_column",
     "BEGIN",
     "IF firsts IS NOT NULL THEN " .. self:delete_runs_sql("firsts", "lasts") .. "; END IF;",
-    "RETURN QUERY SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " ..
-      cut("old") .. ", big" ..
-      (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
+    "RETURN QUERY SELECT b.seq, b.xid, b.op::text AS op, b.rel::bigint AS rel, b.tag, " .. cut("new") .. ", " ..
+      cut("old") .. ", b.big" ..
+      (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(b.x_min)) " ..
         "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
-      " FROM " .. S .. ".events WHERE skip IS NULL OR seq OPERATOR(pg_catalog.<>) ALL (skip) " ..
-      "ORDER BY seq LIMIT " .. BATCH .. ";",
+      " FROM (SELECT a.*, pg_catalog.sum(a.blen) OVER (ORDER BY a.seq) AS brun FROM " ..
+      "(SELECT e.seq, e.xid, e.op, e.rel, e.tag, e.new, e.old, e.big, e.xmin AS x_min, " ..
+      len("new") .. " OPERATOR(pg_catalog.+) " .. len("old") .. " AS blen FROM " .. S .. ".events e " ..
+      "WHERE skip IS NULL OR e.seq OPERATOR(pg_catalog.<>) ALL (skip) ORDER BY e.seq LIMIT " .. BATCH .. ") a) b " ..
+      -- Every row whose predecessors' text is under BATCH_BYTES: the first one always.
+      "WHERE b.brun OPERATOR(pg_catalog.-) b.blen OPERATOR(pg_catalog.<) " .. BATCH_BYTES .. " ORDER BY b.seq;",
     "END" }, "\n")
   local args = "(pg_catalog.int8[], pg_catalog.int8[], pg_catalog.int8[])"
   return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[], " ..
@@ -1825,7 +1838,13 @@ function Driver:fetch()
   self.client:_log_notices()
   if not rows then return nil, err end
   self.handled = {}
-  if #rows < BATCH then self.partial_at = self.fetches end
+  -- Full: BATCH rows, or cut at BATCH_BYTES of text (the next fetch goes at once).
+  local bytes = 0
+  for _, r in ipairs(rows) do
+    bytes = bytes + (type(r.new_len) == "number" and r.new_len or 0) + (type(r.old_len) == "number" and r.old_len or 0)
+  end
+  self.fetch_full = #rows >= BATCH or bytes >= BATCH_BYTES
+  if not self.fetch_full then self.partial_at = self.fetches end
   if #rows == 0 then return rows end
   -- Transactions in commit order when the server records commit timestamps; else in the
   -- order of their last captured row (a transaction that waited for another's row lock
@@ -1859,7 +1878,7 @@ function Driver:fetch()
   for i = 2, #rows do
     if before(rows[i], rows[i - 1]) then table.sort(rows, before) break end
   end
-  self.continuing = #rows >= BATCH and rows[#rows].xid or nil
+  self.continuing = self.fetch_full and rows[#rows].xid or nil
   if self.commit_ts then self:note_order(rows) end
   -- Columns as the catalog says now: for every relation of the batch when there are no
   -- shape markers (no event trigger), else only for relations not seen yet.
@@ -2028,7 +2047,7 @@ function Driver:drain(budget)
     local rows, err = self:fetch()
     if not rows then return nil, err end
     self.empty = #rows == 0
-    self.full = #rows >= BATCH
+    self.full = #rows > 0 and self.fetch_full
     self.got = #rows
     if self.client.backfills then backfill.polled(self, rows) end
     if self.empty then return true end
