@@ -601,3 +601,25 @@ assert(flash.run())
     end)
   end
 end)
+
+describe("pg_extension: a callback added while changes wait to be read", function()
+  it("delivers the changes written before it under the registration they were written with", function()
+    local t = H.table("id int PRIMARY KEY, v int")
+    local c = assert(flash.client { driver = "pg_extension", replica_identity = "full" })
+    local got = {}
+    local l = assert(c:listen { table = t })
+    l:on("insert", function(ev) got[#got + 1] = "insert " .. ev.new.id end)
+    assert(c:start())
+    H.sql("INSERT INTO " .. t .. " VALUES (1, 0)")
+    H.wait(c, got, 1)
+    -- Written while the client reads nothing; then an operation is added, which replaces
+    -- the listener's registration in the extension's registry.
+    H.sql("INSERT INTO " .. t .. " VALUES (2, 0)")
+    H.sql("INSERT INTO " .. t .. " VALUES (3, 0)")
+    l:on("update", function(ev) got[#got + 1] = "update " .. ev.new.id end)
+    H.sql("UPDATE " .. t .. " SET v = 1 WHERE id = 1")
+    H.wait(c, got, 4, 10)
+    c:stop()
+    assert.same({ "insert 1", "insert 2", "insert 3", "update 1" }, got)
+  end)
+end)
