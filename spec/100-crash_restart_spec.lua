@@ -624,3 +624,40 @@ describe("pg_extension: a callback added while changes wait to be read", functio
     assert.same({ "insert 1", "insert 2", "insert 3", "update 1" }, got)
   end)
 end)
+
+describe("kill -9 of a non-persistent trigger client with a backlog", function()
+  local s = H.session()
+  after_each(function() s.cleanup() end)
+
+  for _, driver in ipairs { "trigger", "trigger_global", "trigger_statement" } do
+    it(driver .. ": the next start says exactly how many changes it discards", function()
+      local t = H.table("id int PRIMARY KEY, v int")
+      local path = s.script(string.format([[
+local flash = require "flash"
+local c = assert(flash.client { driver = %q })
+assert(c:listen { table = %q }):on("all", function() end)
+assert(c:start())
+io.stderr:write("ready\n") io.stderr:flush()
+assert(flash.run())
+]], driver, t))
+      local h = s.spawn({ path })
+      assert.is_true(h.await("ready", 15, "err"), h.err())
+      h.kill("STOP")
+      H.sql("INSERT INTO " .. t .. " SELECT g, 0 FROM generate_series(1, 300) g")
+      H.sql("UPDATE " .. t .. " SET v = 1 WHERE id <= 20")
+      H.sql("ALTER TABLE " .. t .. " ADD COLUMN w int")
+      H.sql("DELETE FROM " .. t .. " WHERE id > 290")
+      h.kill("KILL")
+      h.wait(10)
+      local warnings = H.warnings(function()
+        local c = assert(flash.client { driver = driver })
+        assert(c:listen { table = t }):on("all", function() end)
+        assert(c:start())
+        c:stop()
+      end)
+      local n
+      for _, w in ipairs(warnings) do n = n or w:match("held (%d+) captured changes its instance never delivered") end
+      assert.equal("330", n, table.concat(warnings, "\n"))
+    end)
+  end
+end)
