@@ -9,7 +9,9 @@
 --   a word, under `trigger` and `pg_extension`: listener ids shift; now by table and rank).
 -- - kill -9 while a transaction larger than logical_decoding_work_mem streams in, and
 --   while it is delivered (wal_logical, pg_extension with streaming = true).
--- - pg_ctl restart -m immediate while a persistent client drains a backlog.
+-- - pg_ctl restart -m immediate while a persistent client drains a backlog, and while it
+--   reads commits made with synchronous_commit = off (the trigger drivers delivered rows
+--   the crash then undid: now a poll that read rows makes sure the WAL is flushed first).
 -- - kill -9 of a client writing into a real redis-server through flash.sink.redis.
 -- - A 200 MB backlog replayed in bounded memory (the trigger drivers fetched 1,000 rows
 --   whatever their size: 414 MB peak; now batches stop at 4 MB of text).
@@ -330,6 +332,58 @@ describe("PostgreSQL killed (pg_ctl restart -m immediate) while a persistent cli
       print(string.format("\n  %s: %d events, %d rows in the table", driver, #got, n_rows))
     end)
   end
+
+  -- The sandbox commits with synchronous_commit = off: a commit is visible before its WAL
+  -- is flushed, and the crash undoes it. The trigger drivers delivered such rows, read
+  -- from the capture table in that moment: events of changes that, after the crash, never
+  -- happened (39 of 2,117 in a first run through a Redis sink).
+  for _, driver in ipairs { "trigger", "trigger_global", "trigger_statement" } do
+    it(driver .. ": no event of a transaction the crash undid", function()
+      local t = "phantom_" .. driver
+      exec("DROP TABLE IF EXISTS " .. t .. "; CREATE TABLE " .. t .. " (id int PRIMARY KEY)")
+      local name = "flash_spec100_phantom_" .. driver
+      local client = assert(flash.client { dsn = sb.dsn, driver = driver, persistent = true, schema = name,
+        poll_interval = 0.005 })
+      local got = {}
+      assert(client:listen { table = t }):on("insert", function(ev) got[#got + 1] = ev.new.id end)
+      local log = {}
+      local old = flash.log.set_sink(function(line) log[#log + 1] = line end)
+      local ok, err = pcall(function()
+        assert(client:start())
+        local w = assert(core.connect(sb.dsn))
+        local n = 0
+        for round = 1, 3 do
+          -- One-row commits, each read at once (the client polls after each).
+          local deadline = core.now() + 0.3 + 0.1 * round
+          while core.now() < deadline do
+            n = n + 1
+            assert(w:exec("INSERT INTO " .. t .. " VALUES (" .. n .. ")", 0))
+            assert(client:poll(0.002))
+          end
+          restart()
+          w:close()
+          w = assert(core.connect(sb.dsn))
+          n = n + 1000
+        end
+        assert(w:exec("INSERT INTO " .. t .. " VALUES (-1)", 0))
+        local deadline = core.now() + 20
+        while got[#got] ~= -1 and core.now() < deadline do assert(client:poll(0.05)) end
+        assert.equal(-1, got[#got])
+        local rows = assert(w:exec("SELECT id FROM " .. t, 0))
+        w:close()
+        local committed = {}
+        for _, r in ipairs(rows) do committed[r.id] = true end
+        local invented = {}
+        for _, id in ipairs(got) do if not committed[id] then invented[#invented + 1] = id end end
+        assert.equal(0, #invented, "events of rows not in the table: " ..
+          table.concat(invented, " ", 1, math.min(#invented, 10)))
+      end)
+      flash.log.set_sink(old)
+      client:stop()
+      exec("DROP SCHEMA IF EXISTS " .. name .. " CASCADE")
+      assert(ok, tostring(err) .. "\n" .. table.concat(log, "\n"))
+    end)
+  end
 end)
 
 describe("kill -9 of a flashlua writing into Redis (flash.sink.redis)", function()
@@ -440,8 +494,9 @@ describe("replaying a 200 MB backlog after a kill -9", function()
     H.drop_slot(name)
   end)
 
-  -- (pg_extension peaked at 28 MB over its 9 MB baseline too; left out for the spec's time.)
-  for _, driver in ipairs { "trigger", "trigger_global", "trigger_statement", "wal_logical" } do
+  -- (pg_extension peaked at 28 MB over its 9 MB baseline too, and trigger_global as the
+  -- other trigger drivers; left out for the spec's time.)
+  for _, driver in ipairs { "trigger", "trigger_statement", "wal_logical" } do
     it(driver .. ": delivers it in bounded memory", function()
       local t = H.table("id int PRIMARY KEY, v text")
       local path = s.script(string.format([[

@@ -1802,6 +1802,17 @@ function Driver:poll_function_sql()
       "WHERE skip IS NULL OR e.seq OPERATOR(pg_catalog.<>) ALL (skip) ORDER BY e.seq LIMIT " .. BATCH .. ") a) b " ..
       -- Every row whose predecessors' text is under BATCH_BYTES: the first one always.
       "WHERE b.brun OPERATOR(pg_catalog.-) b.blen OPERATOR(pg_catalog.<) " .. BATCH_BYTES .. " ORDER BY b.seq;",
+    -- What was read is durable before the client gets it: a writer's commit under
+    -- synchronous_commit = off is visible before its WAL is flushed, and a crash of the
+    -- server then undoes it, after its rows were delivered (events of changes that never
+    -- happened). Every commit this read saw has its record before the insert position
+    -- now; when rows were read and the WAL is not flushed that far, this transaction takes
+    -- an xid and commits synchronously, which flushes it (before the client gets the rows:
+    -- the statement's result comes with its commit). An empty poll costs nothing more.
+    "IF FOUND AND pg_catalog.pg_current_wal_flush_lsn() OPERATOR(pg_catalog.<) pg_catalog.pg_current_wal_insert_lsn() THEN",
+    "  PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);",
+    "  PERFORM pg_catalog.txid_current();",
+    "END IF;",
     "END" }, "\n")
   local args = "(pg_catalog.int8[], pg_catalog.int8[], pg_catalog.int8[])"
   return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[], " ..
