@@ -153,9 +153,18 @@ function M.new(client, opts)
     if not ok then return lp:failed("client:listen", cerr) end
   end
 
+  -- Its rank among the client's listeners of its table, in creation order: what names it
+  -- across runs of a persistent slot or schema (the `trigger` driver's routes, the
+  -- pg_extension registrations), whatever listeners of other tables a changed script adds
+  -- or removes (its id, creation order over every table, changes then).
+  local rank = 1
+  for _, o in ipairs(client.listeners) do
+    if o.table.oid == tbl.oid then rank = rank + 1 end
+  end
   local l = setmetatable({
     client = client,
     id = client.next_id,
+    rank = rank,
     table = tbl,
     table_name = tbl.display,
     fields = opts.fields,

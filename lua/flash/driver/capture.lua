@@ -38,6 +38,13 @@ local MY_ROLE = "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERAT
 local PERSISTENT_MARK = "persistent"     -- ... and, after it, those kept across runs
 M.PERSISTENT_SCHEMA = "flash_persistent" -- the schema of persistent = true by default
 local BATCH = 1000                       -- captured rows fetched per query
+-- ... and at most this much of their text (the rows after the first that would pass it
+-- wait for the next fetch): a backlog of rows of a few MB each came 1,000 at a time, the
+-- whole batch held in libpq's result and again in Lua strings (a 200 MB backlog of 2 MB
+-- rows peaked at 414 MB, now at about 60 MB over the baseline, as under wal_logical; 1,000
+-- rows of 8 MB would have needed 16 GB). Rows of up to 4 KB still come 1,000 at a time. A
+-- row past LARGE_ROW comes on its own connection (fetch_large) and counts as its length.
+local BATCH_BYTES = 4 * 1024 * 1024
 -- Polls of the events table: at once while batches come full, 5 ms after a partial one
 -- (a poll costs a round trip; polling each 1 ms spent 33 us of CPU per event against 19
 -- at 5 ms, measured under a steady 8,000 rows/s; docs/drivers.md "Reading"),
@@ -381,10 +388,13 @@ function Driver:discard_schema(name)
   return self:remove_schema(name, core.now() + (self.client.opts.shutdown_timeout or 10))
 end
 
--- Captured rows still waiting in schema `name`'s events table (0 when it has none).
+-- Captured changes still waiting in schema `name`'s events table (0 when it has none): its
+-- rows of an operation (M.OP_NAME), not the shape markers of DDL (op 'S'), which counted as
+-- changes in the number a stop or the next start gave ("held 331 captured changes" for 330).
 function Driver:backlog(name)
   local rows = self:exec("SELECT CASE WHEN pg_catalog.to_regclass($1) IS NULL THEN 0 ELSE " ..
-    "(SELECT pg_catalog.count(*) FROM " .. self:ident(name) .. ".events) END AS n", self:ident(name) .. ".events")
+    "(SELECT pg_catalog.count(*) FROM " .. self:ident(name) .. ".events e WHERE e.op::pg_catalog.text " ..
+    "OPERATOR(pg_catalog.=) ANY ('{I,U,D,T}'::pg_catalog.text[])) END AS n", self:ident(name) .. ".events")
   return rows and rows[1] and tonumber(rows[1].n) or 0
 end
 
@@ -536,6 +546,9 @@ function Driver:schema_sql()
     -- later (DETACH PARTITION, NO INHERIT, DROP). Logged, whatever the events table is.
     "CREATE TABLE IF NOT EXISTS " .. S .. ".routes (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, " ..
       "listener integer NOT NULL, roots oid[] NOT NULL)",
+    -- `rank`: the `trigger` driver's listener as its rank among the listeners of its table
+    -- (Driver:route_tag); NULL in routes of an older flashlua, which name the listener id.
+    "ALTER TABLE " .. S .. ".routes ADD COLUMN IF NOT EXISTS rank integer",
     -- The last columns (and name) the client knew of each relation it captured from, as a
     -- shape marker's JSON: rows of a relation dropped before they were read are decoded by it.
     "CREATE TABLE IF NOT EXISTS " .. S .. ".relations (rel oid PRIMARY KEY, shape text NOT NULL)",
@@ -821,37 +834,46 @@ end
 -- routes existed (a persistent schema of an older flashlua, until its triggers are made
 -- again at start): their rows go by the catalog when read, as they did.
 
-local function add_route(self, id, listener, roots_text)
+local function route_key(listener, roots_text, rank)
+  return (rank and "r" .. rank or tostring(listener)) .. ":" .. roots_text
+end
+
+local function add_route(self, id, listener, roots_text, rank)
   local roots = {}
   for oid in roots_text:gmatch("%d+") do roots[#roots + 1] = tonumber(oid) end
-  self.routes[id] = { listener = listener, roots = roots }
-  self.route_ids[listener .. ":" .. roots_text] = id
+  self.routes[id] = { listener = listener, roots = roots, rank = rank }
+  self.route_ids[route_key(listener, roots_text, rank)] = id
 end
 
 -- Reads the schema's routes (at every install: a schema made again has none).
 function Driver:load_routes()
   self.routes, self.route_ids, self.route_lists = {}, {}, {}
-  local rows, err = self:exec("SELECT id, listener, pg_catalog.array_to_string(roots, ',') AS roots FROM " ..
+  local rows, err = self:exec("SELECT id, listener, pg_catalog.array_to_string(roots, ',') AS roots, rank FROM " ..
     self:ident(self.schema) .. ".routes")
   if not rows then return nil, err end
-  for _, r in ipairs(rows) do add_route(self, r.id, r.listener, r.roots) end
+  for _, r in ipairs(rows) do add_route(self, r.id, r.listener, r.roots, r.rank ~= core.null and r.rank or nil) end
   return true
 end
 
 -- The tag of a trigger that captures for listener `listener` (0: all of them) of the listened
 -- tables whose oids are the keys of `roots`; the route is made on first use. Or nil, err.
-function Driver:route_tag(listener, roots)
+-- A `rank` (the `trigger` driver: the listener's rank among its table's listeners) is what
+-- routes its rows, here and in the next runs of a persistent schema: listener ids are
+-- creation order over every table, so a script that adds or removes a listener of another
+-- table gives them to other listeners (the rows of a removed one's successor went nowhere).
+function Driver:route_tag(listener, roots, rank)
   local list = {}
   for oid in pairs(roots) do list[#list + 1] = string.format("%d", oid) end
   table.sort(list)
   local text = table.concat(list, ",")
-  local id = self.route_ids[listener .. ":" .. text]
+  local id = self.route_ids[route_key(listener, text, rank)]
   if not id then
-    local rows, err = self:exec("INSERT INTO " .. self:ident(self.schema) .. ".routes (listener, roots) " ..
-      "VALUES ($1::pg_catalog.int4, $2::pg_catalog.oid[]) RETURNING id", string.format("%d", listener), "{" .. text .. "}")
+    local rows, err = self:exec("INSERT INTO " .. self:ident(self.schema) .. ".routes (listener, roots, rank) " ..
+      "VALUES ($1::pg_catalog.int4, $2::pg_catalog.oid[], NULLIF($3::pg_catalog.int4, 0)) RETURNING id",
+      string.format("%d", listener), "{" .. text .. "}", string.format("%d", rank or 0))
     if not rows then return nil, err end
     id = rows[1].id
-    add_route(self, id, listener, text)
+    add_route(self, id, listener, text, rank)
   end
   return -id
 end
@@ -865,7 +887,7 @@ function Driver:route_listeners(tag)
   local route = self.routes[-tag]
   if route then
     for _, l in ipairs(self.client.listeners) do
-      if route.listener == 0 or route.listener == l.id then
+      if route.listener == 0 or (route.rank and route.rank == l.rank) or (not route.rank and route.listener == l.id) then
         for _, oid in ipairs(route.roots) do
           if l.table.oid == oid then list[#list + 1] = l break end
         end
@@ -1682,7 +1704,7 @@ local ORDER_WARN_EVERY = 60
 function Driver:note_order(rows)
   local top, late, seen = self.max_cts or 0, 0, {}
   local prev = self.fetch_was_full and top or -math.huge
-  self.fetch_was_full = #rows >= BATCH
+  self.fetch_was_full = self.fetch_full
   for _, r in ipairs(rows) do
     local cts = r.cts
     if type(cts) == "number" and r.op ~= "S" then
@@ -1761,19 +1783,36 @@ end
 -- come without it, on a connection of their own (fetch_large).
 function Driver:poll_function_sql()
   local S = self:ident(self.schema)
-  local cut = function(c) return "CASE WHEN pg_catalog.octet_length(" .. c .. ") OPERATOR(pg_catalog.>) " ..
-    LARGE_ROW .. " THEN NULL ELSE " .. c .. " END AS " .. c .. ", pg_catalog.octet_length(" .. c .. ") AS " ..
+  local cut = function(c) return "CASE WHEN pg_catalog.octet_length(b." .. c .. ") OPERATOR(pg_catalog.>) " ..
+    LARGE_ROW .. " THEN NULL ELSE b." .. c .. " END AS " .. c .. ", pg_catalog.octet_length(b." .. c .. ") AS " ..
     c .. "_len" end
+  -- (octet_length of a TOASTed value reads its header, not the value.)
+  local len = function(c) return "COALESCE(pg_catalog.octet_length(e." .. c .. "), 0)" end
   local body = table.concat({
     "#variable_conflict use_column",
     "BEGIN",
     "IF firsts IS NOT NULL THEN " .. self:delete_runs_sql("firsts", "lasts") .. "; END IF;",
-    "RETURN QUERY SELECT seq, xid, op::text AS op, rel::bigint AS rel, tag, " .. cut("new") .. ", " ..
-      cut("old") .. ", big" ..
-      (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(xmin)) " ..
+    "RETURN QUERY SELECT b.seq, b.xid, b.op::text AS op, b.rel::bigint AS rel, b.tag, " .. cut("new") .. ", " ..
+      cut("old") .. ", b.big" ..
+      (self.commit_ts and ", (pg_catalog.date_part('epoch', pg_catalog.pg_xact_commit_timestamp(b.x_min)) " ..
         "OPERATOR(pg_catalog.*) 1000000)::bigint AS cts" or "") ..
-      " FROM " .. S .. ".events WHERE skip IS NULL OR seq OPERATOR(pg_catalog.<>) ALL (skip) " ..
-      "ORDER BY seq LIMIT " .. BATCH .. ";",
+      " FROM (SELECT a.*, pg_catalog.sum(a.blen) OVER (ORDER BY a.seq) AS brun FROM " ..
+      "(SELECT e.seq, e.xid, e.op, e.rel, e.tag, e.new, e.old, e.big, e.xmin AS x_min, " ..
+      len("new") .. " OPERATOR(pg_catalog.+) " .. len("old") .. " AS blen FROM " .. S .. ".events e " ..
+      "WHERE skip IS NULL OR e.seq OPERATOR(pg_catalog.<>) ALL (skip) ORDER BY e.seq LIMIT " .. BATCH .. ") a) b " ..
+      -- Every row whose predecessors' text is under BATCH_BYTES: the first one always.
+      "WHERE b.brun OPERATOR(pg_catalog.-) b.blen OPERATOR(pg_catalog.<) " .. BATCH_BYTES .. " ORDER BY b.seq;",
+    -- What was read is durable before the client gets it: a writer's commit under
+    -- synchronous_commit = off is visible before its WAL is flushed, and a crash of the
+    -- server then undoes it, after its rows were delivered (events of changes that never
+    -- happened). Every commit this read saw has its record before the insert position
+    -- now; when rows were read and the WAL is not flushed that far, this transaction takes
+    -- an xid and commits synchronously, which flushes it (before the client gets the rows:
+    -- the statement's result comes with its commit). An empty poll costs nothing more.
+    "IF FOUND AND pg_catalog.pg_current_wal_flush_lsn() OPERATOR(pg_catalog.<) pg_catalog.pg_current_wal_insert_lsn() THEN",
+    "  PERFORM pg_catalog.set_config('synchronous_commit', 'on', true);",
+    "  PERFORM pg_catalog.txid_current();",
+    "END IF;",
     "END" }, "\n")
   local args = "(pg_catalog.int8[], pg_catalog.int8[], pg_catalog.int8[])"
   return "CREATE OR REPLACE FUNCTION " .. S .. ".poll(firsts pg_catalog.int8[], lasts pg_catalog.int8[], " ..
@@ -1813,7 +1852,13 @@ function Driver:fetch()
   self.client:_log_notices()
   if not rows then return nil, err end
   self.handled = {}
-  if #rows < BATCH then self.partial_at = self.fetches end
+  -- Full: BATCH rows, or cut at BATCH_BYTES of text (the next fetch goes at once).
+  local bytes = 0
+  for _, r in ipairs(rows) do
+    bytes = bytes + (type(r.new_len) == "number" and r.new_len or 0) + (type(r.old_len) == "number" and r.old_len or 0)
+  end
+  self.fetch_full = #rows >= BATCH or bytes >= BATCH_BYTES
+  if not self.fetch_full then self.partial_at = self.fetches end
   if #rows == 0 then return rows end
   -- Transactions in commit order when the server records commit timestamps; else in the
   -- order of their last captured row (a transaction that waited for another's row lock
@@ -1847,7 +1892,7 @@ function Driver:fetch()
   for i = 2, #rows do
     if before(rows[i], rows[i - 1]) then table.sort(rows, before) break end
   end
-  self.continuing = #rows >= BATCH and rows[#rows].xid or nil
+  self.continuing = self.fetch_full and rows[#rows].xid or nil
   if self.commit_ts then self:note_order(rows) end
   -- Columns as the catalog says now: for every relation of the batch when there are no
   -- shape markers (no event trigger), else only for relations not seen yet.
@@ -2016,7 +2061,7 @@ function Driver:drain(budget)
     local rows, err = self:fetch()
     if not rows then return nil, err end
     self.empty = #rows == 0
-    self.full = #rows >= BATCH
+    self.full = #rows > 0 and self.fetch_full
     self.got = #rows
     if self.client.backfills then backfill.polled(self, rows) end
     if self.empty then return true end

@@ -143,8 +143,15 @@ function Driver.definition(_, l, any_ops)
   local d = { ops = pgarray(ops), cols = pgarray(cols), pk = pgarray(pk),
               lists = { f = cols or {}, k = pk or {}, c = cond_cols, t = cond_cols },
               conds = #conds > 0 and ("[" .. table.concat(conds, ",") .. "]") or core.null }
-  d.note = table.concat({ "flashlua #" .. l.id, string.format("%d", l.table.oid), d.ops, tostring(d.cols),
-    tostring(d.conds), tostring(d.pk) }, " ")
+  -- The note names the listener by its rank among its table's listeners (l.rank), which a
+  -- script that adds or removes listeners of other tables keeps: by its id (creation order
+  -- over every table, as until December 2026, still recognised as `legacy`), a restart
+  -- without a listener of one table replaced the registrations of the later ones, and what
+  -- was committed for them while no instance ran went to registrations nobody read.
+  local rest = table.concat({ string.format("%d", l.table.oid), d.ops, tostring(d.cols), tostring(d.conds),
+    tostring(d.pk) }, " ")
+  d.note = "flashlua table#" .. l.rank .. " " .. rest
+  d.legacy = "flashlua #" .. l.id .. " " .. rest
   return d
 end
 
@@ -182,7 +189,10 @@ function Driver:register_all()
   for _, l in ipairs(self.client.listeners) do
     local d = not l.dropped and self:definition(l)
     if d then
-      local id = have[d.note]
+      -- Or a registration an older flashlua made for it (its note names the id): kept, its
+      -- changes are this listener's.
+      local id = have[d.note] or have[d.legacy]
+      if id and keep[id] then id = nil end
       if not id then
         id, err = self:listen_sql(l, d)
         if not id then
@@ -195,15 +205,43 @@ function Driver:register_all()
       defs[id] = d.lists
     end
   end
+  -- A replaced registration of the same listener (its table and rank: a definition that
+  -- changed since the last run, or an operation added while running) still names the
+  -- changes written before this transaction: they stay this listener's (they were lost).
+  local retired = self.retired or {}
+  local notices = {}
   for _, r in ipairs(rows) do
     if not keep[r.id] then
       ok, err = self:exec("SELECT flash.unlisten($1::pg_catalog.int8)", r.id)
       if not ok then self:exec("ROLLBACK") return nil, err end
+      local note = r.mine and r.note ~= core.null and r.note or ""
+      local rank, oid = note:match("^flashlua table#(%d+) (%d+) ")
+      local lid, loid = note:match("^flashlua #(%d+) (%d+) ")
+      for _, l in ipairs(self.client.listeners) do
+        if not l.dropped and ((rank and tonumber(rank) == l.rank and tonumber(oid) == l.table.oid) or
+            (lid and tonumber(lid) == l.id and tonumber(loid) == l.table.oid)) then
+          retired[r.id] = l
+          if not self.registered then
+            notices[#notices + 1] = { l = l, note = note }
+            -- Until its first change under the new registration, the Relation messages
+            -- list the old one's columns: no warning that a field is gone (on_relation).
+            l.retired_pending = true
+          end
+          break
+        end
+      end
     end
   end
   ok, err = self:exec("COMMIT")
   if not ok then return nil, err end
-  self.by_reg, self.defs = by_reg, defs
+  for id, l in pairs(retired) do by_reg[id] = by_reg[id] or l end
+  self.by_reg, self.defs, self.retired, self.registered = by_reg, defs, retired, true
+  for _, n in ipairs(notices) do
+    log.warn(string.format("listener #%d on %s: its operations, fields or condition are not those of consumer %s's " ..
+      "last run (%s): the changes committed before this start were filtered by that definition, and arrive as it " ..
+      "captured them (without the columns, rows or operations it did not want)", n.l.id, n.l.table_name,
+      self.consumer, n.note))
+  end
   return true
 end
 
@@ -344,8 +382,10 @@ function Driver:on_relation(relid, schema, name, columns)
   local have = {}
   for _, c in ipairs(columns or {}) do have[c] = true end
   for _, l in ipairs(list) do
-    for _, f in ipairs(l.fields or {}) do
-      if not have[f] then self:warn_column(l, "f", f) end
+    if not l.retired_pending then
+      for _, f in ipairs(l.fields or {}) do
+        if not have[f] then self:warn_column(l, "f", f) end
+      end
     end
   end
 end
@@ -370,6 +410,7 @@ function Driver:make_dispatch()
     local source = ev.table
     for i = 1, n do
       local l = self.by_reg[ids[i]]
+      if l and l.retired_pending and not self.retired[ids[i]] then l.retired_pending = nil end
       if l and not l.dropped then
         local e = n == 1 and ev or { op = ev.op, id = ev.id, new = ev.new, old = ev.old, lsn = ev.lsn, xid = ev.xid,
                                      commit_time = ev.commit_time }

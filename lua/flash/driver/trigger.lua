@@ -13,8 +13,10 @@ function Driver:wanted_triggers()
   local out = {}
   for _, l in ipairs(self.client.listeners) do
     local need = base.needed_ops(l)
-    -- The listener and its table, whatever its rows' relation becomes (Driver:route_tag).
-    local tag, err = self:route_tag(l.id, { [l.table.oid] = true })
+    -- The listener (by its rank among its table's listeners: the same across runs of a
+    -- script that adds or removes listeners of other tables) and its table, whatever its
+    -- rows' relation becomes (Driver:route_tag).
+    local tag, err = self:route_tag(l.id, { [l.table.oid] = true }, l.rank)
     if not tag then return nil, err end
     for _, op in ipairs(base.OPS) do
       if need[op] then
