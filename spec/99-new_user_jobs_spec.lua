@@ -105,4 +105,114 @@ describe("a new user's everyday jobs", function()
     end
     assert.is_true(said, table.concat(lines, "\n"))
   end)
+
+  -- README calls examples/exactly_once.lua "an exactly-once table copier". It sent each value
+  -- as a text parameter: a bytea value with a NUL byte ('\x00ff') arrived in the copy as ''
+  -- (cut at the NUL, silently), and a text[] or jsonb column (a Lua table) stopped it, exit 1:
+  -- "bad argument #4 to 'exec' (query parameter of type table cannot be sent ...)".
+  it("examples/exactly_once.lua copies arrays, json, jsonb, bytea (NUL bytes, bytea[]) and numerics exactly", function()
+    local src = H.table("id int PRIMARY KEY, raw bytea, tags text[], data jsonb, j json, n numeric, ts timestamptz, " ..
+      "bb bytea[], m int[]")
+    H.sql("ALTER TABLE " .. src .. " REPLICA IDENTITY FULL")
+    local dst = H.table("id int, raw bytea, tags text[], data jsonb, j json, n numeric, ts timestamptz, bb bytea[], m int[]")
+    local args = { H.root .. "examples/exactly_once.lua", "public." .. src, "public." .. dst, "id", "", "until-current" }
+    local slot = ("flash_copy_public_" .. src .. "_public_" .. dst):sub(1, 63)
+    drops[#drops + 1] = "DELETE FROM flash_copy_position WHERE name = '" .. slot .. "'"
+    drops[#drops + 1] = "SELECT pg_drop_replication_slot('" .. slot .. "')"
+    drops[#drops + 1] = "DROP PUBLICATION IF EXISTS " .. slot
+    local rc, _, err = H.run_flashlua(args, 30)   -- the first run makes the slot
+    assert.equal(0, rc, err)
+    H.sql("INSERT INTO " .. src .. [[ VALUES
+      (1, '\x41', NULL, NULL, NULL, 1.5, '2026-01-02 03:04:05.123456+00', NULL, NULL),
+      (2, '\x00ff5c', '{"a b",NULL,"c\"d"}', '{"k":[1,2.50,null],"s":"é"}', '[1,{"a":null}]',   -- json keeps its text: written as flash.json writes it
+       123456789012345678901234567890.123456789, 'infinity', '{"\\x00",NULL}', '{{1,2},{3,4}}'),
+      (3, '', '{}', '[]', '{}', 'NaN', NULL, '{}', '{}')]])
+    H.sql("UPDATE " .. src .. [[ SET raw = '\x5c313031', tags = '{z}' WHERE id = 1]])
+    H.sql("UPDATE " .. src .. " SET id = 10 WHERE id = 3")
+    H.sql("DELETE FROM " .. src .. " WHERE id = 10")
+    H.sql("INSERT INTO " .. src .. " SELECT 4, raw, tags, data, j, n, ts, bb, m FROM " .. src .. " WHERE id = 2")
+    rc, _, err = H.run_flashlua(args, 30)
+    assert.equal(0, rc, err)
+    local function rows(t)
+      local out = {}
+      for _, r in ipairs(H.sql("SELECT x::text AS r FROM " .. t .. " x ORDER BY id")) do out[#out + 1] = r.r end
+      return out
+    end
+    local rest = [["\\x00ff5c","{""a b"",NULL,""c\\""d""}","{""k"": [1, 2.50, null], ""s"": ""é""}","[1,{""a"":null}]",]] ..
+      [[123456789012345678901234567890.123456789,infinity,"{""\\\\x00"",NULL}","{{1,2},{3,4}}")]]
+    assert.are.same({
+      [[(1,"\\x5c313031",{z},,,1.5,"2026-01-02 03:04:05.123456+00",,)]],
+      "(2," .. rest,
+      "(4," .. rest,
+    }, rows(src))
+    -- Equal as values: jsonb compares numerically (2.50 = 2.5: flash.json gives back a
+    -- number that fits a double as the double), json compared as jsonb (its text is the
+    -- server's rendering of the copied value).
+    local cols = "id, raw, tags, data, j::jsonb, n, ts, bb, m"
+    for _, pair in ipairs({ { src, dst }, { dst, src } }) do
+      assert.equal(0, tonumber(H.scalar("SELECT count(*) FROM (SELECT " .. cols .. " FROM " .. pair[1] ..
+        " EXCEPT ALL SELECT " .. cols .. " FROM " .. pair[2] .. ") x")))
+    end
+    assert.equal(3, #rows(dst))
+  end)
+
+  it("client:query refuses a table or a string with a NUL byte as a parameter, naming $n and the way (a NUL cut the value)", function()
+    local c = assert(flash.connect(H.dsn))
+    local ok, err = pcall(function() local r = c:query("SELECT $1::bytea AS b", "\0\255") return r end)
+    assert.is_false(ok)
+    assert.matches("_spec.lua:%d+: bad argument #2 to 'query' %(%$1 holds a NUL byte, which a text parameter cannot carry " ..
+      "%(PostgreSQL would get it cut there%): for a bytea value, send it as hex, \"\\x\" followed by two hex digits a byte " ..
+      "%(v:gsub%(\"%.\", function%(c%) return %(\"%%02x\"%):format%(c:byte%(%)%) end%)%)%)$", err)
+    ok, err = pcall(function() local r = c:query("SELECT $1, $2::jsonb", "x", { 1, 2 }) return r end)
+    assert.is_false(ok)
+    assert.matches("bad argument #3 to 'query' ($2 is a table, which a query parameter cannot be: for a json, jsonb or " ..
+      "array value read from an event, send flash.json.encode(v) as $2::jsonb (a whole row: " ..
+      "jsonb_populate_record(NULL::tbl, $2::jsonb), which makes arrays of JSON arrays))", err, 1, true)
+    local rows = assert(c:query("SELECT $1::bytea AS b, $2::jsonb AS j", "\\x00ff", flash.json.encode({ 1, 2 })))
+    assert.equal("\0\255", rows[1].b)
+    assert.are.same({ 1, 2 }, rows[1].j)
+    c:stop()
+  end)
+
+  it("examples/demo.lua prints what README shows under `make demo`, line for line", function()
+    local f = assert(io.open(H.root .. "README.md"))
+    local readme = f:read("*a")
+    f:close()
+    local shown = assert(readme:match("`make demo` prints[^\n]*\n\n```\n(.-)```\n"), "README's demo block")
+    drops[#drops + 1] = "DROP TABLE IF EXISTS public.posts"
+    local rc, out, err = H.run_flashlua({ H.root .. "examples/demo.lua" }, 30)
+    assert.equal(0, rc, err)
+    assert.equal(shown, out)
+  end)
+
+  -- README's backfill cache and `--table ... --backfill` line, and docs/backfill.md's, ran on
+  -- an ordinary table (a primary key, no REPLICA IDENTITY FULL) exited 1 at once: "table
+  -- public.users does not have REPLICA IDENTITY FULL ...". They now say replica_identity.
+  it("README's backfill cache, run as shown on a table with a primary key, warms the cache and follows changes", function()
+    local f = assert(io.open(H.root .. "README.md"))
+    local readme = f:read("*a")
+    f:close()
+    local block = assert(readme:match("## Backfill: the existing rows, then the changes.-```lua\n(.-)```\n"))
+    H.sql("CREATE TABLE public.users (id int PRIMARY KEY, email text); INSERT INTO public.users VALUES (1, 'a@x'), (2, 'b@x')")
+    drops[#drops + 1] = "DROP TABLE IF EXISTS public.users"
+    local path = H.script(block .. [[
+flash.every(0.3, function()
+  if cache[1] == "a@x" then assert(c:query("UPDATE public.users SET email = 'A@x' WHERE id = 1; DELETE FROM public.users WHERE id = 2")) end
+  if cache[1] == "A@x" and not cache[2] then print("cache", cache[1], cache[2]) flash.stop() end
+end)
+]])
+    local rc, out, err = H.run_flashlua({ path }, 30)
+    os.remove(path)
+    assert.equal(0, rc, err)
+    assert.equal("cache warm\ncache\tA@x\tnil\n", out)
+    local cmd = readme:match("\n(flashlua %-d postgres://localhost/app %-%-table public%.users %-%-backfill[^#\n]*)#")
+    assert.is_truthy(cmd)
+    local args = {}
+    for w in cmd:gmatch("%S+") do args[#args + 1] = w end
+    assert.are.same({ "flashlua", "-d", "postgres://localhost/app", "--table", "public.users", "--backfill" }, { unpack(args, 1, 6) })
+    local h = H.spawn({ unpack(args, 4) })
+    assert.is_true(h.await('"op":"read"', 20), h.err())
+    h.kill("INT")
+    assert.equal(0, h.wait(10), h.err())
+  end)
 end)
