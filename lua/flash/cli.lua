@@ -82,7 +82,7 @@ examples:
   flashlua --sandbox examples/demo.lua
   flashlua -d postgres://localhost/app --table public.posts --ops insert,update
   flashlua --table shop.orders --where "customer_id in (1, 2)" --where "note is not null"
-  flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4
+  flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4 --replica-identity full
 ]]
 
 -- A runtime failure on stderr, whatever the log level: "flashlua: MSG", or under
