@@ -252,4 +252,40 @@ end)
       assert.are.same({}, run(false))      -- was (trigger): { 1, 2, 3 } again
     end)
   end
+
+  -- `--where "note = null"` compared with the text 'null': it passed the row whose note is
+  -- the text "null" and none whose note is NULL, silently.
+  it("--where: a bare null is NULL (= null, <> null), 'null' quoted the text; a table in a mixed-case schema", function()
+    H.sql([[CREATE SCHEMA "Nj]] .. pid .. [["; CREATE TABLE "Nj]] .. pid .. [["."OrderLines" ("Id" int PRIMARY KEY, note text)]])
+    drops[#drops + 1] = 'DROP SCHEMA IF EXISTS "Nj' .. pid .. '" CASCADE'
+    local t = '"Nj' .. pid .. '"."OrderLines"'
+    local hs = {}
+    for i, w in ipairs({ "note = null", "note = 'null'", "note <> NULL", "note != null" }) do
+      hs[i] = H.spawn({ "--table", t, "--where", w })
+      assert.is_true(hs[i].await("listening on Nj" .. pid .. ".OrderLines", 20, "err"), hs[i].err())
+    end
+    H.sql("INSERT INTO " .. t .. " VALUES (1, NULL), (2, 'null'), (3, 'x')")
+    local want = { "1", "2", "2 3", "2 3" }
+    for i, h in ipairs(hs) do
+      local n = #want[i]:gsub(" ", "")
+      local deadline = core.now() + 20
+      while select(2, h.out():gsub("\n", "")) < n and core.now() < deadline do core.sleep(0.05) end
+      h.kill("INT")
+      assert.equal(0, h.wait(20), h.err())
+      local ids = {}
+      for line in h.out():gmatch("[^\n]+") do ids[#ids + 1] = tostring(require("cjson").decode(line).new.Id) end
+      assert.equal(want[i], table.concat(ids, " "))
+    end
+    for _, c in ipairs({
+      { "note < null", "nothing is < null: use 'is null' or 'is not null' ('null' in quotes is the text)" },
+      { "note in (a, null)", "a bare null in an 'in' list matches nothing: 'null' in quotes is the text, and " ..
+        "'note is null' a condition of its own" },
+    }) do
+      local rc, out, err = H.run_flashlua({ "--table", t, "--where", c[1] }, 20)
+      assert.equal(2, rc)
+      assert.equal("", out)
+      assert.equal("flashlua: cannot read --where '" .. c[1] .. "': " .. c[2] .. " (expected col = value, col <> value, " ..
+        "col >= value, col is null, col is not null, col in (a, b); see --help)\nTry 'flashlua --help' for more information.\n", err)
+    end
+  end)
 end)
