@@ -8,7 +8,10 @@ describe("a new user's everyday jobs", function()
   local pid = core.getpid()
   local base = "nj_" .. pid
   local drops = {}
+  local spawned = {}   -- children a failed case left running (they would hold busted's output open)
   after_each(function()
+    for _, h in ipairs(spawned) do if not h.wait(0) then h.kill("KILL") end end
+    spawned = {}
     for i = #drops, 1, -1 do H.sql(drops[i]) end
     drops = {}
   end)
@@ -211,6 +214,7 @@ end)
     for w in cmd:gmatch("%S+") do args[#args + 1] = w end
     assert.are.same({ "flashlua", "-d", "postgres://localhost/app", "--table", "public.users", "--backfill" }, { unpack(args, 1, 6) })
     local h = H.spawn({ unpack(args, 4) })
+    spawned[#spawned + 1] = h
     assert.is_true(h.await('"op":"read"', 20), h.err())
     h.kill("INT")
     assert.equal(0, h.wait(10), h.err())
@@ -262,6 +266,7 @@ end)
     local hs = {}
     for i, w in ipairs({ "note = null", "note = 'null'", "note <> NULL", "note != null" }) do
       hs[i] = H.spawn({ "--table", t, "--where", w })
+      spawned[#spawned + 1] = hs[i]
       assert.is_true(hs[i].await("listening on Nj" .. pid .. ".OrderLines", 20, "err"), hs[i].err())
     end
     H.sql("INSERT INTO " .. t .. " VALUES (1, NULL), (2, 'null'), (3, 'x')")
