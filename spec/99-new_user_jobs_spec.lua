@@ -293,4 +293,28 @@ end)
         "col >= value, col is null, col is not null, col in (a, b); see --help)\nTry 'flashlua --help' for more information.\n", err)
     end
   end)
+
+  -- examples/json_lines.lua says it is "like flashlua --table, for several tables", but wrote
+  -- a bytea value as its raw bytes ("\u0000\udcffA", which jq shows as "\u0000�A") where
+  -- --table writes "\\x00ff41".
+  it("examples/json_lines.lua writes bytea (and bytea[]) as --table does, \"\\\\x\" and hex", function()
+    local t = H.table("id int PRIMARY KEY, raw bytea, rr bytea[]")
+    local lines = {}
+    for i, args in ipairs({ { H.root .. "examples/json_lines.lua", "public." .. t }, { "--table", "public." .. t } }) do
+      local h = H.spawn(args)
+      spawned[#spawned + 1] = h
+      assert.is_true(h.await("listening on public." .. t, 20, "err"), h.err())
+      if i == 2 then H.sql("INSERT INTO " .. t .. [[ VALUES (1, '\x00ff41', '{"\\x00",NULL}')]]) end
+      lines[i] = h
+    end
+    for i, h in ipairs(lines) do
+      assert.is_true(h.await("\n", 20), h.err())
+      h.kill("INT")
+      assert.equal(0, h.wait(20), h.err())
+      local ev = require("cjson").decode(h.out())
+      lines[i] = { ev.new.raw, ev.new.rr[1], ev.new.rr[2] }
+    end
+    assert.are.same({ "\\x00ff41", "\\x00", require("cjson").null }, lines[1])
+    assert.are.same(lines[2], lines[1])
+  end)
 end)
