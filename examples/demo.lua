@@ -17,7 +17,7 @@ local posts = assert(client:listen {
 local function show(row)
   if not row then return "-" end
   local tags = row.tags ~= flash.null and ("{" .. table.concat(row.tags, ",") .. "}") or "null"
-  local meta = row.meta ~= flash.null and ("views=" .. tostring(row.meta.views)) or "null"
+  local meta = row.meta ~= flash.null and ("views=" .. tostring(row.meta.views)) or "meta=null"
   return string.format("#%d %q tags=%s %s", row.id, row.title, tags, meta)
 end
 

@@ -9,7 +9,8 @@
 -- A fifth argument "until-current" copies what is committed now, then stops.
 --
 -- The target table must exist with the source's columns (its key need not be unique: a
--- duplicate would show). Values go through $n parameters as text, so scalar columns only.
+-- duplicate would show). A row goes over as one JSON object that jsonb_populate_record
+-- turns into the target's types (arrays, json, jsonb, bytea, numeric with every digit).
 -- The source needs REPLICA IDENTITY FULL (update and delete events carry the old row).
 -- It copies the changes committed from its first start on (that start creates the slot);
 -- rows the source holds before are not read: copy them first while nothing writes to the
@@ -48,24 +49,52 @@ flash.log.info(string.format("copying %s into %s, resuming after event %q", sour
 local T, K = ident(target), ident(key)
 local batch = {}
 
+-- A row travels as one JSON object, made into the target's row type by the server
+-- (jsonb_populate_record): arrays, json and jsonb columns, which arrive as Lua tables, have
+-- no text form a $n parameter could carry. bytea arrives as raw bytes, which JSON cannot
+-- carry either: those columns (and bytea[]) go as "\x" and hex, bytea's text form.
+local bytea = {}
+for _, r in ipairs(q([[SELECT a.attname::text AS name FROM pg_catalog.pg_attribute a
+    WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+      AND a.atttypid IN ('bytea'::regtype, '_bytea'::regtype)]], target)) do
+  bytea[r.name] = true
+end
+local function hex(v)
+  if type(v) == "string" then
+    return "\\x" .. v:gsub(".", function(c) return ("%02x"):format(c:byte()) end)
+  elseif type(v) == "table" then
+    local t = {}
+    for i = 1, #v do t[i] = hex(v[i]) end
+    return flash.json.array(t)
+  end
+  return v
+end
+local function row(r)
+  local cols, obj = {}, {}
+  for col, v in pairs(r) do
+    cols[#cols + 1] = ident(col)
+    if bytea[col] then v = hex(v) end
+    obj[col] = v
+  end
+  return cols, flash.json.encode(obj)
+end
+local REC = "jsonb_populate_record(NULL::" .. T .. ", %s::jsonb)"
+
 local function apply(ev)
   if ev.op == "insert" then
-    local cols, marks, vals = {}, {}, {}
-    for col, v in pairs(ev.new) do
-      cols[#cols + 1], vals[#vals + 1] = ident(col), v
-      marks[#marks + 1] = "$" .. #vals
-    end
-    q("INSERT INTO " .. T .. " (" .. table.concat(cols, ", ") .. ") VALUES (" .. table.concat(marks, ", ") .. ")",
-      unpack(vals))
+    local cols, j = row(ev.new)
+    local list = table.concat(cols, ", ")
+    q("INSERT INTO " .. T .. " (" .. list .. ") SELECT " .. list .. " FROM " .. REC:format("$1"), j)
   elseif ev.op == "update" then
-    local sets, vals = {}, { ev.old[key] }
-    for col, v in pairs(ev.new) do
-      vals[#vals + 1] = v
-      sets[#sets + 1] = ident(col) .. " = $" .. #vals
-    end
-    q("UPDATE " .. T .. " SET " .. table.concat(sets, ", ") .. " WHERE " .. K .. " = $1", unpack(vals))
+    local cols, j = row(ev.new)
+    local sets = {}
+    for i, col in ipairs(cols) do sets[i] = col .. " = r." .. col end
+    local _, old = row({ [key] = ev.old[key] })
+    q("UPDATE " .. T .. " AS t SET " .. table.concat(sets, ", ") .. " FROM " .. REC:format("$2") .. " AS r WHERE t." .. K ..
+      " = (" .. REC:format("$1") .. ")." .. K, old, j)
   elseif ev.op == "delete" then
-    q("DELETE FROM " .. T .. " WHERE " .. K .. " = $1", ev.old[key])
+    local _, old = row({ [key] = ev.old[key] })
+    q("DELETE FROM " .. T .. " AS t WHERE t." .. K .. " = (" .. REC:format("$1") .. ")." .. K, old)
   elseif ev.op == "truncate" then
     q("TRUNCATE " .. T)
   end

@@ -12,7 +12,8 @@ end
 
 local sink = flash.sink.redis { url = url, partitions = partitions }
 local c = assert(flash.client { driver = "wal_logical", persistent = true, slot = "flash_scale_capturer",
-  publication = "flash_scale_capturer", ack = "manual" })
+  publication = "flash_scale_capturer", ack = "manual",
+  replica_identity = "full" })   -- updates and deletes carry the old row (set on the table if it lacks it)
 for i = 3, #arg do
   assert(c:listen { table = arg[i] }):on("all", sink)
 end

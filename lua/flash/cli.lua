@@ -40,7 +40,8 @@ options:
                            COL is null,  COL is not null
                            COL in (VALUE, VALUE, ...)
                          COL as it is or "double quoted"; VALUE a bare word or
-                         'single quoted' ('' for a quote); compared as the column's type
+                         'single quoted' ('' for a quote); compared as the column's type;
+                         a bare null is NULL: COL = null is COL is null
       --backfill         with --table: first every existing row (op "read"), then the
                          changes; wal_logical (the default with --backfill) or a
                          trigger driver (--driver trigger)
@@ -82,7 +83,7 @@ examples:
   flashlua --sandbox examples/demo.lua
   flashlua -d postgres://localhost/app --table public.posts --ops insert,update
   flashlua --table shop.orders --where "customer_id in (1, 2)" --where "note is not null"
-  flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4
+  flashlua --table public.orders --to redis://127.0.0.1:6379 --partitions 4 --replica-identity full
 ]]
 
 -- A runtime failure on stderr, whatever the log level: "flashlua: MSG", or under
@@ -185,8 +186,13 @@ local function parse_where(s)
     if s:sub(p, p) ~= "(" then return nil, "'in' needs a list in parentheses: in (a, b)" end
     p = p + 1
     repeat
+      local bare = s:sub(s:find("%S", p) or p, s:find("%S", p) or p) ~= "'"
       local v, verr = value(",)")
       if not v then return nil, verr end
+      if bare and v:lower() == "null" then
+        return nil, "a bare null in an 'in' list matches nothing: 'null' in quotes is the text, and " ..
+          "'" .. col .. " is null' a condition of its own"
+      end
       vals[#vals + 1] = v
       skip()
       local c = s:sub(p, p)
@@ -200,10 +206,19 @@ local function parse_where(s)
   for _, op in ipairs({ "<>", "!=", "<=", ">=", "=", "<", ">" }) do
     if s:sub(p, p + #op - 1) == op then
       p = p + #op
+      local bare = s:sub(s:find("%S", p) or p, s:find("%S", p) or p) ~= "'"
       local v, verr = value(nil)
       if not v then return nil, verr end
       skip()
       if p <= #s then return nil, "unexpected text after the value" end
+      -- A bare null is SQL's NULL, as flash.null is in a script's where: "= null" is
+      -- "is null" (it compared with the text 'null', which the rows whose column holds that
+      -- text matched); 'null' in quotes is the text.
+      if bare and v:lower() == "null" then
+        if op == "=" then return { col, "is null" } end
+        if op == "<>" or op == "!=" then return { col, "is not null" } end
+        return nil, "nothing is " .. op .. " null: use 'is null' or 'is not null' ('null' in quotes is the text)"
+      end
       return { col, op, v }
     end
   end

@@ -170,8 +170,28 @@ function Client:_log_notices()
 end
 
 -- client:query(sql, ...) -> rows | nil, err, sqlstate
+-- A parameter travels as text: a table has no text form the server would take for every
+-- type, and a string is cut at its first NUL byte (PostgreSQL's text parameters are C
+-- strings), which turned a bytea value read from an event ("\0\255") into an empty one.
+local function check_params(...)
+  for i = 1, select("#", ...) do
+    local v = select(i, ...)
+    local t = type(v)
+    if t == "table" then
+      argerror(i + 1, "query", string.format("$%d is a table, which a query parameter cannot be: for a json, jsonb or " ..
+        "array value read from an event, send flash.json.encode(v) as $%d::jsonb (a whole row: " ..
+        "jsonb_populate_record(NULL::tbl, $%d::jsonb), which makes arrays of JSON arrays)", i, i, i), 3)
+    elseif t == "string" and v:find("\0", 1, true) then
+      argerror(i + 1, "query", string.format("$%d holds a NUL byte, which a text parameter cannot carry (PostgreSQL " ..
+        "would get it cut there): for a bytea value, send it as hex, \"\\x\" followed by two hex digits a byte " ..
+        "(v:gsub(\".\", function(c) return (\"%%02x\"):format(c:byte()) end))", i), 3)
+    end
+  end
+end
+
 function Client:query(sql, ...)
   if type(sql) ~= "string" then argerror(1, "query", "string expected, got " .. type(sql)) end
+  check_params(...)
   if self.closed then return nil, "client is stopped" end
   local rows, n, sqlstate = self.conn:exec(sql, self.flags, ...)
   self:_log_notices()

@@ -2243,7 +2243,7 @@ end
 -- table, after the first that began after its snapshot and read all it saw.
 function Driver.backfill() return "poll" end
 
-function Driver:stop()
+function Driver:stop(confirm)
   if self.client.backfills then backfill.close(self.client) end
   if not self.listening then
     self:drop_keeper()
@@ -2257,6 +2257,14 @@ function Driver:stop()
   local deadline, problems = self.quiesced.deadline, self.quiesced.problems
   self.listening = false
   if self.persistent then
+    -- The final confirmation: what the stop hooks acknowledged (a batch flushed at the stop,
+    -- manual acks) is deleted now, as wal_logical's last status update confirms it; it was
+    -- left in the table and delivered again by the next run. Not after a failed hook
+    -- (confirm == false: nothing more is confirmed).
+    if confirm ~= false and #self.handled > 0 and self:conn():ok() then
+      local ok, err = self:exec(self:delete_handled_sql())
+      if ok then self.handled = {} else problems[#problems + 1] = "cannot delete what it delivered: " .. tostring(err) end
+    end
     local left = self:backlog(self.schema)
     log.info(string.format("schema %s and its triggers stay (persistent = true): %d captured changes wait for the " ..
       "next run", self.schema, left))

@@ -91,7 +91,22 @@ function M.new(client)
   }, Driver)
   -- Default names are unique per instance unless the slot must outlive it.
   self.slot = opts.slot or (self.persistent and "flash_replication" or ("flash_replication_" .. pid))
-  self.publication = opts.publication or (self.persistent and "flash_publication" or ("flash_publication_" .. pid))
+  -- A persistent slot named by the script gets a publication of the same name: two such
+  -- clients in one database (slot = "flash_outbox", slot = "flash_mailer") sharing
+  -- "flash_publication" were refused while the other ran, and worse, one run's
+  -- ALTER PUBLICATION ... SET TABLE made the other slot skip, for good, the rows its table
+  -- got meanwhile (pgoutput reads the publication as it was when each change was written).
+  -- setup_publication keeps using "flash_publication" for a slot an earlier version made
+  -- with it (legacy_publication).
+  if opts.publication then
+    self.publication = opts.publication
+  elseif self.persistent and opts.slot and opts.slot ~= "flash_replication" then
+    self.publication, self.legacy_publication = opts.slot, "flash_publication"
+  elseif self.persistent then
+    self.publication = "flash_publication"
+  else
+    self.publication = "flash_publication_" .. pid
+  end
   self.proto = self.streaming and 2 or 1
   return self
 end
@@ -580,7 +595,33 @@ function Driver:remove_leftovers()
   return true
 end
 
+-- A persistent slot named by the script used "flash_publication" before it got a
+-- publication of its own name. Such a slot, found existing while a publication of its own
+-- name does not, goes on with "flash_publication": its backlog was written while only that
+-- one existed, and pgoutput, which reads the publication as of each change, fails on a
+-- publication created after the change ("publication ... does not exist").
+function Driver:resolve_publication()
+  local legacy = self.legacy_publication
+  if not legacy then return true end
+  self.legacy_publication = nil
+  local rows, err = self:exec("SELECT " ..
+    "EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) $1) AS own, " ..
+    "EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) $2) AS old, " ..
+    "EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) $3 " ..
+    "AND database OPERATOR(pg_catalog.=) pg_catalog.current_database()) AS slot", self.publication, legacy, self.slot)
+  if not rows then return nil, err end
+  if rows[1].slot and rows[1].old and not rows[1].own then
+    log.info(string.format("slot %s goes on with publication %s, which an earlier version made for it " ..
+      "(a named persistent slot now gets a publication of its own name; a new slot name starts one)",
+      self.slot, legacy))
+    self.publication = legacy
+  end
+  return true
+end
+
 function Driver:setup_publication()
+  local rok, rerr = self:resolve_publication()
+  if not rok then return nil, rerr end
   local got, err = self:exec("SELECT pg_catalog.pg_try_advisory_lock(" .. self:lock_sql(self.publication) .. ") AS ok")
   if not got then return nil, err end
   if not got[1].ok then
