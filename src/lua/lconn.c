@@ -699,9 +699,8 @@ static int lines_decode(void *lsp, int i, const void *lop, fl_copy_val *out) {
   size_t len = ls->off[i] - ls->off[i - 1];
   const char *line = ls->buf + ls->off[i - 1];
   fl_copy_reader rd;
-  if (!memchr(line, '\\', len)) {
-    fl_copy_init(&rd, line, len, NULL);   /* read where it is: nothing to unescape */
-  } else {
+  fl_copy_init(&rd, line, len, NULL);   /* a line without a backslash is read where it is */
+  if (!rd.plain) {
     /* Unescaped in a copy: the line may be read again. */
     if (len + 1 > ls->scap) {
       size_t n = ls->scap ? ls->scap : 1024;

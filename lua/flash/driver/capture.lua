@@ -2301,14 +2301,16 @@ end
 
 -- The persistent schemas of the client's database: { name, tables (with our triggers),
 -- backlog (captured changes not yet delivered), in_use }, by name; or nil, err.
+-- SQL: schema `n` (pg_namespace) is a persistent schema of our role, with $1 = SCHEMA_MARK
+-- and $2 = PERSISTENT_MARK.
+local MY_PERSISTENT = [[pg_catalog.obj_description(n.oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
+      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
+      AND n.nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE
+
 function M.persistent_schemas(client)
   local d = M.new(Driver, client)   -- for its queries only: it creates nothing
-  local rows, err = d:exec([[
-    SELECT nspname::text AS name FROM pg_catalog.pg_namespace
-    WHERE pg_catalog.obj_description(oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
-      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
-      AND nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE .. " ORDER BY 1",
-    SCHEMA_MARK, PERSISTENT_MARK)
+  local rows, err = d:exec("SELECT n.nspname::text AS name FROM pg_catalog.pg_namespace n WHERE " .. MY_PERSISTENT ..
+    " ORDER BY 1", SCHEMA_MARK, PERSISTENT_MARK)
   if not rows then return nil, err end
   for _, r in ipairs(rows) do
     local trig = d:schema_triggers(r.name) or {}
@@ -2334,9 +2336,7 @@ function M.idle_schema_warnings(client, warned)
     SELECT n.nspname::text AS name, pg_catalog.pg_total_relation_size(c.oid)::float8 AS bytes
     FROM pg_catalog.pg_namespace n
     JOIN pg_catalog.pg_class c ON c.relnamespace OPERATOR(pg_catalog.=) n.oid AND c.relname OPERATOR(pg_catalog.=) 'events'
-    WHERE pg_catalog.obj_description(n.oid, 'pg_namespace') OPERATOR(pg_catalog.~~)
-      pg_catalog.concat($1::pg_catalog.text, ' ', $2::pg_catalog.text, '%')
-      AND n.nspowner OPERATOR(pg_catalog.=) ]] .. MY_ROLE .. " ORDER BY 1", SCHEMA_MARK, PERSISTENT_MARK)
+    WHERE ]] .. MY_PERSISTENT .. " ORDER BY 1", SCHEMA_MARK, PERSISTENT_MARK)
   local slots, out = require("flash.slots"), {}
   local own = client.driver and client.driver.schema
   for _, r in ipairs(rows or {}) do
